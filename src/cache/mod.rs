@@ -1,0 +1,1 @@
+//! The managed cache: pools (owned or borrowed), page allocator and sequence slots.

@@ -1,0 +1,10 @@
+//! CPU reference of every pipeline stage, per (sequence, KV head), written for clarity and
+//! exactness. It is the oracle of every test, and the CPU backend ([`crate::cpu`]) runs it
+//! over layout memory. Stage names are shared with `kernels/*.cu` and `src/gpu/*.rs`.
+
+pub mod encode;
+pub mod calibrate;
+pub mod score;
+pub mod topk;
+pub mod rerank;
+pub mod attend;
