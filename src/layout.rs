@@ -30,7 +30,7 @@ pub const ATTEND_SPLIT: usize = 64;
 /// Bytes of quantisation parameters per group (two 16-bit floats).
 pub const PAR_BYTES_PER_GROUP: usize = 4;
 
-/// Plane indices: fixed, part of the ABI (`SikvPlanes.plane[i]`).
+/// Plane indices: fixed, part of the ABI (`SikvLayerPools.plane[i]`).
 pub const SIKV_PLANE_SIGN: usize = 0;
 pub const SIKV_PLANE_KMAG: usize = 1;
 pub const SIKV_PLANE_VCODE: usize = 2;

@@ -4,6 +4,7 @@ use std::fmt;
 
 /// Result of every exported call. The numbers are part of the ABI and never change.
 #[repr(C)]
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SikvStatus {
     /// Success.

@@ -1,1 +1,407 @@
 //! The managed cache: pools (owned or borrowed), page allocator and sequence slots.
+//!
+//! Host-side bookkeeping (sequence ids, slots, page lists, per-layer lengths) is the same for
+//! every device; [`backend`] runs the stages on the CPU or the GPU. Every call validates its
+//! whole request before it changes anything, so a failed call leaves the cache as it was.
+
+pub mod allocator;
+pub mod backend;
+
+use std::collections::HashMap;
+
+pub use allocator::PageAllocator;
+pub use backend::{Activations, Backend, HostStore, Output, Pools};
+
+use crate::config::CacheConfig;
+use crate::ensure;
+use crate::layout::Layout;
+use crate::status::{Error, Result, SikvStatus};
+
+/// One sequence of the managed cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seq {
+    slot: u32,
+    pages: Vec<u32>,
+    /// Tokens stored per layer.
+    len: Vec<u32>,
+    calibrated: Vec<bool>,
+}
+
+/// Device stream handle (`cudaStream_t`); ignored on the CPU.
+pub type Stream = *mut std::ffi::c_void;
+
+/// The managed cache (llama.cpp style): sequences by id, pages handed out on demand.
+pub struct Cache {
+    pub cfg: CacheConfig,
+    pub layout: Layout,
+    backend: Backend,
+    pages: PageAllocator,
+    seqs: HashMap<i64, Seq>,
+    free_slots: Vec<u32>,
+}
+
+/// What a `sikv_cache_info` call reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheStats {
+    pub on_gpu: bool,
+    pub num_seqs: u32,
+    pub free_pages: u32,
+    pub num_pages: u32,
+}
+
+impl Cache {
+    /// Creates a cache whose pools the library allocates (host memory on the CPU, device
+    /// memory on the GPU; allocation happens here only).
+    pub fn new(cfg: CacheConfig) -> Result<Cache> {
+        let layout = Layout::new(&cfg);
+        let backend = Backend::create(&cfg, &layout, None)?;
+        Ok(Self::with_backend(cfg, layout, backend))
+    }
+
+    /// Creates a cache over pools the engine owns (described by `pools`).
+    pub fn with_pools(cfg: CacheConfig, pools: Pools) -> Result<Cache> {
+        let layout = Layout::new(&cfg);
+        let backend = Backend::create(&cfg, &layout, Some(pools))?;
+        Ok(Self::with_backend(cfg, layout, backend))
+    }
+
+    fn with_backend(cfg: CacheConfig, layout: Layout, backend: Backend) -> Cache {
+        Cache {
+            pages: PageAllocator::new(cfg.num_pages),
+            free_slots: (0..cfg.max_seqs).rev().collect(),
+            seqs: HashMap::new(),
+            cfg,
+            layout,
+            backend,
+        }
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            on_gpu: self.backend.is_gpu(),
+            num_seqs: self.seqs.len() as u32,
+            free_pages: self.pages.free_pages() as u32,
+            num_pages: self.pages.num_pages() as u32,
+        }
+    }
+
+    fn seq(&self, id: i64) -> Result<&Seq> {
+        self.seqs
+            .get(&id)
+            .ok_or_else(|| Error::new(SikvStatus::SIKV_ERR_UNKNOWN_SEQUENCE, format!("sequence {id} is not in the cache")))
+    }
+
+    fn check_layer(&self, layer: u32) -> Result<()> {
+        ensure!(
+            layer < self.cfg.num_layers,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "layer = {layer} is outside 0..num_layers ({})",
+            self.cfg.num_layers
+        );
+        Ok(())
+    }
+
+    /// Tokens stored for `id` at `layer`.
+    pub fn seq_len(&self, id: i64, layer: u32) -> Result<u32> {
+        self.check_layer(layer)?;
+        Ok(self.seq(id)?.len[layer as usize])
+    }
+
+    pub fn add_seq(&mut self, id: i64) -> Result<()> {
+        ensure!(!self.seqs.contains_key(&id), SIKV_ERR_SEQUENCE_EXISTS, "sequence {id} already exists");
+        ensure!(
+            !self.free_slots.is_empty(),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "all max_seqs = {} sequence slots are in use",
+            self.cfg.max_seqs
+        );
+        let slot = *self.free_slots.last().unwrap();
+        self.backend.reset_slot(&self.layout, slot)?;
+        self.free_slots.pop();
+        let layers = self.cfg.num_layers as usize;
+        self.seqs.insert(id, Seq { slot, pages: Vec::new(), len: vec![0; layers], calibrated: vec![false; layers] });
+        Ok(())
+    }
+
+    pub fn remove_seq(&mut self, id: i64) -> Result<()> {
+        let seq = self.seq(id)?.clone();
+        self.pages.release(&seq.pages);
+        self.free_slots.push(seq.slot);
+        self.seqs.remove(&id);
+        Ok(())
+    }
+
+    /// Forks `src` into a new sequence `dst`: pages full at every layer are shared, the rest
+    /// are copied, and the per-sequence state (centre, codebook, dense set) is copied.
+    pub fn fork_seq(&mut self, src: i64, dst: i64) -> Result<()> {
+        let s = self.seq(src)?.clone();
+        ensure!(!self.seqs.contains_key(&dst), SIKV_ERR_SEQUENCE_EXISTS, "sequence {dst} already exists");
+        ensure!(
+            !self.free_slots.is_empty(),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "all max_seqs = {} sequence slots are in use",
+            self.cfg.max_seqs
+        );
+        let p = self.cfg.page_size;
+        let min_len = s.len.iter().copied().min().unwrap_or(0);
+        let shared = (min_len / p) as usize;
+        let copied = s.pages.len() - shared.min(s.pages.len());
+        let fresh = self.pages.alloc(copied)?;
+        let slot = *self.free_slots.last().unwrap();
+        let copies: Vec<(u32, u32)> = s.pages[shared..].iter().copied().zip(fresh.iter().copied()).collect();
+        if let Err(e) = self.backend.copy_seq(&self.layout, s.slot, slot, &copies) {
+            self.pages.release(&fresh);
+            return Err(e);
+        }
+        self.free_slots.pop();
+        for &pg in &s.pages[..shared] {
+            self.pages.share(pg);
+        }
+        let mut pages = s.pages[..shared].to_vec();
+        pages.extend(fresh);
+        self.seqs.insert(dst, Seq { slot, pages, len: s.len.clone(), calibrated: s.calibrated.clone() });
+        Ok(())
+    }
+
+    /// Pages `id` needs to hold `len` tokens, beyond those it has.
+    fn pages_needed(&self, seq: &Seq, len: u32) -> usize {
+        (len.div_ceil(self.cfg.page_size) as usize).saturating_sub(seq.pages.len())
+    }
+
+    fn slot_of(&self, seq: &Seq, pos: u32) -> i64 {
+        let p = self.cfg.page_size;
+        seq.pages[(pos / p) as usize] as i64 * p as i64 + (pos % p) as i64
+    }
+
+    /// Calibrates `id` at `layer` from its prompt (`n` tokens of post-RoPE `k` and `v`,
+    /// `[n][H_kv][d]`, and the last `nq` prompt queries `[nq][H_q][d]`) and stores the prompt.
+    #[allow(clippy::too_many_arguments)]
+    pub fn calibrate(
+        &mut self,
+        layer: u32,
+        id: i64,
+        n: u32,
+        k: Activations,
+        v: Activations,
+        nq: u32,
+        q_tail: Activations,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_layer(layer)?;
+        let seq = self.seq(id)?.clone();
+        let l = layer as usize;
+        ensure!(
+            !seq.calibrated[l],
+            SIKV_ERR_ALREADY_CALIBRATED,
+            "sequence {id} is already calibrated at layer {layer}"
+        );
+        ensure!(
+            seq.len[l] == 0,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "sequence {id} already holds {} tokens at layer {layer}; calibrate first",
+            seq.len[l]
+        );
+        ensure!(n >= 1, SIKV_ERR_INVALID_ARGUMENT, "n_tokens must be >= 1");
+        ensure!(
+            n <= self.cfg.max_seq_len,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "n_tokens = {n} exceeds max_seq_len = {}",
+            self.cfg.max_seq_len
+        );
+        ensure!(nq >= 1 && nq <= n, SIKV_ERR_INVALID_ARGUMENT, "n_query = {nq} must be in 1..=n_tokens ({n})");
+        let fresh = self.pages.alloc(self.pages_needed(&seq, n))?;
+        let mut grown = seq.clone();
+        grown.pages.extend(&fresh);
+        let slots: Vec<i64> = (0..n).map(|t| self.slot_of(&grown, t)).collect();
+        let res = self.backend.calibrate(&self.cfg, &self.layout, layer, grown.slot, n, k, v, nq, q_tail, &slots, stream);
+        if let Err(e) = res {
+            self.pages.release(&fresh);
+            return Err(e);
+        }
+        grown.len[l] = n;
+        grown.calibrated[l] = true;
+        self.seqs.insert(id, grown);
+        Ok(())
+    }
+
+    /// Appends `counts[i]` tokens to sequence `ids[i]` at `layer`; `k`, `v` hold the tokens of
+    /// all sequences in order, `[sum(counts)][H_kv][d]`.
+    pub fn append(&mut self, layer: u32, ids: &[i64], counts: &[u32], k: Activations, v: Activations, stream: Stream) -> Result<()> {
+        self.check_layer(layer)?;
+        let l = layer as usize;
+        ensure!(ids.len() == counts.len(), SIKV_ERR_INVALID_ARGUMENT, "seq_ids and token counts differ in length");
+        ensure!(!ids.is_empty(), SIKV_ERR_INVALID_ARGUMENT, "n_seqs must be >= 1");
+        let total: u64 = counts.iter().map(|&c| c as u64).sum();
+        ensure!(
+            total <= self.cfg.max_append_tokens as u64,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "{total} tokens exceed max_append_tokens = {}",
+            self.cfg.max_append_tokens
+        );
+        ensure!(total >= 1, SIKV_ERR_INVALID_ARGUMENT, "no tokens to append");
+        let mut need = 0usize;
+        let mut seqs = Vec::with_capacity(ids.len());
+        for (i, (&id, &c)) in ids.iter().zip(counts).enumerate() {
+            ensure!(!ids[..i].contains(&id), SIKV_ERR_INVALID_ARGUMENT, "sequence {id} appears twice in seq_ids");
+            let s = self.seq(id)?;
+            ensure!(
+                s.calibrated[l],
+                SIKV_ERR_NOT_CALIBRATED,
+                "sequence {id} is not calibrated at layer {layer}"
+            );
+            let new_len = s.len[l] as u64 + c as u64;
+            ensure!(
+                new_len <= self.cfg.max_seq_len as u64,
+                SIKV_ERR_OUT_OF_BOUNDS,
+                "sequence {id} would hold {new_len} tokens, over max_seq_len = {}",
+                self.cfg.max_seq_len
+            );
+            need += self.pages_needed(s, new_len as u32);
+            seqs.push(s.clone());
+        }
+        ensure!(
+            need <= self.pages.free_pages(),
+            SIKV_ERR_OUT_OF_PAGES,
+            "page pool exhausted: {need} pages needed, {} free of {}",
+            self.pages.free_pages(),
+            self.pages.num_pages()
+        );
+        let mut fresh_all = Vec::new();
+        let mut slots = Vec::with_capacity(total as usize);
+        let mut seq_slot = Vec::with_capacity(total as usize);
+        let mut position = Vec::with_capacity(total as usize);
+        for (s, &c) in seqs.iter_mut().zip(counts) {
+            let new_len = s.len[l] + c;
+            let fresh = self.pages.alloc(self.pages_needed(s, new_len))?;
+            s.pages.extend(&fresh);
+            fresh_all.extend(fresh);
+            for pos in s.len[l]..new_len {
+                slots.push(self.slot_of(s, pos));
+                seq_slot.push(s.slot as i32);
+                position.push(pos as i32);
+            }
+            s.len[l] = new_len;
+        }
+        if let Err(e) = self.backend.append(&self.cfg, &self.layout, layer, k, v, &slots, &seq_slot, &position, stream) {
+            self.pages.release(&fresh_all);
+            return Err(e);
+        }
+        for (&id, s) in ids.iter().zip(seqs) {
+            self.seqs.insert(id, s);
+        }
+        Ok(())
+    }
+
+    /// Sparse decode attention at `layer` for one query token per sequence:
+    /// `q` `[n_seqs][H_q][d]` → `out` `[n_seqs][H_q][d]`.
+    pub fn attend(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
+        let (table, slots) = self.page_table(layer, ids)?;
+        self.backend.attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, false, stream)
+    }
+
+    /// Dense decode attention over every stored token (dequantised), no selection.
+    pub fn attend_dense(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
+        let (table, slots) = self.page_table(layer, ids)?;
+        self.backend.attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, true, stream)
+    }
+
+    /// The selection the sparse path would make: `indices` `[n_seqs][H_kv][budget_max]`
+    /// (ascending positions, -1 after the count), `counts` `[n_seqs][H_kv]`. Host memory.
+    pub fn select(&mut self, layer: u32, ids: &[i64], q: Activations, indices: &mut [i32], counts: &mut [i32], stream: Stream) -> Result<()> {
+        let (table, slots) = self.page_table(layer, ids)?;
+        self.backend.select(&self.cfg, &self.layout, layer, &table, &slots, q, indices, counts, stream)
+    }
+
+    fn page_table(&self, layer: u32, ids: &[i64]) -> Result<(OwnedPageTable, Vec<i32>)> {
+        self.check_layer(layer)?;
+        let l = layer as usize;
+        ensure!(!ids.is_empty(), SIKV_ERR_INVALID_ARGUMENT, "n_seqs must be >= 1");
+        ensure!(
+            ids.len() <= self.cfg.max_batch as usize,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "n_seqs = {} exceeds max_batch = {}",
+            ids.len(),
+            self.cfg.max_batch
+        );
+        let p = self.cfg.page_size;
+        let mut t = OwnedPageTable { indptr: vec![0], indices: Vec::new(), last_page_len: Vec::new() };
+        let mut slots = Vec::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            ensure!(!ids[..i].contains(&id), SIKV_ERR_INVALID_ARGUMENT, "sequence {id} appears twice in seq_ids");
+            let s = self.seq(id)?;
+            ensure!(
+                s.calibrated[l],
+                SIKV_ERR_NOT_CALIBRATED,
+                "sequence {id} is not calibrated at layer {layer}"
+            );
+            let len = s.len[l];
+            let np = len.div_ceil(p) as usize;
+            t.indices.extend(s.pages[..np].iter().map(|&x| x as i32));
+            t.indptr.push(t.indices.len() as i32);
+            t.last_page_len.push(if len == 0 { 0 } else { (len - (np as u32 - 1) * p) as i32 });
+            slots.push(s.slot as i32);
+        }
+        Ok((t, slots))
+    }
+
+    /// A 64-bit FNV-1a digest of every pool byte and of the bookkeeping: equal digests before
+    /// and after a failed call show the call changed nothing.
+    pub fn checksum(&self) -> Result<u64> {
+        let mut h = Fnv::new();
+        self.backend.hash_pools(&mut h)?;
+        let mut ids: Vec<&i64> = self.seqs.keys().collect();
+        ids.sort();
+        for id in ids {
+            let s = &self.seqs[id];
+            h.write(&id.to_le_bytes());
+            h.write(&s.slot.to_le_bytes());
+            for &p in &s.pages {
+                h.write(&p.to_le_bytes());
+            }
+            for &n in &s.len {
+                h.write(&n.to_le_bytes());
+            }
+            for &c in &s.calibrated {
+                h.write(&[c as u8]);
+            }
+        }
+        h.write(&(self.pages.free_pages() as u64).to_le_bytes());
+        Ok(h.finish())
+    }
+}
+
+/// A page table built on the host for one call.
+#[derive(Clone, Debug, Default)]
+pub struct OwnedPageTable {
+    pub indptr: Vec<i32>,
+    pub indices: Vec<i32>,
+    pub last_page_len: Vec<i32>,
+}
+
+/// 64-bit FNV-1a.
+pub struct Fnv(u64);
+
+impl Fnv {
+    pub fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}

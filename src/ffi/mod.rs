@@ -1,1 +1,17 @@
 //! The C ABI: the only place with `extern "C"`, panic boundaries and raw-pointer validation.
+//!
+//! Every export returns a [`SikvStatus`] (or is infallible), runs inside [`boundary`] so no
+//! panic crosses into C, writes its out-parameters only on success, and leaves a message
+//! naming the bad argument in a thread-local buffer (`sikv_last_error_message`).
+
+pub mod boundary;
+pub mod managed;
+pub mod stateless;
+pub mod types;
+pub mod version;
+
+pub use boundary::{boundary, host_slice, host_slice_mut, last_error_message};
+pub use managed::*;
+pub use stateless::*;
+pub use types::*;
+pub use version::*;
