@@ -1,8 +1,25 @@
 //! Stage entry points of the CPU backend.
+//!
+//! Every entry point validates all of its arguments before it writes anything, so an error
+//! leaves the pools untouched. Helpers that other modules (the managed cache, GPU tests) can
+//! reuse: [`read_state`] decodes a state record, [`reset_sequence`] clears the records of a
+//! sequence slot (making it calibratable again), [`expected_candidates`] is the candidate set
+//! of one (sequence, KV head).
 
-use crate::config::CacheConfig;
-use crate::layout::{Layout, SIKV_NUM_PLANES};
-use crate::status::Result;
+use crate::config::{CacheConfig, HalfKind, Selector};
+use crate::ensure;
+use crate::layout::{
+    Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, META_WORDS,
+    SIKV_NUM_PLANES, SIKV_PLANE_SIGN,
+};
+use crate::numeric::{get_half, put_half, read_f32s, read_i32, write_f32s, write_i32};
+use crate::reference::attend::attend_group;
+use crate::reference::calibrate::{calibrate_head, CalibrateParams};
+use crate::reference::encode::{decode_key, decode_value, encode_token};
+use crate::reference::rerank::rerank_score;
+use crate::reference::score::{build_lut, group_mean_query, lut_score, sign_sign_score};
+use crate::reference::topk::topk;
+use crate::status::{Error, Result, SikvStatus};
 
 /// One layer's pools, writable.
 pub struct LayerMut<'a> {
@@ -36,17 +53,439 @@ impl PageTable<'_> {
     }
     /// Length of sequence `b` in tokens.
     pub fn seq_len(&self, b: usize, page_size: usize) -> usize {
-        unimplemented!()
+        let npages = (self.indptr[b + 1] - self.indptr[b]) as usize;
+        if npages == 0 {
+            0
+        } else {
+            (npages - 1) * page_size + self.last_page_len[b] as usize
+        }
     }
     /// (page id, slot) of position `pos` of sequence `b`.
     pub fn locate(&self, b: usize, pos: usize, page_size: usize) -> (usize, usize) {
-        unimplemented!()
+        let page = self.indices[self.indptr[b] as usize + pos / page_size];
+        (page as usize, pos % page_size)
     }
     /// Checks shapes and that every page id and length is within the layout's bounds.
     pub fn validate(&self, layout: &Layout, cfg: &CacheConfig) -> Result<()> {
-        unimplemented!()
+        let batch = self.batch();
+        let p = layout.page_size;
+        ensure!(
+            batch <= cfg.max_batch as usize,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "page_table batch = {batch} exceeds max_batch ({})",
+            cfg.max_batch
+        );
+        ensure!(
+            self.indptr.len() == batch + 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "page_table.indptr has {} entries, expected batch + 1 = {}",
+            self.indptr.len(),
+            batch + 1
+        );
+        ensure!(
+            self.indptr[0] == 0,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "page_table.indptr[0] = {} must be 0",
+            self.indptr[0]
+        );
+        for b in 0..batch {
+            ensure!(
+                self.indptr[b + 1] >= self.indptr[b],
+                SIKV_ERR_INVALID_ARGUMENT,
+                "page_table.indptr[{}] = {} is smaller than indptr[{b}] = {}",
+                b + 1,
+                self.indptr[b + 1],
+                self.indptr[b]
+            );
+        }
+        let used = self.indptr[batch] as usize;
+        ensure!(
+            used <= self.indices.len(),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "page_table.indptr[{batch}] = {used} exceeds the length of page_table.indices ({})",
+            self.indices.len()
+        );
+        for (j, &id) in self.indices[..used].iter().enumerate() {
+            ensure!(
+                id >= 0 && (id as usize) < layout.num_pages,
+                SIKV_ERR_OUT_OF_BOUNDS,
+                "page_table.indices[{j}] = {id} is outside 0..num_pages ({})",
+                layout.num_pages
+            );
+        }
+        for b in 0..batch {
+            let npages = (self.indptr[b + 1] - self.indptr[b]) as usize;
+            let last = self.last_page_len[b];
+            if npages == 0 {
+                ensure!(
+                    last == 0,
+                    SIKV_ERR_INVALID_ARGUMENT,
+                    "page_table.last_page_len[{b}] = {last} must be 0 for a sequence without pages"
+                );
+            } else {
+                ensure!(
+                    last >= 1 && last as usize <= p,
+                    SIKV_ERR_INVALID_ARGUMENT,
+                    "page_table.last_page_len[{b}] = {last} is outside 1..=page_size ({p})"
+                );
+                let len = self.seq_len(b, p);
+                ensure!(
+                    len <= cfg.max_seq_len as usize,
+                    SIKV_ERR_OUT_OF_BOUNDS,
+                    "sequence {b} of the page table has {len} tokens, more than max_seq_len ({})",
+                    cfg.max_seq_len
+                );
+            }
+        }
+        Ok(())
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// State records.
+
+/// A decoded state record of one (sequence slot, KV head); dense keys/values widened to f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateRecord {
+    pub centre: Vec<f32>,
+    pub scale: Vec<f32>,
+    pub inv_scale: Vec<f32>,
+    pub qmed: Vec<f32>,
+    pub codebook: Vec<f32>,
+    pub meta: [i32; META_WORDS],
+    /// `dense_capacity` positions (DENSE_EMPTY = none).
+    pub dense_pos: Vec<i32>,
+    /// `dense_capacity x d` centred keys.
+    pub dense_k: Vec<f32>,
+    /// `dense_capacity x d` values.
+    pub dense_v: Vec<f32>,
+}
+
+fn record<'s>(layout: &Layout, state: &'s [u8], seq_slot: usize, head: usize) -> &'s [u8] {
+    let off = layout.state_offset(seq_slot, head);
+    &state[off..off + layout.state.bytes]
+}
+
+fn record_mut<'s>(
+    layout: &Layout,
+    state: &'s mut [u8],
+    seq_slot: usize,
+    head: usize,
+) -> &'s mut [u8] {
+    let off = layout.state_offset(seq_slot, head);
+    &mut state[off..off + layout.state.bytes]
+}
+
+fn f32s(bytes: &[u8], off: usize, n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    read_f32s(&bytes[off..off + 4 * n], &mut v);
+    v
+}
+
+fn meta_word(layout: &Layout, rec: &[u8], i: usize) -> i32 {
+    read_i32(&rec[layout.state.meta..], i)
+}
+
+fn dense_pos_of(layout: &Layout, rec: &[u8]) -> Vec<i32> {
+    (0..layout.state.dense_capacity)
+        .map(|i| read_i32(&rec[layout.state.dense_pos..], i))
+        .collect()
+}
+
+fn dense_row(layout: &Layout, storage: HalfKind, rec: &[u8], base: usize, idx: usize) -> Vec<f32> {
+    let d = layout.state.head_dim;
+    let at = base + 2 * idx * d;
+    (0..d)
+        .map(|c| get_half(storage, &rec[at + 2 * c..at + 2 * c + 2]))
+        .collect()
+}
+
+/// Writes dense entry `idx`: position, centred key (rounded to `storage`) and value.
+fn write_dense(
+    layout: &Layout,
+    storage: HalfKind,
+    rec: &mut [u8],
+    idx: usize,
+    pos: i32,
+    kp: &[f32],
+    v: &[f32],
+) {
+    let st = &layout.state;
+    let d = st.head_dim;
+    write_i32(&mut rec[st.dense_pos..], idx, pos);
+    for c in 0..d {
+        let ka = st.dense_k + 2 * (idx * d + c);
+        put_half(storage, kp[c], &mut rec[ka..ka + 2]);
+        let va = st.dense_v + 2 * (idx * d + c);
+        put_half(storage, v[c], &mut rec[va..va + 2]);
+    }
+}
+
+/// Decodes the state record of (`seq_slot`, `head`) from a layer's state pool.
+pub fn read_state(
+    layout: &Layout,
+    storage: HalfKind,
+    state: &[u8],
+    seq_slot: usize,
+    head: usize,
+) -> StateRecord {
+    let st = &layout.state;
+    let d = st.head_dim;
+    let cap = st.dense_capacity;
+    let rec = record(layout, state, seq_slot, head);
+    let mut meta = [0i32; META_WORDS];
+    for (i, m) in meta.iter_mut().enumerate() {
+        *m = meta_word(layout, rec, i);
+    }
+    StateRecord {
+        centre: f32s(rec, st.centre, d),
+        scale: f32s(rec, st.scale, d),
+        inv_scale: f32s(rec, st.inv_scale, d),
+        qmed: f32s(rec, st.qmed, d),
+        codebook: f32s(rec, st.codebook, st.codebook_len()),
+        meta,
+        dense_pos: dense_pos_of(layout, rec),
+        dense_k: (0..cap)
+            .flat_map(|i| dense_row(layout, storage, rec, st.dense_k, i))
+            .collect(),
+        dense_v: (0..cap)
+            .flat_map(|i| dense_row(layout, storage, rec, st.dense_v, i))
+            .collect(),
+    }
+}
+
+/// Clears every record of `seq_slot` in a layer's state pool: zeroes, dense entries empty, not
+/// calibrated. The managed cache calls it when a sequence slot is (re)used.
+pub fn reset_sequence(layout: &Layout, state: &mut [u8], seq_slot: usize) -> Result<()> {
+    ensure!(
+        seq_slot < layout.max_seqs,
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
+        layout.max_seqs
+    );
+    ensure!(
+        state.len() >= layout.layer_state_bytes,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "the state pool has {} bytes, the layout needs {}",
+        state.len(),
+        layout.layer_state_bytes
+    );
+    for h in 0..layout.num_kv_heads {
+        let rec = record_mut(layout, state, seq_slot, h);
+        rec.fill(0);
+        for i in 0..layout.state.dense_capacity {
+            write_i32(&mut rec[layout.state.dense_pos..], i, DENSE_EMPTY);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation helpers.
+
+fn check_pools(
+    layout: &Layout,
+    plane_lens: [usize; SIKV_NUM_PLANES],
+    state_len: usize,
+) -> Result<()> {
+    for (p, len) in plane_lens.iter().enumerate() {
+        ensure!(
+            *len >= layout.plane_bytes[p],
+            SIKV_ERR_BUFFER_TOO_SMALL,
+            "plane {} has {} bytes, the layout needs {}",
+            crate::layout::PLANE_NAMES[p],
+            len,
+            layout.plane_bytes[p]
+        );
+    }
+    ensure!(
+        state_len >= layout.layer_state_bytes,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "the state pool has {state_len} bytes, the layout needs {}",
+        layout.layer_state_bytes
+    );
+    Ok(())
+}
+
+fn check_pools_mut(layout: &Layout, layer: &LayerMut) -> Result<()> {
+    check_pools(
+        layout,
+        std::array::from_fn(|p| layer.planes[p].len()),
+        layer.state.len(),
+    )
+}
+
+fn check_pools_ref(layout: &Layout, layer: &LayerRef) -> Result<()> {
+    check_pools(
+        layout,
+        std::array::from_fn(|p| layer.planes[p].len()),
+        layer.state.len(),
+    )
+}
+
+fn check_slot_mapping(layout: &Layout, slot_mapping: &[i64]) -> Result<()> {
+    let cap = (layout.num_pages * layout.page_size) as i64;
+    for (t, &sm) in slot_mapping.iter().enumerate() {
+        ensure!(
+            sm < cap,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "slot_mapping[{t}] = {sm} is outside 0..num_pages * page_size ({cap})"
+        );
+    }
+    Ok(())
+}
+
+fn check_seq_slot(cfg: &CacheConfig, name: &str, slot: i64) -> Result<usize> {
+    ensure!(
+        slot >= 0 && slot < cfg.max_seqs as i64,
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "{name} = {slot} is outside 0..max_seqs ({})",
+        cfg.max_seqs
+    );
+    Ok(slot as usize)
+}
+
+fn check_calibrated(layout: &Layout, state: &[u8], name: &str, slot: usize) -> Result<()> {
+    for h in 0..layout.num_kv_heads {
+        let rec = record(layout, state, slot, h);
+        if meta_word(layout, rec, META_CALIBRATED) != 1 {
+            return Err(Error::new(
+                SikvStatus::SIKV_ERR_NOT_CALIBRATED,
+                format!(
+                    "{name} = {slot}: the sequence is not calibrated for this layer (KV head {h})"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates what select / attend share; returns the sequence slots.
+fn check_batch(
+    layout: &Layout,
+    cfg: &CacheConfig,
+    state: &[u8],
+    table: &PageTable,
+    seq_slot: &[i32],
+    q: &[f32],
+) -> Result<Vec<usize>> {
+    table.validate(layout, cfg)?;
+    let b = table.batch();
+    ensure!(
+        seq_slot.len() == b,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "seq_slot has {} entries, the page table has batch {b}",
+        seq_slot.len()
+    );
+    let want = b * (cfg.num_q_heads * cfg.head_dim) as usize;
+    ensure!(
+        q.len() == want,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "q has {} floats, expected batch x num_q_heads x head_dim = {want}",
+        q.len()
+    );
+    let mut slots = Vec::with_capacity(b);
+    for (i, &s) in seq_slot.iter().enumerate() {
+        let s = check_seq_slot(cfg, &format!("seq_slot[{i}]"), s as i64)?;
+        check_calibrated(layout, state, &format!("seq_slot[{i}]"), s)?;
+        slots.push(s);
+    }
+    Ok(slots)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plane rows.
+
+fn rows_mut<'b>(
+    layout: &Layout,
+    planes: &'b mut [&mut [u8]; SIKV_NUM_PLANES],
+    page: usize,
+    head: usize,
+    slot: usize,
+) -> [&'b mut [u8]; SIKV_NUM_PLANES] {
+    let mut out: [&'b mut [u8]; SIKV_NUM_PLANES] = Default::default();
+    for (p, (plane, o)) in planes.iter_mut().zip(out.iter_mut()).enumerate() {
+        let len = layout.format.row_bytes[p];
+        if len > 0 {
+            let off = layout.row_offset(p, page, head, slot);
+            *o = &mut plane[off..off + len];
+        }
+    }
+    out
+}
+
+fn rows_ref<'b>(
+    layout: &Layout,
+    planes: &[&'b [u8]; SIKV_NUM_PLANES],
+    page: usize,
+    head: usize,
+    slot: usize,
+) -> [&'b [u8]; SIKV_NUM_PLANES] {
+    let mut out: [&'b [u8]; SIKV_NUM_PLANES] = Default::default();
+    for p in 0..SIKV_NUM_PLANES {
+        let len = layout.format.row_bytes[p];
+        if len > 0 {
+            let off = layout.row_offset(p, page, head, slot);
+            out[p] = &planes[p][off..off + len];
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Geometry.
+
+/// Candidates of one (sequence, KV head) of length `len`: positions in
+/// `[S, max(S, len - W))` that are not heavy (`dense_pos[S..S+H]`), ascending.
+pub fn expected_candidates(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<u32> {
+    let (s, h, w) = (
+        cfg.n_sink as usize,
+        cfg.n_heavy as usize,
+        cfg.n_window as usize,
+    );
+    let mut heavy: Vec<u32> = dense_pos[s..s + h]
+        .iter()
+        .filter(|&&p| p >= 0)
+        .map(|&p| p as u32)
+        .collect();
+    heavy.sort_unstable();
+    let end = s.max(len.saturating_sub(w));
+    (s as u32..end as u32)
+        .filter(|p| heavy.binary_search(p).is_err())
+        .collect()
+}
+
+/// The dense tokens attended for a sequence of length `len`, in dense-index order:
+/// (dense index, position).
+fn dense_entries(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<(usize, usize)> {
+    let (s, h, w) = (
+        cfg.n_sink as usize,
+        cfg.n_heavy as usize,
+        cfg.n_window as usize,
+    );
+    let win_lo = s.max(len.saturating_sub(w));
+    let mut out = Vec::new();
+    for (i, &p) in dense_pos.iter().enumerate() {
+        if p < 0 {
+            continue;
+        }
+        let p = p as usize;
+        let keep = if i < s {
+            p < len
+        } else if i < s + h {
+            p < len
+        } else {
+            p >= win_lo && p < len
+        };
+        if keep {
+            out.push((i, p));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stages.
 
 /// Stage `calibrate` for one sequence (all KV heads of one layer): fits the state, writes the
 /// state records of `seq_slot`, encodes all `n` tokens into their page slots
@@ -54,6 +493,7 @@ impl PageTable<'_> {
 /// fills the dense set (sinks, heavy, window). `k`, `v`: `n x H_kv x d`; `q_tail`:
 /// `nq x H_q x d` (the last nq prompt queries, nq >= 1). Sets meta prompt_len = n and
 /// calibrated = 1. Validates everything before writing anything.
+#[allow(clippy::too_many_arguments)]
 pub fn calibrate(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -64,13 +504,145 @@ pub fn calibrate(
     q_tail: &[f32],
     slot_mapping: &[i64],
 ) -> Result<()> {
-    unimplemented!()
+    let d = cfg.head_dim as usize;
+    let hkv = cfg.num_kv_heads as usize;
+    let hq = cfg.num_q_heads as usize;
+    let g = cfg.group_size() as usize;
+    let storage = cfg.dtype.storage();
+    check_pools_mut(layout, layer)?;
+    let n = slot_mapping.len();
+    ensure!(
+        n >= 1,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "calibrate: slot_mapping is empty (the prompt needs >= 1 token)"
+    );
+    ensure!(
+        n <= cfg.max_seq_len as usize,
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "calibrate: prompt length {n} exceeds max_seq_len ({})",
+        cfg.max_seq_len
+    );
+    ensure!(
+        k.len() == n * hkv * d,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "k has {} floats, expected n x num_kv_heads x head_dim = {}",
+        k.len(),
+        n * hkv * d
+    );
+    ensure!(
+        v.len() == n * hkv * d,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "v has {} floats, expected n x num_kv_heads x head_dim = {}",
+        v.len(),
+        n * hkv * d
+    );
+    ensure!(
+        !q_tail.is_empty() && q_tail.len() % (hq * d) == 0,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "q_tail has {} floats, expected nq x num_q_heads x head_dim with nq >= 1",
+        q_tail.len()
+    );
+    let seq_slot = check_seq_slot(cfg, "seq_slot", seq_slot as i64)?;
+    check_slot_mapping(layout, slot_mapping)?;
+    for h in 0..hkv {
+        let rec = record(layout, layer.state, seq_slot, h);
+        ensure!(
+            meta_word(layout, rec, META_CALIBRATED) == 0,
+            SIKV_ERR_ALREADY_CALIBRATED,
+            "seq_slot = {seq_slot} is already calibrated for this layer"
+        );
+    }
+
+    let nq = q_tail.len() / (hq * d);
+    let params = CalibrateParams {
+        centre: cfg.centre,
+        n_sink: cfg.n_sink,
+        n_heavy: cfg.n_heavy,
+        n_window: cfg.n_window,
+    };
+    let (s_n, h_n, w_n) = (
+        cfg.n_sink as usize,
+        cfg.n_heavy as usize,
+        cfg.n_window as usize,
+    );
+    let st = layout.state;
+    for h in 0..hkv {
+        let keys: Vec<f32> = (0..n)
+            .flat_map(|t| k[(t * hkv + h) * d..(t * hkv + h + 1) * d].iter().copied())
+            .collect();
+        let qbar: Vec<f32> = (0..nq)
+            .flat_map(|j| {
+                group_mean_query(&q_tail[(j * hq + h * g) * d..(j * hq + (h + 1) * g) * d], d)
+            })
+            .collect();
+        let cal = calibrate_head(&params, d, &keys, &qbar);
+
+        let rec = record_mut(layout, layer.state, seq_slot, h);
+        rec.fill(0);
+        write_f32s(&cal.centre, &mut rec[st.centre..]);
+        write_f32s(&cal.scale, &mut rec[st.scale..]);
+        write_f32s(&cal.inv_scale, &mut rec[st.inv_scale..]);
+        write_f32s(&cal.qmed, &mut rec[st.qmed..]);
+        write_f32s(&cal.codebook, &mut rec[st.codebook..]);
+        write_i32(&mut rec[st.meta..], META_PROMPT_LEN, n as i32);
+        write_i32(&mut rec[st.meta..], META_CALIBRATED, 1);
+        write_i32(&mut rec[st.meta..], META_N_HEAVY, cal.heavy.len() as i32);
+        for i in 0..st.dense_capacity {
+            write_i32(&mut rec[st.dense_pos..], i, DENSE_EMPTY);
+        }
+        let centred =
+            |t: usize| -> Vec<f32> { (0..d).map(|c| keys[t * d + c] - cal.centre[c]).collect() };
+        let val = |t: usize| &v[(t * hkv + h) * d..(t * hkv + h + 1) * d];
+        for p in 0..s_n.min(n) {
+            write_dense(layout, storage, rec, p, p as i32, &centred(p), val(p));
+        }
+        for (i, &p) in cal.heavy.iter().enumerate() {
+            let p = p as usize;
+            write_dense(layout, storage, rec, s_n + i, p as i32, &centred(p), val(p));
+        }
+        if w_n > 0 {
+            for p in s_n.max(n.saturating_sub(w_n))..n {
+                write_dense(
+                    layout,
+                    storage,
+                    rec,
+                    s_n + h_n + p % w_n,
+                    p as i32,
+                    &centred(p),
+                    val(p),
+                );
+            }
+        }
+
+        for (t, &sm) in slot_mapping.iter().enumerate() {
+            if sm < 0 {
+                continue;
+            }
+            let (page, slot) = (
+                sm as usize / layout.page_size,
+                sm as usize % layout.page_size,
+            );
+            let mut rows = rows_mut(layout, &mut layer.planes, page, h, slot);
+            encode_token(
+                &layout.format,
+                storage,
+                cfg.sign_predicate,
+                &keys[t * d..(t + 1) * d],
+                val(t),
+                &cal.centre,
+                &cal.inv_scale,
+                &mut rows,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Stage `encode` (append): encodes `n` tokens (`k`, `v`: `n x H_kv x d`) into their page
 /// slots and updates each token's dense entry when it is a sink or enters the window.
 /// `seq_slot[t]` and `position[t]` say whose token it is; `slot_mapping[t] < 0` skips it.
 /// The sequence must be calibrated. Validates everything before writing anything.
+#[allow(clippy::too_many_arguments)]
 pub fn append(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -81,12 +653,106 @@ pub fn append(
     seq_slot: &[i32],
     position: &[i32],
 ) -> Result<()> {
-    unimplemented!()
+    let d = cfg.head_dim as usize;
+    let hkv = cfg.num_kv_heads as usize;
+    let storage = cfg.dtype.storage();
+    check_pools_mut(layout, layer)?;
+    let n = slot_mapping.len();
+    ensure!(
+        seq_slot.len() == n,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "seq_slot has {} entries, slot_mapping has {n}",
+        seq_slot.len()
+    );
+    ensure!(
+        position.len() == n,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "position has {} entries, slot_mapping has {n}",
+        position.len()
+    );
+    ensure!(
+        n <= cfg.max_append_tokens as usize,
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "append of {n} tokens exceeds max_append_tokens ({})",
+        cfg.max_append_tokens
+    );
+    ensure!(
+        k.len() == n * hkv * d,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "k has {} floats, expected n x num_kv_heads x head_dim = {}",
+        k.len(),
+        n * hkv * d
+    );
+    ensure!(
+        v.len() == n * hkv * d,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "v has {} floats, expected n x num_kv_heads x head_dim = {}",
+        v.len(),
+        n * hkv * d
+    );
+    check_slot_mapping(layout, slot_mapping)?;
+    for t in 0..n {
+        let slot = check_seq_slot(cfg, &format!("seq_slot[{t}]"), seq_slot[t] as i64)?;
+        ensure!(
+            position[t] >= 0 && (position[t] as u32) < cfg.max_seq_len,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "position[{t}] = {} is outside 0..max_seq_len ({})",
+            position[t],
+            cfg.max_seq_len
+        );
+        check_calibrated(layout, layer.state, &format!("seq_slot[{t}]"), slot)?;
+    }
+
+    let (s_n, h_n, w_n) = (
+        cfg.n_sink as usize,
+        cfg.n_heavy as usize,
+        cfg.n_window as usize,
+    );
+    let st = layout.state;
+    for t in 0..n {
+        let slot = seq_slot[t] as usize;
+        let p = position[t] as usize;
+        for h in 0..hkv {
+            let kt = &k[(t * hkv + h) * d..(t * hkv + h + 1) * d];
+            let vt = &v[(t * hkv + h) * d..(t * hkv + h + 1) * d];
+            let rec = record_mut(layout, layer.state, slot, h);
+            let centre = f32s(rec, st.centre, d);
+            let inv_scale = f32s(rec, st.inv_scale, d);
+            if slot_mapping[t] >= 0 {
+                let sm = slot_mapping[t] as usize;
+                let mut rows = rows_mut(
+                    layout,
+                    &mut layer.planes,
+                    sm / layout.page_size,
+                    h,
+                    sm % layout.page_size,
+                );
+                encode_token(
+                    &layout.format,
+                    storage,
+                    cfg.sign_predicate,
+                    kt,
+                    vt,
+                    &centre,
+                    &inv_scale,
+                    &mut rows,
+                );
+            }
+            let kp: Vec<f32> = (0..d).map(|c| kt[c] - centre[c]).collect();
+            if p < s_n {
+                write_dense(layout, storage, rec, p, p as i32, &kp, vt);
+            } else if w_n > 0 {
+                write_dense(layout, storage, rec, s_n + h_n + p % w_n, p as i32, &kp, vt);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Selection for a batch: `score` (+ `topk`, + `rerank` when two-stage) per (sequence, KV
 /// head). `q`: `B x H_q x d`. Writes `indices[(b*H_kv + h)*budget_max ..]` (positions,
 /// ascending; the rest of the row set to -1) and `counts[b*H_kv + h]`.
+#[allow(clippy::too_many_arguments)]
 pub fn select(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -97,11 +763,159 @@ pub fn select(
     indices: &mut [i32],
     counts: &mut [i32],
 ) -> Result<()> {
-    unimplemented!()
+    let d = cfg.head_dim as usize;
+    let hkv = cfg.num_kv_heads as usize;
+    let hq = cfg.num_q_heads as usize;
+    let g = cfg.group_size() as usize;
+    let kmax = cfg.budget.max as usize;
+    let p_sz = layout.page_size;
+    let storage = cfg.dtype.storage();
+    check_pools_ref(layout, layer)?;
+    let slots = check_batch(layout, cfg, layer.state, table, seq_slot, q)?;
+    let b_n = table.batch();
+    ensure!(
+        indices.len() >= b_n * hkv * kmax,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "indices has {} entries, batch x num_kv_heads x budget_max = {} needed",
+        indices.len(),
+        b_n * hkv * kmax
+    );
+    ensure!(
+        counts.len() >= b_n * hkv,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "counts has {} entries, batch x num_kv_heads = {} needed",
+        counts.len(),
+        b_n * hkv
+    );
+
+    let st = layout.state;
+    for (b, &slot) in slots.iter().enumerate() {
+        let len = table.seq_len(b, p_sz);
+        for h in 0..hkv {
+            let rec = record(layout, layer.state, slot, h);
+            let prompt_len = meta_word(layout, rec, META_PROMPT_LEN).max(0) as usize;
+            let cands = expected_candidates(cfg, &dense_pos_of(layout, rec), len);
+            let qbar = group_mean_query(&q[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d], d);
+            let forced = |p: u32| cfg.force_generated && p as usize >= prompt_len;
+            let sign_row = |p: u32| {
+                let (page, s) = table.locate(b, p as usize, p_sz);
+                let off = layout.row_offset(SIKV_PLANE_SIGN, page, h, s);
+                &layer.planes[SIKV_PLANE_SIGN][off..off + layout.format.row_bytes[SIKV_PLANE_SIGN]]
+            };
+            let scores: Vec<f32> = match cfg.selector {
+                Selector::Lut => {
+                    let lut = build_lut(&f32s(rec, st.codebook, st.codebook_len()), &qbar);
+                    cands
+                        .iter()
+                        .map(|&p| {
+                            if forced(p) {
+                                f32::INFINITY
+                            } else {
+                                lut_score(&lut, sign_row(p))
+                            }
+                        })
+                        .collect()
+                }
+                Selector::SignSign => {
+                    let qmed = f32s(rec, st.qmed, d);
+                    cands
+                        .iter()
+                        .map(|&p| {
+                            if forced(p) {
+                                f32::INFINITY
+                            } else {
+                                sign_sign_score(sign_row(p), &qbar, &qmed)
+                            }
+                        })
+                        .collect()
+                }
+            };
+            let k = cfg.budget.k_for(cands.len() as u32) as usize;
+            let chosen = if cfg.two_stage() {
+                let k1 = cands.len().min(cfg.rerank_factor as usize * k);
+                let stage1 = topk(&scores, &cands, k1);
+                let scale = f32s(rec, st.scale, d);
+                let s2: Vec<f32> = stage1
+                    .iter()
+                    .map(|&p| {
+                        if forced(p) {
+                            f32::INFINITY
+                        } else {
+                            let (page, s) = table.locate(b, p as usize, p_sz);
+                            let rows = rows_ref(layout, &layer.planes, page, h, s);
+                            rerank_score(&qbar, &decode_key(&layout.format, storage, &rows, &scale))
+                        }
+                    })
+                    .collect();
+                topk(&s2, &stage1, k)
+            } else {
+                topk(&scores, &cands, k)
+            };
+            let row = &mut indices[(b * hkv + h) * kmax..(b * hkv + h + 1) * kmax];
+            row.fill(-1);
+            for (o, &p) in row.iter_mut().zip(&chosen) {
+                *o = p as i32;
+            }
+            counts[b * hkv + h] = chosen.len() as i32;
+        }
+    }
+    Ok(())
+}
+
+/// Attends one (sequence, KV head): dense entries, then `selected` decoded from the planes.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    layout: &Layout,
+    cfg: &CacheConfig,
+    layer: &LayerRef,
+    table: &PageTable,
+    b: usize,
+    slot: usize,
+    h: usize,
+    len: usize,
+    selected: &[u32],
+    q: &[f32],
+    out: &mut [f32],
+) {
+    let d = cfg.head_dim as usize;
+    let hq = cfg.num_q_heads as usize;
+    let g = cfg.group_size() as usize;
+    let storage = cfg.dtype.storage();
+    let st = layout.state;
+    let rec = record(layout, layer.state, slot, h);
+    let dense_pos = dense_pos_of(layout, rec);
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    for (i, _) in dense_entries(cfg, &dense_pos, len) {
+        keys.push(dense_row(layout, storage, rec, st.dense_k, i));
+        values.push(dense_row(layout, storage, rec, st.dense_v, i));
+    }
+    let scale = f32s(rec, st.scale, d);
+    for &p in selected {
+        let (page, s) = table.locate(b, p as usize, layout.page_size);
+        let rows = rows_ref(layout, &layer.planes, page, h, s);
+        keys.push(decode_key(&layout.format, storage, &rows, &scale));
+        values.push(decode_value(&layout.format, storage, &rows));
+    }
+    let qs = &q[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d];
+    let o = attend_group(qs, d, cfg.softmax_scale, &keys, &values);
+    out[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d].copy_from_slice(&o);
+}
+
+fn check_out(cfg: &CacheConfig, b_n: usize, out: &[f32]) -> Result<()> {
+    let want = b_n * (cfg.num_q_heads * cfg.head_dim) as usize;
+    ensure!(
+        out.len() >= want,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "out has {} floats, batch x num_q_heads x head_dim = {want} needed",
+        out.len()
+    );
+    Ok(())
 }
 
 /// Stage `attend` (+ `combine`): attention over the dense set and the selected tokens for a
 /// batch; `out`: `B x H_q x d`.
+#[allow(clippy::too_many_arguments)]
 pub fn attend(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -113,7 +927,59 @@ pub fn attend(
     counts: &[i32],
     out: &mut [f32],
 ) -> Result<()> {
-    unimplemented!()
+    let hkv = cfg.num_kv_heads as usize;
+    let kmax = cfg.budget.max as usize;
+    check_pools_ref(layout, layer)?;
+    let slots = check_batch(layout, cfg, layer.state, table, seq_slot, q)?;
+    let b_n = table.batch();
+    ensure!(
+        indices.len() >= b_n * hkv * kmax,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "indices has {} entries, batch x num_kv_heads x budget_max = {} needed",
+        indices.len(),
+        b_n * hkv * kmax
+    );
+    ensure!(
+        counts.len() >= b_n * hkv,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "counts has {} entries, batch x num_kv_heads = {} needed",
+        counts.len(),
+        b_n * hkv
+    );
+    check_out(cfg, b_n, out)?;
+    for b in 0..b_n {
+        let len = table.seq_len(b, layout.page_size);
+        for h in 0..hkv {
+            let i = b * hkv + h;
+            let c = counts[i];
+            ensure!(
+                c >= 0 && c as usize <= kmax,
+                SIKV_ERR_OUT_OF_BOUNDS,
+                "counts[{i}] = {c} is outside 0..=budget_max ({kmax})"
+            );
+            for j in 0..c as usize {
+                let p = indices[i * kmax + j];
+                ensure!(
+                    p >= 0 && (p as usize) < len,
+                    SIKV_ERR_OUT_OF_BOUNDS,
+                    "indices[{}] = {p} is outside 0..len ({len}) of sequence {b}",
+                    i * kmax + j
+                );
+            }
+        }
+    }
+    for (b, &slot) in slots.iter().enumerate() {
+        let len = table.seq_len(b, layout.page_size);
+        for h in 0..hkv {
+            let i = b * hkv + h;
+            let sel: Vec<u32> = indices[i * kmax..i * kmax + counts[i] as usize]
+                .iter()
+                .map(|&p| p as u32)
+                .collect();
+            attend_head(layout, cfg, layer, table, b, slot, h, len, &sel, q, out);
+        }
+    }
+    Ok(())
 }
 
 /// Dense decode over every token of the cache (dequantised), no selection: the library's own
@@ -127,5 +993,18 @@ pub fn attend_dense(
     q: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
-    unimplemented!()
+    let hkv = cfg.num_kv_heads as usize;
+    check_pools_ref(layout, layer)?;
+    let slots = check_batch(layout, cfg, layer.state, table, seq_slot, q)?;
+    let b_n = table.batch();
+    check_out(cfg, b_n, out)?;
+    for (b, &slot) in slots.iter().enumerate() {
+        let len = table.seq_len(b, layout.page_size);
+        for h in 0..hkv {
+            let rec = record(layout, layer.state, slot, h);
+            let cands = expected_candidates(cfg, &dense_pos_of(layout, rec), len);
+            attend_head(layout, cfg, layer, table, b, slot, h, len, &cands, q, out);
+        }
+    }
+    Ok(())
 }
