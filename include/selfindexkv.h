@@ -312,6 +312,14 @@ enum SikvStatus sikv_attend_dense(struct SikvCache *cache, uint32_t layer, uint3
 // `counts` `[n_seqs][num_kv_heads]`.
 enum SikvStatus sikv_select(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const void *q, int32_t *indices, int32_t *counts, SikvStream stream);
 
+// Selection telemetry for one sequence and one query token: for each KV head, the exact
+// attention mass the attended set (dense set + selection) captures, divided by the mass of the
+// best set of the same size (oracle top-k by exact q.k), averaged over the head's query heads.
+// `q`: `[num_q_heads][head_dim]` and `k_exact`: the sequence's exact post-RoPE keys
+// `[seq_len][num_kv_heads][head_dim]`, both HOST float32; `recall`: `[num_kv_heads]` floats.
+// Not a hot-path call: it allocates and, on a GPU, synchronises.
+enum SikvStatus sikv_selection_recall(struct SikvCache *cache, uint32_t layer, int64_t seq_id, const float *q, const float *k_exact, float *recall);
+
 // Creates the stateless kernels of a configuration (on CUDA: loads the module, once).
 enum SikvStatus sikv_kernels_create(const struct SikvConfig *config, struct SikvKernels **out);
 

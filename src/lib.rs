@@ -18,6 +18,7 @@ pub mod reference;
 pub mod cpu;
 pub mod gpu;
 pub mod cache;
+pub mod telemetry;
 pub mod ffi;
 
 pub use config::{CacheConfig, SikvConfig};

@@ -258,6 +258,23 @@ impl Backend {
         }
     }
 
+    /// Activations for a telemetry call from host bytes (staged to the device on a GPU).
+    pub fn stage_query<'a>(&self, bytes: &'a [u8]) -> Result<Activations<'a>> {
+        match self {
+            Backend::Cpu { .. } => Ok(Activations::Host(bytes)),
+        }
+    }
+
+    /// One state record, copied to the host.
+    pub fn read_state(&self, layout: &Layout, layer: u32, slot: u32, head: u32) -> Result<Vec<u8>> {
+        match self {
+            Backend::Cpu { state, .. } => {
+                let at = layer as usize * layout.layer_state_bytes + layout.state_offset(slot as usize, head as usize);
+                Ok(state.bytes()[at..at + layout.state.bytes].to_vec())
+            }
+        }
+    }
+
     pub fn hash_pools(&self, h: &mut Fnv) -> Result<()> {
         match self {
             Backend::Cpu { planes, state } => {

@@ -316,6 +316,48 @@ impl Cache {
         self.backend.select(&self.cfg, &self.layout, layer, &table, &slots, q, indices, counts, stream)
     }
 
+    /// Positions each (sequence, KV head) attends for query `q`: the valid dense entries
+    /// (sinks, heavy, window) and the selected tokens, ascending. `[seq][kv head][..]`.
+    /// Telemetry: on a GPU this reads back and synchronises.
+    pub fn attended_positions(&mut self, layer: u32, ids: &[i64], q: Activations, stream: Stream) -> Result<Vec<Vec<Vec<u32>>>> {
+        let h = self.cfg.num_kv_heads as usize;
+        let kmax = self.cfg.budget.max as usize;
+        let mut idx = vec![-1i32; ids.len() * h * kmax];
+        let mut cnt = vec![0i32; ids.len() * h];
+        self.select(layer, ids, q, &mut idx, &mut cnt, stream)?;
+        let (s, w) = (self.cfg.n_sink as i64, self.cfg.n_window as i64);
+        let mut all = Vec::with_capacity(ids.len());
+        for (b, &id) in ids.iter().enumerate() {
+            let seq = self.seq(id)?.clone();
+            let len = seq.len[layer as usize] as i64;
+            let win_lo = s.max(len - w);
+            let mut per_head = Vec::with_capacity(h);
+            for head in 0..h {
+                let rec = self.backend.read_state(&self.layout, layer, seq.slot, head as u32)?;
+                let st = &self.layout.state;
+                let mut set: Vec<u32> = Vec::new();
+                for e in 0..st.dense_capacity {
+                    let p = crate::numeric::read_i32(&rec[st.dense_pos..], e) as i64;
+                    if p < 0 || p >= len {
+                        continue;
+                    }
+                    let is_sink = (e as i64) < s;
+                    let is_heavy = !is_sink && (e as i64) < s + self.cfg.n_heavy as i64;
+                    if is_sink || is_heavy || p >= win_lo {
+                        set.push(p as u32);
+                    }
+                }
+                let row = (b * h + head) * kmax;
+                set.extend(idx[row..row + cnt[b * h + head] as usize].iter().map(|&x| x as u32));
+                set.sort_unstable();
+                set.dedup();
+                per_head.push(set);
+            }
+            all.push(per_head);
+        }
+        Ok(all)
+    }
+
     fn page_table(&self, layer: u32, ids: &[i64]) -> Result<(OwnedPageTable, Vec<i32>)> {
         self.check_layer(layer)?;
         let l = layer as usize;
@@ -404,4 +446,28 @@ impl Default for Fnv {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Oracle-mass recall per KV head of the selection `cache` makes for `q` (host f32
+/// `[H_q][d]`), given the sequence's exact keys (host f32 `[len][H_kv][d]`).
+pub fn telemetry_recall(cache: &mut Cache, layer: u32, id: i64, q: &[f32], k_exact: &[f32]) -> Result<Vec<f32>> {
+    let (hq, hk, d) = (cache.cfg.num_q_heads as usize, cache.cfg.num_kv_heads as usize, cache.cfg.head_dim as usize);
+    let g = hq / hk;
+    let len = k_exact.len() / (hk * d);
+    let mut qbytes = vec![0u8; q.len() * cache.cfg.dtype.size()];
+    crate::numeric::from_f32(cache.cfg.dtype, q, &mut qbytes);
+    let q_act = cache.backend.stage_query(&qbytes)?;
+    let sets = cache.attended_positions(layer, &[id], q_act, std::ptr::null_mut())?;
+    let mut out = Vec::with_capacity(hk);
+    for h in 0..hk {
+        let keys: Vec<f32> = (0..len).flat_map(|t| k_exact[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
+        let mut acc = 0.0f64;
+        for i in 0..g {
+            let qg = &q[(h * g + i) * d..(h * g + i + 1) * d];
+            let w = crate::telemetry::exact_weights(qg, &keys, d, cache.cfg.softmax_scale);
+            acc += crate::telemetry::mass_recall(&w, &sets[0][h]);
+        }
+        out.push((acc / g as f64) as f32);
+    }
+    Ok(out)
 }

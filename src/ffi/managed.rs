@@ -382,3 +382,32 @@ pub extern "C" fn sikv_select(
         })
     })
 }
+
+/// Selection telemetry for one sequence and one query token: for each KV head, the exact
+/// attention mass the attended set (dense set + selection) captures, divided by the mass of the
+/// best set of the same size (oracle top-k by exact q.k), averaged over the head's query heads.
+/// `q`: `[num_q_heads][head_dim]` and `k_exact`: the sequence's exact post-RoPE keys
+/// `[seq_len][num_kv_heads][head_dim]`, both HOST float32; `recall`: `[num_kv_heads]` floats.
+/// Not a hot-path call: it allocates and, on a GPU, synchronises.
+#[no_mangle]
+pub extern "C" fn sikv_selection_recall(
+    cache: *mut SikvCache,
+    layer: u32,
+    seq_id: i64,
+    q: *const f32,
+    k_exact: *const f32,
+    recall: *mut f32,
+) -> SikvStatus {
+    boundary(poison_of(cache), || {
+        cache_ref(cache)?.with(|c| {
+            let (hq, hk, d) = (c.cfg.num_q_heads as usize, c.cfg.num_kv_heads as usize, c.cfg.head_dim as usize);
+            let len = c.seq_len(seq_id, layer)? as usize;
+            let qf = host_slice(q, hq * d, "q")?;
+            let kf = host_slice(k_exact, len * hk * d, "k_exact")?;
+            let out = host_slice_mut(recall, hk, "recall")?;
+            let r = crate::cache::telemetry_recall(c, layer, seq_id, qf, kf)?;
+            out.copy_from_slice(&r);
+            Ok(())
+        })
+    })
+}

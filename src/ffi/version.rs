@@ -41,3 +41,6 @@ pub extern "C" fn sikv_build_info() -> *const c_char {
 pub extern "C" fn sikv_last_error_message() -> *const c_char {
     last_error_ptr()
 }
+
+/// The C header cbindgen generated in this build; a test diffs it against the committed copy.
+pub const GENERATED_HEADER: &str = include_str!(concat!(env!("OUT_DIR"), "/selfindexkv.h"));
