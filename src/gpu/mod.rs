@@ -1,55 +1,680 @@
-//! CUDA dispatch: cudarc driver API in the device's primary context, module loading (embedded
-//! fatbin, else NVRTC), and one launcher per stage.
+//! CUDA dispatch: the driver API in the device's primary context (the one the CUDA runtime
+//! uses), module loading (embedded fatbin, else NVRTC), and one launcher per stage.
+//!
+//! Layers, bottom up (like cudarc): [`driver`] wraps raw `sys` calls and maps every failure to
+//! `SIKV_ERR_CUDA` naming the call; [`kernels`] is the per-configuration kernel table;
+//! [`params`] is the by-value argument block shared with `kernels/common.cuh`; [`workspace`]
+//! carves the caller's workspace; this file holds the safe launchers.
+//!
+//! Contract of the hot-path launchers (`append`, `select`, `attend`, `attend_dense`): they only
+//! validate host-side arguments and enqueue kernels on the caller's stream. No allocation, no
+//! synchronisation, no device-to-host read, no module loading, grids derived from the
+//! configuration bounds (never from live lengths): CUDA-graph capturable. Streams are borrowed
+//! `CUstream`/`cudaStream_t` handles (null = the legacy default stream); device pointers are
+//! borrowed `u64` addresses.
 
 /// What build.rs embedded: the fatbin (when nvcc was found) and/or the kernel sources.
 pub mod embed {
     include!(concat!(env!("OUT_DIR"), "/kernels_embed.rs"));
 }
 
-// Interim stand-ins until the CUDA launchers land: every GPU request reports NO_DEVICE.
-use crate::config::CacheConfig;
+mod driver;
+mod kernels;
+mod nvrtc;
+pub mod params;
+pub mod workspace;
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use crate::config::{CacheConfig, Dtype};
 use crate::layout::{Layout, SIKV_NUM_PLANES};
 use crate::status::{Error, Result, SikvStatus};
 
-pub type CUstream = *mut std::ffi::c_void;
+use cudarc::driver::sys;
+use kernels::{Kernel, Kernels};
+use params::SikvParams;
+use workspace::Workspace;
 
+/// A caller's stream: `cudaStream_t` / `CUstream` (null = legacy default stream). Borrowed.
+pub type CUstream = *mut c_void;
+
+/// One layer's pools on the device: the base address of each plane (0 for absent planes) and
+/// of the layer's state pool; borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DevLayer {
     pub planes: [u64; SIKV_NUM_PLANES],
     pub state: u64,
 }
+
+/// A FlashInfer-style CSR page table in device memory: int32 `indptr[batch + 1]`,
+/// `indices[..]`, `last_page_len[batch]`; borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DevPageTable {
     pub indptr: u64,
     pub indices: u64,
     pub last_page_len: u64,
     pub batch: u32,
 }
-pub struct GpuContext;
 
-fn no_device() -> Error {
-    Error::new(SikvStatus::SIKV_ERR_NO_DEVICE, "this build has no CUDA backend yet")
+struct Inner {
+    dev: driver::Device,
+    module: driver::CUmodule,
+    kernels: Kernels,
+    build_path: String,
+    head_dim: u32,
+    dtype: Dtype,
 }
 
-#[allow(clippy::too_many_arguments, unused_variables)]
+// SAFETY: the raw handles are process-wide driver objects; CUDA allows using a context, module
+// and functions from any thread, and nothing here is mutated after creation.
+unsafe impl Send for Inner {}
+unsafe impl Sync for Inner {}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if driver::set_current(self.dev.ctx).is_ok() {
+            driver::unload_module(self.module);
+        }
+        driver::release_primary(self.dev.dev);
+    }
+}
+
+/// The CUDA backend of one configuration. `Send + Sync`; cheap to share by reference.
+pub struct GpuContext {
+    inner: Arc<Inner>,
+}
+
+/// A device allocation made at create time (`cuMemAlloc`), freed on drop.
+pub struct DeviceBuffer {
+    ptr: u64,
+    bytes: usize,
+    inner: Arc<Inner>,
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if driver::set_current(self.inner.dev.ctx).is_ok() {
+            driver::mem_free(self.ptr);
+        }
+    }
+}
+
+/// A stream created by the library (tests and benches only; engines pass their own).
+pub struct OwnedStream {
+    pub raw: CUstream,
+    inner: Arc<Inner>,
+}
+
+impl Drop for OwnedStream {
+    fn drop(&mut self) {
+        if driver::set_current(self.inner.dev.ctx).is_ok() {
+            driver::stream_destroy(self.raw as sys::CUstream);
+        }
+    }
+}
+
+/// An instantiated CUDA graph (tests and benches).
+pub struct Graph {
+    exec: sys::CUgraphExec,
+    inner: Arc<Inner>,
+}
+
+impl Graph {
+    pub fn launch(&self, stream: CUstream) -> Result<()> {
+        driver::set_current(self.inner.dev.ctx)?;
+        driver::graph_launch(self.exec, stream as sys::CUstream)
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if driver::set_current(self.inner.dev.ctx).is_ok() {
+            driver::graph_destroy(self.exec);
+        }
+    }
+}
+
+fn cuda_stream(s: CUstream) -> sys::CUstream {
+    s as sys::CUstream
+}
+
+fn need(ptr: u64, name: &str) -> Result<()> {
+    if ptr == 0 {
+        return Err(Error::null(name));
+    }
+    Ok(())
+}
+
+fn aligned(ptr: u64, align: u64, name: &str) -> Result<()> {
+    if ptr % align != 0 {
+        return Err(Error::new(
+            SikvStatus::SIKV_ERR_MISALIGNED,
+            format!("`{name}` = {ptr:#x} is not {align}-byte aligned"),
+        ));
+    }
+    Ok(())
+}
+
+/// Required and aligned (device pointers read with vector loads are 16-byte aligned).
+fn dev_ptr(ptr: u64, align: u64, name: &str) -> Result<()> {
+    need(ptr, name)?;
+    aligned(ptr, align, name)
+}
+
+fn dtype_name(d: Dtype) -> Result<&'static str> {
+    match d {
+        Dtype::F16 => Ok("f16"),
+        Dtype::Bf16 => Ok("bf16"),
+        Dtype::F32 => Err(Error::unsupported(
+            "config.dtype = F32 is not supported by the CUDA backend (use F16 or BF16 activations)",
+        )),
+    }
+}
+
 impl GpuContext {
+    /// Opens the driver, retains the primary context of `cfg.device_ordinal` and loads the
+    /// kernels of this configuration (embedded fatbin, else NVRTC). NO_DEVICE when there is
+    /// no driver or device; UNSUPPORTED for f32 activations or a GPU older than sm_80.
     pub fn new(cfg: &CacheConfig, layout: &Layout) -> Result<GpuContext> {
-        Err(no_device())
+        let _ = layout;
+        driver::init()?;
+        let dev = driver::retain_primary(cfg.device_ordinal)?;
+        let release = |e: Error, dev: &driver::Device| {
+            driver::release_primary(dev.dev);
+            e
+        };
+        if dev.major < 8 {
+            let e = Error::unsupported(format!(
+                "device {} ({}) has compute capability {}.{}; sm_80 or newer is required",
+                cfg.device_ordinal, dev.name, dev.major, dev.minor
+            ));
+            return Err(release(e, &dev));
+        }
+        let dt = match dtype_name(cfg.dtype) {
+            Ok(d) => d,
+            Err(e) => return Err(release(e, &dev)),
+        };
+        if let Err(e) = driver::set_current(dev.ctx) {
+            return Err(release(e, &dev));
+        }
+        match Self::load(&dev, cfg.head_dim, dt) {
+            Ok((module, kernels, build_path)) => Ok(GpuContext {
+                inner: Arc::new(Inner { dev, module, kernels, build_path, head_dim: cfg.head_dim, dtype: cfg.dtype }),
+            }),
+            Err(e) => Err(release(e, &dev)),
+        }
     }
+
+    fn load(dev: &driver::Device, d: u32, dt: &str) -> Result<(driver::CUmodule, Kernels, String)> {
+        let mut why = String::new();
+        if let Some(fb) = embed::FATBIN {
+            match driver::load_module(fb) {
+                Ok(m) => match Kernels::load(m, d, dt) {
+                    Ok(k) => return Ok((m, k, "fatbin".to_string())),
+                    Err(e) => {
+                        driver::unload_module(m);
+                        why = format!("fatbin kernels: {}", e.message);
+                    }
+                },
+                Err(e) => why = format!("fatbin: {}", e.message),
+            }
+        }
+        let (image, _desc) = nvrtc::compile(embed::NVRTC_MAIN, embed::SOURCES, dev.major, dev.minor).map_err(|e| {
+            Error::new(
+                e.status,
+                if why.is_empty() { e.message } else { format!("{} (after {why})", e.message) },
+            )
+        })?;
+        let m = driver::load_module(&image)?;
+        match Kernels::load(m, d, dt) {
+            Ok(k) => Ok((m, k, "nvrtc".to_string())),
+            Err(e) => {
+                driver::unload_module(m);
+                Err(e)
+            }
+        }
+    }
+
+    /// "fatbin" or "nvrtc": how the kernels were loaded.
+    pub fn build_path(&self) -> &str {
+        &self.inner.build_path
+    }
+
+    /// Compute capability and name of the device.
+    pub fn device_info(&self) -> (i32, i32, String) {
+        (self.inner.dev.major, self.inner.dev.minor, self.inner.dev.name.clone())
+    }
+
+    fn current(&self) -> Result<()> {
+        driver::set_current(self.inner.dev.ctx)
+    }
+
+    fn check_cfg(&self, cfg: &CacheConfig) -> Result<()> {
+        if cfg.head_dim != self.inner.head_dim || cfg.dtype != self.inner.dtype {
+            return Err(Error::invalid(format!(
+                "this GPU context was created for head_dim {} / {:?}, called with head_dim {} / {:?}",
+                self.inner.head_dim, self.inner.dtype, cfg.head_dim, cfg.dtype
+            )));
+        }
+        Ok(())
+    }
+
+    fn launch(&self, k: &Kernel, grid: (u32, u32, u32), block: u32, stream: CUstream, p: &SikvParams) -> Result<()> {
+        driver::launch(k.f, k.name, grid, block, cuda_stream(stream), p)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Memory helpers (create time, tests, non-hot paths).
+
+    /// `cuMemAlloc` (create time only); freed when the buffer drops.
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        self.current()?;
+        let ptr = driver::mem_alloc(bytes)?;
+        Ok(DeviceBuffer { ptr, bytes, inner: self.inner.clone() })
+    }
+
+    pub fn memset_async(&self, dst: u64, value: u8, bytes: usize, stream: CUstream) -> Result<()> {
+        self.current()?;
+        driver::memset_async(dst, value, bytes, cuda_stream(stream))
+    }
+
+    pub fn copy_htod_async(&self, dst: u64, src: &[u8], stream: CUstream) -> Result<()> {
+        self.current()?;
+        driver::copy_htod_async(dst, src, cuda_stream(stream))
+    }
+
+    /// Synchronous device-to-host copy (tests and non-hot paths only).
+    pub fn copy_dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        self.current()?;
+        driver::copy_dtoh(dst, src)
+    }
+
+    pub fn synchronize(&self, stream: CUstream) -> Result<()> {
+        self.current()?;
+        driver::stream_sync(cuda_stream(stream))
+    }
+
+    /// A non-blocking stream owned by the returned value (tests and benches).
+    pub fn create_stream(&self) -> Result<OwnedStream> {
+        self.current()?;
+        Ok(OwnedStream { raw: driver::stream_create()? as CUstream, inner: self.inner.clone() })
+    }
+
+    /// Records everything `body` enqueues on `stream` (a non-default stream) into a graph.
+    pub fn capture<F: FnOnce() -> Result<()>>(&self, stream: CUstream, body: F) -> Result<Graph> {
+        self.current()?;
+        driver::begin_capture(cuda_stream(stream))?;
+        let r = body();
+        let g = driver::end_capture(cuda_stream(stream));
+        r?;
+        Ok(Graph { exec: g?, inner: self.inner.clone() })
+    }
+
+    /// Milliseconds taken on `stream` by what `body` enqueues (CUDA events; synchronises).
+    pub fn time_ms<F: FnOnce() -> Result<()>>(&self, stream: CUstream, body: F) -> Result<f32> {
+        self.current()?;
+        let a = driver::event_create()?;
+        let b = driver::event_create()?;
+        let r = (|| {
+            driver::event_record(a, cuda_stream(stream))?;
+            body()?;
+            driver::event_record(b, cuda_stream(stream))?;
+            driver::event_elapsed_ms(a, b)
+        })();
+        driver::event_destroy(a);
+        driver::event_destroy(b);
+        r
+    }
+
+    /// The C layout of SikvParams as the device sees it (see params::layout_probe).
+    pub fn params_layout(&self) -> Result<[i32; 7]> {
+        self.current()?;
+        let buf = self.alloc(64)?;
+        let ptr = buf.ptr();
+        let f = self.inner.kernels.params_layout;
+        driver::launch(f.f, f.name, (1, 1, 1), 1, std::ptr::null_mut(), &ptr)?;
+        driver::stream_sync(std::ptr::null_mut())?;
+        let mut out = [0u8; 28];
+        driver::copy_dtoh(&mut out, ptr)?;
+        let mut v = [0i32; 7];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = i32::from_le_bytes(out[4 * i..4 * i + 4].try_into().unwrap());
+        }
+        Ok(v)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Workspace.
+
+    /// Bytes of workspace every call with a batch of up to `batch` sequences needs (from the
+    /// declared maxima only). Calibrate needs `workspace_bytes(cfg, layout, 1)`.
     pub fn workspace_bytes(cfg: &CacheConfig, layout: &Layout, batch: u32) -> usize {
-        0
+        Workspace::new(cfg, layout, batch).total
     }
-    pub fn calibrate(&self, cfg: &CacheConfig, layout: &Layout, layer: &DevLayer, seq_slot: u32, n: u32, k: u64, v: u64, nq: u32, q_tail: u64, slot_mapping: u64, ws: u64, ws_bytes: usize, stream: CUstream) -> Result<()> {
-        Err(no_device())
+
+    fn with_ws(p: &mut SikvParams, ws: u64, w: &Workspace) {
+        p.ws_keys = ws + w.keys as u64;
+        p.ws_list = ws + w.list as u64;
+        p.ws_list_n = ws + w.list_n as u64;
+        p.ws_keys2 = ws + w.keys2 as u64;
+        p.ws_part_acc = ws + w.part_acc as u64;
+        p.ws_part_ml = ws + w.part_ml as u64;
+        p.ws_qbar = ws + w.qbar as u64;
+        p.ws_rank = ws + w.rank as u64;
+        p.key_stride = w.key_stride as i32;
     }
-    pub fn append(&self, cfg: &CacheConfig, layout: &Layout, layer: &DevLayer, n: u32, k: u64, v: u64, slot_mapping: u64, seq_slot: u64, position: u64, stream: CUstream) -> Result<()> {
-        Err(no_device())
+
+    fn check_ws(ws: u64, ws_bytes: usize, w: &Workspace) -> Result<()> {
+        dev_ptr(ws, 16, "ws")?;
+        if ws_bytes < w.total {
+            return Err(Error::new(
+                SikvStatus::SIKV_ERR_BUFFER_TOO_SMALL,
+                format!("ws_bytes = {ws_bytes} is smaller than the {} bytes the workspace needs", w.total),
+            ));
+        }
+        Ok(())
     }
-    pub fn select(&self, cfg: &CacheConfig, layout: &Layout, layer: &DevLayer, table: &DevPageTable, seq_slot: u64, q: u64, indices: u64, counts: u64, ws: u64, ws_bytes: usize, stream: CUstream) -> Result<()> {
-        Err(no_device())
+
+    fn layer_params(cfg: &CacheConfig, layout: &Layout, layer: &DevLayer) -> Result<SikvParams> {
+        let mut p = SikvParams::from_config(cfg, layout);
+        for (i, base) in layer.planes.iter().enumerate() {
+            if layout.format.has(i) {
+                dev_ptr(*base, 16, crate::layout::PLANE_NAMES[i])?;
+                p.plane[i] = *base;
+            }
+        }
+        dev_ptr(layer.state, 16, "state")?;
+        p.state = layer.state;
+        Ok(p)
     }
-    pub fn attend(&self, cfg: &CacheConfig, layout: &Layout, layer: &DevLayer, table: &DevPageTable, seq_slot: u64, q: u64, indices: u64, counts: u64, out: u64, ws: u64, ws_bytes: usize, stream: CUstream) -> Result<()> {
-        Err(no_device())
+
+    fn table_params(cfg: &CacheConfig, p: &mut SikvParams, table: &DevPageTable) -> Result<()> {
+        if table.batch > cfg.max_batch {
+            return Err(Error::bounds(format!("page table batch = {} exceeds max_batch ({})", table.batch, cfg.max_batch)));
+        }
+        dev_ptr(table.indptr, 4, "page_table.indptr")?;
+        dev_ptr(table.indices, 4, "page_table.indices")?;
+        dev_ptr(table.last_page_len, 4, "page_table.last_page_len")?;
+        p.indptr = table.indptr;
+        p.page_indices = table.indices;
+        p.last_page_len = table.last_page_len;
+        p.batch = table.batch as i32;
+        Ok(())
     }
-    pub fn attend_dense(&self, cfg: &CacheConfig, layout: &Layout, layer: &DevLayer, table: &DevPageTable, seq_slot: u64, q: u64, out: u64, ws: u64, ws_bytes: usize, stream: CUstream) -> Result<()> {
-        Err(no_device())
+
+    // ------------------------------------------------------------------------------------
+    // Stages.
+
+    /// Stage `calibrate` for one sequence (cpu::calibrate): `k`, `v`: `n x H_kv x d`,
+    /// `q_tail`: `nq x H_q x d` (model dtype), `slot_mapping`: int64[n]. Not a hot path (nine
+    /// small launches), but asynchronous and without allocation all the same. Overwrites the
+    /// state records of `seq_slot` (the caller tracks whether it was calibrated).
+    #[allow(clippy::too_many_arguments)]
+    pub fn calibrate(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        seq_slot: u32,
+        n: u32,
+        k: u64,
+        v: u64,
+        nq: u32,
+        q_tail: u64,
+        slot_mapping: u64,
+        ws: u64,
+        ws_bytes: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.check_cfg(cfg)?;
+        crate::ensure!(n >= 1, SIKV_ERR_INVALID_ARGUMENT, "calibrate: n = 0 (the prompt needs >= 1 token)");
+        crate::ensure!(
+            n <= cfg.max_seq_len,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "calibrate: prompt length {n} exceeds max_seq_len ({})",
+            cfg.max_seq_len
+        );
+        crate::ensure!(nq >= 1, SIKV_ERR_INVALID_ARGUMENT, "calibrate: nq = 0 (q_tail needs >= 1 row)");
+        crate::ensure!(
+            nq <= n,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "calibrate: nq = {nq} exceeds the prompt length {n}"
+        );
+        crate::ensure!(
+            seq_slot < cfg.max_seqs,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
+            cfg.max_seqs
+        );
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        dev_ptr(k, 16, "k")?;
+        dev_ptr(v, 16, "v")?;
+        dev_ptr(q_tail, 16, "q_tail")?;
+        dev_ptr(slot_mapping, 8, "slot_mapping")?;
+        let w = Workspace::new(cfg, layout, 1);
+        Self::check_ws(ws, ws_bytes, &w)?;
+        Self::with_ws(&mut p, ws, &w);
+        p.k = k;
+        p.v = v;
+        p.q = q_tail;
+        p.slot_mapping = slot_mapping;
+        p.n_tokens = n as i32;
+        p.nq = nq as i32;
+        p.calib_slot = seq_slot as i32;
+        p.mode = 1;
+        self.current()?;
+        let kn = &self.inner.kernels;
+        let h = cfg.num_kv_heads;
+        let hd = h * cfg.head_dim;
+        self.launch(&kn.calib_init, (h, 1, 1), 256, stream, &p)?;
+        if p.centre_mean != 0 {
+            self.launch(&kn.calib_mean, (hd.div_ceil(128), 1, 1), 128, stream, &p)?;
+        } else {
+            self.launch(&kn.calib_median, (hd, 1, 1), 256, stream, &p)?;
+        }
+        self.launch(&kn.calib_qbar, (hd.div_ceil(128), 1, 1), 128, stream, &p)?;
+        if nq >= 2 {
+            self.launch(&kn.calib_qmed, (hd, 1, 1), 256, stream, &p)?;
+        }
+        let range = (n as i64 - cfg.n_window as i64 - cfg.n_sink as i64).max(0) as u32;
+        if range > 0 && cfg.n_heavy > 0 {
+            self.launch(&kn.calib_heavy_score, (range.div_ceil(128), h, 1), 128, stream, &p)?;
+        }
+        self.launch(&kn.calib_heavy_select, (h, 1, 1), 1024, stream, &p)?;
+        self.launch(&kn.calib_scale, (hd.div_ceil(128), 1, 1), 128, stream, &p)?;
+        self.launch(&kn.calib_codebook, ((hd / 4).div_ceil(64), 1, 1), 64, stream, &p)?;
+        let warps = n as u64 * h as u64;
+        self.launch(&kn.encode, (warps.div_ceil(4) as u32, 1, 1), 128, stream, &p)?;
+        Ok(())
+    }
+
+    /// Stage `encode` (cpu::append): `n` tokens, `k`, `v`: `n x H_kv x d` (model dtype),
+    /// `slot_mapping`: int64[n] (< 0 = no page write), `seq_slot`, `position`: int32[n].
+    /// Hot path. Tokens whose seq_slot or position is out of range are skipped on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        n: u32,
+        k: u64,
+        v: u64,
+        slot_mapping: u64,
+        seq_slot: u64,
+        position: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.check_cfg(cfg)?;
+        crate::ensure!(
+            n <= cfg.max_append_tokens,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "append of {n} tokens exceeds max_append_tokens ({})",
+            cfg.max_append_tokens
+        );
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        if n == 0 {
+            return Ok(());
+        }
+        dev_ptr(k, 16, "k")?;
+        dev_ptr(v, 16, "v")?;
+        dev_ptr(slot_mapping, 8, "slot_mapping")?;
+        dev_ptr(seq_slot, 4, "seq_slot")?;
+        dev_ptr(position, 4, "position")?;
+        p.k = k;
+        p.v = v;
+        p.slot_mapping = slot_mapping;
+        p.seq_slot = seq_slot;
+        p.position = position;
+        p.n_tokens = n as i32;
+        p.mode = 0;
+        self.current()?;
+        let warps = n as u64 * cfg.num_kv_heads as u64;
+        self.launch(&self.inner.kernels.encode, (warps.div_ceil(4) as u32, 1, 1), 128, stream, &p)
+    }
+
+    /// Selection (cpu::select): score, top-k (and rerank when two-stage) for a batch. `q`:
+    /// `B x H_q x d`; writes int32 `indices[B][H_kv][budget_max]` (ascending positions, rest
+    /// -1) and `counts[B][H_kv]`. Hot path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn select(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        table: &DevPageTable,
+        seq_slot: u64,
+        q: u64,
+        indices: u64,
+        counts: u64,
+        ws: u64,
+        ws_bytes: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.check_cfg(cfg)?;
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        Self::table_params(cfg, &mut p, table)?;
+        if table.batch == 0 {
+            return Ok(());
+        }
+        dev_ptr(seq_slot, 4, "seq_slot")?;
+        dev_ptr(q, 16, "q")?;
+        dev_ptr(indices, 4, "indices")?;
+        dev_ptr(counts, 4, "counts")?;
+        let w = Workspace::new(cfg, layout, table.batch);
+        Self::check_ws(ws, ws_bytes, &w)?;
+        Self::with_ws(&mut p, ws, &w);
+        p.seq_slot = seq_slot;
+        p.q = q;
+        p.indices = indices;
+        p.counts = counts;
+        self.current()?;
+        let kn = &self.inner.kernels;
+        let (h, b) = (cfg.num_kv_heads, table.batch);
+        let tiles = cfg.max_seq_len.div_ceil(1024);
+        self.launch(&kn.score, (tiles, h, b), 256, stream, &p)?;
+        self.launch(&kn.topk_stage1, (h, b, 1), 1024, stream, &p)?;
+        if cfg.two_stage() {
+            self.launch(&kn.rerank_score, (cfg.stage1_max().div_ceil(128), h, b), 128, stream, &p)?;
+            self.launch(&kn.topk_stage2, (h, b, 1), 1024, stream, &p)?;
+        }
+        Ok(())
+    }
+
+    /// Stage `attend` + `combine` (cpu::attend): attention over the dense set and the selected
+    /// positions; `out`: `B x H_q x d` in the model dtype. Hot path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        table: &DevPageTable,
+        seq_slot: u64,
+        q: u64,
+        indices: u64,
+        counts: u64,
+        out: u64,
+        ws: u64,
+        ws_bytes: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.check_cfg(cfg)?;
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        Self::table_params(cfg, &mut p, table)?;
+        if table.batch == 0 {
+            return Ok(());
+        }
+        dev_ptr(seq_slot, 4, "seq_slot")?;
+        dev_ptr(q, 16, "q")?;
+        dev_ptr(indices, 4, "indices")?;
+        dev_ptr(counts, 4, "counts")?;
+        dev_ptr(out, 16, "out")?;
+        let w = Workspace::new(cfg, layout, table.batch);
+        Self::check_ws(ws, ws_bytes, &w)?;
+        Self::with_ws(&mut p, ws, &w);
+        p.seq_slot = seq_slot;
+        p.q = q;
+        p.indices = indices;
+        p.counts = counts;
+        p.out = out;
+        p.num_splits = w.sparse_splits as i32;
+        self.current()?;
+        let kn = &self.inner.kernels;
+        let (h, b) = (cfg.num_kv_heads, table.batch);
+        self.launch(&kn.attend, (w.sparse_splits as u32, h, b), 128, stream, &p)?;
+        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), 128, stream, &p)
+    }
+
+    /// Dense decode (cpu::attend_dense): every candidate dequantised plus the dense set, no
+    /// selection. Hot path (the crossover path and our own baseline).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_dense(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        table: &DevPageTable,
+        seq_slot: u64,
+        q: u64,
+        out: u64,
+        ws: u64,
+        ws_bytes: usize,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.check_cfg(cfg)?;
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        Self::table_params(cfg, &mut p, table)?;
+        if table.batch == 0 {
+            return Ok(());
+        }
+        dev_ptr(seq_slot, 4, "seq_slot")?;
+        dev_ptr(q, 16, "q")?;
+        dev_ptr(out, 16, "out")?;
+        let w = Workspace::new(cfg, layout, table.batch);
+        Self::check_ws(ws, ws_bytes, &w)?;
+        Self::with_ws(&mut p, ws, &w);
+        p.seq_slot = seq_slot;
+        p.q = q;
+        p.out = out;
+        p.num_splits = w.dense_total_splits as i32;
+        p.dense_splits = w.dense_splits as i32;
+        p.dense_chunk = w.dense_chunk as i32;
+        p.mode = 1;
+        self.current()?;
+        let kn = &self.inner.kernels;
+        let (h, b) = (cfg.num_kv_heads, table.batch);
+        self.launch(&kn.attend_dense, (w.dense_total_splits as u32, h, b), 128, stream, &p)?;
+        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), 128, stream, &p)
     }
 }

@@ -1,0 +1,357 @@
+// Stage `attend` (+ `combine`) and the dense decode (method §10.5 steps 6-7, §10.6 K5/K6;
+// reference/attend.rs, cpu::attend / cpu::attend_dense).
+//
+// Split-K flash decoding over a token list, all G query heads of a KV group in one block:
+//   sparse (attend): list = kept dense entries (dense-index order) ++ the selected positions;
+//                    block j handles list items [64 j, 64 j + 64) (ATTEND_SPLIT);
+//   dense  (dense.cu): blocks j < dense_splits handle the kept dense entries as above; block
+//                    dense_splits + c handles candidate positions [S + c*chunk, ...) of the
+//                    sequence (heavy positions skipped), i.e. every candidate, dequantised.
+// Each block writes one un-normalised partial (acc, m, l) per query head; empty blocks write
+// m = -inf, l = 0. The grid is (num_splits, H_kv, B), fixed by the configuration.
+//
+// Per tile of TILE = 2048/d tokens: (1) gather + dequantise k'^ and v^ into shared memory
+// (16 channels per thread: 4/8/16-byte code loads, 32-byte 16-bit loads), (2) logits for the
+// G x TILE (head, token) pairs, one pair per thread, (3) online-softmax update per head,
+// (4) P.V with channels across threads and the G accumulators in registers.
+#pragma once
+#include "common.cuh"
+
+#define ATTEND_THREADS 128
+#define COMBINE_THREADS 128
+#define MAX_GROUP 16
+
+template <int D>
+struct AttendShape {
+    static constexpr int TILE = 2048 / D;               // tokens per tile
+    static constexpr int TPT = D / 16;                  // threads per token in the gather
+    static constexpr int CH = D < ATTEND_THREADS ? D : ATTEND_THREADS;  // channel threads in P.V
+    static constexpr int HP = ATTEND_THREADS / CH;      // head-parallel factor in P.V
+    static constexpr int CPT = D / CH;                  // channels per thread in P.V
+    static constexpr int HPT = MAX_GROUP / HP;          // heads per thread in P.V (upper bound)
+    static constexpr int KS = D + 1;                    // padded smem row (conflict-free QK)
+};
+
+// A token to attend: a dense entry (exact k', v) or a plane row (dequantised), or nothing.
+struct TokenRef {
+    int kind;  // 0 none, 1 dense entry, 2 plane row
+    int dense;
+    long long row;
+};
+
+// Gathers 16 channels [c0, c0+16) of one token into k (centred key) and v, as f32.
+template <int D, typename T>
+SIKV_DEV void gather16(const SikvParams& p, const u8* rec, const float* scale, const TokenRef& tr, int c0,
+                       float* k, float* v) {
+    typedef typename Storage<T>::type S;
+    if (tr.kind == 1) {
+        load_vec<S, 16>(reinterpret_cast<const S*>(rec + p.off_dense_k) + (long long)tr.dense * D + c0, k);
+        load_vec<S, 16>(reinterpret_cast<const S*>(rec + p.off_dense_v) + (long long)tr.dense * D + c0, v);
+        return;
+    }
+    if (tr.kind == 0) {
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) { k[i] = 0.0f; v[i] = 0.0f; }
+        return;
+    }
+    const int g = c0 / 32;
+    if (p.key_bits == 16) {
+        load_vec<S, 16>(reinterpret_cast<const S*>(plane_row(p, SIKV_PLANE_KFULL, tr.row)) + c0, k);
+    } else {
+        const u32 sbits = *reinterpret_cast<const u16*>(plane_row(p, SIKV_PLANE_SIGN, tr.row) + c0 / 8);
+        const u32 par = reinterpret_cast<const u32*>(plane_row(p, SIKV_PLANE_KPAR, tr.row))[g];
+        const float delta = half_bits_to_f32((u16)(par & 0xffffu)), zero = half_bits_to_f32((u16)(par >> 16));
+        const u8* kmag = plane_row(p, SIKV_PLANE_KMAG, tr.row);
+        u64 codes;
+        if (p.key_bits == 2) codes = *reinterpret_cast<const u32*>(kmag + c0 / 4);
+        else codes = *reinterpret_cast<const u64*>(kmag + c0 / 2);
+        const int bits = p.key_bits;
+        const u64 cm = (1u << bits) - 1;
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            float mag = (float)((codes >> (i * bits)) & cm) * delta + zero;
+            float xh = ((sbits >> i) & 1u) ? mag : -mag;
+            k[i] = xh * scale[c0 + i];
+        }
+    }
+    if (p.value_bits == 16) {
+        load_vec<S, 16>(reinterpret_cast<const S*>(plane_row(p, SIKV_PLANE_VFULL, tr.row)) + c0, v);
+    } else {
+        const u32 par = reinterpret_cast<const u32*>(plane_row(p, SIKV_PLANE_VPAR, tr.row))[g];
+        const float delta = half_bits_to_f32((u16)(par & 0xffffu)), zero = half_bits_to_f32((u16)(par >> 16));
+        const u8* vc = plane_row(p, SIKV_PLANE_VCODE, tr.row);
+        u64 codes;
+        if (p.value_bits == 2) codes = *reinterpret_cast<const u32*>(vc + c0 / 4);
+        else codes = *reinterpret_cast<const u64*>(vc + c0 / 2);
+        const int bits = p.value_bits;
+        const u64 cm = (1u << bits) - 1;
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) v[i] = (float)((codes >> (i * bits)) & cm) * delta + zero;
+    }
+}
+
+template <int D>
+struct AttendSmem {
+    float q[MAX_GROUP][AttendShape<D>::KS];
+    float k[AttendShape<D>::TILE][AttendShape<D>::KS];
+    float v[AttendShape<D>::TILE][D];
+    float logit[MAX_GROUP][AttendShape<D>::TILE];
+    float alpha[MAX_GROUP];
+    float m[MAX_GROUP];
+    float l[MAX_GROUP];
+    float scale[D];
+    int dense_list[ATTEND_SPLIT];
+    u32 heavy_mask[64];  // candidate chunk bitmap (dense mode), up to 2048 positions per pass
+    u32 scan[33];
+    int n_dense;
+};
+
+// Kept dense entries with list rank in [lo, lo + ATTEND_SPLIT) -> s.dense_list; returns the
+// total number of kept entries. Every thread must call.
+template <int D>
+SIKV_DEV int collect_dense(const SikvParams& p, const int* dpos, int len, int lo, AttendSmem<D>& s) {
+    int base = 0;
+    for (int e0 = 0; e0 < p.dense_cap; e0 += ATTEND_THREADS) {
+        int e = e0 + threadIdx.x;
+        bool keep = e < p.dense_cap && dense_keep(p, e, dpos[e], len);
+        u32 total;
+        u32 r = block_excl_scan<ATTEND_THREADS>(keep ? 1u : 0u, s.scan, &total);
+        int rank = base + (int)r;
+        if (keep && rank >= lo && rank < lo + ATTEND_SPLIT) s.dense_list[rank - lo] = e;
+        base += (int)total;
+    }
+    return base;
+}
+
+template <int D, typename T, bool DENSE>
+SIKV_DEV void attend_body(const SikvParams& p) {
+    typedef AttendShape<D> Sh;
+    __shared__ AttendSmem<D> s;
+    const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
+    const int G = p.group;
+    const int tid = threadIdx.x;
+    const int len = seq_len(p, b);
+    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
+    const u8* rec = state_record(p, slot, h);
+    const int* dpos = reinterpret_cast<const int*>(rec + p.off_dense_pos);
+    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const bool dense_mode = DENSE;
+
+    // What this block covers: items [lo, hi) of the dense list (+ selected), or a chunk of
+    // candidate positions [plo, phi).
+    int lo = 0, hi = 0, nd = 0, plo = 0, phi = 0;
+    bool chunk = dense_mode && split >= p.dense_splits;
+    const int* sel = nullptr;
+    if (!chunk) {
+        lo = split * ATTEND_SPLIT;
+        nd = collect_dense<D>(p, dpos, len, lo, s);
+        int total = nd;
+        if (!dense_mode) {
+            int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
+            cnt = cnt < 0 ? 0 : (cnt > p.budget_max ? p.budget_max : cnt);
+            total += cnt;
+            sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
+        }
+        hi = lo + ATTEND_SPLIT < total ? lo + ATTEND_SPLIT : total;
+    } else {
+        const int end = cand_end(p, len);
+        plo = p.n_sink + (split - p.dense_splits) * p.dense_chunk;
+        phi = plo + p.dense_chunk < end ? plo + p.dense_chunk : end;
+    }
+    const bool empty = chunk ? (plo >= phi) : (lo >= hi);
+
+    float* part_acc = reinterpret_cast<float*>(p.ws_part_acc);
+    float* part_ml = reinterpret_cast<float*>(p.ws_part_ml);
+    const int hq0 = h * G;
+    const long long hq_base = (long long)b * p.num_kv_heads * G + hq0;
+    if (empty) {
+        for (int i = tid; i < G * D; i += ATTEND_THREADS) {
+            int g = i / D, c = i % D;
+            part_acc[((hq_base + g) * p.num_splits + split) * D + c] = 0.0f;
+        }
+        if (tid < G) {
+            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = SIKV_NEG_INF;
+            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = 0.0f;
+        }
+        return;
+    }
+
+    // Prologue: q of the G heads, the scale, the softmax state.
+    {
+        const T* q = reinterpret_cast<const T*>(p.q);
+        for (int i = tid; i < G * D; i += ATTEND_THREADS) {
+            int g = i / D, c = i % D;
+            s.q[g][c] = to_f32(q[(hq_base + g) * D + c]);
+        }
+        for (int c = tid; c < D; c += ATTEND_THREADS) s.scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
+        if (tid < MAX_GROUP) { s.m[tid] = SIKV_NEG_INF; s.l[tid] = 0.0f; }
+    }
+    float acc[Sh::HPT][Sh::CPT];
+    #pragma unroll
+    for (int j = 0; j < Sh::HPT; ++j)
+        #pragma unroll
+        for (int i = 0; i < Sh::CPT; ++i) acc[j][i] = 0.0f;
+    const int pv_c = tid % Sh::CH, pv_g = tid / Sh::CH;
+    const float sm_scale = p.softmax_scale;
+
+    // Token ranges walked in tiles: list items or positions.
+    const int first = chunk ? plo : lo;
+    const int last = chunk ? phi : hi;
+    for (int base = first; base < last; base += Sh::TILE) {
+        if (chunk && ((base - plo) % 2048) == 0) {
+            // Heavy positions of the next 2048 positions -> bitmap.
+            __syncthreads();
+            for (int i = tid; i < 64; i += ATTEND_THREADS) s.heavy_mask[i] = 0;
+            __syncthreads();
+            for (int i = tid; i < p.n_heavy; i += ATTEND_THREADS) {
+                int hp = dpos[p.n_sink + i] - base;
+                if (hp >= 0 && hp < 2048) atomicOr(&s.heavy_mask[hp >> 5], 1u << (hp & 31));
+            }
+        }
+        __syncthreads();
+        // (1) gather
+        {
+            const int t = tid / Sh::TPT, c0 = (tid % Sh::TPT) * 16;
+            const int item = base + t;
+            TokenRef tr;
+            tr.kind = 0; tr.dense = 0; tr.row = 0;
+            if (item < last) {
+                if (chunk) {
+                    int off = (item - plo) % 2048;
+                    if (!((s.heavy_mask[off >> 5] >> (off & 31)) & 1u)) { tr.kind = 2; tr.row = row_index(p, b, h, item); }
+                } else if (item < nd) {
+                    tr.kind = 1; tr.dense = s.dense_list[item - lo];
+                } else {
+                    int pos = sel[item - nd];
+                    if (pos >= 0 && pos < len) { tr.kind = 2; tr.row = row_index(p, b, h, pos); }
+                }
+            }
+            float kf[16], vf[16];
+            gather16<D, T>(p, rec, s.scale, tr, c0, kf, vf);
+            #pragma unroll
+            for (int i = 0; i < 16; ++i) { s.k[t][c0 + i] = kf[i]; s.v[t][c0 + i] = vf[i]; }
+            if (c0 == 0) s.k[t][D] = tr.kind == 0 ? 0.0f : 1.0f;  // pad column doubles as "valid"
+        }
+        __syncthreads();
+        // (2) logits, one (head, token) pair per thread
+        for (int pr = tid; pr < G * Sh::TILE; pr += ATTEND_THREADS) {
+            const int g = pr / Sh::TILE, t = pr % Sh::TILE;
+            float lg = SIKV_NEG_INF;
+            if (s.k[t][D] != 0.0f) {
+                float dot = 0.0f;
+                #pragma unroll 8
+                for (int c = 0; c < D; ++c) dot += s.q[g][c] * s.k[t][c];
+                lg = sm_scale * dot;
+            }
+            s.logit[g][t] = lg;
+        }
+        __syncthreads();
+        // (3) online softmax per head
+        if (tid < G) {
+            const int g = tid;
+            float mx = SIKV_NEG_INF;
+            for (int t = 0; t < Sh::TILE; ++t) mx = fmaxf(mx, s.logit[g][t]);
+            const float m_old = s.m[g];
+            const float m_new = fmaxf(m_old, mx);
+            float alpha = 1.0f, sum = 0.0f;
+            if (m_new != SIKV_NEG_INF) {
+                alpha = m_old == SIKV_NEG_INF ? 0.0f : expf(m_old - m_new);
+                for (int t = 0; t < Sh::TILE; ++t) {
+                    float e = expf(s.logit[g][t] - m_new);  // exp(-inf) = 0 for invalid tokens
+                    s.logit[g][t] = e;
+                    sum += e;
+                }
+            } else {
+                for (int t = 0; t < Sh::TILE; ++t) s.logit[g][t] = 0.0f;
+            }
+            s.l[g] = s.l[g] * alpha + sum;
+            s.m[g] = m_new;
+            s.alpha[g] = alpha;
+        }
+        __syncthreads();
+        // (4) P.V
+        #pragma unroll
+        for (int j = 0; j < Sh::HPT; ++j) {
+            const int g = pv_g + j * Sh::HP;
+            if (g < G) {
+                const float a = s.alpha[g];
+                #pragma unroll
+                for (int i = 0; i < Sh::CPT; ++i) {
+                    const int c = pv_c + i * Sh::CH;
+                    float x = acc[j][i] * a;
+                    for (int t = 0; t < Sh::TILE; ++t) x += s.logit[g][t] * s.v[t][c];
+                    acc[j][i] = x;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    #pragma unroll
+    for (int j = 0; j < Sh::HPT; ++j) {
+        const int g = pv_g + j * Sh::HP;
+        if (g < G) {
+            #pragma unroll
+            for (int i = 0; i < Sh::CPT; ++i) {
+                const int c = pv_c + i * Sh::CH;
+                part_acc[((hq_base + g) * p.num_splits + split) * D + c] = acc[j][i];
+            }
+        }
+    }
+    if (tid < G) {
+        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = s.m[tid];
+        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = s.l[tid];
+    }
+}
+template <int D, typename T>
+SIKV_DEV void sikv_attend_impl(const SikvParams& p) { attend_body<D, T, false>(p); }
+SIKV_ENTRIES_D_T(sikv_attend, ATTEND_THREADS)
+
+// Combine: log-sum-exp merge of the num_splits partials of one (sequence, query head)
+// (reference/attend.rs merge_splits): M = max m_j, w_j = exp(m_j - M), out = sum w_j acc_j /
+// sum w_j l_j, zeros when empty. grid (H_q, B), block 128.
+template <int D, typename T>
+SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
+    __shared__ float w[2048];
+    __shared__ float red[ATTEND_THREADS / 32];
+    __shared__ float l_tot;
+    const int b = blockIdx.y, hq = blockIdx.x;
+    const int NS = p.num_splits;
+    const long long base = (long long)b * p.num_kv_heads * p.group + hq;
+    const float* ml = reinterpret_cast<const float*>(p.ws_part_ml) + base * NS * 2;
+    const float* pacc = reinterpret_cast<const float*>(p.ws_part_acc) + base * NS * D;
+    float mx = SIKV_NEG_INF;
+    for (int j = threadIdx.x; j < NS; j += blockDim.x) mx = fmaxf(mx, ml[2 * j]);
+    mx = warp_max(mx);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    float M = red[0];
+    for (int i = 1; i < ATTEND_THREADS / 32; ++i) M = fmaxf(M, red[i]);
+    __syncthreads();
+    float lsum = 0.0f;
+    for (int j = threadIdx.x; j < NS; j += blockDim.x) {
+        float mj = ml[2 * j];
+        float wj = (mj == SIKV_NEG_INF || M == SIKV_NEG_INF) ? 0.0f : expf(mj - M);
+        w[j] = wj;
+        lsum += wj * ml[2 * j + 1];
+    }
+    lsum = warp_sum(lsum);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = lsum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int i = 0; i < ATTEND_THREADS / 32; ++i) t += red[i];
+        l_tot = t;
+    }
+    __syncthreads();
+    const float l = l_tot;
+    T* out = reinterpret_cast<T*>(p.out) + base * D;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        float a = 0.0f;
+        for (int j = 0; j < NS; ++j) {
+            float wj = w[j];
+            if (wj != 0.0f) a += wj * pacc[(long long)j * D + c];
+        }
+        out[c] = from_f32<T>(l > 0.0f ? a / l : 0.0f);
+    }
+}
+SIKV_ENTRIES_D_T(sikv_combine, COMBINE_THREADS)

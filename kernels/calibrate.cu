@@ -1,0 +1,304 @@
+// Stage `calibrate` (end of prefill, method §10.4; reference/calibrate.rs). Not a hot path:
+// a chain of simple kernels over one sequence, run in this order by src/gpu/mod.rs:
+//   init -> centre -> qbar_last -> qmed -> heavy_score -> heavy_select -> scale -> codebook
+//   -> encode (mode 1).
+// Sums that the CPU does in a fixed order (f64 means, f64 codebook sums, f32 heavy dot
+// products) are done sequentially in the same order here, so the results agree bit for bit.
+#include "common.cuh"
+
+// Zeroes the records of calib_slot (all KV heads), marks every dense entry empty, writes
+// prompt_len and calibrated, and sets the per-token heavy ranks in the workspace to -1.
+// grid (H_kv), block 256.
+SIKV_DEV void sikv_calib_init_impl(const SikvParams& p) {
+    const int h = blockIdx.x;
+    u8* rec = state_record(p, p.calib_slot, h);
+    u32* w = reinterpret_cast<u32*>(rec);
+    for (int i = threadIdx.x; i < p.state_bytes / 4; i += blockDim.x) w[i] = 0u;
+    __syncthreads();
+    int* dpos = state_dense_pos(p, rec);
+    for (int i = threadIdx.x; i < p.dense_cap; i += blockDim.x) dpos[i] = DENSE_EMPTY;
+    if (threadIdx.x == 0) {
+        int* meta = state_meta(p, rec);
+        meta[META_PROMPT_LEN] = p.n_tokens;
+        meta[META_CALIBRATED] = 1;
+        meta[META_N_HEAVY] = 0;
+    }
+    int* rank = reinterpret_cast<int*>(p.ws_rank) + (long long)h * p.n_tokens;
+    for (int i = threadIdx.x; i < p.n_tokens; i += blockDim.x) rank[i] = -1;
+}
+SIKV_ENTRY(sikv_calib_init, 256)
+
+// Block-wide lower median by radix select over `n` keys (already in total order), `BITS`
+// wide, 8 bits per pass. Returns the selected key in every thread. block = 256 threads.
+template <int BITS, typename KeyAt>
+SIKV_DEV u32 block_lower_median(int n, KeyAt key_at, u32* hist, u32* shared_sel) {
+    u32 prefix = 0, mask = 0;
+    u32 rank = (u32)((n - 1) / 2);  // 0-based rank from the bottom
+    for (int shift = BITS - 8; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        int nround = (n + 255) / 256 * 256;
+        for (int i = threadIdx.x; i < nround; i += blockDim.x) {
+            bool act = false;
+            u32 bin = 0;
+            if (i < n) {
+                u32 key = key_at(i);
+                act = (key & mask) == prefix;
+                bin = (key >> shift) & 0xffu;
+            }
+            hist_add(hist, bin, act);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            u32 below = 0;
+            for (u32 b = 0; b < 256; ++b) {
+                if (below + hist[b] > rank) {
+                    shared_sel[0] = b;
+                    shared_sel[1] = rank - below;
+                    break;
+                }
+                below += hist[b];
+            }
+        }
+        __syncthreads();
+        prefix |= shared_sel[0] << shift;
+        mask |= 0xffu << shift;
+        rank = shared_sel[1];
+        __syncthreads();
+    }
+    return prefix;
+}
+
+// Centre by lower median (torch.median / f32::total_cmp order) of the 16-bit keys.
+// grid (H_kv * d), block 256.
+template <typename T>
+SIKV_DEV void sikv_calib_median_impl(const SikvParams& p) {
+    __shared__ u32 hist[256];
+    __shared__ u32 sel[2];
+    const int d = p.head_dim, H = p.num_kv_heads;
+    const int h = blockIdx.x / d, c = blockIdx.x % d;
+    const T* k = reinterpret_cast<const T*>(p.k);
+    float med;
+    if constexpr (sizeof(T) == 2) {
+        auto key_at = [&](int t) -> u32 { return total_key16(bits16(k[((long long)t * H + h) * d + c])); };
+        u32 key = block_lower_median<16>(p.n_tokens, key_at, hist, sel);
+        u16 b = (u16)total_key16_inv(key);
+        T x;
+        *reinterpret_cast<u16*>(&x) = b;
+        med = to_f32(x);
+    } else {
+        auto key_at = [&](int t) -> u32 { return total_key32(__float_as_uint(k[((long long)t * H + h) * d + c])); };
+        u32 key = block_lower_median<32>(p.n_tokens, key_at, hist, sel);
+        med = __uint_as_float(total_key32_inv(key));
+    }
+    if (threadIdx.x == 0) {
+        u8* rec = state_record(p, p.calib_slot, h);
+        reinterpret_cast<float*>(rec + p.off_centre)[c] = med;
+    }
+}
+SIKV_ENTRIES_T(sikv_calib_median, 256)
+
+// Centre by mean: f64 sum in token order, divided by n in f64, rounded once (as the CPU).
+// One thread per (head, channel); grid ceil(H*d/128), block 128.
+template <typename T>
+SIKV_DEV void sikv_calib_mean_impl(const SikvParams& p) {
+    const int d = p.head_dim, H = p.num_kv_heads;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= H * d) return;
+    const int h = i / d, c = i % d;
+    const T* k = reinterpret_cast<const T*>(p.k);
+    double s = 0.0;
+    for (int t = 0; t < p.n_tokens; ++t) s += (double)to_f32(k[((long long)t * H + h) * d + c]);
+    u8* rec = state_record(p, p.calib_slot, h);
+    reinterpret_cast<float*>(rec + p.off_centre)[c] = p.n_tokens > 0 ? (float)(s / (double)p.n_tokens) : 0.0f;
+}
+SIKV_ENTRIES_T(sikv_calib_mean, 128)
+
+// Group mean of query row j (reference/score.rs group_mean_query: sum in head order from +0,
+// then divide by G).
+template <typename T>
+SIKV_DEV float group_mean(const SikvParams& p, const T* q, long long row, int h, int c) {
+    const int d = p.head_dim, G = p.group;
+    const int hq = p.num_kv_heads * G;
+    float s = 0.0f;
+    for (int g = 0; g < G; ++g) s = add_rn(s, to_f32(q[(row * hq + (long long)h * G + g) * d + c]));
+    return div_rn(s, (float)G);
+}
+
+// qbar of the last prompt query into ws_qbar. One thread per (head, channel).
+template <typename T>
+SIKV_DEV void sikv_calib_qbar_impl(const SikvParams& p) {
+    const int d = p.head_dim, H = p.num_kv_heads;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= H * d) return;
+    const int h = i / d, c = i % d;
+    reinterpret_cast<float*>(p.ws_qbar)[i] = group_mean(p, reinterpret_cast<const T*>(p.q), p.nq - 1, h, c);
+}
+SIKV_ENTRIES_T(sikv_calib_qbar, 128)
+
+// qmed: per-channel lower median of the nq group-mean query rows (0 when nq < 2; the record
+// was zeroed by init). grid (H_kv * d), block 256.
+template <typename T>
+SIKV_DEV void sikv_calib_qmed_impl(const SikvParams& p) {
+    __shared__ u32 hist[256];
+    __shared__ u32 sel[2];
+    if (p.nq < 2) return;
+    const int d = p.head_dim;
+    const int h = blockIdx.x / d, c = blockIdx.x % d;
+    const T* q = reinterpret_cast<const T*>(p.q);
+    auto key_at = [&](int j) -> u32 { return total_key32(__float_as_uint(group_mean(p, q, j, h, c))); };
+    u32 key = block_lower_median<32>(p.nq, key_at, hist, sel);
+    if (threadIdx.x == 0) {
+        u8* rec = state_record(p, p.calib_slot, h);
+        reinterpret_cast<float*>(rec + p.off_qmed)[c] = __uint_as_float(total_key32_inv(key));
+    }
+}
+SIKV_ENTRIES_T(sikv_calib_qmed, 256)
+
+// Heavy scores s_t = (k_t - m) . qbar_last (f32, channel order) for t in [S, n - W), as
+// radix keys into ws_keys[h][t - S]. One thread per (token, head); grid (ceil(n/128), H).
+template <int D, typename T>
+SIKV_DEV void sikv_calib_heavy_score_impl(const SikvParams& p) {
+    __shared__ float ql[D];
+    __shared__ float m[D];
+    const int h = blockIdx.y, H = p.num_kv_heads;
+    u8* rec = state_record(p, p.calib_slot, h);
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        ql[c] = reinterpret_cast<const float*>(p.ws_qbar)[h * D + c];
+        m[c] = reinterpret_cast<const float*>(rec + p.off_centre)[c];
+    }
+    __syncthreads();
+    const int lo = p.n_sink;
+    const int hi = p.n_tokens - p.n_window;
+    const int t = lo + blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= hi) return;
+    const T* krow = reinterpret_cast<const T*>(p.k) + ((long long)t * H + h) * D;
+    constexpr int V = 16 / sizeof(T);
+    float s = 0.0f;
+    for (int c0 = 0; c0 < D; c0 += V) {
+        float kv[V];
+        load_vec<T, V>(krow + c0, kv);
+        #pragma unroll
+        for (int i = 0; i < V; ++i) s = add_rn(s, mul_rn(sub_rn(kv[i], m[c0 + i]), ql[c0 + i]));
+    }
+    reinterpret_cast<u32*>(p.ws_keys)[(long long)h * p.key_stride + (t - lo)] = score_key(s);
+}
+SIKV_ENTRIES_D_T(sikv_calib_heavy_score, 128)
+
+// Heavy set: top n_heavy of the scores (ties: smaller position), ascending, into dense
+// entries S + i; ranks into ws_rank; meta n_heavy. grid (H_kv), block 1024.
+SIKV_DEV void sikv_calib_heavy_select_impl(const SikvParams& p) {
+    __shared__ RadixSmem s;
+    const int h = blockIdx.x;
+    const int lo = p.n_sink, hi = p.n_tokens - p.n_window;
+    const int n = hi > lo ? hi - lo : 0;
+    const int k = (p.n_heavy < n) ? p.n_heavy : n;
+    u8* rec = state_record(p, p.calib_slot, h);
+    if (threadIdx.x == 0) state_meta(p, rec)[META_N_HEAVY] = k;
+    if (k <= 0) return;
+    const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + (long long)h * p.key_stride;
+    int* dpos = state_dense_pos(p, rec);
+    int* rank = reinterpret_cast<int*>(p.ws_rank) + (long long)h * p.n_tokens;
+    block_topk<1024>(s, n, k, [&](int i) { return keys[i]; }, [&](int r, int i) {
+        dpos[p.n_sink + r] = lo + i;
+        rank[lo + i] = r;
+    });
+}
+SIKV_ENTRY(sikv_calib_heavy_select, 1024)
+
+// Is token t in the codebook/scale set: not a sink and not heavy, or every token when that
+// set is empty (reference/calibrate.rs codebook_tokens).
+SIKV_DEV bool in_codebook_set(const SikvParams& p, const int* rank, int t, bool all) {
+    return all || (t >= p.n_sink && rank[t] < 0);
+}
+
+SIKV_DEV bool codebook_set_is_all(const SikvParams& p, u8* rec) {
+    int n = p.n_tokens;
+    int sinks = p.n_sink < n ? p.n_sink : n;
+    return n - sinks - state_meta(p, rec)[META_N_HEAVY] <= 0;
+}
+
+// Scale a_c = max |k'_c| over the set, at least 1e-6; inv = 1/a. One thread per (head, channel).
+template <typename T>
+SIKV_DEV void sikv_calib_scale_impl(const SikvParams& p) {
+    const int d = p.head_dim, H = p.num_kv_heads;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= H * d) return;
+    const int h = i / d, c = i % d;
+    u8* rec = state_record(p, p.calib_slot, h);
+    const float m = reinterpret_cast<const float*>(rec + p.off_centre)[c];
+    const int* rank = reinterpret_cast<const int*>(p.ws_rank) + (long long)h * p.n_tokens;
+    const bool all = codebook_set_is_all(p, rec);
+    const T* k = reinterpret_cast<const T*>(p.k);
+    float a = 0.0f;
+    for (int t = 0; t < p.n_tokens; ++t) {
+        if (!in_codebook_set(p, rank, t, all)) continue;
+        a = fmaxf(a, fabsf(sub_rn(to_f32(k[((long long)t * H + h) * d + c]), m)));
+    }
+    a = fmaxf(a, 1e-6f);
+    reinterpret_cast<float*>(rec + p.off_scale)[c] = a;
+    reinterpret_cast<float*>(rec + p.off_inv_scale)[c] = div_rn(1.0f, a);
+}
+SIKV_ENTRIES_T(sikv_calib_scale, 128)
+
+// Codebook: per sub-vector s, conditional means of k'[4s..4s+4] per sign pattern (!signbit),
+// f64 sums in token order; empty cells get (2 bit_i(u) - 1) * mean |k'_{4s+i}|.
+// One thread per (head, sub-vector); grid ceil(H*d/4 / 64), block 64.
+template <typename T>
+SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
+    const int d = p.head_dim, H = p.num_kv_heads, nsub = d / SUBVEC;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= H * nsub) return;
+    const int h = i / nsub, s = i % nsub;
+    u8* rec = state_record(p, p.calib_slot, h);
+    const float* centre = reinterpret_cast<const float*>(rec + p.off_centre);
+    float m[SUBVEC];
+    #pragma unroll
+    for (int j = 0; j < SUBVEC; ++j) m[j] = centre[SUBVEC * s + j];
+    const int* rank = reinterpret_cast<const int*>(p.ws_rank) + (long long)h * p.n_tokens;
+    const bool all = codebook_set_is_all(p, rec);
+    const T* k = reinterpret_cast<const T*>(p.k);
+    double sum[CENTROIDS][SUBVEC];
+    unsigned long long cnt[CENTROIDS];
+    double abs_sum[SUBVEC];
+    for (int u = 0; u < CENTROIDS; ++u) {
+        cnt[u] = 0;
+        for (int j = 0; j < SUBVEC; ++j) sum[u][j] = 0.0;
+    }
+    for (int j = 0; j < SUBVEC; ++j) abs_sum[j] = 0.0;
+    long long nset = 0;
+    for (int t = 0; t < p.n_tokens; ++t) {
+        if (!in_codebook_set(p, rank, t, all)) continue;
+        ++nset;
+        float kv[SUBVEC];
+        load_vec<T, SUBVEC>(k + ((long long)t * H + h) * d + SUBVEC * s, kv);
+        float x[SUBVEC];
+        int u = 0;
+        #pragma unroll
+        for (int j = 0; j < SUBVEC; ++j) {
+            x[j] = sub_rn(kv[j], m[j]);
+            if (!sign_negative(x[j])) u |= 1 << j;
+        }
+        cnt[u] += 1;
+        #pragma unroll
+        for (int j = 0; j < SUBVEC; ++j) {
+            sum[u][j] += (double)x[j];
+            abs_sum[j] += (double)fabsf(x[j]);
+        }
+    }
+    double ns = nset > 0 ? (double)nset : 1.0;
+    float* cb = reinterpret_cast<float*>(rec + p.off_codebook) + (long long)s * CENTROIDS * SUBVEC;
+    for (int u = 0; u < CENTROIDS; ++u) {
+        for (int j = 0; j < SUBVEC; ++j) {
+            float v;
+            if (cnt[u] > 0) {
+                v = (float)(sum[u][j] / (double)cnt[u]);
+            } else {
+                double mag = abs_sum[j] / ns;
+                v = (float)(((u >> j) & 1) ? mag : -mag);
+            }
+            cb[u * SUBVEC + j] = v;
+        }
+    }
+}
+SIKV_ENTRIES_T(sikv_calib_codebook, 64)

@@ -1,0 +1,513 @@
+// Shared device code of every kernel: the argument block, 16-bit float helpers, exact-order
+// arithmetic helpers, the online-softmax state, warp/block reductions and scans, the block
+// radix select, and the dispatch macros that stamp out extern "C" entry points.
+//
+// Everything here must compile under both nvcc and NVRTC with no include path at all, so no
+// headers beyond the generated layout: the 16-bit float types are our own two-byte structs,
+// converted with single PTX instructions (cvt.rn.* rounds to nearest even, as the half crate
+// does on the CPU). This keeps cuda_fp16.h (and the CCCL headers it pulls in) out of the build.
+#pragma once
+
+#include "sikv_layout.cuh"
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define SIKV_DEV __device__ __forceinline__
+
+// ---------------------------------------------------------------------------------------------
+// The one argument block every kernel takes (by value). Mirrored field for field by
+// `SikvParams` in src/gpu/params.rs: 64-bit fields first, then 32-bit ones, so that the C and
+// Rust layouts agree without padding surprises (checked at run time by sikv_params_layout).
+struct SikvParams {
+    // --- device addresses (0 = absent) ---
+    u64 plane[SIKV_NUM_PLANES];  // base of each plane of this layer
+    u64 state;                   // base of this layer's state pool
+    u64 indptr;                  // int32[batch + 1]
+    u64 page_indices;            // int32[...]
+    u64 last_page_len;           // int32[batch]
+    u64 seq_slot;                // int32[batch] (select/attend) or int32[n] (append)
+    u64 position;                // int32[n] (append)
+    u64 slot_mapping;            // int64[n]
+    u64 k;                       // model dtype [n][H_kv][d]
+    u64 v;                       // model dtype [n][H_kv][d]
+    u64 q;                       // model dtype [B][H_q][d] or [nq][H_q][d] (calibrate)
+    u64 out;                     // model dtype [B][H_q][d]
+    u64 indices;                 // int32[B][H_kv][budget_max]
+    u64 counts;                  // int32[B][H_kv]
+    // workspace regions (see src/gpu/workspace.rs)
+    u64 ws_keys;                 // u32 [B][H_kv][key_stride] stage-1 keys / calibrate heavy keys
+    u64 ws_list;                 // int32 [B][H_kv][stage1_max] stage-1 survivors (ascending)
+    u64 ws_list_n;               // int32 [B][H_kv][2] stage-1 survivor count, final k
+    u64 ws_keys2;                // u32 [B][H_kv][stage1_max] stage-2 keys
+    u64 ws_part_acc;             // f32 [B][H_q][num_splits][d] un-normalised split outputs
+    u64 ws_part_ml;              // f32 [B][H_q][num_splits][2] split max / sum
+    u64 ws_qbar;                 // f32 [H_kv][d] calibrate: group-mean last query
+    u64 ws_rank;                 // int32 [H_kv][n] calibrate: heavy rank of each token or -1
+    // --- 32-bit fields ---
+    int row_bytes[SIKV_NUM_PLANES];
+    int num_kv_heads;
+    int group;                   // query heads per KV head (G)
+    int head_dim;
+    int page_size;
+    int num_pages;
+    int key_bits;
+    int value_bits;
+    int state_bytes;             // bytes of one state record
+    int off_centre, off_scale, off_inv_scale, off_qmed, off_codebook, off_meta;
+    int off_dense_pos, off_dense_k, off_dense_v;
+    int dense_cap;
+    int n_sink, n_heavy, n_window;
+    int max_seqs;
+    int max_seq_len;
+    int batch;                   // sequences in this call (select/attend)
+    int n_tokens;                // tokens in this call (append/calibrate)
+    int nq;                      // calibrate: query rows in q
+    int calib_slot;              // calibrate: the sequence slot
+    int mode;                    // encode: 0 append, 1 calibrate; attend: 0 sparse, 1 dense
+    int budget_min, budget_max;
+    float budget_ratio;
+    int rerank_factor;           // <= 1: one stage
+    int stage1_max;              // budget_max * max(rerank_factor, 1)
+    int key_stride;              // row length of ws_keys (>= max_seq_len, multiple of 4)
+    int selector;                // 0 LUT, 1 sign x sign
+    int sign_positive;           // encoder predicate x > 0 instead of !signbit(x)
+    int force_generated;
+    int centre_mean;             // calibrate: mean instead of lower median
+    float softmax_scale;
+    int num_splits;              // partial slots per (sequence, query head)
+    int dense_splits;            // attend_dense: splits over the dense entries
+    int dense_chunk;             // attend_dense: tokens per candidate chunk (multiple of 64)
+    int pad_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Constants and float bits.
+
+#define SIKV_INF __int_as_float(0x7f800000)
+#define SIKV_NEG_INF __int_as_float(0xff800000)
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit float types (bit containers) and conversions.
+
+struct f16_t { u16 x; };
+struct bf16_t { u16 x; };
+
+SIKV_DEV float to_f32(f16_t h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.x));
+    return f;
+}
+SIKV_DEV float to_f32(bf16_t h) { return __uint_as_float((u32)h.x << 16); }
+SIKV_DEV float to_f32(float x) { return x; }
+
+template <typename T> SIKV_DEV T from_f32(float x);
+template <> SIKV_DEV f16_t from_f32<f16_t>(float x) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(x));
+    return r;
+}
+template <> SIKV_DEV bf16_t from_f32<bf16_t>(float x) {
+    bf16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.x) : "f"(x));
+    return r;
+}
+template <> SIKV_DEV float from_f32<float>(float x) { return x; }
+
+SIKV_DEV u16 bits16(f16_t h) { return h.x; }
+SIKV_DEV u16 bits16(bf16_t h) { return h.x; }
+
+SIKV_DEV float half_bits_to_f32(u16 b) { f16_t h; h.x = b; return to_f32(h); }
+SIKV_DEV u16 f32_to_half_bits(float x) { return from_f32<f16_t>(x).x; }
+
+// The dense set and the 16-bit planes store bf16 for bf16 models and fp16 otherwise
+// (Dtype::storage in config.rs).
+template <typename T> struct Storage { typedef f16_t type; };
+template <> struct Storage<bf16_t> { typedef bf16_t type; };
+
+SIKV_DEV bool sign_negative(float x) { return (__float_as_uint(x) >> 31) != 0u; }
+
+// ---------------------------------------------------------------------------------------------
+// Loads N consecutive elements of T (N * sizeof(T) is 4, 8, 16 or 32 bytes and aligned to
+// min(16, that)) into f32: one or two vector loads instead of N scalar ones.
+template <typename T, int N>
+SIKV_DEV void load_vec(const T* src, float* dst) {
+    constexpr int BYTES = N * (int)sizeof(T);
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16 || BYTES % 16 == 0, "vector size");
+    if constexpr (BYTES >= 16) {
+        #pragma unroll
+        for (int i = 0; i < BYTES / 16; ++i) {
+            uint4 w = reinterpret_cast<const uint4*>(src)[i];
+            const T* e = reinterpret_cast<const T*>(&w);
+            #pragma unroll
+            for (int j = 0; j < 16 / (int)sizeof(T); ++j) dst[i * (16 / sizeof(T)) + j] = to_f32(e[j]);
+        }
+    } else if constexpr (BYTES == 8) {
+        uint2 w = *reinterpret_cast<const uint2*>(src);
+        const T* e = reinterpret_cast<const T*>(&w);
+        #pragma unroll
+        for (int j = 0; j < N; ++j) dst[j] = to_f32(e[j]);
+    } else {
+        u32 w = *reinterpret_cast<const u32*>(src);
+        const T* e = reinterpret_cast<const T*>(&w);
+        #pragma unroll
+        for (int j = 0; j < N; ++j) dst[j] = to_f32(e[j]);
+    }
+}
+
+// Stores N f32 as T (round to nearest even) with vector stores; same size rules as load_vec.
+template <typename T, int N>
+SIKV_DEV void store_vec(T* dst, const float* src) {
+    constexpr int BYTES = N * (int)sizeof(T);
+    if constexpr (BYTES >= 16) {
+        #pragma unroll
+        for (int i = 0; i < BYTES / 16; ++i) {
+            uint4 w;
+            T* e = reinterpret_cast<T*>(&w);
+            #pragma unroll
+            for (int j = 0; j < 16 / (int)sizeof(T); ++j) e[j] = from_f32<T>(src[i * (16 / sizeof(T)) + j]);
+            reinterpret_cast<uint4*>(dst)[i] = w;
+        }
+    } else if constexpr (BYTES == 8) {
+        uint2 w;
+        T* e = reinterpret_cast<T*>(&w);
+        #pragma unroll
+        for (int j = 0; j < N; ++j) e[j] = from_f32<T>(src[j]);
+        *reinterpret_cast<uint2*>(dst) = w;
+    } else {
+        u32 w;
+        T* e = reinterpret_cast<T*>(&w);
+        #pragma unroll
+        for (int j = 0; j < N; ++j) e[j] = from_f32<T>(src[j]);
+        *reinterpret_cast<u32*>(dst) = w;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact-order arithmetic. The CPU reference uses plain f32 multiplies and adds in a fixed
+// order and Rust never contracts them into FMAs; nvcc would. Where a result must match the CPU
+// bit for bit (encoding, LUT, scores, rerank, calibration) the kernels use these, which the
+// compiler may not fuse.
+SIKV_DEV float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+SIKV_DEV float add_rn(float a, float b) { return __fadd_rn(a, b); }
+SIKV_DEV float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+SIKV_DEV float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+
+// Order-preserving map of an f32 score to u32 for radix selection (bigger = better):
+// -0 is canonicalised to +0 (they tie, as in topk.rs); NaN maps to 1, below every number;
+// 0 is left for "not a candidate".
+SIKV_DEV u32 score_key(float s) {
+    if (s != s) return 1u;
+    if (s == 0.0f) s = 0.0f;
+    u32 b = __float_as_uint(s);
+    u32 k = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return k < 2u ? 2u : k;  // only -NaN patterns could land here; NaN was handled above
+}
+
+// Total order (f32::total_cmp) map of f32 bits to u32, for lower medians.
+SIKV_DEV u32 total_key32(u32 b) { return (b & 0x80000000u) ? ~b : (b | 0x80000000u); }
+SIKV_DEV u32 total_key32_inv(u32 k) { return (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k; }
+// Same for 16-bit floats (fp16 and bf16 both keep the sign in bit 15).
+SIKV_DEV u32 total_key16(u32 b) { return (b & 0x8000u) ? (~b & 0xffffu) : (b | 0x8000u); }
+SIKV_DEV u32 total_key16_inv(u32 k) { return (k & 0x8000u) ? (k & 0x7fffu) : (~k & 0xffffu); }
+
+// ---------------------------------------------------------------------------------------------
+// Sequence geometry (cpu/mod.rs): length from the CSR page table, page lookup.
+
+SIKV_DEV int seq_len(const SikvParams& p, int b) {
+    const int* indptr = reinterpret_cast<const int*>(p.indptr);
+    const int* lpl = reinterpret_cast<const int*>(p.last_page_len);
+    int np = indptr[b + 1] - indptr[b];
+    if (np <= 0) return 0;
+    int len = (np - 1) * p.page_size + lpl[b];
+    return len < 0 ? 0 : (len > p.max_seq_len ? p.max_seq_len : len);
+}
+
+// Row index (page * H + head) * P + slot of position `pos` of sequence b.
+SIKV_DEV long long row_index(const SikvParams& p, int b, int h, int pos) {
+    const int* indptr = reinterpret_cast<const int*>(p.indptr);
+    const int* pages = reinterpret_cast<const int*>(p.page_indices);
+    int page = pages[indptr[b] + pos / p.page_size];
+    return ((long long)page * p.num_kv_heads + h) * p.page_size + (pos % p.page_size);
+}
+
+SIKV_DEV const u8* plane_row(const SikvParams& p, int plane, long long row) {
+    return reinterpret_cast<const u8*>(p.plane[plane]) + row * (long long)p.row_bytes[plane];
+}
+SIKV_DEV u8* plane_row_mut(const SikvParams& p, int plane, long long row) {
+    return reinterpret_cast<u8*>(p.plane[plane]) + row * (long long)p.row_bytes[plane];
+}
+
+SIKV_DEV u8* state_record(const SikvParams& p, int slot, int h) {
+    return reinterpret_cast<u8*>(p.state) + ((long long)slot * p.num_kv_heads + h) * (long long)p.state_bytes;
+}
+SIKV_DEV int* state_meta(const SikvParams& p, u8* rec) { return reinterpret_cast<int*>(rec + p.off_meta); }
+SIKV_DEV int* state_dense_pos(const SikvParams& p, u8* rec) { return reinterpret_cast<int*>(rec + p.off_dense_pos); }
+
+// Budget rule of config.rs (Budget::k_for): min(n, clamp(ceil(ratio * n), min, max)), in f64.
+SIKV_DEV int budget_k(const SikvParams& p, int n_cand) {
+    double want = ceil((double)p.budget_ratio * (double)n_cand);
+    long long w = (want > 0.0) ? (long long)want : 0;  // ratio is finite and in [0, 1]
+    if (w < p.budget_min) w = p.budget_min;
+    if (w > p.budget_max) w = p.budget_max;
+    if (w > n_cand) w = n_cand;
+    return (int)w;
+}
+
+// The dense set's keep rule for a sequence of length len (cpu::stages::dense_entries).
+SIKV_DEV bool dense_keep(const SikvParams& p, int e, int pos, int len) {
+    if (pos < 0 || pos >= len) return false;
+    if (e < p.n_sink + p.n_heavy) return true;
+    int lo = len - p.n_window;
+    if (lo < p.n_sink) lo = p.n_sink;
+    return pos >= lo;
+}
+
+// End of the candidate range: max(S, len - W).
+SIKV_DEV int cand_end(const SikvParams& p, int len) {
+    int e = len - p.n_window;
+    return e < p.n_sink ? p.n_sink : e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online softmax state of one query head (FlashInfer's state_t): running max m, running sum
+// l of exp(logit - m); the accumulator lives with the caller. merge() is the log-sum-exp merge
+// of two partial states, returning the factors to apply to the two accumulators.
+struct SoftmaxState {
+    float m;
+    float l;
+    SIKV_DEV void init() { m = SIKV_NEG_INF; l = 0.0f; }
+    // Merges (m2, l2) into this state; *s1, *s2 = weights for this / the other accumulator.
+    SIKV_DEV void merge(float m2, float l2, float* s1, float* s2) {
+        if (m2 == SIKV_NEG_INF) { *s1 = 1.0f; *s2 = 0.0f; return; }
+        if (m == SIKV_NEG_INF) { m = m2; l = l2; *s1 = 0.0f; *s2 = 1.0f; return; }
+        float mn = fmaxf(m, m2);
+        *s1 = expf(m - mn);
+        *s2 = expf(m2 - mn);
+        l = *s1 * l + *s2 * l2;
+        m = mn;
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Warp and block reductions / scans.
+
+SIKV_DEV float warp_max(float x) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+SIKV_DEV float warp_sum(float x) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+SIKV_DEV int warp_sum_int(int x) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+SIKV_DEV u32 warp_incl_scan(u32 x) {
+    int lane = threadIdx.x & 31;
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    return x;
+}
+
+// Exclusive block scan of one u32 per thread; *total gets the block sum. `smem` holds 33 u32.
+// Must be called by every thread of the block.
+template <int NT>
+SIKV_DEV u32 block_excl_scan(u32 x, u32* smem, u32* total) {
+    constexpr int NW = NT / 32;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 incl = warp_incl_scan(x);
+    if (lane == 31) smem[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        u32 w = lane < NW ? smem[lane] : 0u;
+        u32 wi = warp_incl_scan(w);
+        if (lane < NW) smem[lane] = wi - w;
+        if (lane == NW - 1) smem[32] = wi;
+    }
+    __syncthreads();
+    u32 r = smem[warp] + incl - x;
+    *total = smem[32];
+    __syncthreads();
+    return r;
+}
+
+// Shared-memory histogram increment, aggregated over lanes that hit the same bin (scores with
+// many ties, e.g. +inf for forced tokens or small-integer sign x sign scores, would otherwise
+// serialise on one address). Called by a full warp; `active` = this lane has an element.
+SIKV_DEV void hist_add(u32* hist, u32 bin, bool active) {
+    u32 act = __ballot_sync(0xffffffffu, active);
+    if (!active) return;
+    u32 peers = __match_any_sync(act, bin);
+    int lane = threadIdx.x & 31;
+    if ((__ffs(peers) - 1) == lane) atomicAdd(&hist[bin], (u32)__popc(peers));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block radix select: the k best of n u32 keys (bigger first, ties to the smaller index), and
+// the collection of their indices in ascending order. One CTA of NT threads per row; three
+// passes of 11/11/10 bits over the keys, then one ordered collection pass. Keys of 0 mark
+// non-candidates and are never taken while k <= the number of non-zero keys.
+
+struct RadixSmem {
+    u32 hist[2048];
+    u32 scan[33];
+    u32 sel_prefix, sel_mask, sel_remaining;
+    u32 carry_sel, carry_eq;
+};
+
+// Finds the digit (bin) holding the remaining-th best element, scanning from the top bin.
+// Warp 0 only; writes the result into the shared selection state.
+template <int BINS>
+SIKV_DEV void radix_pick_bin(RadixSmem& s, int shift) {
+    int lane = threadIdx.x & 31;
+    constexpr int PER = BINS / 32;
+    // lane j owns bins [BINS - (j+1)*PER, BINS - j*PER), i.e. lane 0 the highest.
+    int hi = BINS - lane * PER;
+    u32 sum = 0;
+    for (int i = 1; i <= PER; ++i) sum += s.hist[hi - i];
+    u32 incl = warp_incl_scan(sum);
+    u32 excl = incl - sum;
+    u32 rem = s.sel_remaining;
+    bool mine = excl < rem && rem <= incl;
+    u32 who = __ballot_sync(0xffffffffu, mine);
+    if (who == 0) return;  // cannot happen while remaining <= number of keys in range
+    if (lane == __ffs(who) - 1) {
+        u32 above = excl;
+        for (int i = 1; i <= PER; ++i) {
+            u32 c = s.hist[hi - i];
+            if (above + c >= rem) {
+                u32 bin = (u32)(hi - i);
+                s.sel_prefix |= bin << shift;
+                s.sel_mask |= (u32)(BINS - 1) << shift;
+                s.sel_remaining = rem - above;
+                break;
+            }
+            above += c;
+        }
+    }
+}
+
+// KeyAt(i) -> u32 for i in [0, n). Emit(rank, i) is called for every selected element with
+// its rank in ascending index order (0..k-1). Must be called by every thread of the block.
+template <int NT, typename KeyAt, typename Emit>
+SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
+    if (k <= 0 || n <= 0) return;
+    if (threadIdx.x == 0) { s.sel_prefix = 0; s.sel_mask = 0; s.sel_remaining = (u32)k; }
+    if (k < n) {
+        const int shifts[3] = {21, 10, 0};
+        const int bins[3] = {2048, 2048, 1024};
+        for (int pass = 0; pass < 3; ++pass) {
+            for (int i = threadIdx.x; i < bins[pass]; i += NT) s.hist[i] = 0;
+            __syncthreads();
+            u32 prefix = s.sel_prefix, mask = s.sel_mask;
+            int shift = shifts[pass];
+            u32 bmask = (u32)bins[pass] - 1;
+            int nround = (n + NT - 1) / NT * NT;
+            for (int i = threadIdx.x; i < nround; i += NT) {
+                bool act = false;
+                u32 bin = 0;
+                if (i < n) {
+                    u32 key = key_at(i);
+                    act = (key & mask) == prefix;
+                    bin = (key >> shift) & bmask;
+                }
+                hist_add(s.hist, bin, act);
+            }
+            __syncthreads();
+            if (threadIdx.x < 32) {
+                if (pass < 2) radix_pick_bin<2048>(s, shift);
+                else radix_pick_bin<1024>(s, shift);
+            }
+            __syncthreads();
+        }
+    } else {
+        // Every element is taken: an all-zero mask makes every key "equal to the threshold".
+        if (threadIdx.x == 0) s.sel_remaining = (u32)n;
+        __syncthreads();
+    }
+    u32 prefix = s.sel_prefix, mask = s.sel_mask, remaining = s.sel_remaining;
+    // Ordered collection: ITEMS consecutive elements per thread, one block scan per tile of
+    // NT * ITEMS elements; the scan carries (selected, equal-to-threshold) counts packed in
+    // one word (each < 2^16 per tile).
+    constexpr int ITEMS = 4;
+    constexpr int TILE = NT * ITEMS;
+    u32 carry_sel = 0, carry_eq = 0;
+    for (int base = 0; base < n; base += TILE) {
+        u32 keys[ITEMS];
+        u32 n_gt = 0, n_eq = 0;
+        #pragma unroll
+        for (int j = 0; j < ITEMS; ++j) {
+            int i = base + threadIdx.x * ITEMS + j;
+            keys[j] = i < n ? key_at(i) : 0u;
+            u32 km = keys[j] & mask;
+            bool valid = i < n;
+            n_gt += (valid && km > prefix) ? 1u : 0u;
+            n_eq += (valid && km == prefix) ? 1u : 0u;
+        }
+        u32 total;
+        u32 excl = block_excl_scan<NT>((n_eq << 16) | n_gt, s.scan, &total);
+        // Selected before this thread = carried + all greater before + equal ones taken before.
+        u32 eq_before = carry_eq + (excl >> 16);
+        u32 gt_before = carry_sel + (excl & 0xffffu);
+        #pragma unroll
+        for (int j = 0; j < ITEMS; ++j) {
+            int i = base + threadIdx.x * ITEMS + j;
+            if (i >= n) break;
+            u32 km = keys[j] & mask;
+            if (km > prefix) {
+                u32 taken_eq = eq_before < remaining ? eq_before : remaining;
+                emit((int)(gt_before + taken_eq), i);
+                gt_before += 1;
+            } else if (km == prefix) {
+                if (eq_before < remaining) {
+                    emit((int)(gt_before + eq_before), i);
+                }
+                eq_before += 1;
+            }
+        }
+        carry_sel += total & 0xffffu;
+        carry_eq += total >> 16;
+    }
+    __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch: every templated kernel body `NAME##_impl<D, T>` gets extern "C" entry points named
+// `NAME_d{64,128,256}_{f16,bf16}`, looked up by name from Rust (src/gpu/kernels.rs). The
+// bodies also compile for T = float (f32 activations); those entry points are left out to keep
+// the fatbin build time down, and the launchers answer SIKV_ERR_UNSUPPORTED for f32.
+
+#define SIKV_ENTRY_DT(NAME, NT, D, T, TNAME)                                          \
+    extern "C" __global__ void __launch_bounds__(NT) NAME##_d##D##_##TNAME(const SikvParams p) { \
+        NAME##_impl<D, T>(p);                                                          \
+    }
+
+#define SIKV_ENTRIES_D_T(NAME, NT)                      \
+    SIKV_ENTRY_DT(NAME, NT, 64, f16_t, f16)            \
+    SIKV_ENTRY_DT(NAME, NT, 128, f16_t, f16)           \
+    SIKV_ENTRY_DT(NAME, NT, 256, f16_t, f16)           \
+    SIKV_ENTRY_DT(NAME, NT, 64, bf16_t, bf16)    \
+    SIKV_ENTRY_DT(NAME, NT, 128, bf16_t, bf16)   \
+    SIKV_ENTRY_DT(NAME, NT, 256, bf16_t, bf16)
+
+#define SIKV_ENTRY_T(NAME, NT, T, TNAME)                                               \
+    extern "C" __global__ void __launch_bounds__(NT) NAME##_##TNAME(const SikvParams p) { \
+        NAME##_impl<T>(p);                                                              \
+    }
+
+#define SIKV_ENTRIES_T(NAME, NT)                   \
+    SIKV_ENTRY_T(NAME, NT, f16_t, f16)            \
+    SIKV_ENTRY_T(NAME, NT, bf16_t, bf16)
+
+#define SIKV_ENTRY(NAME, NT) \
+    extern "C" __global__ void __launch_bounds__(NT) NAME(const SikvParams p) { NAME##_impl(p); }

@@ -1,0 +1,289 @@
+//! The bottom layer: raw CUDA driver calls through cudarc's `sys` bindings (libcuda is opened at
+//! run time), each checked and mapped to `SIKV_ERR_CUDA` with the call's name. Nothing above
+//! this file touches `sys` directly.
+
+use std::ffi::{c_void, CStr, CString};
+
+use cudarc::driver::sys;
+
+use crate::status::{Error, Result, SikvStatus};
+
+pub use sys::{CUcontext, CUdevice, CUfunction, CUmodule};
+
+/// Maps a driver result to our error type, naming the call.
+pub fn ck(r: sys::CUresult, call: &str) -> Result<()> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    Err(Error::new(SikvStatus::SIKV_ERR_CUDA, format!("{call} failed: {}", error_name(r))))
+}
+
+pub fn error_name(r: sys::CUresult) -> String {
+    let mut p: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorName writes a static string pointer.
+    unsafe {
+        if sys::cuGetErrorName(r, &mut p) == sys::CUresult::CUDA_SUCCESS && !p.is_null() {
+            return CStr::from_ptr(p).to_string_lossy().into_owned();
+        }
+    }
+    format!("{r:?}")
+}
+
+fn no_device(msg: impl Into<String>) -> Error {
+    Error::new(SikvStatus::SIKV_ERR_NO_DEVICE, msg)
+}
+
+/// Loads libcuda and initialises the driver; NO_DEVICE when the library is missing, a symbol
+/// is missing (cudarc panics then: caught here), or the driver reports no device.
+pub fn init() -> Result<()> {
+    // SAFETY: only probes whether the library can be opened.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(no_device("the CUDA driver library (libcuda.so) was not found"));
+    }
+    let r = std::panic::catch_unwind(|| unsafe { sys::cuInit(0) });
+    match r {
+        Err(_) => Err(no_device("the CUDA driver library could not be loaded (missing symbols)")),
+        Ok(sys::CUresult::CUDA_SUCCESS) => Ok(()),
+        Ok(e) => Err(no_device(format!("cuInit failed: {}", error_name(e)))),
+    }
+}
+
+pub struct Device {
+    pub dev: CUdevice,
+    pub ctx: CUcontext,
+    pub major: i32,
+    pub minor: i32,
+    pub name: String,
+}
+
+/// Retains the primary context of device `ordinal` (the one the CUDA runtime uses).
+pub fn retain_primary(ordinal: i32) -> Result<Device> {
+    let mut count = 0i32;
+    // SAFETY: out-parameter calls on an initialised driver.
+    unsafe {
+        ck(sys::cuDeviceGetCount(&mut count), "cuDeviceGetCount")?;
+        if count <= 0 {
+            return Err(no_device("the CUDA driver reports no device"));
+        }
+        if ordinal < 0 || ordinal >= count {
+            return Err(no_device(format!("device_ordinal = {ordinal} but only {count} CUDA device(s) exist")));
+        }
+        let mut dev: CUdevice = 0;
+        ck(sys::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")?;
+        let mut major = 0;
+        let mut minor = 0;
+        ck(
+            sys::cuDeviceGetAttribute(&mut major, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+            "cuDeviceGetAttribute",
+        )?;
+        ck(
+            sys::cuDeviceGetAttribute(&mut minor, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+            "cuDeviceGetAttribute",
+        )?;
+        let mut name = [0 as std::ffi::c_char; 256];
+        let _ = sys::cuDeviceGetName(name.as_mut_ptr(), 255, dev);
+        let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        ck(sys::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
+        Ok(Device { dev, ctx, major, minor, name })
+    }
+}
+
+pub fn release_primary(dev: CUdevice) {
+    // SAFETY: balanced with the retain in retain_primary.
+    unsafe {
+        let _ = sys::cuDevicePrimaryCtxRelease_v2(dev);
+    }
+}
+
+pub fn set_current(ctx: CUcontext) -> Result<()> {
+    // SAFETY: ctx is a retained primary context.
+    unsafe { ck(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent") }
+}
+
+/// Loads a module image (fatbin, cubin or NUL-terminated PTX). The image is copied into an
+/// 8-byte aligned buffer first (include_bytes! gives no alignment guarantee).
+pub fn load_module(image: &[u8]) -> Result<CUmodule> {
+    let mut aligned = vec![0u64; image.len().div_ceil(8) + 1];
+    // SAFETY: the destination has at least image.len() bytes.
+    unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len()) };
+    let mut m: CUmodule = std::ptr::null_mut();
+    // SAFETY: image is a valid module image kept alive for the call.
+    unsafe { ck(sys::cuModuleLoadData(&mut m, aligned.as_ptr() as *const c_void), "cuModuleLoadData")? };
+    Ok(m)
+}
+
+pub fn unload_module(m: CUmodule) {
+    // SAFETY: m came from load_module and no function of it is used afterwards.
+    unsafe {
+        let _ = sys::cuModuleUnload(m);
+    }
+}
+
+/// Looks a kernel up by name and forces it to be loaded now (with lazy loading a first launch
+/// would load it, which must not happen on the hot path or inside a graph capture).
+pub fn get_function(m: CUmodule, name: &str) -> Result<CUfunction> {
+    let cname = CString::new(name).unwrap();
+    let mut f: CUfunction = std::ptr::null_mut();
+    // SAFETY: valid module and C string.
+    unsafe {
+        ck(sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()), &format!("cuModuleGetFunction({name})"))?;
+        let mut regs = 0i32;
+        ck(
+            sys::cuFuncGetAttribute(&mut regs, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS, f),
+            &format!("cuFuncGetAttribute({name})"),
+        )?;
+    }
+    Ok(f)
+}
+
+/// Launches `f` with one by-value argument (the parameter block).
+pub fn launch<P>(f: CUfunction, name: &str, grid: (u32, u32, u32), block: u32, stream: sys::CUstream, params: &P) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
+    let mut args: [*mut c_void; 1] = [params as *const P as *mut c_void];
+    // SAFETY: f is a loaded kernel whose only parameter has type P (SikvParams or a pointer);
+    // the driver copies the argument before returning.
+    unsafe {
+        ck(
+            sys::cuLaunchKernel(f, grid.0, grid.1, grid.2, block, 1, 1, 0, stream, args.as_mut_ptr(), std::ptr::null_mut()),
+            &format!("cuLaunchKernel({name})"),
+        )
+    }
+}
+
+pub fn mem_alloc(bytes: usize) -> Result<u64> {
+    let mut p: sys::CUdeviceptr = 0;
+    // SAFETY: out-parameter call in the current context.
+    let r = unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(1)) };
+    if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Err(Error::new(SikvStatus::SIKV_ERR_OUT_OF_MEMORY, format!("cuMemAlloc of {bytes} bytes: out of device memory")));
+    }
+    ck(r, "cuMemAlloc")?;
+    Ok(p)
+}
+
+pub fn mem_free(p: u64) {
+    // SAFETY: p came from mem_alloc.
+    unsafe {
+        let _ = sys::cuMemFree_v2(p);
+    }
+}
+
+pub fn memset_async(dst: u64, value: u8, bytes: usize, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: dst is a device allocation of at least `bytes` (the caller's contract).
+    unsafe { ck(sys::cuMemsetD8Async(dst, value, bytes, stream), "cuMemsetD8Async") }
+}
+
+pub fn copy_htod_async(dst: u64, src: &[u8], stream: sys::CUstream) -> Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the caller keeps `src` alive until the stream reaches the copy (pageable memory
+    // is staged by the driver before the call returns).
+    unsafe { ck(sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), stream), "cuMemcpyHtoDAsync") }
+}
+
+pub fn copy_dtoh(dst: &mut [u8], src: u64) -> Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: synchronous copy into a live host slice.
+    unsafe { ck(sys::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len()), "cuMemcpyDtoH") }
+}
+
+pub fn stream_sync(stream: sys::CUstream) -> Result<()> {
+    // SAFETY: stream is a live stream (or null = legacy default).
+    unsafe { ck(sys::cuStreamSynchronize(stream), "cuStreamSynchronize") }
+}
+
+pub fn stream_create() -> Result<sys::CUstream> {
+    let mut s: sys::CUstream = std::ptr::null_mut();
+    // SAFETY: out-parameter call.
+    unsafe { ck(sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "cuStreamCreate")? };
+    Ok(s)
+}
+
+pub fn stream_destroy(s: sys::CUstream) {
+    // SAFETY: s came from stream_create.
+    unsafe {
+        let _ = sys::cuStreamDestroy_v2(s);
+    }
+}
+
+pub fn begin_capture(s: sys::CUstream) -> Result<()> {
+    // SAFETY: s is a live non-default stream.
+    unsafe {
+        ck(
+            sys::cuStreamBeginCapture_v2(s, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+            "cuStreamBeginCapture",
+        )
+    }
+}
+
+pub fn end_capture(s: sys::CUstream) -> Result<sys::CUgraphExec> {
+    let mut g: sys::CUgraph = std::ptr::null_mut();
+    // SAFETY: ends the capture begun on s; the graph is destroyed once instantiated.
+    unsafe {
+        ck(sys::cuStreamEndCapture(s, &mut g), "cuStreamEndCapture")?;
+        let mut e: sys::CUgraphExec = std::ptr::null_mut();
+        let r = sys::cuGraphInstantiateWithFlags(&mut e, g, 0);
+        let _ = sys::cuGraphDestroy(g);
+        ck(r, "cuGraphInstantiateWithFlags")?;
+        Ok(e)
+    }
+}
+
+pub fn graph_launch(e: sys::CUgraphExec, s: sys::CUstream) -> Result<()> {
+    // SAFETY: e is an instantiated graph.
+    unsafe { ck(sys::cuGraphLaunch(e, s), "cuGraphLaunch") }
+}
+
+pub fn graph_destroy(e: sys::CUgraphExec) {
+    // SAFETY: e came from end_capture.
+    unsafe {
+        let _ = sys::cuGraphExecDestroy(e);
+    }
+}
+
+pub fn event_create() -> Result<sys::CUevent> {
+    let mut e: sys::CUevent = std::ptr::null_mut();
+    // SAFETY: out-parameter call.
+    unsafe { ck(sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DEFAULT as u32), "cuEventCreate")? };
+    Ok(e)
+}
+
+pub fn event_record(e: sys::CUevent, s: sys::CUstream) -> Result<()> {
+    // SAFETY: live event and stream.
+    unsafe { ck(sys::cuEventRecord(e, s), "cuEventRecord") }
+}
+
+pub fn event_elapsed_ms(a: sys::CUevent, b: sys::CUevent) -> Result<f32> {
+    let ms;
+    // SAFETY: both events were recorded; waits for b.
+    unsafe {
+        ck(sys::cuEventSynchronize(b), "cuEventSynchronize")?;
+        // The 12.2 bindings name the pre-13 symbol, which CUDA 13 drivers still export; a
+        // missing symbol panics inside cudarc, so catch it.
+        let r = std::panic::catch_unwind(|| {
+            let mut t = 0f32;
+            (sys::cuEventElapsedTime(&mut t, a, b), t)
+        });
+        match r {
+            Ok((r, t)) => {
+                ck(r, "cuEventElapsedTime")?;
+                ms = t;
+            }
+            Err(_) => return Err(Error::new(SikvStatus::SIKV_ERR_CUDA, "cuEventElapsedTime is missing in libcuda")),
+        }
+    }
+    Ok(ms)
+}
+
+pub fn event_destroy(e: sys::CUevent) {
+    // SAFETY: e came from event_create.
+    unsafe {
+        let _ = sys::cuEventDestroy_v2(e);
+    }
+}

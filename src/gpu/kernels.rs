@@ -1,0 +1,69 @@
+//! The kernel table of one configuration: every entry point of `kernels/*.cu` that the
+//! configuration's head dim and dtype need, looked up (and force-loaded) once at create time.
+//! Entry point names are `sikv_<stage>[_d<D>][_<dtype>]`, stamped out by the dispatch macros
+//! of common.cuh.
+
+use super::driver::{self, CUfunction, CUmodule};
+use crate::status::Result;
+
+#[derive(Clone, Copy)]
+pub struct Kernel {
+    pub f: CUfunction,
+    pub name: &'static str,
+}
+
+pub struct Kernels {
+    pub encode: Kernel,
+    pub calib_init: Kernel,
+    pub calib_median: Kernel,
+    pub calib_mean: Kernel,
+    pub calib_qbar: Kernel,
+    pub calib_qmed: Kernel,
+    pub calib_heavy_score: Kernel,
+    pub calib_heavy_select: Kernel,
+    pub calib_scale: Kernel,
+    pub calib_codebook: Kernel,
+    pub score: Kernel,
+    pub topk_stage1: Kernel,
+    pub rerank_score: Kernel,
+    pub topk_stage2: Kernel,
+    pub attend: Kernel,
+    pub attend_dense: Kernel,
+    pub combine: Kernel,
+    pub params_layout: Kernel,
+}
+
+fn leak(s: String) -> &'static str {
+    // A handful of short names per context; kept for error messages.
+    Box::leak(s.into_boxed_str())
+}
+
+impl Kernels {
+    /// `dtype` is "f16" or "bf16"; `d` is 64, 128 or 256.
+    pub fn load(m: CUmodule, d: u32, dtype: &str) -> Result<Kernels> {
+        let dt = |stage: &str| leak(format!("sikv_{stage}_d{d}_{dtype}"));
+        let t = |stage: &str| leak(format!("sikv_{stage}_{dtype}"));
+        let plain = |stage: &str| leak(format!("sikv_{stage}"));
+        let get = |name: &'static str| -> Result<Kernel> { Ok(Kernel { f: driver::get_function(m, name)?, name }) };
+        Ok(Kernels {
+            encode: get(dt("encode"))?,
+            calib_init: get(plain("calib_init"))?,
+            calib_median: get(t("calib_median"))?,
+            calib_mean: get(t("calib_mean"))?,
+            calib_qbar: get(t("calib_qbar"))?,
+            calib_qmed: get(t("calib_qmed"))?,
+            calib_heavy_score: get(dt("calib_heavy_score"))?,
+            calib_heavy_select: get(plain("calib_heavy_select"))?,
+            calib_scale: get(t("calib_scale"))?,
+            calib_codebook: get(t("calib_codebook"))?,
+            score: get(dt("score"))?,
+            topk_stage1: get(plain("topk_stage1"))?,
+            rerank_score: get(dt("rerank_score"))?,
+            topk_stage2: get(plain("topk_stage2"))?,
+            attend: get(dt("attend"))?,
+            attend_dense: get(dt("attend_dense"))?,
+            combine: get(dt("combine"))?,
+            params_layout: get(plain("params_layout"))?,
+        })
+    }
+}

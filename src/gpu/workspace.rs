@@ -1,0 +1,96 @@
+//! Workspace layout: one caller-provided device buffer, carved into disjoint regions whose
+//! sizes follow from the configuration bounds and the batch of the call, never from live
+//! lengths (so a captured CUDA graph stays valid). Every region starts 256-byte aligned.
+//!
+//! | region | type, shape | used by |
+//! |---|---|---|
+//! | keys | u32 `[B][H_kv][key_stride]` | select (stage-1 score keys), calibrate (heavy keys, B = 1) |
+//! | list | i32 `[B][H_kv][stage1_max]` | select, two-stage: stage-1 survivors |
+//! | list_n | i32 `[B][H_kv][2]` | select, two-stage: survivor count, k |
+//! | keys2 | u32 `[B][H_kv][stage1_max]` | select, two-stage: stage-2 keys |
+//! | part_acc | f32 `[B][H_q][num_splits][d]` | attend / attend_dense partial outputs |
+//! | part_ml | f32 `[B][H_q][num_splits][2]` | attend / attend_dense partial max and sum |
+//! | qbar | f32 `[H_kv][d]` | calibrate: group-mean last prompt query |
+//! | rank | i32 `[H_kv][max_seq_len]` | calibrate: heavy rank per prompt token |
+
+use crate::config::CacheConfig;
+use crate::layout::{Layout, ATTEND_SPLIT};
+
+const ALIGN: usize = 256;
+/// At most this many candidate chunks per sequence in attend_dense (keeps the combine
+/// kernel's shared weight array, 2048 floats, large enough).
+const MAX_DENSE_CHUNKS: usize = 512;
+
+fn up(x: usize) -> usize {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workspace {
+    pub keys: usize,
+    pub list: usize,
+    pub list_n: usize,
+    pub keys2: usize,
+    pub part_acc: usize,
+    pub part_ml: usize,
+    pub qbar: usize,
+    pub rank: usize,
+    pub total: usize,
+    pub key_stride: usize,
+    /// Partial slots per (sequence, query head) of the sparse attend: ceil((dense + k_max) / 64).
+    pub sparse_splits: usize,
+    /// attend_dense: splits over the dense entries, candidate chunk size, total slots.
+    pub dense_splits: usize,
+    pub dense_chunk: usize,
+    pub dense_total_splits: usize,
+}
+
+impl Workspace {
+    pub fn new(cfg: &CacheConfig, _layout: &Layout, batch: u32) -> Workspace {
+        let b = batch.max(1) as usize;
+        let h = cfg.num_kv_heads as usize;
+        let hq = cfg.num_q_heads as usize;
+        let d = cfg.head_dim as usize;
+        let msl = cfg.max_seq_len as usize;
+        let key_stride = msl.div_ceil(4) * 4;
+        let s1 = cfg.stage1_max() as usize;
+        let cap = cfg.dense_capacity() as usize;
+        let sparse_splits = (cap + cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
+        let dense_splits = cap.div_ceil(ATTEND_SPLIT);
+        let per = msl.div_ceil(ATTEND_SPLIT * MAX_DENSE_CHUNKS).max(1);
+        let dense_chunk = ATTEND_SPLIT * per;
+        let dense_total_splits = (dense_splits + msl.div_ceil(dense_chunk)).max(1);
+        let ns = sparse_splits.max(dense_total_splits);
+
+        let mut off = 0usize;
+        let mut take = |bytes: usize| {
+            let at = off;
+            off = up(off + bytes.max(1));
+            at
+        };
+        let keys = take(4 * b * h * key_stride);
+        let list = take(4 * b * h * s1);
+        let list_n = take(4 * b * h * 2);
+        let keys2 = take(4 * b * h * s1);
+        let part_acc = take(4 * b * hq * ns * d);
+        let part_ml = take(4 * b * hq * ns * 2);
+        let qbar = take(4 * h * d);
+        let rank = take(4 * h * msl);
+        Workspace {
+            keys,
+            list,
+            list_n,
+            keys2,
+            part_acc,
+            part_ml,
+            qbar,
+            rank,
+            total: off,
+            key_stride,
+            sparse_splits,
+            dense_splits,
+            dense_chunk,
+            dense_total_splits,
+        }
+    }
+}
