@@ -487,10 +487,46 @@ SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
 // bodies also compile for T = float (f32 activations); those entry points are left out to keep
 // the fatbin build time down, and the launchers answer SIKV_ERR_UNSUPPORTED for f32.
 
-#define SIKV_ENTRY_DT(NAME, NT, D, T, TNAME)                                          \
-    extern "C" __global__ void __launch_bounds__(NT) NAME##_d##D##_##TNAME(const SikvParams p) { \
-        NAME##_impl<D, T>(p);                                                          \
-    }
+// NVRTC compiles only the variant a context needs: the host prepends `#define SIKV_ONLY` and
+// `#define SIKV_IF_d128_f16(...) __VA_ARGS__` (say); every other variant expands to nothing.
+#ifndef SIKV_ONLY
+#define SIKV_IF_d64_f16(...) __VA_ARGS__
+#define SIKV_IF_d128_f16(...) __VA_ARGS__
+#define SIKV_IF_d256_f16(...) __VA_ARGS__
+#define SIKV_IF_d64_bf16(...) __VA_ARGS__
+#define SIKV_IF_d128_bf16(...) __VA_ARGS__
+#define SIKV_IF_d256_bf16(...) __VA_ARGS__
+#define SIKV_IF_f16(...) __VA_ARGS__
+#define SIKV_IF_bf16(...) __VA_ARGS__
+#endif
+#ifndef SIKV_IF_d64_f16
+#define SIKV_IF_d64_f16(...)
+#endif
+#ifndef SIKV_IF_d128_f16
+#define SIKV_IF_d128_f16(...)
+#endif
+#ifndef SIKV_IF_d256_f16
+#define SIKV_IF_d256_f16(...)
+#endif
+#ifndef SIKV_IF_d64_bf16
+#define SIKV_IF_d64_bf16(...)
+#endif
+#ifndef SIKV_IF_d128_bf16
+#define SIKV_IF_d128_bf16(...)
+#endif
+#ifndef SIKV_IF_d256_bf16
+#define SIKV_IF_d256_bf16(...)
+#endif
+#ifndef SIKV_IF_f16
+#define SIKV_IF_f16(...)
+#endif
+#ifndef SIKV_IF_bf16
+#define SIKV_IF_bf16(...)
+#endif
+
+#define SIKV_ENTRY_DT(NAME, NT, D, T, TNAME)                                                     \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__(NT)                     \
+                               NAME##_d##D##_##TNAME(const SikvParams p) { NAME##_impl<D, T>(p); })
 
 #define SIKV_ENTRIES_D_T(NAME, NT)                      \
     SIKV_ENTRY_DT(NAME, NT, 64, f16_t, f16)            \
@@ -500,10 +536,9 @@ SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
     SIKV_ENTRY_DT(NAME, NT, 128, bf16_t, bf16)   \
     SIKV_ENTRY_DT(NAME, NT, 256, bf16_t, bf16)
 
-#define SIKV_ENTRY_T(NAME, NT, T, TNAME)                                               \
-    extern "C" __global__ void __launch_bounds__(NT) NAME##_##TNAME(const SikvParams p) { \
-        NAME##_impl<T>(p);                                                              \
-    }
+#define SIKV_ENTRY_T(NAME, NT, T, TNAME)                                     \
+    SIKV_IF_##TNAME(extern "C" __global__ void __launch_bounds__(NT)         \
+                        NAME##_##TNAME(const SikvParams p) { NAME##_impl<T>(p); })
 
 #define SIKV_ENTRIES_T(NAME, NT)                   \
     SIKV_ENTRY_T(NAME, NT, f16_t, f16)            \

@@ -956,6 +956,25 @@ fn case_graph(rng: &mut Rng) -> R {
 
 type Case = (&'static str, fn(&mut Rng) -> R);
 
+/// The NVRTC fallback compiles the embedded sources (no device needed; skipped without
+/// libnvrtc).
+#[test]
+fn nvrtc_compiles_embedded_sources() {
+    for (major, minor, only) in [(8, 0, Some((64u32, "bf16"))), (9, 0, Some((128, "f16"))), (9, 0, None)] {
+        if only.is_none() && quick() {
+            continue;
+        }
+        match selfindexkv::gpu::nvrtc_check(major, minor, only) {
+            Ok((bytes, desc)) => println!("nvrtc sm_{major}{minor} {only:?}: {bytes} bytes ({desc})"),
+            Err(e) if e.message.contains("libnvrtc was not found") => {
+                println!("nvrtc test skipped: libnvrtc not found (1 test)");
+                return;
+            }
+            Err(e) => panic!("NVRTC compile for sm_{major}{minor} failed: {e}"),
+        }
+    }
+}
+
 #[test]
 fn gpu() {
     let cases: Vec<Case> = vec![

@@ -181,6 +181,15 @@ fn dtype_name(d: Dtype) -> Result<&'static str> {
     }
 }
 
+/// Compiles the embedded kernel sources with NVRTC for compute capability `major.minor`
+/// without a device (the fallback path's compile step): returns the image size and what was
+/// built. An error when libnvrtc is missing or the sources fail to compile.
+/// `only` = Some((head_dim, "f16" | "bf16")) compiles one variant, as GpuContext::new does.
+pub fn nvrtc_check(major: i32, minor: i32, only: Option<(u32, &str)>) -> Result<(usize, String)> {
+    let (image, desc) = nvrtc::compile_variant(embed::NVRTC_MAIN, embed::SOURCES, major, minor, only)?;
+    Ok((image.len(), desc))
+}
+
 impl GpuContext {
     /// Opens the driver, retains the primary context of `cfg.device_ordinal` and loads the
     /// kernels of this configuration (embedded fatbin, else NVRTC). NO_DEVICE when there is
@@ -229,7 +238,7 @@ impl GpuContext {
                 Err(e) => why = format!("fatbin: {}", e.message),
             }
         }
-        let (image, _desc) = nvrtc::compile(embed::NVRTC_MAIN, embed::SOURCES, dev.major, dev.minor).map_err(|e| {
+        let (image, _desc) = nvrtc::compile_variant(embed::NVRTC_MAIN, embed::SOURCES, dev.major, dev.minor, Some((d, dt))).map_err(|e| {
             Error::new(
                 e.status,
                 if why.is_empty() { e.message } else { format!("{} (after {why})", e.message) },
