@@ -36,6 +36,12 @@ use kernels::{Kernel, Kernels};
 use params::SikvParams;
 use workspace::Workspace;
 
+/// Parts of `select` (see [`GpuContext::select_stages`]).
+pub const SELECT_SCORE: u32 = 1;
+pub const SELECT_TOPK: u32 = 2;
+pub const SELECT_RERANK: u32 = 4;
+pub const SELECT_ALL: u32 = 7;
+
 /// A caller's stream: `cudaStream_t` / `CUstream` (null = legacy default stream). Borrowed.
 pub type CUstream = *mut c_void;
 
@@ -570,6 +576,28 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
+        self.select_stages(SELECT_ALL, cfg, layout, layer, table, seq_slot, q, indices, counts, ws, ws_bytes, stream)
+    }
+
+    /// Benchmarking aid: launches only the parts of `select` named by `stages` (bits
+    /// SELECT_SCORE, SELECT_TOPK, SELECT_RERANK; each part reads what the previous one left in
+    /// the workspace, so time a part only after a full select on the same workspace).
+    #[allow(clippy::too_many_arguments)]
+    pub fn select_stages(
+        &self,
+        stages: u32,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        table: &DevPageTable,
+        seq_slot: u64,
+        q: u64,
+        indices: u64,
+        counts: u64,
+        ws: u64,
+        ws_bytes: usize,
+        stream: CUstream,
+    ) -> Result<()> {
         self.check_cfg(cfg)?;
         let mut p = Self::layer_params(cfg, layout, layer)?;
         Self::table_params(cfg, &mut p, table)?;
@@ -591,9 +619,13 @@ impl GpuContext {
         let kn = &self.inner.kernels;
         let (h, b) = (cfg.num_kv_heads, table.batch);
         let tiles = cfg.max_seq_len.div_ceil(1024);
-        self.launch(&kn.score, (tiles, h, b), 256, stream, &p)?;
-        self.launch(&kn.topk_stage1, (h, b, 1), 1024, stream, &p)?;
-        if cfg.two_stage() {
+        if stages & SELECT_SCORE != 0 {
+            self.launch(&kn.score, (tiles, h, b), 256, stream, &p)?;
+        }
+        if stages & SELECT_TOPK != 0 {
+            self.launch(&kn.topk_stage1, (h, b, 1), 1024, stream, &p)?;
+        }
+        if cfg.two_stage() && stages & SELECT_RERANK != 0 {
             self.launch(&kn.rerank_score, (cfg.stage1_max().div_ceil(128), h, b), 128, stream, &p)?;
             self.launch(&kn.topk_stage2, (h, b, 1), 1024, stream, &p)?;
         }

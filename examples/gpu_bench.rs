@@ -1,0 +1,267 @@
+//! GPU benchmark: score, top-k, rerank, attend, the full select + attend step, and our own dense
+//! decode (attend_dense), at N = 8K / 32K / 128K tokens, d = 128, 2+1 bits, G = 4 (32 query /
+//! 8 KV heads), batch 1..8. CUDA events around each launch, 10 warm-up launches, the median of
+//! >= 50 timed ones. Bandwidth is reported over the bytes each kernel must move (method §10.6
+//! traffic model), so it reads as a fraction of HBM peak.
+//!
+//! Usage: gpu_bench [--csv PATH] [--quick] [--iters N]
+//! Prints a table and writes CSV rows:
+//! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k
+//! Without a CUDA device it prints one line and exits 0.
+
+use std::io::Write;
+
+use selfindexkv::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
+use selfindexkv::gpu::{DevLayer, DevPageTable, DeviceBuffer, GpuContext, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK};
+use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
+use selfindexkv::status::SikvStatus;
+
+type R<T = ()> = Result<T, String>;
+
+fn e2s(e: selfindexkv::Error) -> String {
+    format!("{e}")
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// fp16 bits of a roughly normal value (sum of four uniforms), with a per-channel offset.
+    fn half(&mut self, offset: f32) -> [u8; 2] {
+        let r = self.next();
+        let s: f32 = (0..4).map(|i| ((r >> (16 * i)) & 0xffff) as f32 / 65536.0).sum::<f32>() - 2.0;
+        half::f16::from_f32(s * 1.7 + offset).to_le_bytes()
+    }
+}
+
+fn null() -> selfindexkv::gpu::CUstream {
+    std::ptr::null_mut()
+}
+
+fn median_us(mut v: Vec<f32>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize] as f64 * 1000.0;
+    (at(0.5), at(0.1), at(0.9))
+}
+
+struct Setup {
+    cfg: CacheConfig,
+    layout: Layout,
+    ctx: GpuContext,
+    _planes: Vec<DeviceBuffer>,
+    _state: DeviceBuffer,
+    layer: DevLayer,
+    table: DevPageTable,
+    _bufs: Vec<DeviceBuffer>,
+    seq_slot: u64,
+    q: u64,
+    indices: DeviceBuffer,
+    counts: DeviceBuffer,
+    out: DeviceBuffer,
+    ws: DeviceBuffer,
+}
+
+fn make_cfg(n: u32, batch: u32) -> CacheConfig {
+    let mut c = SikvConfig::for_profile(0).unwrap();
+    c.device = SIKV_DEVICE_CUDA;
+    c.dtype = SIKV_DTYPE_F16;
+    c.num_q_heads = 32;
+    c.num_kv_heads = 8;
+    c.head_dim = 128;
+    c.page_size = 64;
+    c.max_seq_len = n;
+    c.max_batch = batch;
+    c.max_seqs = batch;
+    c.max_append_tokens = n;
+    CacheConfig::from_c(&c).unwrap()
+}
+
+fn upload(ctx: &GpuContext, bytes: &[u8]) -> R<DeviceBuffer> {
+    let b = ctx.alloc(bytes.len().max(16)).map_err(e2s)?;
+    ctx.copy_htod_async(b.ptr(), bytes, null()).map_err(e2s)?;
+    Ok(b)
+}
+
+fn i32b(v: &[i32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Pools, calibrated sequences of length n (GPU calibrate), page table, q, outputs, workspace.
+fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -> R<Setup> {
+    let cfg = make_cfg(n, batch);
+    let layout = Layout::new(&cfg);
+    let ctx = GpuContext::new(&cfg, &layout).map_err(e2s)?;
+    let mut planes = Vec::new();
+    let mut lp = [0u64; SIKV_NUM_PLANES];
+    for p in 0..SIKV_NUM_PLANES {
+        if layout.plane_bytes[p] > 0 {
+            let b = ctx.alloc(layout.plane_bytes[p]).map_err(e2s)?;
+            lp[p] = b.ptr();
+            planes.push(b);
+        }
+    }
+    let state = ctx.alloc(layout.layer_state_bytes).map_err(e2s)?;
+    ctx.memset_async(state.ptr(), 0, layout.layer_state_bytes, null()).map_err(e2s)?;
+    let layer = DevLayer { planes: lp, state: state.ptr() };
+    let ws_bytes = GpuContext::workspace_bytes(&cfg, &layout, batch);
+    let ws = ctx.alloc(ws_bytes).map_err(e2s)?;
+    // Pages: a shuffled permutation of the pool.
+    let p = cfg.page_size as usize;
+    let ppseq = (n as usize).div_ceil(p);
+    let mut perm: Vec<i32> = (0..layout.num_pages as i32).collect();
+    for i in (1..perm.len()).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    let mut bufs = Vec::new();
+    let hq_d = (cfg.num_q_heads * cfg.head_dim) as usize;
+    let qrow: Vec<u8> = (0..hq_d).flat_map(|_| rng.half(0.0)).collect();
+    let dq_tail = upload(&ctx, &qrow)?;
+    for b in 0..batch as usize {
+        let pages = &perm[b * ppseq..(b + 1) * ppseq];
+        let sm: Vec<u8> = (0..n as usize).flat_map(|t| (pages[t / p] as i64 * p as i64 + (t % p) as i64).to_le_bytes()).collect();
+        let dsm = upload(&ctx, &sm)?;
+        ctx.calibrate(&cfg, &layout, &layer, b as u32, n, kv.0.ptr(), kv.1.ptr(), 1, dq_tail.ptr(), dsm.ptr(), ws.ptr(), ws_bytes, null())
+            .map_err(e2s)?;
+        ctx.synchronize(null()).map_err(e2s)?;
+    }
+    let mut indptr = vec![0i32];
+    let mut idx = Vec::new();
+    let mut last = Vec::new();
+    for b in 0..batch as usize {
+        idx.extend_from_slice(&perm[b * ppseq..(b + 1) * ppseq]);
+        indptr.push(idx.len() as i32);
+        last.push((n as usize - (ppseq - 1) * p) as i32);
+    }
+    let (a, i, l) = (upload(&ctx, &i32b(&indptr))?, upload(&ctx, &i32b(&idx))?, upload(&ctx, &i32b(&last))?);
+    let table = DevPageTable { indptr: a.ptr(), indices: i.ptr(), last_page_len: l.ptr(), batch };
+    let slots: Vec<i32> = (0..batch as i32).collect();
+    let ds = upload(&ctx, &i32b(&slots))?;
+    let qb: Vec<u8> = (0..batch as usize * hq_d).flat_map(|_| rng.half(0.0)).collect();
+    let dq = upload(&ctx, &qb)?;
+    let hkv = cfg.num_kv_heads as usize;
+    let indices = ctx.alloc(4 * batch as usize * hkv * cfg.budget.max as usize).map_err(e2s)?;
+    let counts = ctx.alloc(4 * batch as usize * hkv).map_err(e2s)?;
+    let out = ctx.alloc(2 * batch as usize * hq_d).map_err(e2s)?;
+    let (seq_slot, q) = (ds.ptr(), dq.ptr());
+    bufs.extend([a, i, l, ds, dq, dq_tail]);
+    ctx.synchronize(null()).map_err(e2s)?;
+    Ok(Setup { cfg, layout, ctx, _planes: planes, _state: state, layer, table, _bufs: bufs, seq_slot, q, indices, counts, out, ws })
+}
+
+fn time(s: &Setup, warm: usize, iters: usize, f: &dyn Fn() -> selfindexkv::Result<()>) -> R<(f64, f64, f64)> {
+    for _ in 0..warm {
+        f().map_err(e2s)?;
+    }
+    s.ctx.synchronize(null()).map_err(e2s)?;
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        v.push(s.ctx.time_ms(null(), f).map_err(e2s)?);
+    }
+    Ok(median_us(v))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let csv_path = args.iter().position(|a| a == "--csv").and_then(|i| args.get(i + 1).cloned());
+    let iters: usize = args.iter().position(|a| a == "--iters").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(60);
+    let probe = make_cfg(1024, 1);
+    match GpuContext::new(&probe, &Layout::new(&probe)) {
+        Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
+            println!("gpu bench skipped: no CUDA device");
+            return;
+        }
+        Err(e) => {
+            eprintln!("gpu bench: {e}");
+            std::process::exit(1);
+        }
+        Ok(ctx) => println!("gpu bench on {:?}, kernels from {}", ctx.device_info(), ctx.build_path()),
+    }
+    if let Err(e) = run(quick, iters, csv_path) {
+        eprintln!("gpu bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(quick: bool, iters: usize, csv_path: Option<String>) -> R {
+    let ns: Vec<u32> = if quick { vec![8192] } else { vec![8192, 32768, 131072] };
+    let batches: Vec<u32> = if quick { vec![1, 2] } else { vec![1, 2, 4, 8] };
+    let mut csv = String::from("kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k\n");
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    println!("{:<10} {:>7} {:>3} {:>10} {:>10} {:>9} {:>6}", "kernel", "N", "B", "median_us", "MB", "GB/s", "k");
+    for &n in &ns {
+        // One prompt's k / v (n x 8 x 128 fp16), shared by every sequence of the batch.
+        let probe = make_cfg(n, 1);
+        let ctx0 = GpuContext::new(&probe, &Layout::new(&probe)).map_err(e2s)?;
+        let m = n as usize * 8 * 128;
+        let offs: Vec<f32> = (0..128).map(|c| ((c * 37 % 11) as f32 - 5.0) * 0.3).collect();
+        let kb: Vec<u8> = (0..m).flat_map(|i| rng.half(offs[i % 128])).collect();
+        let vb: Vec<u8> = (0..m).flat_map(|_| rng.half(0.0)).collect();
+        let kv = (upload(&ctx0, &kb)?, upload(&ctx0, &vb)?);
+        drop((kb, vb));
+        for &b in &batches {
+            let s = setup(n, b, &kv, &mut rng)?;
+            let cfg = &s.cfg;
+            let (hkv, d) = (cfg.num_kv_heads as u64, cfg.head_dim as u64);
+            let heads = hkv * b as u64;
+            let sel = |stages: u32| {
+                s.ctx.select_stages(
+                    stages, cfg, &s.layout, &s.layer, &s.table, s.seq_slot, s.q, s.indices.ptr(), s.counts.ptr(), s.ws.ptr(), s.ws.bytes(), null(),
+                )
+            };
+            let att = || {
+                s.ctx.attend(
+                    cfg, &s.layout, &s.layer, &s.table, s.seq_slot, s.q, s.indices.ptr(), s.counts.ptr(), s.out.ptr(), s.ws.ptr(), s.ws.bytes(), null(),
+                )
+            };
+            let dense = || s.ctx.attend_dense(cfg, &s.layout, &s.layer, &s.table, s.seq_slot, s.q, s.out.ptr(), s.ws.ptr(), s.ws.bytes(), null());
+            sel(SELECT_ALL).map_err(e2s)?;
+            s.ctx.synchronize(null()).map_err(e2s)?;
+            let mut cb = vec![0u8; s.counts.bytes()];
+            s.ctx.copy_dtoh(&mut cb, s.counts.ptr()).map_err(e2s)?;
+            let k = i32::from_le_bytes(cb[0..4].try_into().unwrap()) as u64;
+            let nn = n as u64;
+            let dense_set = cfg.dense_capacity() as u64;
+            let c1 = (cfg.rerank_factor.max(1) as u64 * k).min(nn);
+            let row = s.layout.bytes_per_token() as u64; // 112 at d = 128, 2+1
+            let sign = d / 8;
+            let kbytes = sign + d * cfg.key_bits as u64 / 8 + d / 32 * 4; // sign + kmag + kpar
+            let fp16_tok = 4 * d; // K + V fp16
+            let bytes_score = heads * (sign + 4) * nn;
+            let bytes_topk = heads * 4 * nn;
+            let bytes_rerank = heads * c1 * (kbytes + 4);
+            let bytes_attend = heads * (fp16_tok * dense_set + row * k);
+            let bytes_step = bytes_score + bytes_topk + bytes_rerank + bytes_attend;
+            let bytes_dense = heads * (row * nn + fp16_tok * dense_set);
+            let rows: Vec<(&str, u64, Box<dyn Fn() -> selfindexkv::Result<()> + '_>)> = vec![
+                ("score", bytes_score, Box::new(move || sel(SELECT_SCORE))),
+                ("topk", bytes_topk, Box::new(move || sel(SELECT_TOPK))),
+                ("rerank", bytes_rerank, Box::new(move || sel(SELECT_RERANK))),
+                ("select", bytes_score + bytes_topk + bytes_rerank, Box::new(move || sel(SELECT_ALL))),
+                ("attend", bytes_attend, Box::new(att)),
+                ("step", bytes_step, Box::new(move || {
+                    sel(SELECT_ALL)?;
+                    att()
+                })),
+                ("dense_ours", bytes_dense, Box::new(dense)),
+            ];
+            for (name, bytes, f) in rows.iter() {
+                let (med, p10, p90) = time(&s, 10, iters.max(50), f.as_ref())?;
+                let gbps = *bytes as f64 / (med * 1e-6) / 1e9;
+                println!("{:<10} {:>7} {:>3} {:>10.1} {:>10.2} {:>9.1} {:>6}", name, n, b, med, *bytes as f64 / 1e6, gbps, k);
+                csv.push_str(&format!("{name},{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},{bytes},{gbps:.1},{k}\n", cfg.group_size()));
+            }
+            let _ = std::io::stdout().flush();
+        }
+    }
+    if let Some(p) = csv_path {
+        std::fs::write(&p, csv).map_err(|e| format!("writing {p}: {e}"))?;
+        println!("wrote {p}");
+    }
+    Ok(())
+}
