@@ -232,7 +232,10 @@ impl GpuContext {
 
     fn load(dev: &driver::Device, d: u32, dt: &str) -> Result<(driver::CUmodule, Kernels, String)> {
         let mut why = String::new();
-        if let Some(fb) = embed::FATBIN {
+        // SIKV_FORCE_NVRTC=1 skips the embedded fatbin (to exercise the fallback).
+        let force_nvrtc = std::env::var("SIKV_FORCE_NVRTC").map(|v| v == "1").unwrap_or(false);
+        let fatbin = if force_nvrtc { None } else { embed::FATBIN };
+        if let Some(fb) = fatbin {
             match driver::load_module(fb) {
                 Ok(m) => match Kernels::load(m, d, dt) {
                     Ok(k) => return Ok((m, k, "fatbin".to_string())),

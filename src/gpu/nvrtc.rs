@@ -114,6 +114,25 @@ pub fn compile_variant(
     minor: i32,
     only: Option<(u32, &str)>,
 ) -> Result<(Vec<u8>, String)> {
+    // Compiled images are kept for the life of the process: a second context of the same
+    // variant on the same architecture loads in milliseconds instead of recompiling.
+    static CACHE: std::sync::Mutex<Vec<(String, Vec<u8>, String)>> = std::sync::Mutex::new(Vec::new());
+    let key = format!("{major}.{minor}:{only:?}:{}", main.len());
+    if let Some((_, img, desc)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _, _)| *k == key) {
+        return Ok((img.clone(), desc.clone()));
+    }
+    let r = compile_uncached(main, headers, major, minor, only)?;
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((key, r.0.clone(), r.1.clone()));
+    Ok(r)
+}
+
+fn compile_uncached(
+    main: &str,
+    headers: &[(&str, &str)],
+    major: i32,
+    minor: i32,
+    only: Option<(u32, &str)>,
+) -> Result<(Vec<u8>, String)> {
     let main = match only {
         Some((d, dt)) => format!(
             "#define SIKV_ONLY 1\n#define SIKV_IF_d{d}_{dt}(...) __VA_ARGS__\n#define SIKV_IF_{dt}(...) __VA_ARGS__\n{main}"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds, on this (GPU-less) machine, everything scripts/gpu_check.sh runs on the GPU machine,
+# and copies it into .gpu/ with stable names:
+#   .gpu/gpu_tests   the tests/gpu.rs test executable (release)
+#   .gpu/gpu_bench   the examples/gpu_bench.rs binary (release)
+#   .gpu/BUILD_INFO  git revision, kernel build path, nvcc
+# Then: run `bash scripts/gpu_check.sh` from the repo root on the GPU machine.
+#
+# The kernels are compiled with nvcc into the embedded fatbin (all targets by default; set
+# SIKV_CUDA_ARCHS=90 for an H200-only bundle that builds in a fraction of the time).
+# SIKV_REQUIRE_NVCC=1 makes a missing nvcc fail the build instead of falling back to NVRTC.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SIKV_REQUIRE_NVCC="${SIKV_REQUIRE_NVCC:-1}"
+mkdir -p .gpu
+rm -f .gpu/gpu_tests .gpu/gpu_bench .gpu/BUILD_INFO
+
+json=$(mktemp)
+trap 'rm -f "$json"' EXIT
+cargo test --release --no-run --message-format=json --test gpu > "$json"
+cargo build --release --example gpu_bench --message-format=json >> "$json"
+
+python3 - "$json" <<'EOF'
+import json, shutil, sys
+want = {("test", "gpu"): ".gpu/gpu_tests", ("example", "gpu_bench"): ".gpu/gpu_bench"}
+found = {}
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    for kind in t.get("kind", []):
+        key = (kind, t["name"])
+        if key in want:
+            found[key] = m["executable"]
+for key, dst in want.items():
+    if key not in found:
+        sys.exit(f"build_gpu_bundle: no executable for {key}")
+    shutil.copy2(found[key], dst)
+    print(f"{dst} <- {found[key]}")
+EOF
+
+{
+  echo "revision: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+  grep -h 'BUILD_PATH' target/release/build/selfindexkv-*/out/kernels_embed.rs 2>/dev/null | sort -u | tail -1
+  echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+} > .gpu/BUILD_INFO
+cat .gpu/BUILD_INFO
+ls -la .gpu

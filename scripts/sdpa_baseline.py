@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Dense decode baseline: torch.nn.functional.scaled_dot_product_attention on fp16 K/V with the
+cuDNN and flash backends, at the shapes of examples/gpu_bench.rs (d = 128, 32 query / 8 KV heads,
+one query token, batch 1..8, N = 8K / 32K / 128K). CUDA events, warm-up, median of the timed
+runs. GQA uses enable_gqa=True (no K/V expansion); a backend that rejects it is retried with K/V
+expanded to all query heads and marked `expanded` (its bytes are then 4x larger).
+
+Usage: sdpa_baseline.py [--csv PATH] [--quick] [--iters N]
+CSV: backend,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,note
+"""
+import argparse
+import sys
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--iters", type=int, default=60)
+    a = ap.parse_args()
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception as e:  # noqa: BLE001
+        print(f"sdpa baseline skipped: torch unavailable ({e})")
+        return 0
+    if not torch.cuda.is_available():
+        print("sdpa baseline skipped: no CUDA device")
+        return 0
+    dev = torch.device("cuda")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+    ns = [8192] if a.quick else [8192, 32768, 131072]
+    batches = [1, 2] if a.quick else [1, 2, 4, 8]
+    hq, hkv, d = 32, 8, 128
+    g = hq // hkv
+    backends = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
+    rows = ["backend,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,note"]
+    print(f"{'backend':<8} {'N':>7} {'B':>3} {'median_us':>10} {'GB/s':>8} note")
+    for n in ns:
+        for b in batches:
+            q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.float16)
+            k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.float16)
+            v = torch.randn(b, hkv, n, d, device=dev, dtype=torch.float16)
+            for name, be in backends:
+                note = "gqa"
+                run = None
+                try:
+                    with sdpa_kernel(be):
+                        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                    torch.cuda.synchronize()
+
+                    def run(q=q, k=k, v=v, be=be):
+                        with sdpa_kernel(be):
+                            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                except Exception:  # noqa: BLE001
+                    try:
+                        ke = k.repeat_interleave(g, dim=1)
+                        ve = v.repeat_interleave(g, dim=1)
+                        with sdpa_kernel(be):
+                            F.scaled_dot_product_attention(q, ke, ve)
+                        torch.cuda.synchronize()
+                        note = "expanded"
+
+                        def run(q=q, ke=ke, ve=ve, be=be):
+                            with sdpa_kernel(be):
+                                return F.scaled_dot_product_attention(q, ke, ve)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"{name:<8} {n:>7} {b:>3} unsupported: {str(e).splitlines()[0][:80]}")
+                        rows.append(f"{name},{n},{b},{d},{g},{hkv},,,,,,unsupported")
+                        continue
+                for _ in range(10):
+                    run()
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(max(a.iters, 50)):
+                    s0 = torch.cuda.Event(enable_timing=True)
+                    s1 = torch.cuda.Event(enable_timing=True)
+                    s0.record()
+                    run()
+                    s1.record()
+                    s1.synchronize()
+                    times.append(s0.elapsed_time(s1) * 1000.0)
+                times.sort()
+                med = times[len(times) // 2]
+                p10 = times[int(0.1 * (len(times) - 1))]
+                p90 = times[int(0.9 * (len(times) - 1))]
+                heads = b * (hq if note == "expanded" else hkv)
+                nbytes = heads * n * d * 2 * 2
+                gbps = nbytes / (med * 1e-6) / 1e9
+                print(f"{name:<8} {n:>7} {b:>3} {med:>10.1f} {gbps:>8.1f} {note}")
+                rows.append(f"{name},{n},{b},{d},{g},{hkv},{med:.2f},{p10:.2f},{p90:.2f},{nbytes},{gbps:.1f},{note}")
+            del q, k, v
+            torch.cuda.empty_cache()
+    if a.csv:
+        with open(a.csv, "w") as f:
+            f.write("\n".join(rows) + "\n")
+        print(f"wrote {a.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
