@@ -1,6 +1,7 @@
 //! Where the managed cache's pools live and how its stages run: host memory and the CPU
 //! stages, or device memory and the CUDA launchers.
 
+use super::device::DeviceBackend;
 use super::{Fnv, OwnedPageTable, Stream};
 use crate::config::{CacheConfig, Device};
 use crate::cpu::{self, LayerMut, LayerRef, PageTable};
@@ -52,22 +53,24 @@ pub enum Pools {
 
 pub enum Backend {
     Cpu { planes: HostStore, state: HostStore },
-}
-
-fn want_cpu(cfg: &CacheConfig) -> Result<bool> {
-    match cfg.device {
-        Device::Cpu => Ok(true),
-        Device::Cuda => Err(Error::new(
-            SikvStatus::SIKV_ERR_NO_DEVICE,
-            "config.device = CUDA but this build has no usable CUDA backend",
-        )),
-        Device::Auto => Ok(true),
-    }
+    Cuda(Box<DeviceBackend>),
 }
 
 impl Backend {
     pub fn create(cfg: &CacheConfig, layout: &Layout, pools: Option<Pools>) -> Result<Backend> {
-        let _ = want_cpu(cfg)?;
+        let gpu = match cfg.device {
+            Device::Cpu => false,
+            Device::Cuda => true,
+            // AUTO: engine-owned pools say where they live; otherwise take a usable GPU.
+            Device::Auto => match &pools {
+                Some(Pools::Device { .. }) => true,
+                Some(Pools::Host { .. }) => false,
+                None => runs_on_gpu(cfg)?,
+            },
+        };
+        if gpu {
+            return Ok(Backend::Cuda(Box::new(DeviceBackend::create(cfg, layout, pools)?)));
+        }
         let (planes, state) = match pools {
             None => (
                 HostStore::Owned(try_zeroed(layout.total_plane_bytes(), "plane pool")?),
@@ -99,11 +102,12 @@ impl Backend {
     }
 
     pub fn is_gpu(&self) -> bool {
-        false
+        matches!(self, Backend::Cuda(_))
     }
 
     pub fn reset_slot(&mut self, layout: &Layout, slot: u32) -> Result<()> {
         match self {
+            Backend::Cuda(d) => d.reset_slot(layout, slot),
             Backend::Cpu { state, .. } => {
                 let rec = layout.num_kv_heads * layout.state.bytes;
                 let st = state.bytes_mut();
@@ -119,6 +123,7 @@ impl Backend {
     /// Copies the state records of `src` to `dst` and each `(from, to)` page (all layers).
     pub fn copy_seq(&mut self, layout: &Layout, src: u32, dst: u32, pages: &[(u32, u32)]) -> Result<()> {
         match self {
+            Backend::Cuda(d) => d.copy_seq(layout, src, dst, pages),
             Backend::Cpu { planes, state } => {
                 let rec = layout.num_kv_heads * layout.state.bytes;
                 let st = state.bytes_mut();
@@ -161,6 +166,7 @@ impl Backend {
         _stream: Stream,
     ) -> Result<()> {
         match self {
+            Backend::Cuda(d) => d.calibrate(cfg, layout, layer, slot, n, k, v, nq, q_tail, slot_mapping, _stream),
             Backend::Cpu { planes, state } => {
                 let kv_len = n as usize * layout.num_kv_heads * layout.format.head_dim;
                 let q_len = nq as usize * cfg.num_q_heads as usize * layout.format.head_dim;
@@ -187,6 +193,7 @@ impl Backend {
         _stream: Stream,
     ) -> Result<()> {
         match self {
+            Backend::Cuda(d) => d.append(cfg, layout, layer, k, v, slot_mapping, seq_slot, position, _stream),
             Backend::Cpu { planes, state } => {
                 let kv_len = slot_mapping.len() * layout.num_kv_heads * layout.format.head_dim;
                 let k = host_f32(cfg, k, kv_len, "k")?;
@@ -211,6 +218,7 @@ impl Backend {
         _stream: Stream,
     ) -> Result<()> {
         match self {
+            Backend::Cuda(d) => d.select(cfg, layout, layer, table, seq_slot, q, indices, counts, _stream),
             Backend::Cpu { planes, state } => {
                 let b = seq_slot.len();
                 let q = host_f32(cfg, q, b * cfg.num_q_heads as usize * layout.format.head_dim, "q")?;
@@ -235,6 +243,7 @@ impl Backend {
         _stream: Stream,
     ) -> Result<()> {
         match self {
+            Backend::Cuda(d) => d.attend(cfg, layout, layer, table, seq_slot, q, out, dense, _stream),
             Backend::Cpu { planes, state } => {
                 let b = seq_slot.len();
                 let qn = b * cfg.num_q_heads as usize * layout.format.head_dim;
@@ -261,6 +270,7 @@ impl Backend {
     /// Activations for a telemetry call from host bytes (staged to the device on a GPU).
     pub fn stage_query<'a>(&self, bytes: &'a [u8]) -> Result<Activations<'a>> {
         match self {
+            Backend::Cuda(_) => Ok(Activations::Host(bytes)),
             Backend::Cpu { .. } => Ok(Activations::Host(bytes)),
         }
     }
@@ -268,6 +278,7 @@ impl Backend {
     /// One state record, copied to the host.
     pub fn read_state(&self, layout: &Layout, layer: u32, slot: u32, head: u32) -> Result<Vec<u8>> {
         match self {
+            Backend::Cuda(d) => d.read_state(layout, layer, slot, head),
             Backend::Cpu { state, .. } => {
                 let at = layer as usize * layout.layer_state_bytes + layout.state_offset(slot as usize, head as usize);
                 Ok(state.bytes()[at..at + layout.state.bytes].to_vec())
@@ -275,8 +286,9 @@ impl Backend {
         }
     }
 
-    pub fn hash_pools(&self, h: &mut Fnv) -> Result<()> {
+    pub fn hash_pools(&self, layout: &Layout, h: &mut Fnv) -> Result<()> {
         match self {
+            Backend::Cuda(d) => d.hash_pools(layout, h),
             Backend::Cpu { planes, state } => {
                 h.write(planes.bytes());
                 h.write(state.bytes());

@@ -6,6 +6,7 @@
 
 pub mod allocator;
 pub mod backend;
+pub mod device;
 
 use std::collections::HashMap;
 
@@ -394,7 +395,7 @@ impl Cache {
     /// and after a failed call show the call changed nothing.
     pub fn checksum(&self) -> Result<u64> {
         let mut h = Fnv::new();
-        self.backend.hash_pools(&mut h)?;
+        self.backend.hash_pools(&self.layout, &mut h)?;
         let mut ids: Vec<&i64> = self.seqs.keys().collect();
         ids.sort();
         for id in ids {
