@@ -326,7 +326,9 @@ enum SikvStatus sikv_kernels_create(const struct SikvConfig *config, struct Sikv
 // Destroys a kernels handle. NULL is a no-op.
 void sikv_kernels_destroy(struct SikvKernels *kernels);
 
-// Workspace bytes the select / attend / decode calls need for `batch` sequences.
+// Workspace bytes enough for every stateless call with up to `batch` sequences: select,
+// attend, attend_dense, decode (which also keeps its selection in the workspace) and, with
+// `batch = 1`, calibrate. 0 on the CPU.
 enum SikvStatus sikv_workspace_size(const struct SikvKernels *kernels, uint32_t batch, size_t *out);
 
 // Stage `calibrate` for one sequence slot at one layer: fits centre, scale, codebook, heavy
@@ -348,6 +350,14 @@ enum SikvStatus sikv_kernel_attend(const struct SikvKernels *kernels, const stru
 
 // Dense decode over every stored token (dequantised), no selection.
 enum SikvStatus sikv_kernel_attend_dense(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
+
+// Clears the state records of a sequence slot at one layer (not calibrated, no dense
+// entries), so the slot can be calibrated again for a new sequence.
+enum SikvStatus sikv_kernel_reset_slot(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, uint32_t seq_slot, SikvStream stream);
+
+// Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
+// accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
+enum SikvStatus sikv_kernel_decode(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
 
 // The library version, e.g. "0.1.0". Static storage; never NULL.
 const char *sikv_version(void);

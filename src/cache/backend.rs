@@ -109,11 +109,10 @@ impl Backend {
         match self {
             Backend::Cuda(d) => d.reset_slot(layout, slot),
             Backend::Cpu { state, .. } => {
-                let rec = layout.num_kv_heads * layout.state.bytes;
                 let st = state.bytes_mut();
                 for l in 0..layout.num_layers {
-                    let at = l * layout.layer_state_bytes + slot as usize * rec;
-                    st[at..at + rec].fill(0);
+                    let at = l * layout.layer_state_bytes;
+                    cpu::reset_sequence(layout, &mut st[at..at + layout.layer_state_bytes], slot as usize)?;
                 }
                 Ok(())
             }

@@ -56,7 +56,9 @@ pub extern "C" fn sikv_kernels_destroy(kernels: *mut SikvKernels) {
     });
 }
 
-/// Workspace bytes the select / attend / decode calls need for `batch` sequences.
+/// Workspace bytes enough for every stateless call with up to `batch` sequences: select,
+/// attend, attend_dense, decode (which also keeps its selection in the workspace) and, with
+/// `batch = 1`, calibrate. 0 on the CPU.
 #[no_mangle]
 pub extern "C" fn sikv_workspace_size(kernels: *const SikvKernels, batch: u32, out: *mut usize) -> SikvStatus {
     boundary(poison_of(kernels), || {
@@ -68,11 +70,25 @@ pub extern "C" fn sikv_workspace_size(kernels: *const SikvKernels, batch: u32, o
             "batch = {batch} must be in 1..=max_batch ({})",
             k.cfg.max_batch
         );
-        write_out(out, k.exec.workspace_bytes(&k.cfg, &k.layout, batch), "out")
+        write_out(out, decode_workspace(k, batch).0, "out")
     })
 }
 
 use crate::status::SikvStatus;
+
+/// Workspace of `sikv_kernel_decode`: the stage workspace, then the selection
+/// (indices `[batch][H_kv][budget_max]`, counts `[batch][H_kv]`). Returns (total, offset of
+/// indices, offset of counts).
+fn decode_workspace(k: &SikvKernels, batch: u32) -> (usize, usize, usize) {
+    let stage = k.exec.workspace_bytes(&k.cfg, &k.layout, batch);
+    if !k.exec.is_gpu() {
+        return (0, 0, 0);
+    }
+    let rows = batch as usize * k.cfg.num_kv_heads as usize;
+    let idx = stage.div_ceil(256) * 256;
+    let cnt = (idx + 4 * rows * k.cfg.budget.max as usize).div_ceil(256) * 256;
+    (cnt + 4 * rows, idx, cnt)
+}
 
 /// Host views of one layer's pools (CPU device).
 fn host_layer_mut<'a>(k: &SikvKernels, pools: &SikvLayerPools) -> Result<LayerMut<'a>> {
@@ -436,5 +452,92 @@ pub extern "C" fn sikv_kernel_attend_dense(
         let pools = host_ref(pools, "pools")?;
         let t = host_ref(page_table, "page_table")?;
         attend_impl(kn, pools, t, seq_slot, q, None, out, workspace, workspace_bytes, stream)
+    })
+}
+
+/// Clears the state records of a sequence slot at one layer (not calibrated, no dense
+/// entries), so the slot can be calibrated again for a new sequence.
+#[no_mangle]
+pub extern "C" fn sikv_kernel_reset_slot(
+    kernels: *const SikvKernels,
+    pools: *const SikvLayerPools,
+    seq_slot: u32,
+    stream: SikvStream,
+) -> SikvStatus {
+    boundary(poison_of(kernels), || {
+        let kn = kernels_ref(kernels)?;
+        let pools = host_ref(pools, "pools")?;
+        ensure!(
+            seq_slot < kn.cfg.max_seqs,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
+            kn.cfg.max_seqs
+        );
+        let rec = kn.layout.num_kv_heads * kn.layout.state.bytes;
+        if kn.exec.is_gpu() {
+            let at = dev(pools.state, "pools.state")? + (seq_slot as usize * rec) as u64;
+            kn.exec.gpu()?.memset_async(at, 0, rec, stream as _)
+        } else {
+            let state = host_slice_mut(pools.state as *mut u8, kn.layout.layer_state_bytes, "pools.state")?;
+            cpu::reset_sequence(&kn.layout, state, seq_slot as usize)
+        }
+    })
+}
+
+/// Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
+/// accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
+#[no_mangle]
+pub extern "C" fn sikv_kernel_decode(
+    kernels: *const SikvKernels,
+    pools: *const SikvLayerPools,
+    page_table: *const SikvPageTable,
+    seq_slot: *const i32,
+    q: *const c_void,
+    out: *mut c_void,
+    workspace: *mut c_void,
+    workspace_bytes: usize,
+    stream: SikvStream,
+) -> SikvStatus {
+    boundary(poison_of(kernels), || {
+        let kn = kernels_ref(kernels)?;
+        let pools = host_ref(pools, "pools")?;
+        let t = host_ref(page_table, "page_table")?;
+        let (cfg, layout) = (&kn.cfg, &kn.layout);
+        if kn.exec.is_gpu() {
+            ensure!(
+                t.batch >= 1 && t.batch <= cfg.max_batch,
+                SIKV_ERR_OUT_OF_BOUNDS,
+                "page_table.batch = {} must be in 1..=max_batch ({})",
+                t.batch,
+                cfg.max_batch
+            );
+            let (need, idx_off, cnt_off) = decode_workspace(kn, t.batch);
+            ensure!(
+                workspace_bytes >= need,
+                SIKV_ERR_BUFFER_TOO_SMALL,
+                "workspace_bytes = {workspace_bytes} is smaller than the {need} bytes decode needs"
+            );
+            let ws = dev(workspace, "workspace")?;
+            let (idx, cnt) = (ws + idx_off as u64, ws + cnt_off as u64);
+            let layer = dev_layer(kn, pools)?;
+            let table = dev_table(kn, t)?;
+            let g = kn.exec.gpu()?;
+            let ss = dev(seq_slot as *const c_void, "seq_slot")?;
+            let (qd, od) = (dev(q, "q")?, dev(out, "out")?);
+            g.select(cfg, layout, &layer, &table, ss, qd, idx, cnt, ws, idx_off, stream as _)?;
+            g.attend(cfg, layout, &layer, &table, ss, qd, idx, cnt, od, ws, idx_off, stream as _)
+        } else {
+            let table = host_table(kn, t)?;
+            let rows = table.batch() * cfg.num_kv_heads as usize;
+            let mut idx = vec![-1i32; rows * cfg.budget.max as usize];
+            let mut cnt = vec![0i32; rows];
+            {
+                let qf = host_acts(kn, q, table.batch() * (cfg.num_q_heads * cfg.head_dim) as usize, "q")?;
+                let ss = host_slice(seq_slot, table.batch(), "seq_slot")?;
+                let lr = host_layer_ref(kn, pools)?;
+                cpu::select(layout, cfg, &lr, &table, ss, &qf, &mut idx, &mut cnt)?;
+            }
+            attend_impl(kn, pools, t, seq_slot, q, Some((idx.as_ptr(), cnt.as_ptr())), out, workspace, workspace_bytes, stream)
+        }
     })
 }
