@@ -43,6 +43,12 @@ for key, dst in want.items():
     print(f"{dst} <- {found[key]}")
 EOF
 
+# Debug info off (the bundle travels to the GPU machine with a 64 MiB limit; the embedded
+# fatbin of all targets is ~19 MB per binary).
+if command -v strip >/dev/null 2>&1; then
+  strip --strip-debug .gpu/gpu_tests .gpu/gpu_bench
+fi
+
 {
   echo "revision: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   grep -h 'BUILD_PATH' target/release/build/selfindexkv-*/out/kernels_embed.rs 2>/dev/null | sort -u | tail -1
@@ -50,3 +56,8 @@ EOF
 } > .gpu/BUILD_INFO
 cat .gpu/BUILD_INFO
 ls -la .gpu
+total=$(du -cb .gpu/gpu_tests .gpu/gpu_bench | tail -1 | cut -f1)
+echo "bundle: $total bytes"
+if [ "$total" -gt $((60 * 1024 * 1024)) ]; then
+  echo "warning: bundle is over 60 MiB; rebuild with SIKV_CUDA_ARCHS=90 for an H200-only fatbin" >&2
+fi
