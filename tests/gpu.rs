@@ -551,6 +551,16 @@ fn case_validation(_rng: &mut Rng) -> R {
     let mut l2 = l;
     l2.planes[SIKV_PLANE_SIGN] = 0;
     expect("null plane", ctx.append(&cfg, &layout, &l2, 1, b, b, b, b, b, null()), SikvStatus::SIKV_ERR_NULL_POINTER)?;
+    // reset_sequence matches cpu::reset_sequence.
+    let mut host = HostLayer::new(&layout);
+    for (i, x) in host.state.iter_mut().enumerate() {
+        *x = (i * 131 % 251) as u8;
+    }
+    pools.upload(&ctx, &host)?;
+    cpu::reset_sequence(&layout, &mut host.state, 1).map_err(e2s)?;
+    ctx.reset_sequence(&cfg, &layout, &l, 1, null()).map_err(e2s)?;
+    let got = pools.download(&ctx, &layout)?;
+    cmp_bytes("reset_sequence state", &got.state, &host.state)?;
     let f32cfg = make_cfg(base_shape(SIKV_DTYPE_F32, 128, 2, 4), |_| {});
     match GpuContext::new(&f32cfg, &Layout::new(&f32cfg)) {
         Err(e) if e.status == SikvStatus::SIKV_ERR_UNSUPPORTED => {}

@@ -176,6 +176,19 @@ pub fn memset_async(dst: u64, value: u8, bytes: usize, stream: sys::CUstream) ->
     unsafe { ck(sys::cuMemsetD8Async(dst, value, bytes, stream), "cuMemsetD8Async") }
 }
 
+pub fn memset32_async(dst: u64, value: u32, words: usize, stream: sys::CUstream) -> Result<()> {
+    // SAFETY: dst is a 4-byte aligned device allocation of at least 4 * words bytes.
+    unsafe { ck(sys::cuMemsetD32Async(dst, value, words, stream), "cuMemsetD32Async") }
+}
+
+pub fn copy_dtod_async(dst: u64, src: u64, bytes: usize, stream: sys::CUstream) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: both are device allocations of at least `bytes` (the caller's contract).
+    unsafe { ck(sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream), "cuMemcpyDtoDAsync") }
+}
+
 pub fn copy_htod_async(dst: u64, src: &[u8], stream: sys::CUstream) -> Result<()> {
     if src.is_empty() {
         return Ok(());

@@ -311,6 +311,35 @@ impl GpuContext {
         driver::copy_htod_async(dst, src, cuda_stream(stream))
     }
 
+    /// Device-to-device copy on `stream` (sequence forks: state records, pages).
+    pub fn copy_dtod_async(&self, dst: u64, src: u64, bytes: usize, stream: CUstream) -> Result<()> {
+        self.current()?;
+        driver::copy_dtod_async(dst, src, bytes, cuda_stream(stream))
+    }
+
+    /// The device twin of cpu::reset_sequence for one layer: zeroes the state records of
+    /// `seq_slot` (all KV heads; not calibrated) and marks every dense entry empty. Two
+    /// memsets per KV head, asynchronous on `stream`.
+    pub fn reset_sequence(&self, cfg: &CacheConfig, layout: &Layout, layer: &DevLayer, seq_slot: u32, stream: CUstream) -> Result<()> {
+        crate::ensure!(
+            seq_slot < cfg.max_seqs,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
+            cfg.max_seqs
+        );
+        dev_ptr(layer.state, 16, "state")?;
+        self.current()?;
+        let st = &layout.state;
+        for h in 0..layout.num_kv_heads {
+            let rec = layer.state + layout.state_offset(seq_slot as usize, h) as u64;
+            driver::memset_async(rec, 0, st.bytes, cuda_stream(stream))?;
+            if st.dense_capacity > 0 {
+                driver::memset32_async(rec + st.dense_pos as u64, u32::MAX, st.dense_capacity, cuda_stream(stream))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Synchronous device-to-host copy (tests and non-hot paths only).
     pub fn copy_dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
         self.current()?;
