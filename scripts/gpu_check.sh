@@ -6,13 +6,17 @@
 #   3. compute-sanitizer memcheck and racecheck on a reduced run (SIKV_GPU_TEST_QUICK=1)
 #   4. .gpu/gpu_bench (our kernels) and scripts/sdpa_baseline.py (PyTorch SDPA cuDNN / flash)
 #   5. a summary table (last lines of the output)
-# Logs and CSVs go to $OUT (default ./gpu_out). Env: SKIP_SANITIZER=1, SKIP_BENCH=1,
-# BENCH_QUICK=1, RACECHECK_CASES (default "encode,calibrate,select_attend_matrix").
+# Logs and CSVs go to $OUT (default ./gpu_out). Env: STEPS (default "tests,memcheck,racecheck,
+# bench": run a subset, e.g. to stay under a per-command time limit), BENCH_QUICK=1,
+# MEMCHECK_CASES / RACECHECK_CASES (comma lists of case-name substrings; racecheck defaults to
+# "encode,calibrate,select_attend_matrix"), SIKV_GPU_TEST_SEED to replay a seed.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 declare -A RC
+STEPS="${STEPS:-tests,memcheck,racecheck,bench}"
+want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if [ ! -x .gpu/gpu_tests ]; then
   echo "gpu_check: .gpu/gpu_tests missing (run scripts/build_gpu_bundle.sh on the build machine)" >&2
@@ -28,14 +32,16 @@ for c in compute-sanitizer /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda
   if command -v "$c" >/dev/null 2>&1; then SAN="$c"; break; fi
 done
 
-echo "== gpu tests"
-t0=$SECONDS
-.gpu/gpu_tests --nocapture --test-threads=1 > "$OUT/gpu_tests.log" 2>&1
-RC[tests]=$?
-grep -E "^  (ok|FAIL|PANIC)|gpu tests|seed|nvrtc|skipped|test result" "$OUT/gpu_tests.log"
-echo "   ($((SECONDS - t0)) s)"
+if want tests; then
+  echo "== gpu tests"
+  t0=$SECONDS
+  .gpu/gpu_tests --nocapture --test-threads=1 > "$OUT/gpu_tests.log" 2>&1
+  RC[tests]=$?
+  grep -E "^  (ok|FAIL|PANIC)|gpu tests|seed|nvrtc|skipped|test result" "$OUT/gpu_tests.log"
+  echo "   ($((SECONDS - t0)) s)"
+fi
 
-if [ "${SKIP_SANITIZER:-0}" != "1" ] && [ -n "$SAN" ]; then
+if [ -n "$SAN" ] && want memcheck; then
   echo "== compute-sanitizer memcheck (quick sizes)"
   t0=$SECONDS
   SIKV_GPU_TEST_QUICK=1 SIKV_GPU_TEST_ONLY="${MEMCHECK_CASES:-}" "$SAN" --tool memcheck --error-exitcode 3 \
@@ -43,6 +49,8 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ] && [ -n "$SAN" ]; then
   RC[memcheck]=$?
   grep -E "ERROR SUMMARY|^  (ok|FAIL|PANIC)" "$OUT/memcheck.log" | tail -12
   echo "   ($((SECONDS - t0)) s)"
+fi
+if [ -n "$SAN" ] && want racecheck; then
   echo "== compute-sanitizer racecheck (quick sizes, cases: ${RACECHECK_CASES:-encode,calibrate,select_attend_matrix})"
   t0=$SECONDS
   SIKV_GPU_TEST_QUICK=1 SIKV_GPU_TEST_ONLY="${RACECHECK_CASES:-encode,calibrate,select_attend_matrix}" \
@@ -50,11 +58,12 @@ if [ "${SKIP_SANITIZER:-0}" != "1" ] && [ -n "$SAN" ]; then
   RC[racecheck]=$?
   grep -E "RACECHECK SUMMARY|ERROR SUMMARY|^  (ok|FAIL|PANIC)" "$OUT/racecheck.log" | tail -12
   echo "   ($((SECONDS - t0)) s)"
-else
-  echo "== compute-sanitizer skipped (${SAN:-not found})"
+fi
+if [ -z "$SAN" ]; then
+  echo "== compute-sanitizer not found: memcheck / racecheck skipped"
 fi
 
-if [ "${SKIP_BENCH:-0}" != "1" ]; then
+if want bench; then
   Q=""
   [ "${BENCH_QUICK:-0}" = "1" ] && Q="--quick"
   echo "== gpu bench"
