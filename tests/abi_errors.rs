@@ -193,6 +193,7 @@ fn sequence_errors_leave_the_cache_unchanged() {
     // A removed sequence is unknown afterwards.
     assert_eq!(sikv_seq_add(cache.0, 12), SIKV_OK);
     assert_eq!(sikv_seq_remove(cache.0, 12), SIKV_OK);
+    let before = cache.checksum();
     let q = rng.vec((c.num_q_heads * c.head_dim) as usize);
     let mut out = vec![0f32; q.len()];
     let ids = [12i64];
