@@ -18,8 +18,9 @@ SIKV_DEV void quant_group(const float* y, int bits, u32* par_word, u64* packed_l
         hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
     }
     const float levels = (float)((1 << bits) - 1);
-    const u16 dh = f32_to_half_bits(div_rn(sub_rn(hi, lo), levels));
-    const u16 zh = f32_to_half_bits(lo);
+    // Capped at the fp16 maximum like the CPU encoder: an infinite delta would decode 0 * inf.
+    const u16 dh = f32_to_half_bits(fminf(div_rn(sub_rn(hi, lo), levels), 65504.0f));
+    const u16 zh = f32_to_half_bits(fminf(fmaxf(lo, -65504.0f), 65504.0f));
     const float delta = half_bits_to_f32(dh), zero = half_bits_to_f32(zh);
     *par_word = (u32)dh | ((u32)zh << 16);
     // Codes of this lane at their bit offset inside the group's 32 * bits stream.
@@ -190,14 +191,17 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
 
 SIKV_ENTRIES_D_T(sikv_encode, 128)
 
+// NVRTC has no offsetof builtin; the null-pointer form is what it accepts.
+#define SIKV_OFFSETOF(T, f) ((int)(unsigned long long)(&(((T*)0)->f)))
+
 // Layout probe of SikvParams, so a test can check that src/gpu/params.rs mirrors it:
 // out[0] = sizeof, then the offsets of a few fields spread over the struct.
 extern "C" __global__ void sikv_params_layout(int* out) {
     out[0] = (int)sizeof(SikvParams);
-    out[1] = (int)__builtin_offsetof(SikvParams, ws_rank);
-    out[2] = (int)__builtin_offsetof(SikvParams, row_bytes);
-    out[3] = (int)__builtin_offsetof(SikvParams, off_dense_v);
-    out[4] = (int)__builtin_offsetof(SikvParams, budget_ratio);
-    out[5] = (int)__builtin_offsetof(SikvParams, softmax_scale);
-    out[6] = (int)__builtin_offsetof(SikvParams, dense_chunk);
+    out[1] = SIKV_OFFSETOF(SikvParams, ws_rank);
+    out[2] = SIKV_OFFSETOF(SikvParams, row_bytes);
+    out[3] = SIKV_OFFSETOF(SikvParams, off_dense_v);
+    out[4] = SIKV_OFFSETOF(SikvParams, budget_ratio);
+    out[5] = SIKV_OFFSETOF(SikvParams, softmax_scale);
+    out[6] = SIKV_OFFSETOF(SikvParams, dense_chunk);
 }
