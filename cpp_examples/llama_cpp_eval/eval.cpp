@@ -1,0 +1,549 @@
+// Real-model quality evaluation: decode-mode perplexity of llama.cpp with a substituted decode attention.
+//
+// For each window of the text: prefill `context` tokens densely (one llama_decode, one ubatch), then decode
+// `decode` tokens one at a time, teacher-forced, and accumulate the NLL of the true next token. During decode,
+// llama.cpp's public eval callback (cb_eval) observes every layer's post-RoPE Qcur/Kcur and Vcur; when the
+// layer's attention output `kqv_out-N` has been computed, the callback asks the method under test for the
+// attention of this token and writes it over kqv_out-N, which the output projection then reads.
+// The prefill is shared by every method of a window: after each method, the decoded positions are removed
+// from llama.cpp's KV cache and the next method starts from the same prefill.
+#include "llama.h"
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include "methods.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+using namespace sikv_eval;
+
+namespace {
+
+struct Options {
+    std::string model;
+    std::string text;
+    std::string csv;
+    int context = 2048;
+    int decode = 128;
+    int windows = 1;
+    int offset = 0;
+    int threads = 2;
+    int q_tail = 1;
+    int n_sink = 4;
+    int n_window = 64;
+    int page = 16;
+    bool kv_f16 = false;
+    bool flash_attn = false;
+    bool dump_names = false;
+    bool recall = true;
+    std::vector<std::string> methods = {"llama", "dense", "oracle_topk", "quest", "sink_window"};
+    std::vector<std::string> budgets = {"1/32", "1/16", "1/8"};
+};
+
+void usage() {
+    std::fprintf(stderr,
+        "usage: llama_cpp_eval --model M.gguf --text T.txt [options]\n"
+        "  --context P        prefill tokens per window (2048)\n"
+        "  --decode D         teacher-forced decode tokens per window (128)\n"
+        "  --windows W        windows, consecutive and disjoint, each P+D+1 tokens (1)\n"
+        "  --offset O         first token of the first window (0)\n"
+        "  --methods LIST     comma list of llama,dense,oracle_topk,quest,sink_window\n"
+        "  --budgets LIST     comma list of budgets: a fraction of P (1/32) or a token count (100)\n"
+        "  --sinks N          sink tokens for the sparse baselines (4)\n"
+        "  --window N         recent-window tokens for the sparse baselines (64)\n"
+        "  --page N           page size of the Quest baseline (16)\n"
+        "  --q-tail N         last prompt queries handed to calibrate (1)\n"
+        "  --threads N        CPU threads (2)\n"
+        "  --kv-f16           llama.cpp KV cache in f16 (default f32)\n"
+        "  --flash-attn       llama.cpp flash attention on (default off)\n"
+        "  --no-recall        skip recall@k statistics\n"
+        "  --dump-names       print every graph node (name, op, type, shape) of the first decode step\n"
+        "  --csv FILE         append result rows (header written if the file is new or empty)\n");
+}
+
+std::vector<std::string> split(const std::string & s, char sep) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, sep)) if (!item.empty()) out.push_back(item);
+    return out;
+}
+
+Options parse(int argc, char ** argv) {
+    Options o;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto next = [&]() -> std::string {
+            if (i + 1 >= argc) { usage(); throw std::runtime_error("missing value for " + a); }
+            return argv[++i];
+        };
+        if (a == "--model") o.model = next();
+        else if (a == "--text") o.text = next();
+        else if (a == "--csv") o.csv = next();
+        else if (a == "--context") o.context = std::stoi(next());
+        else if (a == "--decode") o.decode = std::stoi(next());
+        else if (a == "--windows") o.windows = std::stoi(next());
+        else if (a == "--offset") o.offset = std::stoi(next());
+        else if (a == "--threads") o.threads = std::stoi(next());
+        else if (a == "--q-tail") o.q_tail = std::stoi(next());
+        else if (a == "--sinks") o.n_sink = std::stoi(next());
+        else if (a == "--window") o.n_window = std::stoi(next());
+        else if (a == "--page") o.page = std::stoi(next());
+        else if (a == "--methods") o.methods = split(next(), ',');
+        else if (a == "--budgets") o.budgets = split(next(), ',');
+        else if (a == "--kv-f16") o.kv_f16 = true;
+        else if (a == "--flash-attn") o.flash_attn = true;
+        else if (a == "--no-recall") o.recall = false;
+        else if (a == "--dump-names") o.dump_names = true;
+        else if (a == "-h" || a == "--help") { usage(); std::exit(0); }
+        else { usage(); throw std::runtime_error("unknown option " + a); }
+    }
+    if (o.model.empty() || o.text.empty()) { usage(); throw std::runtime_error("--model and --text are required"); }
+    if (o.context < 1 || o.decode < 1 || o.windows < 1) throw std::runtime_error("context, decode, windows must be >= 1");
+    return o;
+}
+
+// Budget "a/b" is a fraction of the context, anything else a token count.
+int budget_tokens(const std::string & b, int context) {
+    const auto slash = b.find('/');
+    if (slash == std::string::npos) return std::stoi(b);
+    const double f = std::stod(b.substr(0, slash)) / std::stod(b.substr(slash + 1));
+    return std::max(1, (int) std::lround(f * context));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The eval callback.
+
+enum class Kind { None, Q, K, V, Out };
+
+// "<prefix><digits>" -> layer
+bool layer_of(const char * name, const char * prefix, int & layer) {
+    const size_t n = std::strlen(prefix);
+    if (std::strncmp(name, prefix, n) != 0 || name[n] == '\0') return false;
+    for (const char * p = name + n; *p; ++p) if (*p < '0' || *p > '9') return false;
+    layer = std::atoi(name + n);
+    return true;
+}
+
+struct Hook {
+    enum class Phase { Off, Prefill, Decode };
+
+    ModelShape shape;
+    Phase phase = Phase::Off;
+    int n_tokens = 0;  // tokens of the current ubatch
+    int q_tail = 1;
+    bool dump = false;
+
+    // prefill capture, per layer: [n][n_kv][d] keys and values, [q_tail][n_q][d] last queries
+    std::vector<std::vector<float>> pk, pv, pq;
+    std::vector<int> pk_n, pv_n, pq_n;
+
+    // decode, per layer: this token's q [n_q][d], k and v [n_kv][d]
+    std::vector<std::vector<float>> dq, dk, dv;
+    std::vector<unsigned> seen;  // bit 0 q, 1 k, 2 v
+    std::vector<float> out;
+    int outs_this_step = 0;
+    DecodeMethod * method = nullptr;
+
+    // agreement between the method's output and llama.cpp's own kqv_out (same inputs)
+    double rel_err_sum = 0.0;
+    double rel_err_max = 0.0;
+    int64_t rel_err_n = 0;
+
+    std::string error;
+
+    Kind classify(const ggml_tensor * t, int & layer) const {
+        const char * name = ggml_get_name(t);
+        if (layer_of(name, "Qcur-", layer)) return t->op == GGML_OP_ROPE ? Kind::Q : Kind::None;
+        if (layer_of(name, "Kcur-", layer)) return t->op == GGML_OP_ROPE ? Kind::K : Kind::None;
+        if (layer_of(name, "Vcur-", layer))
+            return (t->ne[0] == shape.head_dim && t->ne[1] == shape.n_kv_heads && t->ne[2] == n_tokens) ? Kind::V
+                                                                                                       : Kind::None;
+        if (layer_of(name, "kqv_out-", layer)) return Kind::Out;
+        return Kind::None;
+    }
+};
+
+// Copies rows [t0, t1) of a [d][heads][tokens] f32 tensor (any strides) into dst as [t][heads][d].
+void copy_rows(const ggml_tensor * t, int t0, int t1, float * dst) {
+    const int64_t d = t->ne[0], heads = t->ne[1];
+    const char * base = (const char *) t->data;
+    for (int64_t i = t0; i < t1; ++i)
+        for (int64_t h = 0; h < heads; ++h) {
+            const char * src = base + i * t->nb[2] + h * t->nb[1];
+            float * o = dst + ((i - t0) * heads + h) * d;
+            if (t->nb[0] == sizeof(float)) std::memcpy(o, src, d * sizeof(float));
+            else for (int64_t c = 0; c < d; ++c) o[c] = *(const float *) (src + c * t->nb[0]);
+        }
+}
+
+bool eval_cb(ggml_tensor * t, bool ask, void * user_data) {
+    Hook & h = *static_cast<Hook *>(user_data);
+    if (h.phase == Hook::Phase::Off) return ask ? false : true;
+
+    if (ask && h.dump) {
+        std::printf("  node %-24s op=%-12s type=%-4s ne=[%lld,%lld,%lld,%lld]\n", ggml_get_name(t), ggml_op_desc(t),
+                    ggml_type_name(t->type), (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2],
+                    (long long) t->ne[3]);
+    }
+
+    int layer = -1;
+    const Kind kind = h.classify(t, layer);
+    const bool prefill = h.phase == Hook::Phase::Prefill;
+    const bool wanted = kind != Kind::None && layer >= 0 && layer < h.shape.n_layer && (!prefill || kind != Kind::Out);
+    if (ask) return wanted;
+    if (!wanted || !h.error.empty()) return true;  // never abort the graph from here
+
+    if (t->type != GGML_TYPE_F32 || (t->buffer && !ggml_backend_buffer_is_host(t->buffer))) {
+        h.error = std::string("tensor ") + ggml_get_name(t) + " is not an f32 host tensor";
+        return true;
+    }
+    const ModelShape & s = h.shape;
+    const int d = s.head_dim;
+
+    if (prefill) {
+        const int n = h.n_tokens;
+        switch (kind) {
+            case Kind::K:
+                h.pk[layer].resize((size_t) n * s.n_kv_heads * d);
+                copy_rows(t, 0, n, h.pk[layer].data());
+                h.pk_n[layer] = n;
+                break;
+            case Kind::V:
+                h.pv[layer].resize((size_t) n * s.n_kv_heads * d);
+                copy_rows(t, 0, n, h.pv[layer].data());
+                h.pv_n[layer] = n;
+                break;
+            case Kind::Q: {
+                const int nq = std::min(h.q_tail, n);
+                h.pq[layer].resize((size_t) nq * s.n_q_heads * d);
+                copy_rows(t, n - nq, n, h.pq[layer].data());
+                h.pq_n[layer] = nq;
+                break;
+            }
+            default: break;
+        }
+        return true;
+    }
+
+    // decode: one token
+    if (h.n_tokens != 1) { h.error = "decode ubatch has more than one token"; return true; }
+    switch (kind) {
+        case Kind::Q: copy_rows(t, 0, 1, h.dq[layer].data()); h.seen[layer] |= 1u; break;
+        case Kind::K: copy_rows(t, 0, 1, h.dk[layer].data()); h.seen[layer] |= 2u; break;
+        case Kind::V: copy_rows(t, 0, 1, h.dv[layer].data()); h.seen[layer] |= 4u; break;
+        case Kind::Out: {
+            if (h.seen[layer] != 7u) { h.error = "kqv_out before Qcur/Kcur/Vcur of layer " + std::to_string(layer); return true; }
+            if (t->ne[0] != (int64_t) s.n_q_heads * d || t->ne[1] != 1 || t->nb[0] != sizeof(float)) {
+                h.error = "unexpected kqv_out layout";
+                return true;
+            }
+            h.seen[layer] = 0;
+            h.method->append(layer, h.dk[layer].data(), h.dv[layer].data());
+            h.method->attend(layer, h.dq[layer].data(), h.out.data());
+            float * ref = (float *) t->data;
+            double num = 0.0, den = 0.0;
+            for (int i = 0; i < s.n_q_heads * d; ++i) {
+                const double e = (double) h.out[i] - (double) ref[i];
+                num += e * e;
+                den += (double) ref[i] * ref[i];
+            }
+            const double rel = std::sqrt(num / std::max(den, 1e-30));
+            h.rel_err_sum += rel;
+            h.rel_err_max = std::max(h.rel_err_max, rel);
+            h.rel_err_n += 1;
+            if (h.method->writes_output()) std::memcpy(ref, h.out.data(), h.out.size() * sizeof(float));
+            h.outs_this_step += 1;
+            break;
+        }
+        default: break;
+    }
+    return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+struct Config {
+    std::string method;
+    std::string budget_label;
+    int budget = 0;
+    std::unique_ptr<DecodeMethod> impl;
+    // results, summed over windows
+    double nll = 0.0;
+    int64_t n_scored = 0;
+    double decode_s = 0.0;
+    double rel_err_sum = 0.0, rel_err_max = 0.0;
+    int64_t rel_err_n = 0;
+    SelectionStats st;
+};
+
+std::unique_ptr<DecodeMethod> make_method(const std::string & m, const BaselineParams & p) {
+    if (m == "llama") return make_observer();
+    if (m == "dense") return make_dense();
+    if (m == "oracle_topk") return make_oracle_topk(p);
+    if (m == "quest") return make_quest(p);
+    if (m == "sink_window") return make_sink_window(p);
+    throw std::runtime_error("unknown method " + m);
+}
+
+double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double nll_of(const float * logits, int n_vocab, int target) {
+    double mx = logits[0];
+    for (int i = 1; i < n_vocab; ++i) mx = std::max(mx, (double) logits[i]);
+    double sum = 0.0;
+    for (int i = 0; i < n_vocab; ++i) sum += std::exp((double) logits[i] - mx);
+    return std::log(sum) + mx - (double) logits[target];
+}
+
+void quiet_log(ggml_log_level level, const char * text, void *) {
+    if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) std::fputs(text, stderr);
+}
+
+int run(const Options & o) {
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines appear as they happen
+    llama_log_set(quiet_log, nullptr);
+    llama_backend_init();
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    llama_model * model = llama_model_load_from_file(o.model.c_str(), mp);
+    if (!model) throw std::runtime_error("cannot load model " + o.model);
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+
+    // text -> tokens
+    std::ifstream in(o.text, std::ios::binary);
+    if (!in) throw std::runtime_error("cannot read " + o.text);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::vector<llama_token> tok(text.size() + 16);
+    int n_tok = llama_tokenize(vocab, text.data(), (int32_t) text.size(), tok.data(), (int32_t) tok.size(), false, false);
+    if (n_tok < 0) throw std::runtime_error("tokenization failed");
+    tok.resize(n_tok);
+
+    const int P = o.context, D = o.decode, span = P + D + 1;
+    const int windows = std::min(o.windows, (n_tok - o.offset) / span);
+    if (windows < 1) throw std::runtime_error("text too short: " + std::to_string(n_tok) + " tokens");
+
+    Hook hook;
+    hook.shape.n_layer = llama_model_n_layer(model);
+    hook.shape.n_q_heads = llama_model_n_head(model);
+    hook.shape.n_kv_heads = llama_model_n_head_kv(model);
+    hook.shape.head_dim = llama_model_n_embd(model) / hook.shape.n_q_heads;
+    hook.shape.scale = 1.0f / std::sqrt((float) hook.shape.head_dim);
+    hook.q_tail = o.q_tail;
+    const ModelShape & s = hook.shape;
+    const int L = s.n_layer;
+    hook.pk.assign(L, {}); hook.pv.assign(L, {}); hook.pq.assign(L, {});
+    hook.pk_n.assign(L, 0); hook.pv_n.assign(L, 0); hook.pq_n.assign(L, 0);
+    hook.dq.assign(L, std::vector<float>((size_t) s.n_q_heads * s.head_dim));
+    hook.dk.assign(L, std::vector<float>((size_t) s.n_kv_heads * s.head_dim));
+    hook.dv.assign(L, std::vector<float>((size_t) s.n_kv_heads * s.head_dim));
+    hook.seen.assign(L, 0);
+    hook.out.resize((size_t) s.n_q_heads * s.head_dim);
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = (uint32_t) ((P + D + 1 + 255) / 256 * 256);
+    cp.n_batch = (uint32_t) P;
+    cp.n_ubatch = (uint32_t) P;  // one ubatch: the prefill is one dense graph
+    cp.n_seq_max = 1;
+    cp.n_threads = o.threads;
+    cp.n_threads_batch = o.threads;
+    cp.flash_attn_type = o.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.type_k = o.kv_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    cp.type_v = o.kv_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    cp.cb_eval = eval_cb;
+    cp.cb_eval_user_data = &hook;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) throw std::runtime_error("cannot create the llama context");
+    llama_memory_t mem = llama_get_memory(ctx);
+
+    std::printf("model: %d layers, %d q heads, %d kv heads, head_dim %d, vocab %d\n", L, s.n_q_heads, s.n_kv_heads,
+                s.head_dim, n_vocab);
+    std::printf("text: %d tokens; %d window(s) of %d prefill + %d decode tokens from offset %d; kv cache %s, flash attn %s, %d threads\n",
+                n_tok, windows, P, D, o.offset, o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off", o.threads);
+
+    // method configurations
+    std::vector<Config> configs;
+    for (const auto & m : o.methods) {
+        if (m == "llama" || m == "dense") {
+            Config c;
+            c.method = m;
+            c.budget_label = "full";
+            c.budget = P;
+            c.impl = make_method(m, {});
+            configs.push_back(std::move(c));
+            continue;
+        }
+        for (const auto & b : o.budgets) {
+            BaselineParams bp;
+            bp.n_sink = o.n_sink;
+            bp.n_window = o.n_window;
+            bp.page_size = o.page;
+            bp.budget = budget_tokens(b, P);
+            bp.recall = o.recall;
+            Config c;
+            c.method = m;
+            c.budget_label = b;
+            c.budget = bp.budget;
+            c.impl = make_method(m, bp);
+            configs.push_back(std::move(c));
+        }
+    }
+
+    llama_batch batch = llama_batch_init(P, 0, 1);
+    double prefill_s = 0.0;
+    bool dumped = false;
+
+    for (int w = 0; w < windows; ++w) {
+        const int start = o.offset + w * span;
+        const llama_token * wt = tok.data() + start;
+
+        // dense prefill, capturing every layer's post-RoPE K, V and the last queries
+        llama_memory_clear(mem, true);
+        batch.n_tokens = P;
+        for (int i = 0; i < P; ++i) {
+            batch.token[i] = wt[i];
+            batch.pos[i] = i;
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = 0;
+            batch.logits[i] = i == P - 1;
+        }
+        hook.phase = Hook::Phase::Prefill;
+        hook.n_tokens = P;
+        std::fill(hook.pk_n.begin(), hook.pk_n.end(), 0);
+        std::fill(hook.pv_n.begin(), hook.pv_n.end(), 0);
+        std::fill(hook.pq_n.begin(), hook.pq_n.end(), 0);
+        double t0 = now_s();
+        if (llama_decode(ctx, batch) != 0) throw std::runtime_error("prefill failed");
+        llama_synchronize(ctx);
+        prefill_s += now_s() - t0;
+        hook.phase = Hook::Phase::Off;
+        if (!hook.error.empty()) throw std::runtime_error(hook.error);
+        std::printf("window %d/%d: prefill %.3f s\n", w + 1, windows, now_s() - t0);
+        for (int l = 0; l < L; ++l)
+            if (hook.pk_n[l] != P || hook.pv_n[l] != P || hook.pq_n[l] != std::min(o.q_tail, P))
+                throw std::runtime_error("prefill capture incomplete at layer " + std::to_string(l));
+
+        for (auto & c : configs) {
+            if (!llama_memory_seq_rm(mem, 0, P, -1)) throw std::runtime_error("cannot trim the KV cache");
+            c.impl->begin_sequence(s);
+            for (int l = 0; l < L; ++l)
+                c.impl->calibrate(l, hook.pk[l].data(), hook.pv[l].data(), P, hook.pq[l].data(), hook.pq_n[l]);
+            hook.method = c.impl.get();
+            hook.rel_err_sum = hook.rel_err_max = 0.0;
+            hook.rel_err_n = 0;
+
+            double t1 = now_s();
+            for (int i = 0; i < D; ++i) {
+                batch.n_tokens = 1;
+                batch.token[0] = wt[P + i];
+                batch.pos[0] = P + i;
+                batch.n_seq_id[0] = 1;
+                batch.seq_id[0][0] = 0;
+                batch.logits[0] = true;
+                hook.phase = Hook::Phase::Decode;
+                hook.n_tokens = 1;
+                hook.outs_this_step = 0;
+                hook.dump = o.dump_names && !dumped;
+                if (hook.dump) std::printf("graph nodes of one decode step (%s):\n", c.method.c_str());
+                if (llama_decode(ctx, batch) != 0) throw std::runtime_error("decode failed");
+                hook.phase = Hook::Phase::Off;
+                if (hook.dump) dumped = true;
+                hook.dump = false;
+                if (!hook.error.empty()) throw std::runtime_error(hook.error);
+                if (hook.outs_this_step != L)
+                    throw std::runtime_error("saw " + std::to_string(hook.outs_this_step) + " kqv_out tensors, expected " +
+                                             std::to_string(L));
+                c.nll += nll_of(llama_get_logits_ith(ctx, -1), n_vocab, wt[P + i + 1]);
+                c.n_scored += 1;
+            }
+            c.decode_s += now_s() - t1;
+            c.rel_err_sum += hook.rel_err_sum;
+            c.rel_err_max = std::max(c.rel_err_max, hook.rel_err_max);
+            c.rel_err_n += hook.rel_err_n;
+            std::printf("  window %d %-12s %-6s ppl so far %.5f, %.1f ms/token\n", w + 1, c.method.c_str(),
+                        c.budget_label.c_str(), std::exp(c.nll / (double) c.n_scored),
+                        1000.0 * c.decode_s / (double) c.n_scored);
+            const SelectionStats st = c.impl->stats();
+            c.st.recall_sum += st.recall_sum;
+            c.st.recall_count += st.recall_count;
+            c.st.attended_sum += st.attended_sum;
+            c.st.attended_count += st.attended_count;
+        }
+        std::printf("window %d/%d done (start token %d)\n", w + 1, windows, start);
+    }
+    llama_batch_free(batch);
+
+    // report
+    double dense_ppl = NAN;
+    for (const auto & c : configs)
+        if (c.method == "llama") dense_ppl = std::exp(c.nll / (double) c.n_scored);
+
+    std::printf("\nprefill: %.3f s per window of %d tokens\n", prefill_s / windows, P);
+    std::printf("%-12s %-6s %6s %11s %9s %8s %9s %12s %12s %10s\n", "method", "budget", "tokens", "perplexity", "vs dense",
+                "recall", "attended", "attn_relerr", "attn_maxerr", "ms/token");
+    FILE * csv = nullptr;
+    if (!o.csv.empty()) {
+        std::ifstream probe(o.csv);
+        const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
+        probe.close();
+        csv = std::fopen(o.csv.c_str(), "a");
+        if (!csv) throw std::runtime_error("cannot write " + o.csv);
+        if (fresh)
+            std::fprintf(csv, "method,profile,budget,context,decode_tokens,perplexity,dense_perplexity,recall,"
+                              "budget_tokens,n_sink,n_window,windows,attended_tokens,attn_rel_err,attn_max_rel_err,"
+                              "prefill_s,decode_ms_per_token,kv_cache,flash_attn\n");
+    }
+    for (const auto & c : configs) {
+        const double ppl = std::exp(c.nll / (double) c.n_scored);
+        const double rel = c.rel_err_n ? c.rel_err_sum / (double) c.rel_err_n : NAN;
+        const double recall = c.st.recall_count ? c.st.recall_sum / (double) c.st.recall_count : NAN;
+        const double attended = c.st.attended_count ? c.st.attended_sum / (double) c.st.attended_count : NAN;
+        const double ms = 1000.0 * c.decode_s / (double) c.n_scored;
+        const bool sparse = c.method != "llama" && c.method != "dense";
+        std::printf("%-12s %-6s %6d %11.5f %+8.4f%% %8.4f %9.1f %12.3e %12.3e %10.2f\n", c.method.c_str(),
+                    c.budget_label.c_str(), c.budget, ppl, 100.0 * (ppl / dense_ppl - 1.0), recall, attended, rel,
+                    c.rel_err_max, ms);
+        if (csv) {
+            std::fprintf(csv, "%s,%s,%s,%d,%d,%.6f,", c.method.c_str(), c.impl->profile().c_str(), c.budget_label.c_str(),
+                         P, D, ppl);
+            if (std::isnan(dense_ppl)) std::fprintf(csv, ","); else std::fprintf(csv, "%.6f,", dense_ppl);
+            if (std::isnan(recall)) std::fprintf(csv, ","); else std::fprintf(csv, "%.6f,", recall);
+            std::fprintf(csv, "%d,%d,%d,%d,", c.budget, sparse ? o.n_sink : 0, sparse ? o.n_window : 0, windows);
+            if (std::isnan(attended)) std::fprintf(csv, ","); else std::fprintf(csv, "%.1f,", attended);
+            std::fprintf(csv, "%.3e,%.3e,%.3f,%.2f,%s,%s\n", rel, c.rel_err_max, prefill_s / windows, ms,
+                         o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off");
+        }
+    }
+    if (csv) std::fclose(csv);
+
+    llama_free(ctx);
+    llama_model_free(model);
+    llama_backend_free();
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char ** argv) {
+    try {
+        return run(parse(argc, argv));
+    } catch (const std::exception & e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}

@@ -1,0 +1,86 @@
+// Decode-attention methods for the real-model quality evaluation.
+//
+// A method replaces the attention of one decode token, layer by layer. Its calls have the shape of the
+// library's managed-cache C API, so that plugging the library in is a thin adapter:
+//
+//   begin_sequence(shape)                     new sequence; drops any previous state
+//   calibrate(layer, k, v, n, q_tail, nq)     end of prefill: the prompt's post-RoPE keys and values
+//                                             k, v: [n][n_kv_heads][head_dim], q_tail: [nq][n_q_heads][head_dim]
+//   append(layer, k, v)                       one decode token: k, v: [1][n_kv_heads][head_dim]
+//   attend(layer, q, out)                     q: [n_q_heads][head_dim] (post-RoPE) -> out: [n_q_heads][head_dim]
+//
+// All arrays are f32, row-major, tokens outermost. append() for a layer always precedes attend() for the same
+// layer and token, and the token being decoded is part of the context it attends to.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sikv_eval {
+
+struct ModelShape {
+    int n_layer = 0;
+    int n_q_heads = 0;
+    int n_kv_heads = 0;
+    int head_dim = 0;
+    float scale = 0.0f;  // softmax scale applied to q.k (1/sqrt(head_dim) for Llama)
+
+    int group() const { return n_q_heads / n_kv_heads; }
+};
+
+// Running statistics a method may report about its selections.
+struct SelectionStats {
+    double recall_sum = 0.0;   // sum over (step, layer, KV head) of |selected ∩ exact top-|selected|| / |selected|
+    int64_t recall_count = 0;  // number of terms in recall_sum
+    double attended_sum = 0.0; // sum over (step, layer, KV head) of the number of attended tokens
+    int64_t attended_count = 0;
+};
+
+class DecodeMethod {
+public:
+    virtual ~DecodeMethod() = default;
+
+    // Short name for reports ("dense", "oracle", "quest", ...).
+    virtual std::string name() const = 0;
+    // Storage/profile label for reports ("fp32", "2+1", "16+1", ...).
+    virtual std::string profile() const { return "fp32"; }
+    // false: the method only observes (its output is compared, never written back into the model).
+    virtual bool writes_output() const { return true; }
+
+    virtual void begin_sequence(const ModelShape & shape) = 0;
+    virtual void calibrate(int layer, const float * k, const float * v, int n, const float * q_tail, int nq) = 0;
+    virtual void append(int layer, const float * k, const float * v) = 0;
+    virtual void attend(int layer, const float * q, float * out) = 0;
+
+    // Selection statistics since begin_sequence(); methods that cannot report leave them empty.
+    virtual SelectionStats stats() const { return {}; }
+};
+
+// Parameters shared by the fp32 baselines.
+struct BaselineParams {
+    int n_sink = 4;        // first tokens always attended
+    int n_window = 64;     // most recent tokens always attended (includes the token being decoded)
+    int budget = 0;        // tokens selected from the candidates (everything outside sinks and window)
+    int page_size = 16;    // Quest-style page bounds
+    bool recall = true;    // compute recall@|selected| of the exact top-k among the candidates
+};
+
+// Exact dense attention over every token (fp32 keys and values, fp64 softmax sums).
+std::unique_ptr<DecodeMethod> make_dense();
+// Dense attention that only observes: the engine's own output stays in place (the llama.cpp reference run).
+std::unique_ptr<DecodeMethod> make_observer();
+// Sinks + window + exact top-k by the group-mean query q̄·k per KV head.
+std::unique_ptr<DecodeMethod> make_oracle_topk(const BaselineParams & p);
+// Sinks + window + whole pages ranked by the Quest upper bound sum_c max(q̄_c min_c, q̄_c max_c) per KV head.
+std::unique_ptr<DecodeMethod> make_quest(const BaselineParams & p);
+// Sinks + a window of n_window + budget tokens (the budget is spent on the window).
+std::unique_ptr<DecodeMethod> make_sink_window(const BaselineParams & p);
+
+// Attention of the q heads of KV group g over a set of token rows: out_h = softmax(scale q_h.k_t) v_t.
+// k, v: [n_tokens][n_kv_heads][head_dim]; idx: token rows to attend (any order); q, out: [n_q_heads][head_dim].
+void attend_rows(const ModelShape & s, int g, const float * q, const float * k, const float * v,
+                 const int32_t * idx, int n_idx, float * out);
+
+}  // namespace sikv_eval
