@@ -4,7 +4,8 @@
 //! >= 50 timed ones. Bandwidth is reported over the bytes each kernel must move (method §10.6
 //! traffic model), so it reads as a fraction of HBM peak.
 //!
-//! Usage: gpu_bench [--csv PATH] [--quick] [--iters N]
+//! Usage: gpu_bench [--csv PATH] [--quick] [--iters N] [--n N1,N2,..] [--batch B1,B2,..]
+//! (--n / --batch replace the default sizes; SIKV_TOPK=single times the one-CTA top-k)
 //! Prints a table and writes CSV rows:
 //! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k
 //! Without a CUDA device it prints one line and exits 0.
@@ -180,17 +181,21 @@ fn main() {
             eprintln!("gpu bench: {e}");
             std::process::exit(1);
         }
-        Ok(ctx) => println!("gpu bench on {:?}, kernels from {}", ctx.device_info(), ctx.build_path()),
+        Ok(ctx) => println!("gpu bench on {:?}, kernels from {}, top-k {:?}", ctx.device_info(), ctx.build_path(), ctx.topk_path()),
     }
-    if let Err(e) = run(quick, iters, csv_path) {
+    let list = |flag: &str| -> Option<Vec<u32>> {
+        let v = args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1))?;
+        Some(v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+    };
+    if let Err(e) = run(quick, iters, csv_path, list("--n"), list("--batch")) {
         eprintln!("gpu bench failed: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(quick: bool, iters: usize, csv_path: Option<String>) -> R {
-    let ns: Vec<u32> = if quick { vec![8192] } else { vec![8192, 32768, 131072] };
-    let batches: Vec<u32> = if quick { vec![1, 2] } else { vec![1, 2, 4, 8] };
+fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>, batches: Option<Vec<u32>>) -> R {
+    let ns: Vec<u32> = ns.unwrap_or(if quick { vec![8192] } else { vec![8192, 32768, 131072] });
+    let batches: Vec<u32> = batches.unwrap_or(if quick { vec![1, 2] } else { vec![1, 2, 4, 8] });
     let mut csv = String::from("kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k\n");
     let mut rng = Rng(0x9e3779b97f4a7c15);
     println!("{:<10} {:>7} {:>3} {:>10} {:>10} {:>9} {:>6}", "kernel", "N", "B", "median_us", "MB", "GB/s", "k");

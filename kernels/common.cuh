@@ -46,6 +46,10 @@ struct SikvParams {
     u64 ws_part_ml;              // f32 [B][H_q][num_splits][2] split max / sum
     u64 ws_qbar;                 // f32 [H_kv][d] calibrate: group-mean last query
     u64 ws_rank;                 // int32 [H_kv][n] calibrate: heavy rank of each token or -1
+    u64 ws_hist;                 // u32 [B][H_kv][TOPK_HIST_STRIDE] multi-CTA top-k: key histogram
+                                 //     of the top 11 bits, then the candidate counter
+    u64 ws_cand;                 // u64 [B][H_kv][cand_cap] multi-CTA top-k: (key << 32 | pos)
+    u64 ws_bitmap;               // u32 [B][H_kv][2][bm_words] multi-CTA top-k: taken / tied bits
     // --- 32-bit fields ---
     int row_bytes[SIKV_NUM_PLANES];
     int num_kv_heads;
@@ -80,8 +84,15 @@ struct SikvParams {
     int num_splits;              // partial slots per (sequence, query head)
     int dense_splits;            // attend_dense: splits over the dense entries
     int dense_chunk;             // attend_dense: tokens per candidate chunk (multiple of 64)
-    int pad_;
+    int cand_cap;                // multi-CTA top-k: candidate slots per row
+    int topk_multi;              // 1: multi-CTA top-k (score builds the histogram); 0: one CTA
+    int bm_words;                // multi-CTA top-k: words of one position bitmap (multiple of 4)
 };
+
+// Multi-CTA top-k: 2048 histogram bins of the top 11 key bits per row, then one counter word
+// (the number of candidates appended by sikv_topk_compact); padded to 128 bytes.
+#define TOPK_HIST_BINS 2048
+#define TOPK_HIST_STRIDE (TOPK_HIST_BINS + 32)
 
 // ---------------------------------------------------------------------------------------------
 // Constants and float bits.
@@ -380,6 +391,9 @@ SIKV_DEV void radix_pick_bin(RadixSmem& s, int shift) {
     u32 rem = s.sel_remaining;
     bool mine = excl < rem && rem <= incl;
     u32 who = __ballot_sync(0xffffffffu, mine);
+    // Every lane has read sel_remaining before the one lane below rewrites it (racecheck does
+    // not count the ballot as a barrier; without this it reports an intra-warp WAR hazard).
+    __syncwarp();
     if (who == 0) return;  // cannot happen while remaining <= number of keys in range
     if (lane == __ffs(who) - 1) {
         u32 above = excl;
@@ -397,39 +411,51 @@ SIKV_DEV void radix_pick_bin(RadixSmem& s, int shift) {
     }
 }
 
+// Radix passes first_pass..2 (11/11/10 bits from the top) over the keys key_at(i), i in
+// [0, n), that match the selection state (sel_prefix, sel_mask, sel_remaining) already in
+// `s`: on return the state holds the full 32-bit threshold key and how many keys equal to it
+// are taken. Starts and ends with a block barrier; must be called by every thread.
+template <int NT, typename KeyAt>
+SIKV_DEV void block_radix_passes(RadixSmem& s, int n, int first_pass, KeyAt key_at) {
+    const int shifts[3] = {21, 10, 0};
+    const int bins[3] = {2048, 2048, 1024};
+    __syncthreads();
+    for (int pass = first_pass; pass < 3; ++pass) {
+        for (int i = threadIdx.x; i < bins[pass]; i += NT) s.hist[i] = 0;
+        __syncthreads();
+        u32 prefix = s.sel_prefix, mask = s.sel_mask;
+        int shift = shifts[pass];
+        u32 bmask = (u32)bins[pass] - 1;
+        int nround = (n + NT - 1) / NT * NT;
+        for (int i = threadIdx.x; i < nround; i += NT) {
+            bool act = false;
+            u32 bin = 0;
+            if (i < n) {
+                u32 key = key_at(i);
+                act = (key & mask) == prefix;
+                bin = (key >> shift) & bmask;
+            }
+            hist_add(s.hist, bin, act);
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            if (pass < 2) radix_pick_bin<2048>(s, shift);
+            else radix_pick_bin<1024>(s, shift);
+        }
+        __syncthreads();
+    }
+}
+
 // KeyAt(i) -> u32 for i in [0, n). Emit(rank, i) is called for every selected element with
 // its rank in ascending index order (0..k-1). Must be called by every thread of the block.
 template <int NT, typename KeyAt, typename Emit>
 SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
     if (k <= 0 || n <= 0) return;
+    // Nobody may still read the selection state of an earlier use of `s`.
+    __syncthreads();
     if (threadIdx.x == 0) { s.sel_prefix = 0; s.sel_mask = 0; s.sel_remaining = (u32)k; }
     if (k < n) {
-        const int shifts[3] = {21, 10, 0};
-        const int bins[3] = {2048, 2048, 1024};
-        for (int pass = 0; pass < 3; ++pass) {
-            for (int i = threadIdx.x; i < bins[pass]; i += NT) s.hist[i] = 0;
-            __syncthreads();
-            u32 prefix = s.sel_prefix, mask = s.sel_mask;
-            int shift = shifts[pass];
-            u32 bmask = (u32)bins[pass] - 1;
-            int nround = (n + NT - 1) / NT * NT;
-            for (int i = threadIdx.x; i < nround; i += NT) {
-                bool act = false;
-                u32 bin = 0;
-                if (i < n) {
-                    u32 key = key_at(i);
-                    act = (key & mask) == prefix;
-                    bin = (key >> shift) & bmask;
-                }
-                hist_add(s.hist, bin, act);
-            }
-            __syncthreads();
-            if (threadIdx.x < 32) {
-                if (pass < 2) radix_pick_bin<2048>(s, shift);
-                else radix_pick_bin<1024>(s, shift);
-            }
-            __syncthreads();
-        }
+        block_radix_passes<NT>(s, n, 0, key_at);
     } else {
         // Every element is taken: an all-zero mask makes every key "equal to the threshold".
         if (threadIdx.x == 0) s.sel_remaining = (u32)n;

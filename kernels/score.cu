@@ -53,6 +53,7 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     __shared__ float qbar[D];
     __shared__ float lut[(D / 4) * CENTROIDS];
     __shared__ u32 heavy_mask[SCORE_TILE / 32];
+    __shared__ u32 hist[TOPK_HIST_BINS];
     const int b = blockIdx.z, h = blockIdx.y;
     const int len = seq_len(p, b);
     const int end = cand_end(p, len);
@@ -66,6 +67,8 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
 
     load_qbar<D, T>(p, b, h, qbar);
     for (int i = threadIdx.x; i < SCORE_TILE / 32; i += blockDim.x) heavy_mask[i] = 0;
+    if (p.topk_multi)
+        for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) hist[i] = 0;
     __syncthreads();
     // Heavy positions inside this tile -> bitmap (any order of the heavy list works).
     for (int i = threadIdx.x; i < p.n_heavy; i += blockDim.x) {
@@ -101,22 +104,39 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     }
     __syncthreads();
 
-    u32* keys = reinterpret_cast<u32*>(p.ws_keys) + ((long long)b * p.num_kv_heads + h) * p.key_stride;
+    const long long rowid = (long long)b * p.num_kv_heads + h;
+    u32* keys = reinterpret_cast<u32*>(p.ws_keys) + rowid * p.key_stride;
+    u32 mine[SCORE_TOKENS_PER_THREAD];
     #pragma unroll
     for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
         const int off = j * SCORE_THREADS + threadIdx.x;
         const int pos = tile0 + off;
-        if (pos >= end) break;
-        u32 key;
-        if ((heavy_mask[off >> 5] >> (off & 31)) & 1u) {
-            key = 0u;
-        } else if (p.force_generated && pos >= prompt_len) {
-            key = score_key(SIKV_INF);
-        } else {
-            const u8* row = plane_row(p, SIKV_PLANE_SIGN, row_index(p, b, h, pos));
-            key = score_key(lut_sum<D>(lut, row));
+        u32 key = 0u;
+        if (pos < end) {
+            if ((heavy_mask[off >> 5] >> (off & 31)) & 1u) {
+                key = 0u;
+            } else if (p.force_generated && pos >= prompt_len) {
+                key = score_key(SIKV_INF);
+            } else {
+                const u8* row = plane_row(p, SIKV_PLANE_SIGN, row_index(p, b, h, pos));
+                key = score_key(lut_sum<D>(lut, row));
+            }
+            keys[pos] = key;
         }
-        keys[pos] = key;
+        mine[j] = key;
+    }
+    // Multi-CTA top-k: histogram of the top 11 bits of this tile's candidate keys (key 0 =
+    // heavy / not a candidate is left out, so a row's bins sum to its candidate count), added
+    // into the row's global histogram (zeroed on the stream before this kernel).
+    if (p.topk_multi) {
+        #pragma unroll
+        for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) hist_add(hist, mine[j] >> 21, mine[j] != 0u);
+        __syncthreads();
+        u32* ghist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
+        for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) {
+            const u32 c = hist[i];
+            if (c) atomicAdd(&ghist[i], c);
+        }
     }
 }
 SIKV_ENTRIES_D_T(sikv_score, SCORE_THREADS)

@@ -1,11 +1,36 @@
-// Stage `topk` (method §10.6 K4; reference/topk.rs): per (sequence, KV head) row, one CTA of
-// 1024 threads runs a radix select over the order-preserving u32 keys of the scores (ties to
-// the smaller position) and writes the chosen positions in ascending order, the rest of the
-// row -1, and the count. k comes from the budget rule evaluated on the device from the live
-// length in the page table, so the grid (H_kv, batch) never depends on live lengths.
+// Stage `topk` (method §10.6 K4; reference/topk.rs): per (sequence, KV head) row, the k best
+// order-preserving u32 keys of the scores (ties to the smaller position), written as ascending
+// positions, the rest of the row -1, and the count. k comes from the budget rule evaluated on
+// the device from the live length in the page table, so no grid depends on live lengths.
 //
-// Two-stage selection: stage 1 keeps min(n_cand, rerank_factor * k) survivors into the
+// Two-stage selection: stage 1 keeps k' = min(n_cand, rerank_factor * k) survivors into the
 // workspace; rerank_score (score.cu) re-scores them with the dequantised key; stage 2 keeps k.
+//
+// Two implementations of stage 1 (GpuContext::new picks; SIKV_TOPK=single forces the first):
+//  * single: sikv_topk_stage1, one CTA of 1024 threads per row, three radix-histogram passes
+//    and one ordered collection pass over the whole row (4 reads of 4N bytes by one SM).
+//  * multi (default): sikv_score also adds a 2048-bin histogram of the top 11 key bits into
+//    ws_hist (zeroed on the stream first). sikv_topk_compact (grid over the row, 4096 keys per
+//    CTA) finds the threshold bin t from the histogram (keys in bins > t: fewer than k'; with
+//    bin t: at least k') and appends (key, position) of every key in bins >= t to the row's
+//    candidate buffer (one atomicAdd per CTA). sikv_topk_final (one CTA per row) finishes the
+//    radix select over the candidates only (passes 2-3), marks taken / tied positions in two
+//    position bitmaps and emits ascending positions with an ordered scan of the bitmaps, so the
+//    compaction order never matters and the result is the one-CTA result exactly. A row whose
+//    bins >= t would not fit the buffer (cand_cap), or whose counter disagrees, is selected by
+//    the one-CTA code inside sikv_topk_final (decided on the device).
+//
+// PERF NOTES (H200, d=128, 8 KV heads, k = 2048, k' = 8192, N = 128K; measured at ed6d5ac:
+// topk 217.5 us at B=1, 219.9 us at B=8, i.e. one SM per row, latency-bound):
+//  * prediction for multi: score +1-2 us (smem histogram + <= a few hundred global atomics per
+//    CTA); compact ~4-6 us at B=1 (256 CTAs, 4 MB read), ~12-15 us at B=8 (32 MB at ~3 TB/s);
+//    final ~10-15 us (two radix passes over ~k' + |bin t| ~ 10-15K candidates in L2, then
+//    4096-word bitmaps), independent of B up to 132 rows. topk total: ~15-25 us at B=1,
+//    ~25-35 us at B=8 (from 218-220). The rows stop scaling with N except in compact.
+//  * the threshold bin holds ~3-5% of N for bell-shaped scores (11 bits = sign, exponent and
+//    2 mantissa bits: a quarter octave); sign x sign scores (small integers) or many forced
+//    tokens can put much more in one bin: such rows take the one-CTA fallback (same cost as
+//    before) once k' + |bin t| exceeds cand_cap = min(2 k'_max + 8192, row).
 #include "common.cuh"
 
 #define TOPK_THREADS 1024
@@ -24,6 +49,63 @@ SIKV_DEV int count_candidates(const SikvParams& p, const int* dpos, int end, int
     __syncthreads();
     int range = end - p.n_sink;
     return range - *smem_count;
+}
+
+// The selection sizes of row (b, h): n = end - S keys, n_cand candidates among them, the budget
+// k and the stage-1 size ksel (= k with one stage). Every thread must call (block barriers).
+struct RowK {
+    int end, n, n_cand, k, ksel;
+};
+SIKV_DEV RowK row_k(const SikvParams& p, int b, int h, int* smem_count) {
+    RowK r;
+    const int len = seq_len(p, b);
+    r.end = cand_end(p, len);
+    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
+    u8* rec = state_record(p, slot, h);
+    const int* dpos = state_dense_pos(p, rec);
+    r.n_cand = count_candidates(p, dpos, r.end, smem_count);
+    r.k = budget_k(p, r.n_cand);
+    r.ksel = r.k;
+    if (p.rerank_factor >= 2) {
+        long long k1 = (long long)p.rerank_factor * r.k;
+        r.ksel = (int)(k1 < r.n_cand ? k1 : r.n_cand);
+    }
+    r.n = r.end - p.n_sink;
+    return r;
+}
+
+// From the row's histogram of the top 11 key bits: the bin t holding the ksel-th best key.
+// out[0] = t, out[1] = keys in bins above t (< ksel), out[2] = keys in bin t, out[3] = 1 when
+// found (0 when the histogram holds fewer than ksel keys). ksel >= 1. Every thread must call.
+template <int NT>
+SIKV_DEV void hist_threshold(const u32* hist, u32 ksel, u32* scan, u32* out) {
+    constexpr int PER = TOPK_HIST_BINS / NT;
+    if (threadIdx.x == 0) { out[0] = 0; out[1] = 0; out[2] = 0; out[3] = 0; }
+    // Thread j owns bins [2048 - (j+1) PER, 2048 - j PER): thread 0 the highest.
+    const int hi = TOPK_HIST_BINS - (int)threadIdx.x * PER;
+    u32 c[PER];
+    u32 sum = 0;
+    #pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        c[i] = hist[hi - 1 - i];
+        sum += c[i];
+    }
+    u32 total;
+    u32 above = block_excl_scan<NT>(sum, scan, &total);
+    if (above < ksel && ksel <= above + sum) {
+        #pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            if (above + c[i] >= ksel) {
+                out[0] = (u32)(hi - 1 - i);
+                out[1] = above;
+                out[2] = c[i];
+                out[3] = 1;
+                break;
+            }
+            above += c[i];
+        }
+    }
+    __syncthreads();
 }
 
 SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
@@ -62,6 +144,186 @@ SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
     }
 }
 SIKV_ENTRY(sikv_topk_stage1, TOPK_THREADS)
+
+// ---------------------------------------------------------------------------------------------
+// Multi-CTA stage 1.
+
+#define COMPACT_THREADS 256
+#define COMPACT_ITEMS 16
+#define COMPACT_TILE (COMPACT_THREADS * COMPACT_ITEMS)
+
+// Appends (key << 32 | position) of every candidate key of this CTA's tile (absolute positions
+// [x * 4096, (x + 1) * 4096) within [S, end)) in bins >= the threshold bin to the row's
+// candidate buffer. grid (ceil(max_seq_len / 4096), H_kv, B), block 256.
+SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
+    __shared__ u32 scan[33];
+    __shared__ u32 thr[4];
+    __shared__ int heavy_in_range;
+    __shared__ u32 base_sh;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const int t0 = blockIdx.x * COMPACT_TILE;
+    {
+        const int end = cand_end(p, seq_len(p, b));
+        const int lo = t0 > p.n_sink ? t0 : p.n_sink;
+        const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
+        if (lo >= hi) return;  // uniform per block: nothing of this tile is a candidate
+    }
+    const RowK rk = row_k(p, b, h, &heavy_in_range);
+    if (rk.ksel <= 0) return;
+    const int lo = t0 > p.n_sink ? t0 : p.n_sink;
+    const int hi = t0 + COMPACT_TILE < rk.end ? t0 + COMPACT_TILE : rk.end;
+    u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
+    hist_threshold<COMPACT_THREADS>(hist, (u32)rk.ksel, scan, thr);
+    const u32 tb = thr[0];
+    // Fallback rows (too many keys in bins >= t) are selected by sikv_topk_final alone.
+    if (!thr[3] || (unsigned long long)thr[1] + thr[2] > (unsigned long long)p.cand_cap) return;
+
+    const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride;
+    u32 kv[COMPACT_ITEMS];
+    u32 cnt = 0;
+    #pragma unroll
+    for (int g = 0; g < COMPACT_ITEMS / 4; ++g) {
+        const int q = t0 + (g * COMPACT_THREADS + (int)threadIdx.x) * 4;  // multiple of 4
+        if (q >= lo && q + 4 <= hi) {
+            const uint4 w = *reinterpret_cast<const uint4*>(keys + q);  // key_stride % 4 == 0
+            kv[4 * g + 0] = w.x; kv[4 * g + 1] = w.y; kv[4 * g + 2] = w.z; kv[4 * g + 3] = w.w;
+        } else {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) kv[4 * g + e] = (q + e >= lo && q + e < hi) ? keys[q + e] : 0u;
+        }
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) cnt += (kv[4 * g + e] != 0u && (kv[4 * g + e] >> 21) >= tb) ? 1u : 0u;
+    }
+    u32 total;
+    const u32 excl = block_excl_scan<COMPACT_THREADS>(cnt, scan, &total);
+    u32* counter = hist + TOPK_HIST_BINS;
+    if (threadIdx.x == 0 && total) base_sh = atomicAdd(counter, total);
+    __syncthreads();
+    if (cnt) {
+        u64* cand = reinterpret_cast<u64*>(p.ws_cand) + rowid * p.cand_cap;
+        u32 at = base_sh + excl;
+        #pragma unroll
+        for (int g = 0; g < COMPACT_ITEMS / 4; ++g) {
+            const int q = t0 + (g * COMPACT_THREADS + (int)threadIdx.x) * 4;
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 key = kv[4 * g + e];
+                if (key != 0u && (key >> 21) >= tb) {
+                    if (at < (u32)p.cand_cap) cand[at] = ((u64)key << 32) | (u32)(q + e);
+                    ++at;
+                }
+            }
+        }
+    }
+}
+SIKV_ENTRY(sikv_topk_compact, COMPACT_THREADS)
+
+// The end of the multi-CTA stage 1: exact select over the candidates, ascending output (same
+// outputs as sikv_topk_stage1), or the one-CTA select over the whole row for a fallback row.
+// Resets the row's candidate counter. grid (H_kv, B), block 1024.
+SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
+    __shared__ RadixSmem s;
+    __shared__ u32 thr[4];
+    __shared__ int heavy_in_range;
+    const int b = blockIdx.y, h = blockIdx.x;
+    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const RowK rk = row_k(p, b, h, &heavy_in_range);
+    const int S = p.n_sink;
+    const int ksel = rk.ksel;
+    const bool two = p.rerank_factor >= 2;
+    int* out = two ? reinterpret_cast<int*>(p.ws_list) + rowid * p.stage1_max
+                   : reinterpret_cast<int*>(p.indices) + rowid * p.budget_max;
+    u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
+    u32* counter = hist + TOPK_HIST_BINS;
+    if (ksel > 0) {
+        hist_threshold<TOPK_THREADS>(hist, (u32)ksel, s.scan, thr);
+        const u32 nc = *counter;
+        const unsigned long long want = (unsigned long long)thr[1] + thr[2];
+        const bool fast = thr[3] && want <= (unsigned long long)p.cand_cap && nc == (u32)want;
+        if (!fast) {
+            const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride + S;
+            block_topk<TOPK_THREADS>(s, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
+        } else {
+            const u64* cand = reinterpret_cast<const u64*>(p.ws_cand) + rowid * p.cand_cap;
+            // Pass 1 is the histogram's: prefix = bin t, remaining = ksel - above.
+            if (threadIdx.x == 0) {
+                s.sel_prefix = thr[0] << 21;
+                s.sel_mask = 0x7ffu << 21;
+                s.sel_remaining = (u32)ksel - thr[1];
+            }
+            block_radix_passes<TOPK_THREADS>(s, (int)nc, 1, [&](int i) { return (u32)(cand[i] >> 32); });
+            const u32 T = s.sel_prefix;  // the full threshold key (mask is all ones now)
+            const u32 remaining = s.sel_remaining;
+            // Position bitmaps: gt = key > T (all taken), eq = key == T (the first `remaining`
+            // in position order taken).
+            u32* gt = reinterpret_cast<u32*>(p.ws_bitmap) + rowid * 2 * p.bm_words;
+            u32* eq = gt + p.bm_words;
+            const int w0 = S >> 5, w1 = (rk.end + 31) >> 5;
+            for (int w = w0 + (int)threadIdx.x; w < w1; w += TOPK_THREADS) { gt[w] = 0u; eq[w] = 0u; }
+            __syncthreads();
+            for (int i = threadIdx.x; i < (int)nc; i += TOPK_THREADS) {
+                const u64 c = cand[i];
+                const u32 key = (u32)(c >> 32);
+                const u32 pos = (u32)c;
+                if (key > T) atomicOr(&gt[pos >> 5], 1u << (pos & 31));
+                else if (key == T) atomicOr(&eq[pos >> 5], 1u << (pos & 31));
+            }
+            __syncthreads();
+            // Ordered scan of the bitmaps: 4 consecutive words per thread per tile.
+            u32 carry_gt = 0, carry_eq = 0;
+            for (int base = w0; base < w1; base += TOPK_THREADS * 4) {
+                u32 g[4], e[4];
+                u32 ngt = 0, neq = 0;
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int w = base + (int)threadIdx.x * 4 + j;
+                    g[j] = w < w1 ? __ldcg(&gt[w]) : 0u;
+                    e[j] = w < w1 ? __ldcg(&eq[w]) : 0u;
+                    ngt += (u32)__popc(g[j]);
+                    neq += (u32)__popc(e[j]);
+                }
+                u32 tg, te;
+                const u32 xg = block_excl_scan<TOPK_THREADS>(ngt, s.scan, &tg);
+                const u32 xe = block_excl_scan<TOPK_THREADS>(neq, s.scan, &te);
+                u32 gt_before = carry_gt + xg, eq_before = carry_eq + xe;
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int w = base + (int)threadIdx.x * 4 + j;
+                    u32 any = g[j] | e[j];
+                    while (any) {
+                        const int bit = __ffs(any) - 1;
+                        any &= any - 1;
+                        const int pos = (w << 5) + bit;
+                        if ((g[j] >> bit) & 1u) {
+                            const u32 taken_eq = eq_before < remaining ? eq_before : remaining;
+                            out[gt_before + taken_eq] = pos;
+                            gt_before += 1;
+                        } else {
+                            if (eq_before < remaining) out[gt_before + eq_before] = pos;
+                            eq_before += 1;
+                        }
+                    }
+                }
+                carry_gt += tg;
+                carry_eq += te;
+            }
+        }
+    }
+    if (two) {
+        if (threadIdx.x == 0) {
+            reinterpret_cast<int*>(p.ws_list_n)[2 * rowid] = ksel > 0 ? ksel : 0;
+            reinterpret_cast<int*>(p.ws_list_n)[2 * rowid + 1] = rk.k;
+        }
+    } else {
+        for (int r = (ksel > 0 ? ksel : 0) + threadIdx.x; r < p.budget_max; r += blockDim.x) out[r] = -1;
+        if (threadIdx.x == 0) reinterpret_cast<int*>(p.counts)[rowid] = ksel > 0 ? ksel : 0;
+    }
+    // Every thread has read the counter (above); leave it zero for the next call.
+    __syncthreads();
+    if (threadIdx.x == 0) *counter = 0u;
+}
+SIKV_ENTRY(sikv_topk_final, TOPK_THREADS)
 
 SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
     __shared__ RadixSmem s;

@@ -70,6 +70,28 @@ struct Inner {
     build_path: String,
     head_dim: u32,
     dtype: Dtype,
+    topk: TopkPath,
+}
+
+/// Which stage-1 top-k `select` runs (env SIKV_TOPK, read once at [`GpuContext::new`]):
+/// `single` = one CTA per row (the original kernel), anything else or unset = multi-CTA
+/// (histogram in the score kernel, multi-CTA compaction, one-CTA finish). `multi:N` also caps
+/// the candidate slots per row at N (a testing aid: small N sends rows down the on-device
+/// fallback to the one-CTA select).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopkPath {
+    Single,
+    Multi { cand_cap: Option<u32> },
+}
+
+impl TopkPath {
+    fn from_env() -> TopkPath {
+        match std::env::var("SIKV_TOPK") {
+            Ok(v) if v.trim() == "single" => TopkPath::Single,
+            Ok(v) => TopkPath::Multi { cand_cap: v.trim().strip_prefix("multi:").and_then(|n| n.parse().ok()) },
+            Err(_) => TopkPath::Multi { cand_cap: None },
+        }
+    }
 }
 
 // SAFETY: the raw handles are process-wide driver objects; CUDA allows using a context, module
@@ -224,7 +246,15 @@ impl GpuContext {
         }
         match Self::load(&dev, cfg.head_dim, dt) {
             Ok((module, kernels, build_path)) => Ok(GpuContext {
-                inner: Arc::new(Inner { dev, module, kernels, build_path, head_dim: cfg.head_dim, dtype: cfg.dtype }),
+                inner: Arc::new(Inner {
+                    dev,
+                    module,
+                    kernels,
+                    build_path,
+                    head_dim: cfg.head_dim,
+                    dtype: cfg.dtype,
+                    topk: TopkPath::from_env(),
+                }),
             }),
             Err(e) => Err(release(e, &dev)),
         }
@@ -266,6 +296,11 @@ impl GpuContext {
     /// "fatbin" or "nvrtc": how the kernels were loaded.
     pub fn build_path(&self) -> &str {
         &self.inner.build_path
+    }
+
+    /// The stage-1 top-k implementation `select` uses (SIKV_TOPK at create time).
+    pub fn topk_path(&self) -> TopkPath {
+        self.inner.topk
     }
 
     /// Compute capability and name of the device.
@@ -418,7 +453,12 @@ impl GpuContext {
         p.ws_part_ml = ws + w.part_ml as u64;
         p.ws_qbar = ws + w.qbar as u64;
         p.ws_rank = ws + w.rank as u64;
+        p.ws_hist = ws + w.hist as u64;
+        p.ws_cand = ws + w.cand as u64;
+        p.ws_bitmap = ws + w.bitmap as u64;
         p.key_stride = w.key_stride as i32;
+        p.cand_cap = w.cand_cap as i32;
+        p.bm_words = w.bm_words as i32;
     }
 
     fn check_ws(ws: u64, ws_bytes: usize, w: &Workspace) -> Result<()> {
@@ -651,11 +691,33 @@ impl GpuContext {
         let kn = &self.inner.kernels;
         let (h, b) = (cfg.num_kv_heads, table.batch);
         let tiles = cfg.max_seq_len.div_ceil(1024);
+        let multi = match self.inner.topk {
+            TopkPath::Single => false,
+            TopkPath::Multi { cand_cap } => {
+                if let Some(c) = cand_cap {
+                    p.cand_cap = p.cand_cap.min(c.max(1) as i32);
+                }
+                true
+            }
+        };
+        p.topk_multi = multi as i32;
         if stages & SELECT_SCORE != 0 {
+            if multi {
+                // The score kernel adds into the per-row histograms (and the final top-k kernel
+                // expects zero candidate counters): zero both on the stream.
+                let words = b as usize * h as usize * workspace::TOPK_HIST_STRIDE;
+                driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
+            }
             self.launch(&kn.score, (tiles, h, b), 256, stream, &p)?;
         }
         if stages & SELECT_TOPK != 0 {
-            self.launch(&kn.topk_stage1, (h, b, 1), 1024, stream, &p)?;
+            if multi {
+                let ctiles = cfg.max_seq_len.div_ceil(4096);
+                self.launch(&kn.topk_compact, (ctiles, h, b), 256, stream, &p)?;
+                self.launch(&kn.topk_final, (h, b, 1), 1024, stream, &p)?;
+            } else {
+                self.launch(&kn.topk_stage1, (h, b, 1), 1024, stream, &p)?;
+            }
         }
         if cfg.two_stage() && stages & SELECT_RERANK != 0 {
             self.launch(&kn.rerank_score, (cfg.stage1_max().div_ceil(128), h, b), 128, stream, &p)?;

@@ -12,11 +12,21 @@
 //! | part_ml | f32 `[B][H_q][num_splits][2]` | attend / attend_dense partial max and sum |
 //! | qbar | f32 `[H_kv][d]` | calibrate: group-mean last prompt query |
 //! | rank | i32 `[H_kv][max_seq_len]` | calibrate: heavy rank per prompt token |
+//! | hist | u32 `[B][H_kv][TOPK_HIST_STRIDE]` | multi-CTA top-k: 2048-bin histogram of the top 11 key bits, candidate counter (zeroed by `select` before scoring) |
+//! | cand | u64 `[B][H_kv][cand_cap]` | multi-CTA top-k: candidates `key << 32 \| position` |
+//! | bitmap | u32 `[B][H_kv][2][bm_words]` | multi-CTA top-k: taken / tied position bits |
 
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
 
 const ALIGN: usize = 256;
+/// Words per row of the top-k histogram region (kernels/common.cuh TOPK_HIST_STRIDE): 2048
+/// bins, the candidate counter at [2048], padding.
+pub const TOPK_HIST_STRIDE: usize = 2048 + 32;
+/// Candidate slots per row of the multi-CTA top-k beyond the k' (< k') keys strictly above the
+/// threshold bin: the threshold bin may hold this many more (plus k') before the row falls back
+/// to the one-CTA select (decided on the device).
+pub const TOPK_CAND_EXTRA: usize = 8192;
 /// At most this many candidate chunks per sequence in attend_dense (keeps the combine
 /// kernel's shared weight array, 2048 floats, large enough).
 const MAX_DENSE_CHUNKS: usize = 512;
@@ -35,7 +45,14 @@ pub struct Workspace {
     pub part_ml: usize,
     pub qbar: usize,
     pub rank: usize,
+    pub hist: usize,
+    pub cand: usize,
+    pub bitmap: usize,
     pub total: usize,
+    /// Candidate slots per row (multi-CTA top-k).
+    pub cand_cap: usize,
+    /// Words of one position bitmap per row (multiple of 4).
+    pub bm_words: usize,
     pub key_stride: usize,
     /// Partial slots per (sequence, query head) of the sparse attend: ceil((dense + k_max) / 64).
     pub sparse_splits: usize,
@@ -61,6 +78,10 @@ impl Workspace {
         let dense_chunk = ATTEND_SPLIT * per;
         let dense_total_splits = (dense_splits + msl.div_ceil(dense_chunk)).max(1);
         let ns = sparse_splits.max(dense_total_splits);
+        // k' <= stage1_max (= budget.max for one stage); keys above the threshold bin < k',
+        // the threshold bin itself at most k' + TOPK_CAND_EXTRA; never more than a row.
+        let cand_cap = (2 * s1 + TOPK_CAND_EXTRA).min(key_stride).max(4);
+        let bm_words = key_stride.div_ceil(32).div_ceil(4) * 4;
 
         let mut off = 0usize;
         let mut take = |bytes: usize| {
@@ -76,6 +97,9 @@ impl Workspace {
         let part_ml = take(4 * b * hq * ns * 2);
         let qbar = take(4 * h * d);
         let rank = take(4 * h * msl);
+        let hist = take(4 * b * h * TOPK_HIST_STRIDE);
+        let cand = take(8 * b * h * cand_cap);
+        let bitmap = take(4 * b * h * 2 * bm_words);
         Workspace {
             keys,
             list,
@@ -85,7 +109,12 @@ impl Workspace {
             part_ml,
             qbar,
             rank,
+            hist,
+            cand,
+            bitmap,
             total: off,
+            cand_cap,
+            bm_words,
             key_stride,
             sparse_splits,
             dense_splits,
