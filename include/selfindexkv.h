@@ -200,12 +200,18 @@ typedef struct SikvLayoutInfo {
   // All layers' planes / state.
   size_t total_plane_bytes;
   size_t total_state_bytes;
-  // Workspace a stateless decode call needs at max_batch.
+  // Workspace every stateless call needs at max_batch on a GPU (`sikv_workspace_size`
+  // gives the figure for a live handle and batch; 0 on the CPU).
   size_t workspace_bytes;
   // Pages in the pool.
   uint32_t num_pages;
   // Dense (full-precision) entries per sequence, layer and KV head.
   uint32_t dense_capacity;
+  // The profile in force: key magnitude bits and value bits (2, 4 or 16) ...
+  uint32_t key_bits;
+  uint32_t value_bits;
+  // ... and the selection: 0/1 = one stage, c >= 2 = 1-bit scan keeps c*k, re-ranked.
+  uint32_t rerank_factor;
 } SikvLayoutInfo;
 
 // Engine-owned memory for `sikv_cache_create_with_pools` (host pointers for the CPU device,

@@ -150,10 +150,12 @@ fn layout_query_reports_112_bytes_for_two_plus_one() {
     assert_eq!(info.bytes_per_token, 112);
     assert!((info.compression_vs_fp16 - 512.0 / 112.0).abs() < 1e-12);
     assert_eq!(info.bytes_per_page, 112 * 16 * 2);
+    assert_eq!((info.key_bits, info.value_bits, info.rerank_factor), (2, 2, c.rerank_factor));
     c.key_bits = 4;
     c.value_bits = 4;
     assert_eq!(sikv_query_layout(&c, &mut info), SIKV_OK);
     assert_eq!(info.bytes_per_token, 176);
+    assert_eq!((info.key_bits, info.value_bits), (4, 4));
 }
 
 #[test]

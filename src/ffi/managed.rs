@@ -52,8 +52,8 @@ pub extern "C" fn sikv_query_layout(config: *const SikvConfig, out: *mut SikvLay
         let cfg = CacheConfig::from_c(host_ref(config, "config")?)?;
         check_out(out, "out")?;
         let layout = Layout::new(&cfg);
-        let ws = crate::gpu::GpuContext::workspace_bytes(&cfg, &layout, cfg.max_batch);
-        write_out(out, SikvLayoutInfo::from_layout(&layout, ws, cfg.dense_capacity()), "out")
+        let ws = super::stateless::gpu_decode_workspace(&cfg, &layout, cfg.max_batch).0;
+        write_out(out, SikvLayoutInfo::from_layout(&layout, ws, &cfg), "out")
     })
 }
 

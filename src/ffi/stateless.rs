@@ -76,18 +76,22 @@ pub extern "C" fn sikv_workspace_size(kernels: *const SikvKernels, batch: u32, o
 
 use crate::status::SikvStatus;
 
-/// Workspace of `sikv_kernel_decode`: the stage workspace, then the selection
+/// Workspace of `sikv_kernel_decode` on a GPU: the stage workspace, then the selection
 /// (indices `[batch][H_kv][budget_max]`, counts `[batch][H_kv]`). Returns (total, offset of
 /// indices, offset of counts).
+pub(crate) fn gpu_decode_workspace(cfg: &CacheConfig, layout: &Layout, batch: u32) -> (usize, usize, usize) {
+    let stage = crate::gpu::GpuContext::workspace_bytes(cfg, layout, batch);
+    let rows = batch as usize * cfg.num_kv_heads as usize;
+    let idx = stage.div_ceil(256) * 256;
+    let cnt = (idx + 4 * rows * cfg.budget.max as usize).div_ceil(256) * 256;
+    (cnt + 4 * rows, idx, cnt)
+}
+
 fn decode_workspace(k: &SikvKernels, batch: u32) -> (usize, usize, usize) {
-    let stage = k.exec.workspace_bytes(&k.cfg, &k.layout, batch);
     if !k.exec.is_gpu() {
         return (0, 0, 0);
     }
-    let rows = batch as usize * k.cfg.num_kv_heads as usize;
-    let idx = stage.div_ceil(256) * 256;
-    let cnt = (idx + 4 * rows * k.cfg.budget.max as usize).div_ceil(256) * 256;
-    (cnt + 4 * rows, idx, cnt)
+    gpu_decode_workspace(&k.cfg, &k.layout, batch)
 }
 
 /// Host views of one layer's pools (CPU device).

@@ -2,6 +2,7 @@
 
 use std::ffi::c_void;
 
+use crate::config::CacheConfig;
 use crate::layout::{Layout, SIKV_NUM_PLANES};
 
 /// A CUDA stream (`cudaStream_t` / `CUstream`), borrowed; NULL is the legacy default stream.
@@ -33,16 +34,22 @@ pub struct SikvLayoutInfo {
     /// All layers' planes / state.
     pub total_plane_bytes: usize,
     pub total_state_bytes: usize,
-    /// Workspace a stateless decode call needs at max_batch.
+    /// Workspace every stateless call needs at max_batch on a GPU (`sikv_workspace_size`
+    /// gives the figure for a live handle and batch; 0 on the CPU).
     pub workspace_bytes: usize,
     /// Pages in the pool.
     pub num_pages: u32,
     /// Dense (full-precision) entries per sequence, layer and KV head.
     pub dense_capacity: u32,
+    /// The profile in force: key magnitude bits and value bits (2, 4 or 16) ...
+    pub key_bits: u32,
+    pub value_bits: u32,
+    /// ... and the selection: 0/1 = one stage, c >= 2 = 1-bit scan keeps c*k, re-ranked.
+    pub rerank_factor: u32,
 }
 
 impl SikvLayoutInfo {
-    pub fn from_layout(layout: &Layout, workspace_bytes: usize, dense_capacity: u32) -> Self {
+    pub fn from_layout(layout: &Layout, workspace_bytes: usize, cfg: &CacheConfig) -> Self {
         let d = layout.format.head_dim;
         SikvLayoutInfo {
             bytes_per_token: layout.bytes_per_token(),
@@ -58,7 +65,10 @@ impl SikvLayoutInfo {
             total_state_bytes: layout.total_state_bytes(),
             workspace_bytes,
             num_pages: layout.num_pages as u32,
-            dense_capacity,
+            dense_capacity: cfg.dense_capacity(),
+            key_bits: cfg.key_bits,
+            value_bits: cfg.value_bits,
+            rerank_factor: cfg.rerank_factor,
         }
     }
 }
