@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 declare -A RC
-STEPS="${STEPS:-tests,memcheck,racecheck,bench}"
+STEPS="${STEPS:-tests,demo,memcheck,racecheck,bench}"
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if [ ! -x .gpu/gpu_tests ]; then
@@ -39,6 +39,19 @@ if want tests; then
   RC[tests]=$?
   grep -E "^  (ok|FAIL|PANIC)|gpu tests|seed|nvrtc|skipped|test result" "$OUT/gpu_tests.log"
   echo "   ($((SECONDS - t0)) s)"
+  echo "== managed cache on the GPU vs the CPU backend"
+  t0=$SECONDS
+  .gpu/gpu_managed_tests --nocapture --test-threads=1 > "$OUT/gpu_managed.log" 2>&1
+  RC[managed]=$?
+  grep -E "managed GPU|skipped|test result|panicked" "$OUT/gpu_managed.log"
+  echo "   ($((SECONDS - t0)) s)"
+fi
+
+if want demo; then
+  echo "== demo (the README's first command) on the GPU"
+  .gpu/sikv_demo --steps 8 > "$OUT/demo.log" 2>&1
+  RC[demo]=$?
+  cat "$OUT/demo.log"
 fi
 
 if [ -n "$SAN" ] && want memcheck; then
@@ -49,6 +62,10 @@ if [ -n "$SAN" ] && want memcheck; then
   RC[memcheck]=$?
   grep -E "ERROR SUMMARY|^  (ok|FAIL|PANIC)" "$OUT/memcheck.log" | tail -12
   echo "   ($((SECONDS - t0)) s)"
+  echo "== compute-sanitizer memcheck, managed cache (quick sizes)"
+  SIKV_GPU_TEST_QUICK=1 "$SAN" --tool memcheck --error-exitcode 3 .gpu/gpu_managed_tests --nocapture --test-threads=1 > "$OUT/memcheck_managed.log" 2>&1
+  RC[memcheck_managed]=$?
+  grep -E "ERROR SUMMARY|managed GPU|test result" "$OUT/memcheck_managed.log" | tail -4
 fi
 if [ -n "$SAN" ] && want racecheck; then
   echo "== compute-sanitizer racecheck (quick sizes, cases: ${RACECHECK_CASES:-encode,calibrate,select_attend_matrix})"
@@ -80,7 +97,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests memcheck racecheck bench sdpa; do
+for k in tests managed demo memcheck memcheck_managed racecheck bench sdpa; do
   [ -n "${RC[$k]+x}" ] && printf "  %-10s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
