@@ -28,20 +28,24 @@ const LINK_LIBS: [&str; 3] = ["-lpthread", "-ldl", "-lm"];
 // ---------------------------------------------------------------------------------------------
 
 /// `libselfindexkv.a` of the profile this test was built with. `cargo test` compiles the
-/// library once with every crate type of Cargo.toml (staticlib, cdylib, rlib) in one rustc call,
-/// so the archive next to this test's profile directory is the same build the test links.
+/// library once with every crate type of Cargo.toml (staticlib, cdylib, rlib) in one rustc call
+/// and leaves the archive in `target/<profile>/deps/` (a `cargo build` also copies it up to
+/// `target/<profile>/`); the copy in `deps/` is the build this test was linked with.
 fn static_lib() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/c_link-<hash>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("test executable is not under target/<profile>/deps");
-    let lib = profile_dir.join("libselfindexkv.a");
+    let deps = exe.parent().expect("test executable has no parent directory");
+    let profile_dir = deps.parent().expect("test executable is not under target/<profile>/deps");
+    let candidates = [deps.join("libselfindexkv.a"), profile_dir.join("libselfindexkv.a")];
+    let lib = candidates.iter().find(|p| p.is_file()).cloned();
     assert!(
-        lib.is_file(),
-        "{} is missing: `cargo test` builds the staticlib crate type next to the test executables; \
-         build it with `cargo build --lib` (same profile, same target dir) and re-run",
-        lib.display()
+        lib.is_some(),
+        "libselfindexkv.a is missing from {} and {}: `cargo test` builds the staticlib crate type \
+         next to the test executables",
+        deps.display(),
+        profile_dir.display()
     );
-    lib
+    lib.unwrap()
 }
 
 fn scratch_dir() -> PathBuf {
