@@ -13,7 +13,9 @@
 use std::io::Write;
 
 use selfindexkv::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
-use selfindexkv::gpu::{DevLayer, DevPageTable, DeviceBuffer, GpuContext, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK};
+use selfindexkv::gpu::{
+    DevLayer, DevPageTable, DeviceBuffer, GpuContext, TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK, SELECT_TOPK_FINAL,
+};
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
 use selfindexkv::status::SikvStatus;
 
@@ -256,6 +258,16 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
                 ("dense_ours", bytes_dense, Box::new(dense)),
             ];
             for (name, bytes, f) in rows.iter() {
+                if *name == "rerank" && s.ctx.topk_path() != TopkPath::Single {
+                    // The multi-CTA top-k's last kernel alone (after one full top-k: candidates
+                    // and counter in place); compact + launch gaps = topk - topk_final.
+                    sel(SELECT_TOPK | SELECT_TOPK_FINAL).map_err(e2s)?;
+                    let (med, p10, p90) = time(&s, 10, iters.max(50), &|| sel(SELECT_TOPK_FINAL))?;
+                    println!("{:<10} {:>7} {:>3} {:>10.1} {:>10} {:>9} {:>6}", "topk_final", n, b, med, "-", "-", k);
+                    csv.push_str(&format!("topk_final,{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k}\n", cfg.group_size()));
+                    // Counter now 2x: this final falls back, then resets it.
+                    sel(SELECT_TOPK).map_err(e2s)?;
+                }
                 let (med, p10, p90) = time(&s, 10, iters.max(50), f.as_ref())?;
                 let gbps = *bytes as f64 / (med * 1e-6) / 1e9;
                 println!("{:<10} {:>7} {:>3} {:>10.1} {:>10.2} {:>9.1} {:>6}", name, n, b, med, *bytes as f64 / 1e6, gbps, k);

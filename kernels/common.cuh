@@ -49,7 +49,6 @@ struct SikvParams {
     u64 ws_hist;                 // u32 [B][H_kv][TOPK_HIST_STRIDE] multi-CTA top-k: key histogram
                                  //     of the top 11 bits, then the candidate counter
     u64 ws_cand;                 // u64 [B][H_kv][cand_cap] multi-CTA top-k: (key << 32 | pos)
-    u64 ws_bitmap;               // u32 [B][H_kv][2][bm_words] multi-CTA top-k: taken / tied bits
     // --- 32-bit fields ---
     int row_bytes[SIKV_NUM_PLANES];
     int num_kv_heads;
@@ -86,7 +85,7 @@ struct SikvParams {
     int dense_chunk;             // attend_dense: tokens per candidate chunk (multiple of 64)
     int cand_cap;                // multi-CTA top-k: candidate slots per row
     int topk_multi;              // 1: multi-CTA top-k (score builds the histogram); 0: one CTA
-    int bm_words;                // multi-CTA top-k: words of one position bitmap (multiple of 4)
+    int pad_;
 };
 
 // Multi-CTA top-k: 2048 histogram bins of the top 11 key bits per row, then one counter word
@@ -376,39 +375,40 @@ struct RadixSmem {
     u32 carry_sel, carry_eq;
 };
 
-// Finds the digit (bin) holding the remaining-th best element, scanning from the top bin.
-// Warp 0 only; writes the result into the shared selection state.
-template <int BINS>
-SIKV_DEV void radix_pick_bin(RadixSmem& s, int shift) {
-    int lane = threadIdx.x & 31;
-    constexpr int PER = BINS / 32;
-    // lane j owns bins [BINS - (j+1)*PER, BINS - j*PER), i.e. lane 0 the highest.
-    int hi = BINS - lane * PER;
+// Finds the digit (bin) holding the remaining-th best element, scanning from the top bin, and
+// updates the shared selection state. Thread j owns BINS / NT consecutive bins from the top
+// (thread 0 the highest); one block scan finds the owner. (An earlier warp-0-only version read
+// 64 bins per lane at a stride of 64 words: 32-way bank conflicts, microseconds per pass, and
+// an intra-warp hazard on sel_remaining.) Every thread must call; ends with a barrier.
+template <int NT, int BINS>
+SIKV_DEV void block_pick_bin(RadixSmem& s, int shift) {
+    constexpr int PER = BINS / NT > 0 ? BINS / NT : 1;
+    const int hi = BINS - (int)threadIdx.x * PER;
+    u32 c[PER];
     u32 sum = 0;
-    for (int i = 1; i <= PER; ++i) sum += s.hist[hi - i];
-    u32 incl = warp_incl_scan(sum);
-    u32 excl = incl - sum;
-    u32 rem = s.sel_remaining;
-    bool mine = excl < rem && rem <= incl;
-    u32 who = __ballot_sync(0xffffffffu, mine);
-    // Every lane has read sel_remaining before the one lane below rewrites it (racecheck does
-    // not count the ballot as a barrier; without this it reports an intra-warp WAR hazard).
-    __syncwarp();
-    if (who == 0) return;  // cannot happen while remaining <= number of keys in range
-    if (lane == __ffs(who) - 1) {
-        u32 above = excl;
-        for (int i = 1; i <= PER; ++i) {
-            u32 c = s.hist[hi - i];
-            if (above + c >= rem) {
-                u32 bin = (u32)(hi - i);
+    #pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        c[i] = hi - 1 - i >= 0 ? s.hist[hi - 1 - i] : 0u;
+        sum += c[i];
+    }
+    const u32 rem = s.sel_remaining;
+    u32 total;
+    // The scan's barriers order every read of sel_remaining before the one write below.
+    u32 above = block_excl_scan<NT>(sum, s.scan, &total);
+    if (above < rem && rem <= above + sum) {
+        #pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            if (above + c[i] >= rem) {
+                const u32 bin = (u32)(hi - 1 - i);
                 s.sel_prefix |= bin << shift;
                 s.sel_mask |= (u32)(BINS - 1) << shift;
                 s.sel_remaining = rem - above;
                 break;
             }
-            above += c;
+            above += c[i];
         }
     }
+    __syncthreads();
 }
 
 // Radix passes first_pass..2 (11/11/10 bits from the top) over the keys key_at(i), i in
@@ -426,23 +426,25 @@ SIKV_DEV void block_radix_passes(RadixSmem& s, int n, int first_pass, KeyAt key_
         u32 prefix = s.sel_prefix, mask = s.sel_mask;
         int shift = shifts[pass];
         u32 bmask = (u32)bins[pass] - 1;
-        int nround = (n + NT - 1) / NT * NT;
-        for (int i = threadIdx.x; i < nround; i += NT) {
-            bool act = false;
-            u32 bin = 0;
-            if (i < n) {
-                u32 key = key_at(i);
-                act = (key & mask) == prefix;
-                bin = (key >> shift) & bmask;
+        // U keys per thread per round, all loads issued before the histogram updates (the
+        // keys come from global memory / L2: latency, not bandwidth, bounds one CTA).
+        constexpr int U = 4;
+        for (int base = 0; base < n; base += NT * U) {
+            u32 key[U];
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int i = base + u * NT + (int)threadIdx.x;
+                key[u] = i < n ? key_at(i) : 0u;
             }
-            hist_add(s.hist, bin, act);
+            #pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int i = base + u * NT + (int)threadIdx.x;
+                hist_add(s.hist, (key[u] >> shift) & bmask, i < n && (key[u] & mask) == prefix);
+            }
         }
         __syncthreads();
-        if (threadIdx.x < 32) {
-            if (pass < 2) radix_pick_bin<2048>(s, shift);
-            else radix_pick_bin<1024>(s, shift);
-        }
-        __syncthreads();
+        if (pass < 2) block_pick_bin<NT, 2048>(s, shift);
+        else block_pick_bin<NT, 1024>(s, shift);
     }
 }
 

@@ -10,7 +10,7 @@
 #include "common.cuh"
 
 #define SCORE_THREADS 256
-#define SCORE_TOKENS_PER_THREAD 4
+#define SCORE_TOKENS_PER_THREAD 8  // 2048 tokens per CTA (src/gpu/mod.rs SCORE_TILE)
 #define SCORE_TILE (SCORE_THREADS * SCORE_TOKENS_PER_THREAD)
 
 // Group-mean query (reference/score.rs order) of sequence b, KV head h into smem (d floats).
@@ -130,7 +130,8 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     // into the row's global histogram (zeroed on the stream before this kernel).
     if (p.topk_multi) {
         #pragma unroll
-        for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) hist_add(hist, mine[j] >> 21, mine[j] != 0u);
+        for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j)
+            if (mine[j] != 0u) atomicAdd(&hist[mine[j] >> 21], 1u);
         __syncthreads();
         u32* ghist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) {

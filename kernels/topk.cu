@@ -15,22 +15,33 @@
 //    bin t: at least k') and appends (key, position) of every key in bins >= t to the row's
 //    candidate buffer (one atomicAdd per CTA). sikv_topk_final (one CTA per row) finishes the
 //    radix select over the candidates only (passes 2-3), marks taken / tied positions in two
-//    position bitmaps and emits ascending positions with an ordered scan of the bitmaps, so the
+//    shared-memory position bitmaps (windows of 131072 positions) and emits ascending positions with an ordered scan of the bitmaps, so the
 //    compaction order never matters and the result is the one-CTA result exactly. A row whose
 //    bins >= t would not fit the buffer (cand_cap), or whose counter disagrees, is selected by
 //    the one-CTA code inside sikv_topk_final (decided on the device).
 //
-// PERF NOTES (H200, d=128, 8 KV heads, k = 2048, k' = 8192, N = 128K; measured at ed6d5ac:
-// topk 217.5 us at B=1, 219.9 us at B=8, i.e. one SM per row, latency-bound):
-//  * prediction for multi: score +1-2 us (smem histogram + <= a few hundred global atomics per
-//    CTA); compact ~4-6 us at B=1 (256 CTAs, 4 MB read), ~12-15 us at B=8 (32 MB at ~3 TB/s);
-//    final ~10-15 us (two radix passes over ~k' + |bin t| ~ 10-15K candidates in L2, then
-//    4096-word bitmaps), independent of B up to 132 rows. topk total: ~15-25 us at B=1,
-//    ~25-35 us at B=8 (from 218-220). The rows stop scaling with N except in compact.
-//  * the threshold bin holds ~3-5% of N for bell-shaped scores (11 bits = sign, exponent and
-//    2 mantissa bits: a quarter octave); sign x sign scores (small integers) or many forced
-//    tokens can put much more in one bin: such rows take the one-CTA fallback (same cost as
-//    before) once k' + |bin t| exceeds cand_cap = min(2 k'_max + 8192, row).
+// PERF NOTES (H200, d=128, 8 KV heads, G=4, 2+1 bits, k = 2048, k' = 8192; bench medians, us)
+//  baseline ed6d5ac (one CTA per row):       128K B=1 topk 217.5, B=8 219.9; 8K B=1 topk 25.0
+//  predicted for multi: topk ~15-25 (B=1), ~25-35 (B=8); score +1-2.
+//  measured, multi-CTA (this file) + block-wide radix bin pick (common.cuh):
+//    128K B=1: score 25.4, topk 33.4 (final kernel alone 24.8), rerank 28.1, step 109.7 (299)
+//    128K B=8: score 98.1, topk 52.1 (final 27.8),              rerank 86.0, step 373.2 (548)
+//    8K   B=1: score 20.1, topk 23.9 (final 17.4),              rerank 23.3, step 81.8 (82.6)
+//    SIKV_TOPK=single now: 128K B=1 topk 172.9 (batched key loads + block-wide bin pick).
+//  What the measurements say:
+//  * the final kernel has a ~15-17 us floor even at 8K (k' = 2016): one CTA, ~15 block
+//    barriers per radix pass, count_candidates, the histogram scan, two radix passes, the
+//    bitmap windows. Next step: keep the candidates in registers / shared memory between the
+//    passes, use 8-bit digits for the two candidate passes (256-bin histograms), or split the
+//    final select over a cluster of CTAs (sm_90 DSMEM).
+//  * score pays ~8-9 us for the histogram at every N: most of it is the extra memset on the
+//    stream (eager launches; less under a CUDA graph) plus the per-CTA zero / flush of 2048
+//    shared bins. Below ~16K tokens SIKV_TOPK=single is as fast overall.
+//  * the compaction (topk - final) costs ~7 us at B=1 and ~25 us at B=8 (32 MB of keys).
+//  * the first 11 key bits are sign, exponent and 2 mantissa bits (a quarter octave): for
+//    bell-shaped scores the threshold bin holds a few % of N; sign x sign scores (small
+//    integers) or many forced tokens can put more in one bin; such rows take the one-CTA
+//    fallback once k' + |bin t| exceeds cand_cap = min(2 k'_max + 8192, row).
 #include "common.cuh"
 
 #define TOPK_THREADS 1024
@@ -221,9 +232,13 @@ SIKV_ENTRY(sikv_topk_compact, COMPACT_THREADS)
 
 // The end of the multi-CTA stage 1: exact select over the candidates, ascending output (same
 // outputs as sikv_topk_stage1), or the one-CTA select over the whole row for a fallback row.
-// Resets the row's candidate counter. grid (H_kv, B), block 1024.
+// Resets the row's candidate counter (not with p.mode == 1). grid (H_kv, B), block 1024.
+#define TOPK_BM_WORDS (TOPK_THREADS * 4)
+
 SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
+    __shared__ u32 bm_gt[TOPK_BM_WORDS];
+    __shared__ u32 bm_eq[TOPK_BM_WORDS];
     __shared__ u32 thr[4];
     __shared__ int heavy_in_range;
     const int b = blockIdx.y, h = blockIdx.x;
@@ -255,31 +270,41 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
             block_radix_passes<TOPK_THREADS>(s, (int)nc, 1, [&](int i) { return (u32)(cand[i] >> 32); });
             const u32 T = s.sel_prefix;  // the full threshold key (mask is all ones now)
             const u32 remaining = s.sel_remaining;
-            // Position bitmaps: gt = key > T (all taken), eq = key == T (the first `remaining`
-            // in position order taken).
-            u32* gt = reinterpret_cast<u32*>(p.ws_bitmap) + rowid * 2 * p.bm_words;
-            u32* eq = gt + p.bm_words;
+            // Position bitmaps in shared memory, one window of TOPK_BM_WORDS words (131072
+            // positions) at a time: gt = key > T (all taken), eq = key == T (the first
+            // `remaining` in position order taken); an ordered scan of each window emits.
             const int w0 = S >> 5, w1 = (rk.end + 31) >> 5;
-            for (int w = w0 + (int)threadIdx.x; w < w1; w += TOPK_THREADS) { gt[w] = 0u; eq[w] = 0u; }
-            __syncthreads();
-            for (int i = threadIdx.x; i < (int)nc; i += TOPK_THREADS) {
-                const u64 c = cand[i];
-                const u32 key = (u32)(c >> 32);
-                const u32 pos = (u32)c;
-                if (key > T) atomicOr(&gt[pos >> 5], 1u << (pos & 31));
-                else if (key == T) atomicOr(&eq[pos >> 5], 1u << (pos & 31));
-            }
-            __syncthreads();
-            // Ordered scan of the bitmaps: 4 consecutive words per thread per tile.
             u32 carry_gt = 0, carry_eq = 0;
-            for (int base = w0; base < w1; base += TOPK_THREADS * 4) {
+            for (int wb = w0; wb < w1; wb += TOPK_BM_WORDS) {
+                const int we = wb + TOPK_BM_WORDS < w1 ? wb + TOPK_BM_WORDS : w1;
+                for (int w = threadIdx.x; w < TOPK_BM_WORDS; w += TOPK_THREADS) { bm_gt[w] = 0u; bm_eq[w] = 0u; }
+                __syncthreads();
+                for (int base = 0; base < (int)nc; base += TOPK_THREADS * 4) {
+                    u64 c[4];
+                    #pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        const int i = base + u * TOPK_THREADS + (int)threadIdx.x;
+                        c[u] = i < (int)nc ? cand[i] : 0ull;  // key 0 < T: never marked
+                    }
+                    #pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        const u32 key = (u32)(c[u] >> 32);
+                        const u32 pos = (u32)c[u];
+                        const int w = (int)(pos >> 5);
+                        if (w < wb || w >= we) continue;
+                        if (key > T) atomicOr(&bm_gt[w - wb], 1u << (pos & 31));
+                        else if (key == T) atomicOr(&bm_eq[w - wb], 1u << (pos & 31));
+                    }
+                }
+                __syncthreads();
+                // 4 consecutive words per thread: TOPK_THREADS * 4 == TOPK_BM_WORDS.
                 u32 g[4], e[4];
                 u32 ngt = 0, neq = 0;
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int w = base + (int)threadIdx.x * 4 + j;
-                    g[j] = w < w1 ? __ldcg(&gt[w]) : 0u;
-                    e[j] = w < w1 ? __ldcg(&eq[w]) : 0u;
+                    const int w = (int)threadIdx.x * 4 + j;
+                    g[j] = wb + w < we ? bm_gt[w] : 0u;
+                    e[j] = wb + w < we ? bm_eq[w] : 0u;
                     ngt += (u32)__popc(g[j]);
                     neq += (u32)__popc(e[j]);
                 }
@@ -289,7 +314,7 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
                 u32 gt_before = carry_gt + xg, eq_before = carry_eq + xe;
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int w = base + (int)threadIdx.x * 4 + j;
+                    const int w = wb + (int)threadIdx.x * 4 + j;
                     u32 any = g[j] | e[j];
                     while (any) {
                         const int bit = __ffs(any) - 1;
@@ -307,6 +332,7 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
                 }
                 carry_gt += tg;
                 carry_eq += te;
+                // (the scans' barriers order every read of the bitmaps before the next zeroing)
             }
         }
     }
@@ -319,9 +345,10 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
         for (int r = (ksel > 0 ? ksel : 0) + threadIdx.x; r < p.budget_max; r += blockDim.x) out[r] = -1;
         if (threadIdx.x == 0) reinterpret_cast<int*>(p.counts)[rowid] = ksel > 0 ? ksel : 0;
     }
-    // Every thread has read the counter (above); leave it zero for the next call.
+    // Every thread has read the counter (above); leave it zero for the next call (mode 1:
+    // benchmark replay of this kernel alone, keep it).
     __syncthreads();
-    if (threadIdx.x == 0) *counter = 0u;
+    if (threadIdx.x == 0 && p.mode != 1) *counter = 0u;
 }
 SIKV_ENTRY(sikv_topk_final, TOPK_THREADS)
 

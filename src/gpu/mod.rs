@@ -41,6 +41,12 @@ pub const SELECT_SCORE: u32 = 1;
 pub const SELECT_TOPK: u32 = 2;
 pub const SELECT_RERANK: u32 = 4;
 pub const SELECT_ALL: u32 = 7;
+/// Tokens per CTA of the score kernel (kernels/score.cu SCORE_TILE).
+const SCORE_TILE: u32 = 2048;
+/// Benchmarking aid (multi-CTA top-k only): the final top-k kernel leaves the candidate counter
+/// as it found it; alone, it launches only that kernel. `SELECT_TOPK | SELECT_TOPK_FINAL` once,
+/// then `SELECT_TOPK_FINAL` repeatedly times the final kernel over the same candidates.
+pub const SELECT_TOPK_FINAL: u32 = 16;
 
 /// A caller's stream: `cudaStream_t` / `CUstream` (null = legacy default stream). Borrowed.
 pub type CUstream = *mut c_void;
@@ -455,10 +461,8 @@ impl GpuContext {
         p.ws_rank = ws + w.rank as u64;
         p.ws_hist = ws + w.hist as u64;
         p.ws_cand = ws + w.cand as u64;
-        p.ws_bitmap = ws + w.bitmap as u64;
         p.key_stride = w.key_stride as i32;
         p.cand_cap = w.cand_cap as i32;
-        p.bm_words = w.bm_words as i32;
     }
 
     fn check_ws(ws: u64, ws_bytes: usize, w: &Workspace) -> Result<()> {
@@ -690,7 +694,7 @@ impl GpuContext {
         self.current()?;
         let kn = &self.inner.kernels;
         let (h, b) = (cfg.num_kv_heads, table.batch);
-        let tiles = cfg.max_seq_len.div_ceil(1024);
+        let tiles = cfg.max_seq_len.div_ceil(SCORE_TILE);
         let multi = match self.inner.topk {
             TopkPath::Single => false,
             TopkPath::Multi { cand_cap } => {
@@ -710,14 +714,19 @@ impl GpuContext {
             }
             self.launch(&kn.score, (tiles, h, b), 256, stream, &p)?;
         }
+        // SELECT_TOPK_FINAL: the final kernel keeps the candidate counter (p.mode = 1).
+        let mut pf = p;
+        pf.mode = (stages & SELECT_TOPK_FINAL != 0) as i32;
         if stages & SELECT_TOPK != 0 {
             if multi {
                 let ctiles = cfg.max_seq_len.div_ceil(4096);
                 self.launch(&kn.topk_compact, (ctiles, h, b), 256, stream, &p)?;
-                self.launch(&kn.topk_final, (h, b, 1), 1024, stream, &p)?;
+                self.launch(&kn.topk_final, (h, b, 1), 1024, stream, &pf)?;
             } else {
                 self.launch(&kn.topk_stage1, (h, b, 1), 1024, stream, &p)?;
             }
+        } else if multi && stages & SELECT_TOPK_FINAL != 0 {
+            self.launch(&kn.topk_final, (h, b, 1), 1024, stream, &pf)?;
         }
         if cfg.two_stage() && stages & SELECT_RERANK != 0 {
             self.launch(&kn.rerank_score, (cfg.stage1_max().div_ceil(128), h, b), 128, stream, &p)?;

@@ -33,7 +33,6 @@ pub struct SikvParams {
     pub ws_rank: u64,
     pub ws_hist: u64,
     pub ws_cand: u64,
-    pub ws_bitmap: u64,
 
     pub row_bytes: [i32; SIKV_NUM_PLANES],
     pub num_kv_heads: i32,
@@ -80,7 +79,7 @@ pub struct SikvParams {
     pub dense_chunk: i32,
     pub cand_cap: i32,
     pub topk_multi: i32,
-    pub bm_words: i32,
+    pub pad_: i32,
 }
 
 /// `[sizeof, offsetof(ws_rank), offsetof(row_bytes), offsetof(off_dense_v),

@@ -14,7 +14,6 @@
 //! | rank | i32 `[H_kv][max_seq_len]` | calibrate: heavy rank per prompt token |
 //! | hist | u32 `[B][H_kv][TOPK_HIST_STRIDE]` | multi-CTA top-k: 2048-bin histogram of the top 11 key bits, candidate counter (zeroed by `select` before scoring) |
 //! | cand | u64 `[B][H_kv][cand_cap]` | multi-CTA top-k: candidates `key << 32 \| position` |
-//! | bitmap | u32 `[B][H_kv][2][bm_words]` | multi-CTA top-k: taken / tied position bits |
 
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -47,12 +46,9 @@ pub struct Workspace {
     pub rank: usize,
     pub hist: usize,
     pub cand: usize,
-    pub bitmap: usize,
     pub total: usize,
     /// Candidate slots per row (multi-CTA top-k).
     pub cand_cap: usize,
-    /// Words of one position bitmap per row (multiple of 4).
-    pub bm_words: usize,
     pub key_stride: usize,
     /// Partial slots per (sequence, query head) of the sparse attend: ceil((dense + k_max) / 64).
     pub sparse_splits: usize,
@@ -81,7 +77,6 @@ impl Workspace {
         // k' <= stage1_max (= budget.max for one stage); keys above the threshold bin < k',
         // the threshold bin itself at most k' + TOPK_CAND_EXTRA; never more than a row.
         let cand_cap = (2 * s1 + TOPK_CAND_EXTRA).min(key_stride).max(4);
-        let bm_words = key_stride.div_ceil(32).div_ceil(4) * 4;
 
         let mut off = 0usize;
         let mut take = |bytes: usize| {
@@ -99,7 +94,6 @@ impl Workspace {
         let rank = take(4 * h * msl);
         let hist = take(4 * b * h * TOPK_HIST_STRIDE);
         let cand = take(8 * b * h * cand_cap);
-        let bitmap = take(4 * b * h * 2 * bm_words);
         Workspace {
             keys,
             list,
@@ -111,10 +105,8 @@ impl Workspace {
             rank,
             hist,
             cand,
-            bitmap,
             total: off,
             cand_cap,
-            bm_words,
             key_stride,
             sparse_splits,
             dense_splits,
