@@ -101,6 +101,12 @@ struct AttendSmem {
     float l[MAX_GROUP];
     float scale[D];
     int dense_list[ATTEND_SPLIT];
+    // Sparse / dense-entry splits: the split's token refs, resolved once up front (the list ->
+    // page table -> row chain of dependent loads runs for all items in parallel instead of
+    // once per tile).
+    long long ref_row[ATTEND_SPLIT];
+    int ref_kind[ATTEND_SPLIT];
+    int ref_dense[ATTEND_SPLIT];
     u32 heavy_mask[64];  // candidate chunk bitmap (dense mode), up to 2048 positions per pass
     u32 scan[33];
     int n_dense;
@@ -194,6 +200,24 @@ SIKV_DEV void attend_body(const SikvParams& p) {
     const int pv_c = tid % Sh::CH, pv_g = tid / Sh::CH;
     const float sm_scale = p.softmax_scale;
 
+    if (!chunk) {
+        __syncthreads();  // dense_list complete
+        for (int it = tid; it < hi - lo; it += ATTEND_THREADS) {
+            const int item = lo + it;
+            int kind = 0, dense = 0;
+            long long row = 0;
+            if (item < nd) {
+                kind = 1;
+                dense = s.dense_list[it];
+            } else {
+                int pos = sel[item - nd];
+                if (pos >= 0 && pos < len) { kind = 2; row = row_index(p, b, h, pos); }
+            }
+            s.ref_kind[it] = kind;
+            s.ref_dense[it] = dense;
+            s.ref_row[it] = row;
+        }
+    }
     // Token ranges walked in tiles: list items or positions.
     const int first = chunk ? plo : lo;
     const int last = chunk ? phi : hi;
@@ -219,11 +243,10 @@ SIKV_DEV void attend_body(const SikvParams& p) {
                 if (chunk) {
                     int off = (item - plo) % 2048;
                     if (!((s.heavy_mask[off >> 5] >> (off & 31)) & 1u)) { tr.kind = 2; tr.row = row_index(p, b, h, item); }
-                } else if (item < nd) {
-                    tr.kind = 1; tr.dense = s.dense_list[item - lo];
                 } else {
-                    int pos = sel[item - nd];
-                    if (pos >= 0 && pos < len) { tr.kind = 2; tr.row = row_index(p, b, h, pos); }
+                    tr.kind = s.ref_kind[item - lo];
+                    tr.dense = s.ref_dense[item - lo];
+                    tr.row = s.ref_row[item - lo];
                 }
             }
             float kf[16], vf[16];
