@@ -134,6 +134,8 @@ for n, b in keys:
     k = t[("step", n, b)]["k"] if ("step", n, b) in t else "?"
     print(f"  {n:>7} {b:>2} {k:>5} {g('score'):>7.1f} {g('topk'):>7.1f} {g('rerank'):>7.1f} {g('attend'):>7.1f} {step:>8.1f} {dense:>8.1f} {cu:>8.1f} {fl:>8.1f} {dense/step:>7.2f} {cu/step:>7.2f} {fl/step:>7.2f}  {bw('score'):>10.0f}  {bw('attend'):>11.0f}")
 EOF
+# Everything in one archive plus the two CSVs, so that all of it comes back from the GPU machine.
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./*.log 2>/dev/null && rm -f ./*.log)
 fail=0
 for k in "${!RC[@]}"; do [ "${RC[$k]}" != "0" ] && fail=1; done
 exit $fail
