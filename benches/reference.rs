@@ -82,9 +82,7 @@ fn bench(c: &mut Criterion) {
             black_box(acc)
         })
     });
-    g.bench_function("encode_64k_d128", |b| {
-        b.iter(|| encode_all(black_box(&mut planes)))
-    });
+    g.bench_function("encode_64k_d128", |b| b.iter(|| encode_all(black_box(&mut planes))));
     g.finish();
 }
 

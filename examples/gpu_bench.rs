@@ -14,7 +14,8 @@ use std::io::Write;
 
 use selfindexkv::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
 use selfindexkv::gpu::{
-    DevLayer, DevPageTable, DeviceBuffer, GpuContext, TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK, SELECT_TOPK_FINAL,
+    DevLayer, DevPageTable, DeviceBuffer, GpuContext, TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK,
+    SELECT_TOPK_FINAL,
 };
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
 use selfindexkv::status::SikvStatus;
@@ -108,8 +109,12 @@ fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -
         }
     }
     let state = ctx.alloc(layout.layer_state_bytes).map_err(e2s)?;
-    ctx.memset_async(state.ptr(), 0, layout.layer_state_bytes, null()).map_err(e2s)?;
-    let layer = DevLayer { planes: lp, state: state.ptr() };
+    ctx.memset_async(state.ptr(), 0, layout.layer_state_bytes, null())
+        .map_err(e2s)?;
+    let layer = DevLayer {
+        planes: lp,
+        state: state.ptr(),
+    };
     let ws_bytes = GpuContext::workspace_bytes(&cfg, &layout, batch);
     let ws = ctx.alloc(ws_bytes).map_err(e2s)?;
     // Pages: a shuffled permutation of the pool.
@@ -126,10 +131,26 @@ fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -
     let dq_tail = upload(&ctx, &qrow)?;
     for b in 0..batch as usize {
         let pages = &perm[b * ppseq..(b + 1) * ppseq];
-        let sm: Vec<u8> = (0..n as usize).flat_map(|t| (pages[t / p] as i64 * p as i64 + (t % p) as i64).to_le_bytes()).collect();
+        let sm: Vec<u8> = (0..n as usize)
+            .flat_map(|t| (pages[t / p] as i64 * p as i64 + (t % p) as i64).to_le_bytes())
+            .collect();
         let dsm = upload(&ctx, &sm)?;
-        ctx.calibrate(&cfg, &layout, &layer, b as u32, n, kv.0.ptr(), kv.1.ptr(), 1, dq_tail.ptr(), dsm.ptr(), ws.ptr(), ws_bytes, null())
-            .map_err(e2s)?;
+        ctx.calibrate(
+            &cfg,
+            &layout,
+            &layer,
+            b as u32,
+            n,
+            kv.0.ptr(),
+            kv.1.ptr(),
+            1,
+            dq_tail.ptr(),
+            dsm.ptr(),
+            ws.ptr(),
+            ws_bytes,
+            null(),
+        )
+        .map_err(e2s)?;
         ctx.synchronize(null()).map_err(e2s)?;
     }
     let mut indptr = vec![0i32];
@@ -140,20 +161,46 @@ fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -
         indptr.push(idx.len() as i32);
         last.push((n as usize - (ppseq - 1) * p) as i32);
     }
-    let (a, i, l) = (upload(&ctx, &i32b(&indptr))?, upload(&ctx, &i32b(&idx))?, upload(&ctx, &i32b(&last))?);
-    let table = DevPageTable { indptr: a.ptr(), indices: i.ptr(), last_page_len: l.ptr(), batch };
+    let (a, i, l) = (
+        upload(&ctx, &i32b(&indptr))?,
+        upload(&ctx, &i32b(&idx))?,
+        upload(&ctx, &i32b(&last))?,
+    );
+    let table = DevPageTable {
+        indptr: a.ptr(),
+        indices: i.ptr(),
+        last_page_len: l.ptr(),
+        batch,
+    };
     let slots: Vec<i32> = (0..batch as i32).collect();
     let ds = upload(&ctx, &i32b(&slots))?;
     let qb: Vec<u8> = (0..batch as usize * hq_d).flat_map(|_| rng.half(0.0)).collect();
     let dq = upload(&ctx, &qb)?;
     let hkv = cfg.num_kv_heads as usize;
-    let indices = ctx.alloc(4 * batch as usize * hkv * cfg.budget.max as usize).map_err(e2s)?;
+    let indices = ctx
+        .alloc(4 * batch as usize * hkv * cfg.budget.max as usize)
+        .map_err(e2s)?;
     let counts = ctx.alloc(4 * batch as usize * hkv).map_err(e2s)?;
     let out = ctx.alloc(2 * batch as usize * hq_d).map_err(e2s)?;
     let (seq_slot, q) = (ds.ptr(), dq.ptr());
     bufs.extend([a, i, l, ds, dq, dq_tail]);
     ctx.synchronize(null()).map_err(e2s)?;
-    Ok(Setup { cfg, layout, ctx, _planes: planes, _state: state, layer, table, _bufs: bufs, seq_slot, q, indices, counts, out, ws })
+    Ok(Setup {
+        cfg,
+        layout,
+        ctx,
+        _planes: planes,
+        _state: state,
+        layer,
+        table,
+        _bufs: bufs,
+        seq_slot,
+        q,
+        indices,
+        counts,
+        out,
+        ws,
+    })
 }
 
 fn time(s: &Setup, warm: usize, iters: usize, f: &dyn Fn() -> selfindexkv::Result<()>) -> R<(f64, f64, f64)> {
@@ -171,8 +218,16 @@ fn time(s: &Setup, warm: usize, iters: usize, f: &dyn Fn() -> selfindexkv::Resul
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let csv_path = args.iter().position(|a| a == "--csv").and_then(|i| args.get(i + 1).cloned());
-    let iters: usize = args.iter().position(|a| a == "--iters").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(60);
+    let csv_path = args
+        .iter()
+        .position(|a| a == "--csv")
+        .and_then(|i| args.get(i + 1).cloned());
+    let iters: usize = args
+        .iter()
+        .position(|a| a == "--iters")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
     let probe = make_cfg(1024, 1);
     match GpuContext::new(&probe, &Layout::new(&probe)) {
         Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
@@ -183,7 +238,12 @@ fn main() {
             eprintln!("gpu bench: {e}");
             std::process::exit(1);
         }
-        Ok(ctx) => println!("gpu bench on {:?}, kernels from {}, top-k {:?}", ctx.device_info(), ctx.build_path(), ctx.topk_path()),
+        Ok(ctx) => println!(
+            "gpu bench on {:?}, kernels from {}, top-k {:?}",
+            ctx.device_info(),
+            ctx.build_path(),
+            ctx.topk_path()
+        ),
     }
     let list = |flag: &str| -> Option<Vec<u32>> {
         let v = args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1))?;
@@ -200,7 +260,10 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
     let batches: Vec<u32> = batches.unwrap_or(if quick { vec![1, 2] } else { vec![1, 2, 4, 8] });
     let mut csv = String::from("kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k\n");
     let mut rng = Rng(0x9e3779b97f4a7c15);
-    println!("{:<10} {:>7} {:>3} {:>10} {:>10} {:>9} {:>6}", "kernel", "N", "B", "median_us", "MB", "GB/s", "k");
+    println!(
+        "{:<10} {:>7} {:>3} {:>10} {:>10} {:>9} {:>6}",
+        "kernel", "N", "B", "median_us", "MB", "GB/s", "k"
+    );
     for &n in &ns {
         // One prompt's k / v (n x 8 x 128 fp16), shared by every sequence of the batch.
         let probe = make_cfg(n, 1);
@@ -218,15 +281,50 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
             let heads = hkv * b as u64;
             let sel = |stages: u32| {
                 s.ctx.select_stages(
-                    stages, cfg, &s.layout, &s.layer, &s.table, s.seq_slot, s.q, s.indices.ptr(), s.counts.ptr(), s.ws.ptr(), s.ws.bytes(), null(),
+                    stages,
+                    cfg,
+                    &s.layout,
+                    &s.layer,
+                    &s.table,
+                    s.seq_slot,
+                    s.q,
+                    s.indices.ptr(),
+                    s.counts.ptr(),
+                    s.ws.ptr(),
+                    s.ws.bytes(),
+                    null(),
                 )
             };
             let att = || {
                 s.ctx.attend(
-                    cfg, &s.layout, &s.layer, &s.table, s.seq_slot, s.q, s.indices.ptr(), s.counts.ptr(), s.out.ptr(), s.ws.ptr(), s.ws.bytes(), null(),
+                    cfg,
+                    &s.layout,
+                    &s.layer,
+                    &s.table,
+                    s.seq_slot,
+                    s.q,
+                    s.indices.ptr(),
+                    s.counts.ptr(),
+                    s.out.ptr(),
+                    s.ws.ptr(),
+                    s.ws.bytes(),
+                    null(),
                 )
             };
-            let dense = || s.ctx.attend_dense(cfg, &s.layout, &s.layer, &s.table, s.seq_slot, s.q, s.out.ptr(), s.ws.ptr(), s.ws.bytes(), null());
+            let dense = || {
+                s.ctx.attend_dense(
+                    cfg,
+                    &s.layout,
+                    &s.layer,
+                    &s.table,
+                    s.seq_slot,
+                    s.q,
+                    s.out.ptr(),
+                    s.ws.ptr(),
+                    s.ws.bytes(),
+                    null(),
+                )
+            };
             sel(SELECT_ALL).map_err(e2s)?;
             s.ctx.synchronize(null()).map_err(e2s)?;
             let mut cb = vec![0u8; s.counts.bytes()];
@@ -249,12 +347,20 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
                 ("score", bytes_score, Box::new(move || sel(SELECT_SCORE))),
                 ("topk", bytes_topk, Box::new(move || sel(SELECT_TOPK))),
                 ("rerank", bytes_rerank, Box::new(move || sel(SELECT_RERANK))),
-                ("select", bytes_score + bytes_topk + bytes_rerank, Box::new(move || sel(SELECT_ALL))),
+                (
+                    "select",
+                    bytes_score + bytes_topk + bytes_rerank,
+                    Box::new(move || sel(SELECT_ALL)),
+                ),
                 ("attend", bytes_attend, Box::new(att)),
-                ("step", bytes_step, Box::new(move || {
-                    sel(SELECT_ALL)?;
-                    att()
-                })),
+                (
+                    "step",
+                    bytes_step,
+                    Box::new(move || {
+                        sel(SELECT_ALL)?;
+                        att()
+                    }),
+                ),
                 ("dense_ours", bytes_dense, Box::new(dense)),
             ];
             for (name, bytes, f) in rows.iter() {
@@ -263,15 +369,33 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
                     // and counter in place); compact + launch gaps = topk - topk_final.
                     sel(SELECT_TOPK | SELECT_TOPK_FINAL).map_err(e2s)?;
                     let (med, p10, p90) = time(&s, 10, iters.max(50), &|| sel(SELECT_TOPK_FINAL))?;
-                    println!("{:<10} {:>7} {:>3} {:>10.1} {:>10} {:>9} {:>6}", "topk_final", n, b, med, "-", "-", k);
-                    csv.push_str(&format!("topk_final,{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k}\n", cfg.group_size()));
+                    println!(
+                        "{:<10} {:>7} {:>3} {:>10.1} {:>10} {:>9} {:>6}",
+                        "topk_final", n, b, med, "-", "-", k
+                    );
+                    csv.push_str(&format!(
+                        "topk_final,{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k}\n",
+                        cfg.group_size()
+                    ));
                     // Counter now 2x: this final falls back, then resets it.
                     sel(SELECT_TOPK).map_err(e2s)?;
                 }
                 let (med, p10, p90) = time(&s, 10, iters.max(50), f.as_ref())?;
                 let gbps = *bytes as f64 / (med * 1e-6) / 1e9;
-                println!("{:<10} {:>7} {:>3} {:>10.1} {:>10.2} {:>9.1} {:>6}", name, n, b, med, *bytes as f64 / 1e6, gbps, k);
-                csv.push_str(&format!("{name},{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},{bytes},{gbps:.1},{k}\n", cfg.group_size()));
+                println!(
+                    "{:<10} {:>7} {:>3} {:>10.1} {:>10.2} {:>9.1} {:>6}",
+                    name,
+                    n,
+                    b,
+                    med,
+                    *bytes as f64 / 1e6,
+                    gbps,
+                    k
+                );
+                csv.push_str(&format!(
+                    "{name},{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},{bytes},{gbps:.1},{k}\n",
+                    cfg.group_size()
+                ));
             }
             let _ = std::io::stdout().flush();
         }

@@ -55,6 +55,15 @@
 // 2+1 bits with every reference choice (64 heavy, k = 100, median, no sinks or window).
 #define SIKV_PROFILE_PARITY 3
 
+#define SIKV_VERSION_MAJOR 0
+
+#define SIKV_VERSION_MINOR 1
+
+#define SIKV_VERSION_PATCH 0
+
+// Bumped whenever a struct, signature or constant of the C ABI changes incompatibly.
+#define SIKV_ABI_VERSION 1
+
 // Plane indices: fixed, part of the ABI (`SikvLayerPools.plane[i]`).
 #define SIKV_PLANE_SIGN 0
 
@@ -71,15 +80,6 @@
 #define SIKV_PLANE_VFULL 6
 
 #define SIKV_NUM_PLANES 7
-
-#define SIKV_VERSION_MAJOR 0
-
-#define SIKV_VERSION_MINOR 1
-
-#define SIKV_VERSION_PATCH 0
-
-// Bumped whenever a struct, signature or constant of the C ABI changes incompatibly.
-#define SIKV_ABI_VERSION 1
 
 // Result of every exported call. The numbers are part of the ABI and never change.
 typedef enum SikvStatus {
@@ -365,7 +365,9 @@ enum SikvStatus sikv_kernel_reset_slot(const struct SikvKernels *kernels, const 
 // accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
 enum SikvStatus sikv_kernel_decode(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
 
-// The library version, e.g. "0.1.0". Static storage; never NULL.
+// The library version and how its kernels were built, e.g.
+// "0.1.0 (kernels: fatbin:nvcc 13.5:sm_80,...)" or "0.1.0 (kernels: nvrtc)". Static storage;
+// never NULL. The version number is everything before the first space.
 const char *sikv_version(void);
 
 // The ABI version this library implements (compare with SIKV_ABI_VERSION from the header).

@@ -174,7 +174,11 @@ pub struct Budget {
 impl Budget {
     pub fn k_for(&self, candidates: u32) -> u32 {
         let want = (self.ratio as f64 * candidates as f64).ceil();
-        let want = if want.is_finite() && want > 0.0 { want.min(u32::MAX as f64) as u32 } else { 0 };
+        let want = if want.is_finite() && want > 0.0 {
+            want.min(u32::MAX as f64) as u32
+        } else {
+            0
+        };
         want.clamp(self.min, self.max).min(candidates)
     }
 }
@@ -316,8 +320,16 @@ impl CacheConfig {
             "config.value_bits = {} is not supported (2, 4 or 16)",
             c.value_bits
         );
-        ensure!(c.num_layers >= 1, SIKV_ERR_INVALID_ARGUMENT, "config.num_layers must be >= 1");
-        ensure!(c.num_kv_heads >= 1, SIKV_ERR_INVALID_ARGUMENT, "config.num_kv_heads must be >= 1");
+        ensure!(
+            c.num_layers >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "config.num_layers must be >= 1"
+        );
+        ensure!(
+            c.num_kv_heads >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "config.num_kv_heads must be >= 1"
+        );
         ensure!(
             c.num_q_heads >= c.num_kv_heads && c.num_q_heads % c.num_kv_heads == 0,
             SIKV_ERR_INVALID_ARGUMENT,
@@ -338,8 +350,16 @@ impl CacheConfig {
             "config.page_size = {} must be a multiple of 16 in 16..=256",
             c.page_size
         );
-        ensure!(c.max_seqs >= 1, SIKV_ERR_INVALID_ARGUMENT, "config.max_seqs must be >= 1");
-        ensure!(c.max_seq_len >= 1, SIKV_ERR_INVALID_ARGUMENT, "config.max_seq_len must be >= 1");
+        ensure!(
+            c.max_seqs >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "config.max_seqs must be >= 1"
+        );
+        ensure!(
+            c.max_seq_len >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "config.max_seq_len must be >= 1"
+        );
         ensure!(
             c.max_seq_len <= (1 << 30),
             SIKV_ERR_OUT_OF_BOUNDS,
@@ -359,7 +379,11 @@ impl CacheConfig {
             "config.max_append_tokens must be >= 1"
         );
         let pages_per_seq = c.max_seq_len.div_ceil(c.page_size) as u64;
-        let num_pages = if c.num_pages == 0 { pages_per_seq * c.max_seqs as u64 } else { c.num_pages as u64 };
+        let num_pages = if c.num_pages == 0 {
+            pages_per_seq * c.max_seqs as u64
+        } else {
+            c.num_pages as u64
+        };
         ensure!(
             num_pages <= i32::MAX as u64,
             SIKV_ERR_OUT_OF_BOUNDS,
@@ -378,7 +402,11 @@ impl CacheConfig {
             c.budget_min,
             c.budget_max
         );
-        ensure!(c.budget_max >= 1, SIKV_ERR_INVALID_ARGUMENT, "config.budget_max must be >= 1");
+        ensure!(
+            c.budget_max >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "config.budget_max must be >= 1"
+        );
         ensure!(
             c.budget_max <= 65536,
             SIKV_ERR_OUT_OF_BOUNDS,
@@ -404,8 +432,11 @@ impl CacheConfig {
             "config.softmax_scale = {} must be finite and >= 0",
             c.softmax_scale
         );
-        let softmax_scale =
-            if c.softmax_scale == 0.0 { 1.0 / (c.head_dim as f32).sqrt() } else { c.softmax_scale };
+        let softmax_scale = if c.softmax_scale == 0.0 {
+            1.0 / (c.head_dim as f32).sqrt()
+        } else {
+            c.softmax_scale
+        };
         Ok(CacheConfig {
             device,
             device_ordinal: c.device_ordinal,
@@ -425,7 +456,11 @@ impl CacheConfig {
             n_sink: c.n_sink,
             n_heavy: c.n_heavy,
             n_window: c.n_window,
-            budget: Budget { ratio: c.budget_ratio, min: c.budget_min, max: c.budget_max },
+            budget: Budget {
+                ratio: c.budget_ratio,
+                min: c.budget_min,
+                max: c.budget_max,
+            },
             rerank_factor: c.rerank_factor,
             selector,
             centre,

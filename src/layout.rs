@@ -81,7 +81,12 @@ impl TokenFormat {
             row[SIKV_PLANE_VCODE] = d * value_bits as usize / 8;
             row[SIKV_PLANE_VPAR] = groups * PAR_BYTES_PER_GROUP;
         }
-        TokenFormat { head_dim, key_bits, value_bits, row_bytes: row }
+        TokenFormat {
+            head_dim,
+            key_bits,
+            value_bits,
+            row_bytes: row,
+        }
     }
     /// Bytes per token per KV head over all planes (112 for 2+1 at head_dim 128).
     pub fn bytes_per_token(&self) -> usize {
@@ -185,7 +190,11 @@ impl Layout {
     pub fn new(cfg: &CacheConfig) -> Layout {
         let format = TokenFormat::new(cfg.head_dim as usize, cfg.key_bits, cfg.value_bits);
         let state = StateLayout::new(cfg.head_dim as usize, cfg.dense_capacity() as usize);
-        let (h, p, n) = (cfg.num_kv_heads as usize, cfg.page_size as usize, cfg.num_pages as usize);
+        let (h, p, n) = (
+            cfg.num_kv_heads as usize,
+            cfg.page_size as usize,
+            cfg.num_pages as usize,
+        );
         let mut plane_offset = [0usize; SIKV_NUM_PLANES];
         let mut plane_bytes = [0usize; SIKV_NUM_PLANES];
         let mut off = 0usize;

@@ -10,16 +10,16 @@
 //! - [`cache`]: pools, page allocator and sequence slots of the managed cache;
 //! - [`ffi`]: the C ABI, the only place with `extern "C"`.
 
-pub mod status;
+pub mod cache;
 pub mod config;
+pub mod cpu;
+pub mod ffi;
+pub mod gpu;
 pub mod layout;
 pub mod numeric;
 pub mod reference;
-pub mod cpu;
-pub mod gpu;
-pub mod cache;
+pub mod status;
 pub mod telemetry;
-pub mod ffi;
 
 pub use config::{CacheConfig, SikvConfig};
 pub use layout::Layout;

@@ -52,7 +52,10 @@ pub struct Error {
 
 impl Error {
     pub fn new(status: SikvStatus, message: impl Into<String>) -> Self {
-        Error { status, message: message.into() }
+        Error {
+            status,
+            message: message.into(),
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(SikvStatus::SIKV_ERR_INVALID_ARGUMENT, message)

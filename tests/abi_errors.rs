@@ -12,7 +12,10 @@ use selfindexkv::SikvStatus::{self, *};
 struct Rng(u64);
 impl Rng {
     fn new() -> Rng {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
         Rng(seed | 1)
     }
     fn f32(&mut self) -> f32 {
@@ -27,7 +30,9 @@ impl Rng {
 }
 
 fn msg() -> String {
-    unsafe { CStr::from_ptr(sikv_last_error_message()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(sikv_last_error_message()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn expect(status: SikvStatus, want: SikvStatus, needle: &str) {
@@ -109,11 +114,31 @@ fn config_errors_name_the_field() {
         (Box::new(|c| c.head_dim = 96), SIKV_ERR_UNSUPPORTED, "config.head_dim"),
         (Box::new(|c| c.key_bits = 3), SIKV_ERR_UNSUPPORTED, "config.key_bits"),
         (Box::new(|c| c.page_size = 24), SIKV_ERR_UNSUPPORTED, "config.page_size"),
-        (Box::new(|c| c.num_q_heads = 7), SIKV_ERR_INVALID_ARGUMENT, "num_q_heads"),
-        (Box::new(|c| c.max_batch = 99), SIKV_ERR_INVALID_ARGUMENT, "config.max_batch"),
-        (Box::new(|c| c.budget_min = 64), SIKV_ERR_INVALID_ARGUMENT, "config.budget_min"),
-        (Box::new(|c| c.budget_ratio = f32::NAN), SIKV_ERR_INVALID_ARGUMENT, "config.budget_ratio"),
-        (Box::new(|c| c.rerank_factor = 99), SIKV_ERR_OUT_OF_BOUNDS, "config.rerank_factor"),
+        (
+            Box::new(|c| c.num_q_heads = 7),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "num_q_heads",
+        ),
+        (
+            Box::new(|c| c.max_batch = 99),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "config.max_batch",
+        ),
+        (
+            Box::new(|c| c.budget_min = 64),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "config.budget_min",
+        ),
+        (
+            Box::new(|c| c.budget_ratio = f32::NAN),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "config.budget_ratio",
+        ),
+        (
+            Box::new(|c| c.rerank_factor = 99),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "config.rerank_factor",
+        ),
     ];
     for (edit, status, needle) in cases {
         let mut c = good;
@@ -136,7 +161,15 @@ fn destroy_null_is_a_noop_and_versions_are_consistent() {
     sikv_kernels_destroy(null_mut());
     assert_eq!(sikv_abi_version(), SIKV_ABI_VERSION);
     let v = unsafe { CStr::from_ptr(sikv_version()) }.to_str().unwrap();
-    assert_eq!(v, format!("{SIKV_VERSION_MAJOR}.{SIKV_VERSION_MINOR}.{SIKV_VERSION_PATCH}"));
+    let number = v.split(' ').next().unwrap();
+    assert_eq!(
+        number,
+        format!("{SIKV_VERSION_MAJOR}.{SIKV_VERSION_MINOR}.{SIKV_VERSION_PATCH}")
+    );
+    assert!(
+        v.contains("(kernels: "),
+        "sikv_version() does not say how the kernels were built: {v}"
+    );
     let b = unsafe { CStr::from_ptr(sikv_build_info()) }.to_str().unwrap();
     assert!(b.contains("kernels="), "{b}");
 }
@@ -150,7 +183,10 @@ fn layout_query_reports_112_bytes_for_two_plus_one() {
     assert_eq!(info.bytes_per_token, 112);
     assert!((info.compression_vs_fp16 - 512.0 / 112.0).abs() < 1e-12);
     assert_eq!(info.bytes_per_page, 112 * 16 * 2);
-    assert_eq!((info.key_bits, info.value_bits, info.rerank_factor), (2, 2, c.rerank_factor));
+    assert_eq!(
+        (info.key_bits, info.value_bits, info.rerank_factor),
+        (2, 2, c.rerank_factor)
+    );
     c.key_bits = 4;
     c.value_bits = 4;
     assert_eq!(sikv_query_layout(&c, &mut info), SIKV_OK);
@@ -200,7 +236,15 @@ fn sequence_errors_leave_the_cache_unchanged() {
     let mut out = vec![0f32; q.len()];
     let ids = [12i64];
     expect(
-        sikv_attend(cache.0, 0, 1, ids.as_ptr(), p(&q), out.as_mut_ptr() as *mut c_void, null_mut()),
+        sikv_attend(
+            cache.0,
+            0,
+            1,
+            ids.as_ptr(),
+            p(&q),
+            out.as_mut_ptr() as *mut c_void,
+            null_mut(),
+        ),
         SIKV_ERR_UNKNOWN_SEQUENCE,
         "12",
     );
@@ -221,29 +265,66 @@ fn append_and_attend_errors_leave_the_cache_unchanged() {
 
     // Not calibrated.
     let id2 = [2i64];
-    expect(sikv_append(cache.0, 0, 1, id2.as_ptr(), null(), p(&k), p(&v), null_mut()), SIKV_ERR_NOT_CALIBRATED, "2");
+    expect(
+        sikv_append(cache.0, 0, 1, id2.as_ptr(), null(), p(&k), p(&v), null_mut()),
+        SIKV_ERR_NOT_CALIBRATED,
+        "2",
+    );
     // Too many tokens for one call.
     let n = [65u32];
     let id1 = [1i64];
-    expect(sikv_append(cache.0, 0, 1, id1.as_ptr(), n.as_ptr(), p(&k), p(&v), null_mut()), SIKV_ERR_OUT_OF_BOUNDS, "max_append_tokens");
+    expect(
+        sikv_append(cache.0, 0, 1, id1.as_ptr(), n.as_ptr(), p(&k), p(&v), null_mut()),
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "max_append_tokens",
+    );
     // Layer out of range.
-    expect(sikv_append(cache.0, 2, 1, id1.as_ptr(), null(), p(&k), p(&v), null_mut()), SIKV_ERR_OUT_OF_BOUNDS, "layer");
+    expect(
+        sikv_append(cache.0, 2, 1, id1.as_ptr(), null(), p(&k), p(&v), null_mut()),
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "layer",
+    );
     // NULL inputs.
-    expect(sikv_append(cache.0, 0, 1, id1.as_ptr(), null(), null(), p(&v), null_mut()), SIKV_ERR_NULL_POINTER, "`k`");
-    expect(sikv_append(cache.0, 0, 1, null(), null(), p(&k), p(&v), null_mut()), SIKV_ERR_NULL_POINTER, "seq_ids");
+    expect(
+        sikv_append(cache.0, 0, 1, id1.as_ptr(), null(), null(), p(&v), null_mut()),
+        SIKV_ERR_NULL_POINTER,
+        "`k`",
+    );
+    expect(
+        sikv_append(cache.0, 0, 1, null(), null(), p(&k), p(&v), null_mut()),
+        SIKV_ERR_NULL_POINTER,
+        "seq_ids",
+    );
     // Unknown id in a batch with a good one: nothing of the batch is applied.
     let mixed = [1i64, 77];
-    expect(sikv_append(cache.0, 0, 2, mixed.as_ptr(), null(), p(&k), p(&v), null_mut()), SIKV_ERR_UNKNOWN_SEQUENCE, "77");
+    expect(
+        sikv_append(cache.0, 0, 2, mixed.as_ptr(), null(), p(&k), p(&v), null_mut()),
+        SIKV_ERR_UNKNOWN_SEQUENCE,
+        "77",
+    );
     // The same id twice.
     let twice = [1i64, 1];
-    expect(sikv_append(cache.0, 0, 2, twice.as_ptr(), null(), p(&k), p(&v), null_mut()), SIKV_ERR_INVALID_ARGUMENT, "twice");
+    expect(
+        sikv_append(cache.0, 0, 2, twice.as_ptr(), null(), p(&k), p(&v), null_mut()),
+        SIKV_ERR_INVALID_ARGUMENT,
+        "twice",
+    );
     // Beyond max_seq_len.
     let big = [60u32];
     for _ in 0..3 {
-        assert_eq!(sikv_append(cache.0, 0, 1, id1.as_ptr(), big.as_ptr(), p(&k), p(&v), null_mut()), SIKV_OK, "{}", msg());
+        assert_eq!(
+            sikv_append(cache.0, 0, 1, id1.as_ptr(), big.as_ptr(), p(&k), p(&v), null_mut()),
+            SIKV_OK,
+            "{}",
+            msg()
+        );
     }
     let grown = cache.checksum();
-    expect(sikv_append(cache.0, 0, 1, id1.as_ptr(), big.as_ptr(), p(&k), p(&v), null_mut()), SIKV_ERR_OUT_OF_BOUNDS, "max_seq_len");
+    expect(
+        sikv_append(cache.0, 0, 1, id1.as_ptr(), big.as_ptr(), p(&k), p(&v), null_mut()),
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "max_seq_len",
+    );
     assert_eq!(cache.checksum(), grown);
 
     // Attend: batch too large, NULL out.
@@ -251,11 +332,23 @@ fn append_and_attend_errors_leave_the_cache_unchanged() {
     let mut out = vec![0f32; q.len()];
     let three = [1i64, 2, 3];
     expect(
-        sikv_attend(cache.0, 0, 3, three.as_ptr(), p(&q), out.as_mut_ptr() as *mut c_void, null_mut()),
+        sikv_attend(
+            cache.0,
+            0,
+            3,
+            three.as_ptr(),
+            p(&q),
+            out.as_mut_ptr() as *mut c_void,
+            null_mut(),
+        ),
         SIKV_ERR_OUT_OF_BOUNDS,
         "max_batch",
     );
-    expect(sikv_attend(cache.0, 0, 1, id1.as_ptr(), p(&q), null_mut(), null_mut()), SIKV_ERR_NULL_POINTER, "out");
+    expect(
+        sikv_attend(cache.0, 0, 1, id1.as_ptr(), p(&q), null_mut(), null_mut()),
+        SIKV_ERR_NULL_POINTER,
+        "out",
+    );
     assert_eq!(cache.checksum(), grown);
     assert_ne!(before, grown);
 
@@ -281,21 +374,34 @@ fn page_pool_exhaustion_is_reported_and_harmless() {
     let k = rng.vec(row * 40);
     let n = [40u32]; // needs 3 more pages, 2 free
     let id = [1i64];
-    expect(sikv_append(cache.0, 0, 1, id.as_ptr(), n.as_ptr(), p(&k), p(&k), null_mut()), SIKV_ERR_OUT_OF_PAGES, "exhausted");
+    expect(
+        sikv_append(cache.0, 0, 1, id.as_ptr(), n.as_ptr(), p(&k), p(&k), null_mut()),
+        SIKV_ERR_OUT_OF_PAGES,
+        "exhausted",
+    );
     assert_eq!(cache.checksum(), before);
     // A second sequence whose prompt does not fit.
     assert_eq!(sikv_seq_add(cache.0, 2), SIKV_OK);
     let mid = cache.checksum();
     let kp = rng.vec(row * 40);
     let q = rng.vec((c.num_q_heads * c.head_dim) as usize);
-    expect(sikv_calibrate(cache.0, 0, 2, 40, p(&kp), p(&kp), 1, p(&q), null_mut()), SIKV_ERR_OUT_OF_PAGES, "exhausted");
+    expect(
+        sikv_calibrate(cache.0, 0, 2, 40, p(&kp), p(&kp), 1, p(&q), null_mut()),
+        SIKV_ERR_OUT_OF_PAGES,
+        "exhausted",
+    );
     assert_eq!(cache.checksum(), mid);
     let mut info = SikvCacheInfo::default();
     assert_eq!(sikv_cache_info(cache.0, &mut info), SIKV_OK);
     assert_eq!((info.free_pages, info.num_pages, info.num_seqs), (2, 6, 2));
     // Removing the first sequence frees its pages; the prompt then fits.
     assert_eq!(sikv_seq_remove(cache.0, 1), SIKV_OK);
-    assert_eq!(sikv_calibrate(cache.0, 0, 2, 40, p(&kp), p(&kp), 1, p(&q), null_mut()), SIKV_OK, "{}", msg());
+    assert_eq!(
+        sikv_calibrate(cache.0, 0, 2, 40, p(&kp), p(&kp), 1, p(&q), null_mut()),
+        SIKV_OK,
+        "{}",
+        msg()
+    );
 }
 
 #[test]
@@ -314,16 +420,27 @@ fn borrowed_pools_are_checked_for_size() {
         workspace_bytes: 0,
     };
     let mut h: *mut SikvCache = null_mut();
-    expect(sikv_cache_create_with_pools(&c, &desc, &mut h), SIKV_ERR_BUFFER_TOO_SMALL, "pools.state_bytes");
+    expect(
+        sikv_cache_create_with_pools(&c, &desc, &mut h),
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "pools.state_bytes",
+    );
     assert!(h.is_null());
     let mut state = vec![0u8; info.total_state_bytes];
-    let desc = SikvPoolsDesc { state: state.as_mut_ptr() as *mut c_void, state_bytes: state.len(), ..desc };
+    let desc = SikvPoolsDesc {
+        state: state.as_mut_ptr() as *mut c_void,
+        state_bytes: state.len(),
+        ..desc
+    };
     assert_eq!(sikv_cache_create_with_pools(&c, &desc, &mut h), SIKV_OK, "{}", msg());
     // The engine's memory holds the cache: a calibrated prompt lands in it.
     let cache = Cache(h);
     let mut rng = Rng::new();
     cache.prompt(&c, &mut rng, 5, 20);
-    assert!(planes.iter().any(|&b| b != 0), "no byte of the borrowed plane pool was written");
+    assert!(
+        planes.iter().any(|&b| b != 0),
+        "no byte of the borrowed plane pool was written"
+    );
 }
 
 #[test]
@@ -354,23 +471,64 @@ fn stateless_calls_validate_before_running() {
     let indptr = [0i32, 2];
     let indices = [0i32, 999];
     let last = [5i32];
-    let table = SikvPageTable { indptr: indptr.as_ptr(), indices: indices.as_ptr(), last_page_len: last.as_ptr(), batch: 1 };
+    let table = SikvPageTable {
+        indptr: indptr.as_ptr(),
+        indices: indices.as_ptr(),
+        last_page_len: last.as_ptr(),
+        batch: 1,
+    };
     let slot = [0i32];
     let mut rng = Rng::new();
     let q = rng.vec((c.num_q_heads * c.head_dim) as usize);
     let mut idx = vec![0i32; (c.num_kv_heads * c.budget_max) as usize];
     let mut cnt = vec![0i32; c.num_kv_heads as usize];
-    let s = sikv_kernel_select(kh, &pools, &table, slot.as_ptr(), p(&q), idx.as_mut_ptr(), cnt.as_mut_ptr(), null_mut(), 0, null_mut());
+    let s = sikv_kernel_select(
+        kh,
+        &pools,
+        &table,
+        slot.as_ptr(),
+        p(&q),
+        idx.as_mut_ptr(),
+        cnt.as_mut_ptr(),
+        null_mut(),
+        0,
+        null_mut(),
+    );
     expect(s, SIKV_ERR_OUT_OF_BOUNDS, "page_table.indices[1]");
     let bad_batch = SikvPageTable { batch: 9, ..table };
-    let s = sikv_kernel_select(kh, &pools, &bad_batch, slot.as_ptr(), p(&q), idx.as_mut_ptr(), cnt.as_mut_ptr(), null_mut(), 0, null_mut());
+    let s = sikv_kernel_select(
+        kh,
+        &pools,
+        &bad_batch,
+        slot.as_ptr(),
+        p(&q),
+        idx.as_mut_ptr(),
+        cnt.as_mut_ptr(),
+        null_mut(),
+        0,
+        null_mut(),
+    );
     expect(s, SIKV_ERR_OUT_OF_BOUNDS, "page_table.batch");
     let kv = rng.vec((c.num_kv_heads * c.head_dim) as usize);
     let sm = [(c.num_pages as i64) * c.page_size as i64];
     let pos = [0i32];
-    let s = sikv_kernel_append(kh, &pools, 1, p(&kv), p(&kv), sm.as_ptr(), slot.as_ptr(), pos.as_ptr(), null_mut());
+    let s = sikv_kernel_append(
+        kh,
+        &pools,
+        1,
+        p(&kv),
+        p(&kv),
+        sm.as_ptr(),
+        slot.as_ptr(),
+        pos.as_ptr(),
+        null_mut(),
+    );
     assert_ne!(s, SIKV_OK);
-    assert_eq!((planes.clone(), state.clone()), snapshot, "a failed stateless call wrote to the pools");
+    assert_eq!(
+        (planes.clone(), state.clone()),
+        snapshot,
+        "a failed stateless call wrote to the pools"
+    );
     sikv_kernels_destroy(kh);
 }
 

@@ -35,7 +35,9 @@ fn static_lib() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/c_link-<hash>
     let deps = exe.parent().expect("test executable has no parent directory");
-    let profile_dir = deps.parent().expect("test executable is not under target/<profile>/deps");
+    let profile_dir = deps
+        .parent()
+        .expect("test executable is not under target/<profile>/deps");
     let candidates = [deps.join("libselfindexkv.a"), profile_dir.join("libselfindexkv.a")];
     let lib = candidates.iter().find(|p| p.is_file()).cloned();
     assert!(
@@ -63,12 +65,17 @@ enum Lang {
 /// Compiles and links `sources` into `name` with the plain compiler command line.
 fn compile(lang: Lang, sources: &[PathBuf], extra_includes: &[PathBuf], name: &str, opt: &str) -> PathBuf {
     let (compiler, std_flags): (String, &[&str]) = match lang {
-        Lang::C99 => (std::env::var("CC").unwrap_or_else(|_| "cc".into()), &["-std=c99", "-pedantic"]),
+        Lang::C99 => (
+            std::env::var("CC").unwrap_or_else(|_| "cc".into()),
+            &["-std=c99", "-pedantic"],
+        ),
         Lang::Cpp17 => (std::env::var("CXX").unwrap_or_else(|_| "c++".into()), &["-std=c++17"]),
     };
     let exe = scratch_dir().join(name);
     let mut cmd = Command::new(&compiler);
-    cmd.args(std_flags).args(["-Wall", "-Wextra", "-Werror", opt]).arg(format!("-I{ROOT}/include"));
+    cmd.args(std_flags)
+        .args(["-Wall", "-Wextra", "-Werror", opt])
+        .arg(format!("-I{ROOT}/include"));
     for inc in extra_includes {
         cmd.arg(format!("-I{}", inc.display()));
     }
@@ -85,7 +92,10 @@ fn compile(lang: Lang, sources: &[PathBuf], extra_includes: &[PathBuf], name: &s
 
 /// Runs a program; its stdout (a summary line) is echoed into the test output.
 fn run(exe: &Path, args: &[&str]) -> String {
-    let out = Command::new(exe).args(args).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+    let out = Command::new(exe)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -101,7 +111,10 @@ fn run(exe: &Path, args: &[&str]) -> String {
 fn seed() -> u64 {
     let s = match std::env::var("SIKV_TEST_SEED") {
         Ok(v) => v.parse().expect("SIKV_TEST_SEED must be an integer"),
-        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
     };
     println!("seed {s} (SIKV_TEST_SEED={s} reproduces this run)");
     s
@@ -136,10 +149,22 @@ const REC_INFO: u32 = 9;
 const REC_CHECKSUM: u32 = 10;
 
 fn tag_name(t: u32) -> &'static str {
-    ["?", "header", "config", "input", "attend", "attend_dense", "indices", "counts", "seq_len", "info", "checksum"]
-        .get(t as usize)
-        .copied()
-        .unwrap_or("?")
+    [
+        "?",
+        "header",
+        "config",
+        "input",
+        "attend",
+        "attend_dense",
+        "indices",
+        "counts",
+        "seq_len",
+        "info",
+        "checksum",
+    ]
+    .get(t as usize)
+    .copied()
+    .unwrap_or("?")
 }
 
 fn config(dtype: u32, full: bool) -> SikvConfig {
@@ -277,9 +302,13 @@ impl Replayer {
         let mut out = vec![0u8; ids.len() * HQ * D * self.dtype.size()];
         let s = std::ptr::null_mut();
         if dense {
-            self.cache.attend_dense(layer, ids, host(q), Output::Host(&mut out), s).unwrap();
+            self.cache
+                .attend_dense(layer, ids, host(q), Output::Host(&mut out), s)
+                .unwrap();
         } else {
-            self.cache.attend(layer, ids, host(q), Output::Host(&mut out), s).unwrap();
+            self.cache
+                .attend(layer, ids, host(q), Output::Host(&mut out), s)
+                .unwrap();
         }
         out
     }
@@ -298,11 +327,22 @@ fn replay(seed: u64, dtype: u32, full: bool) -> Replay {
         dtype: cfg.dtype,
         cache: Cache::new(cfg).unwrap(),
         rng: Rng::new(seed),
-        out: Replay { records: Vec::new(), reference: Vec::new() },
+        out: Replay {
+            records: Vec::new(),
+            reference: Vec::new(),
+        },
         history: HashMap::new(),
     };
     let (row_q, row_kv) = (HQ * D, HKV * D);
-    r.record(REC_HEADER, as_bytes(&[seed as u32, (seed >> 32) as u32, full as u32, std::mem::size_of::<SikvConfig>() as u32]));
+    r.record(
+        REC_HEADER,
+        as_bytes(&[
+            seed as u32,
+            (seed >> 32) as u32,
+            full as u32,
+            std::mem::size_of::<SikvConfig>() as u32,
+        ]),
+    );
     r.record(REC_CONFIG, as_bytes(&[c]));
 
     for id in IDS {
@@ -314,7 +354,9 @@ fn replay(seed: u64, dtype: u32, full: bool) -> Replay {
             let (kf, k) = r.input(n as usize * row_kv);
             let (vf, v) = r.input(n as usize * row_kv);
             let (_, q) = r.input(N_QUERY as usize * row_q);
-            r.cache.calibrate(layer, id, n, host(&k), host(&v), N_QUERY, host(&q), s).unwrap();
+            r.cache
+                .calibrate(layer, id, n, host(&k), host(&v), N_QUERY, host(&q), s)
+                .unwrap();
             r.remember(layer, id, &kf, &vf);
             r.record(REC_INPUT, k);
             r.record(REC_INPUT, v);
@@ -341,7 +383,12 @@ fn replay(seed: u64, dtype: u32, full: bool) -> Replay {
             let (vf, v) = r.input(IDS.len() * row_kv);
             r.cache.append(layer, &IDS, &[1, 1, 1], host(&k), host(&v), s).unwrap();
             for (i, &id) in IDS.iter().enumerate() {
-                r.remember(layer, id, &kf[i * row_kv..(i + 1) * row_kv], &vf[i * row_kv..(i + 1) * row_kv]);
+                r.remember(
+                    layer,
+                    id,
+                    &kf[i * row_kv..(i + 1) * row_kv],
+                    &vf[i * row_kv..(i + 1) * row_kv],
+                );
             }
             let (qf, q) = r.input(IDS.len() * row_q);
             let out = r.attend(layer, &IDS, &q, false);
@@ -367,7 +414,9 @@ fn replay(seed: u64, dtype: u32, full: bool) -> Replay {
         let (_, q) = r.input(IDS.len() * row_q);
         let mut idx = vec![-1i32; rows * kmax];
         let mut cnt = vec![0i32; rows];
-        r.cache.select(N_LAYERS - 1, &IDS, host(&q), &mut idx, &mut cnt, s).unwrap();
+        r.cache
+            .select(N_LAYERS - 1, &IDS, host(&q), &mut idx, &mut cnt, s)
+            .unwrap();
         r.record(REC_INPUT, q);
         r.record(REC_INDICES, as_bytes(&idx));
         r.record(REC_COUNTS, as_bytes(&cnt));
@@ -379,7 +428,10 @@ fn replay(seed: u64, dtype: u32, full: bool) -> Replay {
     }
     let pair = [FORK_SRC, FORK_DST];
     for layer in 0..N_LAYERS {
-        let lens = [r.cache.seq_len(FORK_SRC, layer).unwrap(), r.cache.seq_len(FORK_DST, layer).unwrap()];
+        let lens = [
+            r.cache.seq_len(FORK_SRC, layer).unwrap(),
+            r.cache.seq_len(FORK_DST, layer).unwrap(),
+        ];
         r.record(REC_SEQ_LEN, as_bytes(&lens));
         let mut qf = r.rng.values(row_q);
         qf.extend_from_within(..);
@@ -408,7 +460,10 @@ fn replay(seed: u64, dtype: u32, full: bool) -> Replay {
     }
     r.cache.remove_seq(REMOVED).unwrap();
     let st = r.cache.stats();
-    r.record(REC_INFO, as_bytes(&[SIKV_DEVICE_CPU, st.num_seqs, st.free_pages, st.num_pages]));
+    r.record(
+        REC_INFO,
+        as_bytes(&[SIKV_DEVICE_CPU, st.num_seqs, st.free_pages, st.num_pages]),
+    );
     r.record(REC_INFO, as_bytes(&[r.cache.layout.bytes_per_token() as u64]));
     let sum = r.cache.checksum().unwrap();
     r.record(REC_CHECKSUM, as_bytes(&[sum]));
@@ -420,10 +475,18 @@ fn read_records(path: &Path) -> Vec<Record> {
     let mut recs = Vec::new();
     let mut at = 0;
     while at < data.len() {
-        assert!(at + 8 <= data.len(), "{}: truncated record header at byte {at}", path.display());
+        assert!(
+            at + 8 <= data.len(),
+            "{}: truncated record header at byte {at}",
+            path.display()
+        );
         let tag = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
         let n = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap()) as usize;
-        assert!(at + 8 + n <= data.len(), "{}: truncated record at byte {at}", path.display());
+        assert!(
+            at + 8 + n <= data.len(),
+            "{}: truncated record at byte {at}",
+            path.display()
+        );
         recs.push((tag, data[at + 8..at + 8 + n].to_vec()));
         at += 8 + n;
     }
@@ -448,11 +511,26 @@ fn element(tag: u32, dtype: Dtype, b: &[u8], off: usize) -> String {
 /// The program's records must equal the replay's, byte for byte.
 fn assert_bit_identical(program: &str, got: &[Record], want: &[Record], dtype: Dtype) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.0, w.0, "{program}: record {i} is `{}`, the replay has `{}`", tag_name(g.0), tag_name(w.0));
+        assert_eq!(
+            g.0,
+            w.0,
+            "{program}: record {i} is `{}`, the replay has `{}`",
+            tag_name(g.0),
+            tag_name(w.0)
+        );
         if g.1 != w.1 {
-            assert_eq!(g.1.len(), w.1.len(), "{program}: record {i} (`{}`) has a different size", tag_name(g.0));
+            assert_eq!(
+                g.1.len(),
+                w.1.len(),
+                "{program}: record {i} (`{}`) has a different size",
+                tag_name(g.0)
+            );
             let off = g.1.iter().zip(&w.1).position(|(a, b)| a != b).unwrap();
-            let differing = g.1.chunks(dtype.size()).zip(w.1.chunks(dtype.size())).filter(|(a, b)| a != b).count();
+            let differing =
+                g.1.chunks(dtype.size())
+                    .zip(w.1.chunks(dtype.size()))
+                    .filter(|(a, b)| a != b)
+                    .count();
             panic!(
                 "{program}: record {i} (`{}`, {} bytes) differs from the Rust replay: {program} {} vs Rust {} \
                  ({differing} elements differ)",
@@ -463,7 +541,13 @@ fn assert_bit_identical(program: &str, got: &[Record], want: &[Record], dtype: D
             );
         }
     }
-    assert_eq!(got.len(), want.len(), "{program}: {} records, the replay has {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{program}: {} records, the replay has {}",
+        got.len(),
+        want.len()
+    );
 }
 
 /// Every attention output of a `full` run against the float64 dense softmax.
@@ -518,7 +602,10 @@ fn check_program(program: &str, exe: &Path, dtype_code: u32) {
                 want.reference.len()
             );
         } else {
-            println!("{program} {mode}: {} records ({attends} attend outputs) bit-identical to the Rust replay", got.len());
+            println!(
+                "{program} {mode}: {} records ({attends} attend outputs) bit-identical to the Rust replay",
+                got.len()
+            );
         }
     }
 }
@@ -529,13 +616,25 @@ fn check_program(program: &str, exe: &Path, dtype_code: u32) {
 
 #[test]
 fn c99_program_matches_rust_replay() {
-    let exe = compile(Lang::C99, &[PathBuf::from(ROOT).join("tests/c/abi_c99.c")], &[], "abi_c99", "-O1");
+    let exe = compile(
+        Lang::C99,
+        &[PathBuf::from(ROOT).join("tests/c/abi_c99.c")],
+        &[],
+        "abi_c99",
+        "-O1",
+    );
     check_program("abi_c99", &exe, SIKV_DTYPE_F32);
 }
 
 #[test]
 fn cpp17_program_matches_rust_replay() {
-    let exe = compile(Lang::Cpp17, &[PathBuf::from(ROOT).join("tests/c/abi_cpp17.cpp")], &[], "abi_cpp17", "-O1");
+    let exe = compile(
+        Lang::Cpp17,
+        &[PathBuf::from(ROOT).join("tests/c/abi_cpp17.cpp")],
+        &[],
+        "abi_cpp17",
+        "-O1",
+    );
     check_program("abi_cpp17", &exe, SIKV_DTYPE_F16);
 }
 
@@ -550,7 +649,16 @@ fn engine_sample_builds_and_runs() {
 #[test]
 fn trt_plugin_sample_builds_and_runs() {
     let dir = PathBuf::from(ROOT).join("cpp_examples/trt_plugin_sample");
-    let exe = compile(Lang::Cpp17, &[dir.join("main.cpp"), dir.join("sikv_attention_plugin.cpp")], &[dir.clone()], "trt_plugin_sample", "-O2");
+    let exe = compile(
+        Lang::Cpp17,
+        &[dir.join("main.cpp"), dir.join("sikv_attention_plugin.cpp")],
+        &[dir.clone()],
+        "trt_plugin_sample",
+        "-O2",
+    );
     let out = run(&exe, &[]);
-    assert!(out.contains("stateless == managed"), "trt_plugin_sample did not compare against the managed cache");
+    assert!(
+        out.contains("stateless == managed"),
+        "trt_plugin_sample did not compare against the managed cache"
+    );
 }

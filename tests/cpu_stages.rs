@@ -5,17 +5,15 @@
 //! SIKV_TEST_SEED=<hex or decimal>); every test prints its seed, which cargo shows on failure.
 
 use selfindexkv::config::{
-    CacheConfig, Centre, HalfKind, Selector, SikvConfig, SIKV_CENTRE_MEAN, SIKV_DEVICE_CPU,
-    SIKV_DTYPE_BF16, SIKV_FLAG_FORCE_GENERATED, SIKV_FLAG_PARITY_SIGN, SIKV_PROFILE_2_1,
-    SIKV_SELECTOR_SIGN_SIGN,
+    CacheConfig, Centre, HalfKind, Selector, SikvConfig, SIKV_CENTRE_MEAN, SIKV_DEVICE_CPU, SIKV_DTYPE_BF16,
+    SIKV_FLAG_FORCE_GENERATED, SIKV_FLAG_PARITY_SIGN, SIKV_PROFILE_2_1, SIKV_SELECTOR_SIGN_SIGN,
 };
 use selfindexkv::cpu::{
-    append, attend, attend_dense, calibrate, read_state, reset_sequence, select, LayerMut,
-    LayerRef, PageTable, StateRecord,
+    append, attend, attend_dense, calibrate, read_state, reset_sequence, select, LayerMut, LayerRef, PageTable,
+    StateRecord,
 };
 use selfindexkv::layout::{
-    Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, SIKV_NUM_PLANES,
-    SIKV_PLANE_SIGN,
+    Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, SIKV_NUM_PLANES, SIKV_PLANE_SIGN,
 };
 use selfindexkv::numeric::round_half;
 use selfindexkv::reference::attend::{attend_group, dense_attention_f64};
@@ -119,9 +117,7 @@ struct Pools {
 impl Pools {
     fn new(l: &Layout) -> Pools {
         Pools {
-            planes: (0..SIKV_NUM_PLANES)
-                .map(|p| vec![0u8; l.plane_bytes[p]])
-                .collect(),
+            planes: (0..SIKV_NUM_PLANES).map(|p| vec![0u8; l.plane_bytes[p]]).collect(),
             state: vec![0u8; l.layer_state_bytes],
         }
     }
@@ -211,9 +207,7 @@ impl World {
     }
     fn token(&self, rng: &mut Rng) -> (Vec<f32>, Vec<f32>) {
         let (d, hkv) = (self.d(), self.hkv());
-        let k = (0..hkv * d)
-            .map(|i| rng.normal() + self.bias[i % d])
-            .collect();
+        let k = (0..hkv * d).map(|i| rng.normal() + self.bias[i % d]).collect();
         let v = rng.normals(hkv * d);
         (k, v)
     }
@@ -246,12 +240,7 @@ impl World {
         let qbar_tail = (0..hkv)
             .map(|h| {
                 (0..nq)
-                    .flat_map(|j| {
-                        group_mean_query(
-                            &q_tail[(j * hq + h * g) * d..(j * hq + (h + 1) * g) * d],
-                            d,
-                        )
-                    })
+                    .flat_map(|j| group_mean_query(&q_tail[(j * hq + h * g) * d..(j * hq + (h + 1) * g) * d], d))
                     .collect()
             })
             .collect();
@@ -331,11 +320,7 @@ impl World {
             let np = len.div_ceil(p);
             indices.extend(&self.seqs[b].pages[..np]);
             indptr.push(indices.len() as i32);
-            last.push(if len == 0 {
-                0
-            } else {
-                (len - (np - 1) * p) as i32
-            });
+            last.push(if len == 0 { 0 } else { (len - (np - 1) * p) as i32 });
         }
         (indptr, indices, last)
     }
@@ -348,31 +333,17 @@ impl World {
         &self.seqs[b].v[(t * hkv + h) * d..(t * hkv + h + 1) * d]
     }
     fn state(&self, b: usize, h: usize) -> StateRecord {
-        read_state(
-            &self.layout,
-            self.storage(),
-            &self.pools.state,
-            self.seqs[b].slot,
-            h,
-        )
+        read_state(&self.layout, self.storage(), &self.pools.state, self.seqs[b].slot, h)
     }
     fn rows_of(&self, b: usize, h: usize, pos: usize) -> [&[u8]; SIKV_NUM_PLANES] {
         let p = self.p();
-        self.pools.rows(
-            &self.layout,
-            self.seqs[b].pages[pos / p] as usize,
-            h,
-            pos % p,
-        )
+        self.pools
+            .rows(&self.layout, self.seqs[b].pages[pos / p] as usize, h, pos % p)
     }
 }
 
 fn geometry(cfg: &CacheConfig) -> (usize, usize, usize) {
-    (
-        cfg.n_sink as usize,
-        cfg.n_heavy as usize,
-        cfg.n_window as usize,
-    )
+    (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,8 +402,7 @@ fn check_calibration(w: &World, b: usize) {
                 .map(|q| vec![0u8; w.layout.format.row_bytes[q]])
                 .collect();
             let mut it = scratch.iter_mut();
-            let mut rows: [&mut [u8]; SIKV_NUM_PLANES] =
-                std::array::from_fn(|_| it.next().unwrap().as_mut_slice());
+            let mut rows: [&mut [u8]; SIKV_NUM_PLANES] = std::array::from_fn(|_| it.next().unwrap().as_mut_slice());
             encode_token(
                 &w.layout.format,
                 w.storage(),
@@ -445,11 +415,7 @@ fn check_calibration(w: &World, b: usize) {
             );
             let got = w.rows_of(b, h, t);
             for q in 0..SIKV_NUM_PLANES {
-                assert_eq!(
-                    got[q],
-                    &scratch[q][..],
-                    "plane {q} of token {t} (b={b}, h={h})"
-                );
+                assert_eq!(got[q], &scratch[q][..], "plane {q} of token {t} (b={b}, h={h})");
             }
         }
     }
@@ -502,15 +468,9 @@ fn check_decode_step_with(w: &World, rng: &mut Rng, batch: &[usize], complete: b
     let mut idx = vec![12345i32; batch.len() * hkv * kmax];
     let mut cnt = vec![-7i32; batch.len() * hkv];
     let layer = w.pools.layer_ref();
-    select(
-        &w.layout, cfg, &layer, &table, &slots, &q, &mut idx, &mut cnt,
-    )
-    .unwrap();
+    select(&w.layout, cfg, &layer, &table, &slots, &q, &mut idx, &mut cnt).unwrap();
     let mut out = vec![f32::NAN; batch.len() * hq * d];
-    attend(
-        &w.layout, cfg, &layer, &table, &slots, &q, &idx, &cnt, &mut out,
-    )
-    .unwrap();
+    attend(&w.layout, cfg, &layer, &table, &slots, &q, &idx, &cnt, &mut out).unwrap();
     let mut out_dense = vec![f32::NAN; batch.len() * hq * d];
     attend_dense(&w.layout, cfg, &layer, &table, &slots, &q, &mut out_dense).unwrap();
 
@@ -544,21 +504,14 @@ fn check_decode_step_with(w: &World, rng: &mut Rng, batch: &[usize], complete: b
                 .collect();
             window.sort();
             if complete {
-                assert_eq!(
-                    window,
-                    (win_lo..len).collect::<Vec<_>>(),
-                    "window entries {ctx}"
-                );
+                assert_eq!(window, (win_lo..len).collect::<Vec<_>>(), "window entries {ctx}");
             }
             check_dense_payload(w, b, h, &rec);
 
-            let cands: Vec<u32> = (s as u32..win_lo as u32)
-                .filter(|p| !heavy.contains(p))
-                .collect();
+            let cands: Vec<u32> = (s as u32..win_lo as u32).filter(|p| !heavy.contains(p)).collect();
             // Sinks, heavy, window and candidates partition [0, len).
             assert!(
-                !complete
-                    || s.min(len) + heavy.len() + (len - win_lo.min(len)) + cands.len() == len,
+                !complete || s.min(len) + heavy.len() + (len - win_lo.min(len)) + cands.len() == len,
                 "partition {ctx}"
             );
 
@@ -570,14 +523,8 @@ fn check_decode_step_with(w: &World, rng: &mut Rng, batch: &[usize], complete: b
             let row = &idx[(bi * hkv + h) * kmax..(bi * hkv + h + 1) * kmax];
             assert_eq!(cnt[bi * hkv + h] as usize, want_k, "count {ctx}");
             let sel: Vec<u32> = row[..want_k].iter().map(|&p| p as u32).collect();
-            assert!(
-                row[want_k..].iter().all(|&p| p == -1),
-                "row tail must be -1 {ctx}"
-            );
-            assert!(
-                sel.windows(2).all(|x| x[0] < x[1]),
-                "ascending {ctx}: {sel:?}"
-            );
+            assert!(row[want_k..].iter().all(|&p| p == -1), "row tail must be -1 {ctx}");
+            assert!(sel.windows(2).all(|x| x[0] < x[1]), "ascending {ctx}: {sel:?}");
             for &p in &sel {
                 assert!(
                     (p as usize) < len && p as usize >= s,
@@ -606,23 +553,15 @@ fn check_decode_step_with(w: &World, rng: &mut Rng, batch: &[usize], complete: b
                 })
                 .collect();
             let want = if cfg.rerank_factor >= 2 {
-                let stage1 = topk(
-                    &s1,
-                    &cands,
-                    cands.len().min(cfg.rerank_factor as usize * want_k),
-                );
+                let stage1 = topk(&s1, &cands, cands.len().min(cfg.rerank_factor as usize * want_k));
                 let s2: Vec<f32> = stage1
                     .iter()
                     .map(|&p| {
                         if forced(p) {
                             f32::INFINITY
                         } else {
-                            let kh = decode_key(
-                                &w.layout.format,
-                                w.storage(),
-                                &w.rows_of(b, h, p as usize),
-                                &rec.scale,
-                            );
+                            let kh =
+                                decode_key(&w.layout.format, w.storage(), &w.rows_of(b, h, p as usize), &rec.scale);
                             kh.iter().zip(&qbar).fold(0f32, |a, (x, y)| a + x * y)
                         }
                     })
@@ -638,10 +577,7 @@ fn check_decode_step_with(w: &World, rng: &mut Rng, batch: &[usize], complete: b
             let forced_c: Vec<u32> = cands.iter().copied().filter(|&p| forced(p)).collect();
             forced_seen += forced_c.len();
             if forced_c.len() <= want_k {
-                assert!(
-                    forced_c.iter().all(|p| sel.contains(p)),
-                    "forced tokens missing {ctx}"
-                );
+                assert!(forced_c.iter().all(|p| sel.contains(p)), "forced tokens missing {ctx}");
             } else {
                 assert_eq!(sel, forced_c[..want_k].to_vec(), "forced overflow {ctx}");
             }
@@ -695,11 +631,7 @@ fn run_end_to_end(name: &str, tweak: impl FnOnce(&mut SikvConfig)) -> usize {
     let mut w = World::new(&mut rng, cfg, layout);
     let p = w.p();
     let not_multiple = |n: usize| if n % p == 0 { n + 1 } else { n };
-    let lens = [
-        not_multiple(90 + rng.below(110)),
-        not_multiple(33 + rng.below(40)),
-        13,
-    ];
+    let lens = [not_multiple(90 + rng.below(110)), not_multiple(33 + rng.below(40)), 13];
     let slots = [2usize, 0, 3];
     for b in 0..3 {
         let nq = 1 + rng.below(3);
@@ -815,15 +747,9 @@ fn sixteen_bit_outputs(
     let mut idx = vec![0i32; batch.len() * hkv * kmax];
     let mut cnt = vec![0i32; batch.len() * hkv];
     let layer = w.pools.layer_ref();
-    select(
-        &w.layout, cfg, &layer, &table, &slots, &q, &mut idx, &mut cnt,
-    )
-    .unwrap();
+    select(&w.layout, cfg, &layer, &table, &slots, &q, &mut idx, &mut cnt).unwrap();
     let mut out = vec![0f32; batch.len() * hq * d];
-    attend(
-        &w.layout, cfg, &layer, &table, &slots, &q, &idx, &cnt, &mut out,
-    )
-    .unwrap();
+    attend(&w.layout, cfg, &layer, &table, &slots, &q, &idx, &cnt, &mut out).unwrap();
     let mut oracle = Vec::new();
     let mut counts = Vec::new();
     for &b in &batch {
@@ -858,10 +784,7 @@ fn sixteen_bit_outputs(
 }
 
 fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
 }
 
 #[test]
@@ -886,8 +809,7 @@ fn output_does_not_depend_on_the_centre() {
     let mut rng = Rng::new("output_does_not_depend_on_the_centre");
     let seed = rng.next_u64();
     let (median, oracle, _) = sixteen_bit_outputs("median", &mut Rng(seed), |c| c.centre = 0);
-    let (mean, oracle2, _) =
-        sixteen_bit_outputs("mean", &mut Rng(seed), |c| c.centre = SIKV_CENTRE_MEAN);
+    let (mean, oracle2, _) = sixteen_bit_outputs("mean", &mut Rng(seed), |c| c.centre = SIKV_CENTRE_MEAN);
     assert_eq!(oracle, oracle2, "same data for both centres");
     let diff = median
         .iter()
@@ -915,10 +837,7 @@ fn page_table_lengths_locations_and_validation() {
         last_page_len: &last,
     };
     assert_eq!(t.batch(), 3);
-    assert_eq!(
-        (t.seq_len(0, 16), t.seq_len(1, 16), t.seq_len(2, 16)),
-        (21, 0, 48)
-    );
+    assert_eq!((t.seq_len(0, 16), t.seq_len(1, 16), t.seq_len(2, 16)), (21, 0, 48));
     assert_eq!(t.locate(0, 0, 16), (7, 0));
     assert_eq!(t.locate(0, 20, 16), (3, 4));
     assert_eq!(t.locate(2, 47, 16), (4, 15));
@@ -975,13 +894,7 @@ fn page_table_lengths_locations_and_validation() {
         SikvStatus::SIKV_ERR_INVALID_ARGUMENT,
         "indptr[2]",
     );
-    bad(
-        &[0, 3],
-        &[1, 2],
-        &[3],
-        SikvStatus::SIKV_ERR_INVALID_ARGUMENT,
-        "indices",
-    );
+    bad(&[0, 3], &[1, 2], &[3], SikvStatus::SIKV_ERR_INVALID_ARGUMENT, "indices");
     bad(
         &[0, 1],
         &[1],
@@ -1011,13 +924,7 @@ fn page_table_lengths_locations_and_validation() {
         "max_batch",
     );
     let many: Vec<i32> = (0..65).map(|i| i % 64).collect();
-    bad(
-        &[0, 65],
-        &many,
-        &[1],
-        SikvStatus::SIKV_ERR_OUT_OF_BOUNDS,
-        "max_seq_len",
-    );
+    bad(&[0, 65], &many, &[1], SikvStatus::SIKV_ERR_OUT_OF_BOUNDS, "max_seq_len");
 }
 
 #[test]
@@ -1085,44 +992,17 @@ fn stages_validate_before_writing() {
     let one_k = &k[..hkv * d];
     let one_v = &v[..hkv * d];
     err(
-        append(
-            &layout,
-            &cfg,
-            &mut p.layer_mut(),
-            one_k,
-            one_v,
-            &[5],
-            &[0],
-            &[3],
-        ),
+        append(&layout, &cfg, &mut p.layer_mut(), one_k, one_v, &[5], &[0], &[3]),
         SikvStatus::SIKV_ERR_NOT_CALIBRATED,
         "seq_slot[0] = 0",
     );
     err(
-        append(
-            &layout,
-            &cfg,
-            &mut p.layer_mut(),
-            one_k,
-            one_v,
-            &[5],
-            &[1],
-            &[1024],
-        ),
+        append(&layout, &cfg, &mut p.layer_mut(), one_k, one_v, &[5], &[1], &[1024]),
         SikvStatus::SIKV_ERR_OUT_OF_BOUNDS,
         "position[0]",
     );
     err(
-        append(
-            &layout,
-            &cfg,
-            &mut p.layer_mut(),
-            one_k,
-            one_v,
-            &[5],
-            &[9],
-            &[3],
-        ),
+        append(&layout, &cfg, &mut p.layer_mut(), one_k, one_v, &[5], &[9], &[3]),
         SikvStatus::SIKV_ERR_OUT_OF_BOUNDS,
         "seq_slot[0]",
     );
@@ -1141,16 +1021,7 @@ fn stages_validate_before_writing() {
         "k has",
     );
     err(
-        append(
-            &layout,
-            &cfg,
-            &mut p.layer_mut(),
-            one_k,
-            one_v,
-            &[5],
-            &[1, 1],
-            &[40],
-        ),
+        append(&layout, &cfg, &mut p.layer_mut(), one_k, one_v, &[5], &[1, 1], &[40]),
         SikvStatus::SIKV_ERR_INVALID_ARGUMENT,
         "seq_slot",
     );
@@ -1226,17 +1097,7 @@ fn stages_validate_before_writing() {
     select(&layout, &cfg, &layer, &t, &[1], &q, &mut idx, &mut cnt).unwrap();
     let mut out = vec![0f32; hq * d];
     err(
-        attend(
-            &layout,
-            &cfg,
-            &layer,
-            &t,
-            &[1],
-            &q,
-            &idx,
-            &cnt,
-            &mut out[1..],
-        ),
+        attend(&layout, &cfg, &layer, &t, &[1], &q, &idx, &cnt, &mut out[1..]),
         SikvStatus::SIKV_ERR_BUFFER_TOO_SMALL,
         "out",
     );
@@ -1309,9 +1170,7 @@ fn negative_slot_mapping_skips_the_page_write_only() {
     let v = rng.normals(n * hkv * d);
     let q = rng.normals(hq * d);
     // Tokens 0..16 go to page 5, tokens 16..30 are skipped.
-    let sm: Vec<i64> = (0..n as i64)
-        .map(|t| if t < 16 { 5 * 16 + t } else { -1 })
-        .collect();
+    let sm: Vec<i64> = (0..n as i64).map(|t| if t < 16 { 5 * 16 + t } else { -1 }).collect();
     calibrate(&layout, &cfg, &mut pools.layer_mut(), 0, &k, &v, &q, &sm).unwrap();
     for p in 0..SIKV_NUM_PLANES {
         let row = layout.format.row_bytes[p];
@@ -1336,21 +1195,8 @@ fn negative_slot_mapping_skips_the_page_write_only() {
     assert_eq!(win, (14..30).collect::<Vec<i32>>());
     // Append with a negative slot mapping still updates the window.
     let (k1, v1) = (rng.normals(hkv * d), rng.normals(hkv * d));
-    append(
-        &layout,
-        &cfg,
-        &mut pools.layer_mut(),
-        &k1,
-        &v1,
-        &[-1],
-        &[0],
-        &[30],
-    )
-    .unwrap();
+    append(&layout, &cfg, &mut pools.layer_mut(), &k1, &v1, &[-1], &[0], &[30]).unwrap();
     let rec = read_state(&layout, HalfKind::F16, &pools.state, 0, 0);
     assert_eq!(rec.dense_pos[s_h + 30 % 16], 30);
-    assert_eq!(
-        rec.dense_v[(s_h + 30 % 16) * d],
-        round_half(HalfKind::F16, v1[0])
-    );
+    assert_eq!(rec.dense_v[(s_h + 30 % 16) * d], round_half(HalfKind::F16, v1[0]));
 }

@@ -18,7 +18,9 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use selfindexkv::config::{CacheConfig, Dtype, SikvConfig, SIKV_CENTRE_MEAN, SIKV_DTYPE_BF16, SIKV_DTYPE_F16, SIKV_DTYPE_F32};
+use selfindexkv::config::{
+    CacheConfig, Dtype, SikvConfig, SIKV_CENTRE_MEAN, SIKV_DTYPE_BF16, SIKV_DTYPE_F16, SIKV_DTYPE_F32,
+};
 use selfindexkv::cpu::{self, LayerMut, LayerRef, PageTable};
 use selfindexkv::gpu::{params, DevLayer, DevPageTable, DeviceBuffer, GpuContext};
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES, SIKV_PLANE_SIGN};
@@ -128,15 +130,24 @@ struct HostLayer {
 
 impl HostLayer {
     fn new(layout: &Layout) -> HostLayer {
-        HostLayer { planes: (0..SIKV_NUM_PLANES).map(|p| vec![0u8; layout.plane_bytes[p]]).collect(), state: vec![0u8; layout.layer_state_bytes] }
+        HostLayer {
+            planes: (0..SIKV_NUM_PLANES).map(|p| vec![0u8; layout.plane_bytes[p]]).collect(),
+            state: vec![0u8; layout.layer_state_bytes],
+        }
     }
     fn as_mut(&mut self) -> LayerMut<'_> {
         let mut it = self.planes.iter_mut();
         let planes: [&mut [u8]; SIKV_NUM_PLANES] = std::array::from_fn(|_| it.next().unwrap().as_mut_slice());
-        LayerMut { planes, state: &mut self.state }
+        LayerMut {
+            planes,
+            state: &mut self.state,
+        }
     }
     fn as_ref(&self) -> LayerRef<'_> {
-        LayerRef { planes: std::array::from_fn(|p| self.planes[p].as_slice()), state: &self.state }
+        LayerRef {
+            planes: std::array::from_fn(|p| self.planes[p].as_slice()),
+            state: &self.state,
+        }
     }
 }
 
@@ -149,12 +160,22 @@ impl DevPools {
     fn new(ctx: &GpuContext, layout: &Layout) -> R<DevPools> {
         let mut planes = Vec::new();
         for p in 0..SIKV_NUM_PLANES {
-            planes.push(if layout.plane_bytes[p] > 0 { Some(ctx.alloc(layout.plane_bytes[p]).map_err(e2s)?) } else { None });
+            planes.push(if layout.plane_bytes[p] > 0 {
+                Some(ctx.alloc(layout.plane_bytes[p]).map_err(e2s)?)
+            } else {
+                None
+            });
         }
-        Ok(DevPools { planes, state: ctx.alloc(layout.layer_state_bytes).map_err(e2s)? })
+        Ok(DevPools {
+            planes,
+            state: ctx.alloc(layout.layer_state_bytes).map_err(e2s)?,
+        })
     }
     fn layer(&self) -> DevLayer {
-        DevLayer { planes: std::array::from_fn(|p| self.planes[p].as_ref().map(|b| b.ptr()).unwrap_or(0)), state: self.state.ptr() }
+        DevLayer {
+            planes: std::array::from_fn(|p| self.planes[p].as_ref().map(|b| b.ptr()).unwrap_or(0)),
+            state: self.state.ptr(),
+        }
     }
     fn upload(&self, ctx: &GpuContext, h: &HostLayer) -> R {
         for p in 0..SIKV_NUM_PLANES {
@@ -254,7 +275,16 @@ impl Fx {
         let mut free: Vec<i32> = (0..layout.num_pages as i32).collect();
         rng.shuffle(&mut free);
         let chan_off = (0..cfg.head_dim).map(|_| rng.normal() * 0.7).collect();
-        let mut fx = Fx { cfg, layout, ctx, host, dev, free, seqs: Vec::new(), chan_off };
+        let mut fx = Fx {
+            cfg,
+            layout,
+            ctx,
+            host,
+            dev,
+            free,
+            seqs: Vec::new(),
+            chan_off,
+        };
         for s in 0..fx.cfg.max_seqs as usize {
             cpu::reset_sequence(&fx.layout, &mut fx.host.state, s).map_err(e2s)?;
         }
@@ -284,7 +314,10 @@ impl Fx {
     fn kv(&self, rng: &mut Rng, n: usize) -> ((Vec<u8>, Vec<f32>), (Vec<u8>, Vec<f32>)) {
         let d = self.cfg.head_dim as usize;
         let m = n * self.cfg.num_kv_heads as usize * d;
-        (activations(rng, self.dtype(), m, 1.0, Some(&self.chan_off)), activations(rng, self.dtype(), m, 1.0, None))
+        (
+            activations(rng, self.dtype(), m, 1.0, Some(&self.chan_off)),
+            activations(rng, self.dtype(), m, 1.0, None),
+        )
     }
 
     fn q(&self, rng: &mut Rng, rows: usize) -> (Vec<u8>, Vec<f32>) {
@@ -307,7 +340,17 @@ impl Fx {
     fn append_cpu(&mut self, rng: &mut Rng, which: &[usize], per: usize) -> R {
         let (sm, slots, pos) = self.append_rows(which, per);
         let ((_, k), (_, v)) = self.kv(rng, sm.len());
-        cpu::append(&self.layout, &self.cfg, &mut self.host.as_mut(), &k, &v, &sm, &slots, &pos).map_err(e2s)?;
+        cpu::append(
+            &self.layout,
+            &self.cfg,
+            &mut self.host.as_mut(),
+            &k,
+            &v,
+            &sm,
+            &slots,
+            &pos,
+        )
+        .map_err(e2s)?;
         for &s in which {
             self.seqs[s].len += per;
         }
@@ -345,7 +388,12 @@ impl Fx {
         let a = upload_bytes(&self.ctx, &i32_bytes(&t.0))?;
         let b = upload_bytes(&self.ctx, &i32_bytes(&t.1))?;
         let c = upload_bytes(&self.ctx, &i32_bytes(&t.2))?;
-        let dt = DevPageTable { indptr: a.ptr(), indices: b.ptr(), last_page_len: c.ptr(), batch: t.2.len() as u32 };
+        let dt = DevPageTable {
+            indptr: a.ptr(),
+            indices: b.ptr(),
+            last_page_len: c.ptr(),
+            batch: t.2.len() as u32,
+        };
         Ok((dt, vec![a, b, c]))
     }
 
@@ -370,7 +418,13 @@ fn cmp_bytes(what: &str, a: &[u8], b: &[u8]) -> R {
         return Ok(());
     }
     let i = bad[0];
-    Err(format!("{what}: {} of {} bytes differ; first at byte {i}: gpu {:#04x} cpu {:#04x}", bad.len(), a.len(), a[i], b[i]))
+    Err(format!(
+        "{what}: {} of {} bytes differ; first at byte {i}: gpu {:#04x} cpu {:#04x}",
+        bad.len(),
+        a.len(),
+        a[i],
+        b[i]
+    ))
 }
 
 /// Planes and state bit for bit, with a decoded hint of where the first difference is.
@@ -378,9 +432,15 @@ fn cmp_layers(fx: &Fx, gpu: &HostLayer, cpu: &HostLayer) -> R {
     for p in 0..SIKV_NUM_PLANES {
         if let Err(e) = cmp_bytes(selfindexkv::layout::PLANE_NAMES[p], &gpu.planes[p], &cpu.planes[p]) {
             let row = fx.layout.format.row_bytes[p];
-            let first = (0..gpu.planes[p].len()).find(|&i| gpu.planes[p][i] != cpu.planes[p][i]).unwrap_or(0);
+            let first = (0..gpu.planes[p].len())
+                .find(|&i| gpu.planes[p][i] != cpu.planes[p][i])
+                .unwrap_or(0);
             let r = first / row.max(1);
-            let (slot, head, page) = (r % fx.layout.page_size, (r / fx.layout.page_size) % fx.layout.num_kv_heads, r / fx.layout.page_size / fx.layout.num_kv_heads);
+            let (slot, head, page) = (
+                r % fx.layout.page_size,
+                (r / fx.layout.page_size) % fx.layout.num_kv_heads,
+                r / fx.layout.page_size / fx.layout.num_kv_heads,
+            );
             return Err(format!(
                 "{e} (page {page}, head {head}, slot {slot}; gpu row {:02x?} cpu row {:02x?})",
                 &gpu.planes[p][r * row..(r + 1) * row],
@@ -389,7 +449,9 @@ fn cmp_layers(fx: &Fx, gpu: &HostLayer, cpu: &HostLayer) -> R {
         }
     }
     if let Err(e) = cmp_bytes("state", &gpu.state, &cpu.state) {
-        let first = (0..gpu.state.len()).find(|&i| gpu.state[i] != cpu.state[i]).unwrap_or(0);
+        let first = (0..gpu.state.len())
+            .find(|&i| gpu.state[i] != cpu.state[i])
+            .unwrap_or(0);
         let rec = fx.layout.state.bytes;
         let off = first % rec;
         let st = &fx.layout.state;
@@ -429,7 +491,10 @@ fn cmp_out(fx: &Fx, what: &str, gpu: &[f32], cpu: &[f32]) -> R {
         for i in 0..d {
             let e = (g[i] - c[i]).abs() / scale;
             if !(e <= t) {
-                return Err(format!("{what}: row {r} channel {i}: gpu {} cpu {} (rel err {e}, tol {t})", g[i], c[i]));
+                return Err(format!(
+                    "{what}: row {r} channel {i}: gpu {} cpu {} (rel err {e}, tol {t})",
+                    g[i], c[i]
+                ));
             }
             worst = worst.max(e);
         }
@@ -439,9 +504,22 @@ fn cmp_out(fx: &Fx, what: &str, gpu: &[f32], cpu: &[f32]) -> R {
 }
 
 /// Final-stage CPU score of position `pos` (for the tie rule of select comparisons).
-fn cpu_score(fx: &Fx, host: &HostLayer, table: &PageTable, b: usize, h: usize, slot: usize, q: &[f32], pos: u32) -> f32 {
+fn cpu_score(
+    fx: &Fx,
+    host: &HostLayer,
+    table: &PageTable,
+    b: usize,
+    h: usize,
+    slot: usize,
+    q: &[f32],
+    pos: u32,
+) -> f32 {
     let cfg = &fx.cfg;
-    let (d, g, hq) = (cfg.head_dim as usize, cfg.group_size() as usize, cfg.num_q_heads as usize);
+    let (d, g, hq) = (
+        cfg.head_dim as usize,
+        cfg.group_size() as usize,
+        cfg.num_q_heads as usize,
+    );
     let rec = cpu::read_state(&fx.layout, cfg.dtype.storage(), &host.state, slot, h);
     if cfg.force_generated && pos as i32 >= rec.meta[0] {
         return f32::INFINITY;
@@ -458,7 +536,10 @@ fn cpu_score(fx: &Fx, host: &HostLayer, table: &PageTable, b: usize, h: usize, s
         }
     });
     if cfg.two_stage() {
-        return rerank_score(&qbar, &decode_key(&fx.layout.format, cfg.dtype.storage(), &rows, &rec.scale));
+        return rerank_score(
+            &qbar,
+            &decode_key(&fx.layout.format, cfg.dtype.storage(), &rows, &rec.scale),
+        );
     }
     match cfg.selector {
         selfindexkv::config::Selector::Lut => lut_score(&build_lut(&rec.codebook, &qbar), rows[SIKV_PLANE_SIGN]),
@@ -467,7 +548,17 @@ fn cpu_score(fx: &Fx, host: &HostLayer, table: &PageTable, b: usize, h: usize, s
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cmp_select(fx: &Fx, host: &HostLayer, table: &PageTable, slots: &[i32], q: &[f32], gi: &[i32], gc: &[i32], ci: &[i32], cc: &[i32]) -> R {
+fn cmp_select(
+    fx: &Fx,
+    host: &HostLayer,
+    table: &PageTable,
+    slots: &[i32],
+    q: &[f32],
+    gi: &[i32],
+    gc: &[i32],
+    ci: &[i32],
+    cc: &[i32],
+) -> R {
     let kmax = fx.cfg.budget.max as usize;
     let hkv = fx.cfg.num_kv_heads as usize;
     for row in 0..cc.len() {
@@ -482,7 +573,10 @@ fn cmp_select(fx: &Fx, host: &HostLayer, table: &PageTable, slots: &[i32], q: &[
             return Err(format!("select: row {row}: entries past count {n} are not -1"));
         }
         if g[..n].windows(2).any(|w| w[0] >= w[1]) {
-            return Err(format!("select: row {row}: indices not strictly ascending: {:?}", &g[..n.min(32)]));
+            return Err(format!(
+                "select: row {row}: indices not strictly ascending: {:?}",
+                &g[..n.min(32)]
+            ));
         }
         if g[..n] == c[..n] {
             continue;
@@ -523,7 +617,17 @@ fn case_params_layout(_rng: &mut Rng) -> R {
 }
 
 fn base_shape(dtype: u32, d: u32, hkv: u32, group: u32) -> Shape {
-    Shape { dtype, d, hkv, group, kbits: 2, vbits: 2, page: 64, max_seq_len: 4096, max_batch: 4 }
+    Shape {
+        dtype,
+        d,
+        hkv,
+        group,
+        kbits: 2,
+        vbits: 2,
+        page: 64,
+        max_seq_len: 4096,
+        max_batch: 4,
+    }
 }
 
 fn case_validation(_rng: &mut Rng) -> R {
@@ -533,7 +637,12 @@ fn case_validation(_rng: &mut Rng) -> R {
     let pools = DevPools::new(&ctx, &layout)?;
     let ws = ctx.alloc(GpuContext::workspace_bytes(&cfg, &layout, 4)).map_err(e2s)?;
     let buf = ctx.alloc(1 << 20).map_err(e2s)?;
-    let table = DevPageTable { indptr: buf.ptr(), indices: buf.ptr(), last_page_len: buf.ptr(), batch: 2 };
+    let table = DevPageTable {
+        indptr: buf.ptr(),
+        indices: buf.ptr(),
+        last_page_len: buf.ptr(),
+        batch: 2,
+    };
     let b = buf.ptr();
     let expect = |what: &str, r: selfindexkv::Result<()>, st: SikvStatus| -> R {
         match r {
@@ -542,15 +651,42 @@ fn case_validation(_rng: &mut Rng) -> R {
         }
     };
     let l = pools.layer();
-    expect("misaligned q", ctx.select(&cfg, &layout, &l, &table, b, b + 2, b, b, ws.ptr(), ws.bytes(), null()), SikvStatus::SIKV_ERR_MISALIGNED)?;
-    expect("null q", ctx.select(&cfg, &layout, &l, &table, b, 0, b, b, ws.ptr(), ws.bytes(), null()), SikvStatus::SIKV_ERR_NULL_POINTER)?;
-    expect("small ws", ctx.select(&cfg, &layout, &l, &table, b, b, b, b, ws.ptr(), 16, null()), SikvStatus::SIKV_ERR_BUFFER_TOO_SMALL)?;
-    let big = DevPageTable { batch: cfg.max_batch + 1, ..table };
-    expect("batch", ctx.attend(&cfg, &layout, &l, &big, b, b, b, b, b, ws.ptr(), ws.bytes(), null()), SikvStatus::SIKV_ERR_OUT_OF_BOUNDS)?;
-    expect("append n", ctx.append(&cfg, &layout, &l, cfg.max_append_tokens + 1, b, b, b, b, b, null()), SikvStatus::SIKV_ERR_OUT_OF_BOUNDS)?;
+    expect(
+        "misaligned q",
+        ctx.select(&cfg, &layout, &l, &table, b, b + 2, b, b, ws.ptr(), ws.bytes(), null()),
+        SikvStatus::SIKV_ERR_MISALIGNED,
+    )?;
+    expect(
+        "null q",
+        ctx.select(&cfg, &layout, &l, &table, b, 0, b, b, ws.ptr(), ws.bytes(), null()),
+        SikvStatus::SIKV_ERR_NULL_POINTER,
+    )?;
+    expect(
+        "small ws",
+        ctx.select(&cfg, &layout, &l, &table, b, b, b, b, ws.ptr(), 16, null()),
+        SikvStatus::SIKV_ERR_BUFFER_TOO_SMALL,
+    )?;
+    let big = DevPageTable {
+        batch: cfg.max_batch + 1,
+        ..table
+    };
+    expect(
+        "batch",
+        ctx.attend(&cfg, &layout, &l, &big, b, b, b, b, b, ws.ptr(), ws.bytes(), null()),
+        SikvStatus::SIKV_ERR_OUT_OF_BOUNDS,
+    )?;
+    expect(
+        "append n",
+        ctx.append(&cfg, &layout, &l, cfg.max_append_tokens + 1, b, b, b, b, b, null()),
+        SikvStatus::SIKV_ERR_OUT_OF_BOUNDS,
+    )?;
     let mut l2 = l;
     l2.planes[SIKV_PLANE_SIGN] = 0;
-    expect("null plane", ctx.append(&cfg, &layout, &l2, 1, b, b, b, b, b, null()), SikvStatus::SIKV_ERR_NULL_POINTER)?;
+    expect(
+        "null plane",
+        ctx.append(&cfg, &layout, &l2, 1, b, b, b, b, b, null()),
+        SikvStatus::SIKV_ERR_NULL_POINTER,
+    )?;
     // reset_sequence matches cpu::reset_sequence.
     let mut host = HostLayer::new(&layout);
     for (i, x) in host.state.iter_mut().enumerate() {
@@ -601,7 +737,18 @@ fn run_encode(rng: &mut Rng, shape: Shape, tweak: impl FnOnce(&mut SikvConfig)) 
         let dsl = upload_bytes(&fx.ctx, &i32_bytes(&slots))?;
         let dpo = upload_bytes(&fx.ctx, &i32_bytes(&pos))?;
         fx.ctx
-            .append(&fx.cfg, &fx.layout, &fx.dev.layer(), sm.len() as u32, dk.ptr(), dv.ptr(), dsm.ptr(), dsl.ptr(), dpo.ptr(), null())
+            .append(
+                &fx.cfg,
+                &fx.layout,
+                &fx.dev.layer(),
+                sm.len() as u32,
+                dk.ptr(),
+                dv.ptr(),
+                dsm.ptr(),
+                dsl.ptr(),
+                dpo.ptr(),
+                null(),
+            )
             .map_err(e2s)?;
         for &s in &which {
             fx.seqs[s].len += per;
@@ -652,9 +799,28 @@ fn run_calibrate(rng: &mut Rng, shape: Shape, n: usize, nq: usize, tweak: impl F
     }
     cpu::calibrate(&fx.layout, &fx.cfg, &mut fx.host.as_mut(), 1, &k, &v, &q, &sm).map_err(e2s)?;
     let ws = fx.ws(1)?;
-    let (dk, dv, dq, dsm) = (upload_bytes(&fx.ctx, &kb)?, upload_bytes(&fx.ctx, &vb)?, upload_bytes(&fx.ctx, &qb)?, upload_bytes(&fx.ctx, &i64_bytes(&sm))?);
+    let (dk, dv, dq, dsm) = (
+        upload_bytes(&fx.ctx, &kb)?,
+        upload_bytes(&fx.ctx, &vb)?,
+        upload_bytes(&fx.ctx, &qb)?,
+        upload_bytes(&fx.ctx, &i64_bytes(&sm))?,
+    );
     fx.ctx
-        .calibrate(&fx.cfg, &fx.layout, &fx.dev.layer(), 1, n as u32, dk.ptr(), dv.ptr(), nq as u32, dq.ptr(), dsm.ptr(), ws.ptr(), ws.bytes(), null())
+        .calibrate(
+            &fx.cfg,
+            &fx.layout,
+            &fx.dev.layer(),
+            1,
+            n as u32,
+            dk.ptr(),
+            dv.ptr(),
+            nq as u32,
+            dq.ptr(),
+            dsm.ptr(),
+            ws.ptr(),
+            ws.bytes(),
+            null(),
+        )
         .map_err(e2s)?;
     let gpu = fx.dev.download(&fx.ctx, &fx.layout)?;
     cmp_layers(&fx, &gpu, &fx.host)
@@ -723,12 +889,26 @@ fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&m
     let b = which.len();
     let slots: Vec<i32> = which.iter().map(|&s| fx.seqs[s].slot).collect();
     let t = fx.table(&which);
-    let table = PageTable { indptr: &t.0, indices: &t.1, last_page_len: &t.2 };
+    let table = PageTable {
+        indptr: &t.0,
+        indices: &t.1,
+        last_page_len: &t.2,
+    };
     let (qb, q) = fx.q(rng, b);
     let (hkv, kmax) = (fx.cfg.num_kv_heads as usize, fx.cfg.budget.max as usize);
     let mut ci = vec![0i32; b * hkv * kmax];
     let mut cc = vec![0i32; b * hkv];
-    cpu::select(&fx.layout, &fx.cfg, &fx.host.as_ref(), &table, &slots, &q, &mut ci, &mut cc).map_err(e2s)?;
+    cpu::select(
+        &fx.layout,
+        &fx.cfg,
+        &fx.host.as_ref(),
+        &table,
+        &slots,
+        &q,
+        &mut ci,
+        &mut cc,
+    )
+    .map_err(e2s)?;
 
     let (dt, _keep) = fx.dev_table(&t)?;
     let ws = fx.ws(b as u32)?;
@@ -740,7 +920,19 @@ fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&m
     fx.ctx.memset_async(dc.ptr(), 0xFF, dc.bytes(), null()).map_err(e2s)?;
     let layer = fx.dev.layer();
     fx.ctx
-        .select(&fx.cfg, &fx.layout, &layer, &dt, dslots.ptr(), dq.ptr(), di.ptr(), dc.ptr(), ws.ptr(), ws.bytes(), null())
+        .select(
+            &fx.cfg,
+            &fx.layout,
+            &layer,
+            &dt,
+            dslots.ptr(),
+            dq.ptr(),
+            di.ptr(),
+            dc.ptr(),
+            ws.ptr(),
+            ws.bytes(),
+            null(),
+        )
         .map_err(e2s)?;
     fx.ctx.synchronize(null()).map_err(e2s)?;
     let mut gib = vec![0u8; di.bytes()];
@@ -756,10 +948,36 @@ fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&m
     let out_n = b * (fx.cfg.num_q_heads * fx.cfg.head_dim) as usize;
     let dout = fx.ctx.alloc(out_n * fx.dtype().size()).map_err(e2s)?;
     let mut cout = vec![0f32; out_n];
-    cpu::attend(&fx.layout, &fx.cfg, &fx.host.as_ref(), &table, &slots, &q, &ci, &cc, &mut cout).map_err(e2s)?;
-    fx.ctx.memset_async(dout.ptr(), 0xFF, dout.bytes(), null()).map_err(e2s)?;
+    cpu::attend(
+        &fx.layout,
+        &fx.cfg,
+        &fx.host.as_ref(),
+        &table,
+        &slots,
+        &q,
+        &ci,
+        &cc,
+        &mut cout,
+    )
+    .map_err(e2s)?;
     fx.ctx
-        .attend(&fx.cfg, &fx.layout, &layer, &dt, dslots.ptr(), dq.ptr(), ci_dev.ptr(), cc_dev.ptr(), dout.ptr(), ws.ptr(), ws.bytes(), null())
+        .memset_async(dout.ptr(), 0xFF, dout.bytes(), null())
+        .map_err(e2s)?;
+    fx.ctx
+        .attend(
+            &fx.cfg,
+            &fx.layout,
+            &layer,
+            &dt,
+            dslots.ptr(),
+            dq.ptr(),
+            ci_dev.ptr(),
+            cc_dev.ptr(),
+            dout.ptr(),
+            ws.ptr(),
+            ws.bytes(),
+            null(),
+        )
         .map_err(e2s)?;
     fx.ctx.synchronize(null()).map_err(e2s)?;
     let mut ob = vec![0u8; dout.bytes()];
@@ -768,9 +986,22 @@ fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&m
 
     // attend_dense.
     cpu::attend_dense(&fx.layout, &fx.cfg, &fx.host.as_ref(), &table, &slots, &q, &mut cout).map_err(e2s)?;
-    fx.ctx.memset_async(dout.ptr(), 0xFF, dout.bytes(), null()).map_err(e2s)?;
     fx.ctx
-        .attend_dense(&fx.cfg, &fx.layout, &layer, &dt, dslots.ptr(), dq.ptr(), dout.ptr(), ws.ptr(), ws.bytes(), null())
+        .memset_async(dout.ptr(), 0xFF, dout.bytes(), null())
+        .map_err(e2s)?;
+    fx.ctx
+        .attend_dense(
+            &fx.cfg,
+            &fx.layout,
+            &layer,
+            &dt,
+            dslots.ptr(),
+            dq.ptr(),
+            dout.ptr(),
+            ws.ptr(),
+            ws.bytes(),
+            null(),
+        )
         .map_err(e2s)?;
     fx.ctx.synchronize(null()).map_err(e2s)?;
     fx.ctx.copy_dtoh(&mut ob, dout.ptr()).map_err(e2s)?;
@@ -779,7 +1010,11 @@ fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&m
 }
 
 fn case_decode_matrix(rng: &mut Rng) -> R {
-    let lens: Vec<usize> = if quick() { vec![70, 5, 301] } else { vec![70, 5, 1301, 777, 2049] };
+    let lens: Vec<usize> = if quick() {
+        vec![70, 5, 301]
+    } else {
+        vec![70, 5, 1301, 777, 2049]
+    };
     let mut runs = 0;
     for &dtype in &[SIKV_DTYPE_F16, SIKV_DTYPE_BF16] {
         for &d in &[64u32, 128, 256] {
@@ -901,7 +1136,12 @@ fn case_graph(rng: &mut Rng) -> R {
     let cfg = fx.cfg.clone();
     let layout = fx.layout.clone();
     let ctx = &fx.ctx;
-    let (hkv, hq, d, kmax) = (cfg.num_kv_heads as usize, cfg.num_q_heads as usize, cfg.head_dim as usize, cfg.budget.max as usize);
+    let (hkv, hq, d, kmax) = (
+        cfg.num_kv_heads as usize,
+        cfg.num_q_heads as usize,
+        cfg.head_dim as usize,
+        cfg.budget.max as usize,
+    );
     let es = cfg.dtype.size();
     // Fixed-address step inputs (capacity for the largest page table).
     let max_pages: usize = fx.seqs.iter().map(|s| s.pages.len()).sum();
@@ -923,17 +1163,59 @@ fn case_graph(rng: &mut Rng) -> R {
     }
     let stream = ctx.create_stream().map_err(e2s)?;
     let st = stream.raw;
-    let dt = DevPageTable { indptr: iptr.ptr(), indices: iidx.ptr(), last_page_len: ilast.ptr(), batch: b as u32 };
-    let slot_dev = islot.ptr();
-    let step = |pools: &[DevPools], outs: &[DeviceBuffer], idx: &[(DeviceBuffer, DeviceBuffer)]| -> selfindexkv::Result<()> {
-        for l in 0..layers {
-            let layer = pools[l].layer();
-            ctx.append(&cfg, &layout, &layer, b as u32, ik.ptr(), iv.ptr(), ism.ptr(), slot_dev, ipos.ptr(), st)?;
-            ctx.select(&cfg, &layout, &layer, &dt, slot_dev, iq.ptr(), idx[l].0.ptr(), idx[l].1.ptr(), ws.ptr(), ws.bytes(), st)?;
-            ctx.attend(&cfg, &layout, &layer, &dt, slot_dev, iq.ptr(), idx[l].0.ptr(), idx[l].1.ptr(), outs[l].ptr(), ws.ptr(), ws.bytes(), st)?;
-        }
-        Ok(())
+    let dt = DevPageTable {
+        indptr: iptr.ptr(),
+        indices: iidx.ptr(),
+        last_page_len: ilast.ptr(),
+        batch: b as u32,
     };
+    let slot_dev = islot.ptr();
+    let step =
+        |pools: &[DevPools], outs: &[DeviceBuffer], idx: &[(DeviceBuffer, DeviceBuffer)]| -> selfindexkv::Result<()> {
+            for l in 0..layers {
+                let layer = pools[l].layer();
+                ctx.append(
+                    &cfg,
+                    &layout,
+                    &layer,
+                    b as u32,
+                    ik.ptr(),
+                    iv.ptr(),
+                    ism.ptr(),
+                    slot_dev,
+                    ipos.ptr(),
+                    st,
+                )?;
+                ctx.select(
+                    &cfg,
+                    &layout,
+                    &layer,
+                    &dt,
+                    slot_dev,
+                    iq.ptr(),
+                    idx[l].0.ptr(),
+                    idx[l].1.ptr(),
+                    ws.ptr(),
+                    ws.bytes(),
+                    st,
+                )?;
+                ctx.attend(
+                    &cfg,
+                    &layout,
+                    &layer,
+                    &dt,
+                    slot_dev,
+                    iq.ptr(),
+                    idx[l].0.ptr(),
+                    idx[l].1.ptr(),
+                    outs[l].ptr(),
+                    ws.ptr(),
+                    ws.bytes(),
+                    st,
+                )?;
+            }
+            Ok(())
+        };
     let graph = ctx.capture(st, || step(&b_pools, &outs_b, &idx_b)).map_err(e2s)?;
     for _ in 0..steps {
         // New token per sequence: slot mapping, positions, page table, k/v/q.
@@ -1026,13 +1308,20 @@ fn gpu() {
             return;
         }
         Err(e) => panic!("CUDA device present but unusable: {e}"),
-        Ok(ctx) => println!("gpu tests on {:?}, kernels from {}", ctx.device_info(), ctx.build_path()),
+        Ok(ctx) => println!(
+            "gpu tests on {:?}, kernels from {}",
+            ctx.device_info(),
+            ctx.build_path()
+        ),
     }
     let seed = std::env::var("SIKV_GPU_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
-    println!("seed {seed} (SIKV_GPU_TEST_SEED={seed} replays it){}", if quick() { ", quick sizes" } else { "" });
+    println!(
+        "seed {seed} (SIKV_GPU_TEST_SEED={seed} replays it){}",
+        if quick() { ", quick sizes" } else { "" }
+    );
     // SIKV_GPU_TEST_ONLY=a,b runs the cases whose names contain a or b.
     let only: Vec<String> = std::env::var("SIKV_GPU_TEST_ONLY")
         .unwrap_or_default()

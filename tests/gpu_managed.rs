@@ -1,4 +1,4 @@
-//! The managed cache end to end on a CUDA device against the CPU backend: a ragged batch (one
+//! Both ABI layers on a CUDA device against the CPU backend. The managed cache end to end: a ragged batch (one
 //! sequence longer than 100K tokens, lengths not multiples of the page size), prefill +
 //! calibrate, then decode steps of append + attend at every layer, fork and remove. Without a
 //! CUDA device it prints one counted `skipped` line.
@@ -18,7 +18,9 @@ impl Rng {
     }
     /// Uniform in [-1, 1) plus a per-channel offset, never all zeros.
     fn vec(&mut self, n: usize, d: usize) -> Vec<f32> {
-        (0..n).map(|i| ((self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0) + 0.05 * ((i % d) as f32 / d as f32)).collect()
+        (0..n)
+            .map(|i| ((self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0) + 0.05 * ((i % d) as f32 / d as f32))
+            .collect()
     }
 }
 
@@ -50,7 +52,11 @@ fn to_bytes(dt: Dtype, x: &[f32]) -> Vec<u8> {
 
 #[test]
 fn managed_cache_on_gpu_matches_cpu_backend() {
-    let (lens, steps): (Vec<u32>, u32) = if quick() { (vec![300, 1000, 4097], 8) } else { (vec![1000, 3333, 100_003], 256) };
+    let (lens, steps): (Vec<u32>, u32) = if quick() {
+        (vec![300, 1000, 4097], 8)
+    } else {
+        (vec![1000, 3333, 100_003], 256)
+    };
     let max_len = lens.iter().max().unwrap() + steps + 8;
     let gpu_cfg = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, max_len);
     let mut gpu = match Cache::new(gpu_cfg.clone()) {
@@ -63,11 +69,19 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     };
     assert!(gpu.stats().on_gpu);
     let mut cpu = Cache::new(config(SIKV_DEVICE_CPU, SIKV_DTYPE_F16, max_len)).unwrap();
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     println!("managed GPU vs CPU: seed {seed}, lengths {lens:?}, {steps} decode steps");
     let mut rng = Rng(seed);
     let cfg = &gpu_cfg;
-    let (hq, hk, d, dt) = (cfg.num_q_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim as usize, cfg.dtype);
+    let (hq, hk, d, dt) = (
+        cfg.num_q_heads as usize,
+        cfg.num_kv_heads as usize,
+        cfg.head_dim as usize,
+        cfg.dtype,
+    );
     let ids: Vec<i64> = (0..lens.len() as i64).map(|i| 100 + i).collect();
     let null = std::ptr::null_mut();
     for (&id, &n) in ids.iter().zip(&lens) {
@@ -78,8 +92,17 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
             let v = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
             let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
             for c in [&mut gpu, &mut cpu] {
-                c.calibrate(layer, id, n, Activations::Host(&k), Activations::Host(&v), 2, Activations::Host(&q), null)
-                    .unwrap_or_else(|e| panic!("calibrate seq {id} layer {layer}: {e}"));
+                c.calibrate(
+                    layer,
+                    id,
+                    n,
+                    Activations::Host(&k),
+                    Activations::Host(&v),
+                    2,
+                    Activations::Host(&q),
+                    null,
+                )
+                .unwrap_or_else(|e| panic!("calibrate seq {id} layer {layer}: {e}"));
             }
         }
     }
@@ -93,8 +116,10 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
             let q = to_bytes(dt, &rng.vec(b * hq * d, d));
             let mut outs = [vec![0xFFu8; b * hq * d * 2], vec![0u8; b * hq * d * 2]];
             for (c, out) in [&mut gpu, &mut cpu].into_iter().zip(outs.iter_mut()) {
-                c.append(layer, &ids, &counts, Activations::Host(&k), Activations::Host(&v), null).unwrap();
-                c.attend(layer, &ids, Activations::Host(&q), Output::Host(out), null).unwrap();
+                c.append(layer, &ids, &counts, Activations::Host(&k), Activations::Host(&v), null)
+                    .unwrap();
+                c.attend(layer, &ids, Activations::Host(&q), Output::Host(out), null)
+                    .unwrap();
             }
             let (mut og, mut oc) = (vec![0f32; b * hq * d], vec![0f32; b * hq * d]);
             numeric::to_f32(dt, &outs[0], &mut og);
@@ -110,12 +135,16 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
                 let kmax = cfg.budget.max as usize;
                 let (mut ig, mut cg) = (vec![0i32; rows * kmax], vec![0i32; rows]);
                 let (mut ic, mut cc) = (vec![0i32; rows * kmax], vec![0i32; rows]);
-                gpu.select(layer, &ids, Activations::Host(&q), &mut ig, &mut cg, null).unwrap();
-                cpu.select(layer, &ids, Activations::Host(&q), &mut ic, &mut cc, null).unwrap();
+                gpu.select(layer, &ids, Activations::Host(&q), &mut ig, &mut cg, null)
+                    .unwrap();
+                cpu.select(layer, &ids, Activations::Host(&q), &mut ic, &mut cc, null)
+                    .unwrap();
                 assert_eq!(cg, cc, "step {step} layer {layer}: selection counts differ");
                 for r in 0..rows {
-                    let a: std::collections::BTreeSet<i32> = ig[r * kmax..r * kmax + cg[r] as usize].iter().copied().collect();
-                    let c: std::collections::BTreeSet<i32> = ic[r * kmax..r * kmax + cc[r] as usize].iter().copied().collect();
+                    let a: std::collections::BTreeSet<i32> =
+                        ig[r * kmax..r * kmax + cg[r] as usize].iter().copied().collect();
+                    let c: std::collections::BTreeSet<i32> =
+                        ic[r * kmax..r * kmax + cc[r] as usize].iter().copied().collect();
                     sel_mismatch += a.symmetric_difference(&c).count();
                     compared += c.len();
                 }
@@ -130,7 +159,8 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     let q = to_bytes(dt, &rng.vec(hq * d, d));
     let mut outs = [vec![0xFFu8; hq * d * 2], vec![0u8; hq * d * 2]];
     for (c, out) in [&mut gpu, &mut cpu].into_iter().zip(outs.iter_mut()) {
-        c.attend(0, &[999], Activations::Host(&q), Output::Host(out), null).unwrap();
+        c.attend(0, &[999], Activations::Host(&q), Output::Host(out), null)
+            .unwrap();
     }
     let (mut og, mut oc) = (vec![0f32; hq * d], vec![0f32; hq * d]);
     numeric::to_f32(dt, &outs[0], &mut og);
@@ -143,5 +173,237 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     // fp16 outputs; a boundary tie can swap one low-weight token of ~2K.
     assert!(worst < 1e-2, "GPU output differs from the CPU backend by {worst}");
     assert!(fork_err < 1e-2, "forked sequence differs by {fork_err}");
-    assert!(sel_mismatch * 1000 <= compared, "{sel_mismatch} of {compared} selected positions differ");
+    assert!(
+        sel_mismatch * 1000 <= compared,
+        "{sel_mismatch} of {compared} selected positions differ"
+    );
+}
+
+/// The stateless C ABI on a CUDA device against the same calls on the CPU: calibrate two
+/// sequence slots, append decode tokens, run the fused decode and the separate select; pools
+/// must be byte-identical (encode and calibrate are exact) and outputs within fp16 tolerance.
+#[test]
+fn stateless_abi_on_gpu_matches_cpu() {
+    use selfindexkv::ffi::*;
+    use selfindexkv::gpu::GpuContext;
+    use selfindexkv::layout::Layout;
+    use std::ffi::c_void;
+    use std::ptr::null_mut;
+
+    let mut c = SikvConfig::for_profile(SIKV_PROFILE_2_1).unwrap();
+    c.device = SIKV_DEVICE_CUDA;
+    c.dtype = SIKV_DTYPE_F16;
+    c.num_layers = 1;
+    c.num_q_heads = 8;
+    c.num_kv_heads = 2;
+    c.head_dim = 64;
+    c.page_size = 16;
+    c.max_seqs = 2;
+    c.max_batch = 2;
+    c.max_seq_len = 640;
+    c.max_append_tokens = 640;
+    c.num_pages = 80;
+    c.budget_min = 16;
+    c.budget_max = 64;
+    let mut gk: *mut SikvKernels = null_mut();
+    let s = sikv_kernels_create(&c, &mut gk);
+    if s == SikvStatus::SIKV_ERR_NO_DEVICE {
+        println!("gpu tests skipped: no CUDA device (1 test: stateless ABI)");
+        return;
+    }
+    assert_eq!(s, SikvStatus::SIKV_OK);
+    let mut cc = c;
+    cc.device = SIKV_DEVICE_CPU;
+    let mut ck: *mut SikvKernels = null_mut();
+    assert_eq!(sikv_kernels_create(&cc, &mut ck), SikvStatus::SIKV_OK);
+    let cfg = CacheConfig::from_c(&c).unwrap();
+    let layout = Layout::new(&cfg);
+    let ctx = GpuContext::new(&cfg, &layout).unwrap();
+    let mut info = SikvLayoutInfo::default();
+    assert_eq!(sikv_query_layout(&c, &mut info), SikvStatus::SIKV_OK);
+    let mut ws_bytes = 0usize;
+    assert_eq!(sikv_workspace_size(gk, 2, &mut ws_bytes), SikvStatus::SIKV_OK);
+    let null = null_mut();
+
+    // Pools: device and host, same layout.
+    let dplanes = ctx.alloc(info.layer_plane_bytes).unwrap();
+    let dstate = ctx.alloc(info.layer_state_bytes).unwrap();
+    let dws = ctx.alloc(ws_bytes).unwrap();
+    let mut hplanes = vec![0u8; info.layer_plane_bytes];
+    let mut hstate = vec![0u8; info.layer_state_bytes];
+    ctx.copy_htod_async(dplanes.ptr(), &hplanes, null).unwrap();
+    ctx.copy_htod_async(dstate.ptr(), &hstate, null).unwrap();
+    let pools_of = |base: u64, state: u64| SikvLayerPools {
+        plane: std::array::from_fn(|i| {
+            if info.plane_bytes[i] == 0 {
+                null_mut()
+            } else {
+                (base + info.plane_offset[i] as u64) as *mut c_void
+            }
+        }),
+        state: state as *mut c_void,
+    };
+    let dpools = pools_of(dplanes.ptr(), dstate.ptr());
+    let hpools = pools_of(hplanes.as_mut_ptr() as u64, hstate.as_mut_ptr() as u64);
+    for (k, p) in [(gk, &dpools), (ck, &hpools)] {
+        for slot in 0..2 {
+            assert_eq!(sikv_kernel_reset_slot(k, p, slot, null), SikvStatus::SIKV_OK);
+        }
+    }
+    // A device scratch arena for activations and metadata, filled per call.
+    let arena = ctx.alloc(1 << 20).unwrap();
+    let put = |off: usize, bytes: &[u8]| -> *mut c_void {
+        ctx.copy_htod_async(arena.ptr() + off as u64, bytes, null).unwrap();
+        (arena.ptr() + off as u64) as *mut c_void
+    };
+    let mut rng = Rng(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64);
+    let (hq, hk, d) = (8usize, 2usize, 64usize);
+    let dt = Dtype::F16;
+    let lens = [300usize, 157];
+    let pages: [Vec<i32>; 2] = [(0..40).collect(), (40..80).rev().collect()];
+    let slot_of = |s: usize, pos: usize| pages[s][pos / 16] as i64 * 16 + (pos % 16) as i64;
+    for s in 0..2 {
+        let n = lens[s];
+        let k = to_bytes(dt, &rng.vec(n * hk * d, d));
+        let v = to_bytes(dt, &rng.vec(n * hk * d, d));
+        let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
+        let sm: Vec<i64> = (0..n).map(|t| slot_of(s, t)).collect();
+        let smb: Vec<u8> = sm.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let (dk, dv, dq, dsm) = (put(0, &k), put(262144, &v), put(524288, &q), put(786432, &smb));
+        let st = sikv_kernel_calibrate(
+            gk,
+            &dpools,
+            s as u32,
+            n as u32,
+            dk,
+            dv,
+            2,
+            dq,
+            dsm as *const i64,
+            dws.ptr() as *mut c_void,
+            ws_bytes,
+            null,
+        );
+        assert_eq!(st, SikvStatus::SIKV_OK);
+        let st = sikv_kernel_calibrate(
+            ck,
+            &hpools,
+            s as u32,
+            n as u32,
+            k.as_ptr() as _,
+            v.as_ptr() as _,
+            2,
+            q.as_ptr() as _,
+            sm.as_ptr(),
+            null,
+            0,
+            null,
+        );
+        assert_eq!(st, SikvStatus::SIKV_OK);
+        ctx.synchronize(null).unwrap();
+    }
+    let mut len = lens;
+    let mut worst = 0f32;
+    for step in 0..6 {
+        // One new token per sequence.
+        let k = to_bytes(dt, &rng.vec(2 * hk * d, d));
+        let v = to_bytes(dt, &rng.vec(2 * hk * d, d));
+        let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
+        let sm: Vec<i64> = (0..2).map(|s| slot_of(s, len[s])).collect();
+        let ss = [0i32, 1];
+        let pos = [len[0] as i32, len[1] as i32];
+        let b8 = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let b4 = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (dk, dv, dq) = (put(0, &k), put(4096, &v), put(8192, &q));
+        let (dsm, dss, dpos) = (put(16384, &b8(&sm)), put(20480, &b4(&ss)), put(24576, &b4(&pos)));
+        assert_eq!(
+            sikv_kernel_append(gk, &dpools, 2, dk, dv, dsm as _, dss as _, dpos as _, null),
+            SikvStatus::SIKV_OK
+        );
+        assert_eq!(
+            sikv_kernel_append(
+                ck,
+                &hpools,
+                2,
+                k.as_ptr() as _,
+                v.as_ptr() as _,
+                sm.as_ptr(),
+                ss.as_ptr(),
+                pos.as_ptr(),
+                null
+            ),
+            SikvStatus::SIKV_OK
+        );
+        len = [len[0] + 1, len[1] + 1];
+        let mut indptr = vec![0i32];
+        let mut indices = Vec::new();
+        let mut last = Vec::new();
+        for s in 0..2 {
+            let np = len[s].div_ceil(16);
+            indices.extend_from_slice(&pages[s][..np]);
+            indptr.push(indices.len() as i32);
+            last.push((len[s] - (np - 1) * 16) as i32);
+        }
+        let (di, dx, dl) = (
+            put(32768, &b4(&indptr)),
+            put(36864, &b4(&indices)),
+            put(40960, &b4(&last)),
+        );
+        let dtable = SikvPageTable {
+            indptr: di as _,
+            indices: dx as _,
+            last_page_len: dl as _,
+            batch: 2,
+        };
+        let htable = SikvPageTable {
+            indptr: indptr.as_ptr(),
+            indices: indices.as_ptr(),
+            last_page_len: last.as_ptr(),
+            batch: 2,
+        };
+        let dout = (arena.ptr() + 49152) as *mut c_void;
+        let mut hout = vec![0u8; 2 * hq * d * 2];
+        assert_eq!(
+            sikv_kernel_decode(gk, &dpools, &dtable, dss as _, dq, dout, dws.ptr() as _, ws_bytes, null),
+            SikvStatus::SIKV_OK
+        );
+        assert_eq!(
+            sikv_kernel_decode(
+                ck,
+                &hpools,
+                &htable,
+                ss.as_ptr(),
+                q.as_ptr() as _,
+                hout.as_mut_ptr() as _,
+                null,
+                0,
+                null
+            ),
+            SikvStatus::SIKV_OK
+        );
+        ctx.synchronize(null).unwrap();
+        let mut gout = vec![0u8; hout.len()];
+        ctx.copy_dtoh(&mut gout, arena.ptr() + 49152).unwrap();
+        let (mut og, mut oc) = (vec![0f32; 2 * hq * d], vec![0f32; 2 * hq * d]);
+        numeric::to_f32(dt, &gout, &mut og);
+        numeric::to_f32(dt, &hout, &mut oc);
+        let scale = oc.iter().fold(1f32, |m, x| m.max(x.abs()));
+        for (g, c) in og.iter().zip(&oc) {
+            worst = worst.max((g - c).abs() / scale);
+        }
+        assert!(worst < 1e-2, "step {step}: decode output differs by {worst}");
+    }
+    // Pools are byte-identical: encode and calibrate are exact on both devices.
+    let mut gp = vec![0u8; hplanes.len()];
+    let mut gs = vec![0u8; hstate.len()];
+    ctx.copy_dtoh(&mut gp, dplanes.ptr()).unwrap();
+    ctx.copy_dtoh(&mut gs, dstate.ptr()).unwrap();
+    assert!(gp == hplanes, "plane pools differ between the GPU and the CPU");
+    assert!(gs == hstate, "state pools differ between the GPU and the CPU");
+    println!("stateless ABI GPU vs CPU: pools identical, worst decode output difference {worst:.2e}");
+    sikv_kernels_destroy(gk);
+    sikv_kernels_destroy(ck);
 }

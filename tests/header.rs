@@ -36,6 +36,9 @@ fn header_declares_every_status_and_version_query() {
     }
     // Rust-internal constants must not leak into the C namespace.
     for name in ["QUANT_GROUP", "ATTEND_SPLIT", "MAX_PAGE_SIZE"] {
-        assert!(!h.contains(&format!("#define {name} ")), "`{name}` leaked into the header");
+        assert!(
+            !h.contains(&format!("#define {name} ")),
+            "`{name}` leaked into the header"
+        );
     }
 }

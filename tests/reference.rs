@@ -6,9 +6,8 @@
 use half::f16;
 use selfindexkv::config::{Centre, HalfKind, SignPredicate};
 use selfindexkv::layout::{
-    TokenFormat, ATTEND_SPLIT, CENTROIDS, QUANT_GROUP, SIKV_NUM_PLANES, SIKV_PLANE_KFULL,
-    SIKV_PLANE_KMAG, SIKV_PLANE_KPAR, SIKV_PLANE_SIGN, SIKV_PLANE_VCODE, SIKV_PLANE_VFULL,
-    SIKV_PLANE_VPAR, SUBVEC,
+    TokenFormat, ATTEND_SPLIT, CENTROIDS, QUANT_GROUP, SIKV_NUM_PLANES, SIKV_PLANE_KFULL, SIKV_PLANE_KMAG,
+    SIKV_PLANE_KPAR, SIKV_PLANE_SIGN, SIKV_PLANE_VCODE, SIKV_PLANE_VFULL, SIKV_PLANE_VPAR, SUBVEC,
 };
 use selfindexkv::numeric::round_half;
 use selfindexkv::reference::attend::{attend_group, dense_attention_f64, SoftmaxState};
@@ -89,9 +88,7 @@ impl Rows {
     fn new(f: &TokenFormat) -> Rows {
         // Pre-filled with garbage: encode_token must write every byte.
         Rows {
-            bufs: (0..SIKV_NUM_PLANES)
-                .map(|p| vec![0xA5u8; f.row_bytes[p]])
-                .collect(),
+            bufs: (0..SIKV_NUM_PLANES).map(|p| vec![0xA5u8; f.row_bytes[p]]).collect(),
         }
     }
     fn encode(
@@ -105,8 +102,7 @@ impl Rows {
         r: &[f32],
     ) {
         let mut it = self.bufs.iter_mut();
-        let mut rows: [&mut [u8]; SIKV_NUM_PLANES] =
-            std::array::from_fn(|_| it.next().unwrap().as_mut_slice());
+        let mut rows: [&mut [u8]; SIKV_NUM_PLANES] = std::array::from_fn(|_| it.next().unwrap().as_mut_slice());
         encode_token(f, storage, pred, k, v, m, r, &mut rows);
     }
     fn refs(&self) -> [&[u8]; SIKV_NUM_PLANES] {
@@ -182,11 +178,7 @@ fn sign_bit_predicates() {
         (-1e-40, false, false),
     ];
     for (x, not_signbit, positive) in cases {
-        assert_eq!(
-            sign_bit(x, SignPredicate::NotSignbit),
-            not_signbit,
-            "!signbit({x:e})"
-        );
+        assert_eq!(sign_bit(x, SignPredicate::NotSignbit), not_signbit, "!signbit({x:e})");
         assert_eq!(sign_bit(x, SignPredicate::Positive), positive, "{x:e} > 0");
     }
 }
@@ -201,11 +193,7 @@ fn worked_example_of_section_11() {
     k[..8].copy_from_slice(&head);
     for c in 8..d {
         // Group 0 keeps |x| inside [0, 0.9]; the other groups are arbitrary.
-        k[c] = if c < 32 {
-            rng.range(-0.85, 0.85)
-        } else {
-            rng.normal()
-        };
+        k[c] = if c < 32 { rng.range(-0.85, 0.85) } else { rng.normal() };
     }
     let v = rng.normals(d);
     let m = vec![0f32; d];
@@ -223,10 +211,7 @@ fn worked_example_of_section_11() {
     assert_eq!(f16_bits(delta), f16_bits(0.3));
     assert_eq!(zero, 0.0);
     let kpar = rows.plane(SIKV_PLANE_KPAR);
-    assert_eq!(
-        u16::from_le_bytes([kpar[0], kpar[1]]),
-        f16::from_f32(0.3).to_bits()
-    );
+    assert_eq!(u16::from_le_bytes([kpar[0], kpar[1]]), f16::from_f32(0.3).to_bits());
     assert_eq!(u16::from_le_bytes([kpar[2], kpar[3]]), 0);
     let kh = decode_key(&f, HalfKind::F16, &rows.refs(), &vec![1f32; d]);
     assert_eq!(kh[3], -2.0 * delta, "-0.5 decodes to -0.6");
@@ -249,11 +234,7 @@ fn worked_example_of_section_11() {
 
     let mut rows = Rows::new(&f);
     rows.encode(&f, HalfKind::F16, SignPredicate::Positive, &k, &v, &m, &r);
-    assert_eq!(
-        rows.plane(SIKV_PLANE_SIGN)[0],
-        0xB1,
-        "SIGN byte 0 with x > 0"
-    );
+    assert_eq!(rows.plane(SIKV_PLANE_SIGN)[0], 0xB1, "SIGN byte 0 with x > 0");
     assert_eq!(rows.plane(SIKV_PLANE_KMAG)[0], 0x83);
 }
 
@@ -275,17 +256,9 @@ fn pack_unpack_round_trip_is_bit_exact() {
             let mut vpar = vec![(0f32, 0f32); groups];
             for g in 0..groups {
                 let all_equal = g == 1;
-                let kdelta = if all_equal {
-                    0.0
-                } else {
-                    2f32.powi(-(g as i32) - 3)
-                };
+                let kdelta = if all_equal { 0.0 } else { 2f32.powi(-(g as i32) - 3) };
                 let kzero = if g == 0 { 0.0 } else { 0.125 * g as f32 };
-                let vdelta = if all_equal {
-                    0.0
-                } else {
-                    2f32.powi(-(g as i32) - 2)
-                };
+                let vdelta = if all_equal { 0.0 } else { 2f32.powi(-(g as i32) - 2) };
                 let vzero = -0.5 - 0.25 * g as f32;
                 kpar[g] = (kdelta, kzero);
                 vpar[g] = (vdelta, vzero);
@@ -343,16 +316,8 @@ fn pack_unpack_round_trip_is_bit_exact() {
                 }
             }
             assert_eq!(rows.plane(SIKV_PLANE_SIGN), &want_sign[..], "SIGN {ctx}");
-            assert_eq!(
-                rows.plane(SIKV_PLANE_KMAG),
-                &spec_pack(&kcodes, kb)[..],
-                "KMAG {ctx}"
-            );
-            assert_eq!(
-                rows.plane(SIKV_PLANE_VCODE),
-                &spec_pack(&vcodes, vb)[..],
-                "VCODE {ctx}"
-            );
+            assert_eq!(rows.plane(SIKV_PLANE_KMAG), &spec_pack(&kcodes, kb)[..], "KMAG {ctx}");
+            assert_eq!(rows.plane(SIKV_PLANE_VCODE), &spec_pack(&vcodes, vb)[..], "VCODE {ctx}");
             for g in 0..groups {
                 let kp = &rows.plane(SIKV_PLANE_KPAR)[4 * g..4 * g + 4];
                 assert_eq!(
@@ -382,9 +347,7 @@ fn pack_unpack_round_trip_is_bit_exact() {
                 assert_eq!(mag_code(rows.plane(SIKV_PLANE_VCODE), c, vb), vcodes[c]);
             }
             // Absent planes stay empty.
-            assert!(
-                rows.plane(SIKV_PLANE_KFULL).is_empty() && rows.plane(SIKV_PLANE_VFULL).is_empty()
-            );
+            assert!(rows.plane(SIKV_PLANE_KFULL).is_empty() && rows.plane(SIKV_PLANE_VFULL).is_empty());
 
             let kh = decode_key(&f, HalfKind::F16, &rows.refs(), &a);
             let vh = decode_value(&f, HalfKind::F16, &rows.refs());
@@ -402,11 +365,7 @@ fn pack_unpack_round_trip_is_bit_exact() {
             for i in 0..QUANT_GROUP {
                 let c = QUANT_GROUP + i;
                 assert_eq!(kcodes[c], 0);
-                assert_eq!(
-                    kh[c].abs(),
-                    kpar[1].1 * a[c],
-                    "all-equal group decodes to +-z"
-                );
+                assert_eq!(kh[c].abs(), kpar[1].1 * a[c], "all-equal group decodes to +-z");
                 assert_eq!(vh[c], vpar[1].1);
             }
         }
@@ -439,12 +398,7 @@ fn reference_layout_mapping() {
             let ax: Vec<f32> = x[32 * g..32 * g + 32].iter().map(|y| y.abs()).collect();
             let (dk, zk, kc) = spec_quantise(&ax, 2);
             let (dv, zv, vc) = spec_quantise(&v[32 * g..32 * g + 32], 2);
-            params[4 * g..4 * g + 4].copy_from_slice(&[
-                f16_bits(dk),
-                f16_bits(zk),
-                f16_bits(dv),
-                f16_bits(zv),
-            ]);
+            params[4 * g..4 * g + 4].copy_from_slice(&[f16_bits(dk), f16_bits(zk), f16_bits(dv), f16_bits(zv)]);
             for i in 0..32 {
                 let c = 32 * g + i;
                 if x[c] > 0.0 {
@@ -458,8 +412,7 @@ fn reference_layout_mapping() {
         assert_eq!(rows.plane(SIKV_PLANE_SIGN), &key_1bit[..]);
         let (kmag, vcode) = (rows.plane(SIKV_PLANE_KMAG), rows.plane(SIKV_PLANE_VCODE));
         for w in 0..16 {
-            let word =
-                u32::from_le_bytes([kmag[2 * w], kmag[2 * w + 1], vcode[2 * w], vcode[2 * w + 1]]);
+            let word = u32::from_le_bytes([kmag[2 * w], kmag[2 * w + 1], vcode[2 * w], vcode[2 * w + 1]]);
             assert_eq!(word, key_value_quant[w], "int32 word {w}");
         }
         for g in 0..4 {
@@ -490,10 +443,7 @@ fn sixteen_bit_planes_store_rounded_centred_keys_and_values() {
             rows.encode(&f, storage, SignPredicate::NotSignbit, &k, &v, &m, &r);
             for c in 0..d {
                 let kp = k[c] - m[c];
-                assert_eq!(
-                    sign_of(rows.plane(SIKV_PLANE_SIGN), c),
-                    !(kp * r[c]).is_sign_negative()
-                );
+                assert_eq!(sign_of(rows.plane(SIKV_PLANE_SIGN), c), !(kp * r[c]).is_sign_negative());
             }
             let kh = decode_key(&f, storage, &rows.refs(), &vec![1.0; d]);
             let vh = decode_value(&f, storage, &rows.refs());
@@ -559,8 +509,7 @@ fn check_error_bound(rng: &mut Rng, name: &str, outliers: bool) {
                     for (i, c) in cs.enumerate() {
                         // x^ straight from the row.
                         let (delta, zero) = group_params(rows.plane(SIKV_PLANE_KPAR), g);
-                        let mag =
-                            mag_code(rows.plane(SIKV_PLANE_KMAG), c, bits) as f32 * delta + zero;
+                        let mag = mag_code(rows.plane(SIKV_PLANE_KMAG), c, bits) as f32 * delta + zero;
                         let xh = if sign_of(rows.plane(SIKV_PLANE_SIGN), c) {
                             mag
                         } else {
@@ -570,7 +519,11 @@ fn check_error_bound(rng: &mut Rng, name: &str, outliers: bool) {
                         let tol = dk / 2.0 + 4.0 * fp16_ulp(hi);
                         let err = (xh - x[i]).abs();
                         worst = worst.max(err / tol);
-                        assert!(err <= tol, "{name}: d={d} bits={bits} c={c}: |x^ - x| = {err:e} > {tol:e} (x={}, x^={xh})", x[i]);
+                        assert!(
+                            err <= tol,
+                            "{name}: d={d} bits={bits} c={c}: |x^ - x| = {err:e} > {tol:e} (x={}, x^={xh})",
+                            x[i]
+                        );
                         let vtol = dv / 2.0 + 4.0 * fp16_ulp(vhi);
                         let verr = (vh[c] - v[c]).abs();
                         assert!(
@@ -617,17 +570,9 @@ fn quantisation_params_saturate_instead_of_overflowing() {
         kh.iter().chain(&vh).all(|x| x.is_finite()),
         "decoded values must stay finite: {kh:?} {vh:?}"
     );
-    assert_eq!(
-        group_params(rows.plane(SIKV_PLANE_KPAR), 0),
-        (65504.0, 65504.0)
-    );
+    assert_eq!(group_params(rows.plane(SIKV_PLANE_KPAR), 0), (65504.0, 65504.0));
     assert_eq!(group_params(rows.plane(SIKV_PLANE_VPAR), 0).1, -65504.0);
-    assert!(
-        kh[0] > 6e4 && kh[1] < -6e4,
-        "signs survive: {} {}",
-        kh[0],
-        kh[1]
-    );
+    assert!(kh[0] > 6e4 && kh[1] < -6e4, "signs survive: {} {}", kh[0], kh[1]);
 }
 
 #[test]
@@ -715,11 +660,7 @@ fn calibrate_centre_scale_heavy_and_qmed() {
             };
             assert_eq!(cal.centre[c], want, "centre c={c}");
         }
-        let kp: Vec<f32> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| k - cal.centre[i % d])
-            .collect();
+        let kp: Vec<f32> = keys.iter().enumerate().map(|(i, k)| k - cal.centre[i % d]).collect();
         let lo = ns as usize;
         let hi = n.saturating_sub(nw as usize);
         let want_heavy = if hi > lo {
@@ -738,10 +679,7 @@ fn calibrate_centre_scale_heavy_and_qmed() {
             tset = (0..n).collect();
         }
         for c in 0..d {
-            let a = tset
-                .iter()
-                .fold(0f32, |a, &t| a.max(kp[t * d + c].abs()))
-                .max(1e-6);
+            let a = tset.iter().fold(0f32, |a, &t| a.max(kp[t * d + c].abs())).max(1e-6);
             assert_eq!(cal.scale[c], a, "scale c={c}");
             assert_eq!(cal.inv_scale[c], 1.0 / a);
         }
@@ -782,49 +720,26 @@ fn codebook_is_the_conditional_mean_and_fallback_has_no_nan() {
         let qbar = rng.normals(d);
         let cal = calibrate_head(&p, d, &keys, &qbar);
         assert_eq!(cal.codebook.len(), d / 4 * 16 * 4);
-        assert!(
-            cal.codebook.iter().all(|x| x.is_finite()),
-            "codebook has a NaN / inf"
-        );
-        let kp: Vec<f32> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| k - cal.centre[i % d])
-            .collect();
-        let tset: Vec<usize> = (2..n)
-            .filter(|t| !cal.heavy.contains(&(*t as u32)))
-            .collect();
+        assert!(cal.codebook.iter().all(|x| x.is_finite()), "codebook has a NaN / inf");
+        let kp: Vec<f32> = keys.iter().enumerate().map(|(i, k)| k - cal.centre[i % d]).collect();
+        let tset: Vec<usize> = (2..n).filter(|t| !cal.heavy.contains(&(*t as u32))).collect();
         let mut empty = 0;
         for s in 0..d / 4 {
             for u in 0..16 {
                 let members: Vec<usize> = tset
                     .iter()
                     .copied()
-                    .filter(|&t| {
-                        (0..4).all(|i| {
-                            (!kp[t * d + 4 * s + i].is_sign_negative()) == ((u >> i) & 1 == 1)
-                        })
-                    })
+                    .filter(|&t| (0..4).all(|i| (!kp[t * d + 4 * s + i].is_sign_negative()) == ((u >> i) & 1 == 1)))
                     .collect();
                 for i in 0..4 {
                     let got = cal.codebook[(s * 16 + u) * 4 + i];
                     let want = if members.is_empty() {
-                        let mean_abs = tset
-                            .iter()
-                            .map(|&t| kp[t * d + 4 * s + i].abs() as f64)
-                            .sum::<f64>()
-                            / tset.len() as f64;
-                        (if (u >> i) & 1 == 1 {
-                            mean_abs
-                        } else {
-                            -mean_abs
-                        }) as f32
+                        let mean_abs =
+                            tset.iter().map(|&t| kp[t * d + 4 * s + i].abs() as f64).sum::<f64>() / tset.len() as f64;
+                        (if (u >> i) & 1 == 1 { mean_abs } else { -mean_abs }) as f32
                     } else {
-                        (members
-                            .iter()
-                            .map(|&t| kp[t * d + 4 * s + i] as f64)
-                            .sum::<f64>()
-                            / members.len() as f64) as f32
+                        (members.iter().map(|&t| kp[t * d + 4 * s + i] as f64).sum::<f64>() / members.len() as f64)
+                            as f32
                     };
                     assert!(
                         (got - want).abs() <= 1e-5 * want.abs().max(1e-3),
@@ -837,10 +752,7 @@ fn codebook_is_the_conditional_mean_and_fallback_has_no_nan() {
                 }
             }
         }
-        assert!(
-            empty >= 14,
-            "the test must exercise the fallback ({empty} empty cells)"
-        );
+        assert!(empty >= 14, "the test must exercise the fallback ({empty} empty cells)");
     }
 }
 
@@ -872,9 +784,7 @@ fn codebook_uses_not_signbit_for_zero() {
 
 #[test]
 fn group_mean_and_sub_code() {
-    let q = [
-        1.0f32, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0,
-    ];
+    let q = [1.0f32, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0];
     assert_eq!(group_mean_query(&q, 4), vec![2.0, 2.0, 2.0, 2.0]);
     assert_eq!(group_mean_query(&q[..4], 4), vec![1.0, 2.0, 3.0, 4.0]);
     let row = [0xB5u8, 0x0F, 0xF0];
@@ -918,9 +828,7 @@ fn lut_score_equals_qbar_dot_reconstruction() {
                     .map(|i| cal.codebook[(s * 16 + u) * 4 + i] as f64 * qbar[4 * s + i] as f64)
                     .sum();
                 let l1: f64 = (0..4)
-                    .map(|i| {
-                        (cal.codebook[(s * 16 + u) * 4 + i] as f64 * qbar[4 * s + i] as f64).abs()
-                    })
+                    .map(|i| (cal.codebook[(s * 16 + u) * 4 + i] as f64 * qbar[4 * s + i] as f64).abs())
                     .sum();
                 assert!((lut[s * 16 + u] as f64 - want).abs() <= 1e-5 * l1.max(1e-6));
             }
@@ -930,13 +838,10 @@ fn lut_score_equals_qbar_dot_reconstruction() {
             let mut recon = vec![0f32; d];
             for s in 0..d / 4 {
                 let u = sub_code(&row, s);
-                recon[4 * s..4 * s + 4]
-                    .copy_from_slice(&cal.codebook[(s * 16 + u) * 4..(s * 16 + u) * 4 + 4]);
+                recon[4 * s..4 * s + 4].copy_from_slice(&cal.codebook[(s * 16 + u) * 4..(s * 16 + u) * 4 + 4]);
             }
             let want: f64 = (0..d).map(|c| qbar[c] as f64 * recon[c] as f64).sum();
-            let l1: f64 = (0..d)
-                .map(|c| (qbar[c] as f64 * recon[c] as f64).abs())
-                .sum();
+            let l1: f64 = (0..d).map(|c| (qbar[c] as f64 * recon[c] as f64).abs()).sum();
             let got = lut_score(&lut, &row) as f64;
             assert!(
                 (got - want).abs() <= 1e-5 * l1.max(want.abs()),
@@ -974,10 +879,7 @@ fn sign_sign_score_is_a_signed_hamming_count() {
         // Without ties: d - 2 * Hamming(sign bits, query sign bits).
         let qmed0 = vec![f32::NEG_INFINITY; d];
         let hamming = (0..d).filter(|&c| !sign_of(&row, c)).count() as f32;
-        assert_eq!(
-            sign_sign_score(&row, &qbar, &qmed0),
-            d as f32 - 2.0 * hamming
-        );
+        assert_eq!(sign_sign_score(&row, &qbar, &qmed0), d as f32 - 2.0 * hamming);
     }
 }
 
@@ -991,10 +893,7 @@ fn topk_ties_small_inputs_and_equal_scores() {
     assert_eq!(topk(&[1.0, 2.0, 2.0, 2.0, 0.5], &pos, 2), vec![3, 5]);
     assert_eq!(topk(&[1.0, 2.0, 2.0, 2.0, 0.5], &pos, 4), vec![3, 5, 7, 10]);
     // N < k: everything, ascending.
-    assert_eq!(
-        topk(&[0.1, 0.2, 0.3, 0.4, 0.5], &pos, 9),
-        vec![1, 3, 5, 7, 10]
-    );
+    assert_eq!(topk(&[0.1, 0.2, 0.3, 0.4, 0.5], &pos, 9), vec![1, 3, 5, 7, 10]);
     assert_eq!(topk(&[], &[], 3), Vec::<u32>::new());
     assert_eq!(topk(&[1.0], &[4], 0), Vec::<u32>::new());
     // All equal: the smallest positions.
@@ -1003,20 +902,12 @@ fn topk_ties_small_inputs_and_equal_scores() {
     assert_eq!(topk(&[-0.0, 0.0, -0.0, 0.0, 0.0], &pos, 2), vec![1, 3]);
     // NaN below every number, +inf above.
     assert_eq!(
-        topk(
-            &[f32::NAN, f32::NEG_INFINITY, f32::NAN, f32::INFINITY, -1e30],
-            &pos,
-            3
-        ),
+        topk(&[f32::NAN, f32::NEG_INFINITY, f32::NAN, f32::INFINITY, -1e30], &pos, 3),
         vec![1, 3, 5]
     );
     // NaNs tie among themselves: the smaller position first.
     assert_eq!(
-        topk(
-            &[f32::NAN, f32::NEG_INFINITY, f32::NAN, f32::INFINITY, -1e30],
-            &pos,
-            4
-        ),
+        topk(&[f32::NAN, f32::NEG_INFINITY, f32::NAN, f32::INFINITY, -1e30], &pos, 4),
         vec![1, 3, 5, 7]
     );
 
@@ -1054,12 +945,7 @@ fn rerank_keeps_the_best_dot_products() {
     keys[10] = keys[3].clone(); // a tie: position 930 beats 979
     let scores: Vec<f64> = keys
         .iter()
-        .map(|k| {
-            k.iter()
-                .zip(&qbar)
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum()
-        })
+        .map(|k| k.iter().zip(&qbar).map(|(a, b)| *a as f64 * *b as f64).sum())
         .collect();
     let mut order: Vec<usize> = (0..50).collect();
     order.sort_by(|&a, &b| {
@@ -1112,12 +998,7 @@ fn softmax_state_push_merge_and_empty() {
     let w: Vec<f64> = logits.iter().map(|l| (*l as f64 - m).exp()).collect();
     let l: f64 = w.iter().sum();
     for c in 0..d {
-        let want: f64 = w
-            .iter()
-            .zip(&vals)
-            .map(|(w, v)| w * v[c] as f64)
-            .sum::<f64>()
-            / l;
+        let want: f64 = w.iter().zip(&vals).map(|(w, v)| w * v[c] as f64).sum::<f64>() / l;
         assert!((one.output()[c] as f64 - want).abs() < 1e-5);
         assert!((merged.output()[c] as f64 - want).abs() < 1e-5);
     }
@@ -1153,19 +1034,10 @@ fn attend_split_k_matches_dense_f64() {
             }
         }
     }
-    assert_eq!(
-        ATTEND_SPLIT, 64,
-        "the token counts above straddle one split"
-    );
+    assert_eq!(ATTEND_SPLIT, 64, "the token counts above straddle one split");
     // No tokens: zeros.
-    assert_eq!(
-        attend_group(&rng.normals(2 * d), d, 0.1, &[], &[]),
-        vec![0.0; 2 * d]
-    );
-    assert_eq!(
-        dense_attention_f64(&rng.normals(d), d, 0.1, &[], &[]),
-        vec![0.0; d]
-    );
+    assert_eq!(attend_group(&rng.normals(2 * d), d, 0.1, &[], &[]), vec![0.0; 2 * d]);
+    assert_eq!(dense_attention_f64(&rng.normals(d), d, 0.1, &[], &[]), vec![0.0; d]);
 }
 
 #[test]

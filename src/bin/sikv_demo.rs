@@ -24,7 +24,15 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { context: 8192, steps: 16, batch: 2, profile: SIKV_PROFILE_2_1, cpu: false, ratio: None, kmax: None };
+    let mut a = Args {
+        context: 8192,
+        steps: 16,
+        batch: 2,
+        profile: SIKV_PROFILE_2_1,
+        cpu: false,
+        ratio: None,
+        kmax: None,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -107,7 +115,12 @@ impl HeadModel {
         dir.iter_mut().for_each(|x| *x /= n);
         let dominant = (0..16).map(|_| (rng.u64() % context as u64) as u32).collect();
         let vmean = (0..d).map(|_| rng.normal()).collect();
-        HeadModel { mean, dir, dominant, vmean }
+        HeadModel {
+            mean,
+            dir,
+            dominant,
+            vmean,
+        }
     }
     /// Values share a per-head mean (as real value vectors do) plus token-specific noise.
     fn value(&self, rng: &mut Rng) -> Vec<f32> {
@@ -116,8 +129,14 @@ impl HeadModel {
     fn key(&self, rng: &mut Rng, pos: u32) -> Vec<f32> {
         // Alignment with the query direction: Gaussian for ordinary tokens (a smooth tail of
         // relevance), large for the few dominant ones.
-        let align = if self.dominant.contains(&pos) { 12.0 } else { 1.5 * rng.normal() };
-        let mut k: Vec<f32> = (0..self.mean.len()).map(|c| self.mean[c] + rng.normal() + align * self.dir[c]).collect();
+        let align = if self.dominant.contains(&pos) {
+            12.0
+        } else {
+            1.5 * rng.normal()
+        };
+        let mut k: Vec<f32> = (0..self.mean.len())
+            .map(|c| self.mean[c] + rng.normal() + align * self.dir[c])
+            .collect();
         rope(&mut k, pos);
         k
     }
@@ -149,7 +168,12 @@ fn main() {
         c.budget_min = c.budget_min.min(k);
     }
     let cfg = CacheConfig::from_c(&c).expect("config");
-    let (l_n, hq, hk, d) = (cfg.num_layers, cfg.num_q_heads as usize, cfg.num_kv_heads as usize, cfg.head_dim as usize);
+    let (l_n, hq, hk, d) = (
+        cfg.num_layers,
+        cfg.num_q_heads as usize,
+        cfg.num_kv_heads as usize,
+        cfg.head_dim as usize,
+    );
     let g = hq / hk;
     let mut cache = Cache::new(cfg.clone()).unwrap_or_else(|e| panic!("cache: {e}"));
     let on_gpu = cache.stats().on_gpu;
@@ -213,7 +237,16 @@ fn main() {
             }
             let (kbytes, vbytes, qbytes) = (to_bytes(&kb), to_bytes(&vb), to_bytes(&qb));
             cache
-                .calibrate(layer, s, n as u32, Activations::Host(&kbytes), Activations::Host(&vbytes), 1, Activations::Host(&qbytes), std::ptr::null_mut())
+                .calibrate(
+                    layer,
+                    s,
+                    n as u32,
+                    Activations::Host(&kbytes),
+                    Activations::Host(&vbytes),
+                    1,
+                    Activations::Host(&qbytes),
+                    std::ptr::null_mut(),
+                )
                 .unwrap_or_else(|e| panic!("calibrate: {e}"));
             ms.push(heads);
             ks.push(kh);
@@ -254,14 +287,30 @@ fn main() {
         }
         let counts = vec![1u32; b];
         let mut outs = vec![vec![0u8; b * hq * d * dt.size()]; l_n as usize];
-        let inputs: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> =
-            (0..l_n as usize).map(|l| (to_bytes(&new_k[l]), to_bytes(&new_v[l]), to_bytes(&q[l]))).collect();
+        let inputs: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = (0..l_n as usize)
+            .map(|l| (to_bytes(&new_k[l]), to_bytes(&new_v[l]), to_bytes(&q[l])))
+            .collect();
         let t0 = Instant::now();
         for layer in 0..l_n {
             let (kb, vb, qb) = &inputs[layer as usize];
-            cache.append(layer, &seqs, &counts, Activations::Host(kb), Activations::Host(vb), std::ptr::null_mut()).unwrap();
             cache
-                .attend(layer, &seqs, Activations::Host(qb), Output::Host(&mut outs[layer as usize]), std::ptr::null_mut())
+                .append(
+                    layer,
+                    &seqs,
+                    &counts,
+                    Activations::Host(kb),
+                    Activations::Host(vb),
+                    std::ptr::null_mut(),
+                )
+                .unwrap();
+            cache
+                .attend(
+                    layer,
+                    &seqs,
+                    Activations::Host(qb),
+                    Output::Host(&mut outs[layer as usize]),
+                    std::ptr::null_mut(),
+                )
                 .unwrap();
         }
         step_times.push(t0.elapsed().as_secs_f64());
@@ -275,7 +324,8 @@ fn main() {
                 let mut kflat = vec![0f32; (pos as usize + 1) * hk * d];
                 for h in 0..hk {
                     for t in 0..=pos as usize {
-                        kflat[(t * hk + h) * d..(t * hk + h + 1) * d].copy_from_slice(&keys[si][layer][h][t * d..(t + 1) * d]);
+                        kflat[(t * hk + h) * d..(t * hk + h + 1) * d]
+                            .copy_from_slice(&keys[si][layer][h][t * d..(t + 1) * d]);
                     }
                 }
                 let rec = selfindexkv::cache::telemetry_recall(&mut cache, layer as u32, s, qs, &kflat).unwrap();
@@ -290,7 +340,11 @@ fn main() {
                         let w = telemetry::exact_weights(qh, &keys[si][layer][h], d, cfg.softmax_scale);
                         let (mut e2, mut r2) = (0.0f64, 0.0f64);
                         for c in 0..d {
-                            let r: f64 = w.iter().enumerate().map(|(t, wt)| wt * vals[si][layer][h][t * d + c] as f64).sum();
+                            let r: f64 = w
+                                .iter()
+                                .enumerate()
+                                .map(|(t, wt)| wt * vals[si][layer][h][t * d + c] as f64)
+                                .sum();
                             let o = out[(si * hq + h * g + i) * d + c] as f64;
                             max_err = max_err.max((o - r).abs());
                             max_ref = max_ref.max(r.abs());
@@ -306,7 +360,11 @@ fn main() {
     step_times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = step_times[step_times.len() / 2];
     let bpt = cache.layout.bytes_per_token();
-    println!("bytes per token per KV head : {bpt} (fp16 K+V: {}; {:.2}x smaller)", 4 * d, (4 * d) as f64 / bpt as f64);
+    println!(
+        "bytes per token per KV head : {bpt} (fp16 K+V: {}; {:.2}x smaller)",
+        4 * d,
+        (4 * d) as f64 / bpt as f64
+    );
     println!(
         "oracle attention-mass recall: mean {:.4}, min {:.4} (over {recall_n} head-steps)",
         recall_sum / recall_n as f64,

@@ -13,7 +13,10 @@ pub struct PageAllocator {
 
 impl PageAllocator {
     pub fn new(num_pages: u32) -> Self {
-        PageAllocator { free: (0..num_pages).rev().collect(), refs: vec![0; num_pages as usize] }
+        PageAllocator {
+            free: (0..num_pages).rev().collect(),
+            refs: vec![0; num_pages as usize],
+        }
     }
 
     pub fn free_pages(&self) -> usize {

@@ -47,8 +47,18 @@ impl HostStore {
 
 /// Engine-owned pools handed to `Cache::with_pools`.
 pub enum Pools {
-    Host { planes: &'static mut [u8], state: &'static mut [u8] },
-    Device { planes: u64, planes_bytes: usize, state: u64, state_bytes: usize, workspace: u64, workspace_bytes: usize },
+    Host {
+        planes: &'static mut [u8],
+        state: &'static mut [u8],
+    },
+    Device {
+        planes: u64,
+        planes_bytes: usize,
+        state: u64,
+        state_bytes: usize,
+        workspace: u64,
+        workspace_bytes: usize,
+    },
 }
 
 pub enum Backend {
@@ -105,9 +115,9 @@ impl Backend {
         matches!(self, Backend::Cuda(_))
     }
 
-    pub fn reset_slot(&mut self, layout: &Layout, slot: u32) -> Result<()> {
+    pub fn reset_slot(&mut self, cfg: &CacheConfig, layout: &Layout, slot: u32) -> Result<()> {
         match self {
-            Backend::Cuda(d) => d.reset_slot(layout, slot),
+            Backend::Cuda(d) => d.reset_slot(cfg, layout, slot),
             Backend::Cpu { state, .. } => {
                 let st = state.bytes_mut();
                 for l in 0..layout.num_layers {
@@ -128,7 +138,10 @@ impl Backend {
                 let st = state.bytes_mut();
                 for l in 0..layout.num_layers {
                     let base = l * layout.layer_state_bytes;
-                    st.copy_within(base + src as usize * rec..base + (src as usize + 1) * rec, base + dst as usize * rec);
+                    st.copy_within(
+                        base + src as usize * rec..base + (src as usize + 1) * rec,
+                        base + dst as usize * rec,
+                    );
                 }
                 let pl = planes.bytes_mut();
                 for l in 0..layout.num_layers {
@@ -222,7 +235,11 @@ impl Backend {
                 let b = seq_slot.len();
                 let q = host_f32(cfg, q, b * cfg.num_q_heads as usize * layout.format.head_dim, "q")?;
                 let lr = layer_ref(layout, planes.bytes(), state.bytes(), layer as usize);
-                let t = PageTable { indptr: &table.indptr, indices: &table.indices, last_page_len: &table.last_page_len };
+                let t = PageTable {
+                    indptr: &table.indptr,
+                    indices: &table.indices,
+                    last_page_len: &table.last_page_len,
+                };
                 cpu::select(layout, cfg, &lr, &t, seq_slot, &q, indices, counts)
             }
         }
@@ -249,7 +266,11 @@ impl Backend {
                 let qf = host_f32(cfg, q, qn, "q")?;
                 let out_bytes = host_out(cfg, out, qn)?;
                 let lr = layer_ref(layout, planes.bytes(), state.bytes(), layer as usize);
-                let t = PageTable { indptr: &table.indptr, indices: &table.indices, last_page_len: &table.last_page_len };
+                let t = PageTable {
+                    indptr: &table.indptr,
+                    indices: &table.indices,
+                    last_page_len: &table.last_page_len,
+                };
                 let mut o = vec![0f32; qn];
                 if dense {
                     cpu::attend_dense(layout, cfg, &lr, &t, seq_slot, &qf, &mut o)?;
@@ -300,7 +321,10 @@ impl Backend {
 fn try_zeroed(bytes: usize, what: &str) -> Result<Vec<u8>> {
     let mut v = Vec::new();
     v.try_reserve_exact(bytes).map_err(|_| {
-        Error::new(SikvStatus::SIKV_ERR_OUT_OF_MEMORY, format!("cannot allocate {bytes} bytes for the {what}"))
+        Error::new(
+            SikvStatus::SIKV_ERR_OUT_OF_MEMORY,
+            format!("cannot allocate {bytes} bytes for the {what}"),
+        )
     })?;
     v.resize(bytes, 0);
     Ok(v)
@@ -310,7 +334,11 @@ fn try_zeroed(bytes: usize, what: &str) -> Result<Vec<u8>> {
 fn host_f32(cfg: &CacheConfig, a: Activations, n: usize, name: &str) -> Result<Vec<f32>> {
     let bytes = match a {
         Activations::Host(b) => b,
-        _ => return Err(Error::invalid(format!("`{name}` must be a host pointer on the CPU backend"))),
+        _ => {
+            return Err(Error::invalid(format!(
+                "`{name}` must be a host pointer on the CPU backend"
+            )))
+        }
     };
     let need = n * cfg.dtype.size();
     ensure!(
@@ -328,7 +356,12 @@ fn host_out<'a>(cfg: &CacheConfig, a: Output<'a>, n: usize) -> Result<&'a mut [u
     match a {
         Output::Host(b) => {
             let need = n * cfg.dtype.size();
-            ensure!(b.len() >= need, SIKV_ERR_BUFFER_TOO_SMALL, "`out` holds {} bytes, {need} needed", b.len());
+            ensure!(
+                b.len() >= need,
+                SIKV_ERR_BUFFER_TOO_SMALL,
+                "`out` holds {} bytes, {need} needed",
+                b.len()
+            );
             Ok(&mut b[..need])
         }
         Output::Device(_) => Err(Error::invalid("`out` must be a host pointer on the CPU backend")),
@@ -404,7 +437,10 @@ impl Exec {
     pub fn gpu(&self) -> Result<&crate::gpu::GpuContext> {
         match self {
             Exec::Gpu(g) => Ok(g),
-            Exec::Cpu => Err(Error::new(SikvStatus::SIKV_ERR_NO_DEVICE, "this handle runs on the CPU")),
+            Exec::Cpu => Err(Error::new(
+                SikvStatus::SIKV_ERR_NO_DEVICE,
+                "this handle runs on the CPU",
+            )),
         }
     }
     pub fn workspace_bytes(&self, cfg: &CacheConfig, layout: &Layout, batch: u32) -> usize {

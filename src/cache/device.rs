@@ -101,7 +101,14 @@ impl DeviceBackend {
                 DevStore::Owned(ctx.alloc(layout.total_state_bytes())?),
                 DevStore::Owned(ctx.alloc(ws_need)?),
             ),
-            Some(super::Pools::Device { planes, planes_bytes, state, state_bytes, workspace, workspace_bytes }) => {
+            Some(super::Pools::Device {
+                planes,
+                planes_bytes,
+                state,
+                state_bytes,
+                workspace,
+                workspace_bytes,
+            }) => {
                 let check = |have: usize, need: usize, name: &str| -> Result<()> {
                     crate::ensure!(
                         have >= need,
@@ -115,23 +122,46 @@ impl DeviceBackend {
                 check(workspace_bytes, ws_need, "workspace_bytes")?;
                 crate::ensure!(workspace != 0, SIKV_ERR_NULL_POINTER, "`pools.workspace` is NULL");
                 for (p, name) in [(planes, "planes"), (state, "state"), (workspace, "workspace")] {
-                    crate::ensure!(p % 256 == 0, SIKV_ERR_MISALIGNED, "`pools.{name}` is not 256-byte aligned");
+                    crate::ensure!(
+                        p % 256 == 0,
+                        SIKV_ERR_MISALIGNED,
+                        "`pools.{name}` is not 256-byte aligned"
+                    );
                 }
                 (
-                    DevStore::Borrowed { ptr: planes, bytes: planes_bytes },
-                    DevStore::Borrowed { ptr: state, bytes: state_bytes },
-                    DevStore::Borrowed { ptr: workspace, bytes: workspace_bytes },
+                    DevStore::Borrowed {
+                        ptr: planes,
+                        bytes: planes_bytes,
+                    },
+                    DevStore::Borrowed {
+                        ptr: state,
+                        bytes: state_bytes,
+                    },
+                    DevStore::Borrowed {
+                        ptr: workspace,
+                        bytes: workspace_bytes,
+                    },
                 )
             }
             Some(super::Pools::Host { .. }) => {
-                return Err(Error::invalid("host pools were given to a cache running on a CUDA device"))
+                return Err(Error::invalid(
+                    "host pools were given to a cache running on a CUDA device",
+                ))
             }
         };
         let meta_layout = MetaLayout::new(cfg);
         let meta = ctx.alloc(meta_layout.total)?;
         ctx.memset_async(state.ptr(), 0, layout.total_state_bytes(), std::ptr::null_mut())?;
         ctx.synchronize(std::ptr::null_mut())?;
-        Ok(DeviceBackend { ctx, planes, state, workspace, meta, meta_layout, staging: None })
+        Ok(DeviceBackend {
+            ctx,
+            planes,
+            state,
+            workspace,
+            meta,
+            meta_layout,
+            staging: None,
+        })
     }
 
     pub fn context(&self) -> &GpuContext {
@@ -146,7 +176,10 @@ impl DeviceBackend {
                 *x = base + layout.plane_offset[p] as u64;
             }
         }
-        DevLayer { planes, state: self.state.ptr() + (layer as usize * layout.layer_state_bytes) as u64 }
+        DevLayer {
+            planes,
+            state: self.state.ptr() + (layer as usize * layout.layer_state_bytes) as u64,
+        }
     }
 
     fn meta_at(&self, off: usize) -> u64 {
@@ -155,7 +188,16 @@ impl DeviceBackend {
 
     /// Device addresses for `acts`: device pointers pass through, host bytes are staged.
     fn device_inputs(&mut self, acts: &[Activations], stream: Stream) -> Result<Vec<u64>> {
-        let host: usize = acts.iter().map(|a| if let Activations::Host(b) = a { b.len().div_ceil(256) * 256 } else { 0 }).sum();
+        let host: usize = acts
+            .iter()
+            .map(|a| {
+                if let Activations::Host(b) = a {
+                    b.len().div_ceil(256) * 256
+                } else {
+                    0
+                }
+            })
+            .sum();
         if host > 0 && self.staging.as_ref().map(|s| s.bytes() < host).unwrap_or(true) {
             self.staging = Some(self.ctx.alloc(host)?);
         }
@@ -175,11 +217,11 @@ impl DeviceBackend {
         Ok(out)
     }
 
-    pub fn reset_slot(&mut self, layout: &Layout, slot: u32) -> Result<()> {
-        let rec = layout.num_kv_heads * layout.state.bytes;
+    pub fn reset_slot(&mut self, cfg: &CacheConfig, layout: &Layout, slot: u32) -> Result<()> {
         for l in 0..layout.num_layers {
-            let at = self.state.ptr() + (l * layout.layer_state_bytes + slot as usize * rec) as u64;
-            self.ctx.memset_async(at, 0, rec, std::ptr::null_mut())?;
+            let layer = self.layer(layout, l as u32);
+            self.ctx
+                .reset_sequence(cfg, layout, &layer, slot, std::ptr::null_mut())?;
         }
         self.ctx.synchronize(std::ptr::null_mut())
     }
@@ -192,7 +234,8 @@ impl DeviceBackend {
         for l in 0..layout.num_layers {
             let base = self.state.ptr() + (l * layout.layer_state_bytes) as u64;
             self.ctx.copy_dtoh(&mut buf, base + (src as usize * rec) as u64)?;
-            self.ctx.copy_htod_async(base + (dst as usize * rec) as u64, &buf, std::ptr::null_mut())?;
+            self.ctx
+                .copy_htod_async(base + (dst as usize * rec) as u64, &buf, std::ptr::null_mut())?;
         }
         for l in 0..layout.num_layers {
             for p in 0..SIKV_NUM_PLANES {
@@ -204,7 +247,8 @@ impl DeviceBackend {
                 let mut page = vec![0u8; block];
                 for &(from, to) in pages {
                     self.ctx.copy_dtoh(&mut page, base + (from as usize * block) as u64)?;
-                    self.ctx.copy_htod_async(base + (to as usize * block) as u64, &page, std::ptr::null_mut())?;
+                    self.ctx
+                        .copy_htod_async(base + (to as usize * block) as u64, &page, std::ptr::null_mut())?;
                 }
             }
         }
@@ -232,7 +276,21 @@ impl DeviceBackend {
         let dl = self.layer(layout, layer);
         let ws = self.workspace.ptr();
         let wsb = self.workspace.bytes();
-        self.ctx.calibrate(cfg, layout, &dl, slot, n, ins[0], ins[1], nq, ins[2], sm, ws, wsb, stream as _)
+        self.ctx.calibrate(
+            cfg,
+            layout,
+            &dl,
+            slot,
+            n,
+            ins[0],
+            ins[1],
+            nq,
+            ins[2],
+            sm,
+            ws,
+            wsb,
+            stream as _,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -250,12 +308,27 @@ impl DeviceBackend {
     ) -> Result<()> {
         let ins = self.device_inputs(&[k, v], stream)?;
         let m = &self.meta_layout;
-        let (sm, ss, pos) = (self.meta_at(m.slot_mapping), self.meta_at(m.seq_slot), self.meta_at(m.position));
+        let (sm, ss, pos) = (
+            self.meta_at(m.slot_mapping),
+            self.meta_at(m.seq_slot),
+            self.meta_at(m.position),
+        );
         self.ctx.copy_htod_async(sm, &i64_bytes(slot_mapping), stream as _)?;
         self.ctx.copy_htod_async(ss, &i32_bytes(seq_slot), stream as _)?;
         self.ctx.copy_htod_async(pos, &i32_bytes(position), stream as _)?;
         let dl = self.layer(layout, layer);
-        self.ctx.append(cfg, layout, &dl, slot_mapping.len() as u32, ins[0], ins[1], sm, ss, pos, stream as _)
+        self.ctx.append(
+            cfg,
+            layout,
+            &dl,
+            slot_mapping.len() as u32,
+            ins[0],
+            ins[1],
+            sm,
+            ss,
+            pos,
+            stream as _,
+        )
     }
 
     fn upload_table(&self, table: &OwnedPageTable, seq_slot: &[i32], stream: Stream) -> Result<(DevPageTable, u64)> {
@@ -266,11 +339,14 @@ impl DeviceBackend {
             last_page_len: self.meta_at(m.last_page_len),
             batch: seq_slot.len() as u32,
         };
-        self.ctx.copy_htod_async(t.indptr, &i32_bytes(&table.indptr), stream as _)?;
+        self.ctx
+            .copy_htod_async(t.indptr, &i32_bytes(&table.indptr), stream as _)?;
         if !table.indices.is_empty() {
-            self.ctx.copy_htod_async(t.indices, &i32_bytes(&table.indices), stream as _)?;
+            self.ctx
+                .copy_htod_async(t.indices, &i32_bytes(&table.indices), stream as _)?;
         }
-        self.ctx.copy_htod_async(t.last_page_len, &i32_bytes(&table.last_page_len), stream as _)?;
+        self.ctx
+            .copy_htod_async(t.last_page_len, &i32_bytes(&table.last_page_len), stream as _)?;
         let ss = self.meta_at(m.seq_slot);
         self.ctx.copy_htod_async(ss, &i32_bytes(seq_slot), stream as _)?;
         Ok((t, ss))
@@ -292,9 +368,13 @@ impl DeviceBackend {
         let ins = self.device_inputs(&[q], stream)?;
         let (t, ss) = self.upload_table(table, seq_slot, stream)?;
         let dl = self.layer(layout, layer);
-        let (si, sc) = (self.meta_at(self.meta_layout.sel_indices), self.meta_at(self.meta_layout.sel_counts));
+        let (si, sc) = (
+            self.meta_at(self.meta_layout.sel_indices),
+            self.meta_at(self.meta_layout.sel_counts),
+        );
         let (ws, wsb) = (self.workspace.ptr(), self.workspace.bytes());
-        self.ctx.select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
+        self.ctx
+            .select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
         self.ctx.synchronize(stream as _)?;
         let mut buf = vec![0u8; 4 * indices.len()];
         self.ctx.copy_dtoh(&mut buf, si)?;
@@ -340,14 +420,25 @@ impl DeviceBackend {
         let dl = self.layer(layout, layer);
         let (ws, wsb) = (self.workspace.ptr(), self.workspace.bytes());
         if dense {
-            self.ctx.attend_dense(cfg, layout, &dl, &t, ss, ins[0], od, ws, wsb, stream as _)?;
+            self.ctx
+                .attend_dense(cfg, layout, &dl, &t, ss, ins[0], od, ws, wsb, stream as _)?;
         } else {
-            let (si, sc) = (self.meta_at(self.meta_layout.sel_indices), self.meta_at(self.meta_layout.sel_counts));
-            self.ctx.select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
-            self.ctx.attend(cfg, layout, &dl, &t, ss, ins[0], si, sc, od, ws, wsb, stream as _)?;
+            let (si, sc) = (
+                self.meta_at(self.meta_layout.sel_indices),
+                self.meta_at(self.meta_layout.sel_counts),
+            );
+            self.ctx
+                .select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
+            self.ctx
+                .attend(cfg, layout, &dl, &t, ss, ins[0], si, sc, od, ws, wsb, stream as _)?;
         }
         if let Output::Host(h) = out {
-            crate::ensure!(h.len() >= out_bytes, SIKV_ERR_BUFFER_TOO_SMALL, "`out` holds {} bytes, {out_bytes} needed", h.len());
+            crate::ensure!(
+                h.len() >= out_bytes,
+                SIKV_ERR_BUFFER_TOO_SMALL,
+                "`out` holds {} bytes, {out_bytes} needed",
+                h.len()
+            );
             self.ctx.synchronize(stream as _)?;
             self.ctx.copy_dtoh(&mut h[..out_bytes], od)?;
         }
@@ -356,7 +447,8 @@ impl DeviceBackend {
 
     pub fn read_state(&self, layout: &Layout, layer: u32, slot: u32, head: u32) -> Result<Vec<u8>> {
         self.ctx.synchronize(std::ptr::null_mut())?;
-        let at = self.state.ptr() + (layer as usize * layout.layer_state_bytes + layout.state_offset(slot as usize, head as usize)) as u64;
+        let at = self.state.ptr()
+            + (layer as usize * layout.layer_state_bytes + layout.state_offset(slot as usize, head as usize)) as u64;
         let mut rec = vec![0u8; layout.state.bytes];
         self.ctx.copy_dtoh(&mut rec, at)?;
         Ok(rec)
@@ -365,7 +457,10 @@ impl DeviceBackend {
     pub fn hash_pools(&self, layout: &Layout, h: &mut Fnv) -> Result<()> {
         self.ctx.synchronize(std::ptr::null_mut())?;
         let chunk = 64 << 20;
-        for (base, total) in [(self.planes.ptr(), layout.total_plane_bytes()), (self.state.ptr(), layout.total_state_bytes())] {
+        for (base, total) in [
+            (self.planes.ptr(), layout.total_plane_bytes()),
+            (self.state.ptr(), layout.total_state_bytes()),
+        ] {
             let mut off = 0usize;
             let mut buf = vec![0u8; chunk.min(total.max(1))];
             while off < total {

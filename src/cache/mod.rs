@@ -91,9 +91,12 @@ impl Cache {
     }
 
     fn seq(&self, id: i64) -> Result<&Seq> {
-        self.seqs
-            .get(&id)
-            .ok_or_else(|| Error::new(SikvStatus::SIKV_ERR_UNKNOWN_SEQUENCE, format!("sequence {id} is not in the cache")))
+        self.seqs.get(&id).ok_or_else(|| {
+            Error::new(
+                SikvStatus::SIKV_ERR_UNKNOWN_SEQUENCE,
+                format!("sequence {id} is not in the cache"),
+            )
+        })
     }
 
     fn check_layer(&self, layer: u32) -> Result<()> {
@@ -113,7 +116,11 @@ impl Cache {
     }
 
     pub fn add_seq(&mut self, id: i64) -> Result<()> {
-        ensure!(!self.seqs.contains_key(&id), SIKV_ERR_SEQUENCE_EXISTS, "sequence {id} already exists");
+        ensure!(
+            !self.seqs.contains_key(&id),
+            SIKV_ERR_SEQUENCE_EXISTS,
+            "sequence {id} already exists"
+        );
         ensure!(
             !self.free_slots.is_empty(),
             SIKV_ERR_OUT_OF_BOUNDS,
@@ -121,10 +128,18 @@ impl Cache {
             self.cfg.max_seqs
         );
         let slot = *self.free_slots.last().unwrap();
-        self.backend.reset_slot(&self.layout, slot)?;
+        self.backend.reset_slot(&self.cfg, &self.layout, slot)?;
         self.free_slots.pop();
         let layers = self.cfg.num_layers as usize;
-        self.seqs.insert(id, Seq { slot, pages: Vec::new(), len: vec![0; layers], calibrated: vec![false; layers] });
+        self.seqs.insert(
+            id,
+            Seq {
+                slot,
+                pages: Vec::new(),
+                len: vec![0; layers],
+                calibrated: vec![false; layers],
+            },
+        );
         Ok(())
     }
 
@@ -140,7 +155,11 @@ impl Cache {
     /// are copied, and the per-sequence state (centre, codebook, dense set) is copied.
     pub fn fork_seq(&mut self, src: i64, dst: i64) -> Result<()> {
         let s = self.seq(src)?.clone();
-        ensure!(!self.seqs.contains_key(&dst), SIKV_ERR_SEQUENCE_EXISTS, "sequence {dst} already exists");
+        ensure!(
+            !self.seqs.contains_key(&dst),
+            SIKV_ERR_SEQUENCE_EXISTS,
+            "sequence {dst} already exists"
+        );
         ensure!(
             !self.free_slots.is_empty(),
             SIKV_ERR_OUT_OF_BOUNDS,
@@ -164,7 +183,15 @@ impl Cache {
         }
         let mut pages = s.pages[..shared].to_vec();
         pages.extend(fresh);
-        self.seqs.insert(dst, Seq { slot, pages, len: s.len.clone(), calibrated: s.calibrated.clone() });
+        self.seqs.insert(
+            dst,
+            Seq {
+                slot,
+                pages,
+                len: s.len.clone(),
+                calibrated: s.calibrated.clone(),
+            },
+        );
         Ok(())
     }
 
@@ -213,12 +240,28 @@ impl Cache {
             "n_tokens = {n} exceeds max_seq_len = {}",
             self.cfg.max_seq_len
         );
-        ensure!(nq >= 1 && nq <= n, SIKV_ERR_INVALID_ARGUMENT, "n_query = {nq} must be in 1..=n_tokens ({n})");
+        ensure!(
+            nq >= 1 && nq <= n,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "n_query = {nq} must be in 1..=n_tokens ({n})"
+        );
         let fresh = self.pages.alloc(self.pages_needed(&seq, n))?;
         let mut grown = seq.clone();
         grown.pages.extend(&fresh);
         let slots: Vec<i64> = (0..n).map(|t| self.slot_of(&grown, t)).collect();
-        let res = self.backend.calibrate(&self.cfg, &self.layout, layer, grown.slot, n, k, v, nq, q_tail, &slots, stream);
+        let res = self.backend.calibrate(
+            &self.cfg,
+            &self.layout,
+            layer,
+            grown.slot,
+            n,
+            k,
+            v,
+            nq,
+            q_tail,
+            &slots,
+            stream,
+        );
         if let Err(e) = res {
             self.pages.release(&fresh);
             return Err(e);
@@ -231,10 +274,22 @@ impl Cache {
 
     /// Appends `counts[i]` tokens to sequence `ids[i]` at `layer`; `k`, `v` hold the tokens of
     /// all sequences in order, `[sum(counts)][H_kv][d]`.
-    pub fn append(&mut self, layer: u32, ids: &[i64], counts: &[u32], k: Activations, v: Activations, stream: Stream) -> Result<()> {
+    pub fn append(
+        &mut self,
+        layer: u32,
+        ids: &[i64],
+        counts: &[u32],
+        k: Activations,
+        v: Activations,
+        stream: Stream,
+    ) -> Result<()> {
         self.check_layer(layer)?;
         let l = layer as usize;
-        ensure!(ids.len() == counts.len(), SIKV_ERR_INVALID_ARGUMENT, "seq_ids and token counts differ in length");
+        ensure!(
+            ids.len() == counts.len(),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "seq_ids and token counts differ in length"
+        );
         ensure!(!ids.is_empty(), SIKV_ERR_INVALID_ARGUMENT, "n_seqs must be >= 1");
         let total: u64 = counts.iter().map(|&c| c as u64).sum();
         ensure!(
@@ -247,7 +302,11 @@ impl Cache {
         let mut need = 0usize;
         let mut seqs = Vec::with_capacity(ids.len());
         for (i, (&id, &c)) in ids.iter().zip(counts).enumerate() {
-            ensure!(!ids[..i].contains(&id), SIKV_ERR_INVALID_ARGUMENT, "sequence {id} appears twice in seq_ids");
+            ensure!(
+                !ids[..i].contains(&id),
+                SIKV_ERR_INVALID_ARGUMENT,
+                "sequence {id} appears twice in seq_ids"
+            );
             let s = self.seq(id)?;
             ensure!(
                 s.calibrated[l],
@@ -287,7 +346,17 @@ impl Cache {
             }
             s.len[l] = new_len;
         }
-        if let Err(e) = self.backend.append(&self.cfg, &self.layout, layer, k, v, &slots, &seq_slot, &position, stream) {
+        if let Err(e) = self.backend.append(
+            &self.cfg,
+            &self.layout,
+            layer,
+            k,
+            v,
+            &slots,
+            &seq_slot,
+            &position,
+            stream,
+        ) {
             self.pages.release(&fresh_all);
             return Err(e);
         }
@@ -301,26 +370,52 @@ impl Cache {
     /// `q` `[n_seqs][H_q][d]` → `out` `[n_seqs][H_q][d]`.
     pub fn attend(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        self.backend.attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, false, stream)
+        self.backend
+            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, false, stream)
     }
 
     /// Dense decode attention over every stored token (dequantised), no selection.
     pub fn attend_dense(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        self.backend.attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, true, stream)
+        self.backend
+            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, true, stream)
     }
 
     /// The selection the sparse path would make: `indices` `[n_seqs][H_kv][budget_max]`
     /// (ascending positions, -1 after the count), `counts` `[n_seqs][H_kv]`. Host memory.
-    pub fn select(&mut self, layer: u32, ids: &[i64], q: Activations, indices: &mut [i32], counts: &mut [i32], stream: Stream) -> Result<()> {
+    pub fn select(
+        &mut self,
+        layer: u32,
+        ids: &[i64],
+        q: Activations,
+        indices: &mut [i32],
+        counts: &mut [i32],
+        stream: Stream,
+    ) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        self.backend.select(&self.cfg, &self.layout, layer, &table, &slots, q, indices, counts, stream)
+        self.backend.select(
+            &self.cfg,
+            &self.layout,
+            layer,
+            &table,
+            &slots,
+            q,
+            indices,
+            counts,
+            stream,
+        )
     }
 
     /// Positions each (sequence, KV head) attends for query `q`: the valid dense entries
     /// (sinks, heavy, window) and the selected tokens, ascending. `[seq][kv head][..]`.
     /// Telemetry: on a GPU this reads back and synchronises.
-    pub fn attended_positions(&mut self, layer: u32, ids: &[i64], q: Activations, stream: Stream) -> Result<Vec<Vec<Vec<u32>>>> {
+    pub fn attended_positions(
+        &mut self,
+        layer: u32,
+        ids: &[i64],
+        q: Activations,
+        stream: Stream,
+    ) -> Result<Vec<Vec<Vec<u32>>>> {
         let h = self.cfg.num_kv_heads as usize;
         let kmax = self.cfg.budget.max as usize;
         let mut idx = vec![-1i32; ids.len() * h * kmax];
@@ -371,10 +466,18 @@ impl Cache {
             self.cfg.max_batch
         );
         let p = self.cfg.page_size;
-        let mut t = OwnedPageTable { indptr: vec![0], indices: Vec::new(), last_page_len: Vec::new() };
+        let mut t = OwnedPageTable {
+            indptr: vec![0],
+            indices: Vec::new(),
+            last_page_len: Vec::new(),
+        };
         let mut slots = Vec::with_capacity(ids.len());
         for (i, &id) in ids.iter().enumerate() {
-            ensure!(!ids[..i].contains(&id), SIKV_ERR_INVALID_ARGUMENT, "sequence {id} appears twice in seq_ids");
+            ensure!(
+                !ids[..i].contains(&id),
+                SIKV_ERR_INVALID_ARGUMENT,
+                "sequence {id} appears twice in seq_ids"
+            );
             let s = self.seq(id)?;
             ensure!(
                 s.calibrated[l],
@@ -385,7 +488,11 @@ impl Cache {
             let np = len.div_ceil(p) as usize;
             t.indices.extend(s.pages[..np].iter().map(|&x| x as i32));
             t.indptr.push(t.indices.len() as i32);
-            t.last_page_len.push(if len == 0 { 0 } else { (len - (np as u32 - 1) * p) as i32 });
+            t.last_page_len.push(if len == 0 {
+                0
+            } else {
+                (len - (np as u32 - 1) * p) as i32
+            });
             slots.push(s.slot as i32);
         }
         Ok((t, slots))
@@ -452,7 +559,11 @@ impl Default for Fnv {
 /// Oracle-mass recall per KV head of the selection `cache` makes for `q` (host f32
 /// `[H_q][d]`), given the sequence's exact keys (host f32 `[len][H_kv][d]`).
 pub fn telemetry_recall(cache: &mut Cache, layer: u32, id: i64, q: &[f32], k_exact: &[f32]) -> Result<Vec<f32>> {
-    let (hq, hk, d) = (cache.cfg.num_q_heads as usize, cache.cfg.num_kv_heads as usize, cache.cfg.head_dim as usize);
+    let (hq, hk, d) = (
+        cache.cfg.num_q_heads as usize,
+        cache.cfg.num_kv_heads as usize,
+        cache.cfg.head_dim as usize,
+    );
     let g = hq / hk;
     let len = k_exact.len() / (hk * d);
     let mut qbytes = vec![0u8; q.len() * cache.cfg.dtype.size()];
@@ -461,7 +572,9 @@ pub fn telemetry_recall(cache: &mut Cache, layer: u32, id: i64, q: &[f32], k_exa
     let sets = cache.attended_positions(layer, &[id], q_act, std::ptr::null_mut())?;
     let mut out = Vec::with_capacity(hk);
     for h in 0..hk {
-        let keys: Vec<f32> = (0..len).flat_map(|t| k_exact[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
+        let keys: Vec<f32> = (0..len)
+            .flat_map(|t| k_exact[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied())
+            .collect();
         let mut acc = 0.0f64;
         for i in 0..g {
             let qg = &q[(h * g + i) * d..(h * g + i + 1) * d];

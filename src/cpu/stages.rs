@@ -9,8 +9,7 @@
 use crate::config::{CacheConfig, HalfKind, Selector};
 use crate::ensure;
 use crate::layout::{
-    Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, META_WORDS,
-    SIKV_NUM_PLANES, SIKV_PLANE_SIGN,
+    Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, META_WORDS, SIKV_NUM_PLANES, SIKV_PLANE_SIGN,
 };
 use crate::numeric::{get_half, put_half, read_f32s, read_i32, write_f32s, write_i32};
 use crate::reference::attend::attend_group;
@@ -166,12 +165,7 @@ fn record<'s>(layout: &Layout, state: &'s [u8], seq_slot: usize, head: usize) ->
     &state[off..off + layout.state.bytes]
 }
 
-fn record_mut<'s>(
-    layout: &Layout,
-    state: &'s mut [u8],
-    seq_slot: usize,
-    head: usize,
-) -> &'s mut [u8] {
+fn record_mut<'s>(layout: &Layout, state: &'s mut [u8], seq_slot: usize, head: usize) -> &'s mut [u8] {
     let off = layout.state_offset(seq_slot, head);
     &mut state[off..off + layout.state.bytes]
 }
@@ -201,15 +195,7 @@ fn dense_row(layout: &Layout, storage: HalfKind, rec: &[u8], base: usize, idx: u
 }
 
 /// Writes dense entry `idx`: position, centred key (rounded to `storage`) and value.
-fn write_dense(
-    layout: &Layout,
-    storage: HalfKind,
-    rec: &mut [u8],
-    idx: usize,
-    pos: i32,
-    kp: &[f32],
-    v: &[f32],
-) {
+fn write_dense(layout: &Layout, storage: HalfKind, rec: &mut [u8], idx: usize, pos: i32, kp: &[f32], v: &[f32]) {
     let st = &layout.state;
     let d = st.head_dim;
     write_i32(&mut rec[st.dense_pos..], idx, pos);
@@ -222,13 +208,7 @@ fn write_dense(
 }
 
 /// Decodes the state record of (`seq_slot`, `head`) from a layer's state pool.
-pub fn read_state(
-    layout: &Layout,
-    storage: HalfKind,
-    state: &[u8],
-    seq_slot: usize,
-    head: usize,
-) -> StateRecord {
+pub fn read_state(layout: &Layout, storage: HalfKind, state: &[u8], seq_slot: usize, head: usize) -> StateRecord {
     let st = &layout.state;
     let d = st.head_dim;
     let cap = st.dense_capacity;
@@ -283,11 +263,7 @@ pub fn reset_sequence(layout: &Layout, state: &mut [u8], seq_slot: usize) -> Res
 // ---------------------------------------------------------------------------------------------
 // Validation helpers.
 
-fn check_pools(
-    layout: &Layout,
-    plane_lens: [usize; SIKV_NUM_PLANES],
-    state_len: usize,
-) -> Result<()> {
+fn check_pools(layout: &Layout, plane_lens: [usize; SIKV_NUM_PLANES], state_len: usize) -> Result<()> {
     for (p, len) in plane_lens.iter().enumerate() {
         ensure!(
             *len >= layout.plane_bytes[p],
@@ -351,9 +327,7 @@ fn check_calibrated(layout: &Layout, state: &[u8], name: &str, slot: usize) -> R
         if meta_word(layout, rec, META_CALIBRATED) != 1 {
             return Err(Error::new(
                 SikvStatus::SIKV_ERR_NOT_CALIBRATED,
-                format!(
-                    "{name} = {slot}: the sequence is not calibrated for this layer (KV head {h})"
-                ),
+                format!("{name} = {slot}: the sequence is not calibrated for this layer (KV head {h})"),
             ));
         }
     }
@@ -438,11 +412,7 @@ fn rows_ref<'b>(
 /// Candidates of one (sequence, KV head) of length `len`: positions in
 /// `[S, max(S, len - W))` that are not heavy (`dense_pos[S..S+H]`), ascending.
 pub fn expected_candidates(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<u32> {
-    let (s, h, w) = (
-        cfg.n_sink as usize,
-        cfg.n_heavy as usize,
-        cfg.n_window as usize,
-    );
+    let (s, h, w) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
     let mut heavy: Vec<u32> = dense_pos[s..s + h]
         .iter()
         .filter(|&&p| p >= 0)
@@ -458,11 +428,7 @@ pub fn expected_candidates(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> 
 /// The dense tokens attended for a sequence of length `len`, in dense-index order:
 /// (dense index, position).
 fn dense_entries(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<(usize, usize)> {
-    let (s, h, w) = (
-        cfg.n_sink as usize,
-        cfg.n_heavy as usize,
-        cfg.n_window as usize,
-    );
+    let (s, h, w) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
     let win_lo = s.max(len.saturating_sub(w));
     let mut out = Vec::new();
     for (i, &p) in dense_pos.iter().enumerate() {
@@ -560,20 +526,14 @@ pub fn calibrate(
         n_heavy: cfg.n_heavy,
         n_window: cfg.n_window,
     };
-    let (s_n, h_n, w_n) = (
-        cfg.n_sink as usize,
-        cfg.n_heavy as usize,
-        cfg.n_window as usize,
-    );
+    let (s_n, h_n, w_n) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
     let st = layout.state;
     for h in 0..hkv {
         let keys: Vec<f32> = (0..n)
             .flat_map(|t| k[(t * hkv + h) * d..(t * hkv + h + 1) * d].iter().copied())
             .collect();
         let qbar: Vec<f32> = (0..nq)
-            .flat_map(|j| {
-                group_mean_query(&q_tail[(j * hq + h * g) * d..(j * hq + (h + 1) * g) * d], d)
-            })
+            .flat_map(|j| group_mean_query(&q_tail[(j * hq + h * g) * d..(j * hq + (h + 1) * g) * d], d))
             .collect();
         let cal = calibrate_head(&params, d, &keys, &qbar);
 
@@ -590,8 +550,7 @@ pub fn calibrate(
         for i in 0..st.dense_capacity {
             write_i32(&mut rec[st.dense_pos..], i, DENSE_EMPTY);
         }
-        let centred =
-            |t: usize| -> Vec<f32> { (0..d).map(|c| keys[t * d + c] - cal.centre[c]).collect() };
+        let centred = |t: usize| -> Vec<f32> { (0..d).map(|c| keys[t * d + c] - cal.centre[c]).collect() };
         let val = |t: usize| &v[(t * hkv + h) * d..(t * hkv + h + 1) * d];
         for p in 0..s_n.min(n) {
             write_dense(layout, storage, rec, p, p as i32, &centred(p), val(p));
@@ -602,15 +561,7 @@ pub fn calibrate(
         }
         if w_n > 0 {
             for p in s_n.max(n.saturating_sub(w_n))..n {
-                write_dense(
-                    layout,
-                    storage,
-                    rec,
-                    s_n + h_n + p % w_n,
-                    p as i32,
-                    &centred(p),
-                    val(p),
-                );
+                write_dense(layout, storage, rec, s_n + h_n + p % w_n, p as i32, &centred(p), val(p));
             }
         }
 
@@ -618,10 +569,7 @@ pub fn calibrate(
             if sm < 0 {
                 continue;
             }
-            let (page, slot) = (
-                sm as usize / layout.page_size,
-                sm as usize % layout.page_size,
-            );
+            let (page, slot) = (sm as usize / layout.page_size, sm as usize % layout.page_size);
             let mut rows = rows_mut(layout, &mut layer.planes, page, h, slot);
             encode_token(
                 &layout.format,
@@ -703,11 +651,7 @@ pub fn append(
         check_calibrated(layout, layer.state, &format!("seq_slot[{t}]"), slot)?;
     }
 
-    let (s_n, h_n, w_n) = (
-        cfg.n_sink as usize,
-        cfg.n_heavy as usize,
-        cfg.n_window as usize,
-    );
+    let (s_n, h_n, w_n) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
     let st = layout.state;
     for t in 0..n {
         let slot = seq_slot[t] as usize;

@@ -64,7 +64,10 @@ pub extern "C" fn sikv_cache_create(config: *const SikvConfig, out: *mut *mut Si
         let cfg = CacheConfig::from_c(host_ref(config, "config")?)?;
         check_out(out, "out")?;
         let cache = Cache::new(cfg)?;
-        let h = Box::new(SikvCache { inner: Mutex::new(cache), poisoned: AtomicBool::new(false) });
+        let h = Box::new(SikvCache {
+            inner: Mutex::new(cache),
+            poisoned: AtomicBool::new(false),
+        });
         write_out(out, Box::into_raw(h), "out")
     })
 }
@@ -114,7 +117,10 @@ pub extern "C" fn sikv_cache_create_with_pools(
             }
         };
         let cache = Cache::with_pools(cfg, pools)?;
-        let h = Box::new(SikvCache { inner: Mutex::new(cache), poisoned: AtomicBool::new(false) });
+        let h = Box::new(SikvCache {
+            inner: Mutex::new(cache),
+            poisoned: AtomicBool::new(false),
+        });
         write_out(out, Box::into_raw(h), "out")
     })
 }
@@ -179,7 +185,9 @@ pub extern "C" fn sikv_seq_remove(cache: *mut SikvCache, seq_id: i64) -> SikvSta
 /// Forks `src` into a new sequence `dst` sharing its full pages.
 #[no_mangle]
 pub extern "C" fn sikv_seq_fork(cache: *mut SikvCache, src_seq_id: i64, dst_seq_id: i64) -> SikvStatus {
-    boundary(poison_of(cache), || cache_ref(cache)?.with(|c| c.fork_seq(src_seq_id, dst_seq_id)))
+    boundary(poison_of(cache), || {
+        cache_ref(cache)?.with(|c| c.fork_seq(src_seq_id, dst_seq_id))
+    })
 }
 
 /// Tokens stored for a sequence at a layer.
@@ -198,7 +206,11 @@ fn activations<'a>(c: &Cache, p: *const c_void, elems: usize, name: &str) -> Res
         ensure!(!p.is_null(), SIKV_ERR_NULL_POINTER, "`{name}` is NULL");
         Ok(Activations::Device(p as u64))
     } else {
-        Ok(Activations::Host(host_slice(p as *const u8, elems * c.cfg.dtype.size(), name)?))
+        Ok(Activations::Host(host_slice(
+            p as *const u8,
+            elems * c.cfg.dtype.size(),
+            name,
+        )?))
     }
 }
 
@@ -207,7 +219,11 @@ fn output<'a>(c: &Cache, p: *mut c_void, elems: usize, name: &str) -> Result<Out
         ensure!(!p.is_null(), SIKV_ERR_NULL_POINTER, "`{name}` is NULL");
         Ok(Output::Device(p as u64))
     } else {
-        Ok(Output::Host(host_slice_mut(p as *mut u8, elems * c.cfg.dtype.size(), name)?))
+        Ok(Output::Host(host_slice_mut(
+            p as *mut u8,
+            elems * c.cfg.dtype.size(),
+            name,
+        )?))
     }
 }
 
@@ -242,7 +258,11 @@ pub extern "C" fn sikv_calibrate(
                 "n_tokens = {n_tokens} exceeds max_seq_len = {}",
                 c.cfg.max_seq_len
             );
-            ensure!(n_query <= n_tokens, SIKV_ERR_INVALID_ARGUMENT, "n_query = {n_query} exceeds n_tokens = {n_tokens}");
+            ensure!(
+                n_query <= n_tokens,
+                SIKV_ERR_INVALID_ARGUMENT,
+                "n_query = {n_query} exceeds n_tokens = {n_tokens}"
+            );
             let k = activations(c, k, kv, "k")?;
             let v = activations(c, v, kv, "v")?;
             let q = activations(c, q_tail, qn, "q_tail")?;
@@ -267,8 +287,11 @@ pub extern "C" fn sikv_append(
     boundary(poison_of(cache), || {
         cache_ref(cache)?.with(|c| {
             let ids = ids(n_seqs, seq_ids)?;
-            let counts: Vec<u32> =
-                if n_tokens.is_null() { vec![1; ids.len()] } else { host_slice(n_tokens, ids.len(), "n_tokens")?.to_vec() };
+            let counts: Vec<u32> = if n_tokens.is_null() {
+                vec![1; ids.len()]
+            } else {
+                host_slice(n_tokens, ids.len(), "n_tokens")?.to_vec()
+            };
             let total: u64 = counts.iter().map(|&x| x as u64).sum();
             ensure!(
                 total <= c.cfg.max_append_tokens as u64,
@@ -400,7 +423,11 @@ pub extern "C" fn sikv_selection_recall(
 ) -> SikvStatus {
     boundary(poison_of(cache), || {
         cache_ref(cache)?.with(|c| {
-            let (hq, hk, d) = (c.cfg.num_q_heads as usize, c.cfg.num_kv_heads as usize, c.cfg.head_dim as usize);
+            let (hq, hk, d) = (
+                c.cfg.num_q_heads as usize,
+                c.cfg.num_kv_heads as usize,
+                c.cfg.head_dim as usize,
+            );
             let len = c.seq_len(seq_id, layer)? as usize;
             let qf = host_slice(q, hq * d, "q")?;
             let kf = host_slice(k_exact, len * hk * d, "k_exact")?;

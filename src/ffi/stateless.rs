@@ -39,7 +39,12 @@ pub extern "C" fn sikv_kernels_create(config: *const SikvConfig, out: *mut *mut 
         check_out(out, "out")?;
         let layout = Layout::new(&cfg);
         let exec = crate::cache::backend::Exec::create(&cfg, &layout)?;
-        let h = Box::new(SikvKernels { cfg, layout, exec, poisoned: AtomicBool::new(false) });
+        let h = Box::new(SikvKernels {
+            cfg,
+            layout,
+            exec,
+            poisoned: AtomicBool::new(false),
+        });
         write_out(out, Box::into_raw(h), "out")
     })
 }
@@ -140,7 +145,11 @@ fn host_table<'a>(k: &SikvKernels, t: &SikvPageTable) -> Result<PageTable<'a>> {
     );
     let indices = host_slice(t.indices, total as usize, "page_table.indices")?;
     let last = host_slice(t.last_page_len, b, "page_table.last_page_len")?;
-    Ok(PageTable { indptr, indices, last_page_len: last })
+    Ok(PageTable {
+        indptr,
+        indices,
+        last_page_len: last,
+    })
 }
 
 fn host_acts<'a>(k: &SikvKernels, p: *const c_void, elems: usize, name: &str) -> Result<Vec<f32>> {
@@ -162,7 +171,10 @@ fn dev_layer(k: &SikvKernels, pools: &SikvLayerPools) -> Result<crate::gpu::DevL
             *slot = dev(pools.plane[p], &format!("pools.plane[{p}]"))?;
         }
     }
-    Ok(crate::gpu::DevLayer { planes, state: dev(pools.state, "pools.state")? })
+    Ok(crate::gpu::DevLayer {
+        planes,
+        state: dev(pools.state, "pools.state")?,
+    })
 }
 
 fn dev_table(k: &SikvKernels, t: &SikvPageTable) -> Result<crate::gpu::DevPageTable> {
@@ -389,7 +401,18 @@ fn attend_impl(
                 workspace_bytes,
                 stream as _,
             ),
-            None => g.attend_dense(cfg, layout, &layer, &table, ss, qd, od, workspace as u64, workspace_bytes, stream as _),
+            None => g.attend_dense(
+                cfg,
+                layout,
+                &layer,
+                &table,
+                ss,
+                qd,
+                od,
+                workspace as u64,
+                workspace_bytes,
+                stream as _,
+            ),
         }
     } else {
         let table = host_table(kn, t)?;
@@ -434,7 +457,18 @@ pub extern "C" fn sikv_kernel_attend(
         let kn = kernels_ref(kernels)?;
         let pools = host_ref(pools, "pools")?;
         let t = host_ref(page_table, "page_table")?;
-        attend_impl(kn, pools, t, seq_slot, q, Some((indices, counts)), out, workspace, workspace_bytes, stream)
+        attend_impl(
+            kn,
+            pools,
+            t,
+            seq_slot,
+            q,
+            Some((indices, counts)),
+            out,
+            workspace,
+            workspace_bytes,
+            stream,
+        )
     })
 }
 
@@ -477,10 +511,14 @@ pub extern "C" fn sikv_kernel_reset_slot(
             "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
             kn.cfg.max_seqs
         );
-        let rec = kn.layout.num_kv_heads * kn.layout.state.bytes;
         if kn.exec.is_gpu() {
-            let at = dev(pools.state, "pools.state")? + (seq_slot as usize * rec) as u64;
-            kn.exec.gpu()?.memset_async(at, 0, rec, stream as _)
+            let layer = crate::gpu::DevLayer {
+                planes: [0; SIKV_NUM_PLANES],
+                state: dev(pools.state, "pools.state")?,
+            };
+            kn.exec
+                .gpu()?
+                .reset_sequence(&kn.cfg, &kn.layout, &layer, seq_slot, stream as _)
         } else {
             let state = host_slice_mut(pools.state as *mut u8, kn.layout.layer_state_bytes, "pools.state")?;
             cpu::reset_sequence(&kn.layout, state, seq_slot as usize)
@@ -529,7 +567,20 @@ pub extern "C" fn sikv_kernel_decode(
             let ss = dev(seq_slot as *const c_void, "seq_slot")?;
             let (qd, od) = (dev(q, "q")?, dev(out, "out")?);
             g.select(cfg, layout, &layer, &table, ss, qd, idx, cnt, ws, idx_off, stream as _)?;
-            g.attend(cfg, layout, &layer, &table, ss, qd, idx, cnt, od, ws, idx_off, stream as _)
+            g.attend(
+                cfg,
+                layout,
+                &layer,
+                &table,
+                ss,
+                qd,
+                idx,
+                cnt,
+                od,
+                ws,
+                idx_off,
+                stream as _,
+            )
         } else {
             let table = host_table(kn, t)?;
             let rows = table.batch() * cfg.num_kv_heads as usize;
@@ -541,7 +592,18 @@ pub extern "C" fn sikv_kernel_decode(
                 let lr = host_layer_ref(kn, pools)?;
                 cpu::select(layout, cfg, &lr, &table, ss, &qf, &mut idx, &mut cnt)?;
             }
-            attend_impl(kn, pools, t, seq_slot, q, Some((idx.as_ptr(), cnt.as_ptr())), out, workspace, workspace_bytes, stream)
+            attend_impl(
+                kn,
+                pools,
+                t,
+                seq_slot,
+                q,
+                Some((idx.as_ptr(), cnt.as_ptr())),
+                out,
+                workspace,
+                workspace_bytes,
+                stream,
+            )
         }
     })
 }

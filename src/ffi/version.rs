@@ -11,10 +11,22 @@ pub const SIKV_VERSION_PATCH: u32 = 0;
 /// Bumped whenever a struct, signature or constant of the C ABI changes incompatibly.
 pub const SIKV_ABI_VERSION: u32 = 1;
 
-/// The library version, e.g. "0.1.0". Static storage; never NULL.
+/// The library version and how its kernels were built, e.g.
+/// "0.1.0 (kernels: fatbin:nvcc 13.5:sm_80,...)" or "0.1.0 (kernels: nvrtc)". Static storage;
+/// never NULL. The version number is everything before the first space.
 #[no_mangle]
 pub extern "C" fn sikv_version() -> *const c_char {
-    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+    static VERSION: OnceLock<CString> = OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            CString::new(format!(
+                "{} (kernels: {})",
+                env!("CARGO_PKG_VERSION"),
+                crate::gpu::embed::BUILD_PATH
+            ))
+            .unwrap_or_default()
+        })
+        .as_ptr()
 }
 
 /// The ABI version this library implements (compare with SIKV_ABI_VERSION from the header).
@@ -29,8 +41,12 @@ pub extern "C" fn sikv_abi_version() -> u32 {
 pub extern "C" fn sikv_build_info() -> *const c_char {
     static INFO: OnceLock<CString> = OnceLock::new();
     INFO.get_or_init(|| {
-        CString::new(format!("selfindexkv {} kernels={}", env!("CARGO_PKG_VERSION"), crate::gpu::embed::BUILD_PATH))
-            .unwrap_or_default()
+        CString::new(format!(
+            "selfindexkv {} kernels={}",
+            env!("CARGO_PKG_VERSION"),
+            crate::gpu::embed::BUILD_PATH
+        ))
+        .unwrap_or_default()
     })
     .as_ptr()
 }

@@ -15,7 +15,10 @@ pub fn ck(r: sys::CUresult, call: &str) -> Result<()> {
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(());
     }
-    Err(Error::new(SikvStatus::SIKV_ERR_CUDA, format!("{call} failed: {}", error_name(r))))
+    Err(Error::new(
+        SikvStatus::SIKV_ERR_CUDA,
+        format!("{call} failed: {}", error_name(r)),
+    ))
 }
 
 pub fn error_name(r: sys::CUresult) -> String {
@@ -42,7 +45,9 @@ pub fn init() -> Result<()> {
     }
     let r = std::panic::catch_unwind(|| unsafe { sys::cuInit(0) });
     match r {
-        Err(_) => Err(no_device("the CUDA driver library could not be loaded (missing symbols)")),
+        Err(_) => Err(no_device(
+            "the CUDA driver library could not be loaded (missing symbols)",
+        )),
         Ok(sys::CUresult::CUDA_SUCCESS) => Ok(()),
         Ok(e) => Err(no_device(format!("cuInit failed: {}", error_name(e)))),
     }
@@ -66,18 +71,28 @@ pub fn retain_primary(ordinal: i32) -> Result<Device> {
             return Err(no_device("the CUDA driver reports no device"));
         }
         if ordinal < 0 || ordinal >= count {
-            return Err(no_device(format!("device_ordinal = {ordinal} but only {count} CUDA device(s) exist")));
+            return Err(no_device(format!(
+                "device_ordinal = {ordinal} but only {count} CUDA device(s) exist"
+            )));
         }
         let mut dev: CUdevice = 0;
         ck(sys::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")?;
         let mut major = 0;
         let mut minor = 0;
         ck(
-            sys::cuDeviceGetAttribute(&mut major, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+            sys::cuDeviceGetAttribute(
+                &mut major,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                dev,
+            ),
             "cuDeviceGetAttribute",
         )?;
         ck(
-            sys::cuDeviceGetAttribute(&mut minor, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+            sys::cuDeviceGetAttribute(
+                &mut minor,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                dev,
+            ),
             "cuDeviceGetAttribute",
         )?;
         let mut name = [0 as std::ffi::c_char; 256];
@@ -85,7 +100,13 @@ pub fn retain_primary(ordinal: i32) -> Result<Device> {
         let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
         let mut ctx: CUcontext = std::ptr::null_mut();
         ck(sys::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
-        Ok(Device { dev, ctx, major, minor, name })
+        Ok(Device {
+            dev,
+            ctx,
+            major,
+            minor,
+            name,
+        })
     }
 }
 
@@ -109,7 +130,12 @@ pub fn load_module(image: &[u8]) -> Result<CUmodule> {
     unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len()) };
     let mut m: CUmodule = std::ptr::null_mut();
     // SAFETY: image is a valid module image kept alive for the call.
-    unsafe { ck(sys::cuModuleLoadData(&mut m, aligned.as_ptr() as *const c_void), "cuModuleLoadData")? };
+    unsafe {
+        ck(
+            sys::cuModuleLoadData(&mut m, aligned.as_ptr() as *const c_void),
+            "cuModuleLoadData",
+        )?
+    };
     Ok(m)
 }
 
@@ -127,7 +153,10 @@ pub fn get_function(m: CUmodule, name: &str) -> Result<CUfunction> {
     let mut f: CUfunction = std::ptr::null_mut();
     // SAFETY: valid module and C string.
     unsafe {
-        ck(sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()), &format!("cuModuleGetFunction({name})"))?;
+        ck(
+            sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()),
+            &format!("cuModuleGetFunction({name})"),
+        )?;
         let mut regs = 0i32;
         ck(
             sys::cuFuncGetAttribute(&mut regs, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS, f),
@@ -138,7 +167,14 @@ pub fn get_function(m: CUmodule, name: &str) -> Result<CUfunction> {
 }
 
 /// Launches `f` with one by-value argument (the parameter block).
-pub fn launch<P>(f: CUfunction, name: &str, grid: (u32, u32, u32), block: u32, stream: sys::CUstream, params: &P) -> Result<()> {
+pub fn launch<P>(
+    f: CUfunction,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    stream: sys::CUstream,
+    params: &P,
+) -> Result<()> {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
@@ -147,7 +183,19 @@ pub fn launch<P>(f: CUfunction, name: &str, grid: (u32, u32, u32), block: u32, s
     // the driver copies the argument before returning.
     unsafe {
         ck(
-            sys::cuLaunchKernel(f, grid.0, grid.1, grid.2, block, 1, 1, 0, stream, args.as_mut_ptr(), std::ptr::null_mut()),
+            sys::cuLaunchKernel(
+                f,
+                grid.0,
+                grid.1,
+                grid.2,
+                block,
+                1,
+                1,
+                0,
+                stream,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            ),
             &format!("cuLaunchKernel({name})"),
         )
     }
@@ -158,7 +206,10 @@ pub fn mem_alloc(bytes: usize) -> Result<u64> {
     // SAFETY: out-parameter call in the current context.
     let r = unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(1)) };
     if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        return Err(Error::new(SikvStatus::SIKV_ERR_OUT_OF_MEMORY, format!("cuMemAlloc of {bytes} bytes: out of device memory")));
+        return Err(Error::new(
+            SikvStatus::SIKV_ERR_OUT_OF_MEMORY,
+            format!("cuMemAlloc of {bytes} bytes: out of device memory"),
+        ));
     }
     ck(r, "cuMemAlloc")?;
     Ok(p)
@@ -195,7 +246,12 @@ pub fn copy_htod_async(dst: u64, src: &[u8], stream: sys::CUstream) -> Result<()
     }
     // SAFETY: the caller keeps `src` alive until the stream reaches the copy (pageable memory
     // is staged by the driver before the call returns).
-    unsafe { ck(sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), stream), "cuMemcpyHtoDAsync") }
+    unsafe {
+        ck(
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), stream),
+            "cuMemcpyHtoDAsync",
+        )
+    }
 }
 
 pub fn copy_dtoh(dst: &mut [u8], src: u64) -> Result<()> {
@@ -203,7 +259,12 @@ pub fn copy_dtoh(dst: &mut [u8], src: u64) -> Result<()> {
         return Ok(());
     }
     // SAFETY: synchronous copy into a live host slice.
-    unsafe { ck(sys::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len()), "cuMemcpyDtoH") }
+    unsafe {
+        ck(
+            sys::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len()),
+            "cuMemcpyDtoH",
+        )
+    }
 }
 
 pub fn stream_sync(stream: sys::CUstream) -> Result<()> {
@@ -214,7 +275,12 @@ pub fn stream_sync(stream: sys::CUstream) -> Result<()> {
 pub fn stream_create() -> Result<sys::CUstream> {
     let mut s: sys::CUstream = std::ptr::null_mut();
     // SAFETY: out-parameter call.
-    unsafe { ck(sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "cuStreamCreate")? };
+    unsafe {
+        ck(
+            sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32),
+            "cuStreamCreate",
+        )?
+    };
     Ok(s)
 }
 
@@ -263,7 +329,12 @@ pub fn graph_destroy(e: sys::CUgraphExec) {
 pub fn event_create() -> Result<sys::CUevent> {
     let mut e: sys::CUevent = std::ptr::null_mut();
     // SAFETY: out-parameter call.
-    unsafe { ck(sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DEFAULT as u32), "cuEventCreate")? };
+    unsafe {
+        ck(
+            sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DEFAULT as u32),
+            "cuEventCreate",
+        )?
+    };
     Ok(e)
 }
 
@@ -288,7 +359,12 @@ pub fn event_elapsed_ms(a: sys::CUevent, b: sys::CUevent) -> Result<f32> {
                 ck(r, "cuEventElapsedTime")?;
                 ms = t;
             }
-            Err(_) => return Err(Error::new(SikvStatus::SIKV_ERR_CUDA, "cuEventElapsedTime is missing in libcuda")),
+            Err(_) => {
+                return Err(Error::new(
+                    SikvStatus::SIKV_ERR_CUDA,
+                    "cuEventElapsedTime is missing in libcuda",
+                ))
+            }
         }
     }
     Ok(ms)

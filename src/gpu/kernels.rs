@@ -46,7 +46,12 @@ impl Kernels {
         let dt = |stage: &str| leak(format!("sikv_{stage}_d{d}_{dtype}"));
         let t = |stage: &str| leak(format!("sikv_{stage}_{dtype}"));
         let plain = |stage: &str| leak(format!("sikv_{stage}"));
-        let get = |name: &'static str| -> Result<Kernel> { Ok(Kernel { f: driver::get_function(m, name)?, name }) };
+        let get = |name: &'static str| -> Result<Kernel> {
+            Ok(Kernel {
+                f: driver::get_function(m, name)?,
+                name,
+            })
+        };
         Ok(Kernels {
             encode: get(dt("encode"))?,
             calib_init: get(plain("calib_init"))?,

@@ -94,7 +94,9 @@ impl TopkPath {
     fn from_env() -> TopkPath {
         match std::env::var("SIKV_TOPK") {
             Ok(v) if v.trim() == "single" => TopkPath::Single,
-            Ok(v) => TopkPath::Multi { cand_cap: v.trim().strip_prefix("multi:").and_then(|n| n.parse().ok()) },
+            Ok(v) => TopkPath::Multi {
+                cand_cap: v.trim().strip_prefix("multi:").and_then(|n| n.parse().ok()),
+            },
             Err(_) => TopkPath::Multi { cand_cap: None },
         }
     }
@@ -283,12 +285,19 @@ impl GpuContext {
                 Err(e) => why = format!("fatbin: {}", e.message),
             }
         }
-        let (image, _desc) = nvrtc::compile_variant(embed::NVRTC_MAIN, embed::SOURCES, dev.major, dev.minor, Some((d, dt))).map_err(|e| {
-            Error::new(
-                e.status,
-                if why.is_empty() { e.message } else { format!("{} (after {why})", e.message) },
-            )
-        })?;
+        let (image, _desc) =
+            nvrtc::compile_variant(embed::NVRTC_MAIN, embed::SOURCES, dev.major, dev.minor, Some((d, dt))).map_err(
+                |e| {
+                    Error::new(
+                        e.status,
+                        if why.is_empty() {
+                            e.message
+                        } else {
+                            format!("{} (after {why})", e.message)
+                        },
+                    )
+                },
+            )?;
         let m = driver::load_module(&image)?;
         match Kernels::load(m, d, dt) {
             Ok(k) => Ok((m, k, "nvrtc".to_string())),
@@ -339,7 +348,11 @@ impl GpuContext {
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         self.current()?;
         let ptr = driver::mem_alloc(bytes)?;
-        Ok(DeviceBuffer { ptr, bytes, inner: self.inner.clone() })
+        Ok(DeviceBuffer {
+            ptr,
+            bytes,
+            inner: self.inner.clone(),
+        })
     }
 
     pub fn memset_async(&self, dst: u64, value: u8, bytes: usize, stream: CUstream) -> Result<()> {
@@ -361,7 +374,14 @@ impl GpuContext {
     /// The device twin of cpu::reset_sequence for one layer: zeroes the state records of
     /// `seq_slot` (all KV heads; not calibrated) and marks every dense entry empty. Two
     /// memsets per KV head, asynchronous on `stream`.
-    pub fn reset_sequence(&self, cfg: &CacheConfig, layout: &Layout, layer: &DevLayer, seq_slot: u32, stream: CUstream) -> Result<()> {
+    pub fn reset_sequence(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        seq_slot: u32,
+        stream: CUstream,
+    ) -> Result<()> {
         crate::ensure!(
             seq_slot < cfg.max_seqs,
             SIKV_ERR_OUT_OF_BOUNDS,
@@ -375,7 +395,12 @@ impl GpuContext {
             let rec = layer.state + layout.state_offset(seq_slot as usize, h) as u64;
             driver::memset_async(rec, 0, st.bytes, cuda_stream(stream))?;
             if st.dense_capacity > 0 {
-                driver::memset32_async(rec + st.dense_pos as u64, u32::MAX, st.dense_capacity, cuda_stream(stream))?;
+                driver::memset32_async(
+                    rec + st.dense_pos as u64,
+                    u32::MAX,
+                    st.dense_capacity,
+                    cuda_stream(stream),
+                )?;
             }
         }
         Ok(())
@@ -395,7 +420,10 @@ impl GpuContext {
     /// A non-blocking stream owned by the returned value (tests and benches).
     pub fn create_stream(&self) -> Result<OwnedStream> {
         self.current()?;
-        Ok(OwnedStream { raw: driver::stream_create()? as CUstream, inner: self.inner.clone() })
+        Ok(OwnedStream {
+            raw: driver::stream_create()? as CUstream,
+            inner: self.inner.clone(),
+        })
     }
 
     /// Records everything `body` enqueues on `stream` (a non-default stream) into a graph.
@@ -405,7 +433,10 @@ impl GpuContext {
         let r = body();
         let g = driver::end_capture(cuda_stream(stream));
         r?;
-        Ok(Graph { exec: g?, inner: self.inner.clone() })
+        Ok(Graph {
+            exec: g?,
+            inner: self.inner.clone(),
+        })
     }
 
     /// Milliseconds taken on `stream` by what `body` enqueues (CUDA events; synchronises).
@@ -470,7 +501,10 @@ impl GpuContext {
         if ws_bytes < w.total {
             return Err(Error::new(
                 SikvStatus::SIKV_ERR_BUFFER_TOO_SMALL,
-                format!("ws_bytes = {ws_bytes} is smaller than the {} bytes the workspace needs", w.total),
+                format!(
+                    "ws_bytes = {ws_bytes} is smaller than the {} bytes the workspace needs",
+                    w.total
+                ),
             ));
         }
         Ok(())
@@ -491,7 +525,10 @@ impl GpuContext {
 
     fn table_params(cfg: &CacheConfig, p: &mut SikvParams, table: &DevPageTable) -> Result<()> {
         if table.batch > cfg.max_batch {
-            return Err(Error::bounds(format!("page table batch = {} exceeds max_batch ({})", table.batch, cfg.max_batch)));
+            return Err(Error::bounds(format!(
+                "page table batch = {} exceeds max_batch ({})",
+                table.batch, cfg.max_batch
+            )));
         }
         dev_ptr(table.indptr, 4, "page_table.indptr")?;
         dev_ptr(table.indices, 4, "page_table.indices")?;
@@ -528,14 +565,22 @@ impl GpuContext {
         stream: CUstream,
     ) -> Result<()> {
         self.check_cfg(cfg)?;
-        crate::ensure!(n >= 1, SIKV_ERR_INVALID_ARGUMENT, "calibrate: n = 0 (the prompt needs >= 1 token)");
+        crate::ensure!(
+            n >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "calibrate: n = 0 (the prompt needs >= 1 token)"
+        );
         crate::ensure!(
             n <= cfg.max_seq_len,
             SIKV_ERR_OUT_OF_BOUNDS,
             "calibrate: prompt length {n} exceeds max_seq_len ({})",
             cfg.max_seq_len
         );
-        crate::ensure!(nq >= 1, SIKV_ERR_INVALID_ARGUMENT, "calibrate: nq = 0 (q_tail needs >= 1 row)");
+        crate::ensure!(
+            nq >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "calibrate: nq = 0 (q_tail needs >= 1 row)"
+        );
         crate::ensure!(
             nq <= n,
             SIKV_ERR_INVALID_ARGUMENT,
@@ -631,7 +676,13 @@ impl GpuContext {
         p.mode = 0;
         self.current()?;
         let warps = n as u64 * cfg.num_kv_heads as u64;
-        self.launch(&self.inner.kernels.encode, (warps.div_ceil(4) as u32, 1, 1), 128, stream, &p)
+        self.launch(
+            &self.inner.kernels.encode,
+            (warps.div_ceil(4) as u32, 1, 1),
+            128,
+            stream,
+            &p,
+        )
     }
 
     /// Selection (cpu::select): score, top-k (and rerank when two-stage) for a batch. `q`:
@@ -652,7 +703,9 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
-        self.select_stages(SELECT_ALL, cfg, layout, layer, table, seq_slot, q, indices, counts, ws, ws_bytes, stream)
+        self.select_stages(
+            SELECT_ALL, cfg, layout, layer, table, seq_slot, q, indices, counts, ws, ws_bytes, stream,
+        )
     }
 
     /// Benchmarking aid: launches only the parts of `select` named by `stages` (bits
@@ -729,7 +782,13 @@ impl GpuContext {
             self.launch(&kn.topk_final, (h, b, 1), 1024, stream, &pf)?;
         }
         if cfg.two_stage() && stages & SELECT_RERANK != 0 {
-            self.launch(&kn.rerank_score, (cfg.stage1_max().div_ceil(128), h, b), 128, stream, &p)?;
+            self.launch(
+                &kn.rerank_score,
+                (cfg.stage1_max().div_ceil(128), h, b),
+                128,
+                stream,
+                &p,
+            )?;
             self.launch(&kn.topk_stage2, (h, b, 1), 1024, stream, &p)?;
         }
         Ok(())

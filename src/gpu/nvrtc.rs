@@ -8,7 +8,14 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use crate::status::{Error, Result, SikvStatus};
 
 type Prog = *mut c_void;
-type FnCreate = unsafe extern "C" fn(*mut Prog, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int;
+type FnCreate = unsafe extern "C" fn(
+    *mut Prog,
+    *const c_char,
+    *const c_char,
+    c_int,
+    *const *const c_char,
+    *const *const c_char,
+) -> c_int;
 type FnCompile = unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> c_int;
 type FnSize = unsafe extern "C" fn(Prog, *mut usize) -> c_int;
 type FnGet = unsafe extern "C" fn(Prog, *mut c_char) -> c_int;
@@ -45,7 +52,11 @@ fn candidates() -> Vec<String> {
     }
     // pip wheels: nvidia/cu13/lib, nvidia/cuda_nvrtc/lib under any python3 site-packages.
     let home = std::env::var("HOME").unwrap_or_default();
-    let mut libs = vec!["/usr/lib".to_string(), "/usr/local/lib".to_string(), format!("{home}/.local/lib")];
+    let mut libs = vec![
+        "/usr/lib".to_string(),
+        "/usr/local/lib".to_string(),
+        format!("{home}/.local/lib"),
+    ];
     if let Ok(rd) = std::fs::read_dir(format!("{home}/.pyenv/versions")) {
         for e in rd.flatten() {
             libs.push(format!("{}/lib", e.path().display()));
@@ -81,7 +92,9 @@ impl Lib {
                 return Ok(Lib(h));
             }
         }
-        Err(nvrtc_err("NVRTC fallback: libnvrtc was not found (set SIKV_NVRTC to its path)"))
+        Err(nvrtc_err(
+            "NVRTC fallback: libnvrtc was not found (set SIKV_NVRTC to its path)",
+        ))
     }
     fn sym<T: Copy>(&self, name: &str) -> Result<T> {
         let cs = CString::new(name).unwrap();
@@ -118,11 +131,19 @@ pub fn compile_variant(
     // variant on the same architecture loads in milliseconds instead of recompiling.
     static CACHE: std::sync::Mutex<Vec<(String, Vec<u8>, String)>> = std::sync::Mutex::new(Vec::new());
     let key = format!("{major}.{minor}:{only:?}:{}", main.len());
-    if let Some((_, img, desc)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _, _)| *k == key) {
+    if let Some((_, img, desc)) = CACHE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(k, _, _)| *k == key)
+    {
         return Ok((img.clone(), desc.clone()));
     }
     let r = compile_uncached(main, headers, major, minor, only)?;
-    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((key, r.0.clone(), r.1.clone()));
+    CACHE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((key, r.0.clone(), r.1.clone()));
     Ok(r)
 }
 
@@ -168,7 +189,11 @@ fn compile_uncached(
         let best = supported.iter().copied().filter(|a| *a <= want).max();
         match best {
             Some(a) => (format!("compute_{a}"), false),
-            None => return Err(nvrtc_err(format!("NVRTC supports no architecture at or below sm_{want}"))),
+            None => {
+                return Err(nvrtc_err(format!(
+                    "NVRTC supports no architecture at or below sm_{want}"
+                )))
+            }
         }
     };
 
@@ -178,16 +203,27 @@ fn compile_uncached(
     let hdr_name: Vec<CString> = headers.iter().map(|(n, _)| CString::new(*n).unwrap()).collect();
     let hs: Vec<*const c_char> = hdr_src.iter().map(|c| c.as_ptr()).collect();
     let hn: Vec<*const c_char> = hdr_name.iter().map(|c| c.as_ptr()).collect();
-    let opts: Vec<CString> = [format!("--gpu-architecture={arch}"), "-std=c++17".into(), "-default-device".into()]
-        .into_iter()
-        .map(|s| CString::new(s).unwrap())
-        .collect();
+    let opts: Vec<CString> = [
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".into(),
+        "-default-device".into(),
+    ]
+    .into_iter()
+    .map(|s| CString::new(s).unwrap())
+    .collect();
     let op: Vec<*const c_char> = opts.iter().map(|c| c.as_ptr()).collect();
 
     let mut prog: Prog = std::ptr::null_mut();
     // SAFETY: all pointers stay alive for the calls; prog is destroyed below.
     unsafe {
-        let r = create(&mut prog, src.as_ptr(), name.as_ptr(), hs.len() as c_int, hs.as_ptr(), hn.as_ptr());
+        let r = create(
+            &mut prog,
+            src.as_ptr(),
+            name.as_ptr(),
+            hs.len() as c_int,
+            hs.as_ptr(),
+            hn.as_ptr(),
+        );
         if r != 0 {
             return Err(nvrtc_err(format!("nvrtcCreateProgram failed ({r})")));
         }
@@ -198,10 +234,18 @@ fn compile_uncached(
             let mut log = vec![0u8; sz.max(1)];
             get_log(prog, log.as_mut_ptr() as *mut c_char);
             destroy(&mut prog);
-            let log = CStr::from_bytes_until_nul(&log).map(|c| c.to_string_lossy().to_string()).unwrap_or_default();
-            return Err(nvrtc_err(format!("nvrtcCompileProgram failed for {arch} ({r}):\n{log}")));
+            let log = CStr::from_bytes_until_nul(&log)
+                .map(|c| c.to_string_lossy().to_string())
+                .unwrap_or_default();
+            return Err(nvrtc_err(format!(
+                "nvrtcCompileProgram failed for {arch} ({r}):\n{log}"
+            )));
         }
-        let (size_sym, get_sym) = if cubin { ("nvrtcGetCUBINSize", "nvrtcGetCUBIN") } else { ("nvrtcGetPTXSize", "nvrtcGetPTX") };
+        let (size_sym, get_sym) = if cubin {
+            ("nvrtcGetCUBINSize", "nvrtcGetCUBIN")
+        } else {
+            ("nvrtcGetPTXSize", "nvrtcGetPTX")
+        };
         let size_fn: FnSize = lib.sym(size_sym)?;
         let get_fn: FnGet = lib.sym(get_sym)?;
         let mut sz = 0usize;

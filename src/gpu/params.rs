@@ -3,7 +3,7 @@
 //! padding). `sikv_params_layout` (encode.cu) reports the C layout; a test compares it with
 //! [`layout_probe`].
 
-use crate::config::{CacheConfig, Centre, SignPredicate, Selector};
+use crate::config::{CacheConfig, Centre, Selector, SignPredicate};
 use crate::layout::{Layout, SIKV_NUM_PLANES};
 
 #[repr(C)]

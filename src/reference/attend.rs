@@ -113,17 +113,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Attention of `G` query heads (`q`: `G x d`) over tokens with centred keys `keys[t]` and
 /// values `values[t]`; logits are `scale * q_g . keys[t]`. Work is split into chunks of
 /// ATTEND_SPLIT tokens in the given order and merged. Returns `G x d`.
-pub fn attend_group(
-    q: &[f32],
-    head_dim: usize,
-    scale: f32,
-    keys: &[Vec<f32>],
-    values: &[Vec<f32>],
-) -> Vec<f32> {
-    assert!(
-        head_dim > 0 && q.len() % head_dim == 0,
-        "attend_group: q is not G x d"
-    );
+pub fn attend_group(q: &[f32], head_dim: usize, scale: f32, keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f32> {
+    assert!(head_dim > 0 && q.len() % head_dim == 0, "attend_group: q is not G x d");
     assert_eq!(
         keys.len(),
         values.len(),
@@ -149,13 +140,7 @@ pub fn attend_group(
 }
 
 /// The float64 dense softmax oracle, same arguments.
-pub fn dense_attention_f64(
-    q: &[f32],
-    head_dim: usize,
-    scale: f32,
-    keys: &[Vec<f32>],
-    values: &[Vec<f32>],
-) -> Vec<f64> {
+pub fn dense_attention_f64(q: &[f32], head_dim: usize, scale: f32, keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f64> {
     assert!(
         head_dim > 0 && q.len() % head_dim == 0,
         "dense_attention_f64: q is not G x d"
@@ -169,13 +154,7 @@ pub fn dense_attention_f64(
     for qg in q.chunks(head_dim) {
         let logits: Vec<f64> = keys
             .iter()
-            .map(|k| {
-                scale as f64
-                    * qg.iter()
-                        .zip(k)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>()
-            })
+            .map(|k| scale as f64 * qg.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>())
             .collect();
         let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let mut acc = vec![0f64; head_dim];

@@ -59,9 +59,7 @@ pub fn codebook_tokens(n: usize, n_sink: u32, heavy: &[u32]) -> Vec<usize> {
             is_heavy[h as usize] = true;
         }
     }
-    let t: Vec<usize> = (0..n)
-        .filter(|&t| t >= n_sink as usize && !is_heavy[t])
-        .collect();
+    let t: Vec<usize> = (0..n).filter(|&t| t >= n_sink as usize && !is_heavy[t]).collect();
     if t.is_empty() {
         (0..n).collect()
     } else {
@@ -121,12 +119,7 @@ pub fn fit_codebook(head_dim: usize, kp: &[f32], set: &[usize]) -> Vec<f32> {
 /// (the last row is the last prompt token's). Codebook and scale are fitted over the tokens
 /// that are neither sinks nor heavy (`[0, n)` minus sinks minus heavy; when that is empty,
 /// over all tokens).
-pub fn calibrate_head(
-    p: &CalibrateParams,
-    head_dim: usize,
-    keys: &[f32],
-    qbar: &[f32],
-) -> HeadCalibration {
+pub fn calibrate_head(p: &CalibrateParams, head_dim: usize, keys: &[f32], qbar: &[f32]) -> HeadCalibration {
     let d = head_dim;
     assert!(
         d > 0 && d % SUBVEC == 0,
@@ -160,11 +153,7 @@ pub fn calibrate_head(
             })
             .collect(),
     };
-    let kp: Vec<f32> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| k - centre[i % d])
-        .collect();
+    let kp: Vec<f32> = keys.iter().enumerate().map(|(i, k)| k - centre[i % d]).collect();
 
     // Heavy set.
     let lo = p.n_sink as usize;

@@ -14,8 +14,8 @@
 
 use crate::config::{HalfKind, SignPredicate};
 use crate::layout::{
-    TokenFormat, QUANT_GROUP, SIKV_NUM_PLANES, SIKV_PLANE_KFULL, SIKV_PLANE_KMAG, SIKV_PLANE_KPAR,
-    SIKV_PLANE_SIGN, SIKV_PLANE_VCODE, SIKV_PLANE_VFULL, SIKV_PLANE_VPAR,
+    TokenFormat, QUANT_GROUP, SIKV_NUM_PLANES, SIKV_PLANE_KFULL, SIKV_PLANE_KMAG, SIKV_PLANE_KPAR, SIKV_PLANE_SIGN,
+    SIKV_PLANE_VCODE, SIKV_PLANE_VFULL, SIKV_PLANE_VPAR,
 };
 use crate::numeric::{get_half, put_half, round_half};
 
@@ -55,10 +55,7 @@ fn put_mag_code(row: &mut [u8], c: usize, bits: u32, code: u32) {
 /// `(delta, zero)` of group `g` in a KPAR / VPAR row (fp16 pairs).
 pub fn group_params(par_row: &[u8], g: usize) -> (f32, f32) {
     let b = &par_row[4 * g..4 * g + 4];
-    (
-        get_half(HalfKind::F16, &b[0..2]),
-        get_half(HalfKind::F16, &b[2..4]),
-    )
+    (get_half(HalfKind::F16, &b[0..2]), get_half(HalfKind::F16, &b[2..4]))
 }
 
 /// The code of one element from the stored (fp16-rounded) delta and zero.
@@ -87,12 +84,7 @@ fn quantise(vals: &[f32], bits: u32, codes: &mut [u8], par: &mut [u8]) {
         put_half(HalfKind::F16, delta, &mut par[4 * g..4 * g + 2]);
         put_half(HalfKind::F16, zero, &mut par[4 * g + 2..4 * g + 4]);
         for (i, &y) in chunk.iter().enumerate() {
-            put_mag_code(
-                codes,
-                g * QUANT_GROUP + i,
-                bits,
-                quant_code(y, delta, zero, lv),
-            );
+            put_mag_code(codes, g * QUANT_GROUP + i, bits, quant_code(y, delta, zero, lv));
         }
     }
 }
@@ -159,51 +151,30 @@ pub fn sub_code(sign_row: &[u8], s: usize) -> usize {
 
 /// Reconstructed centred key k'^ (`head_dim` floats): `(2 sigma - 1)(code * delta + zero) * a_c`
 /// for quantised keys, the stored 16-bit k' for 16-bit keys.
-pub fn decode_key(
-    format: &TokenFormat,
-    storage: HalfKind,
-    rows: &[&[u8]; SIKV_NUM_PLANES],
-    scale: &[f32],
-) -> Vec<f32> {
+pub fn decode_key(format: &TokenFormat, storage: HalfKind, rows: &[&[u8]; SIKV_NUM_PLANES], scale: &[f32]) -> Vec<f32> {
     let d = format.head_dim;
     if format.key_bits == 16 {
         let row = rows[SIKV_PLANE_KFULL];
-        return (0..d)
-            .map(|c| get_half(storage, &row[2 * c..2 * c + 2]))
-            .collect();
+        return (0..d).map(|c| get_half(storage, &row[2 * c..2 * c + 2])).collect();
     }
-    let (sign, kmag, kpar) = (
-        rows[SIKV_PLANE_SIGN],
-        rows[SIKV_PLANE_KMAG],
-        rows[SIKV_PLANE_KPAR],
-    );
+    let (sign, kmag, kpar) = (rows[SIKV_PLANE_SIGN], rows[SIKV_PLANE_KMAG], rows[SIKV_PLANE_KPAR]);
     (0..d)
         .map(|c| {
             let (delta, zero) = group_params(kpar, c / QUANT_GROUP);
             let code = mag_code(kmag, c, format.key_bits);
             let mag = code as f32 * delta + zero;
-            let xh = if (sign[c >> 3] >> (c & 7)) & 1 == 1 {
-                mag
-            } else {
-                -mag
-            };
+            let xh = if (sign[c >> 3] >> (c & 7)) & 1 == 1 { mag } else { -mag };
             xh * scale[c]
         })
         .collect()
 }
 
 /// Reconstructed value (`head_dim` floats).
-pub fn decode_value(
-    format: &TokenFormat,
-    storage: HalfKind,
-    rows: &[&[u8]; SIKV_NUM_PLANES],
-) -> Vec<f32> {
+pub fn decode_value(format: &TokenFormat, storage: HalfKind, rows: &[&[u8]; SIKV_NUM_PLANES]) -> Vec<f32> {
     let d = format.head_dim;
     if format.value_bits == 16 {
         let row = rows[SIKV_PLANE_VFULL];
-        return (0..d)
-            .map(|c| get_half(storage, &row[2 * c..2 * c + 2]))
-            .collect();
+        return (0..d).map(|c| get_half(storage, &row[2 * c..2 * c + 2])).collect();
     }
     let (vcode, vpar) = (rows[SIKV_PLANE_VCODE], rows[SIKV_PLANE_VPAR]);
     (0..d)

@@ -73,11 +73,7 @@ pub fn sign_sign_score(sign_row: &[u8], qbar: &[f32], qmed: &[f32]) -> f32 {
         } else {
             0
         };
-        let sk = if (sign_row[c >> 3] >> (c & 7)) & 1 == 1 {
-            1
-        } else {
-            -1
-        };
+        let sk = if (sign_row[c >> 3] >> (c & 7)) & 1 == 1 { 1 } else { -1 };
         acc += sq * sk;
     }
     acc as f32

@@ -30,8 +30,7 @@ pub fn topk(scores: &[f32], positions: &[u32], k: usize) -> Vec<u32> {
         return Vec::new();
     }
     let mut idx: Vec<usize> = (0..n).collect();
-    let cmp =
-        |a: &usize, b: &usize| rank_order(scores[*a], positions[*a], scores[*b], positions[*b]);
+    let cmp = |a: &usize, b: &usize| rank_order(scores[*a], positions[*a], scores[*b], positions[*b]);
     if k < n {
         idx.select_nth_unstable_by(k - 1, cmp);
     }
