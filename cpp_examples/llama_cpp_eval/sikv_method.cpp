@@ -1,0 +1,129 @@
+// LibraryMethod: libselfindexkv through its C ABI (managed cache, CPU backend, f32 activations).
+// Compiled only when CMake gets -DSIKV_INCLUDE and -DSIKV_LIB (SIKV_EVAL_WITH_LIBRARY).
+#include "methods.h"
+#include "selfindexkv.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace sikv_eval {
+namespace {
+
+void check(SikvStatus st, const char * what) {
+    if (st != SIKV_OK) {
+        const char * msg = sikv_last_error_message();
+        throw std::runtime_error(std::string(what) + " failed (status " + std::to_string((int) st) + "): " +
+                                 (msg ? msg : ""));
+    }
+}
+
+const char * profile_label(uint32_t profile) {
+    switch (profile) {
+        case SIKV_PROFILE_2_1: return "2+1";
+        case SIKV_PROFILE_4_1: return "4+1";
+        case SIKV_PROFILE_16_1: return "16+1";
+        case SIKV_PROFILE_PARITY: return "parity";
+    }
+    return "?";
+}
+
+class LibraryMethod : public DecodeMethod {
+public:
+    explicit LibraryMethod(const LibraryParams & p) : p_(p) {}
+    ~LibraryMethod() override { if (cache_) sikv_cache_destroy(cache_); }
+
+    std::string name() const override { return p_.name; }
+    std::string profile() const override { return profile_label(p_.profile); }
+
+    void begin_sequence(const ModelShape & s) override {
+        shape_ = s;
+        if (!cache_) {
+            SikvConfig c;
+            check(sikv_config_init(&c, p_.profile), "sikv_config_init");
+            c.device = SIKV_DEVICE_CPU;
+            c.dtype = SIKV_DTYPE_F32;
+            c.num_layers = (uint32_t) s.n_layer;
+            c.num_q_heads = (uint32_t) s.n_q_heads;
+            c.num_kv_heads = (uint32_t) s.n_kv_heads;
+            c.head_dim = (uint32_t) s.head_dim;
+            c.page_size = (uint32_t) p_.page_size;
+            c.num_pages = 0;
+            c.max_seqs = 1;
+            c.max_batch = 1;
+            c.max_seq_len = (uint32_t) (p_.prompt_len + p_.decode_len + 8);
+            c.max_append_tokens = (uint32_t) p_.prompt_len;
+            c.softmax_scale = s.scale;
+            if (p_.profile != SIKV_PROFILE_PARITY) {
+                c.n_sink = (uint32_t) p_.n_sink;
+                c.n_heavy = (uint32_t) p_.n_heavy;
+                c.n_window = (uint32_t) p_.n_window;
+                // k = min(n, clamp(ceil(ratio * n), 1, max)) for n candidates: k follows the ratio
+                c.budget_ratio = (float) p_.budget_ratio;
+                c.budget_min = 1;
+                c.budget_max = (uint32_t) std::ceil(p_.budget_ratio * p_.prompt_len) + 16;
+                if (p_.rerank_factor >= 0) c.rerank_factor = (uint32_t) p_.rerank_factor;
+            }
+            cfg_ = c;
+            check(sikv_cache_create(&c, &cache_), "sikv_cache_create");
+        } else {
+            check(sikv_seq_remove(cache_, 0), "sikv_seq_remove");
+        }
+        check(sikv_seq_add(cache_, 0), "sikv_seq_add");
+        exact_k_.assign(s.n_layer, {});
+        steps_ = 0;
+        st_ = {};
+    }
+
+    void calibrate(int layer, const float * k, const float * v, int n, const float * q_tail, int nq) override {
+        check(sikv_calibrate(cache_, (uint32_t) layer, 0, (uint32_t) n, k, v, (uint32_t) nq, q_tail, nullptr),
+              "sikv_calibrate");
+        const size_t row = (size_t) shape_.n_kv_heads * shape_.head_dim;
+        exact_k_[layer].assign(k, k + (size_t) n * row);
+    }
+
+    void append(int layer, const float * k, const float * v) override {
+        const int64_t seq = 0;
+        check(sikv_append(cache_, (uint32_t) layer, 1, &seq, nullptr, k, v, nullptr), "sikv_append");
+        const size_t row = (size_t) shape_.n_kv_heads * shape_.head_dim;
+        exact_k_[layer].insert(exact_k_[layer].end(), k, k + row);
+    }
+
+    void attend(int layer, const float * q, float * out) override {
+        const int64_t seq = 0;
+        check(sikv_attend(cache_, (uint32_t) layer, 1, &seq, q, out, nullptr), "sikv_attend");
+        if (p_.recall_every > 0 && steps_ % p_.recall_every == 0) {
+            std::vector<float> rec(shape_.n_kv_heads);
+            check(sikv_selection_recall(cache_, (uint32_t) layer, 0, q, exact_k_[layer].data(), rec.data()),
+                  "sikv_selection_recall");
+            for (float r : rec) { st_.recall_sum += r; st_.recall_count += 1; }
+            // attended tokens: the dense set (sinks + heavy + window) plus the selection
+            std::vector<int32_t> idx((size_t) shape_.n_kv_heads * cfg_.budget_max);
+            std::vector<int32_t> cnt(shape_.n_kv_heads);
+            check(sikv_select(cache_, (uint32_t) layer, 1, &seq, q, idx.data(), cnt.data(), nullptr), "sikv_select");
+            const int len = (int) (exact_k_[layer].size() / ((size_t) shape_.n_kv_heads * shape_.head_dim));
+            const int dense = std::min(len, (int) (cfg_.n_sink + cfg_.n_heavy + cfg_.n_window));
+            for (int32_t c : cnt) { st_.attended_sum += dense + c; st_.attended_count += 1; }
+        }
+        if (layer == shape_.n_layer - 1) steps_ += 1;
+    }
+
+    SelectionStats stats() const override { return st_; }
+
+private:
+    LibraryParams p_;
+    ModelShape shape_;
+    SikvConfig cfg_{};
+    SikvCache * cache_ = nullptr;
+    std::vector<std::vector<float>> exact_k_;  // per layer [len][n_kv][d]
+    int steps_ = 0;
+    SelectionStats st_;
+};
+
+}  // namespace
+
+std::unique_ptr<DecodeMethod> make_library(const LibraryParams & p) { return std::make_unique<LibraryMethod>(p); }
+
+}  // namespace sikv_eval
