@@ -232,6 +232,17 @@ fn ids<'a>(n_seqs: u32, seq_ids: *const i64) -> Result<&'a [i64]> {
     host_slice(seq_ids, n_seqs as usize, "seq_ids")
 }
 
+/// The sequence ids of an attend-like call: 1..=max_batch of them.
+fn batch_ids<'a>(c: &Cache, n_seqs: u32, seq_ids: *const i64) -> Result<&'a [i64]> {
+    ensure!(
+        n_seqs <= c.cfg.max_batch,
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "n_seqs = {n_seqs} exceeds max_batch = {}",
+        c.cfg.max_batch
+    );
+    ids(n_seqs, seq_ids)
+}
+
 /// Calibrates a sequence at one layer from its prompt and stores the prompt compressed.
 /// `k`, `v`: `[n_tokens][num_kv_heads][head_dim]` post-RoPE; `q_tail`: the last `n_query`
 /// prompt queries `[n_query][num_q_heads][head_dim]` (the last row picks the heavy tokens).
@@ -319,14 +330,7 @@ fn attend_common(
 ) -> SikvStatus {
     boundary(poison_of(cache), || {
         cache_ref(cache)?.with(|c| {
-            let ids = ids(n_seqs, seq_ids)?;
-            ensure!(
-                ids.len() <= c.cfg.max_batch as usize,
-                SIKV_ERR_OUT_OF_BOUNDS,
-                "n_seqs = {} exceeds max_batch = {}",
-                ids.len(),
-                c.cfg.max_batch
-            );
+            let ids = batch_ids(c, n_seqs, seq_ids)?;
             let n = ids.len() * (c.cfg.num_q_heads * c.cfg.head_dim) as usize;
             let q = activations(c, q, n, "q")?;
             let out = output(c, out, n, "out")?;
@@ -384,14 +388,7 @@ pub extern "C" fn sikv_select(
 ) -> SikvStatus {
     boundary(poison_of(cache), || {
         cache_ref(cache)?.with(|c| {
-            let ids = ids(n_seqs, seq_ids)?;
-            ensure!(
-                ids.len() <= c.cfg.max_batch as usize,
-                SIKV_ERR_OUT_OF_BOUNDS,
-                "n_seqs = {} exceeds max_batch = {}",
-                ids.len(),
-                c.cfg.max_batch
-            );
+            let ids = batch_ids(c, n_seqs, seq_ids)?;
             let rows = ids.len() * c.cfg.num_kv_heads as usize;
             let q = activations(c, q, ids.len() * (c.cfg.num_q_heads * c.cfg.head_dim) as usize, "q")?;
             let idx = host_slice_mut(indices, rows * c.cfg.budget.max as usize, "indices")?;
