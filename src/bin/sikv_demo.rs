@@ -178,11 +178,15 @@ fn main() {
     let mut cache = Cache::new(cfg.clone()).unwrap_or_else(|e| panic!("cache: {e}"));
     let on_gpu = cache.stats().on_gpu;
     println!(
-        "selfindexkv demo: device {}, profile {}+1 (k{} v{} bits), {} layers, {} q / {} kv heads, head_dim {}, batch {}, context {}, {} decode steps",
+        "selfindexkv demo: device {}, profile {}+1 (key {} bits, value {} bits), selection {}, budget {} of the candidates in [{}, {}], {} layers, {} q / {} kv heads, head_dim {}, batch {}, context {}, {} decode steps",
         if on_gpu { "CUDA" } else { "CPU" },
         cfg.key_bits,
         cfg.key_bits,
         cfg.value_bits,
+        if cfg.two_stage() { format!("two-stage (1-bit scan keeps {}k, re-rank)", cfg.rerank_factor) } else { "one-stage (1-bit scan)".into() },
+        cfg.budget.ratio,
+        cfg.budget.min,
+        cfg.budget.max,
         l_n,
         hq,
         hk,
