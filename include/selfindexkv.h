@@ -175,6 +175,11 @@ typedef struct SikvConfig {
   uint32_t flags;
   // Softmax temperature; 0 = 1/sqrt(head_dim).
   float softmax_scale;
+  // Dense-decode crossover in tokens: an attend whose sequences are all at most this long (or,
+  // for the stateless decode, a configuration whose max_seq_len is) runs the dense decode
+  // over every token instead of selecting. 0 = never. On an H200 the two cost the same near
+  // 8K tokens at batch 1 (docs/RESULTS.md).
+  uint32_t dense_crossover;
 } SikvConfig;
 
 // Sizes and offsets of a configuration's memory, for engines that allocate the pools.

@@ -103,6 +103,11 @@ pub struct SikvConfig {
     pub flags: u32,
     /// Softmax temperature; 0 = 1/sqrt(head_dim).
     pub softmax_scale: f32,
+    /// Dense-decode crossover in tokens: an attend whose sequences are all at most this long (or,
+    /// for the stateless decode, a configuration whose max_seq_len is) runs the dense decode
+    /// over every token instead of selecting. 0 = never. On an H200 the two cost the same near
+    /// 8K tokens at batch 1 (docs/RESULTS.md).
+    pub dense_crossover: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +216,7 @@ pub struct CacheConfig {
     pub sign_predicate: SignPredicate,
     pub force_generated: bool,
     pub softmax_scale: f32,
+    pub dense_crossover: u32,
 }
 
 impl SikvConfig {
@@ -244,6 +250,7 @@ impl SikvConfig {
             centre: SIKV_CENTRE_MEDIAN,
             flags: 0,
             softmax_scale: 0.0,
+            dense_crossover: 0,
         };
         match profile {
             SIKV_PROFILE_2_1 => {}
@@ -471,6 +478,7 @@ impl CacheConfig {
             },
             force_generated: c.flags & SIKV_FLAG_FORCE_GENERATED != 0,
             softmax_scale,
+            dense_crossover: c.dense_crossover,
         })
     }
 

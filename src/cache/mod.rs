@@ -370,8 +370,21 @@ impl Cache {
     /// `q` `[n_seqs][H_q][d]` → `out` `[n_seqs][H_q][d]`.
     pub fn attend(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
+        let dense = self.below_crossover(layer, ids);
         self.backend
-            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, false, stream)
+            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, dense, stream)
+    }
+
+    /// Whether every sequence of the call is short enough for the dense decode.
+    fn below_crossover(&self, layer: u32, ids: &[i64]) -> bool {
+        let limit = self.cfg.dense_crossover;
+        limit > 0
+            && ids.iter().all(|id| {
+                self.seqs
+                    .get(id)
+                    .map(|s| s.len[layer as usize] <= limit)
+                    .unwrap_or(false)
+            })
     }
 
     /// Dense decode attention over every stored token (dequantised), no selection.

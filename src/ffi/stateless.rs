@@ -566,6 +566,10 @@ pub extern "C" fn sikv_kernel_decode(
             let g = kn.exec.gpu()?;
             let ss = dev(seq_slot as *const c_void, "seq_slot")?;
             let (qd, od) = (dev(q, "q")?, dev(out, "out")?);
+            if cfg.dense_crossover > 0 && cfg.max_seq_len <= cfg.dense_crossover {
+                // Decided from the declared bounds only, so a captured graph stays valid.
+                return g.attend_dense(cfg, layout, &layer, &table, ss, qd, od, ws, idx_off, stream as _);
+            }
             g.select(cfg, layout, &layer, &table, ss, qd, idx, cnt, ws, idx_off, stream as _)?;
             g.attend(
                 cfg,
@@ -581,6 +585,8 @@ pub extern "C" fn sikv_kernel_decode(
                 idx_off,
                 stream as _,
             )
+        } else if cfg.dense_crossover > 0 && cfg.max_seq_len <= cfg.dense_crossover {
+            attend_impl(kn, pools, t, seq_slot, q, None, out, workspace, workspace_bytes, stream)
         } else {
             let table = host_table(kn, t)?;
             let rows = table.batch() * cfg.num_kv_heads as usize;

@@ -1,0 +1,70 @@
+//! Managed-cache behaviour beyond the stages: the dense-decode crossover.
+
+use selfindexkv::cache::{Activations, Cache, Output};
+use selfindexkv::config::*;
+use selfindexkv::CacheConfig;
+
+fn cache(crossover: u32) -> Cache {
+    let mut c = SikvConfig::for_profile(SIKV_PROFILE_2_1).unwrap();
+    c.device = SIKV_DEVICE_CPU;
+    c.dtype = SIKV_DTYPE_F32;
+    c.num_layers = 1;
+    c.num_q_heads = 4;
+    c.num_kv_heads = 2;
+    c.head_dim = 64;
+    c.page_size = 16;
+    c.max_seqs = 2;
+    c.max_batch = 2;
+    c.max_seq_len = 1024;
+    c.max_append_tokens = 1024;
+    c.n_sink = 2;
+    c.n_heavy = 4;
+    c.n_window = 8;
+    c.budget_min = 8;
+    c.budget_max = 16;
+    c.dense_crossover = crossover;
+    Cache::new(CacheConfig::from_c(&c).unwrap()).unwrap()
+}
+
+fn bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Runs one sequence of `n` prompt tokens and returns (attend, attend_dense) outputs.
+fn run(crossover: u32, n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut s = seed | 1;
+    let mut rnd = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0 + 1e-3
+            })
+            .collect()
+    };
+    let mut c = cache(crossover);
+    c.add_seq(1).unwrap();
+    let (k, v, q) = (bytes(&rnd(n * 2 * 64)), bytes(&rnd(n * 2 * 64)), bytes(&rnd(4 * 64)));
+    let null = std::ptr::null_mut();
+    c.calibrate(0, 1, n as u32, Activations::Host(&k), Activations::Host(&v), 1, Activations::Host(&q), null).unwrap();
+    let (mut a, mut d) = (vec![0u8; 4 * 64 * 4], vec![0u8; 4 * 64 * 4]);
+    c.attend(0, &[1], Activations::Host(&q), Output::Host(&mut a), null).unwrap();
+    c.attend_dense(0, &[1], Activations::Host(&q), Output::Host(&mut d), null).unwrap();
+    (a, d)
+}
+
+#[test]
+fn below_the_crossover_attend_is_the_dense_decode() {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    // 500 tokens, k = 16: the sparse output differs from the dense one.
+    let (sparse, dense) = run(0, 500, seed);
+    assert_ne!(sparse, dense, "seed {seed}: a 16-token selection of 500 should not equal dense attention");
+    // Crossover at or above the length: attend runs the dense decode, bit for bit.
+    let (a, d) = run(500, 500, seed);
+    assert_eq!(a, d, "seed {seed}");
+    assert_eq!(d, dense);
+    // Crossover below the length: the sparse path, unchanged.
+    let (a, _) = run(499, 500, seed);
+    assert_eq!(a, sparse, "seed {seed}");
+}
