@@ -47,19 +47,37 @@ fn run(crossover: u32, n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
     c.add_seq(1).unwrap();
     let (k, v, q) = (bytes(&rnd(n * 2 * 64)), bytes(&rnd(n * 2 * 64)), bytes(&rnd(4 * 64)));
     let null = std::ptr::null_mut();
-    c.calibrate(0, 1, n as u32, Activations::Host(&k), Activations::Host(&v), 1, Activations::Host(&q), null).unwrap();
+    c.calibrate(
+        0,
+        1,
+        n as u32,
+        Activations::Host(&k),
+        Activations::Host(&v),
+        1,
+        Activations::Host(&q),
+        null,
+    )
+    .unwrap();
     let (mut a, mut d) = (vec![0u8; 4 * 64 * 4], vec![0u8; 4 * 64 * 4]);
-    c.attend(0, &[1], Activations::Host(&q), Output::Host(&mut a), null).unwrap();
-    c.attend_dense(0, &[1], Activations::Host(&q), Output::Host(&mut d), null).unwrap();
+    c.attend(0, &[1], Activations::Host(&q), Output::Host(&mut a), null)
+        .unwrap();
+    c.attend_dense(0, &[1], Activations::Host(&q), Output::Host(&mut d), null)
+        .unwrap();
     (a, d)
 }
 
 #[test]
 fn below_the_crossover_attend_is_the_dense_decode() {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     // 500 tokens, k = 16: the sparse output differs from the dense one.
     let (sparse, dense) = run(0, 500, seed);
-    assert_ne!(sparse, dense, "seed {seed}: a 16-token selection of 500 should not equal dense attention");
+    assert_ne!(
+        sparse, dense,
+        "seed {seed}: a 16-token selection of 500 should not equal dense attention"
+    );
     // Crossover at or above the length: attend runs the dense decode, bit for bit.
     let (a, d) = run(500, 500, seed);
     assert_eq!(a, d, "seed {seed}");
