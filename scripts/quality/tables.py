@@ -79,7 +79,7 @@ def main(argv):
             rec = "" if r["recall"] is None else f'{r["recall"]:.3f}'
             att = "" if r["attended"] is None else f'{r["attended"]:.1f}'
             print(f'| `{r["method"]}` | {r["profile"]} | {r["windows"]} | {att} | {r["perplexity"]:.5f} | '
-                  f'{100 * (r["perplexity"] / r["dense_perplexity"] - 1):+.2f}% | {rec} | {r["attn_rel_err"]:.3f} |')
+                  f'{100 * (r["perplexity"] / r["dense_perplexity"] - 1):+.2f}% | {rec} | {r["attn_rel_err"]:.3g} |')
     return 0
 
 
