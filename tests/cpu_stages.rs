@@ -23,61 +23,8 @@ use selfindexkv::reference::score::{build_lut, group_mean_query, lut_score, sign
 use selfindexkv::reference::topk::topk;
 use selfindexkv::status::SikvStatus;
 
-// ---------------------------------------------------------------------------------------------
-// Deterministic PRNG.
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = match std::env::var("SIKV_TEST_SEED") {
-            Ok(s) => {
-                let s = s.trim();
-                let parsed = match s.strip_prefix("0x") {
-                    Some(h) => u64::from_str_radix(h, 16),
-                    None => s.parse(),
-                };
-                parsed.expect("SIKV_TEST_SEED must be a decimal or 0x-hex integer")
-            }
-            Err(_) => {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap();
-                let mut h = t.as_nanos() as u64 ^ 0x9E37_79B9_7F4A_7C15;
-                for b in test.bytes() {
-                    h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
-                }
-                h
-            }
-        };
-        let seed = if seed == 0 { 0x5EED } else { seed };
-        println!("{test}: seed = {seed:#x} (replay with SIKV_TEST_SEED={seed:#x})");
-        Rng(seed)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-    fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
+mod common;
+use common::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures.
