@@ -708,6 +708,36 @@ impl GpuContext {
         )
     }
 
+    /// The parameters every batch call (select, attend, attend_dense) shares: layer, page
+    /// table, seq_slot, q and workspace, validated; None for an empty batch (nothing to launch).
+    #[allow(clippy::too_many_arguments)]
+    fn batch_params(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        table: &DevPageTable,
+        seq_slot: u64,
+        q: u64,
+        ws: u64,
+        ws_bytes: usize,
+    ) -> Result<Option<(SikvParams, Workspace)>> {
+        self.check_cfg(cfg)?;
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        Self::table_params(cfg, &mut p, table)?;
+        if table.batch == 0 {
+            return Ok(None);
+        }
+        dev_ptr(seq_slot, 4, "seq_slot")?;
+        dev_ptr(q, 16, "q")?;
+        let w = Workspace::new(cfg, layout, table.batch);
+        Self::check_ws(ws, ws_bytes, &w)?;
+        Self::with_ws(&mut p, ws, &w);
+        p.seq_slot = seq_slot;
+        p.q = q;
+        Ok(Some((p, w)))
+    }
+
     /// Benchmarking aid: launches only the parts of `select` named by `stages` (bits
     /// SELECT_SCORE, SELECT_TOPK, SELECT_RERANK; each part reads what the previous one left in
     /// the workspace, so time a part only after a full select on the same workspace).
@@ -727,21 +757,11 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
-        self.check_cfg(cfg)?;
-        let mut p = Self::layer_params(cfg, layout, layer)?;
-        Self::table_params(cfg, &mut p, table)?;
-        if table.batch == 0 {
+        let Some((mut p, _)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
             return Ok(());
-        }
-        dev_ptr(seq_slot, 4, "seq_slot")?;
-        dev_ptr(q, 16, "q")?;
+        };
         dev_ptr(indices, 4, "indices")?;
         dev_ptr(counts, 4, "counts")?;
-        let w = Workspace::new(cfg, layout, table.batch);
-        Self::check_ws(ws, ws_bytes, &w)?;
-        Self::with_ws(&mut p, ws, &w);
-        p.seq_slot = seq_slot;
-        p.q = q;
         p.indices = indices;
         p.counts = counts;
         self.current()?;
@@ -812,22 +832,12 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
-        self.check_cfg(cfg)?;
-        let mut p = Self::layer_params(cfg, layout, layer)?;
-        Self::table_params(cfg, &mut p, table)?;
-        if table.batch == 0 {
+        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
             return Ok(());
-        }
-        dev_ptr(seq_slot, 4, "seq_slot")?;
-        dev_ptr(q, 16, "q")?;
+        };
         dev_ptr(indices, 4, "indices")?;
         dev_ptr(counts, 4, "counts")?;
         dev_ptr(out, 16, "out")?;
-        let w = Workspace::new(cfg, layout, table.batch);
-        Self::check_ws(ws, ws_bytes, &w)?;
-        Self::with_ws(&mut p, ws, &w);
-        p.seq_slot = seq_slot;
-        p.q = q;
         p.indices = indices;
         p.counts = counts;
         p.out = out;
@@ -855,20 +865,10 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
-        self.check_cfg(cfg)?;
-        let mut p = Self::layer_params(cfg, layout, layer)?;
-        Self::table_params(cfg, &mut p, table)?;
-        if table.batch == 0 {
+        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
             return Ok(());
-        }
-        dev_ptr(seq_slot, 4, "seq_slot")?;
-        dev_ptr(q, 16, "q")?;
+        };
         dev_ptr(out, 16, "out")?;
-        let w = Workspace::new(cfg, layout, table.batch);
-        Self::check_ws(ws, ws_bytes, &w)?;
-        Self::with_ws(&mut p, ws, &w);
-        p.seq_slot = seq_slot;
-        p.q = q;
         p.out = out;
         p.num_splits = w.dense_total_splits as i32;
         p.dense_splits = w.dense_splits as i32;
