@@ -453,6 +453,19 @@ fn dense_entries(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<(usize
 // ---------------------------------------------------------------------------------------------
 // Stages.
 
+/// `k` and `v` must each hold `expected` floats (`n x num_kv_heads x head_dim`).
+fn check_kv_len(k: &[f32], v: &[f32], expected: usize) -> Result<()> {
+    for (name, x) in [("k", k), ("v", v)] {
+        ensure!(
+            x.len() == expected,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "{name} has {} floats, expected n x num_kv_heads x head_dim = {expected}",
+            x.len()
+        );
+    }
+    Ok(())
+}
+
 /// Stage `calibrate` for one sequence (all KV heads of one layer): fits the state, writes the
 /// state records of `seq_slot`, encodes all `n` tokens into their page slots
 /// (`slot_mapping[t] = page * page_size + slot`; negative = skip that token's page write) and
@@ -488,20 +501,7 @@ pub fn calibrate(
         "calibrate: prompt length {n} exceeds max_seq_len ({})",
         cfg.max_seq_len
     );
-    ensure!(
-        k.len() == n * hkv * d,
-        SIKV_ERR_INVALID_ARGUMENT,
-        "k has {} floats, expected n x num_kv_heads x head_dim = {}",
-        k.len(),
-        n * hkv * d
-    );
-    ensure!(
-        v.len() == n * hkv * d,
-        SIKV_ERR_INVALID_ARGUMENT,
-        "v has {} floats, expected n x num_kv_heads x head_dim = {}",
-        v.len(),
-        n * hkv * d
-    );
+    check_kv_len(k, v, n * hkv * d)?;
     ensure!(
         !q_tail.is_empty() && q_tail.len() % (hq * d) == 0,
         SIKV_ERR_INVALID_ARGUMENT,
@@ -624,20 +624,7 @@ pub fn append(
         "append of {n} tokens exceeds max_append_tokens ({})",
         cfg.max_append_tokens
     );
-    ensure!(
-        k.len() == n * hkv * d,
-        SIKV_ERR_INVALID_ARGUMENT,
-        "k has {} floats, expected n x num_kv_heads x head_dim = {}",
-        k.len(),
-        n * hkv * d
-    );
-    ensure!(
-        v.len() == n * hkv * d,
-        SIKV_ERR_INVALID_ARGUMENT,
-        "v has {} floats, expected n x num_kv_heads x head_dim = {}",
-        v.len(),
-        n * hkv * d
-    );
+    check_kv_len(k, v, n * hkv * d)?;
     check_slot_mapping(layout, slot_mapping)?;
     for t in 0..n {
         let slot = check_seq_slot(cfg, &format!("seq_slot[{t}]"), seq_slot[t] as i64)?;
