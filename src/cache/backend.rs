@@ -175,10 +175,10 @@ impl Backend {
         nq: u32,
         q_tail: Activations,
         slot_mapping: &[i64],
-        _stream: Stream,
+        stream: Stream,
     ) -> Result<()> {
         match self {
-            Backend::Cuda(d) => d.calibrate(cfg, layout, layer, slot, n, k, v, nq, q_tail, slot_mapping, _stream),
+            Backend::Cuda(d) => d.calibrate(cfg, layout, layer, slot, n, k, v, nq, q_tail, slot_mapping, stream),
             Backend::Cpu { planes, state } => {
                 let kv_len = n as usize * layout.num_kv_heads * layout.format.head_dim;
                 let q_len = nq as usize * cfg.num_q_heads as usize * layout.format.head_dim;
@@ -202,10 +202,10 @@ impl Backend {
         slot_mapping: &[i64],
         seq_slot: &[i32],
         position: &[i32],
-        _stream: Stream,
+        stream: Stream,
     ) -> Result<()> {
         match self {
-            Backend::Cuda(d) => d.append(cfg, layout, layer, k, v, slot_mapping, seq_slot, position, _stream),
+            Backend::Cuda(d) => d.append(cfg, layout, layer, k, v, slot_mapping, seq_slot, position, stream),
             Backend::Cpu { planes, state } => {
                 let kv_len = slot_mapping.len() * layout.num_kv_heads * layout.format.head_dim;
                 let k = host_f32(cfg, k, kv_len, "k")?;
@@ -227,10 +227,10 @@ impl Backend {
         q: Activations,
         indices: &mut [i32],
         counts: &mut [i32],
-        _stream: Stream,
+        stream: Stream,
     ) -> Result<()> {
         match self {
-            Backend::Cuda(d) => d.select(cfg, layout, layer, table, seq_slot, q, indices, counts, _stream),
+            Backend::Cuda(d) => d.select(cfg, layout, layer, table, seq_slot, q, indices, counts, stream),
             Backend::Cpu { planes, state } => {
                 let b = seq_slot.len();
                 let q = host_f32(cfg, q, b * cfg.num_q_heads as usize * layout.format.head_dim, "q")?;
@@ -256,10 +256,10 @@ impl Backend {
         q: Activations,
         out: Output,
         dense: bool,
-        _stream: Stream,
+        stream: Stream,
     ) -> Result<()> {
         match self {
-            Backend::Cuda(d) => d.attend(cfg, layout, layer, table, seq_slot, q, out, dense, _stream),
+            Backend::Cuda(d) => d.attend(cfg, layout, layer, table, seq_slot, q, out, dense, stream),
             Backend::Cpu { planes, state } => {
                 let b = seq_slot.len();
                 let qn = b * cfg.num_q_heads as usize * layout.format.head_dim;
@@ -284,14 +284,6 @@ impl Backend {
                 numeric::from_f32(cfg.dtype, &o, out_bytes);
                 Ok(())
             }
-        }
-    }
-
-    /// Activations for a telemetry call from host bytes (staged to the device on a GPU).
-    pub fn stage_query<'a>(&self, bytes: &'a [u8]) -> Result<Activations<'a>> {
-        match self {
-            Backend::Cuda(_) => Ok(Activations::Host(bytes)),
-            Backend::Cpu { .. } => Ok(Activations::Host(bytes)),
         }
     }
 

@@ -12,7 +12,7 @@ use super::{Fnv, OwnedPageTable, Stream};
 use crate::config::CacheConfig;
 use crate::gpu::{DevLayer, DevPageTable, DeviceBuffer, GpuContext};
 use crate::layout::{Layout, SIKV_NUM_PLANES};
-use crate::status::{Error, Result, SikvStatus};
+use crate::status::{Error, Result};
 
 /// Device memory the cache owns or borrows.
 pub enum DevStore {
@@ -472,9 +472,4 @@ impl DeviceBackend {
         }
         Ok(())
     }
-}
-
-#[allow(dead_code)]
-fn no_device() -> Error {
-    Error::new(SikvStatus::SIKV_ERR_NO_DEVICE, "no CUDA device")
 }

@@ -581,7 +581,8 @@ pub fn telemetry_recall(cache: &mut Cache, layer: u32, id: i64, q: &[f32], k_exa
     let len = k_exact.len() / (hk * d);
     let mut qbytes = vec![0u8; q.len() * cache.cfg.dtype.size()];
     crate::numeric::from_f32(cache.cfg.dtype, q, &mut qbytes);
-    let q_act = cache.backend.stage_query(&qbytes)?;
+    // Host bytes are staged to the device by a GPU backend.
+    let q_act = Activations::Host(&qbytes);
     let sets = cache.attended_positions(layer, &[id], q_act, std::ptr::null_mut())?;
     let mut out = Vec::with_capacity(hk);
     for h in 0..hk {

@@ -6,7 +6,6 @@ use std::sync::atomic::AtomicBool;
 
 use super::boundary::{boundary, check_out, host_ref, host_slice, host_slice_mut, write_out};
 use super::types::{SikvLayerPools, SikvPageTable, SikvStream};
-use crate::cache::backend::split_planes_mut;
 use crate::config::{CacheConfig, SikvConfig};
 use crate::cpu::{self, LayerMut, LayerRef, PageTable};
 use crate::ensure;
@@ -109,7 +108,6 @@ fn host_layer_mut<'a>(k: &SikvKernels, pools: &SikvLayerPools) -> Result<LayerMu
         }
     }
     let state = host_slice_mut(pools.state as *mut u8, k.layout.layer_state_bytes, "pools.state")?;
-    let _ = split_planes_mut;
     Ok(LayerMut { planes, state })
 }
 
