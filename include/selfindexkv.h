@@ -315,6 +315,15 @@ enum SikvStatus sikv_append(struct SikvCache *cache, uint32_t layer, uint32_t n_
 // `q`, `out`: `[n_seqs][num_q_heads][head_dim]`.
 enum SikvStatus sikv_attend(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const void *q, void *out, SikvStream stream);
 
+// Sparse decode attention with a selection the caller supplies instead of the library's own:
+// `indices` `[n_seqs][num_kv_heads][budget_max]` ascending candidate positions (then anything),
+// `counts` `[n_seqs][num_kv_heads]`, both HOST int32 arrays in sikv_select's layout. The dense
+// set (sinks, heavy, window) is attended as always. For evaluation (oracle selections at the
+// cache's bits) and external selectors; not a hot-path call: it validates on the host and, on a
+// GPU, reads the state records and copies the selection to the device. `q`, `out` as in
+// sikv_attend.
+enum SikvStatus sikv_attend_selected(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const void *q, const int32_t *indices, const int32_t *counts, void *out, SikvStream stream);
+
 // Dense decode attention over every stored token (dequantised): the baseline, same shapes.
 enum SikvStatus sikv_attend_dense(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const void *q, void *out, SikvStream stream);
 

@@ -200,6 +200,16 @@ class Cache {
   void attend_dense(uint32_t layer, Span<const int64_t> ids, const void* q, void* out, Stream stream = nullptr) {
     check(sikv_attend_dense(h_, layer, n(ids), ids.data(), q, out, stream), "sikv_attend_dense");
   }
+  // attend over the caller's selection in select's layout (host arrays: indices
+  // [ids.size()][H_kv][budget_max], counts [ids.size()][H_kv]) instead of the library's own.
+  void attend_selected(uint32_t layer, Span<const int64_t> ids, const void* q, Span<const int32_t> indices,
+                       Span<const int32_t> counts, void* out, Stream stream = nullptr) {
+    size_t rows = ids.size() * cfg_.num_kv_heads;
+    at_least(indices.size(), rows * cfg_.budget_max, "indices");
+    at_least(counts.size(), rows, "counts");
+    check(sikv_attend_selected(h_, layer, n(ids), ids.data(), q, indices.data(), counts.data(), out, stream),
+          "sikv_attend_selected");
+  }
   // Host arrays: indices [ids.size()][H_kv][budget_max], counts [ids.size()][H_kv].
   void select(uint32_t layer, Span<const int64_t> ids, const void* q, Span<int32_t> indices, Span<int32_t> counts,
               Stream stream = nullptr) {

@@ -24,6 +24,18 @@ pub enum Output<'a> {
     Device(u64),
 }
 
+/// What a decode attention attends beyond the dense set (sinks, heavy, window).
+#[derive(Clone, Copy, Debug)]
+pub enum Selection<'a> {
+    /// Every stored token: the dense decode.
+    All,
+    /// The library's own selection, made in the same call.
+    Select,
+    /// A selection the caller made (already validated by the cache): host `indices`
+    /// `[n_seqs][H_kv][budget_max]` and `counts` `[n_seqs][H_kv]`.
+    Given { indices: &'a [i32], counts: &'a [i32] },
+}
+
 /// Host memory that the cache either owns or borrows from the engine for its lifetime.
 pub enum HostStore {
     Owned(Vec<u8>),
@@ -255,11 +267,11 @@ impl Backend {
         seq_slot: &[i32],
         q: Activations,
         out: Output,
-        dense: bool,
+        sel: Selection,
         stream: Stream,
     ) -> Result<()> {
         match self {
-            Backend::Cuda(d) => d.attend(cfg, layout, layer, table, seq_slot, q, out, dense, stream),
+            Backend::Cuda(d) => d.attend(cfg, layout, layer, table, seq_slot, q, out, sel, stream),
             Backend::Cpu { planes, state } => {
                 let b = seq_slot.len();
                 let qn = b * cfg.num_q_heads as usize * layout.format.head_dim;
@@ -272,18 +284,30 @@ impl Backend {
                     last_page_len: &table.last_page_len,
                 };
                 let mut o = vec![0f32; qn];
-                if dense {
-                    cpu::attend_dense(layout, cfg, &lr, &t, seq_slot, &qf, &mut o)?;
-                } else {
-                    let row = b * layout.num_kv_heads;
-                    let mut idx = vec![-1i32; row * cfg.budget.max as usize];
-                    let mut cnt = vec![0i32; row];
-                    cpu::select(layout, cfg, &lr, &t, seq_slot, &qf, &mut idx, &mut cnt)?;
-                    cpu::attend(layout, cfg, &lr, &t, seq_slot, &qf, &idx, &cnt, &mut o)?;
+                match sel {
+                    Selection::All => cpu::attend_dense(layout, cfg, &lr, &t, seq_slot, &qf, &mut o)?,
+                    Selection::Select => {
+                        let row = b * layout.num_kv_heads;
+                        let mut idx = vec![-1i32; row * cfg.budget.max as usize];
+                        let mut cnt = vec![0i32; row];
+                        cpu::select(layout, cfg, &lr, &t, seq_slot, &qf, &mut idx, &mut cnt)?;
+                        cpu::attend(layout, cfg, &lr, &t, seq_slot, &qf, &idx, &cnt, &mut o)?;
+                    }
+                    Selection::Given { indices, counts } => {
+                        cpu::attend(layout, cfg, &lr, &t, seq_slot, &qf, indices, counts, &mut o)?
+                    }
                 }
                 numeric::from_f32(cfg.dtype, &o, out_bytes);
                 Ok(())
             }
+        }
+    }
+
+    /// Waits for the work queued on `stream` (nothing to wait for on the CPU).
+    pub fn synchronize(&self, stream: Stream) -> Result<()> {
+        match self {
+            Backend::Cuda(d) => d.context().synchronize(stream as _),
+            Backend::Cpu { .. } => Ok(()),
         }
     }
 

@@ -7,7 +7,7 @@
 //! they are staged through a device buffer allocated on first use, and a host output is read
 //! back synchronously. Engines pass device pointers and get neither.
 
-use super::backend::{Activations, Output};
+use super::backend::{Activations, Output, Selection};
 use super::{Fnv, OwnedPageTable, Stream};
 use crate::config::CacheConfig;
 use crate::gpu::{DevLayer, DevPageTable, DeviceBuffer, GpuContext};
@@ -399,7 +399,7 @@ impl DeviceBackend {
         seq_slot: &[i32],
         q: Activations,
         out: Output,
-        dense: bool,
+        sel: Selection,
         stream: Stream,
     ) -> Result<()> {
         let b = seq_slot.len();
@@ -419,18 +419,28 @@ impl DeviceBackend {
         let (t, ss) = self.upload_table(table, seq_slot, stream)?;
         let dl = self.layer(layout, layer);
         let (ws, wsb) = (self.workspace.ptr(), self.workspace.bytes());
-        if dense {
-            self.ctx
-                .attend_dense(cfg, layout, &dl, &t, ss, ins[0], od, ws, wsb, stream as _)?;
-        } else {
-            let (si, sc) = (
-                self.meta_at(self.meta_layout.sel_indices),
-                self.meta_at(self.meta_layout.sel_counts),
-            );
-            self.ctx
-                .select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
-            self.ctx
-                .attend(cfg, layout, &dl, &t, ss, ins[0], si, sc, od, ws, wsb, stream as _)?;
+        let (si, sc) = (
+            self.meta_at(self.meta_layout.sel_indices),
+            self.meta_at(self.meta_layout.sel_counts),
+        );
+        match sel {
+            Selection::All => {
+                self.ctx
+                    .attend_dense(cfg, layout, &dl, &t, ss, ins[0], od, ws, wsb, stream as _)?;
+            }
+            Selection::Select => {
+                self.ctx
+                    .select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
+                self.ctx
+                    .attend(cfg, layout, &dl, &t, ss, ins[0], si, sc, od, ws, wsb, stream as _)?;
+            }
+            Selection::Given { indices, counts } => {
+                // Fits: the meta regions hold max_batch rows, the cache passes n_seqs of them.
+                self.ctx.copy_htod_async(si, &i32_bytes(indices), stream as _)?;
+                self.ctx.copy_htod_async(sc, &i32_bytes(counts), stream as _)?;
+                self.ctx
+                    .attend(cfg, layout, &dl, &t, ss, ins[0], si, sc, od, ws, wsb, stream as _)?;
+            }
         }
         if let Output::Host(h) = out {
             crate::ensure!(

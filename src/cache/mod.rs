@@ -11,7 +11,7 @@ pub mod device;
 use std::collections::HashMap;
 
 pub use allocator::PageAllocator;
-pub use backend::{Activations, Backend, HostStore, Output, Pools};
+pub use backend::{Activations, Backend, HostStore, Output, Pools, Selection};
 
 use crate::config::CacheConfig;
 use crate::ensure;
@@ -370,9 +370,137 @@ impl Cache {
     /// `q` `[n_seqs][H_q][d]` → `out` `[n_seqs][H_q][d]`.
     pub fn attend(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        let dense = self.below_crossover(layer, ids);
+        let sel = if self.below_crossover(layer, ids) {
+            Selection::All
+        } else {
+            Selection::Select
+        };
         self.backend
-            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, dense, stream)
+            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, sel, stream)
+    }
+
+    /// Sparse decode attention over a selection the caller made instead of the library's:
+    /// `indices` `[n_seqs][H_kv][budget_max]` (the first `counts[..]` of each row, ascending
+    /// candidate positions), `counts` `[n_seqs][H_kv]`, host memory. The dense set is attended
+    /// as always, and the crossover does not apply: the caller asked for this selection.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_selected(
+        &mut self,
+        layer: u32,
+        ids: &[i64],
+        q: Activations,
+        indices: &[i32],
+        counts: &[i32],
+        out: Output,
+        stream: Stream,
+    ) -> Result<()> {
+        let (table, slots) = self.page_table(layer, ids)?;
+        let rows = ids.len() * self.cfg.num_kv_heads as usize;
+        let kmax = self.cfg.budget.max as usize;
+        ensure!(
+            indices.len() >= rows * kmax,
+            SIKV_ERR_BUFFER_TOO_SMALL,
+            "indices has {} entries, n_seqs x num_kv_heads x budget_max = {} needed",
+            indices.len(),
+            rows * kmax
+        );
+        ensure!(
+            counts.len() >= rows,
+            SIKV_ERR_BUFFER_TOO_SMALL,
+            "counts has {} entries, n_seqs x num_kv_heads = {rows} needed",
+            counts.len()
+        );
+        let (indices, counts) = (&indices[..rows * kmax], &counts[..rows]);
+        self.check_selection(layer, ids, indices, counts, stream)?;
+        let sel = Selection::Given { indices, counts };
+        self.backend
+            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, sel, stream)
+    }
+
+    /// Every row of a caller's selection holds `0..=budget_max` strictly ascending candidate
+    /// positions of its (sequence, KV head): below the length, and neither sink, heavy nor
+    /// window (the geometry of `cpu::expected_candidates`).
+    fn check_selection(&self, layer: u32, ids: &[i64], indices: &[i32], counts: &[i32], stream: Stream) -> Result<()> {
+        let hk = self.cfg.num_kv_heads as usize;
+        let kmax = self.cfg.budget.max as usize;
+        let (s, nh, w) = (
+            self.cfg.n_sink as i64,
+            self.cfg.n_heavy as usize,
+            self.cfg.n_window as i64,
+        );
+        let st = &self.layout.state;
+        // Heavy positions are written by calibrate, which may still be queued on the stream.
+        self.backend.synchronize(stream)?;
+        for (b, &id) in ids.iter().enumerate() {
+            let seq = self.seq(id)?;
+            let len = seq.len[layer as usize] as i64;
+            let win_lo = s.max(len - w);
+            for head in 0..hk {
+                let r = b * hk + head;
+                let c = counts[r];
+                ensure!(
+                    c >= 0 && c as usize <= kmax,
+                    SIKV_ERR_OUT_OF_BOUNDS,
+                    "counts[{r}] = {c} (sequence {id}, KV head {head}) is outside 0..=budget_max ({kmax})"
+                );
+                if c == 0 {
+                    continue;
+                }
+                let mut heavy: Vec<i64> = Vec::with_capacity(nh);
+                if nh > 0 {
+                    let rec = self.backend.read_state(&self.layout, layer, seq.slot, head as u32)?;
+                    heavy.extend(
+                        (s as usize..s as usize + nh)
+                            .map(|e| crate::numeric::read_i32(&rec[st.dense_pos..], e) as i64)
+                            .filter(|&p| p >= 0),
+                    );
+                    heavy.sort_unstable();
+                }
+                let mut prev = -1i64;
+                for (j, &p) in indices[r * kmax..r * kmax + c as usize].iter().enumerate() {
+                    let (at, p) = (r * kmax + j, p as i64);
+                    let which = || format!("indices[{at}] = {p} (sequence {id}, KV head {head})");
+                    ensure!(
+                        (0..len).contains(&p),
+                        SIKV_ERR_OUT_OF_BOUNDS,
+                        "{} is outside 0..len ({len})",
+                        which()
+                    );
+                    ensure!(
+                        j == 0 || p != prev,
+                        SIKV_ERR_INVALID_ARGUMENT,
+                        "{} repeats the previous index; a row must be strictly ascending",
+                        which()
+                    );
+                    ensure!(
+                        j == 0 || p > prev,
+                        SIKV_ERR_INVALID_ARGUMENT,
+                        "{} is below the previous index {prev}; a row must be strictly ascending",
+                        which()
+                    );
+                    ensure!(
+                        p >= s,
+                        SIKV_ERR_INVALID_ARGUMENT,
+                        "{} is a sink (0..{s}), attended anyway; select candidates only",
+                        which()
+                    );
+                    ensure!(
+                        p < win_lo,
+                        SIKV_ERR_INVALID_ARGUMENT,
+                        "{} is in the recent window ({win_lo}..{len}), attended anyway; select candidates only",
+                        which()
+                    );
+                    ensure!(
+                        heavy.binary_search(&p).is_err(),
+                        SIKV_ERR_INVALID_ARGUMENT,
+                        "{} is a heavy token, attended anyway; select candidates only",
+                        which()
+                    );
+                    prev = p;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether every sequence of the call is short enough for the dense decode.
@@ -390,8 +518,17 @@ impl Cache {
     /// Dense decode attention over every stored token (dequantised), no selection.
     pub fn attend_dense(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        self.backend
-            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, true, stream)
+        self.backend.attend(
+            &self.cfg,
+            &self.layout,
+            layer,
+            &table,
+            &slots,
+            q,
+            out,
+            Selection::All,
+            stream,
+        )
     }
 
     /// The selection the sparse path would make: `indices` `[n_seqs][H_kv][budget_max]`

@@ -358,6 +358,39 @@ pub extern "C" fn sikv_attend(
     attend_common(cache, layer, n_seqs, seq_ids, q, out, stream, false)
 }
 
+/// Sparse decode attention with a selection the caller supplies instead of the library's own:
+/// `indices` `[n_seqs][num_kv_heads][budget_max]` ascending candidate positions (then anything),
+/// `counts` `[n_seqs][num_kv_heads]`, both HOST int32 arrays in sikv_select's layout. The dense
+/// set (sinks, heavy, window) is attended as always. For evaluation (oracle selections at the
+/// cache's bits) and external selectors; not a hot-path call: it validates on the host and, on a
+/// GPU, reads the state records and copies the selection to the device. `q`, `out` as in
+/// sikv_attend.
+#[no_mangle]
+pub extern "C" fn sikv_attend_selected(
+    cache: *mut SikvCache,
+    layer: u32,
+    n_seqs: u32,
+    seq_ids: *const i64,
+    q: *const c_void,
+    indices: *const i32,
+    counts: *const i32,
+    out: *mut c_void,
+    stream: SikvStream,
+) -> SikvStatus {
+    boundary(poison_of(cache), || {
+        cache_ref(cache)?.with(|c| {
+            let ids = batch_ids(c, n_seqs, seq_ids)?;
+            let rows = ids.len() * c.cfg.num_kv_heads as usize;
+            let n = ids.len() * (c.cfg.num_q_heads * c.cfg.head_dim) as usize;
+            let q = activations(c, q, n, "q")?;
+            let idx = host_slice(indices, rows * c.cfg.budget.max as usize, "indices")?;
+            let cnt = host_slice(counts, rows, "counts")?;
+            let out = output(c, out, n, "out")?;
+            c.attend_selected(layer, ids, q, idx, cnt, out, stream)
+        })
+    })
+}
+
 /// Dense decode attention over every stored token (dequantised): the baseline, same shapes.
 #[no_mangle]
 pub extern "C" fn sikv_attend_dense(
