@@ -543,3 +543,146 @@ fn a_panic_poisons_the_handle_and_does_not_unwind() {
     assert_eq!(s, SIKV_ERR_POISONED);
     assert!(msg().contains("poisoned"));
 }
+
+#[test]
+fn attend_selected_errors_leave_the_cache_unchanged() {
+    let c = small_config();
+    let mut rng = Rng::new();
+    let cache = Cache::new(&c);
+    cache.prompt(&c, &mut rng, 1, 40);
+    cache.prompt(&c, &mut rng, 2, 70);
+    let ids = [1i64, 2];
+    let (hk, kmax) = (c.num_kv_heads as usize, c.budget_max as usize);
+    let q = rng.vec(2 * (c.num_q_heads * c.head_dim) as usize);
+    let mut idx = vec![-1i32; 2 * hk * kmax];
+    let mut cnt = vec![0i32; 2 * hk];
+    let s = sikv_select(
+        cache.0,
+        0,
+        2,
+        ids.as_ptr(),
+        p(&q),
+        idx.as_mut_ptr(),
+        cnt.as_mut_ptr(),
+        null_mut(),
+    );
+    assert_eq!(s, SIKV_OK, "{}", msg());
+    let before = cache.checksum();
+    let attend = |ids: &[i64], idx: &[i32], cnt: &[i32]| -> (SikvStatus, Vec<f32>) {
+        let mut out = vec![7.5f32; q.len()];
+        let s = sikv_attend_selected(
+            cache.0,
+            0,
+            ids.len() as u32,
+            ids.as_ptr(),
+            p(&q),
+            idx.as_ptr(),
+            cnt.as_ptr(),
+            out.as_mut_ptr() as *mut c_void,
+            null_mut(),
+        );
+        (s, out)
+    };
+    assert_eq!(attend(&ids, &idx, &cnt).0, SIKV_OK, "{}", msg());
+
+    // Row 3: sequence 2 (70 tokens), KV head 1; the library picked >= budget_min = 8 there.
+    let (r, len) = (3usize, 70i32);
+    let n = cnt[r] as usize;
+    assert!(n >= 2);
+    let first = r * kmax;
+    type Edit = Box<dyn Fn(&mut [i32], &mut [i32])>;
+    let cases: Vec<(&str, Edit, SikvStatus, &str)> = vec![
+        (
+            "count > budget_max",
+            Box::new(move |_, c| c[r] = kmax as i32 + 1),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "budget_max",
+        ),
+        (
+            "negative count",
+            Box::new(move |_, c| c[r] = -1),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "budget_max",
+        ),
+        (
+            "descending",
+            Box::new(move |i, _| i.swap(first, first + 1)),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "ascending",
+        ),
+        (
+            "duplicate",
+            Box::new(move |i, _| i[first + 1] = i[first]),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "repeats",
+        ),
+        (
+            "position >= len",
+            Box::new(move |i, _| i[first + n - 1] = len),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "0..len (70)",
+        ),
+        (
+            "negative position",
+            Box::new(move |i, _| i[first] = -3),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "-3",
+        ),
+        (
+            "sink",
+            Box::new(move |i, _| i[first] = 1),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "sink",
+        ),
+        (
+            "window",
+            Box::new(move |i, _| i[first + n - 1] = len - 1),
+            SIKV_ERR_INVALID_ARGUMENT,
+            "window",
+        ),
+    ];
+    for (what, edit, status, needle) in cases {
+        let (mut i, mut k) = (idx.clone(), cnt.clone());
+        edit(&mut i, &mut k);
+        let (s, out) = attend(&ids, &i, &k);
+        expect(s, status, needle);
+        assert!(msg().contains("sequence 2"), "{what}: `{}` names no sequence", msg());
+        assert!(out.iter().all(|&x| x == 7.5), "{what}: out written on failure");
+        assert_eq!(cache.checksum(), before, "{what}: the cache changed");
+    }
+    let mut out = vec![0f32; q.len()];
+    for (i, k, needle) in [(null(), cnt.as_ptr(), "indices"), (idx.as_ptr(), null(), "counts")] {
+        let o = out.as_mut_ptr() as *mut c_void;
+        let s = sikv_attend_selected(cache.0, 0, 2, ids.as_ptr(), p(&q), i, k, o, null_mut());
+        expect(s, SIKV_ERR_NULL_POINTER, needle);
+    }
+
+    // One position at a time in one row of sequence 1 (40 tokens): exactly the candidates are
+    // accepted, and the rest are named as the sinks, heavy tokens and window of the config.
+    let (mut sinks, mut heavy, mut window, mut accepted) = (0u32, 0u32, 0u32, Vec::new());
+    for pos in 0..40 {
+        let mut i = vec![-1i32; hk * kmax];
+        let mut k = vec![0i32; hk];
+        i[kmax] = pos;
+        k[1] = 1;
+        let (s, _) = attend(&ids[..1], &i, &k);
+        match s {
+            SIKV_OK => accepted.push(pos),
+            SIKV_ERR_INVALID_ARGUMENT if msg().contains("sink") => sinks += 1,
+            SIKV_ERR_INVALID_ARGUMENT if msg().contains("heavy") => heavy += 1,
+            SIKV_ERR_INVALID_ARGUMENT if msg().contains("window") => window += 1,
+            _ => panic!("position {pos}: {s:?} {}", msg()),
+        }
+    }
+    assert_eq!((sinks, heavy, window), (c.n_sink, c.n_heavy, c.n_window));
+    assert_eq!(accepted.len() as u32, 40 - c.n_sink - c.n_heavy - c.n_window);
+    let (s, _) = attend(&ids[..1], &idx[..hk * kmax], &cnt[..hk]);
+    assert_eq!(s, SIKV_OK, "{}", msg());
+    for &pos in &idx[kmax..kmax + cnt[1] as usize] {
+        assert!(
+            accepted.contains(&pos),
+            "select picked {pos}, which attend_selected refuses"
+        );
+    }
+    assert_eq!(cache.checksum(), before);
+}

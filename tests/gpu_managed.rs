@@ -179,6 +179,130 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     );
 }
 
+/// `attend_selected` on a CUDA cache: the library's own selection handed back is `attend` bit
+/// for bit, and the same selection on the CPU backend gives the same output within fp16
+/// tolerance; a bad selection is refused on the host before anything runs.
+#[test]
+fn attend_selected_on_gpu_matches_attend_and_cpu() {
+    let lens = [700u32, 2049];
+    let steps = 3u32;
+    let max_len = 4096;
+    let gpu_cfg = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, max_len);
+    let mut gpu = match Cache::new(gpu_cfg.clone()) {
+        Ok(c) => c,
+        Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
+            println!("gpu tests skipped: no CUDA device (1 test: managed attend_selected)");
+            return;
+        }
+        Err(e) => panic!("GPU cache: {e}"),
+    };
+    let mut cpu = Cache::new(config(SIKV_DEVICE_CPU, SIKV_DTYPE_F16, max_len)).unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("managed GPU attend_selected vs CPU: seed {seed}");
+    let mut rng = Rng(seed);
+    let cfg = &gpu_cfg;
+    let (hq, hk, d, dt) = (
+        cfg.num_q_heads as usize,
+        cfg.num_kv_heads as usize,
+        cfg.head_dim as usize,
+        cfg.dtype,
+    );
+    let ids = [5i64, 6];
+    let null = std::ptr::null_mut();
+    for (&id, &n) in ids.iter().zip(&lens) {
+        gpu.add_seq(id).unwrap();
+        cpu.add_seq(id).unwrap();
+        for layer in 0..cfg.num_layers {
+            let k = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
+            let v = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
+            let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
+            for c in [&mut gpu, &mut cpu] {
+                c.calibrate(
+                    layer,
+                    id,
+                    n,
+                    Activations::Host(&k),
+                    Activations::Host(&v),
+                    2,
+                    Activations::Host(&q),
+                    null,
+                )
+                .unwrap();
+            }
+        }
+    }
+    let b = ids.len();
+    for _ in 0..steps {
+        for layer in 0..cfg.num_layers {
+            let k = to_bytes(dt, &rng.vec(b * hk * d, d));
+            let v = to_bytes(dt, &rng.vec(b * hk * d, d));
+            for c in [&mut gpu, &mut cpu] {
+                c.append(layer, &ids, &[1, 1], Activations::Host(&k), Activations::Host(&v), null)
+                    .unwrap();
+            }
+        }
+    }
+    let (rows, kmax) = (b * hk, cfg.budget.max as usize);
+    let mut worst = 0f32;
+    for layer in 0..cfg.num_layers {
+        let q = to_bytes(dt, &rng.vec(b * hq * d, d));
+        let (mut idx, mut cnt) = (vec![0i32; rows * kmax], vec![0i32; rows]);
+        gpu.select(layer, &ids, Activations::Host(&q), &mut idx, &mut cnt, null)
+            .unwrap();
+        // What follows a row's count is the caller's business; the kernels must not read it.
+        for r in 0..rows {
+            idx[r * kmax + cnt[r] as usize..(r + 1) * kmax].fill(i32::MAX);
+        }
+        let mut want = vec![0xFFu8; b * hq * d * 2];
+        gpu.attend(layer, &ids, Activations::Host(&q), Output::Host(&mut want), null)
+            .unwrap();
+        let mut outs = [vec![0xFFu8; want.len()], vec![0u8; want.len()]];
+        for (c, out) in [&mut gpu, &mut cpu].into_iter().zip(outs.iter_mut()) {
+            c.attend_selected(layer, &ids, Activations::Host(&q), &idx, &cnt, Output::Host(out), null)
+                .unwrap_or_else(|e| panic!("layer {layer}: attend_selected: {e}"));
+        }
+        assert!(
+            outs[0] == want,
+            "layer {layer}: attend_selected with select's output differs from attend on the GPU"
+        );
+        let (mut og, mut oc) = (vec![0f32; b * hq * d], vec![0f32; b * hq * d]);
+        numeric::to_f32(dt, &outs[0], &mut og);
+        numeric::to_f32(dt, &outs[1], &mut oc);
+        let scale = oc.iter().fold(1f32, |m, x| m.max(x.abs()));
+        for (g, c) in og.iter().zip(&oc) {
+            assert!(g.is_finite(), "layer {layer}: non-finite GPU output");
+            worst = worst.max((g - c).abs() / scale);
+        }
+        let before = gpu.checksum().unwrap();
+        let mut sink = idx.clone();
+        sink[0] = 0;
+        let mut out = vec![0xFFu8; want.len()];
+        let e = gpu
+            .attend_selected(
+                layer,
+                &ids,
+                Activations::Host(&q),
+                &sink,
+                &cnt,
+                Output::Host(&mut out),
+                null,
+            )
+            .unwrap_err();
+        assert_eq!(e.status, SikvStatus::SIKV_ERR_INVALID_ARGUMENT, "{e}");
+        assert!(e.message.contains("sink"), "{e}");
+        assert!(out.iter().all(|&x| x == 0xFF), "out written on failure");
+        assert_eq!(gpu.checksum().unwrap(), before);
+    }
+    println!("managed GPU attend_selected vs CPU: worst output error {worst:.2e} (relative to max |out|)");
+    assert!(
+        worst < 1e-2,
+        "GPU attend_selected differs from the CPU backend by {worst}"
+    );
+}
+
 /// The stateless C ABI on a CUDA device against the same calls on the CPU: calibrate two
 /// sequence slots, append decode tokens, run the fused decode and the separate select; pools
 /// must be byte-identical (encode and calibrate are exact) and outputs within fp16 tolerance.

@@ -173,6 +173,17 @@ void wrapper_checks(sikv::Cache& cache, const sikv::Config& good, Rng& rng) {
   }
   std::vector<int32_t> too_small(1);
   EXPECT(status_of([&] { cache.select(0, {&kIds[1], 1}, q.data(), too_small, too_small); }) == SIKV_ERR_BUFFER_TOO_SMALL);
+  {
+    // The library's own selection handed back through attend_selected is attend, bit for bit.
+    std::vector<int32_t> indices(kHkv * good.budget_max), counts(kHkv);
+    std::vector<uint16_t> given(kRowQ);
+    cache.select(0, {&kIds[1], 1}, q.data(), indices, counts);
+    cache.attend(0, {&kIds[1], 1}, q.data(), out.data());
+    cache.attend_selected(0, {&kIds[1], 1}, q.data(), indices, counts, given.data());
+    EXPECT(given == out);
+    EXPECT(status_of([&] { cache.attend_selected(0, {&kIds[1], 1}, q.data(), too_small, counts, given.data()); }) ==
+           SIKV_ERR_BUFFER_TOO_SMALL);
+  }
   EXPECT(cache.checksum() == before);
 
   auto bad = good;
