@@ -14,7 +14,7 @@ use crate::layout::{
 use crate::numeric::{get_half, put_half, read_f32s, read_i32, write_f32s, write_i32};
 use crate::reference::attend::attend_group;
 use crate::reference::calibrate::{calibrate_head, CalibrateParams};
-use crate::reference::encode::{decode_key, decode_value, encode_token};
+use crate::reference::encode::{decode_key, decode_key_into, decode_value, encode_token};
 use crate::reference::rerank::rerank_score;
 use crate::reference::score::{build_lut, group_mean_query, lut_score, sign_sign_score};
 use crate::reference::topk::topk;
@@ -766,6 +766,7 @@ pub fn select(
                 let k1 = cands.len().min(cfg.rerank_factor as usize * k);
                 let stage1 = topk(&scores, &cands, k1);
                 let scale = f32s(rec, st.scale, d);
+                let mut key = vec![0f32; d];
                 let s2: Vec<f32> = stage1
                     .iter()
                     .map(|&p| {
@@ -774,7 +775,8 @@ pub fn select(
                         } else {
                             let (page, s) = table.locate(b, p as usize, p_sz);
                             let rows = rows_ref(layout, &layer.planes, page, h, s);
-                            rerank_score(&qbar, &decode_key(&layout.format, storage, &rows, &scale))
+                            decode_key_into(&layout.format, storage, &rows, &scale, &mut key);
+                            rerank_score(&qbar, &key)
                         }
                     })
                     .collect();

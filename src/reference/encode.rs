@@ -152,37 +152,67 @@ pub fn sub_code(sign_row: &[u8], s: usize) -> usize {
 /// Reconstructed centred key k'^ (`head_dim` floats): `(2 sigma - 1)(code * delta + zero) * a_c`
 /// for quantised keys, the stored 16-bit k' for 16-bit keys.
 pub fn decode_key(format: &TokenFormat, storage: HalfKind, rows: &[&[u8]; SIKV_NUM_PLANES], scale: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; format.head_dim];
+    decode_key_into(format, storage, rows, scale, &mut out);
+    out
+}
+
+/// `decode_key` into `out[..head_dim]`. The re-rank and attend loops decode thousands of keys
+/// per call, so this form reads each group's parameters once and allocates nothing; the
+/// arithmetic per channel is the same as `decode_key`'s.
+pub fn decode_key_into(
+    format: &TokenFormat,
+    storage: HalfKind,
+    rows: &[&[u8]; SIKV_NUM_PLANES],
+    scale: &[f32],
+    out: &mut [f32],
+) {
     let d = format.head_dim;
+    let out = &mut out[..d];
     if format.key_bits == 16 {
         let row = rows[SIKV_PLANE_KFULL];
-        return (0..d).map(|c| get_half(storage, &row[2 * c..2 * c + 2])).collect();
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = get_half(storage, &row[2 * c..2 * c + 2]);
+        }
+        return;
     }
     let (sign, kmag, kpar) = (rows[SIKV_PLANE_SIGN], rows[SIKV_PLANE_KMAG], rows[SIKV_PLANE_KPAR]);
-    (0..d)
-        .map(|c| {
-            let (delta, zero) = group_params(kpar, c / QUANT_GROUP);
-            let code = mag_code(kmag, c, format.key_bits);
-            let mag = code as f32 * delta + zero;
+    for (g, chunk) in out.chunks_mut(QUANT_GROUP).enumerate() {
+        let (delta, zero) = group_params(kpar, g);
+        for (i, o) in chunk.iter_mut().enumerate() {
+            let c = g * QUANT_GROUP + i;
+            let mag = mag_code(kmag, c, format.key_bits) as f32 * delta + zero;
             let xh = if (sign[c >> 3] >> (c & 7)) & 1 == 1 { mag } else { -mag };
-            xh * scale[c]
-        })
-        .collect()
+            *o = xh * scale[c];
+        }
+    }
 }
 
 /// Reconstructed value (`head_dim` floats).
 pub fn decode_value(format: &TokenFormat, storage: HalfKind, rows: &[&[u8]; SIKV_NUM_PLANES]) -> Vec<f32> {
+    let mut out = vec![0f32; format.head_dim];
+    decode_value_into(format, storage, rows, &mut out);
+    out
+}
+
+/// `decode_value` into `out[..head_dim]`, without allocating (see `decode_key_into`).
+pub fn decode_value_into(format: &TokenFormat, storage: HalfKind, rows: &[&[u8]; SIKV_NUM_PLANES], out: &mut [f32]) {
     let d = format.head_dim;
+    let out = &mut out[..d];
     if format.value_bits == 16 {
         let row = rows[SIKV_PLANE_VFULL];
-        return (0..d).map(|c| get_half(storage, &row[2 * c..2 * c + 2])).collect();
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = get_half(storage, &row[2 * c..2 * c + 2]);
+        }
+        return;
     }
     let (vcode, vpar) = (rows[SIKV_PLANE_VCODE], rows[SIKV_PLANE_VPAR]);
-    (0..d)
-        .map(|c| {
-            let (delta, zero) = group_params(vpar, c / QUANT_GROUP);
-            mag_code(vcode, c, format.value_bits) as f32 * delta + zero
-        })
-        .collect()
+    for (g, chunk) in out.chunks_mut(QUANT_GROUP).enumerate() {
+        let (delta, zero) = group_params(vpar, g);
+        for (i, o) in chunk.iter_mut().enumerate() {
+            *o = mag_code(vcode, g * QUANT_GROUP + i, format.value_bits) as f32 * delta + zero;
+        }
+    }
 }
 
 #[cfg(test)]
