@@ -27,6 +27,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 using namespace sikv_eval;
@@ -37,6 +38,9 @@ struct Options {
     std::string model;
     std::string text;
     std::string csv;
+    std::string layer_csv;
+    std::string nll_file;
+    std::string sikv_budget = "charged";
     int context = 2048;
     int decode = 128;
     int windows = 1;
@@ -48,6 +52,8 @@ struct Options {
     int page = 16;
     int sikv_page = 16;
     int sikv_heavy = 64;
+    double sikv_heavy_frac = 0.25;
+    std::string sikv_centre = "median";
     int recall_every = 4;
     bool kv_f16 = false;
     bool flash_attn = false;
@@ -55,6 +61,7 @@ struct Options {
     bool recall = true;
     std::vector<std::string> methods = {"llama", "dense", "oracle_topk", "quest", "sink_window"};
     std::vector<std::string> budgets = {"1/32", "1/16", "1/8"};
+    std::vector<std::pair<std::string, std::string>> configs;  // --configs method@budget pairs
 };
 
 void usage() {
@@ -66,21 +73,32 @@ void usage() {
         "  --offset O         first token of the first window (0)\n"
         "  --methods LIST     comma list of llama,dense,oracle_topk,quest,sink_window\n"
         "  --budgets LIST     comma list of budgets: a fraction of P (1/32) or a token count (100)\n"
+        "  --configs LIST     comma list of method@budget (llama, dense, sikv_parity: no budget) instead of\n"
+        "                     every method at every budget\n"
         "  --sinks N          sink tokens for the sparse baselines (4)\n"
         "  --window N         recent-window tokens for the sparse baselines (64)\n"
         "  --page N           page size of the Quest baseline (16)\n"
         "  --sikv-page N      page size of the library's cache (16)\n"
         "  --sikv-heavy N     heavy tokens of the library's dense set (64; parity keeps its own)\n"
         "  --recall-every N   library methods: sikv_selection_recall every N decode steps (4)\n"
+        "  --sikv-heavy-frac F  charged budget: heavy = min(--sikv-heavy, floor(F * b)) (0.25)\n"
+        "  --sikv-centre C    library key centre: median (default) or mean\n"
+        "  --sikv-budget R    library budget rule: charged (default; heavy = min(--sikv-heavy, F * b) and k = b - heavy,\n"
+        "                     so the library attends sinks + window + b tokens like the baselines) or ratio\n"
+        "                     (k = ceil(b/P * candidates), heavy tokens on top)\n"
         "library methods (built with -DSIKV_INCLUDE/-DSIKV_LIB): sikv_2+1, sikv_4+1, sikv_16+1 (two-stage,\n"
-        "  rerank 4), sikv_1stage_2+1, sikv_1stage_4+1, sikv_1stage_16+1 (rerank 0), sikv_parity (k = 100, no budget)\n"
+        "  rerank 4), sikv_1stage_2+1, sikv_1stage_4+1, sikv_1stage_16+1 (rerank 0), sikv_signsign (16+1, the\n"
+        "  reference's sign x sign score, one stage), sikv_oracle_2+1, sikv_oracle_4+1, sikv_oracle_16+1 (exact\n"
+        "  top-b by q.k, no heavy tokens, attended from the library's stored bits), sikv_parity (k = 100, no budget)\n"
         "  --q-tail N         last prompt queries handed to calibrate (1)\n"
         "  --threads N        CPU threads (2)\n"
         "  --kv-f16           llama.cpp KV cache in f16 (default f32)\n"
         "  --flash-attn       llama.cpp flash attention on (default off)\n"
         "  --no-recall        skip recall@k statistics\n"
         "  --dump-names       print every graph node (name, op, type, shape) of the first decode step\n"
-        "  --csv FILE         append result rows (header written if the file is new or empty)\n");
+        "  --csv FILE         append result rows (header written if the file is new or empty)\n"
+        "  --layer-csv FILE   append per-layer recall rows (method,profile,budget,context,decode_tokens,layer,recall)\n"
+        "  --nll-file FILE    append every scored token's NLL (method,budget,context,window_start,step,nll)\n");
 }
 
 std::vector<std::string> split(const std::string & s, char sep) {
@@ -102,6 +120,11 @@ Options parse(int argc, char ** argv) {
         if (a == "--model") o.model = next();
         else if (a == "--text") o.text = next();
         else if (a == "--csv") o.csv = next();
+        else if (a == "--layer-csv") o.layer_csv = next();
+        else if (a == "--nll-file") o.nll_file = next();
+        else if (a == "--sikv-budget") o.sikv_budget = next();
+        else if (a == "--sikv-heavy-frac") o.sikv_heavy_frac = std::stod(next());
+        else if (a == "--sikv-centre") o.sikv_centre = next();
         else if (a == "--context") o.context = std::stoi(next());
         else if (a == "--decode") o.decode = std::stoi(next());
         else if (a == "--windows") o.windows = std::stoi(next());
@@ -116,6 +139,11 @@ Options parse(int argc, char ** argv) {
         else if (a == "--recall-every") o.recall_every = std::stoi(next());
         else if (a == "--methods") o.methods = split(next(), ',');
         else if (a == "--budgets") o.budgets = split(next(), ',');
+        else if (a == "--configs")
+            for (const auto & item : split(next(), ',')) {
+                const auto at = item.find('@');
+                o.configs.emplace_back(item.substr(0, at), at == std::string::npos ? "" : item.substr(at + 1));
+            }
         else if (a == "--kv-f16") o.kv_f16 = true;
         else if (a == "--flash-attn") o.flash_attn = true;
         else if (a == "--no-recall") o.recall = false;
@@ -125,6 +153,9 @@ Options parse(int argc, char ** argv) {
     }
     if (o.model.empty() || o.text.empty()) { usage(); throw std::runtime_error("--model and --text are required"); }
     if (o.context < 1 || o.decode < 1 || o.windows < 1) throw std::runtime_error("context, decode, windows must be >= 1");
+    if (o.sikv_budget != "charged" && o.sikv_budget != "ratio") throw std::runtime_error("--sikv-budget is charged or ratio");
+    if (o.sikv_centre != "median" && o.sikv_centre != "mean") throw std::runtime_error("--sikv-centre is median or mean");
+    if (!(o.sikv_heavy_frac >= 0.0 && o.sikv_heavy_frac < 1.0)) throw std::runtime_error("--sikv-heavy-frac is in [0, 1)");
     return o;
 }
 
@@ -325,6 +356,8 @@ std::unique_ptr<DecodeMethod> make_library_method(const std::string & m, const O
     lp.name = m;
     std::string prof = m.substr(5);
     if (prof.rfind("1stage_", 0) == 0) { lp.rerank_factor = 0; prof = prof.substr(7); }
+    else if (prof.rfind("oracle_", 0) == 0) { lp.oracle = true; prof = prof.substr(7); }
+    else if (prof == "signsign") { lp.rerank_factor = 0; lp.selector = SIKV_SELECTOR_SIGN_SIGN; prof = "16+1"; }
     if (prof == "2+1") lp.profile = SIKV_PROFILE_2_1;
     else if (prof == "4+1") lp.profile = SIKV_PROFILE_4_1;
     else if (prof == "16+1") lp.profile = SIKV_PROFILE_16_1;
@@ -337,7 +370,18 @@ std::unique_ptr<DecodeMethod> make_library_method(const std::string & m, const O
     lp.n_heavy = o.sikv_heavy;
     lp.n_window = o.n_window;
     lp.budget_ratio = budget.empty() ? 0.0 : budget_fraction(budget, o.context);
+    if (!budget.empty()) {
+        const int b = budget_tokens(budget, o.context);
+        if (lp.oracle) {
+            lp.n_heavy = 0;
+            lp.fixed_k = b;
+        } else if (o.sikv_budget == "charged") {
+            lp.n_heavy = std::min(o.sikv_heavy, (int) (b * o.sikv_heavy_frac));
+            lp.fixed_k = b - lp.n_heavy;
+        }
+    }
     lp.recall_every = o.recall ? o.recall_every : 0;
+    if (o.sikv_centre == "mean") lp.centre = SIKV_CENTRE_MEAN;
     return make_library(lp);
 #else
     (void) o; (void) budget;
@@ -424,56 +468,101 @@ int run(const Options & o) {
     std::printf("text: %d tokens; %d window(s) of %d prefill + %d decode tokens from offset %d; kv cache %s, flash attn %s, %d threads\n",
                 n_tok, windows, P, D, o.offset, o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off", o.threads);
 
-    // method configurations
+    // method configurations: --configs pairs, else every method at every budget
+    std::vector<std::pair<std::string, std::string>> pairs = o.configs;
+    if (pairs.empty())
+        for (const auto & m : o.methods) {
+            if (m == "llama" || m == "dense" || m == "sikv_parity") pairs.emplace_back(m, "");
+            else for (const auto & b : o.budgets) pairs.emplace_back(m, b);
+        }
     std::vector<Config> configs;
-    for (const auto & m : o.methods) {
+    for (const auto & [m, b] : pairs) {
+        Config c;
+        c.method = m;
         if (m == "llama" || m == "dense") {
-            Config c;
-            c.method = m;
             c.budget_label = "full";
             c.budget = P;
             c.impl = make_method(m, {});
-            configs.push_back(std::move(c));
-            continue;
-        }
-        if (m == "sikv_parity") {  // the reference's fixed k = 100, no budget ratio
-            Config c;
-            c.method = m;
+        } else if (m == "sikv_parity") {  // the reference's fixed k = 100, no budget ratio
             c.budget_label = "k=100";
             c.budget = 100;
             c.impl = make_library_method(m, o, "");
-            configs.push_back(std::move(c));
-            continue;
-        }
-        if (is_library(m)) {
-            for (const auto & b : o.budgets) {
-                Config c;
-                c.method = m;
-                c.budget_label = b;
-                c.budget = budget_tokens(b, P);
-                c.impl = make_library_method(m, o, b);
-                configs.push_back(std::move(c));
-            }
-            continue;
-        }
-        for (const auto & b : o.budgets) {
+        } else if (b.empty()) {
+            throw std::runtime_error("method " + m + " needs a budget");
+        } else if (is_library(m)) {
+            c.budget_label = b;
+            c.budget = budget_tokens(b, P);
+            c.impl = make_library_method(m, o, b);
+        } else {
             BaselineParams bp;
             bp.n_sink = o.n_sink;
             bp.n_window = o.n_window;
             bp.page_size = o.page;
             bp.budget = budget_tokens(b, P);
             bp.recall = o.recall;
-            Config c;
-            c.method = m;
             c.budget_label = b;
             c.budget = bp.budget;
             c.impl = make_method(m, bp);
-            configs.push_back(std::move(c));
         }
+        configs.push_back(std::move(c));
     }
 
-    llama_batch batch = llama_batch_init(P, 0, 1);
     double prefill_s = 0.0;
+    // Result rows are written as each configuration finishes its last window, so an interrupted run keeps
+    // what it completed.
+    auto append_file = [](const std::string & path, const char * header) -> FILE * {
+        if (path.empty()) return nullptr;
+        std::ifstream probe(path);
+        const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
+        probe.close();
+        FILE * f = std::fopen(path.c_str(), "a");
+        if (!f) throw std::runtime_error("cannot write " + path);
+        if (fresh) std::fputs(header, f);
+        return f;
+    };
+    FILE * csv = append_file(o.csv, "method,profile,budget,context,decode_tokens,perplexity,dense_perplexity,recall,"
+                                    "budget_tokens,n_sink,n_window,windows,attended_tokens,attn_rel_err,attn_max_rel_err,"
+                                    "prefill_s,decode_ms_per_token,kv_cache,flash_attn\n");
+    FILE * layer_csv = append_file(o.layer_csv, "method,profile,budget,context,decode_tokens,layer,recall,samples\n");
+    double dense_so_far = NAN;  // llama's perplexity once it has finished (study jobs list it first)
+    auto write_rows = [&](const Config & c, int windows_done) {
+        const double ppl = std::exp(c.nll / (double) c.n_scored);
+        if (c.method == "llama") dense_so_far = ppl;
+        const double rel = c.rel_err_n ? c.rel_err_sum / (double) c.rel_err_n : NAN;
+        const double recall = c.st.recall_count ? c.st.recall_sum / (double) c.st.recall_count : NAN;
+        const double attended = c.st.attended_count ? c.st.attended_sum / (double) c.st.attended_count : NAN;
+        const double ms = 1000.0 * c.decode_s / (double) c.n_scored;
+        const bool sparse = c.method != "llama" && c.method != "dense";
+        if (csv) {
+            std::fprintf(csv, "%s,%s,%s,%d,%d,%.6f,", c.method.c_str(), c.impl->profile().c_str(), c.budget_label.c_str(),
+                         P, D, ppl);
+            if (std::isnan(dense_so_far)) std::fprintf(csv, ","); else std::fprintf(csv, "%.6f,", dense_so_far);
+            if (std::isnan(recall)) std::fprintf(csv, ","); else std::fprintf(csv, "%.6f,", recall);
+            const bool parity = c.method == "sikv_parity";
+            std::fprintf(csv, "%d,%d,%d,%d,", c.budget, sparse && !parity ? o.n_sink : 0,
+                         sparse && !parity ? o.n_window : 0, windows_done);
+            if (std::isnan(attended)) std::fprintf(csv, ","); else std::fprintf(csv, "%.1f,", attended);
+            std::fprintf(csv, "%.3e,%.3e,%.3f,%.2f,%s,%s\n", rel, c.rel_err_max, prefill_s / windows_done, ms,
+                         o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off");
+            std::fflush(csv);
+        }
+        if (layer_csv) {
+            for (size_t l = 0; l < c.st.layer_recall_sum.size(); ++l)
+                if (c.st.layer_recall_count[l] > 0)
+                    std::fprintf(layer_csv, "%s,%s,%s,%d,%d,%zu,%.6f,%lld\n", c.method.c_str(),
+                                 c.impl->profile().c_str(), c.budget_label.c_str(), P, D, l,
+                                 c.st.layer_recall_sum[l] / (double) c.st.layer_recall_count[l],
+                                 (long long) c.st.layer_recall_count[l]);
+            std::fflush(layer_csv);
+        }
+    };
+
+    llama_batch batch = llama_batch_init(P, 0, 1);
+    FILE * nll_out = nullptr;
+    if (!o.nll_file.empty()) {
+        nll_out = std::fopen(o.nll_file.c_str(), "a");
+        if (!nll_out) throw std::runtime_error("cannot write " + o.nll_file);
+    }
     bool dumped = false;
 
     for (int w = 0; w < windows; ++w) {
@@ -536,8 +625,12 @@ int run(const Options & o) {
                 if (hook.outs_this_step != L)
                     throw std::runtime_error("saw " + std::to_string(hook.outs_this_step) + " kqv_out tensors, expected " +
                                              std::to_string(L));
-                c.nll += nll_of(llama_get_logits_ith(ctx, -1), n_vocab, wt[P + i + 1]);
+                const double nll = nll_of(llama_get_logits_ith(ctx, -1), n_vocab, wt[P + i + 1]);
+                c.nll += nll;
                 c.n_scored += 1;
+                if (nll_out)
+                    std::fprintf(nll_out, "%s,%s,%d,%d,%d,%.9f\n", c.method.c_str(), c.budget_label.c_str(), P, start, i,
+                                 nll);
             }
             c.decode_s += now_s() - t1;
             c.rel_err_sum += hook.rel_err_sum;
@@ -546,15 +639,16 @@ int run(const Options & o) {
             std::printf("  window %d %-12s %-6s ppl so far %.5f, %.1f ms/token\n", w + 1, c.method.c_str(),
                         c.budget_label.c_str(), std::exp(c.nll / (double) c.n_scored),
                         1000.0 * c.decode_s / (double) c.n_scored);
-            const SelectionStats st = c.impl->stats();
-            c.st.recall_sum += st.recall_sum;
-            c.st.recall_count += st.recall_count;
-            c.st.attended_sum += st.attended_sum;
-            c.st.attended_count += st.attended_count;
+            c.st.merge(c.impl->stats());
+            if (nll_out) std::fflush(nll_out);
+            if (w == windows - 1) write_rows(c, windows);
         }
         std::printf("window %d/%d done (start token %d)\n", w + 1, windows, start);
     }
     llama_batch_free(batch);
+    if (nll_out) std::fclose(nll_out);
+    if (csv) std::fclose(csv);
+    if (layer_csv) std::fclose(layer_csv);
 
     // report
     double dense_ppl = NAN;
@@ -564,42 +658,15 @@ int run(const Options & o) {
     std::printf("\nprefill: %.3f s per window of %d tokens\n", prefill_s / windows, P);
     std::printf("%-12s %-6s %6s %11s %9s %8s %9s %12s %12s %10s\n", "method", "budget", "tokens", "perplexity", "vs dense",
                 "recall", "attended", "attn_relerr", "attn_maxerr", "ms/token");
-    FILE * csv = nullptr;
-    if (!o.csv.empty()) {
-        std::ifstream probe(o.csv);
-        const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
-        probe.close();
-        csv = std::fopen(o.csv.c_str(), "a");
-        if (!csv) throw std::runtime_error("cannot write " + o.csv);
-        if (fresh)
-            std::fprintf(csv, "method,profile,budget,context,decode_tokens,perplexity,dense_perplexity,recall,"
-                              "budget_tokens,n_sink,n_window,windows,attended_tokens,attn_rel_err,attn_max_rel_err,"
-                              "prefill_s,decode_ms_per_token,kv_cache,flash_attn\n");
-    }
     for (const auto & c : configs) {
         const double ppl = std::exp(c.nll / (double) c.n_scored);
         const double rel = c.rel_err_n ? c.rel_err_sum / (double) c.rel_err_n : NAN;
         const double recall = c.st.recall_count ? c.st.recall_sum / (double) c.st.recall_count : NAN;
         const double attended = c.st.attended_count ? c.st.attended_sum / (double) c.st.attended_count : NAN;
-        const double ms = 1000.0 * c.decode_s / (double) c.n_scored;
-        const bool sparse = c.method != "llama" && c.method != "dense";
         std::printf("%-12s %-6s %6d %11.5f %+8.4f%% %8.4f %9.1f %12.3e %12.3e %10.2f\n", c.method.c_str(),
                     c.budget_label.c_str(), c.budget, ppl, 100.0 * (ppl / dense_ppl - 1.0), recall, attended, rel,
-                    c.rel_err_max, ms);
-        if (csv) {
-            std::fprintf(csv, "%s,%s,%s,%d,%d,%.6f,", c.method.c_str(), c.impl->profile().c_str(), c.budget_label.c_str(),
-                         P, D, ppl);
-            if (std::isnan(dense_ppl)) std::fprintf(csv, ","); else std::fprintf(csv, "%.6f,", dense_ppl);
-            if (std::isnan(recall)) std::fprintf(csv, ","); else std::fprintf(csv, "%.6f,", recall);
-            const bool parity = c.method == "sikv_parity";
-            std::fprintf(csv, "%d,%d,%d,%d,", c.budget, sparse && !parity ? o.n_sink : 0,
-                         sparse && !parity ? o.n_window : 0, windows);
-            if (std::isnan(attended)) std::fprintf(csv, ","); else std::fprintf(csv, "%.1f,", attended);
-            std::fprintf(csv, "%.3e,%.3e,%.3f,%.2f,%s,%s\n", rel, c.rel_err_max, prefill_s / windows, ms,
-                         o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off");
-        }
+                    c.rel_err_max, 1000.0 * c.decode_s / (double) c.n_scored);
     }
-    if (csv) std::fclose(csv);
 
     llama_free(ctx);
     llama_model_free(model);

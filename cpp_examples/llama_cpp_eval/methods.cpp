@@ -148,8 +148,7 @@ private:
         for (int32_t t : truth_) mark_[t - lo] = 1;
         int hit = 0;
         for (int32_t t : sel_) hit += mark_[t - lo];
-        st_.recall_sum += (double) hit / (double) truth_.size();
-        st_.recall_count += 1;
+        st_.add_recall(layer, (double) hit / (double) truth_.size());
     }
 
     SelectionStats st_;

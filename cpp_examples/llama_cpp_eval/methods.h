@@ -36,6 +36,34 @@ struct SelectionStats {
     int64_t recall_count = 0;  // number of terms in recall_sum
     double attended_sum = 0.0; // sum over (step, layer, KV head) of the number of attended tokens
     int64_t attended_count = 0;
+    std::vector<double> layer_recall_sum;  // recall_sum split by layer
+    std::vector<int64_t> layer_recall_count;
+
+    void add_recall(int layer, double r) {
+        recall_sum += r;
+        recall_count += 1;
+        if (layer >= (int) layer_recall_sum.size()) {
+            layer_recall_sum.resize(layer + 1, 0.0);
+            layer_recall_count.resize(layer + 1, 0);
+        }
+        layer_recall_sum[layer] += r;
+        layer_recall_count[layer] += 1;
+    }
+
+    void merge(const SelectionStats & o) {
+        recall_sum += o.recall_sum;
+        recall_count += o.recall_count;
+        attended_sum += o.attended_sum;
+        attended_count += o.attended_count;
+        if (o.layer_recall_sum.size() > layer_recall_sum.size()) {
+            layer_recall_sum.resize(o.layer_recall_sum.size(), 0.0);
+            layer_recall_count.resize(o.layer_recall_sum.size(), 0);
+        }
+        for (size_t l = 0; l < o.layer_recall_sum.size(); ++l) {
+            layer_recall_sum[l] += o.layer_recall_sum[l];
+            layer_recall_count[l] += o.layer_recall_count[l];
+        }
+    }
 };
 
 class DecodeMethod {
@@ -90,7 +118,11 @@ struct LibraryParams {
     int n_heavy = 64;
     int n_window = 64;
     double budget_ratio = 0.0; // k = min(n, clamp(ceil(ratio * n), 1, ceil(ratio * P) + 16)) for n candidates
+    int fixed_k = 0;           // > 0: k = min(n, fixed_k) (budget_min = budget_max = fixed_k) instead of the ratio
     int rerank_factor = -1;    // -1: the profile's default; 0: one-stage
+    uint32_t selector = 0;     // SIKV_SELECTOR_*
+    int centre = -1;           // SIKV_CENTRE_*; -1: the profile's default
+    bool oracle = false;       // exact top-fixed_k by q̄·k over the candidates, attended through sikv_attend_selected
     int recall_every = 4;      // sikv_selection_recall every this many decode steps (0: never)
 };
 std::unique_ptr<DecodeMethod> make_library(const LibraryParams & p);

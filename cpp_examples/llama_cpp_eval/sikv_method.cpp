@@ -61,10 +61,19 @@ public:
                 c.n_heavy = (uint32_t) p_.n_heavy;
                 c.n_window = (uint32_t) p_.n_window;
                 // k = min(n, clamp(ceil(ratio * n), 1, max)) for n candidates: k follows the ratio
-                c.budget_ratio = (float) p_.budget_ratio;
-                c.budget_min = 1;
-                c.budget_max = (uint32_t) std::ceil(p_.budget_ratio * p_.prompt_len) + 16;
+                if (p_.fixed_k > 0) {
+                    // k = min(n, clamp(ceil(ratio * n), k, k)) = min(n, k): a fixed token budget
+                    c.budget_ratio = std::min(1.0f, (float) p_.fixed_k / (float) p_.prompt_len);
+                    c.budget_min = (uint32_t) p_.fixed_k;
+                    c.budget_max = (uint32_t) p_.fixed_k;
+                } else {
+                    c.budget_ratio = (float) p_.budget_ratio;
+                    c.budget_min = 1;
+                    c.budget_max = (uint32_t) std::ceil(p_.budget_ratio * p_.prompt_len) + 16;
+                }
                 if (p_.rerank_factor >= 0) c.rerank_factor = (uint32_t) p_.rerank_factor;
+                c.selector = p_.selector;
+                if (p_.centre >= 0) c.centre = (uint32_t) p_.centre;
             }
             cfg_ = c;
             check(sikv_cache_create(&c, &cache_), "sikv_cache_create");
@@ -93,12 +102,16 @@ public:
 
     void attend(int layer, const float * q, float * out) override {
         const int64_t seq = 0;
-        check(sikv_attend(cache_, (uint32_t) layer, 1, &seq, q, out, nullptr), "sikv_attend");
-        if (p_.recall_every > 0 && steps_ % p_.recall_every == 0) {
+        if (p_.oracle) {
+            attend_oracle(layer, q, out);
+        } else {
+            check(sikv_attend(cache_, (uint32_t) layer, 1, &seq, q, out, nullptr), "sikv_attend");
+        }
+        if (!p_.oracle && p_.recall_every > 0 && steps_ % p_.recall_every == 0) {
             std::vector<float> rec(shape_.n_kv_heads);
             check(sikv_selection_recall(cache_, (uint32_t) layer, 0, q, exact_k_[layer].data(), rec.data()),
                   "sikv_selection_recall");
-            for (float r : rec) { st_.recall_sum += r; st_.recall_count += 1; }
+            for (float r : rec) st_.add_recall(layer, r);
             // attended tokens: the dense set (sinks + heavy + window) plus the selection
             std::vector<int32_t> idx((size_t) shape_.n_kv_heads * cfg_.budget_max);
             std::vector<int32_t> cnt(shape_.n_kv_heads);
@@ -113,6 +126,52 @@ public:
     SelectionStats stats() const override { return st_; }
 
 private:
+    // The exact top-k by q̄·k (group-mean query, ties to the smaller position) among the library's
+    // candidates (everything outside sinks and window; this variant keeps no heavy tokens), attended
+    // with the cache's stored bits: the quantisation loss without any selection loss.
+    void attend_oracle(int layer, const float * q, float * out) {
+        const int d = shape_.head_dim, hkv = shape_.n_kv_heads, g = shape_.group();
+        const size_t row = (size_t) hkv * d;
+        const int len = (int) (exact_k_[layer].size() / row);
+        const int lo = std::min((int) cfg_.n_sink, len);
+        const int hi = std::max(lo, len - (int) cfg_.n_window);
+        const int kmax = (int) cfg_.budget_max;
+        const int k = std::min(kmax, hi - lo);
+        idx_.assign((size_t) hkv * kmax, -1);
+        cnt_.assign(hkv, k);
+        qbar_.resize(d);
+        score_.resize(hi - lo);
+        order_.resize(hi - lo);
+        for (int h = 0; h < hkv; ++h) {
+            std::fill(qbar_.begin(), qbar_.end(), 0.0f);
+            for (int j = h * g; j < (h + 1) * g; ++j)
+                for (int c = 0; c < d; ++c) qbar_[c] += q[(size_t) j * d + c];
+            for (int c = 0; c < d; ++c) qbar_[c] /= (float) g;
+            for (int t = lo; t < hi; ++t) {
+                const float * kt = exact_k_[layer].data() + (size_t) t * row + (size_t) h * d;
+                float dot = 0.0f;
+                for (int c = 0; c < d; ++c) dot += qbar_[c] * kt[c];
+                score_[t - lo] = dot;
+                order_[t - lo] = t;
+            }
+            auto better = [&](int32_t a, int32_t b) {
+                const float sa = score_[a - lo], sb = score_[b - lo];
+                return sa > sb || (sa == sb && a < b);
+            };
+            std::partial_sort(order_.begin(), order_.begin() + k, order_.end(), better);
+            std::sort(order_.begin(), order_.begin() + k);
+            std::copy(order_.begin(), order_.begin() + k, idx_.begin() + (size_t) h * kmax);
+            st_.attended_sum += std::min(len, (int) (cfg_.n_sink + cfg_.n_window)) + k;
+            st_.attended_count += 1;
+        }
+        const int64_t seq = 0;
+        check(sikv_attend_selected(cache_, (uint32_t) layer, 1, &seq, q, idx_.data(), cnt_.data(), out, nullptr),
+              "sikv_attend_selected");
+    }
+
+    std::vector<float> qbar_, score_;
+    std::vector<int32_t> order_, idx_, cnt_;
+
     LibraryParams p_;
     ModelShape shape_;
     SikvConfig cfg_{};

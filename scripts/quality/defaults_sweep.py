@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Sweep of the library's dense-set defaults at a fixed number of attended tokens.
+
+usage: scripts/quality/defaults_sweep.py --bin llama_cpp_eval --model M.gguf --text T.txt --out DIR
+                                         [--context 4096] [--decode 512] [--method sikv_4+1] [--jobs 2]
+                                         [--threads 1] [--summary-only]
+
+Every variant attends the same number of tokens per KV head and step, sinks + window + b with
+b = P/16 at the reference point (4 sinks, 64-token window, heavy = b/4 charged to b, median centre),
+so a variant only moves tokens between the sinks, the window, the heavy set and the selection, or
+changes the centre. Each variant is one evaluator process (its own prefill); the reference run also
+decodes `llama`. The summary is the paired perplexity change of each variant against the reference
+on the same tokens, with the block-bootstrap interval of report.py.
+"""
+import argparse
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
+
+
+def variants(b):
+    """name -> (evaluator options, budget tokens); every row attends 4 + 64 + b tokens."""
+    return {
+        "reference": ([], b),
+        "heavy_0": (["--sikv-heavy-frac", "0"], b),
+        "heavy_half": (["--sikv-heavy-frac", "0.5"], b),
+        "window_32": (["--window", "32"], b + 32),
+        "window_128": (["--window", "128"], b - 64),
+        "sinks_0": (["--sinks", "0"], b + 4),
+        "sinks_16": (["--sinks", "16"], b - 12),
+        "centre_mean": (["--sikv-centre", "mean"], b),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--decode", type=int, default=512)
+    ap.add_argument("--method", default="sikv_4+1")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--summary-only", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    b = args.context // 16
+    vs = variants(b)
+
+    def run(item):
+        name, (opts, budget) = item
+        base = os.path.join(args.out, name)
+        configs = f"{args.method}@{budget}" + (",llama" if name == "reference" else "")
+        cmd = [args.bin, "--model", args.model, "--text", args.text, "--context", str(args.context), "--decode",
+               str(args.decode), "--threads", str(args.threads), "--recall-every", "8", "--configs", configs,
+               "--csv", base + ".csv", "--nll-file", base + ".nll.csv"] + opts
+        for suffix in (".csv", ".nll.csv"):
+            if os.path.exists(base + suffix):
+                os.remove(base + suffix)
+        with open(base + ".log", "w") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_WAIT_POLICY="passive"))
+        return name, rc
+
+    if not args.summary_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for name, rc in pool.map(run, vs.items()):
+                print(f"{name}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
+
+    nll = {}
+    for name in vs:
+        path = os.path.join(args.out, name + ".nll.csv")
+        if os.path.exists(path):
+            for (ctx, method, budget), toks in report.read_nll([path]).items():
+                nll[name if method != "llama" else "llama"] = toks
+    if "reference" not in nll or "llama" not in nll:
+        print("the reference run is missing", file=sys.stderr)
+        return 1
+    ref, dense = nll["reference"], nll["llama"]
+    print(f"\ncontext {args.context}, {args.method}, {len(ref)} scored tokens, attended 4 + 64 + {b} per KV head\n")
+    print("| variant | perplexity | vs dense | vs reference [95% CI] |")
+    print("|---|---|---|---|")
+    for name in vs:
+        toks = nll.get(name)
+        if toks is None or set(toks) != set(ref):
+            print(f"| {name} | — | — | — |")
+            continue
+        ppl = math.exp(sum(toks.values()) / len(toks))
+        vs_dense = math.exp(sum(toks[t] - dense[t] for t in toks) / len(toks)) - 1
+        diffs = {t: toks[t] - ref[t] for t in toks}
+        delta = math.exp(sum(diffs.values()) / len(diffs)) - 1
+        lo, hi = report.block_bootstrap(diffs)
+        print(f"| {name} | {ppl:.4f} | {100 * vs_dense:+.2f}% | {100 * delta:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}] |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
