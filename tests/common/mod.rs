@@ -2,6 +2,8 @@
 //! (printed; `SIKV_TEST_SEED` replays it).
 #![allow(dead_code)]
 
+use std::path::PathBuf;
+
 pub struct Rng(pub u64);
 
 impl Rng {
@@ -60,4 +62,27 @@ impl Rng {
             v.swap(i, self.below(i + 1));
         }
     }
+}
+
+/// `libselfindexkv.a` of the profile this test was built with. `cargo test` compiles the
+/// library once with every crate type of Cargo.toml (staticlib, cdylib, rlib) in one rustc call
+/// and leaves the archive in `target/<profile>/deps/` (a `cargo build` also copies it up to
+/// `target/<profile>/`); the copy in `deps/` is the build this test was linked with.
+pub fn static_lib() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/c_link-<hash>
+    let deps = exe.parent().expect("test executable has no parent directory");
+    let profile_dir = deps
+        .parent()
+        .expect("test executable is not under target/<profile>/deps");
+    let candidates = [deps.join("libselfindexkv.a"), profile_dir.join("libselfindexkv.a")];
+    let lib = candidates.iter().find(|p| p.is_file()).cloned();
+    assert!(
+        lib.is_some(),
+        "libselfindexkv.a is missing from {} and {}: `cargo test` builds the staticlib crate type \
+         next to the test executables",
+        deps.display(),
+        profile_dir.display()
+    );
+    lib.unwrap()
 }
