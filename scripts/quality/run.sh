@@ -73,7 +73,8 @@ if ! command -v cmake >/dev/null 2>&1; then
   # cmake from PyPI works everywhere pip does; its scripts land in the user or system bin directory
   log "installing cmake (PyPI)"
   python3 -m pip install --quiet --disable-pip-version-check cmake >&2
-  export PATH="$(python3 -m site --user-base)/bin:$PATH"
+  # where pip put the binary depends on the Python installation; the package knows
+  export PATH="$(python3 -c 'import cmake; print(cmake.CMAKE_BIN_DIR)'):$PATH"
   command -v cmake >/dev/null 2>&1 || { echo "cmake is required" >&2; exit 1; }
 fi
 
