@@ -50,6 +50,60 @@ fn to_bytes(dt: Dtype, x: &[f32]) -> Vec<u8> {
     b
 }
 
+/// The same configuration on the GPU and on the CPU backend, and a fresh seed; `None` (after the
+/// counted skip line) without a CUDA device.
+fn gpu_and_cpu_caches(max_len: u32, what: &str) -> Option<(Cache, Cache, CacheConfig, u64)> {
+    let gpu_cfg = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, max_len);
+    let gpu = match Cache::new(gpu_cfg.clone()) {
+        Ok(c) => c,
+        Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
+            println!("gpu tests skipped: no CUDA device (1 test: {what})");
+            return None;
+        }
+        Err(e) => panic!("GPU cache: {e}"),
+    };
+    assert!(gpu.stats().on_gpu);
+    let cpu = Cache::new(config(SIKV_DEVICE_CPU, SIKV_DTYPE_F16, max_len)).unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    Some((gpu, cpu, gpu_cfg, seed))
+}
+
+/// Adds `ids` to both caches and calibrates every layer with the same random prompt of `lens`
+/// tokens (and 2 queries).
+fn prefill_both(gpu: &mut Cache, cpu: &mut Cache, cfg: &CacheConfig, ids: &[i64], lens: &[u32], rng: &mut Rng) {
+    let (hq, hk, d, dt) = (
+        cfg.num_q_heads as usize,
+        cfg.num_kv_heads as usize,
+        cfg.head_dim as usize,
+        cfg.dtype,
+    );
+    for (&id, &n) in ids.iter().zip(lens) {
+        gpu.add_seq(id).unwrap();
+        cpu.add_seq(id).unwrap();
+        for layer in 0..cfg.num_layers {
+            let k = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
+            let v = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
+            let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
+            for c in [&mut *gpu, &mut *cpu] {
+                c.calibrate(
+                    layer,
+                    id,
+                    n,
+                    Activations::Host(&k),
+                    Activations::Host(&v),
+                    2,
+                    Activations::Host(&q),
+                    std::ptr::null_mut(),
+                )
+                .unwrap_or_else(|e| panic!("calibrate seq {id} layer {layer}: {e}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn managed_cache_on_gpu_matches_cpu_backend() {
     let (lens, steps): (Vec<u32>, u32) = if quick() {
@@ -58,21 +112,9 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
         (vec![1000, 3333, 100_003], 256)
     };
     let max_len = lens.iter().max().unwrap() + steps + 8;
-    let gpu_cfg = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, max_len);
-    let mut gpu = match Cache::new(gpu_cfg.clone()) {
-        Ok(c) => c,
-        Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
-            println!("gpu tests skipped: no CUDA device (1 test: managed cache end to end)");
-            return;
-        }
-        Err(e) => panic!("GPU cache: {e}"),
+    let Some((mut gpu, mut cpu, gpu_cfg, seed)) = gpu_and_cpu_caches(max_len, "managed cache end to end") else {
+        return;
     };
-    assert!(gpu.stats().on_gpu);
-    let mut cpu = Cache::new(config(SIKV_DEVICE_CPU, SIKV_DTYPE_F16, max_len)).unwrap();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
     println!("managed GPU vs CPU: seed {seed}, lengths {lens:?}, {steps} decode steps");
     let mut rng = Rng(seed);
     let cfg = &gpu_cfg;
@@ -84,28 +126,7 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     );
     let ids: Vec<i64> = (0..lens.len() as i64).map(|i| 100 + i).collect();
     let null = std::ptr::null_mut();
-    for (&id, &n) in ids.iter().zip(&lens) {
-        gpu.add_seq(id).unwrap();
-        cpu.add_seq(id).unwrap();
-        for layer in 0..cfg.num_layers {
-            let k = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
-            let v = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
-            let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
-            for c in [&mut gpu, &mut cpu] {
-                c.calibrate(
-                    layer,
-                    id,
-                    n,
-                    Activations::Host(&k),
-                    Activations::Host(&v),
-                    2,
-                    Activations::Host(&q),
-                    null,
-                )
-                .unwrap_or_else(|e| panic!("calibrate seq {id} layer {layer}: {e}"));
-            }
-        }
-    }
+    prefill_both(&mut gpu, &mut cpu, cfg, &ids, &lens, &mut rng);
     let b = ids.len();
     let counts = vec![1u32; b];
     let (mut worst, mut sel_mismatch, mut compared) = (0f32, 0usize, 0usize);
@@ -187,20 +208,9 @@ fn attend_selected_on_gpu_matches_attend_and_cpu() {
     let lens = [700u32, 2049];
     let steps = 3u32;
     let max_len = 4096;
-    let gpu_cfg = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, max_len);
-    let mut gpu = match Cache::new(gpu_cfg.clone()) {
-        Ok(c) => c,
-        Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
-            println!("gpu tests skipped: no CUDA device (1 test: managed attend_selected)");
-            return;
-        }
-        Err(e) => panic!("GPU cache: {e}"),
+    let Some((mut gpu, mut cpu, gpu_cfg, seed)) = gpu_and_cpu_caches(max_len, "managed attend_selected") else {
+        return;
     };
-    let mut cpu = Cache::new(config(SIKV_DEVICE_CPU, SIKV_DTYPE_F16, max_len)).unwrap();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
     println!("managed GPU attend_selected vs CPU: seed {seed}");
     let mut rng = Rng(seed);
     let cfg = &gpu_cfg;
@@ -212,28 +222,7 @@ fn attend_selected_on_gpu_matches_attend_and_cpu() {
     );
     let ids = [5i64, 6];
     let null = std::ptr::null_mut();
-    for (&id, &n) in ids.iter().zip(&lens) {
-        gpu.add_seq(id).unwrap();
-        cpu.add_seq(id).unwrap();
-        for layer in 0..cfg.num_layers {
-            let k = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
-            let v = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
-            let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
-            for c in [&mut gpu, &mut cpu] {
-                c.calibrate(
-                    layer,
-                    id,
-                    n,
-                    Activations::Host(&k),
-                    Activations::Host(&v),
-                    2,
-                    Activations::Host(&q),
-                    null,
-                )
-                .unwrap();
-            }
-        }
-    }
+    prefill_both(&mut gpu, &mut cpu, cfg, &ids, &lens, &mut rng);
     let b = ids.len();
     for _ in 0..steps {
         for layer in 0..cfg.num_layers {
