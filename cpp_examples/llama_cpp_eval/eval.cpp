@@ -89,7 +89,8 @@ void usage() {
         "library methods (built with -DSIKV_INCLUDE/-DSIKV_LIB): sikv_2+1, sikv_4+1, sikv_16+1 (two-stage,\n"
         "  rerank 4), sikv_1stage_2+1, sikv_1stage_4+1, sikv_1stage_16+1 (rerank 0), sikv_signsign (16+1, the\n"
         "  reference's sign x sign score, one stage), sikv_oracle_2+1, sikv_oracle_4+1, sikv_oracle_16+1 (exact\n"
-        "  top-b by q.k, no heavy tokens, attended from the library's stored bits), sikv_parity (k = 100, no budget)\n"
+        "  top-b by q.k, no heavy tokens, attended from the library's stored bits), sikv_kXvY (X key-magnitude and\n"
+        "  Y value bits, 2/4/16, e.g. sikv_k2v4; also sikv_oracle_kXvY), sikv_parity (k = 100, no budget)\n"
         "  --q-tail N         last prompt queries handed to calibrate (1)\n"
         "  --threads N        CPU threads (2)\n"
         "  --kv-f16           llama.cpp KV cache in f16 (default f32)\n"
@@ -358,6 +359,12 @@ std::unique_ptr<DecodeMethod> make_library_method(const std::string & m, const O
     if (prof.rfind("1stage_", 0) == 0) { lp.rerank_factor = 0; prof = prof.substr(7); }
     else if (prof.rfind("oracle_", 0) == 0) { lp.oracle = true; prof = prof.substr(7); }
     else if (prof == "signsign") { lp.rerank_factor = 0; lp.selector = SIKV_SELECTOR_SIGN_SIGN; prof = "16+1"; }
+    int kb = 0, vb = 0;
+    if (std::sscanf(prof.c_str(), "k%dv%d", &kb, &vb) == 2) {  // mixed bits on the 2+1 profile: sikv_k2v4
+        lp.key_bits = kb;
+        lp.value_bits = vb;
+        prof = "2+1";
+    }
     if (prof == "2+1") lp.profile = SIKV_PROFILE_2_1;
     else if (prof == "4+1") lp.profile = SIKV_PROFILE_4_1;
     else if (prof == "16+1") lp.profile = SIKV_PROFILE_16_1;

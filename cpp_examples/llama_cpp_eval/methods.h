@@ -122,6 +122,8 @@ struct LibraryParams {
     int rerank_factor = -1;    // -1: the profile's default; 0: one-stage
     uint32_t selector = 0;     // SIKV_SELECTOR_*
     int centre = -1;           // SIKV_CENTRE_*; -1: the profile's default
+    int key_bits = 0;          // 2, 4 or 16 key-magnitude bits; 0: the profile's
+    int value_bits = 0;        // 2, 4 or 16 value bits; 0: the profile's
     bool oracle = false;       // exact top-fixed_k by q̄·k over the candidates, attended through sikv_attend_selected
     int recall_every = 4;      // sikv_selection_recall every this many decode steps (0: never)
 };

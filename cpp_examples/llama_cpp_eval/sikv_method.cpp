@@ -36,7 +36,11 @@ public:
     ~LibraryMethod() override { if (cache_) sikv_cache_destroy(cache_); }
 
     std::string name() const override { return p_.name; }
-    std::string profile() const override { return profile_label(p_.profile); }
+    std::string profile() const override {
+        if (p_.key_bits || p_.value_bits)
+            return "k" + std::to_string(p_.key_bits) + "v" + std::to_string(p_.value_bits);
+        return profile_label(p_.profile);
+    }
 
     void begin_sequence(const ModelShape & s) override {
         shape_ = s;
@@ -74,6 +78,8 @@ public:
                 if (p_.rerank_factor >= 0) c.rerank_factor = (uint32_t) p_.rerank_factor;
                 c.selector = p_.selector;
                 if (p_.centre >= 0) c.centre = (uint32_t) p_.centre;
+                if (p_.key_bits) c.key_bits = (uint32_t) p_.key_bits;
+                if (p_.value_bits) c.value_bits = (uint32_t) p_.value_bits;
             }
             cfg_ = c;
             check(sikv_cache_create(&c, &cache_), "sikv_cache_create");
