@@ -55,6 +55,7 @@ struct Options {
     double sikv_heavy_frac = 0.25;
     std::string sikv_centre = "median";
     int recall_every = 4;
+    int dense_layers = 0;
     bool kv_f16 = false;
     bool flash_attn = false;
     bool dump_names = false;
@@ -81,6 +82,7 @@ void usage() {
         "  --sikv-page N      page size of the library's cache (16)\n"
         "  --sikv-heavy N     heavy tokens of the library's dense set (64; parity keeps its own)\n"
         "  --recall-every N   library methods: sikv_selection_recall every N decode steps (4)\n"
+        "  --dense-layers N   layers below N keep llama.cpp's dense attention under every method (0)\n"
         "  --sikv-heavy-frac F  charged budget: heavy = min(--sikv-heavy, floor(F * b)) (0.25)\n"
         "  --sikv-centre C    library key centre: median (default) or mean\n"
         "  --sikv-budget R    library budget rule: charged (default; heavy = min(--sikv-heavy, F * b) and k = b - heavy,\n"
@@ -138,6 +140,7 @@ Options parse(int argc, char ** argv) {
         else if (a == "--sikv-page") o.sikv_page = std::stoi(next());
         else if (a == "--sikv-heavy") o.sikv_heavy = std::stoi(next());
         else if (a == "--recall-every") o.recall_every = std::stoi(next());
+        else if (a == "--dense-layers") o.dense_layers = std::stoi(next());
         else if (a == "--methods") o.methods = split(next(), ',');
         else if (a == "--budgets") o.budgets = split(next(), ',');
         else if (a == "--configs")
@@ -201,6 +204,7 @@ struct Hook {
     std::vector<float> out;
     int outs_this_step = 0;
     DecodeMethod * method = nullptr;
+    int dense_layers = 0;  // layers below this keep llama.cpp's own output (the method still appends)
 
     // agreement between the method's output and llama.cpp's own kqv_out (same inputs)
     double rel_err_sum = 0.0;
@@ -297,6 +301,10 @@ bool eval_cb(ggml_tensor * t, bool ask, void * user_data) {
             }
             h.seen[layer] = 0;
             h.method->append(layer, h.dk[layer].data(), h.dv[layer].data());
+            if (layer < h.dense_layers) {
+                h.outs_this_step += 1;
+                break;
+            }
             h.method->attend(layer, h.dq[layer].data(), h.out.data());
             float * ref = (float *) t->data;
             double num = 0.0, den = 0.0;
@@ -444,6 +452,7 @@ int run(const Options & o) {
     hook.shape.head_dim = llama_model_n_embd(model) / hook.shape.n_q_heads;
     hook.shape.scale = 1.0f / std::sqrt((float) hook.shape.head_dim);
     hook.q_tail = o.q_tail;
+    hook.dense_layers = o.dense_layers;
     const ModelShape & s = hook.shape;
     const int L = s.n_layer;
     hook.pk.assign(L, {}); hook.pv.assign(L, {}); hook.pq.assign(L, {});
