@@ -56,6 +56,7 @@ struct Options {
     std::string sikv_centre = "median";
     int recall_every = 4;
     int dense_layers = 0;
+    int sikv_rerank = -1;
     bool kv_f16 = false;
     bool flash_attn = false;
     bool dump_names = false;
@@ -83,6 +84,7 @@ void usage() {
         "  --sikv-heavy N     heavy tokens of the library's dense set (64; parity keeps its own)\n"
         "  --recall-every N   library methods: sikv_selection_recall every N decode steps (4)\n"
         "  --dense-layers N   layers below N keep llama.cpp's dense attention under every method (0)\n"
+        "  --sikv-rerank C    re-rank factor of the two-stage library methods (the profile's: 4)\n"
         "  --sikv-heavy-frac F  charged budget: heavy = min(--sikv-heavy, floor(F * b)) (0.25)\n"
         "  --sikv-centre C    library key centre: median (default) or mean\n"
         "  --sikv-budget R    library budget rule: charged (default; heavy = min(--sikv-heavy, F * b) and k = b - heavy,\n"
@@ -141,6 +143,7 @@ Options parse(int argc, char ** argv) {
         else if (a == "--sikv-heavy") o.sikv_heavy = std::stoi(next());
         else if (a == "--recall-every") o.recall_every = std::stoi(next());
         else if (a == "--dense-layers") o.dense_layers = std::stoi(next());
+        else if (a == "--sikv-rerank") o.sikv_rerank = std::stoi(next());
         else if (a == "--methods") o.methods = split(next(), ',');
         else if (a == "--budgets") o.budgets = split(next(), ',');
         else if (a == "--configs")
@@ -396,6 +399,7 @@ std::unique_ptr<DecodeMethod> make_library_method(const std::string & m, const O
         }
     }
     lp.recall_every = o.recall ? o.recall_every : 0;
+    if (o.sikv_rerank >= 0 && lp.rerank_factor < 0 && lp.selector == 0 && !lp.oracle) lp.rerank_factor = o.sikv_rerank;
     if (o.sikv_centre == "mean") lp.centre = SIKV_CENTRE_MEAN;
     return make_library(lp);
 #else
