@@ -37,6 +37,35 @@ void attend_rows(const ModelShape & s, int g, const float * q, const float * k, 
     }
 }
 
+void group_mean_query(const ModelShape & s, int g, const float * q, float * qbar) {
+    const int d = s.head_dim;
+    std::fill(qbar, qbar + d, 0.0f);
+    for (int h = g * s.group(); h < (g + 1) * s.group(); ++h)
+        for (int c = 0; c < d; ++c) qbar[c] += q[(size_t) h * d + c];
+    for (int c = 0; c < d; ++c) qbar[c] /= (float) s.group();
+}
+
+void exact_topk(const ModelShape & s, int g, const float * keys, const float * qbar, int lo, int hi, int k,
+                std::vector<float> & score, std::vector<int32_t> & order, std::vector<int32_t> & out) {
+    const int d = s.head_dim;
+    score.resize(hi - lo);
+    order.resize(hi - lo);
+    for (int t = lo; t < hi; ++t) {
+        const float * kt = keys + ((size_t) t * s.n_kv_heads + g) * d;
+        float dot = 0.0f;
+        for (int c = 0; c < d; ++c) dot += qbar[c] * kt[c];
+        score[t - lo] = dot;
+        order[t - lo] = t;
+    }
+    k = std::min(k, hi - lo);
+    auto better = [&](int32_t a, int32_t b) {
+        const float sa = score[a - lo], sb = score[b - lo];
+        return sa > sb || (sa == sb && a < b);
+    };
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), better);
+    out.insert(out.end(), order.begin(), order.begin() + k);
+}
+
 namespace {
 
 // Shared machinery: an fp32 copy of every layer's keys and values, the dense set (sinks + recent window),
@@ -78,10 +107,7 @@ public:
         const int hi = win >= n ? lo : std::max(lo, n - win);
         qbar_.resize(d);
         for (int g = 0; g < s_.n_kv_heads; ++g) {
-            std::fill(qbar_.begin(), qbar_.end(), 0.0f);
-            for (int h = g * s_.group(); h < (g + 1) * s_.group(); ++h)
-                for (int c = 0; c < d; ++c) qbar_[c] += q[(size_t) h * d + c];
-            for (int c = 0; c < d; ++c) qbar_[c] /= (float) s_.group();
+            group_mean_query(s_, g, q, qbar_.data());
 
             sel_.clear();
             if (hi > lo && p_.budget > 0) select(layer, g, qbar_.data(), lo, hi, sel_);
@@ -111,28 +137,9 @@ protected:
         return K_[layer].data() + ((size_t) t * s_.n_kv_heads + g) * s_.head_dim;
     }
 
-    float exact_score(int layer, int t, int g, const float * qbar) const {
-        const float * kt = key(layer, t, g);
-        float dot = 0.0f;
-        for (int c = 0; c < s_.head_dim; ++c) dot += qbar[c] * kt[c];
-        return dot;
-    }
-
     // Exact top-k rows of [lo, hi) by q̄·k, ties to the smaller position.
     void exact_topk(int layer, int g, const float * qbar, int lo, int hi, int k, std::vector<int32_t> & out) {
-        score_.resize(hi - lo);
-        order_.resize(hi - lo);
-        for (int t = lo; t < hi; ++t) {
-            score_[t - lo] = exact_score(layer, t, g, qbar);
-            order_[t - lo] = t;
-        }
-        k = std::min(k, hi - lo);
-        auto better = [&](int32_t a, int32_t b) {
-            const float sa = score_[a - lo], sb = score_[b - lo];
-            return sa > sb || (sa == sb && a < b);
-        };
-        std::partial_sort(order_.begin(), order_.begin() + k, order_.end(), better);
-        out.insert(out.end(), order_.begin(), order_.begin() + k);
+        sikv_eval::exact_topk(s_, g, K_[layer].data(), qbar, lo, hi, k, score_, order_, out);
     }
 
     ModelShape s_;

@@ -129,6 +129,14 @@ struct LibraryParams {
 };
 std::unique_ptr<DecodeMethod> make_library(const LibraryParams & p);
 
+// q̄ of KV group g: the mean of its query heads. q [n_q_heads][head_dim] -> qbar [head_dim].
+void group_mean_query(const ModelShape & s, int g, const float * q, float * qbar);
+
+// The exact top-k rows of [lo, hi) by q̄·k for KV group g, ties to the smaller row, appended to `out` in rank
+// order. keys: [rows][n_kv_heads][head_dim]; score and order are scratch.
+void exact_topk(const ModelShape & s, int g, const float * keys, const float * qbar, int lo, int hi, int k,
+                std::vector<float> & score, std::vector<int32_t> & order, std::vector<int32_t> & out);
+
 // Attention of the q heads of KV group g over a set of token rows: out_h = softmax(scale q_h.k_t) v_t.
 // k, v: [n_tokens][n_kv_heads][head_dim]; idx: token rows to attend (any order); q, out: [n_q_heads][head_dim].
 void attend_rows(const ModelShape & s, int g, const float * q, const float * k, const float * v,

@@ -136,7 +136,7 @@ private:
     // candidates (everything outside sinks and window; this variant keeps no heavy tokens), attended
     // with the cache's stored bits: the quantisation loss without any selection loss.
     void attend_oracle(int layer, const float * q, float * out) {
-        const int d = shape_.head_dim, hkv = shape_.n_kv_heads, g = shape_.group();
+        const int d = shape_.head_dim, hkv = shape_.n_kv_heads;
         const size_t row = (size_t) hkv * d;
         const int len = (int) (exact_k_[layer].size() / row);
         const int lo = std::min((int) cfg_.n_sink, len);
@@ -146,27 +146,12 @@ private:
         idx_.assign((size_t) hkv * kmax, -1);
         cnt_.assign(hkv, k);
         qbar_.resize(d);
-        score_.resize(hi - lo);
-        order_.resize(hi - lo);
         for (int h = 0; h < hkv; ++h) {
-            std::fill(qbar_.begin(), qbar_.end(), 0.0f);
-            for (int j = h * g; j < (h + 1) * g; ++j)
-                for (int c = 0; c < d; ++c) qbar_[c] += q[(size_t) j * d + c];
-            for (int c = 0; c < d; ++c) qbar_[c] /= (float) g;
-            for (int t = lo; t < hi; ++t) {
-                const float * kt = exact_k_[layer].data() + (size_t) t * row + (size_t) h * d;
-                float dot = 0.0f;
-                for (int c = 0; c < d; ++c) dot += qbar_[c] * kt[c];
-                score_[t - lo] = dot;
-                order_[t - lo] = t;
-            }
-            auto better = [&](int32_t a, int32_t b) {
-                const float sa = score_[a - lo], sb = score_[b - lo];
-                return sa > sb || (sa == sb && a < b);
-            };
-            std::partial_sort(order_.begin(), order_.begin() + k, order_.end(), better);
-            std::sort(order_.begin(), order_.begin() + k);
-            std::copy(order_.begin(), order_.begin() + k, idx_.begin() + (size_t) h * kmax);
+            group_mean_query(shape_, h, q, qbar_.data());
+            top_.clear();
+            exact_topk(shape_, h, exact_k_[layer].data(), qbar_.data(), lo, hi, k, score_, order_, top_);
+            std::sort(top_.begin(), top_.end());
+            std::copy(top_.begin(), top_.end(), idx_.begin() + (size_t) h * kmax);
             st_.attended_sum += std::min(len, (int) (cfg_.n_sink + cfg_.n_window)) + k;
             st_.attended_count += 1;
         }
@@ -176,7 +161,7 @@ private:
     }
 
     std::vector<float> qbar_, score_;
-    std::vector<int32_t> order_, idx_, cnt_;
+    std::vector<int32_t> order_, top_, idx_, cnt_;
 
     LibraryParams p_;
     ModelShape shape_;
