@@ -376,15 +376,16 @@ impl DeviceBackend {
         self.ctx
             .select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
         self.ctx.synchronize(stream as _)?;
-        let mut buf = vec![0u8; 4 * indices.len()];
-        self.ctx.copy_dtoh(&mut buf, si)?;
-        for (i, x) in indices.iter_mut().enumerate() {
-            *x = i32::from_le_bytes(buf[4 * i..4 * i + 4].try_into().unwrap());
-        }
-        let mut buf = vec![0u8; 4 * counts.len()];
-        self.ctx.copy_dtoh(&mut buf, sc)?;
-        for (i, x) in counts.iter_mut().enumerate() {
-            *x = i32::from_le_bytes(buf[4 * i..4 * i + 4].try_into().unwrap());
+        self.read_i32s(indices, si)?;
+        self.read_i32s(counts, sc)
+    }
+
+    /// Copies `dst.len()` int32 values from device address `src` (after a synchronize).
+    fn read_i32s(&self, dst: &mut [i32], src: u64) -> Result<()> {
+        let mut buf = vec![0u8; 4 * dst.len()];
+        self.ctx.copy_dtoh(&mut buf, src)?;
+        for (i, x) in dst.iter_mut().enumerate() {
+            *x = crate::numeric::read_i32(&buf, i);
         }
         Ok(())
     }
