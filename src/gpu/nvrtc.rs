@@ -130,7 +130,14 @@ pub fn compile_variant(
     // Compiled images are kept for the life of the process: a second context of the same
     // variant on the same architecture loads in milliseconds instead of recompiling.
     static CACHE: std::sync::Mutex<Vec<(String, Vec<u8>, String)>> = std::sync::Mutex::new(Vec::new());
-    let key = format!("{major}.{minor}:{only:?}:{}", main.len());
+    // Keyed by the source's content: two sources of one length must not share an image.
+    let key = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        main.hash(&mut h);
+        headers.hash(&mut h);
+        format!("{major}.{minor}:{only:?}:{:016x}", h.finish())
+    };
     if let Some((_, img, desc)) = CACHE
         .lock()
         .unwrap_or_else(|e| e.into_inner())
