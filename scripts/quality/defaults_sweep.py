@@ -28,7 +28,7 @@ def variants(b):
     return {
         "reference": ([], b),
         "heavy_0": (["--sikv-heavy-frac", "0"], b),
-        "heavy_half": (["--sikv-heavy-frac", "0.5"], b),
+        "heavy_128": (["--sikv-heavy", "128", "--sikv-heavy-frac", "0.5"], b),
         "window_32": (["--window", "32"], b + 32),
         "window_128": (["--window", "128"], b - 64),
         "sinks_0": (["--sinks", "0"], b + 4),
