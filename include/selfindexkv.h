@@ -395,6 +395,10 @@ const char *sikv_build_info(void);
 // valid until the next failed call on this thread; never NULL.
 const char *sikv_last_error_message(void);
 
+// The CUDA driver's `CUresult` behind the last failed call on the calling thread, when that
+// call returned `SIKV_ERR_CUDA`; 0 otherwise. Its name and description are in the message.
+int32_t sikv_last_error_cuda_code(void);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -43,11 +43,17 @@ pub enum SikvStatus {
     SIKV_ERR_OUT_OF_MEMORY = 16,
 }
 
-/// The crate's error: a status and a message naming the offending argument.
+/// The crate's error: a status and a message naming the offending argument; for
+/// `SIKV_ERR_CUDA`, the driver's `CUresult` too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Error {
     pub status: SikvStatus,
     pub message: String,
+    /// The `CUresult` of the failed driver call (0 when the error did not come from CUDA).
+    pub cuda_code: i32,
+    /// The failure left the CUDA context unusable (an illegal address, a failed launch, ...):
+    /// every later call on the same handle would fail too, so the handle is poisoned.
+    pub sticky: bool,
 }
 
 impl Error {
@@ -55,6 +61,17 @@ impl Error {
         Error {
             status,
             message: message.into(),
+            cuda_code: 0,
+            sticky: false,
+        }
+    }
+    /// A failed CUDA driver call: keeps the driver's code and whether it broke the context.
+    pub fn cuda(code: i32, sticky: bool, message: impl Into<String>) -> Self {
+        Error {
+            status: SikvStatus::SIKV_ERR_CUDA,
+            message: message.into(),
+            cuda_code: code,
+            sticky,
         }
     }
     pub fn invalid(message: impl Into<String>) -> Self {

@@ -1,6 +1,6 @@
 //! The panic boundary, the thread-local last error, and raw-pointer helpers.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,11 +9,22 @@ use crate::status::{Error, Result, SikvStatus};
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    static LAST_CUDA_CODE: Cell<i32> = const { Cell::new(0) };
 }
 
 fn set_last_error(msg: &str) {
+    set_last_error_with_code(msg, 0);
+}
+
+fn set_last_error_with_code(msg: &str, cuda_code: i32) {
     let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    LAST_CUDA_CODE.with(|e| e.set(cuda_code));
+}
+
+/// The `CUresult` of the last failed call on this thread (0 if it was not a CUDA failure).
+pub(crate) fn last_cuda_code() -> i32 {
+    LAST_CUDA_CODE.with(|e| e.get())
 }
 
 /// The message of the last failed call on this thread ("" if none).
@@ -27,18 +38,24 @@ pub(crate) fn last_error_ptr() -> *const c_char {
 }
 
 /// Runs `f` behind the panic boundary. A handle whose `poison` flag is set refuses the call; a
-/// panic sets it and returns `SIKV_ERR_INTERNAL`.
+/// panic sets it and returns `SIKV_ERR_INTERNAL`, and so does a CUDA error that leaves the
+/// context unusable (the call still returns `SIKV_ERR_CUDA` with the driver's code).
 pub fn boundary<F: FnOnce() -> Result<()>>(poison: Option<&AtomicBool>, f: F) -> SikvStatus {
     if let Some(p) = poison {
         if p.load(Ordering::Acquire) {
-            set_last_error("the handle is poisoned by an earlier internal error; destroy it");
+            set_last_error("the handle is poisoned by an earlier internal or unrecoverable CUDA error; destroy it");
             return SikvStatus::SIKV_ERR_POISONED;
         }
     }
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => SikvStatus::SIKV_OK,
         Ok(Err(e)) => {
-            set_last_error(&e.message);
+            if e.sticky {
+                if let Some(p) = poison {
+                    p.store(true, Ordering::Release);
+                }
+            }
+            set_last_error_with_code(&e.message, e.cuda_code);
             e.status
         }
         Err(payload) => {

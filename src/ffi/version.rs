@@ -3,7 +3,7 @@
 use std::ffi::{c_char, CString};
 use std::sync::OnceLock;
 
-use super::boundary::last_error_ptr;
+use super::boundary::{last_cuda_code, last_error_ptr};
 
 pub const SIKV_VERSION_MAJOR: u32 = 0;
 pub const SIKV_VERSION_MINOR: u32 = 1;
@@ -56,6 +56,13 @@ pub extern "C" fn sikv_build_info() -> *const c_char {
 #[no_mangle]
 pub extern "C" fn sikv_last_error_message() -> *const c_char {
     last_error_ptr()
+}
+
+/// The CUDA driver's `CUresult` behind the last failed call on the calling thread, when that
+/// call returned `SIKV_ERR_CUDA`; 0 otherwise. Its name and description are in the message.
+#[no_mangle]
+pub extern "C" fn sikv_last_error_cuda_code() -> i32 {
+    last_cuda_code()
 }
 
 /// The C header cbindgen generated in this build; a test diffs it against the committed copy.

@@ -10,15 +10,52 @@ use crate::status::{Error, Result, SikvStatus};
 
 pub use sys::{CUcontext, CUdevice, CUfunction, CUmodule};
 
-/// Maps a driver result to our error type, naming the call.
+/// Maps a driver result to our error type, naming the call and keeping the driver's code.
 pub fn ck(r: sys::CUresult, call: &str) -> Result<()> {
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(());
     }
-    Err(Error::new(
-        SikvStatus::SIKV_ERR_CUDA,
-        format!("{call} failed: {}", error_name(r)),
+    Err(Error::cuda(
+        r as i32,
+        is_sticky(r),
+        format!(
+            "{call} failed: {} (CUresult {}): {}",
+            error_name(r),
+            r as i32,
+            error_string(r)
+        ),
     ))
+}
+
+/// Errors after which the context is unusable until the process ends: the driver reports
+/// them again on every later call, so the handle that saw one is poisoned.
+fn is_sticky(r: sys::CUresult) -> bool {
+    use sys::CUresult::*;
+    matches!(
+        r,
+        CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ASSERT
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+            | CUDA_ERROR_ECC_UNCORRECTABLE
+            | CUDA_ERROR_CONTEXT_IS_DESTROYED
+    )
+}
+
+fn error_string(r: sys::CUresult) -> String {
+    let mut p: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorString writes a static string pointer.
+    unsafe {
+        if sys::cuGetErrorString(r, &mut p) == sys::CUresult::CUDA_SUCCESS && !p.is_null() {
+            return CStr::from_ptr(p).to_string_lossy().into_owned();
+        }
+    }
+    "no description".into()
 }
 
 pub fn error_name(r: sys::CUresult) -> String {
@@ -375,4 +412,97 @@ pub fn event_destroy(e: sys::CUevent) {
     unsafe {
         let _ = sys::cuEventDestroy_v2(e);
     }
+}
+
+/// Page-locked host memory, mapped into the device's address space (`CU_MEMHOSTALLOC_DEVICEMAP`)
+/// and portable across contexts: staging for uploads that must not synchronise, and words the
+/// device writes that the host reads without a copy.
+pub fn host_alloc_pinned(bytes: usize) -> Result<*mut u8> {
+    let mut p: *mut c_void = std::ptr::null_mut();
+    let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+    // SAFETY: out-parameter call in the current context.
+    let r = unsafe { sys::cuMemHostAlloc(&mut p, bytes.max(1), flags) };
+    if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Err(Error::new(
+            SikvStatus::SIKV_ERR_OUT_OF_MEMORY,
+            format!("cuMemHostAlloc of {bytes} bytes: out of page-locked memory"),
+        ));
+    }
+    ck(r, "cuMemHostAlloc")?;
+    Ok(p as *mut u8)
+}
+
+/// The device address of pinned memory from [`host_alloc_pinned`].
+pub fn host_device_ptr(p: *mut u8) -> Result<u64> {
+    let mut d: sys::CUdeviceptr = 0;
+    // SAFETY: p came from host_alloc_pinned with DEVICEMAP.
+    unsafe {
+        ck(
+            sys::cuMemHostGetDevicePointer_v2(&mut d, p as *mut c_void, 0),
+            "cuMemHostGetDevicePointer",
+        )?
+    };
+    Ok(d)
+}
+
+pub fn host_free_pinned(p: *mut u8) {
+    // SAFETY: p came from host_alloc_pinned and is not used afterwards.
+    unsafe {
+        let _ = sys::cuMemFreeHost(p as *mut c_void);
+    }
+}
+
+/// Copies `bytes` from page-locked host memory; asynchronous with respect to the host (the
+/// source must stay unchanged until the stream reaches the copy).
+///
+/// # Safety
+/// `src` points to `bytes` bytes of page-locked memory and `dst` to a device allocation of at
+/// least `bytes`, both alive until the stream reaches the copy.
+pub unsafe fn copy_htod_pinned_async(dst: u64, src: *const u8, bytes: usize, stream: sys::CUstream) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    ck(
+        sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, bytes, stream),
+        "cuMemcpyHtoDAsync",
+    )
+}
+
+/// An event without timing (cheaper to record and query): marks how far a stream got.
+pub fn event_create_sync_only() -> Result<sys::CUevent> {
+    let mut e: sys::CUevent = std::ptr::null_mut();
+    // SAFETY: out-parameter call.
+    unsafe {
+        ck(
+            sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32),
+            "cuEventCreate",
+        )?
+    };
+    Ok(e)
+}
+
+/// Whether the work before the event's last record has finished (never blocks).
+pub fn event_done(e: sys::CUevent) -> Result<bool> {
+    // SAFETY: live event.
+    let r = unsafe { sys::cuEventQuery(e) };
+    if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+        return Ok(false);
+    }
+    ck(r, "cuEventQuery").map(|_| true)
+}
+
+/// Blocks until the work before the event's last record has finished.
+pub fn event_wait(e: sys::CUevent) -> Result<()> {
+    // SAFETY: live event.
+    unsafe { ck(sys::cuEventSynchronize(e), "cuEventSynchronize") }
+}
+
+/// Whether every operation queued on `stream` has finished (never blocks).
+pub fn stream_done(stream: sys::CUstream) -> Result<bool> {
+    // SAFETY: live stream (or null = legacy default).
+    let r = unsafe { sys::cuStreamQuery(stream) };
+    if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+        return Ok(false);
+    }
+    ck(r, "cuStreamQuery").map(|_| true)
 }
