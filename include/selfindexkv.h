@@ -377,6 +377,8 @@ enum SikvStatus sikv_kernel_reset_slot(const struct SikvKernels *kernels, const 
 
 // Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
 // accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
+// With a dense crossover at or above `max_seq_len` it runs the dense decode instead (decided
+// from the declared bounds, so a captured graph stays valid).
 enum SikvStatus sikv_kernel_decode(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
 
 // The library version and how its kernels were built, e.g.

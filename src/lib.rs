@@ -7,12 +7,14 @@
 //! - [`reference`]: the CPU reference of every pipeline stage, per head, written for exactness;
 //! - [`cpu`]: the same stages over layout memory (the CPU backend behind the C ABI);
 //! - [`gpu`]: the CUDA launchers for the kernels in `kernels/`;
+//! - [`exec`]: the stage executor (CPU or CUDA) both ABI layers run stages through;
 //! - [`cache`]: pools, page allocator and sequence slots of the managed cache;
 //! - [`ffi`]: the C ABI, the only place with `extern "C"`.
 
 pub mod cache;
 pub mod config;
 pub mod cpu;
+pub mod exec;
 pub mod ffi;
 pub mod gpu;
 pub mod layout;

@@ -1,15 +1,21 @@
-//! The managed cache on a CUDA device: pools in device memory (owned or borrowed), a metadata
-//! buffer for the host-built page tables and slot mappings, and the stage launchers.
+//! The managed cache's memory on a CUDA device: pools (owned or borrowed), the workspace, and
+//! the device copies of each call's metadata (page table, slot mappings, a caller's selection).
 //!
-//! Metadata goes up with asynchronous copies on the caller's stream into one buffer sized from
-//! the declared bounds, so calls on one cache must be ordered on one stream (or by the caller).
-//! Host activations (`Activations::Host`) are accepted as a convenience for tools and tests:
-//! they are staged through a device buffer allocated on first use, and a host output is read
-//! back synchronously. Engines pass device pointers and get neither.
+//! Metadata goes up in one copy per call from a page-locked ring ([`UploadRing`]), so a call
+//! never waits for the stream; a page table identical to the last one uploaded (every layer
+//! of a decode step) is not sent again. The device regions are reused call after call, so the
+//! calls on one cache must be ordered on one stream (or by the caller).
+//!
+//! Host activations are accepted as a convenience for tools and tests: they are staged through
+//! a device buffer allocated on first use, and a host output is read back synchronously.
+//! Engines pass device pointers and get neither.
 
-use super::backend::{Activations, Output, Selection};
-use super::{Fnv, OwnedPageTable, Stream};
+use super::{Activations, Fnv, Output, OwnedPageTable, Pools};
 use crate::config::CacheConfig;
+use crate::exec::{
+    Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Stream, Table, Workspace,
+};
+use crate::gpu::upload::UploadRing;
 use crate::gpu::{DevLayer, DevPageTable, DeviceBuffer, GpuContext};
 use crate::layout::{Layout, SIKV_NUM_PLANES};
 use crate::status::{Error, Result};
@@ -35,73 +41,101 @@ impl DevStore {
     }
 }
 
-/// Offsets of the metadata buffer's regions (bytes, 256-aligned).
-struct MetaLayout {
-    indptr: usize,
-    indices: usize,
-    last_page_len: usize,
-    seq_slot: usize,
-    position: usize,
-    slot_mapping: usize,
-    sel_indices: usize,
-    sel_counts: usize,
+/// Parts inside a region start on this boundary (kernels read them with up to 16-byte loads).
+const PART_ALIGN: usize = 16;
+
+fn part(bytes: usize) -> usize {
+    bytes.div_ceil(PART_ALIGN) * PART_ALIGN
+}
+
+/// Where the parts of one upload go: byte offsets from the region's start, and the total.
+struct Packing<const N: usize> {
+    at: [usize; N],
     total: usize,
 }
 
-impl MetaLayout {
-    fn new(cfg: &CacheConfig) -> MetaLayout {
-        let b = cfg.max_batch as usize;
-        let toks = cfg.max_append_tokens.max(cfg.max_seq_len) as usize;
-        let rows = b * cfg.num_kv_heads as usize;
-        let mut off = 0usize;
-        let mut take = |bytes: usize| {
-            let at = off;
-            off = (off + bytes.max(1)).div_ceil(256) * 256;
-            at
-        };
-        MetaLayout {
-            indptr: take(4 * (b + 1)),
-            indices: take(4 * b * cfg.pages_per_seq_max() as usize),
-            last_page_len: take(4 * b),
-            seq_slot: take(4 * toks.max(b)),
-            position: take(4 * toks),
-            slot_mapping: take(8 * toks),
-            sel_indices: take(4 * rows * cfg.budget.max as usize),
-            sel_counts: take(4 * rows),
-            total: off,
+impl<const N: usize> Packing<N> {
+    fn new(sizes: [usize; N]) -> Packing<N> {
+        let mut at = [0; N];
+        let mut off = 0;
+        for (a, s) in at.iter_mut().zip(sizes) {
+            *a = off;
+            off += part(s);
         }
+        Packing { at, total: off }
     }
 }
 
-pub struct DeviceBackend {
+fn put_i32s(dst: &mut [u8], at: usize, v: &[i32]) {
+    for (i, x) in v.iter().enumerate() {
+        dst[at + 4 * i..at + 4 * i + 4].copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn put_i64s(dst: &mut [u8], at: usize, v: &[i64]) {
+    for (i, x) in v.iter().enumerate() {
+        dst[at + 8 * i..at + 8 * i + 8].copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// The three metadata regions of the device buffer, each sized from the declared bounds.
+struct Regions {
+    table: usize,
+    tokens: usize,
+    selection: usize,
+    table_bytes: usize,
+    total: usize,
+}
+
+impl Regions {
+    fn new(cfg: &CacheConfig) -> Regions {
+        let b = cfg.max_batch as usize;
+        let toks = cfg.max_append_tokens.max(cfg.max_seq_len) as usize;
+        let rows = b * cfg.num_kv_heads as usize;
+        let table_bytes = part(4 * (b + 1)) + part(4 * b * cfg.pages_per_seq_max() as usize) + 2 * part(4 * b);
+        let tokens = part(8 * toks) + 2 * part(4 * toks);
+        let selection = part(4 * rows * cfg.budget.max as usize) + part(4 * rows);
+        let r = |x: usize| x.div_ceil(256) * 256;
+        Regions {
+            table: 0,
+            tokens: r(table_bytes),
+            selection: r(table_bytes) + r(tokens),
+            table_bytes,
+            total: r(table_bytes) + r(tokens) + r(selection),
+        }
+    }
+    fn largest(&self) -> usize {
+        self.tokens
+            .max(self.selection - self.tokens)
+            .max(self.total - self.selection)
+    }
+}
+
+pub struct DeviceStore {
     ctx: GpuContext,
     planes: DevStore,
     state: DevStore,
     workspace: DevStore,
     meta: DeviceBuffer,
-    meta_layout: MetaLayout,
+    regions: Regions,
+    ring: UploadRing,
+    /// The bytes of the last page-table upload (capacity reserved at create time).
+    last_table: Vec<u8>,
     staging: Option<DeviceBuffer>,
 }
 
-fn i32_bytes(v: &[i32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn i64_bytes(v: &[i64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-impl DeviceBackend {
-    pub fn create(cfg: &CacheConfig, layout: &Layout, pools: Option<super::Pools>) -> Result<DeviceBackend> {
-        let ctx = GpuContext::new(cfg, layout)?;
-        let ws_need = GpuContext::workspace_bytes(cfg, layout, cfg.max_batch);
+impl DeviceStore {
+    pub fn create(exec: &Executor, pools: Option<Pools>) -> Result<DeviceStore> {
+        let (cfg, layout) = (exec.cfg(), exec.layout());
+        let ctx = exec.gpu().expect("a device store needs a CUDA executor").clone();
+        let ws_need = exec.stage_workspace_bytes(cfg.max_batch);
         let (planes, state, workspace) = match pools {
             None => (
                 DevStore::Owned(ctx.alloc(layout.total_plane_bytes())?),
                 DevStore::Owned(ctx.alloc(layout.total_state_bytes())?),
                 DevStore::Owned(ctx.alloc(ws_need)?),
             ),
-            Some(super::Pools::Device {
+            Some(Pools::Device {
                 planes,
                 planes_bytes,
                 state,
@@ -143,29 +177,30 @@ impl DeviceBackend {
                     },
                 )
             }
-            Some(super::Pools::Host { .. }) => {
+            Some(Pools::Host { .. }) => {
                 return Err(Error::invalid(
                     "host pools were given to a cache running on a CUDA device",
                 ))
             }
         };
-        let meta_layout = MetaLayout::new(cfg);
-        let meta = ctx.alloc(meta_layout.total)?;
+        let regions = Regions::new(cfg);
+        let meta = ctx.alloc(regions.total)?;
+        // Room for several calls' metadata in flight before the host has to wait.
+        let ring = UploadRing::new(&ctx, (4 << 20).max(4 * regions.largest()))?;
+        let last_table = Vec::with_capacity(regions.table_bytes);
         ctx.memset_async(state.ptr(), 0, layout.total_state_bytes(), std::ptr::null_mut())?;
         ctx.synchronize(std::ptr::null_mut())?;
-        Ok(DeviceBackend {
+        Ok(DeviceStore {
             ctx,
             planes,
             state,
             workspace,
             meta,
-            meta_layout,
+            regions,
+            ring,
+            last_table,
             staging: None,
         })
-    }
-
-    pub fn context(&self) -> &GpuContext {
-        &self.ctx
     }
 
     fn layer(&self, layout: &Layout, layer: u32) -> DevLayer {
@@ -182,84 +217,74 @@ impl DeviceBackend {
         }
     }
 
-    fn meta_at(&self, off: usize) -> u64 {
-        self.meta.ptr() + off as u64
+    fn workspace(&self) -> Workspace {
+        Workspace {
+            ptr: self.workspace.ptr(),
+            bytes: self.workspace.bytes(),
+        }
     }
 
     /// Device addresses for `acts`: device pointers pass through, host bytes are staged.
-    fn device_inputs(&mut self, acts: &[Activations], stream: Stream) -> Result<Vec<u64>> {
+    fn device_inputs<const N: usize>(&mut self, acts: [Activations; N], stream: Stream) -> Result<[u64; N]> {
         let host: usize = acts
             .iter()
-            .map(|a| {
-                if let Activations::Host(b) = a {
-                    b.len().div_ceil(256) * 256
-                } else {
-                    0
-                }
+            .map(|a| match a {
+                Mem::Host(b) => b.len().div_ceil(256) * 256,
+                Mem::Device(_) => 0,
             })
             .sum();
         if host > 0 && self.staging.as_ref().map(|s| s.bytes() < host).unwrap_or(true) {
             self.staging = Some(self.ctx.alloc(host)?);
         }
         let mut off = 0u64;
-        let mut out = Vec::with_capacity(acts.len());
-        for a in acts {
-            match a {
-                Activations::Device(p) => out.push(*p),
-                Activations::Host(b) => {
-                    let dst = self.staging.as_ref().unwrap().ptr() + off;
-                    self.ctx.copy_htod_async(dst, b, stream as _)?;
-                    out.push(dst);
+        let mut out = [0u64; N];
+        for (o, a) in out.iter_mut().zip(acts) {
+            *o = match a {
+                Mem::Device(p) => p,
+                Mem::Host(b) => {
+                    let dst = self.staging.as_ref().expect("staging allocated above").ptr() + off;
+                    self.ctx.copy_htod_async(dst, b, stream)?;
                     off += (b.len().div_ceil(256) * 256) as u64;
+                    dst
                 }
-            }
+            };
         }
         Ok(out)
     }
 
-    pub fn reset_slot(&mut self, cfg: &CacheConfig, layout: &Layout, slot: u32) -> Result<()> {
-        for l in 0..layout.num_layers {
-            let layer = self.layer(layout, l as u32);
-            self.ctx
-                .reset_sequence(cfg, layout, &layer, slot, std::ptr::null_mut())?;
-        }
-        self.ctx.synchronize(std::ptr::null_mut())
-    }
-
-    /// Copies state records and pages through the host (fork is not a hot path).
-    pub fn copy_seq(&mut self, layout: &Layout, src: u32, dst: u32, pages: &[(u32, u32)]) -> Result<()> {
-        self.ctx.synchronize(std::ptr::null_mut())?;
-        let rec = layout.num_kv_heads * layout.state.bytes;
-        let mut buf = vec![0u8; rec];
-        for l in 0..layout.num_layers {
-            let base = self.state.ptr() + (l * layout.layer_state_bytes) as u64;
-            self.ctx.copy_dtoh(&mut buf, base + (src as usize * rec) as u64)?;
-            self.ctx
-                .copy_htod_async(base + (dst as usize * rec) as u64, &buf, std::ptr::null_mut())?;
-        }
-        for l in 0..layout.num_layers {
-            for p in 0..SIKV_NUM_PLANES {
-                let block = layout.num_kv_heads * layout.page_size * layout.format.row_bytes[p];
-                if block == 0 {
-                    continue;
-                }
-                let base = self.planes.ptr() + (l * layout.layer_plane_bytes + layout.plane_offset[p]) as u64;
-                let mut page = vec![0u8; block];
-                for &(from, to) in pages {
-                    self.ctx.copy_dtoh(&mut page, base + (from as usize * block) as u64)?;
-                    self.ctx
-                        .copy_htod_async(base + (to as usize * block) as u64, &page, std::ptr::null_mut())?;
-                }
+    /// Uploads a batch's page table and seq slots (skipped when the device holds them already).
+    fn upload_table(&mut self, t: &OwnedPageTable, seq_slot: &[i32], stream: Stream) -> Result<(DevPageTable, u64)> {
+        let b = seq_slot.len();
+        let pk = Packing::new([4 * (b + 1), 4 * t.indices.len(), 4 * b, 4 * b]);
+        let base = self.meta.ptr() + self.regions.table as u64;
+        let last = &mut self.last_table;
+        self.ring.upload(base, pk.total, stream, |bytes| {
+            bytes.fill(0); // padding too, so equal tables compare equal
+            put_i32s(bytes, pk.at[0], &t.indptr);
+            put_i32s(bytes, pk.at[1], &t.indices);
+            put_i32s(bytes, pk.at[2], &t.last_page_len);
+            put_i32s(bytes, pk.at[3], seq_slot);
+            if last.as_slice() == &bytes[..] {
+                return false;
             }
-        }
-        self.ctx.synchronize(std::ptr::null_mut())
+            last.clear();
+            last.extend_from_slice(bytes);
+            true
+        })?;
+        let at = |i: usize| base + pk.at[i] as u64;
+        let table = DevPageTable {
+            indptr: at(0),
+            indices: at(1),
+            last_page_len: at(2),
+            batch: b as u32,
+        };
+        Ok((table, at(3)))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the stage's prompt, unpacked by the cache
     pub fn calibrate(
         &mut self,
-        cfg: &CacheConfig,
-        layout: &Layout,
+        exec: &Executor,
         layer: u32,
         slot: u32,
         n: u32,
@@ -270,34 +295,29 @@ impl DeviceBackend {
         slot_mapping: &[i64],
         stream: Stream,
     ) -> Result<()> {
-        let ins = self.device_inputs(&[k, v, q_tail], stream)?;
-        let sm = self.meta_at(self.meta_layout.slot_mapping);
-        self.ctx.copy_htod_async(sm, &i64_bytes(slot_mapping), stream as _)?;
-        let dl = self.layer(layout, layer);
-        let ws = self.workspace.ptr();
-        let wsb = self.workspace.bytes();
-        self.ctx.calibrate(
-            cfg,
-            layout,
-            &dl,
-            slot,
-            n,
-            ins[0],
-            ins[1],
-            nq,
-            ins[2],
-            sm,
-            ws,
-            wsb,
-            stream as _,
-        )
+        let [k, v, q] = self.device_inputs([k, v, q_tail], stream)?;
+        let sm = self.meta.ptr() + self.regions.tokens as u64;
+        self.ring.upload(sm, 8 * slot_mapping.len(), stream, |bytes| {
+            put_i64s(bytes, 0, slot_mapping);
+            true
+        })?;
+        let prompt = Prompt {
+            seq_slot: slot,
+            n_tokens: n,
+            k: Mem::Device(k),
+            v: Mem::Device(v),
+            n_query: nq,
+            q_tail: Mem::Device(q),
+            slot_mapping: Mem::Device(sm),
+        };
+        let pools = LayerPools::Device(self.layer(exec.layout(), layer));
+        exec.calibrate(pools, &prompt, self.workspace(), stream)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the stage's tokens, unpacked by the cache
     pub fn append(
         &mut self,
-        cfg: &CacheConfig,
-        layout: &Layout,
+        exec: &Executor,
         layer: u32,
         k: Activations,
         v: Activations,
@@ -306,57 +326,34 @@ impl DeviceBackend {
         position: &[i32],
         stream: Stream,
     ) -> Result<()> {
-        let ins = self.device_inputs(&[k, v], stream)?;
-        let m = &self.meta_layout;
-        let (sm, ss, pos) = (
-            self.meta_at(m.slot_mapping),
-            self.meta_at(m.seq_slot),
-            self.meta_at(m.position),
-        );
-        self.ctx.copy_htod_async(sm, &i64_bytes(slot_mapping), stream as _)?;
-        self.ctx.copy_htod_async(ss, &i32_bytes(seq_slot), stream as _)?;
-        self.ctx.copy_htod_async(pos, &i32_bytes(position), stream as _)?;
-        let dl = self.layer(layout, layer);
-        self.ctx.append(
-            cfg,
-            layout,
-            &dl,
-            slot_mapping.len() as u32,
-            ins[0],
-            ins[1],
-            sm,
-            ss,
-            pos,
-            stream as _,
-        )
-    }
-
-    fn upload_table(&self, table: &OwnedPageTable, seq_slot: &[i32], stream: Stream) -> Result<(DevPageTable, u64)> {
-        let m = &self.meta_layout;
-        let t = DevPageTable {
-            indptr: self.meta_at(m.indptr),
-            indices: self.meta_at(m.indices),
-            last_page_len: self.meta_at(m.last_page_len),
-            batch: seq_slot.len() as u32,
+        let [k, v] = self.device_inputs([k, v], stream)?;
+        let n = slot_mapping.len();
+        let pk = Packing::new([8 * n, 4 * n, 4 * n]);
+        let base = self.meta.ptr() + self.regions.tokens as u64;
+        self.ring.upload(base, pk.total, stream, |bytes| {
+            put_i64s(bytes, pk.at[0], slot_mapping);
+            put_i32s(bytes, pk.at[1], seq_slot);
+            put_i32s(bytes, pk.at[2], position);
+            true
+        })?;
+        let at = |i: usize| base + pk.at[i] as u64;
+        let tokens = NewTokens {
+            n_tokens: n as u32,
+            k: Mem::Device(k),
+            v: Mem::Device(v),
+            slot_mapping: Mem::Device(at(0)),
+            seq_slot: Mem::Device(at(1)),
+            position: Mem::Device(at(2)),
         };
-        self.ctx
-            .copy_htod_async(t.indptr, &i32_bytes(&table.indptr), stream as _)?;
-        if !table.indices.is_empty() {
-            self.ctx
-                .copy_htod_async(t.indices, &i32_bytes(&table.indices), stream as _)?;
-        }
-        self.ctx
-            .copy_htod_async(t.last_page_len, &i32_bytes(&table.last_page_len), stream as _)?;
-        let ss = self.meta_at(m.seq_slot);
-        self.ctx.copy_htod_async(ss, &i32_bytes(seq_slot), stream as _)?;
-        Ok((t, ss))
+        let pools = LayerPools::Device(self.layer(exec.layout(), layer));
+        exec.append(pools, &tokens, stream)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The selection into host arrays (synchronises: telemetry and tools).
+    #[allow(clippy::too_many_arguments)] // the batch, unpacked by the cache
     pub fn select(
         &mut self,
-        cfg: &CacheConfig,
-        layout: &Layout,
+        exec: &Executor,
         layer: u32,
         table: &OwnedPageTable,
         seq_slot: &[i32],
@@ -365,17 +362,27 @@ impl DeviceBackend {
         counts: &mut [i32],
         stream: Stream,
     ) -> Result<()> {
-        let ins = self.device_inputs(&[q], stream)?;
+        let [q] = self.device_inputs([q], stream)?;
         let (t, ss) = self.upload_table(table, seq_slot, stream)?;
-        let dl = self.layer(layout, layer);
-        let (si, sc) = (
-            self.meta_at(self.meta_layout.sel_indices),
-            self.meta_at(self.meta_layout.sel_counts),
-        );
-        let (ws, wsb) = (self.workspace.ptr(), self.workspace.bytes());
-        self.ctx
-            .select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
-        self.ctx.synchronize(stream as _)?;
+        let rows = seq_slot.len() * exec.cfg().num_kv_heads as usize;
+        let pk = Packing::new([4 * rows * exec.cfg().budget.max as usize, 4 * rows]);
+        let base = self.meta.ptr() + self.regions.selection as u64;
+        let (si, sc) = (base + pk.at[0] as u64, base + pk.at[1] as u64);
+        let batch = Batch {
+            table: Table::Device(t),
+            seq_slot: Mem::Device(ss),
+            q: Mem::Device(q),
+        };
+        let pools = LayerView::Device(self.layer(exec.layout(), layer));
+        exec.select(
+            pools,
+            &batch,
+            MemMut::Device(si),
+            MemMut::Device(sc),
+            self.workspace(),
+            stream,
+        )?;
+        self.ctx.synchronize(stream)?;
         self.read_i32s(indices, si)?;
         self.read_i32s(counts, sc)
     }
@@ -390,70 +397,132 @@ impl DeviceBackend {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Decode attention: the library's selection (`sel = None`), a caller's host selection,
+    /// or the dense decode.
+    #[allow(clippy::too_many_arguments)] // the batch, unpacked by the cache
     pub fn attend(
         &mut self,
-        cfg: &CacheConfig,
-        layout: &Layout,
+        exec: &Executor,
         layer: u32,
         table: &OwnedPageTable,
         seq_slot: &[i32],
         q: Activations,
         out: Output,
-        sel: Selection,
+        sel: super::Selection,
         stream: Stream,
     ) -> Result<()> {
+        let cfg = exec.cfg();
         let b = seq_slot.len();
         let out_bytes = b * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
-        // A host output is written by the kernels into the staging buffer, then read back.
-        let zeros;
-        let mut acts = vec![q];
-        if let Output::Host(_) = out {
-            zeros = vec![0u8; out_bytes];
-            acts.push(Activations::Host(&zeros));
-        }
-        let ins = self.device_inputs(&acts, stream)?;
-        let od = match out {
-            Output::Device(p) => p,
-            Output::Host(_) => ins[1],
-        };
-        let (t, ss) = self.upload_table(table, seq_slot, stream)?;
-        let dl = self.layer(layout, layer);
-        let (ws, wsb) = (self.workspace.ptr(), self.workspace.bytes());
-        let (si, sc) = (
-            self.meta_at(self.meta_layout.sel_indices),
-            self.meta_at(self.meta_layout.sel_counts),
-        );
-        match sel {
-            Selection::All => {
-                self.ctx
-                    .attend_dense(cfg, layout, &dl, &t, ss, ins[0], od, ws, wsb, stream as _)?;
-            }
-            Selection::Select => {
-                self.ctx
-                    .select(cfg, layout, &dl, &t, ss, ins[0], si, sc, ws, wsb, stream as _)?;
-                self.ctx
-                    .attend(cfg, layout, &dl, &t, ss, ins[0], si, sc, od, ws, wsb, stream as _)?;
-            }
-            Selection::Given { indices, counts } => {
-                // Fits: the meta regions hold max_batch rows, the cache passes n_seqs of them.
-                self.ctx.copy_htod_async(si, &i32_bytes(indices), stream as _)?;
-                self.ctx.copy_htod_async(sc, &i32_bytes(counts), stream as _)?;
-                self.ctx
-                    .attend(cfg, layout, &dl, &t, ss, ins[0], si, sc, od, ws, wsb, stream as _)?;
-            }
-        }
-        if let Output::Host(h) = out {
+        if let MemMut::Host(h) = &out {
             crate::ensure!(
                 h.len() >= out_bytes,
                 SIKV_ERR_BUFFER_TOO_SMALL,
                 "`out` holds {} bytes, {out_bytes} needed",
                 h.len()
             );
-            self.ctx.synchronize(stream as _)?;
+        }
+        // A host output is written by the kernels into the staging buffer, then read back.
+        let zeros;
+        let (qd, od) = match out {
+            MemMut::Device(p) => (self.device_inputs([q], stream)?[0], p),
+            MemMut::Host(_) => {
+                zeros = vec![0u8; out_bytes];
+                let [qd, od] = self.device_inputs([q, Mem::Host(&zeros)], stream)?;
+                (qd, od)
+            }
+        };
+        let (t, ss) = self.upload_table(table, seq_slot, stream)?;
+        let batch = Batch {
+            table: Table::Device(t),
+            seq_slot: Mem::Device(ss),
+            q: Mem::Device(qd),
+        };
+        let pools = LayerView::Device(self.layer(exec.layout(), layer));
+        let ws = self.workspace();
+        match sel {
+            super::Selection::All => exec.attend(pools, &batch, Selected::All, MemMut::Device(od), ws, stream)?,
+            super::Selection::Select => {
+                let rows = b * cfg.num_kv_heads as usize;
+                let pk = Packing::new([4 * rows * cfg.budget.max as usize, 4 * rows]);
+                let base = self.meta.ptr() + self.regions.selection as u64;
+                let (si, sc) = (base + pk.at[0] as u64, base + pk.at[1] as u64);
+                let view = LayerView::Device(self.layer(exec.layout(), layer));
+                exec.select(view, &batch, MemMut::Device(si), MemMut::Device(sc), ws, stream)?;
+                let sel = Selected::Given {
+                    indices: Mem::Device(si),
+                    counts: Mem::Device(sc),
+                };
+                exec.attend(pools, &batch, sel, MemMut::Device(od), ws, stream)?;
+            }
+            super::Selection::Given { indices, counts } => {
+                let pk = Packing::new([4 * indices.len(), 4 * counts.len()]);
+                let base = self.meta.ptr() + self.regions.selection as u64;
+                self.ring.upload(base, pk.total, stream, |bytes| {
+                    put_i32s(bytes, pk.at[0], indices);
+                    put_i32s(bytes, pk.at[1], counts);
+                    true
+                })?;
+                let sel = Selected::Given {
+                    indices: Mem::Device(base + pk.at[0] as u64),
+                    counts: Mem::Device(base + pk.at[1] as u64),
+                };
+                exec.attend(pools, &batch, sel, MemMut::Device(od), ws, stream)?;
+            }
+        }
+        if let MemMut::Host(h) = out {
+            self.ctx.synchronize(stream)?;
             self.ctx.copy_dtoh(&mut h[..out_bytes], od)?;
         }
         Ok(())
+    }
+
+    pub fn reset_slot(&mut self, exec: &Executor, slot: u32) -> Result<()> {
+        let layout = exec.layout();
+        for l in 0..layout.num_layers {
+            let state = self.layer(layout, l as u32).state;
+            exec.reset_sequence(MemMut::Device(state), slot, std::ptr::null_mut())?;
+        }
+        self.ctx.synchronize(std::ptr::null_mut())
+    }
+
+    /// Copies the state records of `src` to `dst` and each `(from, to)` page, device to device
+    /// (fork is not a hot path: it waits for the device before and after).
+    pub fn copy_seq(&mut self, layout: &Layout, src: u32, dst: u32, pages: &[(u32, u32)]) -> Result<()> {
+        let null = std::ptr::null_mut();
+        self.ctx.synchronize(null)?;
+        let rec = layout.num_kv_heads * layout.state.bytes;
+        for l in 0..layout.num_layers {
+            let base = self.state.ptr() + (l * layout.layer_state_bytes) as u64;
+            self.ctx.copy_dtod_async(
+                base + (dst as usize * rec) as u64,
+                base + (src as usize * rec) as u64,
+                rec,
+                null,
+            )?;
+        }
+        for l in 0..layout.num_layers {
+            for p in 0..SIKV_NUM_PLANES {
+                let block = layout.num_kv_heads * layout.page_size * layout.format.row_bytes[p];
+                if block == 0 {
+                    continue;
+                }
+                let base = self.planes.ptr() + (l * layout.layer_plane_bytes + layout.plane_offset[p]) as u64;
+                for &(from, to) in pages {
+                    self.ctx.copy_dtod_async(
+                        base + (to as usize * block) as u64,
+                        base + (from as usize * block) as u64,
+                        block,
+                        null,
+                    )?;
+                }
+            }
+        }
+        self.ctx.synchronize(null)
+    }
+
+    pub fn synchronize(&self, stream: Stream) -> Result<()> {
+        self.ctx.synchronize(stream)
     }
 
     pub fn read_state(&self, layout: &Layout, layer: u32, slot: u32, head: u32) -> Result<Vec<u8>> {

@@ -1,20 +1,24 @@
 //! The managed cache: pools (owned or borrowed), page allocator and sequence slots.
 //!
-//! Host-side bookkeeping (sequence ids, slots, page lists, per-layer lengths) is the same for
-//! every device; [`backend`] runs the stages on the CPU or the GPU. Every call validates its
-//! whole request before it changes anything, so a failed call leaves the cache as it was.
+//! Bookkeeping only: sequence ids, slots, page lists and per-layer lengths, the same for every
+//! device. Each call turns its sequences into a page table and slot mappings, [`store`] places
+//! them where the executor reads them (host slices, or one upload to the device), and the
+//! stage [`Executor`] runs the stage, the same one the stateless calls use. Every call
+//! validates its whole request before it changes anything, so a failed call leaves the cache
+//! as it was.
 
 pub mod allocator;
-pub mod backend;
 pub mod device;
+pub mod store;
 
 use std::collections::HashMap;
 
 pub use allocator::PageAllocator;
-pub use backend::{Activations, Backend, HostStore, Output, Pools, Selection};
+pub use store::{Activations, HostBytes, Output, Pools, Selection, Store};
 
 use crate::config::CacheConfig;
 use crate::ensure;
+use crate::exec::Executor;
 use crate::layout::Layout;
 use crate::status::{Error, Result, SikvStatus};
 
@@ -28,14 +32,14 @@ struct Seq {
     calibrated: Vec<bool>,
 }
 
-/// Device stream handle (`cudaStream_t`); ignored on the CPU.
-pub type Stream = *mut std::ffi::c_void;
+pub use crate::exec::Stream;
 
 /// The managed cache (llama.cpp style): sequences by id, pages handed out on demand.
 pub struct Cache {
     pub cfg: CacheConfig,
     pub layout: Layout,
-    backend: Backend,
+    exec: Executor,
+    store: Store,
     pages: PageAllocator,
     seqs: HashMap<i64, Seq>,
     free_slots: Vec<u32>,
@@ -54,36 +58,39 @@ impl Cache {
     /// Creates a cache whose pools the library allocates (host memory on the CPU, device
     /// memory on the GPU; allocation happens here only).
     pub fn new(cfg: CacheConfig) -> Result<Cache> {
-        let layout = Layout::new(&cfg);
-        let backend = Backend::create(&cfg, &layout, None)?;
-        Ok(Self::with_backend(cfg, layout, backend))
+        let exec = Executor::create(&cfg, None)?;
+        let store = Store::create(&exec, None)?;
+        Ok(Self::with_store(cfg, exec, store))
     }
 
-    /// Creates a cache over pools the engine owns (described by `pools`).
+    /// Creates a cache over pools the engine owns (described by `pools`; where they live
+    /// decides where an AUTO cache runs).
     pub fn with_pools(cfg: CacheConfig, pools: Pools) -> Result<Cache> {
-        let layout = Layout::new(&cfg);
-        let backend = Backend::create(&cfg, &layout, Some(pools))?;
-        Ok(Self::with_backend(cfg, layout, backend))
+        let exec = Executor::create(&cfg, Some(pools.placement()))?;
+        let store = Store::create(&exec, Some(pools))?;
+        Ok(Self::with_store(cfg, exec, store))
     }
 
-    fn with_backend(cfg: CacheConfig, layout: Layout, backend: Backend) -> Cache {
+    fn with_store(cfg: CacheConfig, exec: Executor, store: Store) -> Cache {
         Cache {
             pages: PageAllocator::new(cfg.num_pages),
             free_slots: (0..cfg.max_seqs).rev().collect(),
             seqs: HashMap::new(),
+            layout: exec.layout().clone(),
             cfg,
-            layout,
-            backend,
+            exec,
+            store,
         }
     }
 
-    pub fn backend(&self) -> &Backend {
-        &self.backend
+    /// Whether the cache runs on a CUDA device.
+    pub fn is_gpu(&self) -> bool {
+        self.exec.is_gpu()
     }
 
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            on_gpu: self.backend.is_gpu(),
+            on_gpu: self.exec.is_gpu(),
             num_seqs: self.seqs.len() as u32,
             free_pages: self.pages.free_pages() as u32,
             num_pages: self.pages.num_pages() as u32,
@@ -128,7 +135,7 @@ impl Cache {
             self.cfg.max_seqs
         );
         let slot = *self.free_slots.last().unwrap();
-        self.backend.reset_slot(&self.cfg, &self.layout, slot)?;
+        self.store.reset_slot(&self.exec, slot)?;
         self.free_slots.pop();
         let layers = self.cfg.num_layers as usize;
         self.seqs.insert(
@@ -173,7 +180,7 @@ impl Cache {
         let fresh = self.pages.alloc(copied)?;
         let slot = *self.free_slots.last().unwrap();
         let copies: Vec<(u32, u32)> = s.pages[shared..].iter().copied().zip(fresh.iter().copied()).collect();
-        if let Err(e) = self.backend.copy_seq(&self.layout, s.slot, slot, &copies) {
+        if let Err(e) = self.store.copy_seq(&self.layout, s.slot, slot, &copies) {
             self.pages.release(&fresh);
             return Err(e);
         }
@@ -249,19 +256,9 @@ impl Cache {
         let mut grown = seq.clone();
         grown.pages.extend(&fresh);
         let slots: Vec<i64> = (0..n).map(|t| self.slot_of(&grown, t)).collect();
-        let res = self.backend.calibrate(
-            &self.cfg,
-            &self.layout,
-            layer,
-            grown.slot,
-            n,
-            k,
-            v,
-            nq,
-            q_tail,
-            &slots,
-            stream,
-        );
+        let res = self
+            .store
+            .calibrate(&self.exec, layer, grown.slot, n, k, v, nq, q_tail, &slots, stream);
         if let Err(e) = res {
             self.pages.release(&fresh);
             return Err(e);
@@ -346,17 +343,10 @@ impl Cache {
             }
             s.len[l] = new_len;
         }
-        if let Err(e) = self.backend.append(
-            &self.cfg,
-            &self.layout,
-            layer,
-            k,
-            v,
-            &slots,
-            &seq_slot,
-            &position,
-            stream,
-        ) {
+        if let Err(e) = self
+            .store
+            .append(&self.exec, layer, k, v, &slots, &seq_slot, &position, stream)
+        {
             self.pages.release(&fresh_all);
             return Err(e);
         }
@@ -375,8 +365,8 @@ impl Cache {
         } else {
             Selection::Select
         };
-        self.backend
-            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, sel, stream)
+        self.store
+            .attend(&self.exec, layer, &table, &slots, q, out, sel, stream)
     }
 
     /// Sparse decode attention over a selection the caller made instead of the library's:
@@ -413,8 +403,8 @@ impl Cache {
         let (indices, counts) = (&indices[..rows * kmax], &counts[..rows]);
         self.check_selection(layer, ids, indices, counts, stream)?;
         let sel = Selection::Given { indices, counts };
-        self.backend
-            .attend(&self.cfg, &self.layout, layer, &table, &slots, q, out, sel, stream)
+        self.store
+            .attend(&self.exec, layer, &table, &slots, q, out, sel, stream)
     }
 
     /// Every row of a caller's selection holds `0..=budget_max` strictly ascending candidate
@@ -430,7 +420,7 @@ impl Cache {
         );
         let st = &self.layout.state;
         // Heavy positions are written by calibrate, which may still be queued on the stream.
-        self.backend.synchronize(stream)?;
+        self.store.synchronize(stream)?;
         for (b, &id) in ids.iter().enumerate() {
             let seq = self.seq(id)?;
             let len = seq.len[layer as usize] as i64;
@@ -448,7 +438,7 @@ impl Cache {
                 }
                 let mut heavy: Vec<i64> = Vec::with_capacity(nh);
                 if nh > 0 {
-                    let rec = self.backend.read_state(&self.layout, layer, seq.slot, head as u32)?;
+                    let rec = self.store.read_state(&self.layout, layer, seq.slot, head as u32)?;
                     heavy.extend(
                         (s as usize..s as usize + nh)
                             .map(|e| crate::numeric::read_i32(&rec[st.dense_pos..], e) as i64)
@@ -518,17 +508,8 @@ impl Cache {
     /// Dense decode attention over every stored token (dequantised), no selection.
     pub fn attend_dense(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        self.backend.attend(
-            &self.cfg,
-            &self.layout,
-            layer,
-            &table,
-            &slots,
-            q,
-            out,
-            Selection::All,
-            stream,
-        )
+        self.store
+            .attend(&self.exec, layer, &table, &slots, q, out, Selection::All, stream)
     }
 
     /// The selection the sparse path would make: `indices` `[n_seqs][H_kv][budget_max]`
@@ -543,17 +524,8 @@ impl Cache {
         stream: Stream,
     ) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        self.backend.select(
-            &self.cfg,
-            &self.layout,
-            layer,
-            &table,
-            &slots,
-            q,
-            indices,
-            counts,
-            stream,
-        )
+        self.store
+            .select(&self.exec, layer, &table, &slots, q, indices, counts, stream)
     }
 
     /// Positions each (sequence, KV head) attends for query `q`: the valid dense entries
@@ -579,7 +551,7 @@ impl Cache {
             let win_lo = s.max(len - w);
             let mut per_head = Vec::with_capacity(h);
             for head in 0..h {
-                let rec = self.backend.read_state(&self.layout, layer, seq.slot, head as u32)?;
+                let rec = self.store.read_state(&self.layout, layer, seq.slot, head as u32)?;
                 let st = &self.layout.state;
                 let mut set: Vec<u32> = Vec::new();
                 for e in 0..st.dense_capacity {
@@ -652,7 +624,7 @@ impl Cache {
     /// and after a failed call show the call changed nothing.
     pub fn checksum(&self) -> Result<u64> {
         let mut h = Fnv::new();
-        self.backend.hash_pools(&self.layout, &mut h)?;
+        self.store.hash_pools(&self.layout, &mut h)?;
         let mut ids: Vec<&i64> = self.seqs.keys().collect();
         ids.sort();
         for id in ids {

@@ -30,6 +30,7 @@ pub struct LayerMut<'a> {
 }
 
 /// One layer's pools, read-only.
+#[derive(Clone, Copy)]
 pub struct LayerRef<'a> {
     pub planes: [&'a [u8]; SIKV_NUM_PLANES],
     pub state: &'a [u8],

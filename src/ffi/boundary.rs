@@ -74,28 +74,33 @@ pub fn boundary<F: FnOnce() -> Result<()>>(poison: Option<&AtomicBool>, f: F) ->
 }
 
 /// Borrows `n` elements at a caller pointer (host memory). NULL is an error unless `n == 0`.
-pub fn host_slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&'a [T]> {
+///
+/// # Safety
+/// A non-NULL `p` points to `n` initialised elements that nothing writes while the slice
+/// lives; the caller bounds the lifetime `'a` by the exported call.
+pub(crate) unsafe fn host_slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&'a [T]> {
     if n == 0 {
         return Ok(&[]);
     }
-    if p.is_null() {
-        return Err(Error::null(name));
-    }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
-        return Err(Error::new(
-            SikvStatus::SIKV_ERR_MISALIGNED,
-            format!("`{name}` is not aligned to {} bytes", std::mem::align_of::<T>()),
-        ));
-    }
-    // SAFETY: the caller promises `p` points to `n` readable elements for the call (ABI contract).
-    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+    check_ptr(p, name)?;
+    Ok(std::slice::from_raw_parts(p, n))
 }
 
 /// Mutable counterpart of [`host_slice`].
-pub fn host_slice_mut<'a, T>(p: *mut T, n: usize, name: &str) -> Result<&'a mut [T]> {
+///
+/// # Safety
+/// A non-NULL `p` points to `n` elements that nothing else reads or writes while the slice
+/// lives; the caller bounds the lifetime `'a` by the exported call.
+pub(crate) unsafe fn host_slice_mut<'a, T>(p: *mut T, n: usize, name: &str) -> Result<&'a mut [T]> {
     if n == 0 {
         return Ok(&mut []);
     }
+    check_ptr(p, name)?;
+    Ok(std::slice::from_raw_parts_mut(p, n))
+}
+
+/// NULL and alignment of a caller pointer.
+fn check_ptr<T>(p: *const T, name: &str) -> Result<()> {
     if p.is_null() {
         return Err(Error::null(name));
     }
@@ -105,23 +110,58 @@ pub fn host_slice_mut<'a, T>(p: *mut T, n: usize, name: &str) -> Result<&'a mut 
             format!("`{name}` is not aligned to {} bytes", std::mem::align_of::<T>()),
         ));
     }
-    // SAFETY: the caller promises `p` points to `n` writable elements for the call.
-    Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
+    Ok(())
 }
 
 /// Reads a caller struct by reference.
-pub fn host_ref<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
+///
+/// # Safety
+/// As [`host_slice`] with `n = 1`.
+pub(crate) unsafe fn host_ref<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
     Ok(&host_slice(p, 1, name)?[0])
 }
 
 /// Writes an out-parameter (called only once the call has succeeded).
-pub fn write_out<T>(p: *mut T, value: T, name: &str) -> Result<()> {
-    let s = host_slice_mut(p, 1, name)?;
-    s[0] = value;
+///
+/// # Safety
+/// A non-NULL `p` points to a writable `T`.
+pub(crate) unsafe fn write_out<T>(p: *mut T, value: T, name: &str) -> Result<()> {
+    check_ptr(p, name)?;
+    p.write(value);
     Ok(())
 }
 
 /// Checks an out-parameter pointer before any work is done.
-pub fn check_out<T>(p: *mut T, name: &str) -> Result<()> {
-    host_slice_mut(p, 1, name).map(|_| ())
+pub(crate) fn check_out<T>(p: *mut T, name: &str) -> Result<()> {
+    check_ptr(p as *const T, name)
+}
+
+/// Host memory the engine owns and lends to a handle for the handle's whole life (borrowed
+/// pools of a CPU cache). Held as a raw pointer: the borrow outlives every exported call, so
+/// no Rust lifetime describes it; slices are formed per call and bounded by `&self`.
+pub struct ForeignBytes {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the engine's promise (the pools are used through this handle only, and calls on
+// one handle are serialised by the handle's lock) makes the bytes behave as owned.
+unsafe impl Send for ForeignBytes {}
+
+impl ForeignBytes {
+    /// # Safety
+    /// `ptr` points to `len` bytes that stay valid, and that nothing but this handle touches,
+    /// until the handle is destroyed.
+    pub(crate) unsafe fn new(ptr: *mut u8, len: usize, name: &str) -> Result<ForeignBytes> {
+        let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| Error::null(name))?;
+        Ok(ForeignBytes { ptr, len })
+    }
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the constructor's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the constructor's contract; `&mut self` makes the slice unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
 }

@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
-use super::boundary::{boundary, check_out, host_ref, host_slice, host_slice_mut, write_out};
+use super::boundary::{boundary, check_out, host_ref, host_slice, host_slice_mut, write_out, ForeignBytes};
 use super::types::{SikvCacheInfo, SikvLayoutInfo, SikvPoolsDesc, SikvStream};
 use crate::cache::{Activations, Cache, Output, Pools};
 use crate::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CPU, SIKV_DEVICE_CUDA};
@@ -27,7 +27,7 @@ impl SikvCache {
 }
 
 fn cache_ref<'a>(p: *const SikvCache) -> Result<&'a SikvCache> {
-    host_ref(p, "cache")
+    unsafe { host_ref(p, "cache") }
 }
 
 fn poison_of(p: *const SikvCache) -> Option<&'static AtomicBool> {
@@ -41,7 +41,7 @@ pub extern "C" fn sikv_config_init(out: *mut SikvConfig, profile: u32) -> SikvSt
     boundary(None, || {
         check_out(out, "out")?;
         let c = SikvConfig::for_profile(profile)?;
-        write_out(out, c, "out")
+        unsafe { write_out(out, c, "out") }
     })
 }
 
@@ -49,11 +49,11 @@ pub extern "C" fn sikv_config_init(out: *mut SikvConfig, profile: u32) -> SikvSt
 #[no_mangle]
 pub extern "C" fn sikv_query_layout(config: *const SikvConfig, out: *mut SikvLayoutInfo) -> SikvStatus {
     boundary(None, || {
-        let cfg = CacheConfig::from_c(host_ref(config, "config")?)?;
+        let cfg = CacheConfig::from_c(unsafe { host_ref(config, "config") }?)?;
         check_out(out, "out")?;
         let layout = Layout::new(&cfg);
-        let ws = super::stateless::gpu_decode_workspace(&cfg, &layout, cfg.max_batch).0;
-        write_out(out, SikvLayoutInfo::from_layout(&layout, ws, &cfg), "out")
+        let ws = crate::exec::gpu_decode_workspace(&cfg, &layout, cfg.max_batch).total;
+        unsafe { write_out(out, SikvLayoutInfo::from_layout(&layout, ws, &cfg), "out") }
     })
 }
 
@@ -61,14 +61,14 @@ pub extern "C" fn sikv_query_layout(config: *const SikvConfig, out: *mut SikvLay
 #[no_mangle]
 pub extern "C" fn sikv_cache_create(config: *const SikvConfig, out: *mut *mut SikvCache) -> SikvStatus {
     boundary(None, || {
-        let cfg = CacheConfig::from_c(host_ref(config, "config")?)?;
+        let cfg = CacheConfig::from_c(unsafe { host_ref(config, "config") }?)?;
         check_out(out, "out")?;
         let cache = Cache::new(cfg)?;
         let h = Box::new(SikvCache {
             inner: Mutex::new(cache),
             poisoned: AtomicBool::new(false),
         });
-        write_out(out, Box::into_raw(h), "out")
+        unsafe { write_out(out, Box::into_raw(h), "out") }
     })
 }
 
@@ -81,13 +81,14 @@ pub extern "C" fn sikv_cache_create_with_pools(
     out: *mut *mut SikvCache,
 ) -> SikvStatus {
     boundary(None, || {
-        let cfg = CacheConfig::from_c(host_ref(config, "config")?)?;
-        let d = *host_ref(pools, "pools")?;
+        let cfg = CacheConfig::from_c(unsafe { host_ref(config, "config") }?)?;
+        let d = *unsafe { host_ref(pools, "pools") }?;
         check_out(out, "out")?;
         ensure!(!d.planes.is_null(), SIKV_ERR_NULL_POINTER, "`pools.planes` is NULL");
         ensure!(!d.state.is_null(), SIKV_ERR_NULL_POINTER, "`pools.state` is NULL");
-        let layout = Layout::new(&cfg);
-        let pools = if crate::cache::backend::runs_on_gpu(&cfg)? {
+        // Where the pools live follows the configured device; AUTO resolves as for a cache
+        // without engine pools, so the engine learns one rule.
+        let pools = if crate::exec::Executor::resolves_to_gpu(&cfg)? {
             Pools::Device {
                 planes: d.planes as u64,
                 planes_bytes: d.planes_bytes,
@@ -97,23 +98,13 @@ pub extern "C" fn sikv_cache_create_with_pools(
                 workspace_bytes: d.workspace_bytes,
             }
         } else {
-            ensure!(
-                d.planes_bytes >= layout.total_plane_bytes(),
-                SIKV_ERR_BUFFER_TOO_SMALL,
-                "pools.planes_bytes = {} is smaller than the {} bytes the layout needs",
-                d.planes_bytes,
-                layout.total_plane_bytes()
-            );
-            ensure!(
-                d.state_bytes >= layout.total_state_bytes(),
-                SIKV_ERR_BUFFER_TOO_SMALL,
-                "pools.state_bytes = {} is smaller than the {} bytes the layout needs",
-                d.state_bytes,
-                layout.total_state_bytes()
-            );
-            Pools::Host {
-                planes: host_slice_mut(d.planes as *mut u8, d.planes_bytes, "pools.planes")?,
-                state: host_slice_mut(d.state as *mut u8, d.state_bytes, "pools.state")?,
+            // SAFETY: the ABI contract of this call: host pools of the given sizes that outlive
+            // the cache and that only the cache touches.
+            unsafe {
+                Pools::Host {
+                    planes: ForeignBytes::new(d.planes as *mut u8, d.planes_bytes, "pools.planes")?,
+                    state: ForeignBytes::new(d.state as *mut u8, d.state_bytes, "pools.state")?,
+                }
             }
         };
         let cache = Cache::with_pools(cfg, pools)?;
@@ -121,7 +112,7 @@ pub extern "C" fn sikv_cache_create_with_pools(
             inner: Mutex::new(cache),
             poisoned: AtomicBool::new(false),
         });
-        write_out(out, Box::into_raw(h), "out")
+        unsafe { write_out(out, Box::into_raw(h), "out") }
     })
 }
 
@@ -154,7 +145,7 @@ pub extern "C" fn sikv_cache_info(cache: *const SikvCache, out: *mut SikvCacheIn
                 bytes_per_token: c.layout.bytes_per_token(),
             })
         })?;
-        write_out(out, info, "out")
+        unsafe { write_out(out, info, "out") }
     })
 }
 
@@ -166,7 +157,7 @@ pub extern "C" fn sikv_cache_checksum(cache: *const SikvCache, out: *mut u64) ->
         let c = cache_ref(cache)?;
         check_out(out, "out")?;
         let h = c.with(|c| c.checksum())?;
-        write_out(out, h, "out")
+        unsafe { write_out(out, h, "out") }
     })
 }
 
@@ -197,39 +188,38 @@ pub extern "C" fn sikv_seq_len(cache: *const SikvCache, seq_id: i64, layer: u32,
         let c = cache_ref(cache)?;
         check_out(out, "out")?;
         let n = c.with(|c| c.seq_len(seq_id, layer))?;
-        write_out(out, n, "out")
+        unsafe { write_out(out, n, "out") }
     })
 }
 
-fn activations<'a>(c: &Cache, p: *const c_void, elems: usize, name: &str) -> Result<Activations<'a>> {
-    if c.backend().is_gpu() {
+/// Activations of the model dtype at a caller pointer: host bytes on the CPU, a device
+/// address on CUDA.
+///
+/// # Safety
+/// On the CPU, `p` points to `elems` readable elements for the duration of the call.
+unsafe fn activations<'a>(c: &Cache, p: *const c_void, elems: usize, name: &str) -> Result<Activations<'a>> {
+    if c.is_gpu() {
         ensure!(!p.is_null(), SIKV_ERR_NULL_POINTER, "`{name}` is NULL");
         Ok(Activations::Device(p as u64))
     } else {
-        Ok(Activations::Host(host_slice(
-            p as *const u8,
-            elems * c.cfg.dtype.size(),
-            name,
-        )?))
+        host_slice(p as *const u8, elems * c.cfg.dtype.size(), name).map(Activations::Host)
     }
 }
 
-fn output<'a>(c: &Cache, p: *mut c_void, elems: usize, name: &str) -> Result<Output<'a>> {
-    if c.backend().is_gpu() {
+/// # Safety
+/// On the CPU, `p` points to `elems` writable elements for the duration of the call.
+unsafe fn output<'a>(c: &Cache, p: *mut c_void, elems: usize, name: &str) -> Result<Output<'a>> {
+    if c.is_gpu() {
         ensure!(!p.is_null(), SIKV_ERR_NULL_POINTER, "`{name}` is NULL");
         Ok(Output::Device(p as u64))
     } else {
-        Ok(Output::Host(host_slice_mut(
-            p as *mut u8,
-            elems * c.cfg.dtype.size(),
-            name,
-        )?))
+        host_slice_mut(p as *mut u8, elems * c.cfg.dtype.size(), name).map(Output::Host)
     }
 }
 
 fn ids<'a>(n_seqs: u32, seq_ids: *const i64) -> Result<&'a [i64]> {
     ensure!(n_seqs >= 1, SIKV_ERR_INVALID_ARGUMENT, "n_seqs must be >= 1");
-    host_slice(seq_ids, n_seqs as usize, "seq_ids")
+    unsafe { host_slice(seq_ids, n_seqs as usize, "seq_ids") }
 }
 
 /// The sequence ids of an attend-like call: 1..=max_batch of them.
@@ -274,9 +264,9 @@ pub extern "C" fn sikv_calibrate(
                 SIKV_ERR_INVALID_ARGUMENT,
                 "n_query = {n_query} exceeds n_tokens = {n_tokens}"
             );
-            let k = activations(c, k, kv, "k")?;
-            let v = activations(c, v, kv, "v")?;
-            let q = activations(c, q_tail, qn, "q_tail")?;
+            let k = unsafe { activations(c, k, kv, "k") }?;
+            let v = unsafe { activations(c, v, kv, "v") }?;
+            let q = unsafe { activations(c, q_tail, qn, "q_tail") }?;
             c.calibrate(layer, seq_id, n_tokens, k, v, n_query, q, stream)
         })
     })
@@ -301,7 +291,7 @@ pub extern "C" fn sikv_append(
             let counts: Vec<u32> = if n_tokens.is_null() {
                 vec![1; ids.len()]
             } else {
-                host_slice(n_tokens, ids.len(), "n_tokens")?.to_vec()
+                unsafe { host_slice(n_tokens, ids.len(), "n_tokens") }?.to_vec()
             };
             let total: u64 = counts.iter().map(|&x| x as u64).sum();
             ensure!(
@@ -311,8 +301,8 @@ pub extern "C" fn sikv_append(
                 c.cfg.max_append_tokens
             );
             let kv = total as usize * (c.cfg.num_kv_heads * c.cfg.head_dim) as usize;
-            let k = activations(c, k, kv, "k")?;
-            let v = activations(c, v, kv, "v")?;
+            let k = unsafe { activations(c, k, kv, "k") }?;
+            let v = unsafe { activations(c, v, kv, "v") }?;
             c.append(layer, ids, &counts, k, v, stream)
         })
     })
@@ -332,8 +322,8 @@ fn attend_common(
         cache_ref(cache)?.with(|c| {
             let ids = batch_ids(c, n_seqs, seq_ids)?;
             let n = ids.len() * (c.cfg.num_q_heads * c.cfg.head_dim) as usize;
-            let q = activations(c, q, n, "q")?;
-            let out = output(c, out, n, "out")?;
+            let q = unsafe { activations(c, q, n, "q") }?;
+            let out = unsafe { output(c, out, n, "out") }?;
             if dense {
                 c.attend_dense(layer, ids, q, out, stream)
             } else {
@@ -382,10 +372,10 @@ pub extern "C" fn sikv_attend_selected(
             let ids = batch_ids(c, n_seqs, seq_ids)?;
             let rows = ids.len() * c.cfg.num_kv_heads as usize;
             let n = ids.len() * (c.cfg.num_q_heads * c.cfg.head_dim) as usize;
-            let q = activations(c, q, n, "q")?;
-            let idx = host_slice(indices, rows * c.cfg.budget.max as usize, "indices")?;
-            let cnt = host_slice(counts, rows, "counts")?;
-            let out = output(c, out, n, "out")?;
+            let q = unsafe { activations(c, q, n, "q") }?;
+            let idx = unsafe { host_slice(indices, rows * c.cfg.budget.max as usize, "indices") }?;
+            let cnt = unsafe { host_slice(counts, rows, "counts") }?;
+            let out = unsafe { output(c, out, n, "out") }?;
             c.attend_selected(layer, ids, q, idx, cnt, out, stream)
         })
     })
@@ -423,9 +413,9 @@ pub extern "C" fn sikv_select(
         cache_ref(cache)?.with(|c| {
             let ids = batch_ids(c, n_seqs, seq_ids)?;
             let rows = ids.len() * c.cfg.num_kv_heads as usize;
-            let q = activations(c, q, ids.len() * (c.cfg.num_q_heads * c.cfg.head_dim) as usize, "q")?;
-            let idx = host_slice_mut(indices, rows * c.cfg.budget.max as usize, "indices")?;
-            let cnt = host_slice_mut(counts, rows, "counts")?;
+            let q = unsafe { activations(c, q, ids.len() * (c.cfg.num_q_heads * c.cfg.head_dim) as usize, "q") }?;
+            let idx = unsafe { host_slice_mut(indices, rows * c.cfg.budget.max as usize, "indices") }?;
+            let cnt = unsafe { host_slice_mut(counts, rows, "counts") }?;
             let mut idx_tmp = vec![-1i32; idx.len()];
             let mut cnt_tmp = vec![0i32; cnt.len()];
             c.select(layer, ids, q, &mut idx_tmp, &mut cnt_tmp, stream)?;
@@ -459,9 +449,9 @@ pub extern "C" fn sikv_selection_recall(
                 c.cfg.head_dim as usize,
             );
             let len = c.seq_len(seq_id, layer)? as usize;
-            let qf = host_slice(q, hq * d, "q")?;
-            let kf = host_slice(k_exact, len * hk * d, "k_exact")?;
-            let out = host_slice_mut(recall, hk, "recall")?;
+            let qf = unsafe { host_slice(q, hq * d, "q") }?;
+            let kf = unsafe { host_slice(k_exact, len * hk * d, "k_exact") }?;
+            let out = unsafe { host_slice_mut(recall, hk, "recall") }?;
             let r = crate::cache::telemetry_recall(c, layer, seq_id, qf, kf)?;
             out.copy_from_slice(&r);
             Ok(())

@@ -10,7 +10,7 @@ pub mod stateless;
 pub mod types;
 pub mod version;
 
-pub use boundary::{boundary, host_slice, host_slice_mut, last_error_message};
+pub use boundary::{boundary, last_error_message};
 pub use managed::*;
 pub use stateless::*;
 pub use types::*;

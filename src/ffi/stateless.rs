@@ -1,5 +1,7 @@
 //! Stateless stage calls (TensorRT / FlashInfer style) on caller-described memory: the
 //! engine owns pools, page tables, slot mappings and workspace; the library only computes.
+//! Each export turns the caller's pointers into descriptors (host slices on the CPU, device
+//! addresses on CUDA) and hands them to the stage [`Executor`].
 
 use std::ffi::c_void;
 use std::sync::atomic::AtomicBool;
@@ -7,22 +9,23 @@ use std::sync::atomic::AtomicBool;
 use super::boundary::{boundary, check_out, host_ref, host_slice, host_slice_mut, write_out};
 use super::types::{SikvLayerPools, SikvPageTable, SikvStream};
 use crate::config::{CacheConfig, SikvConfig};
-use crate::cpu::{self, LayerMut, LayerRef, PageTable};
+use crate::cpu::{LayerMut, LayerRef, PageTable};
 use crate::ensure;
-use crate::layout::{Layout, SIKV_NUM_PLANES};
-use crate::numeric;
-use crate::status::Result;
+use crate::exec::{Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table, Workspace};
+use crate::gpu::{DevLayer, DevPageTable};
+use crate::layout::SIKV_NUM_PLANES;
+use crate::status::{Result, SikvStatus};
 
 /// Opaque handle of the stateless kernels for one configuration.
 pub struct SikvKernels {
-    cfg: CacheConfig,
-    layout: Layout,
-    exec: crate::cache::backend::Exec,
+    exec: Executor,
     poisoned: AtomicBool,
 }
 
 fn kernels_ref<'a>(p: *const SikvKernels) -> Result<&'a SikvKernels> {
-    host_ref(p, "kernels")
+    // SAFETY: a non-NULL handle comes from sikv_kernels_create and lives until destroy (ABI
+    // contract); the reference does not outlive the call.
+    unsafe { host_ref(p, "kernels") }
 }
 
 fn poison_of(p: *const SikvKernels) -> Option<&'static AtomicBool> {
@@ -34,17 +37,16 @@ fn poison_of(p: *const SikvKernels) -> Option<&'static AtomicBool> {
 #[no_mangle]
 pub extern "C" fn sikv_kernels_create(config: *const SikvConfig, out: *mut *mut SikvKernels) -> SikvStatus {
     boundary(None, || {
-        let cfg = CacheConfig::from_c(host_ref(config, "config")?)?;
+        // SAFETY: `config` and `out` are the caller's pointers, checked for NULL and alignment.
+        let cfg = CacheConfig::from_c(unsafe { host_ref(config, "config") }?)?;
         check_out(out, "out")?;
-        let layout = Layout::new(&cfg);
-        let exec = crate::cache::backend::Exec::create(&cfg, &layout)?;
+        let exec = Executor::create(&cfg, None)?;
         let h = Box::new(SikvKernels {
-            cfg,
-            layout,
             exec,
             poisoned: AtomicBool::new(false),
         });
-        write_out(out, Box::into_raw(h), "out")
+        // SAFETY: checked above.
+        unsafe { write_out(out, Box::into_raw(h), "out") }
     })
 }
 
@@ -67,128 +69,179 @@ pub extern "C" fn sikv_kernels_destroy(kernels: *mut SikvKernels) {
 pub extern "C" fn sikv_workspace_size(kernels: *const SikvKernels, batch: u32, out: *mut usize) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let k = kernels_ref(kernels)?;
+        // SAFETY: the caller's out-pointer, checked for NULL and alignment.
         check_out(out, "out")?;
+        let cfg = k.exec.cfg();
         ensure!(
-            batch >= 1 && batch <= k.cfg.max_batch,
+            batch >= 1 && batch <= cfg.max_batch,
             SIKV_ERR_OUT_OF_BOUNDS,
             "batch = {batch} must be in 1..=max_batch ({})",
-            k.cfg.max_batch
+            cfg.max_batch
         );
-        write_out(out, decode_workspace(k, batch).0, "out")
+        // SAFETY: checked above.
+        unsafe { write_out(out, k.exec.decode_workspace(batch).total, "out") }
     })
 }
 
-use crate::status::SikvStatus;
-
-/// Workspace of `sikv_kernel_decode` on a GPU: the stage workspace, then the selection
-/// (indices `[batch][H_kv][budget_max]`, counts `[batch][H_kv]`). Returns (total, offset of
-/// indices, offset of counts).
-pub(crate) fn gpu_decode_workspace(cfg: &CacheConfig, layout: &Layout, batch: u32) -> (usize, usize, usize) {
-    let stage = crate::gpu::GpuContext::workspace_bytes(cfg, layout, batch);
-    let rows = batch as usize * cfg.num_kv_heads as usize;
-    let idx = stage.div_ceil(256) * 256;
-    let cnt = (idx + 4 * rows * cfg.budget.max as usize).div_ceil(256) * 256;
-    (cnt + 4 * rows, idx, cnt)
-}
-
-fn decode_workspace(k: &SikvKernels, batch: u32) -> (usize, usize, usize) {
-    if !k.exec.is_gpu() {
-        return (0, 0, 0);
+/// An input array of `n` elements at a caller pointer: host elements on the CPU, the device
+/// address on CUDA (NULL is an error either way unless `n == 0` on the host).
+///
+/// # Safety
+/// On the CPU, `p` points to `n` readable elements for the duration of the call.
+unsafe fn input<'a, T>(k: &SikvKernels, p: *const T, n: usize, name: &str) -> Result<Mem<'a, T>> {
+    if k.exec.is_gpu() {
+        ensure!(!p.is_null(), SIKV_ERR_NULL_POINTER, "`{name}` is NULL");
+        Ok(Mem::Device(p as u64))
+    } else {
+        host_slice(p, n, name).map(Mem::Host)
     }
-    gpu_decode_workspace(&k.cfg, &k.layout, batch)
 }
 
-/// Host views of one layer's pools (CPU device).
-fn host_layer_mut<'a>(k: &SikvKernels, pools: &SikvLayerPools) -> Result<LayerMut<'a>> {
+/// # Safety
+/// On the CPU, `p` points to `n` writable elements for the duration of the call.
+unsafe fn output<'a, T>(k: &SikvKernels, p: *mut T, n: usize, name: &str) -> Result<MemMut<'a, T>> {
+    if k.exec.is_gpu() {
+        ensure!(!p.is_null(), SIKV_ERR_NULL_POINTER, "`{name}` is NULL");
+        Ok(MemMut::Device(p as u64))
+    } else {
+        host_slice_mut(p, n, name).map(MemMut::Host)
+    }
+}
+
+/// Activations of the model dtype: `elems` elements.
+///
+/// # Safety
+/// As [`input`].
+unsafe fn acts<'a>(k: &SikvKernels, p: *const c_void, elems: usize, name: &str) -> Result<Mem<'a, u8>> {
+    input(k, p as *const u8, elems * k.exec.cfg().dtype.size(), name)
+}
+
+fn dev_layer(k: &SikvKernels, pools: &SikvLayerPools) -> Result<DevLayer> {
+    let mut planes = [0u64; SIKV_NUM_PLANES];
+    for (p, slot) in planes.iter_mut().enumerate() {
+        if k.exec.layout().plane_bytes[p] != 0 {
+            ensure!(
+                !pools.plane[p].is_null(),
+                SIKV_ERR_NULL_POINTER,
+                "`pools.plane[{p}]` is NULL"
+            );
+            *slot = pools.plane[p] as u64;
+        }
+    }
+    ensure!(!pools.state.is_null(), SIKV_ERR_NULL_POINTER, "`pools.state` is NULL");
+    Ok(DevLayer {
+        planes,
+        state: pools.state as u64,
+    })
+}
+
+/// One layer's pools, writable.
+///
+/// # Safety
+/// On the CPU, each pool pointer addresses the layout's bytes of that pool for the call.
+unsafe fn layer_pools<'a>(k: &SikvKernels, pools: &SikvLayerPools) -> Result<LayerPools<'a>> {
+    if k.exec.is_gpu() {
+        return dev_layer(k, pools).map(LayerPools::Device);
+    }
+    let layout = k.exec.layout();
     let mut planes: [&'a mut [u8]; SIKV_NUM_PLANES] = Default::default();
     for (p, slot) in planes.iter_mut().enumerate() {
-        if k.layout.plane_bytes[p] != 0 {
-            let name = format!("pools.plane[{}]", p);
-            *slot = host_slice_mut(pools.plane[p] as *mut u8, k.layout.plane_bytes[p], &name)?;
+        if layout.plane_bytes[p] != 0 {
+            *slot = host_slice_mut(
+                pools.plane[p] as *mut u8,
+                layout.plane_bytes[p],
+                &format!("pools.plane[{p}]"),
+            )?;
         }
     }
-    let state = host_slice_mut(pools.state as *mut u8, k.layout.layer_state_bytes, "pools.state")?;
-    Ok(LayerMut { planes, state })
+    let state = host_slice_mut(pools.state as *mut u8, layout.layer_state_bytes, "pools.state")?;
+    Ok(LayerPools::Host(LayerMut { planes, state }))
 }
 
-fn host_layer_ref<'a>(k: &SikvKernels, pools: &SikvLayerPools) -> Result<LayerRef<'a>> {
+/// One layer's pools, read-only.
+///
+/// # Safety
+/// As [`layer_pools`].
+unsafe fn layer_view<'a>(k: &SikvKernels, pools: &SikvLayerPools) -> Result<LayerView<'a>> {
+    if k.exec.is_gpu() {
+        return dev_layer(k, pools).map(LayerView::Device);
+    }
+    let layout = k.exec.layout();
     let mut planes: [&'a [u8]; SIKV_NUM_PLANES] = Default::default();
     for (p, slot) in planes.iter_mut().enumerate() {
-        if k.layout.plane_bytes[p] != 0 {
-            let name = format!("pools.plane[{}]", p);
-            *slot = host_slice(pools.plane[p] as *const u8, k.layout.plane_bytes[p], &name)?;
+        if layout.plane_bytes[p] != 0 {
+            *slot = host_slice(
+                pools.plane[p] as *const u8,
+                layout.plane_bytes[p],
+                &format!("pools.plane[{p}]"),
+            )?;
         }
     }
-    let state = host_slice(pools.state as *const u8, k.layout.layer_state_bytes, "pools.state")?;
-    Ok(LayerRef { planes, state })
+    let state = host_slice(pools.state as *const u8, layout.layer_state_bytes, "pools.state")?;
+    Ok(LayerView::Host(LayerRef { planes, state }))
 }
 
-/// Host view of a CSR page table, bounds-checked before any slice is formed.
-fn host_table<'a>(k: &SikvKernels, t: &SikvPageTable) -> Result<PageTable<'a>> {
+/// A CSR page table; on the host, `indices` is bounded by `indptr[batch]` before it is read.
+///
+/// # Safety
+/// On the CPU, the arrays hold `batch + 1`, `indptr[batch]` and `batch` entries.
+unsafe fn table<'a>(k: &SikvKernels, t: &SikvPageTable) -> Result<Table<'a>> {
+    let cfg = k.exec.cfg();
     ensure!(
-        t.batch >= 1 && t.batch <= k.cfg.max_batch,
+        t.batch >= 1 && t.batch <= cfg.max_batch,
         SIKV_ERR_OUT_OF_BOUNDS,
         "page_table.batch = {} must be in 1..=max_batch ({})",
         t.batch,
-        k.cfg.max_batch
+        cfg.max_batch
     );
     let b = t.batch as usize;
+    if k.exec.is_gpu() {
+        for (p, name) in [
+            (t.indptr, "page_table.indptr"),
+            (t.indices, "page_table.indices"),
+            (t.last_page_len, "page_table.last_page_len"),
+        ] {
+            ensure!(!p.is_null(), SIKV_ERR_NULL_POINTER, "`{name}` is NULL");
+        }
+        return Ok(Table::Device(DevPageTable {
+            indptr: t.indptr as u64,
+            indices: t.indices as u64,
+            last_page_len: t.last_page_len as u64,
+            batch: t.batch,
+        }));
+    }
     let indptr = host_slice(t.indptr, b + 1, "page_table.indptr")?;
     let total = indptr[b];
-    let max_total = k.cfg.max_batch as i64 * k.cfg.pages_per_seq_max() as i64;
+    let max_total = cfg.max_batch as i64 * cfg.pages_per_seq_max() as i64;
     ensure!(
         total >= 0 && total as i64 <= max_total,
         SIKV_ERR_OUT_OF_BOUNDS,
         "page_table.indptr[batch] = {total} is outside 0..={max_total}"
     );
-    let indices = host_slice(t.indices, total as usize, "page_table.indices")?;
-    let last = host_slice(t.last_page_len, b, "page_table.last_page_len")?;
-    Ok(PageTable {
+    Ok(Table::Host(PageTable {
         indptr,
-        indices,
-        last_page_len: last,
+        indices: host_slice(t.indices, total as usize, "page_table.indices")?,
+        last_page_len: host_slice(t.last_page_len, b, "page_table.last_page_len")?,
+    }))
+}
+
+/// A decode batch: page table, seq slots and queries.
+///
+/// # Safety
+/// As [`table`] and [`input`].
+unsafe fn batch<'a>(k: &SikvKernels, t: &SikvPageTable, seq_slot: *const i32, q: *const c_void) -> Result<Batch<'a>> {
+    let cfg = k.exec.cfg();
+    let table = table(k, t)?;
+    let b = t.batch as usize;
+    Ok(Batch {
+        table,
+        seq_slot: input(k, seq_slot, b, "seq_slot")?,
+        q: acts(k, q, b * (cfg.num_q_heads * cfg.head_dim) as usize, "q")?,
     })
 }
 
-fn host_acts<'a>(k: &SikvKernels, p: *const c_void, elems: usize, name: &str) -> Result<Vec<f32>> {
-    let bytes: &'a [u8] = host_slice(p as *const u8, elems * k.cfg.dtype.size(), name)?;
-    let mut out = vec![0f32; elems];
-    numeric::to_f32(k.cfg.dtype, bytes, &mut out);
-    Ok(out)
-}
-
-fn dev(p: *const c_void, name: &str) -> Result<u64> {
-    ensure!(!p.is_null(), SIKV_ERR_NULL_POINTER, "`{name}` is NULL");
-    Ok(p as u64)
-}
-
-fn dev_layer(k: &SikvKernels, pools: &SikvLayerPools) -> Result<crate::gpu::DevLayer> {
-    let mut planes = [0u64; SIKV_NUM_PLANES];
-    for (p, slot) in planes.iter_mut().enumerate() {
-        if k.layout.plane_bytes[p] != 0 {
-            *slot = dev(pools.plane[p], &format!("pools.plane[{p}]"))?;
-        }
-    }
-    Ok(crate::gpu::DevLayer {
-        planes,
-        state: dev(pools.state, "pools.state")?,
-    })
-}
-
-fn dev_table(k: &SikvKernels, t: &SikvPageTable) -> Result<crate::gpu::DevPageTable> {
-    ensure!(
-        t.batch >= 1 && t.batch <= k.cfg.max_batch,
-        SIKV_ERR_OUT_OF_BOUNDS,
-        "page_table.batch = {} must be in 1..=max_batch ({})",
-        t.batch,
-        k.cfg.max_batch
-    );
-    Ok(crate::gpu::DevPageTable {
-        indptr: dev(t.indptr as *const c_void, "page_table.indptr")?,
-        indices: dev(t.indices as *const c_void, "page_table.indices")?,
-        last_page_len: dev(t.last_page_len as *const c_void, "page_table.last_page_len")?,
-        batch: t.batch,
-    })
+fn ws_desc(p: *mut c_void, bytes: usize) -> Workspace {
+    Workspace { ptr: p as u64, bytes }
 }
 
 /// Stage `calibrate` for one sequence slot at one layer: fits centre, scale, codebook, heavy
@@ -211,52 +264,27 @@ pub extern "C" fn sikv_kernel_calibrate(
 ) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let kn = kernels_ref(kernels)?;
-        let pools = host_ref(pools, "pools")?;
-        let (cfg, layout) = (&kn.cfg, &kn.layout);
-        ensure!(n_tokens >= 1, SIKV_ERR_INVALID_ARGUMENT, "n_tokens must be >= 1");
-        ensure!(
-            n_tokens <= cfg.max_seq_len,
-            SIKV_ERR_OUT_OF_BOUNDS,
-            "n_tokens = {n_tokens} exceeds max_seq_len = {}",
-            cfg.max_seq_len
-        );
-        ensure!(
-            n_query >= 1 && n_query <= n_tokens,
-            SIKV_ERR_INVALID_ARGUMENT,
-            "n_query = {n_query} must be in 1..=n_tokens ({n_tokens})"
-        );
-        ensure!(
-            seq_slot < cfg.max_seqs,
-            SIKV_ERR_OUT_OF_BOUNDS,
-            "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
-            cfg.max_seqs
-        );
-        let kv = n_tokens as usize * (cfg.num_kv_heads * cfg.head_dim) as usize;
-        let qn = n_query as usize * (cfg.num_q_heads * cfg.head_dim) as usize;
-        if kn.exec.is_gpu() {
-            let layer = dev_layer(kn, pools)?;
-            kn.exec.gpu()?.calibrate(
-                cfg,
-                layout,
-                &layer,
+        let cfg = kn.exec.cfg();
+        // Sizes are only formed for counts the executor accepts.
+        let n = n_tokens.min(cfg.max_seq_len);
+        let kv = n as usize * (cfg.num_kv_heads * cfg.head_dim) as usize;
+        let qn = n_query.min(n) as usize * (cfg.num_q_heads * cfg.head_dim) as usize;
+        // SAFETY: the caller's pointers describe memory of the sizes the configuration and the
+        // arguments imply, for the duration of the call (ABI contract); NULL and alignment are
+        // checked, and sizes are checked before the executor reads them.
+        unsafe {
+            let pools = layer_pools(kn, host_ref(pools, "pools")?)?;
+            let prompt = Prompt {
                 seq_slot,
                 n_tokens,
-                dev(k, "k")?,
-                dev(v, "v")?,
+                k: acts(kn, k, kv, "k")?,
+                v: acts(kn, v, kv, "v")?,
                 n_query,
-                dev(q_tail, "q_tail")?,
-                dev(slot_mapping as *const c_void, "slot_mapping")?,
-                workspace as u64,
-                workspace_bytes,
-                stream as _,
-            )
-        } else {
-            let kf = host_acts(kn, k, kv, "k")?;
-            let vf = host_acts(kn, v, kv, "v")?;
-            let qf = host_acts(kn, q_tail, qn, "q_tail")?;
-            let sm = host_slice(slot_mapping, n_tokens as usize, "slot_mapping")?;
-            let mut lm = host_layer_mut(kn, pools)?;
-            cpu::calibrate(layout, cfg, &mut lm, seq_slot as usize, &kf, &vf, &qf, sm)
+                q_tail: acts(kn, q_tail, qn, "q_tail")?,
+                slot_mapping: input(kn, slot_mapping, n as usize, "slot_mapping")?,
+            };
+            kn.exec
+                .calibrate(pools, &prompt, ws_desc(workspace, workspace_bytes), stream)
         }
     })
 }
@@ -277,39 +305,22 @@ pub extern "C" fn sikv_kernel_append(
 ) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let kn = kernels_ref(kernels)?;
-        let pools = host_ref(pools, "pools")?;
-        let (cfg, layout) = (&kn.cfg, &kn.layout);
-        ensure!(n_tokens >= 1, SIKV_ERR_INVALID_ARGUMENT, "n_tokens must be >= 1");
-        ensure!(
-            n_tokens <= cfg.max_append_tokens,
-            SIKV_ERR_OUT_OF_BOUNDS,
-            "n_tokens = {n_tokens} exceeds max_append_tokens = {}",
-            cfg.max_append_tokens
-        );
-        let n = n_tokens as usize;
+        let cfg = kn.exec.cfg();
+        // Sizes are only formed for a count the executor accepts.
+        let n = n_tokens.min(cfg.max_append_tokens) as usize;
         let kv = n * (cfg.num_kv_heads * cfg.head_dim) as usize;
-        if kn.exec.is_gpu() {
-            let layer = dev_layer(kn, pools)?;
-            kn.exec.gpu()?.append(
-                cfg,
-                layout,
-                &layer,
+        // SAFETY: as in sikv_kernel_calibrate.
+        unsafe {
+            let pools = layer_pools(kn, host_ref(pools, "pools")?)?;
+            let tokens = NewTokens {
                 n_tokens,
-                dev(k, "k")?,
-                dev(v, "v")?,
-                dev(slot_mapping as *const c_void, "slot_mapping")?,
-                dev(seq_slot as *const c_void, "seq_slot")?,
-                dev(position as *const c_void, "position")?,
-                stream as _,
-            )
-        } else {
-            let kf = host_acts(kn, k, kv, "k")?;
-            let vf = host_acts(kn, v, kv, "v")?;
-            let sm = host_slice(slot_mapping, n, "slot_mapping")?;
-            let ss = host_slice(seq_slot, n, "seq_slot")?;
-            let pos = host_slice(position, n, "position")?;
-            let mut lm = host_layer_mut(kn, pools)?;
-            cpu::append(layout, cfg, &mut lm, &kf, &vf, sm, ss, pos)
+                k: acts(kn, k, kv, "k")?,
+                v: acts(kn, v, kv, "v")?,
+                slot_mapping: input(kn, slot_mapping, n, "slot_mapping")?,
+                seq_slot: input(kn, seq_slot, n, "seq_slot")?,
+                position: input(kn, position, n, "position")?,
+            };
+            kn.exec.append(pools, &tokens, stream)
         }
     })
 }
@@ -331,108 +342,52 @@ pub extern "C" fn sikv_kernel_select(
 ) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let kn = kernels_ref(kernels)?;
-        let pools = host_ref(pools, "pools")?;
-        let t = host_ref(page_table, "page_table")?;
-        let (cfg, layout) = (&kn.cfg, &kn.layout);
-        if kn.exec.is_gpu() {
-            let layer = dev_layer(kn, pools)?;
-            let table = dev_table(kn, t)?;
-            kn.exec.gpu()?.select(
-                cfg,
-                layout,
-                &layer,
-                &table,
-                dev(seq_slot as *const c_void, "seq_slot")?,
-                dev(q, "q")?,
-                dev(indices as *const c_void, "indices")?,
-                dev(counts as *const c_void, "counts")?,
-                workspace as u64,
-                workspace_bytes,
-                stream as _,
-            )
-        } else {
-            let table = host_table(kn, t)?;
-            let b = table.batch();
-            let rows = b * cfg.num_kv_heads as usize;
-            let qf = host_acts(kn, q, b * (cfg.num_q_heads * cfg.head_dim) as usize, "q")?;
-            let ss = host_slice(seq_slot, b, "seq_slot")?;
-            let idx = host_slice_mut(indices, rows * cfg.budget.max as usize, "indices")?;
-            let cnt = host_slice_mut(counts, rows, "counts")?;
-            let lr = host_layer_ref(kn, pools)?;
-            cpu::select(layout, cfg, &lr, &table, ss, &qf, idx, cnt)
+        let cfg = kn.exec.cfg();
+        // SAFETY: as in sikv_kernel_calibrate.
+        unsafe {
+            let pools = layer_view(kn, host_ref(pools, "pools")?)?;
+            let t = host_ref(page_table, "page_table")?;
+            let b = batch(kn, t, seq_slot, q)?;
+            let rows = t.batch as usize * cfg.num_kv_heads as usize;
+            let idx = output(kn, indices, rows * cfg.budget.max as usize, "indices")?;
+            let cnt = output(kn, counts, rows, "counts")?;
+            kn.exec
+                .select(pools, &b, idx, cnt, ws_desc(workspace, workspace_bytes), stream)
         }
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attend_impl(
+/// Attend over a selection (`Some`) or every stored token (`None`).
+///
+/// # Safety
+/// As in sikv_kernel_calibrate: the caller's pointers describe the memory the call reads.
+#[allow(clippy::too_many_arguments)] // the stateless call's own parameter list
+unsafe fn attend_impl(
     kn: &SikvKernels,
-    pools: &SikvLayerPools,
-    t: &SikvPageTable,
+    pools: *const SikvLayerPools,
+    page_table: *const SikvPageTable,
     seq_slot: *const i32,
     q: *const c_void,
     sel: Option<(*const i32, *const i32)>,
     out: *mut c_void,
-    workspace: *mut c_void,
-    workspace_bytes: usize,
+    ws: Workspace,
     stream: SikvStream,
 ) -> Result<()> {
-    let (cfg, layout) = (&kn.cfg, &kn.layout);
-    if kn.exec.is_gpu() {
-        let layer = dev_layer(kn, pools)?;
-        let table = dev_table(kn, t)?;
-        let g = kn.exec.gpu()?;
-        let ss = dev(seq_slot as *const c_void, "seq_slot")?;
-        let (qd, od) = (dev(q, "q")?, dev(out, "out")?);
-        match sel {
-            Some((i, c)) => g.attend(
-                cfg,
-                layout,
-                &layer,
-                &table,
-                ss,
-                qd,
-                dev(i as *const c_void, "indices")?,
-                dev(c as *const c_void, "counts")?,
-                od,
-                workspace as u64,
-                workspace_bytes,
-                stream as _,
-            ),
-            None => g.attend_dense(
-                cfg,
-                layout,
-                &layer,
-                &table,
-                ss,
-                qd,
-                od,
-                workspace as u64,
-                workspace_bytes,
-                stream as _,
-            ),
-        }
-    } else {
-        let table = host_table(kn, t)?;
-        let b = table.batch();
-        let rows = b * cfg.num_kv_heads as usize;
-        let n = b * (cfg.num_q_heads * cfg.head_dim) as usize;
-        let qf = host_acts(kn, q, n, "q")?;
-        let ss = host_slice(seq_slot, b, "seq_slot")?;
-        let out_bytes = host_slice_mut(out as *mut u8, n * cfg.dtype.size(), "out")?;
-        let lr = host_layer_ref(kn, pools)?;
-        let mut o = vec![0f32; n];
-        match sel {
-            Some((i, c)) => {
-                let idx = host_slice(i, rows * cfg.budget.max as usize, "indices")?;
-                let cnt = host_slice(c, rows, "counts")?;
-                cpu::attend(layout, cfg, &lr, &table, ss, &qf, idx, cnt, &mut o)?;
-            }
-            None => cpu::attend_dense(layout, cfg, &lr, &table, ss, &qf, &mut o)?,
-        }
-        numeric::from_f32(cfg.dtype, &o, out_bytes);
-        Ok(())
-    }
+    let cfg = kn.exec.cfg();
+    let pools = layer_view(kn, host_ref(pools, "pools")?)?;
+    let t = host_ref(page_table, "page_table")?;
+    let b = batch(kn, t, seq_slot, q)?;
+    let rows = t.batch as usize * cfg.num_kv_heads as usize;
+    let n_out = t.batch as usize * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
+    let out = output(kn, out as *mut u8, n_out, "out")?;
+    let sel = match sel {
+        Some((i, c)) => Selected::Given {
+            indices: input(kn, i, rows * cfg.budget.max as usize, "indices")?,
+            counts: input(kn, c, rows, "counts")?,
+        },
+        None => Selected::All,
+    };
+    kn.exec.attend(pools, &b, sel, out, ws, stream)
 }
 
 /// Stage `attend` (+ `combine`) over the dense set and the given selection:
@@ -453,20 +408,21 @@ pub extern "C" fn sikv_kernel_attend(
 ) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let kn = kernels_ref(kernels)?;
-        let pools = host_ref(pools, "pools")?;
-        let t = host_ref(page_table, "page_table")?;
-        attend_impl(
-            kn,
-            pools,
-            t,
-            seq_slot,
-            q,
-            Some((indices, counts)),
-            out,
-            workspace,
-            workspace_bytes,
-            stream,
-        )
+        let ws = ws_desc(workspace, workspace_bytes);
+        // SAFETY: as in sikv_kernel_calibrate.
+        unsafe {
+            attend_impl(
+                kn,
+                pools,
+                page_table,
+                seq_slot,
+                q,
+                Some((indices, counts)),
+                out,
+                ws,
+                stream,
+            )
+        }
     })
 }
 
@@ -485,9 +441,9 @@ pub extern "C" fn sikv_kernel_attend_dense(
 ) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let kn = kernels_ref(kernels)?;
-        let pools = host_ref(pools, "pools")?;
-        let t = host_ref(page_table, "page_table")?;
-        attend_impl(kn, pools, t, seq_slot, q, None, out, workspace, workspace_bytes, stream)
+        let ws = ws_desc(workspace, workspace_bytes);
+        // SAFETY: as in sikv_kernel_calibrate.
+        unsafe { attend_impl(kn, pools, page_table, seq_slot, q, None, out, ws, stream) }
     })
 }
 
@@ -502,30 +458,24 @@ pub extern "C" fn sikv_kernel_reset_slot(
 ) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let kn = kernels_ref(kernels)?;
-        let pools = host_ref(pools, "pools")?;
-        ensure!(
-            seq_slot < kn.cfg.max_seqs,
-            SIKV_ERR_OUT_OF_BOUNDS,
-            "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
-            kn.cfg.max_seqs
-        );
-        if kn.exec.is_gpu() {
-            let layer = crate::gpu::DevLayer {
-                planes: [0; SIKV_NUM_PLANES],
-                state: dev(pools.state, "pools.state")?,
-            };
-            kn.exec
-                .gpu()?
-                .reset_sequence(&kn.cfg, &kn.layout, &layer, seq_slot, stream as _)
-        } else {
-            let state = host_slice_mut(pools.state as *mut u8, kn.layout.layer_state_bytes, "pools.state")?;
-            cpu::reset_sequence(&kn.layout, state, seq_slot as usize)
+        // SAFETY: as in sikv_kernel_calibrate (only the state pool is read).
+        unsafe {
+            let pools = host_ref(pools, "pools")?;
+            let state = output(
+                kn,
+                pools.state as *mut u8,
+                kn.exec.layout().layer_state_bytes,
+                "pools.state",
+            )?;
+            kn.exec.reset_sequence(state, seq_slot, stream)
         }
     })
 }
 
 /// Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
 /// accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
+/// With a dense crossover at or above `max_seq_len` it runs the dense decode instead (decided
+/// from the declared bounds, so a captured graph stays valid).
 #[no_mangle]
 pub extern "C" fn sikv_kernel_decode(
     kernels: *const SikvKernels,
@@ -540,74 +490,17 @@ pub extern "C" fn sikv_kernel_decode(
 ) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let kn = kernels_ref(kernels)?;
-        let pools = host_ref(pools, "pools")?;
-        let t = host_ref(page_table, "page_table")?;
-        let (cfg, layout) = (&kn.cfg, &kn.layout);
-        if kn.exec.is_gpu() {
-            ensure!(
-                t.batch >= 1 && t.batch <= cfg.max_batch,
-                SIKV_ERR_OUT_OF_BOUNDS,
-                "page_table.batch = {} must be in 1..=max_batch ({})",
-                t.batch,
-                cfg.max_batch
-            );
-            let (need, idx_off, cnt_off) = decode_workspace(kn, t.batch);
-            ensure!(
-                workspace_bytes >= need,
-                SIKV_ERR_BUFFER_TOO_SMALL,
-                "workspace_bytes = {workspace_bytes} is smaller than the {need} bytes decode needs"
-            );
-            let ws = dev(workspace, "workspace")?;
-            let (idx, cnt) = (ws + idx_off as u64, ws + cnt_off as u64);
-            let layer = dev_layer(kn, pools)?;
-            let table = dev_table(kn, t)?;
-            let g = kn.exec.gpu()?;
-            let ss = dev(seq_slot as *const c_void, "seq_slot")?;
-            let (qd, od) = (dev(q, "q")?, dev(out, "out")?);
-            if cfg.dense_crossover > 0 && cfg.max_seq_len <= cfg.dense_crossover {
-                // Decided from the declared bounds only, so a captured graph stays valid.
-                return g.attend_dense(cfg, layout, &layer, &table, ss, qd, od, ws, idx_off, stream as _);
-            }
-            g.select(cfg, layout, &layer, &table, ss, qd, idx, cnt, ws, idx_off, stream as _)?;
-            g.attend(
-                cfg,
-                layout,
-                &layer,
-                &table,
-                ss,
-                qd,
-                idx,
-                cnt,
-                od,
-                ws,
-                idx_off,
-                stream as _,
-            )
-        } else if cfg.dense_crossover > 0 && cfg.max_seq_len <= cfg.dense_crossover {
-            attend_impl(kn, pools, t, seq_slot, q, None, out, workspace, workspace_bytes, stream)
-        } else {
-            let table = host_table(kn, t)?;
-            let rows = table.batch() * cfg.num_kv_heads as usize;
-            let mut idx = vec![-1i32; rows * cfg.budget.max as usize];
-            let mut cnt = vec![0i32; rows];
-            {
-                let qf = host_acts(kn, q, table.batch() * (cfg.num_q_heads * cfg.head_dim) as usize, "q")?;
-                let ss = host_slice(seq_slot, table.batch(), "seq_slot")?;
-                let lr = host_layer_ref(kn, pools)?;
-                cpu::select(layout, cfg, &lr, &table, ss, &qf, &mut idx, &mut cnt)?;
-            }
-            attend_impl(
-                kn,
-                pools,
-                t,
-                seq_slot,
-                q,
-                Some((idx.as_ptr(), cnt.as_ptr())),
-                out,
-                workspace,
-                workspace_bytes,
-                stream,
-            )
+        let cfg = kn.exec.cfg();
+        let dense = cfg.dense_crossover > 0 && cfg.max_seq_len <= cfg.dense_crossover;
+        // SAFETY: as in sikv_kernel_calibrate.
+        unsafe {
+            let pools = layer_view(kn, host_ref(pools, "pools")?)?;
+            let t = host_ref(page_table, "page_table")?;
+            let b = batch(kn, t, seq_slot, q)?;
+            let n_out = t.batch as usize * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
+            let out = output(kn, out as *mut u8, n_out, "out")?;
+            kn.exec
+                .decode(pools, &b, dense, out, ws_desc(workspace, workspace_bytes), stream)
         }
     })
 }

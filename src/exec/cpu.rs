@@ -1,0 +1,166 @@
+//! The CPU implementation of the executor: host descriptors into the CPU stages.
+
+use super::{Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table};
+use crate::cpu::{self, PageTable};
+use crate::ensure;
+use crate::numeric;
+use crate::status::Result;
+
+/// Host activations of the model dtype as f32, checking that `n` elements are there.
+fn acts_f32(ex: &Executor, a: Mem<u8>, n: usize, what: &str) -> Result<Vec<f32>> {
+    let bytes = a.host(what)?;
+    let need = n * ex.cfg.dtype.size();
+    ensure!(
+        bytes.len() >= need,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "`{what}` holds {} bytes, {need} needed",
+        bytes.len()
+    );
+    let mut out = vec![0f32; n];
+    numeric::to_f32(ex.cfg.dtype, &bytes[..need], &mut out);
+    Ok(out)
+}
+
+fn host_array<'a, T>(m: Mem<'a, T>, n: usize, what: &str) -> Result<&'a [T]> {
+    let s = m.host(what)?;
+    ensure!(
+        s.len() >= n,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "`{what}` holds {} entries, {n} needed",
+        s.len()
+    );
+    Ok(&s[..n])
+}
+
+fn host_array_mut<'a, T>(m: MemMut<'a, T>, n: usize, what: &str) -> Result<&'a mut [T]> {
+    let s = m.host(what)?;
+    ensure!(
+        s.len() >= n,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "`{what}` holds {} entries, {n} needed",
+        s.len()
+    );
+    Ok(&mut s[..n])
+}
+
+fn host_table<'a>(t: &Table<'a>) -> Result<PageTable<'a>> {
+    match t {
+        Table::Host(t) => Ok(*t),
+        Table::Device(_) => Err(crate::status::Error::invalid(
+            "`page_table` must be host memory on the CPU",
+        )),
+    }
+}
+
+fn pools_mut(p: LayerPools) -> Result<cpu::LayerMut> {
+    match p {
+        LayerPools::Host(l) => Ok(l),
+        LayerPools::Device(_) => Err(crate::status::Error::invalid("`pools` must be host memory on the CPU")),
+    }
+}
+
+fn pools_ref(p: LayerView) -> Result<cpu::LayerRef> {
+    match p {
+        LayerView::Host(l) => Ok(l),
+        LayerView::Device(_) => Err(crate::status::Error::invalid("`pools` must be host memory on the CPU")),
+    }
+}
+
+pub(super) fn calibrate(ex: &Executor, pools: LayerPools, p: &Prompt) -> Result<()> {
+    let c = &ex.cfg;
+    let n = p.n_tokens as usize;
+    let kv = n * (c.num_kv_heads * c.head_dim) as usize;
+    let qn = p.n_query as usize * (c.num_q_heads * c.head_dim) as usize;
+    let k = acts_f32(ex, p.k, kv, "k")?;
+    let v = acts_f32(ex, p.v, kv, "v")?;
+    let q = acts_f32(ex, p.q_tail, qn, "q_tail")?;
+    let sm = host_array(p.slot_mapping, n, "slot_mapping")?;
+    let mut layer = pools_mut(pools)?;
+    cpu::calibrate(&ex.layout, c, &mut layer, p.seq_slot as usize, &k, &v, &q, sm)
+}
+
+pub(super) fn append(ex: &Executor, pools: LayerPools, t: &NewTokens) -> Result<()> {
+    let c = &ex.cfg;
+    let n = t.n_tokens as usize;
+    let kv = n * (c.num_kv_heads * c.head_dim) as usize;
+    let k = acts_f32(ex, t.k, kv, "k")?;
+    let v = acts_f32(ex, t.v, kv, "v")?;
+    let sm = host_array(t.slot_mapping, n, "slot_mapping")?;
+    let ss = host_array(t.seq_slot, n, "seq_slot")?;
+    let pos = host_array(t.position, n, "position")?;
+    let mut layer = pools_mut(pools)?;
+    cpu::append(&ex.layout, c, &mut layer, &k, &v, sm, ss, pos)
+}
+
+/// The batch's table, seq slots and queries (as f32) on the host.
+fn host_batch<'a>(ex: &Executor, b: &Batch<'a>) -> Result<(PageTable<'a>, &'a [i32], Vec<f32>)> {
+    let c = &ex.cfg;
+    let t = host_table(&b.table)?;
+    let n = t.batch();
+    let ss = host_array(b.seq_slot, n, "seq_slot")?;
+    let q = acts_f32(ex, b.q, n * (c.num_q_heads * c.head_dim) as usize, "q")?;
+    Ok((t, ss, q))
+}
+
+pub(super) fn select(
+    ex: &Executor,
+    pools: LayerView,
+    b: &Batch,
+    indices: MemMut<i32>,
+    counts: MemMut<i32>,
+) -> Result<()> {
+    let c = &ex.cfg;
+    let (t, ss, q) = host_batch(ex, b)?;
+    let rows = t.batch() * c.num_kv_heads as usize;
+    let idx = host_array_mut(indices, rows * c.budget.max as usize, "indices")?;
+    let cnt = host_array_mut(counts, rows, "counts")?;
+    let layer = pools_ref(pools)?;
+    cpu::select(&ex.layout, c, &layer, &t, ss, &q, idx, cnt)
+}
+
+pub(super) fn attend(ex: &Executor, pools: LayerView, b: &Batch, sel: Selected, out: MemMut<u8>) -> Result<()> {
+    let c = &ex.cfg;
+    let (t, ss, q) = host_batch(ex, b)?;
+    let out = host_array_mut(out, q.len() * c.dtype.size(), "out")?;
+    let layer = pools_ref(pools)?;
+    let mut o = vec![0f32; q.len()];
+    match sel {
+        Selected::All => cpu::attend_dense(&ex.layout, c, &layer, &t, ss, &q, &mut o)?,
+        Selected::Given { indices, counts } => {
+            let rows = t.batch() * c.num_kv_heads as usize;
+            let idx = host_array(indices, rows * c.budget.max as usize, "indices")?;
+            let cnt = host_array(counts, rows, "counts")?;
+            cpu::attend(&ex.layout, c, &layer, &t, ss, &q, idx, cnt, &mut o)?;
+        }
+    }
+    numeric::from_f32(c.dtype, &o, out);
+    Ok(())
+}
+
+pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, dense: bool, out: MemMut<u8>) -> Result<()> {
+    if dense {
+        return attend(ex, pools, b, Selected::All, out);
+    }
+    let c = &ex.cfg;
+    let rows = b.table.batch() as usize * c.num_kv_heads as usize;
+    let mut idx = vec![-1i32; rows * c.budget.max as usize];
+    let mut cnt = vec![0i32; rows];
+    let layer = pools_ref(pools)?;
+    select(
+        ex,
+        LayerView::Host(layer),
+        b,
+        MemMut::Host(&mut idx),
+        MemMut::Host(&mut cnt),
+    )?;
+    let sel = Selected::Given {
+        indices: Mem::Host(&idx),
+        counts: Mem::Host(&cnt),
+    };
+    attend(ex, LayerView::Host(layer), b, sel, out)
+}
+
+pub(super) fn reset_sequence(ex: &Executor, state: MemMut<u8>, seq_slot: u32) -> Result<()> {
+    let st = host_array_mut(state, ex.layout.layer_state_bytes, "pools.state")?;
+    cpu::reset_sequence(&ex.layout, st, seq_slot as usize)
+}

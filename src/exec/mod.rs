@@ -1,0 +1,303 @@
+//! The stage executor: the one place that runs a pipeline stage (calibrate, append, select,
+//! attend, attend_dense, decode, reset) on described memory, with a CPU and a CUDA
+//! implementation. Both ABI layers call it: the stateless calls describe the engine's memory
+//! directly; the managed cache describes its own pools after its bookkeeping.
+//!
+//! Memory arrives as descriptors ([`desc`]): host slices for the CPU, device addresses for
+//! CUDA. Every argument the host can check is checked here, once, before either
+//! implementation runs, so both answer bad input with the same status. What only the device
+//! sees (positions and page ids inside engine-owned tables on the GPU) is checked by the
+//! kernels, which skip the work item and raise a fault word that the next call on the handle
+//! reports.
+//!
+//! **Where AUTO runs** ([`Executor::create`]): engine-owned memory says where it lives; else
+//! CUDA when a driver and a device exist and the device can run the configuration (sm_80 or
+//! newer, f16/bf16 activations); else the CPU. Any other failure while opening the device (a
+//! driver error, a kernel image that does not load) is reported, not hidden by a fallback.
+
+pub mod desc;
+
+mod cpu;
+mod cuda;
+
+pub use desc::{Batch, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table, Workspace};
+
+use crate::config::{CacheConfig, Device};
+use crate::ensure;
+use crate::gpu::GpuContext;
+use crate::layout::Layout;
+use crate::status::{Error, Result, SikvStatus};
+
+/// A caller's stream (`cudaStream_t` / `CUstream`; null = the legacy default stream). Borrowed;
+/// ignored on the CPU.
+pub type Stream = *mut std::ffi::c_void;
+
+/// Where engine-owned memory lives, when the engine hands the library its pools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Host,
+    Device,
+}
+
+enum Imp {
+    Cpu,
+    Cuda(GpuContext),
+}
+
+/// Runs the stages of one configuration on the CPU or on a CUDA device.
+pub struct Executor {
+    cfg: CacheConfig,
+    layout: Layout,
+    imp: Imp,
+}
+
+/// Where `sikv_kernel_decode` keeps its selection inside the caller's workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeWorkspace {
+    pub total: usize,
+    pub indices: usize,
+    pub counts: usize,
+}
+
+impl Executor {
+    /// Opens the executor of `cfg` (the AUTO rule is in the module documentation).
+    pub fn create(cfg: &CacheConfig, memory: Option<Placement>) -> Result<Executor> {
+        let layout = Layout::new(cfg);
+        let imp = match (cfg.device, memory) {
+            (Device::Cpu, Some(Placement::Device)) => {
+                return Err(Error::invalid(
+                    "device memory was given to a configuration whose device is CPU",
+                ))
+            }
+            (Device::Cuda, Some(Placement::Host)) => {
+                return Err(Error::invalid(
+                    "host memory was given to a configuration whose device is CUDA",
+                ))
+            }
+            (Device::Cpu, _) | (Device::Auto, Some(Placement::Host)) => Imp::Cpu,
+            (Device::Cuda, _) | (Device::Auto, Some(Placement::Device)) => Imp::Cuda(GpuContext::new(cfg, &layout)?),
+            (Device::Auto, None) => match GpuContext::new(cfg, &layout) {
+                Ok(g) => Imp::Cuda(g),
+                Err(e)
+                    if e.status == SikvStatus::SIKV_ERR_NO_DEVICE || e.status == SikvStatus::SIKV_ERR_UNSUPPORTED =>
+                {
+                    Imp::Cpu
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(Executor {
+            cfg: cfg.clone(),
+            layout,
+            imp,
+        })
+    }
+
+    /// Where AUTO would run `cfg` when no engine memory decides it, without keeping a context.
+    pub fn resolves_to_gpu(cfg: &CacheConfig) -> Result<bool> {
+        Ok(Executor::create(cfg, None)?.is_gpu())
+    }
+
+    pub fn cfg(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        matches!(self.imp, Imp::Cuda(_))
+    }
+
+    /// The CUDA context, when the executor runs on a device.
+    pub fn gpu(&self) -> Option<&GpuContext> {
+        match &self.imp {
+            Imp::Cuda(g) => Some(g),
+            Imp::Cpu => None,
+        }
+    }
+
+    /// Workspace bytes of every stage call with up to `batch` sequences (0 on the CPU).
+    pub fn stage_workspace_bytes(&self, batch: u32) -> usize {
+        match self.imp {
+            Imp::Cpu => 0,
+            Imp::Cuda(_) => GpuContext::workspace_bytes(&self.cfg, &self.layout, batch),
+        }
+    }
+
+    /// The decode call's workspace: the stage workspace, then its selection (0 on the CPU).
+    pub fn decode_workspace(&self, batch: u32) -> DecodeWorkspace {
+        match self.imp {
+            Imp::Cpu => DecodeWorkspace {
+                total: 0,
+                indices: 0,
+                counts: 0,
+            },
+            Imp::Cuda(_) => gpu_decode_workspace(&self.cfg, &self.layout, batch),
+        }
+    }
+
+    /// Reports a fault an earlier call left on the device (see the module documentation).
+    pub fn check_faults(&self) -> Result<()> {
+        match &self.imp {
+            Imp::Cpu => Ok(()),
+            Imp::Cuda(g) => g.check_faults(),
+        }
+    }
+
+    /// Waits for the work queued on `stream` (nothing to wait for on the CPU).
+    pub fn synchronize(&self, stream: Stream) -> Result<()> {
+        match &self.imp {
+            Imp::Cpu => Ok(()),
+            Imp::Cuda(g) => g.synchronize(stream),
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Stages. Each checks what the host can, then runs on the implementation.
+
+    /// Stage `calibrate` of one sequence slot at one layer (see `cpu::calibrate`).
+    pub fn calibrate(&self, pools: LayerPools, p: &Prompt, ws: Workspace, stream: Stream) -> Result<()> {
+        let cfg = &self.cfg;
+        ensure!(p.n_tokens >= 1, SIKV_ERR_INVALID_ARGUMENT, "n_tokens must be >= 1");
+        ensure!(
+            p.n_tokens <= cfg.max_seq_len,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "n_tokens = {} exceeds max_seq_len = {}",
+            p.n_tokens,
+            cfg.max_seq_len
+        );
+        ensure!(
+            p.n_query >= 1 && p.n_query <= p.n_tokens,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "n_query = {} must be in 1..=n_tokens ({})",
+            p.n_query,
+            p.n_tokens
+        );
+        self.check_slot(p.seq_slot)?;
+        self.check_faults()?;
+        match &self.imp {
+            Imp::Cpu => cpu::calibrate(self, pools, p),
+            Imp::Cuda(g) => cuda::calibrate(self, g, pools, p, ws, stream),
+        }
+    }
+
+    /// Stage `append` (encode) of `n_tokens` new tokens at one layer (see `cpu::append`).
+    pub fn append(&self, pools: LayerPools, t: &NewTokens, stream: Stream) -> Result<()> {
+        let cfg = &self.cfg;
+        ensure!(t.n_tokens >= 1, SIKV_ERR_INVALID_ARGUMENT, "n_tokens must be >= 1");
+        ensure!(
+            t.n_tokens <= cfg.max_append_tokens,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "n_tokens = {} exceeds max_append_tokens = {}",
+            t.n_tokens,
+            cfg.max_append_tokens
+        );
+        self.check_faults()?;
+        match &self.imp {
+            Imp::Cpu => cpu::append(self, pools, t),
+            Imp::Cuda(g) => cuda::append(self, g, pools, t, stream),
+        }
+    }
+
+    /// Selection (score, top-k, re-rank): `indices` `[batch][H_kv][budget_max]` (ascending,
+    /// then -1), `counts` `[batch][H_kv]`.
+    pub fn select(
+        &self,
+        pools: LayerView,
+        b: &Batch,
+        indices: MemMut<i32>,
+        counts: MemMut<i32>,
+        ws: Workspace,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_batch(b)?;
+        self.check_faults()?;
+        match &self.imp {
+            Imp::Cpu => cpu::select(self, pools, b, indices, counts),
+            Imp::Cuda(g) => cuda::select(self, g, pools, b, indices, counts, ws, stream),
+        }
+    }
+
+    /// Stage `attend` + `combine` over the dense set and a selection (or every stored token).
+    pub fn attend(
+        &self,
+        pools: LayerView,
+        b: &Batch,
+        sel: Selected,
+        out: MemMut<u8>,
+        ws: Workspace,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_batch(b)?;
+        self.check_faults()?;
+        match &self.imp {
+            Imp::Cpu => cpu::attend(self, pools, b, sel, out),
+            Imp::Cuda(g) => cuda::attend(self, g, pools, b, sel, out, ws, stream),
+        }
+    }
+
+    /// Select + attend in one call. On a device the selection lives in the workspace
+    /// ([`Executor::decode_workspace`]); `dense` runs the dense decode instead (the crossover).
+    pub fn decode(
+        &self,
+        pools: LayerView,
+        b: &Batch,
+        dense: bool,
+        out: MemMut<u8>,
+        ws: Workspace,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_batch(b)?;
+        self.check_faults()?;
+        match &self.imp {
+            Imp::Cpu => cpu::decode(self, pools, b, dense, out),
+            Imp::Cuda(g) => cuda::decode(self, g, pools, b, dense, out, ws, stream),
+        }
+    }
+
+    /// Clears the state records of a sequence slot at one layer (`state`: the layer's pool).
+    pub fn reset_sequence(&self, state: MemMut<u8>, seq_slot: u32, stream: Stream) -> Result<()> {
+        self.check_slot(seq_slot)?;
+        match &self.imp {
+            Imp::Cpu => cpu::reset_sequence(self, state, seq_slot),
+            Imp::Cuda(g) => cuda::reset_sequence(self, g, state, seq_slot, stream),
+        }
+    }
+
+    fn check_slot(&self, seq_slot: u32) -> Result<()> {
+        ensure!(
+            seq_slot < self.cfg.max_seqs,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
+            self.cfg.max_seqs
+        );
+        Ok(())
+    }
+
+    fn check_batch(&self, b: &Batch) -> Result<()> {
+        let n = b.table.batch();
+        ensure!(
+            n >= 1 && n <= self.cfg.max_batch,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "page_table.batch = {n} must be in 1..=max_batch ({})",
+            self.cfg.max_batch
+        );
+        Ok(())
+    }
+}
+
+/// The decode workspace on a GPU: the stage workspace, then the selection (indices
+/// `[batch][H_kv][budget_max]`, counts `[batch][H_kv]`), each 256-byte aligned.
+pub fn gpu_decode_workspace(cfg: &CacheConfig, layout: &Layout, batch: u32) -> DecodeWorkspace {
+    let stage = GpuContext::workspace_bytes(cfg, layout, batch);
+    let rows = batch as usize * cfg.num_kv_heads as usize;
+    let indices = stage.div_ceil(256) * 256;
+    let counts = (indices + 4 * rows * cfg.budget.max as usize).div_ceil(256) * 256;
+    DecodeWorkspace {
+        total: counts + 4 * rows,
+        indices,
+        counts,
+    }
+}
