@@ -99,8 +99,7 @@ struct AttendSmem {
     float v[AttendShape<D>::TILE][D];
     float logit[MAX_GROUP][AttendShape<D>::TILE];
     float alpha[MAX_GROUP];
-    float m[MAX_GROUP];
-    float l[MAX_GROUP];
+    SoftmaxState state[MAX_GROUP];
     float scale[D];
     int dense_list[ATTEND_SPLIT];
     // Sparse / dense-entry splits: the split's token refs, resolved once up front (the list ->
@@ -203,7 +202,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             s.q[g][c] = to_f32(q[(hq_base + g) * D + c]);
         }
         for (int c = tid; c < D; c += ATTEND_THREADS) s.scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
-        if (tid < MAX_GROUP) { s.m[tid] = SIKV_NEG_INF; s.l[tid] = 0.0f; }
+        if (tid < MAX_GROUP) s.state[tid].init();
     }
     float acc[Sh::HPT][Sh::CPT];
     #pragma unroll
@@ -295,11 +294,11 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             const int g = tid;
             float mx = SIKV_NEG_INF;
             for (int t = 0; t < Sh::TILE; ++t) mx = fmaxf(mx, s.logit[g][t]);
-            const float m_old = s.m[g];
-            const float m_new = fmaxf(m_old, mx);
-            float alpha = 1.0f, sum = 0.0f;
+            SoftmaxState st = s.state[g];
+            const float alpha = st.update_max(mx);
+            const float m_new = st.m;
+            float sum = 0.0f;
             if (m_new != SIKV_NEG_INF) {
-                alpha = m_old == SIKV_NEG_INF ? 0.0f : expf(m_old - m_new);
                 for (int t = 0; t < Sh::TILE; ++t) {
                     float e = expf(s.logit[g][t] - m_new);  // exp(-inf) = 0 for invalid tokens
                     s.logit[g][t] = e;
@@ -308,8 +307,8 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             } else {
                 for (int t = 0; t < Sh::TILE; ++t) s.logit[g][t] = 0.0f;
             }
-            s.l[g] = s.l[g] * alpha + sum;
-            s.m[g] = m_new;
+            st.update_sum(alpha, sum);
+            s.state[g] = st;
             s.alpha[g] = alpha;
         }
         __syncthreads();
@@ -342,8 +341,8 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         }
     }
     if (tid < G) {
-        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = s.m[tid];
-        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = s.l[tid];
+        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = s.state[tid].m;
+        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = s.state[tid].l;
     }
 }
 template <int D, typename T>
@@ -371,14 +370,12 @@ SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
     float M = red[0];
     for (int i = 1; i < COMBINE_THREADS / 32; ++i) M = fmaxf(M, red[i]);
     __syncthreads();
-    float lsum = 0.0f;
-    for (int j = threadIdx.x; j < NS; j += blockDim.x) {
-        float mj = ml[2 * j];
-        float wj = (mj == SIKV_NEG_INF || M == SIKV_NEG_INF) ? 0.0f : expf(mj - M);
-        w[j] = wj;
-        lsum += wj * ml[2 * j + 1];
-    }
-    lsum = warp_sum(lsum);
+    // This thread's share of the merged state: max M over all splits, its partials' sum.
+    SoftmaxState st;
+    st.m = M;
+    st.l = 0.0f;
+    for (int j = threadIdx.x; j < NS; j += blockDim.x) w[j] = st.merge(ml[2 * j], ml[2 * j + 1]);
+    float lsum = warp_sum(st.l);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = lsum;
     __syncthreads();
     if (threadIdx.x == 0) {

@@ -263,22 +263,31 @@ SIKV_DEV int cand_end(const SikvParams& p, int len) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Online softmax state of one query head (FlashInfer's state_t): running max m, running sum
-// l of exp(logit - m); the accumulator lives with the caller. merge() is the log-sum-exp merge
-// of two partial states, returning the factors to apply to the two accumulators.
+// Online softmax state of one query head (FlashInfer's state_t): running max m and running sum
+// l of exp(logit - m); the accumulator lives with the caller.
 struct SoftmaxState {
     float m;
     float l;
     SIKV_DEV void init() { m = SIKV_NEG_INF; l = 0.0f; }
-    // Merges (m2, l2) into this state; *s1, *s2 = weights for this / the other accumulator.
-    SIKV_DEV void merge(float m2, float l2, float* s1, float* s2) {
-        if (m2 == SIKV_NEG_INF) { *s1 = 1.0f; *s2 = 0.0f; return; }
-        if (m == SIKV_NEG_INF) { m = m2; l = l2; *s1 = 0.0f; *s2 = 1.0f; return; }
-        float mn = fmaxf(m, m2);
-        *s1 = expf(m - mn);
-        *s2 = expf(m2 - mn);
-        l = *s1 * l + *s2 * l2;
-        m = mn;
+    // Start of a tile whose largest logit is mx: raises the running max and returns the factor
+    // for the sum and accumulators so far (0 when nothing came before; 1 while every logit is
+    // -inf). The caller then takes exp(logit - m) of the tile (all 0 when m is still -inf).
+    SIKV_DEV float update_max(float mx) {
+        const float m_new = fmaxf(m, mx);
+        float alpha = 1.0f;
+        if (m_new != SIKV_NEG_INF) alpha = m == SIKV_NEG_INF ? 0.0f : expf(m - m_new);
+        m = m_new;
+        return alpha;
+    }
+    // End of the tile: `sum` is the sum of its exp(logit - m).
+    SIKV_DEV void update_sum(float alpha, float sum) { l = l * alpha + sum; }
+    // Merges a partial state (m2, l2) into one whose m is already the max over every partial
+    // (the combine takes the max first, so nothing merged earlier needs rescaling); returns the
+    // weight of the partial's accumulator.
+    SIKV_DEV float merge(float m2, float l2) {
+        const float w = (m2 == SIKV_NEG_INF || m == SIKV_NEG_INF) ? 0.0f : expf(m2 - m);
+        l += w * l2;
+        return w;
     }
 };
 
