@@ -378,11 +378,6 @@ impl GpuContext {
         }
     }
 
-    /// Reports a fault that an earlier call's kernels recorded on the device.
-    pub fn check_faults(&self) -> Result<()> {
-        Ok(())
-    }
-
     /// "fatbin" or "nvrtc": how the kernels were loaded.
     pub fn build_path(&self) -> &str {
         &self.inner.build_path
