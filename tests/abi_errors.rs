@@ -93,7 +93,8 @@ fn config_errors_name_the_field() {
     let good = small_config();
     expect(sikv_cache_create(&good, null_mut()), SIKV_ERR_NULL_POINTER, "out");
 
-    let cases: Vec<(Box<dyn Fn(&mut SikvConfig)>, SikvStatus, &str)> = vec![
+    type Case = (Box<dyn Fn(&mut SikvConfig)>, SikvStatus, &'static str);
+    let cases: Vec<Case> = vec![
         (Box::new(|c| c.dtype = 7), SIKV_ERR_UNSUPPORTED, "config.dtype"),
         (Box::new(|c| c.device = 9), SIKV_ERR_UNSUPPORTED, "config.device"),
         (Box::new(|c| c.selector = 5), SIKV_ERR_UNSUPPORTED, "config.selector"),

@@ -610,7 +610,7 @@ fn trt_plugin_sample_builds_and_runs() {
     let exe = compile(
         Lang::Cpp17,
         &[dir.join("main.cpp"), dir.join("sikv_attention_plugin.cpp")],
-        &[dir.clone()],
+        std::slice::from_ref(&dir),
         "trt_plugin_sample",
         "-O2",
     );
