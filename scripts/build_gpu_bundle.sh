@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds, on this (GPU-less) machine, everything scripts/gpu_check.sh runs on the GPU machine,
 # and copies it into .gpu/ with stable names:
-#   .gpu/gpu_tests   the tests/gpu.rs test executable (release)
-#   .gpu/gpu_bench   the examples/gpu_bench.rs binary (release)
-#   .gpu/BUILD_INFO  git revision, kernel build path, nvcc
+#   .gpu/gpu_tests          the test executable of tests/gpu/ (every GPU stage, one test per
+#                           case; release); one binary, so that the bundle carries one copy of
+#                           the embedded fatbin for all of them
+#   .gpu/gpu_managed_tests  the tests/gpu_managed.rs test executable (release)
+#   .gpu/gpu_bench          the examples/gpu_bench.rs binary (release)
+#   .gpu/sikv_demo          the demo binary (release)
+#   .gpu/BUILD_INFO         git revision, kernel build path, nvcc
 # Then: run `bash scripts/gpu_check.sh` from the repo root on the GPU machine.
 #
 # The kernels are compiled with nvcc into the embedded fatbin (all targets by default; set

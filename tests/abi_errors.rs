@@ -5,28 +5,16 @@ use std::ffi::{c_void, CStr};
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+mod common;
+
+use common::Rng;
 use selfindexkv::config::*;
 use selfindexkv::ffi::*;
 use selfindexkv::SikvStatus::{self, *};
 
-struct Rng(u64);
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        Rng(seed | 1)
-    }
-    fn f32(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + 1e-3
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f32()).collect()
-    }
+/// Uniform in [-1, 1), shifted off zero so that no input is all zeros.
+fn vals(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.range(-1.0, 1.0) + 1e-3).collect()
 }
 
 fn msg() -> String {
@@ -83,9 +71,9 @@ impl Cache {
     /// Adds `id` and calibrates it at every layer with an `n`-token prompt.
     fn prompt(&self, c: &SikvConfig, rng: &mut Rng, id: i64, n: u32) {
         assert_eq!(sikv_seq_add(self.0, id), SIKV_OK, "{}", msg());
-        let kv = rng.vec((n * c.num_kv_heads * c.head_dim) as usize);
-        let vv = rng.vec(kv.len());
-        let q = rng.vec((c.num_q_heads * c.head_dim) as usize);
+        let kv = vals(rng, (n * c.num_kv_heads * c.head_dim) as usize);
+        let vv = vals(rng, kv.len());
+        let q = vals(rng, (c.num_q_heads * c.head_dim) as usize);
         for l in 0..c.num_layers {
             let s = sikv_calibrate(self.0, l, id, n, p(&kv), p(&vv), 1, p(&q), null_mut());
             assert_eq!(s, SIKV_OK, "{}", msg());
@@ -105,7 +93,8 @@ fn config_errors_name_the_field() {
     let good = small_config();
     expect(sikv_cache_create(&good, null_mut()), SIKV_ERR_NULL_POINTER, "out");
 
-    let cases: Vec<(Box<dyn Fn(&mut SikvConfig)>, SikvStatus, &str)> = vec![
+    type Case = (Box<dyn Fn(&mut SikvConfig)>, SikvStatus, &'static str);
+    let cases: Vec<Case> = vec![
         (Box::new(|c| c.dtype = 7), SIKV_ERR_UNSUPPORTED, "config.dtype"),
         (Box::new(|c| c.device = 9), SIKV_ERR_UNSUPPORTED, "config.device"),
         (Box::new(|c| c.selector = 5), SIKV_ERR_UNSUPPORTED, "config.selector"),
@@ -213,7 +202,7 @@ fn cpu_request_for_cuda_without_device_is_no_device() {
 #[test]
 fn sequence_errors_leave_the_cache_unchanged() {
     let c = small_config();
-    let mut rng = Rng::new();
+    let mut rng = Rng::new("sequence_errors_leave_the_cache_unchanged");
     let cache = Cache::new(&c);
     cache.prompt(&c, &mut rng, 10, 40);
     let before = cache.checksum();
@@ -232,7 +221,7 @@ fn sequence_errors_leave_the_cache_unchanged() {
     assert_eq!(sikv_seq_add(cache.0, 12), SIKV_OK);
     assert_eq!(sikv_seq_remove(cache.0, 12), SIKV_OK);
     let before = cache.checksum();
-    let q = rng.vec((c.num_q_heads * c.head_dim) as usize);
+    let q = vals(&mut rng, (c.num_q_heads * c.head_dim) as usize);
     let mut out = vec![0f32; q.len()];
     let ids = [12i64];
     expect(
@@ -254,14 +243,14 @@ fn sequence_errors_leave_the_cache_unchanged() {
 #[test]
 fn append_and_attend_errors_leave_the_cache_unchanged() {
     let c = small_config();
-    let mut rng = Rng::new();
+    let mut rng = Rng::new("append_and_attend_errors_leave_the_cache_unchanged");
     let cache = Cache::new(&c);
     cache.prompt(&c, &mut rng, 1, 30);
     assert_eq!(sikv_seq_add(cache.0, 2), SIKV_OK);
     let before = cache.checksum();
     let row = (c.num_kv_heads * c.head_dim) as usize;
-    let k = rng.vec(row * 100);
-    let v = rng.vec(row * 100);
+    let k = vals(&mut rng, row * 100);
+    let v = vals(&mut rng, row * 100);
 
     // Not calibrated.
     let id2 = [2i64];
@@ -328,7 +317,7 @@ fn append_and_attend_errors_leave_the_cache_unchanged() {
     assert_eq!(cache.checksum(), grown);
 
     // Attend: batch too large, NULL out.
-    let q = rng.vec((3 * c.num_q_heads * c.head_dim) as usize);
+    let q = vals(&mut rng, (3 * c.num_q_heads * c.head_dim) as usize);
     let mut out = vec![0f32; q.len()];
     let three = [1i64, 2, 3];
     expect(
@@ -353,7 +342,7 @@ fn append_and_attend_errors_leave_the_cache_unchanged() {
     assert_ne!(before, grown);
 
     // Calibrating twice.
-    let kp = rng.vec(row * 10);
+    let kp = vals(&mut rng, row * 10);
     expect(
         sikv_calibrate(cache.0, 0, 1, 10, p(&kp), p(&kp), 1, p(&q), null_mut()),
         SIKV_ERR_ALREADY_CALIBRATED,
@@ -366,12 +355,12 @@ fn append_and_attend_errors_leave_the_cache_unchanged() {
 fn page_pool_exhaustion_is_reported_and_harmless() {
     let mut c = small_config();
     c.num_pages = 6; // 96 tokens in all
-    let mut rng = Rng::new();
+    let mut rng = Rng::new("page_pool_exhaustion_is_reported_and_harmless");
     let cache = Cache::new(&c);
     cache.prompt(&c, &mut rng, 1, 64); // 4 pages
     let before = cache.checksum();
     let row = (c.num_kv_heads * c.head_dim) as usize;
-    let k = rng.vec(row * 40);
+    let k = vals(&mut rng, row * 40);
     let n = [40u32]; // needs 3 more pages, 2 free
     let id = [1i64];
     expect(
@@ -383,8 +372,8 @@ fn page_pool_exhaustion_is_reported_and_harmless() {
     // A second sequence whose prompt does not fit.
     assert_eq!(sikv_seq_add(cache.0, 2), SIKV_OK);
     let mid = cache.checksum();
-    let kp = rng.vec(row * 40);
-    let q = rng.vec((c.num_q_heads * c.head_dim) as usize);
+    let kp = vals(&mut rng, row * 40);
+    let q = vals(&mut rng, (c.num_q_heads * c.head_dim) as usize);
     expect(
         sikv_calibrate(cache.0, 0, 2, 40, p(&kp), p(&kp), 1, p(&q), null_mut()),
         SIKV_ERR_OUT_OF_PAGES,
@@ -435,7 +424,7 @@ fn borrowed_pools_are_checked_for_size() {
     assert_eq!(sikv_cache_create_with_pools(&c, &desc, &mut h), SIKV_OK, "{}", msg());
     // The engine's memory holds the cache: a calibrated prompt lands in it.
     let cache = Cache(h);
-    let mut rng = Rng::new();
+    let mut rng = Rng::new("borrowed_pools_are_checked_for_size");
     cache.prompt(&c, &mut rng, 5, 20);
     assert!(
         planes.iter().any(|&b| b != 0),
@@ -478,8 +467,8 @@ fn stateless_calls_validate_before_running() {
         batch: 1,
     };
     let slot = [0i32];
-    let mut rng = Rng::new();
-    let q = rng.vec((c.num_q_heads * c.head_dim) as usize);
+    let mut rng = Rng::new("stateless_calls_validate_before_running");
+    let q = vals(&mut rng, (c.num_q_heads * c.head_dim) as usize);
     let mut idx = vec![0i32; (c.num_kv_heads * c.budget_max) as usize];
     let mut cnt = vec![0i32; c.num_kv_heads as usize];
     let s = sikv_kernel_select(
@@ -509,7 +498,7 @@ fn stateless_calls_validate_before_running() {
         null_mut(),
     );
     expect(s, SIKV_ERR_OUT_OF_BOUNDS, "page_table.batch");
-    let kv = rng.vec((c.num_kv_heads * c.head_dim) as usize);
+    let kv = vals(&mut rng, (c.num_kv_heads * c.head_dim) as usize);
     let sm = [(c.num_pages as i64) * c.page_size as i64];
     let pos = [0i32];
     let s = sikv_kernel_append(
@@ -547,13 +536,13 @@ fn a_panic_poisons_the_handle_and_does_not_unwind() {
 #[test]
 fn attend_selected_errors_leave_the_cache_unchanged() {
     let c = small_config();
-    let mut rng = Rng::new();
+    let mut rng = Rng::new("attend_selected_errors_leave_the_cache_unchanged");
     let cache = Cache::new(&c);
     cache.prompt(&c, &mut rng, 1, 40);
     cache.prompt(&c, &mut rng, 2, 70);
     let ids = [1i64, 2];
     let (hk, kmax) = (c.num_kv_heads as usize, c.budget_max as usize);
-    let q = rng.vec(2 * (c.num_q_heads * c.head_dim) as usize);
+    let q = vals(&mut rng, 2 * (c.num_q_heads * c.head_dim) as usize);
     let mut idx = vec![-1i32; 2 * hk * kmax];
     let mut cnt = vec![0i32; 2 * hk];
     let s = sikv_select(

@@ -9,12 +9,13 @@
 //! The C++ samples in `cpp_examples/` are compiled with the plain compiler and run, so they
 //! cannot rot.
 //!
-//! Seeds are fresh each run; `SIKV_TEST_SEED=<n>` reproduces one. `CC` / `CXX` pick the
+//! Seeds are fresh each run and printed; `SIKV_TEST_SEED=0x…` replays one (the programs take
+//! the seed as an argument and use the tests' generator). `CC` / `CXX` pick the
 //! compilers (default `cc` / `c++`).
 
 mod common;
 
-use common::static_lib;
+use common::{static_lib, Rng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,18 +87,6 @@ fn run(exe: &Path, args: &[&str]) -> String {
     );
     print!("{stdout}");
     stdout
-}
-
-fn seed() -> u64 {
-    let s = match std::env::var("SIKV_TEST_SEED") {
-        Ok(v) => v.parse().expect("SIKV_TEST_SEED must be an integer"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    };
-    println!("seed {s} (SIKV_TEST_SEED={s} reproduces this run)");
-    s
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,27 +169,15 @@ fn config(dtype: u32, full: bool) -> SikvConfig {
     c
 }
 
-/// xorshift64*; values are odd multiples of 1/512 in (-2, 2): exact in fp16 and never 0.
-struct Rng(u64);
+/// The C and C++ programs' inputs: the tests' generator (their copy of it), values odd
+/// multiples of 1/512 in (-2, 2): exact in fp16 and never 0.
+fn value(rng: &mut Rng) -> f32 {
+    let odd = ((rng.next_u64() >> 40) % 1024) as i32 * 2 - 1023;
+    odd as f32 / 512.0
+}
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let s = seed ^ 0x9E37_79B9_7F4A_7C15;
-        Rng(if s == 0 { 1 } else { s })
-    }
-    fn value(&mut self) -> f32 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        let x = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        let odd = ((x >> 40) % 1024) as i32 * 2 - 1023;
-        odd as f32 / 512.0
-    }
-    fn values(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.value()).collect()
-    }
+fn values(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| value(rng)).collect()
 }
 
 type Record = (u32, Vec<u8>);
@@ -238,7 +215,7 @@ impl Replayer {
         b
     }
     fn input(&mut self, n: usize) -> (Vec<f32>, Vec<u8>) {
-        let v = self.rng.values(n);
+        let v = values(&mut self.rng, n);
         let b = self.bytes(&v);
         (v, b)
     }
@@ -306,7 +283,7 @@ fn replay(seed: u64, dtype: u32, full: bool) -> Replay {
     let mut r = Replayer {
         dtype: cfg.dtype,
         cache: Cache::new(cfg).unwrap(),
-        rng: Rng::new(seed),
+        rng: Rng(seed),
         out: Replay {
             records: Vec::new(),
             reference: Vec::new(),
@@ -413,7 +390,7 @@ fn replay(seed: u64, dtype: u32, full: bool) -> Replay {
             r.cache.seq_len(FORK_DST, layer).unwrap(),
         ];
         r.record(REC_SEQ_LEN, as_bytes(&lens));
-        let mut qf = r.rng.values(row_q);
+        let mut qf = values(&mut r.rng, row_q);
         qf.extend_from_within(..);
         let q = r.bytes(&qf);
         let out = r.attend(layer, &pair, &q, false);
@@ -562,13 +539,14 @@ fn assert_dense_softmax(program: &str, got: &[Record], reference: &[(usize, Vec<
 
 /// Runs one program in both modes and checks it against the Rust replay (and, in `full`
 /// mode, against the float64 dense softmax).
-fn check_program(program: &str, exe: &Path, dtype_code: u32) {
-    let seed = seed();
+fn check_program(test: &str, program: &str, exe: &Path, dtype_code: u32) {
+    // The program is seeded from the same variable as every Rust test.
+    let seed = common::seed(test);
     let dtype = CacheConfig::from_c(&config(dtype_code, false)).unwrap().dtype;
     for mode in ["sparse", "full"] {
         let file = scratch_dir().join(format!("{program}-{mode}.bin"));
         let _ = std::fs::remove_file(&file);
-        run(exe, &[&seed.to_string(), mode, file.to_str().unwrap()]);
+        run(exe, &[&format!("{seed:#x}"), mode, file.to_str().unwrap()]);
         let got = read_records(&file);
         let want = replay(seed, dtype_code, mode == "full");
         assert_bit_identical(program, &got, &want.records, dtype);
@@ -603,7 +581,7 @@ fn c99_program_matches_rust_replay() {
         "abi_c99",
         "-O1",
     );
-    check_program("abi_c99", &exe, SIKV_DTYPE_F32);
+    check_program("c99_program_matches_rust_replay", "abi_c99", &exe, SIKV_DTYPE_F32);
 }
 
 #[test]
@@ -615,7 +593,7 @@ fn cpp17_program_matches_rust_replay() {
         "abi_cpp17",
         "-O1",
     );
-    check_program("abi_cpp17", &exe, SIKV_DTYPE_F16);
+    check_program("cpp17_program_matches_rust_replay", "abi_cpp17", &exe, SIKV_DTYPE_F16);
 }
 
 #[test]
@@ -632,7 +610,7 @@ fn trt_plugin_sample_builds_and_runs() {
     let exe = compile(
         Lang::Cpp17,
         &[dir.join("main.cpp"), dir.join("sikv_attention_plugin.cpp")],
-        &[dir.clone()],
+        std::slice::from_ref(&dir),
         "trt_plugin_sample",
         "-O2",
     );

@@ -323,8 +323,8 @@ fn check_calibration(w: &World, b: usize) {
         let room = n.saturating_sub(wn).saturating_sub(s);
         assert_eq!(cal.heavy.len(), hn.min(room), "heavy count (n={n})");
         let mut want_pos = vec![DENSE_EMPTY; s + hn + wn];
-        for t in 0..s.min(n) {
-            want_pos[t] = t as i32;
+        for (t, w) in want_pos.iter_mut().enumerate().take(s.min(n)) {
+            *w = t as i32;
         }
         for (i, &t) in cal.heavy.iter().enumerate() {
             assert!(
@@ -671,8 +671,8 @@ fn sixteen_bit_outputs(
     let mut rng = Rng(seed_rng.next_u64() | 1);
     let mut w = World::new(&mut rng, cfg, layout);
     let lens = [150usize, 77, 5];
-    for b in 0..3 {
-        w.add_sequence(&mut rng, b, lens[b], 2);
+    for (b, &len) in lens.iter().enumerate() {
+        w.add_sequence(&mut rng, b, len, 2);
     }
     for _ in 0..9 {
         w.append(&mut rng, &[(0, 1), (1, 2), (2, 1)]);

@@ -1,27 +1,21 @@
 //! Both ABI layers on a CUDA device against the CPU backend. The managed cache end to end: a ragged batch (one
 //! sequence longer than 100K tokens, lengths not multiples of the page size), prefill +
 //! calibrate, then decode steps of append + attend at every layer, fork and remove. Without a
-//! CUDA device it prints one counted `skipped` line.
+//! CUDA device each test prints one line `skipped: no CUDA device (<test>)`, which CI counts;
+//! with one, each prints its seed (`SIKV_TEST_SEED` replays it).
 
+mod common;
+
+use common::Rng;
 use selfindexkv::cache::{Activations, Cache, Output};
 use selfindexkv::config::*;
 use selfindexkv::{numeric, CacheConfig, SikvStatus};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1) plus a per-channel offset, never all zeros.
-    fn vec(&mut self, n: usize, d: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0) + 0.05 * ((i % d) as f32 / d as f32))
-            .collect()
-    }
+/// Uniform in [-1, 1) plus a per-channel offset, never all zeros.
+fn vals(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| rng.range(-1.0, 1.0) + 0.05 * ((i % d) as f32 / d as f32))
+        .collect()
 }
 
 fn quick() -> bool {
@@ -50,25 +44,21 @@ fn to_bytes(dt: Dtype, x: &[f32]) -> Vec<u8> {
     b
 }
 
-/// The same configuration on the GPU and on the CPU backend, and a fresh seed; `None` (after the
-/// counted skip line) without a CUDA device.
-fn gpu_and_cpu_caches(max_len: u32, what: &str) -> Option<(Cache, Cache, CacheConfig, u64)> {
+/// The same configuration on the GPU and on the CPU backend, and test `test`'s generator (its
+/// seed line printed); `None` (after the counted skip line) without a CUDA device.
+fn gpu_and_cpu_caches(max_len: u32, test: &str) -> Option<(Cache, Cache, CacheConfig, Rng)> {
     let gpu_cfg = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, max_len);
     let gpu = match Cache::new(gpu_cfg.clone()) {
         Ok(c) => c,
         Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
-            println!("gpu tests skipped: no CUDA device (1 test: {what})");
+            common::skip_no_cuda_device(test);
             return None;
         }
         Err(e) => panic!("GPU cache: {e}"),
     };
     assert!(gpu.stats().on_gpu);
     let cpu = Cache::new(config(SIKV_DEVICE_CPU, SIKV_DTYPE_F16, max_len)).unwrap();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    Some((gpu, cpu, gpu_cfg, seed))
+    Some((gpu, cpu, gpu_cfg, Rng::new(test)))
 }
 
 /// Adds `ids` to both caches and calibrates every layer with the same random prompt of `lens`
@@ -84,9 +74,9 @@ fn prefill_both(gpu: &mut Cache, cpu: &mut Cache, cfg: &CacheConfig, ids: &[i64]
         gpu.add_seq(id).unwrap();
         cpu.add_seq(id).unwrap();
         for layer in 0..cfg.num_layers {
-            let k = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
-            let v = to_bytes(dt, &rng.vec(n as usize * hk * d, d));
-            let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
+            let k = to_bytes(dt, &vals(rng, n as usize * hk * d, d));
+            let v = to_bytes(dt, &vals(rng, n as usize * hk * d, d));
+            let q = to_bytes(dt, &vals(rng, 2 * hq * d, d));
             for c in [&mut *gpu, &mut *cpu] {
                 c.calibrate(
                     layer,
@@ -112,11 +102,12 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
         (vec![1000, 3333, 100_003], 256)
     };
     let max_len = lens.iter().max().unwrap() + steps + 8;
-    let Some((mut gpu, mut cpu, gpu_cfg, seed)) = gpu_and_cpu_caches(max_len, "managed cache end to end") else {
+    let Some((mut gpu, mut cpu, gpu_cfg, mut rng)) =
+        gpu_and_cpu_caches(max_len, "managed_cache_on_gpu_matches_cpu_backend")
+    else {
         return;
     };
-    println!("managed GPU vs CPU: seed {seed}, lengths {lens:?}, {steps} decode steps");
-    let mut rng = Rng(seed);
+    println!("managed GPU vs CPU: lengths {lens:?}, {steps} decode steps");
     let cfg = &gpu_cfg;
     let (hq, hk, d, dt) = (
         cfg.num_q_heads as usize,
@@ -132,9 +123,9 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     let (mut worst, mut sel_mismatch, mut compared) = (0f32, 0usize, 0usize);
     for step in 0..steps {
         for layer in 0..cfg.num_layers {
-            let k = to_bytes(dt, &rng.vec(b * hk * d, d));
-            let v = to_bytes(dt, &rng.vec(b * hk * d, d));
-            let q = to_bytes(dt, &rng.vec(b * hq * d, d));
+            let k = to_bytes(dt, &vals(&mut rng, b * hk * d, d));
+            let v = to_bytes(dt, &vals(&mut rng, b * hk * d, d));
+            let q = to_bytes(dt, &vals(&mut rng, b * hq * d, d));
             let mut outs = [vec![0xFFu8; b * hq * d * 2], vec![0u8; b * hq * d * 2]];
             for (c, out) in [&mut gpu, &mut cpu].into_iter().zip(outs.iter_mut()) {
                 c.append(layer, &ids, &counts, Activations::Host(&k), Activations::Host(&v), null)
@@ -177,7 +168,7 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
         c.fork_seq(ids[2], 999).unwrap();
         c.remove_seq(ids[2]).unwrap();
     }
-    let q = to_bytes(dt, &rng.vec(hq * d, d));
+    let q = to_bytes(dt, &vals(&mut rng, hq * d, d));
     let mut outs = [vec![0xFFu8; hq * d * 2], vec![0u8; hq * d * 2]];
     for (c, out) in [&mut gpu, &mut cpu].into_iter().zip(outs.iter_mut()) {
         c.attend(0, &[999], Activations::Host(&q), Output::Host(out), null)
@@ -208,11 +199,11 @@ fn attend_selected_on_gpu_matches_attend_and_cpu() {
     let lens = [700u32, 2049];
     let steps = 3u32;
     let max_len = 4096;
-    let Some((mut gpu, mut cpu, gpu_cfg, seed)) = gpu_and_cpu_caches(max_len, "managed attend_selected") else {
+    let Some((mut gpu, mut cpu, gpu_cfg, mut rng)) =
+        gpu_and_cpu_caches(max_len, "attend_selected_on_gpu_matches_attend_and_cpu")
+    else {
         return;
     };
-    println!("managed GPU attend_selected vs CPU: seed {seed}");
-    let mut rng = Rng(seed);
     let cfg = &gpu_cfg;
     let (hq, hk, d, dt) = (
         cfg.num_q_heads as usize,
@@ -226,8 +217,8 @@ fn attend_selected_on_gpu_matches_attend_and_cpu() {
     let b = ids.len();
     for _ in 0..steps {
         for layer in 0..cfg.num_layers {
-            let k = to_bytes(dt, &rng.vec(b * hk * d, d));
-            let v = to_bytes(dt, &rng.vec(b * hk * d, d));
+            let k = to_bytes(dt, &vals(&mut rng, b * hk * d, d));
+            let v = to_bytes(dt, &vals(&mut rng, b * hk * d, d));
             for c in [&mut gpu, &mut cpu] {
                 c.append(layer, &ids, &[1, 1], Activations::Host(&k), Activations::Host(&v), null)
                     .unwrap();
@@ -237,7 +228,7 @@ fn attend_selected_on_gpu_matches_attend_and_cpu() {
     let (rows, kmax) = (b * hk, cfg.budget.max as usize);
     let mut worst = 0f32;
     for layer in 0..cfg.num_layers {
-        let q = to_bytes(dt, &rng.vec(b * hq * d, d));
+        let q = to_bytes(dt, &vals(&mut rng, b * hq * d, d));
         let (mut idx, mut cnt) = (vec![0i32; rows * kmax], vec![0i32; rows]);
         gpu.select(layer, &ids, Activations::Host(&q), &mut idx, &mut cnt, null)
             .unwrap();
@@ -321,7 +312,7 @@ fn stateless_abi_on_gpu_matches_cpu() {
     let mut gk: *mut SikvKernels = null_mut();
     let s = sikv_kernels_create(&c, &mut gk);
     if s == SikvStatus::SIKV_ERR_NO_DEVICE {
-        println!("gpu tests skipped: no CUDA device (1 test: stateless ABI)");
+        common::skip_no_cuda_device("stateless_abi_on_gpu_matches_cpu");
         return;
     }
     assert_eq!(s, SikvStatus::SIKV_OK);
@@ -369,20 +360,16 @@ fn stateless_abi_on_gpu_matches_cpu() {
         ctx.copy_htod_async(arena.ptr() + off as u64, bytes, null).unwrap();
         (arena.ptr() + off as u64) as *mut c_void
     };
-    let mut rng = Rng(std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64);
+    let mut rng = Rng::new("stateless_abi_on_gpu_matches_cpu");
     let (hq, hk, d) = (8usize, 2usize, 64usize);
     let dt = Dtype::F16;
     let lens = [300usize, 157];
     let pages: [Vec<i32>; 2] = [(0..40).collect(), (40..80).rev().collect()];
     let slot_of = |s: usize, pos: usize| pages[s][pos / 16] as i64 * 16 + (pos % 16) as i64;
-    for s in 0..2 {
-        let n = lens[s];
-        let k = to_bytes(dt, &rng.vec(n * hk * d, d));
-        let v = to_bytes(dt, &rng.vec(n * hk * d, d));
-        let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
+    for (s, &n) in lens.iter().enumerate() {
+        let k = to_bytes(dt, &vals(&mut rng, n * hk * d, d));
+        let v = to_bytes(dt, &vals(&mut rng, n * hk * d, d));
+        let q = to_bytes(dt, &vals(&mut rng, 2 * hq * d, d));
         let sm: Vec<i64> = (0..n).map(|t| slot_of(s, t)).collect();
         let smb: Vec<u8> = sm.iter().flat_map(|x| x.to_le_bytes()).collect();
         let (dk, dv, dq, dsm) = (put(0, &k), put(262144, &v), put(524288, &q), put(786432, &smb));
@@ -422,9 +409,9 @@ fn stateless_abi_on_gpu_matches_cpu() {
     let mut worst = 0f32;
     for step in 0..6 {
         // One new token per sequence.
-        let k = to_bytes(dt, &rng.vec(2 * hk * d, d));
-        let v = to_bytes(dt, &rng.vec(2 * hk * d, d));
-        let q = to_bytes(dt, &rng.vec(2 * hq * d, d));
+        let k = to_bytes(dt, &vals(&mut rng, 2 * hk * d, d));
+        let v = to_bytes(dt, &vals(&mut rng, 2 * hk * d, d));
+        let q = to_bytes(dt, &vals(&mut rng, 2 * hq * d, d));
         let sm: Vec<i64> = (0..2).map(|s| slot_of(s, len[s])).collect();
         let ss = [0i32, 1];
         let pos = [len[0] as i32, len[1] as i32];

@@ -10,7 +10,10 @@ use std::process::Command;
 #[test]
 fn llama_cpp_smoke() {
     if std::env::var("SIKV_LLAMA_SMOKE").as_deref() != Ok("1") {
-        println!("skipped: real-model smoke test (set SIKV_LLAMA_SMOKE=1; needs network, cmake and a C++ compiler)");
+        println!(
+            "skipped: SIKV_LLAMA_SMOKE=1 not set; the real-model smoke test needs network, cmake and a C++ compiler \
+             (llama_cpp_smoke)"
+        );
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");

@@ -1,5 +1,8 @@
 //! Managed-cache behaviour beyond the stages: the dense-decode crossover.
 
+mod common;
+
+use common::Rng;
 use selfindexkv::cache::{Activations, Cache, Output};
 use selfindexkv::config::*;
 use selfindexkv::CacheConfig;
@@ -32,17 +35,9 @@ fn bytes(x: &[f32]) -> Vec<u8> {
 
 /// Runs one sequence of `n` prompt tokens and returns (attend, attend_dense) outputs.
 fn run(crossover: u32, n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut s = seed | 1;
-    let mut rnd = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0 + 1e-3
-            })
-            .collect()
-    };
+    // The same seed gives every run the same inputs, so the outputs can be compared.
+    let mut rng = Rng(seed);
+    let mut rnd = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.range(-1.0, 1.0) + 1e-3).collect() };
     let mut c = cache(crossover);
     c.add_seq(1).unwrap();
     let (k, v, q) = (bytes(&rnd(n * 2 * 64)), bytes(&rnd(n * 2 * 64)), bytes(&rnd(4 * 64)));
@@ -68,21 +63,18 @@ fn run(crossover: u32, n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
 
 #[test]
 fn below_the_crossover_attend_is_the_dense_decode() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let seed = common::seed("below_the_crossover_attend_is_the_dense_decode");
     // 500 tokens, k = 16: the sparse output differs from the dense one.
     let (sparse, dense) = run(0, 500, seed);
     assert_ne!(
         sparse, dense,
-        "seed {seed}: a 16-token selection of 500 should not equal dense attention"
+        "seed {seed:#x}: a 16-token selection of 500 should not equal dense attention"
     );
     // Crossover at or above the length: attend runs the dense decode, bit for bit.
     let (a, d) = run(500, 500, seed);
-    assert_eq!(a, d, "seed {seed}");
+    assert_eq!(a, d, "seed {seed:#x}");
     assert_eq!(d, dense);
     // Crossover below the length: the sparse path, unchanged.
     let (a, _) = run(499, 500, seed);
-    assert_eq!(a, sparse, "seed {seed}");
+    assert_eq!(a, sparse, "seed {seed:#x}");
 }

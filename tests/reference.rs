@@ -36,6 +36,8 @@ impl Rows {
             bufs: (0..SIKV_NUM_PLANES).map(|p| vec![0xA5u8; f.row_bytes[p]]).collect(),
         }
     }
+    // The arguments of the encode stage it wraps, one for one.
+    #[allow(clippy::too_many_arguments)]
     fn encode(
         &mut self,
         f: &TokenFormat,
@@ -136,9 +138,9 @@ fn worked_example_of_section_11() {
     let mut k = vec![0f32; d];
     let head = [0.9f32, -0.1, 0.0, -0.5, 0.3, 0.2, -0.7, 0.4];
     k[..8].copy_from_slice(&head);
-    for c in 8..d {
+    for (c, kc) in k.iter_mut().enumerate().skip(8) {
         // Group 0 keeps |x| inside [0, 0.9]; the other groups are arbitrary.
-        k[c] = if c < 32 { rng.range(-0.85, 0.85) } else { rng.normal() };
+        *kc = if c < 32 { rng.range(-0.85, 0.85) } else { rng.normal() };
     }
     let v = rng.normals(d);
     let m = vec![0f32; d];
@@ -336,9 +338,9 @@ fn reference_layout_mapping() {
         rows.encode(&f, HalfKind::F16, SignPredicate::Positive, &k, &v, &m, &r);
         let x: Vec<f32> = (0..d).map(|c| (k[c] - m[c]) * r[c]).collect();
         // The reference kernel's tensors, built from the spec formulas.
-        let mut key_1bit = vec![0u8; 16];
-        let mut key_value_quant = vec![0u32; 16];
-        let mut params = vec![0u16; 16];
+        let mut key_1bit = [0u8; 16];
+        let mut key_value_quant = [0u32; 16];
+        let mut params = [0u16; 16];
         for g in 0..4 {
             let ax: Vec<f32> = x[32 * g..32 * g + 32].iter().map(|y| y.abs()).collect();
             let (dk, zk, kc) = spec_quantise(&ax, 2);
@@ -674,7 +676,7 @@ fn codebook_is_the_conditional_mean_and_fallback_has_no_nan() {
                 let members: Vec<usize> = tset
                     .iter()
                     .copied()
-                    .filter(|&t| (0..4).all(|i| (!kp[t * d + 4 * s + i].is_sign_negative()) == ((u >> i) & 1 == 1)))
+                    .filter(|&t| (0..4).all(|i| kp[t * d + 4 * s + i].is_sign_negative() != ((u >> i) & 1 == 1)))
                     .collect();
                 for i in 0..4 {
                     let got = cal.codebook[(s * 16 + u) * 4 + i];

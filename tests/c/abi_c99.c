@@ -68,18 +68,19 @@ static void fail(const char *what, int line) {
     }                                                                         \
   } while (0)
 
-/* xorshift64*; values are odd multiples of 1/512 in (-2, 2): exact in fp16 and never 0. */
+/* splitmix64, the generator of the Rust tests (tests/common), seeded with <seed> as given;
+ * values are odd multiples of 1/512 in (-2, 2): exact in fp16 and never 0. */
 static uint64_t g_rng;
 
 static float next_value(void) {
-  uint64_t x = g_rng;
+  uint64_t z;
   int odd;
-  x ^= x >> 12;
-  x ^= x << 25;
-  x ^= x >> 27;
-  g_rng = x;
-  x *= UINT64_C(0x2545F4914F6CDD1D);
-  odd = (int)((x >> 40) % 1024) * 2 - 1023;
+  g_rng += UINT64_C(0x9E3779B97F4A7C15);
+  z = g_rng;
+  z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+  z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+  z ^= z >> 31;
+  odd = (int)((z >> 40) % 1024) * 2 - 1023;
   return (float)odd / 512.0f;
 }
 
@@ -191,10 +192,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: %s <seed> <sparse|full> <out.bin>\n", argv[0]);
     return 2;
   }
-  seed = strtoull(argv[1], NULL, 10);
+  seed = strtoull(argv[1], NULL, 0); /* decimal or 0x-hex, as SIKV_TEST_SEED */
   full = strcmp(argv[2], "full") == 0;
-  g_rng = seed ^ UINT64_C(0x9E3779B97F4A7C15);
-  if (g_rng == 0) g_rng = 1;
+  g_rng = seed;
   g_out = fopen(argv[3], "wb");
   if (g_out == NULL || out == NULL || dense == NULL) fail("fopen / malloc", __LINE__);
 
@@ -336,7 +336,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "abi_c99: %d check(s) failed\n", g_failures);
     return 1;
   }
-  printf("abi_c99 ok: %s mode, seed %llu, %d decode steps x %d layers x %d seqs, %u B/token/kv-head, checksum %016llx, library %s\n",
+  printf("abi_c99 ok: %s mode, seed 0x%llx, %d decode steps x %d layers x %d seqs, %u B/token/kv-head, checksum %016llx, library %s\n",
          full ? "full" : "sparse", (unsigned long long)seed, N_STEPS, N_LAYERS, N_SEQS, (unsigned)info.bytes_per_token,
          (unsigned long long)checksum, sikv_version());
   return 0;

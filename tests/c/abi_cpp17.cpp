@@ -71,18 +71,18 @@ float from_half(uint16_t h) {
   return v;
 }
 
-// xorshift64*; values are odd multiples of 1/512 in (-2, 2): exact in fp16 and never 0.
+// splitmix64, the generator of the Rust tests (tests/common), seeded with <seed> as given;
+// values are odd multiples of 1/512 in (-2, 2): exact in fp16 and never 0.
 struct Rng {
   uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed ^ 0x9E3779B97F4A7C15ull) {
-    if (s == 0) s = 1;
-  }
+  explicit Rng(uint64_t seed) : s(seed) {}
   float value() {
-    s ^= s >> 12;
-    s ^= s << 25;
-    s ^= s >> 27;
-    uint64_t x = s * 0x2545F4914F6CDD1Dull;
-    int odd = int((x >> 40) % 1024) * 2 - 1023;
+    s += 0x9E3779B97F4A7C15ull;
+    uint64_t z = s;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    int odd = int((z >> 40) % 1024) * 2 - 1023;
     return float(odd) / 512.0f;
   }
   std::vector<uint16_t> halves(size_t n) {
@@ -311,7 +311,7 @@ int run(uint64_t seed, bool full, const char* path) {
     std::fprintf(stderr, "abi_cpp17: %d check(s) failed\n", g_failures);
     return 1;
   }
-  std::printf("abi_cpp17 ok: %s mode, seed %" PRIu64 ", %d decode steps x %u layers x 3 seqs (fp16, max |out| %.3f), %zu B/token/kv-head, checksum %016" PRIx64 "\n",
+  std::printf("abi_cpp17 ok: %s mode, seed 0x%" PRIx64 ", %d decode steps x %u layers x 3 seqs (fp16, max |out| %.3f), %zu B/token/kv-head, checksum %016" PRIx64 "\n",
               full ? "full" : "sparse", seed, kSteps, kLayers, double(amax), size_t(info.bytes_per_token), checksum);
   return 0;
 }
@@ -324,7 +324,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run(std::strtoull(argv[1], nullptr, 10), std::strcmp(argv[2], "full") == 0, argv[3]);
+    // Decimal or 0x-hex, as SIKV_TEST_SEED.
+    return run(std::strtoull(argv[1], nullptr, 0), std::strcmp(argv[2], "full") == 0, argv[3]);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "abi_cpp17: %s\n", e.what());
     return 1;

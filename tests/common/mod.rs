@@ -1,36 +1,46 @@
-//! Shared by the integration tests: a seeded splitmix64 generator whose seed is fresh each run
-//! (printed; `SIKV_TEST_SEED` replays it).
+//! Shared by the integration tests: the one seeded generator (splitmix64) and the one seed
+//! variable. Every random test prints `<test>: seed = 0x… (replay with SIKV_TEST_SEED=0x…)`;
+//! setting `SIKV_TEST_SEED` to that value replays it (and seeds every other test with it).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
+/// The seed of one random test: `SIKV_TEST_SEED` (decimal or 0x-hex) when set, so that one
+/// variable replays every test; otherwise fresh from the clock, mixed with the test name so that
+/// tests started in the same nanosecond still differ. Printed in the form the replay needs
+/// (cargo shows a failing test's output).
+pub fn seed(test: &str) -> u64 {
+    let seed = match std::env::var("SIKV_TEST_SEED") {
+        Ok(s) => {
+            let s = s.trim();
+            let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+                Some(h) => u64::from_str_radix(h, 16),
+                None => s.parse(),
+            };
+            parsed.expect("SIKV_TEST_SEED must be a decimal or 0x-hex integer")
+        }
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            let mut h = t.as_nanos() as u64 ^ 0x9E37_79B9_7F4A_7C15;
+            for b in test.bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
+            }
+            h
+        }
+    };
+    println!("{test}: seed = {seed:#x} (replay with SIKV_TEST_SEED={seed:#x})");
+    seed
+}
+
+/// splitmix64: the one generator of the tests (the C and C++ programs of `c_link` carry a copy).
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// The generator of test `test`, seeded by [`seed`] (which prints the replay line).
     pub fn new(test: &str) -> Rng {
-        let seed = match std::env::var("SIKV_TEST_SEED") {
-            Ok(s) => {
-                let s = s.trim();
-                let parsed = match s.strip_prefix("0x") {
-                    Some(h) => u64::from_str_radix(h, 16),
-                    None => s.parse(),
-                };
-                parsed.expect("SIKV_TEST_SEED must be a decimal or 0x-hex integer")
-            }
-            Err(_) => {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap();
-                let mut h = t.as_nanos() as u64 ^ 0x9E37_79B9_7F4A_7C15;
-                for b in test.bytes() {
-                    h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
-                }
-                h
-            }
-        };
-        let seed = if seed == 0 { 0x5EED } else { seed };
-        println!("{test}: seed = {seed:#x} (replay with SIKV_TEST_SEED={seed:#x})");
-        Rng(seed)
+        Rng(seed(test))
     }
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -62,6 +72,12 @@ impl Rng {
             v.swap(i, self.below(i + 1));
         }
     }
+}
+
+/// The one line a GPU test prints when it returns early on a machine without a CUDA device.
+/// libtest counts such a test as passed, so CI counts these lines instead (`.ci/run`).
+pub fn skip_no_cuda_device(test: &str) {
+    println!("skipped: no CUDA device ({test})");
 }
 
 /// `libselfindexkv.a` of the profile this test was built with. `cargo test` compiles the

@@ -1,0 +1,226 @@
+//! Select, attend and attend_dense on the GPU against the CPU stages, on ragged batches.
+
+use selfindexkv::config::{SikvConfig, SIKV_DTYPE_BF16, SIKV_DTYPE_F16};
+use selfindexkv::cpu::{self, PageTable};
+
+use crate::common::Rng;
+use crate::fixture::*;
+
+gpu_test!(select_attend_matrix, case_decode_matrix);
+gpu_test!(select_attend_parity, case_decode_parity);
+gpu_test!(long_sequence, case_long);
+
+/// select + attend + attend_dense on a ragged batch: state built on the CPU (calibrate +
+/// appends), copied to the device; GPU select vs CPU select; GPU attend vs CPU attend on the
+/// CPU's indices; GPU attend_dense vs CPU attend_dense.
+pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&mut SikvConfig)) -> R {
+    let cfg = make_cfg(shape, tweak);
+    let mut fx = Fx::new(cfg, rng)?;
+    let which: Vec<usize> = (0..lens.len()).collect();
+    for (i, &len) in lens.iter().enumerate() {
+        let s = fx.add_seq(i as i32, len + 8)?;
+        let prompt = (len * 3 / 4).max(1);
+        fx.calibrate_cpu(rng, s, prompt, 4.min(prompt))?;
+    }
+    // Grow every sequence to its length with a few appends.
+    loop {
+        let grow: Vec<usize> = which.iter().copied().filter(|&s| fx.seqs[s].len < lens[s]).collect();
+        if grow.is_empty() {
+            break;
+        }
+        let per = grow.iter().map(|&s| lens[s] - fx.seqs[s].len).min().unwrap().min(97);
+        fx.append_cpu(rng, &grow, per)?;
+    }
+    fx.dev.upload(&fx.ctx, &fx.host)?;
+    let b = which.len();
+    let slots: Vec<i32> = which.iter().map(|&s| fx.seqs[s].slot).collect();
+    let t = fx.table(&which);
+    let table = PageTable {
+        indptr: &t.0,
+        indices: &t.1,
+        last_page_len: &t.2,
+    };
+    let (qb, q) = fx.q(rng, b);
+    let (hkv, kmax) = (fx.cfg.num_kv_heads as usize, fx.cfg.budget.max as usize);
+    let mut ci = vec![0i32; b * hkv * kmax];
+    let mut cc = vec![0i32; b * hkv];
+    cpu::select(
+        &fx.layout,
+        &fx.cfg,
+        &fx.host.as_ref(),
+        &table,
+        &slots,
+        &q,
+        &mut ci,
+        &mut cc,
+    )
+    .map_err(e2s)?;
+
+    let (dt, _keep) = fx.dev_table(&t)?;
+    let ws = fx.ws(b as u32)?;
+    let dslots = upload_bytes(&fx.ctx, &i32_bytes(&slots))?;
+    let dq = upload_bytes(&fx.ctx, &qb)?;
+    let di = fx.ctx.alloc(4 * ci.len()).map_err(e2s)?;
+    let dc = fx.ctx.alloc(4 * cc.len()).map_err(e2s)?;
+    fx.ctx.memset_async(di.ptr(), 0xFF, di.bytes(), null()).map_err(e2s)?;
+    fx.ctx.memset_async(dc.ptr(), 0xFF, dc.bytes(), null()).map_err(e2s)?;
+    let layer = fx.dev.layer();
+    fx.ctx
+        .select(
+            &fx.cfg,
+            &fx.layout,
+            &layer,
+            &dt,
+            dslots.ptr(),
+            dq.ptr(),
+            di.ptr(),
+            dc.ptr(),
+            ws.ptr(),
+            ws.bytes(),
+            null(),
+        )
+        .map_err(e2s)?;
+    fx.ctx.synchronize(null()).map_err(e2s)?;
+    let mut gib = vec![0u8; di.bytes()];
+    let mut gcb = vec![0u8; dc.bytes()];
+    fx.ctx.copy_dtoh(&mut gib, di.ptr()).map_err(e2s)?;
+    fx.ctx.copy_dtoh(&mut gcb, dc.ptr()).map_err(e2s)?;
+    let (gi, gc) = (bytes_i32(&gib), bytes_i32(&gcb));
+    cmp_select(&fx, &fx.host, &table, &slots, &q, &gi, &gc, &ci, &cc)?;
+
+    // attend on the CPU's indices.
+    let ci_dev = upload_bytes(&fx.ctx, &i32_bytes(&ci))?;
+    let cc_dev = upload_bytes(&fx.ctx, &i32_bytes(&cc))?;
+    let out_n = b * (fx.cfg.num_q_heads * fx.cfg.head_dim) as usize;
+    let dout = fx.ctx.alloc(out_n * fx.dtype().size()).map_err(e2s)?;
+    let mut cout = vec![0f32; out_n];
+    cpu::attend(
+        &fx.layout,
+        &fx.cfg,
+        &fx.host.as_ref(),
+        &table,
+        &slots,
+        &q,
+        &ci,
+        &cc,
+        &mut cout,
+    )
+    .map_err(e2s)?;
+    fx.ctx
+        .memset_async(dout.ptr(), 0xFF, dout.bytes(), null())
+        .map_err(e2s)?;
+    fx.ctx
+        .attend(
+            &fx.cfg,
+            &fx.layout,
+            &layer,
+            &dt,
+            dslots.ptr(),
+            dq.ptr(),
+            ci_dev.ptr(),
+            cc_dev.ptr(),
+            dout.ptr(),
+            ws.ptr(),
+            ws.bytes(),
+            null(),
+        )
+        .map_err(e2s)?;
+    fx.ctx.synchronize(null()).map_err(e2s)?;
+    let mut ob = vec![0u8; dout.bytes()];
+    fx.ctx.copy_dtoh(&mut ob, dout.ptr()).map_err(e2s)?;
+    cmp_out(&fx, "attend", &out_f32(&fx, &ob), &cout)?;
+
+    // attend_dense.
+    cpu::attend_dense(&fx.layout, &fx.cfg, &fx.host.as_ref(), &table, &slots, &q, &mut cout).map_err(e2s)?;
+    fx.ctx
+        .memset_async(dout.ptr(), 0xFF, dout.bytes(), null())
+        .map_err(e2s)?;
+    fx.ctx
+        .attend_dense(
+            &fx.cfg,
+            &fx.layout,
+            &layer,
+            &dt,
+            dslots.ptr(),
+            dq.ptr(),
+            dout.ptr(),
+            ws.ptr(),
+            ws.bytes(),
+            null(),
+        )
+        .map_err(e2s)?;
+    fx.ctx.synchronize(null()).map_err(e2s)?;
+    fx.ctx.copy_dtoh(&mut ob, dout.ptr()).map_err(e2s)?;
+    cmp_out(&fx, "attend_dense", &out_f32(&fx, &ob), &cout)?;
+    Ok(())
+}
+
+fn case_decode_matrix(rng: &mut Rng) -> R {
+    let lens: Vec<usize> = if quick() {
+        vec![70, 5, 301]
+    } else {
+        vec![70, 5, 1301, 777, 2049]
+    };
+    let mut runs = 0;
+    for &dtype in &[SIKV_DTYPE_F16, SIKV_DTYPE_BF16] {
+        for &d in &[64u32, 128, 256] {
+            for &group in &[1u32, 2, 3, 4, 7, 8] {
+                // Spread the other dimensions over the combinations instead of a full product.
+                runs += 1;
+                let page = [16u32, 64, 256][runs % 3];
+                let (kb, vb) = [(2u32, 2u32), (4, 4), (16, 16), (2, 4)][runs % 4];
+                if quick() && runs % 3 != 0 {
+                    continue;
+                }
+                let mut s = base_shape(dtype, d, 2, group);
+                s.kbits = kb;
+                s.vbits = vb;
+                s.page = page;
+                s.max_seq_len = 4096;
+                s.max_batch = lens.len() as u32;
+                let two = runs % 2 == 0;
+                let sign_sign = runs % 5 == 0;
+                run_decode(rng, s, &lens, |c| {
+                    c.rerank_factor = if two { 4 } else { 0 };
+                    if sign_sign {
+                        c.selector = selfindexkv::config::SIKV_SELECTOR_SIGN_SIGN;
+                    }
+                })
+                .map_err(|e| format!("dtype {dtype} d {d} G {group} page {page} bits {kb}/{vb} two-stage {two} signsign {sign_sign}: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn case_decode_parity(rng: &mut Rng) -> R {
+    // The reference profile: forced generated tokens (+inf ties), fixed k = 100, no window.
+    let mut s = base_shape(SIKV_DTYPE_F16, 128, 2, 4);
+    s.max_batch = 2;
+    run_decode(rng, s, &[900, 333], |c| {
+        c.n_sink = 0;
+        c.n_heavy = 64;
+        c.n_window = 0;
+        c.budget_ratio = 0.0;
+        c.budget_min = 100;
+        c.budget_max = 100;
+        c.flags = selfindexkv::config::SIKV_FLAG_PARITY_SIGN | selfindexkv::config::SIKV_FLAG_FORCE_GENERATED;
+    })
+}
+
+fn case_long(rng: &mut Rng) -> R {
+    let n = if quick() { 20_000 } else { 131_000 };
+    let mut s = base_shape(SIKV_DTYPE_F16, 128, 1, 4);
+    s.max_seq_len = 140_000;
+    s.max_batch = 1;
+    s.page = 64;
+    run_decode(rng, s, &[n], |c| {
+        c.budget_max = 2048;
+        c.budget_min = 128;
+        c.budget_ratio = 0.02;
+        c.rerank_factor = 4;
+        c.n_heavy = 64;
+        c.n_window = 64;
+        c.max_append_tokens = 140_000;
+    })
+}

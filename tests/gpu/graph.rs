@@ -1,0 +1,174 @@
+//! A decode step captured in a CUDA graph: replays are bit-identical to eager launches.
+
+use selfindexkv::config::SIKV_DTYPE_BF16;
+use selfindexkv::gpu::{DevPageTable, DeviceBuffer, GpuContext};
+
+use crate::common::Rng;
+use crate::fixture::*;
+
+gpu_test!(cuda_graph_replay, case_graph);
+
+/// A whole decode step (append + select + attend for several layers) captured once into a
+/// CUDA graph and replayed with new device-side inputs each step, against eager launches of
+/// the same steps on a copy of the same state: outputs, indices and final pools bit-identical.
+fn case_graph(rng: &mut Rng) -> R {
+    let layers = 3;
+    let steps = if quick() { 10 } else { 100 };
+    let mut s = base_shape(SIKV_DTYPE_BF16, 128, 2, 4);
+    s.max_batch = 3;
+    s.page = 16;
+    s.max_seq_len = 2048;
+    let cfg = make_cfg(s, |c| c.rerank_factor = 2);
+    let mut fx = Fx::new(cfg, rng)?;
+    let lens = [200usize, 37, 513];
+    for (i, &len) in lens.iter().enumerate() {
+        let sidx = fx.add_seq(i as i32, len + steps + 1)?;
+        fx.calibrate_cpu(rng, sidx, len, 2)?;
+    }
+    let b = lens.len();
+    let which: Vec<usize> = (0..b).collect();
+    // Per-layer pools: eager (A) and graph (B) copies of the same calibrated state.
+    let mut a_pools = Vec::new();
+    let mut b_pools = Vec::new();
+    for _ in 0..layers {
+        let a = DevPools::new(&fx.ctx, &fx.layout)?;
+        let bp = DevPools::new(&fx.ctx, &fx.layout)?;
+        a.upload(&fx.ctx, &fx.host)?;
+        bp.upload(&fx.ctx, &fx.host)?;
+        a_pools.push(a);
+        b_pools.push(bp);
+    }
+    let cfg = fx.cfg.clone();
+    let layout = fx.layout.clone();
+    let ctx = &fx.ctx;
+    let (hkv, hq, d, kmax) = (
+        cfg.num_kv_heads as usize,
+        cfg.num_q_heads as usize,
+        cfg.head_dim as usize,
+        cfg.budget.max as usize,
+    );
+    let es = cfg.dtype.size();
+    // Fixed-address step inputs (capacity for the largest page table).
+    let max_pages: usize = fx.seqs.iter().map(|s| s.pages.len()).sum();
+    let mk = |bytes: usize| ctx.alloc(bytes.max(16)).map_err(e2s);
+    let (ik, iv, iq) = (mk(b * hkv * d * es)?, mk(b * hkv * d * es)?, mk(b * hq * d * es)?);
+    let (ism, islot, ipos) = (mk(8 * b)?, mk(4 * b)?, mk(4 * b)?);
+    let (iptr, iidx, ilast) = (mk(4 * (b + 1))?, mk(4 * max_pages)?, mk(4 * b)?);
+    let ws = mk(GpuContext::workspace_bytes(&cfg, &layout, b as u32))?;
+    let out_bytes = b * hq * d * es;
+    let mut outs_a = Vec::new();
+    let mut outs_b = Vec::new();
+    let mut idx_a = Vec::new();
+    let mut idx_b = Vec::new();
+    for _ in 0..layers {
+        outs_a.push(mk(out_bytes)?);
+        outs_b.push(mk(out_bytes)?);
+        idx_a.push((mk(4 * b * hkv * kmax)?, mk(4 * b * hkv)?));
+        idx_b.push((mk(4 * b * hkv * kmax)?, mk(4 * b * hkv)?));
+    }
+    let stream = ctx.create_stream().map_err(e2s)?;
+    let st = stream.raw;
+    let dt = DevPageTable {
+        indptr: iptr.ptr(),
+        indices: iidx.ptr(),
+        last_page_len: ilast.ptr(),
+        batch: b as u32,
+    };
+    let slot_dev = islot.ptr();
+    let step =
+        |pools: &[DevPools], outs: &[DeviceBuffer], idx: &[(DeviceBuffer, DeviceBuffer)]| -> selfindexkv::Result<()> {
+            for l in 0..layers {
+                let layer = pools[l].layer();
+                ctx.append(
+                    &cfg,
+                    &layout,
+                    &layer,
+                    b as u32,
+                    ik.ptr(),
+                    iv.ptr(),
+                    ism.ptr(),
+                    slot_dev,
+                    ipos.ptr(),
+                    st,
+                )?;
+                ctx.select(
+                    &cfg,
+                    &layout,
+                    &layer,
+                    &dt,
+                    slot_dev,
+                    iq.ptr(),
+                    idx[l].0.ptr(),
+                    idx[l].1.ptr(),
+                    ws.ptr(),
+                    ws.bytes(),
+                    st,
+                )?;
+                ctx.attend(
+                    &cfg,
+                    &layout,
+                    &layer,
+                    &dt,
+                    slot_dev,
+                    iq.ptr(),
+                    idx[l].0.ptr(),
+                    idx[l].1.ptr(),
+                    outs[l].ptr(),
+                    ws.ptr(),
+                    ws.bytes(),
+                    st,
+                )?;
+            }
+            Ok(())
+        };
+    let graph = ctx.capture(st, || step(&b_pools, &outs_b, &idx_b)).map_err(e2s)?;
+    for _ in 0..steps {
+        // New token per sequence: slot mapping, positions, page table, k/v/q.
+        let (sm, slots, pos) = fx.append_rows(&which, 1);
+        for &sq in &which {
+            fx.seqs[sq].len += 1;
+        }
+        let t = fx.table(&which);
+        let ((kb, _), (vb, _)) = fx.kv(rng, b);
+        let (qb, _) = fx.q(rng, b);
+        let upload = |dst: &DeviceBuffer, bytes: &[u8]| ctx.copy_htod_async(dst.ptr(), bytes, st).map_err(e2s);
+        let upload_all = || -> R {
+            upload(&ik, &kb)?;
+            upload(&iv, &vb)?;
+            upload(&iq, &qb)?;
+            upload(&ism, &i64_bytes(&sm))?;
+            upload(&islot, &i32_bytes(&slots))?;
+            upload(&ipos, &i32_bytes(&pos))?;
+            upload(&iptr, &i32_bytes(&t.0))?;
+            upload(&iidx, &i32_bytes(&t.1))?;
+            upload(&ilast, &i32_bytes(&t.2))
+        };
+        upload_all()?;
+        step(&a_pools, &outs_a, &idx_a).map_err(e2s)?;
+        ctx.synchronize(st).map_err(e2s)?;
+        upload_all()?;
+        graph.launch(st).map_err(e2s)?;
+        ctx.synchronize(st).map_err(e2s)?;
+        for l in 0..layers {
+            let mut oa = vec![0u8; out_bytes];
+            let mut ob = vec![0u8; out_bytes];
+            ctx.copy_dtoh(&mut oa, outs_a[l].ptr()).map_err(e2s)?;
+            ctx.copy_dtoh(&mut ob, outs_b[l].ptr()).map_err(e2s)?;
+            cmp_bytes(&format!("layer {l} output"), &ob, &oa)?;
+            let mut ia = vec![0u8; 4 * b * hkv * kmax];
+            let mut ib = vec![0u8; 4 * b * hkv * kmax];
+            ctx.copy_dtoh(&mut ia, idx_a[l].0.ptr()).map_err(e2s)?;
+            ctx.copy_dtoh(&mut ib, idx_b[l].0.ptr()).map_err(e2s)?;
+            cmp_bytes(&format!("layer {l} indices"), &ib, &ia)?;
+            if out_f32(&fx, &oa).iter().any(|x| !x.is_finite()) {
+                return Err(format!("layer {l}: non-finite output"));
+            }
+        }
+    }
+    for l in 0..layers {
+        let ga = a_pools[l].download(ctx, &layout)?;
+        let gb = b_pools[l].download(ctx, &layout)?;
+        cmp_layers(&fx, &gb, &ga).map_err(|e| format!("layer {l} pools after {steps} steps: {e}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! GPU kernels against the CPU stages (the oracle), on fresh random inputs every run. One test
+//! binary (the bundle for the GPU machine stays small), one file per stage:
+//!
+//! - `setup`: the kernel parameter layout, argument validation, the NVRTC fallback and the
+//!   NVRTC compile of the embedded sources (the last needs no device);
+//! - `encode`: encode (append) and calibrate, bit-exact;
+//! - `decode`: select, attend and attend_dense on ragged batches (the shape matrix, the
+//!   reference profile, a sequence longer than 128K tokens);
+//! - `graph`: a whole decode step captured in a CUDA graph and replayed.
+//!
+//! Every case is its own test, named `<stage>::<case>` (libtest filters select them). Without
+//! a CUDA device each prints one line `skipped: no CUDA device (<stage>::<case>)` and returns;
+//! CI counts those lines. Every case prints its seed (`SIKV_TEST_SEED` replays it).
+//! SIKV_GPU_TEST_QUICK=1 shrinks every size (for compute-sanitizer runs). Outputs are poisoned
+//! (0xFF bytes: NaN for 16-bit floats, -1 for ints) before every GPU launch, so an element a
+//! kernel fails to write shows up.
+//!
+//! Comparison rules:
+//! - encode / calibrate: bit-exact (planes, state records, dense entries): the kernels use the
+//!   CPU's operation order without FMA contraction.
+//! - select: counts equal and index sets equal. A mismatch is accepted only as a tie within
+//!   float rounding: every position in the symmetric difference must have a final-stage CPU
+//!   score within 1e-4 (relative, floor 1e-4 absolute) of the smallest selected CPU score.
+//! - attend / attend_dense: on the SAME indices, max |gpu - cpu| <= tol * max(1, max |cpu|)
+//!   per (sequence, query head) row, tol = 2e-3 (f16) or 1e-2 (bf16).
+//! - CUDA graph: graph replays bit-identical to eager launches of the same steps.
+
+#[path = "../common/mod.rs"]
+mod common;
+#[macro_use]
+#[path = "../common/gpu_fixture.rs"]
+mod fixture;
+
+mod decode;
+mod encode;
+mod graph;
+mod setup;
