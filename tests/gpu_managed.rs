@@ -507,3 +507,126 @@ fn stateless_abi_on_gpu_matches_cpu() {
     sikv_kernels_destroy(gk);
     sikv_kernels_destroy(ck);
 }
+
+/// The managed hot-path calls never wait for the stream: with the stream held shut by a
+/// device-side wait, `sikv_append` and `sikv_attend` (device pointers) return at once and leave
+/// their work queued; once the stream is let go, the output equals that of the same calls made
+/// on an open stream. A call that waited would not return until a watchdog opens the gate
+/// (after 5 s), which the test reports as a failure rather than a hang.
+#[test]
+fn managed_hot_path_returns_with_the_stream_held() {
+    use selfindexkv::ffi::*;
+    use selfindexkv::gpu::GpuContext;
+    use std::time::{Duration, Instant};
+    let test = "managed_hot_path_returns_with_the_stream_held";
+    let mut c = SikvConfig::for_profile(SIKV_PROFILE_2_1).unwrap();
+    c.device = SIKV_DEVICE_CUDA;
+    c.dtype = SIKV_DTYPE_F16;
+    c.num_layers = 1;
+    c.num_q_heads = 8;
+    c.num_kv_heads = 2;
+    c.head_dim = 128;
+    c.max_seqs = 2;
+    c.max_batch = 2;
+    c.max_seq_len = 4096;
+    let cfg = CacheConfig::from_c(&c).unwrap();
+    let layout = selfindexkv::Layout::new(&cfg);
+    let ctx = match GpuContext::new(&cfg, &layout) {
+        Ok(x) => x,
+        Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => return common::skip_no_cuda_device(test),
+        Err(e) => panic!("GPU context: {e}"),
+    };
+    let mut rng = Rng::new(test);
+    let mut cache: *mut SikvCache = std::ptr::null_mut();
+    assert_eq!(
+        sikv_cache_create(&c, &mut cache),
+        SikvStatus::SIKV_OK,
+        "{}",
+        last_error_message()
+    );
+    let stream = ctx.create_stream().unwrap();
+    let (hq, hk, d, n) = (8usize, 2usize, 128usize, 3000usize);
+    let upload = |x: &[f32]| {
+        let b = to_bytes(Dtype::F16, x);
+        let buf = ctx.alloc(b.len()).unwrap();
+        ctx.copy_htod_async(buf.ptr(), &b, stream.raw).unwrap();
+        buf
+    };
+    let k = upload(&vals(&mut rng, n * hk * d, d));
+    let v = upload(&vals(&mut rng, n * hk * d, d));
+    let q = upload(&vals(&mut rng, hq * d, d));
+    let k1 = upload(&vals(&mut rng, hk * d, d));
+    let v1 = upload(&vals(&mut rng, hk * d, d));
+    let out = [ctx.alloc(hq * d * 2).unwrap(), ctx.alloc(hq * d * 2).unwrap()];
+    let ok = |s: SikvStatus| assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error_message());
+    let ptr = |b: &selfindexkv::gpu::DeviceBuffer| b.ptr() as *mut std::ffi::c_void;
+    // Two sequences with the same prompt: one decodes on an open stream, one behind the gate.
+    for id in [0i64, 1] {
+        ok(sikv_seq_add(cache, id));
+        ok(sikv_calibrate(
+            cache,
+            0,
+            id,
+            n as u32,
+            ptr(&k),
+            ptr(&v),
+            1,
+            ptr(&q),
+            stream.raw,
+        ));
+    }
+    let step = |id: i64| {
+        ok(sikv_append(
+            cache,
+            0,
+            1,
+            &id,
+            std::ptr::null(),
+            ptr(&k1),
+            ptr(&v1),
+            stream.raw,
+        ));
+        ok(sikv_attend(
+            cache,
+            0,
+            1,
+            &id,
+            ptr(&q),
+            ptr(&out[id as usize]),
+            stream.raw,
+        ));
+    };
+    step(0);
+    ctx.synchronize(stream.raw).unwrap();
+
+    let gate = std::sync::Arc::new(ctx.shut_stream(stream.raw).unwrap());
+    let watchdog = {
+        let gate = gate.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(5));
+            gate.open();
+        })
+    };
+    let t0 = Instant::now();
+    step(1);
+    let took = t0.elapsed();
+    let queued = !ctx.stream_done(stream.raw).unwrap();
+    gate.open();
+    ctx.synchronize(stream.raw).unwrap();
+    assert!(
+        took < Duration::from_secs(1),
+        "append + attend took {took:?} with the stream held: a call waited for the stream"
+    );
+    assert!(
+        queued,
+        "the stream had finished before the gate opened: the calls ran synchronously"
+    );
+    let mut a = vec![0u8; hq * d * 2];
+    let mut b = vec![0u8; hq * d * 2];
+    ctx.copy_dtoh(&mut a, out[0].ptr()).unwrap();
+    ctx.copy_dtoh(&mut b, out[1].ptr()).unwrap();
+    assert_eq!(a, b, "the call behind the gate computed another output");
+    println!("{test}: append + attend returned in {took:?} with the stream held");
+    sikv_cache_destroy(cache);
+    drop(watchdog);
+}

@@ -352,7 +352,7 @@ impl HostStore {
 fn split_planes_mut<'a>(layout: &Layout, mut block: &'a mut [u8]) -> [&'a mut [u8]; SIKV_NUM_PLANES] {
     let mut out: [&'a mut [u8]; SIKV_NUM_PLANES] = Default::default();
     let mut consumed = 0usize;
-    for p in 0..SIKV_NUM_PLANES {
+    for (p, slot) in out.iter_mut().enumerate() {
         if layout.plane_bytes[p] == 0 {
             continue;
         }
@@ -360,7 +360,7 @@ fn split_planes_mut<'a>(layout: &Layout, mut block: &'a mut [u8]) -> [&'a mut [u
         let (_, rest) = rest.split_at_mut(layout.plane_offset[p] - consumed);
         let (this, rest) = rest.split_at_mut(layout.plane_bytes[p]);
         consumed = layout.plane_offset[p] + layout.plane_bytes[p];
-        out[p] = this;
+        *slot = this;
         block = rest;
     }
     out

@@ -437,13 +437,8 @@ fn dense_entries(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<(usize
             continue;
         }
         let p = p as usize;
-        let keep = if i < s {
-            p < len
-        } else if i < s + h {
-            p < len
-        } else {
-            p >= win_lo && p < len
-        };
+        // Sinks and heavy entries count while stored; window entries only inside the window.
+        let keep = p < len && (i < s + h || p >= win_lo);
         if keep {
             out.push((i, p));
         }

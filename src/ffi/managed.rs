@@ -308,6 +308,7 @@ pub extern "C" fn sikv_append(
     })
 }
 
+#[allow(clippy::too_many_arguments)] // the exported call's parameters and which variant
 fn attend_common(
     cache: *mut SikvCache,
     layer: u32,

@@ -506,3 +506,26 @@ pub fn stream_done(stream: sys::CUstream) -> Result<bool> {
     }
     ck(r, "cuStreamQuery").map(|_| true)
 }
+
+/// Makes `stream` wait until the 32-bit word at device address `addr` is >= `value`.
+pub fn stream_wait_geq(stream: sys::CUstream, addr: u64, value: u32) -> Result<()> {
+    // A symbol missing from an old driver panics inside cudarc: report it instead.
+    let r = std::panic::catch_unwind(|| {
+        // SAFETY: `addr` is device-visible memory the caller keeps alive until the wait ends.
+        unsafe {
+            sys::cuStreamWaitValue32_v2(
+                stream,
+                addr,
+                value,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        }
+    });
+    match r {
+        Ok(r) => ck(r, "cuStreamWaitValue32"),
+        Err(_) => Err(Error::new(
+            SikvStatus::SIKV_ERR_CUDA,
+            "cuStreamWaitValue32 is missing in libcuda",
+        )),
+    }
+}

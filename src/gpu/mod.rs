@@ -33,6 +33,7 @@ pub mod embed {
 }
 
 mod driver;
+mod gate;
 pub mod geometry;
 mod kernels;
 mod nvrtc;
@@ -49,6 +50,7 @@ use crate::layout::{Layout, SIKV_NUM_PLANES};
 use crate::status::{Error, Result, SikvStatus};
 
 use cudarc::driver::sys;
+pub use gate::StreamGate;
 use geometry::*;
 use kernels::{Kernel, Kernels};
 use params::SikvParams;
