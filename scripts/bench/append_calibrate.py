@@ -81,8 +81,17 @@ def bench_append(torch, dev, lib, prof, dims, batches, n_ctx, warmup, iters, row
             vc[:, :, n_ctx - 1].copy_(v)
 
         for mode, graph in modes:
-            med, p10, p90 = time_graph_or_eager(torch, dev, app, warmup, iters, graph)
-            bm, _, _ = time_graph_or_eager(torch, dev, kvw, warmup, iters, graph)
+            try:
+                med, p10, p90 = time_graph_or_eager(torch, dev, app, warmup, iters, graph)
+                bm, _, _ = time_graph_or_eager(torch, dev, kvw, warmup, iters, graph)
+            except Exception as e:  # noqa: BLE001 - a capture failure is a finding, not the end of the run
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:140]}"
+                log(f"  append {prof} B={B} {mode}: failed: {msg}")
+                rows.append(dict(op="append", profile=prof, N=n_ctx, batch=B, mode=mode, note=f"failed: {msg}"))
+                CM.sync(torch, dev)
+                if graph:
+                    c.reopen()  # a failed capture may have poisoned the handle; the pools are intact
+                continue
             rows.append(dict(op="append", profile=prof, N=n_ctx, batch=B, mode=mode, median_us=round(med, 2),
                              p10_us=round(p10, 2), p90_us=round(p90, 2), baseline="kv_write", baseline_us=round(bm, 2),
                              ratio=round(med / bm, 2)))

@@ -145,6 +145,14 @@ class SikvLayers:
         info = lib.query_layout(cfg)
         return info.total_plane_bytes + info.total_state_bytes + info.workspace_bytes, info
 
+    def reopen(self):
+        """A fresh kernels handle over the same pools (the handle holds no cache data), for when
+        a failed graph capture left the old one poisoned."""
+        self.kern.close()
+        self.kern = self.lib.kernels(self.cfg)
+        self.pools = [self.kern.layer_pools(self.planes.data_ptr(), self.state.data_ptr(), l)
+                      for l in range(self.num_layers)]
+
     def stream(self):
         return stream_handle(self.torch, self.dev)
 

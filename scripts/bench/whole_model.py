@@ -158,7 +158,7 @@ def backend_of(name):
             "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
 
 
-def run_step_timed(torch, dev, step_fn, ctx_fn, warmup, iters, use_graph):
+def run_step_timed(torch, dev, step_fn, ctx_fn, warmup, iters, use_graph, on_capture_fail=None):
     """Capture step_fn (inside ctx_fn()) as one CUDA graph on the current stream and time its
     replays; on the CPU (or with use_graph False) time eager calls. Returns (med, p10, p90,
     mode, capture_s, note)."""
@@ -186,6 +186,8 @@ def run_step_timed(torch, dev, step_fn, ctx_fn, warmup, iters, use_graph):
             note = f"graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager"
             print(f"    {note}")
             torch.cuda.synchronize(dev)
+            if on_capture_fail:
+                on_capture_fail()
 
     def eager():
         with ctx_fn():
@@ -266,8 +268,14 @@ def validate(torch, dev, lib, profiles, backends, log):
                 for x in bufs:
                     x.fill_(float("nan"))
                 gr = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(gr):
-                    body()
+                try:
+                    with torch.cuda.graph(gr):
+                        body()
+                except Exception as e:  # noqa: BLE001 - the timed steps then run eagerly, noted per row
+                    log(f"  validate sikv {prof:<4} CUDA graph capture FAILED: {str(e).splitlines()[0][:160]}")
+                    torch.cuda.synchronize(dev)
+                    c.close()
+                    continue
                 for _ in range(3):
                     gr.replay()
                 torch.cuda.synchronize(dev)
@@ -415,7 +423,8 @@ def main():
                 rows.append(dict(variant=variant, context=n_ctx, batch=1, max_batch=0, note="does not fit"))
                 continue
             want = sorted({bmax if x == "max" else int(x) for x in batches})
-            fits = [b for b in want if b <= bmax]
+            # A batch that does not fit is replaced by the largest that does (and said so).
+            fits = sorted({min(b, bmax) for b in want})
             for b in want:
                 if b > bmax:
                     rows.append(dict(variant=variant, context=n_ctx, batch=b, max_batch=bmax,
@@ -473,8 +482,9 @@ def main():
                         attn = cache.attend
                     step = lambda tokens=tokens, attn=attn: model.step(tokens, attn, cos, sin)  # noqa: E731
                     try:
-                        med, p10, p90, mode, cap_s, note = run_step_timed(torch, dev, step, ctx, a.warmup, iters,
-                                                                          not a.no_graph)
+                        med, p10, p90, mode, cap_s, note = run_step_timed(
+                            torch, dev, step, ctx, a.warmup, iters, not a.no_graph,
+                            None if variant == "sdpa" else cache.reopen)
                     except Exception as e:  # noqa: BLE001
                         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                         log(f"  {name} N={n_ctx} B={b}: failed: {msg}")
@@ -584,6 +594,19 @@ def summarize(rows):
         if r.get("max_batch"):
             bm[(r["variant"], r["context"])] = r["max_batch"]
     print("  largest batch that fits: " + ", ".join(f"{v} N={n}: {b}" for (v, n), b in sorted(bm.items())))
+    # Throughput at each variant's largest measured batch, against the best SDPA backend's.
+    top = {}
+    for r in ok:
+        k = (r["variant"], r["context"])
+        if k not in top or r["batch"] > top[k]["batch"]:
+            top[k] = r
+    for n in sorted({k[1] for k in top}):
+        sd = [r for (v, c), r in top.items() if c == n and v in ("cudnn", "flash", "math")]
+        best = max(sd, key=lambda r: r["tokens_per_s"]) if sd else None
+        for (v, c), r in sorted(top.items()):
+            if c == n and v.startswith("sikv-") and best:
+                print(f"  N={n}: {v} at B={r['batch']}: {r['tokens_per_s']:.0f} tok/s vs {best['variant']} at "
+                      f"B={best['batch']}: {best['tokens_per_s']:.0f} tok/s ({r['tokens_per_s'] / best['tokens_per_s']:.2f}x)")
 
 
 if __name__ == "__main__":
