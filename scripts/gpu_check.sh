@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 declare -A RC
-STEPS="${STEPS:-tests,demo,memcheck,racecheck,bench}"
+STEPS="${STEPS:-tests,demo,memcheck,racecheck,bench,model}"
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # libtest exits 0 when its filters match no test, and a test without a device returns early as a
 # pass; both are failures here. Prints why and returns non-zero.
@@ -123,6 +123,12 @@ if want bench; then
   .gpu/gpu_bench $Q --csv "$OUT/gpu_bench.csv" > "$OUT/gpu_bench.log" 2>&1
   RC[bench]=$?
   echo "   ($((SECONDS - t0)) s)"
+  # BASELINE=path/to/an/older/gpu_bench times an earlier build in the same run (before/after).
+  if [ -n "${BASELINE:-}" ] && [ -x "$BASELINE" ]; then
+    echo "== gpu bench, baseline build ($BASELINE)"
+    "$BASELINE" $Q --csv "$OUT/base_gpu_bench.csv" > "$OUT/base_gpu_bench.log" 2>&1
+    RC[base_bench]=$?
+  fi
   echo "== sdpa baseline"
   t0=$SECONDS
   python3 scripts/sdpa_baseline.py $Q --csv "$OUT/sdpa_baseline.csv" > "$OUT/sdpa_baseline.log" 2>&1
@@ -130,9 +136,22 @@ if want bench; then
   echo "   ($((SECONDS - t0)) s)"
 fi
 
+if want model; then
+  # The whole-model decode step and append/calibrate against PyTorch (scripts/bench), through
+  # the C ABI of .gpu/libselfindexkv.so.
+  Q=""
+  [ "${BENCH_QUICK:-0}" = "1" ] && Q="--quick"
+  echo "== whole-model and append/calibrate benchmarks"
+  t0=$SECONDS
+  OUT="$OUT" bash scripts/bench/run_all.sh $Q --lib .gpu/libselfindexkv.so > "$OUT/model_bench.log" 2>&1
+  RC[model]=$?
+  tail -40 "$OUT/model_bench.log"
+  echo "   ($((SECONDS - t0)) s)"
+fi
+
 echo
 echo "== summary"
-for k in tests managed demo memcheck memcheck_managed racecheck bench sdpa; do
+for k in tests managed demo memcheck memcheck_managed racecheck bench base_bench sdpa model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
