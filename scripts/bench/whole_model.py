@@ -247,10 +247,18 @@ def validate(torch, dev, lib, profiles, backends, log):
                     raise RuntimeError(f"validate {prof}: layer {i} output has NaN/Inf")
                 errs.append(CM.rel_err(torch, outs[i], refs[i]))
             worst = max(errs)
-            lim = tol.get(prof, 0.5) if over else 2 * tol.get(prof, 0.5)
-            log(f"  validate sikv {prof:<4} {budget_name:<14} rel L2 err vs fp32 attention: {worst:.4f} (bound {lim})")
-            if worst > lim:
-                raise RuntimeError(f"validate {prof} {budget_name}: relative error {worst:.4f} > {lim}")
+            if over:
+                lim = tol.get(prof, 0.5)
+                log(f"  validate sikv {prof:<4} {budget_name:<14} rel L2 err vs fp32 attention: {worst:.4f} (bound {lim})")
+                if worst > lim:
+                    raise RuntimeError(f"validate {prof} {budget_name}: relative error {worst:.4f} > {lim}")
+            else:
+                # Random keys give a near-uniform attention, so any 1/16 selection misses most of
+                # the mass and the error against dense attention says nothing about correctness
+                # (the GPU tests compare the kernels with the CPU reference instead). Reported
+                # only; the checks here are that every element was written and is finite.
+                log(f"  validate sikv {prof:<4} {budget_name:<14} rel L2 err vs fp32 attention: {worst:.4f} "
+                    "(random keys: reported, not bounded)")
             if CM.on_cuda(dev) and not over:
                 # Graph capture of the two layers' append + decode; replay must equal eager (the
                 # append rewrites the same position, so replays are idempotent).
