@@ -79,11 +79,10 @@ pub fn build(root: &Path, out: &Path) {
             let names: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
             build_path = format!("fatbin:nvcc {}:{}", version, names.join(","));
             println!(
-                "cargo:warning=selfindexkv kernels: {} ({} with {}{})",
+                "cargo:warning=selfindexkv kernels: {} ({} with {})",
                 build_path,
                 if cached { "cached fatbin" } else { "compiled" },
-                nvcc.display(),
-                ""
+                nvcc.display()
             );
             fatbin = Some(fb);
         }

@@ -10,20 +10,22 @@
 // Each block writes one un-normalised partial (acc, m, l) per query head; empty blocks write
 // m = -inf, l = 0. The grid is (num_splits, H_kv, B), fixed by the configuration.
 //
-// Per tile of TILE = 2048/d tokens: (1) gather + dequantise k'^ and v^ into shared memory
+// Per tile of TILE = ATTEND_TILE_FLOATS/d tokens: (1) gather + dequantise k'^ and v^ into shared memory
 // (16 channels per thread: 4/8/16-byte code loads, 32-byte 16-bit loads), (2) logits for the
 // G x TILE (head, token) pairs, one pair per thread, (3) online-softmax update per head,
 // (4) P.V with channels across threads and the G accumulators in registers.
 #pragma once
 #include "common.cuh"
 
-#define ATTEND_THREADS 128
-#define COMBINE_THREADS 128
-#define MAX_GROUP 16
+// Floats of k (and of v) per tile in shared memory: TILE = ATTEND_TILE_FLOATS / D tokens.
+#define ATTEND_TILE_FLOATS 2048
+// Positions per heavy bitmap of a candidate chunk (attend_dense).
+#define ATTEND_HEAVY_WINDOW 2048
+#define MAX_GROUP ATTEND_MAX_GROUP
 
 template <int D>
 struct AttendShape {
-    static constexpr int TILE = 2048 / D;               // tokens per tile
+    static constexpr int TILE = ATTEND_TILE_FLOATS / D;  // tokens per tile
     static constexpr int TPT = D / 16;                  // threads per token in the gather
     static constexpr int CH = D < ATTEND_THREADS ? D : ATTEND_THREADS;  // channel threads in P.V
     static constexpr int HP = ATTEND_THREADS / CH;      // head-parallel factor in P.V
@@ -196,8 +198,7 @@ struct AttendSmem {
     float v[AttendShape<D>::TILE][D];
     float logit[MAX_GROUP][AttendShape<D>::TILE];
     float alpha[MAX_GROUP];
-    float m[MAX_GROUP];
-    float l[MAX_GROUP];
+    SoftmaxState state[MAX_GROUP];
     float scale[D];
     int dense_list[ATTEND_SPLIT];
     // Sparse / dense-entry splits: the split's token refs, resolved once up front (the list ->
@@ -206,7 +207,7 @@ struct AttendSmem {
     long long ref_row[ATTEND_SPLIT];
     int ref_kind[ATTEND_SPLIT];
     int ref_dense[ATTEND_SPLIT];
-    u32 heavy_mask[64];  // candidate chunk bitmap (dense mode), up to 2048 positions per pass
+    u32 heavy_mask[ATTEND_HEAVY_WINDOW / 32];  // candidate chunk bitmap (dense mode)
     u32 scan[33];
     int n_dense;
 };
@@ -235,12 +236,32 @@ SIKV_DEV void attend_body(const SikvParams& p) {
     const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
     const int G = p.group;
     const int tid = threadIdx.x;
-    const int len = seq_len(p, b);
-    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
-    const u8* rec = state_record(p, slot, h);
-    const int* dpos = reinterpret_cast<const int*>(rec + p.off_dense_pos);
+    int slot;
+    const int len = row_seq(p, b, &slot);
     const long long rowid = (long long)b * p.num_kv_heads + h;
     const bool dense_mode = DENSE;
+    float* part_acc = reinterpret_cast<float*>(p.ws_part_acc);
+    float* part_ml = reinterpret_cast<float*>(p.ws_part_ml);
+    const int hq0 = h * G;
+    const long long hq_base = (long long)b * p.num_kv_heads * G + hq0;
+    // A split with nothing to attend writes the empty partial (m = -inf, l = 0, acc = 0); a
+    // row with a bad slot is all empty splits (its output becomes zeros).
+    auto write_empty = [&]() {
+        for (int i = tid; i < G * D; i += ATTEND_THREADS) {
+            int g = i / D, c = i % D;
+            part_acc[((hq_base + g) * p.num_splits + split) * D + c] = 0.0f;
+        }
+        if (tid < G) {
+            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = SIKV_NEG_INF;
+            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = 0.0f;
+        }
+    };
+    if (slot < 0) {
+        write_empty();
+        return;
+    }
+    const u8* rec = state_record(p, slot, h);
+    const int* dpos = reinterpret_cast<const int*>(rec + p.off_dense_pos);
 
     // What this block covers: items [lo, hi) of the dense list (+ selected), or a chunk of
     // candidate positions [plo, phi).
@@ -253,7 +274,10 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         int total = nd;
         if (!dense_mode) {
             int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
-            cnt = cnt < 0 ? 0 : (cnt > p.budget_max ? p.budget_max : cnt);
+            if (cnt < 0 || cnt > p.budget_max) {
+                if (split == 0 && tid == 0) raise_fault(p, FAULT_COUNT);
+                cnt = cnt < 0 ? 0 : p.budget_max;
+            }
             total += cnt;
             sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
         }
@@ -264,20 +288,8 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         phi = plo + p.dense_chunk < end ? plo + p.dense_chunk : end;
     }
     const bool empty = chunk ? (plo >= phi) : (lo >= hi);
-
-    float* part_acc = reinterpret_cast<float*>(p.ws_part_acc);
-    float* part_ml = reinterpret_cast<float*>(p.ws_part_ml);
-    const int hq0 = h * G;
-    const long long hq_base = (long long)b * p.num_kv_heads * G + hq0;
     if (empty) {
-        for (int i = tid; i < G * D; i += ATTEND_THREADS) {
-            int g = i / D, c = i % D;
-            part_acc[((hq_base + g) * p.num_splits + split) * D + c] = 0.0f;
-        }
-        if (tid < G) {
-            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = SIKV_NEG_INF;
-            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = 0.0f;
-        }
+        write_empty();
         return;
     }
 
@@ -289,7 +301,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             s.q[g][c] = to_f32(q[(hq_base + g) * D + c]);
         }
         for (int c = tid; c < D; c += ATTEND_THREADS) s.scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
-        if (tid < MAX_GROUP) { s.m[tid] = SIKV_NEG_INF; s.l[tid] = 0.0f; }
+        if (tid < MAX_GROUP) s.state[tid].init();
     }
     float acc[Sh::HPT][Sh::CPT];
     #pragma unroll
@@ -310,7 +322,12 @@ SIKV_DEV void attend_body(const SikvParams& p) {
                 dense = s.dense_list[it];
             } else {
                 int pos = sel[item - nd];
-                if (pos >= 0 && pos < len) { kind = 2; row = row_index(p, b, h, pos); }
+                if (pos >= 0 && pos < len) {
+                    row = row_index(p, b, h, pos);
+                    kind = row < 0 ? 0 : 2;
+                } else {
+                    raise_fault(p, FAULT_SELECTED_POS);
+                }
             }
             s.ref_kind[it] = kind;
             s.ref_dense[it] = dense;
@@ -344,14 +361,14 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         load_raw<D, T>(p, rec, tr, c0, raw);
     }
     for (int base = first; base < last; base += Sh::TILE) {
-        if (chunk && ((base - plo) % 2048) == 0) {
-            // Heavy positions of the next 2048 positions -> bitmap.
+        if (chunk && ((base - plo) % ATTEND_HEAVY_WINDOW) == 0) {
+            // Heavy positions of the next ATTEND_HEAVY_WINDOW positions -> bitmap.
             __syncthreads();
-            for (int i = tid; i < 64; i += ATTEND_THREADS) s.heavy_mask[i] = 0;
+            for (int i = tid; i < ATTEND_HEAVY_WINDOW / 32; i += ATTEND_THREADS) s.heavy_mask[i] = 0;
             __syncthreads();
             for (int i = tid; i < p.n_heavy; i += ATTEND_THREADS) {
                 int hp = dpos[p.n_sink + i] - base;
-                if (hp >= 0 && hp < 2048) atomicOr(&s.heavy_mask[hp >> 5], 1u << (hp & 31));
+                if (hp >= 0 && hp < ATTEND_HEAVY_WINDOW) atomicOr(&s.heavy_mask[hp >> 5], 1u << (hp & 31));
             }
         }
         __syncthreads();
@@ -364,8 +381,11 @@ SIKV_DEV void attend_body(const SikvParams& p) {
                 if (chunk) {
                     tr.kind = 0; tr.dense = 0; tr.row = 0;
                     if (item < last) {
-                        int off = (item - plo) % 2048;
-                        if (!((s.heavy_mask[off >> 5] >> (off & 31)) & 1u)) { tr.kind = 2; tr.row = row_index(p, b, h, item); }
+                        int off = (item - plo) % ATTEND_HEAVY_WINDOW;
+                        if (!((s.heavy_mask[off >> 5] >> (off & 31)) & 1u)) {
+                            tr.row = row_index(p, b, h, item);
+                            tr.kind = tr.row < 0 ? 0 : 2;
+                        }
                     }
                 } else {
                     tr = list_ref(item);
@@ -415,19 +435,16 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             const int warp = tid >> 5, lane = tid & 31;
             for (int g = warp; g < G; g += ATTEND_THREADS / 32) {
                 const float lg = lane < Sh::TILE ? s.logit[g][lane] : SIKV_NEG_INF;
-                const float mx = warp_max(lg);
-                const float m_old = s.m[g];
-                const float m_new = fmaxf(m_old, mx);
-                float alpha = 1.0f, e = 0.0f;
-                if (m_new != SIKV_NEG_INF) {
-                    alpha = m_old == SIKV_NEG_INF ? 0.0f : expf(m_old - m_new);
-                    e = expf(lg - m_new);  // exp(-inf) = 0 for invalid tokens
-                }
+                SoftmaxState st = s.state[g];
+                const float alpha = st.update_max(warp_max(lg));
+                // exp(-inf) = 0 for invalid tokens; all 0 while the max is still -inf
+                const float e = st.m != SIKV_NEG_INF ? expf(lg - st.m) : 0.0f;
                 const float sum = warp_sum(e);
                 if (lane < Sh::TILE) s.logit[g][lane] = e;
+                __syncwarp();  // every lane has read s.state[g] before lane 0 writes it
                 if (lane == 0) {
-                    s.l[g] = s.l[g] * alpha + sum;
-                    s.m[g] = m_new;
+                    st.update_sum(alpha, sum);
+                    s.state[g] = st;
                     s.alpha[g] = alpha;
                 }
             }
@@ -462,8 +479,8 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         }
     }
     if (tid < G) {
-        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = s.m[tid];
-        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = s.l[tid];
+        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = s.state[tid].m;
+        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = s.state[tid].l;
     }
 }
 template <int D, typename T>
@@ -475,8 +492,8 @@ SIKV_ENTRIES_D_T(sikv_attend, ATTEND_THREADS)
 // sum w_j l_j, zeros when empty. grid (H_q, B), block 128.
 template <int D, typename T>
 SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
-    __shared__ float w[2048];
-    __shared__ float red[ATTEND_THREADS / 32];
+    __shared__ float w[COMBINE_MAX_SPLITS];
+    __shared__ float red[COMBINE_THREADS / 32];
     __shared__ float l_tot;
     const int b = blockIdx.y, hq = blockIdx.x;
     const int NS = p.num_splits;
@@ -489,21 +506,19 @@ SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
     __syncthreads();
     float M = red[0];
-    for (int i = 1; i < ATTEND_THREADS / 32; ++i) M = fmaxf(M, red[i]);
+    for (int i = 1; i < COMBINE_THREADS / 32; ++i) M = fmaxf(M, red[i]);
     __syncthreads();
-    float lsum = 0.0f;
-    for (int j = threadIdx.x; j < NS; j += blockDim.x) {
-        float mj = ml[2 * j];
-        float wj = (mj == SIKV_NEG_INF || M == SIKV_NEG_INF) ? 0.0f : expf(mj - M);
-        w[j] = wj;
-        lsum += wj * ml[2 * j + 1];
-    }
-    lsum = warp_sum(lsum);
+    // This thread's share of the merged state: max M over all splits, its partials' sum.
+    SoftmaxState st;
+    st.m = M;
+    st.l = 0.0f;
+    for (int j = threadIdx.x; j < NS; j += blockDim.x) w[j] = st.merge(ml[2 * j], ml[2 * j + 1]);
+    float lsum = warp_sum(st.l);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = lsum;
     __syncthreads();
     if (threadIdx.x == 0) {
         float t = 0.0f;
-        for (int i = 0; i < ATTEND_THREADS / 32; ++i) t += red[i];
+        for (int i = 0; i < COMBINE_THREADS / 32; ++i) t += red[i];
         l_tot = t;
     }
     __syncthreads();

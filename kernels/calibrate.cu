@@ -8,7 +8,7 @@
 
 // Zeroes the records of calib_slot (all KV heads), marks every dense entry empty, writes
 // prompt_len and calibrated, and sets the per-token heavy ranks in the workspace to -1.
-// grid (H_kv), block 256.
+// grid (H_kv), block CALIB_INIT_THREADS.
 SIKV_DEV void sikv_calib_init_impl(const SikvParams& p) {
     const int h = blockIdx.x;
     u8* rec = state_record(p, p.calib_slot, h);
@@ -26,10 +26,11 @@ SIKV_DEV void sikv_calib_init_impl(const SikvParams& p) {
     int* rank = reinterpret_cast<int*>(p.ws_rank) + (long long)h * p.n_tokens;
     for (int i = threadIdx.x; i < p.n_tokens; i += blockDim.x) rank[i] = -1;
 }
-SIKV_ENTRY(sikv_calib_init, 256)
+SIKV_ENTRY(sikv_calib_init, CALIB_INIT_THREADS)
 
 // Block-wide lower median by radix select over `n` keys (already in total order), `BITS`
-// wide, 8 bits per pass. Returns the selected key in every thread. block = 256 threads.
+// wide, 8 bits per pass (256 bins). Returns the selected key in every thread. block =
+// CALIB_MEDIAN_THREADS (the element loop runs in whole blocks so hist_add sees full warps).
 template <int BITS, typename KeyAt>
 SIKV_DEV u32 block_lower_median(int n, KeyAt key_at, u32* hist, u32* shared_sel) {
     u32 prefix = 0, mask = 0;
@@ -37,7 +38,7 @@ SIKV_DEV u32 block_lower_median(int n, KeyAt key_at, u32* hist, u32* shared_sel)
     for (int shift = BITS - 8; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        int nround = (n + 255) / 256 * 256;
+        int nround = (n + CALIB_MEDIAN_THREADS - 1) / CALIB_MEDIAN_THREADS * CALIB_MEDIAN_THREADS;
         for (int i = threadIdx.x; i < nround; i += blockDim.x) {
             bool act = false;
             u32 bin = 0;
@@ -70,7 +71,7 @@ SIKV_DEV u32 block_lower_median(int n, KeyAt key_at, u32* hist, u32* shared_sel)
 }
 
 // Centre by lower median (torch.median / f32::total_cmp order) of the 16-bit keys.
-// grid (H_kv * d), block 256.
+// grid (H_kv * d), block CALIB_MEDIAN_THREADS.
 template <typename T>
 SIKV_DEV void sikv_calib_median_impl(const SikvParams& p) {
     __shared__ u32 hist[256];
@@ -96,10 +97,10 @@ SIKV_DEV void sikv_calib_median_impl(const SikvParams& p) {
         reinterpret_cast<float*>(rec + p.off_centre)[c] = med;
     }
 }
-SIKV_ENTRIES_T(sikv_calib_median, 256)
+SIKV_ENTRIES_T(sikv_calib_median, CALIB_MEDIAN_THREADS)
 
 // Centre by mean: f64 sum in token order, divided by n in f64, rounded once (as the CPU).
-// One thread per (head, channel); grid ceil(H*d/128), block 128.
+// One thread per (head, channel); grid ceil(H*d/CALIB_CHANNEL_THREADS).
 template <typename T>
 SIKV_DEV void sikv_calib_mean_impl(const SikvParams& p) {
     const int d = p.head_dim, H = p.num_kv_heads;
@@ -112,7 +113,7 @@ SIKV_DEV void sikv_calib_mean_impl(const SikvParams& p) {
     u8* rec = state_record(p, p.calib_slot, h);
     reinterpret_cast<float*>(rec + p.off_centre)[c] = p.n_tokens > 0 ? (float)(s / (double)p.n_tokens) : 0.0f;
 }
-SIKV_ENTRIES_T(sikv_calib_mean, 128)
+SIKV_ENTRIES_T(sikv_calib_mean, CALIB_CHANNEL_THREADS)
 
 // Group mean of query row j (reference/score.rs group_mean_query: sum in head order from +0,
 // then divide by G).
@@ -134,10 +135,10 @@ SIKV_DEV void sikv_calib_qbar_impl(const SikvParams& p) {
     const int h = i / d, c = i % d;
     reinterpret_cast<float*>(p.ws_qbar)[i] = group_mean(p, reinterpret_cast<const T*>(p.q), p.nq - 1, h, c);
 }
-SIKV_ENTRIES_T(sikv_calib_qbar, 128)
+SIKV_ENTRIES_T(sikv_calib_qbar, CALIB_CHANNEL_THREADS)
 
 // qmed: per-channel lower median of the nq group-mean query rows (0 when nq < 2; the record
-// was zeroed by init). grid (H_kv * d), block 256.
+// was zeroed by init). grid (H_kv * d), block CALIB_MEDIAN_THREADS.
 template <typename T>
 SIKV_DEV void sikv_calib_qmed_impl(const SikvParams& p) {
     __shared__ u32 hist[256];
@@ -153,10 +154,11 @@ SIKV_DEV void sikv_calib_qmed_impl(const SikvParams& p) {
         reinterpret_cast<float*>(rec + p.off_qmed)[c] = __uint_as_float(total_key32_inv(key));
     }
 }
-SIKV_ENTRIES_T(sikv_calib_qmed, 256)
+SIKV_ENTRIES_T(sikv_calib_qmed, CALIB_MEDIAN_THREADS)
 
 // Heavy scores s_t = (k_t - m) . qbar_last (f32, channel order) for t in [S, n - W), as
-// radix keys into ws_keys[h][t - S]. One thread per (token, head); grid (ceil(n/128), H).
+// radix keys into ws_keys[h][t - S]. One thread per (token, head); grid
+// (ceil(n/CALIB_HEAVY_SCORE_THREADS), H).
 template <int D, typename T>
 SIKV_DEV void sikv_calib_heavy_score_impl(const SikvParams& p) {
     __shared__ float ql[D];
@@ -183,10 +185,11 @@ SIKV_DEV void sikv_calib_heavy_score_impl(const SikvParams& p) {
     }
     reinterpret_cast<u32*>(p.ws_keys)[(long long)h * p.key_stride + (t - lo)] = score_key(s);
 }
-SIKV_ENTRIES_D_T(sikv_calib_heavy_score, 128)
+SIKV_ENTRIES_D_T(sikv_calib_heavy_score, CALIB_HEAVY_SCORE_THREADS)
 
 // Heavy set: top n_heavy of the scores (ties: smaller position), ascending, into dense
-// entries S + i; ranks into ws_rank; meta n_heavy. grid (H_kv), block 1024.
+// entries S + i; ranks into ws_rank; meta n_heavy. grid (H_kv), block
+// CALIB_HEAVY_SELECT_THREADS.
 SIKV_DEV void sikv_calib_heavy_select_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
     const int h = blockIdx.x;
@@ -199,12 +202,12 @@ SIKV_DEV void sikv_calib_heavy_select_impl(const SikvParams& p) {
     const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + (long long)h * p.key_stride;
     int* dpos = state_dense_pos(p, rec);
     int* rank = reinterpret_cast<int*>(p.ws_rank) + (long long)h * p.n_tokens;
-    block_topk<1024>(s, n, k, [&](int i) { return keys[i]; }, [&](int r, int i) {
+    block_topk<CALIB_HEAVY_SELECT_THREADS>(s, n, k, [&](int i) { return keys[i]; }, [&](int r, int i) {
         dpos[p.n_sink + r] = lo + i;
         rank[lo + i] = r;
     });
 }
-SIKV_ENTRY(sikv_calib_heavy_select, 1024)
+SIKV_ENTRY(sikv_calib_heavy_select, CALIB_HEAVY_SELECT_THREADS)
 
 // Is token t in the codebook/scale set: not a sink and not heavy, or every token when that
 // set is empty (reference/calibrate.rs codebook_tokens).
@@ -239,11 +242,11 @@ SIKV_DEV void sikv_calib_scale_impl(const SikvParams& p) {
     reinterpret_cast<float*>(rec + p.off_scale)[c] = a;
     reinterpret_cast<float*>(rec + p.off_inv_scale)[c] = div_rn(1.0f, a);
 }
-SIKV_ENTRIES_T(sikv_calib_scale, 128)
+SIKV_ENTRIES_T(sikv_calib_scale, CALIB_CHANNEL_THREADS)
 
 // Codebook: per sub-vector s, conditional means of k'[4s..4s+4] per sign pattern (!signbit),
 // f64 sums in token order; empty cells get (2 bit_i(u) - 1) * mean |k'_{4s+i}|.
-// One thread per (head, sub-vector); grid ceil(H*d/4 / 64), block 64.
+// One thread per (head, sub-vector); grid ceil(H*d/4 / CALIB_CODEBOOK_THREADS).
 template <typename T>
 SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
     const int d = p.head_dim, H = p.num_kv_heads, nsub = d / SUBVEC;
@@ -301,4 +304,4 @@ SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
         }
     }
 }
-SIKV_ENTRIES_T(sikv_calib_codebook, 64)
+SIKV_ENTRIES_T(sikv_calib_codebook, CALIB_CODEBOOK_THREADS)

@@ -1,4 +1,4 @@
-// Shared device code of every kernel: the argument block, 16-bit float helpers, exact-order
+// Shared device code of every kernel: device fault reporting, 16-bit float helpers, exact-order
 // arithmetic helpers, the online-softmax state, warp/block reductions and scans, the block
 // radix select, and the dispatch macros that stamp out extern "C" entry points.
 //
@@ -17,81 +17,9 @@ typedef unsigned char u8;
 
 #define SIKV_DEV __device__ __forceinline__
 
-// ---------------------------------------------------------------------------------------------
-// The one argument block every kernel takes (by value). Mirrored field for field by
-// `SikvParams` in src/gpu/params.rs: 64-bit fields first, then 32-bit ones, so that the C and
-// Rust layouts agree without padding surprises (checked at run time by sikv_params_layout).
-struct SikvParams {
-    // --- device addresses (0 = absent) ---
-    u64 plane[SIKV_NUM_PLANES];  // base of each plane of this layer
-    u64 state;                   // base of this layer's state pool
-    u64 indptr;                  // int32[batch + 1]
-    u64 page_indices;            // int32[...]
-    u64 last_page_len;           // int32[batch]
-    u64 seq_slot;                // int32[batch] (select/attend) or int32[n] (append)
-    u64 position;                // int32[n] (append)
-    u64 slot_mapping;            // int64[n]
-    u64 k;                       // model dtype [n][H_kv][d]
-    u64 v;                       // model dtype [n][H_kv][d]
-    u64 q;                       // model dtype [B][H_q][d] or [nq][H_q][d] (calibrate)
-    u64 out;                     // model dtype [B][H_q][d]
-    u64 indices;                 // int32[B][H_kv][budget_max]
-    u64 counts;                  // int32[B][H_kv]
-    // workspace regions (see src/gpu/workspace.rs)
-    u64 ws_keys;                 // u32 [B][H_kv][key_stride] stage-1 keys / calibrate heavy keys
-    u64 ws_list;                 // int32 [B][H_kv][stage1_max] stage-1 survivors (ascending)
-    u64 ws_list_n;               // int32 [B][H_kv][2] stage-1 survivor count, final k
-    u64 ws_keys2;                // u32 [B][H_kv][stage1_max] stage-2 keys
-    u64 ws_part_acc;             // f32 [B][H_q][num_splits][d] un-normalised split outputs
-    u64 ws_part_ml;              // f32 [B][H_q][num_splits][2] split max / sum
-    u64 ws_qbar;                 // f32 [H_kv][d] calibrate: group-mean last query
-    u64 ws_rank;                 // int32 [H_kv][n] calibrate: heavy rank of each token or -1
-    u64 ws_hist;                 // u32 [B][H_kv][TOPK_HIST_STRIDE] multi-CTA top-k: key histogram
-                                 //     of the top 11 bits, then the candidate counter
-    u64 ws_cand;                 // u64 [B][H_kv][cand_cap] multi-CTA top-k: (key << 32 | pos)
-    // --- 32-bit fields ---
-    int row_bytes[SIKV_NUM_PLANES];
-    int num_kv_heads;
-    int group;                   // query heads per KV head (G)
-    int head_dim;
-    int page_size;
-    int num_pages;
-    int key_bits;
-    int value_bits;
-    int state_bytes;             // bytes of one state record
-    int off_centre, off_scale, off_inv_scale, off_qmed, off_codebook, off_meta;
-    int off_dense_pos, off_dense_k, off_dense_v;
-    int dense_cap;
-    int n_sink, n_heavy, n_window;
-    int max_seqs;
-    int max_seq_len;
-    int batch;                   // sequences in this call (select/attend)
-    int n_tokens;                // tokens in this call (append/calibrate)
-    int nq;                      // calibrate: query rows in q
-    int calib_slot;              // calibrate: the sequence slot
-    int mode;                    // encode: 0 append, 1 calibrate; attend: 0 sparse, 1 dense
-    int budget_min, budget_max;
-    float budget_ratio;
-    int rerank_factor;           // <= 1: one stage
-    int stage1_max;              // budget_max * max(rerank_factor, 1)
-    int key_stride;              // row length of ws_keys (>= max_seq_len, multiple of 4)
-    int selector;                // 0 LUT, 1 sign x sign
-    int sign_positive;           // encoder predicate x > 0 instead of !signbit(x)
-    int force_generated;
-    int centre_mean;             // calibrate: mean instead of lower median
-    float softmax_scale;
-    int num_splits;              // partial slots per (sequence, query head)
-    int dense_splits;            // attend_dense: splits over the dense entries
-    int dense_chunk;             // attend_dense: tokens per candidate chunk (multiple of 64)
-    int cand_cap;                // multi-CTA top-k: candidate slots per row
-    int topk_multi;              // 1: multi-CTA top-k (score builds the histogram); 0: one CTA
-    int pad_;
-};
-
-// Multi-CTA top-k: 2048 histogram bins of the top 11 key bits per row, then one counter word
-// (the number of candidates appended by sikv_topk_compact); padded to 128 bytes.
-#define TOPK_HIST_BINS 2048
-#define TOPK_HIST_STRIDE (TOPK_HIST_BINS + 32)
+// SikvParams (the argument block every kernel takes by value), the launch geometry
+// (*_THREADS, SCORE_TILE, TOPK_HIST_*, ...) and the FAULT_* bits come from the generated
+// header: their one definition is in src/gpu/params.rs and src/gpu/geometry.rs.
 
 // ---------------------------------------------------------------------------------------------
 // Constants and float bits.
@@ -224,22 +152,75 @@ SIKV_DEV u32 total_key16(u32 b) { return (b & 0x8000u) ? (~b & 0xffffu) : (b | 0
 SIKV_DEV u32 total_key16_inv(u32 k) { return (k & 0x8000u) ? (k & 0x7fffu) : (~k & 0xffffu); }
 
 // ---------------------------------------------------------------------------------------------
+// Device faults. Indices that come from the engine (seq_slot, position, slot_mapping, the page
+// table, counts and indices) are checked once per work item before they address memory; a bad
+// one skips the item and sets its FAULT_* bit in the context's fault word (mapped host memory,
+// read by the next launcher call). Correct input never reaches these branches.
+
+SIKV_DEV void raise_fault(const SikvParams& p, u32 bits) {
+    if (p.fault) atomicOr(reinterpret_cast<u32*>(p.fault), bits);
+}
+
+// The state slot of batch row b, or -1 (fault raised) when outside 0..max_seqs.
+SIKV_DEV int batch_slot(const SikvParams& p, int b) {
+    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
+    if (slot < 0 || slot >= p.max_seqs) {
+        raise_fault(p, FAULT_SEQ_SLOT);
+        return -1;
+    }
+    return slot;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Sequence geometry (cpu/mod.rs): length from the CSR page table, page lookup.
 
+// Length of sequence b from the page table; 0 (fault raised) for a table the CPU would reject:
+// indptr negative or decreasing, last_page_len outside 1..=page_size (0 without pages), more
+// than max_seq_len tokens. Every position below the returned length has its page entry inside
+// [indptr[b], indptr[b + 1]).
 SIKV_DEV int seq_len(const SikvParams& p, int b) {
     const int* indptr = reinterpret_cast<const int*>(p.indptr);
     const int* lpl = reinterpret_cast<const int*>(p.last_page_len);
-    int np = indptr[b + 1] - indptr[b];
-    if (np <= 0) return 0;
-    int len = (np - 1) * p.page_size + lpl[b];
-    return len < 0 ? 0 : (len > p.max_seq_len ? p.max_seq_len : len);
+    const int i0 = indptr[b], i1 = indptr[b + 1];
+    const int last = lpl[b];
+    if (i0 < 0 || i1 < i0) {
+        raise_fault(p, FAULT_PAGE_TABLE);
+        return 0;
+    }
+    const int np = i1 - i0;
+    if (np == 0) {
+        if (last != 0) raise_fault(p, FAULT_PAGE_TABLE);
+        return 0;
+    }
+    if (last < 1 || last > p.page_size) {
+        raise_fault(p, FAULT_PAGE_TABLE);
+        return 0;
+    }
+    const long long len = (long long)(np - 1) * p.page_size + last;
+    if (len > p.max_seq_len) {
+        raise_fault(p, FAULT_SEQ_LEN);
+        return 0;
+    }
+    return (int)len;
 }
 
-// Row index (page * H + head) * P + slot of position `pos` of sequence b.
+// Live length of batch row b and its state slot: a row whose slot is bad is an empty sequence
+// with slot -1 (its page table is then not read).
+SIKV_DEV int row_seq(const SikvParams& p, int b, int* slot) {
+    *slot = batch_slot(p, b);
+    return *slot < 0 ? 0 : seq_len(p, b);
+}
+
+// Row index (page * H + head) * P + slot of position `pos` (< seq_len) of sequence b, or -1
+// (fault raised) when its page index is outside 0..num_pages.
 SIKV_DEV long long row_index(const SikvParams& p, int b, int h, int pos) {
     const int* indptr = reinterpret_cast<const int*>(p.indptr);
     const int* pages = reinterpret_cast<const int*>(p.page_indices);
-    int page = pages[indptr[b] + pos / p.page_size];
+    const int page = pages[indptr[b] + pos / p.page_size];
+    if (page < 0 || page >= p.num_pages) {
+        raise_fault(p, FAULT_PAGE_INDEX);
+        return -1;
+    }
     return ((long long)page * p.num_kv_heads + h) * p.page_size + (pos % p.page_size);
 }
 
@@ -282,22 +263,31 @@ SIKV_DEV int cand_end(const SikvParams& p, int len) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Online softmax state of one query head (FlashInfer's state_t): running max m, running sum
-// l of exp(logit - m); the accumulator lives with the caller. merge() is the log-sum-exp merge
-// of two partial states, returning the factors to apply to the two accumulators.
+// Online softmax state of one query head (FlashInfer's state_t): running max m and running sum
+// l of exp(logit - m); the accumulator lives with the caller.
 struct SoftmaxState {
     float m;
     float l;
     SIKV_DEV void init() { m = SIKV_NEG_INF; l = 0.0f; }
-    // Merges (m2, l2) into this state; *s1, *s2 = weights for this / the other accumulator.
-    SIKV_DEV void merge(float m2, float l2, float* s1, float* s2) {
-        if (m2 == SIKV_NEG_INF) { *s1 = 1.0f; *s2 = 0.0f; return; }
-        if (m == SIKV_NEG_INF) { m = m2; l = l2; *s1 = 0.0f; *s2 = 1.0f; return; }
-        float mn = fmaxf(m, m2);
-        *s1 = expf(m - mn);
-        *s2 = expf(m2 - mn);
-        l = *s1 * l + *s2 * l2;
-        m = mn;
+    // Start of a tile whose largest logit is mx: raises the running max and returns the factor
+    // for the sum and accumulators so far (0 when nothing came before; 1 while every logit is
+    // -inf). The caller then takes exp(logit - m) of the tile (all 0 when m is still -inf).
+    SIKV_DEV float update_max(float mx) {
+        const float m_new = fmaxf(m, mx);
+        float alpha = 1.0f;
+        if (m_new != SIKV_NEG_INF) alpha = m == SIKV_NEG_INF ? 0.0f : expf(m - m_new);
+        m = m_new;
+        return alpha;
+    }
+    // End of the tile: `sum` is the sum of its exp(logit - m).
+    SIKV_DEV void update_sum(float alpha, float sum) { l = l * alpha + sum; }
+    // Merges a partial state (m2, l2) into one whose m is already the max over every partial
+    // (the combine takes the max first, so nothing merged earlier needs rescaling); returns the
+    // weight of the partial's accumulator.
+    SIKV_DEV float merge(float m2, float l2) {
+        const float w = (m2 == SIKV_NEG_INF || m == SIKV_NEG_INF) ? 0.0f : expf(m2 - m);
+        l += w * l2;
+        return w;
     }
 };
 

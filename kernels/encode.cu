@@ -83,6 +83,7 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
 
     const bool calib = p.mode == 1;
     const long long sm = reinterpret_cast<const long long*>(p.slot_mapping)[t];
+    const long long page_slots = (long long)p.num_pages * p.page_size;
     int slot, pos;
     if (calib) {
         slot = p.calib_slot;
@@ -90,8 +91,19 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
     } else {
         slot = reinterpret_cast<const int*>(p.seq_slot)[t];
         pos = reinterpret_cast<const int*>(p.position)[t];
-        // Device-side guards (the host cannot read these arrays): skip invalid tokens.
-        if (slot < 0 || slot >= p.max_seqs || pos < 0 || pos >= p.max_seq_len) return;
+    }
+    // The host cannot read these arrays: a token the CPU would reject is skipped whole (pages
+    // and dense set) and reported; sm < 0 is padding (no page write) and no fault. Uniform per
+    // warp (one token per warp), so the whole warp leaves together.
+    {
+        u32 fault = 0;
+        if (!calib && (slot < 0 || slot >= p.max_seqs)) fault |= FAULT_SEQ_SLOT;
+        if (!calib && (pos < 0 || pos >= p.max_seq_len)) fault |= FAULT_POSITION;
+        if (sm >= page_slots) fault |= FAULT_SLOT_MAPPING;
+        if (fault) {
+            if (lane == 0 && h == 0) raise_fault(p, fault);
+            return;
+        }
     }
     u8* rec = state_record(p, slot, h);
     const float* centre = reinterpret_cast<const float*>(rec + p.off_centre);
@@ -120,8 +132,7 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
 
     const int g = c0 / 32;
     const bool leader = (lane % GL) == 0;
-    const long long page_slots = (long long)p.num_pages * p.page_size;
-    const bool write_page = sm >= 0 && sm < page_slots;
+    const bool write_page = sm >= 0;
     long long row = 0;
     if (write_page) {
         long long page = sm / p.page_size, s = sm % p.page_size;
@@ -189,7 +200,7 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
     }
 }
 
-SIKV_ENTRIES_D_T(sikv_encode, 128)
+SIKV_ENTRIES_D_T(sikv_encode, ENCODE_THREADS)
 
 // NVRTC has no offsetof builtin; the null-pointer form is what it accepts.
 #define SIKV_OFFSETOF(T, f) ((int)(unsigned long long)(&(((T*)0)->f)))

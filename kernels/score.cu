@@ -9,9 +9,7 @@
 // lie in 16 consecutive words: distinct u hit distinct banks, equal u broadcast.
 #include "common.cuh"
 
-#define SCORE_THREADS 256
-#define SCORE_TOKENS_PER_THREAD 8  // 2048 tokens per CTA (src/gpu/mod.rs SCORE_TILE)
-#define SCORE_TILE (SCORE_THREADS * SCORE_TOKENS_PER_THREAD)
+// SCORE_THREADS, SCORE_TOKENS_PER_THREAD, SCORE_TILE, RERANK_THREADS: src/gpu/geometry.rs.
 
 // Group-mean query (reference/score.rs order) of sequence b, KV head h into smem (d floats).
 template <int D, typename T>
@@ -55,11 +53,11 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     __shared__ u32 heavy_mask[SCORE_TILE / 32];
     __shared__ u32 hist[TOPK_HIST_BINS];
     const int b = blockIdx.z, h = blockIdx.y;
-    const int len = seq_len(p, b);
+    int slot;
+    const int len = row_seq(p, b, &slot);
     const int end = cand_end(p, len);
     const int tile0 = p.n_sink + blockIdx.x * SCORE_TILE;
     if (tile0 >= end) return;  // uniform per block: nothing of this tile is a candidate
-    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
     u8* rec = state_record(p, slot, h);
     const int* meta = state_meta(p, rec);
     const int* dpos = state_dense_pos(p, rec);
@@ -118,8 +116,9 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
             } else if (p.force_generated && pos >= prompt_len) {
                 key = score_key(SIKV_INF);
             } else {
-                const u8* row = plane_row(p, SIKV_PLANE_SIGN, row_index(p, b, h, pos));
-                key = score_key(lut_sum<D>(lut, row));
+                const long long r = row_index(p, b, h, pos);
+                // A position on a page outside the pool is no candidate (fault raised).
+                key = r < 0 ? 0u : score_key(lut_sum<D>(lut, plane_row(p, SIKV_PLANE_SIGN, r)));
             }
             keys[pos] = key;
         }
@@ -131,7 +130,7 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     if (p.topk_multi) {
         #pragma unroll
         for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j)
-            if (mine[j] != 0u) atomicAdd(&hist[mine[j] >> 21], 1u);
+            if (mine[j] != 0u) atomicAdd(&hist[mine[j] >> TOPK_HIST_SHIFT], 1u);
         __syncthreads();
         u32* ghist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) {
@@ -155,7 +154,9 @@ SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
     const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
     const int i0 = blockIdx.x * blockDim.x;
     if (i0 >= n1) return;
-    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
+    // Stage 1 saw the same slot and page table: a bad slot left n1 = 0, a bad page key 0.
+    const int slot = batch_slot(p, b);
+    if (slot < 0) return;
     u8* rec = state_record(p, slot, h);
     const int prompt_len = state_meta(p, rec)[META_PROMPT_LEN];
     load_qbar<D, T>(p, b, h, qbar);
@@ -170,7 +171,9 @@ SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
     } else {
         const long long row = row_index(p, b, h, pos);
         float acc = 0.0f;
-        if (p.key_bits == 16) {
+        if (row < 0) {
+            // Page outside the pool (fault raised): no candidate, like stage 1's key 0.
+        } else if (p.key_bits == 16) {
             const S* kf = reinterpret_cast<const S*>(plane_row(p, SIKV_PLANE_KFULL, row));
             for (int c0 = 0; c0 < D; c0 += 8) {
                 float kv[8];
@@ -202,8 +205,8 @@ SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
                 }
             }
         }
-        key = score_key(acc);
+        key = row < 0 ? 0u : score_key(acc);
     }
     reinterpret_cast<u32*>(p.ws_keys2)[rowid * p.stage1_max + i] = key;
 }
-SIKV_ENTRIES_D_T(sikv_rerank_score, 128)
+SIKV_ENTRIES_D_T(sikv_rerank_score, RERANK_THREADS)

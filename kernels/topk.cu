@@ -44,14 +44,16 @@
 //    fallback once k' + |bin t| exceeds cand_cap = min(2 k'_max + 8192, row).
 #include "common.cuh"
 
-#define TOPK_THREADS 1024
+// TOPK_THREADS, COMPACT_*, TOPK_HIST_*: src/gpu/geometry.rs.
 
-// Number of candidates: [S, end) minus heavy positions inside it.
+// Number of candidates: [S, end) minus heavy positions inside it. dpos = nullptr (a row with a
+// bad slot, end = S): no heavy positions to read.
 SIKV_DEV int count_candidates(const SikvParams& p, const int* dpos, int end, int* smem_count) {
     if (threadIdx.x == 0) *smem_count = 0;
     __syncthreads();
     int mine = 0;
-    for (int i = threadIdx.x; i < p.n_heavy; i += blockDim.x) {
+    const int n_heavy = dpos ? p.n_heavy : 0;
+    for (int i = threadIdx.x; i < n_heavy; i += blockDim.x) {
         int hp = dpos[p.n_sink + i];
         if (hp >= p.n_sink && hp < end) ++mine;
     }
@@ -69,11 +71,10 @@ struct RowK {
 };
 SIKV_DEV RowK row_k(const SikvParams& p, int b, int h, int* smem_count) {
     RowK r;
-    const int len = seq_len(p, b);
+    int slot;
+    const int len = row_seq(p, b, &slot);
     r.end = cand_end(p, len);
-    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
-    u8* rec = state_record(p, slot, h);
-    const int* dpos = state_dense_pos(p, rec);
+    const int* dpos = slot < 0 ? nullptr : state_dense_pos(p, state_record(p, slot, h));
     r.n_cand = count_candidates(p, dpos, r.end, smem_count);
     r.k = budget_k(p, r.n_cand);
     r.ksel = r.k;
@@ -92,7 +93,7 @@ template <int NT>
 SIKV_DEV void hist_threshold(const u32* hist, u32 ksel, u32* scan, u32* out) {
     constexpr int PER = TOPK_HIST_BINS / NT;
     if (threadIdx.x == 0) { out[0] = 0; out[1] = 0; out[2] = 0; out[3] = 0; }
-    // Thread j owns bins [2048 - (j+1) PER, 2048 - j PER): thread 0 the highest.
+    // Thread j owns bins [BINS - (j+1) PER, BINS - j PER): thread 0 the highest.
     const int hi = TOPK_HIST_BINS - (int)threadIdx.x * PER;
     u32 c[PER];
     u32 sum = 0;
@@ -124,11 +125,10 @@ SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
     __shared__ int heavy_in_range;
     const int b = blockIdx.y, h = blockIdx.x;
     const long long rowid = (long long)b * p.num_kv_heads + h;
-    const int len = seq_len(p, b);
+    int slot;
+    const int len = row_seq(p, b, &slot);
     const int end = cand_end(p, len);
-    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
-    u8* rec = state_record(p, slot, h);
-    const int* dpos = state_dense_pos(p, rec);
+    const int* dpos = slot < 0 ? nullptr : state_dense_pos(p, state_record(p, slot, h));
     const int n_cand = count_candidates(p, dpos, end, &heavy_in_range);
     const int k = budget_k(p, n_cand);
     const bool two = p.rerank_factor >= 2;
@@ -159,13 +159,10 @@ SIKV_ENTRY(sikv_topk_stage1, TOPK_THREADS)
 // ---------------------------------------------------------------------------------------------
 // Multi-CTA stage 1.
 
-#define COMPACT_THREADS 256
-#define COMPACT_ITEMS 16
-#define COMPACT_TILE (COMPACT_THREADS * COMPACT_ITEMS)
-
 // Appends (key << 32 | position) of every candidate key of this CTA's tile (absolute positions
-// [x * 4096, (x + 1) * 4096) within [S, end)) in bins >= the threshold bin to the row's
-// candidate buffer. grid (ceil(max_seq_len / 4096), H_kv, B), block 256.
+// [x * COMPACT_TILE, (x + 1) * COMPACT_TILE) within [S, end)) in bins >= the threshold bin to
+// the row's candidate buffer. grid (ceil(max_seq_len / COMPACT_TILE), H_kv, B), block
+// COMPACT_THREADS.
 SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     __shared__ u32 scan[33];
     __shared__ u32 thr[4];
@@ -174,7 +171,8 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     const int b = blockIdx.z, h = blockIdx.y;
     const long long rowid = (long long)b * p.num_kv_heads + h;
     const int t0 = blockIdx.x * COMPACT_TILE;
-    const int end = cand_end(p, seq_len(p, b));
+    int slot;
+    const int end = cand_end(p, row_seq(p, b, &slot));
     const int lo = t0 > p.n_sink ? t0 : p.n_sink;
     const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
     if (lo >= hi) return;  // uniform per block: nothing of this tile is a candidate
@@ -203,7 +201,7 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
 
     u32 cnt = 0;
     #pragma unroll
-    for (int e = 0; e < COMPACT_ITEMS; ++e) cnt += (kv[e] != 0u && (kv[e] >> 21) >= tb) ? 1u : 0u;
+    for (int e = 0; e < COMPACT_ITEMS; ++e) cnt += (kv[e] != 0u && (kv[e] >> TOPK_HIST_SHIFT) >= tb) ? 1u : 0u;
     u32 total;
     const u32 excl = block_excl_scan<COMPACT_THREADS>(cnt, scan, &total);
     u32* counter = hist + TOPK_HIST_BINS;
@@ -218,7 +216,7 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const u32 key = kv[4 * g + e];
-                if (key != 0u && (key >> 21) >= tb) {
+                if (key != 0u && (key >> TOPK_HIST_SHIFT) >= tb) {
                     if (at < (u32)p.cand_cap) cand[at] = ((u64)key << 32) | (u32)(q + e);
                     ++at;
                 }
@@ -230,7 +228,7 @@ SIKV_ENTRY(sikv_topk_compact, COMPACT_THREADS)
 
 // The end of the multi-CTA stage 1: exact select over the candidates, ascending output (same
 // outputs as sikv_topk_stage1), or the one-CTA select over the whole row for a fallback row.
-// Resets the row's candidate counter (not with p.mode == 1). grid (H_kv, B), block 1024.
+// Resets the row's candidate counter (not with p.mode == 1). grid (H_kv, B), block TOPK_THREADS.
 #define TOPK_BM_WORDS (TOPK_THREADS * 4)
 
 SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
@@ -261,8 +259,8 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
             const u64* cand = reinterpret_cast<const u64*>(p.ws_cand) + rowid * p.cand_cap;
             // Pass 1 is the histogram's: prefix = bin t, remaining = ksel - above.
             if (threadIdx.x == 0) {
-                s.sel_prefix = thr[0] << 21;
-                s.sel_mask = 0x7ffu << 21;
+                s.sel_prefix = thr[0] << TOPK_HIST_SHIFT;
+                s.sel_mask = (u32)(TOPK_HIST_BINS - 1) << TOPK_HIST_SHIFT;
                 s.sel_remaining = (u32)ksel - thr[1];
             }
             block_radix_passes<TOPK_THREADS>(s, (int)nc, 1, [&](int i) { return (u32)(cand[i] >> 32); });

@@ -3,8 +3,22 @@
 //!
 //! Layers, bottom up (like cudarc): [`driver`] wraps raw `sys` calls and maps every failure to
 //! `SIKV_ERR_CUDA` naming the call; [`kernels`] is the per-configuration kernel table;
-//! [`params`] is the by-value argument block shared with `kernels/common.cuh`; [`workspace`]
-//! carves the caller's workspace; this file holds the safe launchers.
+//! [`params`] is the by-value argument block and [`geometry`] the launch constants and fault
+//! bits, both written into the kernels' generated header by build.rs (their only definition);
+//! [`workspace`] carves the caller's workspace; this file holds the safe launchers.
+//!
+//! Device faults. The host validates what it can see (sizes, batch bounds, pointers), but the
+//! engine's index arrays live on the device: seq_slot, position, slot_mapping, the page table,
+//! counts and indices. Kernels check each such index once per work item before it addresses
+//! memory; a bad one skips the item (kernels never touch memory outside the pools) and ORs a
+//! `geometry::FAULT_*` bit into a 32-bit fault word in page-locked host memory mapped into the
+//! device (one per context, allocated at create time). The rule: **every public launcher
+//! first calls [`GpuContext::take_fault`]**, so a fault raised by a kernel that has completed
+//! is reported by the next call on the handle as `SIKV_ERR_OUT_OF_BOUNDS`, naming the failed
+//! checks, the same status the CPU backend returns for the same input at once. Reading the word
+//! is a host load: no synchronisation, no copy, so graph capture and the hot-path contract
+//! hold. A kernel still running when the next call starts reports at the call after it; an
+//! executor may also call [`GpuContext::check_faults`] after it synchronises.
 //!
 //! Contract of the hot-path launchers (`append`, `select`, `attend`, `attend_dense`): they only
 //! validate host-side arguments and enqueue kernels on the caller's stream. No allocation, no
@@ -19,12 +33,14 @@ pub mod embed {
 }
 
 mod driver;
+pub mod geometry;
 mod kernels;
 mod nvrtc;
 pub mod params;
 pub mod workspace;
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::config::{CacheConfig, Dtype};
@@ -32,6 +48,7 @@ use crate::layout::{Layout, SIKV_NUM_PLANES};
 use crate::status::{Error, Result, SikvStatus};
 
 use cudarc::driver::sys;
+use geometry::*;
 use kernels::{Kernel, Kernels};
 use params::SikvParams;
 use workspace::Workspace;
@@ -41,8 +58,6 @@ pub const SELECT_SCORE: u32 = 1;
 pub const SELECT_TOPK: u32 = 2;
 pub const SELECT_RERANK: u32 = 4;
 pub const SELECT_ALL: u32 = 7;
-/// Tokens per CTA of the score kernel (kernels/score.cu SCORE_TILE).
-const SCORE_TILE: u32 = 2048;
 /// Benchmarking aid (multi-CTA top-k only): the final top-k kernel leaves the candidate counter
 /// as it found it; alone, it launches only that kernel. `SELECT_TOPK | SELECT_TOPK_FINAL` once,
 /// then `SELECT_TOPK_FINAL` repeatedly times the final kernel over the same candidates.
@@ -72,6 +87,9 @@ pub struct DevPageTable {
 struct Inner {
     dev: driver::Device,
     module: driver::CUmodule,
+    /// The fault word: page-locked host memory (u32) and its device address.
+    fault_host: *mut u8,
+    fault_dev: u64,
     kernels: Kernels,
     build_path: String,
     head_dim: u32,
@@ -111,6 +129,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         if driver::set_current(self.dev.ctx).is_ok() {
             driver::unload_module(self.module);
+            driver::host_free_pinned(self.fault_host);
         }
         driver::release_primary(self.dev.dev);
     }
@@ -180,6 +199,19 @@ impl Drop for Graph {
     }
 }
 
+/// encode: one warp per (token, KV head).
+fn encode_grid(n: u32, num_kv_heads: u32) -> (u32, u32, u32) {
+    let warps = n as u64 * num_kv_heads as u64;
+    (warps.div_ceil((ENCODE_THREADS / 32) as u64) as u32, 1, 1)
+}
+
+// The attend kernel keeps ATTEND_MAX_GROUP query heads per KV head in shared memory.
+const _: () = assert!(crate::config::MAX_GQA_RATIO <= ATTEND_MAX_GROUP);
+// Launch sizes the kernels assume: whole warps, and (top-k histogram scan) bins that split
+// evenly over the threads.
+const _: () = assert!(ENCODE_THREADS % 32 == 0 && ATTEND_THREADS % 32 == 0 && COMBINE_THREADS % 32 == 0);
+const _: () = assert!(TOPK_HIST_BINS % TOPK_THREADS as usize == 0 && TOPK_HIST_BINS % COMPACT_THREADS as usize == 0);
+
 fn cuda_stream(s: CUstream) -> sys::CUstream {
     s as sys::CUstream
 }
@@ -205,6 +237,23 @@ fn aligned(ptr: u64, align: u64, name: &str) -> Result<()> {
 fn dev_ptr(ptr: u64, align: u64, name: &str) -> Result<()> {
     need(ptr, name)?;
     aligned(ptr, align, name)
+}
+
+/// The message of a nonzero fault word: each set bit's check, in bit order.
+fn fault_message(bits: u32) -> String {
+    let mut what: Vec<String> = FAULT_NAMES
+        .iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, n)| n.to_string())
+        .collect();
+    let known = FAULT_NAMES.iter().fold(0, |a, (b, _)| a | b);
+    if bits & !known != 0 {
+        what.push(format!("unknown fault bits {:#x}", bits & !known));
+    }
+    format!(
+        "detected on the device in an earlier call on this handle (the offending work items were skipped): {}",
+        what.join("; ")
+    )
 }
 
 fn dtype_name(d: Dtype) -> Result<&'static str> {
@@ -252,20 +301,39 @@ impl GpuContext {
         if let Err(e) = driver::set_current(dev.ctx) {
             return Err(release(e, &dev));
         }
-        match Self::load(&dev, cfg.head_dim, dt) {
-            Ok((module, kernels, build_path)) => Ok(GpuContext {
-                inner: Arc::new(Inner {
-                    dev,
-                    module,
-                    kernels,
-                    build_path,
-                    head_dim: cfg.head_dim,
-                    dtype: cfg.dtype,
-                    topk: TopkPath::from_env(),
-                }),
+        let (module, kernels, build_path) = match Self::load(&dev, cfg.head_dim, dt) {
+            Ok(x) => x,
+            Err(e) => return Err(release(e, &dev)),
+        };
+        let fault = driver::host_alloc_pinned(4).and_then(|h| match driver::host_device_ptr(h) {
+            Ok(d) => Ok((h, d)),
+            Err(e) => {
+                driver::host_free_pinned(h);
+                Err(e)
+            }
+        });
+        let (fault_host, fault_dev) = match fault {
+            Ok(x) => x,
+            Err(e) => {
+                driver::unload_module(module);
+                return Err(release(e, &dev));
+            }
+        };
+        // SAFETY: a fresh 4-byte (at least) page-locked allocation, aligned for u32.
+        unsafe { std::ptr::write_volatile(fault_host as *mut u32, 0) };
+        Ok(GpuContext {
+            inner: Arc::new(Inner {
+                dev,
+                module,
+                fault_host,
+                fault_dev,
+                kernels,
+                build_path,
+                head_dim: cfg.head_dim,
+                dtype: cfg.dtype,
+                topk: TopkPath::from_env(),
             }),
-            Err(e) => Err(release(e, &dev)),
-        }
+        })
     }
 
     fn load(dev: &driver::Device, d: u32, dt: &str) -> Result<(driver::CUmodule, Kernels, String)> {
@@ -337,8 +405,37 @@ impl GpuContext {
         Ok(())
     }
 
+    /// Every kernel launch goes through here, so every one carries the fault word's address.
     fn launch(&self, k: &Kernel, grid: (u32, u32, u32), block: u32, stream: CUstream, p: &SikvParams) -> Result<()> {
-        driver::launch(k.f, k.name, grid, block, cuda_stream(stream), p)
+        let mut p = *p;
+        p.fault = self.inner.fault_dev;
+        driver::launch(k.f, k.name, grid, block, cuda_stream(stream), &p)
+    }
+
+    /// Reports (and clears) the device faults raised since the last call: `Ok` when none,
+    /// else `SIKV_ERR_OUT_OF_BOUNDS` naming each failed check. A host load of mapped memory:
+    /// no synchronisation, so it sees the faults of kernels that have completed. Every public
+    /// launcher calls it first (see the module doc).
+    pub fn take_fault(&self) -> Result<()> {
+        let word = self.inner.fault_host as *const u32;
+        // SAFETY: the word lives as long as `inner`; the device writes it concurrently, hence
+        // the volatile load.
+        if unsafe { std::ptr::read_volatile(word) } == 0 {
+            return Ok(());
+        }
+        // SAFETY: as above, and 4-byte aligned; the swap keeps bits the device sets after the
+        // load for the next call.
+        let bits = unsafe { AtomicU32::from_ptr(word as *mut u32) }.swap(0, Ordering::SeqCst);
+        if bits == 0 {
+            return Ok(());
+        }
+        Err(Error::bounds(fault_message(bits)))
+    }
+
+    /// The same check as [`take_fault`](Self::take_fault), for callers outside the launchers
+    /// (an executor after it synchronises a stream, say).
+    pub fn check_faults(&self) -> Result<()> {
+        self.take_fault()
     }
 
     // ------------------------------------------------------------------------------------
@@ -382,6 +479,7 @@ impl GpuContext {
         seq_slot: u32,
         stream: CUstream,
     ) -> Result<()> {
+        self.take_fault()?;
         crate::ensure!(
             seq_slot < cfg.max_seqs,
             SIKV_ERR_OUT_OF_BOUNDS,
@@ -564,6 +662,7 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
+        self.take_fault()?;
         self.check_cfg(cfg)?;
         crate::ensure!(
             n >= 1,
@@ -612,31 +711,41 @@ impl GpuContext {
         let kn = &self.inner.kernels;
         let h = cfg.num_kv_heads;
         let hd = h * cfg.head_dim;
-        self.launch(&kn.calib_init, (h, 1, 1), 256, stream, &p)?;
+        let chan = (hd.div_ceil(CALIB_CHANNEL_THREADS), 1, 1);
+        self.launch(&kn.calib_init, (h, 1, 1), CALIB_INIT_THREADS, stream, &p)?;
         if p.centre_mean != 0 {
-            self.launch(&kn.calib_mean, (hd.div_ceil(128), 1, 1), 128, stream, &p)?;
+            self.launch(&kn.calib_mean, chan, CALIB_CHANNEL_THREADS, stream, &p)?;
         } else {
-            self.launch(&kn.calib_median, (hd, 1, 1), 256, stream, &p)?;
+            self.launch(&kn.calib_median, (hd, 1, 1), CALIB_MEDIAN_THREADS, stream, &p)?;
         }
-        self.launch(&kn.calib_qbar, (hd.div_ceil(128), 1, 1), 128, stream, &p)?;
+        self.launch(&kn.calib_qbar, chan, CALIB_CHANNEL_THREADS, stream, &p)?;
         if nq >= 2 {
-            self.launch(&kn.calib_qmed, (hd, 1, 1), 256, stream, &p)?;
+            self.launch(&kn.calib_qmed, (hd, 1, 1), CALIB_MEDIAN_THREADS, stream, &p)?;
         }
         let range = (n as i64 - cfg.n_window as i64 - cfg.n_sink as i64).max(0) as u32;
         if range > 0 && cfg.n_heavy > 0 {
-            self.launch(&kn.calib_heavy_score, (range.div_ceil(128), h, 1), 128, stream, &p)?;
+            let grid = (range.div_ceil(CALIB_HEAVY_SCORE_THREADS), h, 1);
+            self.launch(&kn.calib_heavy_score, grid, CALIB_HEAVY_SCORE_THREADS, stream, &p)?;
         }
-        self.launch(&kn.calib_heavy_select, (h, 1, 1), 1024, stream, &p)?;
-        self.launch(&kn.calib_scale, (hd.div_ceil(128), 1, 1), 128, stream, &p)?;
-        self.launch(&kn.calib_codebook, ((hd / 4).div_ceil(64), 1, 1), 64, stream, &p)?;
-        let warps = n as u64 * h as u64;
-        self.launch(&kn.encode, (warps.div_ceil(4) as u32, 1, 1), 128, stream, &p)?;
+        self.launch(
+            &kn.calib_heavy_select,
+            (h, 1, 1),
+            CALIB_HEAVY_SELECT_THREADS,
+            stream,
+            &p,
+        )?;
+        self.launch(&kn.calib_scale, chan, CALIB_CHANNEL_THREADS, stream, &p)?;
+        let subvectors = hd / crate::layout::SUBVEC as u32;
+        let grid = (subvectors.div_ceil(CALIB_CODEBOOK_THREADS), 1, 1);
+        self.launch(&kn.calib_codebook, grid, CALIB_CODEBOOK_THREADS, stream, &p)?;
+        self.launch(&kn.encode, encode_grid(n, h), ENCODE_THREADS, stream, &p)?;
         Ok(())
     }
 
     /// Stage `encode` (cpu::append): `n` tokens, `k`, `v`: `n x H_kv x d` (model dtype),
     /// `slot_mapping`: int64[n] (< 0 = no page write), `seq_slot`, `position`: int32[n].
-    /// Hot path. Tokens whose seq_slot or position is out of range are skipped on the device.
+    /// Hot path. Tokens whose seq_slot, position or slot_mapping is out of range are skipped on
+    /// the device and reported by the next call (device faults, module doc).
     #[allow(clippy::too_many_arguments)]
     pub fn append(
         &self,
@@ -651,6 +760,7 @@ impl GpuContext {
         position: u64,
         stream: CUstream,
     ) -> Result<()> {
+        self.take_fault()?;
         self.check_cfg(cfg)?;
         crate::ensure!(
             n <= cfg.max_append_tokens,
@@ -675,14 +785,8 @@ impl GpuContext {
         p.n_tokens = n as i32;
         p.mode = 0;
         self.current()?;
-        let warps = n as u64 * cfg.num_kv_heads as u64;
-        self.launch(
-            &self.inner.kernels.encode,
-            (warps.div_ceil(4) as u32, 1, 1),
-            128,
-            stream,
-            &p,
-        )
+        let grid = encode_grid(n, cfg.num_kv_heads);
+        self.launch(&self.inner.kernels.encode, grid, ENCODE_THREADS, stream, &p)
     }
 
     /// Selection (cpu::select): score, top-k (and rerank when two-stage) for a batch. `q`:
@@ -732,6 +836,12 @@ impl GpuContext {
         dev_ptr(q, 16, "q")?;
         let w = Workspace::new(cfg, layout, table.batch);
         Self::check_ws(ws, ws_bytes, &w)?;
+        crate::ensure!(
+            w.max_splits() <= COMBINE_MAX_SPLITS,
+            SIKV_ERR_UNSUPPORTED,
+            "{} attention splits per query head exceed the combine kernel's {COMBINE_MAX_SPLITS}",
+            w.max_splits()
+        );
         Self::with_ws(&mut p, ws, &w);
         p.seq_slot = seq_slot;
         p.q = q;
@@ -757,6 +867,7 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
+        self.take_fault()?;
         let Some((mut p, _)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
             return Ok(());
         };
@@ -782,34 +893,29 @@ impl GpuContext {
             if multi {
                 // The score kernel adds into the per-row histograms (and the final top-k kernel
                 // expects zero candidate counters): zero both on the stream.
-                let words = b as usize * h as usize * workspace::TOPK_HIST_STRIDE;
+                let words = b as usize * h as usize * TOPK_HIST_STRIDE;
                 driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
             }
-            self.launch(&kn.score, (tiles, h, b), 256, stream, &p)?;
+            self.launch(&kn.score, (tiles, h, b), SCORE_THREADS, stream, &p)?;
         }
         // SELECT_TOPK_FINAL: the final kernel keeps the candidate counter (p.mode = 1).
         let mut pf = p;
         pf.mode = (stages & SELECT_TOPK_FINAL != 0) as i32;
         if stages & SELECT_TOPK != 0 {
             if multi {
-                let ctiles = cfg.max_seq_len.div_ceil(4096);
-                self.launch(&kn.topk_compact, (ctiles, h, b), 256, stream, &p)?;
-                self.launch(&kn.topk_final, (h, b, 1), 1024, stream, &pf)?;
+                let ctiles = cfg.max_seq_len.div_ceil(COMPACT_TILE);
+                self.launch(&kn.topk_compact, (ctiles, h, b), COMPACT_THREADS, stream, &p)?;
+                self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
             } else {
-                self.launch(&kn.topk_stage1, (h, b, 1), 1024, stream, &p)?;
+                self.launch(&kn.topk_stage1, (h, b, 1), TOPK_THREADS, stream, &p)?;
             }
         } else if multi && stages & SELECT_TOPK_FINAL != 0 {
-            self.launch(&kn.topk_final, (h, b, 1), 1024, stream, &pf)?;
+            self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
         }
         if cfg.two_stage() && stages & SELECT_RERANK != 0 {
-            self.launch(
-                &kn.rerank_score,
-                (cfg.stage1_max().div_ceil(128), h, b),
-                128,
-                stream,
-                &p,
-            )?;
-            self.launch(&kn.topk_stage2, (h, b, 1), 1024, stream, &p)?;
+            let grid = (cfg.stage1_max().div_ceil(RERANK_THREADS), h, b);
+            self.launch(&kn.rerank_score, grid, RERANK_THREADS, stream, &p)?;
+            self.launch(&kn.topk_stage2, (h, b, 1), TOPK_THREADS, stream, &p)?;
         }
         Ok(())
     }
@@ -832,6 +938,7 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
+        self.take_fault()?;
         let Some((mut p, w)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
             return Ok(());
         };
@@ -845,8 +952,8 @@ impl GpuContext {
         self.current()?;
         let kn = &self.inner.kernels;
         let (h, b) = (cfg.num_kv_heads, table.batch);
-        self.launch(&kn.attend, (w.sparse_splits as u32, h, b), 128, stream, &p)?;
-        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), 128, stream, &p)
+        self.launch(&kn.attend, (w.sparse_splits as u32, h, b), ATTEND_THREADS, stream, &p)?;
+        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), COMBINE_THREADS, stream, &p)
     }
 
     /// Dense decode (cpu::attend_dense): every candidate dequantised plus the dense set, no
@@ -865,6 +972,7 @@ impl GpuContext {
         ws_bytes: usize,
         stream: CUstream,
     ) -> Result<()> {
+        self.take_fault()?;
         let Some((mut p, w)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
             return Ok(());
         };
@@ -877,7 +985,13 @@ impl GpuContext {
         self.current()?;
         let kn = &self.inner.kernels;
         let (h, b) = (cfg.num_kv_heads, table.batch);
-        self.launch(&kn.attend_dense, (w.dense_total_splits as u32, h, b), 128, stream, &p)?;
-        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), 128, stream, &p)
+        self.launch(
+            &kn.attend_dense,
+            (w.dense_total_splits as u32, h, b),
+            ATTEND_THREADS,
+            stream,
+            &p,
+        )?;
+        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), COMBINE_THREADS, stream, &p)
     }
 }

@@ -12,23 +12,14 @@
 //! | part_ml | f32 `[B][H_q][num_splits][2]` | attend / attend_dense partial max and sum |
 //! | qbar | f32 `[H_kv][d]` | calibrate: group-mean last prompt query |
 //! | rank | i32 `[H_kv][max_seq_len]` | calibrate: heavy rank per prompt token |
-//! | hist | u32 `[B][H_kv][TOPK_HIST_STRIDE]` | multi-CTA top-k: 2048-bin histogram of the top 11 key bits, candidate counter (zeroed by `select` before scoring) |
+//! | hist | u32 `[B][H_kv][TOPK_HIST_STRIDE]` | multi-CTA top-k: TOPK_HIST_BINS-bin histogram of the top key bits, candidate counter (zeroed by `select` before scoring) |
 //! | cand | u64 `[B][H_kv][cand_cap]` | multi-CTA top-k: candidates `key << 32 \| position` |
 
+use super::geometry::{COMBINE_MAX_SPLITS, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE};
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
 
 const ALIGN: usize = 256;
-/// Words per row of the top-k histogram region (kernels/common.cuh TOPK_HIST_STRIDE): 2048
-/// bins, the candidate counter at [2048], padding.
-pub const TOPK_HIST_STRIDE: usize = 2048 + 32;
-/// Candidate slots per row of the multi-CTA top-k beyond the k' (< k') keys strictly above the
-/// threshold bin: the threshold bin may hold this many more (plus k') before the row falls back
-/// to the one-CTA select (decided on the device).
-pub const TOPK_CAND_EXTRA: usize = 8192;
-/// At most this many candidate chunks per sequence in attend_dense (keeps the combine
-/// kernel's shared weight array, 2048 floats, large enough).
-const MAX_DENSE_CHUNKS: usize = 512;
 
 fn up(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
@@ -59,6 +50,14 @@ pub struct Workspace {
 }
 
 impl Workspace {
+    /// Partial slots per (sequence, query head) that attend / attend_dense write and combine
+    /// reads; at most COMBINE_MAX_SPLITS for every configuration `CacheConfig` accepts.
+    pub fn max_splits(&self) -> usize {
+        self.sparse_splits.max(self.dense_total_splits)
+    }
+}
+
+impl Workspace {
     pub fn new(cfg: &CacheConfig, _layout: &Layout, batch: u32) -> Workspace {
         let b = batch.max(1) as usize;
         let h = cfg.num_kv_heads as usize;
@@ -74,6 +73,10 @@ impl Workspace {
         let dense_chunk = ATTEND_SPLIT * per;
         let dense_total_splits = (dense_splits + msl.div_ceil(dense_chunk)).max(1);
         let ns = sparse_splits.max(dense_total_splits);
+        debug_assert!(
+            ns <= COMBINE_MAX_SPLITS,
+            "{ns} partial splits exceed COMBINE_MAX_SPLITS"
+        );
         // k' <= stage1_max (= budget.max for one stage); keys above the threshold bin < k',
         // the threshold bin itself at most k' + TOPK_CAND_EXTRA; never more than a row.
         let cand_cap = (2 * s1 + TOPK_CAND_EXTRA).min(key_stride).max(4);

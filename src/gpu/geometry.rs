@@ -1,0 +1,110 @@
+//! Launch geometry and device fault bits: the one place where a number that both a launcher
+//! and a kernel depend on is written.
+//!
+//! `build.rs` evaluates every `pub const NAME: u32 | usize = <integer expression>;` of this
+//! file and writes it as a `#define` into the kernels' generated header, so the kernels and
+//! the launchers cannot disagree on a block size, a tile or a workspace stride. Expressions may
+//! use integer literals, earlier constants of this file or of `src/layout.rs`, `+ - * / % << >>`
+//! and parentheses (no casts, no calls): build.rs fails on anything else. Keep this file free of
+//! imports so it stays a plain list of numbers.
+
+// ---------------------------------------------------------------------------------------------
+// Threads per block of each kernel (the `__launch_bounds__` of its entry point too).
+
+/// encode: one warp per (token, KV head), four warps per block.
+pub const ENCODE_THREADS: u32 = 128;
+/// calibrate: zeroing of the state records (one block per KV head).
+pub const CALIB_INIT_THREADS: u32 = 256;
+/// calibrate: lower medians (centre, qmed), one block per (KV head, channel); the median's
+/// histogram loop runs in whole blocks of this size.
+pub const CALIB_MEDIAN_THREADS: u32 = 256;
+/// calibrate: one thread per (KV head, channel) (mean centre, qbar, scale).
+pub const CALIB_CHANNEL_THREADS: u32 = 128;
+/// calibrate: one thread per prompt token and KV head (heavy scores).
+pub const CALIB_HEAVY_SCORE_THREADS: u32 = 128;
+/// calibrate: one block per KV head selects the heavy set.
+pub const CALIB_HEAVY_SELECT_THREADS: u32 = 1024;
+/// calibrate: one thread per (KV head, sub-vector) builds a codebook row.
+pub const CALIB_CODEBOOK_THREADS: u32 = 64;
+/// score: one block per tile of SCORE_TILE positions of a row.
+pub const SCORE_THREADS: u32 = 256;
+/// score: positions per thread (their loads are issued together).
+pub const SCORE_TOKENS_PER_THREAD: u32 = 8;
+/// score: positions per block.
+pub const SCORE_TILE: u32 = SCORE_THREADS * SCORE_TOKENS_PER_THREAD;
+/// rerank: one thread per stage-1 survivor.
+pub const RERANK_THREADS: u32 = 128;
+/// top-k: one block per row (one-CTA stage 1, multi-CTA final, stage 2).
+pub const TOPK_THREADS: u32 = 1024;
+/// Multi-CTA top-k compaction: threads per block and keys per thread.
+pub const COMPACT_THREADS: u32 = 256;
+pub const COMPACT_ITEMS: u32 = 16;
+/// Multi-CTA top-k compaction: positions per block.
+pub const COMPACT_TILE: u32 = COMPACT_THREADS * COMPACT_ITEMS;
+/// attend / attend_dense: one block per (split, KV head, sequence).
+pub const ATTEND_THREADS: u32 = 128;
+/// combine: one block per (query head, sequence).
+pub const COMBINE_THREADS: u32 = 128;
+/// attend: query heads per KV head held in shared memory (must cover config MAX_GQA_RATIO).
+pub const ATTEND_MAX_GROUP: u32 = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Workspace geometry.
+
+/// Multi-CTA top-k: the row histogram counts the top bits of each key above this shift.
+pub const TOPK_HIST_SHIFT: u32 = 21;
+/// Multi-CTA top-k: bins of the row histogram (the top 11 key bits).
+pub const TOPK_HIST_BINS: usize = 1 << (32 - TOPK_HIST_SHIFT);
+/// Words per row of the top-k histogram region: the bins, the candidate counter at
+/// [TOPK_HIST_BINS], padding to a 128-byte multiple.
+pub const TOPK_HIST_STRIDE: usize = TOPK_HIST_BINS + 32;
+/// Candidate slots per row of the multi-CTA top-k beyond the k' (< k') keys strictly above the
+/// threshold bin: the threshold bin may hold this many more (plus k') before the row falls back
+/// to the one-CTA select (decided on the device).
+pub const TOPK_CAND_EXTRA: usize = 8192;
+/// combine: partial slots per (sequence, query head) its shared weight array holds.
+pub const COMBINE_MAX_SPLITS: usize = 2048;
+/// attend_dense: at most this many candidate chunks per sequence (the chunk grows instead), so
+/// that dense splits + chunks stay within COMBINE_MAX_SPLITS.
+pub const MAX_DENSE_CHUNKS: usize = 512;
+
+// ---------------------------------------------------------------------------------------------
+// Device faults. A kernel that meets an engine-provided index it must not follow (it would
+// leave the pools) skips that work item and ORs one of these bits into the context's fault
+// word; the next launcher call on the handle reports them (GpuContext::take_fault).
+
+/// A sequence slot (seq_slot[]) outside 0..max_seqs.
+pub const FAULT_SEQ_SLOT: u32 = 1 << 0;
+/// An append position outside 0..max_seq_len.
+pub const FAULT_POSITION: u32 = 1 << 1;
+/// A slot_mapping entry at or past num_pages * page_size.
+pub const FAULT_SLOT_MAPPING: u32 = 1 << 2;
+/// A page index of the page table outside 0..num_pages.
+pub const FAULT_PAGE_INDEX: u32 = 1 << 3;
+/// A page table whose indptr is negative or decreasing, or whose last_page_len is outside
+/// 1..=page_size (0 for a sequence without pages).
+pub const FAULT_PAGE_TABLE: u32 = 1 << 4;
+/// A sequence of the page table longer than max_seq_len.
+pub const FAULT_SEQ_LEN: u32 = 1 << 5;
+/// A selected count outside 0..=budget_max.
+pub const FAULT_COUNT: u32 = 1 << 6;
+/// A selected position outside 0..len of its sequence.
+pub const FAULT_SELECTED_POS: u32 = 1 << 7;
+
+/// What each fault bit means, for error messages.
+pub const FAULT_NAMES: [(u32, &str); 8] = [
+    (FAULT_SEQ_SLOT, "sequence slot outside 0..max_seqs"),
+    (FAULT_POSITION, "append position outside 0..max_seq_len"),
+    (
+        FAULT_SLOT_MAPPING,
+        "slot_mapping entry past the page pool (num_pages * page_size)",
+    ),
+    (FAULT_PAGE_INDEX, "page index outside the pool (0..num_pages)"),
+    (
+        FAULT_PAGE_TABLE,
+        "page table indptr negative or decreasing, or last_page_len outside 1..=page_size",
+    ),
+    (FAULT_SEQ_LEN, "page table sequence longer than max_seq_len"),
+    (FAULT_COUNT, "selected count outside 0..=budget_max"),
+    (FAULT_SELECTED_POS, "selected position outside 0..len of its sequence"),
+];
