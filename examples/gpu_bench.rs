@@ -7,7 +7,13 @@
 //! Usage: gpu_bench [--csv PATH] [--quick] [--iters N] [--n N1,N2,..] [--batch B1,B2,..]
 //! (--n / --batch replace the default sizes; SIKV_TOPK=single times the one-CTA top-k)
 //! Prints a table and writes CSV rows:
-//! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k
+//! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us
+//!
+//! Two timings per row. `median_us`: events around one eager call, so it includes the host's
+//! launch submissions (what an engine without graphs sees, and how the SDPA baseline is timed).
+//! `graph_us`: GRAPH_REPS back-to-back copies of the call captured into one CUDA graph,
+//! replayed, divided by GRAPH_REPS (median of replays): the device time of the call under graph
+//! capture, which is how decode steps run in engines that capture them.
 //! Without a CUDA device it prints one line and exits 0.
 
 use std::io::Write;
@@ -203,16 +209,45 @@ fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -
     })
 }
 
-fn time(s: &Setup, warm: usize, iters: usize, f: &dyn Fn() -> selfindexkv::Result<()>) -> R<(f64, f64, f64)> {
+type Call<'a> = dyn Fn(selfindexkv::gpu::CUstream) -> selfindexkv::Result<()> + 'a;
+
+fn time(s: &Setup, warm: usize, iters: usize, f: &Call) -> R<(f64, f64, f64)> {
     for _ in 0..warm {
-        f().map_err(e2s)?;
+        f(null()).map_err(e2s)?;
     }
     s.ctx.synchronize(null()).map_err(e2s)?;
     let mut v = Vec::with_capacity(iters);
     for _ in 0..iters {
-        v.push(s.ctx.time_ms(null(), f).map_err(e2s)?);
+        v.push(s.ctx.time_ms(null(), || f(null())).map_err(e2s)?);
     }
     Ok(median_us(v))
+}
+
+/// Copies of the call per captured graph (see the module comment).
+const GRAPH_REPS: usize = 20;
+
+/// Median device time of one call when GRAPH_REPS copies run from one CUDA graph (us).
+fn time_graph(s: &Setup, iters: usize, f: &Call) -> R<f64> {
+    let st = s.ctx.create_stream().map_err(e2s)?;
+    let g = s
+        .ctx
+        .capture(st.raw, || {
+            for _ in 0..GRAPH_REPS {
+                f(st.raw)?;
+            }
+            Ok(())
+        })
+        .map_err(e2s)?;
+    for _ in 0..3 {
+        g.launch(st.raw).map_err(e2s)?;
+    }
+    s.ctx.synchronize(st.raw).map_err(e2s)?;
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        v.push(s.ctx.time_ms(st.raw, || g.launch(st.raw)).map_err(e2s)? / GRAPH_REPS as f32);
+    }
+    s.ctx.synchronize(st.raw).map_err(e2s)?;
+    Ok(median_us(v).0)
 }
 
 fn main() {
@@ -258,11 +293,11 @@ fn main() {
 fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>, batches: Option<Vec<u32>>) -> R {
     let ns: Vec<u32> = ns.unwrap_or(if quick { vec![8192] } else { vec![8192, 32768, 131072] });
     let batches: Vec<u32> = batches.unwrap_or(if quick { vec![1, 2] } else { vec![1, 2, 4, 8] });
-    let mut csv = String::from("kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k\n");
+    let mut csv = String::from("kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us\n");
     let mut rng = Rng(0x9e3779b97f4a7c15);
     println!(
-        "{:<10} {:>7} {:>3} {:>10} {:>10} {:>9} {:>6}",
-        "kernel", "N", "B", "median_us", "MB", "GB/s", "k"
+        "{:<10} {:>7} {:>3} {:>10} {:>10} {:>9} {:>6} {:>9}",
+        "kernel", "N", "B", "median_us", "MB", "GB/s", "k", "graph_us"
     );
     for &n in &ns {
         // One prompt's k / v (n x 8 x 128 fp16), shared by every sequence of the batch.
@@ -279,7 +314,7 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
             let cfg = &s.cfg;
             let (hkv, d) = (cfg.num_kv_heads as u64, cfg.head_dim as u64);
             let heads = hkv * b as u64;
-            let sel = |stages: u32| {
+            let sel = |stages: u32, st: selfindexkv::gpu::CUstream| {
                 s.ctx.select_stages(
                     stages,
                     cfg,
@@ -292,10 +327,10 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
                     s.counts.ptr(),
                     s.ws.ptr(),
                     s.ws.bytes(),
-                    null(),
+                    st,
                 )
             };
-            let att = || {
+            let att = |st: selfindexkv::gpu::CUstream| {
                 s.ctx.attend(
                     cfg,
                     &s.layout,
@@ -308,10 +343,10 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
                     s.out.ptr(),
                     s.ws.ptr(),
                     s.ws.bytes(),
-                    null(),
+                    st,
                 )
             };
-            let dense = || {
+            let dense = |st: selfindexkv::gpu::CUstream| {
                 s.ctx.attend_dense(
                     cfg,
                     &s.layout,
@@ -322,10 +357,10 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
                     s.out.ptr(),
                     s.ws.ptr(),
                     s.ws.bytes(),
-                    null(),
+                    st,
                 )
             };
-            sel(SELECT_ALL).map_err(e2s)?;
+            sel(SELECT_ALL, null()).map_err(e2s)?;
             s.ctx.synchronize(null()).map_err(e2s)?;
             let mut cb = vec![0u8; s.counts.bytes()];
             s.ctx.copy_dtoh(&mut cb, s.counts.ptr()).map_err(e2s)?;
@@ -343,22 +378,22 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
             let bytes_attend = heads * (fp16_tok * dense_set + row * k);
             let bytes_step = bytes_score + bytes_topk + bytes_rerank + bytes_attend;
             let bytes_dense = heads * (row * nn + fp16_tok * dense_set);
-            let rows: Vec<(&str, u64, Box<dyn Fn() -> selfindexkv::Result<()> + '_>)> = vec![
-                ("score", bytes_score, Box::new(move || sel(SELECT_SCORE))),
-                ("topk", bytes_topk, Box::new(move || sel(SELECT_TOPK))),
-                ("rerank", bytes_rerank, Box::new(move || sel(SELECT_RERANK))),
+            let rows: Vec<(&str, u64, Box<Call>)> = vec![
+                ("score", bytes_score, Box::new(move |st| sel(SELECT_SCORE, st))),
+                ("topk", bytes_topk, Box::new(move |st| sel(SELECT_TOPK, st))),
+                ("rerank", bytes_rerank, Box::new(move |st| sel(SELECT_RERANK, st))),
                 (
                     "select",
                     bytes_score + bytes_topk + bytes_rerank,
-                    Box::new(move || sel(SELECT_ALL)),
+                    Box::new(move |st| sel(SELECT_ALL, st)),
                 ),
                 ("attend", bytes_attend, Box::new(att)),
                 (
                     "step",
                     bytes_step,
-                    Box::new(move || {
-                        sel(SELECT_ALL)?;
-                        att()
+                    Box::new(move |st| {
+                        sel(SELECT_ALL, st)?;
+                        att(st)
                     }),
                 ),
                 ("dense_ours", bytes_dense, Box::new(dense)),
@@ -367,33 +402,37 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
                 if *name == "rerank" && s.ctx.topk_path() != TopkPath::Single {
                     // The multi-CTA top-k's last kernel alone (after one full top-k: candidates
                     // and counter in place); compact + launch gaps = topk - topk_final.
-                    sel(SELECT_TOPK | SELECT_TOPK_FINAL).map_err(e2s)?;
-                    let (med, p10, p90) = time(&s, 10, iters.max(50), &|| sel(SELECT_TOPK_FINAL))?;
+                    sel(SELECT_TOPK | SELECT_TOPK_FINAL, null()).map_err(e2s)?;
+                    let (med, p10, p90) = time(&s, 10, iters.max(50), &|st| sel(SELECT_TOPK_FINAL, st))?;
+                    let gus = time_graph(&s, 20, &|st| sel(SELECT_TOPK_FINAL, st))?;
                     println!(
-                        "{:<10} {:>7} {:>3} {:>10.1} {:>10} {:>9} {:>6}",
-                        "topk_final", n, b, med, "-", "-", k
+                        "{:<10} {:>7} {:>3} {:>10.1} {:>10} {:>9} {:>6} {:>9.1}",
+                        "topk_final", n, b, med, "-", "-", k, gus
                     );
                     csv.push_str(&format!(
-                        "topk_final,{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k}\n",
+                        "topk_final,{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k},{gus:.2}\n",
                         cfg.group_size()
                     ));
-                    // Counter now 2x: this final falls back, then resets it.
-                    sel(SELECT_TOPK).map_err(e2s)?;
+                    // Counter now far above the candidate count: this final falls back, then
+                    // resets it.
+                    sel(SELECT_TOPK, null()).map_err(e2s)?;
                 }
                 let (med, p10, p90) = time(&s, 10, iters.max(50), f.as_ref())?;
+                let gus = time_graph(&s, 20, f.as_ref())?;
                 let gbps = *bytes as f64 / (med * 1e-6) / 1e9;
                 println!(
-                    "{:<10} {:>7} {:>3} {:>10.1} {:>10.2} {:>9.1} {:>6}",
+                    "{:<10} {:>7} {:>3} {:>10.1} {:>10.2} {:>9.1} {:>6} {:>9.1}",
                     name,
                     n,
                     b,
                     med,
                     *bytes as f64 / 1e6,
                     gbps,
-                    k
+                    k,
+                    gus
                 );
                 csv.push_str(&format!(
-                    "{name},{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},{bytes},{gbps:.1},{k}\n",
+                    "{name},{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},{bytes},{gbps:.1},{k},{gus:.2}\n",
                     cfg.group_size()
                 ));
             }

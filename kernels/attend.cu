@@ -32,6 +32,7 @@ struct AttendShape {
     static constexpr int CPT = D / CH;                  // channels per thread in P.V
     static constexpr int HPT = MAX_GROUP / HP;          // heads per thread in P.V (upper bound)
     static constexpr int KS = D + 1;                    // padded smem row (conflict-free QK)
+    static_assert(TILE <= 32, "the softmax step puts one tile on the lanes of one warp");
 };
 
 // A token to attend: a dense entry (exact k', v) or a plane row (dequantised), or nothing.
@@ -85,6 +86,104 @@ SIKV_DEV void gather16(const SikvParams& p, const u8* rec, const float* scale, c
         u64 codes;
         if (p.value_bits == 2) codes = *reinterpret_cast<const u32*>(vc + c0 / 4);
         else codes = *reinterpret_cast<const u64*>(vc + c0 / 2);
+        const int bits = p.value_bits;
+        const u64 cm = (1u << bits) - 1;
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) v[i] = (float)((codes >> (i * bits)) & cm) * delta + zero;
+    }
+}
+
+// The raw bytes of 16 channels [c0, c0+16) of one token: at most 32 B of key and 32 B of
+// value (16-bit rows), far less for code planes. Loading them (load_raw) is split from turning
+// them into f32 (decode_raw) so that a block can have the next tile's loads in flight while it
+// computes on the current one.
+struct Raw16 {
+    uint4 r[4];
+};
+
+template <int D, typename T>
+SIKV_DEV void load_raw(const SikvParams& p, const u8* rec, const TokenRef& tr, int c0, Raw16& raw) {
+    typedef typename Storage<T>::type S;
+    if (tr.kind == 1) {
+        const uint4* k = reinterpret_cast<const uint4*>(reinterpret_cast<const S*>(rec + p.off_dense_k) + (long long)tr.dense * D + c0);
+        const uint4* v = reinterpret_cast<const uint4*>(reinterpret_cast<const S*>(rec + p.off_dense_v) + (long long)tr.dense * D + c0);
+        raw.r[0] = k[0]; raw.r[1] = k[1]; raw.r[2] = v[0]; raw.r[3] = v[1];
+        return;
+    }
+    if (tr.kind == 0) return;
+    const int g = c0 / 32;
+    if (p.key_bits == 16) {
+        const uint4* k = reinterpret_cast<const uint4*>(reinterpret_cast<const S*>(plane_row(p, SIKV_PLANE_KFULL, tr.row)) + c0);
+        raw.r[0] = k[0]; raw.r[1] = k[1];
+    } else {
+        raw.r[0].x = *reinterpret_cast<const u16*>(plane_row(p, SIKV_PLANE_SIGN, tr.row) + c0 / 8);
+        raw.r[0].y = reinterpret_cast<const u32*>(plane_row(p, SIKV_PLANE_KPAR, tr.row))[g];
+        const u8* kmag = plane_row(p, SIKV_PLANE_KMAG, tr.row);
+        if (p.key_bits == 2) {
+            raw.r[0].z = *reinterpret_cast<const u32*>(kmag + c0 / 4);
+            raw.r[0].w = 0u;
+        } else {
+            const uint2 w = *reinterpret_cast<const uint2*>(kmag + c0 / 2);
+            raw.r[0].z = w.x; raw.r[0].w = w.y;
+        }
+    }
+    if (p.value_bits == 16) {
+        const uint4* v = reinterpret_cast<const uint4*>(reinterpret_cast<const S*>(plane_row(p, SIKV_PLANE_VFULL, tr.row)) + c0);
+        raw.r[2] = v[0]; raw.r[3] = v[1];
+    } else {
+        raw.r[2].x = reinterpret_cast<const u32*>(plane_row(p, SIKV_PLANE_VPAR, tr.row))[g];
+        const u8* vc = plane_row(p, SIKV_PLANE_VCODE, tr.row);
+        if (p.value_bits == 2) {
+            raw.r[2].y = *reinterpret_cast<const u32*>(vc + c0 / 4);
+            raw.r[2].z = 0u;
+        } else {
+            const uint2 w = *reinterpret_cast<const uint2*>(vc + c0 / 2);
+            raw.r[2].y = w.x; raw.r[2].z = w.y;
+        }
+    }
+}
+
+// 16 16-bit values held in two uint4 -> f32.
+template <typename S>
+SIKV_DEV void unpack16(const uint4& a, const uint4& b, float* dst) {
+    const S* ea = reinterpret_cast<const S*>(&a);
+    const S* eb = reinterpret_cast<const S*>(&b);
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) { dst[j] = to_f32(ea[j]); dst[8 + j] = to_f32(eb[j]); }
+}
+
+// k (centred key) and v of the 16 channels whose raw bytes load_raw fetched, as f32 (the same
+// arithmetic as the dequantisation in reference/attend.rs: code * delta + zero, signed, * a).
+template <int D, typename T>
+SIKV_DEV void decode_raw(const SikvParams& p, const float* scale, const TokenRef& tr, int c0, const Raw16& raw,
+                         float* k, float* v) {
+    typedef typename Storage<T>::type S;
+    if (tr.kind == 0) {
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) { k[i] = 0.0f; v[i] = 0.0f; }
+        return;
+    }
+    if (tr.kind == 1 || p.key_bits == 16) {
+        unpack16<S>(raw.r[0], raw.r[1], k);
+    } else {
+        const u32 sbits = raw.r[0].x, par = raw.r[0].y;
+        const float delta = half_bits_to_f32((u16)(par & 0xffffu)), zero = half_bits_to_f32((u16)(par >> 16));
+        const u64 codes = ((u64)raw.r[0].w << 32) | raw.r[0].z;
+        const int bits = p.key_bits;
+        const u64 cm = (1u << bits) - 1;
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            float mag = (float)((codes >> (i * bits)) & cm) * delta + zero;
+            float xh = ((sbits >> i) & 1u) ? mag : -mag;
+            k[i] = xh * scale[c0 + i];
+        }
+    }
+    if (tr.kind == 1 || p.value_bits == 16) {
+        unpack16<S>(raw.r[2], raw.r[3], v);
+    } else {
+        const u32 par = raw.r[2].x;
+        const float delta = half_bits_to_f32((u16)(par & 0xffffu)), zero = half_bits_to_f32((u16)(par >> 16));
+        const u64 codes = ((u64)raw.r[2].z << 32) | raw.r[2].y;
         const int bits = p.value_bits;
         const u64 cm = (1u << bits) - 1;
         #pragma unroll
@@ -238,6 +337,29 @@ SIKV_DEV void attend_body(const SikvParams& p) {
     // Token ranges walked in tiles: list items or positions.
     const int first = chunk ? plo : lo;
     const int last = chunk ? phi : hi;
+    const int tt = tid / Sh::TPT, c0 = (tid % Sh::TPT) * 16;  // this thread's token, channels
+    // List splits: the token ref of list item `item` (resolved above), none past the split.
+    auto list_ref = [&](int item) {
+        TokenRef r;
+        r.kind = 0; r.dense = 0; r.row = 0;
+        if (item < last) {
+            r.kind = s.ref_kind[item - lo];
+            r.dense = s.ref_dense[item - lo];
+            r.row = s.ref_row[item - lo];
+        }
+        return r;
+    };
+    // The sparse attend keeps the next tile's loads in flight during the current tile's math
+    // (PIPE); the dense decode does not: its many candidate chunks keep the SMs busy anyway,
+    // and the extra live registers cost it occupancy (measured ~10% slower with PIPE).
+    constexpr bool PIPE = !DENSE;
+    TokenRef tr;
+    Raw16 raw;
+    if (PIPE) {  // (PIPE implies a list split: the sparse attend has no candidate chunks)
+        __syncthreads();  // token refs complete
+        tr = list_ref(first + tt);
+        load_raw<D, T>(p, rec, tr, c0, raw);
+    }
     for (int base = first; base < last; base += Sh::TILE) {
         if (chunk && ((base - plo) % ATTEND_HEAVY_WINDOW) == 0) {
             // Heavy positions of the next ATTEND_HEAVY_WINDOW positions -> bitmap.
@@ -250,66 +372,82 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             }
         }
         __syncthreads();
-        // (1) gather
+        // (1) gather: the sparse attend decodes the bytes loaded during the previous tile and
+        // starts the next tile's loads; the dense decode loads and decodes here.
         {
-            const int t = tid / Sh::TPT, c0 = (tid % Sh::TPT) * 16;
-            const int item = base + t;
-            TokenRef tr;
-            tr.kind = 0; tr.dense = 0; tr.row = 0;
-            if (item < last) {
+            float kf[16], vf[16];
+            if (!PIPE) {
+                const int item = base + tt;
                 if (chunk) {
-                    int off = (item - plo) % ATTEND_HEAVY_WINDOW;
-                    if (!((s.heavy_mask[off >> 5] >> (off & 31)) & 1u)) {
-                        tr.row = row_index(p, b, h, item);
-                        tr.kind = tr.row < 0 ? 0 : 2;
+                    tr.kind = 0; tr.dense = 0; tr.row = 0;
+                    if (item < last) {
+                        int off = (item - plo) % ATTEND_HEAVY_WINDOW;
+                        if (!((s.heavy_mask[off >> 5] >> (off & 31)) & 1u)) {
+                            tr.row = row_index(p, b, h, item);
+                            tr.kind = tr.row < 0 ? 0 : 2;
+                        }
                     }
                 } else {
-                    tr.kind = s.ref_kind[item - lo];
-                    tr.dense = s.ref_dense[item - lo];
-                    tr.row = s.ref_row[item - lo];
+                    tr = list_ref(item);
                 }
+                gather16<D, T>(p, rec, s.scale, tr, c0, kf, vf);
+            } else {
+                decode_raw<D, T>(p, s.scale, tr, c0, raw, kf, vf);
             }
-            float kf[16], vf[16];
-            gather16<D, T>(p, rec, s.scale, tr, c0, kf, vf);
             #pragma unroll
-            for (int i = 0; i < 16; ++i) { s.k[t][c0 + i] = kf[i]; s.v[t][c0 + i] = vf[i]; }
-            if (c0 == 0) s.k[t][D] = tr.kind == 0 ? 0.0f : 1.0f;  // pad column doubles as "valid"
+            for (int i = 0; i < 16; ++i) { s.k[tt][c0 + i] = kf[i]; s.v[tt][c0 + i] = vf[i]; }
+            if (c0 == 0) s.k[tt][D] = tr.kind == 0 ? 0.0f : 1.0f;  // pad column doubles as "valid"
+            if (PIPE) {
+                tr = list_ref(base + Sh::TILE + tt);
+                load_raw<D, T>(p, rec, tr, c0, raw);
+            }
         }
         __syncthreads();
-        // (2) logits, one (head, token) pair per thread
+        // (2) logits, one (head, token) pair per thread; four partial sums shorten the
+        // dependent add chain from D to D/4 (attend is compared within a tolerance).
         for (int pr = tid; pr < G * Sh::TILE; pr += ATTEND_THREADS) {
             const int g = pr / Sh::TILE, t = pr % Sh::TILE;
             float lg = SIKV_NEG_INF;
             if (s.k[t][D] != 0.0f) {
-                float dot = 0.0f;
-                #pragma unroll 8
-                for (int c = 0; c < D; ++c) dot += s.q[g][c] * s.k[t][c];
-                lg = sm_scale * dot;
+                if constexpr (DENSE) {
+                    // (the dense decode keeps one chain: fewer registers, more resident blocks)
+                    float dot = 0.0f;
+                    #pragma unroll 8
+                    for (int c = 0; c < D; ++c) dot += s.q[g][c] * s.k[t][c];
+                    lg = sm_scale * dot;
+                } else {
+                    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+                    #pragma unroll 4
+                    for (int c = 0; c < D; c += 4) {
+                        d0 += s.q[g][c] * s.k[t][c];
+                        d1 += s.q[g][c + 1] * s.k[t][c + 1];
+                        d2 += s.q[g][c + 2] * s.k[t][c + 2];
+                        d3 += s.q[g][c + 3] * s.k[t][c + 3];
+                    }
+                    lg = sm_scale * ((d0 + d1) + (d2 + d3));
+                }
             }
             s.logit[g][t] = lg;
         }
         __syncthreads();
-        // (3) online softmax per head
-        if (tid < G) {
-            const int g = tid;
-            float mx = SIKV_NEG_INF;
-            for (int t = 0; t < Sh::TILE; ++t) mx = fmaxf(mx, s.logit[g][t]);
-            SoftmaxState st = s.state[g];
-            const float alpha = st.update_max(mx);
-            const float m_new = st.m;
-            float sum = 0.0f;
-            if (m_new != SIKV_NEG_INF) {
-                for (int t = 0; t < Sh::TILE; ++t) {
-                    float e = expf(s.logit[g][t] - m_new);  // exp(-inf) = 0 for invalid tokens
-                    s.logit[g][t] = e;
-                    sum += e;
+        // (3) online softmax, one warp per head (lanes over the tile's tokens).
+        {
+            const int warp = tid >> 5, lane = tid & 31;
+            for (int g = warp; g < G; g += ATTEND_THREADS / 32) {
+                const float lg = lane < Sh::TILE ? s.logit[g][lane] : SIKV_NEG_INF;
+                SoftmaxState st = s.state[g];
+                const float alpha = st.update_max(warp_max(lg));
+                // exp(-inf) = 0 for invalid tokens; all 0 while the max is still -inf
+                const float e = st.m != SIKV_NEG_INF ? expf(lg - st.m) : 0.0f;
+                const float sum = warp_sum(e);
+                if (lane < Sh::TILE) s.logit[g][lane] = e;
+                __syncwarp();  // every lane has read s.state[g] before lane 0 writes it
+                if (lane == 0) {
+                    st.update_sum(alpha, sum);
+                    s.state[g] = st;
+                    s.alpha[g] = alpha;
                 }
-            } else {
-                for (int t = 0; t < Sh::TILE; ++t) s.logit[g][t] = 0.0f;
             }
-            st.update_sum(alpha, sum);
-            s.state[g] = st;
-            s.alpha[g] = alpha;
         }
         __syncthreads();
         // (4) P.V

@@ -171,26 +171,15 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     const int b = blockIdx.z, h = blockIdx.y;
     const long long rowid = (long long)b * p.num_kv_heads + h;
     const int t0 = blockIdx.x * COMPACT_TILE;
-    {
-        int slot;
-        const int end = cand_end(p, row_seq(p, b, &slot));
-        const int lo = t0 > p.n_sink ? t0 : p.n_sink;
-        const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
-        if (lo >= hi) return;  // uniform per block: nothing of this tile is a candidate
-    }
-    const RowK rk = row_k(p, b, h, &heavy_in_range);
-    if (rk.ksel <= 0) return;
+    int slot;
+    const int end = cand_end(p, row_seq(p, b, &slot));
     const int lo = t0 > p.n_sink ? t0 : p.n_sink;
-    const int hi = t0 + COMPACT_TILE < rk.end ? t0 + COMPACT_TILE : rk.end;
-    u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
-    hist_threshold<COMPACT_THREADS>(hist, (u32)rk.ksel, scan, thr);
-    const u32 tb = thr[0];
-    // Fallback rows (too many keys in bins >= t) are selected by sikv_topk_final alone.
-    if (!thr[3] || (unsigned long long)thr[1] + thr[2] > (unsigned long long)p.cand_cap) return;
-
+    const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
+    if (lo >= hi) return;  // uniform per block: nothing of this tile is a candidate
+    // This tile's keys go out before the threshold is known (it needs the heavy count and the
+    // histogram scan: two more round trips), so the two latencies overlap.
     const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride;
     u32 kv[COMPACT_ITEMS];
-    u32 cnt = 0;
     #pragma unroll
     for (int g = 0; g < COMPACT_ITEMS / 4; ++g) {
         const int q = t0 + (g * COMPACT_THREADS + (int)threadIdx.x) * 4;  // multiple of 4
@@ -201,9 +190,18 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
             #pragma unroll
             for (int e = 0; e < 4; ++e) kv[4 * g + e] = (q + e >= lo && q + e < hi) ? keys[q + e] : 0u;
         }
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) cnt += (kv[4 * g + e] != 0u && (kv[4 * g + e] >> TOPK_HIST_SHIFT) >= tb) ? 1u : 0u;
     }
+    const RowK rk = row_k(p, b, h, &heavy_in_range);
+    if (rk.ksel <= 0) return;
+    u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
+    hist_threshold<COMPACT_THREADS>(hist, (u32)rk.ksel, scan, thr);
+    const u32 tb = thr[0];
+    // Fallback rows (too many keys in bins >= t) are selected by sikv_topk_final alone.
+    if (!thr[3] || (unsigned long long)thr[1] + thr[2] > (unsigned long long)p.cand_cap) return;
+
+    u32 cnt = 0;
+    #pragma unroll
+    for (int e = 0; e < COMPACT_ITEMS; ++e) cnt += (kv[e] != 0u && (kv[e] >> TOPK_HIST_SHIFT) >= tb) ? 1u : 0u;
     u32 total;
     const u32 excl = block_excl_scan<COMPACT_THREADS>(cnt, scan, &total);
     u32* counter = hist + TOPK_HIST_BINS;
