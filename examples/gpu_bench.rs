@@ -1,7 +1,7 @@
 //! GPU benchmark: score, top-k, rerank, attend, the full select + attend step, and our own dense
 //! decode (attend_dense), at N = 8K / 32K / 128K tokens, d = 128, 2+1 bits, G = 4 (32 query /
 //! 8 KV heads), batch 1..8. CUDA events around each launch, 10 warm-up launches, the median of
-//! >= 50 timed ones. Bandwidth is reported over the bytes each kernel must move (method §10.6
+//! at least 50 timed ones. Bandwidth is reported over the bytes each kernel must move (method §10.6
 //! traffic model), so it reads as a fraction of HBM peak.
 //!
 //! Usage: gpu_bench [--csv PATH] [--quick] [--iters N] [--n N1,N2,..] [--batch B1,B2,..]
@@ -107,10 +107,10 @@ fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -
     let ctx = GpuContext::new(&cfg, &layout).map_err(e2s)?;
     let mut planes = Vec::new();
     let mut lp = [0u64; SIKV_NUM_PLANES];
-    for p in 0..SIKV_NUM_PLANES {
+    for (p, base) in lp.iter_mut().enumerate() {
         if layout.plane_bytes[p] > 0 {
             let b = ctx.alloc(layout.plane_bytes[p]).map_err(e2s)?;
-            lp[p] = b.ptr();
+            *base = b.ptr();
             planes.push(b);
         }
     }
