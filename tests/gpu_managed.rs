@@ -18,6 +18,31 @@ fn vals(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The largest |gpu - cpu| of each row of `d` values over that row's own max |cpu| (no floor:
+/// a row of small outputs is held to the same relative accuracy as a row of large ones).
+fn row_rel_err(gpu: &[f32], cpu: &[f32], d: usize) -> f32 {
+    let mut worst = 0f32;
+    for (g, c) in gpu.chunks(d).zip(cpu.chunks(d)) {
+        assert!(g.iter().all(|x| x.is_finite()), "non-finite GPU output");
+        let scale = c.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (a, b) in g.iter().zip(c) {
+            let e = if scale > 0.0 {
+                (a - b).abs() / scale
+            } else if a == b {
+                0.0
+            } else {
+                f32::INFINITY
+            };
+            worst = worst.max(e);
+        }
+    }
+    worst
+}
+
+/// Tolerance of f16 outputs against the CPU backend, relative to each row's max |out|: the
+/// worst recorded on the H200 is about 10x below (see docs/RESULTS.md).
+const F16_ROW_TOL: f32 = 2e-3;
+
 fn quick() -> bool {
     std::env::var("SIKV_GPU_TEST_QUICK").map(|v| v == "1").unwrap_or(false)
 }
@@ -136,11 +161,7 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
             let (mut og, mut oc) = (vec![0f32; b * hq * d], vec![0f32; b * hq * d]);
             numeric::to_f32(dt, &outs[0], &mut og);
             numeric::to_f32(dt, &outs[1], &mut oc);
-            let scale = oc.iter().fold(1f32, |m, x| m.max(x.abs()));
-            for (g, c) in og.iter().zip(&oc) {
-                assert!(g.is_finite(), "step {step} layer {layer}: non-finite GPU output");
-                worst = worst.max((g - c).abs() / scale);
-            }
+            worst = worst.max(row_rel_err(&og, &oc, d));
             if step % 32 == 0 {
                 // Selections agree except for positions whose scores tie within rounding.
                 let rows = b * hk;
@@ -177,18 +198,14 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     let (mut og, mut oc) = (vec![0f32; hq * d], vec![0f32; hq * d]);
     numeric::to_f32(dt, &outs[0], &mut og);
     numeric::to_f32(dt, &outs[1], &mut oc);
-    let scale = oc.iter().fold(1f32, |m, x| m.max(x.abs()));
-    let fork_err = og.iter().zip(&oc).fold(0f32, |m, (g, c)| m.max((g - c).abs() / scale));
+    let fork_err = row_rel_err(&og, &oc, d);
     println!(
-        "managed GPU vs CPU: worst output error {worst:.2e} (relative to max |out|), fork {fork_err:.2e}, selection differences {sel_mismatch} of {compared}"
+        "managed GPU vs CPU: worst output error {worst:.2e} (relative to each row's max |out|), fork {fork_err:.2e}, selection differences {sel_mismatch} of {compared}"
     );
-    // fp16 outputs; a boundary tie can swap one low-weight token of ~2K.
-    assert!(worst < 1e-2, "GPU output differs from the CPU backend by {worst}");
-    assert!(fork_err < 1e-2, "forked sequence differs by {fork_err}");
-    assert!(
-        sel_mismatch * 1000 <= compared,
-        "{sel_mismatch} of {compared} selected positions differ"
-    );
+    assert!(worst < F16_ROW_TOL, "GPU output differs from the CPU backend by {worst}");
+    assert!(fork_err < F16_ROW_TOL, "forked sequence differs by {fork_err}");
+    // The kernels score exactly as the CPU does and break ties by the smaller position.
+    assert_eq!(sel_mismatch, 0, "{sel_mismatch} of {compared} selected positions differ");
 }
 
 /// `attend_selected` on a CUDA cache: the library's own selection handed back is `attend` bit
@@ -251,11 +268,7 @@ fn attend_selected_on_gpu_matches_attend_and_cpu() {
         let (mut og, mut oc) = (vec![0f32; b * hq * d], vec![0f32; b * hq * d]);
         numeric::to_f32(dt, &outs[0], &mut og);
         numeric::to_f32(dt, &outs[1], &mut oc);
-        let scale = oc.iter().fold(1f32, |m, x| m.max(x.abs()));
-        for (g, c) in og.iter().zip(&oc) {
-            assert!(g.is_finite(), "layer {layer}: non-finite GPU output");
-            worst = worst.max((g - c).abs() / scale);
-        }
+        worst = worst.max(row_rel_err(&og, &oc, d));
         let before = gpu.checksum().unwrap();
         let mut sink = idx.clone();
         sink[0] = 0;
@@ -276,9 +289,9 @@ fn attend_selected_on_gpu_matches_attend_and_cpu() {
         assert!(out.iter().all(|&x| x == 0xFF), "out written on failure");
         assert_eq!(gpu.checksum().unwrap(), before);
     }
-    println!("managed GPU attend_selected vs CPU: worst output error {worst:.2e} (relative to max |out|)");
+    println!("managed GPU attend_selected vs CPU: worst output error {worst:.2e} (relative to each row's max |out|)");
     assert!(
-        worst < 1e-2,
+        worst < F16_ROW_TOL,
         "GPU attend_selected differs from the CPU backend by {worst}"
     );
 }
@@ -490,11 +503,8 @@ fn stateless_abi_on_gpu_matches_cpu() {
         let (mut og, mut oc) = (vec![0f32; 2 * hq * d], vec![0f32; 2 * hq * d]);
         numeric::to_f32(dt, &gout, &mut og);
         numeric::to_f32(dt, &hout, &mut oc);
-        let scale = oc.iter().fold(1f32, |m, x| m.max(x.abs()));
-        for (g, c) in og.iter().zip(&oc) {
-            worst = worst.max((g - c).abs() / scale);
-        }
-        assert!(worst < 1e-2, "step {step}: decode output differs by {worst}");
+        worst = worst.max(row_rel_err(&og, &oc, d));
+        assert!(worst < F16_ROW_TOL, "step {step}: decode output differs by {worst}");
     }
     // Pools are byte-identical: encode and calibrate are exact on both devices.
     let mut gp = vec![0u8; hplanes.len()];
