@@ -71,6 +71,13 @@ if want tests; then
   grep -E "managed GPU|stateless ABI|seed =|skipped|test result|panicked" "$OUT/gpu_managed.log"
   check_log "$OUT/gpu_managed.log" gpu_managed_tests || RC[managed]=$?
   echo "   ($((SECONDS - t0)) s)"
+  echo "== adversarial inputs, GPU vs CPU"
+  t0=$SECONDS
+  .gpu/adversarial_tests --nocapture --test-threads=1 > "$OUT/adversarial.log" 2>&1
+  RC[adversarial]=$?
+  grep -E "GPU = CPU|skipped|test result|panicked" "$OUT/adversarial.log"
+  check_log "$OUT/adversarial.log" adversarial_tests || RC[adversarial]=$?
+  echo "   ($((SECONDS - t0)) s)"
 fi
 
 if want demo; then
@@ -151,7 +158,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed demo memcheck memcheck_managed racecheck bench base_bench sdpa model; do
+for k in tests managed adversarial demo memcheck memcheck_managed racecheck bench base_bench sdpa model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

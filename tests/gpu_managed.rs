@@ -202,10 +202,16 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     println!(
         "managed GPU vs CPU: worst output error {worst:.2e} (relative to each row's max |out|), fork {fork_err:.2e}, selection differences {sel_mismatch} of {compared}"
     );
-    assert!(worst < F16_ROW_TOL, "GPU output differs from the CPU backend by {worst}");
+    assert!(
+        worst < F16_ROW_TOL,
+        "GPU output differs from the CPU backend by {worst}"
+    );
     assert!(fork_err < F16_ROW_TOL, "forked sequence differs by {fork_err}");
     // The kernels score exactly as the CPU does and break ties by the smaller position.
-    assert_eq!(sel_mismatch, 0, "{sel_mismatch} of {compared} selected positions differ");
+    assert_eq!(
+        sel_mismatch, 0,
+        "{sel_mismatch} of {compared} selected positions differ"
+    );
 }
 
 /// `attend_selected` on a CUDA cache: the library's own selection handed back is `attend` bit
