@@ -53,15 +53,20 @@ inline const char* status_name(SikvStatus s) noexcept {
   return "SIKV_ERR_<unknown>";
 }
 
-// A failed call: the status and the message the library left for this thread.
+// A failed call: the status and the message the library left for this thread, and for
+// SIKV_ERR_CUDA the driver's CUresult (0 otherwise).
 class Error : public std::runtime_error {
  public:
-  Error(SikvStatus status, const std::string& message)
-      : std::runtime_error(std::string(status_name(status)) + ": " + message), status_(status) {}
+  Error(SikvStatus status, const std::string& message, int cuda_code = 0)
+      : std::runtime_error(std::string(status_name(status)) + ": " + message),
+        status_(status),
+        cuda_code_(cuda_code) {}
   SikvStatus status() const noexcept { return status_; }
+  int cuda_code() const noexcept { return cuda_code_; }
 
  private:
   SikvStatus status_;
+  int cuda_code_;
 };
 
 // Throws sikv::Error unless `s` is SIKV_OK; `call` names the C function in the message.
@@ -69,7 +74,7 @@ inline void check(SikvStatus s, const char* call = nullptr) {
   if (s == SIKV_OK) return;
   std::string msg = sikv_last_error_message();
   if (call != nullptr) msg = std::string(call) + ": " + msg;
-  throw Error(s, msg);
+  throw Error(s, msg, sikv_last_error_cuda_code());
 }
 
 // Pointer + count view of contiguous elements.
