@@ -136,6 +136,10 @@ if want bench; then
     "$BASELINE" $Q --csv "$OUT/base_gpu_bench.csv" > "$OUT/base_gpu_bench.log" 2>&1
     RC[base_bench]=$?
   fi
+  echo "== managed sikv_attend vs stateless sikv_kernel_decode"
+  .gpu/managed_bench $Q --csv "$OUT/managed_bench.csv" > "$OUT/managed_bench.log" 2>&1
+  RC[managed_bench]=$?
+  cat "$OUT/managed_bench.log"
   echo "== sdpa baseline"
   t0=$SECONDS
   python3 scripts/sdpa_baseline.py $Q --csv "$OUT/sdpa_baseline.csv" > "$OUT/sdpa_baseline.log" 2>&1
@@ -158,7 +162,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed adversarial demo memcheck memcheck_managed racecheck bench base_bench sdpa model; do
+for k in tests managed adversarial demo memcheck memcheck_managed racecheck bench base_bench managed_bench sdpa model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
