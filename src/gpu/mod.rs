@@ -87,6 +87,63 @@ pub struct DevPageTable {
     pub batch: u32,
 }
 
+/// A decode batch on the device (select, attend, attend_dense): the page table, int32
+/// `seq_slot[batch]` (each sequence's state slot) and the queries `q`, `[batch][H_q][d]` in the
+/// model dtype, 16-byte aligned; borrowed. `table.batch` is the batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevBatch {
+    pub table: DevPageTable,
+    pub seq_slot: u64,
+    pub q: u64,
+}
+
+/// A selection on the device, written by select and read by attend: int32
+/// `indices[batch][H_kv][budget_max]` (ascending positions, the rest of a row -1) and int32
+/// `counts[batch][H_kv]`; borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevSelection {
+    pub indices: u64,
+    pub counts: u64,
+}
+
+/// The caller's device workspace: `bytes` at `ptr` (16-byte aligned), at least
+/// [`GpuContext::workspace_bytes`] for the call's batch; borrowed, and reused freely between
+/// calls on one stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevWorkspace {
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+/// New tokens of any sequences (append): `n` rows of keys and values `k`, `v`,
+/// `[n][H_kv][d]` in the model dtype (16-byte aligned); int64 `slot_mapping[n]`
+/// (`page * page_size + slot`, `< 0` = no page write); int32 `seq_slot[n]` and `position[n]`
+/// (whose token it is, and where in its sequence); borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevTokens {
+    pub n: u32,
+    pub k: u64,
+    pub v: u64,
+    pub slot_mapping: u64,
+    pub seq_slot: u64,
+    pub position: u64,
+}
+
+/// One sequence's prompt (calibrate): `n_tokens` rows of keys and values `k`, `v`,
+/// `[n_tokens][H_kv][d]`; the last `n_query` prompt queries `q_tail`, `[n_query][H_q][d]`
+/// (model dtype, 16-byte aligned); int64 `slot_mapping[n_tokens]` (`< 0` = no page write).
+/// `seq_slot` is the state slot calibrated. Device addresses borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevPrompt {
+    pub seq_slot: u32,
+    pub n_tokens: u32,
+    pub k: u64,
+    pub v: u64,
+    pub n_query: u32,
+    pub q_tail: u64,
+    pub slot_mapping: u64,
+}
+
 struct Inner {
     dev: driver::Device,
     module: driver::CUmodule,
@@ -157,6 +214,13 @@ impl DeviceBuffer {
     }
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+    /// The whole buffer as a launcher's workspace.
+    pub fn as_workspace(&self) -> DevWorkspace {
+        DevWorkspace {
+            ptr: self.ptr,
+            bytes: self.bytes,
+        }
     }
 }
 
@@ -598,14 +662,14 @@ impl GpuContext {
         p.cand_cap = w.cand_cap as i32;
     }
 
-    fn check_ws(ws: u64, ws_bytes: usize, w: &Workspace) -> Result<()> {
-        dev_ptr(ws, 16, "ws")?;
-        if ws_bytes < w.total {
+    fn check_ws(ws: DevWorkspace, w: &Workspace) -> Result<()> {
+        dev_ptr(ws.ptr, 16, "ws")?;
+        if ws.bytes < w.total {
             return Err(Error::new(
                 SikvStatus::SIKV_ERR_BUFFER_TOO_SMALL,
                 format!(
-                    "ws_bytes = {ws_bytes} is smaller than the {} bytes the workspace needs",
-                    w.total
+                    "ws_bytes = {} is smaller than the {} bytes the workspace needs",
+                    ws.bytes, w.total
                 ),
             ));
         }
@@ -645,29 +709,30 @@ impl GpuContext {
     // ------------------------------------------------------------------------------------
     // Stages.
 
-    /// Stage `calibrate` for one sequence (cpu::calibrate): `k`, `v`: `n x H_kv x d`,
-    /// `q_tail`: `nq x H_q x d` (model dtype), `slot_mapping`: int64[n]. Not a hot path (nine
-    /// small launches), but asynchronous and without allocation all the same. Overwrites the
-    /// state records of `seq_slot` (the caller tracks whether it was calibrated).
-    #[allow(clippy::too_many_arguments)]
+    /// Stage `calibrate` for one sequence (cpu::calibrate) from its prompt (see
+    /// [`DevPrompt`]); `ws` holds at least `workspace_bytes(cfg, layout, 1)`. Not a hot path
+    /// (nine small launches), but asynchronous and without allocation all the same. Overwrites
+    /// the state records of `prompt.seq_slot` (the caller tracks whether it was calibrated).
     pub fn calibrate(
         &self,
         cfg: &CacheConfig,
         layout: &Layout,
         layer: &DevLayer,
-        seq_slot: u32,
-        n: u32,
-        k: u64,
-        v: u64,
-        nq: u32,
-        q_tail: u64,
-        slot_mapping: u64,
-        ws: u64,
-        ws_bytes: usize,
+        prompt: &DevPrompt,
+        ws: DevWorkspace,
         stream: CUstream,
     ) -> Result<()> {
         self.take_fault()?;
         self.check_cfg(cfg)?;
+        let DevPrompt {
+            seq_slot,
+            n_tokens: n,
+            k,
+            v,
+            n_query: nq,
+            q_tail,
+            slot_mapping,
+        } = *prompt;
         crate::ensure!(
             n >= 1,
             SIKV_ERR_INVALID_ARGUMENT,
@@ -701,8 +766,8 @@ impl GpuContext {
         dev_ptr(q_tail, 16, "q_tail")?;
         dev_ptr(slot_mapping, 8, "slot_mapping")?;
         let w = Workspace::new(cfg, layout, 1);
-        Self::check_ws(ws, ws_bytes, &w)?;
-        Self::with_ws(&mut p, ws, &w);
+        Self::check_ws(ws, &w)?;
+        Self::with_ws(&mut p, ws.ptr, &w);
         p.k = k;
         p.v = v;
         p.q = q_tail;
@@ -746,26 +811,20 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Stage `encode` (cpu::append): `n` tokens, `k`, `v`: `n x H_kv x d` (model dtype),
-    /// `slot_mapping`: int64[n] (< 0 = no page write), `seq_slot`, `position`: int32[n].
-    /// Hot path. Tokens whose seq_slot, position or slot_mapping is out of range are skipped on
-    /// the device and reported by the next call (device faults, module doc).
-    #[allow(clippy::too_many_arguments)]
+    /// Stage `encode` (cpu::append) of `tokens` (see [`DevTokens`]). Hot path. Tokens whose
+    /// seq_slot, position or slot_mapping is out of range are skipped on the device and
+    /// reported by the next call (device faults, module doc).
     pub fn append(
         &self,
         cfg: &CacheConfig,
         layout: &Layout,
         layer: &DevLayer,
-        n: u32,
-        k: u64,
-        v: u64,
-        slot_mapping: u64,
-        seq_slot: u64,
-        position: u64,
+        tokens: &DevTokens,
         stream: CUstream,
     ) -> Result<()> {
         self.take_fault()?;
         self.check_cfg(cfg)?;
+        let n = tokens.n;
         crate::ensure!(
             n <= cfg.max_append_tokens,
             SIKV_ERR_OUT_OF_BOUNDS,
@@ -776,16 +835,16 @@ impl GpuContext {
         if n == 0 {
             return Ok(());
         }
-        dev_ptr(k, 16, "k")?;
-        dev_ptr(v, 16, "v")?;
-        dev_ptr(slot_mapping, 8, "slot_mapping")?;
-        dev_ptr(seq_slot, 4, "seq_slot")?;
-        dev_ptr(position, 4, "position")?;
-        p.k = k;
-        p.v = v;
-        p.slot_mapping = slot_mapping;
-        p.seq_slot = seq_slot;
-        p.position = position;
+        dev_ptr(tokens.k, 16, "k")?;
+        dev_ptr(tokens.v, 16, "v")?;
+        dev_ptr(tokens.slot_mapping, 8, "slot_mapping")?;
+        dev_ptr(tokens.seq_slot, 4, "seq_slot")?;
+        dev_ptr(tokens.position, 4, "position")?;
+        p.k = tokens.k;
+        p.v = tokens.v;
+        p.slot_mapping = tokens.slot_mapping;
+        p.seq_slot = tokens.seq_slot;
+        p.position = tokens.position;
         p.n_tokens = n as i32;
         p.mode = 0;
         self.current()?;
@@ -793,95 +852,88 @@ impl GpuContext {
         self.launch(&self.inner.kernels.encode, grid, ENCODE_THREADS, stream, &p)
     }
 
-    /// Selection (cpu::select): score, top-k (and rerank when two-stage) for a batch. `q`:
-    /// `B x H_q x d`; writes int32 `indices[B][H_kv][budget_max]` (ascending positions, rest
-    /// -1) and `counts[B][H_kv]`. Hot path.
-    #[allow(clippy::too_many_arguments)]
+    /// Selection (cpu::select): score, top-k (and rerank when two-stage) for `batch`; writes
+    /// `sel` (see [`DevSelection`]). Hot path.
+    #[allow(clippy::too_many_arguments)] // one typed descriptor per kind of memory the stage touches
     pub fn select(
         &self,
         cfg: &CacheConfig,
         layout: &Layout,
         layer: &DevLayer,
-        table: &DevPageTable,
-        seq_slot: u64,
-        q: u64,
-        indices: u64,
-        counts: u64,
-        ws: u64,
-        ws_bytes: usize,
+        batch: &DevBatch,
+        sel: DevSelection,
+        ws: DevWorkspace,
         stream: CUstream,
     ) -> Result<()> {
-        self.select_stages(
-            SELECT_ALL, cfg, layout, layer, table, seq_slot, q, indices, counts, ws, ws_bytes, stream,
-        )
+        self.select_stages(SELECT_ALL, cfg, layout, layer, batch, sel, ws, stream)
     }
 
-    /// The parameters every batch call (select, attend, attend_dense) shares: layer, page
-    /// table, seq_slot, q and workspace, validated; None for an empty batch (nothing to launch).
-    #[allow(clippy::too_many_arguments)]
+    /// The parameters every batch call (select, attend, attend_dense) shares: layer, batch
+    /// (page table, seq_slot, q) and workspace, validated; None for an empty batch (nothing to
+    /// launch).
     fn batch_params(
         &self,
         cfg: &CacheConfig,
         layout: &Layout,
         layer: &DevLayer,
-        table: &DevPageTable,
-        seq_slot: u64,
-        q: u64,
-        ws: u64,
-        ws_bytes: usize,
+        batch: &DevBatch,
+        ws: DevWorkspace,
     ) -> Result<Option<(SikvParams, Workspace)>> {
         self.check_cfg(cfg)?;
+        let table = &batch.table;
         let mut p = Self::layer_params(cfg, layout, layer)?;
         Self::table_params(cfg, &mut p, table)?;
         if table.batch == 0 {
             return Ok(None);
         }
-        dev_ptr(seq_slot, 4, "seq_slot")?;
-        dev_ptr(q, 16, "q")?;
+        dev_ptr(batch.seq_slot, 4, "seq_slot")?;
+        dev_ptr(batch.q, 16, "q")?;
         let w = Workspace::new(cfg, layout, table.batch);
-        Self::check_ws(ws, ws_bytes, &w)?;
+        Self::check_ws(ws, &w)?;
         crate::ensure!(
             w.max_splits() <= COMBINE_MAX_SPLITS,
             SIKV_ERR_UNSUPPORTED,
             "{} attention splits per query head exceed the combine kernel's {COMBINE_MAX_SPLITS}",
             w.max_splits()
         );
-        Self::with_ws(&mut p, ws, &w);
-        p.seq_slot = seq_slot;
-        p.q = q;
+        Self::with_ws(&mut p, ws.ptr, &w);
+        p.seq_slot = batch.seq_slot;
+        p.q = batch.q;
         Ok(Some((p, w)))
+    }
+
+    /// Checks a selection's addresses and points the kernels' parameters at it.
+    fn selection_params(p: &mut SikvParams, sel: DevSelection) -> Result<()> {
+        dev_ptr(sel.indices, 4, "indices")?;
+        dev_ptr(sel.counts, 4, "counts")?;
+        p.indices = sel.indices;
+        p.counts = sel.counts;
+        Ok(())
     }
 
     /// Benchmarking aid: launches only the parts of `select` named by `stages` (bits
     /// SELECT_SCORE, SELECT_TOPK, SELECT_RERANK; each part reads what the previous one left in
     /// the workspace, so time a part only after a full select on the same workspace).
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // select's arguments plus the stage bits
     pub fn select_stages(
         &self,
         stages: u32,
         cfg: &CacheConfig,
         layout: &Layout,
         layer: &DevLayer,
-        table: &DevPageTable,
-        seq_slot: u64,
-        q: u64,
-        indices: u64,
-        counts: u64,
-        ws: u64,
-        ws_bytes: usize,
+        batch: &DevBatch,
+        sel: DevSelection,
+        ws: DevWorkspace,
         stream: CUstream,
     ) -> Result<()> {
         self.take_fault()?;
-        let Some((mut p, _)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
+        let Some((mut p, _)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
             return Ok(());
         };
-        dev_ptr(indices, 4, "indices")?;
-        dev_ptr(counts, 4, "counts")?;
-        p.indices = indices;
-        p.counts = counts;
+        Self::selection_params(&mut p, sel)?;
         self.current()?;
         let kn = &self.inner.kernels;
-        let (h, b) = (cfg.num_kv_heads, table.batch);
+        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
         let tiles = cfg.max_seq_len.div_ceil(SCORE_TILE);
         let multi = match self.inner.topk {
             TopkPath::Single => false,
@@ -925,59 +977,50 @@ impl GpuContext {
     }
 
     /// Stage `attend` + `combine` (cpu::attend): attention over the dense set and the selected
-    /// positions; `out`: `B x H_q x d` in the model dtype. Hot path.
-    #[allow(clippy::too_many_arguments)]
+    /// positions `sel`; `out`: `[batch][H_q][d]` in the model dtype (16-byte aligned). Hot path.
+    #[allow(clippy::too_many_arguments)] // one typed descriptor per kind of memory the stage touches
     pub fn attend(
         &self,
         cfg: &CacheConfig,
         layout: &Layout,
         layer: &DevLayer,
-        table: &DevPageTable,
-        seq_slot: u64,
-        q: u64,
-        indices: u64,
-        counts: u64,
+        batch: &DevBatch,
+        sel: DevSelection,
         out: u64,
-        ws: u64,
-        ws_bytes: usize,
+        ws: DevWorkspace,
         stream: CUstream,
     ) -> Result<()> {
         self.take_fault()?;
-        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
+        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
             return Ok(());
         };
-        dev_ptr(indices, 4, "indices")?;
-        dev_ptr(counts, 4, "counts")?;
+        Self::selection_params(&mut p, sel)?;
         dev_ptr(out, 16, "out")?;
-        p.indices = indices;
-        p.counts = counts;
         p.out = out;
         p.num_splits = w.sparse_splits as i32;
         self.current()?;
         let kn = &self.inner.kernels;
-        let (h, b) = (cfg.num_kv_heads, table.batch);
+        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
         self.launch(&kn.attend, (w.sparse_splits as u32, h, b), ATTEND_THREADS, stream, &p)?;
         self.launch(&kn.combine, (cfg.num_q_heads, b, 1), COMBINE_THREADS, stream, &p)
     }
 
     /// Dense decode (cpu::attend_dense): every candidate dequantised plus the dense set, no
-    /// selection. Hot path (the crossover path and our own baseline).
-    #[allow(clippy::too_many_arguments)]
+    /// selection; `out` as for [`attend`](Self::attend). Hot path (the crossover path and our
+    /// own baseline).
+    #[allow(clippy::too_many_arguments)] // one typed descriptor per kind of memory the stage touches
     pub fn attend_dense(
         &self,
         cfg: &CacheConfig,
         layout: &Layout,
         layer: &DevLayer,
-        table: &DevPageTable,
-        seq_slot: u64,
-        q: u64,
+        batch: &DevBatch,
         out: u64,
-        ws: u64,
-        ws_bytes: usize,
+        ws: DevWorkspace,
         stream: CUstream,
     ) -> Result<()> {
         self.take_fault()?;
-        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, table, seq_slot, q, ws, ws_bytes)? else {
+        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
             return Ok(());
         };
         dev_ptr(out, 16, "out")?;
@@ -988,7 +1031,7 @@ impl GpuContext {
         p.mode = 1;
         self.current()?;
         let kn = &self.inner.kernels;
-        let (h, b) = (cfg.num_kv_heads, table.batch);
+        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
         self.launch(
             &kn.attend_dense,
             (w.dense_total_splits as u32, h, b),
