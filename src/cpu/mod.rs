@@ -7,11 +7,10 @@
 //! at calibration inside `[S, prompt_len - W)`, and candidates = `[S, max(S, len - W))` minus
 //! heavy. Dense entries: index `p` for sink position p, `S + i` for heavy i,
 //! `S + H + (p mod W)` for window position p.
-
 //!
-//! Files: [`table`] the CSR page table and its validation, [`pools`] the layer's pools and
-//! their plane rows, [`state`] the per-sequence state records and the geometry derived from
-//! them, [`stages`] the stage entry points (calibrate, append, select, attend, attend_dense).
+//! Files: `table` the CSR page table and its validation, `pools` the layer's pools and
+//! their plane rows, `state` the per-sequence state records and the geometry derived from
+//! them, `stages` the stage entry points (calibrate, append, select, attend, attend_dense).
 //! Everything public is re-exported here, so callers name `crate::cpu::*`.
 
 mod pools;

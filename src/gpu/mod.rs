@@ -5,9 +5,9 @@
 //! `SIKV_ERR_CUDA` naming the call; [`kernels`] is the per-configuration kernel table;
 //! [`params`] is the by-value argument block and [`geometry`] the launch constants and fault
 //! bits, both written into the kernels' generated header by build.rs (their only definition);
-//! [`workspace`] carves the caller's workspace. The safe layer: [`desc`] holds the typed
-//! descriptors of borrowed device memory the launchers take, [`launch`] the stage launchers,
-//! [`memory`] allocations, copies, streams and graphs (create time, tests, benchmarks); this
+//! [`workspace`] carves the caller's workspace. The safe layer: `desc` holds the typed
+//! descriptors of borrowed device memory the launchers take, `launch` the stage launchers,
+//! `memory` allocations, copies, streams and graphs (create time, tests, benchmarks); this
 //! file the context itself (creation, kernel loading, the fault word).
 //!
 //! Device faults. The host validates what it can see (sizes, batch bounds, pointers), but the
