@@ -20,8 +20,8 @@ use std::io::Write;
 
 use selfindexkv::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
 use selfindexkv::gpu::{
-    DevLayer, DevPageTable, DeviceBuffer, GpuContext, TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK,
-    SELECT_TOPK_FINAL,
+    DevBatch, DevLayer, DevPageTable, DevPrompt, DevSelection, DeviceBuffer, GpuContext, TopkPath, SELECT_ALL,
+    SELECT_RERANK, SELECT_SCORE, SELECT_TOPK, SELECT_TOPK_FINAL,
 };
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
 use selfindexkv::status::SikvStatus;
@@ -65,10 +65,8 @@ struct Setup {
     _planes: Vec<DeviceBuffer>,
     _state: DeviceBuffer,
     layer: DevLayer,
-    table: DevPageTable,
+    batch: DevBatch,
     _bufs: Vec<DeviceBuffer>,
-    seq_slot: u64,
-    q: u64,
     indices: DeviceBuffer,
     counts: DeviceBuffer,
     out: DeviceBuffer,
@@ -141,22 +139,17 @@ fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -
             .flat_map(|t| (pages[t / p] as i64 * p as i64 + (t % p) as i64).to_le_bytes())
             .collect();
         let dsm = upload(&ctx, &sm)?;
-        ctx.calibrate(
-            &cfg,
-            &layout,
-            &layer,
-            b as u32,
-            n,
-            kv.0.ptr(),
-            kv.1.ptr(),
-            1,
-            dq_tail.ptr(),
-            dsm.ptr(),
-            ws.ptr(),
-            ws_bytes,
-            null(),
-        )
-        .map_err(e2s)?;
+        let prompt = DevPrompt {
+            seq_slot: b as u32,
+            n_tokens: n,
+            k: kv.0.ptr(),
+            v: kv.1.ptr(),
+            n_query: 1,
+            q_tail: dq_tail.ptr(),
+            slot_mapping: dsm.ptr(),
+        };
+        ctx.calibrate(&cfg, &layout, &layer, &prompt, ws.as_workspace(), null())
+            .map_err(e2s)?;
         ctx.synchronize(null()).map_err(e2s)?;
     }
     let mut indptr = vec![0i32];
@@ -188,7 +181,7 @@ fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -
         .map_err(e2s)?;
     let counts = ctx.alloc(4 * batch as usize * hkv).map_err(e2s)?;
     let out = ctx.alloc(2 * batch as usize * hq_d).map_err(e2s)?;
-    let (seq_slot, q) = (ds.ptr(), dq.ptr());
+    let (ds_ptr, dq_ptr) = (ds.ptr(), dq.ptr());
     bufs.extend([a, i, l, ds, dq, dq_tail]);
     ctx.synchronize(null()).map_err(e2s)?;
     Ok(Setup {
@@ -198,10 +191,12 @@ fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -
         _planes: planes,
         _state: state,
         layer,
-        table,
+        batch: DevBatch {
+            table,
+            seq_slot: ds_ptr,
+            q: dq_ptr,
+        },
         _bufs: bufs,
-        seq_slot,
-        q,
         indices,
         counts,
         out,
@@ -314,51 +309,22 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
             let cfg = &s.cfg;
             let (hkv, d) = (cfg.num_kv_heads as u64, cfg.head_dim as u64);
             let heads = hkv * b as u64;
+            let selection = DevSelection {
+                indices: s.indices.ptr(),
+                counts: s.counts.ptr(),
+            };
+            let ws = s.ws.as_workspace();
             let sel = |stages: u32, st: selfindexkv::gpu::CUstream| {
-                s.ctx.select_stages(
-                    stages,
-                    cfg,
-                    &s.layout,
-                    &s.layer,
-                    &s.table,
-                    s.seq_slot,
-                    s.q,
-                    s.indices.ptr(),
-                    s.counts.ptr(),
-                    s.ws.ptr(),
-                    s.ws.bytes(),
-                    st,
-                )
+                s.ctx
+                    .select_stages(stages, cfg, &s.layout, &s.layer, &s.batch, selection, ws, st)
             };
             let att = |st: selfindexkv::gpu::CUstream| {
-                s.ctx.attend(
-                    cfg,
-                    &s.layout,
-                    &s.layer,
-                    &s.table,
-                    s.seq_slot,
-                    s.q,
-                    s.indices.ptr(),
-                    s.counts.ptr(),
-                    s.out.ptr(),
-                    s.ws.ptr(),
-                    s.ws.bytes(),
-                    st,
-                )
+                s.ctx
+                    .attend(cfg, &s.layout, &s.layer, &s.batch, selection, s.out.ptr(), ws, st)
             };
             let dense = |st: selfindexkv::gpu::CUstream| {
-                s.ctx.attend_dense(
-                    cfg,
-                    &s.layout,
-                    &s.layer,
-                    &s.table,
-                    s.seq_slot,
-                    s.q,
-                    s.out.ptr(),
-                    s.ws.ptr(),
-                    s.ws.bytes(),
-                    st,
-                )
+                s.ctx
+                    .attend_dense(cfg, &s.layout, &s.layer, &s.batch, s.out.ptr(), ws, st)
             };
             sel(SELECT_ALL, null()).map_err(e2s)?;
             s.ctx.synchronize(null()).map_err(e2s)?;

@@ -7,6 +7,18 @@
 //! at calibration inside `[S, prompt_len - W)`, and candidates = `[S, max(S, len - W))` minus
 //! heavy. Dense entries: index `p` for sink position p, `S + i` for heavy i,
 //! `S + H + (p mod W)` for window position p.
+//!
+//! Files: `table` the CSR page table and its validation, `pools` the layer's pools and
+//! their plane rows, `state` the per-sequence state records and the geometry derived from
+//! them, `stages` the stage entry points (calibrate, append, select, attend, attend_dense).
+//! Everything public is re-exported here, so callers name `crate::cpu::*`.
 
+mod pools;
 pub mod stages;
+mod state;
+mod table;
+
+pub use pools::{LayerMut, LayerRef};
 pub use stages::*;
+pub use state::{expected_candidates, read_state, reset_sequence, StateRecord};
+pub use table::PageTable;

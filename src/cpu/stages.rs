@@ -1,304 +1,30 @@
 //! Stage entry points of the CPU backend.
 //!
 //! Every entry point validates all of its arguments before it writes anything, so an error
-//! leaves the pools untouched. Helpers that other modules (the managed cache, GPU tests) can
-//! reuse: [`read_state`] decodes a state record, [`reset_sequence`] clears the records of a
-//! sequence slot (making it calibratable again), [`expected_candidates`] is the candidate set
-//! of one (sequence, KV head).
+//! leaves the pools untouched. The helpers other modules reuse (the managed cache, GPU tests)
+//! live beside this file: the page table in `table`, state records and candidate sets in
+//! `state`.
 
-use crate::config::{CacheConfig, HalfKind, Selector};
-use crate::ensure;
-use crate::layout::{
-    Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, META_WORDS, SIKV_NUM_PLANES, SIKV_PLANE_SIGN,
+use super::pools::{check_pools_mut, check_pools_ref, rows_mut, rows_ref, LayerMut, LayerRef};
+use super::state::{
+    check_calibrated, dense_entries, dense_pos_of, dense_row, expected_candidates, f32s, meta_word, record, record_mut,
+    write_dense,
 };
-use crate::numeric::{get_half, put_half, read_f32s, read_i32, write_f32s, write_i32};
+use super::table::PageTable;
+use crate::config::{CacheConfig, Selector};
+use crate::ensure;
+use crate::layout::{Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, SIKV_PLANE_SIGN};
+use crate::numeric::{write_f32s, write_i32};
 use crate::reference::attend::attend_group;
 use crate::reference::calibrate::{calibrate_head, CalibrateParams};
 use crate::reference::encode::{decode_key, decode_key_into, decode_value, encode_token};
 use crate::reference::rerank::rerank_score;
 use crate::reference::score::{build_lut, group_mean_query, lut_score, sign_sign_score};
 use crate::reference::topk::topk;
-use crate::status::{Error, Result, SikvStatus};
-
-/// One layer's pools, writable.
-pub struct LayerMut<'a> {
-    /// One slice per plane: the whole plane of this layer (`layout.plane_bytes[p]`), empty
-    /// for absent planes.
-    pub planes: [&'a mut [u8]; SIKV_NUM_PLANES],
-    /// The layer's state pool (`layout.layer_state_bytes`).
-    pub state: &'a mut [u8],
-}
-
-/// One layer's pools, read-only.
-#[derive(Clone, Copy)]
-pub struct LayerRef<'a> {
-    pub planes: [&'a [u8]; SIKV_NUM_PLANES],
-    pub state: &'a [u8],
-}
-
-/// FlashInfer-style CSR page table of a batch.
-#[derive(Clone, Copy)]
-pub struct PageTable<'a> {
-    /// `batch + 1` offsets into `indices`.
-    pub indptr: &'a [i32],
-    /// Page ids.
-    pub indices: &'a [i32],
-    /// Valid tokens in each sequence's last page (1..=page_size; 0 only for an empty sequence).
-    pub last_page_len: &'a [i32],
-}
-
-impl PageTable<'_> {
-    pub fn batch(&self) -> usize {
-        self.last_page_len.len()
-    }
-    /// Length of sequence `b` in tokens.
-    pub fn seq_len(&self, b: usize, page_size: usize) -> usize {
-        let npages = (self.indptr[b + 1] - self.indptr[b]) as usize;
-        if npages == 0 {
-            0
-        } else {
-            (npages - 1) * page_size + self.last_page_len[b] as usize
-        }
-    }
-    /// (page id, slot) of position `pos` of sequence `b`.
-    pub fn locate(&self, b: usize, pos: usize, page_size: usize) -> (usize, usize) {
-        let page = self.indices[self.indptr[b] as usize + pos / page_size];
-        (page as usize, pos % page_size)
-    }
-    /// Checks shapes and that every page id and length is within the layout's bounds.
-    pub fn validate(&self, layout: &Layout, cfg: &CacheConfig) -> Result<()> {
-        let batch = self.batch();
-        let p = layout.page_size;
-        ensure!(
-            batch <= cfg.max_batch as usize,
-            SIKV_ERR_OUT_OF_BOUNDS,
-            "page_table batch = {batch} exceeds max_batch ({})",
-            cfg.max_batch
-        );
-        ensure!(
-            self.indptr.len() == batch + 1,
-            SIKV_ERR_INVALID_ARGUMENT,
-            "page_table.indptr has {} entries, expected batch + 1 = {}",
-            self.indptr.len(),
-            batch + 1
-        );
-        ensure!(
-            self.indptr[0] == 0,
-            SIKV_ERR_INVALID_ARGUMENT,
-            "page_table.indptr[0] = {} must be 0",
-            self.indptr[0]
-        );
-        for b in 0..batch {
-            ensure!(
-                self.indptr[b + 1] >= self.indptr[b],
-                SIKV_ERR_INVALID_ARGUMENT,
-                "page_table.indptr[{}] = {} is smaller than indptr[{b}] = {}",
-                b + 1,
-                self.indptr[b + 1],
-                self.indptr[b]
-            );
-        }
-        let used = self.indptr[batch] as usize;
-        ensure!(
-            used <= self.indices.len(),
-            SIKV_ERR_INVALID_ARGUMENT,
-            "page_table.indptr[{batch}] = {used} exceeds the length of page_table.indices ({})",
-            self.indices.len()
-        );
-        for (j, &id) in self.indices[..used].iter().enumerate() {
-            ensure!(
-                id >= 0 && (id as usize) < layout.num_pages,
-                SIKV_ERR_OUT_OF_BOUNDS,
-                "page_table.indices[{j}] = {id} is outside 0..num_pages ({})",
-                layout.num_pages
-            );
-        }
-        for b in 0..batch {
-            let npages = (self.indptr[b + 1] - self.indptr[b]) as usize;
-            let last = self.last_page_len[b];
-            if npages == 0 {
-                ensure!(
-                    last == 0,
-                    SIKV_ERR_INVALID_ARGUMENT,
-                    "page_table.last_page_len[{b}] = {last} must be 0 for a sequence without pages"
-                );
-            } else {
-                ensure!(
-                    last >= 1 && last as usize <= p,
-                    SIKV_ERR_INVALID_ARGUMENT,
-                    "page_table.last_page_len[{b}] = {last} is outside 1..=page_size ({p})"
-                );
-                let len = self.seq_len(b, p);
-                ensure!(
-                    len <= cfg.max_seq_len as usize,
-                    SIKV_ERR_OUT_OF_BOUNDS,
-                    "sequence {b} of the page table has {len} tokens, more than max_seq_len ({})",
-                    cfg.max_seq_len
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// State records.
-
-/// A decoded state record of one (sequence slot, KV head); dense keys/values widened to f32.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StateRecord {
-    pub centre: Vec<f32>,
-    pub scale: Vec<f32>,
-    pub inv_scale: Vec<f32>,
-    pub qmed: Vec<f32>,
-    pub codebook: Vec<f32>,
-    pub meta: [i32; META_WORDS],
-    /// `dense_capacity` positions (DENSE_EMPTY = none).
-    pub dense_pos: Vec<i32>,
-    /// `dense_capacity x d` centred keys.
-    pub dense_k: Vec<f32>,
-    /// `dense_capacity x d` values.
-    pub dense_v: Vec<f32>,
-}
-
-fn record<'s>(layout: &Layout, state: &'s [u8], seq_slot: usize, head: usize) -> &'s [u8] {
-    let off = layout.state_offset(seq_slot, head);
-    &state[off..off + layout.state.bytes]
-}
-
-fn record_mut<'s>(layout: &Layout, state: &'s mut [u8], seq_slot: usize, head: usize) -> &'s mut [u8] {
-    let off = layout.state_offset(seq_slot, head);
-    &mut state[off..off + layout.state.bytes]
-}
-
-fn f32s(bytes: &[u8], off: usize, n: usize) -> Vec<f32> {
-    let mut v = vec![0f32; n];
-    read_f32s(&bytes[off..off + 4 * n], &mut v);
-    v
-}
-
-fn meta_word(layout: &Layout, rec: &[u8], i: usize) -> i32 {
-    read_i32(&rec[layout.state.meta..], i)
-}
-
-fn dense_pos_of(layout: &Layout, rec: &[u8]) -> Vec<i32> {
-    (0..layout.state.dense_capacity)
-        .map(|i| read_i32(&rec[layout.state.dense_pos..], i))
-        .collect()
-}
-
-fn dense_row(layout: &Layout, storage: HalfKind, rec: &[u8], base: usize, idx: usize) -> Vec<f32> {
-    let d = layout.state.head_dim;
-    let at = base + 2 * idx * d;
-    (0..d)
-        .map(|c| get_half(storage, &rec[at + 2 * c..at + 2 * c + 2]))
-        .collect()
-}
-
-/// Writes dense entry `idx`: position, centred key (rounded to `storage`) and value.
-fn write_dense(layout: &Layout, storage: HalfKind, rec: &mut [u8], idx: usize, pos: i32, kp: &[f32], v: &[f32]) {
-    let st = &layout.state;
-    let d = st.head_dim;
-    write_i32(&mut rec[st.dense_pos..], idx, pos);
-    for c in 0..d {
-        let ka = st.dense_k + 2 * (idx * d + c);
-        put_half(storage, kp[c], &mut rec[ka..ka + 2]);
-        let va = st.dense_v + 2 * (idx * d + c);
-        put_half(storage, v[c], &mut rec[va..va + 2]);
-    }
-}
-
-/// Decodes the state record of (`seq_slot`, `head`) from a layer's state pool.
-pub fn read_state(layout: &Layout, storage: HalfKind, state: &[u8], seq_slot: usize, head: usize) -> StateRecord {
-    let st = &layout.state;
-    let d = st.head_dim;
-    let cap = st.dense_capacity;
-    let rec = record(layout, state, seq_slot, head);
-    let mut meta = [0i32; META_WORDS];
-    for (i, m) in meta.iter_mut().enumerate() {
-        *m = meta_word(layout, rec, i);
-    }
-    StateRecord {
-        centre: f32s(rec, st.centre, d),
-        scale: f32s(rec, st.scale, d),
-        inv_scale: f32s(rec, st.inv_scale, d),
-        qmed: f32s(rec, st.qmed, d),
-        codebook: f32s(rec, st.codebook, st.codebook_len()),
-        meta,
-        dense_pos: dense_pos_of(layout, rec),
-        dense_k: (0..cap)
-            .flat_map(|i| dense_row(layout, storage, rec, st.dense_k, i))
-            .collect(),
-        dense_v: (0..cap)
-            .flat_map(|i| dense_row(layout, storage, rec, st.dense_v, i))
-            .collect(),
-    }
-}
-
-/// Clears every record of `seq_slot` in a layer's state pool: zeroes, dense entries empty, not
-/// calibrated. The managed cache calls it when a sequence slot is (re)used.
-pub fn reset_sequence(layout: &Layout, state: &mut [u8], seq_slot: usize) -> Result<()> {
-    ensure!(
-        seq_slot < layout.max_seqs,
-        SIKV_ERR_OUT_OF_BOUNDS,
-        "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
-        layout.max_seqs
-    );
-    ensure!(
-        state.len() >= layout.layer_state_bytes,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "the state pool has {} bytes, the layout needs {}",
-        state.len(),
-        layout.layer_state_bytes
-    );
-    for h in 0..layout.num_kv_heads {
-        let rec = record_mut(layout, state, seq_slot, h);
-        rec.fill(0);
-        for i in 0..layout.state.dense_capacity {
-            write_i32(&mut rec[layout.state.dense_pos..], i, DENSE_EMPTY);
-        }
-    }
-    Ok(())
-}
+use crate::status::Result;
 
 // ---------------------------------------------------------------------------------------------
 // Validation helpers.
-
-fn check_pools(layout: &Layout, plane_lens: [usize; SIKV_NUM_PLANES], state_len: usize) -> Result<()> {
-    for (p, len) in plane_lens.iter().enumerate() {
-        ensure!(
-            *len >= layout.plane_bytes[p],
-            SIKV_ERR_BUFFER_TOO_SMALL,
-            "plane {} has {} bytes, the layout needs {}",
-            crate::layout::PLANE_NAMES[p],
-            len,
-            layout.plane_bytes[p]
-        );
-    }
-    ensure!(
-        state_len >= layout.layer_state_bytes,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "the state pool has {state_len} bytes, the layout needs {}",
-        layout.layer_state_bytes
-    );
-    Ok(())
-}
-
-fn check_pools_mut(layout: &Layout, layer: &LayerMut) -> Result<()> {
-    check_pools(
-        layout,
-        std::array::from_fn(|p| layer.planes[p].len()),
-        layer.state.len(),
-    )
-}
-
-fn check_pools_ref(layout: &Layout, layer: &LayerRef) -> Result<()> {
-    check_pools(
-        layout,
-        std::array::from_fn(|p| layer.planes[p].len()),
-        layer.state.len(),
-    )
-}
 
 fn check_slot_mapping(layout: &Layout, slot_mapping: &[i64]) -> Result<()> {
     let cap = (layout.num_pages * layout.page_size) as i64;
@@ -320,19 +46,6 @@ fn check_seq_slot(cfg: &CacheConfig, name: &str, slot: i64) -> Result<usize> {
         cfg.max_seqs
     );
     Ok(slot as usize)
-}
-
-fn check_calibrated(layout: &Layout, state: &[u8], name: &str, slot: usize) -> Result<()> {
-    for h in 0..layout.num_kv_heads {
-        let rec = record(layout, state, slot, h);
-        if meta_word(layout, rec, META_CALIBRATED) != 1 {
-            return Err(Error::new(
-                SikvStatus::SIKV_ERR_NOT_CALIBRATED,
-                format!("{name} = {slot}: the sequence is not calibrated for this layer (KV head {h})"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Validates what select / attend share; returns the sequence slots.
@@ -366,84 +79,6 @@ fn check_batch(
         slots.push(s);
     }
     Ok(slots)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Plane rows.
-
-fn rows_mut<'b>(
-    layout: &Layout,
-    planes: &'b mut [&mut [u8]; SIKV_NUM_PLANES],
-    page: usize,
-    head: usize,
-    slot: usize,
-) -> [&'b mut [u8]; SIKV_NUM_PLANES] {
-    let mut out: [&'b mut [u8]; SIKV_NUM_PLANES] = Default::default();
-    for (p, (plane, o)) in planes.iter_mut().zip(out.iter_mut()).enumerate() {
-        let len = layout.format.row_bytes[p];
-        if len > 0 {
-            let off = layout.row_offset(p, page, head, slot);
-            *o = &mut plane[off..off + len];
-        }
-    }
-    out
-}
-
-fn rows_ref<'b>(
-    layout: &Layout,
-    planes: &[&'b [u8]; SIKV_NUM_PLANES],
-    page: usize,
-    head: usize,
-    slot: usize,
-) -> [&'b [u8]; SIKV_NUM_PLANES] {
-    let mut out: [&'b [u8]; SIKV_NUM_PLANES] = Default::default();
-    for p in 0..SIKV_NUM_PLANES {
-        let len = layout.format.row_bytes[p];
-        if len > 0 {
-            let off = layout.row_offset(p, page, head, slot);
-            out[p] = &planes[p][off..off + len];
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Geometry.
-
-/// Candidates of one (sequence, KV head) of length `len`: positions in
-/// `[S, max(S, len - W))` that are not heavy (`dense_pos[S..S+H]`), ascending.
-pub fn expected_candidates(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<u32> {
-    let (s, h, w) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
-    let mut heavy: Vec<u32> = dense_pos[s..s + h]
-        .iter()
-        .filter(|&&p| p >= 0)
-        .map(|&p| p as u32)
-        .collect();
-    heavy.sort_unstable();
-    let end = s.max(len.saturating_sub(w));
-    (s as u32..end as u32)
-        .filter(|p| heavy.binary_search(p).is_err())
-        .collect()
-}
-
-/// The dense tokens attended for a sequence of length `len`, in dense-index order:
-/// (dense index, position).
-fn dense_entries(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<(usize, usize)> {
-    let (s, h, w) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
-    let win_lo = s.max(len.saturating_sub(w));
-    let mut out = Vec::new();
-    for (i, &p) in dense_pos.iter().enumerate() {
-        if p < 0 {
-            continue;
-        }
-        let p = p as usize;
-        // Sinks and heavy entries count while stored; window entries only inside the window.
-        let keep = p < len && (i < s + h || p >= win_lo);
-        if keep {
-            out.push((i, p));
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

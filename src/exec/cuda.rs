@@ -3,7 +3,7 @@
 
 use super::{Batch, Executor, LayerPools, LayerView, MemMut, NewTokens, Prompt, Selected, Stream, Table, Workspace};
 use crate::ensure;
-use crate::gpu::{DevLayer, DevPageTable, GpuContext};
+use crate::gpu::{DevBatch, DevLayer, DevPrompt, DevSelection, DevTokens, DevWorkspace, GpuContext};
 use crate::layout::SIKV_NUM_PLANES;
 use crate::status::{Error, Result};
 
@@ -22,12 +22,25 @@ fn device_view(p: LayerView) -> Result<DevLayer> {
 }
 
 /// The batch's device table, seq-slot and query addresses.
-fn device_batch(b: &Batch) -> Result<(DevPageTable, u64, u64)> {
-    let t = match &b.table {
+fn device_batch(b: &Batch) -> Result<DevBatch> {
+    let table = match &b.table {
         Table::Device(t) => *t,
         Table::Host(_) => return Err(Error::invalid("`page_table` must be device memory on a CUDA device")),
     };
-    Ok((t, b.seq_slot.device("seq_slot")?, b.q.device("q")?))
+    Ok(DevBatch {
+        table,
+        seq_slot: b.seq_slot.device("seq_slot")?,
+        q: b.q.device("q")?,
+    })
+}
+
+/// The executor's workspace descriptor as the launchers take it (the same two fields; the
+/// executor's own type also describes the CPU's unused workspace).
+fn device_ws(ws: Workspace) -> DevWorkspace {
+    DevWorkspace {
+        ptr: ws.ptr,
+        bytes: ws.bytes,
+    }
 }
 
 pub(super) fn calibrate(
@@ -39,37 +52,29 @@ pub(super) fn calibrate(
     stream: Stream,
 ) -> Result<()> {
     let layer = device_pools(pools)?;
-    g.calibrate(
-        &ex.cfg,
-        &ex.layout,
-        &layer,
-        p.seq_slot,
-        p.n_tokens,
-        p.k.device("k")?,
-        p.v.device("v")?,
-        p.n_query,
-        p.q_tail.device("q_tail")?,
-        p.slot_mapping.device("slot_mapping")?,
-        ws.ptr,
-        ws.bytes,
-        stream,
-    )
+    let prompt = DevPrompt {
+        seq_slot: p.seq_slot,
+        n_tokens: p.n_tokens,
+        k: p.k.device("k")?,
+        v: p.v.device("v")?,
+        n_query: p.n_query,
+        q_tail: p.q_tail.device("q_tail")?,
+        slot_mapping: p.slot_mapping.device("slot_mapping")?,
+    };
+    g.calibrate(&ex.cfg, &ex.layout, &layer, &prompt, device_ws(ws), stream)
 }
 
 pub(super) fn append(ex: &Executor, g: &GpuContext, pools: LayerPools, t: &NewTokens, stream: Stream) -> Result<()> {
     let layer = device_pools(pools)?;
-    g.append(
-        &ex.cfg,
-        &ex.layout,
-        &layer,
-        t.n_tokens,
-        t.k.device("k")?,
-        t.v.device("v")?,
-        t.slot_mapping.device("slot_mapping")?,
-        t.seq_slot.device("seq_slot")?,
-        t.position.device("position")?,
-        stream,
-    )
+    let tokens = DevTokens {
+        n: t.n_tokens,
+        k: t.k.device("k")?,
+        v: t.v.device("v")?,
+        slot_mapping: t.slot_mapping.device("slot_mapping")?,
+        seq_slot: t.seq_slot.device("seq_slot")?,
+        position: t.position.device("position")?,
+    };
+    g.append(&ex.cfg, &ex.layout, &layer, &tokens, stream)
 }
 
 #[allow(clippy::too_many_arguments)] // one descriptor per kind of memory the stage touches
@@ -84,20 +89,12 @@ pub(super) fn select(
     stream: Stream,
 ) -> Result<()> {
     let layer = device_view(pools)?;
-    let (t, ss, q) = device_batch(b)?;
-    g.select(
-        &ex.cfg,
-        &ex.layout,
-        &layer,
-        &t,
-        ss,
-        q,
-        indices.device("indices")?,
-        counts.device("counts")?,
-        ws.ptr,
-        ws.bytes,
-        stream,
-    )
+    let batch = device_batch(b)?;
+    let sel = DevSelection {
+        indices: indices.device("indices")?,
+        counts: counts.device("counts")?,
+    };
+    g.select(&ex.cfg, &ex.layout, &layer, &batch, sel, device_ws(ws), stream)
 }
 
 #[allow(clippy::too_many_arguments)] // one descriptor per kind of memory the stage touches
@@ -112,24 +109,18 @@ pub(super) fn attend(
     stream: Stream,
 ) -> Result<()> {
     let layer = device_view(pools)?;
-    let (t, ss, q) = device_batch(b)?;
+    let batch = device_batch(b)?;
     let out = out.device("out")?;
+    let ws = device_ws(ws);
     match sel {
-        Selected::All => g.attend_dense(&ex.cfg, &ex.layout, &layer, &t, ss, q, out, ws.ptr, ws.bytes, stream),
-        Selected::Given { indices, counts } => g.attend(
-            &ex.cfg,
-            &ex.layout,
-            &layer,
-            &t,
-            ss,
-            q,
-            indices.device("indices")?,
-            counts.device("counts")?,
-            out,
-            ws.ptr,
-            ws.bytes,
-            stream,
-        ),
+        Selected::All => g.attend_dense(&ex.cfg, &ex.layout, &layer, &batch, out, ws, stream),
+        Selected::Given { indices, counts } => {
+            let sel = DevSelection {
+                indices: indices.device("indices")?,
+                counts: counts.device("counts")?,
+            };
+            g.attend(&ex.cfg, &ex.layout, &layer, &batch, sel, out, ws, stream)
+        }
     }
 }
 
@@ -154,55 +145,22 @@ pub(super) fn decode(
     );
     ensure!(ws.ptr != 0, SIKV_ERR_NULL_POINTER, "`workspace` is NULL");
     // The stage workspace is the prefix before the selection.
-    let stage_ws = Workspace {
+    let stage_ws = DevWorkspace {
         ptr: ws.ptr,
         bytes: need.indices,
     };
     let layer = device_view(pools)?;
-    let (t, ss, q) = device_batch(b)?;
+    let batch = device_batch(b)?;
     let out = out.device("out")?;
     if dense {
-        return g.attend_dense(
-            &ex.cfg,
-            &ex.layout,
-            &layer,
-            &t,
-            ss,
-            q,
-            out,
-            stage_ws.ptr,
-            stage_ws.bytes,
-            stream,
-        );
+        return g.attend_dense(&ex.cfg, &ex.layout, &layer, &batch, out, stage_ws, stream);
     }
-    let (idx, cnt) = (ws.ptr + need.indices as u64, ws.ptr + need.counts as u64);
-    g.select(
-        &ex.cfg,
-        &ex.layout,
-        &layer,
-        &t,
-        ss,
-        q,
-        idx,
-        cnt,
-        stage_ws.ptr,
-        stage_ws.bytes,
-        stream,
-    )?;
-    g.attend(
-        &ex.cfg,
-        &ex.layout,
-        &layer,
-        &t,
-        ss,
-        q,
-        idx,
-        cnt,
-        out,
-        stage_ws.ptr,
-        stage_ws.bytes,
-        stream,
-    )
+    let sel = DevSelection {
+        indices: ws.ptr + need.indices as u64,
+        counts: ws.ptr + need.counts as u64,
+    };
+    g.select(&ex.cfg, &ex.layout, &layer, &batch, sel, stage_ws, stream)?;
+    g.attend(&ex.cfg, &ex.layout, &layer, &batch, sel, out, stage_ws, stream)
 }
 
 pub(super) fn reset_sequence(

@@ -2,6 +2,7 @@
 
 use selfindexkv::config::{SikvConfig, SIKV_DTYPE_BF16, SIKV_DTYPE_F16};
 use selfindexkv::cpu::{self, PageTable};
+use selfindexkv::gpu::{DevBatch, DevSelection};
 
 use crate::common::Rng;
 use crate::fixture::*;
@@ -65,20 +66,17 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
     fx.ctx.memset_async(di.ptr(), 0xFF, di.bytes(), null()).map_err(e2s)?;
     fx.ctx.memset_async(dc.ptr(), 0xFF, dc.bytes(), null()).map_err(e2s)?;
     let layer = fx.dev.layer();
+    let batch = DevBatch {
+        table: dt,
+        seq_slot: dslots.ptr(),
+        q: dq.ptr(),
+    };
+    let sel = DevSelection {
+        indices: di.ptr(),
+        counts: dc.ptr(),
+    };
     fx.ctx
-        .select(
-            &fx.cfg,
-            &fx.layout,
-            &layer,
-            &dt,
-            dslots.ptr(),
-            dq.ptr(),
-            di.ptr(),
-            dc.ptr(),
-            ws.ptr(),
-            ws.bytes(),
-            null(),
-        )
+        .select(&fx.cfg, &fx.layout, &layer, &batch, sel, ws.as_workspace(), null())
         .map_err(e2s)?;
     fx.ctx.synchronize(null()).map_err(e2s)?;
     let mut gib = vec![0u8; di.bytes()];
@@ -114,14 +112,13 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
             &fx.cfg,
             &fx.layout,
             &layer,
-            &dt,
-            dslots.ptr(),
-            dq.ptr(),
-            ci_dev.ptr(),
-            cc_dev.ptr(),
+            &batch,
+            DevSelection {
+                indices: ci_dev.ptr(),
+                counts: cc_dev.ptr(),
+            },
             dout.ptr(),
-            ws.ptr(),
-            ws.bytes(),
+            ws.as_workspace(),
             null(),
         )
         .map_err(e2s)?;
@@ -140,12 +137,9 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
             &fx.cfg,
             &fx.layout,
             &layer,
-            &dt,
-            dslots.ptr(),
-            dq.ptr(),
+            &batch,
             dout.ptr(),
-            ws.ptr(),
-            ws.bytes(),
+            ws.as_workspace(),
             null(),
         )
         .map_err(e2s)?;

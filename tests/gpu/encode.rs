@@ -2,6 +2,7 @@
 
 use selfindexkv::config::{SikvConfig, SIKV_CENTRE_MEAN, SIKV_DTYPE_BF16, SIKV_DTYPE_F16};
 use selfindexkv::cpu;
+use selfindexkv::gpu::{DevPrompt, DevTokens};
 
 use crate::common::Rng;
 use crate::fixture::*;
@@ -44,12 +45,14 @@ fn run_encode(rng: &mut Rng, shape: Shape, tweak: impl FnOnce(&mut SikvConfig)) 
                 &fx.cfg,
                 &fx.layout,
                 &fx.dev.layer(),
-                sm.len() as u32,
-                dk.ptr(),
-                dv.ptr(),
-                dsm.ptr(),
-                dsl.ptr(),
-                dpo.ptr(),
+                &DevTokens {
+                    n: sm.len() as u32,
+                    k: dk.ptr(),
+                    v: dv.ptr(),
+                    slot_mapping: dsm.ptr(),
+                    seq_slot: dsl.ptr(),
+                    position: dpo.ptr(),
+                },
                 null(),
             )
             .map_err(e2s)?;
@@ -113,15 +116,16 @@ fn run_calibrate(rng: &mut Rng, shape: Shape, n: usize, nq: usize, tweak: impl F
             &fx.cfg,
             &fx.layout,
             &fx.dev.layer(),
-            1,
-            n as u32,
-            dk.ptr(),
-            dv.ptr(),
-            nq as u32,
-            dq.ptr(),
-            dsm.ptr(),
-            ws.ptr(),
-            ws.bytes(),
+            &DevPrompt {
+                seq_slot: 1,
+                n_tokens: n as u32,
+                k: dk.ptr(),
+                v: dv.ptr(),
+                n_query: nq as u32,
+                q_tail: dq.ptr(),
+                slot_mapping: dsm.ptr(),
+            },
+            ws.as_workspace(),
             null(),
         )
         .map_err(e2s)?;

@@ -1,7 +1,7 @@
 //! A decode step captured in a CUDA graph: replays are bit-identical to eager launches.
 
 use selfindexkv::config::SIKV_DTYPE_BF16;
-use selfindexkv::gpu::{DevPageTable, DeviceBuffer, GpuContext};
+use selfindexkv::gpu::{DevBatch, DevPageTable, DevSelection, DevTokens, DeviceBuffer, GpuContext};
 
 use crate::common::Rng;
 use crate::fixture::*;
@@ -74,50 +74,30 @@ fn case_graph(rng: &mut Rng) -> R {
         last_page_len: ilast.ptr(),
         batch: b as u32,
     };
-    let slot_dev = islot.ptr();
+    let batch = DevBatch {
+        table: dt,
+        seq_slot: islot.ptr(),
+        q: iq.ptr(),
+    };
+    let tokens = DevTokens {
+        n: b as u32,
+        k: ik.ptr(),
+        v: iv.ptr(),
+        slot_mapping: ism.ptr(),
+        seq_slot: islot.ptr(),
+        position: ipos.ptr(),
+    };
     let step =
         |pools: &[DevPools], outs: &[DeviceBuffer], idx: &[(DeviceBuffer, DeviceBuffer)]| -> selfindexkv::Result<()> {
             for l in 0..layers {
                 let layer = pools[l].layer();
-                ctx.append(
-                    &cfg,
-                    &layout,
-                    &layer,
-                    b as u32,
-                    ik.ptr(),
-                    iv.ptr(),
-                    ism.ptr(),
-                    slot_dev,
-                    ipos.ptr(),
-                    st,
-                )?;
-                ctx.select(
-                    &cfg,
-                    &layout,
-                    &layer,
-                    &dt,
-                    slot_dev,
-                    iq.ptr(),
-                    idx[l].0.ptr(),
-                    idx[l].1.ptr(),
-                    ws.ptr(),
-                    ws.bytes(),
-                    st,
-                )?;
-                ctx.attend(
-                    &cfg,
-                    &layout,
-                    &layer,
-                    &dt,
-                    slot_dev,
-                    iq.ptr(),
-                    idx[l].0.ptr(),
-                    idx[l].1.ptr(),
-                    outs[l].ptr(),
-                    ws.ptr(),
-                    ws.bytes(),
-                    st,
-                )?;
+                let sel = DevSelection {
+                    indices: idx[l].0.ptr(),
+                    counts: idx[l].1.ptr(),
+                };
+                ctx.append(&cfg, &layout, &layer, &tokens, st)?;
+                ctx.select(&cfg, &layout, &layer, &batch, sel, ws.as_workspace(), st)?;
+                ctx.attend(&cfg, &layout, &layer, &batch, sel, outs[l].ptr(), ws.as_workspace(), st)?;
             }
             Ok(())
         };

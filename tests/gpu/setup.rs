@@ -3,7 +3,7 @@
 
 use selfindexkv::config::{SIKV_DTYPE_BF16, SIKV_DTYPE_F16, SIKV_DTYPE_F32};
 use selfindexkv::cpu;
-use selfindexkv::gpu::{params, DevPageTable, GpuContext};
+use selfindexkv::gpu::{params, DevBatch, DevPageTable, DevSelection, DevTokens, DevWorkspace, GpuContext};
 use selfindexkv::layout::{Layout, SIKV_PLANE_SIGN};
 use selfindexkv::status::SikvStatus;
 
@@ -49,40 +49,68 @@ fn case_validation(_rng: &mut Rng) -> R {
         }
     };
     let l = pools.layer();
+    // Every address valid (one aligned buffer) unless a case says otherwise.
+    let batch = DevBatch {
+        table,
+        seq_slot: b,
+        q: b,
+    };
+    let sel = DevSelection { indices: b, counts: b };
+    let ws = ws.as_workspace();
     expect(
         "misaligned q",
-        ctx.select(&cfg, &layout, &l, &table, b, b + 2, b, b, ws.ptr(), ws.bytes(), null()),
+        ctx.select(&cfg, &layout, &l, &DevBatch { q: b + 2, ..batch }, sel, ws, null()),
         SikvStatus::SIKV_ERR_MISALIGNED,
     )?;
     expect(
         "null q",
-        ctx.select(&cfg, &layout, &l, &table, b, 0, b, b, ws.ptr(), ws.bytes(), null()),
+        ctx.select(&cfg, &layout, &l, &DevBatch { q: 0, ..batch }, sel, ws, null()),
         SikvStatus::SIKV_ERR_NULL_POINTER,
     )?;
     expect(
         "small ws",
-        ctx.select(&cfg, &layout, &l, &table, b, b, b, b, ws.ptr(), 16, null()),
+        ctx.select(&cfg, &layout, &l, &batch, sel, DevWorkspace { bytes: 16, ..ws }, null()),
         SikvStatus::SIKV_ERR_BUFFER_TOO_SMALL,
     )?;
-    let big = DevPageTable {
-        batch: cfg.max_batch + 1,
-        ..table
+    let big = DevBatch {
+        table: DevPageTable {
+            batch: cfg.max_batch + 1,
+            ..table
+        },
+        ..batch
     };
     expect(
         "batch",
-        ctx.attend(&cfg, &layout, &l, &big, b, b, b, b, b, ws.ptr(), ws.bytes(), null()),
+        ctx.attend(&cfg, &layout, &l, &big, sel, b, ws, null()),
         SikvStatus::SIKV_ERR_OUT_OF_BOUNDS,
     )?;
+    let tokens = DevTokens {
+        n: 1,
+        k: b,
+        v: b,
+        slot_mapping: b,
+        seq_slot: b,
+        position: b,
+    };
     expect(
         "append n",
-        ctx.append(&cfg, &layout, &l, cfg.max_append_tokens + 1, b, b, b, b, b, null()),
+        ctx.append(
+            &cfg,
+            &layout,
+            &l,
+            &DevTokens {
+                n: cfg.max_append_tokens + 1,
+                ..tokens
+            },
+            null(),
+        ),
         SikvStatus::SIKV_ERR_OUT_OF_BOUNDS,
     )?;
     let mut l2 = l;
     l2.planes[SIKV_PLANE_SIGN] = 0;
     expect(
         "null plane",
-        ctx.append(&cfg, &layout, &l2, 1, b, b, b, b, b, null()),
+        ctx.append(&cfg, &layout, &l2, &tokens, null()),
         SikvStatus::SIKV_ERR_NULL_POINTER,
     )?;
     // reset_sequence matches cpu::reset_sequence.

@@ -1,0 +1,493 @@
+//! The stage launchers: host-side validation of each stage's arguments (sizes against the
+//! configuration bounds, null and misaligned pointers, workspace size) and the kernel launches
+//! on the caller's stream, in the order the stage needs. The hot-path contract of the module
+//! doc of `gpu` holds for every launcher here except `calibrate` (not a hot path).
+
+use super::desc::{DevBatch, DevLayer, DevPageTable, DevPrompt, DevSelection, DevTokens, DevWorkspace};
+use super::geometry::*;
+use super::params::SikvParams;
+use super::workspace::Workspace;
+use super::{
+    cuda_stream, driver, CUstream, GpuContext, TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK,
+    SELECT_TOPK_FINAL,
+};
+use crate::config::CacheConfig;
+use crate::layout::Layout;
+use crate::status::{Error, Result, SikvStatus};
+
+/// encode: one warp per (token, KV head).
+fn encode_grid(n: u32, num_kv_heads: u32) -> (u32, u32, u32) {
+    let warps = n as u64 * num_kv_heads as u64;
+    (warps.div_ceil((ENCODE_THREADS / 32) as u64) as u32, 1, 1)
+}
+
+// The attend kernel keeps ATTEND_MAX_GROUP query heads per KV head in shared memory.
+const _: () = assert!(crate::config::MAX_GQA_RATIO <= ATTEND_MAX_GROUP);
+// Launch sizes the kernels assume: whole warps, and (top-k histogram scan) bins that split
+// evenly over the threads.
+const _: () = assert!(ENCODE_THREADS % 32 == 0 && ATTEND_THREADS % 32 == 0 && COMBINE_THREADS % 32 == 0);
+const _: () = assert!(TOPK_HIST_BINS % TOPK_THREADS as usize == 0 && TOPK_HIST_BINS % COMPACT_THREADS as usize == 0);
+
+fn need(ptr: u64, name: &str) -> Result<()> {
+    if ptr == 0 {
+        return Err(Error::null(name));
+    }
+    Ok(())
+}
+
+fn aligned(ptr: u64, align: u64, name: &str) -> Result<()> {
+    if ptr % align != 0 {
+        return Err(Error::new(
+            SikvStatus::SIKV_ERR_MISALIGNED,
+            format!("`{name}` = {ptr:#x} is not {align}-byte aligned"),
+        ));
+    }
+    Ok(())
+}
+
+/// Required and aligned (device pointers read with vector loads are 16-byte aligned).
+fn dev_ptr(ptr: u64, align: u64, name: &str) -> Result<()> {
+    need(ptr, name)?;
+    aligned(ptr, align, name)
+}
+
+impl GpuContext {
+    /// The device twin of cpu::reset_sequence for one layer: zeroes the state records of
+    /// `seq_slot` (all KV heads; not calibrated) and marks every dense entry empty. Two
+    /// memsets per KV head, asynchronous on `stream`.
+    pub fn reset_sequence(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        seq_slot: u32,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.take_fault()?;
+        crate::ensure!(
+            seq_slot < cfg.max_seqs,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
+            cfg.max_seqs
+        );
+        dev_ptr(layer.state, 16, "state")?;
+        self.current()?;
+        let st = &layout.state;
+        for h in 0..layout.num_kv_heads {
+            let rec = layer.state + layout.state_offset(seq_slot as usize, h) as u64;
+            driver::memset_async(rec, 0, st.bytes, cuda_stream(stream))?;
+            if st.dense_capacity > 0 {
+                driver::memset32_async(
+                    rec + st.dense_pos as u64,
+                    u32::MAX,
+                    st.dense_capacity,
+                    cuda_stream(stream),
+                )?;
+            }
+        }
+        Ok(())
+    }
+    // ------------------------------------------------------------------------------------
+    // Workspace.
+
+    /// Bytes of workspace every call with a batch of up to `batch` sequences needs (from the
+    /// declared maxima only). Calibrate needs `workspace_bytes(cfg, layout, 1)`.
+    pub fn workspace_bytes(cfg: &CacheConfig, layout: &Layout, batch: u32) -> usize {
+        Workspace::new(cfg, layout, batch).total
+    }
+
+    fn with_ws(p: &mut SikvParams, ws: u64, w: &Workspace) {
+        p.ws_keys = ws + w.keys as u64;
+        p.ws_list = ws + w.list as u64;
+        p.ws_list_n = ws + w.list_n as u64;
+        p.ws_keys2 = ws + w.keys2 as u64;
+        p.ws_part_acc = ws + w.part_acc as u64;
+        p.ws_part_ml = ws + w.part_ml as u64;
+        p.ws_qbar = ws + w.qbar as u64;
+        p.ws_rank = ws + w.rank as u64;
+        p.ws_hist = ws + w.hist as u64;
+        p.ws_cand = ws + w.cand as u64;
+        p.key_stride = w.key_stride as i32;
+        p.cand_cap = w.cand_cap as i32;
+    }
+
+    fn check_ws(ws: DevWorkspace, w: &Workspace) -> Result<()> {
+        dev_ptr(ws.ptr, 16, "ws")?;
+        if ws.bytes < w.total {
+            return Err(Error::new(
+                SikvStatus::SIKV_ERR_BUFFER_TOO_SMALL,
+                format!(
+                    "ws_bytes = {} is smaller than the {} bytes the workspace needs",
+                    ws.bytes, w.total
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn layer_params(cfg: &CacheConfig, layout: &Layout, layer: &DevLayer) -> Result<SikvParams> {
+        let mut p = SikvParams::from_config(cfg, layout);
+        for (i, base) in layer.planes.iter().enumerate() {
+            if layout.format.has(i) {
+                dev_ptr(*base, 16, crate::layout::PLANE_NAMES[i])?;
+                p.plane[i] = *base;
+            }
+        }
+        dev_ptr(layer.state, 16, "state")?;
+        p.state = layer.state;
+        Ok(p)
+    }
+
+    fn table_params(cfg: &CacheConfig, p: &mut SikvParams, table: &DevPageTable) -> Result<()> {
+        if table.batch > cfg.max_batch {
+            return Err(Error::bounds(format!(
+                "page table batch = {} exceeds max_batch ({})",
+                table.batch, cfg.max_batch
+            )));
+        }
+        dev_ptr(table.indptr, 4, "page_table.indptr")?;
+        dev_ptr(table.indices, 4, "page_table.indices")?;
+        dev_ptr(table.last_page_len, 4, "page_table.last_page_len")?;
+        p.indptr = table.indptr;
+        p.page_indices = table.indices;
+        p.last_page_len = table.last_page_len;
+        p.batch = table.batch as i32;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Stages.
+
+    /// Stage `calibrate` for one sequence (cpu::calibrate) from its prompt (see
+    /// [`DevPrompt`]); `ws` holds at least `workspace_bytes(cfg, layout, 1)`. Not a hot path
+    /// (nine small launches), but asynchronous and without allocation all the same. Overwrites
+    /// the state records of `prompt.seq_slot` (the caller tracks whether it was calibrated).
+    pub fn calibrate(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        prompt: &DevPrompt,
+        ws: DevWorkspace,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.take_fault()?;
+        self.check_cfg(cfg)?;
+        let DevPrompt {
+            seq_slot,
+            n_tokens: n,
+            k,
+            v,
+            n_query: nq,
+            q_tail,
+            slot_mapping,
+        } = *prompt;
+        crate::ensure!(
+            n >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "calibrate: n = 0 (the prompt needs >= 1 token)"
+        );
+        crate::ensure!(
+            n <= cfg.max_seq_len,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "calibrate: prompt length {n} exceeds max_seq_len ({})",
+            cfg.max_seq_len
+        );
+        crate::ensure!(
+            nq >= 1,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "calibrate: nq = 0 (q_tail needs >= 1 row)"
+        );
+        crate::ensure!(
+            nq <= n,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "calibrate: nq = {nq} exceeds the prompt length {n}"
+        );
+        crate::ensure!(
+            seq_slot < cfg.max_seqs,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "seq_slot = {seq_slot} is outside 0..max_seqs ({})",
+            cfg.max_seqs
+        );
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        dev_ptr(k, 16, "k")?;
+        dev_ptr(v, 16, "v")?;
+        dev_ptr(q_tail, 16, "q_tail")?;
+        dev_ptr(slot_mapping, 8, "slot_mapping")?;
+        let w = Workspace::new(cfg, layout, 1);
+        Self::check_ws(ws, &w)?;
+        Self::with_ws(&mut p, ws.ptr, &w);
+        p.k = k;
+        p.v = v;
+        p.q = q_tail;
+        p.slot_mapping = slot_mapping;
+        p.n_tokens = n as i32;
+        p.nq = nq as i32;
+        p.calib_slot = seq_slot as i32;
+        p.mode = 1;
+        self.current()?;
+        let kn = &self.inner.kernels;
+        let h = cfg.num_kv_heads;
+        let hd = h * cfg.head_dim;
+        let chan = (hd.div_ceil(CALIB_CHANNEL_THREADS), 1, 1);
+        self.launch(&kn.calib_init, (h, 1, 1), CALIB_INIT_THREADS, stream, &p)?;
+        if p.centre_mean != 0 {
+            self.launch(&kn.calib_mean, chan, CALIB_CHANNEL_THREADS, stream, &p)?;
+        } else {
+            self.launch(&kn.calib_median, (hd, 1, 1), CALIB_MEDIAN_THREADS, stream, &p)?;
+        }
+        self.launch(&kn.calib_qbar, chan, CALIB_CHANNEL_THREADS, stream, &p)?;
+        if nq >= 2 {
+            self.launch(&kn.calib_qmed, (hd, 1, 1), CALIB_MEDIAN_THREADS, stream, &p)?;
+        }
+        let range = (n as i64 - cfg.n_window as i64 - cfg.n_sink as i64).max(0) as u32;
+        if range > 0 && cfg.n_heavy > 0 {
+            let grid = (range.div_ceil(CALIB_HEAVY_SCORE_THREADS), h, 1);
+            self.launch(&kn.calib_heavy_score, grid, CALIB_HEAVY_SCORE_THREADS, stream, &p)?;
+        }
+        self.launch(
+            &kn.calib_heavy_select,
+            (h, 1, 1),
+            CALIB_HEAVY_SELECT_THREADS,
+            stream,
+            &p,
+        )?;
+        self.launch(&kn.calib_scale, chan, CALIB_CHANNEL_THREADS, stream, &p)?;
+        let subvectors = hd / crate::layout::SUBVEC as u32;
+        let grid = (subvectors.div_ceil(CALIB_CODEBOOK_THREADS), 1, 1);
+        self.launch(&kn.calib_codebook, grid, CALIB_CODEBOOK_THREADS, stream, &p)?;
+        self.launch(&kn.encode, encode_grid(n, h), ENCODE_THREADS, stream, &p)?;
+        Ok(())
+    }
+
+    /// Stage `encode` (cpu::append) of `tokens` (see [`DevTokens`]). Hot path. Tokens whose
+    /// seq_slot, position or slot_mapping is out of range are skipped on the device and
+    /// reported by the next call (device faults, module doc).
+    pub fn append(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        tokens: &DevTokens,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.take_fault()?;
+        self.check_cfg(cfg)?;
+        let n = tokens.n;
+        crate::ensure!(
+            n <= cfg.max_append_tokens,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "append of {n} tokens exceeds max_append_tokens ({})",
+            cfg.max_append_tokens
+        );
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        if n == 0 {
+            return Ok(());
+        }
+        dev_ptr(tokens.k, 16, "k")?;
+        dev_ptr(tokens.v, 16, "v")?;
+        dev_ptr(tokens.slot_mapping, 8, "slot_mapping")?;
+        dev_ptr(tokens.seq_slot, 4, "seq_slot")?;
+        dev_ptr(tokens.position, 4, "position")?;
+        p.k = tokens.k;
+        p.v = tokens.v;
+        p.slot_mapping = tokens.slot_mapping;
+        p.seq_slot = tokens.seq_slot;
+        p.position = tokens.position;
+        p.n_tokens = n as i32;
+        p.mode = 0;
+        self.current()?;
+        let grid = encode_grid(n, cfg.num_kv_heads);
+        self.launch(&self.inner.kernels.encode, grid, ENCODE_THREADS, stream, &p)
+    }
+
+    /// Selection (cpu::select): score, top-k (and rerank when two-stage) for `batch`; writes
+    /// `sel` (see [`DevSelection`]). Hot path.
+    #[allow(clippy::too_many_arguments)] // one typed descriptor per kind of memory the stage touches
+    pub fn select(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        sel: DevSelection,
+        ws: DevWorkspace,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.select_stages(SELECT_ALL, cfg, layout, layer, batch, sel, ws, stream)
+    }
+
+    /// The parameters every batch call (select, attend, attend_dense) shares: layer, batch
+    /// (page table, seq_slot, q) and workspace, validated; None for an empty batch (nothing to
+    /// launch).
+    fn batch_params(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        ws: DevWorkspace,
+    ) -> Result<Option<(SikvParams, Workspace)>> {
+        self.check_cfg(cfg)?;
+        let table = &batch.table;
+        let mut p = Self::layer_params(cfg, layout, layer)?;
+        Self::table_params(cfg, &mut p, table)?;
+        if table.batch == 0 {
+            return Ok(None);
+        }
+        dev_ptr(batch.seq_slot, 4, "seq_slot")?;
+        dev_ptr(batch.q, 16, "q")?;
+        let w = Workspace::new(cfg, layout, table.batch);
+        Self::check_ws(ws, &w)?;
+        crate::ensure!(
+            w.max_splits() <= COMBINE_MAX_SPLITS,
+            SIKV_ERR_UNSUPPORTED,
+            "{} attention splits per query head exceed the combine kernel's {COMBINE_MAX_SPLITS}",
+            w.max_splits()
+        );
+        Self::with_ws(&mut p, ws.ptr, &w);
+        p.seq_slot = batch.seq_slot;
+        p.q = batch.q;
+        Ok(Some((p, w)))
+    }
+
+    /// Checks a selection's addresses and points the kernels' parameters at it.
+    fn selection_params(p: &mut SikvParams, sel: DevSelection) -> Result<()> {
+        dev_ptr(sel.indices, 4, "indices")?;
+        dev_ptr(sel.counts, 4, "counts")?;
+        p.indices = sel.indices;
+        p.counts = sel.counts;
+        Ok(())
+    }
+
+    /// Benchmarking aid: launches only the parts of `select` named by `stages` (bits
+    /// SELECT_SCORE, SELECT_TOPK, SELECT_RERANK; each part reads what the previous one left in
+    /// the workspace, so time a part only after a full select on the same workspace).
+    #[allow(clippy::too_many_arguments)] // select's arguments plus the stage bits
+    pub fn select_stages(
+        &self,
+        stages: u32,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        sel: DevSelection,
+        ws: DevWorkspace,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.take_fault()?;
+        let Some((mut p, _)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
+            return Ok(());
+        };
+        Self::selection_params(&mut p, sel)?;
+        self.current()?;
+        let kn = &self.inner.kernels;
+        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
+        let tiles = cfg.max_seq_len.div_ceil(SCORE_TILE);
+        let multi = match self.inner.topk {
+            TopkPath::Single => false,
+            TopkPath::Multi { cand_cap } => {
+                if let Some(c) = cand_cap {
+                    p.cand_cap = p.cand_cap.min(c.max(1) as i32);
+                }
+                true
+            }
+        };
+        p.topk_multi = multi as i32;
+        if stages & SELECT_SCORE != 0 {
+            if multi {
+                // The score kernel adds into the per-row histograms (and the final top-k kernel
+                // expects zero candidate counters): zero both on the stream.
+                let words = b as usize * h as usize * TOPK_HIST_STRIDE;
+                driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
+            }
+            self.launch(&kn.score, (tiles, h, b), SCORE_THREADS, stream, &p)?;
+        }
+        // SELECT_TOPK_FINAL: the final kernel keeps the candidate counter (p.mode = 1).
+        let mut pf = p;
+        pf.mode = (stages & SELECT_TOPK_FINAL != 0) as i32;
+        if stages & SELECT_TOPK != 0 {
+            if multi {
+                let ctiles = cfg.max_seq_len.div_ceil(COMPACT_TILE);
+                self.launch(&kn.topk_compact, (ctiles, h, b), COMPACT_THREADS, stream, &p)?;
+                self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
+            } else {
+                self.launch(&kn.topk_stage1, (h, b, 1), TOPK_THREADS, stream, &p)?;
+            }
+        } else if multi && stages & SELECT_TOPK_FINAL != 0 {
+            self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
+        }
+        if cfg.two_stage() && stages & SELECT_RERANK != 0 {
+            let grid = (cfg.stage1_max().div_ceil(RERANK_THREADS), h, b);
+            self.launch(&kn.rerank_score, grid, RERANK_THREADS, stream, &p)?;
+            self.launch(&kn.topk_stage2, (h, b, 1), TOPK_THREADS, stream, &p)?;
+        }
+        Ok(())
+    }
+
+    /// Stage `attend` + `combine` (cpu::attend): attention over the dense set and the selected
+    /// positions `sel`; `out`: `[batch][H_q][d]` in the model dtype (16-byte aligned). Hot path.
+    #[allow(clippy::too_many_arguments)] // one typed descriptor per kind of memory the stage touches
+    pub fn attend(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        sel: DevSelection,
+        out: u64,
+        ws: DevWorkspace,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.take_fault()?;
+        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
+            return Ok(());
+        };
+        Self::selection_params(&mut p, sel)?;
+        dev_ptr(out, 16, "out")?;
+        p.out = out;
+        p.num_splits = w.sparse_splits as i32;
+        self.current()?;
+        let kn = &self.inner.kernels;
+        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
+        self.launch(&kn.attend, (w.sparse_splits as u32, h, b), ATTEND_THREADS, stream, &p)?;
+        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), COMBINE_THREADS, stream, &p)
+    }
+
+    /// Dense decode (cpu::attend_dense): every candidate dequantised plus the dense set, no
+    /// selection; `out` as for [`attend`](Self::attend). Hot path (the crossover path and our
+    /// own baseline).
+    #[allow(clippy::too_many_arguments)] // one typed descriptor per kind of memory the stage touches
+    pub fn attend_dense(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        out: u64,
+        ws: DevWorkspace,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.take_fault()?;
+        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
+            return Ok(());
+        };
+        dev_ptr(out, 16, "out")?;
+        p.out = out;
+        p.num_splits = w.dense_total_splits as i32;
+        p.dense_splits = w.dense_splits as i32;
+        p.dense_chunk = w.dense_chunk as i32;
+        p.mode = 1;
+        self.current()?;
+        let kn = &self.inner.kernels;
+        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
+        self.launch(
+            &kn.attend_dense,
+            (w.dense_total_splits as u32, h, b),
+            ATTEND_THREADS,
+            stream,
+            &p,
+        )?;
+        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), COMBINE_THREADS, stream, &p)
+    }
+}
