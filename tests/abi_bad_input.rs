@@ -774,12 +774,10 @@ impl Fx {
                 a.seq_ids = ids_unknown.c().wrapping_add(1)
             })
             .mis("n_tokens", |a| a.n_tokens = counts.cmis())
-            // The message names the bound, not the argument: "33 tokens exceed
-            // max_append_tokens = 32".
             .bad(
                 "n_tokens[0] = max_append_tokens + 1",
                 SIKV_ERR_OUT_OF_BOUNDS,
-                "max_append_tokens",
+                "n_tokens add up to",
                 |a| a.n_tokens = counts_over.c(),
             )
             .null("k", |a| a.k = null())

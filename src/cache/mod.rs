@@ -292,7 +292,7 @@ impl Cache {
         ensure!(
             total <= self.cfg.max_append_tokens as u64,
             SIKV_ERR_OUT_OF_BOUNDS,
-            "{total} tokens exceed max_append_tokens = {}",
+            "n_tokens add up to {total} tokens, over max_append_tokens = {}",
             self.cfg.max_append_tokens
         );
         ensure!(total >= 1, SIKV_ERR_INVALID_ARGUMENT, "no tokens to append");

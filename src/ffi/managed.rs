@@ -31,7 +31,12 @@ fn cache_ref<'a>(p: *const SikvCache) -> Result<&'a SikvCache> {
 }
 
 fn poison_of(p: *const SikvCache) -> Option<&'static AtomicBool> {
-    // SAFETY: a non-NULL handle comes from sikv_cache_create and lives until destroy.
+    // A misaligned pointer cannot be a handle: leave it to the call's own check (MISALIGNED)
+    // rather than read through it.
+    if (p as usize) % std::mem::align_of::<SikvCache>() != 0 {
+        return None;
+    }
+    // SAFETY: a non-NULL, aligned handle comes from sikv_cache_create and lives until destroy.
     unsafe { p.as_ref() }.map(|c| &c.poisoned)
 }
 
@@ -297,7 +302,7 @@ pub extern "C" fn sikv_append(
             ensure!(
                 total <= c.cfg.max_append_tokens as u64,
                 SIKV_ERR_OUT_OF_BOUNDS,
-                "{total} tokens exceed max_append_tokens = {}",
+                "n_tokens add up to {total} tokens, over max_append_tokens = {}",
                 c.cfg.max_append_tokens
             );
             let kv = total as usize * (c.cfg.num_kv_heads * c.cfg.head_dim) as usize;

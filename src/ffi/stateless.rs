@@ -29,7 +29,12 @@ fn kernels_ref<'a>(p: *const SikvKernels) -> Result<&'a SikvKernels> {
 }
 
 fn poison_of(p: *const SikvKernels) -> Option<&'static AtomicBool> {
-    // SAFETY: a non-NULL handle comes from sikv_kernels_create and lives until destroy.
+    // A misaligned pointer cannot be a handle: leave it to the call's own check (MISALIGNED)
+    // rather than read through it.
+    if (p as usize) % std::mem::align_of::<SikvKernels>() != 0 {
+        return None;
+    }
+    // SAFETY: a non-NULL, aligned handle comes from sikv_kernels_create and lives until destroy.
     unsafe { p.as_ref() }.map(|k| &k.poisoned)
 }
 
