@@ -1433,7 +1433,13 @@ fn sticky_cuda_error_poisons_the_handle() {
     };
     let stdout = read_out.join().unwrap();
     let stderr = read_err.join().unwrap();
-    println!("--- child stdout\n{stdout}--- child stderr\n{stderr}---");
+    // Prefixed, so that log scanners counting libtest's own lines do not count the child's.
+    for line in stdout.lines() {
+        println!("child stdout| {line}");
+    }
+    for line in stderr.lines() {
+        println!("child stderr| {line}");
+    }
     let status = status.expect("the child ran for more than 180 s and was killed");
     // Lines "POISON_CHILD <key> status=<n> cuda=<n> msg=<text>".
     // (Searched inside lines: libtest may print `test poison_child ... ` before the first.)
