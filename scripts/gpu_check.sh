@@ -3,7 +3,8 @@
 # (made here by scripts/build_gpu_bundle.sh; no cargo needed there):
 #   1. nvidia-smi line
 #   2. .gpu/gpu_tests: every GPU test, one libtest test per case named <stage>::<case>
-#      (setup::, encode::, decode::, graph::; tests/gpu/), then .gpu/gpu_managed_tests
+#      (setup::, encode::, decode::, graph::; tests/gpu/), then .gpu/gpu_managed_tests and
+#      .gpu/gpu_abi_tests
 #   3. compute-sanitizer memcheck and racecheck on a reduced run (SIKV_GPU_TEST_QUICK=1)
 #   4. .gpu/gpu_bench (our kernels) and scripts/sdpa_baseline.py (PyTorch SDPA cuDNN / flash)
 #   5. a summary table (last lines of the output)
@@ -70,6 +71,13 @@ if want tests; then
   RC[managed]=$?
   grep -E "managed GPU|stateless ABI|seed =|skipped|test result|panicked" "$OUT/gpu_managed.log"
   check_log "$OUT/gpu_managed.log" gpu_managed_tests || RC[managed]=$?
+  echo "   ($((SECONDS - t0)) s)"
+  echo "== the C ABI on device memory vs the CPU device"
+  t0=$SECONDS
+  .gpu/gpu_abi_tests --nocapture --test-threads=1 > "$OUT/gpu_abi.log" 2>&1
+  RC[abi]=$?
+  grep -E "^test |^[a-z_]+: |POISON_CHILD|skipped|test result|panicked" "$OUT/gpu_abi.log"
+  check_log "$OUT/gpu_abi.log" gpu_abi_tests || RC[abi]=$?
   echo "   ($((SECONDS - t0)) s)"
 fi
 
@@ -151,7 +159,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed demo memcheck memcheck_managed racecheck bench base_bench sdpa model; do
+for k in tests managed abi demo memcheck memcheck_managed racecheck bench base_bench sdpa model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
