@@ -71,6 +71,13 @@ if want tests; then
   grep -E "managed GPU|stateless ABI|seed =|skipped|test result|panicked" "$OUT/gpu_managed.log"
   check_log "$OUT/gpu_managed.log" gpu_managed_tests || RC[managed]=$?
   echo "   ($((SECONDS - t0)) s)"
+  echo "== both ABI layers on device memory, graph capture, faults and poisoning"
+  t0=$SECONDS
+  .gpu/gpu_abi_tests --nocapture --test-threads=1 > "$OUT/gpu_abi.log" 2>&1
+  RC[abi]=$?
+  grep -E "^test |worst|seed =|skipped|test result|panicked" "$OUT/gpu_abi.log"
+  check_log "$OUT/gpu_abi.log" gpu_abi_tests || RC[abi]=$?
+  echo "   ($((SECONDS - t0)) s)"
   echo "== adversarial inputs, GPU vs CPU"
   t0=$SECONDS
   .gpu/adversarial_tests --nocapture --test-threads=1 > "$OUT/adversarial.log" 2>&1
@@ -162,7 +169,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed adversarial demo memcheck memcheck_managed racecheck bench base_bench managed_bench sdpa model; do
+for k in tests managed abi adversarial demo memcheck memcheck_managed racecheck bench base_bench managed_bench sdpa model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
