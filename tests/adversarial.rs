@@ -6,7 +6,8 @@
 //! On the CPU every case checks what must hold whatever the data: each call succeeds, selections
 //! are strictly ascending candidate positions within the budget, outputs are finite wherever
 //! the inputs are. With a GPU the two devices must agree: pools byte-identical (the same
-//! checksum), selections identical, outputs within 2e-3 of each row's max |out| and NaN in the
+//! checksum), selections identical, outputs within 3e-3 of each row's max |out| (10x the worst
+//! recorded on the H200, 3.1e-4) and NaN in the
 //! same places. Without a device each case prints the counted skip line for its GPU half.
 
 mod common;
@@ -272,7 +273,7 @@ fn compare(c: &Case, cfg: &CacheConfig, gpu: &Run, cpu: &Run) {
             };
             worst = worst.max(e);
             assert!(
-                e <= 2e-3,
+                e <= 3e-3,
                 "{}: row {row} channel {i}: gpu {a} cpu {b} (rel err {e})",
                 c.name
             );

@@ -10,7 +10,7 @@
 //!   context), the device fault word, and a stage error releasing the pages it took.
 //!
 //! Comparison rules: pools byte-identical (encode and calibrate are bit-exact with the CPU
-//! encoder); selections identical (indices and counts); outputs within 1e-3 of each output
+//! encoder); selections identical (indices and counts); outputs within 8e-3 of each output
 //! row's own max |out| (no floor; f16 outputs, recorded worst errors are ~1.5e-5). Outputs and
 //! selections are poisoned before every GPU call, so an element a kernel fails to write shows.
 //!
@@ -38,7 +38,8 @@ const HK: usize = 2;
 const D: usize = 128;
 const P: usize = 16;
 /// Relative tolerance of f16 outputs (see the module doc).
-const TOL: f32 = 1e-3;
+// About 10x the worst recorded on the H200 (7.6e-4, attend_dense, 2026-12-02).
+const TOL: f32 = 8e-3;
 
 /// The shapes of every test: 2 layers, 8 query / 2 KV heads (G = 4), head_dim 128, pages of
 /// 16 tokens, f16, the 2+1 profile; a budget small enough that selection really selects.

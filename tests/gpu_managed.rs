@@ -39,9 +39,9 @@ fn row_rel_err(gpu: &[f32], cpu: &[f32], d: usize) -> f32 {
     worst
 }
 
-/// Tolerance of f16 outputs against the CPU backend, relative to each row's max |out|: the
-/// worst recorded on the H200 is about 10x below (see docs/RESULTS.md).
-const F16_ROW_TOL: f32 = 2e-3;
+/// Tolerance of f16 outputs against the CPU backend, relative to each row's max |out|: about
+/// 10x the worst recorded on the H200 (8.3e-4 over 256 managed decode steps, 2026-12-02).
+const F16_ROW_TOL: f32 = 8e-3;
 
 fn quick() -> bool {
     std::env::var("SIKV_GPU_TEST_QUICK").map(|v| v == "1").unwrap_or(false)

@@ -165,13 +165,13 @@ pub fn base_shape(dtype: u32, d: u32, hkv: u32, group: u32) -> Shape {
     }
 }
 
-/// Output tolerance relative to each row's max |cpu|: a few units of the output dtype's
-/// rounding (f16 2^-11, bf16 2^-8), about 10x the worst recorded on the H200.
+/// Output tolerance relative to each row's max |cpu|: about 10x the worst recorded on the H200
+/// (2026-12-02: f16 4.8e-4, bf16 3.7e-3).
 pub fn tol(cfg: &CacheConfig) -> f32 {
     if cfg.dtype == Dtype::Bf16 {
-        1e-2
+        3e-2
     } else {
-        2e-3
+        5e-3
     }
 }
 

@@ -23,7 +23,8 @@
 //!   score within 1e-4 (relative, floor 1e-4 absolute) of the smallest selected CPU score;
 //!   each such row is printed, so a run shows whether any tie was needed.
 //! - attend / attend_dense: on the SAME indices, max |gpu - cpu| <= tol * max |cpu| per
-//!   (sequence, query head) row, no floor, tol = 2e-3 (f16) or 1e-2 (bf16); each comparison
+//!   (sequence, query head) row, no floor, tol = 5e-3 (f16) or 3e-2 (bf16), about 10x the worst
+//!   recorded; each comparison
 //!   prints its worst relative error.
 //! - CUDA graph: graph replays bit-identical to eager launches of the same steps.
 
