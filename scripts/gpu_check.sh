@@ -111,6 +111,12 @@ if [ -n "$SAN" ] && want memcheck; then
   RC[memcheck_managed]=$?
   grep -E "ERROR SUMMARY|managed GPU|test result" "$OUT/memcheck_managed.log" | tail -4
   check_log "$OUT/memcheck_managed.log" memcheck_managed || RC[memcheck_managed]=$?
+  echo "== compute-sanitizer memcheck, adversarial engine-owned device tables"
+  "$SAN" --tool memcheck --error-exitcode 3 .gpu/gpu_abi_tests --exact adversarial_device_tables_stay_inside_the_pools \
+    device_fault_word_reports_a_bad_sequence_slot_on_the_next_call --nocapture --test-threads=1 > "$OUT/memcheck_abi.log" 2>&1
+  RC[memcheck_abi]=$?
+  grep -E "ERROR SUMMARY|reported on the next call|test result" "$OUT/memcheck_abi.log" | tail -12
+  check_log "$OUT/memcheck_abi.log" memcheck_abi || RC[memcheck_abi]=$?
 fi
 if [ -n "$SAN" ] && want racecheck; then
   RACE="${RACECHECK_CASES:-encode::encode_bit_exact,encode::calibrate_bit_exact,decode::select_attend_matrix}"
@@ -169,7 +175,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial demo memcheck memcheck_managed racecheck bench base_bench managed_bench sdpa model; do
+for k in tests managed abi adversarial demo memcheck memcheck_managed memcheck_abi racecheck bench base_bench managed_bench sdpa model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

@@ -1853,3 +1853,159 @@ fn stage_error_releases_the_pages() {
     );
     println!("{test}: failed stage calls left free pages and checksums unchanged on the GPU and the CPU");
 }
+
+/// Engine-owned device tables that are wrong in ways only the device can see: page ids outside
+/// the pool (past the end and negative), a negative sequence slot, a sequence longer than
+/// max_seq_len, and appends whose slot mapping lies past the pool or whose position is past
+/// max_seq_len. Every call is accepted (the host cannot read device memory), the kernels stay
+/// inside the pools (the GPU check runs this test under compute-sanitizer memcheck), and the
+/// next call reports SIKV_ERR_OUT_OF_BOUNDS; the pools are unchanged by the refused appends.
+#[test]
+fn adversarial_device_tables_stay_inside_the_pools() {
+    let test = "adversarial_device_tables_stay_inside_the_pools";
+    let Some(mut p) = Pair::new(config(SIKV_DEVICE_CUDA), test) else {
+        return;
+    };
+    let mut rng = Rng::new(test);
+    let pages = two_page_lists();
+    calibrate_random(&mut p, &mut rng, 0, &pages[0], 300, 1);
+    let num_pages = p.info.num_pages as i32;
+    let q = f16(&vals(&mut rng, HQ));
+    let good = Batch::new(&p.ctx, &[&pages[0]], &[300], &[0], q.clone());
+    let mut past_end = pages[0].clone();
+    past_end[3] = num_pages + 5;
+    let mut negative = pages[0].clone();
+    negative[0] = -7;
+    let too_long_len = p.c.max_seq_len as usize + 3 * P;
+    let too_long_pages: Vec<i32> = (0..too_long_len.div_ceil(P)).map(|i| pages[0][i % 10]).collect();
+    let cases: Vec<(&str, Batch, &str)> = vec![
+        (
+            "page id past the pool",
+            Batch::new(&p.ctx, &[&past_end], &[300], &[0], q.clone()),
+            "page index outside the pool",
+        ),
+        (
+            "negative page id",
+            Batch::new(&p.ctx, &[&negative], &[300], &[0], q.clone()),
+            "page index outside the pool",
+        ),
+        (
+            "negative sequence slot",
+            Batch::new(&p.ctx, &[&pages[0]], &[300], &[-1], q.clone()),
+            "sequence slot",
+        ),
+        (
+            "sequence longer than max_seq_len",
+            Batch::new(&p.ctx, &[&too_long_pages], &[too_long_len], &[0], q.clone()),
+            "longer than max_seq_len",
+        ),
+    ];
+    let dout = poisoned(&p.ctx, good.out_bytes(), 0xFF);
+    let dp = p.dpools(0);
+    let decode = |b: &Batch| {
+        sikv_kernel_decode(
+            p.gk,
+            &dp,
+            &b.dtable(),
+            b.dslots(),
+            b.dq(),
+            dptr(&dout),
+            p.wsp(),
+            p.ws_bytes,
+            null_mut(),
+        )
+    };
+    for (what, bad, names) in &cases {
+        assert_eq!(
+            decode(bad),
+            S::SIKV_OK,
+            "{what}: the host cannot see it yet: {}",
+            last_error_message()
+        );
+        p.sync();
+        let s = decode(&good);
+        let msg = last_error_message();
+        assert_eq!(
+            s,
+            S::SIKV_ERR_OUT_OF_BOUNDS,
+            "{what}: the next call did not report the fault: {msg}"
+        );
+        assert!(
+            msg.contains(names),
+            "{what}: the fault message does not name the check ({names}): {msg}"
+        );
+        p.sync();
+        ok(decode(&good), &format!("{what}: the call after the report"));
+        p.sync();
+        println!("{test}: {what}: reported on the next call ({msg})");
+    }
+    // Appends the device must refuse token by token, leaving the pools as they were.
+    let before = download(&p.ctx, p.dplanes.ptr(), p.info.total_plane_bytes);
+    let state_before = download(&p.ctx, p.dstate.ptr(), p.info.total_state_bytes);
+    let k = upload(&p.ctx, &f16(&vals(&mut rng, HK)));
+    let v = upload(&p.ctx, &f16(&vals(&mut rng, HK)));
+    let pool_slots = num_pages as i64 * P as i64;
+    let appends: [(&str, i64, i32, i32, &str); 3] = [
+        ("slot mapping past the pool", pool_slots + 3, 0, 300, "slot_mapping"),
+        (
+            "position past max_seq_len",
+            slot_of(&pages[0], 300),
+            0,
+            p.c.max_seq_len as i32 + 1,
+            "append position",
+        ),
+        (
+            "negative sequence slot",
+            slot_of(&pages[0], 300),
+            -2,
+            300,
+            "sequence slot",
+        ),
+    ];
+    for (what, sm, slot, pos, names) in appends {
+        let (dsm, dss, dpos) = (
+            upload(&p.ctx, &i64_bytes(&[sm])),
+            upload(&p.ctx, &i32_bytes(&[slot])),
+            upload(&p.ctx, &i32_bytes(&[pos])),
+        );
+        let s = sikv_kernel_append(
+            p.gk,
+            &dp,
+            1,
+            dptr(&k),
+            dptr(&v),
+            dsm.ptr() as *const i64,
+            dss.ptr() as *const i32,
+            dpos.ptr() as *const i32,
+            null_mut(),
+        );
+        assert_eq!(
+            s,
+            S::SIKV_OK,
+            "append, {what}: the host cannot see it yet: {}",
+            last_error_message()
+        );
+        p.sync();
+        let s = decode(&good);
+        let msg = last_error_message();
+        assert_eq!(
+            s,
+            S::SIKV_ERR_OUT_OF_BOUNDS,
+            "append, {what}: the next call did not report the fault: {msg}"
+        );
+        assert!(
+            msg.contains(names),
+            "append, {what}: the fault message does not name the check ({names}): {msg}"
+        );
+        p.sync();
+        println!("{test}: append, {what}: reported on the next call ({msg})");
+    }
+    assert!(
+        download(&p.ctx, p.dplanes.ptr(), p.info.total_plane_bytes) == before,
+        "a refused append changed the plane pool"
+    );
+    assert!(
+        download(&p.ctx, p.dstate.ptr(), p.info.total_state_bytes) == state_before,
+        "a refused append changed the state pool"
+    );
+}
