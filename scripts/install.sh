@@ -15,6 +15,10 @@
 #
 # The CMake package locates itself relative to its own file, so the tree can be moved; the
 # pkg-config files hold DIR as written (an absolute path is made of a relative one).
+#
+# Why a script and not cargo-c: cargo-c builds from source with the whole of cargo (about 420
+# crates, well over the CI budget on two cores), needs a `capi` feature and package metadata in
+# Cargo.toml and its own header step beside build.rs's cbindgen, and writes no CMake package.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
