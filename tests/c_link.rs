@@ -621,5 +621,8 @@ fn trt_plugin_sample_builds_and_runs() {
         out.contains("plugin == managed cache") && out.contains("bit-identical"),
         "trt_plugin_harness did not compare against the managed cache"
     );
-    assert!(out.contains("reported to the recorder"), "trt_plugin_harness skipped the error check");
+    assert!(
+        out.contains("reported to the recorder"),
+        "trt_plugin_harness skipped the error check"
+    );
 }
