@@ -1,101 +1,163 @@
-// A TensorRT-style decode-attention plugin over libselfindexkv's stateless calls.
+// SikvAttention: a TensorRT IPluginV3 (IPluginV3OneCore / OneBuild / OneRuntime) over
+// libselfindexkv's stateless calls, for one attention layer of an engine that owns its memory.
 //
-// The class has the shape of an IPluginV3 plugin (IPluginV3OneCore / OneBuild / OneRuntime):
-// the build phase sees shapes and asks for a workspace size, the runtime phase gets tensor
-// pointers, a workspace and a stream in `enqueue`. TensorRT's headers are not needed to build
-// this sample, so the few TensorRT types it touches are stood in for by `trt_shim` (same
-// names, same enum values); a real plugin derives from nvinfer1::IPluginV3 and friends and
-// keeps the bodies as they are.
+// Built against the real TensorRT headers (NvInferRuntime.h) when SIKV_HAVE_TENSORRT is defined,
+// otherwise against trt_decls/trt_plugin_decls.h, which declares the same API subset.
 //
-// Everything is owned by the engine and arrives as plugin inputs: the query, the FlashInfer-
-// style CSR page table, each sequence's state slot, and this layer's plane block and state pool
-// (sized by sikv_query_layout). The plugin only computes: sikv_kernel_select, then
-// sikv_kernel_attend, on the given stream, with no allocation (CUDA-graph capturable on a GPU).
+// Memory: the engine owns everything, as TensorRT-LLM's attention plugin receives its KV pool
+// pointers as inputs. This layer's plane block and state pool (sized by sikv_query_layout) are
+// plugin inputs; the plugin allocates nothing and keeps no per-sequence state.
+//
+// One enqueue serves a batch of requests, context requests first, then generation requests:
+//   - a context request (its prompt, n tokens) calibrates its sequence slot from the prompt
+//     (sikv_kernel_calibrate), writing the prompt into the pages its slot_mapping names;
+//   - the generation requests (one token each) append their new K/V (sikv_kernel_append);
+//   - then every request attends with its last token's query, gathered into the workspace, in
+//     one sikv_kernel_decode over the whole page table.
+// The output is one row per request: the sparse decode attention of its last token. Attention
+// among a prompt's own tokens (prefill attention) is the engine's dense attention kernel's job.
+//
+// Inputs (all linear):                                          location
+//   0 q            [tokens][num_q_heads][head_dim]   dtype       device
+//   1 k            [tokens][num_kv_heads][head_dim]  dtype       device
+//   2 v            [tokens][num_kv_heads][head_dim]  dtype       device
+//   3 host_request int32 [batch][3]: type (0 context, 1 generation), seq_slot, new tokens
+//                                                                host (read in enqueue, like
+//                                                                TensorRT-LLM's host_* inputs)
+//   4 slot_mapping int64 [tokens]: page * page_size + offset     device
+//   5 position     int32 [tokens]: each new token's position     device
+//   6 seq_slot     int32 [batch]                                 device
+//   7 indptr       int32 [batch + 1]  CSR page table, lengths    device
+//   8 page_indices int32 [pages]      including the new tokens   device
+//   9 last_page_len int32 [batch]                                device
+//  10 planes       uint8 [layer_plane_bytes]                     device
+//  11 state        uint8 [layer_state_bytes]                     device
+// Output 0: [batch][num_q_heads][head_dim], dtype.
+//
+// The whole SikvConfig (plus calib_queries) is the plugin's serialised state; the largest
+// batch is the config's max_batch, so a deserialised plugin needs no configurePlugin call.
 
 #pragma once
+
+#ifdef SIKV_HAVE_TENSORRT
+#include <NvInferRuntime.h>
+#else
+#include "trt_decls/trt_plugin_decls.h"  // SIKV_WITH_CUDA_RUNTIME: with the CUDA runtime
+#endif
 
 #include "selfindexkv.hpp"
 
 #include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
 
-namespace trt_shim {
+namespace sikv_trt {
 
-enum class DataType : int32_t { kFLOAT = 0, kHALF = 1, kINT8 = 2, kINT32 = 3, kBOOL = 4, kUINT8 = 5, kFP8 = 6, kBF16 = 7, kINT64 = 8 };
+constexpr char const* kPluginName = "SikvAttention";
+constexpr char const* kPluginVersion = "1";
+constexpr char const* kPluginNamespace = "sikv";
 
-struct Dims {
-  static constexpr int32_t MAX_DIMS = 8;
-  int32_t nbDims = 0;
-  int64_t d[MAX_DIMS] = {};
+// Plugin configuration: the library's config and how many prompt queries calibrate.
+struct PluginConfig {
+  SikvConfig sikv{};
+  int32_t calib_queries = 8;
 };
 
-struct PluginTensorDesc {
-  Dims dims;
-  DataType type = DataType::kFLOAT;
-};
-
-struct DynamicPluginTensorDesc {
-  PluginTensorDesc desc;
-  Dims min, opt, max;
-};
-
-using cudaStream_t = void*;
-
-}  // namespace trt_shim
-
-class SikvAttentionPlugin {
+class SikvAttentionPlugin final : public nvinfer1::IPluginV3,
+                                  public nvinfer1::IPluginV3OneCore,
+                                  public nvinfer1::IPluginV3OneBuild,
+                                  public nvinfer1::IPluginV3OneRuntime {
  public:
-  // Input bindings, in order.
   enum Input : int32_t {
-    kQ = 0,            // [batch][num_q_heads][head_dim], config dtype
-    kIndptr = 1,       // int32 [batch + 1]
-    kPageIndices = 2,  // int32 [pages of the batch]
-    kLastPageLen = 3,  // int32 [batch]
-    kSeqSlot = 4,      // int32 [batch]: each sequence's state slot
-    kPlanes = 5,       // uint8 [layer_plane_bytes]: this layer's plane block
-    kState = 6,        // uint8 [layer_state_bytes]: this layer's state pool
-    kNbInputs = 7
+    kQ = 0, kK, kV, kHostRequest, kSlotMapping, kPosition, kSeqSlot, kIndptr, kPageIndices, kLastPageLen,
+    kPlanes, kState, kNbInputs
   };
-  enum Output : int32_t { kOut = 0, kNbOutputs = 1 };  // [batch][num_q_heads][head_dim]
+  enum Output : int32_t { kOut = 0, kNbOutputs = 1 };
+  enum RequestType : int32_t { kContext = 0, kGeneration = 1 };
+  static constexpr int32_t kRequestFields = 3;
 
-  explicit SikvAttentionPlugin(const SikvConfig& config);
+  // Throws sikv::Error on a configuration the library rejects (the creator catches it).
+  explicit SikvAttentionPlugin(PluginConfig const& config);
+  ~SikvAttentionPlugin() override = default;
+
+  PluginConfig const& config() const noexcept { return cfg_; }
+
+  // getInterfaceInfo is not overridden: each base (IPluginV3 and the three capabilities) keeps
+  // its own, which is how TensorRT tells the capability interfaces apart.
+
+  // IPluginV3
+  nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+  nvinfer1::IPluginV3* clone() noexcept override;
 
   // IPluginV3OneCore
-  const char* getPluginName() const noexcept { return "SikvDecodeAttention"; }
-  const char* getPluginVersion() const noexcept { return "1"; }
-  const char* getPluginNamespace() const noexcept { return "sikv"; }
+  nvinfer1::AsciiChar const* getPluginName() const noexcept override { return kPluginName; }
+  nvinfer1::AsciiChar const* getPluginVersion() const noexcept override { return kPluginVersion; }
+  nvinfer1::AsciiChar const* getPluginNamespace() const noexcept override { return kPluginNamespace; }
 
   // IPluginV3OneBuild
-  int32_t getNbOutputs() const noexcept { return kNbOutputs; }
-  int32_t getOutputDataTypes(trt_shim::DataType* outputTypes, int32_t nbOutputs, const trt_shim::DataType* inputTypes,
-                             int32_t nbInputs) const noexcept;
-  int32_t getOutputShapes(const trt_shim::Dims* inputs, int32_t nbInputs, trt_shim::Dims* outputs,
-                          int32_t nbOutputs) const noexcept;
-  bool supportsFormatCombination(int32_t pos, const trt_shim::DynamicPluginTensorDesc* inOut, int32_t nbInputs,
-                                 int32_t nbOutputs) const noexcept;
-  int32_t configurePlugin(const trt_shim::DynamicPluginTensorDesc* in, int32_t nbInputs,
-                          const trt_shim::DynamicPluginTensorDesc* out, int32_t nbOutputs) noexcept;
-  // Bytes for the selection (indices, counts) plus sikv_workspace_size at the largest batch.
-  size_t getWorkspaceSize(const trt_shim::DynamicPluginTensorDesc* inputs, int32_t nbInputs,
-                          const trt_shim::DynamicPluginTensorDesc* outputs, int32_t nbOutputs) const noexcept;
+  int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                          nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+  int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs, nvinfer1::DataType const* inputTypes,
+                             int32_t nbInputs) const noexcept override;
+  int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+                          int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+                          nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+  bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+                                 int32_t nbOutputs) noexcept override;
+  int32_t getNbOutputs() const noexcept override { return kNbOutputs; }
+  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+                          nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
 
   // IPluginV3OneRuntime
-  int32_t onShapeChange(const trt_shim::PluginTensorDesc* in, int32_t nbInputs, const trt_shim::PluginTensorDesc* out,
-                        int32_t nbOutputs) noexcept;
-  int32_t enqueue(const trt_shim::PluginTensorDesc* inputDesc, const trt_shim::PluginTensorDesc* outputDesc,
-                  const void* const* inputs, void* const* outputs, void* workspace,
-                  trt_shim::cudaStream_t stream) noexcept;
-
-  const SikvLayoutInfo& layout() const noexcept { return layout_; }
+  int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+                        int32_t nbOutputs) noexcept override;
+  int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+                  void const* const* inputs, void* const* outputs, void* workspace,
+                  cudaStream_t stream) noexcept override;
+  nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+  nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
  private:
-  struct WorkspaceLayout {
-    size_t indices = 0, counts = 0, kernels = 0, kernels_bytes = 0, total = 0;
-  };
-  WorkspaceLayout workspace_for(uint32_t batch) const;
-  trt_shim::DataType activation_type() const noexcept;
+  nvinfer1::DataType activation_type() const noexcept;
+  // Checks the runtime shapes against each other and the config; "" when they fit.
+  std::string check_shapes(nvinfer1::PluginTensorDesc const* in, nvinfer1::PluginTensorDesc const* out) const;
+  int32_t report(nvinfer1::ErrorCode code, char const* what) const noexcept;
 
+  PluginConfig cfg_;
   sikv::Kernels kernels_;
   SikvLayoutInfo layout_;
-  uint32_t max_batch_ = 0;  // from configurePlugin
-  uint32_t batch_ = 0;      // from onShapeChange
+  nvinfer1::IErrorRecorder* recorder_ = nullptr;  // from attachToContext; not owned
+  // Backing store of getFieldsToSerialize (TensorRT reads it after the call returns).
+  std::vector<int32_t> field_values_;
+  std::vector<nvinfer1::PluginField> fields_;
+  nvinfer1::PluginFieldCollection fc_{};
 };
+
+class SikvAttentionPluginCreator final : public nvinfer1::IPluginCreatorV3One {
+ public:
+  SikvAttentionPluginCreator();
+  nvinfer1::IPluginV3* createPlugin(nvinfer1::AsciiChar const* name, nvinfer1::PluginFieldCollection const* fc,
+                                    nvinfer1::TensorRTPhase phase) noexcept override;
+  nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override { return &fc_; }
+  nvinfer1::AsciiChar const* getPluginName() const noexcept override { return kPluginName; }
+  nvinfer1::AsciiChar const* getPluginVersion() const noexcept override { return kPluginVersion; }
+  nvinfer1::AsciiChar const* getPluginNamespace() const noexcept override { return kPluginNamespace; }
+
+ private:
+  std::vector<nvinfer1::PluginField> fields_;
+  nvinfer1::PluginFieldCollection fc_{};
+};
+
+// Fills `fields` with one kINT32 / kFLOAT32 field per configuration member, pointing into
+// `storage` (resized here; it must outlive the fields).
+void config_to_fields(PluginConfig const& c, std::vector<int32_t>& storage, std::vector<nvinfer1::PluginField>& fields);
+// Reads a configuration from fields; unknown names, wrong types or lengths give an error
+// message, missing names keep the profile 2+1 defaults.
+std::string config_from_fields(nvinfer1::PluginFieldCollection const* fc, PluginConfig& out);
+
+}  // namespace sikv_trt
+
+// The plugin-library entry point TensorRT looks up when it loads a plugin library
+// (IPluginRegistry::loadLibrary, trtexec --dynamicPlugins): every creator the library holds.
+extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators);
