@@ -29,7 +29,7 @@
 //! generated calls (default 20 000, sized for CI). Each bug the fuzzer found has a minimal
 //! replay at the end of this file.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_void, CStr};
 use std::mem::MaybeUninit;
 use std::ptr::{null, null_mut};
@@ -78,6 +78,8 @@ enum Expect {
 struct Run {
     seed: u64,
     calls: u64,
+    /// `SIKV_FUZZ_TRACE=1`: print every managed call (for replaying a failure).
+    trace: bool,
     failures: Vec<String>,
     ok: HashMap<&'static str, u64>,
     err: HashMap<&'static str, u64>,
@@ -134,7 +136,10 @@ struct Model {
     max_append: u32,
     budget_max: u32,
     num_pages: u32,
-    seqs: HashMap<i64, MSeq>,
+    /// Tokens per page: a mutated configuration may have another page size than PAGE.
+    page: u32,
+    // Ordered, so that the ids drawn from it (and so a whole run) follow from the seed alone.
+    seqs: BTreeMap<i64, MSeq>,
     refs: HashMap<u64, u32>,
     next_page: u64,
 }
@@ -161,8 +166,8 @@ impl Model {
             }
         }
     }
-    fn pages_needed(s: &MSeq, len: u32) -> usize {
-        (len.div_ceil(PAGE) as usize).saturating_sub(s.pages.len())
+    fn pages_needed(&self, s: &MSeq, len: u32) -> usize {
+        (len.div_ceil(self.page) as usize).saturating_sub(s.pages.len())
     }
     fn seq(&self, id: i64) -> Result<&MSeq, SikvStatus> {
         self.seqs.get(&id).ok_or(SIKV_ERR_UNKNOWN_SEQUENCE)
@@ -452,7 +457,8 @@ fn create(run: &mut Run, rng: &mut Rng) -> Option<Managed> {
             max_append: cfg.max_append_tokens,
             budget_max: cfg.budget_max,
             num_pages: l.num_pages,
-            seqs: HashMap::new(),
+            page: cfg.page_size,
+            seqs: BTreeMap::new(),
             refs: HashMap::new(),
             next_page: 0,
         },
@@ -564,7 +570,7 @@ impl Managed {
                     Ok(_) if m.seqs.contains_key(&dst) => Expect::Err(SIKV_ERR_SEQUENCE_EXISTS),
                     Ok(_) if m.seqs.len() as u32 >= m.max_seqs => Expect::Err(SIKV_ERR_OUT_OF_BOUNDS),
                     Ok(s) => {
-                        let shared = ((*s.len.iter().min().unwrap() / PAGE) as usize).min(s.pages.len());
+                        let shared = ((*s.len.iter().min().unwrap() / m.page) as usize).min(s.pages.len());
                         if s.pages.len() - shared > m.free_pages() as usize {
                             Expect::Err(SIKV_ERR_OUT_OF_PAGES)
                         } else {
@@ -575,7 +581,7 @@ impl Managed {
                 let st = sikv_seq_fork(h, src, dst);
                 if st == SIKV_OK && !null_handle {
                     let s = self.model.seqs[&src].clone();
-                    let shared = ((*s.len.iter().min().unwrap() / PAGE) as usize).min(s.pages.len());
+                    let shared = ((*s.len.iter().min().unwrap() / self.model.page) as usize).min(s.pages.len());
                     let mut pages = s.pages[..shared].to_vec();
                     for p in &pages {
                         *self.model.refs.get_mut(p).unwrap() += 1;
@@ -636,6 +642,9 @@ impl Managed {
             want
         };
         let ok = run.status(name, st, want, &|| ctx.clone());
+        if run.trace {
+            println!("#{} {name}({ctx}) = {st:?}", run.calls);
+        }
         if st == SIKV_OK && !read_only {
             // The kept selection belongs to the state it was made on (a re-calibrated sequence
             // has another heavy set, a longer one another window).
@@ -737,7 +746,7 @@ impl Managed {
             if s.len[layer as usize] != 0 || n == 0 || nq == 0 {
                 return Err(SIKV_ERR_INVALID_ARGUMENT);
             }
-            if Model::pages_needed(s, n) > m.free_pages() as usize {
+            if m.pages_needed(s, n) > m.free_pages() as usize {
                 return Err(SIKV_ERR_OUT_OF_PAGES);
             }
             Ok(())
@@ -751,7 +760,7 @@ impl Managed {
         let st = sikv_calibrate(h, layer, id, n, kp, vp, nq, qp, null_mut());
         if st == SIKV_OK && !h.is_null() {
             let mut s = self.model.seqs[&id].clone();
-            let need = Model::pages_needed(&s, n);
+            let need = self.model.pages_needed(&s, n);
             s.pages.extend(self.model.fresh(need));
             s.len[layer as usize] = n;
             s.calibrated[layer as usize] = true;
@@ -818,7 +827,7 @@ impl Managed {
                 if new_len > m.max_seq_len as u64 {
                     return Err(SIKV_ERR_OUT_OF_BOUNDS);
                 }
-                need += Model::pages_needed(s, new_len as u32);
+                need += m.pages_needed(s, new_len as u32);
             }
             if need > m.free_pages() as usize {
                 return Err(SIKV_ERR_OUT_OF_PAGES);
@@ -847,7 +856,7 @@ impl Managed {
             for (id, &c) in ids.iter().zip(&counts) {
                 let mut s = self.model.seqs[id].clone();
                 let new_len = s.len[layer as usize] + c;
-                let need = Model::pages_needed(&s, new_len);
+                let need = self.model.pages_needed(&s, new_len);
                 s.pages.extend(self.model.fresh(need));
                 s.len[layer as usize] = new_len;
                 self.model.seqs.insert(*id, s);
@@ -1325,6 +1334,7 @@ fn fuzz(seed: u64, calls: u64) -> Run {
     let mut run = Run {
         seed,
         calls: 0,
+        trace: std::env::var("SIKV_FUZZ_TRACE").is_ok_and(|v| v == "1"),
         failures: vec![],
         ok: HashMap::new(),
         err: HashMap::new(),
