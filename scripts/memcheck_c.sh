@@ -6,13 +6,15 @@
 #   2. built with AddressSanitizer + UBSan (the C/C++ side is instrumented; the Rust library is
 #      not, but its heap traffic goes through the sanitizer's malloc, so overruns of buffers the
 #      program allocates, double frees and leaks after destroy are still caught).
-# Usage: scripts/memcheck_c.sh [valgrind|asan|all]   (default all). Needs a release build
-# (cargo build --release) for target/release/libselfindexkv.a.
+# Usage: scripts/memcheck_c.sh [valgrind|asan|all]   (default all). Needs the release static
+# library: `cargo build --release` leaves it in target/release/, `cargo test --release` in
+# target/release/deps/ (the newer of the two is used).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
-lib=target/release/libselfindexkv.a
-[[ -f $lib ]] || { echo "missing $lib: run cargo build --release first" >&2; exit 2; }
+lib=$(ls -t target/release/libselfindexkv.a target/release/deps/libselfindexkv.a 2>/dev/null | head -1)
+[[ -n $lib ]] || { echo "no libselfindexkv.a under target/release: build first" >&2; exit 2; }
+echo "memcheck: $lib"
 out=target/tmp/memcheck
 mkdir -p "$out"
 CC="${CC:-cc}"
