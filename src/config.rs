@@ -396,6 +396,21 @@ impl CacheConfig {
             SIKV_ERR_OUT_OF_BOUNDS,
             "config.num_pages = {num_pages} exceeds 2^31-1"
         );
+        // Pool sizes are products of several 32-bit fields: bound them (generously, per token
+        // at most 2 KiB per KV head; per state record its dense set plus 64 KiB) so that no
+        // layout size can overflow, whatever the fields.
+        let per_layer_tokens = num_pages as u128 * c.page_size as u128 * c.num_kv_heads as u128;
+        let plane_bound = c.num_layers as u128 * per_layer_tokens * 2048;
+        let dense = (c.n_sink as u128 + c.n_heavy as u128 + c.n_window as u128) * c.head_dim as u128 * 4;
+        let state_bound = c.num_layers as u128 * c.max_seqs as u128 * c.num_kv_heads as u128 * (dense + 65536);
+        ensure!(
+            plane_bound.max(state_bound) <= (1u128 << 56),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "config.num_layers = {}, num_kv_heads = {}, num_pages = {num_pages}, max_seqs = {}: the pools would exceed 2^56 bytes",
+            c.num_layers,
+            c.num_kv_heads,
+            c.max_seqs
+        );
         ensure!(
             c.budget_ratio.is_finite() && (0.0..=1.0).contains(&c.budget_ratio),
             SIKV_ERR_INVALID_ARGUMENT,

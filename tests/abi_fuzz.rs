@@ -1430,9 +1430,8 @@ fn call_sequences_keep_the_abi_contract() {
 /// build panics inside the call (SIKV_ERR_INTERNAL, handle-less); a release build wraps, so
 /// the reported pool sizes are wrong — and `sikv_cache_create_with_pools` trusts the same
 /// figures for engine-owned pools. The call must either reject the configuration or report
-/// sizes that are the true products. Ignored until the bounds are fixed in the library.
+/// sizes that are the true products (fixed: the configuration now bounds the pools' sizes).
 #[test]
-#[ignore = "open bug: size overflow in the layout of an accepted configuration"]
 fn huge_layer_and_head_counts_do_not_overflow_the_layout() {
     let mut c = config_init(SIKV_PROFILE_2_1);
     c.device = SIKV_DEVICE_CPU;
