@@ -12,7 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
-lib=$(ls -t target/release/libselfindexkv.a target/release/deps/libselfindexkv.a 2>/dev/null | head -1)
+candidates=()
+for f in target/release/libselfindexkv.a target/release/deps/libselfindexkv.a; do
+  [[ -f $f ]] && candidates+=("$f")
+done
+lib=""
+[[ ${#candidates[@]} -gt 0 ]] && lib=$(ls -t "${candidates[@]}" | head -1)
 [[ -n $lib ]] || { echo "no libselfindexkv.a under target/release: build first" >&2; exit 2; }
 echo "memcheck: $lib"
 out=target/tmp/memcheck
@@ -29,7 +34,7 @@ build() { # variant extra-flags...
   "$CC" -std=c99 -pedantic -Wall -Wextra -Werror -O1 -g "$@" -Iinclude tests/c/abi_c99.c "$lib" "${links[@]}" -o "$out/abi_c99.$v"
   "$CXX" -std=c++17 -Wall -Wextra -Werror -O1 -g "$@" -Iinclude tests/c/abi_cpp17.cpp "$lib" "${links[@]}" -o "$out/abi_cpp17.$v"
   "$CXX" -std=c++17 -Wall -Wextra -Werror -O2 -g "$@" -Iinclude cpp_examples/engine_sample/main.cpp "$lib" "${links[@]}" -o "$out/engine_sample.$v"
-  "$CXX" -std=c++17 -Wall -Wextra -Werror -O2 -g "$@" -Iinclude -I"$plugin" "$plugin/main.cpp" "$plugin/sikv_attention_plugin.cpp" "$lib" "${links[@]}" -o "$out/trt_plugin_sample.$v"
+  "$CXX" -std=c++17 -Wall -Wextra -Werror -O2 -g "$@" -Iinclude -I"$plugin" "$plugin/harness.cpp" "$plugin/sikv_attention_plugin.cpp" "$lib" "${links[@]}" -o "$out/trt_plugin_sample.$v"
 }
 
 # program and arguments of each run (both modes of the ABI programs)
@@ -47,7 +52,7 @@ fail=0
 if [[ $what == valgrind || $what == all ]]; then
   build vg
   while read -r exe args; do
-    t0=$(date +%s.%N)
+    t0=$SECONDS
     if valgrind --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect,possible \
         --log-file="$out/$exe.valgrind.log" "$out/$exe" $args > "$out/$exe.stdout" 2>&1; then
       r=ok
@@ -55,7 +60,7 @@ if [[ $what == valgrind || $what == all ]]; then
       r="FAIL (rc $?)"; fail=1
     fi
     summary=$(grep -E "ERROR SUMMARY|definitely lost|in use at exit" "$out/$exe.valgrind.log" | sed 's/^==[0-9]*== //' | tr '\n' ';')
-    printf 'valgrind %-26s %-6s %5.1fs  %s\n' "$exe $(echo $args | cut -d' ' -f2)" "$r" "$(echo "$(date +%s.%N) - $t0" | bc)" "$summary"
+    printf 'valgrind %-26s %-6s %4ds  %s\n' "$exe $(echo $args | cut -d' ' -f2)" "$r" "$((SECONDS - t0))" "$summary"
     [[ $r == ok ]] || { cat "$out/$exe.stdout"; tail -40 "$out/$exe.valgrind.log"; }
   done < <(runs vg)
 fi
