@@ -200,6 +200,9 @@ fn out_of_pages_mid_batch_leaves_the_cache_unchanged() {
         );
     }
     assert_eq!(info(h).free_pages, 0, "seed {seed:#x}");
+    let lens2: Vec<u32> = ids.iter().map(|&id| seq_len(h, id, 0)).collect();
+    let want = [lens0[0] + n_tokens[0], lens0[1] + n_tokens[1], lens0[2]];
+    assert_eq!(lens2, want, "seed {seed:#x}");
     assert_eq!(checksum(h), checksum(reference.0), "seed {seed:#x}");
     let q = acts(&mut rng, 3 * HQ * D);
     assert_eq!(
