@@ -58,21 +58,21 @@ impl Cache {
     /// Creates a cache whose pools the library allocates (host memory on the CPU, device
     /// memory on the GPU; allocation happens here only).
     pub fn new(cfg: CacheConfig) -> Result<Cache> {
-        let exec = Executor::create(&cfg, None)?;
-        let store = Store::create(&exec, None)?;
-        Ok(Self::with_store(cfg, exec, store))
+        Self::on(Executor::create(&cfg, None)?, None)
     }
 
     /// Creates a cache over pools the engine owns (described by `pools`; where they live
     /// decides where an AUTO cache runs).
     pub fn with_pools(cfg: CacheConfig, pools: Pools) -> Result<Cache> {
-        let exec = Executor::create(&cfg, Some(pools.placement()))?;
-        let store = Store::create(&exec, Some(pools))?;
-        Ok(Self::with_store(cfg, exec, store))
+        Self::on(Executor::create(&cfg, Some(pools.placement()))?, Some(pools))
     }
 
-    fn with_store(cfg: CacheConfig, exec: Executor, store: Store) -> Cache {
-        Cache {
+    /// Creates a cache on an executor already opened (the C ABI opens it first to learn where
+    /// engine-owned pools must live), over `pools` or pools the library allocates.
+    pub fn on(exec: Executor, pools: Option<Pools>) -> Result<Cache> {
+        let store = Store::create(&exec, pools)?;
+        let cfg = exec.cfg().clone();
+        Ok(Cache {
             pages: PageAllocator::new(cfg.num_pages),
             free_slots: (0..cfg.max_seqs).rev().collect(),
             seqs: HashMap::new(),
@@ -80,7 +80,7 @@ impl Cache {
             cfg,
             exec,
             store,
-        }
+        })
     }
 
     /// Whether the cache runs on a CUDA device.

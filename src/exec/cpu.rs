@@ -141,23 +141,19 @@ pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, dense: bool, ou
     if dense {
         return attend(ex, pools, b, Selected::All, out);
     }
+    // One conversion of the queries serves both stages.
     let c = &ex.cfg;
-    let rows = b.table.batch() as usize * c.num_kv_heads as usize;
+    let (t, ss, q) = host_batch(ex, b)?;
+    let out = host_array_mut(out, q.len() * c.dtype.size(), "out")?;
+    let layer = pools_ref(pools)?;
+    let rows = t.batch() * c.num_kv_heads as usize;
     let mut idx = vec![-1i32; rows * c.budget.max as usize];
     let mut cnt = vec![0i32; rows];
-    let layer = pools_ref(pools)?;
-    select(
-        ex,
-        LayerView::Host(layer),
-        b,
-        MemMut::Host(&mut idx),
-        MemMut::Host(&mut cnt),
-    )?;
-    let sel = Selected::Given {
-        indices: Mem::Host(&idx),
-        counts: Mem::Host(&cnt),
-    };
-    attend(ex, LayerView::Host(layer), b, sel, out)
+    cpu::select(&ex.layout, c, &layer, &t, ss, &q, &mut idx, &mut cnt)?;
+    let mut o = vec![0f32; q.len()];
+    cpu::attend(&ex.layout, c, &layer, &t, ss, &q, &idx, &cnt, &mut o)?;
+    numeric::from_f32(c.dtype, &o, out);
+    Ok(())
 }
 
 pub(super) fn reset_sequence(ex: &Executor, state: MemMut<u8>, seq_slot: u32) -> Result<()> {

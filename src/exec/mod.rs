@@ -7,8 +7,8 @@
 //! CUDA. Every argument the host can check is checked here, once, before either
 //! implementation runs, so both answer bad input with the same status. What only the device
 //! sees (positions and page ids inside engine-owned tables on the GPU) is checked by the
-//! kernels, which skip the work item and raise a fault word that the next call on the handle
-//! reports.
+//! kernels, which skip the work item and raise a fault word that the next launcher call on the
+//! handle reports (every `GpuContext` launcher reads it first, so the executor does not).
 //!
 //! **Where AUTO runs** ([`Executor::create`]): engine-owned memory says where it lives; else
 //! CUDA when a driver and a device exist and the device can run the configuration (sm_80 or
@@ -93,11 +93,6 @@ impl Executor {
         })
     }
 
-    /// Where AUTO would run `cfg` when no engine memory decides it, without keeping a context.
-    pub fn resolves_to_gpu(cfg: &CacheConfig) -> Result<bool> {
-        Ok(Executor::create(cfg, None)?.is_gpu())
-    }
-
     pub fn cfg(&self) -> &CacheConfig {
         &self.cfg
     }
@@ -138,14 +133,6 @@ impl Executor {
         }
     }
 
-    /// Reports a fault an earlier call left on the device (see the module documentation).
-    pub fn check_faults(&self) -> Result<()> {
-        match &self.imp {
-            Imp::Cpu => Ok(()),
-            Imp::Cuda(g) => g.check_faults(),
-        }
-    }
-
     /// Waits for the work queued on `stream` (nothing to wait for on the CPU).
     pub fn synchronize(&self, stream: Stream) -> Result<()> {
         match &self.imp {
@@ -176,7 +163,6 @@ impl Executor {
             p.n_tokens
         );
         self.check_slot(p.seq_slot)?;
-        self.check_faults()?;
         match &self.imp {
             Imp::Cpu => cpu::calibrate(self, pools, p),
             Imp::Cuda(g) => cuda::calibrate(self, g, pools, p, ws, stream),
@@ -194,7 +180,6 @@ impl Executor {
             t.n_tokens,
             cfg.max_append_tokens
         );
-        self.check_faults()?;
         match &self.imp {
             Imp::Cpu => cpu::append(self, pools, t),
             Imp::Cuda(g) => cuda::append(self, g, pools, t, stream),
@@ -213,7 +198,6 @@ impl Executor {
         stream: Stream,
     ) -> Result<()> {
         self.check_batch(b)?;
-        self.check_faults()?;
         match &self.imp {
             Imp::Cpu => cpu::select(self, pools, b, indices, counts),
             Imp::Cuda(g) => cuda::select(self, g, pools, b, indices, counts, ws, stream),
@@ -231,7 +215,6 @@ impl Executor {
         stream: Stream,
     ) -> Result<()> {
         self.check_batch(b)?;
-        self.check_faults()?;
         match &self.imp {
             Imp::Cpu => cpu::attend(self, pools, b, sel, out),
             Imp::Cuda(g) => cuda::attend(self, g, pools, b, sel, out, ws, stream),
@@ -250,7 +233,6 @@ impl Executor {
         stream: Stream,
     ) -> Result<()> {
         self.check_batch(b)?;
-        self.check_faults()?;
         match &self.imp {
             Imp::Cpu => cpu::decode(self, pools, b, dense, out),
             Imp::Cuda(g) => cuda::decode(self, g, pools, b, dense, out, ws, stream),

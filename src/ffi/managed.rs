@@ -92,8 +92,10 @@ pub extern "C" fn sikv_cache_create_with_pools(
         ensure!(!d.planes.is_null(), SIKV_ERR_NULL_POINTER, "`pools.planes` is NULL");
         ensure!(!d.state.is_null(), SIKV_ERR_NULL_POINTER, "`pools.state` is NULL");
         // Where the pools live follows the configured device; AUTO resolves as for a cache
-        // without engine pools, so the engine learns one rule.
-        let pools = if crate::exec::Executor::resolves_to_gpu(&cfg)? {
+        // without engine pools, so the engine learns one rule. The executor opened to find out
+        // is the cache's own (the device's kernels are loaded once).
+        let exec = crate::exec::Executor::create(&cfg, None)?;
+        let pools = if exec.is_gpu() {
             Pools::Device {
                 planes: d.planes as u64,
                 planes_bytes: d.planes_bytes,
@@ -112,7 +114,7 @@ pub extern "C" fn sikv_cache_create_with_pools(
                 }
             }
         };
-        let cache = Cache::with_pools(cfg, pools)?;
+        let cache = Cache::on(exec, Some(pools))?;
         let h = Box::new(SikvCache {
             inner: Mutex::new(cache),
             poisoned: AtomicBool::new(false),
