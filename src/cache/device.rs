@@ -10,6 +10,7 @@
 //! a device buffer allocated on first use, and a host output is read back synchronously.
 //! Engines pass device pointers and get neither.
 
+use super::store::ForkCopies;
 use super::{Activations, Fnv, Output, OwnedPageTable, Pools};
 use crate::config::CacheConfig;
 use crate::exec::{
@@ -486,36 +487,15 @@ impl DeviceStore {
         self.ctx.synchronize(std::ptr::null_mut())
     }
 
-    /// Copies the state records of `src` to `dst` and each `(from, to)` page, device to device
-    /// (fork is not a hot path: it waits for the device before and after).
-    pub fn copy_seq(&mut self, layout: &Layout, src: u32, dst: u32, pages: &[(u32, u32)]) -> Result<()> {
+    /// A fork's copies, device to device (fork is not a hot path: it waits for the device
+    /// before and after).
+    pub fn copy_seq(&mut self, copies: &ForkCopies) -> Result<()> {
         let null = std::ptr::null_mut();
         self.ctx.synchronize(null)?;
-        let rec = layout.num_kv_heads * layout.state.bytes;
-        for l in 0..layout.num_layers {
-            let base = self.state.ptr() + (l * layout.layer_state_bytes) as u64;
-            self.ctx.copy_dtod_async(
-                base + (dst as usize * rec) as u64,
-                base + (src as usize * rec) as u64,
-                rec,
-                null,
-            )?;
-        }
-        for l in 0..layout.num_layers {
-            for p in 0..SIKV_NUM_PLANES {
-                let block = layout.num_kv_heads * layout.page_size * layout.format.row_bytes[p];
-                if block == 0 {
-                    continue;
-                }
-                let base = self.planes.ptr() + (l * layout.layer_plane_bytes + layout.plane_offset[p]) as u64;
-                for &(from, to) in pages {
-                    self.ctx.copy_dtod_async(
-                        base + (to as usize * block) as u64,
-                        base + (from as usize * block) as u64,
-                        block,
-                        null,
-                    )?;
-                }
+        for (base, list) in [(self.state.ptr(), &copies.state), (self.planes.ptr(), &copies.planes)] {
+            for &(from, to, len) in list {
+                self.ctx
+                    .copy_dtod_async(base + to as u64, base + from as u64, len, null)?;
             }
         }
         self.ctx.synchronize(null)

@@ -134,31 +134,17 @@ impl Store {
 
     /// Copies the state records of `src` to `dst` and each `(from, to)` page (all layers).
     pub fn copy_seq(&mut self, layout: &Layout, src: u32, dst: u32, pages: &[(u32, u32)]) -> Result<()> {
+        let copies = ForkCopies::new(layout, src, dst, pages);
         match self {
-            Store::Device(d) => d.copy_seq(layout, src, dst, pages),
+            Store::Device(d) => d.copy_seq(&copies),
             Store::Host(h) => {
-                let rec = layout.num_kv_heads * layout.state.bytes;
                 let st = h.state.bytes_mut();
-                for l in 0..layout.num_layers {
-                    let base = l * layout.layer_state_bytes;
-                    st.copy_within(
-                        base + src as usize * rec..base + (src as usize + 1) * rec,
-                        base + dst as usize * rec,
-                    );
+                for &(from, to, len) in &copies.state {
+                    st.copy_within(from..from + len, to);
                 }
                 let pl = h.planes.bytes_mut();
-                for l in 0..layout.num_layers {
-                    for p in 0..SIKV_NUM_PLANES {
-                        let block = layout.num_kv_heads * layout.page_size * layout.format.row_bytes[p];
-                        if block == 0 {
-                            continue;
-                        }
-                        let base = l * layout.layer_plane_bytes + layout.plane_offset[p];
-                        for &(from, to) in pages {
-                            let a = base + from as usize * block;
-                            pl.copy_within(a..a + block, base + to as usize * block);
-                        }
-                    }
+                for &(from, to, len) in &copies.planes {
+                    pl.copy_within(from..from + len, to);
                 }
                 Ok(())
             }
@@ -310,6 +296,40 @@ impl Store {
                 Ok(())
             }
         }
+    }
+}
+
+/// What a fork copies, as `(from, to, bytes)` offsets into the state pool and the plane pool:
+/// the source's state records to the new slot at every layer, and every `(from, to)` page of
+/// every plane at every layer. One geometry for the host copies and the device copies.
+pub struct ForkCopies {
+    pub state: Vec<(usize, usize, usize)>,
+    pub planes: Vec<(usize, usize, usize)>,
+}
+
+impl ForkCopies {
+    fn new(layout: &Layout, src: u32, dst: u32, pages: &[(u32, u32)]) -> ForkCopies {
+        let rec = layout.num_kv_heads * layout.state.bytes;
+        let state = (0..layout.num_layers)
+            .map(|l| {
+                let base = l * layout.layer_state_bytes;
+                (base + src as usize * rec, base + dst as usize * rec, rec)
+            })
+            .collect();
+        let mut planes = Vec::new();
+        for l in 0..layout.num_layers {
+            for p in 0..SIKV_NUM_PLANES {
+                let block = layout.num_kv_heads * layout.page_size * layout.format.row_bytes[p];
+                if block == 0 {
+                    continue;
+                }
+                let base = l * layout.layer_plane_bytes + layout.plane_offset[p];
+                for &(from, to) in pages {
+                    planes.push((base + from as usize * block, base + to as usize * block, block));
+                }
+            }
+        }
+        ForkCopies { state, planes }
     }
 }
 
