@@ -1443,6 +1443,8 @@ fn huge_layer_and_head_counts_do_not_overflow_the_layout() {
     let mut l = MaybeUninit::<SikvLayoutInfo>::uninit();
     let st = sikv_query_layout(&c, l.as_mut_ptr());
     assert_ne!(st, SIKV_ERR_INTERNAL, "{}", msg());
+    // The configuration check now bounds the pools' sizes: such a configuration is refused.
+    assert_eq!(st, SIKV_ERR_OUT_OF_BOUNDS, "{}", msg());
     if st == SIKV_OK {
         let l = unsafe { l.assume_init() };
         let want = (l.layer_plane_bytes as u128) * c.num_layers as u128;

@@ -1401,7 +1401,13 @@ fn sticky_cuda_error_poisons_the_handle() {
     }
     let exe = std::env::current_exe().expect("current_exe");
     let mut child = std::process::Command::new(exe)
-        .args(["--exact", "poison_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "poison_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("SIKV_POISON_CHILD", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -1520,6 +1526,7 @@ fn sticky_cuda_error_poisons_the_handle() {
 /// not allocated, so the kernel faults with an illegal address; then a valid call, another, and
 /// `sikv_workspace_size`, printing each status.
 #[test]
+#[ignore = "the child half of sticky_cuda_error_poisons_the_handle, which runs it in its own process"]
 fn poison_child() {
     if std::env::var("SIKV_POISON_CHILD").as_deref() != Ok("1") {
         return;
