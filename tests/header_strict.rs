@@ -19,22 +19,6 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// (C compiler, C++ compiler) of each family.
 const FAMILIES: [(&str, &str); 2] = [("gcc", "g++"), ("clang", "clang++")];
 
-fn present(tool: &str, test: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("SIKV_REQUIRE_HOST_TOOLS").as_deref() != Ok("1"),
-            "{tool} not found, and SIKV_REQUIRE_HOST_TOOLS=1 requires it ({test})"
-        );
-        println!("skipped: {tool} not found ({test})");
-    }
-    ok
-}
-
 fn scratch_dir() -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("header_strict");
     std::fs::create_dir_all(&d).unwrap();
@@ -60,7 +44,7 @@ fn check(test: &str, source: &str, stds: &[&str], pick: fn((&'static str, &'stat
     let mut built = 0;
     for family in FAMILIES {
         let compiler = pick(family);
-        if !present(compiler, test) {
+        if !common::host_tool(compiler, test) {
             continue;
         }
         for std in stds {

@@ -15,22 +15,6 @@ use std::process::Command;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-fn tool_present(tool: &str, test: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("SIKV_REQUIRE_HOST_TOOLS").as_deref() != Ok("1"),
-            "{tool} not found, and SIKV_REQUIRE_HOST_TOOLS=1 requires it ({test})"
-        );
-        println!("skipped: {tool} not found ({test})");
-    }
-    ok
-}
-
 /// Runs a command to success and returns its stdout.
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
@@ -90,7 +74,7 @@ fn check_output(out: &str, want: &str) {
 #[test]
 fn cmake_consumer_builds_and_runs() {
     let test = "cmake_consumer_builds_and_runs";
-    if !tool_present("cmake", test) {
+    if !common::host_tool("cmake", test) {
         return;
     }
     let prefix = install(test);
@@ -117,7 +101,7 @@ fn cmake_consumer_builds_and_runs() {
 #[test]
 fn pkgconfig_consumer_builds_and_runs() {
     let test = "pkgconfig_consumer_builds_and_runs";
-    if !tool_present("pkg-config", test) {
+    if !common::host_tool("pkg-config", test) {
         return;
     }
     let prefix = install(test);

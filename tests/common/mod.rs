@@ -74,6 +74,25 @@ impl Rng {
     }
 }
 
+/// Whether a host tool (a compiler, cmake, pkg-config) runs here. A missing one prints the
+/// counted skip line `skipped: <tool> not found (<test>)`, unless SIKV_REQUIRE_HOST_TOOLS=1
+/// (CI), which makes it a failure.
+pub fn host_tool(tool: &str, test: &str) -> bool {
+    let ok = std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var("SIKV_REQUIRE_HOST_TOOLS").as_deref() != Ok("1"),
+            "{tool} not found, and SIKV_REQUIRE_HOST_TOOLS=1 requires it ({test})"
+        );
+        println!("skipped: {tool} not found ({test})");
+    }
+    ok
+}
+
 /// The one line a GPU test prints when it returns early on a machine without a CUDA device.
 /// libtest counts such a test as passed, so CI counts these lines instead (`.ci/run`).
 pub fn skip_no_cuda_device(test: &str) {
