@@ -55,36 +55,23 @@ for c in compute-sanitizer /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda
   if command -v "$c" >/dev/null 2>&1; then SAN="$c"; break; fi
 done
 
+# One test binary: run it, keep its log, print the lines matching `pattern`, check the log.
+run_tests() { # key title binary pattern
+  local key=$1 title=$2 bin=$3 pattern=$4 log="$OUT/$3.log" t0=$SECONDS
+  echo "== $title"
+  ".gpu/$bin" --nocapture --test-threads=1 > "$log" 2>&1
+  RC[$key]=$?
+  grep -E "$pattern|skipped|panicked|test result" "$log"
+  check_log "$log" "$bin" || RC[$key]=$?
+  echo "   ($((SECONDS - t0)) s)"
+}
+
 if want tests; then
-  echo "== gpu tests"
-  t0=$SECONDS
-  .gpu/gpu_tests --nocapture --test-threads=1 > "$OUT/gpu_tests.log" 2>&1
-  RC[tests]=$?
   # One line per case ("test <name> ... <first output line>"), its time, and any failure.
-  grep -E "^test |: [0-9]+\.[0-9] s$|gpu tests on|skipped|panicked|test result" "$OUT/gpu_tests.log"
-  check_log "$OUT/gpu_tests.log" gpu_tests || RC[tests]=$?
-  echo "   ($((SECONDS - t0)) s)"
-  echo "== managed cache on the GPU vs the CPU backend"
-  t0=$SECONDS
-  .gpu/gpu_managed_tests --nocapture --test-threads=1 > "$OUT/gpu_managed.log" 2>&1
-  RC[managed]=$?
-  grep -E "managed GPU|stateless ABI|seed =|skipped|test result|panicked" "$OUT/gpu_managed.log"
-  check_log "$OUT/gpu_managed.log" gpu_managed_tests || RC[managed]=$?
-  echo "   ($((SECONDS - t0)) s)"
-  echo "== both ABI layers on device memory, graph capture, faults and poisoning"
-  t0=$SECONDS
-  .gpu/gpu_abi_tests --nocapture --test-threads=1 > "$OUT/gpu_abi.log" 2>&1
-  RC[abi]=$?
-  grep -E "^test |worst|seed =|skipped|test result|panicked" "$OUT/gpu_abi.log"
-  check_log "$OUT/gpu_abi.log" gpu_abi_tests || RC[abi]=$?
-  echo "   ($((SECONDS - t0)) s)"
-  echo "== adversarial inputs, GPU vs CPU"
-  t0=$SECONDS
-  .gpu/adversarial_tests --nocapture --test-threads=1 > "$OUT/adversarial.log" 2>&1
-  RC[adversarial]=$?
-  grep -E "GPU = CPU|skipped|test result|panicked" "$OUT/adversarial.log"
-  check_log "$OUT/adversarial.log" adversarial_tests || RC[adversarial]=$?
-  echo "   ($((SECONDS - t0)) s)"
+  run_tests tests "gpu tests" gpu_tests "^test |: [0-9]+\.[0-9] s$|gpu tests on"
+  run_tests managed "managed cache on the GPU vs the CPU backend" gpu_managed_tests "managed GPU|stateless ABI|seed ="
+  run_tests abi "both ABI layers on device memory, graph capture, faults and poisoning" gpu_abi_tests "^test |worst|seed ="
+  run_tests adversarial "adversarial inputs, GPU vs CPU" adversarial_tests "GPU = CPU"
 fi
 
 if want demo; then
