@@ -20,8 +20,7 @@
 //! is reported by the next call on the handle as `SIKV_ERR_OUT_OF_BOUNDS`, naming the failed
 //! checks, the same status the CPU backend returns for the same input at once. Reading the word
 //! is a host load: no synchronisation, no copy, so graph capture and the hot-path contract
-//! hold. A kernel still running when the next call starts reports at the call after it; an
-//! executor may also call [`GpuContext::check_faults`] after it synchronises.
+//! hold. A kernel still running when the next call starts reports at the call after it.
 //!
 //! Contract of the hot-path launchers (`append`, `select`, `attend`, `attend_dense`): they only
 //! validate host-side arguments and enqueue kernels on the caller's stream. No allocation, no
@@ -328,11 +327,5 @@ impl GpuContext {
             return Ok(());
         }
         Err(Error::bounds(fault_message(bits)))
-    }
-
-    /// The same check as [`take_fault`](Self::take_fault), for callers outside the launchers
-    /// (an executor after it synchronises a stream, say).
-    pub fn check_faults(&self) -> Result<()> {
-        self.take_fault()
     }
 }
