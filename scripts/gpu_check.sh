@@ -147,6 +147,35 @@ if want bench; then
   echo "   ($((SECONDS - t0)) s)"
 fi
 
+if want profile; then
+  # Nsight Compute over the kernels of one decode step (the first select and the first sparse
+  # attend of gpu_bench) at PROFILE_SIZES (N:B list): duration, launch shape, occupancy and
+  # warp stall reasons per kernel, as CSV.
+  NCU=""
+  for c in ncu /usr/local/cuda/bin/ncu; do
+    if command -v "$c" >/dev/null 2>&1; then NCU="$c"; break; fi
+  done
+  if [ -z "$NCU" ]; then
+    echo "== ncu not found: profile skipped"
+  else
+    echo "== ncu profile of one decode step"
+    t0=$SECONDS
+    RC[profile]=0
+    STALLS=smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio,smsp__average_warps_issue_stalled_membar_per_issue_active.ratio,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_not_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_no_instruction_per_issue_active.ratio,smsp__average_warps_issue_stalled_dispatch_stall_per_issue_active.ratio,smsp__average_warps_issue_stalled_imc_miss_per_issue_active.ratio,smsp__average_warps_issue_stalled_drain_per_issue_active.ratio,smsp__average_warps_issue_stalled_branch_resolving_per_issue_active.ratio,smsp__average_warps_issue_stalled_selected_per_issue_active.ratio
+    for nb in ${PROFILE_SIZES:-131072:1 131072:8 8192:1}; do
+      n=${nb%%:*} b=${nb##*:}
+      for part in "select:^sikv_(score|topk_compact|topk_final|topk_stage1|rerank_score|topk_stage2)$:5" "attend:^sikv_(attend_d[0-9]|combine_d[0-9]).*:2"; do
+        IFS=: read -r name rx cnt <<<"$part"
+        "$NCU" --kernel-name "regex:$rx" --launch-count "$cnt" --section SpeedOfLight --section LaunchStats \
+          --section Occupancy --section WarpStateStats --metrics "$STALLS" --csv --page details \
+          .gpu/gpu_bench --quick --iters 5 --n "$n" --batch "$b" > "$OUT/ncu_${name}_${n}_${b}.log" 2>&1 || RC[profile]=$?
+      done
+    done
+    python3 scripts/ncu_summary.py "$OUT"/ncu_*.log | tee "$OUT/ncu_summary.txt"
+    echo "   ($((SECONDS - t0)) s)"
+  fi
+fi
+
 if want model; then
   # The whole-model decode step and append/calibrate against PyTorch (scripts/bench), through
   # the C ABI of .gpu/libselfindexkv.so.
@@ -162,7 +191,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial demo memcheck memcheck_managed memcheck_abi racecheck bench base_bench managed_bench sdpa model; do
+for k in tests managed abi adversarial demo memcheck memcheck_managed memcheck_abi racecheck bench base_bench managed_bench sdpa profile model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

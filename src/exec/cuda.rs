@@ -159,8 +159,10 @@ pub(super) fn decode(
         indices: ws.ptr + need.indices as u64,
         counts: ws.ptr + need.counts as u64,
     };
-    g.select(&ex.cfg, &ex.layout, &layer, &batch, sel, stage_ws, stream)?;
-    g.attend(&ex.cfg, &ex.layout, &layer, &batch, sel, out, stage_ws, stream)
+    g.one_call(|| {
+        g.select(&ex.cfg, &ex.layout, &layer, &batch, sel, stage_ws, stream)?;
+        g.attend(&ex.cfg, &ex.layout, &layer, &batch, sel, out, stage_ws, stream)
+    })
 }
 
 pub(super) fn reset_sequence(

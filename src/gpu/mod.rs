@@ -314,6 +314,9 @@ impl GpuContext {
     /// no synchronisation, so it sees the faults of kernels that have completed. Every public
     /// launcher calls it first (see the module doc).
     pub fn take_fault(&self) -> Result<()> {
+        if IN_CALL.with(|c| c.get()) {
+            return Ok(());
+        }
         let word = self.inner.fault_host as *const u32;
         // SAFETY: the word lives as long as `inner`; the device writes it concurrently, hence
         // the volatile load.
@@ -328,4 +331,21 @@ impl GpuContext {
         }
         Err(Error::bounds(fault_message(bits)))
     }
+
+    /// Runs `f`, several launches that make up one call of the caller (decode = select +
+    /// attend), with one fault check at its start: the launches inside do not check, so a
+    /// fault raised by the call's own first kernels is reported by the next call, as for a
+    /// single launch, and never halfway through this one (which depends on timing).
+    pub fn one_call<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.take_fault()?;
+        let outer = IN_CALL.with(|c| c.replace(true));
+        let r = f();
+        IN_CALL.with(|c| c.set(outer));
+        r
+    }
+}
+
+thread_local! {
+    /// Inside GpuContext::one_call on this thread: the launchers skip their fault check.
+    static IN_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
