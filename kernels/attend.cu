@@ -31,8 +31,15 @@ struct AttendShape {
     static constexpr int HP = ATTEND_THREADS / CH;      // head-parallel factor in P.V
     static constexpr int CPT = D / CH;                  // channels per thread in P.V
     static constexpr int HPT = MAX_GROUP / HP;          // heads per thread in P.V (upper bound)
-    static constexpr int KS = D + 1;                    // padded smem row (conflict-free QK)
+    // Logits: LT threads per token, each 4 float4 chunks of its k row (interleaved, so the 8
+    // lanes of a 16-byte shared-memory phase read 128 consecutive bytes).
+    static constexpr int LT = ATTEND_THREADS / TILE;
+    // q and k rows: 16-byte aligned; the 16-float pad puts the next token's row (LT = 4 at
+    // d = 64: two tokens in one phase) on the other half of the banks.
+    static constexpr int KS = D + 16;
     static_assert(TILE <= 32, "the softmax step puts one tile on the lanes of one warp");
+    static_assert(ATTEND_THREADS % TILE == 0 && LT <= 32 && D == 16 * LT, "logit lanes: 4 float4 chunks each");
+    static_assert(TILE % 4 == 0, "P.V reads the tile's weights as float4");
 };
 
 // A token to attend: a dense entry (exact k', v) or a plane row (dequantised), or nothing.
@@ -193,10 +200,10 @@ SIKV_DEV void decode_raw(const SikvParams& p, const float* scale, const TokenRef
 
 template <int D>
 struct AttendSmem {
-    float q[MAX_GROUP][AttendShape<D>::KS];
-    float k[AttendShape<D>::TILE][AttendShape<D>::KS];
-    float v[AttendShape<D>::TILE][D];
-    float logit[MAX_GROUP][AttendShape<D>::TILE];
+    __align__(16) float q[MAX_GROUP][AttendShape<D>::KS];
+    __align__(16) float k[AttendShape<D>::TILE][AttendShape<D>::KS];
+    __align__(16) float v[AttendShape<D>::TILE][D];
+    __align__(16) float logit[MAX_GROUP][AttendShape<D>::TILE];
     float alpha[MAX_GROUP];
     SoftmaxState state[MAX_GROUP];
     float scale[D];
@@ -395,7 +402,10 @@ SIKV_DEV void attend_body(const SikvParams& p) {
                 decode_raw<D, T>(p, s.scale, tr, c0, raw, kf, vf);
             }
             #pragma unroll
-            for (int i = 0; i < 16; ++i) { s.k[tt][c0 + i] = kf[i]; s.v[tt][c0 + i] = vf[i]; }
+            for (int i = 0; i < 16; i += 4) {
+                *reinterpret_cast<float4*>(&s.k[tt][c0 + i]) = make_float4(kf[i], kf[i + 1], kf[i + 2], kf[i + 3]);
+                *reinterpret_cast<float4*>(&s.v[tt][c0 + i]) = make_float4(vf[i], vf[i + 1], vf[i + 2], vf[i + 3]);
+            }
             if (c0 == 0) s.k[tt][D] = tr.kind == 0 ? 0.0f : 1.0f;  // pad column doubles as "valid"
             if (PIPE) {
                 tr = list_ref(base + Sh::TILE + tt);
@@ -403,31 +413,28 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             }
         }
         __syncthreads();
-        // (2) logits, one (head, token) pair per thread; four partial sums shorten the
-        // dependent add chain from D to D/4 (attend is compared within a tolerance).
-        for (int pr = tid; pr < G * Sh::TILE; pr += ATTEND_THREADS) {
-            const int g = pr / Sh::TILE, t = pr % Sh::TILE;
-            float lg = SIKV_NEG_INF;
-            if (s.k[t][D] != 0.0f) {
-                if constexpr (DENSE) {
-                    // (the dense decode keeps one chain: fewer registers, more resident blocks)
-                    float dot = 0.0f;
-                    #pragma unroll 8
-                    for (int c = 0; c < D; ++c) dot += s.q[g][c] * s.k[t][c];
-                    lg = sm_scale * dot;
-                } else {
-                    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-                    #pragma unroll 4
-                    for (int c = 0; c < D; c += 4) {
-                        d0 += s.q[g][c] * s.k[t][c];
-                        d1 += s.q[g][c + 1] * s.k[t][c + 1];
-                        d2 += s.q[g][c + 2] * s.k[t][c + 2];
-                        d3 += s.q[g][c + 3] * s.k[t][c + 3];
-                    }
-                    lg = sm_scale * ((d0 + d1) + (d2 + d3));
+        // (2) logits: LT threads per token, each holding 16 channels of its k in registers for
+        // all G heads (one shared-memory load of k per tile instead of one per head and
+        // channel), partial dots summed across the LT lanes with shuffles.
+        {
+            const int t = tid / Sh::LT, cs = tid % Sh::LT;
+            const bool valid = s.k[t][D] != 0.0f;
+            float4 kc[4];
+            #pragma unroll
+            for (int u = 0; u < 4; ++u) kc[u] = *reinterpret_cast<const float4*>(&s.k[t][4 * (cs + u * Sh::LT)]);
+            for (int g = 0; g < G; ++g) {
+                float d0 = 0.0f, d1 = 0.0f;
+                #pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const float4 qv = *reinterpret_cast<const float4*>(&s.q[g][4 * (cs + u * Sh::LT)]);
+                    d0 += qv.x * kc[u].x + qv.y * kc[u].y;
+                    d1 += qv.z * kc[u].z + qv.w * kc[u].w;
                 }
+                float dot = d0 + d1;
+                #pragma unroll
+                for (int o = Sh::LT / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                if (cs == 0) s.logit[g][t] = valid ? sm_scale * dot : SIKV_NEG_INF;
             }
-            s.logit[g][t] = lg;
         }
         __syncthreads();
         // (3) online softmax, one warp per head (lanes over the tile's tokens).
@@ -450,18 +457,32 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             }
         }
         __syncthreads();
-        // (4) P.V
+        // (4) P.V: four tokens at a time, their v values loaded once for all heads and their
+        // weights as one float4 per head.
         #pragma unroll
         for (int j = 0; j < Sh::HPT; ++j) {
             const int g = pv_g + j * Sh::HP;
             if (g < G) {
                 const float a = s.alpha[g];
                 #pragma unroll
-                for (int i = 0; i < Sh::CPT; ++i) {
-                    const int c = pv_c + i * Sh::CH;
-                    float x = acc[j][i] * a;
-                    for (int t = 0; t < Sh::TILE; ++t) x += s.logit[g][t] * s.v[t][c];
-                    acc[j][i] = x;
+                for (int i = 0; i < Sh::CPT; ++i) acc[j][i] *= a;
+            }
+        }
+        #pragma unroll
+        for (int t0 = 0; t0 < Sh::TILE; t0 += 4) {
+            float vv[Sh::CPT][4];
+            #pragma unroll
+            for (int i = 0; i < Sh::CPT; ++i)
+                #pragma unroll
+                for (int u = 0; u < 4; ++u) vv[i][u] = s.v[t0 + u][pv_c + i * Sh::CH];
+            #pragma unroll
+            for (int j = 0; j < Sh::HPT; ++j) {
+                const int g = pv_g + j * Sh::HP;
+                if (g < G) {
+                    const float4 pl = *reinterpret_cast<const float4*>(&s.logit[g][t0]);
+                    #pragma unroll
+                    for (int i = 0; i < Sh::CPT; ++i)
+                        acc[j][i] += pl.x * vv[i][0] + pl.y * vv[i][1] + pl.z * vv[i][2] + pl.w * vv[i][3];
                 }
             }
         }
@@ -489,48 +510,82 @@ SIKV_ENTRIES_D_T(sikv_attend, ATTEND_THREADS)
 
 // Combine: log-sum-exp merge of the num_splits partials of one (sequence, query head)
 // (reference/attend.rs merge_splits): M = max m_j, w_j = exp(m_j - M), out = sum w_j acc_j /
-// sum w_j l_j, zeros when empty. grid (H_q, B), block 128.
+// sum w_j l_j, zeros when empty. grid (H_q, B), block COMBINE_THREADS.
+//
+// Latency, not bytes, bounds it (a few hundred KB at most): every partial is loaded once, and
+// the accumulator sum runs as SG independent groups of splits per channel quad (16-byte loads,
+// no load behind a branch), merged through shared memory, instead of one dependent chain of
+// num_splits loads per channel.
 template <int D, typename T>
 SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
+    constexpr int QD = D / 4;                 // threads per channel row (one float4 each)
+    constexpr int SG = COMBINE_THREADS / QD;  // split groups summed in parallel
+    static_assert(COMBINE_THREADS % QD == 0, "channel quads must tile the block");
     __shared__ float w[COMBINE_MAX_SPLITS];
-    __shared__ float red[COMBINE_THREADS / 32];
-    __shared__ float l_tot;
-    const int b = blockIdx.y, hq = blockIdx.x;
+    __shared__ float l_part[COMBINE_MAX_SPLITS];
+    __shared__ __align__(16) float red[SG][D];
+    __shared__ float wred[COMBINE_THREADS / 32];
+    const int b = blockIdx.y, hq = blockIdx.x, tid = threadIdx.x;
     const int NS = p.num_splits;
     const long long base = (long long)b * p.num_kv_heads * p.group + hq;
-    const float* ml = reinterpret_cast<const float*>(p.ws_part_ml) + base * NS * 2;
+    const float2* ml = reinterpret_cast<const float2*>(p.ws_part_ml) + base * NS;
     const float* pacc = reinterpret_cast<const float*>(p.ws_part_acc) + base * NS * D;
     float mx = SIKV_NEG_INF;
-    for (int j = threadIdx.x; j < NS; j += blockDim.x) mx = fmaxf(mx, ml[2 * j]);
-    mx = warp_max(mx);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    float M = red[0];
-    for (int i = 1; i < COMBINE_THREADS / 32; ++i) M = fmaxf(M, red[i]);
-    __syncthreads();
-    // This thread's share of the merged state: max M over all splits, its partials' sum.
-    SoftmaxState st;
-    st.m = M;
-    st.l = 0.0f;
-    for (int j = threadIdx.x; j < NS; j += blockDim.x) w[j] = st.merge(ml[2 * j], ml[2 * j + 1]);
-    float lsum = warp_sum(st.l);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = lsum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.0f;
-        for (int i = 0; i < COMBINE_THREADS / 32; ++i) t += red[i];
-        l_tot = t;
+    for (int j = tid; j < NS; j += COMBINE_THREADS) {
+        const float2 e = ml[j];
+        w[j] = e.x;
+        l_part[j] = e.y;
+        mx = fmaxf(mx, e.x);
     }
+    mx = warp_max(mx);
+    if ((tid & 31) == 0) wred[tid >> 5] = mx;
     __syncthreads();
-    const float l = l_tot;
-    T* out = reinterpret_cast<T*>(p.out) + base * D;
-    for (int c = threadIdx.x; c < D; c += blockDim.x) {
-        float a = 0.0f;
-        for (int j = 0; j < NS; ++j) {
-            float wj = w[j];
-            if (wj != 0.0f) a += wj * pacc[(long long)j * D + c];
+    SoftmaxState st;
+    st.m = wred[0];
+    #pragma unroll
+    for (int i = 1; i < COMBINE_THREADS / 32; ++i) st.m = fmaxf(st.m, wred[i]);
+    st.l = 0.0f;
+    for (int j = tid; j < NS; j += COMBINE_THREADS) w[j] = st.merge(w[j], l_part[j]);
+    const float lsum = warp_sum(st.l);
+    __syncthreads();  // every thread has read wred (the max) before it is reused for the sum
+    if ((tid & 31) == 0) wred[tid >> 5] = lsum;
+    // Accumulators: thread (quad q, group sg) sums splits sg, sg + SG, ...
+    const int q = tid % QD, sg = tid / QD;
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    __syncthreads();  // w complete
+    const float4* acc4 = reinterpret_cast<const float4*>(pacc) + q;
+    int j = sg;
+    for (; j + 3 * SG < NS; j += 4 * SG) {
+        float4 x[4];
+        float wj[4];
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            x[u] = acc4[(long long)(j + u * SG) * QD];
+            wj[u] = w[j + u * SG];
         }
-        out[c] = from_f32<T>(l > 0.0f ? a / l : 0.0f);
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            if (wj[u] != 0.0f) {  // an empty split (w = 0) adds nothing, whatever it holds
+                a.x += wj[u] * x[u].x; a.y += wj[u] * x[u].y; a.z += wj[u] * x[u].z; a.w += wj[u] * x[u].w;
+            }
+        }
+    }
+    for (; j < NS; j += SG) {
+        const float4 x = acc4[(long long)j * QD];
+        const float wj = w[j];
+        if (wj != 0.0f) { a.x += wj * x.x; a.y += wj * x.y; a.z += wj * x.z; a.w += wj * x.w; }
+    }
+    *reinterpret_cast<float4*>(&red[sg][4 * q]) = a;
+    __syncthreads();
+    float l = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < COMBINE_THREADS / 32; ++i) l += wred[i];
+    T* out = reinterpret_cast<T*>(p.out) + base * D;
+    for (int c = tid; c < D; c += COMBINE_THREADS) {
+        float v = 0.0f;
+        #pragma unroll
+        for (int g = 0; g < SG; ++g) v += red[g][c];
+        out[c] = from_f32<T>(l > 0.0f ? v / l : 0.0f);
     }
 }
 SIKV_ENTRIES_D_T(sikv_combine, COMBINE_THREADS)

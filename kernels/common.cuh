@@ -542,9 +542,25 @@ SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
 #define SIKV_IF_bf16(...)
 #endif
 
+// Programmatic dependent launch (sm_90+; the launcher sets the attribute, src/gpu/driver.rs):
+// wait until the grid ahead in the stream has finished and its writes are visible, before any
+// memory access of this kernel, then let the next grid be launched. A grid launched without
+// the attribute returns from the wait at once. Every kernel calls this first, so each one's
+// wait covers all earlier work of the stream (each earlier grid waited for its own
+// predecessor before it could finish).
+SIKV_DEV void sikv_grid_dependency() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #define SIKV_ENTRY_DT(NAME, NT, D, T, TNAME)                                                     \
     SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__(NT)                     \
-                               NAME##_d##D##_##TNAME(const SikvParams p) { NAME##_impl<D, T>(p); })
+                               NAME##_d##D##_##TNAME(const SikvParams p) {                      \
+                                   sikv_grid_dependency();                                      \
+                                   NAME##_impl<D, T>(p);                                        \
+                               })
 
 #define SIKV_ENTRIES_D_T(NAME, NT)                      \
     SIKV_ENTRY_DT(NAME, NT, 64, f16_t, f16)            \
@@ -554,13 +570,18 @@ SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
     SIKV_ENTRY_DT(NAME, NT, 128, bf16_t, bf16)   \
     SIKV_ENTRY_DT(NAME, NT, 256, bf16_t, bf16)
 
-#define SIKV_ENTRY_T(NAME, NT, T, TNAME)                                     \
-    SIKV_IF_##TNAME(extern "C" __global__ void __launch_bounds__(NT)         \
-                        NAME##_##TNAME(const SikvParams p) { NAME##_impl<T>(p); })
+#define SIKV_ENTRY_T(NAME, NT, T, TNAME)                                                   \
+    SIKV_IF_##TNAME(extern "C" __global__ void __launch_bounds__(NT) NAME##_##TNAME(const SikvParams p) { \
+        sikv_grid_dependency();                                                            \
+        NAME##_impl<T>(p);                                                                 \
+    })
 
 #define SIKV_ENTRIES_T(NAME, NT)                   \
     SIKV_ENTRY_T(NAME, NT, f16_t, f16)            \
     SIKV_ENTRY_T(NAME, NT, bf16_t, bf16)
 
-#define SIKV_ENTRY(NAME, NT) \
-    extern "C" __global__ void __launch_bounds__(NT) NAME(const SikvParams p) { NAME##_impl(p); }
+#define SIKV_ENTRY(NAME, NT)                                                       \
+    extern "C" __global__ void __launch_bounds__(NT) NAME(const SikvParams p) { \
+        sikv_grid_dependency();                                                \
+        NAME##_impl(p);                                                        \
+    }

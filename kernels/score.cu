@@ -104,7 +104,11 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
 
     const long long rowid = (long long)b * p.num_kv_heads + h;
     u32* keys = reinterpret_cast<u32*>(p.ws_keys) + rowid * p.key_stride;
-    u32 mine[SCORE_TOKENS_PER_THREAD];
+    // Multi-CTA top-k: histogram of the top 11 bits of this tile's candidate keys (key 0 =
+    // heavy / not a candidate is left out, so a row's bins sum to its candidate count), added
+    // into the row's global histogram (zeroed on the stream before this kernel) at the end.
+    // Counted as each key is made: holding the tile's keys for a second loop cost 8 registers
+    // a thread and with them resident blocks.
     #pragma unroll
     for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
         const int off = j * SCORE_THREADS + threadIdx.x;
@@ -121,16 +125,10 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
                 key = r < 0 ? 0u : score_key(lut_sum<D>(lut, plane_row(p, SIKV_PLANE_SIGN, r)));
             }
             keys[pos] = key;
+            if (p.topk_multi && key != 0u) atomicAdd(&hist[key >> TOPK_HIST_SHIFT], 1u);
         }
-        mine[j] = key;
     }
-    // Multi-CTA top-k: histogram of the top 11 bits of this tile's candidate keys (key 0 =
-    // heavy / not a candidate is left out, so a row's bins sum to its candidate count), added
-    // into the row's global histogram (zeroed on the stream before this kernel).
     if (p.topk_multi) {
-        #pragma unroll
-        for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j)
-            if (mine[j] != 0u) atomicAdd(&hist[mine[j] >> TOPK_HIST_SHIFT], 1u);
         __syncthreads();
         u32* ghist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) {

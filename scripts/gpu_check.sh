@@ -130,11 +130,22 @@ if want bench; then
   .gpu/gpu_bench $Q --csv "$OUT/gpu_bench.csv" > "$OUT/gpu_bench.log" 2>&1
   RC[bench]=$?
   echo "   ($((SECONDS - t0)) s)"
-  # BASELINE=path/to/an/older/gpu_bench times an earlier build in the same run (before/after).
-  if [ -n "${BASELINE:-}" ] && [ -x "$BASELINE" ]; then
-    echo "== gpu bench, baseline build ($BASELINE)"
-    "$BASELINE" $Q --csv "$OUT/base_gpu_bench.csv" > "$OUT/base_gpu_bench.log" 2>&1
-    RC[base_bench]=$?
+  # BASELINE=path/to/an/older/gpu_bench[,another] times earlier builds in the same run
+  # (before/after): base_gpu_bench.csv, base2_gpu_bench.csv, ...
+  i=1
+  for base in ${BASELINE//,/ }; do
+    [ -x "$base" ] || continue
+    tag=base; [ $i -gt 1 ] && tag=base$i
+    echo "== gpu bench, baseline build $i ($base)"
+    "$base" $Q --csv "$OUT/${tag}_gpu_bench.csv" > "$OUT/${tag}_gpu_bench.log" 2>&1
+    RC[base_bench]=$(( ${RC[base_bench]:-0} | $? ))
+    i=$((i + 1))
+  done
+  # PDL_AB=1: the same build again without programmatic dependent launch (SIKV_PDL=0).
+  if [ "${PDL_AB:-0}" = "1" ]; then
+    echo "== gpu bench, SIKV_PDL=0"
+    SIKV_PDL=0 .gpu/gpu_bench $Q --csv "$OUT/nopdl_gpu_bench.csv" > "$OUT/nopdl_gpu_bench.log" 2>&1
+    RC[nopdl_bench]=$?
   fi
   echo "== managed sikv_attend vs stateless sikv_kernel_decode"
   .gpu/managed_bench $Q --csv "$OUT/managed_bench.csv" > "$OUT/managed_bench.log" 2>&1
@@ -191,7 +202,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial demo memcheck memcheck_managed memcheck_abi racecheck bench base_bench managed_bench sdpa profile model; do
+for k in tests managed abi adversarial demo memcheck memcheck_managed memcheck_abi racecheck bench base_bench nopdl_bench managed_bench sdpa profile model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

@@ -211,29 +211,39 @@ pub fn launch<P>(
     block: u32,
     stream: sys::CUstream,
     params: &P,
+    pdl: bool,
 ) -> Result<()> {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
     let mut args: [*mut c_void; 1] = [params as *const P as *mut c_void];
+    // Programmatic dependent launch: the kernel may be launched before the kernel ahead of it
+    // in the stream has finished; it waits for it on the device (griddepcontrol.wait in every
+    // kernel entry, kernels/common.cuh).
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+    };
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: pdl as u32,
+    };
     // SAFETY: f is a loaded kernel whose only parameter has type P (SikvParams or a pointer);
-    // the driver copies the argument before returning.
+    // the driver copies the argument and reads the configuration before returning.
     unsafe {
         ck(
-            sys::cuLaunchKernel(
-                f,
-                grid.0,
-                grid.1,
-                grid.2,
-                block,
-                1,
-                1,
-                0,
-                stream,
-                args.as_mut_ptr(),
-                std::ptr::null_mut(),
-            ),
-            &format!("cuLaunchKernel({name})"),
+            sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()),
+            &format!("cuLaunchKernelEx({name})"),
         )
     }
 }

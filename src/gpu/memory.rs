@@ -159,7 +159,7 @@ impl GpuContext {
         let buf = self.alloc(64)?;
         let ptr = buf.ptr();
         let f = self.inner.kernels.params_layout;
-        driver::launch(f.f, f.name, (1, 1, 1), 1, std::ptr::null_mut(), &ptr)?;
+        driver::launch(f.f, f.name, (1, 1, 1), 1, std::ptr::null_mut(), &ptr, false)?;
         driver::stream_sync(std::ptr::null_mut())?;
         let mut out = [0u8; 28];
         driver::copy_dtoh(&mut out, ptr)?;

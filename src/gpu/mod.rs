@@ -86,6 +86,17 @@ struct Inner {
     head_dim: u32,
     dtype: Dtype,
     topk: TopkPath,
+    /// Launch with programmatic dependent launch (sm_90+, unless SIKV_PDL=0 at create time).
+    pdl: bool,
+}
+
+/// Whether the stage kernels are launched with programmatic dependent launch: on sm_90 and
+/// newer unless `SIKV_PDL=0` (read once at [`GpuContext::new`]; a benchmarking aid, so one run
+/// can time both). Each kernel waits for the grid before it (`griddepcontrol.wait`) before it
+/// touches memory, so the next kernel's blocks can be launched while this one finishes, and the
+/// order of every memory access is what plain stream order gives.
+fn pdl_from_env(major: i32) -> bool {
+    major >= 9 && std::env::var("SIKV_PDL").map(|v| v.trim() != "0").unwrap_or(true)
 }
 
 /// Which stage-1 top-k `select` runs (env SIKV_TOPK, read once at [`GpuContext::new`]):
@@ -218,6 +229,7 @@ impl GpuContext {
         };
         // SAFETY: a fresh 4-byte (at least) page-locked allocation, aligned for u32.
         unsafe { std::ptr::write_volatile(fault_host as *mut u32, 0) };
+        let pdl = pdl_from_env(dev.major);
         Ok(GpuContext {
             inner: Arc::new(Inner {
                 dev,
@@ -229,6 +241,7 @@ impl GpuContext {
                 head_dim: cfg.head_dim,
                 dtype: cfg.dtype,
                 topk: TopkPath::from_env(),
+                pdl,
             }),
         })
     }
@@ -306,7 +319,7 @@ impl GpuContext {
     fn launch(&self, k: &Kernel, grid: (u32, u32, u32), block: u32, stream: CUstream, p: &SikvParams) -> Result<()> {
         let mut p = *p;
         p.fault = self.inner.fault_dev;
-        driver::launch(k.f, k.name, grid, block, cuda_stream(stream), &p)
+        driver::launch(k.f, k.name, grid, block, cuda_stream(stream), &p, self.inner.pdl)
     }
 
     /// Reports (and clears) the device faults raised since the last call: `Ok` when none,
