@@ -45,6 +45,10 @@
 // (the reference's 2+1 behaviour).
 #define SIKV_FLAG_FORCE_GENERATED (1 << 1)
 
+// `dense_crossover` value that lets the library choose (the default): the dense decode when
+// the call's sequences hold at most 8192 tokens together (the measured break-even).
+#define SIKV_DENSE_CROSSOVER_AUTO 4294967295
+
 // Profile names accepted by `sikv_config_init`.
 #define SIKV_PROFILE_2_1 0
 
@@ -175,10 +179,11 @@ typedef struct SikvConfig {
   uint32_t flags;
   // Softmax temperature; 0 = 1/sqrt(head_dim).
   float softmax_scale;
-  // Dense-decode crossover in tokens: an attend whose sequences are all at most this long (or,
-  // for the stateless decode, a configuration whose max_seq_len is) runs the dense decode
-  // over every token instead of selecting. 0 = never. On an H200 the two cost the same near
-  // 8K tokens at batch 1 (docs/RESULTS.md).
+  // Dense-decode crossover in tokens summed over a call's sequences: an attend whose
+  // sequences hold at most this many tokens together (for the stateless decode: batch times
+  // max_seq_len, from declared bounds) runs the dense decode over every token instead of
+  // selecting. 0 = never; SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured
+  // break-even, 8192 tokens.
   uint32_t dense_crossover;
 } SikvConfig;
 
@@ -377,8 +382,8 @@ enum SikvStatus sikv_kernel_reset_slot(const struct SikvKernels *kernels, const 
 
 // Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
 // accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
-// With a dense crossover at or above `max_seq_len` it runs the dense decode instead (decided
-// from the declared bounds, so a captured graph stays valid).
+// When the batch times `max_seq_len` is within the dense crossover it runs the dense decode
+// instead (decided from declared bounds, so a captured graph stays valid).
 enum SikvStatus sikv_kernel_decode(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
 
 // The library version and how its kernels were built, e.g.

@@ -37,6 +37,16 @@ pub const SIKV_FLAG_PARITY_SIGN: u32 = 1 << 0;
 pub const SIKV_FLAG_FORCE_GENERATED: u32 = 1 << 1;
 const KNOWN_FLAGS: u32 = SIKV_FLAG_PARITY_SIGN | SIKV_FLAG_FORCE_GENERATED;
 
+/// `dense_crossover` value that lets the library choose (the default): the dense decode when
+/// the call's sequences hold at most 8192 tokens together (the measured break-even).
+pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
+/// The tokens (summed over a call's sequences) up to which AUTO runs the dense decode. The
+/// dense decode's time grows with the tokens it reads, the sparse step's hardly below 32K; on
+/// the H200 (d = 128, 32/8 heads, 2+1, default budget) dense is faster at 8K tokens and
+/// batch 1 (51 vs 63 us) and slower from 16K tokens at any batch (docs/RESULTS.md, the
+/// 2026-12-02 second-session entry).
+pub const DENSE_CROSSOVER_AUTO_TOKENS: u32 = 8192;
+
 /// Profile names accepted by `sikv_config_init`.
 pub const SIKV_PROFILE_2_1: u32 = 0;
 pub const SIKV_PROFILE_4_1: u32 = 1;
@@ -103,10 +113,11 @@ pub struct SikvConfig {
     pub flags: u32,
     /// Softmax temperature; 0 = 1/sqrt(head_dim).
     pub softmax_scale: f32,
-    /// Dense-decode crossover in tokens: an attend whose sequences are all at most this long (or,
-    /// for the stateless decode, a configuration whose max_seq_len is) runs the dense decode
-    /// over every token instead of selecting. 0 = never. On an H200 the two cost the same near
-    /// 8K tokens at batch 1 (docs/RESULTS.md).
+    /// Dense-decode crossover in tokens summed over a call's sequences: an attend whose
+    /// sequences hold at most this many tokens together (for the stateless decode: batch times
+    /// max_seq_len, from declared bounds) runs the dense decode over every token instead of
+    /// selecting. 0 = never; SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured
+    /// break-even, 8192 tokens.
     pub dense_crossover: u32,
 }
 
@@ -216,6 +227,7 @@ pub struct CacheConfig {
     pub sign_predicate: SignPredicate,
     pub force_generated: bool,
     pub softmax_scale: f32,
+    /// Resolved: tokens summed over a call's sequences up to which attend runs dense; 0 = never.
     pub dense_crossover: u32,
 }
 
@@ -250,7 +262,7 @@ impl SikvConfig {
             centre: SIKV_CENTRE_MEDIAN,
             flags: 0,
             softmax_scale: 0.0,
-            dense_crossover: 0,
+            dense_crossover: SIKV_DENSE_CROSSOVER_AUTO,
         };
         match profile {
             SIKV_PROFILE_2_1 => {}
@@ -493,7 +505,10 @@ impl CacheConfig {
             },
             force_generated: c.flags & SIKV_FLAG_FORCE_GENERATED != 0,
             softmax_scale,
-            dense_crossover: c.dense_crossover,
+            dense_crossover: match c.dense_crossover {
+                SIKV_DENSE_CROSSOVER_AUTO => DENSE_CROSSOVER_AUTO_TOKENS,
+                v => v,
+            },
         })
     }
 

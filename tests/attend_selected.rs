@@ -40,6 +40,8 @@ fn config(profile: u32, dtype: u32, layers: u32, budget_max: u32) -> SikvConfig 
     c.n_window = WINDOW;
     c.budget_min = 8;
     c.budget_max = budget_max;
+    // The identities tested here are those of the sparse path: never the dense crossover.
+    c.dense_crossover = 0;
     c
 }
 

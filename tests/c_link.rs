@@ -148,6 +148,7 @@ fn config(dtype: u32, full: bool) -> SikvConfig {
     c.num_pages = 0;
     c.max_seqs = 4;
     c.max_seq_len = 512;
+    c.dense_crossover = 0; // as the C programs: the sparse path always
     c.max_batch = 4;
     c.max_append_tokens = 64;
     c.n_sink = 4;

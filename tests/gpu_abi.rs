@@ -58,6 +58,9 @@ fn config(device: u32) -> SikvConfig {
     c.max_seqs = 4;
     c.budget_min = 64;
     c.budget_max = 256;
+    // The sparse path (the default crossover would run these short sequences dense); the
+    // crossover has its own test.
+    c.dense_crossover = 0;
     c
 }
 
@@ -1245,7 +1248,7 @@ fn decode_step_of_exported_calls_replays_in_a_cuda_graph() {
 // ---------------------------------------------------------------------------------------------
 // 4. Claims.
 
-/// (a) With `dense_crossover >= max_seq_len`, `sikv_kernel_decode` runs the dense decode: on
+/// (a) With `dense_crossover >= batch * max_seq_len`, `sikv_kernel_decode` runs the dense decode: on
 /// the GPU its output equals `sikv_kernel_attend_dense` bit for bit (and the CPU decode within
 /// tolerance), while a handle without the crossover gives a different (sparse) output for the
 /// same input, so the equality is not vacuous.
@@ -1253,7 +1256,7 @@ fn decode_step_of_exported_calls_replays_in_a_cuda_graph() {
 fn decode_takes_the_dense_crossover_on_gpu() {
     let test = "decode_takes_the_dense_crossover_on_gpu";
     let mut c = config(SIKV_DEVICE_CUDA);
-    c.dense_crossover = c.max_seq_len;
+    c.dense_crossover = c.max_batch * c.max_seq_len;
     let Some(mut p) = Pair::new(c, test) else {
         return;
     };

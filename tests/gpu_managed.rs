@@ -60,6 +60,9 @@ fn config(device: u32, dtype: u32, max_seq_len: u32) -> CacheConfig {
     c.max_batch = 3;
     c.max_seq_len = max_seq_len;
     c.max_append_tokens = max_seq_len;
+    // The sparse path on both devices (the default crossover would run these short
+    // sequences dense).
+    c.dense_crossover = 0;
     CacheConfig::from_c(&c).unwrap()
 }
 
@@ -325,6 +328,7 @@ fn stateless_abi_on_gpu_matches_cpu() {
     c.max_batch = 2;
     c.max_seq_len = 640;
     c.max_append_tokens = 640;
+    c.dense_crossover = 0; // the sparse path
     c.num_pages = 80;
     c.budget_min = 16;
     c.budget_max = 64;

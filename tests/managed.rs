@@ -78,3 +78,58 @@ fn below_the_crossover_attend_is_the_dense_decode() {
     let (a, _) = run(499, 500, seed);
     assert_eq!(a, sparse, "seed {seed:#x}");
 }
+
+/// The default crossover (SIKV_DENSE_CROSSOVER_AUTO) resolves to 8192 tokens on every device.
+#[test]
+fn the_default_crossover_is_8192_tokens() {
+    let c = SikvConfig::for_profile(0).unwrap();
+    assert_eq!(c.dense_crossover, SIKV_DENSE_CROSSOVER_AUTO);
+    assert_eq!(
+        CacheConfig::from_c(&c).unwrap().dense_crossover,
+        DENSE_CROSSOVER_AUTO_TOKENS
+    );
+    assert_eq!(DENSE_CROSSOVER_AUTO_TOKENS, 8192);
+    let seed = common::seed("the_default_crossover_is_8192_tokens");
+    let (a, d) = run(SIKV_DENSE_CROSSOVER_AUTO, 500, seed);
+    assert_eq!(a, d, "seed {seed:#x}: 500 tokens are below the default crossover");
+}
+
+/// The crossover counts the tokens of all the call's sequences together.
+#[test]
+fn the_crossover_sums_the_batch() {
+    let seed = common::seed("the_crossover_sums_the_batch");
+    let run2 = |crossover: u32| -> (Vec<u8>, Vec<u8>) {
+        let mut rng = Rng(seed);
+        let mut rnd = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.range(-1.0, 1.0) + 1e-3).collect() };
+        let mut c = cache(crossover);
+        let null = std::ptr::null_mut();
+        let q = bytes(&rnd(2 * 4 * 64));
+        for (id, n) in [(1i64, 300usize), (2, 200)] {
+            c.add_seq(id).unwrap();
+            let (k, v) = (bytes(&rnd(n * 2 * 64)), bytes(&rnd(n * 2 * 64)));
+            let qt = &q[..4 * 64 * 4];
+            c.calibrate(
+                0,
+                id,
+                n as u32,
+                Activations::Host(&k),
+                Activations::Host(&v),
+                1,
+                Activations::Host(qt),
+                null,
+            )
+            .unwrap();
+        }
+        let (mut a, mut d) = (vec![0u8; 2 * 4 * 64 * 4], vec![0u8; 2 * 4 * 64 * 4]);
+        c.attend(0, &[1, 2], Activations::Host(&q), Output::Host(&mut a), null)
+            .unwrap();
+        c.attend_dense(0, &[1, 2], Activations::Host(&q), Output::Host(&mut d), null)
+            .unwrap();
+        (a, d)
+    };
+    // 300 + 200 tokens: each sequence is below 300, but together they pass 499.
+    let (a, d) = run2(499);
+    assert_ne!(a, d, "seed {seed:#x}: 500 tokens in all exceed a crossover of 499");
+    let (a, d) = run2(500);
+    assert_eq!(a, d, "seed {seed:#x}: 500 tokens in all are within a crossover of 500");
+}

@@ -493,16 +493,18 @@ impl Cache {
         Ok(())
     }
 
-    /// Whether every sequence of the call is short enough for the dense decode.
+    /// Whether the call's sequences hold few enough tokens together for the dense decode
+    /// (`dense_crossover`: its time follows the tokens read, the sparse step's hardly does).
     fn below_crossover(&self, layer: u32, ids: &[i64]) -> bool {
-        let limit = self.cfg.dense_crossover;
-        limit > 0
-            && ids.iter().all(|id| {
-                self.seqs
-                    .get(id)
-                    .map(|s| s.len[layer as usize] <= limit)
-                    .unwrap_or(false)
-            })
+        let limit = self.cfg.dense_crossover as u64;
+        let mut total = 0u64;
+        for id in ids {
+            match self.seqs.get(id) {
+                Some(s) => total += s.len[layer as usize] as u64,
+                None => return false,
+            }
+        }
+        limit > 0 && total <= limit
     }
 
     /// Dense decode attention over every stored token (dequantised), no selection.

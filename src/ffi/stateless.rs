@@ -479,8 +479,8 @@ pub extern "C" fn sikv_kernel_reset_slot(
 
 /// Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
 /// accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
-/// With a dense crossover at or above `max_seq_len` it runs the dense decode instead (decided
-/// from the declared bounds, so a captured graph stays valid).
+/// When the batch times `max_seq_len` is within the dense crossover it runs the dense decode
+/// instead (decided from declared bounds, so a captured graph stays valid).
 #[no_mangle]
 pub extern "C" fn sikv_kernel_decode(
     kernels: *const SikvKernels,
@@ -496,11 +496,12 @@ pub extern "C" fn sikv_kernel_decode(
     boundary(poison_of(kernels), || {
         let kn = kernels_ref(kernels)?;
         let cfg = kn.exec.cfg();
-        let dense = cfg.dense_crossover > 0 && cfg.max_seq_len <= cfg.dense_crossover;
         // SAFETY: as in sikv_kernel_calibrate.
         unsafe {
             let pools = layer_view(kn, host_ref(pools, "pools")?)?;
             let t = host_ref(page_table, "page_table")?;
+            let bound = t.batch as u64 * cfg.max_seq_len as u64;
+            let dense = cfg.dense_crossover > 0 && bound <= cfg.dense_crossover as u64;
             let b = batch(kn, t, seq_slot, q)?;
             let n_out = t.batch as usize * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
             let out = output(kn, out as *mut u8, n_out, "out")?;

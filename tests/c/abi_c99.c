@@ -111,6 +111,7 @@ static void config_for(SikvConfig *c, int full) {
   c->num_pages = 0;
   c->max_seqs = 4;
   c->max_seq_len = 512;
+  c->dense_crossover = 0; /* the checks compare selections: the sparse path always */
   c->max_batch = 4;
   c->max_append_tokens = 64;
   c->n_sink = 4;
