@@ -118,6 +118,34 @@ if [ -n "$SAN" ] && want racecheck; then
   check_log "$OUT/racecheck.log" racecheck "$RACE" || RC[racecheck]=$?
   echo "   ($((SECONDS - t0)) s)"
 fi
+if [ -n "$SAN" ] && want sanitize; then
+  # Every compute-sanitizer tool over every GPU test binary (quick sizes). The child process of
+  # sticky_cuda_error_poisons_the_handle faults on purpose and is left out.
+  echo "== compute-sanitizer, every tool over every GPU test binary (quick sizes)"
+  t0=$SECONDS
+  RC[sanitize]=0
+  for tool in memcheck initcheck synccheck racecheck; do
+    for bin in gpu_tests gpu_managed_tests gpu_abi_tests adversarial_tests; do
+      log="$OUT/san_${tool}_${bin}.log"
+      if [ $((SECONDS - t0)) -gt "${SANITIZE_BUDGET_S:-330}" ]; then
+        printf "   %-10s %-18s not run: the step's time budget (%s s) is spent\n" "$tool" "$bin" "${SANITIZE_BUDGET_S:-330}"
+        RC[sanitize]=4
+        continue
+      fi
+      SIKV_GPU_TEST_QUICK=1 timeout 150 "$SAN" --tool "$tool" --error-exitcode 3 ".gpu/$bin" \
+        --skip nvrtc_compiles_embedded_sources --skip sticky_cuda_error_poisons_the_handle \
+        --nocapture --test-threads=1 > "$log" 2>&1
+      rc=$?
+      summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
+      result=$(grep -E "^test result" "$log" | tail -1)
+      printf "   %-10s %-18s rc=%-3s %s | %s\n" "$tool" "$bin" "$rc" "${summary:-no summary}" "${result:-no test result}"
+      # rc 3: the tool found something; other non-zero codes are test failures (reported by
+      # the tests step) unless the tool printed no summary at all.
+      if [ "$rc" = "3" ] || [ -z "$summary" ]; then RC[sanitize]=3; fi
+    done
+  done
+  echo "   ($((SECONDS - t0)) s)"
+fi
 if [ -z "$SAN" ]; then
   echo "== compute-sanitizer not found: memcheck / racecheck skipped"
 fi
@@ -175,7 +203,7 @@ if want profile; then
     STALLS=smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio,smsp__average_warps_issue_stalled_membar_per_issue_active.ratio,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_not_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_no_instruction_per_issue_active.ratio,smsp__average_warps_issue_stalled_dispatch_stall_per_issue_active.ratio,smsp__average_warps_issue_stalled_imc_miss_per_issue_active.ratio,smsp__average_warps_issue_stalled_drain_per_issue_active.ratio,smsp__average_warps_issue_stalled_branch_resolving_per_issue_active.ratio,smsp__average_warps_issue_stalled_selected_per_issue_active.ratio
     for nb in ${PROFILE_SIZES:-131072:1 131072:8 8192:1}; do
       n=${nb%%:*} b=${nb##*:}
-      for part in "select:^sikv_(score|topk_compact|topk_final|topk_stage1|rerank_score|topk_stage2)$:5" "attend:^sikv_(attend_d[0-9]|combine_d[0-9]).*:2"; do
+      for part in "select:^sikv_(score_d|topk_compact|topk_final|topk_stage1|rerank_score_d|topk_stage2).*:6" "attend:^sikv_(attend_d[0-9]|combine_d[0-9]).*:2"; do
         IFS=: read -r name rx cnt <<<"$part"
         "$NCU" --kernel-name "regex:$rx" --launch-count "$cnt" --section SpeedOfLight --section LaunchStats \
           --section Occupancy --section WarpStateStats --metrics "$STALLS" --csv --page details \
@@ -202,7 +230,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial demo memcheck memcheck_managed memcheck_abi racecheck bench base_bench nopdl_bench managed_bench sdpa profile model; do
+for k in tests managed abi adversarial demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench managed_bench sdpa profile model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
@@ -240,7 +268,9 @@ for n, b in keys:
     print(f"  {n:>7} {b:>2} {k:>5} {g('score'):>7.1f} {g('topk'):>7.1f} {g('rerank'):>7.1f} {g('attend'):>7.1f} {step:>8.1f} {dense:>8.1f} {cu:>8.1f} {fl:>8.1f} {dense/step:>7.2f} {cu/step:>7.2f} {fl/step:>7.2f}  {bw('score'):>10.0f}  {bw('attend'):>11.0f}")
 EOF
 # Everything in one archive plus the two CSVs, so that all of it comes back from the GPU machine.
-(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./*.log 2>/dev/null && rm -f ./*.log)
+# (The CSVs of a second and later BASELINE go into the archive too: $OUT returns few files.)
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./*.log $(ls base[2-9]_gpu_bench.csv 2>/dev/null) 2>/dev/null \
+  && rm -f ./*.log base[2-9]_gpu_bench.csv)
 fail=0
 for k in "${!RC[@]}"; do [ "${RC[$k]}" != "0" ] && fail=1; done
 exit $fail

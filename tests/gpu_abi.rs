@@ -1245,6 +1245,85 @@ fn decode_step_of_exported_calls_replays_in_a_cuda_graph() {
     );
 }
 
+/// Determinism over a long run: one decode step of exported calls captured once, then 10,000
+/// steps, each with a fresh query written into the graph's input buffer, each run eagerly and
+/// from the graph: outputs bit-identical at every step (SIKV_GPU_TEST_QUICK=1: 200 steps).
+#[test]
+fn ten_thousand_graph_steps_with_fresh_queries_match_eager() {
+    let test = "ten_thousand_graph_steps_with_fresh_queries_match_eager";
+    let Some(mut p) = Pair::new(config(SIKV_DEVICE_CUDA), test) else {
+        return;
+    };
+    let mut rng = Rng::new(test);
+    let pages = two_page_lists();
+    let pg: [&[i32]; 2] = [&pages[0], &pages[1]];
+    let slots = [0i32, 2];
+    let lens = [700usize, 431];
+    calibrate_random(&mut p, &mut rng, 0, &pages[0], lens[0], 2);
+    calibrate_random(&mut p, &mut rng, 2, &pages[1], lens[1], 2);
+    let batch = Batch::new(&p.ctx, &pg, &lens, &slots, f16(&vals(&mut rng, 2 * HQ)));
+    let out_bytes = batch.out_bytes();
+    let (eager, replayed) = (poisoned(&p.ctx, out_bytes, 0xFF), poisoned(&p.ctx, out_bytes, 0xFF));
+    p.sync();
+    let stream = p.ctx.create_stream().expect("stream");
+    let st = stream.raw;
+    let dpools = p.dpools(0);
+    let table = batch.dtable();
+    let (gk, ws, ws_bytes) = (p.gk, p.wsp(), p.ws_bytes);
+    let decode = |out: &DeviceBuffer| {
+        let s = sikv_kernel_decode(
+            gk,
+            &dpools,
+            &table,
+            batch.dslots(),
+            batch.dq(),
+            dptr(out),
+            ws,
+            ws_bytes,
+            st,
+        );
+        status_result(s, "decode")
+    };
+    let graph = p
+        .ctx
+        .capture(st, || decode(&replayed))
+        .unwrap_or_else(|e| panic!("capturing the decode step: {e}"));
+    let steps = if std::env::var("SIKV_GPU_TEST_QUICK").map(|v| v == "1").unwrap_or(false) {
+        200
+    } else {
+        10_000
+    };
+    let mut distinct = std::collections::HashSet::new();
+    for step in 0..steps {
+        let q = f16(&vals(&mut rng, 2 * HQ));
+        p.ctx.copy_htod_async(batch.dev[4].ptr(), &q, st).expect("new query");
+        decode(&eager).unwrap_or_else(|e| panic!("eager step {step}: {e}"));
+        graph.launch(st).unwrap_or_else(|e| panic!("replay {step}: {e}"));
+        p.ctx.synchronize(st).unwrap_or_else(|e| panic!("step {step}: {e}"));
+        let (want, got) = (
+            download(&p.ctx, eager.ptr(), out_bytes),
+            download(&p.ctx, replayed.ptr(), out_bytes),
+        );
+        if got != want {
+            let n = got.chunks(2).zip(want.chunks(2)).filter(|(a, b)| a != b).count();
+            panic!(
+                "step {step}: {n} of {} outputs differ between the graph and the eager run",
+                out_bytes / 2
+            );
+        }
+        distinct.insert(want);
+    }
+    drop(graph);
+    // Fresh queries must give fresh outputs, or the comparison above proves little.
+    assert_eq!(
+        distinct.len(),
+        steps,
+        "some steps gave the same output for different queries"
+    );
+    p.check_pools(&format!("after {steps} eager and {steps} graph steps"));
+    println!("{test}: {steps} steps, graph replay bit-identical to eager at every step, {steps} distinct outputs");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Claims.
 
