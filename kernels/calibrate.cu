@@ -4,6 +4,9 @@
 //   -> encode (mode 1).
 // Sums that the CPU does in a fixed order (f64 means, f64 codebook sums, f32 heavy dot
 // products) are done sequentially in the same order here, so the results agree bit for bit.
+// Every read of K and of the queries goes through sanitize<T> (NaN -> 0, +-inf -> +-max finite)
+// and every k - m through centred_key, as cpu::stages and reference/calibrate.rs do, so
+// non-finite inputs give the CPU's bits too (docs/DESIGN.md).
 #include "common.cuh"
 
 // Zeroes the records of calib_slot (all KV heads), marks every dense entry empty, writes
@@ -81,14 +84,18 @@ SIKV_DEV void sikv_calib_median_impl(const SikvParams& p) {
     const T* k = reinterpret_cast<const T*>(p.k);
     float med;
     if constexpr (sizeof(T) == 2) {
-        auto key_at = [&](int t) -> u32 { return total_key16(bits16(k[((long long)t * H + h) * d + c])); };
+        auto key_at = [&](int t) -> u32 {
+            return total_key16(sanitize_bits16<T>(bits16(k[((long long)t * H + h) * d + c])));
+        };
         u32 key = block_lower_median<16>(p.n_tokens, key_at, hist, sel);
         u16 b = (u16)total_key16_inv(key);
         T x;
         *reinterpret_cast<u16*>(&x) = b;
         med = to_f32(x);
     } else {
-        auto key_at = [&](int t) -> u32 { return total_key32(__float_as_uint(k[((long long)t * H + h) * d + c])); };
+        auto key_at = [&](int t) -> u32 {
+            return total_key32(__float_as_uint(sanitize<T>(k[((long long)t * H + h) * d + c])));
+        };
         u32 key = block_lower_median<32>(p.n_tokens, key_at, hist, sel);
         med = __uint_as_float(total_key32_inv(key));
     }
@@ -109,7 +116,7 @@ SIKV_DEV void sikv_calib_mean_impl(const SikvParams& p) {
     const int h = i / d, c = i % d;
     const T* k = reinterpret_cast<const T*>(p.k);
     double s = 0.0;
-    for (int t = 0; t < p.n_tokens; ++t) s += (double)to_f32(k[((long long)t * H + h) * d + c]);
+    for (int t = 0; t < p.n_tokens; ++t) s += (double)sanitize<T>(to_f32(k[((long long)t * H + h) * d + c]));
     u8* rec = state_record(p, p.calib_slot, h);
     reinterpret_cast<float*>(rec + p.off_centre)[c] = p.n_tokens > 0 ? (float)(s / (double)p.n_tokens) : 0.0f;
 }
@@ -122,7 +129,7 @@ SIKV_DEV float group_mean(const SikvParams& p, const T* q, long long row, int h,
     const int d = p.head_dim, G = p.group;
     const int hq = p.num_kv_heads * G;
     float s = 0.0f;
-    for (int g = 0; g < G; ++g) s = add_rn(s, to_f32(q[(row * hq + (long long)h * G + g) * d + c]));
+    for (int g = 0; g < G; ++g) s = add_rn(s, sanitize<T>(to_f32(q[(row * hq + (long long)h * G + g) * d + c])));
     return div_rn(s, (float)G);
 }
 
@@ -181,7 +188,7 @@ SIKV_DEV void sikv_calib_heavy_score_impl(const SikvParams& p) {
         float kv[V];
         load_vec<T, V>(krow + c0, kv);
         #pragma unroll
-        for (int i = 0; i < V; ++i) s = add_rn(s, mul_rn(sub_rn(kv[i], m[c0 + i]), ql[c0 + i]));
+        for (int i = 0; i < V; ++i) s = add_rn(s, mul_rn(centred_key(sanitize<T>(kv[i]), m[c0 + i]), ql[c0 + i]));
     }
     reinterpret_cast<u32*>(p.ws_keys)[(long long)h * p.key_stride + (t - lo)] = score_key(s);
 }
@@ -236,7 +243,7 @@ SIKV_DEV void sikv_calib_scale_impl(const SikvParams& p) {
     float a = 0.0f;
     for (int t = 0; t < p.n_tokens; ++t) {
         if (!in_codebook_set(p, rank, t, all)) continue;
-        a = fmaxf(a, fabsf(sub_rn(to_f32(k[((long long)t * H + h) * d + c]), m)));
+        a = fmaxf(a, fabsf(centred_key(sanitize<T>(to_f32(k[((long long)t * H + h) * d + c])), m)));
     }
     a = fmaxf(a, 1e-6f);
     reinterpret_cast<float*>(rec + p.off_scale)[c] = a;
@@ -279,7 +286,7 @@ SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
         int u = 0;
         #pragma unroll
         for (int j = 0; j < SUBVEC; ++j) {
-            x[j] = sub_rn(kv[j], m[j]);
+            x[j] = centred_key(sanitize<T>(kv[j]), m[j]);
             if (!sign_negative(x[j])) u |= 1 << j;
         }
         cnt[u] += 1;

@@ -152,6 +152,35 @@ SIKV_DEV u32 total_key16(u32 b) { return (b & 0x8000u) ? (~b & 0xffffu) : (b | 0
 SIKV_DEV u32 total_key16_inv(u32 k) { return (k & 0x8000u) ? (k & 0x7fffu) : (~k & 0xffffu); }
 
 // ---------------------------------------------------------------------------------------------
+// Non-finite and out-of-range inputs (docs/DESIGN.md; reference/encode.rs saturate, finite_max,
+// half_max, centred, and cpu::stages): K, V and the calibration queries are sanitised as they
+// are read (NaN -> 0, +-inf -> +- the dtype's largest finite value), the centred key k - m
+// saturates at +-FLT_MAX, and 16-bit stores of k' and v saturate at the storage type's largest
+// finite value. All of it is the identity on finite, in-range values.
+
+// NaN -> 0, else clamped to [-mx, mx] (-0 stays -0).
+SIKV_DEV float clamp_finite(float x, float mx) { return x != x ? 0.0f : fminf(fmaxf(x, -mx), mx); }
+// Largest finite value of an activation / storage type.
+SIKV_DEV float finite_max(f16_t) { return 65504.0f; }
+SIKV_DEV float finite_max(bf16_t) { return __uint_as_float(0x7f7f0000u); }
+SIKV_DEV float finite_max(float) { return __uint_as_float(0x7f7fffffu); }
+template <typename T> SIKV_DEV float finite_max() { return finite_max(T()); }
+// An activation of type T as the stages read it.
+template <typename T> SIKV_DEV float sanitize(float x) { return clamp_finite(x, finite_max<T>()); }
+// The same on the bits of a 16-bit activation (for selections on bit patterns): NaN -> +0,
+// +-inf -> +-max (the pattern just below inf; fp16 and bf16 alike).
+SIKV_DEV u32 half_inf_bits(f16_t) { return 0x7c00u; }
+SIKV_DEV u32 half_inf_bits(bf16_t) { return 0x7f80u; }
+template <typename T> SIKV_DEV u32 sanitize_bits16(u32 b) {
+    const u32 inf = half_inf_bits(T()), mag = b & 0x7fffu;
+    if (mag > inf) return 0u;
+    if (mag == inf) return (b & 0x8000u) | (inf - 1u);
+    return b;
+}
+// The centred key k' = k - m, saturated at +-FLT_MAX.
+SIKV_DEV float centred_key(float k, float m) { return clamp_finite(sub_rn(k, m), finite_max<float>()); }
+
+// ---------------------------------------------------------------------------------------------
 // Device faults. Indices that come from the engine (seq_slot, position, slot_mapping, the page
 // table, counts and indices) are checked once per work item before they address memory; a bad
 // one skips the item and sets its FAULT_* bit in the context's fault word (mapped host memory,

@@ -2,7 +2,9 @@
 // d/32 consecutive channels per lane, 32/(d/32) lanes per 32-channel quantisation group
 // (method §10.6 K1). Group min/max by __shfl_xor inside the group; the group leader writes the
 // group's packed sign word, code words and fp16 (delta, zero) pair. Arithmetic follows
-// reference/encode.rs exactly (no FMA, stored fp16 params used for the codes).
+// reference/encode.rs exactly (no FMA, stored fp16 params used for the codes). K and V are
+// read through sanitize<T>, k - m through centred_key, and the 16-bit stores of k' and v
+// saturate at the storage type's largest finite value, as in cpu::stages (docs/DESIGN.md).
 #include "common.cuh"
 
 // Quantises CPL values of this lane (y = |x| for keys, v for values) with the group's
@@ -117,11 +119,16 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
     load_vec<float, CPL>(centre + c0, m);
     load_vec<float, CPL>(inv_scale + c0, r);
 
-    float kp[CPL], x[CPL], ax[CPL];
+    // kp / vv: what the quantisers see; kst / vst: the same saturated for a 16-bit store.
+    float kp[CPL], kst[CPL], vst[CPL], x[CPL], ax[CPL];
     u32 sign_bits = 0;
     #pragma unroll
     for (int i = 0; i < CPL; ++i) {
-        kp[i] = sub_rn(kk[i], m[i]);
+        kk[i] = sanitize<T>(kk[i]);
+        vv[i] = sanitize<T>(vv[i]);
+        kp[i] = centred_key(kk[i], m[i]);
+        kst[i] = clamp_finite(kp[i], finite_max<S>());
+        vst[i] = clamp_finite(vv[i], finite_max<S>());
         x[i] = mul_rn(kp[i], r[i]);
         ax[i] = fabsf(x[i]);
         bool s = p.sign_positive ? (x[i] > 0.0f) : !sign_negative(x[i]);
@@ -141,7 +148,7 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
 
     // Keys.
     if (p.key_bits == 16) {
-        if (write_page) store_vec<S, CPL>(reinterpret_cast<S*>(plane_row_mut(p, SIKV_PLANE_KFULL, row)) + c0, kp);
+        if (write_page) store_vec<S, CPL>(reinterpret_cast<S*>(plane_row_mut(p, SIKV_PLANE_KFULL, row)) + c0, kst);
     } else {
         u32 par;
         u64 lo_w, hi_w;
@@ -161,7 +168,7 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
 
     // Values.
     if (p.value_bits == 16) {
-        if (write_page) store_vec<S, CPL>(reinterpret_cast<S*>(plane_row_mut(p, SIKV_PLANE_VFULL, row)) + c0, vv);
+        if (write_page) store_vec<S, CPL>(reinterpret_cast<S*>(plane_row_mut(p, SIKV_PLANE_VFULL, row)) + c0, vst);
     } else {
         u32 par;
         u64 lo_w, hi_w;
@@ -194,8 +201,8 @@ SIKV_DEV void sikv_encode_impl(const SikvParams& p) {
     if (e >= 0 && e < p.dense_cap) {
         S* dk = reinterpret_cast<S*>(rec + p.off_dense_k) + (long long)e * D + c0;
         S* dv = reinterpret_cast<S*>(rec + p.off_dense_v) + (long long)e * D + c0;
-        store_vec<S, CPL>(dk, kp);
-        store_vec<S, CPL>(dv, vv);
+        store_vec<S, CPL>(dk, kst);
+        store_vec<S, CPL>(dv, vst);
         if (lane == 0) state_dense_pos(p, rec)[e] = pos;
     }
 }

@@ -11,13 +11,15 @@ use super::state::{
     write_dense,
 };
 use super::table::PageTable;
-use crate::config::{CacheConfig, Selector};
+use crate::config::{CacheConfig, Dtype, HalfKind, Selector};
 use crate::ensure;
 use crate::layout::{Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, SIKV_PLANE_SIGN};
 use crate::numeric::{write_f32s, write_i32};
 use crate::reference::attend::attend_group;
 use crate::reference::calibrate::{calibrate_head, CalibrateParams};
-use crate::reference::encode::{decode_key, decode_key_into, decode_value, encode_token};
+use crate::reference::encode::{
+    centred, decode_key, decode_key_into, decode_value, encode_token, finite_max, half_max, saturate,
+};
 use crate::reference::rerank::rerank_score;
 use crate::reference::score::{build_lut, group_mean_query, lut_score, sign_sign_score};
 use crate::reference::topk::topk;
@@ -82,6 +84,24 @@ fn check_batch(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Non-finite and out-of-range inputs (docs/DESIGN.md): K, V and the calibration queries are
+// read with NaN -> 0 and ±inf -> ± the dtype's largest finite value, as the kernels read them;
+// what goes into a 16-bit store (dense set, 16-bit planes) saturates at the storage type's
+// largest finite value. Both are the identity on finite, in-range data.
+
+/// `x` as the stages read it: NaN -> 0, ±inf -> ±`finite_max(dtype)`.
+fn sanitised(x: &[f32], dtype: Dtype) -> Vec<f32> {
+    let max = finite_max(dtype);
+    x.iter().map(|&y| saturate(y, max)).collect()
+}
+
+/// `x` saturated at the largest finite value of the 16-bit storage type (for `write_dense`).
+fn for_storage(x: &[f32], storage: HalfKind) -> Vec<f32> {
+    let max = half_max(storage);
+    x.iter().map(|&y| saturate(y, max)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Stages.
 
 /// `k` and `v` must each hold `expected` floats (`n x num_kv_heads x head_dim`).
@@ -102,7 +122,8 @@ fn check_kv_len(k: &[f32], v: &[f32], expected: usize) -> Result<()> {
 /// (`slot_mapping[t] = page * page_size + slot`; negative = skip that token's page write) and
 /// fills the dense set (sinks, heavy, window). `k`, `v`: `n x H_kv x d`; `q_tail`:
 /// `nq x H_q x d` (the last nq prompt queries, nq >= 1). Sets meta prompt_len = n and
-/// calibrated = 1. Validates everything before writing anything.
+/// calibrated = 1. Validates everything before writing anything. `k`, `v` and `q_tail` are
+/// read sanitised (NaN -> 0, ±inf -> ± the dtype's largest finite value).
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate(
     layout: &Layout,
@@ -150,6 +171,11 @@ pub fn calibrate(
         );
     }
 
+    let (k, v, q_tail) = (
+        sanitised(k, cfg.dtype),
+        sanitised(v, cfg.dtype),
+        sanitised(q_tail, cfg.dtype),
+    );
     let nq = q_tail.len() / (hq * d);
     let params = CalibrateParams {
         centre: cfg.centre,
@@ -181,18 +207,25 @@ pub fn calibrate(
         for i in 0..st.dense_capacity {
             write_i32(&mut rec[st.dense_pos..], i, DENSE_EMPTY);
         }
-        let centred = |t: usize| -> Vec<f32> { (0..d).map(|c| keys[t * d + c] - cal.centre[c]).collect() };
         let val = |t: usize| &v[(t * hkv + h) * d..(t * hkv + h + 1) * d];
+        // The dense set's k' and v, saturated for their 16-bit store.
+        let dense_kv = |t: usize| -> (Vec<f32>, Vec<f32>) {
+            let kp: Vec<f32> = (0..d).map(|c| centred(keys[t * d + c], cal.centre[c])).collect();
+            (for_storage(&kp, storage), for_storage(val(t), storage))
+        };
         for p in 0..s_n.min(n) {
-            write_dense(layout, storage, rec, p, p as i32, &centred(p), val(p));
+            let (kp, vp) = dense_kv(p);
+            write_dense(layout, storage, rec, p, p as i32, &kp, &vp);
         }
         for (i, &p) in cal.heavy.iter().enumerate() {
             let p = p as usize;
-            write_dense(layout, storage, rec, s_n + i, p as i32, &centred(p), val(p));
+            let (kp, vp) = dense_kv(p);
+            write_dense(layout, storage, rec, s_n + i, p as i32, &kp, &vp);
         }
         if w_n > 0 {
             for p in s_n.max(n.saturating_sub(w_n))..n {
-                write_dense(layout, storage, rec, s_n + h_n + p % w_n, p as i32, &centred(p), val(p));
+                let (kp, vp) = dense_kv(p);
+                write_dense(layout, storage, rec, s_n + h_n + p % w_n, p as i32, &kp, &vp);
             }
         }
 
@@ -220,7 +253,8 @@ pub fn calibrate(
 /// Stage `encode` (append): encodes `n` tokens (`k`, `v`: `n x H_kv x d`) into their page
 /// slots and updates each token's dense entry when it is a sink or enters the window.
 /// `seq_slot[t]` and `position[t]` say whose token it is; `slot_mapping[t] < 0` skips it.
-/// The sequence must be calibrated. Validates everything before writing anything.
+/// The sequence must be calibrated. Validates everything before writing anything. `k` and `v`
+/// are read sanitised, as in [`calibrate`].
 #[allow(clippy::too_many_arguments)]
 pub fn append(
     layout: &Layout,
@@ -275,8 +309,8 @@ pub fn append(
         let slot = seq_slot[t] as usize;
         let p = position[t] as usize;
         for h in 0..hkv {
-            let kt = &k[(t * hkv + h) * d..(t * hkv + h + 1) * d];
-            let vt = &v[(t * hkv + h) * d..(t * hkv + h + 1) * d];
+            let kt = &sanitised(&k[(t * hkv + h) * d..(t * hkv + h + 1) * d], cfg.dtype);
+            let vt = &sanitised(&v[(t * hkv + h) * d..(t * hkv + h + 1) * d], cfg.dtype);
             let rec = record_mut(layout, layer.state, slot, h);
             let centre = f32s(rec, st.centre, d);
             let inv_scale = f32s(rec, st.inv_scale, d);
@@ -300,11 +334,12 @@ pub fn append(
                     &mut rows,
                 );
             }
-            let kp: Vec<f32> = (0..d).map(|c| kt[c] - centre[c]).collect();
+            let kp: Vec<f32> = (0..d).map(|c| centred(kt[c], centre[c])).collect();
+            let (kp, vp) = (for_storage(&kp, storage), for_storage(vt, storage));
             if p < s_n {
-                write_dense(layout, storage, rec, p, p as i32, &kp, vt);
+                write_dense(layout, storage, rec, p, p as i32, &kp, &vp);
             } else if w_n > 0 {
-                write_dense(layout, storage, rec, s_n + h_n + p % w_n, p as i32, &kp, vt);
+                write_dense(layout, storage, rec, s_n + h_n + p % w_n, p as i32, &kp, &vp);
             }
         }
     }

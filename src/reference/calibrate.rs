@@ -2,12 +2,16 @@
 //! the empty-cell fallback, query median, and the heavy set.
 //!
 //! Arithmetic: the mean centre and the codebook sums are accumulated in f64 (token order) and
-//! rounded to f32 once; `k' = k - m` and the heavy scores `k'_t . qbar_last` are f32 (channel
-//! order). The codebook always uses `!signbit(k')`, whatever the encoder predicate.
+//! rounded to f32 once; `k' = centred(k, m)` (`k - m` saturated at `±f32::MAX`) and the heavy
+//! scores `k'_t . qbar_last` are f32 (channel order). The codebook always uses `!signbit(k')`,
+//! whatever the encoder predicate. Keys and queries are expected finite: `cpu::stages`
+//! sanitises them as it reads them (NaN -> 0, ±inf -> ± the dtype's largest finite value;
+//! docs/DESIGN.md, "Non-finite and out-of-range inputs").
 
 use crate::config::Centre;
 use crate::layout::{CENTROIDS, SUBVEC};
 
+use super::encode::centred;
 use super::topk::topk;
 
 /// What calibration needs to know about the dense set.
@@ -153,7 +157,11 @@ pub fn calibrate_head(p: &CalibrateParams, head_dim: usize, keys: &[f32], qbar: 
             })
             .collect(),
     };
-    let kp: Vec<f32> = keys.iter().enumerate().map(|(i, k)| k - centre[i % d]).collect();
+    let kp: Vec<f32> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| centred(k, centre[i % d]))
+        .collect();
 
     // Heavy set.
     let lo = p.n_sink as usize;

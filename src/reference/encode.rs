@@ -2,7 +2,8 @@
 //! 32-channel group (method §10.3), and the inverse (dequantisation).
 //!
 //! Exact arithmetic (what a kernel must reproduce bit for bit):
-//! - `k'_c = k_c - m_c`, `x_c = k'_c * r_c` (f32, no fma);
+//! - `k'_c = centred(k_c, m_c)` (`k_c - m_c`, saturated at `±f32::MAX`), `x_c = k'_c * r_c`
+//!   (f32, no fma);
 //! - per group: `lo`, `hi` = f32 min / max of `|x_c|` (keys) or `v_c` (values);
 //!   `delta = fp16(min((hi - lo) / levels, 65504))` (f32 division, then round to nearest even
 //!   fp16), `zero = fp16(clamp(lo, -65504, 65504))`: params saturate at the fp16 maximum
@@ -10,9 +11,16 @@
 //! - `code = delta > 0 ? clamp(floor((y - zero) / delta + 0.5), 0, levels) : 0` in f32 with the
 //!   stored (rounded) delta and zero; a NaN code becomes 0.
 //! - decode: `(code * delta + zero)` in f32 (a multiply then an add, no fma), times the sign,
-//!   times `a_c` for keys.
+//!   times `a_c` for keys;
+//! - 16-bit stores of `k'` and `v` (16-bit planes; the dense set in `cpu::stages`) saturate at
+//!   the storage type's largest finite value ([`half_max`]) instead of rounding to ±inf.
+//!
+//! The inputs are finite: `cpu::stages` (and the kernels) sanitise K/V as they read them
+//! ([`saturate`] with the activation dtype's [`finite_max`]; docs/DESIGN.md, "Non-finite and
+//! out-of-range inputs"). Every step here is the identity on values already in range, so
+//! finite data encodes exactly as without the rule.
 
-use crate::config::{HalfKind, SignPredicate};
+use crate::config::{Dtype, HalfKind, SignPredicate};
 use crate::layout::{
     TokenFormat, QUANT_GROUP, SIKV_NUM_PLANES, SIKV_PLANE_KFULL, SIKV_PLANE_KMAG, SIKV_PLANE_KPAR, SIKV_PLANE_SIGN,
     SIKV_PLANE_VCODE, SIKV_PLANE_VFULL, SIKV_PLANE_VPAR,
@@ -21,6 +29,42 @@ use crate::numeric::{get_half, put_half, round_half};
 
 /// Largest finite fp16; quantisation params saturate here.
 pub const F16_MAX: f32 = 65504.0;
+
+/// The non-finite rule (docs/DESIGN.md): NaN becomes 0, everything else is clamped to
+/// `[-max, max]` (so ±inf becomes ±max). The identity on every value already in range, -0.0
+/// included. The kernels' `clamp_finite` (kernels/common.cuh) is the same function.
+pub fn saturate(x: f32, max: f32) -> f32 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(-max, max)
+    }
+}
+
+/// Largest finite value of an activation dtype: what ±inf in K, V and the calibration queries
+/// is read as.
+pub fn finite_max(dtype: Dtype) -> f32 {
+    match dtype {
+        Dtype::F16 => F16_MAX,
+        Dtype::Bf16 => half::bf16::MAX.to_f32(),
+        Dtype::F32 => f32::MAX,
+    }
+}
+
+/// Largest finite value of a 16-bit storage type: 16-bit stores of `k'` and `v` saturate here.
+pub fn half_max(kind: HalfKind) -> f32 {
+    match kind {
+        HalfKind::F16 => F16_MAX,
+        HalfKind::Bf16 => half::bf16::MAX.to_f32(),
+    }
+}
+
+/// The centred key `k - m`, saturated at `±f32::MAX` (it can only overflow with bf16 or f32
+/// activations near their maximum; an infinite k' would make the scale infinite and
+/// `k' * (1/a)` a NaN whose sign differs between the CPU and the GPU).
+pub fn centred(k: f32, m: f32) -> f32 {
+    saturate(k - m, f32::MAX)
+}
 
 /// The sign bit of a normalised key element.
 pub fn sign_bit(x: f32, pred: SignPredicate) -> bool {
@@ -112,7 +156,7 @@ pub fn encode_token(
         );
         r[..format.row_bytes[p]].fill(0);
     }
-    let kp: Vec<f32> = (0..d).map(|c| k[c] - centre[c]).collect();
+    let kp: Vec<f32> = (0..d).map(|c| centred(k[c], centre[c])).collect();
     let x: Vec<f32> = (0..d).map(|c| kp[c] * inv_scale[c]).collect();
 
     let sign = &mut rows[SIKV_PLANE_SIGN];
@@ -125,7 +169,7 @@ pub fn encode_token(
     if format.key_bits == 16 {
         let row = &mut rows[SIKV_PLANE_KFULL];
         for (c, &y) in kp.iter().enumerate() {
-            put_half(storage, y, &mut row[2 * c..2 * c + 2]);
+            put_half(storage, saturate(y, half_max(storage)), &mut row[2 * c..2 * c + 2]);
         }
     } else {
         let ax: Vec<f32> = x.iter().map(|y| y.abs()).collect();
@@ -136,7 +180,7 @@ pub fn encode_token(
     if format.value_bits == 16 {
         let row = &mut rows[SIKV_PLANE_VFULL];
         for (c, &y) in v[..d].iter().enumerate() {
-            put_half(storage, y, &mut row[2 * c..2 * c + 2]);
+            put_half(storage, saturate(y, half_max(storage)), &mut row[2 * c..2 * c + 2]);
         }
     } else {
         let [_, _, vcode, _, vpar, ..] = rows;
