@@ -131,11 +131,24 @@ impl DeviceStore {
         let ctx = exec.gpu().expect("a device store needs a CUDA executor").clone();
         let ws_need = exec.stage_workspace_bytes(cfg.max_batch);
         let (planes, state, workspace) = match pools {
-            None => (
-                DevStore::Owned(ctx.alloc(layout.total_plane_bytes())?),
-                DevStore::Owned(ctx.alloc(layout.total_state_bytes())?),
-                DevStore::Owned(ctx.alloc(ws_need)?),
-            ),
+            None => {
+                // Owned pools start zeroed (once, at create time): the checksum reads whole pools,
+                // and bytes no call has written yet would otherwise differ between two caches
+                // fed the same calls (compute-sanitizer initcheck flagged the read).
+                let (planes, state) = (
+                    ctx.alloc(layout.total_plane_bytes())?,
+                    ctx.alloc(layout.total_state_bytes())?,
+                );
+                let null = std::ptr::null_mut();
+                ctx.memset_async(planes.ptr(), 0, layout.total_plane_bytes(), null)?;
+                ctx.memset_async(state.ptr(), 0, layout.total_state_bytes(), null)?;
+                ctx.synchronize(null)?;
+                (
+                    DevStore::Owned(planes),
+                    DevStore::Owned(state),
+                    DevStore::Owned(ctx.alloc(ws_need)?),
+                )
+            }
             Some(Pools::Device {
                 planes,
                 planes_bytes,
