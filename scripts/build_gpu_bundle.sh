@@ -7,6 +7,7 @@
 #   .gpu/gpu_managed_tests  the tests/gpu_managed.rs test executable (release)
 #   .gpu/gpu_abi_tests      the tests/gpu_abi.rs test executable (release)
 #   .gpu/adversarial_tests  the tests/adversarial.rs test executable (release)
+#   .gpu/sharding_tests     the tests/sharding.rs test executable (release)
 #   .gpu/gpu_bench          the examples/gpu_bench.rs binary (release)
 #   .gpu/sikv_demo          the demo binary (release)
 #   .gpu/BUILD_INFO         git revision, kernel build path, nvcc
@@ -19,11 +20,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SIKV_REQUIRE_NVCC="${SIKV_REQUIRE_NVCC:-1}"
 mkdir -p .gpu
-rm -f .gpu/managed_bench .gpu/gpu_tests .gpu/gpu_managed_tests .gpu/gpu_abi_tests .gpu/adversarial_tests .gpu/gpu_bench .gpu/sikv_demo .gpu/libselfindexkv.so .gpu/BUILD_INFO
+rm -f .gpu/managed_bench .gpu/gpu_tests .gpu/gpu_managed_tests .gpu/gpu_abi_tests .gpu/adversarial_tests .gpu/sharding_tests .gpu/gpu_bench .gpu/sikv_demo .gpu/libselfindexkv.so .gpu/BUILD_INFO
 
 json=$(mktemp)
 trap 'rm -f "$json"' EXIT
-cargo test --release --no-run --message-format=json --test gpu --test gpu_managed --test gpu_abi --test adversarial > "$json"
+cargo test --release --no-run --message-format=json --test gpu --test gpu_managed --test gpu_abi --test adversarial --test sharding > "$json"
 cargo build --release --bin sikv_demo --message-format=json >> "$json"
 cargo build --release --example gpu_bench --example managed_bench --message-format=json >> "$json"
 # The shared library, for the Python benchmarks (ctypes) in scripts/bench.
@@ -32,7 +33,7 @@ cp target/release/libselfindexkv.so .gpu/libselfindexkv.so
 
 python3 - "$json" <<'EOF'
 import json, shutil, sys
-want = {("test", "gpu"): ".gpu/gpu_tests", ("test", "gpu_managed"): ".gpu/gpu_managed_tests", ("test", "gpu_abi"): ".gpu/gpu_abi_tests", ("test", "adversarial"): ".gpu/adversarial_tests", ("example", "gpu_bench"): ".gpu/gpu_bench", ("example", "managed_bench"): ".gpu/managed_bench", ("bin", "sikv_demo"): ".gpu/sikv_demo"}
+want = {("test", "gpu"): ".gpu/gpu_tests", ("test", "gpu_managed"): ".gpu/gpu_managed_tests", ("test", "gpu_abi"): ".gpu/gpu_abi_tests", ("test", "adversarial"): ".gpu/adversarial_tests", ("test", "sharding"): ".gpu/sharding_tests", ("example", "gpu_bench"): ".gpu/gpu_bench", ("example", "managed_bench"): ".gpu/managed_bench", ("bin", "sikv_demo"): ".gpu/sikv_demo"}
 found = {}
 for line in open(sys.argv[1]):
     try:
@@ -56,7 +57,7 @@ EOF
 # Debug info off (the bundle travels to the GPU machine with a 64 MiB limit; the embedded
 # fatbin of all targets is ~19 MB per binary).
 if command -v strip >/dev/null 2>&1; then
-  strip --strip-debug .gpu/managed_bench .gpu/gpu_tests .gpu/gpu_managed_tests .gpu/gpu_abi_tests .gpu/adversarial_tests .gpu/gpu_bench .gpu/sikv_demo .gpu/libselfindexkv.so
+  strip --strip-debug .gpu/managed_bench .gpu/gpu_tests .gpu/gpu_managed_tests .gpu/gpu_abi_tests .gpu/adversarial_tests .gpu/sharding_tests .gpu/gpu_bench .gpu/sikv_demo .gpu/libselfindexkv.so
 fi
 
 {
@@ -66,7 +67,7 @@ fi
 } > .gpu/BUILD_INFO
 cat .gpu/BUILD_INFO
 ls -la .gpu
-total=$(du -cb .gpu/managed_bench .gpu/gpu_tests .gpu/gpu_managed_tests .gpu/gpu_abi_tests .gpu/adversarial_tests .gpu/gpu_bench .gpu/sikv_demo .gpu/libselfindexkv.so | tail -1 | cut -f1)
+total=$(du -cb .gpu/managed_bench .gpu/gpu_tests .gpu/gpu_managed_tests .gpu/gpu_abi_tests .gpu/adversarial_tests .gpu/sharding_tests .gpu/gpu_bench .gpu/sikv_demo .gpu/libselfindexkv.so | tail -1 | cut -f1)
 echo "bundle: $total bytes"
 if [ "$total" -gt $((60 * 1024 * 1024)) ]; then
   echo "warning: bundle is over 60 MiB; rebuild with SIKV_CUDA_ARCHS=90 for an H200-only fatbin" >&2

@@ -72,6 +72,7 @@ if want tests; then
   run_tests managed "managed cache on the GPU vs the CPU backend" gpu_managed_tests "managed GPU|stateless ABI|seed ="
   run_tests abi "both ABI layers on device memory, graph capture, faults and poisoning" gpu_abi_tests "^test |worst|seed ="
   run_tests adversarial "adversarial inputs, GPU vs CPU" adversarial_tests "GPU = CPU"
+  run_tests sharding "tensor-parallel shards vs the unsharded cache" sharding_tests "shards of"
 fi
 
 if want demo; then
@@ -125,7 +126,7 @@ if [ -n "$SAN" ] && want sanitize; then
   t0=$SECONDS
   RC[sanitize]=0
   for tool in memcheck initcheck synccheck racecheck; do
-    for bin in gpu_tests gpu_managed_tests gpu_abi_tests adversarial_tests; do
+    for bin in gpu_tests gpu_managed_tests gpu_abi_tests adversarial_tests sharding_tests; do
       log="$OUT/san_${tool}_${bin}.log"
       if [ $((SECONDS - t0)) -gt "${SANITIZE_BUDGET_S:-330}" ]; then
         printf "   %-10s %-18s not run: the step's time budget (%s s) is spent\n" "$tool" "$bin" "${SANITIZE_BUDGET_S:-330}"
@@ -230,7 +231,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench managed_bench sdpa profile model; do
+for k in tests managed abi adversarial sharding demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench managed_bench sdpa profile model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
