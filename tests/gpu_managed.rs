@@ -650,3 +650,93 @@ fn managed_hot_path_returns_with_the_stream_held() {
     sikv_cache_destroy(cache);
     drop(watchdog);
 }
+
+/// Concurrency (issue #13, part 5, the GPU half): four host threads, each with its own cache
+/// and its own stream, run calibrate + 24 decode steps (append + attend) at once; every
+/// thread's outputs must equal, bit for bit, the same work run serially on one thread.
+#[test]
+fn threads_with_own_caches_and_streams_match_serial() {
+    use selfindexkv::gpu::GpuContext;
+    let test = "threads_with_own_caches_and_streams_match_serial";
+    let seed = common::seed(test);
+    let cfg = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, 4096);
+    let layout = selfindexkv::Layout::new(&cfg);
+    match GpuContext::new(&cfg, &layout) {
+        Ok(_) => {}
+        Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => return common::skip_no_cuda_device(test),
+        Err(e) => panic!("GPU context: {e}"),
+    }
+    let (threads, steps) = (4usize, 24usize);
+    // One worker's whole run: its outputs, step by step. `own_stream`: on a stream of its own
+    // (else the legacy default stream).
+    let work = |t: usize, own_stream: bool| -> Vec<Vec<u8>> {
+        let cfg = cfg.clone();
+        let ctx = GpuContext::new(&cfg, &selfindexkv::Layout::new(&cfg)).expect("context");
+        let stream = ctx.create_stream().expect("stream");
+        let st = if own_stream { stream.raw } else { std::ptr::null_mut() };
+        let mut rng = Rng(seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9));
+        let (hq, hk, d) = (
+            cfg.num_q_heads as usize,
+            cfg.num_kv_heads as usize,
+            cfg.head_dim as usize,
+        );
+        let dt = cfg.dtype;
+        let mut cache = Cache::new(cfg.clone()).expect("cache");
+        let ids = [10i64, 11];
+        for (i, &id) in ids.iter().enumerate() {
+            let n = 900 + 300 * i + 50 * t;
+            cache.add_seq(id).unwrap();
+            let k = to_bytes(dt, &vals(&mut rng, n * hk * d, d));
+            let v = to_bytes(dt, &vals(&mut rng, n * hk * d, d));
+            let q = to_bytes(dt, &vals(&mut rng, hq * d, d));
+            cache
+                .calibrate(
+                    0,
+                    id,
+                    n as u32,
+                    Activations::Host(&k),
+                    Activations::Host(&v),
+                    1,
+                    Activations::Host(&q),
+                    st,
+                )
+                .unwrap();
+        }
+        let mut outs = Vec::new();
+        for _ in 0..steps {
+            let k = to_bytes(dt, &vals(&mut rng, 2 * hk * d, d));
+            let v = to_bytes(dt, &vals(&mut rng, 2 * hk * d, d));
+            let q = to_bytes(dt, &vals(&mut rng, 2 * hq * d, d));
+            cache
+                .append(0, &ids, &[1, 1], Activations::Host(&k), Activations::Host(&v), st)
+                .unwrap();
+            let mut out = vec![0u8; 2 * hq * d * dt.size()];
+            cache
+                .attend(0, &ids, Activations::Host(&q), Output::Host(&mut out), st)
+                .unwrap();
+            outs.push(out);
+        }
+        ctx.synchronize(st).unwrap();
+        outs
+    };
+    let concurrent: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads).map(|t| s.spawn(move || work(t, true))).collect();
+        hs.into_iter().map(|h| h.join().expect("worker thread")).collect()
+    });
+    for (t, got) in concurrent.iter().enumerate() {
+        let want = work(t, false);
+        assert_eq!(got.len(), want.len());
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g == w,
+                "{test}: thread {t} step {step}: concurrent output differs from the serial run"
+            );
+        }
+    }
+    // Different threads were given different data: their outputs must differ too.
+    assert!(
+        concurrent[0][0] != concurrent[1][0],
+        "{test}: two threads gave the same output"
+    );
+    println!("{test}: {threads} threads x {steps} steps with own caches and streams = serial, bit for bit");
+}
