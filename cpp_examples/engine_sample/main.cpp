@@ -9,9 +9,19 @@
 // The engine's own prefill attention (flash attention over the prompt) is not the library's
 // job and is skipped here.
 //
-// usage: engine_sample [--steps N] [--seed S]
+// usage: engine_sample [--steps N] [--seed S] [--device cpu|cuda]
+//
+// --device cuda (built with -DSIKV_WITH_CUDA_RUNTIME and linked with the CUDA runtime) runs the
+// same loop on a CUDA cache fed from cudaMalloc'd fp16 K/V/Q on a stream of its own, beside a
+// CPU cache of the same configuration fed the same fp16 values from host memory, and checks
+// every attend output of the GPU against the CPU's (per row of head_dim, relative to the row's
+// largest value). The next tokens follow the CPU's outputs, so both caches see the same inputs.
 
 #include "selfindexkv.hpp"
+
+#if defined(SIKV_WITH_CUDA_RUNTIME)
+#include <cuda_runtime_api.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -152,19 +162,198 @@ struct Diff {
   double rel() const { return std::sqrt(err2 / std::max(ref2, 1e-30)); }
 };
 
+#if defined(SIKV_WITH_CUDA_RUNTIME)
+// IEEE half precision bits of x, round to nearest even (what the GPU path is fed).
+uint16_t to_half(float x) {
+  uint32_t f;
+  std::memcpy(&f, &x, 4);
+  const uint32_t sign = (f >> 16) & 0x8000u;
+  const uint32_t mag = f & 0x7fffffffu;
+  if (mag >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (mag > 0x7f800000u ? 0x200u : 0u));
+  if (mag >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds past the largest half
+  if (mag < 0x38800000u) {                                   // subnormal half (or zero)
+    const uint32_t shift = 113u - (mag >> 23);
+    if (shift > 11) return uint16_t(sign);  // below half the smallest subnormal
+    const uint32_t m = (mag & 0x7fffffu) | 0x800000u;
+    uint32_t h = m >> (shift + 13);
+    const uint32_t rest = m & ((1u << (shift + 13)) - 1u), half = 1u << (shift + 12);
+    if (rest > half || (rest == half && (h & 1u))) ++h;
+    return uint16_t(sign | h);
+  }
+  uint32_t h = ((mag - 0x38000000u) >> 13);
+  const uint32_t rest = mag & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return uint16_t(sign | h);
+}
+
+float from_half(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  uint32_t f;
+  if (e == 0) {
+    float v = std::ldexp(float(m), -24);
+    return sign ? -v : v;
+  }
+  if (e == 31) f = sign | 0x7f800000u | (m << 13);
+  else f = sign | ((e + 112u) << 23) | (m << 13);
+  float x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
+
+std::vector<uint16_t> halves(const float* x, size_t n) {
+  std::vector<uint16_t> h(n);
+  for (size_t i = 0; i < n; ++i) h[i] = to_half(x[i]);
+  return h;
+}
+
+void cuda_check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "engine_sample: %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+// A device buffer of fp16 values, filled from host halves on `stream`.
+struct DeviceHalves {
+  void* p = nullptr;
+  size_t n = 0;
+  explicit DeviceHalves(size_t count) : n(count) { cuda_check(cudaMalloc(&p, (n ? n : 1) * 2), "cudaMalloc"); }
+  ~DeviceHalves() { cudaFree(p); }
+  DeviceHalves(const DeviceHalves&) = delete;
+  DeviceHalves& operator=(const DeviceHalves&) = delete;
+  void put(const std::vector<uint16_t>& h, cudaStream_t stream) {
+    cuda_check(cudaMemcpyAsync(p, h.data(), h.size() * 2, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+  }
+};
+
+// The GPU run: a CUDA cache on device memory and its own stream, checked step by step against a
+// CPU cache of the same configuration fed the same fp16 values. Returns the process status.
+int run_cuda(const ToyModel& model, Rng& rng, int steps) {
+  sikv::Config cfg = sikv::Config::profile(SIKV_PROFILE_2_1);
+  cfg.dtype = SIKV_DTYPE_F16;  // the CUDA backend takes fp16 or bf16 activations
+  cfg.num_layers = kLayers;
+  cfg.num_q_heads = kHeads;
+  cfg.num_kv_heads = kKvHeads;
+  cfg.head_dim = kHeadDim;
+  cfg.max_seqs = 4;
+  cfg.max_batch = 4;
+  cfg.max_seq_len = 4096;
+  cfg.max_append_tokens = 4096;
+  cfg.dense_crossover = 0;  // the sparse path (these 4K tokens would be under the default crossover)
+  cfg.device = SIKV_DEVICE_CUDA;
+  sikv::Cache gpu(cfg);
+  cfg.device = SIKV_DEVICE_CPU;
+  sikv::Cache cpu(cfg);
+  cudaStream_t stream = nullptr;
+  cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+
+  const std::vector<int64_t> ids = {0, 1, 2};
+  const uint32_t prompt_len[] = {1000, 1337, 1800};
+  const size_t B = ids.size(), row_q = kHeads * kHeadDim, row_kv = kKvHeads * kHeadDim;
+  std::vector<std::vector<uint32_t>> tokens;
+  for (size_t b = 0; b < B; ++b) {
+    gpu.add(ids[b]);
+    cpu.add(ids[b]);
+    tokens.push_back(make_prompt(rng, prompt_len[b]));
+  }
+  DeviceHalves dk(size_t(1800) * row_kv), dv(size_t(1800) * row_kv), dq(size_t(kQueryTail) * row_q);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    for (size_t b = 0; b < B; ++b) {
+      const uint32_t n = prompt_len[b];
+      std::vector<float> q(size_t(n) * row_q), k(size_t(n) * row_kv), v(size_t(n) * row_kv);
+      for (uint32_t t = 0; t < n; ++t) model.qkv(l, tokens[b][t], t, &q[t * row_q], &k[t * row_kv], &v[t * row_kv]);
+      const auto hk = halves(k.data(), k.size()), hv = halves(v.data(), v.size());
+      const auto hq = halves(&q[size_t(n - kQueryTail) * row_q], size_t(kQueryTail) * row_q);
+      dk.put(hk, stream);
+      dv.put(hv, stream);
+      dq.put(hq, stream);
+      gpu.calibrate(l, ids[b], n, dk.p, dv.p, kQueryTail, dq.p, stream);
+      cpu.calibrate(l, ids[b], n, hk.data(), hv.data(), kQueryTail, hq.data());
+      // The staging buffers are refilled for the next sequence: wait for this one's calibrate.
+      cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    }
+  }
+  DeviceHalves sk(B * row_kv), sv(B * row_kv), sq(B * row_q), sout(B * row_q);
+  std::vector<float> q(B * row_q), k(B * row_kv), v(B * row_kv);
+  std::vector<uint16_t> got(B * row_q), want(B * row_q);
+  std::vector<uint32_t> next(B);
+  for (size_t b = 0; b < B; ++b) next[b] = tokens[b].back();
+  double worst = 0;
+  for (int step = 0; step < steps; ++step) {
+    std::vector<float> last(B * row_q);
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      for (size_t b = 0; b < B; ++b) {
+        const uint32_t pos = cpu.seq_len(ids[b], l);
+        model.qkv(l, next[b], pos, &q[b * row_q], &k[b * row_kv], &v[b * row_kv]);
+      }
+      const auto hk = halves(k.data(), k.size()), hv = halves(v.data(), v.size()), hq = halves(q.data(), q.size());
+      sk.put(hk, stream);
+      sv.put(hv, stream);
+      sq.put(hq, stream);
+      gpu.append_decode(l, ids, sk.p, sv.p, stream);
+      gpu.attend(l, ids, sq.p, sout.p, stream);
+      cuda_check(cudaMemcpyAsync(got.data(), sout.p, got.size() * 2, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+      cpu.append_decode(l, ids, hk.data(), hv.data());
+      cpu.attend(l, ids, hq.data(), want.data());
+      cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      for (size_t r = 0; r < B * kHeads; ++r) {
+        double top = 0, diff = 0;
+        for (size_t c = 0; c < kHeadDim; ++c) {
+          const double w = from_half(want[r * kHeadDim + c]), g = from_half(got[r * kHeadDim + c]);
+          if (!std::isfinite(g)) diff = INFINITY;
+          top = std::max(top, std::fabs(w));
+          diff = std::max(diff, std::fabs(g - w));
+        }
+        const double rel = top > 0 ? diff / top : diff;
+        worst = std::max(worst, rel);
+        if (!(rel <= 8e-3)) {
+          std::fprintf(stderr, "engine_sample: step %d layer %u row %zu: GPU differs from the CPU by %.3e (relative)\n",
+                       step, l, r, rel);
+          return 1;
+        }
+      }
+      for (size_t i = 0; i < last.size(); ++i) last[i] = from_half(want[i]);
+    }
+    for (size_t b = 0; b < B; ++b) {
+      next[b] = model.next_token(&last[b * row_q]);
+      tokens[b].push_back(next[b]);
+    }
+  }
+  cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+  std::printf("cuda: %d steps x %u layers x %zu sequences on device memory and a stream of its own; every attend "
+              "output within %.3e (worst row-relative difference) of the CPU cache fed the same fp16 values\n",
+              steps, kLayers, B, worst);
+  return 0;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int steps = 64;
   uint64_t seed = 42;
+  std::string device = "cpu";
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--steps") == 0) steps = std::atoi(argv[i + 1]);
     else if (std::strcmp(argv[i], "--seed") == 0) seed = std::strtoull(argv[i + 1], nullptr, 10);
+    else if (std::strcmp(argv[i], "--device") == 0) device = argv[i + 1];
   }
   try {
     sikv::check_abi();
     Rng rng{seed * 0x9E3779B97F4A7C15ull + 1};
     ToyModel model(rng);
+    if (device == "cuda") {
+#if defined(SIKV_WITH_CUDA_RUNTIME)
+      return run_cuda(model, rng, steps);
+#else
+      std::fprintf(stderr, "engine_sample: built without the CUDA runtime (-DSIKV_WITH_CUDA_RUNTIME)\n");
+      return 2;
+#endif
+    }
+    if (device != "cpu") {
+      std::fprintf(stderr, "engine_sample: --device must be cpu or cuda\n");
+      return 2;
+    }
 
     // The cache: the 2+1 profile (1 sign bit + 2-bit key magnitude, 2-bit values) on the CPU.
     sikv::Config cfg = sikv::Config::profile(SIKV_PROFILE_2_1);
@@ -178,6 +367,9 @@ int main(int argc, char** argv) {
     cfg.max_batch = 4;
     cfg.max_seq_len = 4096;
     cfg.max_append_tokens = 4096;
+    // The sample compares the sparse path with attend_dense; the default crossover would run
+    // these 4K tokens in all dense.
+    cfg.dense_crossover = 0;
     sikv::Cache cache(cfg);
     const SikvLayoutInfo layout = cfg.layout();
 

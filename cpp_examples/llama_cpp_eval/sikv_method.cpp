@@ -60,6 +60,7 @@ public:
             c.max_seq_len = (uint32_t) (p_.prompt_len + p_.decode_len + 8);
             c.max_append_tokens = (uint32_t) p_.prompt_len;
             c.softmax_scale = s.scale;
+            c.dense_crossover = 0;  // this method is the sparse path, at every context length
             if (p_.profile != SIKV_PROFILE_PARITY) {
                 c.n_sink = (uint32_t) p_.n_sink;
                 c.n_heavy = (uint32_t) p_.n_heavy;

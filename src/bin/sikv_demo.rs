@@ -160,6 +160,9 @@ fn main() {
     c.max_batch = args.batch;
     c.max_seq_len = args.context + args.steps;
     c.max_append_tokens = args.context.max(args.batch);
+    // The demo shows the sparse path against dense attention; the default crossover would run
+    // calls of up to 8192 tokens in all (e.g. --batch 1 --context 8192) dense.
+    c.dense_crossover = 0;
     if let Some(r) = args.ratio {
         c.budget_ratio = r;
     }
