@@ -740,3 +740,42 @@ fn threads_with_own_caches_and_streams_match_serial() {
     );
     println!("{test}: {threads} threads x {steps} steps with own caches and streams = serial, bit for bit");
 }
+
+/// Allocation failure at create (issue #13, part 4): a configuration whose pools exceed the
+/// device's memory is refused with SIKV_ERR_OUT_OF_MEMORY and a message, no handle is returned,
+/// and a cache of a normal size created right after works (nothing leaked or left poisoned).
+#[test]
+fn create_beyond_device_memory_is_refused_cleanly() {
+    use selfindexkv::ffi::*;
+    let test = "create_beyond_device_memory_is_refused_cleanly";
+    let small = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, 4096);
+    let layout = selfindexkv::Layout::new(&small);
+    if let Err(e) = selfindexkv::gpu::GpuContext::new(&small, &layout) {
+        if e.status == SikvStatus::SIKV_ERR_NO_DEVICE {
+            return common::skip_no_cuda_device(test);
+        }
+        panic!("GPU context: {e}");
+    }
+    let mut c = SikvConfig::for_profile(SIKV_PROFILE_2_1).unwrap();
+    c.device = SIKV_DEVICE_CUDA;
+    c.dtype = SIKV_DTYPE_F16;
+    c.num_layers = 80;
+    c.num_q_heads = 64;
+    c.num_kv_heads = 8;
+    c.head_dim = 128;
+    c.max_seqs = 64;
+    c.max_batch = 64;
+    c.max_seq_len = 131072;
+    c.max_append_tokens = 131072;
+    c.num_pages = 0; // every slot full: 80 layers x 8 heads x 8M tokens x 112 B, about 600 GB
+    let mut h: *mut SikvCache = std::ptr::null_mut();
+    let s = sikv_cache_create(&c, &mut h);
+    let msg = last_error_message();
+    assert_eq!(s, SikvStatus::SIKV_ERR_OUT_OF_MEMORY, "{test}: {msg}");
+    assert!(h.is_null(), "{test}: a handle came back from a failed create");
+    assert!(!msg.is_empty(), "{test}: no message");
+    // A normal cache right after: created and usable.
+    let mut cache = Cache::new(small).expect("a normal cache after the refused one");
+    cache.add_seq(1).unwrap();
+    println!("{test}: refused with SIKV_ERR_OUT_OF_MEMORY ({msg}); a normal cache works after it");
+}
