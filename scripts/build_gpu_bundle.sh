@@ -60,6 +60,25 @@ if command -v strip >/dev/null 2>&1; then
   strip --strip-debug .gpu/managed_bench .gpu/gpu_tests .gpu/gpu_managed_tests .gpu/gpu_abi_tests .gpu/adversarial_tests .gpu/sharding_tests .gpu/gpu_bench .gpu/sikv_demo .gpu/libselfindexkv.so
 fi
 
+# The C++ samples' --device cuda builds (engine_sample, the TensorRT plugin harness), when the
+# CUDA runtime headers and libcudart are here (CUDA_RUNTIME_ROOT, else the pip wheel
+# nvidia-cuda-runtime of python3): linked against libcudart.so.13, which the GPU machine's
+# toolkit provides at run time.
+rm -f .gpu/engine_sample_cuda .gpu/trt_plugin_harness_cuda
+cuda_rt="${CUDA_RUNTIME_ROOT:-$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))' 2>/dev/null || true)}"
+if [ -n "$cuda_rt" ] && [ -f "$cuda_rt/include/cuda_runtime_api.h" ] && ls "$cuda_rt"/lib/libcudart.so.* >/dev/null 2>&1; then
+  cargo build --release --lib
+  rt=$(basename "$(ls "$cuda_rt"/lib/libcudart.so.* | head -1)")
+  flags=(-std=c++17 -O2 -Wall -Wextra -Werror -DSIKV_WITH_CUDA_RUNTIME -Iinclude -isystem "$cuda_rt/include")
+  libs=(target/release/libselfindexkv.a -L"$cuda_rt/lib" -l:"$rt" -lpthread -ldl -lm)
+  c++ "${flags[@]}" cpp_examples/engine_sample/main.cpp "${libs[@]}" -o .gpu/engine_sample_cuda
+  c++ "${flags[@]}" -Icpp_examples/trt_plugin_sample cpp_examples/trt_plugin_sample/harness.cpp \
+    cpp_examples/trt_plugin_sample/sikv_attention_plugin.cpp "${libs[@]}" -o .gpu/trt_plugin_harness_cuda
+  strip --strip-debug .gpu/engine_sample_cuda .gpu/trt_plugin_harness_cuda 2>/dev/null || true
+else
+  echo "build_gpu_bundle: no CUDA runtime headers/libcudart found: the samples' --device cuda builds are left out" >&2
+fi
+
 {
   echo "revision: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   grep -h 'BUILD_PATH' target/release/build/selfindexkv-*/out/kernels_embed.rs 2>/dev/null | sort -u | tail -1

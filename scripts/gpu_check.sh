@@ -6,6 +6,8 @@
 #      (setup::, encode::, decode::, graph::; tests/gpu/), then .gpu/gpu_managed_tests
 #   3. compute-sanitizer memcheck and racecheck on a reduced run (SIKV_GPU_TEST_QUICK=1)
 #   4. .gpu/gpu_bench (our kernels) and scripts/sdpa_baseline.py (PyTorch SDPA cuDNN / flash)
+#   (step `samples`: the C++ engine sample and TensorRT plugin harness with --device cuda;
+#   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel)
 #   5. a summary table (last lines of the output)
 # Logs and CSVs go to $OUT (default ./gpu_out). Env: STEPS (default "tests,memcheck,racecheck,
 # bench": run a subset, e.g. to stay under a per-command time limit), BENCH_QUICK=1,
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 declare -A RC
-STEPS="${STEPS:-tests,demo,memcheck,racecheck,bench,model}"
+STEPS="${STEPS:-tests,samples,demo,memcheck,racecheck,bench,model}"
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # libtest exits 0 when its filters match no test, and a test without a device returns early as a
 # pass; both are failures here. Prints why and returns non-zero.
@@ -73,6 +75,27 @@ if want tests; then
   run_tests abi "both ABI layers on device memory, graph capture, faults and poisoning" gpu_abi_tests "^test |worst|seed ="
   run_tests adversarial "adversarial inputs, GPU vs CPU" adversarial_tests "GPU = CPU"
   run_tests sharding "tensor-parallel shards vs the unsharded cache" sharding_tests "shards of"
+fi
+
+if want samples; then
+  # The C++ samples on device memory and their own streams (built by build_gpu_bundle.sh
+  # against the CUDA runtime; libcudart from the toolkit here).
+  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/cuda/lib64"
+  RC[samples]=0
+  for s in "engine_sample_cuda --device cuda --steps 32" "trt_plugin_harness_cuda --device cuda --steps 16"; do
+    bin=${s%% *}
+    if [ ! -x ".gpu/$bin" ]; then
+      echo "== $bin: not in the bundle"
+      RC[samples]=2
+      continue
+    fi
+    echo "== $s"
+    ".gpu/$bin" ${s#* } > "$OUT/$bin.log" 2>&1
+    rc=$?
+    tail -4 "$OUT/$bin.log"
+    echo "   rc=$rc"
+    [ "$rc" = "0" ] || RC[samples]=$rc
+  done
 fi
 
 if want demo; then
@@ -231,7 +254,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial sharding demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench managed_bench sdpa profile model; do
+for k in tests managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench managed_bench sdpa profile model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
