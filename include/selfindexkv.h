@@ -277,6 +277,13 @@ enum SikvStatus sikv_config_init(struct SikvConfig *out, uint32_t profile);
 enum SikvStatus sikv_query_layout(const struct SikvConfig *config, struct SikvLayoutInfo *out);
 
 // Creates a managed cache whose pools the library allocates (here, and only here).
+//
+// Threads: a cache handle may be used from any thread. Calls on one handle from several
+// threads at once are serialised by the handle (one lock each, held for the call's host
+// work); work a call enqueues runs in the order of the streams the callers pass, so threads
+// that share a handle and pass different streams must order those streams themselves when
+// one's work depends on another's. `sikv_cache_destroy` must not race with any other call
+// on the handle. Different handles share nothing and need no coordination.
 enum SikvStatus sikv_cache_create(const struct SikvConfig *config, struct SikvCache **out);
 
 // Creates a managed cache over engine-owned pools (`sikv_query_layout` gives their sizes).
@@ -346,6 +353,12 @@ enum SikvStatus sikv_select(struct SikvCache *cache, uint32_t layer, uint32_t n_
 enum SikvStatus sikv_selection_recall(struct SikvCache *cache, uint32_t layer, int64_t seq_id, const float *q, const float *k_exact, float *recall);
 
 // Creates the stateless kernels of a configuration (on CUDA: loads the module, once).
+//
+// Threads: a kernels handle holds no state that calls change, so any number of threads may
+// call through one handle at once. What the calls write belongs to the caller: two calls
+// that write the same pools, selection or workspace must not run at the same time (on the
+// GPU: not on two streams that nothing orders), so give each thread or stream its own
+// workspace. `sikv_kernels_destroy` must not race with any other call on the handle.
 enum SikvStatus sikv_kernels_create(const struct SikvConfig *config, struct SikvKernels **out);
 
 // Destroys a kernels handle. NULL is a no-op.

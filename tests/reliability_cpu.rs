@@ -72,9 +72,9 @@ impl Drop for Managed {
     }
 }
 
-/// The C contract lets `const` calls (info, seq_len, checksum) run concurrently on one handle:
-/// the handle serialises them with its own lock. The test only shares the handle while no
-/// thread makes a mutating call, and destroys it after every thread has been joined.
+/// The C contract (sikv_cache_create's threading rule) lets any calls run concurrently on one
+/// handle: the handle serialises them with its own lock. Tests destroy a shared handle only
+/// after every thread using it has been joined.
 #[derive(Clone, Copy)]
 struct SharedHandle(*const SikvCache);
 unsafe impl Send for SharedHandle {}
@@ -523,4 +523,65 @@ fn two_runs_of_one_seed_are_bit_identical() {
     for w in a.checksums.windows(2) {
         assert_ne!(w[0], w[1], "seed {seed:#x}");
     }
+}
+
+/// Mutating calls on one shared handle from several threads at once (the header's threading
+/// rule: the handle serialises them). Each thread adds its own sequence, calibrates it and runs
+/// decode steps (append + attend) on it; the outputs must equal the same work run serially,
+/// whatever order the handle's lock gave the threads, and every length and the free pages
+/// must come out right.
+#[test]
+fn mutating_calls_from_several_threads_on_one_handle_are_serialised() {
+    let seed = common::seed("mutating_calls_from_several_threads_on_one_handle_are_serialised");
+    let work = |c: SharedHandle, t: usize| -> Vec<Vec<u8>> {
+        let c = c.0 as *mut SikvCache;
+        let mut rng = Rng(seed.wrapping_add(t as u64 * 0x51ED));
+        let id = 100 + t as i64;
+        ok(sikv_seq_add(c, id), "seq_add");
+        for layer in 0..LAYERS {
+            calibrate(c, &mut rng, layer, id, 40 + 7 * t);
+        }
+        let mut outs = Vec::new();
+        for _ in 0..STEPS {
+            for layer in 0..LAYERS {
+                let (k, v, q) = (acts(&mut rng, HK * D), acts(&mut rng, HK * D), acts(&mut rng, HQ * D));
+                ok(
+                    sikv_append(c, layer, 1, &id, null(), vp(&k), vp(&v), null_mut()),
+                    "append",
+                );
+                outs.push(attend(c, layer, &[id], &q));
+            }
+        }
+        outs
+    };
+    let serial_cache = Managed::new(&config(LAYERS, THREADS as u32, 0));
+    let serial: Vec<_> = (0..THREADS).map(|t| work(SharedHandle(serial_cache.0), t)).collect();
+    let shared = Managed::new(&config(LAYERS, THREADS as u32, 0));
+    let h = SharedHandle(shared.0);
+    let parallel: Vec<_> = std::thread::scope(|sc| {
+        let js: Vec<_> = (0..THREADS).map(|t| sc.spawn(move || work(h, t))).collect();
+        js.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for t in 0..THREADS {
+        assert!(
+            serial[t] == parallel[t],
+            "seed {seed:#x}, thread {t}: outputs on the shared handle differ from the serial run"
+        );
+        for layer in 0..LAYERS {
+            assert_eq!(
+                seq_len(shared.0, 100 + t as i64, layer),
+                (40 + 7 * t + STEPS) as u32,
+                "seed {seed:#x}, thread {t}, layer {layer}"
+            );
+        }
+    }
+    assert_eq!(
+        info(shared.0).free_pages,
+        info(serial_cache.0).free_pages,
+        "seed {seed:#x}"
+    );
+    assert_ne!(
+        serial[0], serial[1],
+        "seed {seed:#x}: different threads gave the same outputs"
+    );
 }

@@ -63,6 +63,13 @@ pub extern "C" fn sikv_query_layout(config: *const SikvConfig, out: *mut SikvLay
 }
 
 /// Creates a managed cache whose pools the library allocates (here, and only here).
+///
+/// Threads: a cache handle may be used from any thread. Calls on one handle from several
+/// threads at once are serialised by the handle (one lock each, held for the call's host
+/// work); work a call enqueues runs in the order of the streams the callers pass, so threads
+/// that share a handle and pass different streams must order those streams themselves when
+/// one's work depends on another's. `sikv_cache_destroy` must not race with any other call
+/// on the handle. Different handles share nothing and need no coordination.
 #[no_mangle]
 pub extern "C" fn sikv_cache_create(config: *const SikvConfig, out: *mut *mut SikvCache) -> SikvStatus {
     boundary(None, || {

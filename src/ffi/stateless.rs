@@ -39,6 +39,12 @@ fn poison_of(p: *const SikvKernels) -> Option<&'static AtomicBool> {
 }
 
 /// Creates the stateless kernels of a configuration (on CUDA: loads the module, once).
+///
+/// Threads: a kernels handle holds no state that calls change, so any number of threads may
+/// call through one handle at once. What the calls write belongs to the caller: two calls
+/// that write the same pools, selection or workspace must not run at the same time (on the
+/// GPU: not on two streams that nothing orders), so give each thread or stream its own
+/// workspace. `sikv_kernels_destroy` must not race with any other call on the handle.
 #[no_mangle]
 pub extern "C" fn sikv_kernels_create(config: *const SikvConfig, out: *mut *mut SikvKernels) -> SikvStatus {
     boundary(None, || {
