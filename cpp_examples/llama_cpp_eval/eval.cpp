@@ -34,6 +34,31 @@ using namespace sikv_eval;
 
 namespace {
 
+// An integer of the model's GGUF metadata, or `fallback` when the key is absent.
+int meta_int(const llama_model * model, const std::string & key, int fallback) {
+    char buf[64];
+    if (llama_model_meta_val_str(model, key.c_str(), buf, sizeof buf) < 0) return fallback;
+    return std::atoi(buf);
+}
+
+// head_dim as the model declares it (<arch>.attention.key_length), else n_embd / n_head. Models
+// whose heads are not n_embd / n_head wide set the key length, and sizing the buffers from the
+// quotient overran them. A value length that differs from the key length is refused: the
+// library stores K and V of one head_dim.
+int model_head_dim(const llama_model * model, int n_q_heads) {
+    char arch[128];
+    if (llama_model_meta_val_str(model, "general.architecture", arch, sizeof arch) < 0) arch[0] = 0;
+    const std::string a(arch);
+    const int fallback = llama_model_n_embd(model) / n_q_heads;
+    const int dk = a.empty() ? fallback : meta_int(model, a + ".attention.key_length", fallback);
+    const int dv = a.empty() ? dk : meta_int(model, a + ".attention.value_length", dk);
+    if (dv != dk)
+        throw std::runtime_error("model has key length " + std::to_string(dk) + " and value length " +
+                                 std::to_string(dv) + ": the harness needs equal K and V head dims");
+    return dk;
+}
+
+
 struct Options {
     std::string model;
     std::string text;
@@ -453,7 +478,7 @@ int run(const Options & o) {
     hook.shape.n_layer = llama_model_n_layer(model);
     hook.shape.n_q_heads = llama_model_n_head(model);
     hook.shape.n_kv_heads = llama_model_n_head_kv(model);
-    hook.shape.head_dim = llama_model_n_embd(model) / hook.shape.n_q_heads;
+    hook.shape.head_dim = model_head_dim(model, hook.shape.n_q_heads);
     hook.shape.scale = 1.0f / std::sqrt((float) hook.shape.head_dim);
     hook.q_tail = o.q_tail;
     hook.dense_layers = o.dense_layers;

@@ -2,7 +2,7 @@
 """Tables, results CSV, per-layer recall and the plot of a quality study (the output of study.py).
 
 usage: scripts/quality/report.py DIR [DIR2 ...] [--results OUT.csv] [--layers OUT_LAYERS.csv]
-                                 [--plot OUT.png] [--markdown OUT.md]
+                                 [--plot OUT.png] [--markdown OUT.md] [--model NAME]
 
 Reads every evaluator file in the directories (a file may also be named directly): <job>.csv (one row per
 configuration), <job>.layers.csv (per-layer recall) and <job>.nll.csv (every scored token's NLL, no header).
@@ -55,7 +55,12 @@ LAYER_OUT_COLS = ["method", "profile", "budget", "context", "layer", "recall", "
 BLOCK = 32
 RESAMPLES = 2000
 SEED = 20251129
-TITLE = "SmolLM2-135M-Instruct, llama.cpp, decode-mode perplexity"
+# The title names the model the evaluator ran (--model; the default is the study's first model).
+TITLE_MODEL = "SmolLM2-135M-Instruct"
+
+
+def title():
+    return f"{TITLE_MODEL}, llama.cpp, decode-mode perplexity"
 MISSING = "—"
 
 
@@ -432,7 +437,7 @@ def context_tables(ctx, results):
 
 
 def markdown(results):
-    lines = [f"# {TITLE}", ""]
+    lines = [f"# {title()}", ""]
     for ctx in sorted({r["context"] for r in results}):
         lines += context_tables(ctx, [r for r in results if r["context"] == ctx]) + [""]
     return "\n".join(lines)
@@ -487,7 +492,7 @@ def plot(results, path):
     order = ["dense"] + [m for m in methods if m in handles]
     fig.legend([handles[k] for k in order], ["dense (llama)"] + order[1:], loc="lower center",
                ncol=min(len(order), 5), frameon=False)
-    fig.suptitle(f"{TITLE}: Δ vs dense attention (95% block-bootstrap CI)")
+    fig.suptitle(f"{title()}: Δ vs dense attention (95% block-bootstrap CI)")
     rows_of_legend = math.ceil(len(order) / 5)
     fig.tight_layout(rect=(0, 0.06 * rows_of_legend, 1, 0.95))
     fig.savefig(path, dpi=130)
@@ -505,10 +510,13 @@ def parse(argv):
     ap.add_argument("--layers", metavar="OUT_LAYERS.csv")
     ap.add_argument("--plot", metavar="OUT.png")
     ap.add_argument("--markdown", metavar="OUT.md")
+    ap.add_argument("--model", metavar="NAME", default=TITLE_MODEL, help="the model named in the title")
     return ap.parse_args(argv)
 
 
 def run(args):
+    global TITLE_MODEL
+    TITLE_MODEL = args.model
     files = classify(args.dirs)
     results = summarize(read_nll(files["nll"]), read_jobs(files["job"]))
     text = markdown(results)
