@@ -14,6 +14,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::run;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// (C compiler, C++ compiler) of each family.
@@ -23,18 +25,6 @@ fn scratch_dir() -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("header_strict");
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 /// Builds `source` with every available compiler of `pick` at each of `stds`, runs each build

@@ -13,20 +13,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+use common::run;
 
-/// Runs a command to success and returns its stdout.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// A fresh prefix with the install script's layout, from the libraries of this build.
 fn install(test: &str) -> PathBuf {

@@ -74,6 +74,20 @@ impl Rng {
     }
 }
 
+/// Runs a command to success (a failure panics with its status, stdout and stderr) and returns
+/// its stdout.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Whether a host tool (a compiler, cmake, pkg-config) runs here. A missing one prints the
 /// counted skip line `skipped: <tool> not found (<test>)`, unless SIKV_REQUIRE_HOST_TOOLS=1
 /// (CI), which makes it a failure.
