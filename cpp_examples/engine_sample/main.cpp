@@ -134,6 +134,25 @@ struct ToyModel {
   }
 };
 
+// The cache of the sample: the 2+1 profile (1 sign bit + 2-bit key magnitude, 2-bit values) for
+// the toy model's shape. The sample compares the sparse path with attend_dense (and the GPU with
+// the CPU on it), so the dense crossover is off: by default its 4K tokens in all would run dense.
+sikv::Config sample_config(uint32_t device, uint32_t dtype) {
+  sikv::Config cfg = sikv::Config::profile(SIKV_PROFILE_2_1);
+  cfg.device = device;
+  cfg.dtype = dtype;
+  cfg.num_layers = kLayers;
+  cfg.num_q_heads = kHeads;
+  cfg.num_kv_heads = kKvHeads;
+  cfg.head_dim = kHeadDim;
+  cfg.max_seqs = 4;
+  cfg.max_batch = 4;
+  cfg.max_seq_len = 4096;
+  cfg.max_append_tokens = 4096;
+  cfg.dense_crossover = 0;
+  return cfg;
+}
+
 // A prompt with repeated spans (so that attention has something to find).
 std::vector<uint32_t> make_prompt(Rng& rng, uint32_t n) {
   std::vector<uint32_t> t(n);
@@ -229,21 +248,9 @@ struct DeviceHalves {
 // The GPU run: a CUDA cache on device memory and its own stream, checked step by step against a
 // CPU cache of the same configuration fed the same fp16 values. Returns the process status.
 int run_cuda(const ToyModel& model, Rng& rng, int steps) {
-  sikv::Config cfg = sikv::Config::profile(SIKV_PROFILE_2_1);
-  cfg.dtype = SIKV_DTYPE_F16;  // the CUDA backend takes fp16 or bf16 activations
-  cfg.num_layers = kLayers;
-  cfg.num_q_heads = kHeads;
-  cfg.num_kv_heads = kKvHeads;
-  cfg.head_dim = kHeadDim;
-  cfg.max_seqs = 4;
-  cfg.max_batch = 4;
-  cfg.max_seq_len = 4096;
-  cfg.max_append_tokens = 4096;
-  cfg.dense_crossover = 0;  // the sparse path (these 4K tokens would be under the default crossover)
-  cfg.device = SIKV_DEVICE_CUDA;
-  sikv::Cache gpu(cfg);
-  cfg.device = SIKV_DEVICE_CPU;
-  sikv::Cache cpu(cfg);
+  // fp16: the CUDA backend takes fp16 or bf16 activations.
+  sikv::Cache gpu(sample_config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16));
+  sikv::Cache cpu(sample_config(SIKV_DEVICE_CPU, SIKV_DTYPE_F16));
   cudaStream_t stream = nullptr;
   cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
 
@@ -355,21 +362,8 @@ int main(int argc, char** argv) {
       return 2;
     }
 
-    // The cache: the 2+1 profile (1 sign bit + 2-bit key magnitude, 2-bit values) on the CPU.
-    sikv::Config cfg = sikv::Config::profile(SIKV_PROFILE_2_1);
-    cfg.device = SIKV_DEVICE_CPU;
-    cfg.dtype = SIKV_DTYPE_F32;  // llama.cpp's CPU backend hands over f32 Qcur / Kcur / Vcur
-    cfg.num_layers = kLayers;
-    cfg.num_q_heads = kHeads;
-    cfg.num_kv_heads = kKvHeads;
-    cfg.head_dim = kHeadDim;
-    cfg.max_seqs = 4;
-    cfg.max_batch = 4;
-    cfg.max_seq_len = 4096;
-    cfg.max_append_tokens = 4096;
-    // The sample compares the sparse path with attend_dense; the default crossover would run
-    // these 4K tokens in all dense.
-    cfg.dense_crossover = 0;
+    // The cache on the CPU, f32: llama.cpp's CPU backend hands over f32 Qcur / Kcur / Vcur.
+    const sikv::Config cfg = sample_config(SIKV_DEVICE_CPU, SIKV_DTYPE_F32);
     sikv::Cache cache(cfg);
     const SikvLayoutInfo layout = cfg.layout();
 
