@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """Side-by-side graph times (us) of gpu_bench CSVs from one GPU run: one column per CSV, one
 row per (kernel, N, batch). Usage: bench_compare.py NAME=PATH [NAME=PATH ...] [--kernels a,b]"""
+import argparse
 import csv
-import sys
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-kernels = None
-if "--kernels" in sys.argv:
-    kernels = sys.argv[sys.argv.index("--kernels") + 1].split(",")
-    args = [a for a in args if a != sys.argv[sys.argv.index("--kernels") + 1]]
+ap = argparse.ArgumentParser(description=__doc__)
+ap.add_argument("runs", nargs="+", metavar="NAME=PATH")
+ap.add_argument("--kernels", type=lambda v: v.split(","), default=None)
+opts = ap.parse_args()
+kernels = opts.kernels
 cols = []
-for a in args:
+for a in opts.runs:
     name, path = a.split("=", 1)
     t = {}
     for r in csv.DictReader(open(path)):
