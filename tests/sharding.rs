@@ -10,7 +10,7 @@ mod common;
 use common::Rng;
 use selfindexkv::cache::{Activations, Cache, Output};
 use selfindexkv::config::*;
-use selfindexkv::{CacheConfig, SikvStatus};
+use selfindexkv::{numeric, CacheConfig, SikvStatus};
 
 const D: usize = 64;
 const HQ: usize = 8;
@@ -47,11 +47,16 @@ fn heads(x: &[f32], heads: usize, h0: usize, h1: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The activation type of a C dtype value (the library's own parsing of it).
+fn dtype_of(dtype: u32) -> Dtype {
+    CacheConfig::from_c(&config(SIKV_DEVICE_CPU, dtype, HK)).unwrap().dtype
+}
+
 fn to_bytes(dtype: u32, x: &[f32]) -> Vec<u8> {
-    match dtype {
-        SIKV_DTYPE_F16 => x.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-        _ => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
+    let dt = dtype_of(dtype);
+    let mut b = vec![0u8; x.len() * dt.size()];
+    numeric::from_f32(dt, x, &mut b);
+    b
 }
 
 /// What one cache gave: per step, the selection counts and indices and the output bytes.
@@ -93,7 +98,7 @@ fn drive(cache: &mut Cache, dtype: u32, h0: usize, h1: usize, seed: u64) -> Trac
             )
             .unwrap();
     }
-    let dsize = if dtype == SIKV_DTYPE_F16 { 2 } else { 4 };
+    let dsize = dtype_of(dtype).size();
     for _ in 0..6 {
         let (k, v, q) = (
             rng.normals(2 * HK * D),
@@ -156,7 +161,7 @@ fn shards_equal_unsharded(device: u32, dtype: u32, test: &str) {
     let got: Vec<Trace> = (0..SHARDS)
         .map(|s| drive(&mut make(per).unwrap(), dtype, s * per, (s + 1) * per, seed))
         .collect();
-    let dsize = if dtype == SIKV_DTYPE_F16 { 2 } else { 4 };
+    let dsize = dtype_of(dtype).size();
     let mut selected = 0usize;
     for step in 0..want.out.len() {
         let counts: Vec<Vec<Vec<i32>>> = got.iter().map(|t| t.counts.clone()).collect();
