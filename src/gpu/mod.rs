@@ -21,6 +21,9 @@
 //! checks, the same status the CPU backend returns for the same input at once. Reading the word
 //! is a host load: no synchronisation, no copy, so graph capture and the hot-path contract
 //! hold. A kernel still running when the next call starts reports at the call after it.
+//! Several launches that make one exported call (decode = select + attend) run inside
+//! [`GpuContext::one_call`], which checks once at the start, so a call never reports a fault
+//! of its own earlier kernels.
 //!
 //! Contract of the hot-path launchers (`append`, `select`, `attend`, `attend_dense`): they only
 //! validate host-side arguments and enqueue kernels on the caller's stream. No allocation, no
