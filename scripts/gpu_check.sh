@@ -148,8 +148,9 @@ if [ -n "$SAN" ] && want sanitize; then
   echo "== compute-sanitizer, every tool over every GPU test binary (quick sizes)"
   t0=$SECONDS
   RC[sanitize]=0
-  for tool in memcheck initcheck synccheck racecheck; do
-    for bin in gpu_tests gpu_managed_tests gpu_abi_tests adversarial_tests sharding_tests; do
+  # SANITIZE_TOOLS / SANITIZE_BINS (comma lists) narrow the matrix, e.g. to re-run one finding.
+  for tool in $(tr , " " <<<"${SANITIZE_TOOLS:-memcheck,initcheck,synccheck,racecheck}"); do
+    for bin in $(tr , " " <<<"${SANITIZE_BINS:-gpu_tests,gpu_managed_tests,gpu_abi_tests,adversarial_tests,sharding_tests}"); do
       log="$OUT/san_${tool}_${bin}.log"
       if [ $((SECONDS - t0)) -gt "${SANITIZE_BUDGET_S:-330}" ]; then
         printf "   %-10s %-18s not run: the step's time budget (%s s) is spent\n" "$tool" "$bin" "${SANITIZE_BUDGET_S:-330}"
