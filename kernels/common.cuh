@@ -591,6 +591,21 @@ SIKV_DEV void sikv_grid_dependency() {
                                    NAME##_impl<D, T>(p);                                        \
                                })
 
+// Same, with a minimum of MINB resident blocks per SM asked of the register allocator.
+#define SIKV_ENTRY_DT_MINB(NAME, NT, MINB, D, T, TNAME)                                          \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__(NT, MINB)               \
+                               NAME##_d##D##_##TNAME(const SikvParams p) {                      \
+                                   sikv_grid_dependency();                                      \
+                                   NAME##_impl<D, T>(p);                                        \
+                               })
+#define SIKV_ENTRIES_D_T_MINB(NAME, NT, MINB)                 \
+    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 64, f16_t, f16)       \
+    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 128, f16_t, f16)      \
+    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 256, f16_t, f16)      \
+    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 64, bf16_t, bf16)     \
+    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 128, bf16_t, bf16)    \
+    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 256, bf16_t, bf16)
+
 #define SIKV_ENTRIES_D_T(NAME, NT)                      \
     SIKV_ENTRY_DT(NAME, NT, 64, f16_t, f16)            \
     SIKV_ENTRY_DT(NAME, NT, 128, f16_t, f16)           \

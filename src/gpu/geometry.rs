@@ -43,8 +43,9 @@ pub const COMPACT_ITEMS: u32 = 16;
 pub const COMPACT_TILE: u32 = COMPACT_THREADS * COMPACT_ITEMS;
 /// attend / attend_dense: one block per (split, KV head, sequence).
 pub const ATTEND_THREADS: u32 = 128;
-/// combine: one block per (query head, sequence).
-pub const COMBINE_THREADS: u32 = 128;
+/// combine: one block per (query head, sequence); 16 groups of splits summed side by side at
+/// d = 128 (the dense decode has hundreds of partials per row).
+pub const COMBINE_THREADS: u32 = 512;
 /// attend: query heads per KV head held in shared memory (must cover config MAX_GQA_RATIO).
 pub const ATTEND_MAX_GROUP: u32 = 16;
 
@@ -62,6 +63,9 @@ pub const TOPK_HIST_STRIDE: usize = TOPK_HIST_BINS + 32;
 /// threshold bin: the threshold bin may hold this many more (plus k') before the row falls back
 /// to the one-CTA select (decided on the device).
 pub const TOPK_CAND_EXTRA: usize = 8192;
+/// attend_dense: a candidate chunk spans at least this many ATTEND_SPLITs (512 positions):
+/// fewer partials for combine to merge, and a block prologue spread over more tiles.
+pub const DENSE_MIN_CHUNK_SPLITS: usize = 8;
 /// combine: partial slots per (sequence, query head) its shared weight array holds.
 pub const COMBINE_MAX_SPLITS: usize = 2048;
 /// attend_dense: at most this many candidate chunks per sequence (the chunk grows instead), so

@@ -15,7 +15,9 @@
 //! | hist | u32 `[B][H_kv][TOPK_HIST_STRIDE]` | multi-CTA top-k: TOPK_HIST_BINS-bin histogram of the top key bits, candidate counter (zeroed by `select` before scoring) |
 //! | cand | u64 `[B][H_kv][cand_cap]` | multi-CTA top-k: candidates `key << 32 \| position` |
 
-use super::geometry::{COMBINE_MAX_SPLITS, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE};
+use super::geometry::{
+    COMBINE_MAX_SPLITS, DENSE_MIN_CHUNK_SPLITS, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+};
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
 
@@ -69,7 +71,11 @@ impl Workspace {
         let cap = cfg.dense_capacity() as usize;
         let sparse_splits = (cap + cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
         let dense_splits = cap.div_ceil(ATTEND_SPLIT);
-        let per = msl.div_ceil(ATTEND_SPLIT * MAX_DENSE_CHUNKS).max(1);
+        // At least DENSE_MIN_CHUNK_SPLITS list splits per chunk: each of a block's warps then
+        // walks a few 16-token tiles, enough to amortise the block's prologue.
+        let per = msl
+            .div_ceil(ATTEND_SPLIT * MAX_DENSE_CHUNKS)
+            .max(DENSE_MIN_CHUNK_SPLITS);
         let dense_chunk = ATTEND_SPLIT * per;
         let dense_total_splits = (dense_splits + msl.div_ceil(dense_chunk)).max(1);
         let ns = sparse_splits.max(dense_total_splits);
