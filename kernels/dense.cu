@@ -9,11 +9,11 @@
 // magnitudes and 2-bit values, d in {64, 128}, G <= 8 query heads per KV head, pages of a
 // multiple of 16 tokens. The chunk's warps each walk their own quarter of it in tiles of 16
 // positions (one page, one page-table lookup), with the next tile's code words in flight:
-//   S  = Q' K^T  (mma m16n8k16: M = the G heads, N = 8 tokens, K = 16 channels), Q' = q * a *
-//        softmax_scale * log2(e), scaled by a power of two into f16 range; K = the signed
+//   S^T = K Q'^T (mma m16n8k16: M = the 16 tokens, N = the G heads, K = 16 channels), Q' = q *
+//        a * softmax_scale * log2(e), scaled by a power of two into f16 range; K = the signed
 //        magnitudes s * (code * delta + zero) made in f16x2 straight from the code words;
-//   O^T += V^T P^T (M = 16 channels, N = the heads, K = the 16 tokens): P^T is the S
-//        accumulator itself (the C layout of S is the B layout of P^T), V = code * delta + zero.
+//   O^T += V^T P^T (M = 16 channels, N = the heads, K = the 16 tokens): P^T is the softmax of
+//        S^T, its two 8x8 blocks transposed across the warp (movmatrix), V = code * delta + zero.
 // Channels are permuted freely inside a dot product, so each thread's operands come from a
 // few contiguous code words: tid-in-group j holds key channels [j d/4, (j+1) d/4), group g
 // value channels [g d/8, (g+1) d/8). f16 operands with f32 accumulation keep the output
@@ -26,11 +26,11 @@ struct DenseTcShape {
     static constexpr bool OK = D == 64 || D == 128;
     static constexpr int KCH = D / 4;   // key channels of one thread (tid-in-group j)
     static constexpr int KW = KCH / 16; // 32-bit key code words per token and thread
-    static constexpr int KB = D / 16;   // k-blocks of S = Q' K^T
+    static constexpr int KB = D / 16;   // k-blocks of S^T = K Q'^T
     static constexpr int MB = D / 16;   // m-blocks (16 channels) of O^T
     static constexpr int VCH = D / 8;   // value channels of one thread (group g)
     static constexpr int WARPS = ATTEND_THREADS / 32;
-    static constexpr int GMAX = 8;      // heads in the M = 16 rows of S (rows 8..15 stay zero)
+    static constexpr int GMAX = 8;      // heads in the N = 8 columns of S^T and O^T
     // Row bytes of the planes at 2+2 bits (layout.rs), compile-time so that a tile's addresses
     // are one base per plane plus constant offsets.
     static constexpr int RB_SIGN = D / 8, RB_KMAG = D / 4, RB_VCODE = D / 4;
@@ -68,6 +68,13 @@ SIKV_DEV void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
+}
+
+// The 8x8 f16 matrix whose row r, columns 2c and 2c+1 lane 4r + c holds, transposed.
+SIKV_DEV u32 movmatrix_trans(u32 x) {
+    u32 d;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(x));
+    return d;
 }
 
 // Two 2-bit codes (bits [2i, 2i+1] and [2i+16, 2i+17] of w) -> f16x2 (code * delta + zero):
@@ -177,7 +184,7 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p) {
     int e2 = 0;
     if (qm > 0.0f && qm <= 3.0e38f) e2 = ilogbf(qm) - 13;
     const float q_down = ldexpf(1.0f, -e2), s_up = ldexpf(1.0f, e2);
-    // A fragments of Q' (rows g < G; rows 8..15 are zero and passed as 0).
+    // B fragments of Q'^T (column g: head g; zero for g >= G).
     u32 qa[Sh::KB][2];
     #pragma unroll
     for (int kb = 0; kb < Sh::KB; ++kb) {
@@ -260,67 +267,77 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p) {
     for (int mb = 0; mb < Sh::MB; ++mb)
         #pragma unroll
         for (int i = 0; i < 4; ++i) oacc[mb][i] = 0.0f;
-    float m_run = SIKV_NEG_INF, l_run = 0.0f;  // head g's running max (log2 units) and partial sum
+    // Heads 2j, 2j+1: running max (log2 units) and this thread's part of the sum.
+    float m_run[2] = {SIKV_NEG_INF, SIKV_NEG_INF}, l_run[2] = {0.0f, 0.0f};
 
-    DenseTcRaw<D> cur, nxt;
-    long long row_c = tile_row(wlo);
-    u32 valid_c = tile_valid(wlo, row_c);
-    load(row_c, valid_c, cur);
-    for (int base = wlo; base < whi; base += 16) {
-        const int nbase = base + 16;
-        const long long row_n = tile_row(nbase);
-        const u32 valid_n = nbase < whi ? tile_valid(nbase, row_n) : 0u;
-        if (nbase < whi) load(row_n, valid_n, nxt);
-
-        // S = Q' K^T for the two 8-token halves; even and odd k-blocks in separate accumulators
-        // so that four mma chains run side by side instead of two.
-        float sacc[2][2][4];
+    // One tile: S^T, the online softmax, O^T. The loop below alternates two register sets, so
+    // the next tile's words load into one while this one is used (no copy between them).
+    auto tile = [&](const DenseTcRaw<D>& cur, u32 valid_c) {
+        // S^T = K Q'^T (M = the 16 tokens, N = the heads): rows g and g + 8 are this thread's
+        // tokens; even and odd k-blocks in separate accumulators (two mma chains side by side).
+        float sacc[2][4];
         #pragma unroll
-        for (int nb = 0; nb < 2; ++nb) {
+        for (int i = 0; i < 4; ++i) { sacc[0][i] = 0.0f; sacc[1][i] = 0.0f; }
+        #pragma unroll
+        for (int w = 0; w < Sh::KW; ++w) {
+            u32 kf[2][8];
             #pragma unroll
-            for (int i = 0; i < 4; ++i) { sacc[nb][0][i] = 0.0f; sacc[nb][1][i] = 0.0f; }
-            const u32 d2 = __byte_perm(cur.kpar[nb], 0u, 0x1010), z2 = __byte_perm(cur.kpar[nb], 0u, 0x3232);
-            #pragma unroll
-            for (int w = 0; w < Sh::KW; ++w) {
+            for (int nb = 0; nb < 2; ++nb) {
+                const u32 d2 = __byte_perm(cur.kpar[nb], 0u, 0x1010), z2 = __byte_perm(cur.kpar[nb], 0u, 0x3232);
                 const u32 ns = ~(cur.ksign[nb] >> (16 * w));
                 const u32 s2 = (ns & 0xffu) | ((ns & 0xff00u) << 8);  // signs of channels i, i + 8 at bits i, 16 + i
-                u32 kf[8];
                 #pragma unroll
                 for (int i = 0; i < 8; ++i)
-                    kf[i] = code_pair(cur.kcode[nb][w], i, d2, z2) ^ ((s2 << (15 - i)) & 0x80008000u);
-                #pragma unroll
-                for (int kk = 0; kk < 4; ++kk) {
-                    const int kb = 4 * w + kk;
-                    mma_16816(sacc[nb][kk & 1], qa[kb][0], 0u, qa[kb][1], 0u, kf[2 * kk], kf[2 * kk + 1]);
-                }
+                    kf[nb][i] = code_pair(cur.kcode[nb][w], i, d2, z2) ^ ((s2 << (15 - i)) & 0x80008000u);
+            }
+            #pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                const int kb = 4 * w + kk;
+                mma_16816(sacc[kk & 1], kf[0][2 * kk], kf[1][2 * kk], kf[0][2 * kk + 1], kf[1][2 * kk + 1], qa[kb][0],
+                          qa[kb][1]);
             }
         }
-        // Online softmax of row g over the thread's four tokens 2j, 2j+1, 8+2j, 9+2j.
-        float sv[4] = {sacc[0][0][0] + sacc[0][1][0], sacc[0][0][1] + sacc[0][1][1], sacc[1][0][0] + sacc[1][1][0],
-                      sacc[1][0][1] + sacc[1][1][1]};
-        const int tk[4] = {2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j};
-        float mx = SIKV_NEG_INF;
+        // Online softmax of heads 2j, 2j+1 (columns) over tokens g, g + 8 (rows); the other
+        // tokens of the tile are on the lanes with the same j (xor 4, 8, 16).
+        const bool v0 = (valid_c >> g) & 1u, v1 = (valid_c >> (g + 8)) & 1u;
+        float sv[4];
         #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            sv[i] = ((valid_c >> tk[i]) & 1u) ? sv[i] * s_up : SIKV_NEG_INF;
-            mx = fmaxf(mx, sv[i]);
+        for (int i = 0; i < 4; ++i) sv[i] = ((i < 2) ? v0 : v1) ? (sacc[0][i] + sacc[1][i]) * s_up : SIKV_NEG_INF;
+        float al[2];
+        u32 ph[2];  // f16 weights: (token g: heads 2j, 2j+1), (token g + 8: same heads)
+        float pw[4];
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float mx = fmaxf(sv[e], sv[2 + e]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float m_new = fmaxf(m_run[e], mx);
+            al[e] = 1.0f;
+            pw[e] = 0.0f;
+            pw[2 + e] = 0.0f;
+            if (m_new != SIKV_NEG_INF) {
+                al[e] = exp2f(m_run[e] - m_new);  // 0 while m_run is still -inf
+                pw[e] = exp2f(sv[e] - m_new);
+                pw[2 + e] = exp2f(sv[2 + e] - m_new);
+                m_run[e] = m_new;
+            }
         }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run, mx);
-        float alpha = 1.0f;
-        u32 pb0 = 0u, pb1 = 0u;
-        if (m_new != SIKV_NEG_INF) {
-            alpha = exp2f(m_run - m_new);  // 0 while m_run is still -inf
-            pb0 = h2_pack(exp2f(sv[0] - m_new), exp2f(sv[1] - m_new));
-            pb1 = h2_pack(exp2f(sv[2] - m_new), exp2f(sv[3] - m_new));
-            m_run = m_new;
+        ph[0] = h2_pack(pw[0], pw[1]);
+        ph[1] = h2_pack(pw[2], pw[3]);
+        // The sums take the f16 weights the products use.
+        l_run[0] = l_run[0] * al[0] + (h_lo(ph[0]) + h_lo(ph[1]));
+        l_run[1] = l_run[1] * al[1] + (h_hi(ph[0]) + h_hi(ph[1]));
+        // P^T for the B operand of O^T += V^T P^T: the two 8x8 (token, head) blocks transposed
+        // to (head, token) across the warp.
+        const u32 pb0 = movmatrix_trans(ph[0]), pb1 = movmatrix_trans(ph[1]);
+        // The rescale only when some head's max moved (rare after the first tiles).
+        if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
+            #pragma unroll
+            for (int mb = 0; mb < Sh::MB; ++mb) {
+                oacc[mb][0] *= al[0]; oacc[mb][1] *= al[1]; oacc[mb][2] *= al[0]; oacc[mb][3] *= al[1];
+            }
         }
-        // The sum takes the f16 weights the products use.
-        l_run = l_run * alpha + ((h_lo(pb0) + h_hi(pb0)) + (h_lo(pb1) + h_hi(pb1)));
-        // O^T columns are heads 2j and 2j+1: their rescale comes from the rows' owners.
-        const float a_lo = __shfl_sync(0xffffffffu, alpha, 8 * j);
-        const float a_hi = __shfl_sync(0xffffffffu, alpha, 8 * j + 4);
         // O^T += V^T P^T.
         u32 vw[2][2], vd[2], vz[2];
         #pragma unroll
@@ -333,7 +350,6 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p) {
         }
         #pragma unroll
         for (int mb = 0; mb < Sh::MB; ++mb) {
-            oacc[mb][0] *= a_lo; oacc[mb][1] *= a_hi; oacc[mb][2] *= a_lo; oacc[mb][3] *= a_hi;
             const int c_lo = mb, c_hi = Sh::MB + mb;  // local value channels of rows g, g + 8
             const u32 a0 = code_pair(vw[0][c_lo / 8], c_lo % 8, vd[0], vz[0]);
             const u32 a1 = code_pair(vw[0][c_hi / 8], c_hi % 8, vd[0], vz[0]);
@@ -341,16 +357,33 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p) {
             const u32 a3 = code_pair(vw[1][c_hi / 8], c_hi % 8, vd[1], vz[1]);
             mma_16816(oacc[mb], a0, a1, a2, a3, pb0, pb1);
         }
-        cur = nxt;
-        valid_c = valid_n;
+    };
+    DenseTcRaw<D> ra, rb;
+    const long long r0 = tile_row(wlo);
+    u32 va = tile_valid(wlo, r0), vb = 0u;
+    load(r0, va, ra);
+    for (int base = wlo; base < whi; base += 32) {
+        const long long r1 = tile_row(base + 16);
+        vb = base + 16 < whi ? tile_valid(base + 16, r1) : 0u;
+        if (base + 16 < whi) load(r1, vb, rb);
+        tile(ra, va);
+        if (base + 16 >= whi) break;
+        const long long r2 = tile_row(base + 32);
+        va = base + 32 < whi ? tile_valid(base + 32, r2) : 0u;
+        if (base + 32 < whi) load(r2, va, ra);
+        tile(rb, vb);
     }
 
-    // Epilogue: row sums over the 4 threads of a row, then the warps merged in a fixed order.
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-    if (j == 0 && g < G) {
-        s.wm[warp][g] = m_run;
-        s.wl[warp][g] = l_run;
+    // Epilogue: sums over the 8 lanes of a column, then the warps merged in a fixed order.
+    #pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        l_run[e] += __shfl_xor_sync(0xffffffffu, l_run[e], 4);
+        l_run[e] += __shfl_xor_sync(0xffffffffu, l_run[e], 8);
+        l_run[e] += __shfl_xor_sync(0xffffffffu, l_run[e], 16);
+        if (g == 0 && 2 * j + e < G) {
+            s.wm[warp][2 * j + e] = m_run[e];
+            s.wl[warp][2 * j + e] = l_run[e];
+        }
     }
     #pragma unroll
     for (int mb = 0; mb < Sh::MB; ++mb) {

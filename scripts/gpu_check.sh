@@ -183,7 +183,9 @@ if want bench; then
   [ "${BENCH_QUICK:-0}" = "1" ] && Q="--quick"
   echo "== gpu bench"
   t0=$SECONDS
-  .gpu/gpu_bench $Q --csv "$OUT/gpu_bench.csv" > "$OUT/gpu_bench.log" 2>&1
+  # BENCH_ARGS: extra gpu_bench arguments for this build and the baselines (e.g. --n 65536).
+  # shellcheck disable=SC2086
+  .gpu/gpu_bench $Q ${BENCH_ARGS:-} --csv "$OUT/gpu_bench.csv" > "$OUT/gpu_bench.log" 2>&1
   RC[bench]=$?
   echo "   ($((SECONDS - t0)) s)"
   # BASELINE=path/to/an/older/gpu_bench[,another] times earlier builds in the same run
@@ -194,7 +196,8 @@ if want bench; then
     [ -x "$base" ] || continue
     tag=base; [ $i -gt 1 ] && tag=base$i
     echo "== gpu bench, baseline build $i ($base)"
-    "$base" $Q --csv "$OUT/${tag}_gpu_bench.csv" > "$OUT/${tag}_gpu_bench.log" 2>&1
+    # shellcheck disable=SC2086
+    "$base" $Q ${BENCH_ARGS:-} --csv "$OUT/${tag}_gpu_bench.csv" > "$OUT/${tag}_gpu_bench.log" 2>&1
     RC[base_bench]=$(( ${RC[base_bench]:-0} | $? ))
     i=$((i + 1))
   done

@@ -38,14 +38,46 @@ pub const SIKV_FLAG_FORCE_GENERATED: u32 = 1 << 1;
 const KNOWN_FLAGS: u32 = SIKV_FLAG_PARITY_SIGN | SIKV_FLAG_FORCE_GENERATED;
 
 /// `dense_crossover` value that lets the library choose (the default): the dense decode when
-/// the call's sequences hold at most 8192 tokens together (the measured break-even).
+/// the call's tokens are at most 98304 plus 32768 per sequence after the first (the measured
+/// break-even).
 pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
-/// The tokens (summed over a call's sequences) up to which AUTO runs the dense decode. The
-/// dense decode's time grows with the tokens it reads, the sparse step's hardly below 32K; on
-/// the H200 (d = 128, 32/8 heads, 2+1, default budget) dense is faster at 8K tokens and
-/// batch 1 (51 vs 63 us) and slower from 16K tokens at any batch (docs/RESULTS.md, the
-/// 2026-12-02 second-session entry).
-pub const DENSE_CROSSOVER_AUTO_TOKENS: u32 = 8192;
+/// AUTO runs the dense decode when a call's tokens (summed over its sequences) are at most
+/// DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (sequences - 1). The dense decode's time
+/// follows the tokens it reads; the sparse step costs a fixed ~60-90 us per call plus a part
+/// per sequence. On the H200 (d = 128, 32/8 heads, 2+1, default budget, docs/RESULTS.md, the
+/// third 2026-12-02 entry) dense is faster at 32K tokens per sequence and slower at 128K for
+/// batches 1, 2, 4 and 8, with break-evens near 100K, 160K, 220K and 360K tokens per call.
+pub const DENSE_AUTO_TOKENS: u64 = 98304;
+pub const DENSE_AUTO_TOKENS_PER_SEQ: u64 = 32768;
+
+/// When attend takes the dense decode instead of selecting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crossover {
+    /// Up to this many tokens summed over a call's sequences (0: never).
+    Tokens(u32),
+    /// The measured break-even (SIKV_DENSE_CROSSOVER_AUTO): DENSE_AUTO_TOKENS and
+    /// DENSE_AUTO_TOKENS_PER_SEQ. The same on every device, so a CPU and a CUDA cache of one
+    /// configuration take the same path.
+    Auto,
+}
+
+impl Crossover {
+    pub fn from_c(v: u32) -> Crossover {
+        match v {
+            SIKV_DENSE_CROSSOVER_AUTO => Crossover::Auto,
+            n => Crossover::Tokens(n),
+        }
+    }
+    /// Whether a call over `seqs` sequences holding `tokens` tokens together runs dense.
+    pub fn dense(self, seqs: u32, tokens: u64) -> bool {
+        match self {
+            Crossover::Tokens(n) => n > 0 && tokens <= n as u64,
+            Crossover::Auto => {
+                seqs > 0 && tokens <= DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1)
+            }
+        }
+    }
+}
 
 /// Profile names accepted by `sikv_config_init`.
 pub const SIKV_PROFILE_2_1: u32 = 0;
@@ -117,7 +149,7 @@ pub struct SikvConfig {
     /// sequences hold at most this many tokens together (for the stateless decode: batch times
     /// max_seq_len, from declared bounds) runs the dense decode over every token instead of
     /// selecting. 0 = never; SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured
-    /// break-even, 8192 tokens.
+    /// break-even, 98304 tokens plus 32768 per sequence after the first.
     pub dense_crossover: u32,
 }
 
@@ -227,8 +259,8 @@ pub struct CacheConfig {
     pub sign_predicate: SignPredicate,
     pub force_generated: bool,
     pub softmax_scale: f32,
-    /// Resolved: tokens summed over a call's sequences up to which attend runs dense; 0 = never.
-    pub dense_crossover: u32,
+    /// When attend runs the dense decode instead of selecting.
+    pub dense_crossover: Crossover,
 }
 
 impl SikvConfig {
@@ -505,10 +537,7 @@ impl CacheConfig {
             },
             force_generated: c.flags & SIKV_FLAG_FORCE_GENERATED != 0,
             softmax_scale,
-            dense_crossover: match c.dense_crossover {
-                SIKV_DENSE_CROSSOVER_AUTO => DENSE_CROSSOVER_AUTO_TOKENS,
-                v => v,
-            },
+            dense_crossover: Crossover::from_c(c.dense_crossover),
         })
     }
 

@@ -79,17 +79,25 @@ fn below_the_crossover_attend_is_the_dense_decode() {
     assert_eq!(a, sparse, "seed {seed:#x}");
 }
 
-/// The default crossover (SIKV_DENSE_CROSSOVER_AUTO) resolves to 8192 tokens on every device.
+/// The default crossover (SIKV_DENSE_CROSSOVER_AUTO) is the measured break-even, the same on
+/// every device: 98304 tokens for one sequence, 32768 more per further sequence of the call.
 #[test]
-fn the_default_crossover_is_8192_tokens() {
+fn the_default_crossover_is_the_measured_break_even() {
     let c = SikvConfig::for_profile(0).unwrap();
     assert_eq!(c.dense_crossover, SIKV_DENSE_CROSSOVER_AUTO);
-    assert_eq!(
-        CacheConfig::from_c(&c).unwrap().dense_crossover,
-        DENSE_CROSSOVER_AUTO_TOKENS
-    );
-    assert_eq!(DENSE_CROSSOVER_AUTO_TOKENS, 8192);
-    let seed = common::seed("the_default_crossover_is_8192_tokens");
+    let auto = CacheConfig::from_c(&c).unwrap().dense_crossover;
+    assert_eq!(auto, Crossover::Auto);
+    assert_eq!((DENSE_AUTO_TOKENS, DENSE_AUTO_TOKENS_PER_SEQ), (98304, 32768));
+    for seqs in [1u32, 2, 4, 8, 64] {
+        let limit = DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1);
+        assert!(auto.dense(seqs, limit), "{seqs} sequences, {limit} tokens: dense");
+        assert!(!auto.dense(seqs, limit + 1), "{seqs} sequences, {} tokens: sparse", limit + 1);
+    }
+    assert!(!auto.dense(0, 0), "an empty call selects nothing densely");
+    // An explicit count is a plain bound on the tokens, whatever the batch; 0 turns it off.
+    assert!(Crossover::Tokens(300).dense(8, 300) && !Crossover::Tokens(300).dense(1, 301));
+    assert!(!Crossover::Tokens(0).dense(1, 0));
+    let seed = common::seed("the_default_crossover_is_the_measured_break_even");
     let (a, d) = run(SIKV_DENSE_CROSSOVER_AUTO, 500, seed);
     assert_eq!(a, d, "seed {seed:#x}: 500 tokens are below the default crossover");
 }

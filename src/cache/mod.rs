@@ -496,7 +496,6 @@ impl Cache {
     /// Whether the call's sequences hold few enough tokens together for the dense decode
     /// (`dense_crossover`: its time follows the tokens read, the sparse step's hardly does).
     fn below_crossover(&self, layer: u32, ids: &[i64]) -> bool {
-        let limit = self.cfg.dense_crossover as u64;
         let mut total = 0u64;
         for id in ids {
             match self.seqs.get(id) {
@@ -504,7 +503,7 @@ impl Cache {
                 None => return false,
             }
         }
-        limit > 0 && total <= limit
+        self.cfg.dense_crossover.dense(ids.len() as u32, total)
     }
 
     /// Dense decode attention over every stored token (dequantised), no selection.

@@ -507,7 +507,7 @@ pub extern "C" fn sikv_kernel_decode(
             let pools = layer_view(kn, host_ref(pools, "pools")?)?;
             let t = host_ref(page_table, "page_table")?;
             let bound = t.batch as u64 * cfg.max_seq_len as u64;
-            let dense = cfg.dense_crossover > 0 && bound <= cfg.dense_crossover as u64;
+            let dense = cfg.dense_crossover.dense(t.batch, bound);
             let b = batch(kn, t, seq_slot, q)?;
             let n_out = t.batch as usize * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
             let out = output(kn, out as *mut u8, n_out, "out")?;
