@@ -72,9 +72,7 @@ impl Crossover {
     pub fn dense(self, seqs: u32, tokens: u64) -> bool {
         match self {
             Crossover::Tokens(n) => n > 0 && tokens <= n as u64,
-            Crossover::Auto => {
-                seqs > 0 && tokens <= DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1)
-            }
+            Crossover::Auto => seqs > 0 && tokens <= DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1),
         }
     }
 }

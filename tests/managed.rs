@@ -91,7 +91,11 @@ fn the_default_crossover_is_the_measured_break_even() {
     for seqs in [1u32, 2, 4, 8, 64] {
         let limit = DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1);
         assert!(auto.dense(seqs, limit), "{seqs} sequences, {limit} tokens: dense");
-        assert!(!auto.dense(seqs, limit + 1), "{seqs} sequences, {} tokens: sparse", limit + 1);
+        assert!(
+            !auto.dense(seqs, limit + 1),
+            "{seqs} sequences, {} tokens: sparse",
+            limit + 1
+        );
     }
     assert!(!auto.dense(0, 0), "an empty call selects nothing densely");
     // An explicit count is a plain bound on the tokens, whatever the batch; 0 turns it off.
