@@ -2092,3 +2092,126 @@ fn adversarial_device_tables_stay_inside_the_pools() {
         "a refused append changed the state pool"
     );
 }
+
+/// An injected CUDA error inside a call (test hook `gpu::testing::inject_launch_error`: the
+/// call's first kernel launch fails as if the driver had returned the code). A non-sticky error
+/// gives SIKV_ERR_CUDA with the driver's code and leaves the cache as it was (checksum, free
+/// pages, length) and usable; a sticky one poisons that handle only, while a second cache on
+/// the same device keeps working and gives the same outputs as before. (The hook leaves the
+/// context intact; a real sticky fault breaks the shared context for every handle on it, see
+/// sticky_cuda_error_poisons_the_handle.)
+#[test]
+fn injected_cuda_errors_give_a_status_and_poison_only_their_handle() {
+    use selfindexkv::gpu::testing::{inject_launch_error, CUresult};
+    let test = "injected_cuda_errors_give_a_status_and_poison_only_their_handle";
+    let c = config(SIKV_DEVICE_CUDA);
+    let cfg = CacheConfig::from_c(&c).expect("config");
+    let ctx = match GpuContext::new(&cfg, &Layout::new(&cfg)) {
+        Ok(x) => x,
+        Err(e) if e.status == S::SIKV_ERR_NO_DEVICE => return common::skip_no_cuda_device(test),
+        Err(e) => panic!("GPU context: {e}"),
+    };
+    let mut rng = Rng::new(test);
+    let n = 300usize;
+    let up = |x: &[f32]| upload(&ctx, &f16(x));
+    let (k, v, q) = (
+        up(&vals(&mut rng, n * HK)),
+        up(&vals(&mut rng, n * HK)),
+        up(&vals(&mut rng, HQ)),
+    );
+    let (k1, v1) = (up(&vals(&mut rng, HK)), up(&vals(&mut rng, HK)));
+    let out_bytes = HQ * D * 2;
+    let out = ctx.alloc(out_bytes).expect("cuMemAlloc");
+    let state = |cache: *mut SikvCache| {
+        let mut i = SikvCacheInfo::default();
+        ok(sikv_cache_info(cache, &mut i), "sikv_cache_info");
+        let mut h = 0u64;
+        ok(sikv_cache_checksum(cache, &mut h), "sikv_cache_checksum");
+        let mut len = 0u32;
+        ok(sikv_seq_len(cache, 7, 0, &mut len), "sikv_seq_len");
+        (i.free_pages, h, len)
+    };
+    let attend = |cache: *mut SikvCache| -> (SikvStatus, Vec<u8>) {
+        let s = sikv_attend(cache, 0, 1, &7, dptr(&q), out.ptr() as *mut c_void, null_mut());
+        (s, download(&ctx, out.ptr(), out_bytes))
+    };
+    let mut caches = [null_mut::<SikvCache>(); 2];
+    for cache in caches.iter_mut() {
+        ok(sikv_cache_create(&c, cache), "sikv_cache_create");
+        ok(sikv_seq_add(*cache, 7), "seq_add");
+        ok(
+            sikv_calibrate(*cache, 0, 7, n as u32, dptr(&k), dptr(&v), 1, dptr(&q), null_mut()),
+            "calibrate",
+        );
+    }
+    let [a, b] = caches;
+    let (s, out_a) = attend(a);
+    ok(s, "attend (a)");
+    let (s, out_b) = attend(b);
+    ok(s, "attend (b)");
+    assert_eq!(out_a, out_b, "{test}: two caches fed the same tokens differ");
+
+    // Not sticky: a status with the driver's code, nothing changed, the handle still works.
+    let oor = CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+    let before = state(a);
+    inject_launch_error(oor, 1);
+    let s = sikv_append(a, 0, 1, &7, &1, dptr(&k1), dptr(&v1), null_mut());
+    let msg = last_error_message();
+    assert_eq!(s, S::SIKV_ERR_CUDA, "{test}: append with an injected error: {msg}");
+    assert_eq!(sikv_last_error_cuda_code(), oor as i32, "{test}: append: {msg}");
+    assert!(
+        msg.contains("cuLaunchKernelEx"),
+        "{test}: the message names the call: {msg}"
+    );
+    assert_eq!(state(a), before, "{test}: the failed append changed the cache");
+    inject_launch_error(oor, 1);
+    let (s, _) = attend(a);
+    assert_eq!(
+        s,
+        S::SIKV_ERR_CUDA,
+        "{test}: attend with an injected error: {}",
+        last_error_message()
+    );
+    let (s, again) = attend(a);
+    ok(s, "attend after a non-sticky error");
+    assert_eq!(again, out_a, "{test}: attend after a non-sticky error differs");
+    assert_eq!(state(a), before, "{test}: the failed attend changed the cache");
+
+    // Sticky: that handle is poisoned, the other one keeps working.
+    let ill = CUresult::CUDA_ERROR_ILLEGAL_ADDRESS;
+    inject_launch_error(ill, 1);
+    let (s, _) = attend(a);
+    let msg = last_error_message();
+    assert_eq!(
+        s,
+        S::SIKV_ERR_CUDA,
+        "{test}: attend with an injected sticky error: {msg}"
+    );
+    assert_eq!(sikv_last_error_cuda_code(), ill as i32, "{test}: {msg}");
+    let (s, _) = attend(a);
+    assert_eq!(
+        s,
+        S::SIKV_ERR_POISONED,
+        "{test}: the handle after a sticky error: {}",
+        last_error_message()
+    );
+    let s = sikv_append(a, 0, 1, &7, &1, dptr(&k1), dptr(&v1), null_mut());
+    assert_eq!(s, S::SIKV_ERR_POISONED, "{test}: append on the poisoned handle");
+    let (s, again) = attend(b);
+    ok(s, "attend (b) after (a) was poisoned");
+    assert_eq!(again, out_b, "{test}: the second cache's output changed");
+    ok(
+        sikv_append(b, 0, 1, &7, &1, dptr(&k1), dptr(&v1), null_mut()),
+        "append (b) after (a) was poisoned",
+    );
+    let (s, _) = attend(b);
+    ok(s, "attend (b) after its append");
+    ctx.synchronize(null_mut()).expect("synchronize");
+    sikv_cache_destroy(a);
+    sikv_cache_destroy(b);
+    println!(
+        "{test}: non-sticky: SIKV_ERR_CUDA ({}), cache unchanged and usable; sticky: handle poisoned, \
+         the second cache unchanged and working",
+        oor as i32
+    );
+}

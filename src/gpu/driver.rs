@@ -8,7 +8,29 @@ use cudarc::driver::sys;
 
 use crate::status::{Error, Result, SikvStatus};
 
-pub use sys::{CUcontext, CUdevice, CUfunction, CUmodule};
+pub use sys::{CUcontext, CUdevice, CUfunction, CUmodule, CUresult};
+
+thread_local! {
+    /// inject_launch_error's pending result and how many launches it still applies to.
+    static INJECTED: std::cell::Cell<Option<(sys::CUresult, u32)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Test hook: the next `count` kernel launches on this thread fail with driver result `code`
+/// before anything reaches the driver, as if `cuLaunchKernelEx` had returned it. Lets the
+/// reliability tests put a CUDA error (sticky or not) inside any call without breaking the
+/// shared context. Costs one thread-local read per launch.
+#[doc(hidden)]
+pub fn inject_launch_error(code: sys::CUresult, count: u32) {
+    INJECTED.with(|c| c.set(if count == 0 { None } else { Some((code, count)) }));
+}
+
+fn take_injected() -> Option<sys::CUresult> {
+    INJECTED.with(|c| {
+        let (code, n) = c.get()?;
+        c.set(if n > 1 { Some((code, n - 1)) } else { None });
+        Some(code)
+    })
+}
 
 /// Maps a driver result to our error type, naming the call and keeping the driver's code.
 pub fn ck(r: sys::CUresult, call: &str) -> Result<()> {
@@ -238,6 +260,9 @@ pub fn launch<P>(
         attrs: &mut attr,
         numAttrs: pdl as u32,
     };
+    if let Some(r) = take_injected() {
+        return ck(r, &format!("cuLaunchKernelEx({name})"));
+    }
     // SAFETY: f is a loaded kernel whose only parameter has type P (SikvParams or a pointer);
     // the driver copies the argument and reads the configuration before returning.
     unsafe {

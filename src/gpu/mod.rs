@@ -49,6 +49,12 @@ pub mod params;
 pub mod upload;
 pub mod workspace;
 
+/// Test hooks, not part of the supported interface.
+#[doc(hidden)]
+pub mod testing {
+    pub use super::driver::{inject_launch_error, CUresult};
+}
+
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
