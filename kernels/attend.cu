@@ -16,6 +16,7 @@
 // (4) P.V with channels across threads and the G accumulators in registers.
 #pragma once
 #include "common.cuh"
+#include "attend_tc.cuh"
 
 // Floats of k (and of v) per tile in shared memory: TILE = ATTEND_TILE_FLOATS / D tokens.
 #define ATTEND_TILE_FLOATS 2048
@@ -504,9 +505,70 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = s.state[tid].l;
     }
 }
+// A sparse split whose 64 list items are all selected tokens, on tensor cores (attend_tc.cuh):
+// one tile of 16 per warp. Returns false, having written nothing, for what attend_body does
+// (a split holding kept dense entries, an empty split, a bad slot or count).
 template <int D, typename T>
-SIKV_DEV void sikv_attend_impl(const SikvParams& p) { attend_body<D, T, false>(p); }
-SIKV_ENTRIES_D_T(sikv_attend, ATTEND_THREADS)
+SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
+    typedef TcShape<D> Sh;
+    __shared__ TcSmem<D> s;
+    const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
+    int slot;
+    const int len = row_seq(p, b, &slot);
+    if (slot < 0) return false;
+    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
+    if (cnt < 0 || cnt > p.budget_max) return false;
+    const u8* rec = state_record(p, slot, h);
+    const int* dpos = reinterpret_cast<const int*>(rec + p.off_dense_pos);
+    int kept = 0;
+    for (int e = tid; e < p.dense_cap; e += ATTEND_THREADS) kept += dense_keep(p, e, dpos[e], len) ? 1 : 0;
+    kept = warp_sum_int(kept);
+    if ((tid & 31) == 0) s.count[tid >> 5] = kept;
+    __syncthreads();
+    int nd = 0;
+    #pragma unroll
+    for (int w = 0; w < Sh::WARPS; ++w) nd += s.count[w];
+    const int lo = split * ATTEND_SPLIT;
+    const int hi = lo + ATTEND_SPLIT < nd + cnt ? lo + ATTEND_SPLIT : nd + cnt;
+    if (lo < nd || lo >= hi) return false;  // uniform over the block
+
+    const long long hq_base = (long long)b * p.num_kv_heads * p.group + (long long)h * p.group;
+    TcWarp<D, T> w;
+    w.init(p, s, hq_base, reinterpret_cast<const float*>(rec + p.off_scale), []() {});
+    // This warp's 16 list items -> plane rows (-1: past the split, or a bad position or page,
+    // fault raised), shared across the warp.
+    const int* sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
+    const int item = lo + 16 * w.warp + w.lane;
+    long long row = -1;
+    if (w.lane < 16 && item < hi) {
+        const int pos = sel[item - nd];
+        if (pos >= 0 && pos < len) row = row_index(p, b, h, pos);
+        else raise_fault(p, FAULT_SELECTED_POS);
+    }
+    const u32 valid = __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;
+    if (w.lane < 16) s.rows[w.warp][w.lane] = row;
+    __syncwarp();
+    long long rk[2], rv[4];
+    #pragma unroll
+    for (int nb = 0; nb < 2; ++nb) rk[nb] = s.rows[w.warp][w.key_token(nb)];
+    #pragma unroll
+    for (int u = 0; u < 4; ++u) rv[u] = s.rows[w.warp][w.value_token(u)];
+    TcRaw<D> r;
+    w.load(rk, rv, r);
+    w.tile(r, valid);
+    w.finish(p, s, hq_base, split);
+    return true;
+}
+
+template <int D, typename T>
+SIKV_DEV void sikv_attend_impl(const SikvParams& p) {
+    if constexpr (TcShape<D>::OK) {
+        if (tc_shape_ok<D>(p) && sparse_tc_split<D, T>(p)) return;
+    }
+    attend_body<D, T, false>(p);
+}
+SIKV_ENTRIES_D_T_MINB(sikv_attend, ATTEND_THREADS, 4)
 
 // Combine: log-sum-exp merge of the num_splits partials of one (sequence, query head)
 // (reference/attend.rs merge_splits): M = max m_j, w_j = exp(m_j - M), out = sum w_j acc_j /
