@@ -46,7 +46,7 @@
 #define SIKV_FLAG_FORCE_GENERATED (1 << 1)
 
 // `dense_crossover` value that lets the library choose (the default): the dense decode when
-// the call's tokens are at most 98304 plus 32768 per sequence after the first (the measured
+// the call's tokens are at most 98304 plus 16384 per sequence after the first (the measured
 // break-even).
 #define SIKV_DENSE_CROSSOVER_AUTO 4294967295
 
@@ -184,7 +184,7 @@ typedef struct SikvConfig {
   // sequences hold at most this many tokens together (for the stateless decode: batch times
   // max_seq_len, from declared bounds) runs the dense decode over every token instead of
   // selecting. 0 = never; SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured
-  // break-even, 98304 tokens plus 32768 per sequence after the first.
+  // break-even, 98304 tokens plus 16384 per sequence after the first.
   uint32_t dense_crossover;
 } SikvConfig;
 

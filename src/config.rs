@@ -38,17 +38,17 @@ pub const SIKV_FLAG_FORCE_GENERATED: u32 = 1 << 1;
 const KNOWN_FLAGS: u32 = SIKV_FLAG_PARITY_SIGN | SIKV_FLAG_FORCE_GENERATED;
 
 /// `dense_crossover` value that lets the library choose (the default): the dense decode when
-/// the call's tokens are at most 98304 plus 32768 per sequence after the first (the measured
+/// the call's tokens are at most 98304 plus 16384 per sequence after the first (the measured
 /// break-even).
 pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
 /// AUTO runs the dense decode when a call's tokens (summed over its sequences) are at most
 /// DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (sequences - 1). The dense decode's time
 /// follows the tokens it reads; the sparse step costs a fixed ~60-90 us per call plus a part
-/// per sequence. On the H200 (d = 128, 32/8 heads, 2+1, default budget, docs/RESULTS.md, the
-/// third 2026-12-02 entry) dense is faster at 32K tokens per sequence and slower at 128K for
-/// batches 1, 2, 4 and 8, with break-evens near 100K, 160K, 220K and 360K tokens per call.
+/// per sequence. On the H200 (d = 128, 32/8 heads, 2+1, default budget; docs/RESULTS.md, the
+/// third 2026-12-02 entry) dense is faster up to 96K tokens at batch 1 and slower at 128K, and
+/// at 32K tokens per sequence faster for batches 1, 2 and 4 and slower at batch 8.
 pub const DENSE_AUTO_TOKENS: u64 = 98304;
-pub const DENSE_AUTO_TOKENS_PER_SEQ: u64 = 32768;
+pub const DENSE_AUTO_TOKENS_PER_SEQ: u64 = 16384;
 
 /// When attend takes the dense decode instead of selecting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,7 +147,7 @@ pub struct SikvConfig {
     /// sequences hold at most this many tokens together (for the stateless decode: batch times
     /// max_seq_len, from declared bounds) runs the dense decode over every token instead of
     /// selecting. 0 = never; SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured
-    /// break-even, 98304 tokens plus 32768 per sequence after the first.
+    /// break-even, 98304 tokens plus 16384 per sequence after the first.
     pub dense_crossover: u32,
 }
 
