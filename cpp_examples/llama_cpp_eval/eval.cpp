@@ -41,14 +41,30 @@ int meta_int(const llama_model * model, const std::string & key, int fallback) {
     return std::atoi(buf);
 }
 
+std::string model_arch(const llama_model * model) {
+    char arch[128];
+    if (llama_model_meta_val_str(model, "general.architecture", arch, sizeof arch) < 0) arch[0] = 0;
+    return arch;
+}
+
+// Score modifiers the library's attention does not apply: refused with a message rather than
+// evaluated wrongly (the `dense` method would no longer equal llama.cpp).
+void refuse_unsupported_attention(const llama_model * model) {
+    const std::string a = model_arch(model);
+    for (const char * key : {".attn_logit_softcapping", ".attention.logit_softcapping"}) {
+        char buf[64];
+        if (!a.empty() && llama_model_meta_val_str(model, (a + key).c_str(), buf, sizeof buf) >= 0 && std::atof(buf) > 0.0)
+            throw std::runtime_error("model applies attention-logit softcapping (" + a + key + " = " + buf +
+                                     "): the library's attention has no softcap; refused");
+    }
+}
+
 // head_dim as the model declares it (<arch>.attention.key_length), else n_embd / n_head. Models
 // whose heads are not n_embd / n_head wide set the key length, and sizing the buffers from the
 // quotient overran them. A value length that differs from the key length is refused: the
 // library stores K and V of one head_dim.
 int model_head_dim(const llama_model * model, int n_q_heads) {
-    char arch[128];
-    if (llama_model_meta_val_str(model, "general.architecture", arch, sizeof arch) < 0) arch[0] = 0;
-    const std::string a(arch);
+    const std::string a = model_arch(model);
     const int fallback = llama_model_n_embd(model) / n_q_heads;
     const int dk = a.empty() ? fallback : meta_int(model, a + ".attention.key_length", fallback);
     const int dv = a.empty() ? dk : meta_int(model, a + ".attention.value_length", dk);
@@ -233,6 +249,10 @@ struct Hook {
     int outs_this_step = 0;
     DecodeMethod * method = nullptr;
     int dense_layers = 0;  // layers below this keep llama.cpp's own output (the method still appends)
+    int pos = 0;           // position of the decode token
+    // Layers whose mask hides some of the past at this step (a sliding window): llama.cpp's own
+    // output is kept there, the library gets the global-attention layers only.
+    std::vector<char> windowed;
 
     // agreement between the method's output and llama.cpp's own kqv_out (same inputs)
     double rel_err_sum = 0.0;
@@ -264,6 +284,38 @@ void copy_rows(const ggml_tensor * t, int t0, int t1, float * dst) {
             if (t->nb[0] == sizeof(float)) std::memcpy(o, src, d * sizeof(float));
             else for (int64_t c = 0; c < d; ++c) o[c] = *(const float *) (src + c * t->nb[0]);
         }
+}
+
+// The attention mask behind a layer's output (src[1] of its soft_max, src[3] of flash attention),
+// found by walking the sources of kqv_out; nullptr when there is none.
+const ggml_tensor * attention_mask(const ggml_tensor * out) {
+    std::vector<const ggml_tensor *> frontier{out};
+    for (int depth = 0; depth < 8 && !frontier.empty(); ++depth) {
+        std::vector<const ggml_tensor *> next;
+        for (const ggml_tensor * t : frontier) {
+            if (t->op == GGML_OP_SOFT_MAX) return t->src[1];
+            if (t->op == GGML_OP_FLASH_ATTN_EXT) return t->src[3];
+            for (const ggml_tensor * src : t->src)
+                if (src) next.push_back(src);
+        }
+        frontier.swap(next);
+    }
+    return nullptr;
+}
+
+// Cells the decode token may attend to: the finite entries of the mask's first row.
+int64_t visible_cells(const ggml_tensor * mask) {
+    int64_t n = 0;
+    if (mask->type == GGML_TYPE_F32) {
+        const float * m = (const float *) mask->data;
+        for (int64_t i = 0; i < mask->ne[0]; ++i) n += std::isfinite(m[i]) ? 1 : 0;
+    } else if (mask->type == GGML_TYPE_F16) {
+        const uint16_t * m = (const uint16_t *) mask->data;
+        for (int64_t i = 0; i < mask->ne[0]; ++i) n += (m[i] & 0x7c00u) != 0x7c00u ? 1 : 0;
+    } else {
+        return -1;
+    }
+    return n;
 }
 
 bool eval_cb(ggml_tensor * t, bool ask, void * user_data) {
@@ -329,7 +381,15 @@ bool eval_cb(ggml_tensor * t, bool ask, void * user_data) {
             }
             h.seen[layer] = 0;
             h.method->append(layer, h.dk[layer].data(), h.dv[layer].data());
-            if (layer < h.dense_layers) {
+            if (const ggml_tensor * mask = attention_mask(t)) {
+                if (!mask->data || (mask->buffer && !ggml_backend_buffer_is_host(mask->buffer))) {
+                    h.error = "attention mask of layer " + std::to_string(layer) + " is not in host memory";
+                    return true;
+                }
+                const int64_t seen = visible_cells(mask);
+                if (seen >= 0 && seen < (int64_t) h.pos + 1) h.windowed[layer] = 1;
+            }
+            if (layer < h.dense_layers || h.windowed[layer]) {
                 h.outs_this_step += 1;
                 break;
             }
@@ -470,6 +530,10 @@ int run(const Options & o) {
     if (n_tok < 0) throw std::runtime_error("tokenization failed");
     tok.resize(n_tok);
 
+    // A model that expects a BOS token gets one at the start of every window (each window is a
+    // sequence of its own); the window then takes one token less of the text.
+    const bool add_bos = llama_vocab_get_add_bos(vocab);
+    const llama_token bos = llama_vocab_bos(vocab);
     const int P = o.context, D = o.decode, span = P + D + 1;
     const int windows = std::min(o.windows, (n_tok - o.offset) / span);
     if (windows < 1) throw std::runtime_error("text too short: " + std::to_string(n_tok) + " tokens");
@@ -479,6 +543,7 @@ int run(const Options & o) {
     hook.shape.n_q_heads = llama_model_n_head(model);
     hook.shape.n_kv_heads = llama_model_n_head_kv(model);
     hook.shape.head_dim = model_head_dim(model, hook.shape.n_q_heads);
+    refuse_unsupported_attention(model);
     hook.shape.scale = 1.0f / std::sqrt((float) hook.shape.head_dim);
     hook.q_tail = o.q_tail;
     hook.dense_layers = o.dense_layers;
@@ -490,6 +555,7 @@ int run(const Options & o) {
     hook.dk.assign(L, std::vector<float>((size_t) s.n_kv_heads * s.head_dim));
     hook.dv.assign(L, std::vector<float>((size_t) s.n_kv_heads * s.head_dim));
     hook.seen.assign(L, 0);
+    hook.windowed.assign(L, 0);
     hook.out.resize((size_t) s.n_q_heads * s.head_dim);
 
     llama_context_params cp = llama_context_default_params();
@@ -510,6 +576,7 @@ int run(const Options & o) {
 
     std::printf("model: %d layers, %d q heads, %d kv heads, head_dim %d, vocab %d\n", L, s.n_q_heads, s.n_kv_heads,
                 s.head_dim, n_vocab);
+    std::printf("BOS: %s\n", add_bos ? "the model expects one; added at the start of every window" : "not added (the model does not ask for it)");
     std::printf("text: %d tokens; %d window(s) of %d prefill + %d decode tokens from offset %d; kv cache %s, flash attn %s, %d threads\n",
                 n_tok, windows, P, D, o.offset, o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off", o.threads);
 
@@ -612,7 +679,12 @@ int run(const Options & o) {
 
     for (int w = 0; w < windows; ++w) {
         const int start = o.offset + w * span;
-        const llama_token * wt = tok.data() + start;
+        std::vector<llama_token> win(tok.begin() + start, tok.begin() + start + span);
+        if (add_bos) {
+            win.insert(win.begin(), bos);
+            win.pop_back();
+        }
+        const llama_token * wt = win.data();
 
         // dense prefill, capturing every layer's post-RoPE K, V and the last queries
         llama_memory_clear(mem, true);
@@ -654,6 +726,7 @@ int run(const Options & o) {
                 batch.n_tokens = 1;
                 batch.token[0] = wt[P + i];
                 batch.pos[0] = P + i;
+                hook.pos = P + i;
                 batch.n_seq_id[0] = 1;
                 batch.seq_id[0][0] = 0;
                 batch.logits[0] = true;
@@ -712,6 +785,12 @@ int run(const Options & o) {
                     c.budget_label.c_str(), c.budget, ppl, 100.0 * (ppl / dense_ppl - 1.0), recall, attended, rel,
                     c.rel_err_max, 1000.0 * c.decode_s / (double) c.n_scored);
     }
+
+    std::string wl;
+    for (int l = 0; l < L; ++l)
+        if (hook.windowed[l]) wl += (wl.empty() ? "" : ",") + std::to_string(l);
+    std::printf("layers with a sliding window (llama.cpp's own attention kept under every method): %s\n",
+                wl.empty() ? "none" : wl.c_str());
 
     llama_free(ctx);
     llama_model_free(model);
