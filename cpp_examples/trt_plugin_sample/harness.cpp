@@ -19,6 +19,8 @@
 
 #include "sikv_attention_plugin.h"
 
+#include "../common/half.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -37,6 +39,8 @@
 
 using namespace nvinfer1;
 using sikv_trt::SikvAttentionPlugin;
+using sikv_sample::from_half;
+using sikv_sample::to_half;
 
 namespace {
 
@@ -128,43 +132,6 @@ Dims dims(std::initializer_list<int64_t> d) {
   Dims r{};  // zeroed: unused extents must not be garbage
   for (int64_t x : d) r.d[r.nbDims++] = x;
   return r;
-}
-
-// IEEE half precision bits of x, round to nearest even (engine_sample's conversion).
-uint16_t to_half(float x) {
-  uint32_t f;
-  std::memcpy(&f, &x, 4);
-  const uint32_t sign = (f >> 16) & 0x8000u;
-  const uint32_t mag = f & 0x7fffffffu;
-  if (mag >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (mag > 0x7f800000u ? 0x200u : 0u));
-  if (mag >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds past the largest half
-  if (mag < 0x38800000u) {                                   // subnormal half (or zero)
-    const uint32_t shift = 113u - (mag >> 23);
-    if (shift > 11) return uint16_t(sign);  // below half the smallest subnormal
-    const uint32_t m = (mag & 0x7fffffu) | 0x800000u;
-    uint32_t h = m >> (shift + 13);
-    const uint32_t rest = m & ((1u << (shift + 13)) - 1u), half = 1u << (shift + 12);
-    if (rest > half || (rest == half && (h & 1u))) ++h;
-    return uint16_t(sign | h);
-  }
-  uint32_t h = ((mag - 0x38000000u) >> 13);
-  const uint32_t rest = mag & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return uint16_t(sign | h);
-}
-
-float from_half(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  uint32_t f;
-  if (e == 0) {
-    float v = std::ldexp(float(m), -24);
-    return sign ? -v : v;
-  }
-  if (e == 31) f = sign | 0x7f800000u | (m << 13);
-  else f = sign | ((e + 112u) << 23) | (m << 13);
-  float x;
-  std::memcpy(&x, &f, 4);
-  return x;
 }
 
 struct Rng {
