@@ -346,6 +346,15 @@ impl Batch {
     }
 }
 
+/// A managed cache's free pages and checksum: what a failed call must leave as it was.
+fn pool_state(cache: *mut SikvCache) -> (u32, u64) {
+    let mut i = SikvCacheInfo::default();
+    ok(sikv_cache_info(cache, &mut i), "sikv_cache_info");
+    let mut h = 0u64;
+    ok(sikv_cache_checksum(cache, &mut h), "sikv_cache_checksum");
+    (i.free_pages, h)
+}
+
 fn layer_pools(info: &SikvLayoutInfo, planes: u64, state: u64, layer: usize) -> SikvLayerPools {
     let base = planes + (layer * info.layer_plane_bytes) as u64;
     SikvLayerPools {
@@ -1809,13 +1818,6 @@ fn stage_error_releases_the_pages() {
     // GPU, through the C ABI.
     let mut gc: *mut SikvCache = null_mut();
     ok(sikv_cache_create(&c, &mut gc), "sikv_cache_create (GPU)");
-    let state = |cache: *mut SikvCache| {
-        let mut i = SikvCacheInfo::default();
-        ok(sikv_cache_info(cache, &mut i), "sikv_cache_info");
-        let mut h = 0u64;
-        ok(sikv_cache_checksum(cache, &mut h), "sikv_cache_checksum");
-        (i.free_pages, h)
-    };
     ok(sikv_seq_add(gc, 7), "seq_add");
     let up = |x: &[f32]| upload(&ctx, &f16(x));
     let (k, v, q) = (
@@ -1824,7 +1826,7 @@ fn stage_error_releases_the_pages() {
         up(&vals(&mut rng, HQ)),
     );
     // The first calibrate of a sequence takes its pages (the later layers reuse them).
-    let fresh = state(gc);
+    let fresh = pool_state(gc);
     let skewed = (k.ptr() + 2) as *const c_void;
     let s = sikv_calibrate(gc, 0, 7, n as u32, skewed, dptr(&v), 1, dptr(&q), null_mut());
     assert_eq!(
@@ -1834,7 +1836,7 @@ fn stage_error_releases_the_pages() {
         last_error_message()
     );
     assert_eq!(
-        state(gc),
+        pool_state(gc),
         fresh,
         "GPU: the failed calibrate changed free pages or the cache"
     );
@@ -1848,11 +1850,11 @@ fn stage_error_releases_the_pages() {
         );
     }
     assert_eq!(
-        state(gc).0 as usize,
+        pool_state(gc).0 as usize,
         fresh.0 as usize - n.div_ceil(P),
         "GPU: the retried calibrate took an unexpected number of pages"
     );
-    let before = state(gc);
+    let before = pool_state(gc);
     let (k2, v2) = (up(&vals(&mut rng, add * HK)), up(&vals(&mut rng, add * HK)));
     let s = sikv_append(
         gc,
@@ -1871,7 +1873,7 @@ fn stage_error_releases_the_pages() {
         last_error_message()
     );
     assert_eq!(
-        state(gc),
+        pool_state(gc),
         before,
         "GPU: the failed append changed free pages or the cache"
     );
@@ -1880,7 +1882,7 @@ fn stage_error_releases_the_pages() {
         "GPU append retried",
     );
     assert_eq!(
-        state(gc).0 as usize,
+        pool_state(gc).0 as usize,
         before.0 as usize - pages_after_append,
         "GPU: the retried append took an unexpected number of pages"
     );
@@ -2123,13 +2125,9 @@ fn injected_cuda_errors_give_a_status_and_poison_only_their_handle() {
     let out_bytes = HQ * D * 2;
     let out = ctx.alloc(out_bytes).expect("cuMemAlloc");
     let state = |cache: *mut SikvCache| {
-        let mut i = SikvCacheInfo::default();
-        ok(sikv_cache_info(cache, &mut i), "sikv_cache_info");
-        let mut h = 0u64;
-        ok(sikv_cache_checksum(cache, &mut h), "sikv_cache_checksum");
         let mut len = 0u32;
         ok(sikv_seq_len(cache, 7, 0, &mut len), "sikv_seq_len");
-        (i.free_pages, h, len)
+        (pool_state(cache), len)
     };
     let attend = |cache: *mut SikvCache| -> (SikvStatus, Vec<u8>) {
         let s = sikv_attend(cache, 0, 1, &7, dptr(&q), out.ptr() as *mut c_void, null_mut());
