@@ -237,6 +237,23 @@ SIKV_DEV int collect_dense(const SikvParams& p, const int* dpos, int len, int lo
     return base;
 }
 
+// The partial of a split with nothing to attend: m = -inf, l = 0, acc = 0 for each of the G
+// query heads from hq_base (combine gives it no weight).
+template <int D>
+SIKV_DEV void write_empty_partial(const SikvParams& p, long long hq_base, int split) {
+    float* part_acc = reinterpret_cast<float*>(p.ws_part_acc);
+    float* part_ml = reinterpret_cast<float*>(p.ws_part_ml);
+    const int tid = threadIdx.x, G = p.group;
+    for (int i = tid; i < G * D; i += ATTEND_THREADS) {
+        int g = i / D, c = i % D;
+        part_acc[((hq_base + g) * p.num_splits + split) * D + c] = 0.0f;
+    }
+    if (tid < G) {
+        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = SIKV_NEG_INF;
+        part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = 0.0f;
+    }
+}
+
 template <int D, typename T, bool DENSE>
 SIKV_DEV void attend_body(const SikvParams& p) {
     typedef AttendShape<D> Sh;
@@ -254,16 +271,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
     const long long hq_base = (long long)b * p.num_kv_heads * G + hq0;
     // A split with nothing to attend writes the empty partial (m = -inf, l = 0, acc = 0); a
     // row with a bad slot is all empty splits (its output becomes zeros).
-    auto write_empty = [&]() {
-        for (int i = tid; i < G * D; i += ATTEND_THREADS) {
-            int g = i / D, c = i % D;
-            part_acc[((hq_base + g) * p.num_splits + split) * D + c] = 0.0f;
-        }
-        if (tid < G) {
-            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = SIKV_NEG_INF;
-            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = 0.0f;
-        }
-    };
+    auto write_empty = [&]() { write_empty_partial<D>(p, hq_base, split); };
     if (slot < 0) {
         write_empty();
         return;

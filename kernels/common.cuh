@@ -584,35 +584,25 @@ SIKV_DEV void sikv_grid_dependency() {
 #endif
 }
 
-#define SIKV_ENTRY_DT(NAME, NT, D, T, TNAME)                                                     \
-    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__(NT)                     \
+// BOUNDS: the parenthesised arguments of __launch_bounds__, (threads) or (threads, min blocks
+// per SM).
+#define SIKV_ENTRY_DT(NAME, BOUNDS, D, T, TNAME)                                                 \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
                                NAME##_d##D##_##TNAME(const SikvParams p) {                      \
                                    sikv_grid_dependency();                                      \
                                    NAME##_impl<D, T>(p);                                        \
                                })
 
+#define SIKV_ENTRIES_D_T_BOUNDS(NAME, BOUNDS)          \
+    SIKV_ENTRY_DT(NAME, BOUNDS, 64, f16_t, f16)        \
+    SIKV_ENTRY_DT(NAME, BOUNDS, 128, f16_t, f16)       \
+    SIKV_ENTRY_DT(NAME, BOUNDS, 256, f16_t, f16)       \
+    SIKV_ENTRY_DT(NAME, BOUNDS, 64, bf16_t, bf16)      \
+    SIKV_ENTRY_DT(NAME, BOUNDS, 128, bf16_t, bf16)     \
+    SIKV_ENTRY_DT(NAME, BOUNDS, 256, bf16_t, bf16)
+#define SIKV_ENTRIES_D_T(NAME, NT) SIKV_ENTRIES_D_T_BOUNDS(NAME, (NT))
 // Same, with a minimum of MINB resident blocks per SM asked of the register allocator.
-#define SIKV_ENTRY_DT_MINB(NAME, NT, MINB, D, T, TNAME)                                          \
-    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__(NT, MINB)               \
-                               NAME##_d##D##_##TNAME(const SikvParams p) {                      \
-                                   sikv_grid_dependency();                                      \
-                                   NAME##_impl<D, T>(p);                                        \
-                               })
-#define SIKV_ENTRIES_D_T_MINB(NAME, NT, MINB)                 \
-    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 64, f16_t, f16)       \
-    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 128, f16_t, f16)      \
-    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 256, f16_t, f16)      \
-    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 64, bf16_t, bf16)     \
-    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 128, bf16_t, bf16)    \
-    SIKV_ENTRY_DT_MINB(NAME, NT, MINB, 256, bf16_t, bf16)
-
-#define SIKV_ENTRIES_D_T(NAME, NT)                      \
-    SIKV_ENTRY_DT(NAME, NT, 64, f16_t, f16)            \
-    SIKV_ENTRY_DT(NAME, NT, 128, f16_t, f16)           \
-    SIKV_ENTRY_DT(NAME, NT, 256, f16_t, f16)           \
-    SIKV_ENTRY_DT(NAME, NT, 64, bf16_t, bf16)    \
-    SIKV_ENTRY_DT(NAME, NT, 128, bf16_t, bf16)   \
-    SIKV_ENTRY_DT(NAME, NT, 256, bf16_t, bf16)
+#define SIKV_ENTRIES_D_T_MINB(NAME, NT, MINB) SIKV_ENTRIES_D_T_BOUNDS(NAME, (NT, MINB))
 
 #define SIKV_ENTRY_T(NAME, NT, T, TNAME)                                                   \
     SIKV_IF_##TNAME(extern "C" __global__ void __launch_bounds__(NT) NAME##_##TNAME(const SikvParams p) { \

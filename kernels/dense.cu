@@ -32,15 +32,8 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p) {
     const int clo = (split - p.dense_splits) * chunk;
     const int lo = clo > p.n_sink ? clo : p.n_sink;
     const int hi = clo + chunk < end ? clo + chunk : end;
-    if (lo >= hi) {  // nothing of this chunk is a candidate: the empty partial
-        float* part_acc = reinterpret_cast<float*>(p.ws_part_acc);
-        float* part_ml = reinterpret_cast<float*>(p.ws_part_ml);
-        for (int i = tid; i < G * D; i += ATTEND_THREADS)
-            part_acc[((hq_base + i / D) * p.num_splits + split) * D + i % D] = 0.0f;
-        if (tid < G) {
-            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = SIKV_NEG_INF;
-            part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = 0.0f;
-        }
+    if (lo >= hi) {  // nothing of this chunk is a candidate
+        write_empty_partial<D>(p, hq_base, split);
         return;
     }
     const u8* rec = state_record(p, slot, h);
