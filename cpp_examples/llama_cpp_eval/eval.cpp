@@ -50,13 +50,11 @@ std::string model_arch(const llama_model * model) {
 // Score modifiers the library's attention does not apply: refused with a message rather than
 // evaluated wrongly (the `dense` method would no longer equal llama.cpp).
 void refuse_unsupported_attention(const llama_model * model) {
-    const std::string a = model_arch(model);
-    for (const char * key : {".attn_logit_softcapping", ".attention.logit_softcapping"}) {
-        char buf[64];
-        if (!a.empty() && llama_model_meta_val_str(model, (a + key).c_str(), buf, sizeof buf) >= 0 && std::atof(buf) > 0.0)
-            throw std::runtime_error("model applies attention-logit softcapping (" + a + key + " = " + buf +
-                                     "): the library's attention has no softcap; refused");
-    }
+    const std::string key = model_arch(model) + ".attn_logit_softcapping";
+    char buf[64];
+    if (llama_model_meta_val_str(model, key.c_str(), buf, sizeof buf) >= 0 && std::atof(buf) > 0.0)
+        throw std::runtime_error("model applies attention-logit softcapping (" + key + " = " + buf +
+                                 "): the library's attention has no softcap; refused");
 }
 
 // head_dim as the model declares it (<arch>.attention.key_length), else n_embd / n_head. Models
