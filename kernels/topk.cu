@@ -12,13 +12,15 @@
 //  * multi (default): sikv_score also adds a 2048-bin histogram of the top 11 key bits into
 //    ws_hist (zeroed on the stream first). sikv_topk_compact (grid over the row, 4096 keys per
 //    CTA) finds the threshold bin t from the histogram (keys in bins > t: fewer than k'; with
-//    bin t: at least k') and appends (key, position) of every key in bins >= t to the row's
-//    candidate buffer (one atomicAdd per CTA). sikv_topk_final (one CTA per row) finishes the
-//    radix select over the candidates only (passes 2-3), marks taken / tied positions in two
-//    shared-memory position bitmaps (windows of 131072 positions) and emits ascending positions with an ordered scan of the bitmaps, so the
-//    compaction order never matters and the result is the one-CTA result exactly. A row whose
-//    bins >= t would not fit the buffer (cand_cap), or whose counter disagrees, is selected by
-//    the one-CTA code inside sikv_topk_final (decided on the device).
+//    bin t: at least k'), writes its tile's words of a position bitmap of the keys in bins > t
+//    (all of them selected; ws_gtmap) and appends (key, position) of the keys in bin t alone to
+//    the row's candidate buffer (one atomicAdd per CTA). sikv_topk_final (one CTA per row)
+//    finishes the radix select over bin t only (passes 2-3), marks bin t's taken / tied
+//    positions in two shared-memory bitmaps (windows of 131072 positions), ORs in the gt
+//    bitmap and emits ascending positions with an ordered scan, so the compaction order never
+//    matters and the result is the one-CTA result exactly. A row whose bin t would not fit the
+//    buffer (cand_cap), or whose counter disagrees, is selected by the one-CTA code inside
+//    sikv_topk_final (decided on the device).
 //
 // PERF NOTES (H200, d=128, 8 KV heads, G=4, 2+1 bits, k = 2048, k' = 8192; bench medians, us)
 //  baseline ed6d5ac (one CTA per row):       128K B=1 topk 217.5, B=8 219.9; 8K B=1 topk 25.0
@@ -159,9 +161,11 @@ SIKV_ENTRY(sikv_topk_stage1, TOPK_THREADS)
 // ---------------------------------------------------------------------------------------------
 // Multi-CTA stage 1.
 
-// Appends (key << 32 | position) of every candidate key of this CTA's tile (absolute positions
-// [x * COMPACT_TILE, (x + 1) * COMPACT_TILE) within [S, end)) in bins >= the threshold bin to
-// the row's candidate buffer. grid (ceil(max_seq_len / COMPACT_TILE), H_kv, B), block
+// For this CTA's tile (absolute positions [x * COMPACT_TILE, (x + 1) * COMPACT_TILE) within
+// [S, end)): writes the tile's words of the row's gt bitmap (bit set: a candidate key in a bin
+// above the threshold bin; all of those are selected), and appends (key << 32 | position) of
+// every candidate key in the threshold bin itself to the row's candidate buffer, the only keys
+// sikv_topk_final still has to rank. grid (ceil(max_seq_len / COMPACT_TILE), H_kv, B), block
 // COMPACT_THREADS.
 SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     __shared__ u32 scan[33];
@@ -196,12 +200,31 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
     hist_threshold<COMPACT_THREADS>(hist, (u32)rk.ksel, scan, thr);
     const u32 tb = thr[0];
-    // Fallback rows (too many keys in bins >= t) are selected by sikv_topk_final alone.
-    if (!thr[3] || (unsigned long long)thr[1] + thr[2] > (unsigned long long)p.cand_cap) return;
+    // Fallback rows (more keys in the threshold bin than the buffer holds) are selected by
+    // sikv_topk_final alone.
+    if (!thr[3] || thr[2] > (u32)p.cand_cap) return;
 
+    // Thread x holds positions 4x .. 4x + 3 of each group of 4 * COMPACT_THREADS: eight
+    // neighbouring lanes make one bitmap word, OR-ed across them, written by the first.
+    u32* gtmap = reinterpret_cast<u32*>(p.ws_gtmap) + rowid * p.gtmap_stride + t0 / 32;
+    const int lane = threadIdx.x & 31;
     u32 cnt = 0;
     #pragma unroll
-    for (int e = 0; e < COMPACT_ITEMS; ++e) cnt += (kv[e] != 0u && (kv[e] >> TOPK_HIST_SHIFT) >= tb) ? 1u : 0u;
+    for (int g = 0; g < COMPACT_ITEMS / 4; ++g) {
+        u32 nib = 0;
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const u32 key = kv[4 * g + e];
+            const u32 bin = key >> TOPK_HIST_SHIFT;
+            nib |= (bin > tb ? 1u : 0u) << e;  // bin > tb >= 0: key != 0, a candidate
+            cnt += (key != 0u && bin == tb) ? 1u : 0u;
+        }
+        u32 word = nib << (4 * (lane & 7));
+        word |= __shfl_xor_sync(0xffffffffu, word, 1);
+        word |= __shfl_xor_sync(0xffffffffu, word, 2);
+        word |= __shfl_xor_sync(0xffffffffu, word, 4);
+        if ((lane & 7) == 0) gtmap[(g * COMPACT_THREADS + (int)threadIdx.x) / 8] = word;
+    }
     u32 total;
     const u32 excl = block_excl_scan<COMPACT_THREADS>(cnt, scan, &total);
     u32* counter = hist + TOPK_HIST_BINS;
@@ -216,7 +239,7 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const u32 key = kv[4 * g + e];
-                if (key != 0u && (key >> TOPK_HIST_SHIFT) >= tb) {
+                if (key != 0u && (key >> TOPK_HIST_SHIFT) == tb) {
                     if (at < (u32)p.cand_cap) cand[at] = ((u64)key << 32) | (u32)(q + e);
                     ++at;
                 }
@@ -250,14 +273,23 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
     if (ksel > 0) {
         hist_threshold<TOPK_THREADS>(hist, (u32)ksel, s.scan, thr);
         const u32 nc = *counter;
-        const unsigned long long want = (unsigned long long)thr[1] + thr[2];
-        const bool fast = thr[3] && want <= (unsigned long long)p.cand_cap && nc == (u32)want;
+        const bool fast = thr[3] && thr[2] <= (u32)p.cand_cap && nc == thr[2];
         if (!fast) {
             const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride + S;
             block_topk<TOPK_THREADS>(s, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
         } else {
             const u64* cand = reinterpret_cast<const u64*>(p.ws_cand) + rowid * p.cand_cap;
-            // Pass 1 is the histogram's: prefix = bin t, remaining = ksel - above.
+            const u32* gtmap = reinterpret_cast<const u32*>(p.ws_gtmap) + rowid * p.gtmap_stride;
+            const int w0 = S >> 5, w1 = (rk.end + 31) >> 5;
+            // The first window's gt words do not depend on the ranking below: in flight now.
+            u32 gnext[4];
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int w = w0 + (int)threadIdx.x * 4 + j;
+                gnext[j] = w < w1 && w < w0 + TOPK_BM_WORDS ? gtmap[w] : 0u;
+            }
+            // Pass 1 is the histogram's: prefix = bin t, remaining = ksel - above; the buffer
+            // holds exactly the keys of bin t.
             if (threadIdx.x == 0) {
                 s.sel_prefix = thr[0] << TOPK_HIST_SHIFT;
                 s.sel_mask = (u32)(TOPK_HIST_BINS - 1) << TOPK_HIST_SHIFT;
@@ -266,10 +298,10 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
             block_radix_passes<TOPK_THREADS>(s, (int)nc, 1, [&](int i) { return (u32)(cand[i] >> 32); });
             const u32 T = s.sel_prefix;  // the full threshold key (mask is all ones now)
             const u32 remaining = s.sel_remaining;
-            // Position bitmaps in shared memory, one window of TOPK_BM_WORDS words (131072
-            // positions) at a time: gt = key > T (all taken), eq = key == T (the first
-            // `remaining` in position order taken); an ordered scan of each window emits.
-            const int w0 = S >> 5, w1 = (rk.end + 31) >> 5;
+            // Position bitmaps, one window of TOPK_BM_WORDS words (131072 positions) at a time:
+            // gt = the compaction's bitmap (bins above t) or a bin-t key > T (all taken), eq =
+            // key == T (the first `remaining` in position order taken); an ordered scan of each
+            // window emits.
             u32 carry_gt = 0, carry_eq = 0;
             for (int wb = w0; wb < w1; wb += TOPK_BM_WORDS) {
                 const int we = wb + TOPK_BM_WORDS < w1 ? wb + TOPK_BM_WORDS : w1;
@@ -299,10 +331,16 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const int w = (int)threadIdx.x * 4 + j;
-                    g[j] = wb + w < we ? bm_gt[w] : 0u;
+                    g[j] = wb + w < we ? bm_gt[w] | gnext[j] : 0u;
                     e[j] = wb + w < we ? bm_eq[w] : 0u;
                     ngt += (u32)__popc(g[j]);
                     neq += (u32)__popc(e[j]);
+                }
+                // The next window's gt words.
+                #pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int w = wb + TOPK_BM_WORDS + (int)threadIdx.x * 4 + j;
+                    gnext[j] = w < w1 ? gtmap[w] : 0u;
                 }
                 u32 tg, te;
                 const u32 xg = block_excl_scan<TOPK_THREADS>(ngt, s.scan, &tg);

@@ -59,9 +59,9 @@ pub const TOPK_HIST_BINS: usize = 1 << (32 - TOPK_HIST_SHIFT);
 /// Words per row of the top-k histogram region: the bins, the candidate counter at
 /// [TOPK_HIST_BINS], padding to a 128-byte multiple.
 pub const TOPK_HIST_STRIDE: usize = TOPK_HIST_BINS + 32;
-/// Candidate slots per row of the multi-CTA top-k beyond the k' (< k') keys strictly above the
-/// threshold bin: the threshold bin may hold this many more (plus k') before the row falls back
-/// to the one-CTA select (decided on the device).
+/// Candidate slots per row of the multi-CTA top-k (which holds the keys of the threshold bin
+/// only) beyond 2 k': a threshold bin with more keys than that sends the row to the one-CTA
+/// select (decided on the device).
 pub const TOPK_CAND_EXTRA: usize = 8192;
 /// attend_dense: a candidate chunk spans at least this many ATTEND_SPLITs (512 positions):
 /// fewer partials for combine to merge, and a block prologue spread over more tiles.

@@ -107,6 +107,8 @@ impl GpuContext {
         p.ws_rank = ws + w.rank as u64;
         p.ws_hist = ws + w.hist as u64;
         p.ws_cand = ws + w.cand as u64;
+        p.ws_gtmap = ws + w.gtmap as u64;
+        p.gtmap_stride = w.gtmap_stride as i32;
         p.key_stride = w.key_stride as i32;
         p.cand_cap = w.cand_cap as i32;
     }

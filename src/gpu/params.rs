@@ -63,8 +63,12 @@ pub struct SikvParams {
     /// u32 [B][H_kv][TOPK_HIST_STRIDE]: multi-CTA top-k key histogram, then the candidate
     /// counter.
     pub ws_hist: u64,
-    /// u64 [B][H_kv][cand_cap]: multi-CTA top-k candidates (key << 32 | pos).
+    /// u64 [B][H_kv][cand_cap]: multi-CTA top-k candidates in the threshold bin (key << 32 |
+    /// pos).
     pub ws_cand: u64,
+    /// u32 [B][H_kv][gtmap_stride]: multi-CTA top-k, bit per position of the keys above the
+    /// threshold bin.
+    pub ws_gtmap: u64,
     /// u32 in mapped pinned host memory: FAULT_* bits ORed by kernels (geometry.rs).
     pub fault: u64,
 
@@ -133,7 +137,8 @@ pub struct SikvParams {
     pub cand_cap: i32,
     /// 1: multi-CTA top-k (score builds the histogram); 0: one CTA.
     pub topk_multi: i32,
-    pub pad_: i32,
+    /// Multi-CTA top-k: words per row of ws_gtmap (a whole number of compaction tiles).
+    pub gtmap_stride: i32,
 }
 
 // Offsets and size that build.rs computed from the field list above and wrote into the
@@ -244,7 +249,7 @@ mod tests {
             ("fault", std::mem::offset_of!(SikvParams, fault)),
             ("row_bytes", std::mem::offset_of!(SikvParams, row_bytes)),
             ("budget_ratio", std::mem::offset_of!(SikvParams, budget_ratio)),
-            ("pad_", std::mem::offset_of!(SikvParams, pad_)),
+            ("gtmap_stride", std::mem::offset_of!(SikvParams, gtmap_stride)),
         ] {
             let line = format!("static_assert(__builtin_offsetof(SikvParams, {field}) == {off},");
             assert!(guarded.contains(&line), "missing: {line}");

@@ -13,10 +13,12 @@
 //! | qbar | f32 `[H_kv][d]` | calibrate: group-mean last prompt query |
 //! | rank | i32 `[H_kv][max_seq_len]` | calibrate: heavy rank per prompt token |
 //! | hist | u32 `[B][H_kv][TOPK_HIST_STRIDE]` | multi-CTA top-k: TOPK_HIST_BINS-bin histogram of the top key bits, candidate counter (zeroed by `select` before scoring) |
-//! | cand | u64 `[B][H_kv][cand_cap]` | multi-CTA top-k: candidates `key << 32 \| position` |
+//! | cand | u64 `[B][H_kv][cand_cap]` | multi-CTA top-k: the keys of the threshold bin, `key << 32 \| position` |
+//! | gtmap | u32 `[B][H_kv][gtmap_stride]` | multi-CTA top-k: one bit per position, set for the keys above the threshold bin (every word of a compaction tile rewritten by each call) |
 
 use super::geometry::{
-    COMBINE_MAX_SPLITS, DENSE_MIN_CHUNK_SPLITS, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_MIN_CHUNK_SPLITS, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA,
+    TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -39,9 +41,13 @@ pub struct Workspace {
     pub rank: usize,
     pub hist: usize,
     pub cand: usize,
+    pub gtmap: usize,
     pub total: usize,
     /// Candidate slots per row (multi-CTA top-k).
     pub cand_cap: usize,
+    /// Bitmap words per row of gtmap: whole compaction tiles, so a tile writes its words
+    /// without bounds checks.
+    pub gtmap_stride: usize,
     pub key_stride: usize,
     /// Partial slots per (sequence, query head) of the sparse attend: ceil((dense + k_max) / 64).
     pub sparse_splits: usize,
@@ -86,6 +92,8 @@ impl Workspace {
         // k' <= stage1_max (= budget.max for one stage); keys above the threshold bin < k',
         // the threshold bin itself at most k' + TOPK_CAND_EXTRA; never more than a row.
         let cand_cap = (2 * s1 + TOPK_CAND_EXTRA).min(key_stride).max(4);
+        let tile = COMPACT_TILE as usize;
+        let gtmap_stride = msl.div_ceil(tile) * (tile / 32);
 
         let mut off = 0usize;
         let mut take = |bytes: usize| {
@@ -103,6 +111,7 @@ impl Workspace {
         let rank = take(4 * h * msl);
         let hist = take(4 * b * h * TOPK_HIST_STRIDE);
         let cand = take(8 * b * h * cand_cap);
+        let gtmap = take(4 * b * h * gtmap_stride);
         Workspace {
             keys,
             list,
@@ -114,8 +123,10 @@ impl Workspace {
             rank,
             hist,
             cand,
+            gtmap,
             total: off,
             cand_cap,
+            gtmap_stride,
             key_stride,
             sparse_splits,
             dense_splits,

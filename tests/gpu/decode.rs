@@ -203,7 +203,7 @@ fn case_decode_parity(rng: &mut Rng) -> R {
 }
 
 fn case_long(rng: &mut Rng) -> R {
-    let n = if quick() { 20_000 } else { 131_000 };
+    let n = if quick() { 20_000 } else { 139_000 };
     let mut s = base_shape(SIKV_DTYPE_F16, 128, 1, 4);
     s.max_seq_len = 140_000;
     s.max_batch = 1;
