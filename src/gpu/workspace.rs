@@ -17,8 +17,7 @@
 //! | gtmap | u32 `[B][H_kv][gtmap_stride]` | multi-CTA top-k: one bit per position, set for the keys above the threshold bin (every word of a compaction tile rewritten by each call) |
 
 use super::geometry::{
-    COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_MIN_CHUNK_SPLITS, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA,
-    TOPK_HIST_STRIDE,
+    COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_MIN_CHUNK_SPLITS, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
