@@ -88,8 +88,9 @@ impl Workspace {
             ns <= COMBINE_MAX_SPLITS,
             "{ns} partial splits exceed COMBINE_MAX_SPLITS"
         );
-        // k' <= stage1_max (= budget.max for one stage); keys above the threshold bin < k',
-        // the threshold bin itself at most k' + TOPK_CAND_EXTRA; never more than a row.
+        // The buffer holds the threshold bin's keys only (k' <= stage1_max); its capacity is
+        // the one it had when it also held the keys above that bin, so every row that took the
+        // multi-CTA path then still does; never more than a row.
         let cand_cap = (2 * s1 + TOPK_CAND_EXTRA).min(key_stride).max(4);
         let tile = COMPACT_TILE as usize;
         let gtmap_stride = msl.div_ceil(tile) * (tile / 32);
