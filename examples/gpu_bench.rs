@@ -73,7 +73,9 @@ struct Setup {
     ws: DeviceBuffer,
 }
 
-fn make_cfg(n: u32, batch: u32) -> CacheConfig {
+/// `msl`: the configured max_seq_len when above `n` (an engine that declares a long maximum and
+/// decodes shorter sequences).
+fn make_cfg(n: u32, msl: u32, batch: u32) -> CacheConfig {
     let mut c = SikvConfig::for_profile(0).unwrap();
     c.device = SIKV_DEVICE_CUDA;
     c.dtype = SIKV_DTYPE_F16;
@@ -81,7 +83,7 @@ fn make_cfg(n: u32, batch: u32) -> CacheConfig {
     c.num_kv_heads = 8;
     c.head_dim = 128;
     c.page_size = 64;
-    c.max_seq_len = n;
+    c.max_seq_len = n.max(msl);
     c.max_batch = batch;
     c.max_seqs = batch;
     c.max_append_tokens = n;
@@ -99,8 +101,8 @@ fn i32b(v: &[i32]) -> Vec<u8> {
 }
 
 /// Pools, calibrated sequences of length n (GPU calibrate), page table, q, outputs, workspace.
-fn setup(n: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -> R<Setup> {
-    let cfg = make_cfg(n, batch);
+fn setup(n: u32, msl: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &mut Rng) -> R<Setup> {
+    let cfg = make_cfg(n, msl, batch);
     let layout = Layout::new(&cfg);
     let ctx = GpuContext::new(&cfg, &layout).map_err(e2s)?;
     let mut planes = Vec::new();
@@ -258,7 +260,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let probe = make_cfg(1024, 1);
+    let probe = make_cfg(1024, 0, 1);
     match GpuContext::new(&probe, &Layout::new(&probe)) {
         Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
             println!("gpu bench skipped: no CUDA device");
@@ -279,13 +281,21 @@ fn main() {
         let v = args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1))?;
         Some(v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
     };
-    if let Err(e) = run(quick, iters, csv_path, list("--n"), list("--batch")) {
+    let msl = list("--max-seq-len").and_then(|v| v.first().copied()).unwrap_or(0);
+    if let Err(e) = run(quick, iters, csv_path, list("--n"), list("--batch"), msl) {
         eprintln!("gpu bench failed: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>, batches: Option<Vec<u32>>) -> R {
+fn run(
+    quick: bool,
+    iters: usize,
+    csv_path: Option<String>,
+    ns: Option<Vec<u32>>,
+    batches: Option<Vec<u32>>,
+    msl: u32,
+) -> R {
     let ns: Vec<u32> = ns.unwrap_or(if quick { vec![8192] } else { vec![8192, 32768, 131072] });
     let batches: Vec<u32> = batches.unwrap_or(if quick { vec![1, 2] } else { vec![1, 2, 4, 8] });
     let mut csv = String::from("kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us\n");
@@ -296,7 +306,7 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
     );
     for &n in &ns {
         // One prompt's k / v (n x 8 x 128 fp16), shared by every sequence of the batch.
-        let probe = make_cfg(n, 1);
+        let probe = make_cfg(n, msl, 1);
         let ctx0 = GpuContext::new(&probe, &Layout::new(&probe)).map_err(e2s)?;
         let m = n as usize * 8 * 128;
         let offs: Vec<f32> = (0..128).map(|c| ((c * 37 % 11) as f32 - 5.0) * 0.3).collect();
@@ -305,7 +315,7 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
         let kv = (upload(&ctx0, &kb)?, upload(&ctx0, &vb)?);
         drop((kb, vb));
         for &b in &batches {
-            let s = setup(n, b, &kv, &mut rng)?;
+            let s = setup(n, msl, b, &kv, &mut rng)?;
             let cfg = &s.cfg;
             let (hkv, d) = (cfg.num_kv_heads as u64, cfg.head_dim as u64);
             let heads = hkv * b as u64;
@@ -325,6 +335,21 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
             let dense = |st: selfindexkv::gpu::CUstream| {
                 s.ctx
                     .attend_dense(cfg, &s.layout, &s.layer, &s.batch, s.out.ptr(), ws, st)
+            };
+            // The stateless decode's crossover, decided on the device from the live lengths.
+            let max_tokens = cfg.dense_crossover.max_tokens(b).unwrap_or(0);
+            let routed = |st: selfindexkv::gpu::CUstream| {
+                s.ctx.decode_routed(
+                    cfg,
+                    &s.layout,
+                    &s.layer,
+                    &s.batch,
+                    selection,
+                    s.out.ptr(),
+                    ws,
+                    max_tokens,
+                    st,
+                )
             };
             sel(SELECT_ALL, null()).map_err(e2s)?;
             s.ctx.synchronize(null()).map_err(e2s)?;
@@ -363,6 +388,15 @@ fn run(quick: bool, iters: usize, csv_path: Option<String>, ns: Option<Vec<u32>>
                     }),
                 ),
                 ("dense_ours", bytes_dense, Box::new(dense)),
+                (
+                    "routed",
+                    if cfg.dense_crossover.dense(b, nn * b as u64) {
+                        bytes_dense
+                    } else {
+                        bytes_step
+                    },
+                    Box::new(routed),
+                ),
             ];
             for (name, bytes, f) in rows.iter() {
                 if *name == "rerank" && s.ctx.topk_path() != TopkPath::Single {

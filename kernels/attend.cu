@@ -254,6 +254,17 @@ SIKV_DEV void write_empty_partial(const SikvParams& p, long long hq_base, int sp
     }
 }
 
+// attend_dense: positions per candidate chunk of a sequence whose candidates end at `end`.
+// The grid has dense_chunks chunks per sequence, sized on the host from max_seq_len and the
+// batch; a sequence spreads its live candidates over them (at least DENSE_MIN_CHUNK positions
+// each, a multiple of DENSE_CHUNK_ALIGN), so a short sequence under a long max_seq_len keeps
+// short chunks and its surplus blocks return at once. dense_chunks * chunk >= end.
+SIKV_DEV int dense_chunk_of(const SikvParams& p, int end) {
+    int c = (end + p.dense_chunks - 1) / p.dense_chunks;
+    c = c < DENSE_MIN_CHUNK ? DENSE_MIN_CHUNK : c;
+    return (c + DENSE_CHUNK_ALIGN - 1) / DENSE_CHUNK_ALIGN * DENSE_CHUNK_ALIGN;
+}
+
 template <int D, typename T, bool DENSE>
 SIKV_DEV void attend_body(const SikvParams& p) {
     typedef AttendShape<D> Sh;
@@ -300,8 +311,9 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         hi = lo + ATTEND_SPLIT < total ? lo + ATTEND_SPLIT : total;
     } else {
         const int end = cand_end(p, len);
-        plo = p.n_sink + (split - p.dense_splits) * p.dense_chunk;
-        phi = plo + p.dense_chunk < end ? plo + p.dense_chunk : end;
+        const int chunk_len = dense_chunk_of(p, end);
+        plo = p.n_sink + (split - p.dense_splits) * chunk_len;
+        phi = plo + chunk_len < end ? plo + chunk_len : end;
     }
     const bool empty = chunk ? (plo >= phi) : (lo >= hi);
     if (empty) {
@@ -596,7 +608,8 @@ SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
     __shared__ __align__(16) float red[SG][D];
     __shared__ float wred[COMBINE_THREADS / 32];
     const int b = blockIdx.y, hq = blockIdx.x, tid = threadIdx.x;
-    const int NS = p.num_splits;
+    // A routed decode's combine serves whichever path ran (their partial counts differ).
+    const int NS = p.ws_route != 0 && route_is_dense(p) ? p.route_dense_splits : p.num_splits;
     const long long base = (long long)b * p.num_kv_heads * p.group + hq;
     const float2* ml = reinterpret_cast<const float2*>(p.ws_part_ml) + base * NS;
     const float* pacc = reinterpret_cast<const float*>(p.ws_part_acc) + base * NS * D;

@@ -584,12 +584,25 @@ SIKV_DEV void sikv_grid_dependency() {
 #endif
 }
 
+// Device-side crossover (route.cu): a decode whose page table lives on the device runs both
+// paths' kernels, and the route word the prologue wrote says which of them does the work. A
+// launch of the other path returns here, after the grid dependency (so the word is written).
+// ws_route == 0: not a routed launch, nothing to read.
+SIKV_DEV bool route_is_dense(const SikvParams& p) {
+    return *reinterpret_cast<const volatile u32*>(p.ws_route) != 0u;
+}
+SIKV_DEV bool route_skips(const SikvParams& p) {
+    if (p.ws_route == 0 || p.route_as == ROUTE_EITHER) return false;
+    return (int)route_is_dense(p) != p.route_as;
+}
+
 // BOUNDS: the parenthesised arguments of __launch_bounds__, (threads) or (threads, min blocks
 // per SM).
 #define SIKV_ENTRY_DT(NAME, BOUNDS, D, T, TNAME)                                                 \
     SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
                                NAME##_d##D##_##TNAME(const SikvParams p) {                      \
                                    sikv_grid_dependency();                                      \
+                                   if (route_skips(p)) return;                                  \
                                    NAME##_impl<D, T>(p);                                        \
                                })
 
@@ -607,6 +620,7 @@ SIKV_DEV void sikv_grid_dependency() {
 #define SIKV_ENTRY_T(NAME, NT, T, TNAME)                                                   \
     SIKV_IF_##TNAME(extern "C" __global__ void __launch_bounds__(NT) NAME##_##TNAME(const SikvParams p) { \
         sikv_grid_dependency();                                                            \
+        if (route_skips(p)) return;                                                        \
         NAME##_impl<T>(p);                                                                 \
     })
 
@@ -617,5 +631,6 @@ SIKV_DEV void sikv_grid_dependency() {
 #define SIKV_ENTRY(NAME, NT)                                                       \
     extern "C" __global__ void __launch_bounds__(NT) NAME(const SikvParams p) { \
         sikv_grid_dependency();                                                \
+        if (route_skips(p)) return;                                            \
         NAME##_impl(p);                                                        \
     }

@@ -1,8 +1,7 @@
 // Dense decode (cpu::attend_dense): attention over the kept dense entries and every candidate
 // position of the sequence, dequantised from the planes, with no selection. It is the path
 // below the crossover length and the library's own dense baseline. grid (dense_splits +
-// ceil(max_seq_len / dense_chunk), H_kv, B); the combine kernel of attend.cu merges the
-// partials. Blocks j < dense_splits attend the kept dense entries with the split-K body of
+// dense_chunks, H_kv, B); the combine kernel of attend.cu merges the partials. Blocks j < dense_splits attend the kept dense entries with the split-K body of
 // attend.cu; the others each take one chunk of candidate positions.
 //
 // Candidate chunks on tensor cores (attend_tc.cuh) for the shapes tc_shape_ok takes: the
@@ -11,13 +10,11 @@
 // attend_body's candidate chunks.
 #include "attend.cu"
 
-// Largest candidate chunk the tensor-core path's heavy-position bitmap covers.
-#define DENSE_TC_MAX_CHUNK 2048
-
 // Candidate chunk split - dense_splits: absolute positions [c * chunk, (c + 1) * chunk) of
 // [S, cand_end), heavy positions left out. Writes the split's partial.
+// chunk: dense_chunk_of the row (at most DENSE_TC_MAX_CHUNK); len, slot: row_seq's.
 template <int D, typename T>
-SIKV_DEV void dense_tc_chunk(const SikvParams& p) {
+SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) {
     typedef TcShape<D> Sh;
     __shared__ TcSmem<D> s;
     __shared__ u32 heavy[DENSE_TC_MAX_CHUNK / 32];
@@ -25,10 +22,7 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p) {
     const int G = p.group;
     const int tid = threadIdx.x;
     const long long hq_base = (long long)b * p.num_kv_heads * G + (long long)h * G;
-    int slot;
-    const int len = row_seq(p, b, &slot);
     const int end = slot < 0 ? 0 : cand_end(p, len);
-    const int chunk = p.dense_chunk;
     const int clo = (split - p.dense_splits) * chunk;
     const int lo = clo > p.n_sink ? clo : p.n_sink;
     const int hi = clo + chunk < end ? clo + chunk : end;
@@ -113,10 +107,14 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p) {
 template <int D, typename T>
 SIKV_DEV void sikv_attend_dense_impl(const SikvParams& p) {
     if constexpr (TcShape<D>::OK) {
-        if ((int)blockIdx.x >= p.dense_splits && tc_shape_ok<D>(p) && p.dense_chunk % (16 * TcShape<D>::WARPS) == 0 &&
-            p.dense_chunk <= DENSE_TC_MAX_CHUNK) {
-            dense_tc_chunk<D, T>(p);
-            return;
+        if ((int)blockIdx.x >= p.dense_splits && tc_shape_ok<D>(p)) {
+            int slot;
+            const int len = row_seq(p, blockIdx.z, &slot);
+            const int chunk = dense_chunk_of(p, slot < 0 ? 0 : cand_end(p, len));
+            if (chunk % (16 * TcShape<D>::WARPS) == 0 && chunk <= DENSE_TC_MAX_CHUNK) {
+                dense_tc_chunk<D, T>(p, chunk, len, slot);
+                return;
+            }
         }
     }
     attend_body<D, T, true>(p);

@@ -221,5 +221,5 @@ extern "C" __global__ void sikv_params_layout(int* out) {
     out[3] = SIKV_OFFSETOF(SikvParams, off_dense_v);
     out[4] = SIKV_OFFSETOF(SikvParams, budget_ratio);
     out[5] = SIKV_OFFSETOF(SikvParams, softmax_scale);
-    out[6] = SIKV_OFFSETOF(SikvParams, dense_chunk);
+    out[6] = SIKV_OFFSETOF(SikvParams, dense_chunks);
 }

@@ -159,7 +159,7 @@ if [ -n "$SAN" ] && want sanitize; then
         RC[sanitize]=4
         continue
       fi
-      SIKV_GPU_TEST_QUICK=1 timeout 150 "$SAN" --tool "$tool" --error-exitcode 3 ".gpu/$bin" \
+      SIKV_GPU_TEST_QUICK=1 timeout "${SANITIZE_RUN_TIMEOUT_S:-150}" "$SAN" --tool "$tool" --error-exitcode 3 ".gpu/$bin" \
         --skip nvrtc_compiles_embedded_sources --skip sticky_cuda_error_poisons_the_handle \
         --skip create_beyond_device_memory_is_refused_cleanly \
         --nocapture --test-threads=1 > "$log" 2>&1
@@ -206,6 +206,15 @@ if want bench; then
     echo "== gpu bench, SIKV_PDL=0"
     SIKV_PDL=0 .gpu/gpu_bench $Q --csv "$OUT/nopdl_gpu_bench.csv" > "$OUT/nopdl_gpu_bench.log" 2>&1
     RC[nopdl_bench]=$?
+  fi
+  # ROUTE_MSL: the stateless decode's device-side crossover where max_seq_len exceeds the live
+  # length (an engine that declares a long maximum): gpu_bench at that max_seq_len, shorter N.
+  if [ -n "${ROUTE_MSL:-}" ]; then
+    echo "== gpu bench, max_seq_len $ROUTE_MSL (routed decode)"
+    .gpu/gpu_bench --max-seq-len "$ROUTE_MSL" --n "${ROUTE_N:-8192,32768}" --batch "${ROUTE_B:-1,8}" \
+      --csv "$OUT/msl_gpu_bench.csv" > "$OUT/msl_gpu_bench.log" 2>&1
+    RC[msl_bench]=$?
+    grep -E "^(step|dense_ours|routed) " "$OUT/msl_gpu_bench.log"
   fi
   echo "== managed sikv_attend vs stateless sikv_kernel_decode"
   .gpu/managed_bench $Q --csv "$OUT/managed_bench.csv" > "$OUT/managed_bench.log" 2>&1
@@ -262,7 +271,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench managed_bench sdpa profile model; do
+for k in tests managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench managed_bench sdpa profile model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

@@ -68,12 +68,19 @@ impl Crossover {
             n => Crossover::Tokens(n),
         }
     }
+    /// The most tokens (summed over its sequences) a call over `seqs` sequences may hold and
+    /// still run dense; None when it never does.
+    pub fn max_tokens(self, seqs: u32) -> Option<u64> {
+        match self {
+            Crossover::Tokens(0) => None,
+            Crossover::Tokens(n) => Some(n as u64),
+            Crossover::Auto if seqs == 0 => None,
+            Crossover::Auto => Some(DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1)),
+        }
+    }
     /// Whether a call over `seqs` sequences holding `tokens` tokens together runs dense.
     pub fn dense(self, seqs: u32, tokens: u64) -> bool {
-        match self {
-            Crossover::Tokens(n) => n > 0 && tokens <= n as u64,
-            Crossover::Auto => seqs > 0 && tokens <= DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1),
-        }
+        self.max_tokens(seqs).is_some_and(|m| tokens <= m)
     }
 }
 

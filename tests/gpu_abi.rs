@@ -1400,6 +1400,149 @@ fn decode_takes_the_dense_crossover_on_gpu() {
     println!("{test}: decode == attend_dense bit for bit on the GPU; vs CPU worst error {worst:.2e}");
 }
 
+/// (a') The crossover follows the live lengths where `batch * max_seq_len` does not settle it:
+/// with `dense_crossover` between the batch's tokens now and after some appends, decode is the
+/// dense decode now (bit for bit, GPU; the CPU decode likewise) and the sparse decode (a
+/// handle without the crossover) after the appends. One captured graph of the decode gives
+/// both: replayed over the first page table, then over the grown one written into the same
+/// buffers.
+#[test]
+fn decode_crossover_follows_live_lengths_on_gpu() {
+    let test = "decode_crossover_follows_live_lengths_on_gpu";
+    let mut c = config(SIKV_DEVICE_CUDA);
+    // 701 + 454 tokens now, 1001 + 754 after the appends; 2 x 2048 declared.
+    c.dense_crossover = 1400;
+    let Some(mut p) = Pair::new(c, test) else {
+        return;
+    };
+    let mut rng = Rng::new(test);
+    let pages = two_page_lists();
+    let pg: [&[i32]; 2] = [&pages[0], &pages[1]];
+    let slots = [0i32, 1];
+    let mut lens = [700usize, 453];
+    calibrate_random(&mut p, &mut rng, 0, &pages[0], lens[0], 2);
+    calibrate_random(&mut p, &mut rng, 1, &pages[1], lens[1], 2);
+    append_random(&mut p, &mut rng, &pg, &slots, &mut lens, &[1, 1]);
+    let grown = [lens[0] + 300, lens[1] + 300];
+    let mut sparse_cfg = c;
+    sparse_cfg.dense_crossover = 0;
+    let mut sparse: *mut SikvKernels = null_mut();
+    ok(
+        sikv_kernels_create(&sparse_cfg, &mut sparse),
+        "kernels without the crossover",
+    );
+    let q = f16(&vals(&mut rng, 2 * HQ));
+    let now = Batch::new(&p.ctx, &pg, &lens, &slots, q.clone());
+    // The graph's table buffers are sized for the grown table and hold the current one first.
+    let table = Batch::new(&p.ctx, &pg, &grown, &slots, q.clone());
+    let write_table = |p: &Pair, b: &Batch| {
+        p.ctx
+            .copy_htod_async(table.dev[0].ptr(), &i32_bytes(&b.indptr), null_mut())
+            .expect("indptr");
+        p.ctx
+            .copy_htod_async(table.dev[1].ptr(), &i32_bytes(&b.indices), null_mut())
+            .expect("indices");
+        p.ctx
+            .copy_htod_async(table.dev[2].ptr(), &i32_bytes(&b.last), null_mut())
+            .expect("last_page_len");
+        p.ctx.synchronize(null_mut()).expect("synchronize");
+    };
+    write_table(&p, &now);
+    let replayed = poisoned(&p.ctx, now.out_bytes(), 0xFF);
+    let stream = p.ctx.create_stream().expect("stream");
+    let st = stream.raw;
+    let (dpools, dtable) = (p.dpools(0), table.dtable());
+    let (gk, ws, ws_bytes) = (p.gk, p.wsp(), p.ws_bytes);
+    let graph = p
+        .ctx
+        .capture(st, || {
+            let s = sikv_kernel_decode(
+                gk,
+                &dpools,
+                &dtable,
+                table.dslots(),
+                table.dq(),
+                dptr(&replayed),
+                ws,
+                ws_bytes,
+                st,
+            );
+            status_result(s, "decode")
+        })
+        .unwrap_or_else(|e| panic!("capturing the decode step: {e}"));
+    let replay = |p: &Pair, what: &str| {
+        graph.launch(st).unwrap_or_else(|e| panic!("replay {what}: {e}"));
+        p.ctx.synchronize(st).unwrap_or_else(|e| panic!("replay {what}: {e}"));
+        download(&p.ctx, replayed.ptr(), now.out_bytes())
+    };
+    let sparse_decode = |p: &Pair, b: &Batch| {
+        let dout = poisoned(&p.ctx, b.out_bytes(), 0xFF);
+        let s = sikv_kernel_decode(
+            sparse,
+            &p.dpools(0),
+            &b.dtable(),
+            b.dslots(),
+            b.dq(),
+            dptr(&dout),
+            p.wsp(),
+            p.ws_bytes,
+            null_mut(),
+        );
+        ok(s, "GPU decode without the crossover");
+        download(&p.ctx, dout.ptr(), b.out_bytes())
+    };
+
+    // Now: 1155 tokens <= 1400, the dense decode.
+    let (gx, cx) = p.dense_or_decode(0, &now, false);
+    let (gd, cd) = p.dense_or_decode(0, &now, true);
+    assert!(
+        gx == gd,
+        "{} tokens: GPU decode differs from attend_dense",
+        lens[0] + lens[1]
+    );
+    assert!(
+        cx == cd,
+        "{} tokens: CPU decode differs from attend_dense",
+        lens[0] + lens[1]
+    );
+    assert!(replay(&p, "now") == gd, "the graph's decode differs from attend_dense");
+    let gs = sparse_decode(&p, &now);
+    assert!(
+        gs != gd,
+        "the sparse decode equals the dense one bit for bit: the check proves nothing"
+    );
+    let worst_now = rel_err("decode (dense route)", &gx, &cx);
+
+    // After the appends: 1755 tokens > 1400, the sparse decode.
+    append_random(&mut p, &mut rng, &pg, &slots, &mut lens, &[300, 300]);
+    assert_eq!(lens, grown);
+    let after = Batch::new(&p.ctx, &pg, &lens, &slots, q);
+    write_table(&p, &after);
+    let (gx, cx) = p.dense_or_decode(0, &after, false);
+    let (gd, _) = p.dense_or_decode(0, &after, true);
+    let gs = sparse_decode(&p, &after);
+    assert!(
+        gx == gs,
+        "{} tokens: GPU decode differs from the sparse decode",
+        lens[0] + lens[1]
+    );
+    assert!(
+        gx != gd,
+        "{} tokens: GPU decode still equals attend_dense",
+        lens[0] + lens[1]
+    );
+    assert!(
+        replay(&p, "after the appends") == gs,
+        "the graph's decode differs from the sparse decode"
+    );
+    let worst_after = rel_err("decode (sparse route)", &gx, &cx);
+    drop(graph);
+    sikv_kernels_destroy(sparse);
+    println!(
+        "{test}: 1155 tokens dense, 1755 sparse, eager and from one graph; vs CPU worst {worst_now:.2e} / {worst_after:.2e}"
+    );
+}
+
 /// (b) Ties go to the smaller position on the GPU as on the CPU. Every token after the prompt
 /// has the same key (per KV head; distinct values), so every candidate scores the same in both
 /// selection stages. The prompt is all sinks (n_sink = prompt length: a healthy calibration

@@ -5,7 +5,8 @@ use super::device::DeviceStore;
 use super::{Fnv, OwnedPageTable};
 use crate::cpu::{LayerMut, LayerRef, PageTable};
 use crate::exec::{
-    Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Stream, Table, Workspace,
+    Batch, DecodePath, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Stream, Table,
+    Workspace,
 };
 use crate::ffi::boundary::ForeignBytes;
 use crate::layout::{Layout, SIKV_NUM_PLANES};
@@ -255,7 +256,7 @@ impl Store {
                 let ws = Workspace::default();
                 match sel {
                     Selection::All => exec.attend(pools, &batch, Selected::All, out, ws, stream),
-                    Selection::Select => exec.decode(pools, &batch, false, out, ws, stream),
+                    Selection::Select => exec.decode(pools, &batch, DecodePath::Sparse, out, ws, stream),
                     Selection::Given { indices, counts } => {
                         let sel = Selected::Given {
                             indices: Mem::Host(indices),

@@ -1,6 +1,6 @@
 //! The CPU implementation of the executor: host descriptors into the CPU stages.
 
-use super::{Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table};
+use super::{Batch, DecodePath, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table};
 use crate::cpu::{self, PageTable};
 use crate::ensure;
 use crate::numeric;
@@ -137,13 +137,22 @@ pub(super) fn attend(ex: &Executor, pools: LayerView, b: &Batch, sel: Selected, 
     Ok(())
 }
 
-pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, dense: bool, out: MemMut<u8>) -> Result<()> {
+pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, path: DecodePath, out: MemMut<u8>) -> Result<()> {
+    let c = &ex.cfg;
+    let (t, ss, q) = host_batch(ex, b)?;
+    let dense = match path {
+        DecodePath::Sparse => false,
+        DecodePath::Dense => true,
+        DecodePath::Crossover => {
+            t.validate(&ex.layout, c)?;
+            let tokens: u64 = (0..t.batch()).map(|i| t.seq_len(i, c.page_size as usize) as u64).sum();
+            c.dense_crossover.dense(t.batch() as u32, tokens)
+        }
+    };
     if dense {
         return attend(ex, pools, b, Selected::All, out);
     }
     // One conversion of the queries serves both stages.
-    let c = &ex.cfg;
-    let (t, ss, q) = host_batch(ex, b)?;
     let out = host_array_mut(out, q.len() * c.dtype.size(), "out")?;
     let layer = pools_ref(pools)?;
     let rows = t.batch() * c.num_kv_heads as usize;

@@ -1,7 +1,9 @@
 //! The CUDA implementation of the executor: device descriptors into the launchers of
 //! [`crate::gpu::GpuContext`], which check pointers, alignment and workspace size.
 
-use super::{Batch, Executor, LayerPools, LayerView, MemMut, NewTokens, Prompt, Selected, Stream, Table, Workspace};
+use super::{
+    Batch, DecodePath, Executor, LayerPools, LayerView, MemMut, NewTokens, Prompt, Selected, Stream, Table, Workspace,
+};
 use crate::ensure;
 use crate::gpu::{DevBatch, DevLayer, DevPrompt, DevSelection, DevTokens, DevWorkspace, GpuContext};
 use crate::layout::SIKV_NUM_PLANES;
@@ -130,7 +132,7 @@ pub(super) fn decode(
     g: &GpuContext,
     pools: LayerView,
     b: &Batch,
-    dense: bool,
+    path: DecodePath,
     out: MemMut<u8>,
     ws: Workspace,
     stream: Stream,
@@ -152,17 +154,30 @@ pub(super) fn decode(
     let layer = device_view(pools)?;
     let batch = device_batch(b)?;
     let out = out.device("out")?;
-    if dense {
-        return g.attend_dense(&ex.cfg, &ex.layout, &layer, &batch, out, stage_ws, stream);
-    }
+    let (cfg, lay) = (&ex.cfg, &ex.layout);
+    let n = b.table.batch();
     let sel = DevSelection {
         indices: ws.ptr + need.indices as u64,
         counts: ws.ptr + need.counts as u64,
     };
-    g.one_call(|| {
-        g.select(&ex.cfg, &ex.layout, &layer, &batch, sel, stage_ws, stream)?;
-        g.attend(&ex.cfg, &ex.layout, &layer, &batch, sel, out, stage_ws, stream)
-    })
+    let sparse = || {
+        g.one_call(|| {
+            g.select(cfg, lay, &layer, &batch, sel, stage_ws, stream)?;
+            g.attend(cfg, lay, &layer, &batch, sel, out, stage_ws, stream)
+        })
+    };
+    let dense = || g.attend_dense(cfg, lay, &layer, &batch, out, stage_ws, stream);
+    match path {
+        DecodePath::Sparse => sparse(),
+        DecodePath::Dense => dense(),
+        // By the declared bounds where they settle it (nothing of the other path launched),
+        // else by the live lengths, on the device.
+        DecodePath::Crossover => match cfg.dense_crossover.max_tokens(n) {
+            None => sparse(),
+            Some(m) if n as u64 * cfg.max_seq_len as u64 <= m => dense(),
+            Some(m) => g.decode_routed(cfg, lay, &layer, &batch, sel, out, stage_ws, m, stream),
+        },
+    }
 }
 
 pub(super) fn reset_sequence(

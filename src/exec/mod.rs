@@ -45,6 +45,19 @@ enum Imp {
 }
 
 /// Runs the stages of one configuration on the CPU or on a CUDA device.
+/// What attention [`Executor::decode`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodePath {
+    /// Select + attend.
+    Sparse,
+    /// The dense decode (every stored token).
+    Dense,
+    /// The configuration's crossover applied to the live lengths of the call's sequences. A
+    /// page table in device memory is read on the device (the launches of both paths are
+    /// queued, the unchosen ones return at once), so a captured graph follows the lengths.
+    Crossover,
+}
+
 pub struct Executor {
     cfg: CacheConfig,
     layout: Layout,
@@ -221,21 +234,21 @@ impl Executor {
         }
     }
 
-    /// Select + attend in one call. On a device the selection lives in the workspace
-    /// ([`Executor::decode_workspace`]); `dense` runs the dense decode instead (the crossover).
+    /// Select + attend in one call, or the dense decode (`path`). On a device the selection
+    /// lives in the workspace ([`Executor::decode_workspace`]).
     pub fn decode(
         &self,
         pools: LayerView,
         b: &Batch,
-        dense: bool,
+        path: DecodePath,
         out: MemMut<u8>,
         ws: Workspace,
         stream: Stream,
     ) -> Result<()> {
         self.check_batch(b)?;
         match &self.imp {
-            Imp::Cpu => cpu::decode(self, pools, b, dense, out),
-            Imp::Cuda(g) => cuda::decode(self, g, pools, b, dense, out, ws, stream),
+            Imp::Cpu => cpu::decode(self, pools, b, path, out),
+            Imp::Cuda(g) => cuda::decode(self, g, pools, b, path, out, ws, stream),
         }
     }
 

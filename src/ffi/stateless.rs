@@ -11,7 +11,9 @@ use super::types::{SikvLayerPools, SikvPageTable, SikvStream};
 use crate::config::{CacheConfig, SikvConfig};
 use crate::cpu::{LayerMut, LayerRef, PageTable};
 use crate::ensure;
-use crate::exec::{Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table, Workspace};
+use crate::exec::{
+    Batch, DecodePath, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table, Workspace,
+};
 use crate::gpu::{DevLayer, DevPageTable};
 use crate::layout::SIKV_NUM_PLANES;
 use crate::status::{Result, SikvStatus};
@@ -485,8 +487,10 @@ pub extern "C" fn sikv_kernel_reset_slot(
 
 /// Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
 /// accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
-/// When the batch times `max_seq_len` is within the dense crossover it runs the dense decode
-/// instead (decided from declared bounds, so a captured graph stays valid).
+/// The dense crossover applies to the live lengths of the call's sequences: on a device it is
+/// decided on the device (both paths are queued and the unchosen one returns at once), so a
+/// captured graph follows the lengths as they grow; when the batch times `max_seq_len` is
+/// within the crossover, or the crossover is off, only the one path is queued.
 #[no_mangle]
 pub extern "C" fn sikv_kernel_decode(
     kernels: *const SikvKernels,
@@ -506,13 +510,17 @@ pub extern "C" fn sikv_kernel_decode(
         unsafe {
             let pools = layer_view(kn, host_ref(pools, "pools")?)?;
             let t = host_ref(page_table, "page_table")?;
-            let bound = t.batch as u64 * cfg.max_seq_len as u64;
-            let dense = cfg.dense_crossover.dense(t.batch, bound);
             let b = batch(kn, t, seq_slot, q)?;
             let n_out = t.batch as usize * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
             let out = output(kn, out as *mut u8, n_out, "out")?;
-            kn.exec
-                .decode(pools, &b, dense, out, ws_desc(workspace, workspace_bytes), stream)
+            kn.exec.decode(
+                pools,
+                &b,
+                DecodePath::Crossover,
+                out,
+                ws_desc(workspace, workspace_bytes),
+                stream,
+            )
         }
     })
 }

@@ -118,6 +118,8 @@ pub struct Device {
     pub major: i32,
     pub minor: i32,
     pub name: String,
+    /// Streaming multiprocessors.
+    pub sms: i32,
 }
 
 /// Retains the primary context of device `ordinal` (the one the CUDA runtime uses).
@@ -154,6 +156,15 @@ pub fn retain_primary(ordinal: i32) -> Result<Device> {
             ),
             "cuDeviceGetAttribute",
         )?;
+        let mut sms = 0;
+        ck(
+            sys::cuDeviceGetAttribute(
+                &mut sms,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                dev,
+            ),
+            "cuDeviceGetAttribute",
+        )?;
         let mut name = [0 as std::ffi::c_char; 256];
         let _ = sys::cuDeviceGetName(name.as_mut_ptr(), 255, dev);
         let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
@@ -165,6 +176,7 @@ pub fn retain_primary(ordinal: i32) -> Result<Device> {
             major,
             minor,
             name,
+            sms,
         })
     }
 }

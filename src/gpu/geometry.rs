@@ -48,6 +48,19 @@ pub const ATTEND_THREADS: u32 = 128;
 pub const COMBINE_THREADS: u32 = 512;
 /// attend: query heads per KV head held in shared memory (must cover config MAX_GQA_RATIO).
 pub const ATTEND_MAX_GROUP: u32 = 16;
+/// prologue: one block per (KV head, sequence) zeroes that row's top-k histogram.
+pub const PROLOGUE_THREADS: u32 = 256;
+
+// ---------------------------------------------------------------------------------------------
+// Device-side crossover of a routed decode (route.cu): which path a launch belongs to
+// (SikvParams::route_as), and the route word's values.
+
+/// The launch belongs to the sparse path (score, top-k, re-rank, attend); route word 0.
+pub const ROUTE_SPARSE: u32 = 0;
+/// The launch belongs to the dense decode; route word 1.
+pub const ROUTE_DENSE: u32 = 1;
+/// The launch serves both paths (prologue, combine).
+pub const ROUTE_EITHER: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Workspace geometry.
@@ -63,12 +76,21 @@ pub const TOPK_HIST_STRIDE: usize = TOPK_HIST_BINS + 32;
 /// only) beyond 2 k': a threshold bin with more keys than that sends the row to the one-CTA
 /// select (decided on the device).
 pub const TOPK_CAND_EXTRA: usize = 8192;
-/// attend_dense: a candidate chunk spans at least this many ATTEND_SPLITs (512 positions):
-/// fewer partials for combine to merge, and a block prologue spread over more tiles.
-pub const DENSE_MIN_CHUNK_SPLITS: usize = 8;
+/// attend_dense: a candidate chunk spans at least this many positions (a multiple of
+/// DENSE_CHUNK_ALIGN): fewer partials for combine to merge, and a block prologue spread over
+/// more tiles.
+pub const DENSE_MIN_CHUNK: usize = 512;
+/// attend_dense: chunk sizes are multiples of this (the tensor-core path's four warps walk
+/// 16-position tiles).
+pub const DENSE_CHUNK_ALIGN: usize = 64;
+/// attend_dense: the largest chunk the tensor-core path's heavy-position bitmap covers; the
+/// grid has enough chunks that max_seq_len never needs a larger one.
+pub const DENSE_TC_MAX_CHUNK: usize = 2048;
+/// attend_dense: candidate chunks per (KV head, sequence) aim at this many blocks per SM in all.
+pub const DENSE_BLOCKS_PER_SM: usize = 4;
 /// combine: partial slots per (sequence, query head) its shared weight array holds.
 pub const COMBINE_MAX_SPLITS: usize = 2048;
-/// attend_dense: at most this many candidate chunks per sequence (the chunk grows instead), so
+/// attend_dense: at most this many candidate chunks per sequence (the chunks grow instead), so
 /// that dense splits + chunks stay within COMBINE_MAX_SPLITS.
 pub const MAX_DENSE_CHUNKS: usize = 512;
 

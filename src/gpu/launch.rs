@@ -382,47 +382,64 @@ impl GpuContext {
             return Ok(());
         };
         Self::selection_params(&mut p, sel)?;
+        self.topk_params(&mut p);
         self.current()?;
-        let kn = &self.inner.kernels;
-        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
-        let tiles = cfg.max_seq_len.div_ceil(SCORE_TILE);
-        let multi = match self.inner.topk {
-            TopkPath::Single => false,
+        let b = batch.table.batch;
+        if stages & SELECT_SCORE != 0 && p.topk_multi != 0 {
+            self.launch_prologue(cfg, &p, b, stream)?;
+        }
+        self.launch_select(stages, cfg, &p, b, stream)
+    }
+
+    /// The top-k path of this context: multi-CTA (with its candidate cap) or one CTA.
+    fn topk_params(&self, p: &mut SikvParams) {
+        p.topk_multi = match self.inner.topk {
+            TopkPath::Single => 0,
             TopkPath::Multi { cand_cap } => {
                 if let Some(c) = cand_cap {
                     p.cand_cap = p.cand_cap.min(c.max(1) as i32);
                 }
-                true
+                1
             }
         };
-        p.topk_multi = multi as i32;
+    }
+
+    /// Stage `prologue` (route.cu): zeroes the multi-CTA top-k histograms and counters the
+    /// score kernel adds into, and in a routed decode writes the route word.
+    fn launch_prologue(&self, cfg: &CacheConfig, p: &SikvParams, b: u32, stream: CUstream) -> Result<()> {
+        let mut pp = *p;
+        pp.route_as = ROUTE_EITHER as i32;
+        let grid = (cfg.num_kv_heads, b, 1);
+        self.launch(&self.inner.kernels.prologue, grid, PROLOGUE_THREADS, stream, &pp)
+    }
+
+    /// The score, top-k and re-rank launches of `select_stages` after the prologue.
+    fn launch_select(&self, stages: u32, cfg: &CacheConfig, p: &SikvParams, b: u32, stream: CUstream) -> Result<()> {
+        let kn = &self.inner.kernels;
+        let h = cfg.num_kv_heads;
+        let multi = p.topk_multi != 0;
         if stages & SELECT_SCORE != 0 {
-            if multi {
-                // The score kernel adds into the per-row histograms (and the final top-k kernel
-                // expects zero candidate counters): zero both on the stream.
-                let words = b as usize * h as usize * TOPK_HIST_STRIDE;
-                driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
-            }
-            self.launch(&kn.score, (tiles, h, b), SCORE_THREADS, stream, &p)?;
+            let tiles = cfg.max_seq_len.div_ceil(SCORE_TILE);
+            self.launch(&kn.score, (tiles, h, b), SCORE_THREADS, stream, p)?;
         }
         // SELECT_TOPK_FINAL: the final kernel keeps the candidate counter (p.mode = 1).
-        let mut pf = p;
+        let mut pf = *p;
         pf.mode = (stages & SELECT_TOPK_FINAL != 0) as i32;
         if stages & SELECT_TOPK != 0 {
             if multi {
                 let ctiles = cfg.max_seq_len.div_ceil(COMPACT_TILE);
-                self.launch(&kn.topk_compact, (ctiles, h, b), COMPACT_THREADS, stream, &p)?;
+                self.launch(&kn.topk_compact, (ctiles, h, b), COMPACT_THREADS, stream, p)?;
                 self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
             } else {
-                self.launch(&kn.topk_stage1, (h, b, 1), TOPK_THREADS, stream, &p)?;
+                self.launch(&kn.topk_stage1, (h, b, 1), TOPK_THREADS, stream, p)?;
             }
         } else if multi && stages & SELECT_TOPK_FINAL != 0 {
             self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
         }
         if cfg.two_stage() && stages & SELECT_RERANK != 0 {
             let grid = (cfg.stage1_max().div_ceil(RERANK_THREADS), h, b);
-            self.launch(&kn.rerank_score, grid, RERANK_THREADS, stream, &p)?;
-            self.launch(&kn.topk_stage2, (h, b, 1), TOPK_THREADS, stream, &p)?;
+            self.launch(&kn.rerank_score, grid, RERANK_THREADS, stream, p)?;
+            self.launch(&kn.topk_stage2, (h, b, 1), TOPK_THREADS, stream, p)?;
         }
         Ok(())
     }
@@ -448,12 +465,53 @@ impl GpuContext {
         Self::selection_params(&mut p, sel)?;
         dev_ptr(out, 16, "out")?;
         p.out = out;
-        p.num_splits = w.sparse_splits as i32;
         self.current()?;
-        let kn = &self.inner.kernels;
-        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
-        self.launch(&kn.attend, (w.sparse_splits as u32, h, b), ATTEND_THREADS, stream, &p)?;
-        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), COMBINE_THREADS, stream, &p)
+        let b = batch.table.batch;
+        self.launch_attend(cfg, &w, &mut p, b, stream)?;
+        self.launch(
+            &self.inner.kernels.combine,
+            (cfg.num_q_heads, b, 1),
+            COMBINE_THREADS,
+            stream,
+            &p,
+        )
+    }
+
+    /// The sparse attend's launch (its partials; combine follows).
+    fn launch_attend(
+        &self,
+        cfg: &CacheConfig,
+        w: &Workspace,
+        p: &mut SikvParams,
+        b: u32,
+        stream: CUstream,
+    ) -> Result<()> {
+        p.num_splits = w.sparse_splits as i32;
+        let grid = (w.sparse_splits as u32, cfg.num_kv_heads, b);
+        self.launch(&self.inner.kernels.attend, grid, ATTEND_THREADS, stream, p)
+    }
+
+    /// attend_dense's candidate chunks per sequence on this device (workspace::dense_chunks).
+    fn dense_chunks(&self, cfg: &CacheConfig, batch: u32) -> usize {
+        super::workspace::dense_chunks(cfg, self.inner.dev.sms.max(1) as u32, batch)
+    }
+
+    /// The dense decode's launch (its partials; combine follows).
+    fn launch_dense(
+        &self,
+        cfg: &CacheConfig,
+        w: &Workspace,
+        p: &mut SikvParams,
+        b: u32,
+        stream: CUstream,
+    ) -> Result<()> {
+        let chunks = self.dense_chunks(cfg, b);
+        p.num_splits = (w.dense_splits + chunks) as i32;
+        p.dense_splits = w.dense_splits as i32;
+        p.dense_chunks = chunks as i32;
+        p.mode = 1;
+        let grid = (p.num_splits as u32, cfg.num_kv_heads, b);
+        self.launch(&self.inner.kernels.attend_dense, grid, ATTEND_THREADS, stream, p)
     }
 
     /// Dense decode (cpu::attend_dense): every candidate dequantised plus the dense set, no
@@ -476,20 +534,67 @@ impl GpuContext {
         };
         dev_ptr(out, 16, "out")?;
         p.out = out;
-        p.num_splits = w.dense_total_splits as i32;
-        p.dense_splits = w.dense_splits as i32;
-        p.dense_chunk = w.dense_chunk as i32;
-        p.mode = 1;
         self.current()?;
-        let kn = &self.inner.kernels;
-        let (h, b) = (cfg.num_kv_heads, batch.table.batch);
+        let b = batch.table.batch;
+        self.launch_dense(cfg, &w, &mut p, b, stream)?;
         self.launch(
-            &kn.attend_dense,
-            (w.dense_total_splits as u32, h, b),
-            ATTEND_THREADS,
+            &self.inner.kernels.combine,
+            (cfg.num_q_heads, b, 1),
+            COMBINE_THREADS,
             stream,
             &p,
-        )?;
-        self.launch(&kn.combine, (cfg.num_q_heads, b, 1), COMBINE_THREADS, stream, &p)
+        )
+    }
+
+    /// Decode with the crossover decided on the device: select + attend, or the dense decode
+    /// when the call's live tokens (summed over its sequences) are at most `dense_max_tokens`.
+    /// For callers whose page table is on the device: the host cannot see the live lengths,
+    /// and a captured graph must follow them as they grow. Every stage of both paths is
+    /// launched; the prologue writes the route word and the launches of the other path return
+    /// at once. `sel` receives the selection when the sparse path runs. Hot path.
+    #[allow(clippy::too_many_arguments)] // attend's arguments plus the crossover
+    pub fn decode_routed(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        sel: DevSelection,
+        out: u64,
+        ws: DevWorkspace,
+        dense_max_tokens: u64,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.take_fault()?;
+        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
+            return Ok(());
+        };
+        Self::selection_params(&mut p, sel)?;
+        dev_ptr(out, 16, "out")?;
+        p.out = out;
+        self.topk_params(&mut p);
+        p.ws_route = ws.ptr + w.route as u64;
+        p.route_max_tokens = dense_max_tokens;
+        p.route_dense_splits = (w.dense_splits + self.dense_chunks(cfg, batch.table.batch)) as i32;
+        self.current()?;
+        let b = batch.table.batch;
+        self.launch_prologue(cfg, &p, b, stream)?;
+        let mut ps = p;
+        ps.route_as = ROUTE_SPARSE as i32;
+        self.launch_select(SELECT_ALL, cfg, &ps, b, stream)?;
+        self.launch_attend(cfg, &w, &mut ps, b, stream)?;
+        let mut pd = p;
+        pd.route_as = ROUTE_DENSE as i32;
+        self.launch_dense(cfg, &w, &mut pd, b, stream)?;
+        // combine: num_splits is the sparse path's, route_dense_splits the dense one's.
+        let mut pc = ps;
+        pc.route_as = ROUTE_EITHER as i32;
+        self.launch(
+            &self.inner.kernels.combine,
+            (cfg.num_q_heads, b, 1),
+            COMBINE_THREADS,
+            stream,
+            &pc,
+        )
     }
 }

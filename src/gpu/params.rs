@@ -69,6 +69,12 @@ pub struct SikvParams {
     /// u32 [B][H_kv][gtmap_stride]: multi-CTA top-k, bit per position of the keys above the
     /// threshold bin.
     pub ws_gtmap: u64,
+    /// u32: the route word of a routed decode (1: dense, 0: sparse), written by the prologue;
+    /// 0 (no address) when the launch is not part of a routed decode.
+    pub ws_route: u64,
+    /// Routed decode, prologue: the dense decode runs when the call's live tokens (summed
+    /// over its sequences) are at most this.
+    pub route_max_tokens: u64,
     /// u32 in mapped pinned host memory: FAULT_* bits ORed by kernels (geometry.rs).
     pub fault: u64,
 
@@ -131,14 +137,20 @@ pub struct SikvParams {
     pub num_splits: i32,
     /// attend_dense: splits over the dense entries.
     pub dense_splits: i32,
-    /// attend_dense: tokens per candidate chunk (multiple of ATTEND_SPLIT).
-    pub dense_chunk: i32,
+    /// attend_dense: candidate chunks per (KV head, sequence), the grid's blocks after the
+    /// dense splits; each sequence spreads its live candidates over them (dense_chunk_of).
+    pub dense_chunks: i32,
     /// Multi-CTA top-k: candidate slots per row.
     pub cand_cap: i32,
     /// 1: multi-CTA top-k (score builds the histogram); 0: one CTA.
     pub topk_multi: i32,
     /// Multi-CTA top-k: words per row of ws_gtmap (a whole number of compaction tiles).
     pub gtmap_stride: i32,
+    /// Routed decode: the path of this launch (ROUTE_SPARSE, ROUTE_DENSE, ROUTE_EITHER).
+    pub route_as: i32,
+    /// Routed decode, combine: the dense decode's partial slots per (sequence, query head)
+    /// (num_splits holds the sparse path's).
+    pub route_dense_splits: i32,
 }
 
 // Offsets and size that build.rs computed from the field list above and wrote into the
@@ -147,7 +159,7 @@ pub struct SikvParams {
 include!(concat!(env!("OUT_DIR"), "/sikv_params_asserts.rs"));
 
 /// `[sizeof, offsetof(ws_rank), offsetof(row_bytes), offsetof(off_dense_v),
-/// offsetof(budget_ratio), offsetof(softmax_scale), offsetof(dense_chunk)]` of the Rust struct,
+/// offsetof(budget_ratio), offsetof(softmax_scale), offsetof(dense_chunks)]` of the Rust struct,
 /// in the order `sikv_params_layout` writes them for the C one.
 pub fn layout_probe() -> [i32; 7] {
     let p = SikvParams::default();
@@ -160,7 +172,7 @@ pub fn layout_probe() -> [i32; 7] {
         off(&p.off_dense_v as *const i32 as usize),
         off(&p.budget_ratio as *const f32 as usize),
         off(&p.softmax_scale as *const f32 as usize),
-        off(&p.dense_chunk as *const i32 as usize),
+        off(&p.dense_chunks as *const i32 as usize),
     ]
 }
 

@@ -15,9 +15,11 @@
 //! | hist | u32 `[B][H_kv][TOPK_HIST_STRIDE]` | multi-CTA top-k: TOPK_HIST_BINS-bin histogram of the top key bits, candidate counter (zeroed by `select` before scoring) |
 //! | cand | u64 `[B][H_kv][cand_cap]` | multi-CTA top-k: the keys of the threshold bin, `key << 32 \| position` |
 //! | gtmap | u32 `[B][H_kv][gtmap_stride]` | multi-CTA top-k: one bit per position, set for the keys above the threshold bin (every word of a compaction tile rewritten by each call) |
+//! | route | u32 | routed decode: the path the prologue chose (1 dense, 0 sparse) |
 
 use super::geometry::{
-    COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_MIN_CHUNK_SPLITS, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_BLOCKS_PER_SM, DENSE_MIN_CHUNK, DENSE_TC_MAX_CHUNK, MAX_DENSE_CHUNKS,
+    TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -41,6 +43,7 @@ pub struct Workspace {
     pub hist: usize,
     pub cand: usize,
     pub gtmap: usize,
+    pub route: usize,
     pub total: usize,
     /// Candidate slots per row (multi-CTA top-k).
     pub cand_cap: usize,
@@ -50,10 +53,26 @@ pub struct Workspace {
     pub key_stride: usize,
     /// Partial slots per (sequence, query head) of the sparse attend: ceil((dense + k_max) / 64).
     pub sparse_splits: usize,
-    /// attend_dense: splits over the dense entries, candidate chunk size, total slots.
+    /// attend_dense: splits over the dense entries; partial slots per (sequence, query head)
+    /// for the most candidate chunks any device gets (the workspace's size).
     pub dense_splits: usize,
-    pub dense_chunk: usize,
     pub dense_total_splits: usize,
+}
+
+/// attend_dense: candidate chunks per (KV head, sequence) on a device of `sms` multiprocessors
+/// (the grid's blocks after the dense splits; the kernel sizes each sequence's chunks from its
+/// live length). Enough that no chunk exceeds DENSE_TC_MAX_CHUNK at max_seq_len, enough blocks
+/// to give every SM DENSE_BLOCKS_PER_SM at this batch, no more than chunks of DENSE_MIN_CHUNK
+/// cover max_seq_len (blocks past a sequence's candidates cost a launch each), and at most
+/// MAX_DENSE_CHUNKS.
+pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
+    let msl = cfg.max_seq_len as usize;
+    let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
+    let fill = (DENSE_BLOCKS_PER_SM * sms as usize).div_ceil(rows);
+    let most = msl.div_ceil(DENSE_MIN_CHUNK);
+    fill.max(msl.div_ceil(DENSE_TC_MAX_CHUNK))
+        .min(most)
+        .clamp(1, MAX_DENSE_CHUNKS)
 }
 
 impl Workspace {
@@ -76,13 +95,9 @@ impl Workspace {
         let cap = cfg.dense_capacity() as usize;
         let sparse_splits = (cap + cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
         let dense_splits = cap.div_ceil(ATTEND_SPLIT);
-        // At least DENSE_MIN_CHUNK_SPLITS list splits per chunk: each of a block's warps then
-        // walks a few 16-token tiles, enough to amortise the block's prologue.
-        let per = msl
-            .div_ceil(ATTEND_SPLIT * MAX_DENSE_CHUNKS)
-            .max(DENSE_MIN_CHUNK_SPLITS);
-        let dense_chunk = ATTEND_SPLIT * per;
-        let dense_total_splits = (dense_splits + msl.div_ceil(dense_chunk)).max(1);
+        // dense_chunks never exceeds this, whatever the device.
+        let chunks_max = msl.div_ceil(DENSE_MIN_CHUNK).clamp(1, MAX_DENSE_CHUNKS);
+        let dense_total_splits = dense_splits + chunks_max;
         let ns = sparse_splits.max(dense_total_splits);
         debug_assert!(
             ns <= COMBINE_MAX_SPLITS,
@@ -112,6 +127,7 @@ impl Workspace {
         let hist = take(4 * b * h * TOPK_HIST_STRIDE);
         let cand = take(8 * b * h * cand_cap);
         let gtmap = take(4 * b * h * gtmap_stride);
+        let route = take(4);
         Workspace {
             keys,
             list,
@@ -124,13 +140,13 @@ impl Workspace {
             hist,
             cand,
             gtmap,
+            route,
             total: off,
             cand_cap,
             gtmap_stride,
             key_stride,
             sparse_splits,
             dense_splits,
-            dense_chunk,
             dense_total_splits,
         }
     }

@@ -166,10 +166,15 @@ pub fn base_shape(dtype: u32, d: u32, hkv: u32, group: u32) -> Shape {
 }
 
 /// Output tolerance relative to each row's max |cpu|: about 10x the worst recorded on the H200
-/// (2026-12-02: f16 4.8e-4, bf16 3.7e-3).
+/// up to 64K tokens (2026-12-02: f16 4.8e-4, bf16 3.7e-3). Longer f16 configurations get 1e-2:
+/// the tensor-core paths round the dequantised keys to f16, so a logit's error grows with its
+/// magnitude, and over 139 000 random tokens the largest logits dominate their rows (worst
+/// measured 5.1e-3, attend_dense, seed 0xad61c996ef6c568d, 2026-12-03; 3.4e-3 for attend).
 pub fn tol(cfg: &CacheConfig) -> f32 {
     if cfg.dtype == Dtype::Bf16 {
         3e-2
+    } else if cfg.max_seq_len > 65_536 {
+        1e-2
     } else {
         5e-3
     }
