@@ -150,7 +150,9 @@ if [ -n "$SAN" ] && want sanitize; then
   echo "== compute-sanitizer, every tool over every GPU test binary (quick sizes)"
   t0=$SECONDS
   RC[sanitize]=0
-  # SANITIZE_TOOLS / SANITIZE_BINS (comma lists) narrow the matrix, e.g. to re-run one finding.
+  # SANITIZE_TOOLS / SANITIZE_BINS (comma lists) narrow the matrix, e.g. to re-run one finding;
+  # SANITIZE_SKIP (comma list of test names) leaves tests out; SANITIZE_RUN_TIMEOUT_S bounds
+  # each run (default 150 s).
   for tool in $(tr , " " <<<"${SANITIZE_TOOLS:-memcheck,initcheck,synccheck,racecheck}"); do
     for bin in $(tr , " " <<<"${SANITIZE_BINS:-gpu_tests,gpu_managed_tests,gpu_abi_tests,adversarial_tests,sharding_tests}"); do
       log="$OUT/san_${tool}_${bin}.log"
@@ -159,14 +161,15 @@ if [ -n "$SAN" ] && want sanitize; then
         RC[sanitize]=4
         continue
       fi
+      t1=$SECONDS
       SIKV_GPU_TEST_QUICK=1 timeout "${SANITIZE_RUN_TIMEOUT_S:-150}" "$SAN" --tool "$tool" --error-exitcode 3 ".gpu/$bin" \
         --skip nvrtc_compiles_embedded_sources --skip sticky_cuda_error_poisons_the_handle \
-        --skip create_beyond_device_memory_is_refused_cleanly \
+        --skip create_beyond_device_memory_is_refused_cleanly $(for t in $(tr , " " <<<"${SANITIZE_SKIP:-}"); do printf -- "--skip %s " "$t"; done) \
         --nocapture --test-threads=1 > "$log" 2>&1
       rc=$?
       summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
       result=$(grep -E "^test result" "$log" | tail -1)
-      printf "   %-10s %-18s rc=%-3s %s | %s\n" "$tool" "$bin" "$rc" "${summary:-no summary}" "${result:-no test result}"
+      printf "   %-10s %-18s rc=%-3s %4s s  %s | %s\n" "$tool" "$bin" "$rc" "$((SECONDS - t1))" "${summary:-no summary}" "${result:-no test result}"
       # rc 3: the tool found something; other non-zero codes are test failures (reported by
       # the tests step) unless the tool printed no summary at all.
       if [ "$rc" = "3" ] || [ -z "$summary" ]; then RC[sanitize]=3; fi

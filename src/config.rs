@@ -49,6 +49,15 @@ pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
 /// at 32K tokens per sequence faster for batches 1, 2 and 4 and slower at batch 8.
 pub const DENSE_AUTO_TOKENS: u64 = 98304;
 pub const DENSE_AUTO_TOKENS_PER_SEQ: u64 = 16384;
+/// The stateless decode applies the crossover to the live lengths of calls of up to this many
+/// sequences, and to `batch * max_seq_len` above it. On a GPU the live lengths are read on the
+/// device, so both paths are queued and the unchosen one's blocks return at once; their cost
+/// grows with the batch. On the H200 at max_seq_len 128K (docs/RESULTS.md, fifth session)
+/// choosing on the device made batches 1, 2 and 4 faster wherever dense won (8K tokens per
+/// sequence: 64 -> 38, 74 -> 47, 86 -> 70 µs) and cost about 4 % where sparse won (128K), while at
+/// batch 8 it never won (116 against 113 µs at 8K, 3-7 % slower at 32K-128K). The same rule on
+/// every device, so a CPU and a CUDA handle of one configuration take the same path.
+pub const LIVE_CROSSOVER_MAX_BATCH: u32 = 4;
 
 /// When attend takes the dense decode instead of selecting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,6 +1,8 @@
-//! The stateless decode's dense crossover on the CPU device: it applies to the live lengths of
-//! the call's sequences, not to `batch * max_seq_len` (an engine declares a long maximum and
-//! decodes shorter sequences). The GPU twin, with a captured graph, is in tests/gpu_abi.rs.
+//! The stateless decode's dense crossover on the CPU device: up to LIVE_CROSSOVER_MAX_BATCH
+//! sequences it applies to the live lengths of the call's sequences, not to
+//! `batch * max_seq_len` (an engine declares a long maximum and decodes shorter sequences);
+//! above that batch, to the declared bound. The GPU twin, with a captured graph, is in
+//! tests/gpu_abi.rs.
 
 use std::ffi::c_void;
 use std::mem::MaybeUninit;
@@ -31,7 +33,7 @@ fn vp(x: &[f32]) -> *const c_void {
     x.as_ptr() as *const c_void
 }
 
-fn config(crossover: u32) -> SikvConfig {
+fn config(crossover: u32, seqs: u32) -> SikvConfig {
     let mut c = MaybeUninit::<SikvConfig>::uninit();
     ok(sikv_config_init(c.as_mut_ptr(), SIKV_PROFILE_2_1), "config_init");
     let mut c = unsafe { c.assume_init() };
@@ -42,8 +44,8 @@ fn config(crossover: u32) -> SikvConfig {
     c.num_kv_heads = HK as u32;
     c.head_dim = D as u32;
     c.page_size = PAGE as u32;
-    c.max_seqs = 2;
-    c.max_batch = 2;
+    c.max_seqs = seqs;
+    c.max_batch = seqs;
     c.max_seq_len = MAX_LEN as u32;
     c.max_append_tokens = MAX_LEN as u32;
     c.n_sink = 2;
@@ -124,17 +126,17 @@ fn run(call: Call, k: &Kernels, pools: &SikvLayerPools, lens: &[usize], q: &[f32
     out
 }
 
-/// 70 tokens in the batch, a crossover of 100 and 2 x 256 declared: the dense decode. After
-/// 20 more tokens per sequence (110 > 100): the sparse decode.
-#[test]
-fn decode_crossover_follows_the_live_lengths() {
-    let seed = common::seed("decode_crossover_follows_the_live_lengths");
-    let mut rng = Rng(seed);
-    let cfg = config(100);
+/// Engine-owned host pools of one layer, `lens.len()` sequences calibrated with random tokens.
+struct Pools {
+    _planes: Vec<u64>,
+    _state: Vec<u64>,
+    pools: SikvLayerPools,
+}
+
+fn calibrated(k: &Kernels, cfg: &SikvConfig, rng: &mut Rng, lens: &[usize]) -> Pools {
     let mut layout = MaybeUninit::<SikvLayoutInfo>::uninit();
-    ok(sikv_query_layout(&cfg, layout.as_mut_ptr()), "query_layout");
+    ok(sikv_query_layout(cfg, layout.as_mut_ptr()), "query_layout");
     let layout = unsafe { layout.assume_init() };
-    let (routed, sparse) = (Kernels::new(&cfg), Kernels::new(&config(0)));
     let mut planes = vec![0u64; layout.layer_plane_bytes.div_ceil(8)];
     let mut state = vec![0u64; layout.layer_state_bytes.div_ceil(8)];
     let base = planes.as_mut_ptr() as *mut u8;
@@ -147,20 +149,15 @@ fn decode_crossover_follows_the_live_lengths() {
             pools.plane[p] = base.wrapping_add(layout.plane_offset[p]) as *mut c_void;
         }
     }
-    let mut lens = [40usize, 30];
     for (s, &n) in lens.iter().enumerate() {
         let sm: Vec<i64> = (0..n).map(|p| slot_of(s, p)).collect();
-        let (k, v, q) = (
-            acts(&mut rng, n * HK * D),
-            acts(&mut rng, n * HK * D),
-            acts(&mut rng, HQ * D),
-        );
+        let (kk, v, q) = (acts(rng, n * HK * D), acts(rng, n * HK * D), acts(rng, HQ * D));
         let st = sikv_kernel_calibrate(
-            routed.0,
+            k.0,
             &pools,
             s as u32,
             n as u32,
-            vp(&k),
+            vp(&kk),
             vp(&v),
             1,
             vp(&q),
@@ -171,10 +168,28 @@ fn decode_crossover_follows_the_live_lengths() {
         );
         ok(st, "calibrate");
     }
+    Pools {
+        _planes: planes,
+        _state: state,
+        pools,
+    }
+}
+
+/// 70 tokens in the batch, a crossover of 100 and 2 x 256 declared: the dense decode. After
+/// 20 more tokens per sequence (110 > 100): the sparse decode.
+#[test]
+fn decode_crossover_follows_the_live_lengths() {
+    let seed = common::seed("decode_crossover_follows_the_live_lengths");
+    let mut rng = Rng(seed);
+    let cfg = config(100, 2);
+    let (routed, sparse) = (Kernels::new(&cfg), Kernels::new(&config(0, 2)));
+    let mut lens = [40usize, 30];
+    let p = calibrated(&routed, &cfg, &mut rng, &lens);
+    let pools = &p.pools;
     let q = acts(&mut rng, 2 * HQ * D);
-    let dense = run(sikv_kernel_attend_dense, &routed, &pools, &lens, &q);
-    let picked = run(sikv_kernel_decode, &routed, &pools, &lens, &q);
-    let sel = run(sikv_kernel_decode, &sparse, &pools, &lens, &q);
+    let dense = run(sikv_kernel_attend_dense, &routed, pools, &lens, &q);
+    let picked = run(sikv_kernel_decode, &routed, pools, &lens, &q);
+    let sel = run(sikv_kernel_decode, &sparse, pools, &lens, &q);
     assert!(
         picked == dense,
         "seed {seed:#x}: 70 tokens, crossover 100: not the dense decode"
@@ -198,7 +213,7 @@ fn decode_crossover_follows_the_live_lengths() {
     let (k, v) = (acts(&mut rng, 2 * n * HK * D), acts(&mut rng, 2 * n * HK * D));
     let st = sikv_kernel_append(
         routed.0,
-        &pools,
+        pools,
         (2 * n) as u32,
         vp(&k),
         vp(&v),
@@ -208,9 +223,9 @@ fn decode_crossover_follows_the_live_lengths() {
         null_mut(),
     );
     ok(st, "append");
-    let dense = run(sikv_kernel_attend_dense, &routed, &pools, &lens, &q);
-    let picked = run(sikv_kernel_decode, &routed, &pools, &lens, &q);
-    let sel = run(sikv_kernel_decode, &sparse, &pools, &lens, &q);
+    let dense = run(sikv_kernel_attend_dense, &routed, pools, &lens, &q);
+    let picked = run(sikv_kernel_decode, &routed, pools, &lens, &q);
+    let sel = run(sikv_kernel_decode, &sparse, pools, &lens, &q);
     assert!(
         picked == sel,
         "seed {seed:#x}: 110 tokens, crossover 100: not the sparse decode"
@@ -219,5 +234,36 @@ fn decode_crossover_follows_the_live_lengths() {
         picked != dense,
         "seed {seed:#x}: 110 tokens, crossover 100: still the dense decode"
     );
-    drop(state);
+}
+
+/// Above LIVE_CROSSOVER_MAX_BATCH sequences the declared bound decides: 5 x 30 tokens under a
+/// crossover of 200 (live tokens below it, 5 x 256 declared above it) is the sparse decode; with
+/// a crossover at the declared bound, the dense one.
+#[test]
+fn above_the_live_crossover_batch_the_declared_bound_decides() {
+    let seed = common::seed("above_the_live_crossover_batch_the_declared_bound_decides");
+    let mut rng = Rng(seed);
+    let b = LIVE_CROSSOVER_MAX_BATCH as usize + 1;
+    let cfg = config(200, b as u32);
+    let (bounded, sparse) = (Kernels::new(&cfg), Kernels::new(&config(0, b as u32)));
+    let all = Kernels::new(&config((b * MAX_LEN) as u32, b as u32));
+    let lens = vec![30usize; b];
+    let p = calibrated(&bounded, &cfg, &mut rng, &lens);
+    let q = acts(&mut rng, b * HQ * D);
+    let dense = run(sikv_kernel_attend_dense, &bounded, &p.pools, &lens, &q);
+    let picked = run(sikv_kernel_decode, &bounded, &p.pools, &lens, &q);
+    let sel = run(sikv_kernel_decode, &sparse, &p.pools, &lens, &q);
+    assert!(
+        sel != dense,
+        "seed {seed:#x}: sparse == dense; the check proves nothing"
+    );
+    assert!(
+        picked == sel,
+        "seed {seed:#x}: batch {b}, 150 live tokens, crossover 200: not the sparse decode"
+    );
+    let at_bound = run(sikv_kernel_decode, &all, &p.pools, &lens, &q);
+    assert!(
+        at_bound == dense,
+        "seed {seed:#x}: crossover = batch x max_seq_len: not the dense decode"
+    );
 }

@@ -1,6 +1,6 @@
 //! The CPU implementation of the executor: host descriptors into the CPU stages.
 
-use super::{Batch, DecodePath, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table};
+use super::{Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Route, Selected, Table};
 use crate::cpu::{self, PageTable};
 use crate::ensure;
 use crate::numeric;
@@ -137,16 +137,16 @@ pub(super) fn attend(ex: &Executor, pools: LayerView, b: &Batch, sel: Selected, 
     Ok(())
 }
 
-pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, path: DecodePath, out: MemMut<u8>) -> Result<()> {
+pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, route: Route, out: MemMut<u8>) -> Result<()> {
     let c = &ex.cfg;
     let (t, ss, q) = host_batch(ex, b)?;
-    let dense = match path {
-        DecodePath::Sparse => false,
-        DecodePath::Dense => true,
-        DecodePath::Crossover => {
+    let dense = match route {
+        Route::Sparse => false,
+        Route::Dense => true,
+        Route::Live(most) => {
             t.validate(&ex.layout, c)?;
             let tokens: u64 = (0..t.batch()).map(|i| t.seq_len(i, c.page_size as usize) as u64).sum();
-            c.dense_crossover.dense(t.batch() as u32, tokens)
+            tokens <= most
         }
     };
     if dense {

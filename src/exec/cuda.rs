@@ -2,7 +2,7 @@
 //! [`crate::gpu::GpuContext`], which check pointers, alignment and workspace size.
 
 use super::{
-    Batch, DecodePath, Executor, LayerPools, LayerView, MemMut, NewTokens, Prompt, Selected, Stream, Table, Workspace,
+    Batch, Executor, LayerPools, LayerView, MemMut, NewTokens, Prompt, Route, Selected, Stream, Table, Workspace,
 };
 use crate::ensure;
 use crate::gpu::{DevBatch, DevLayer, DevPrompt, DevSelection, DevTokens, DevWorkspace, GpuContext};
@@ -132,7 +132,7 @@ pub(super) fn decode(
     g: &GpuContext,
     pools: LayerView,
     b: &Batch,
-    path: DecodePath,
+    route: Route,
     out: MemMut<u8>,
     ws: Workspace,
     stream: Stream,
@@ -155,7 +155,6 @@ pub(super) fn decode(
     let batch = device_batch(b)?;
     let out = out.device("out")?;
     let (cfg, lay) = (&ex.cfg, &ex.layout);
-    let n = b.table.batch();
     let sel = DevSelection {
         indices: ws.ptr + need.indices as u64,
         counts: ws.ptr + need.counts as u64,
@@ -167,16 +166,10 @@ pub(super) fn decode(
         })
     };
     let dense = || g.attend_dense(cfg, lay, &layer, &batch, out, stage_ws, stream);
-    match path {
-        DecodePath::Sparse => sparse(),
-        DecodePath::Dense => dense(),
-        // By the declared bounds where they settle it (nothing of the other path launched),
-        // else by the live lengths, on the device.
-        DecodePath::Crossover => match cfg.dense_crossover.max_tokens(n) {
-            None => sparse(),
-            Some(m) if n as u64 * cfg.max_seq_len as u64 <= m => dense(),
-            Some(m) => g.decode_routed(cfg, lay, &layer, &batch, sel, out, stage_ws, m, stream),
-        },
+    match route {
+        Route::Sparse => sparse(),
+        Route::Dense => dense(),
+        Route::Live(most) => g.decode_routed(cfg, lay, &layer, &batch, sel, out, stage_ws, most, stream),
     }
 }
 

@@ -22,7 +22,7 @@ mod cuda;
 
 pub use desc::{Batch, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table, Workspace};
 
-use crate::config::{CacheConfig, Device};
+use crate::config::{CacheConfig, Device, LIVE_CROSSOVER_MAX_BATCH};
 use crate::ensure;
 use crate::gpu::GpuContext;
 use crate::layout::Layout;
@@ -52,10 +52,21 @@ pub enum DecodePath {
     Sparse,
     /// The dense decode (every stored token).
     Dense,
-    /// The configuration's crossover applied to the live lengths of the call's sequences. A
-    /// page table in device memory is read on the device (the launches of both paths are
-    /// queued, the unchosen ones return at once), so a captured graph follows the lengths.
+    /// The configuration's crossover: by `batch * max_seq_len` where that settles it or the
+    /// batch exceeds LIVE_CROSSOVER_MAX_BATCH, else by the live lengths of the call's
+    /// sequences. A page table in device memory is then read on the device (the launches of
+    /// both paths are queued, the unchosen ones return at once), so a captured graph follows
+    /// the lengths.
     Crossover,
+}
+
+/// A decode's path once the declared bounds have been applied ([`Executor::decode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Sparse,
+    Dense,
+    /// Dense when the call's live tokens, summed over its sequences, are at most this.
+    Live(u64),
 }
 
 pub struct Executor {
@@ -246,9 +257,20 @@ impl Executor {
         stream: Stream,
     ) -> Result<()> {
         self.check_batch(b)?;
+        let n = b.table.batch();
+        let route = match path {
+            DecodePath::Sparse => Route::Sparse,
+            DecodePath::Dense => Route::Dense,
+            DecodePath::Crossover => match self.cfg.dense_crossover.max_tokens(n) {
+                None => Route::Sparse,
+                Some(m) if n as u64 * self.cfg.max_seq_len as u64 <= m => Route::Dense,
+                Some(_) if n > LIVE_CROSSOVER_MAX_BATCH => Route::Sparse,
+                Some(m) => Route::Live(m),
+            },
+        };
         match &self.imp {
-            Imp::Cpu => cpu::decode(self, pools, b, path, out),
-            Imp::Cuda(g) => cuda::decode(self, g, pools, b, path, out, ws, stream),
+            Imp::Cpu => cpu::decode(self, pools, b, route, out),
+            Imp::Cuda(g) => cuda::decode(self, g, pools, b, route, out, ws, stream),
         }
     }
 
