@@ -181,10 +181,12 @@ typedef struct SikvConfig {
   // Softmax temperature; 0 = 1/sqrt(head_dim).
   float softmax_scale;
   // Dense-decode crossover in tokens summed over a call's sequences: an attend whose
-  // sequences hold at most this many tokens together (for the stateless decode: batch times
-  // max_seq_len, from declared bounds) runs the dense decode over every token instead of
-  // selecting. 0 = never; SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured
-  // break-even, 98304 tokens plus 16384 per sequence after the first.
+  // sequences hold at most this many tokens together runs the dense decode over every token
+  // instead of selecting. The stateless decode applies it to the live lengths (read on the
+  // device for a device page table, so a captured graph follows them) for calls of up to 4
+  // sequences, and to batch times max_seq_len above that. 0 = never;
+  // SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even, 98304
+  // tokens plus 16384 per sequence after the first.
   uint32_t dense_crossover;
 } SikvConfig;
 
@@ -396,8 +398,11 @@ enum SikvStatus sikv_kernel_reset_slot(const struct SikvKernels *kernels, const 
 
 // Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
 // accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
-// When the batch times `max_seq_len` is within the dense crossover it runs the dense decode
-// instead (decided from declared bounds, so a captured graph stays valid).
+// The dense crossover: the dense decode when the batch times `max_seq_len` is within it; else
+// the sparse decode when the crossover is off or the call has more than 4 sequences; else
+// whichever the live lengths of the call's sequences give, decided on the device for a device
+// page table (both paths are queued and the unchosen one returns at once), so a captured
+// graph follows the lengths as they grow.
 enum SikvStatus sikv_kernel_decode(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
 
 // The library version and how its kernels were built, e.g.

@@ -1,10 +1,9 @@
-// Stage `prologue` of select and of a routed decode (src/gpu/launch.rs).
+// Stage `prologue` of a routed decode (src/gpu/launch.rs decode_routed).
 //
 // 1. The multi-CTA top-k's histograms and candidate counters start at zero: each block zeroes
-//    its row (the score kernel adds into it, the final select expects a zero counter). A kernel
-//    rather than a memset node, so that the score kernel that follows it is launched early
-//    (programmatic dependent launch) like every other stage.
-// 2. A routed decode (ws_route set): the page table lives on the device, so the host cannot
+//    its row (the score kernel adds into it, the final select expects a zero counter), as the
+//    memset of a plain select does; one node instead of two.
+// 2. The route (ws_route set): the page table lives on the device, so the host cannot
 //    apply the dense crossover to the live lengths (it knows only max_seq_len, and a captured
 //    CUDA graph must stay valid when the lengths grow). Block (0, 0) sums the live lengths
 //    (cpu::Crossover's rule: dense when the sum is at most route_max_tokens) and writes the

@@ -160,10 +160,12 @@ pub struct SikvConfig {
     /// Softmax temperature; 0 = 1/sqrt(head_dim).
     pub softmax_scale: f32,
     /// Dense-decode crossover in tokens summed over a call's sequences: an attend whose
-    /// sequences hold at most this many tokens together (for the stateless decode: batch times
-    /// max_seq_len, from declared bounds) runs the dense decode over every token instead of
-    /// selecting. 0 = never; SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured
-    /// break-even, 98304 tokens plus 16384 per sequence after the first.
+    /// sequences hold at most this many tokens together runs the dense decode over every token
+    /// instead of selecting. The stateless decode applies it to the live lengths (read on the
+    /// device for a device page table, so a captured graph follows them) for calls of up to 4
+    /// sequences, and to batch times max_seq_len above that. 0 = never;
+    /// SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even, 98304
+    /// tokens plus 16384 per sequence after the first.
     pub dense_crossover: u32,
 }
 

@@ -487,10 +487,11 @@ pub extern "C" fn sikv_kernel_reset_slot(
 
 /// Select + attend in one call, the selection kept in the workspace (`sikv_workspace_size`
 /// accounts for it): what a decode step needs per layer, and what a CUDA graph captures.
-/// The dense crossover applies to the live lengths of the call's sequences: on a device it is
-/// decided on the device (both paths are queued and the unchosen one returns at once), so a
-/// captured graph follows the lengths as they grow; when the batch times `max_seq_len` is
-/// within the crossover, or the crossover is off, only the one path is queued.
+/// The dense crossover: the dense decode when the batch times `max_seq_len` is within it; else
+/// the sparse decode when the crossover is off or the call has more than 4 sequences; else
+/// whichever the live lengths of the call's sequences give, decided on the device for a device
+/// page table (both paths are queued and the unchosen one returns at once), so a captured
+/// graph follows the lengths as they grow.
 #[no_mangle]
 pub extern "C" fn sikv_kernel_decode(
     kernels: *const SikvKernels,

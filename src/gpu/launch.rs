@@ -386,7 +386,12 @@ impl GpuContext {
         self.current()?;
         let b = batch.table.batch;
         if stages & SELECT_SCORE != 0 && p.topk_multi != 0 {
-            self.launch_prologue(cfg, &p, b, stream)?;
+            // The score kernel adds into the per-row histograms (and the final top-k kernel
+            // expects zero candidate counters): zero both on the stream. A memset rather than
+            // the prologue kernel: on the H200 the prologue in its place made the select chain
+            // 3.6 µs slower at 128K, batch 1 (RESULTS.md, fifth session).
+            let words = b as usize * cfg.num_kv_heads as usize * TOPK_HIST_STRIDE;
+            driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
         }
         self.launch_select(stages, cfg, &p, b, stream)
     }
@@ -404,8 +409,8 @@ impl GpuContext {
         };
     }
 
-    /// Stage `prologue` (route.cu): zeroes the multi-CTA top-k histograms and counters the
-    /// score kernel adds into, and in a routed decode writes the route word.
+    /// Stage `prologue` of a routed decode (route.cu): writes the route word and zeroes the
+    /// multi-CTA top-k histograms and counters the score kernel adds into (one node for both).
     fn launch_prologue(&self, cfg: &CacheConfig, p: &SikvParams, b: u32, stream: CUstream) -> Result<()> {
         let mut pp = *p;
         pp.route_as = ROUTE_EITHER as i32;
