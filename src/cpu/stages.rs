@@ -346,6 +346,88 @@ pub fn append(
     Ok(())
 }
 
+/// Stage-1 score (+ re-rank) of one (sequence, KV head) for the group-mean query `qbar`: the
+/// selected positions among the candidates of a sequence of length `len` that lie below
+/// `limit` (a query row's causal bound; `len` for a decode row).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn select_head(
+    layout: &Layout,
+    cfg: &CacheConfig,
+    layer: &LayerRef,
+    table: &PageTable,
+    b: usize,
+    slot: usize,
+    h: usize,
+    len: usize,
+    limit: usize,
+    qbar: &[f32],
+) -> Vec<u32> {
+    let d = cfg.head_dim as usize;
+    let p_sz = layout.page_size;
+    let storage = cfg.dtype.storage();
+    let st = layout.state;
+    let rec = record(layout, layer.state, slot, h);
+    let prompt_len = meta_word(layout, rec, META_PROMPT_LEN).max(0) as usize;
+    let mut cands = expected_candidates(cfg, &dense_pos_of(layout, rec), len);
+    cands.retain(|&p| (p as usize) < limit);
+    let forced = |p: u32| cfg.force_generated && p as usize >= prompt_len;
+    let sign_row = |p: u32| {
+        let (page, s) = table.locate(b, p as usize, p_sz);
+        let off = layout.row_offset(SIKV_PLANE_SIGN, page, h, s);
+        &layer.planes[SIKV_PLANE_SIGN][off..off + layout.format.row_bytes[SIKV_PLANE_SIGN]]
+    };
+    let scores: Vec<f32> = match cfg.selector {
+        Selector::Lut => {
+            let lut = build_lut(&f32s(rec, st.codebook, st.codebook_len()), qbar);
+            cands
+                .iter()
+                .map(|&p| {
+                    if forced(p) {
+                        f32::INFINITY
+                    } else {
+                        lut_score(&lut, sign_row(p))
+                    }
+                })
+                .collect()
+        }
+        Selector::SignSign => {
+            let qmed = f32s(rec, st.qmed, d);
+            cands
+                .iter()
+                .map(|&p| {
+                    if forced(p) {
+                        f32::INFINITY
+                    } else {
+                        sign_sign_score(sign_row(p), qbar, &qmed)
+                    }
+                })
+                .collect()
+        }
+    };
+    let k = cfg.budget.k_for(cands.len() as u32) as usize;
+    if !cfg.two_stage() {
+        return topk(&scores, &cands, k);
+    }
+    let k1 = cands.len().min(cfg.rerank_factor as usize * k);
+    let stage1 = topk(&scores, &cands, k1);
+    let scale = f32s(rec, st.scale, d);
+    let mut key = vec![0f32; d];
+    let s2: Vec<f32> = stage1
+        .iter()
+        .map(|&p| {
+            if forced(p) {
+                f32::INFINITY
+            } else {
+                let (page, s) = table.locate(b, p as usize, p_sz);
+                let rows = rows_ref(layout, &layer.planes, page, h, s);
+                decode_key_into(&layout.format, storage, &rows, &scale, &mut key);
+                rerank_score(qbar, &key)
+            }
+        })
+        .collect();
+    topk(&s2, &stage1, k)
+}
+
 /// Selection for a batch: `score` (+ `topk`, + `rerank` when two-stage) per (sequence, KV
 /// head). `q`: `B x H_q x d`. Writes `indices[(b*H_kv + h)*budget_max ..]` (positions,
 /// ascending; the rest of the row set to -1) and `counts[b*H_kv + h]`.
@@ -362,11 +444,8 @@ pub fn select(
 ) -> Result<()> {
     let d = cfg.head_dim as usize;
     let hkv = cfg.num_kv_heads as usize;
-    let hq = cfg.num_q_heads as usize;
-    let g = cfg.group_size() as usize;
     let kmax = cfg.budget.max as usize;
     let p_sz = layout.page_size;
-    let storage = cfg.dtype.storage();
     check_pools_ref(layout, layer)?;
     let slots = check_batch(layout, cfg, layer.state, table, seq_slot, q)?;
     let b_n = table.batch();
@@ -384,72 +463,11 @@ pub fn select(
         counts.len(),
         b_n * hkv
     );
-
-    let st = layout.state;
     for (b, &slot) in slots.iter().enumerate() {
         let len = table.seq_len(b, p_sz);
         for h in 0..hkv {
-            let rec = record(layout, layer.state, slot, h);
-            let prompt_len = meta_word(layout, rec, META_PROMPT_LEN).max(0) as usize;
-            let cands = expected_candidates(cfg, &dense_pos_of(layout, rec), len);
-            let qbar = group_mean_query(&q[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d], d);
-            let forced = |p: u32| cfg.force_generated && p as usize >= prompt_len;
-            let sign_row = |p: u32| {
-                let (page, s) = table.locate(b, p as usize, p_sz);
-                let off = layout.row_offset(SIKV_PLANE_SIGN, page, h, s);
-                &layer.planes[SIKV_PLANE_SIGN][off..off + layout.format.row_bytes[SIKV_PLANE_SIGN]]
-            };
-            let scores: Vec<f32> = match cfg.selector {
-                Selector::Lut => {
-                    let lut = build_lut(&f32s(rec, st.codebook, st.codebook_len()), &qbar);
-                    cands
-                        .iter()
-                        .map(|&p| {
-                            if forced(p) {
-                                f32::INFINITY
-                            } else {
-                                lut_score(&lut, sign_row(p))
-                            }
-                        })
-                        .collect()
-                }
-                Selector::SignSign => {
-                    let qmed = f32s(rec, st.qmed, d);
-                    cands
-                        .iter()
-                        .map(|&p| {
-                            if forced(p) {
-                                f32::INFINITY
-                            } else {
-                                sign_sign_score(sign_row(p), &qbar, &qmed)
-                            }
-                        })
-                        .collect()
-                }
-            };
-            let k = cfg.budget.k_for(cands.len() as u32) as usize;
-            let chosen = if cfg.two_stage() {
-                let k1 = cands.len().min(cfg.rerank_factor as usize * k);
-                let stage1 = topk(&scores, &cands, k1);
-                let scale = f32s(rec, st.scale, d);
-                let mut key = vec![0f32; d];
-                let s2: Vec<f32> = stage1
-                    .iter()
-                    .map(|&p| {
-                        if forced(p) {
-                            f32::INFINITY
-                        } else {
-                            let (page, s) = table.locate(b, p as usize, p_sz);
-                            let rows = rows_ref(layout, &layer.planes, page, h, s);
-                            decode_key_into(&layout.format, storage, &rows, &scale, &mut key);
-                            rerank_score(&qbar, &key)
-                        }
-                    })
-                    .collect();
-                topk(&s2, &stage1, k)
-            } else {
-                topk(&scores, &cands, k)
-            };
+            let qbar = group_mean_query(&q[group_rows(cfg, b, h)], d);
+            let chosen = select_head(layout, cfg, layer, table, b, slot, h, len, len, &qbar);
             let row = &mut indices[(b * hkv + h) * kmax..(b * hkv + h + 1) * kmax];
             row.fill(-1);
             for (o, &p) in row.iter_mut().zip(&chosen) {
@@ -461,9 +479,11 @@ pub fn select(
     Ok(())
 }
 
-/// Attends one (sequence, KV head): dense entries, then `selected` decoded from the planes.
+/// Attends one (sequence, KV head) for its G query heads `qs` (G x d): the dense entries of a
+/// sequence of length `len` below `limit` (a query row's causal bound; `len` for a decode row),
+/// then `selected` decoded from the planes. Returns G x d.
 #[allow(clippy::too_many_arguments)]
-fn attend_head(
+pub(super) fn attend_head(
     layout: &Layout,
     cfg: &CacheConfig,
     layer: &LayerRef,
@@ -472,20 +492,21 @@ fn attend_head(
     slot: usize,
     h: usize,
     len: usize,
+    limit: usize,
     selected: &[u32],
-    q: &[f32],
-    out: &mut [f32],
-) {
+    qs: &[f32],
+) -> Vec<f32> {
     let d = cfg.head_dim as usize;
-    let hq = cfg.num_q_heads as usize;
-    let g = cfg.group_size() as usize;
     let storage = cfg.dtype.storage();
     let st = layout.state;
     let rec = record(layout, layer.state, slot, h);
     let dense_pos = dense_pos_of(layout, rec);
     let mut keys = Vec::new();
     let mut values = Vec::new();
-    for (i, _) in dense_entries(cfg, &dense_pos, len) {
+    for (i, _) in dense_entries(cfg, &dense_pos, len)
+        .into_iter()
+        .filter(|&(_, p)| p < limit)
+    {
         keys.push(dense_row(layout, storage, rec, st.dense_k, i));
         values.push(dense_row(layout, storage, rec, st.dense_v, i));
     }
@@ -496,9 +517,17 @@ fn attend_head(
         keys.push(decode_key(&layout.format, storage, &rows, &scale));
         values.push(decode_value(&layout.format, storage, &rows));
     }
-    let qs = &q[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d];
-    let o = attend_group(qs, d, cfg.softmax_scale, &keys, &values);
-    out[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d].copy_from_slice(&o);
+    attend_group(qs, d, cfg.softmax_scale, &keys, &values)
+}
+
+/// The G query heads of KV head `h` in query row `r` of `q` (rows x H_q x d).
+pub(super) fn group_rows(cfg: &CacheConfig, r: usize, h: usize) -> std::ops::Range<usize> {
+    let (d, hq, g) = (
+        cfg.head_dim as usize,
+        cfg.num_q_heads as usize,
+        cfg.group_size() as usize,
+    );
+    (r * hq + h * g) * d..(r * hq + (h + 1) * g) * d
 }
 
 fn check_out(cfg: &CacheConfig, b_n: usize, out: &[f32]) -> Result<()> {
@@ -575,7 +604,9 @@ pub fn attend(
                 .iter()
                 .map(|&p| p as u32)
                 .collect();
-            attend_head(layout, cfg, layer, table, b, slot, h, len, &sel, q, out);
+            let at = group_rows(cfg, b, h);
+            let o = attend_head(layout, cfg, layer, table, b, slot, h, len, len, &sel, &q[at.clone()]);
+            out[at].copy_from_slice(&o);
         }
     }
     Ok(())
@@ -602,7 +633,9 @@ pub fn attend_dense(
         for h in 0..hkv {
             let rec = record(layout, layer.state, slot, h);
             let cands = expected_candidates(cfg, &dense_pos_of(layout, rec), len);
-            attend_head(layout, cfg, layer, table, b, slot, h, len, &cands, q, out);
+            let at = group_rows(cfg, b, h);
+            let o = attend_head(layout, cfg, layer, table, b, slot, h, len, len, &cands, &q[at.clone()]);
+            out[at].copy_from_slice(&o);
         }
     }
     Ok(())
