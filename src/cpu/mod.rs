@@ -10,15 +10,18 @@
 //!
 //! Files: `table` the CSR page table and its validation, `pools` the layer's pools and
 //! their plane rows, `state` the per-sequence state records and the geometry derived from
-//! them, `stages` the stage entry points (calibrate, append, select, attend, attend_dense).
+//! them, `stages` the stage entry points (calibrate, append, select, attend, attend_dense),
+//! `rows` select and attend for several query rows per sequence.
 //! Everything public is re-exported here, so callers name `crate::cpu::*`.
 
 mod pools;
+pub mod rows;
 pub mod stages;
 mod state;
 mod table;
 
 pub use pools::{LayerMut, LayerRef};
+pub use rows::{attend_rows, select_rows, RowSelection, MAX_QUERY_ROWS};
 pub use stages::*;
 pub use state::{expected_candidates, read_state, reset_sequence, StateRecord};
 pub use table::PageTable;

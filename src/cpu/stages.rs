@@ -51,13 +51,16 @@ fn check_seq_slot(cfg: &CacheConfig, name: &str, slot: i64) -> Result<usize> {
 }
 
 /// Validates what select / attend share; returns the sequence slots.
-fn check_batch(
+/// Checks a batch's page table, slots (in range, calibrated) and `q` (`q_rows` x H_q x d: one
+/// row per sequence for a decode call); returns the slots.
+pub(super) fn check_batch_rows(
     layout: &Layout,
     cfg: &CacheConfig,
     state: &[u8],
     table: &PageTable,
     seq_slot: &[i32],
     q: &[f32],
+    q_rows: usize,
 ) -> Result<Vec<usize>> {
     table.validate(layout, cfg)?;
     let b = table.batch();
@@ -67,12 +70,13 @@ fn check_batch(
         "seq_slot has {} entries, the page table has batch {b}",
         seq_slot.len()
     );
-    let want = b * (cfg.num_q_heads * cfg.head_dim) as usize;
+    let want = q_rows * (cfg.num_q_heads * cfg.head_dim) as usize;
     ensure!(
         q.len() == want,
         SIKV_ERR_INVALID_ARGUMENT,
-        "q has {} floats, expected batch x num_q_heads x head_dim = {want}",
-        q.len()
+        "q has {} floats, expected {} x num_q_heads x head_dim = {want}",
+        q.len(),
+        if q_rows == b { "batch" } else { "query rows" }
     );
     let mut slots = Vec::with_capacity(b);
     for (i, &s) in seq_slot.iter().enumerate() {
@@ -81,6 +85,17 @@ fn check_batch(
         slots.push(s);
     }
     Ok(slots)
+}
+
+fn check_batch(
+    layout: &Layout,
+    cfg: &CacheConfig,
+    state: &[u8],
+    table: &PageTable,
+    seq_slot: &[i32],
+    q: &[f32],
+) -> Result<Vec<usize>> {
+    check_batch_rows(layout, cfg, state, table, seq_slot, q, table.batch())
 }
 
 // ---------------------------------------------------------------------------------------------
