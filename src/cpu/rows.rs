@@ -18,7 +18,7 @@
 //! `R x H_kv`, with R = the sum of `rows` and sequence b's rows after those of b - 1.
 
 use super::pools::{check_pools_ref, LayerRef};
-use super::stages::{attend_head, check_batch_rows, group_rows, select_head};
+use super::stages::{attend_head, check_batch_rows, check_selection_row, group_rows, select_head};
 use super::table::PageTable;
 use crate::config::CacheConfig;
 use crate::ensure;
@@ -187,22 +187,9 @@ pub fn attend_rows(
         for r in 0..n {
             let at = bound(len, n, r);
             for h in 0..hkv {
-                let i = (starts[b] + r) * hkv + h;
-                let c = counts[i];
-                ensure!(
-                    c >= 0 && c as usize <= kmax,
-                    SIKV_ERR_OUT_OF_BOUNDS,
-                    "counts[{i}] = {c} is outside 0..=budget_max ({kmax})"
-                );
-                for j in 0..c as usize {
-                    let p = indices[i * kmax + j];
-                    ensure!(
-                        p >= 0 && (p as usize) < at,
-                        SIKV_ERR_OUT_OF_BOUNDS,
-                        "indices[{}] = {p} is outside 0..{at}, the causal bound of row {r} of sequence {b}",
-                        i * kmax + j
-                    );
-                }
+                check_selection_row(indices, counts, (starts[b] + r) * hkv + h, kmax, at, || {
+                    format!("0..{at}, the causal bound of row {r} of sequence {b}")
+                })?;
             }
         }
     }

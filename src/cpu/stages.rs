@@ -545,6 +545,33 @@ pub(super) fn group_rows(cfg: &CacheConfig, r: usize, h: usize) -> std::ops::Ran
     (r * hq + h * g) * d..(r * hq + (h + 1) * g) * d
 }
 
+/// Checks selection row `i`: its count in 0..=kmax, its positions below `bound` (`range` names
+/// the allowed range in the message).
+pub(super) fn check_selection_row(
+    indices: &[i32],
+    counts: &[i32],
+    i: usize,
+    kmax: usize,
+    bound: usize,
+    range: impl Fn() -> String,
+) -> Result<()> {
+    let c = counts[i];
+    ensure!(
+        c >= 0 && c as usize <= kmax,
+        SIKV_ERR_OUT_OF_BOUNDS,
+        "counts[{i}] = {c} is outside 0..=budget_max ({kmax})"
+    );
+    for (j, &p) in indices.iter().enumerate().skip(i * kmax).take(c as usize) {
+        ensure!(
+            p >= 0 && (p as usize) < bound,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "indices[{j}] = {p} is outside {}",
+            range()
+        );
+    }
+    Ok(())
+}
+
 fn check_out(cfg: &CacheConfig, b_n: usize, out: &[f32]) -> Result<()> {
     let want = b_n * (cfg.num_q_heads * cfg.head_dim) as usize;
     ensure!(
@@ -593,22 +620,9 @@ pub fn attend(
     for b in 0..b_n {
         let len = table.seq_len(b, layout.page_size);
         for h in 0..hkv {
-            let i = b * hkv + h;
-            let c = counts[i];
-            ensure!(
-                c >= 0 && c as usize <= kmax,
-                SIKV_ERR_OUT_OF_BOUNDS,
-                "counts[{i}] = {c} is outside 0..=budget_max ({kmax})"
-            );
-            for j in 0..c as usize {
-                let p = indices[i * kmax + j];
-                ensure!(
-                    p >= 0 && (p as usize) < len,
-                    SIKV_ERR_OUT_OF_BOUNDS,
-                    "indices[{}] = {p} is outside 0..len ({len}) of sequence {b}",
-                    i * kmax + j
-                );
-            }
+            check_selection_row(indices, counts, b * hkv + h, kmax, len, || {
+                format!("0..len ({len}) of sequence {b}")
+            })?;
         }
     }
     for (b, &slot) in slots.iter().enumerate() {
