@@ -151,3 +151,63 @@ impl Workspace {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
+
+    fn cfg(max_seq_len: u32, max_batch: u32) -> CacheConfig {
+        let mut c = SikvConfig::for_profile(0).unwrap();
+        c.device = SIKV_DEVICE_CUDA;
+        c.dtype = SIKV_DTYPE_F16;
+        c.num_q_heads = 32;
+        c.num_kv_heads = 8;
+        c.head_dim = 128;
+        c.page_size = 64;
+        c.max_seq_len = max_seq_len;
+        c.max_batch = max_batch;
+        c.max_seqs = max_batch;
+        c.max_append_tokens = 64;
+        CacheConfig::from_c(&c).unwrap()
+    }
+
+    /// Every grid covers max_seq_len with chunks the tensor-core path takes (up to MAX_DENSE_CHUNKS),
+    /// never has more chunks than 512-position ones would need, and fits the workspace.
+    #[test]
+    fn dense_chunks_cover_max_seq_len_and_fit_the_workspace() {
+        for msl in [64u32, 1000, 8192, 32768, 131072, 262144, 1 << 20, 4 << 20] {
+            for batch in [1u32, 2, 8, 64] {
+                let c = cfg(msl, batch);
+                let w = Workspace::new(&c, &Layout::new(&c), batch);
+                for sms in [1u32, 16, 132, 1000] {
+                    let n = dense_chunks(&c, sms, batch);
+                    let m = msl as usize;
+                    assert!(
+                        (1..=MAX_DENSE_CHUNKS).contains(&n),
+                        "msl {msl} batch {batch} sms {sms}: {n}"
+                    );
+                    assert!(
+                        n <= m.div_ceil(DENSE_MIN_CHUNK),
+                        "msl {msl}: {n} chunks of less than 512"
+                    );
+                    if m.div_ceil(DENSE_TC_MAX_CHUNK) <= MAX_DENSE_CHUNKS {
+                        assert!(
+                            n * DENSE_TC_MAX_CHUNK >= m,
+                            "msl {msl} batch {batch} sms {sms}: {n} chunks"
+                        );
+                    }
+                    assert!(
+                        w.dense_splits + n <= w.dense_total_splits,
+                        "msl {msl}: workspace too small"
+                    );
+                }
+            }
+        }
+        // At 128K, batch 1, on 132 SMs: about four blocks per SM over 8 KV heads.
+        let c = cfg(131072, 1);
+        assert_eq!(dense_chunks(&c, 132, 1), 66);
+        // A short sequence limit keeps 512-position chunks.
+        assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 16);
+    }
+}
