@@ -310,6 +310,14 @@ for n, b in keys:
     fl = s.get(("flash", n, b), float("nan"))
     k = t[("step", n, b)]["k"] if ("step", n, b) in t else "?"
     print(f"  {n:>7} {b:>2} {k:>5} {g('score'):>7.1f} {g('topk'):>7.1f} {g('rerank'):>7.1f} {g('attend'):>7.1f} {step:>8.1f} {dense:>8.1f} {cu:>8.1f} {fl:>8.1f} {dense/step:>7.2f} {cu/step:>7.2f} {fl/step:>7.2f}  {bw('score'):>10.0f}  {bw('attend'):>11.0f}")
+# ROUTE_MSL: the stateless decode's choice on the device under a longer max_seq_len.
+msl = load("msl_gpu_bench.csv")
+if msl:
+    m = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in msl}
+    print("  routed decode under a longer max_seq_len, graph us: sparse step, dense, routed (the call)")
+    for n, b in sorted({(n, b) for (_, n, b) in m}):
+        gm = lambda k: m.get((k, n, b), float("nan"))
+        print(f"  {n:>7} {b:>2} {gm('step'):>8.1f} {gm('dense_ours'):>8.1f} {gm('routed'):>8.1f}")
 EOF
 # Everything in one archive plus the two CSVs, so that all of it comes back from the GPU machine.
 # (The CSVs of a second and later BASELINE go into the archive too: $OUT returns few files.)
