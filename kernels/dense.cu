@@ -1,8 +1,9 @@
 // Dense decode (cpu::attend_dense): attention over the kept dense entries and every candidate
 // position of the sequence, dequantised from the planes, with no selection. It is the path
 // below the crossover length and the library's own dense baseline. grid (dense_splits +
-// dense_chunks, H_kv, B); the combine kernel of attend.cu merges the partials. Blocks j < dense_splits attend the kept dense entries with the split-K body of
-// attend.cu; the others each take one chunk of candidate positions.
+// dense_chunks, H_kv, B); the combine kernel of attend.cu merges the partials. Blocks
+// j < dense_splits attend the kept dense entries with the split-K body of attend.cu; the others
+// each take one chunk of candidate positions (dense_chunk_of).
 //
 // Candidate chunks on tensor cores (attend_tc.cuh) for the shapes tc_shape_ok takes: the
 // chunk's warps each walk their own quarter of it in tiles of 16 positions (one page, one

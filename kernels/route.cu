@@ -6,7 +6,7 @@
 // 2. The route (ws_route set): the page table lives on the device, so the host cannot
 //    apply the dense crossover to the live lengths (it knows only max_seq_len, and a captured
 //    CUDA graph must stay valid when the lengths grow). Block (0, 0) sums the live lengths
-//    (cpu::Crossover's rule: dense when the sum is at most route_max_tokens) and writes the
+//    (config.rs Crossover's rule: dense when the sum is at most route_max_tokens) and writes the
 //    route word; the launches after it read the word and return unless they belong to the
 //    route it names (common.cuh route_skips).
 #ifndef SIKV_ROUTE_CU

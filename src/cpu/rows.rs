@@ -18,7 +18,9 @@
 //! `R x H_kv`, with R = the sum of `rows` and sequence b's rows after those of b - 1.
 
 use super::pools::{check_pools_ref, LayerRef};
-use super::stages::{attend_head, check_batch_rows, check_selection_row, group_rows, select_head};
+use super::stages::{
+    attend_head, check_batch_rows, check_selection_buffers, check_selection_row, group_rows, select_head,
+};
 use super::table::PageTable;
 use crate::config::CacheConfig;
 use crate::ensure;
@@ -68,6 +70,31 @@ fn row_starts(layout: &Layout, table: &PageTable, rows: &[u32]) -> Result<(Vec<u
     Ok((starts, total))
 }
 
+/// What select_rows and attend_rows both take and check first.
+struct Call<'a> {
+    layout: &'a Layout,
+    cfg: &'a CacheConfig,
+    layer: &'a LayerRef<'a>,
+    table: &'a PageTable<'a>,
+    seq_slot: &'a [i32],
+    rows: &'a [u32],
+    q: &'a [f32],
+}
+
+impl Call<'_> {
+    /// Pools, page table, rows, slots, q and the selection buffers' sizes; returns the first
+    /// query row of each sequence and the slots.
+    fn check(&self, indices: usize, counts: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+        let (layout, cfg) = (self.layout, self.cfg);
+        check_pools_ref(layout, self.layer)?;
+        self.table.validate(layout, cfg)?;
+        let (starts, total) = row_starts(layout, self.table, self.rows)?;
+        let slots = check_batch_rows(layout, cfg, self.layer.state, self.table, self.seq_slot, self.q, total)?;
+        check_selection_buffers(cfg, total, "query rows", indices, counts)?;
+        Ok((starts, slots))
+    }
+}
+
 /// Causal bound of row r of a sequence of length `len` that brought `n` rows.
 fn bound(len: usize, n: usize, r: usize) -> usize {
     len - n + r + 1
@@ -90,24 +117,16 @@ pub fn select_rows(
     let d = cfg.head_dim as usize;
     let hkv = cfg.num_kv_heads as usize;
     let kmax = cfg.budget.max as usize;
-    check_pools_ref(layout, layer)?;
-    table.validate(layout, cfg)?;
-    let (starts, total) = row_starts(layout, table, rows)?;
-    let slots = check_batch_rows(layout, cfg, layer.state, table, seq_slot, q, total)?;
-    ensure!(
-        indices.len() >= total * hkv * kmax,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "indices has {} entries, query rows x num_kv_heads x budget_max = {} needed",
-        indices.len(),
-        total * hkv * kmax
-    );
-    ensure!(
-        counts.len() >= total * hkv,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "counts has {} entries, query rows x num_kv_heads = {} needed",
-        counts.len(),
-        total * hkv
-    );
+    let call = Call {
+        layout,
+        cfg,
+        layer,
+        table,
+        seq_slot,
+        rows,
+        q,
+    };
+    let (starts, slots) = call.check(indices.len(), counts.len())?;
     for (b, &slot) in slots.iter().enumerate() {
         let len = table.seq_len(b, layout.page_size);
         let n = rows[b] as usize;
@@ -161,19 +180,16 @@ pub fn attend_rows(
 ) -> Result<()> {
     let hkv = cfg.num_kv_heads as usize;
     let kmax = cfg.budget.max as usize;
-    check_pools_ref(layout, layer)?;
-    table.validate(layout, cfg)?;
-    let (starts, total) = row_starts(layout, table, rows)?;
-    let slots = check_batch_rows(layout, cfg, layer.state, table, seq_slot, q, total)?;
-    ensure!(
-        indices.len() >= total * hkv * kmax && counts.len() >= total * hkv,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "indices / counts have {} / {} entries, query rows x num_kv_heads x budget_max = {} / {} needed",
-        indices.len(),
-        counts.len(),
-        total * hkv * kmax,
-        total * hkv
-    );
+    let call = Call {
+        layout,
+        cfg,
+        layer,
+        table,
+        seq_slot,
+        rows,
+        q,
+    };
+    let (starts, slots) = call.check(indices.len(), counts.len())?;
     ensure!(
         out.len() >= q.len(),
         SIKV_ERR_BUFFER_TOO_SMALL,

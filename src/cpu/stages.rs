@@ -51,8 +51,8 @@ fn check_seq_slot(cfg: &CacheConfig, name: &str, slot: i64) -> Result<usize> {
 }
 
 /// Validates what select / attend share; returns the sequence slots.
-/// Checks a batch's page table, slots (in range, calibrated) and `q` (`q_rows` x H_q x d: one
-/// row per sequence for a decode call); returns the slots.
+/// Checks a batch's slots (in range, calibrated) and `q` (`q_rows` x H_q x d: one row per
+/// sequence for a decode call) against a page table already validated; returns the slots.
 pub(super) fn check_batch_rows(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -62,7 +62,6 @@ pub(super) fn check_batch_rows(
     q: &[f32],
     q_rows: usize,
 ) -> Result<Vec<usize>> {
-    table.validate(layout, cfg)?;
     let b = table.batch();
     ensure!(
         seq_slot.len() == b,
@@ -95,7 +94,33 @@ fn check_batch(
     seq_slot: &[i32],
     q: &[f32],
 ) -> Result<Vec<usize>> {
+    table.validate(layout, cfg)?;
     check_batch_rows(layout, cfg, state, table, seq_slot, q, table.batch())
+}
+
+/// Checks that selection buffers hold `rows` rows (`what` names them: the batch, or query
+/// rows) of budget_max indices and one count per KV head.
+pub(super) fn check_selection_buffers(
+    cfg: &CacheConfig,
+    rows: usize,
+    what: &str,
+    indices: usize,
+    counts: usize,
+) -> Result<()> {
+    let (hkv, kmax) = (cfg.num_kv_heads as usize, cfg.budget.max as usize);
+    ensure!(
+        indices >= rows * hkv * kmax,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "indices has {indices} entries, {what} x num_kv_heads x budget_max = {} needed",
+        rows * hkv * kmax
+    );
+    ensure!(
+        counts >= rows * hkv,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "counts has {counts} entries, {what} x num_kv_heads = {} needed",
+        rows * hkv
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,20 +489,7 @@ pub fn select(
     check_pools_ref(layout, layer)?;
     let slots = check_batch(layout, cfg, layer.state, table, seq_slot, q)?;
     let b_n = table.batch();
-    ensure!(
-        indices.len() >= b_n * hkv * kmax,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "indices has {} entries, batch x num_kv_heads x budget_max = {} needed",
-        indices.len(),
-        b_n * hkv * kmax
-    );
-    ensure!(
-        counts.len() >= b_n * hkv,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "counts has {} entries, batch x num_kv_heads = {} needed",
-        counts.len(),
-        b_n * hkv
-    );
+    check_selection_buffers(cfg, b_n, "batch", indices.len(), counts.len())?;
     for (b, &slot) in slots.iter().enumerate() {
         let len = table.seq_len(b, p_sz);
         for h in 0..hkv {
@@ -602,20 +614,7 @@ pub fn attend(
     check_pools_ref(layout, layer)?;
     let slots = check_batch(layout, cfg, layer.state, table, seq_slot, q)?;
     let b_n = table.batch();
-    ensure!(
-        indices.len() >= b_n * hkv * kmax,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "indices has {} entries, batch x num_kv_heads x budget_max = {} needed",
-        indices.len(),
-        b_n * hkv * kmax
-    );
-    ensure!(
-        counts.len() >= b_n * hkv,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "counts has {} entries, batch x num_kv_heads = {} needed",
-        counts.len(),
-        b_n * hkv
-    );
+    check_selection_buffers(cfg, b_n, "batch", indices.len(), counts.len())?;
     check_out(cfg, b_n, out)?;
     for b in 0..b_n {
         let len = table.seq_len(b, layout.page_size);

@@ -139,11 +139,11 @@ pub(super) fn attend(ex: &Executor, pools: LayerView, b: &Batch, sel: Selected, 
 
 pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, route: Route, out: MemMut<u8>) -> Result<()> {
     let c = &ex.cfg;
-    let (t, ss, q) = host_batch(ex, b)?;
     let dense = match route {
         Route::Sparse => false,
         Route::Dense => true,
         Route::Live(most) => {
+            let t = host_table(&b.table)?;
             t.validate(&ex.layout, c)?;
             let tokens: u64 = (0..t.batch()).map(|i| t.seq_len(i, c.page_size as usize) as u64).sum();
             tokens <= most
@@ -153,6 +153,7 @@ pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, route: Route, o
         return attend(ex, pools, b, Selected::All, out);
     }
     // One conversion of the queries serves both stages.
+    let (t, ss, q) = host_batch(ex, b)?;
     let out = host_array_mut(out, q.len() * c.dtype.size(), "out")?;
     let layer = pools_ref(pools)?;
     let rows = t.batch() * c.num_kv_heads as usize;

@@ -44,7 +44,6 @@ enum Imp {
     Cuda(GpuContext),
 }
 
-/// Runs the stages of one configuration on the CPU or on a CUDA device.
 /// What attention [`Executor::decode`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodePath {
@@ -69,6 +68,7 @@ pub(crate) enum Route {
     Live(u64),
 }
 
+/// Runs the stages of one configuration on the CPU or on a CUDA device.
 pub struct Executor {
     cfg: CacheConfig,
     layout: Layout,

@@ -473,13 +473,13 @@ impl GpuContext {
         self.current()?;
         let b = batch.table.batch;
         self.launch_attend(cfg, &w, &mut p, b, stream)?;
-        self.launch(
-            &self.inner.kernels.combine,
-            (cfg.num_q_heads, b, 1),
-            COMBINE_THREADS,
-            stream,
-            &p,
-        )
+        self.launch_combine(cfg, &p, b, stream)
+    }
+
+    /// Stage `combine`: merges the partials the attend or attend_dense launch before it wrote.
+    fn launch_combine(&self, cfg: &CacheConfig, p: &SikvParams, b: u32, stream: CUstream) -> Result<()> {
+        let grid = (cfg.num_q_heads, b, 1);
+        self.launch(&self.inner.kernels.combine, grid, COMBINE_THREADS, stream, p)
     }
 
     /// The sparse attend's launch (its partials; combine follows).
@@ -542,13 +542,7 @@ impl GpuContext {
         self.current()?;
         let b = batch.table.batch;
         self.launch_dense(cfg, &w, &mut p, b, stream)?;
-        self.launch(
-            &self.inner.kernels.combine,
-            (cfg.num_q_heads, b, 1),
-            COMBINE_THREADS,
-            stream,
-            &p,
-        )
+        self.launch_combine(cfg, &p, b, stream)
     }
 
     /// Decode with the crossover decided on the device: select + attend, or the dense decode
@@ -580,7 +574,6 @@ impl GpuContext {
         self.topk_params(&mut p);
         p.ws_route = ws.ptr + w.route as u64;
         p.route_max_tokens = dense_max_tokens;
-        p.route_dense_splits = (w.dense_splits + self.dense_chunks(cfg, batch.table.batch)) as i32;
         self.current()?;
         let b = batch.table.batch;
         self.launch_prologue(cfg, &p, b, stream)?;
@@ -594,12 +587,7 @@ impl GpuContext {
         // combine: num_splits is the sparse path's, route_dense_splits the dense one's.
         let mut pc = ps;
         pc.route_as = ROUTE_EITHER as i32;
-        self.launch(
-            &self.inner.kernels.combine,
-            (cfg.num_q_heads, b, 1),
-            COMBINE_THREADS,
-            stream,
-            &pc,
-        )
+        pc.route_dense_splits = pd.num_splits;
+        self.launch_combine(cfg, &pc, b, stream)
     }
 }
