@@ -687,6 +687,25 @@ impl Pair {
         (download(&self.ctx, dout.ptr(), b.out_bytes()), hout)
     }
 
+    /// `sikv_kernel_decode` of another GPU kernels handle (another configuration) over this
+    /// pair's device pools and workspace at `layer`: the output bytes.
+    fn gpu_decode_with(&self, kernels: *const SikvKernels, layer: usize, b: &Batch) -> Vec<u8> {
+        let dout = poisoned(&self.ctx, b.out_bytes(), 0xFF);
+        let s = sikv_kernel_decode(
+            kernels,
+            &self.dpools(layer),
+            &b.dtable(),
+            b.dslots(),
+            b.dq(),
+            dptr(&dout),
+            self.wsp(),
+            self.ws_bytes,
+            null_mut(),
+        );
+        ok(s, &format!("GPU decode with another handle, layer {layer}"));
+        download(&self.ctx, dout.ptr(), b.out_bytes())
+    }
+
     fn check_pools(&self, what: &str) {
         let gp = download(&self.ctx, self.dplanes.ptr(), self.info.total_plane_bytes);
         let gs = download(&self.ctx, self.dstate.ptr(), self.info.total_state_bytes);
@@ -1377,20 +1396,7 @@ fn decode_takes_the_dense_crossover_on_gpu() {
             "layer {layer}: CPU decode with the crossover differs from attend_dense"
         );
         worst = worst.max(rel_err(&format!("layer {layer} decode (crossover)"), &gx, &cx));
-        let dout = poisoned(&p.ctx, b.out_bytes(), 0xFF);
-        let s = sikv_kernel_decode(
-            sparse,
-            &p.dpools(layer),
-            &b.dtable(),
-            b.dslots(),
-            b.dq(),
-            dptr(&dout),
-            p.wsp(),
-            p.ws_bytes,
-            null_mut(),
-        );
-        ok(s, "GPU decode without the crossover");
-        let gs = download(&p.ctx, dout.ptr(), b.out_bytes());
+        let gs = p.gpu_decode_with(sparse, layer, &b);
         assert!(
             gs != gd,
             "layer {layer}: the sparse decode equals the dense one bit for bit; the crossover check proves nothing"
@@ -1475,22 +1481,6 @@ fn decode_crossover_follows_live_lengths_on_gpu() {
         p.ctx.synchronize(st).unwrap_or_else(|e| panic!("replay {what}: {e}"));
         download(&p.ctx, replayed.ptr(), now.out_bytes())
     };
-    let sparse_decode = |p: &Pair, b: &Batch| {
-        let dout = poisoned(&p.ctx, b.out_bytes(), 0xFF);
-        let s = sikv_kernel_decode(
-            sparse,
-            &p.dpools(0),
-            &b.dtable(),
-            b.dslots(),
-            b.dq(),
-            dptr(&dout),
-            p.wsp(),
-            p.ws_bytes,
-            null_mut(),
-        );
-        ok(s, "GPU decode without the crossover");
-        download(&p.ctx, dout.ptr(), b.out_bytes())
-    };
 
     // Now: 1155 tokens <= 1400, the dense decode.
     let (gx, cx) = p.dense_or_decode(0, &now, false);
@@ -1506,7 +1496,7 @@ fn decode_crossover_follows_live_lengths_on_gpu() {
         lens[0] + lens[1]
     );
     assert!(replay(&p, "now") == gd, "the graph's decode differs from attend_dense");
-    let gs = sparse_decode(&p, &now);
+    let gs = p.gpu_decode_with(sparse, 0, &now);
     assert!(
         gs != gd,
         "the sparse decode equals the dense one bit for bit: the check proves nothing"
@@ -1520,7 +1510,7 @@ fn decode_crossover_follows_live_lengths_on_gpu() {
     write_table(&p, &after);
     let (gx, cx) = p.dense_or_decode(0, &after, false);
     let (gd, _) = p.dense_or_decode(0, &after, true);
-    let gs = sparse_decode(&p, &after);
+    let gs = p.gpu_decode_with(sparse, 0, &after);
     assert!(
         gx == gs,
         "{} tokens: GPU decode differs from the sparse decode",
