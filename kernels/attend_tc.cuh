@@ -197,6 +197,34 @@ struct TcWarp {
             r.vpar[u] = ok ? *reinterpret_cast<const u32*>(pl_vpar + rv[u] * Sh::RB_VPAR) : 0u;
         }
     }
+    // The same words for 16 consecutive plane rows from row0 (a dense tile inside one page):
+    // one row product per plane and tile, the token offsets are constants of the thread.
+    SIKV_DEV void load_tile(long long row0, u32 valid, TcRaw<D>& r) const {
+        const u8* sg = pl_sign + (row0 + g) * Sh::RB_SIGN;
+        const u8* km = pl_kmag + (row0 + g) * Sh::RB_KMAG;
+        const u8* kp = pl_kpar + (row0 + g) * Sh::RB_KPAR;
+        #pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+            const bool ok = (valid >> key_token(nb)) & 1u;
+            const int t = 8 * nb;  // key_token(nb) - g
+            if (D == 128) r.ksign[nb] = ok ? *reinterpret_cast<const u32*>(sg + t * Sh::RB_SIGN) : 0u;
+            else r.ksign[nb] = ok ? (u32)*reinterpret_cast<const u16*>(sg + t * Sh::RB_SIGN) : 0u;
+            #pragma unroll
+            for (int w = 0; w < Sh::KW; ++w)
+                r.kcode[nb][w] = ok ? reinterpret_cast<const u32*>(km + t * Sh::RB_KMAG)[w] : 0u;
+            r.kpar[nb] = ok ? *reinterpret_cast<const u32*>(kp + t * Sh::RB_KPAR) : 0u;
+        }
+        const u8* vc = pl_vcode + (row0 + 2 * j) * Sh::RB_VCODE;
+        const u8* vp = pl_vpar + (row0 + 2 * j) * Sh::RB_VPAR;
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const bool ok = (valid >> value_token(u)) & 1u;
+            const int t = (u & 1) + 8 * (u >> 1);  // value_token(u) - 2 j
+            if (D == 128) r.vcode[u] = ok ? *reinterpret_cast<const u32*>(vc + t * Sh::RB_VCODE) : 0u;
+            else r.vcode[u] = ok ? (u32)*reinterpret_cast<const u16*>(vc + t * Sh::RB_VCODE) : 0u;
+            r.vpar[u] = ok ? *reinterpret_cast<const u32*>(vp + t * Sh::RB_VPAR) : 0u;
+        }
+    }
     // The tile's token t (0..15) of this thread: key tokens g, g + 8; value tokens 2j, 2j+1,
     // 2j+8, 2j+9.
     SIKV_DEV int key_token(int nb) const { return 8 * nb + g; }

@@ -77,14 +77,7 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
         return __ballot_sync(0xffffffffu, v) & 0xffffu;
     };
     // The thread's tokens of a tile at plane row row0 (consecutive rows: one page).
-    auto load = [&](long long row0, u32 valid, TcRaw<D>& r) {
-        long long rk[2], rv[4];
-        #pragma unroll
-        for (int nb = 0; nb < 2; ++nb) rk[nb] = ((valid >> w.key_token(nb)) & 1u) ? row0 + w.key_token(nb) : -1;
-        #pragma unroll
-        for (int u = 0; u < 4; ++u) rv[u] = ((valid >> w.value_token(u)) & 1u) ? row0 + w.value_token(u) : -1;
-        w.load(rk, rv, r);
-    };
+    auto load = [&](long long row0, u32 valid, TcRaw<D>& r) { w.load_tile(row0, valid, r); };
     // The loop alternates two register sets, so the next tile's words load into one while the
     // other is used (no copy between them).
     TcRaw<D> ra, rb;

@@ -142,36 +142,95 @@ SIKV_ENTRIES_D_T(sikv_score, SCORE_THREADS)
 // Stage-2 scores (reference/rerank.rs): qbar . k'^ for each stage-1 survivor, k'^ decoded as
 // decode_key does ((code * delta + zero), signed, times a_c; or the stored 16-bit k'),
 // summed in channel order. One thread per survivor; grid (ceil(stage1_max/128), H_kv, B).
-template <int D, typename T>
-SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
+//
+// The survivor's page lookup and plane rows are fetched before the block's query prologue, so
+// their dependent-load chain overlaps it, and the key bits are a template parameter: the code
+// extraction unrolls to constant shifts of registers (a run-time width had put the code words
+// in local memory).
+
+// N consecutive u32 words of a plane row (row_bytes = 4 N, so a row is 4 N-byte aligned).
+template <int N>
+SIKV_DEV void load_words(const u8* src, u32* w) {
+    if constexpr (N % 4 == 0) {
+        #pragma unroll
+        for (int i = 0; i < N / 4; ++i) {
+            const uint4 x = reinterpret_cast<const uint4*>(src)[i];
+            w[4 * i] = x.x; w[4 * i + 1] = x.y; w[4 * i + 2] = x.z; w[4 * i + 3] = x.w;
+        }
+    } else if constexpr (N % 2 == 0) {
+        #pragma unroll
+        for (int i = 0; i < N / 2; ++i) {
+            const uint2 x = reinterpret_cast<const uint2*>(src)[i];
+            w[2 * i] = x.x; w[2 * i + 1] = x.y;
+        }
+    } else {
+        #pragma unroll
+        for (int i = 0; i < N; ++i) w[i] = reinterpret_cast<const u32*>(src)[i];
+    }
+}
+
+// A survivor's quantised key (BITS = 2 or 4): sign bits, magnitude codes, (delta, zero) per
+// group of 32 channels.
+template <int D, int BITS>
+struct RerankKey {
+    static constexpr int SW = D / 32, MW = D * BITS / 32, PW = D / QUANT_GROUP;
+    u32 sign[SW], mag[MW], par[PW];
+    SIKV_DEV void load(const SikvParams& p, long long row) {
+        load_words<SW>(plane_row(p, SIKV_PLANE_SIGN, row), sign);
+        load_words<MW>(plane_row(p, SIKV_PLANE_KMAG, row), mag);
+        load_words<PW>(plane_row(p, SIKV_PLANE_KPAR, row), par);
+    }
+    // qbar . k'^ in channel order (decode_key's rounding steps, one by one).
+    SIKV_DEV float dot(const float* qbar, const float* scale) const {
+        float acc = 0.0f;
+        #pragma unroll
+        for (int g = 0; g < D / 32; ++g) {
+            const float delta = half_bits_to_f32((u16)(par[g] & 0xffffu));
+            const float zero = half_bits_to_f32((u16)(par[g] >> 16));
+            #pragma unroll
+            for (int j4 = 0; j4 < 32; j4 += 4) {
+                const int c0 = g * 32 + j4;
+                const float4 q4 = *reinterpret_cast<const float4*>(qbar + c0);
+                const float4 a4 = *reinterpret_cast<const float4*>(scale + c0);
+                const float qv[4] = {q4.x, q4.y, q4.z, q4.w}, av[4] = {a4.x, a4.y, a4.z, a4.w};
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = j4 + e, bit = (g * 32 + j) * BITS;
+                    const u32 code = (mag[bit / 32] >> (bit % 32)) & ((1u << BITS) - 1u);
+                    const float m = add_rn(mul_rn((float)code, delta), zero);
+                    const float xh = ((sign[g] >> j) & 1u) ? m : -m;
+                    acc = add_rn(acc, mul_rn(qv[e], mul_rn(xh, av[e])));
+                }
+            }
+        }
+        return acc;
+    }
+};
+
+template <int D, typename T, int BITS>
+SIKV_DEV void rerank_score_bits(const SikvParams& p, int b, int h, int n1, int slot, float* qbar, float* scale) {
     typedef typename Storage<T>::type S;
-    __shared__ float qbar[D];
-    __shared__ float scale[D];
-    const int b = blockIdx.z, h = blockIdx.y;
     const long long rowid = (long long)b * p.num_kv_heads + h;
-    const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
-    const int i0 = blockIdx.x * blockDim.x;
-    if (i0 >= n1) return;
-    // Stage 1 saw the same slot and page table: a bad slot left n1 = 0, a bad page key 0.
-    const int slot = batch_slot(p, b);
-    if (slot < 0) return;
     u8* rec = state_record(p, slot, h);
-    const int prompt_len = state_meta(p, rec)[META_PROMPT_LEN];
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const bool live = i < n1;
+    const int pos = live ? reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i] : 0;
+    const bool forced = live && p.force_generated && pos >= state_meta(p, rec)[META_PROMPT_LEN];
+    // Page outside the pool: row -1 (fault raised), no candidate, like stage 1's key 0.
+    const long long row = live && !forced ? row_index(p, b, h, pos) : -1;
+    RerankKey<D, BITS == 16 ? 2 : BITS> key;
+    if constexpr (BITS != 16)
+        if (row >= 0) key.load(p, row);
     load_qbar<D, T>(p, b, h, qbar);
     for (int c = threadIdx.x; c < D; c += blockDim.x) scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
     __syncthreads();
-    const int i = i0 + threadIdx.x;
-    if (i >= n1) return;
-    const int pos = reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i];
-    u32 key;
-    if (p.force_generated && pos >= prompt_len) {
-        key = score_key(SIKV_INF);
-    } else {
-        const long long row = row_index(p, b, h, pos);
+    if (!live) return;
+    u32 out = 0u;
+    if (forced) {
+        out = score_key(SIKV_INF);
+    } else if (row >= 0) {
         float acc = 0.0f;
-        if (row < 0) {
-            // Page outside the pool (fault raised): no candidate, like stage 1's key 0.
-        } else if (p.key_bits == 16) {
+        if constexpr (BITS == 16) {
             const S* kf = reinterpret_cast<const S*>(plane_row(p, SIKV_PLANE_KFULL, row));
             for (int c0 = 0; c0 < D; c0 += 8) {
                 float kv[8];
@@ -180,31 +239,28 @@ SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
                 for (int j = 0; j < 8; ++j) acc = add_rn(acc, mul_rn(qbar[c0 + j], kv[j]));
             }
         } else {
-            const u8* sign = plane_row(p, SIKV_PLANE_SIGN, row);
-            const u8* kmag = plane_row(p, SIKV_PLANE_KMAG, row);
-            const u32* kpar = reinterpret_cast<const u32*>(plane_row(p, SIKV_PLANE_KPAR, row));
-            const int bits = p.key_bits;
-            for (int g = 0; g < D / 32; ++g) {
-                const u32 sw = reinterpret_cast<const u32*>(sign)[g];
-                const u32 par = kpar[g];
-                const float delta = half_bits_to_f32((u16)(par & 0xffffu));
-                const float zero = half_bits_to_f32((u16)(par >> 16));
-                // The group's 32 codes: 64 bits (2-bit) or 128 bits (4-bit).
-                u64 cw[2];
-                if (bits == 2) { cw[0] = reinterpret_cast<const u64*>(kmag)[g]; cw[1] = 0; }
-                else { cw[0] = reinterpret_cast<const u64*>(kmag)[2 * g]; cw[1] = reinterpret_cast<const u64*>(kmag)[2 * g + 1]; }
-                for (int j = 0; j < 32; ++j) {
-                    const int bit = j * bits;
-                    const u32 code = (u32)((cw[bit >> 6] >> (bit & 63)) & (u64)((1u << bits) - 1));
-                    float mag = add_rn(mul_rn((float)code, delta), zero);
-                    float xh = ((sw >> j) & 1u) ? mag : -mag;
-                    const int c = g * 32 + j;
-                    acc = add_rn(acc, mul_rn(qbar[c], mul_rn(xh, scale[c])));
-                }
-            }
+            acc = key.dot(qbar, scale);
         }
-        key = row < 0 ? 0u : score_key(acc);
+        out = score_key(acc);
     }
-    reinterpret_cast<u32*>(p.ws_keys2)[rowid * p.stage1_max + i] = key;
+    reinterpret_cast<u32*>(p.ws_keys2)[rowid * p.stage1_max + i] = out;
+}
+
+template <int D, typename T>
+SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
+    const int b = blockIdx.z, h = blockIdx.y;
+    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
+    if ((int)(blockIdx.x * blockDim.x) >= n1) return;
+    // Stage 1 saw the same slot and page table: a bad slot left n1 = 0, a bad page key 0.
+    const int slot = batch_slot(p, b);
+    if (slot < 0) return;
+    __shared__ __align__(16) float qbar[D];
+    __shared__ __align__(16) float scale[D];
+    switch (p.key_bits) {
+        case 2: rerank_score_bits<D, T, 2>(p, b, h, n1, slot, qbar, scale); break;
+        case 4: rerank_score_bits<D, T, 4>(p, b, h, n1, slot, qbar, scale); break;
+        default: rerank_score_bits<D, T, 16>(p, b, h, n1, slot, qbar, scale); break;
+    }
 }
 SIKV_ENTRIES_D_T(sikv_rerank_score, RERANK_THREADS)

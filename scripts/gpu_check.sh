@@ -219,6 +219,15 @@ if want bench; then
     RC[msl_bench]=$?
     grep -E "^(step|dense_ours|routed) " "$OUT/msl_gpu_bench.log"
   fi
+  # FIT_N: more context lengths (this build only, FIT_B batches) for the crossover's
+  # break-even fit: the sparse step and the dense decode side by side (fit_gpu_bench.csv).
+  if [ -n "${FIT_N:-}" ]; then
+    echo "== gpu bench, crossover fit (N = $FIT_N)"
+    t0=$SECONDS
+    .gpu/gpu_bench --n "$FIT_N" --batch "${FIT_B:-1,2,4,8}" --csv "$OUT/fit_gpu_bench.csv" > "$OUT/fit_gpu_bench.log" 2>&1
+    RC[fit_bench]=$?
+    echo "   ($((SECONDS - t0)) s)"
+  fi
   echo "== managed sikv_attend vs stateless sikv_kernel_decode"
   .gpu/managed_bench $Q --csv "$OUT/managed_bench.csv" > "$OUT/managed_bench.log" 2>&1
   RC[managed_bench]=$?
@@ -274,7 +283,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench managed_bench sdpa profile model; do
+for k in tests managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench fit_bench managed_bench sdpa profile model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
@@ -318,6 +327,14 @@ if msl:
     for n, b in sorted({(n, b) for (_, n, b) in m}):
         gm = lambda k: m.get((k, n, b), float("nan"))
         print(f"  {n:>7} {b:>2} {gm('step'):>8.1f} {gm('dense_ours'):>8.1f} {gm('routed'):>8.1f}")
+# FIT_N: the crossover's break-even points (graph us).
+fit = load("fit_gpu_bench.csv")
+if fit:
+    m = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in fit}
+    print("  crossover fit, graph us: sparse step, dense, faster path")
+    for n, b in sorted({(n, b) for (_, n, b) in m}):
+        st, de = m.get(("step", n, b), float("nan")), m.get(("dense_ours", n, b), float("nan"))
+        print(f"  {n:>7} {b:>2} {st:>8.1f} {de:>8.1f} {'dense' if de < st else 'sparse':>7}")
 EOF
 # Everything in one archive plus the two CSVs, so that all of it comes back from the GPU machine.
 # (The CSVs of a second and later BASELINE go into the archive too: $OUT returns few files.)
