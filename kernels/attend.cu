@@ -265,6 +265,20 @@ SIKV_DEV int dense_chunk_of(const SikvParams& p, int end) {
     return (c + DENSE_CHUNK_ALIGN - 1) / DENSE_CHUNK_ALIGN * DENSE_CHUNK_ALIGN;
 }
 
+// The sparse attend's list items [lo, hi) of `split` (the kept dense entries first, then the
+// selection; total of them): ATTEND_SPLIT per split, except that with attend_span > 1 each
+// split from dense_splits on takes attend_span times as many (tensor-core splits, which walk
+// several tiles per warp; the host sets the span only for shapes that take them).
+SIKV_DEV void sparse_items(const SikvParams& p, int split, int total, int* lo, int* hi) {
+    int l = split * ATTEND_SPLIT, n = ATTEND_SPLIT;
+    if (p.attend_span > 1 && split >= p.dense_splits) {
+        l = p.dense_splits * ATTEND_SPLIT + (split - p.dense_splits) * p.attend_span * ATTEND_SPLIT;
+        n = p.attend_span * ATTEND_SPLIT;
+    }
+    *lo = l;
+    *hi = l + n < total ? l + n : total;
+}
+
 template <int D, typename T, bool DENSE>
 SIKV_DEV void attend_body(const SikvParams& p) {
     typedef AttendShape<D> Sh;
@@ -296,6 +310,14 @@ SIKV_DEV void attend_body(const SikvParams& p) {
     bool chunk = dense_mode && split >= p.dense_splits;
     const int* sel = nullptr;
     if (!chunk) {
+        // A split of several ATTEND_SPLITs is the tensor-core path's: here only when that path
+        // declined it for a bad count (its output is not defined then; fault raised below).
+        if (!dense_mode && p.attend_span > 1 && split >= p.dense_splits) {
+            const int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
+            if (cnt < 0 || cnt > p.budget_max) raise_fault(p, FAULT_COUNT);
+            write_empty();
+            return;
+        }
         lo = split * ATTEND_SPLIT;
         nd = collect_dense<D>(p, dpos, len, lo, s);
         int total = nd;
@@ -549,34 +571,50 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     int nd = 0;
     #pragma unroll
     for (int w = 0; w < Sh::WARPS; ++w) nd += s.count[w];
-    const int lo = split * ATTEND_SPLIT;
-    const int hi = lo + ATTEND_SPLIT < nd + cnt ? lo + ATTEND_SPLIT : nd + cnt;
-    if (lo < nd || lo >= hi) return false;  // uniform over the block
-
+    int lo, hi;
+    sparse_items(p, split, nd + cnt, &lo, &hi);
+    if (lo < nd) return false;  // uniform over the block
     const long long hq_base = (long long)b * p.num_kv_heads * p.group + (long long)h * p.group;
+    if (lo >= hi) {
+        write_empty_partial<D>(p, hq_base, split);
+        return true;
+    }
+
     TcWarp<D, T> w;
     w.init(p, s, hq_base, reinterpret_cast<const float*>(rec + p.off_scale), []() {});
-    // This warp's 16 list items -> plane rows (-1: past the split, or a bad position or page,
-    // fault raised), shared across the warp.
+    // Warp w takes list items lo + ATTEND_SPLIT t + 16 w + [0, 16), t = 0, 1, ...: a tile's
+    // plane rows (-1: past the split, or a bad position or page, fault raised) resolved by its
+    // first 16 lanes and passed to the lanes that load them; the next tile's gather is in
+    // flight while the current one is computed.
     const int* sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
-    const int item = lo + 16 * w.warp + w.lane;
-    long long row = -1;
-    if (w.lane < 16 && item < hi) {
-        const int pos = sel[item - nd];
-        if (pos >= 0 && pos < len) row = row_index(p, b, h, pos);
-        else raise_fault(p, FAULT_SELECTED_POS);
+    const int first = lo + 16 * w.warp;
+    const int nt = hi > first ? (hi - first + ATTEND_SPLIT - 1) / ATTEND_SPLIT : 0;
+    auto gather = [&](int t, TcRaw<D>& r) -> u32 {
+        const int item = first + ATTEND_SPLIT * t + w.lane;
+        long long row = -1;
+        if (w.lane < 16 && item < hi) {
+            const int pos = sel[item - nd];
+            if (pos >= 0 && pos < len) row = row_index(p, b, h, pos);
+            else raise_fault(p, FAULT_SELECTED_POS);
+        }
+        const u32 valid = __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;
+        long long rk[2], rv[4];
+        #pragma unroll
+        for (int nb = 0; nb < 2; ++nb) rk[nb] = __shfl_sync(0xffffffffu, row, w.key_token(nb));
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) rv[u] = __shfl_sync(0xffffffffu, row, w.value_token(u));
+        w.load(rk, rv, r);
+        return valid;
+    };
+    TcRaw<D> ra, rb;
+    u32 va = nt > 0 ? gather(0, ra) : 0u, vb = 0u;
+    for (int t = 0; t < nt; t += 2) {
+        if (t + 1 < nt) vb = gather(t + 1, rb);
+        w.tile(ra, va);
+        if (t + 1 >= nt) break;
+        if (t + 2 < nt) va = gather(t + 2, ra);
+        w.tile(rb, vb);
     }
-    const u32 valid = __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;
-    if (w.lane < 16) s.rows[w.warp][w.lane] = row;
-    __syncwarp();
-    long long rk[2], rv[4];
-    #pragma unroll
-    for (int nb = 0; nb < 2; ++nb) rk[nb] = s.rows[w.warp][w.key_token(nb)];
-    #pragma unroll
-    for (int u = 0; u < 4; ++u) rv[u] = s.rows[w.warp][w.value_token(u)];
-    TcRaw<D> r;
-    w.load(rk, rv, r);
-    w.tile(r, valid);
     w.finish(p, s, hq_base, split);
     return true;
 }

@@ -93,7 +93,6 @@ struct TcSmem {
     // init stages Q' here; finish the warps' accumulators.
     __align__(16) float acc[Sh::WARPS][Sh::GMAX][Sh::DS];
     float qmax[Sh::WARPS];
-    long long rows[Sh::WARPS][16];  // a tile's plane rows (sparse splits)
     int count[Sh::WARPS];
 };
 

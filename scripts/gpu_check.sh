@@ -71,6 +71,14 @@ run_tests() { # key title binary pattern
 if want tests; then
   # One line per case ("test <name> ... <first output line>"), its time, and any failure.
   run_tests tests "gpu tests" gpu_tests "^test |: [0-9]+\.[0-9] s$|gpu tests on"
+  # The sparse attend's multi-tile splits (taken at large batch only) at the tests' sizes.
+  echo "== gpu tests, decode with SIKV_ATTEND_SPAN=3"
+  log="$OUT/gpu_tests_span.log"; t0=$SECONDS
+  SIKV_ATTEND_SPAN=3 .gpu/gpu_tests --nocapture --test-threads=1 decode:: graph:: > "$log" 2>&1
+  RC[tests_span]=$?
+  grep -E "panicked|test result" "$log"
+  check_log "$log" gpu_tests_span || RC[tests_span]=$?
+  echo "   ($((SECONDS - t0)) s)"
   run_tests managed "managed cache on the GPU vs the CPU backend" gpu_managed_tests "managed GPU|stateless ABI|seed ="
   run_tests abi "both ABI layers on device memory, graph capture, faults and poisoning" gpu_abi_tests "^test |worst|seed ="
   run_tests adversarial "adversarial inputs, GPU vs CPU" adversarial_tests "GPU = CPU"
@@ -283,7 +291,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench fit_bench managed_bench sdpa profile model; do
+for k in tests tests_span managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench fit_bench managed_bench sdpa profile model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

@@ -43,6 +43,11 @@ pub const COMPACT_ITEMS: u32 = 16;
 pub const COMPACT_TILE: u32 = COMPACT_THREADS * COMPACT_ITEMS;
 /// attend / attend_dense: one block per (split, KV head, sequence).
 pub const ATTEND_THREADS: u32 = 128;
+/// attend: blocks per SM the sparse grid aims at (the resident limit at 128 registers); above
+/// it the tensor-core splits take several ATTEND_SPLITs each (workspace::attend_span).
+pub const ATTEND_BLOCKS_PER_SM: u32 = 4;
+/// attend: at most this many ATTEND_SPLITs per tensor-core split.
+pub const ATTEND_MAX_SPAN: u32 = 8;
 /// combine: one block per (query head, sequence); 16 groups of splits summed side by side at
 /// d = 128 (the dense decode has hundreds of partials per row).
 pub const COMBINE_THREADS: u32 = 512;

@@ -491,8 +491,17 @@ impl GpuContext {
         b: u32,
         stream: CUstream,
     ) -> Result<()> {
-        p.num_splits = w.sparse_splits as i32;
-        let grid = (w.sparse_splits as u32, cfg.num_kv_heads, b);
+        let dev = &self.inner.dev;
+        let tc = super::workspace::tc_tiles(cfg, dev.major);
+        let span = match self.inner.attend_span {
+            Some(n) if tc => n.clamp(1, ATTEND_MAX_SPAN),
+            _ => super::workspace::attend_span(w, cfg, dev.sms.max(1) as u32, b, tc),
+        };
+        let splits = w.dense_splits + (w.sparse_splits - w.dense_splits).div_ceil(span as usize);
+        p.attend_span = span as i32;
+        p.dense_splits = w.dense_splits as i32;
+        p.num_splits = splits as i32;
+        let grid = (splits as u32, cfg.num_kv_heads, b);
         self.launch(&self.inner.kernels.attend, grid, ATTEND_THREADS, stream, p)
     }
 

@@ -95,6 +95,9 @@ struct Inner {
     head_dim: u32,
     dtype: Dtype,
     topk: TopkPath,
+    /// SIKV_ATTEND_SPAN at create time: the sparse attend's span on every call (a testing aid
+    /// that covers the multi-tile splits at small sizes); None = workspace::attend_span.
+    attend_span: Option<u32>,
     /// Launch with programmatic dependent launch (sm_90+, unless SIKV_PDL=0 at create time).
     pdl: bool,
 }
@@ -250,6 +253,9 @@ impl GpuContext {
                 head_dim: cfg.head_dim,
                 dtype: cfg.dtype,
                 topk: TopkPath::from_env(),
+                attend_span: std::env::var("SIKV_ATTEND_SPAN")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok()),
                 pdl,
             }),
         })

@@ -137,6 +137,9 @@ pub struct SikvParams {
     pub num_splits: i32,
     /// attend_dense: splits over the dense entries.
     pub dense_splits: i32,
+    /// attend: ATTEND_SPLITs of list items per split from dense_splits on (tensor-core splits;
+    /// 1 = every split takes one; workspace::attend_span).
+    pub attend_span: i32,
     /// attend_dense: candidate chunks per (KV head, sequence), the grid's blocks after the
     /// dense splits; each sequence spreads its live candidates over them (dense_chunk_of).
     pub dense_chunks: i32,

@@ -18,8 +18,8 @@
 //! | route | u32 | routed decode: the path the prologue chose (1 dense, 0 sparse) |
 
 use super::geometry::{
-    COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_BLOCKS_PER_SM, DENSE_MIN_CHUNK, DENSE_TC_MAX_CHUNK, MAX_DENSE_CHUNKS,
-    TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_BLOCKS_PER_SM, DENSE_MIN_CHUNK,
+    DENSE_TC_MAX_CHUNK, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -73,6 +73,35 @@ pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
     fill.max(msl.div_ceil(DENSE_TC_MAX_CHUNK))
         .min(most)
         .clamp(1, MAX_DENSE_CHUNKS)
+}
+
+/// Whether the sparse attend's splits of selected tokens run on tensor cores (attend_tc.cuh's
+/// tc_shape_ok, which the kernel checks again): compute capability 8.0 or above, 2-bit key
+/// magnitudes and values, d = 64 or 128, at most 8 query heads per KV head, pages of a multiple
+/// of 16 tokens.
+pub fn tc_tiles(cfg: &CacheConfig, cc_major: i32) -> bool {
+    cc_major >= 8
+        && cfg.key_bits == 2
+        && cfg.value_bits == 2
+        && matches!(cfg.head_dim, 64 | 128)
+        && cfg.group_size() <= 8
+        && cfg.page_size % 16 == 0
+}
+
+/// attend: ATTEND_SPLITs of selected tokens per tensor-core split at this batch on a device of
+/// `sms` multiprocessors. One while the splits of one ATTEND_SPLIT fit ATTEND_BLOCKS_PER_SM on
+/// every SM; beyond that as many as bring the grid back to that (each warp then walks several
+/// tiles, its next gather in flight), so a large batch pays the block prologue and the partial
+/// fewer times. 1 where the splits do not run on tensor cores.
+pub fn attend_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, tc: bool) -> u32 {
+    if !tc {
+        return 1;
+    }
+    let sel = (w.sparse_splits - w.dense_splits) as u32;
+    let rows = cfg.num_kv_heads * batch.max(1);
+    (sel * rows)
+        .div_ceil(ATTEND_BLOCKS_PER_SM * sms.max(1))
+        .clamp(1, ATTEND_MAX_SPAN)
 }
 
 impl Workspace {
@@ -209,5 +238,38 @@ mod tests {
         assert_eq!(dense_chunks(&c, 132, 1), 66);
         // A short sequence limit keeps 512-position chunks.
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 16);
+    }
+
+    /// The sparse attend's span: 1 at small batch, growing so the grid stays near
+    /// ATTEND_BLOCKS_PER_SM per SM, never above ATTEND_MAX_SPAN, and 1 without tensor cores;
+    /// the splits it gives cover the workspace's partial slots and never exceed them.
+    #[test]
+    fn attend_span_fills_the_device_and_fits_the_partials() {
+        let c = cfg(131072, 8);
+        assert!(tc_tiles(&c, 9));
+        assert!(!tc_tiles(&c, 7), "no mma.sync tiles below compute capability 8.0");
+        let w = Workspace::new(&c, &Layout::new(&c), 8);
+        // The default budget (k <= 2048): 32 splits of selected tokens per row.
+        assert_eq!(w.sparse_splits - w.dense_splits, 32);
+        let spans: Vec<u32> = [1u32, 2, 4, 8]
+            .iter()
+            .map(|&b| attend_span(&w, &c, 132, b, true))
+            .collect();
+        assert_eq!(spans, [1, 1, 2, 4]);
+        assert_eq!(attend_span(&w, &c, 132, 8, false), 1);
+        assert_eq!(attend_span(&w, &c, 1, 64, true), ATTEND_MAX_SPAN);
+        for batch in [1u32, 2, 8, 64] {
+            for sms in [1u32, 16, 132, 1000] {
+                let span = attend_span(&w, &c, sms, batch, true) as usize;
+                let sel = w.sparse_splits - w.dense_splits;
+                let splits = w.dense_splits + sel.div_ceil(span);
+                assert!(splits <= w.sparse_splits && splits <= w.max_splits());
+                // The spanned splits cover every list item the one-split grid covers.
+                assert!(
+                    w.dense_splits * ATTEND_SPLIT + sel.div_ceil(span) * span * ATTEND_SPLIT
+                        >= w.sparse_splits * ATTEND_SPLIT
+                );
+            }
+        }
     }
 }
