@@ -332,6 +332,11 @@ fn run(
                 s.ctx
                     .attend(cfg, &s.layout, &s.layer, &s.batch, selection, s.out.ptr(), ws, st)
             };
+            // The step is select then attend on one stream, as the library's decode runs it.
+            let att_after = |st: selfindexkv::gpu::CUstream| {
+                s.ctx
+                    .attend_after_select(cfg, &s.layout, &s.layer, &s.batch, selection, s.out.ptr(), ws, st)
+            };
             let dense = |st: selfindexkv::gpu::CUstream| {
                 s.ctx
                     .attend_dense(cfg, &s.layout, &s.layer, &s.batch, s.out.ptr(), ws, st)
@@ -384,7 +389,7 @@ fn run(
                     bytes_step,
                     Box::new(move |st| {
                         sel(SELECT_ALL, st)?;
-                        att(st)
+                        att_after(st)
                     }),
                 ),
                 ("dense_ours", bytes_dense, Box::new(dense)),

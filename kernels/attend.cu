@@ -311,20 +311,26 @@ SIKV_DEV void attend_body(const SikvParams& p) {
     const int* sel = nullptr;
     if (!chunk) {
         // A split of several ATTEND_SPLITs is the tensor-core path's: here only when that path
-        // declined it for a bad count (its output is not defined then; fault raised below).
+        // declined it for a bad count (its output is not defined then; the fault is raised).
+        // Such splits waited for the selection before they came here.
         if (!dense_mode && p.attend_span > 1 && split >= p.dense_splits) {
             const int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
-            if (cnt < 0 || cnt > p.budget_max) raise_fault(p, FAULT_COUNT);
+            if ((cnt < 0 || cnt > p.budget_max) && tid == 0) raise_fault(p, FAULT_COUNT);
             write_empty();
             return;
         }
         lo = split * ATTEND_SPLIT;
         nd = collect_dense<D>(p, dpos, len, lo, s);
         int total = nd;
-        if (!dense_mode) {
+        // The selection (count, indices) is read after the grid dependency, by every split
+        // that holds selected items (each reports a bad count). A split of kept dense entries
+        // alone (lo + ATTEND_SPLIT <= nd: its items and bounds do not depend on the count)
+        // reads none of it.
+        if (!dense_mode && lo + ATTEND_SPLIT > nd) {  // uniform over the block
+            sikv_grid_wait();
             int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
             if (cnt < 0 || cnt > p.budget_max) {
-                if (split == 0 && tid == 0) raise_fault(p, FAULT_COUNT);
+                if (tid == 0) raise_fault(p, FAULT_COUNT);
                 cnt = cnt < 0 ? 0 : p.budget_max;
             }
             total += cnt;
@@ -619,14 +625,22 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     return true;
 }
 
+// Splits below dense_splits take attend_body, which waits for the selection only when the
+// split holds selected items (splits of kept dense entries alone read nothing of it); the
+// others wait first and take the tensor-core tiles where the shape allows.
 template <int D, typename T>
 SIKV_DEV void sikv_attend_impl(const SikvParams& p) {
+    if ((int)blockIdx.x < p.dense_splits) {
+        attend_body<D, T, false>(p);
+        return;
+    }
+    sikv_grid_wait();
     if constexpr (TcShape<D>::OK) {
         if (tc_shape_ok<D>(p) && sparse_tc_split<D, T>(p)) return;
     }
     attend_body<D, T, false>(p);
 }
-SIKV_ENTRIES_D_T_MINB(sikv_attend, ATTEND_THREADS, 4)
+SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend, ATTEND_THREADS, 4)
 
 // Combine: log-sum-exp merge of the num_splits partials of one (sequence, query head)
 // (reference/attend.rs merge_splits): M = max m_j, w_j = exp(m_j - M), out = sum w_j acc_j /

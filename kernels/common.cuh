@@ -577,11 +577,19 @@ SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
 // the attribute returns from the wait at once. Every kernel calls this first, so each one's
 // wait covers all earlier work of the stream (each earlier grid waited for its own
 // predecessor before it could finish).
-SIKV_DEV void sikv_grid_dependency() {
+SIKV_DEV void sikv_grid_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+SIKV_DEV void sikv_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+SIKV_DEV void sikv_grid_dependency() {
+    sikv_grid_wait();
+    sikv_launch_dependents();
 }
 
 // Device-side crossover (route.cu): a decode whose page table lives on the device runs both
@@ -605,6 +613,28 @@ SIKV_DEV bool route_skips(const SikvParams& p) {
                                    if (route_skips(p)) return;                                  \
                                    NAME##_impl<D, T>(p);                                        \
                                })
+
+// The sparse attend's entry: with p.attend_early (the launcher queued this call's select just
+// before it) the grid dependency is left to the body, which waits before it reads the
+// selection; splits of kept dense entries alone run while the selection's last kernel
+// finishes. Every block still waits before it ends, so the grid never completes ahead of the
+// one it overlaps and each grid's wait keeps covering all earlier work of the stream. The
+// route word was written by the prologue, long complete when the select's last kernel runs.
+#define SIKV_ENTRY_DT_EARLY(NAME, BOUNDS, D, T, TNAME)                                           \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
+                               NAME##_d##D##_##TNAME(const SikvParams p) {                      \
+                                   if (p.attend_early) sikv_launch_dependents();                \
+                                   else sikv_grid_dependency();                                 \
+                                   if (!route_skips(p)) NAME##_impl<D, T>(p);                   \
+                                   sikv_grid_wait();                                            \
+                               })
+#define SIKV_ENTRIES_D_T_EARLY_MINB(NAME, NT, MINB)           \
+    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 64, f16_t, f16)     \
+    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 128, f16_t, f16)    \
+    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 256, f16_t, f16)    \
+    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 64, bf16_t, bf16)   \
+    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 128, bf16_t, bf16)  \
+    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 256, bf16_t, bf16)
 
 #define SIKV_ENTRIES_D_T_BOUNDS(NAME, BOUNDS)          \
     SIKV_ENTRY_DT(NAME, BOUNDS, 64, f16_t, f16)        \

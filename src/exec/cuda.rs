@@ -162,7 +162,7 @@ pub(super) fn decode(
     let sparse = || {
         g.one_call(|| {
             g.select(cfg, lay, &layer, &batch, sel, stage_ws, stream)?;
-            g.attend(cfg, lay, &layer, &batch, sel, out, stage_ws, stream)
+            g.attend_after_select(cfg, lay, &layer, &batch, sel, out, stage_ws, stream)
         })
     };
     let dense = || g.attend_dense(cfg, lay, &layer, &batch, out, stage_ws, stream);

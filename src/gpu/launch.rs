@@ -463,6 +463,41 @@ impl GpuContext {
         ws: DevWorkspace,
         stream: CUstream,
     ) -> Result<()> {
+        self.attend_inner(cfg, layout, layer, batch, sel, out, ws, stream, false)
+    }
+
+    /// [`attend`](Self::attend) right after this call's [`select`](Self::select) on the same
+    /// stream and workspace, nothing queued between them: the splits of kept dense entries
+    /// alone, which read nothing the selection writes, start while its last kernel runs.
+    /// (After any other predecessor, e.g. an append into the same pools, they must not.)
+    #[allow(clippy::too_many_arguments)] // attend's arguments
+    pub fn attend_after_select(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        sel: DevSelection,
+        out: u64,
+        ws: DevWorkspace,
+        stream: CUstream,
+    ) -> Result<()> {
+        self.attend_inner(cfg, layout, layer, batch, sel, out, ws, stream, true)
+    }
+
+    #[allow(clippy::too_many_arguments)] // attend's arguments plus whether select precedes it
+    fn attend_inner(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        sel: DevSelection,
+        out: u64,
+        ws: DevWorkspace,
+        stream: CUstream,
+        after_select: bool,
+    ) -> Result<()> {
         self.take_fault()?;
         let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
             return Ok(());
@@ -470,6 +505,7 @@ impl GpuContext {
         Self::selection_params(&mut p, sel)?;
         dev_ptr(out, 16, "out")?;
         p.out = out;
+        p.attend_early = after_select as i32;
         self.current()?;
         let b = batch.table.batch;
         self.launch_attend(cfg, &w, &mut p, b, stream)?;
@@ -589,7 +625,9 @@ impl GpuContext {
         let mut ps = p;
         ps.route_as = ROUTE_SPARSE as i32;
         self.launch_select(SELECT_ALL, cfg, &ps, b, stream)?;
+        ps.attend_early = 1;
         self.launch_attend(cfg, &w, &mut ps, b, stream)?;
+        ps.attend_early = 0;
         let mut pd = p;
         pd.route_as = ROUTE_DENSE as i32;
         self.launch_dense(cfg, &w, &mut pd, b, stream)?;

@@ -137,6 +137,9 @@ pub struct SikvParams {
     pub num_splits: i32,
     /// attend_dense: splits over the dense entries.
     pub dense_splits: i32,
+    /// attend: 1 when the launcher queued this call's select on the stream just before: splits
+    /// of kept dense entries alone start without waiting for it (SIKV_ENTRY_DT_EARLY).
+    pub attend_early: i32,
     /// attend: ATTEND_SPLITs of list items per split from dense_splits on (tensor-core splits;
     /// 1 = every split takes one; workspace::attend_span).
     pub attend_span: i32,
