@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Speedup table of the default crossover's path against SDPA, from one GPU-check run.
+
+Reads gpu_check's gpu_bench.csv (our stages; eager medians) and sdpa_baseline.csv (PyTorch SDPA),
+and writes N,batch,auto_path,auto_us,sparse_us,dense_us,cudnn_us,flash_us: auto_path is the path
+the AUTO rule (dense when the call's summed tokens <= TOKENS + PER_SEQ * (batch - 1)) gives,
+auto_us that path's measured time. Plot it with plot.py --step auto_us.
+
+usage: speedup_csv.py --bench gpu_bench.csv --sdpa sdpa_baseline.csv --out speedup.csv
+                      [--auto-tokens 114688] [--auto-per-seq 0]
+"""
+import argparse
+import csv
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", required=True)
+    ap.add_argument("--sdpa", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--auto-tokens", type=int, default=114688)
+    ap.add_argument("--auto-per-seq", type=int, default=0)
+    a = ap.parse_args(argv)
+    ours = {}
+    with open(a.bench) as f:
+        for r in csv.DictReader(f):
+            ours[(r["kernel"], int(r["N"]), int(r["batch"]))] = float(r["median_us"])
+    sdpa = {}
+    with open(a.sdpa) as f:
+        for r in csv.DictReader(f):
+            if r.get("median_us"):
+                sdpa[(r["backend"], int(r["N"]), int(r["batch"]))] = float(r["median_us"])
+    rows = []
+    for n, b in sorted({(n, b) for (k, n, b) in ours if k == "step"}):
+        sparse, dense = ours[("step", n, b)], ours.get(("dense_ours", n, b))
+        if dense is None:
+            continue
+        path = "dense" if n * b <= a.auto_tokens + a.auto_per_seq * (b - 1) else "sparse"
+        auto = dense if path == "dense" else sparse
+        cu, fl = sdpa.get(("cudnn", n, b)), sdpa.get(("flash", n, b))
+        rows.append([n, b, path, f"{auto:.2f}", f"{sparse:.2f}", f"{dense:.2f}",
+                     "" if cu is None else f"{cu:.2f}", "" if fl is None else f"{fl:.2f}"])
+    with open(a.out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["N", "batch", "auto_path", "auto_us", "sparse_us", "dense_us", "cudnn_us", "flash_us"])
+        w.writerows(rows)
+    for r in rows:
+        print(",".join(str(x) for x in r))
+
+
+if __name__ == "__main__":
+    main()
