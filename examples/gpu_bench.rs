@@ -20,8 +20,8 @@ use std::io::Write;
 
 use selfindexkv::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
 use selfindexkv::gpu::{
-    DevBatch, DevLayer, DevPageTable, DevPrompt, DevSelection, DeviceBuffer, GpuContext, TopkPath, SELECT_ALL,
-    SELECT_RERANK, SELECT_SCORE, SELECT_TOPK, SELECT_TOPK_FINAL,
+    DevBatch, DevLayer, DevPageTable, DevPrompt, DevSelection, DeviceBuffer, GpuContext, Predecessor, TopkPath,
+    SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK, SELECT_TOPK_FINAL,
 };
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
 use selfindexkv::status::SikvStatus;
@@ -328,14 +328,12 @@ fn run(
                 s.ctx
                     .select_stages(stages, cfg, &s.layout, &s.layer, &s.batch, selection, ws, st)
             };
-            let att = |st: selfindexkv::gpu::CUstream| {
+            // `step` is select then attend on one stream, as the library's decode runs it;
+            // `attend` alone follows another attend.
+            let att = |st: selfindexkv::gpu::CUstream, before: Predecessor| {
+                let out = s.out.ptr();
                 s.ctx
-                    .attend(cfg, &s.layout, &s.layer, &s.batch, selection, s.out.ptr(), ws, st)
-            };
-            // The step is select then attend on one stream, as the library's decode runs it.
-            let att_after = |st: selfindexkv::gpu::CUstream| {
-                s.ctx
-                    .attend_after_select(cfg, &s.layout, &s.layer, &s.batch, selection, s.out.ptr(), ws, st)
+                    .attend_after(cfg, &s.layout, &s.layer, &s.batch, selection, out, ws, st, before)
             };
             let dense = |st: selfindexkv::gpu::CUstream| {
                 s.ctx
@@ -383,13 +381,13 @@ fn run(
                     bytes_score + bytes_topk + bytes_rerank,
                     Box::new(move |st| sel(SELECT_ALL, st)),
                 ),
-                ("attend", bytes_attend, Box::new(att)),
+                ("attend", bytes_attend, Box::new(move |st| att(st, Predecessor::Other))),
                 (
                     "step",
                     bytes_step,
                     Box::new(move |st| {
                         sel(SELECT_ALL, st)?;
-                        att_after(st)
+                        att(st, Predecessor::Select)
                     }),
                 ),
                 ("dense_ours", bytes_dense, Box::new(dense)),

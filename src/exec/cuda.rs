@@ -5,7 +5,7 @@ use super::{
     Batch, Executor, LayerPools, LayerView, MemMut, NewTokens, Prompt, Route, Selected, Stream, Table, Workspace,
 };
 use crate::ensure;
-use crate::gpu::{DevBatch, DevLayer, DevPrompt, DevSelection, DevTokens, DevWorkspace, GpuContext};
+use crate::gpu::{DevBatch, DevLayer, DevPrompt, DevSelection, DevTokens, DevWorkspace, GpuContext, Predecessor};
 use crate::layout::SIKV_NUM_PLANES;
 use crate::status::{Error, Result};
 
@@ -162,7 +162,17 @@ pub(super) fn decode(
     let sparse = || {
         g.one_call(|| {
             g.select(cfg, lay, &layer, &batch, sel, stage_ws, stream)?;
-            g.attend_after_select(cfg, lay, &layer, &batch, sel, out, stage_ws, stream)
+            g.attend_after(
+                cfg,
+                lay,
+                &layer,
+                &batch,
+                sel,
+                out,
+                stage_ws,
+                stream,
+                Predecessor::Select,
+            )
         })
     };
     let dense = || g.attend_dense(cfg, lay, &layer, &batch, out, stage_ws, stream);

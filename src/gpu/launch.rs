@@ -8,8 +8,8 @@ use super::geometry::*;
 use super::params::SikvParams;
 use super::workspace::Workspace;
 use super::{
-    cuda_stream, driver, CUstream, GpuContext, TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK,
-    SELECT_TOPK_FINAL,
+    cuda_stream, driver, CUstream, GpuContext, Predecessor, TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE,
+    SELECT_TOPK, SELECT_TOPK_FINAL,
 };
 use crate::config::CacheConfig;
 use crate::layout::Layout;
@@ -463,15 +463,15 @@ impl GpuContext {
         ws: DevWorkspace,
         stream: CUstream,
     ) -> Result<()> {
-        self.attend_inner(cfg, layout, layer, batch, sel, out, ws, stream, false)
+        self.attend_after(cfg, layout, layer, batch, sel, out, ws, stream, Predecessor::Other)
     }
 
-    /// [`attend`](Self::attend) right after this call's [`select`](Self::select) on the same
-    /// stream and workspace, nothing queued between them: the splits of kept dense entries
-    /// alone, which read nothing the selection writes, start while its last kernel runs.
-    /// (After any other predecessor, e.g. an append into the same pools, they must not.)
-    #[allow(clippy::too_many_arguments)] // attend's arguments
-    pub fn attend_after_select(
+    /// [`attend`](Self::attend), told what the stream runs just before it. After this call's own
+    /// [`select`](Self::select) (same stream and workspace, nothing queued between them) the
+    /// splits of kept dense entries alone, which read nothing the selection writes, start while
+    /// its last kernel runs; after anything else (an append into the same pools, say) they wait.
+    #[allow(clippy::too_many_arguments)] // attend's arguments plus its predecessor
+    pub fn attend_after(
         &self,
         cfg: &CacheConfig,
         layout: &Layout,
@@ -481,22 +481,7 @@ impl GpuContext {
         out: u64,
         ws: DevWorkspace,
         stream: CUstream,
-    ) -> Result<()> {
-        self.attend_inner(cfg, layout, layer, batch, sel, out, ws, stream, true)
-    }
-
-    #[allow(clippy::too_many_arguments)] // attend's arguments plus whether select precedes it
-    fn attend_inner(
-        &self,
-        cfg: &CacheConfig,
-        layout: &Layout,
-        layer: &DevLayer,
-        batch: &DevBatch,
-        sel: DevSelection,
-        out: u64,
-        ws: DevWorkspace,
-        stream: CUstream,
-        after_select: bool,
+        before: Predecessor,
     ) -> Result<()> {
         self.take_fault()?;
         let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
@@ -505,7 +490,7 @@ impl GpuContext {
         Self::selection_params(&mut p, sel)?;
         dev_ptr(out, 16, "out")?;
         p.out = out;
-        p.attend_early = after_select as i32;
+        p.attend_early = (before == Predecessor::Select) as i32;
         self.current()?;
         let b = batch.table.batch;
         self.launch_attend(cfg, &w, &mut p, b, stream)?;

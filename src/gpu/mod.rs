@@ -111,6 +111,15 @@ fn pdl_from_env(major: i32) -> bool {
     major >= 9 && std::env::var("SIKV_PDL").map(|v| v.trim() != "0").unwrap_or(true)
 }
 
+/// What the stream runs just before an attend ([`GpuContext::attend_after`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Predecessor {
+    /// This call's own select, on the same stream and workspace, nothing queued between them.
+    Select,
+    /// Anything else (an append, the engine's kernels, another call).
+    Other,
+}
+
 /// Which stage-1 top-k `select` runs (env SIKV_TOPK, read once at [`GpuContext::new`]):
 /// `single` = one CTA per row (the original kernel), anything else or unset = multi-CTA
 /// (histogram in the score kernel, multi-CTA compaction, one-CTA finish). `multi:N` also caps
