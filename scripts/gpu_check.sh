@@ -335,6 +335,20 @@ if msl:
     for n, b in sorted({(n, b) for (_, n, b) in m}):
         gm = lambda k: m.get((k, n, b), float("nan"))
         print(f"  {n:>7} {b:>2} {gm('step'):>8.1f} {gm('dense_ours'):>8.1f} {gm('routed'):>8.1f}")
+# BASELINE: the first baseline build against this one, graph us per stage (base -> this build).
+base = load("base_gpu_bench.csv")
+if base:
+    g0 = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in base}
+    g1 = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in ours}
+    stages = ["score", "topk", "rerank", "attend", "step", "dense_ours"]
+    print("  graph us, baseline build 1 -> this build")
+    print(f"  {'N':>7} {'B':>2} " + " ".join(f"{k:>15}" for k in stages))
+    for n, b in keys:
+        cells = []
+        for k in stages:
+            a, c = g0.get((k, n, b)), g1.get((k, n, b))
+            cells.append(f"{a:>6.1f} -> {c:>5.1f}" if a is not None and c is not None else f"{'-':>15}")
+        print(f"  {n:>7} {b:>2} " + " ".join(cells))
 # FIT_N: the crossover's break-even points (graph us).
 fit = load("fit_gpu_bench.csv")
 if fit:
