@@ -45,6 +45,10 @@
 // (the reference's 2+1 behaviour).
 #define SIKV_FLAG_FORCE_GENERATED (1 << 1)
 
+// Calls with several query rows per sequence (`sikv_attend_rows`) select once per sequence
+// and KV head from the mean of the rows' queries, instead of once per row.
+#define SIKV_FLAG_ROWS_MEAN_QUERY (1 << 2)
+
 // `dense_crossover` value that lets the library choose (the default): the dense decode when
 // the call's tokens are at most 114688 summed over its sequences (the measured break-even).
 #define SIKV_DENSE_CROSSOVER_AUTO 4294967295
@@ -328,6 +332,18 @@ enum SikvStatus sikv_append(struct SikvCache *cache, uint32_t layer, uint32_t n_
 // Sparse decode attention at one layer, one query token per sequence:
 // `q`, `out`: `[n_seqs][num_q_heads][head_dim]`.
 enum SikvStatus sikv_attend(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const void *q, void *out, SikvStream stream);
+
+// Attention for several new tokens per sequence in one call (speculative-decoding
+// verification, a chunk of a prompt): sequence `seq_ids[i]` brought `rows[i]` tokens (1..=16,
+// appended with sikv_append before this call; `rows` is a HOST array of n_seqs). `q`, `out`:
+// `[R][num_q_heads][head_dim]` with R the sum of `rows`, sequence i's rows after those of
+// i - 1, in position order. Row r of sequence i stands at position len_i - rows[i] + r and
+// attends to the positions up to its own (causal among the new tokens), over the dense set and
+// a selection made per row, or once per sequence from the mean of its rows' queries with
+// SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
+// crossover does not apply here). The CPU device only so far: a CUDA cache answers
+// SIKV_ERR_UNSUPPORTED.
+enum SikvStatus sikv_attend_rows(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const uint32_t *rows, const void *q, void *out, SikvStream stream);
 
 // Sparse decode attention with a selection the caller supplies instead of the library's own:
 // `indices` `[n_seqs][num_kv_heads][budget_max]` ascending candidate positions (then anything),

@@ -35,7 +35,19 @@ pub const SIKV_FLAG_PARITY_SIGN: u32 = 1 << 0;
 /// Tokens generated after calibration are always selected and count against the budget
 /// (the reference's 2+1 behaviour).
 pub const SIKV_FLAG_FORCE_GENERATED: u32 = 1 << 1;
-const KNOWN_FLAGS: u32 = SIKV_FLAG_PARITY_SIGN | SIKV_FLAG_FORCE_GENERATED;
+/// Calls with several query rows per sequence (`sikv_attend_rows`) select once per sequence
+/// and KV head from the mean of the rows' queries, instead of once per row.
+pub const SIKV_FLAG_ROWS_MEAN_QUERY: u32 = 1 << 2;
+const KNOWN_FLAGS: u32 = SIKV_FLAG_PARITY_SIGN | SIKV_FLAG_FORCE_GENERATED | SIKV_FLAG_ROWS_MEAN_QUERY;
+
+/// How a call with several query rows per sequence selects (`cpu::rows`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowSelection {
+    /// Each row from its own group-mean query.
+    PerRow,
+    /// Once per sequence and KV head, from the mean over the sequence's rows.
+    MeanQuery,
+}
 
 /// `dense_crossover` value that lets the library choose (the default): the dense decode when
 /// the call's tokens are at most 114688 summed over its sequences (the measured break-even).
@@ -276,6 +288,8 @@ pub struct CacheConfig {
     pub centre: Centre,
     pub sign_predicate: SignPredicate,
     pub force_generated: bool,
+    /// Selection of multi-row calls (SIKV_FLAG_ROWS_MEAN_QUERY).
+    pub row_selection: RowSelection,
     pub softmax_scale: f32,
     /// When attend runs the dense decode instead of selecting.
     pub dense_crossover: Crossover,
@@ -554,6 +568,11 @@ impl CacheConfig {
                 SignPredicate::NotSignbit
             },
             force_generated: c.flags & SIKV_FLAG_FORCE_GENERATED != 0,
+            row_selection: if c.flags & SIKV_FLAG_ROWS_MEAN_QUERY != 0 {
+                RowSelection::MeanQuery
+            } else {
+                RowSelection::PerRow
+            },
             softmax_scale,
             dense_crossover: Crossover::from_c(c.dense_crossover),
         })

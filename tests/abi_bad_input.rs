@@ -143,6 +143,10 @@ args!(AttendSelected => sikv_attend_selected {
     cache: *mut SikvCache, layer: u32, n_seqs: u32, seq_ids: *const i64, q: *const c_void,
     indices: *const i32, counts: *const i32, out: *mut c_void, stream: SikvStream,
 });
+args!(AttendRows => sikv_attend_rows {
+    cache: *mut SikvCache, layer: u32, n_seqs: u32, seq_ids: *const i64, rows: *const u32,
+    q: *const c_void, out: *mut c_void, stream: SikvStream,
+});
 args!(Select => sikv_select {
     cache: *mut SikvCache, layer: u32, n_seqs: u32, seq_ids: *const i64, q: *const c_void,
     indices: *mut i32, counts: *mut i32, stream: SikvStream,
@@ -532,7 +536,7 @@ impl Fx {
             ),
             (
                 "config.flags unknown bit",
-                fx.config_with(|c| c.flags = SIKV_FLAG_FORCE_GENERATED << 1),
+                fx.config_with(|c| c.flags = SIKV_FLAG_ROWS_MEAN_QUERY << 1),
                 SIKV_ERR_UNSUPPORTED,
                 "config.flags",
             ),
@@ -846,6 +850,31 @@ impl Fx {
             .mis("indices", |a| a.indices = sel_idx.cmis())
             .null("counts", |a| a.counts = null())
             .mis("counts", |a| a.counts = sel_cnt.cmis())
+            .null("out", |a| a.out = null_mut());
+
+        // One query row per sequence (the q the other batch calls take); rows of their own.
+        let rows_ok = fx.put(&[1u32, 1, 1]);
+        let rows_zero = fx.put(&[0u32, 1, 1]);
+        let rows_over = fx.put(&[1u32, 17, 1]);
+        let good = AttendRows {
+            cache,
+            layer: 0,
+            n_seqs: 2,
+            seq_ids: ids.c(),
+            rows: rows_ok.c(),
+            q: qc,
+            out: out.void(),
+            stream: null_mut(),
+        };
+        batch_rows!(t.export("sikv_attend_rows", AttendRows::call, good))
+            .null("rows", |a| a.rows = null())
+            .mis("rows", |a| a.rows = rows_ok.cmis())
+            .bad("rows[0] = 0", SIKV_ERR_OUT_OF_BOUNDS, "rows[0] = 0", |a| {
+                a.rows = rows_zero.c()
+            })
+            .bad("rows[1] = 17", SIKV_ERR_OUT_OF_BOUNDS, "rows[1] = 17", |a| {
+                a.rows = rows_over.c()
+            })
             .null("out", |a| a.out = null_mut());
 
         let idx_out = fx.out::<i32>((max_batch as usize + 1) * hk * kmax);

@@ -239,7 +239,7 @@ fn tiny_config(rng: &mut Rng) -> SikvConfig {
     c.rerank_factor = pick(rng, &[0, 1, 2, 4]);
     c.selector = rng.below(2) as u32;
     c.centre = rng.below(2) as u32;
-    c.flags = rng.below(4) as u32;
+    c.flags = rng.below(8) as u32;
     c.dense_crossover = pick(rng, &[0, 0, 0, 20, 300]);
     c
 }
@@ -275,7 +275,7 @@ fn mutate_config(rng: &mut Rng, c: &mut SikvConfig) -> String {
         _ => match rng.below(5) {
             0 => c.selector = pick(rng, &[2, u32::MAX]),
             1 => c.centre = pick(rng, &[2, u32::MAX]),
-            2 => c.flags = pick(rng, &[4, 1 << 31, u32::MAX]),
+            2 => c.flags = pick(rng, &[8, 1 << 31, u32::MAX]),
             3 => c.softmax_scale = fv,
             _ => c.dense_crossover = v,
         },

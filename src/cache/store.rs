@@ -6,7 +6,7 @@ use super::{Fnv, OwnedPageTable};
 use crate::cpu::{LayerMut, LayerRef, PageTable};
 use crate::exec::{
     Batch, DecodePath, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Stream, Table,
-    Workspace,
+    Workspace, ROWS_ON_GPU,
 };
 use crate::ffi::boundary::ForeignBytes;
 use crate::layout::{Layout, SIKV_NUM_PLANES};
@@ -232,6 +232,29 @@ impl Store {
                 let pools = LayerView::Host(h.layer_ref(exec.layout(), layer as usize));
                 let ws = Workspace::default();
                 exec.select(pools, &batch, MemMut::Host(indices), MemMut::Host(counts), ws, stream)
+            }
+        }
+    }
+
+    /// Several query rows per sequence (`Executor::attend_rows`); host pools only so far.
+    #[allow(clippy::too_many_arguments)] // the batch, unpacked by the cache
+    pub fn attend_rows(
+        &mut self,
+        exec: &Executor,
+        layer: u32,
+        table: &OwnedPageTable,
+        seq_slot: &[i32],
+        q: Activations,
+        rows: &[u32],
+        out: Output,
+        stream: Stream,
+    ) -> Result<()> {
+        match self {
+            Store::Device(_) => Err(Error::unsupported(ROWS_ON_GPU)),
+            Store::Host(h) => {
+                let batch = host_batch(table, seq_slot, q);
+                let pools = LayerView::Host(h.layer_ref(exec.layout(), layer as usize));
+                exec.attend_rows(pools, &batch, rows, out, Workspace::default(), stream)
             }
         }
     }

@@ -23,6 +23,7 @@ use super::stages::{
 };
 use super::table::PageTable;
 use crate::config::CacheConfig;
+pub use crate::config::RowSelection;
 use crate::ensure;
 use crate::layout::Layout;
 use crate::reference::score::group_mean_query;
@@ -31,41 +32,42 @@ use crate::status::Result;
 /// Most query rows one sequence may bring to a call.
 pub const MAX_QUERY_ROWS: u32 = 16;
 
-/// How a multi-row call selects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RowSelection {
-    /// Each row from its own group-mean query.
-    PerRow,
-    /// Once per sequence and KV head, from the mean over the sequence's rows.
-    MeanQuery,
-}
-
-/// First query row of each sequence, and the total, after checking `rows` against the batch
-/// and the sequences' lengths.
-fn row_starts(layout: &Layout, table: &PageTable, rows: &[u32]) -> Result<(Vec<usize>, usize)> {
-    let b_n = table.batch();
+/// The query rows of a call over `batch` sequences (their sum), after checking that `rows` has
+/// one entry per sequence, each in 1..=MAX_QUERY_ROWS: what sizes `q` and `out`.
+pub fn rows_total(rows: &[u32], batch: usize) -> Result<usize> {
     ensure!(
-        rows.len() == b_n,
+        rows.len() == batch,
         SIKV_ERR_INVALID_ARGUMENT,
-        "rows has {} entries, the page table has batch {b_n}",
+        "rows has {} entries, the batch has {batch} sequences",
         rows.len()
     );
-    let mut starts = Vec::with_capacity(b_n);
     let mut total = 0usize;
     for (b, &n) in rows.iter().enumerate() {
-        let len = table.seq_len(b, layout.page_size);
         ensure!(
             (1..=MAX_QUERY_ROWS).contains(&n),
             SIKV_ERR_OUT_OF_BOUNDS,
             "rows[{b}] = {n} is outside 1..={MAX_QUERY_ROWS}"
         );
+        total += n as usize;
+    }
+    Ok(total)
+}
+
+/// First query row of each sequence, and the total, after checking `rows` against the batch
+/// and the sequences' lengths.
+fn row_starts(layout: &Layout, table: &PageTable, rows: &[u32]) -> Result<(Vec<usize>, usize)> {
+    let total = rows_total(rows, table.batch())?;
+    let mut starts = Vec::with_capacity(rows.len());
+    let mut at = 0usize;
+    for (b, &n) in rows.iter().enumerate() {
+        let len = table.seq_len(b, layout.page_size);
         ensure!(
             n as usize <= len,
             SIKV_ERR_OUT_OF_BOUNDS,
             "rows[{b}] = {n} exceeds the sequence's length {len} (the rows' tokens are appended first)"
         );
-        starts.push(total);
-        total += n as usize;
+        starts.push(at);
+        at += n as usize;
     }
     Ok((starts, total))
 }

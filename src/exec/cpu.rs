@@ -166,6 +166,36 @@ pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, route: Route, o
     Ok(())
 }
 
+/// `rows` checked by the caller (one entry per sequence, each in 1..=MAX_QUERY_ROWS).
+pub(super) fn attend_rows(ex: &Executor, pools: LayerView, b: &Batch, rows: &[u32], out: MemMut<u8>) -> Result<()> {
+    let c = &ex.cfg;
+    let t = host_table(&b.table)?;
+    let ss = host_array(b.seq_slot, t.batch(), "seq_slot")?;
+    let total: usize = rows.iter().map(|&r| r as usize).sum();
+    let q = acts_f32(ex, b.q, total * (c.num_q_heads * c.head_dim) as usize, "q")?;
+    let out = host_array_mut(out, q.len() * c.dtype.size(), "out")?;
+    let layer = pools_ref(pools)?;
+    let sel_rows = total * c.num_kv_heads as usize;
+    let mut idx = vec![-1i32; sel_rows * c.budget.max as usize];
+    let mut cnt = vec![0i32; sel_rows];
+    cpu::select_rows(
+        &ex.layout,
+        c,
+        &layer,
+        &t,
+        ss,
+        rows,
+        &q,
+        c.row_selection,
+        &mut idx,
+        &mut cnt,
+    )?;
+    let mut o = vec![0f32; q.len()];
+    cpu::attend_rows(&ex.layout, c, &layer, &t, ss, rows, &q, &idx, &cnt, &mut o)?;
+    numeric::from_f32(c.dtype, &o, out);
+    Ok(())
+}
+
 pub(super) fn reset_sequence(ex: &Executor, state: MemMut<u8>, seq_slot: u32) -> Result<()> {
     let st = host_array_mut(state, ex.layout.layer_state_bytes, "pools.state")?;
     cpu::reset_sequence(&ex.layout, st, seq_slot as usize)

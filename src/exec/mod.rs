@@ -274,6 +274,27 @@ impl Executor {
         }
     }
 
+    /// Select + attend for `rows[i]` query rows of each sequence i (1..=`cpu::MAX_QUERY_ROWS`, at most
+    /// its length), causal among them (`cpu::rows`): `b.q` and `out` hold `[sum rows][H_q][d]`,
+    /// sequence i's rows after those of i - 1. Selection per `cfg.row_selection`. The CPU
+    /// device only so far: the GPU kernels take one row per sequence.
+    pub fn attend_rows(
+        &self,
+        pools: LayerView,
+        b: &Batch,
+        rows: &[u32],
+        out: MemMut<u8>,
+        _ws: Workspace,
+        _stream: Stream,
+    ) -> Result<()> {
+        self.check_batch(b)?;
+        crate::cpu::rows_total(rows, b.table.batch() as usize)?;
+        match &self.imp {
+            Imp::Cpu => cpu::attend_rows(self, pools, b, rows, out),
+            Imp::Cuda(_) => Err(Error::unsupported(ROWS_ON_GPU)),
+        }
+    }
+
     /// Clears the state records of a sequence slot at one layer (`state`: the layer's pool).
     pub fn reset_sequence(&self, state: MemMut<u8>, seq_slot: u32, stream: Stream) -> Result<()> {
         self.check_slot(seq_slot)?;
@@ -304,6 +325,10 @@ impl Executor {
         Ok(())
     }
 }
+
+/// Why a multi-row call on a GPU is refused.
+pub const ROWS_ON_GPU: &str =
+    "several query rows per sequence run on the CPU device only so far: the GPU kernels take one query row per sequence";
 
 /// The decode workspace on a GPU: the stage workspace, then the selection (indices
 /// `[batch][H_kv][budget_max]`, counts `[batch][H_kv]`), each 256-byte aligned.

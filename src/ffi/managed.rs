@@ -363,6 +363,41 @@ pub extern "C" fn sikv_attend(
     attend_common(cache, layer, n_seqs, seq_ids, q, out, stream, false)
 }
 
+/// Attention for several new tokens per sequence in one call (speculative-decoding
+/// verification, a chunk of a prompt): sequence `seq_ids[i]` brought `rows[i]` tokens (1..=16,
+/// appended with sikv_append before this call; `rows` is a HOST array of n_seqs). `q`, `out`:
+/// `[R][num_q_heads][head_dim]` with R the sum of `rows`, sequence i's rows after those of
+/// i - 1, in position order. Row r of sequence i stands at position len_i - rows[i] + r and
+/// attends to the positions up to its own (causal among the new tokens), over the dense set and
+/// a selection made per row, or once per sequence from the mean of its rows' queries with
+/// SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
+/// crossover does not apply here). The CPU device only so far: a CUDA cache answers
+/// SIKV_ERR_UNSUPPORTED.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)] // sikv_attend's parameters plus the rows
+pub extern "C" fn sikv_attend_rows(
+    cache: *mut SikvCache,
+    layer: u32,
+    n_seqs: u32,
+    seq_ids: *const i64,
+    rows: *const u32,
+    q: *const c_void,
+    out: *mut c_void,
+    stream: SikvStream,
+) -> SikvStatus {
+    boundary(poison_of(cache), || {
+        cache_ref(cache)?.with(|c| {
+            let ids = batch_ids(c, n_seqs, seq_ids)?;
+            let rows = unsafe { host_slice(rows, ids.len(), "rows") }?;
+            let total = crate::cpu::rows_total(rows, ids.len())?;
+            let n = total * (c.cfg.num_q_heads * c.cfg.head_dim) as usize;
+            let q = unsafe { activations(c, q, n, "q") }?;
+            let out = unsafe { output(c, out, n, "out") }?;
+            c.attend_rows(layer, ids, rows, q, out, stream)
+        })
+    })
+}
+
 /// Sparse decode attention with a selection the caller supplies instead of the library's own:
 /// `indices` `[n_seqs][num_kv_heads][budget_max]` ascending candidate positions (then anything),
 /// `counts` `[n_seqs][num_kv_heads]`, both HOST int32 arrays in sikv_select's layout. The dense
