@@ -14,7 +14,11 @@
 # MEMCHECK_CASES / RACECHECK_CASES (comma lists of libtest name filters, substrings of
 # <stage>::<case>; memcheck defaults to every case, racecheck to
 # "encode::encode_bit_exact,encode::calibrate_bit_exact,decode::select_attend_matrix"),
-# SIKV_TEST_SEED to replay a seed (every case prints its own).
+# SIKV_TEST_SEED to replay a seed (every case prints its own). Bench options (step `bench`):
+# BASELINE (older gpu_bench builds timed in the same run; the summary compares the first),
+# ROUTE_MSL / ROUTE_N / ROUTE_B (the routed decode under a longer max_seq_len), FIT_N / FIT_B
+# (more sizes for the crossover's break-even), PDL_AB=1, BENCH_ARGS. The `tests` step also runs
+# the decode and graph tests with SIKV_ATTEND_SPAN=3 (the sparse attend's multi-group splits).
 # A run whose filters select no test fails, and so does a GPU test that skipped for want of a
 # CUDA device: on the GPU machine that is a broken setup, not a pass.
 set -u
