@@ -362,6 +362,29 @@ impl GpuContext {
         Ok(())
     }
 
+    /// The preamble of a call that attends into `out` over the selection `sel`: the pending
+    /// fault, the batch's parameters (None for an empty batch), the selection and the output.
+    #[allow(clippy::too_many_arguments)] // attend's descriptors
+    fn attend_params(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        sel: DevSelection,
+        out: u64,
+        ws: DevWorkspace,
+    ) -> Result<Option<(SikvParams, Workspace)>> {
+        self.take_fault()?;
+        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
+            return Ok(None);
+        };
+        Self::selection_params(&mut p, sel)?;
+        dev_ptr(out, 16, "out")?;
+        p.out = out;
+        Ok(Some((p, w)))
+    }
+
     /// Benchmarking aid: launches only the parts of `select` named by `stages` (bits
     /// SELECT_SCORE, SELECT_TOPK, SELECT_RERANK; each part reads what the previous one left in
     /// the workspace, so time a part only after a full select on the same workspace).
@@ -483,17 +506,12 @@ impl GpuContext {
         stream: CUstream,
         before: Predecessor,
     ) -> Result<()> {
-        self.take_fault()?;
-        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
+        let Some((mut p, w)) = self.attend_params(cfg, layout, layer, batch, sel, out, ws)? else {
             return Ok(());
         };
-        Self::selection_params(&mut p, sel)?;
-        dev_ptr(out, 16, "out")?;
-        p.out = out;
-        p.attend_early = (before == Predecessor::Select) as i32;
         self.current()?;
         let b = batch.table.batch;
-        self.launch_attend(cfg, &w, &mut p, b, stream)?;
+        self.launch_attend(cfg, &w, &mut p, b, before, stream)?;
         self.launch_combine(cfg, &p, b, stream)
     }
 
@@ -503,13 +521,16 @@ impl GpuContext {
         self.launch(&self.inner.kernels.combine, grid, COMBINE_THREADS, stream, p)
     }
 
-    /// The sparse attend's launch (its partials; combine follows).
+    /// The sparse attend's launch (its partials; combine follows). `before`: what the stream
+    /// runs just before it (attend_after).
+    #[allow(clippy::too_many_arguments)] // the launch's inputs and its predecessor
     fn launch_attend(
         &self,
         cfg: &CacheConfig,
         w: &Workspace,
         p: &mut SikvParams,
         b: u32,
+        before: Predecessor,
         stream: CUstream,
     ) -> Result<()> {
         let dev = &self.inner.dev;
@@ -520,6 +541,7 @@ impl GpuContext {
         };
         let splits = w.dense_splits + (w.sparse_splits - w.dense_splits).div_ceil(span as usize);
         p.attend_span = span as i32;
+        p.attend_early = (before == Predecessor::Select) as i32;
         p.dense_splits = w.dense_splits as i32;
         p.num_splits = splits as i32;
         let grid = (splits as u32, cfg.num_kv_heads, b);
@@ -594,13 +616,9 @@ impl GpuContext {
         dense_max_tokens: u64,
         stream: CUstream,
     ) -> Result<()> {
-        self.take_fault()?;
-        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
+        let Some((mut p, w)) = self.attend_params(cfg, layout, layer, batch, sel, out, ws)? else {
             return Ok(());
         };
-        Self::selection_params(&mut p, sel)?;
-        dev_ptr(out, 16, "out")?;
-        p.out = out;
         self.topk_params(&mut p);
         p.ws_route = ws.ptr + w.route as u64;
         p.route_max_tokens = dense_max_tokens;
@@ -610,9 +628,7 @@ impl GpuContext {
         let mut ps = p;
         ps.route_as = ROUTE_SPARSE as i32;
         self.launch_select(SELECT_ALL, cfg, &ps, b, stream)?;
-        ps.attend_early = 1;
-        self.launch_attend(cfg, &w, &mut ps, b, stream)?;
-        ps.attend_early = 0;
+        self.launch_attend(cfg, &w, &mut ps, b, Predecessor::Select, stream)?;
         let mut pd = p;
         pd.route_as = ROUTE_DENSE as i32;
         self.launch_dense(cfg, &w, &mut pd, b, stream)?;
