@@ -247,14 +247,13 @@ impl Store {
         q: Activations,
         rows: &[u32],
         out: Output,
-        stream: Stream,
     ) -> Result<()> {
         match self {
             Store::Device(_) => Err(Error::unsupported(ROWS_ON_GPU)),
             Store::Host(h) => {
                 let batch = host_batch(table, seq_slot, q);
                 let pools = LayerView::Host(h.layer_ref(exec.layout(), layer as usize));
-                exec.attend_rows(pools, &batch, rows, out, Workspace::default(), stream)
+                exec.attend_rows(pools, &batch, rows, out)
             }
         }
     }

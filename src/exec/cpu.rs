@@ -166,12 +166,12 @@ pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, route: Route, o
     Ok(())
 }
 
-/// `rows` checked by the caller (one entry per sequence, each in 1..=MAX_QUERY_ROWS).
 pub(super) fn attend_rows(ex: &Executor, pools: LayerView, b: &Batch, rows: &[u32], out: MemMut<u8>) -> Result<()> {
     let c = &ex.cfg;
     let t = host_table(&b.table)?;
     let ss = host_array(b.seq_slot, t.batch(), "seq_slot")?;
-    let total: usize = rows.iter().map(|&r| r as usize).sum();
+    // The rows size q and out; checked here before they do.
+    let total = cpu::rows_total(rows, t.batch())?;
     let q = acts_f32(ex, b.q, total * (c.num_q_heads * c.head_dim) as usize, "q")?;
     let out = host_array_mut(out, q.len() * c.dtype.size(), "out")?;
     let layer = pools_ref(pools)?;

@@ -274,21 +274,13 @@ impl Executor {
         }
     }
 
-    /// Select + attend for `rows[i]` query rows of each sequence i (1..=`cpu::MAX_QUERY_ROWS`, at most
-    /// its length), causal among them (`cpu::rows`): `b.q` and `out` hold `[sum rows][H_q][d]`,
-    /// sequence i's rows after those of i - 1. Selection per `cfg.row_selection`. The CPU
-    /// device only so far: the GPU kernels take one row per sequence.
-    pub fn attend_rows(
-        &self,
-        pools: LayerView,
-        b: &Batch,
-        rows: &[u32],
-        out: MemMut<u8>,
-        _ws: Workspace,
-        _stream: Stream,
-    ) -> Result<()> {
+    /// Select + attend for `rows[i]` query rows of each sequence i (1..=`cpu::MAX_QUERY_ROWS`, at
+    /// most its length), causal among them (`cpu::rows`): `b.q` and `out` hold
+    /// `[sum rows][H_q][d]`, sequence i's rows after those of i - 1. Selection per
+    /// `cfg.row_selection`. The CPU device only so far: the GPU kernels take one row per
+    /// sequence.
+    pub fn attend_rows(&self, pools: LayerView, b: &Batch, rows: &[u32], out: MemMut<u8>) -> Result<()> {
         self.check_batch(b)?;
-        crate::cpu::rows_total(rows, b.table.batch() as usize)?;
         match &self.imp {
             Imp::Cpu => cpu::attend_rows(self, pools, b, rows, out),
             Imp::Cuda(_) => Err(Error::unsupported(ROWS_ON_GPU)),

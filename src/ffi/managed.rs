@@ -393,7 +393,9 @@ pub extern "C" fn sikv_attend_rows(
             let n = total * (c.cfg.num_q_heads * c.cfg.head_dim) as usize;
             let q = unsafe { activations(c, q, n, "q") }?;
             let out = unsafe { output(c, out, n, "out") }?;
-            c.attend_rows(layer, ids, rows, q, out, stream)
+            // CPU caches only so far: nothing is queued on `stream`.
+            let _ = stream;
+            c.attend_rows(layer, ids, rows, q, out)
         })
     })
 }
