@@ -175,6 +175,16 @@ fn calibrated(k: &Kernels, cfg: &SikvConfig, rng: &mut Rng, lens: &[usize]) -> P
     }
 }
 
+/// The dense decode, the decode of `routed` and the decode of `sparse` (no crossover) over the
+/// same pools and queries.
+fn three_ways(routed: &Kernels, sparse: &Kernels, pools: &SikvLayerPools, lens: &[usize], q: &[f32]) -> [Vec<u8>; 3] {
+    [
+        run(sikv_kernel_attend_dense, routed, pools, lens, q),
+        run(sikv_kernel_decode, routed, pools, lens, q),
+        run(sikv_kernel_decode, sparse, pools, lens, q),
+    ]
+}
+
 /// 70 tokens in the batch, a crossover of 100 and 2 x 256 declared: the dense decode. After
 /// 20 more tokens per sequence (110 > 100): the sparse decode.
 #[test]
@@ -187,9 +197,7 @@ fn decode_crossover_follows_the_live_lengths() {
     let p = calibrated(&routed, &cfg, &mut rng, &lens);
     let pools = &p.pools;
     let q = acts(&mut rng, 2 * HQ * D);
-    let dense = run(sikv_kernel_attend_dense, &routed, pools, &lens, &q);
-    let picked = run(sikv_kernel_decode, &routed, pools, &lens, &q);
-    let sel = run(sikv_kernel_decode, &sparse, pools, &lens, &q);
+    let [dense, picked, sel] = three_ways(&routed, &sparse, pools, &lens, &q);
     assert!(
         picked == dense,
         "seed {seed:#x}: 70 tokens, crossover 100: not the dense decode"
@@ -223,9 +231,7 @@ fn decode_crossover_follows_the_live_lengths() {
         null_mut(),
     );
     ok(st, "append");
-    let dense = run(sikv_kernel_attend_dense, &routed, pools, &lens, &q);
-    let picked = run(sikv_kernel_decode, &routed, pools, &lens, &q);
-    let sel = run(sikv_kernel_decode, &sparse, pools, &lens, &q);
+    let [dense, picked, sel] = three_ways(&routed, &sparse, pools, &lens, &q);
     assert!(
         picked == sel,
         "seed {seed:#x}: 110 tokens, crossover 100: not the sparse decode"
@@ -250,9 +256,7 @@ fn above_the_live_crossover_batch_the_declared_bound_decides() {
     let lens = vec![30usize; b];
     let p = calibrated(&bounded, &cfg, &mut rng, &lens);
     let q = acts(&mut rng, b * HQ * D);
-    let dense = run(sikv_kernel_attend_dense, &bounded, &p.pools, &lens, &q);
-    let picked = run(sikv_kernel_decode, &bounded, &p.pools, &lens, &q);
-    let sel = run(sikv_kernel_decode, &sparse, &p.pools, &lens, &q);
+    let [dense, picked, sel] = three_ways(&bounded, &sparse, &p.pools, &lens, &q);
     assert!(
         sel != dense,
         "seed {seed:#x}: sparse == dense; the check proves nothing"
