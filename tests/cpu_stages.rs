@@ -9,8 +9,7 @@ use selfindexkv::config::{
     SIKV_FLAG_FORCE_GENERATED, SIKV_FLAG_PARITY_SIGN, SIKV_PROFILE_2_1, SIKV_SELECTOR_SIGN_SIGN,
 };
 use selfindexkv::cpu::{
-    append, attend, attend_dense, calibrate, read_state, reset_sequence, select, LayerMut, LayerRef, PageTable,
-    StateRecord,
+    append, attend, attend_dense, calibrate, read_state, reset_sequence, select, PageTable, StateRecord,
 };
 use selfindexkv::layout::{
     Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PROMPT_LEN, SIKV_NUM_PLANES, SIKV_PLANE_SIGN,
@@ -24,7 +23,7 @@ use selfindexkv::reference::topk::topk;
 use selfindexkv::status::SikvStatus;
 
 mod common;
-use common::Rng;
+use common::{HostPools as Pools, Rng};
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures.
@@ -53,45 +52,6 @@ fn config(f: impl FnOnce(&mut SikvConfig)) -> (CacheConfig, Layout) {
     let cfg = CacheConfig::from_c(&c).unwrap();
     let layout = Layout::new(&cfg);
     (cfg, layout)
-}
-
-#[derive(Clone, PartialEq)]
-struct Pools {
-    planes: Vec<Vec<u8>>,
-    state: Vec<u8>,
-}
-
-impl Pools {
-    fn new(l: &Layout) -> Pools {
-        Pools {
-            planes: (0..SIKV_NUM_PLANES).map(|p| vec![0u8; l.plane_bytes[p]]).collect(),
-            state: vec![0u8; l.layer_state_bytes],
-        }
-    }
-    fn layer_mut(&mut self) -> LayerMut<'_> {
-        let mut it = self.planes.iter_mut();
-        LayerMut {
-            planes: std::array::from_fn(|_| it.next().unwrap().as_mut_slice()),
-            state: &mut self.state,
-        }
-    }
-    fn layer_ref(&self) -> LayerRef<'_> {
-        LayerRef {
-            planes: std::array::from_fn(|p| self.planes[p].as_slice()),
-            state: &self.state,
-        }
-    }
-    fn rows(&self, l: &Layout, page: usize, h: usize, slot: usize) -> [&[u8]; SIKV_NUM_PLANES] {
-        std::array::from_fn(|p| {
-            let n = l.format.row_bytes[p];
-            if n == 0 {
-                &[][..]
-            } else {
-                let o = l.row_offset(p, page, h, slot);
-                &self.planes[p][o..o + n]
-            }
-        })
-    }
 }
 
 /// One sequence as the test sees it.

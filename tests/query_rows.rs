@@ -6,11 +6,11 @@ use selfindexkv::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CPU, SIKV_PROFILE
 use selfindexkv::cpu::{
     append, attend, attend_rows, calibrate, select, select_rows, LayerMut, LayerRef, PageTable, RowSelection,
 };
-use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
+use selfindexkv::layout::Layout;
 use selfindexkv::status::SikvStatus;
 
 mod common;
-use common::Rng;
+use common::{HostPools, Rng};
 
 const PROMPTS: [usize; 2] = [120, 90];
 
@@ -44,8 +44,7 @@ fn config(window: u32, rerank: u32) -> (CacheConfig, Layout) {
 struct World {
     cfg: CacheConfig,
     layout: Layout,
-    planes: Vec<Vec<u8>>,
-    state: Vec<u8>,
+    pools: HostPools,
     lens: [usize; 2],
 }
 
@@ -55,8 +54,7 @@ impl World {
         let mut rng = Rng(seed);
         let (d, hkv, hq) = (64usize, 2usize, 6usize);
         let mut w = World {
-            planes: (0..SIKV_NUM_PLANES).map(|p| vec![0u8; layout.plane_bytes[p]]).collect(),
-            state: vec![0u8; layout.layer_state_bytes],
+            pools: HostPools::new(&layout),
             cfg,
             layout,
             lens: PROMPTS,
@@ -94,17 +92,10 @@ impl World {
         ((b * 16 + p / 16) * 16 + p % 16) as i64
     }
     fn layer_mut(&mut self) -> LayerMut<'_> {
-        let mut it = self.planes.iter_mut();
-        LayerMut {
-            planes: std::array::from_fn(|_| it.next().unwrap().as_mut_slice()),
-            state: &mut self.state,
-        }
+        self.pools.layer_mut()
     }
     fn layer(&self) -> LayerRef<'_> {
-        LayerRef {
-            planes: std::array::from_fn(|p| self.planes[p].as_slice()),
-            state: &self.state,
-        }
+        self.pools.layer_ref()
     }
     fn table(&self) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
         let (mut indptr, mut idx, mut last) = (vec![0i32], Vec::new(), Vec::new());

@@ -5,6 +5,9 @@
 
 use std::path::PathBuf;
 
+use selfindexkv::cpu::{LayerMut, LayerRef};
+use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
+
 /// The seed of one random test: `SIKV_TEST_SEED` (decimal or 0x-hex) when set, so that one
 /// variable replays every test; otherwise fresh from the clock, mixed with the test name so that
 /// tests started in the same nanosecond still differ. Printed in the form the replay needs
@@ -134,4 +137,44 @@ pub fn static_lib() -> PathBuf {
         profile_dir.display()
     );
     lib.unwrap()
+}
+
+/// One layer's plane and state pools in host memory (zeroed), as the CPU stages take them.
+#[derive(Clone, PartialEq)]
+pub struct HostPools {
+    pub planes: Vec<Vec<u8>>,
+    pub state: Vec<u8>,
+}
+
+impl HostPools {
+    pub fn new(l: &Layout) -> HostPools {
+        HostPools {
+            planes: (0..SIKV_NUM_PLANES).map(|p| vec![0u8; l.plane_bytes[p]]).collect(),
+            state: vec![0u8; l.layer_state_bytes],
+        }
+    }
+    pub fn layer_mut(&mut self) -> LayerMut<'_> {
+        let mut it = self.planes.iter_mut();
+        LayerMut {
+            planes: std::array::from_fn(|_| it.next().unwrap().as_mut_slice()),
+            state: &mut self.state,
+        }
+    }
+    pub fn layer_ref(&self) -> LayerRef<'_> {
+        LayerRef {
+            planes: std::array::from_fn(|p| self.planes[p].as_slice()),
+            state: &self.state,
+        }
+    }
+    pub fn rows(&self, l: &Layout, page: usize, h: usize, slot: usize) -> [&[u8]; SIKV_NUM_PLANES] {
+        std::array::from_fn(|p| {
+            let n = l.format.row_bytes[p];
+            if n == 0 {
+                &[][..]
+            } else {
+                let o = l.row_offset(p, page, h, slot);
+                &self.planes[p][o..o + n]
+            }
+        })
+    }
 }
