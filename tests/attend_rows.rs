@@ -11,10 +11,10 @@
 
 mod common;
 
-use std::ffi::{c_void, CStr};
+use std::ffi::c_void;
 use std::ptr::null_mut;
 
-use common::Rng;
+use common::{last_error, OwnedCache, Rng};
 use selfindexkv::config::*;
 use selfindexkv::ffi::*;
 use selfindexkv::SikvStatus;
@@ -47,44 +47,31 @@ fn config(flags: u32) -> SikvConfig {
     c
 }
 
-fn msg() -> String {
-    unsafe { CStr::from_ptr(sikv_last_error_message()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 fn vp(x: &[f32]) -> *const c_void {
     x.as_ptr() as *const c_void
 }
 
-struct AbiCache(*mut SikvCache);
-impl Drop for AbiCache {
-    fn drop(&mut self) {
-        sikv_cache_destroy(self.0);
-    }
-}
-
 /// A cache of three calibrated sequences (prompts of 150, 233 and 301 tokens) at both layers.
-fn cache(rng: &mut Rng, flags: u32) -> AbiCache {
+fn cache(rng: &mut Rng, flags: u32) -> OwnedCache {
     let c = config(flags);
     let mut h = null_mut();
-    assert_eq!(sikv_cache_create(&c, &mut h), SikvStatus::SIKV_OK, "{}", msg());
-    let cache = AbiCache(h);
+    assert_eq!(sikv_cache_create(&c, &mut h), SikvStatus::SIKV_OK, "{}", last_error());
+    let cache = OwnedCache(h);
     for (id, n) in [(11i64, 150u32), (12, 233), (13, 301)] {
-        assert_eq!(sikv_seq_add(cache.0, id), SikvStatus::SIKV_OK, "{}", msg());
+        assert_eq!(sikv_seq_add(cache.0, id), SikvStatus::SIKV_OK, "{}", last_error());
         for layer in 0..c.num_layers {
             let k = rng.normals(n as usize * HK * D);
             let v = rng.normals(n as usize * HK * D);
             let q = rng.normals(2 * HQ * D);
             let s = sikv_calibrate(cache.0, layer, id, n, vp(&k), vp(&v), 2, vp(&q), null_mut());
-            assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+            assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
         }
     }
     cache
 }
 
 /// Appends `rows[i]` random tokens to `ids[i]` at `layer`.
-fn append(rng: &mut Rng, cache: &AbiCache, layer: u32, ids: &[i64], rows: &[u32]) {
+fn append(rng: &mut Rng, cache: &OwnedCache, layer: u32, ids: &[i64], rows: &[u32]) {
     let total: u32 = rows.iter().sum();
     let k = rng.normals(total as usize * HK * D);
     let v = rng.normals(total as usize * HK * D);
@@ -98,10 +85,10 @@ fn append(rng: &mut Rng, cache: &AbiCache, layer: u32, ids: &[i64], rows: &[u32]
         vp(&v),
         null_mut(),
     );
-    assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+    assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
 }
 
-fn attend_rows(cache: &AbiCache, layer: u32, ids: &[i64], rows: &[u32], q: &[f32]) -> Vec<f32> {
+fn attend_rows(cache: &OwnedCache, layer: u32, ids: &[i64], rows: &[u32], q: &[f32]) -> Vec<f32> {
     let mut out = vec![f32::NAN; q.len()];
     let s = sikv_attend_rows(
         cache.0,
@@ -113,11 +100,11 @@ fn attend_rows(cache: &AbiCache, layer: u32, ids: &[i64], rows: &[u32], q: &[f32
         out.as_mut_ptr() as *mut c_void,
         null_mut(),
     );
-    assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+    assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
     out
 }
 
-fn attend(cache: &AbiCache, layer: u32, ids: &[i64], q: &[f32]) -> Vec<f32> {
+fn attend(cache: &OwnedCache, layer: u32, ids: &[i64], q: &[f32]) -> Vec<f32> {
     let mut out = vec![f32::NAN; q.len()];
     let s = sikv_attend(
         cache.0,
@@ -128,7 +115,7 @@ fn attend(cache: &AbiCache, layer: u32, ids: &[i64], q: &[f32]) -> Vec<f32> {
         out.as_mut_ptr() as *mut c_void,
         null_mut(),
     );
-    assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+    assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
     out
 }
 
@@ -226,7 +213,7 @@ fn a_row_count_outside_the_bounds_is_refused_and_nothing_is_written() {
             null_mut(),
         );
         assert_eq!(s, SikvStatus::SIKV_ERR_OUT_OF_BOUNDS, "{rows:?}");
-        assert!(msg().contains(needle), "{rows:?}: {}", msg());
+        assert!(last_error().contains(needle), "{rows:?}: {}", last_error());
     }
     assert!(out.iter().all(|&x| x == 7.0), "a refused call wrote `out`");
     let mut after = 0u64;

@@ -6,10 +6,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::ffi::{c_void, CStr};
+use std::ffi::c_void;
 use std::ptr::null_mut;
 
-use common::Rng;
+use common::{last_error, OwnedCache, Rng};
 use selfindexkv::cache::{Activations, Cache, Output};
 use selfindexkv::config::*;
 use selfindexkv::ffi::*;
@@ -45,12 +45,6 @@ fn config(profile: u32, dtype: u32, layers: u32, budget_max: u32) -> SikvConfig 
     c
 }
 
-fn msg() -> String {
-    unsafe { CStr::from_ptr(sikv_last_error_message()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 fn bytes(dt: Dtype, x: &[f32]) -> Vec<u8> {
     let mut b = vec![0u8; x.len() * dt.size()];
     numeric::from_f32(dt, x, &mut b);
@@ -61,13 +55,6 @@ fn bytes(dt: Dtype, x: &[f32]) -> Vec<u8> {
 struct Kv {
     k: Vec<f32>,
     v: Vec<f32>,
-}
-
-struct AbiCache(*mut SikvCache);
-impl Drop for AbiCache {
-    fn drop(&mut self) {
-        sikv_cache_destroy(self.0);
-    }
 }
 
 fn vp(b: &[u8]) -> *const c_void {
@@ -85,8 +72,8 @@ fn the_own_selection_given_back_is_attend() {
             let c = config(profile, dtype, 2, 48);
             let dt = CacheConfig::from_c(&c).unwrap().dtype;
             let mut h = null_mut();
-            assert_eq!(sikv_cache_create(&c, &mut h), SikvStatus::SIKV_OK, "{}", msg());
-            let cache = AbiCache(h);
+            assert_eq!(sikv_cache_create(&c, &mut h), SikvStatus::SIKV_OK, "{}", last_error());
+            let cache = OwnedCache(h);
             for (&id, &n) in ids.iter().zip(&prompts) {
                 assert_eq!(sikv_seq_add(cache.0, id), SikvStatus::SIKV_OK);
                 for layer in 0..c.num_layers {
@@ -94,7 +81,7 @@ fn the_own_selection_given_back_is_attend() {
                     let v = bytes(dt, &rng.normals(n as usize * HK * D));
                     let q = bytes(dt, &rng.normals(2 * HQ * D));
                     let s = sikv_calibrate(cache.0, layer, id, n, vp(&k), vp(&v), 2, vp(&q), null_mut());
-                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
                 }
             }
             let rows = ids.len() * HK;
@@ -113,7 +100,7 @@ fn the_own_selection_given_back_is_attend() {
                         vp(&v),
                         null_mut(),
                     );
-                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
                     let q = bytes(dt, &rng.normals(ids.len() * HQ * D));
                     let mut idx = vec![0i32; rows * kmax];
                     let mut cnt = vec![0i32; rows];
@@ -127,7 +114,7 @@ fn the_own_selection_given_back_is_attend() {
                         cnt.as_mut_ptr(),
                         null_mut(),
                     );
-                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
                     assert!(cnt.iter().all(|&x| x > 0), "empty selection: {cnt:?}");
                     let mut want = vec![0u8; q.len()];
                     let s = sikv_attend(
@@ -139,7 +126,7 @@ fn the_own_selection_given_back_is_attend() {
                         want.as_mut_ptr() as *mut c_void,
                         null_mut(),
                     );
-                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
                     // What follows a row's count is the caller's business.
                     for r in 0..rows {
                         for (j, x) in idx[r * kmax..(r + 1) * kmax].iter_mut().enumerate() {
@@ -160,7 +147,7 @@ fn the_own_selection_given_back_is_attend() {
                         got.as_mut_ptr() as *mut c_void,
                         null_mut(),
                     );
-                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", msg());
+                    assert_eq!(s, SikvStatus::SIKV_OK, "{}", last_error());
                     assert!(
                         got == want,
                         "profile {profile} dtype {dtype} step {step} layer {layer}: attend_selected with \

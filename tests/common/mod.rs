@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use selfindexkv::cpu::{LayerMut, LayerRef};
+use selfindexkv::ffi::{sikv_cache_destroy, sikv_last_error_message, SikvCache};
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
 
 /// The seed of one random test: `SIKV_TEST_SEED` (decimal or 0x-hex) when set, so that one
@@ -176,5 +177,21 @@ impl HostPools {
                 &self.planes[p][o..o + n]
             }
         })
+    }
+}
+
+/// The last error message of the C ABI on this thread.
+pub fn last_error() -> String {
+    unsafe { std::ffi::CStr::from_ptr(sikv_last_error_message()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A managed cache handle of the C ABI, destroyed on drop (also when an assertion fails).
+pub struct OwnedCache(pub *mut SikvCache);
+
+impl Drop for OwnedCache {
+    fn drop(&mut self) {
+        sikv_cache_destroy(self.0);
     }
 }
