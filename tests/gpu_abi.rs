@@ -752,6 +752,32 @@ fn append_random(p: &mut Pair, rng: &mut Rng, pages: &[&[i32]], slots: &[i32], l
 }
 
 /// Two sequences on interleaved, non-contiguous pages: odd pages ascending, even descending.
+/// Slots 0 and 1 on two_page_lists' pages, calibrated on 700 and 453 tokens and one decode
+/// token appended to each: (pages, slots, lengths).
+fn two_decoding_sequences(p: &mut Pair, rng: &mut Rng) -> ([Vec<i32>; 2], [i32; 2], [usize; 2]) {
+    let pages = two_page_lists();
+    let slots = [0i32, 1];
+    let mut lens = [700usize, 453];
+    calibrate_random(p, rng, 0, &pages[0], lens[0], 2);
+    calibrate_random(p, rng, 1, &pages[1], lens[1], 2);
+    let pg: [&[i32]; 2] = [&pages[0], &pages[1]];
+    append_random(p, rng, &pg, &slots, &mut lens, &[1, 1]);
+    (pages, slots, lens)
+}
+
+/// A kernels handle of configuration `c` without the dense crossover (the sparse decode);
+/// the caller destroys it.
+fn kernels_without_crossover(c: &SikvConfig) -> *mut SikvKernels {
+    let mut sparse_cfg = *c;
+    sparse_cfg.dense_crossover = 0;
+    let mut sparse: *mut SikvKernels = null_mut();
+    ok(
+        sikv_kernels_create(&sparse_cfg, &mut sparse),
+        "kernels without the crossover",
+    );
+    sparse
+}
+
 fn two_page_lists() -> [Vec<i32>; 2] {
     [
         (0..64).map(|i| 2 * i + 1).collect(),
@@ -1368,20 +1394,9 @@ fn decode_takes_the_dense_crossover_on_gpu() {
         return;
     };
     let mut rng = Rng::new(test);
-    let pages = two_page_lists();
+    let (pages, slots, lens) = two_decoding_sequences(&mut p, &mut rng);
     let pg: [&[i32]; 2] = [&pages[0], &pages[1]];
-    let slots = [0i32, 1];
-    let mut lens = [700usize, 453];
-    calibrate_random(&mut p, &mut rng, 0, &pages[0], lens[0], 2);
-    calibrate_random(&mut p, &mut rng, 1, &pages[1], lens[1], 2);
-    append_random(&mut p, &mut rng, &pg, &slots, &mut lens, &[1, 1]);
-    let mut sparse_cfg = c;
-    sparse_cfg.dense_crossover = 0;
-    let mut sparse: *mut SikvKernels = null_mut();
-    ok(
-        sikv_kernels_create(&sparse_cfg, &mut sparse),
-        "kernels without the crossover",
-    );
+    let sparse = kernels_without_crossover(&c);
     let mut worst = 0f32;
     for layer in 0..2 {
         let b = Batch::new(&p.ctx, &pg, &lens, &slots, f16(&vals(&mut rng, 2 * HQ)));
@@ -1422,21 +1437,10 @@ fn decode_crossover_follows_live_lengths_on_gpu() {
         return;
     };
     let mut rng = Rng::new(test);
-    let pages = two_page_lists();
+    let (pages, slots, mut lens) = two_decoding_sequences(&mut p, &mut rng);
     let pg: [&[i32]; 2] = [&pages[0], &pages[1]];
-    let slots = [0i32, 1];
-    let mut lens = [700usize, 453];
-    calibrate_random(&mut p, &mut rng, 0, &pages[0], lens[0], 2);
-    calibrate_random(&mut p, &mut rng, 1, &pages[1], lens[1], 2);
-    append_random(&mut p, &mut rng, &pg, &slots, &mut lens, &[1, 1]);
     let grown = [lens[0] + 300, lens[1] + 300];
-    let mut sparse_cfg = c;
-    sparse_cfg.dense_crossover = 0;
-    let mut sparse: *mut SikvKernels = null_mut();
-    ok(
-        sikv_kernels_create(&sparse_cfg, &mut sparse),
-        "kernels without the crossover",
-    );
+    let sparse = kernels_without_crossover(&c);
     let q = f16(&vals(&mut rng, 2 * HQ));
     let now = Batch::new(&p.ctx, &pg, &lens, &slots, q.clone());
     // The graph's table buffers are sized for the grown table and hold the current one first.
