@@ -7,7 +7,8 @@ the AUTO rule (dense when the call's summed tokens <= TOKENS + PER_SEQ * (batch 
 auto_us that path's measured time. Plot it with plot.py --step auto_us.
 
 usage: speedup_csv.py --bench gpu_bench.csv --sdpa sdpa_baseline.csv --out speedup.csv
-                      [--auto-tokens 114688] [--auto-per-seq 0]
+                      --auto-tokens T --auto-per-seq P
+(T and P: config.rs DENSE_AUTO_TOKENS and DENSE_AUTO_TOKENS_PER_SEQ of the build that ran)
 """
 import argparse
 import csv
@@ -18,8 +19,8 @@ def main(argv=None):
     ap.add_argument("--bench", required=True)
     ap.add_argument("--sdpa", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--auto-tokens", type=int, default=114688)
-    ap.add_argument("--auto-per-seq", type=int, default=0)
+    ap.add_argument("--auto-tokens", type=int, required=True)
+    ap.add_argument("--auto-per-seq", type=int, required=True)
     a = ap.parse_args(argv)
     ours = {}
     with open(a.bench) as f:
