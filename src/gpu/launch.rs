@@ -539,7 +539,7 @@ impl GpuContext {
             Some(n) if tc => n.clamp(1, ATTEND_MAX_SPAN),
             _ => super::workspace::attend_span(w, cfg, dev.sms.max(1) as u32, b, tc),
         };
-        let splits = w.dense_splits + (w.sparse_splits - w.dense_splits).div_ceil(span as usize);
+        let splits = w.attend_splits(span);
         p.attend_span = span as i32;
         p.attend_early = (before == Predecessor::Select) as i32;
         p.dense_splits = w.dense_splits as i32;

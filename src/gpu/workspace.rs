@@ -105,6 +105,15 @@ pub fn attend_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, tc: b
 }
 
 impl Workspace {
+    /// The sparse attend's grid (and partial slots) per (KV head, sequence) at `span`: the
+    /// dense-entry splits, then the selected tokens' splits of `span` ATTEND_SPLITs each
+    /// (kernels/attend.cu sparse_items).
+    pub fn attend_splits(&self, span: u32) -> usize {
+        self.dense_splits + (self.sparse_splits - self.dense_splits).div_ceil(span.max(1) as usize)
+    }
+}
+
+impl Workspace {
     /// Partial slots per (sequence, query head) that attend / attend_dense write and combine
     /// reads; at most COMBINE_MAX_SPLITS for every configuration `CacheConfig` accepts.
     pub fn max_splits(&self) -> usize {
@@ -260,15 +269,13 @@ mod tests {
         assert_eq!(attend_span(&w, &c, 1, 64, true), ATTEND_MAX_SPAN);
         for batch in [1u32, 2, 8, 64] {
             for sms in [1u32, 16, 132, 1000] {
-                let span = attend_span(&w, &c, sms, batch, true) as usize;
-                let sel = w.sparse_splits - w.dense_splits;
-                let splits = w.dense_splits + sel.div_ceil(span);
+                let span = attend_span(&w, &c, sms, batch, true);
+                let splits = w.attend_splits(span);
                 assert!(splits <= w.sparse_splits && splits <= w.max_splits());
-                // The spanned splits cover every list item the one-split grid covers.
-                assert!(
-                    w.dense_splits * ATTEND_SPLIT + sel.div_ceil(span) * span * ATTEND_SPLIT
-                        >= w.sparse_splits * ATTEND_SPLIT
-                );
+                // The grid's items (sparse_items' ranges) cover every list item the grid of
+                // one ATTEND_SPLIT per split covers.
+                let items = w.dense_splits * ATTEND_SPLIT + (splits - w.dense_splits) * span as usize * ATTEND_SPLIT;
+                assert!(items >= w.sparse_splits * ATTEND_SPLIT, "span {span}: {splits} splits");
             }
         }
     }
