@@ -555,7 +555,10 @@ SIKV_DEV void attend_body(const SikvParams& p) {
 }
 // A sparse split whose 64 list items are all selected tokens, on tensor cores (attend_tc.cuh):
 // one tile of 16 per warp. Returns false, having written nothing, for what attend_body does
-// (a split holding kept dense entries, an empty split, a bad slot or count).
+// (a split holding kept dense entries, a bad slot or count); it has waited for the grid
+// dependency by then. Its prologue (the kept dense entries' count, the query) reads nothing
+// of the selection and runs before the wait (with p.attend_early, while the select's last
+// kernel runs; otherwise the entry has waited already).
 template <int D, typename T>
 SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     typedef TcShape<D> Sh;
@@ -563,10 +566,11 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
     int slot;
     const int len = row_seq(p, b, &slot);
-    if (slot < 0) return false;
+    if (slot < 0) {
+        sikv_grid_wait();
+        return false;
+    }
     const long long rowid = (long long)b * p.num_kv_heads + h;
-    const int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
-    if (cnt < 0 || cnt > p.budget_max) return false;
     const u8* rec = state_record(p, slot, h);
     const int* dpos = reinterpret_cast<const int*>(rec + p.off_dense_pos);
     int kept = 0;
@@ -578,16 +582,42 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     #pragma unroll
     for (int w = 0; w < Sh::WARPS; ++w) nd += s.count[w];
     int lo, hi;
-    sparse_items(p, split, nd + cnt, &lo, &hi);
-    if (lo < nd) return false;  // uniform over the block
+    sparse_items(p, split, 0x7fffffff, &lo, &hi);  // lo does not depend on the count
+    if (lo < nd) {  // uniform over the block
+        sikv_grid_wait();
+        return false;
+    }
     const long long hq_base = (long long)b * p.num_kv_heads * p.group + (long long)h * p.group;
-    if (lo >= hi) {
+    const float* ascale = reinterpret_cast<const float*>(rec + p.off_scale);
+    // A selection of this call's select holds at most the budget of the whole candidate range
+    // (budget_k is monotone): splits past it will be empty and skip the query prologue. A
+    // caller's own selection may hold more; such a split runs the prologue after the wait.
+    // (The checks run twice for such splits rather than w.init at two call sites: that made
+    // ptxas spill.)
+    auto selection_ends_before = [&]() -> int {  // 1: empty split, 0: work, -1: bad count
+        sikv_grid_wait();
+        const int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
+        if (cnt < 0 || cnt > p.budget_max) return -1;
+        sparse_items(p, split, nd + cnt, &lo, &hi);
+        return lo >= hi ? 1 : 0;
+    };
+    if (lo >= nd + budget_k(p, cand_end(p, len) - p.n_sink)) {
+        const int e = selection_ends_before();
+        if (e < 0) return false;
+        if (e > 0) {
+            write_empty_partial<D>(p, hq_base, split);
+            return true;
+        }
+    }
+    TcWarp<D, T> w;
+    w.init(p, s, hq_base, ascale, []() {});
+    const int e = selection_ends_before();
+    if (e < 0) return false;
+    if (e > 0) {
         write_empty_partial<D>(p, hq_base, split);
         return true;
     }
 
-    TcWarp<D, T> w;
-    w.init(p, s, hq_base, reinterpret_cast<const float*>(rec + p.off_scale), []() {});
     // Warp w takes list items lo + ATTEND_SPLIT t + 16 w + [0, 16), t = 0, 1, ...: a tile's
     // plane rows (-1: past the split, or a bad position or page, fault raised) resolved by its
     // first 16 lanes and passed to the lanes that load them; the next tile's gather is in
@@ -627,17 +657,18 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
 
 // Splits below dense_splits take attend_body, which waits for the selection only when the
 // split holds selected items (splits of kept dense entries alone read nothing of it); the
-// others wait first and take the tensor-core tiles where the shape allows.
+// others take the tensor-core tiles where the shape allows (waiting after their prologue) and
+// otherwise wait first.
 template <int D, typename T>
 SIKV_DEV void sikv_attend_impl(const SikvParams& p) {
     if ((int)blockIdx.x < p.dense_splits) {
         attend_body<D, T, false>(p);
         return;
     }
-    sikv_grid_wait();
     if constexpr (TcShape<D>::OK) {
         if (tc_shape_ok<D>(p) && sparse_tc_split<D, T>(p)) return;
     }
+    sikv_grid_wait();
     attend_body<D, T, false>(p);
 }
 SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend, ATTEND_THREADS, 4)

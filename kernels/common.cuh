@@ -370,15 +370,21 @@ SIKV_DEV u32 block_excl_scan(u32 x, u32* smem, u32* total) {
     return r;
 }
 
-// Shared-memory histogram increment, aggregated over lanes that hit the same bin (scores with
-// many ties, e.g. +inf for forced tokens or small-integer sign x sign scores, would otherwise
-// serialise on one address). Called by a full warp; `active` = this lane has an element.
+// Shared-memory histogram increment. Called by a full warp; `active` = this lane has an
+// element. A warp whose active lanes all hit one bin (ties: +inf for forced tokens, small-integer
+// sign x sign scores) adds once, so ties do not serialise on one address; otherwise each lane
+// adds its own. (Grouping lanes by bin with __match_any_sync cost more than it saved: ncu put
+// the wait for its result among the top stalls of the one-CTA select kernels.)
 SIKV_DEV void hist_add(u32* hist, u32 bin, bool active) {
-    u32 act = __ballot_sync(0xffffffffu, active);
-    if (!active) return;
-    u32 peers = __match_any_sync(act, bin);
-    int lane = threadIdx.x & 31;
-    if ((__ffs(peers) - 1) == lane) atomicAdd(&hist[bin], (u32)__popc(peers));
+    const u32 act = __ballot_sync(0xffffffffu, active);
+    if (act == 0u) return;
+    const u32 lo = __reduce_min_sync(0xffffffffu, active ? bin : 0xffffffffu);
+    const u32 hi = __reduce_max_sync(0xffffffffu, active ? bin : 0u);
+    if (lo == hi) {
+        if ((int)(threadIdx.x & 31) == __ffs(act) - 1) atomicAdd(&hist[bin], (u32)__popc(act));
+    } else if (active) {
+        atomicAdd(&hist[bin], 1u);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,40 +436,97 @@ SIKV_DEV void block_pick_bin(RadixSmem& s, int shift) {
     __syncthreads();
 }
 
-// Radix passes first_pass..2 (11/11/10 bits from the top) over the keys key_at(i), i in
-// [0, n), that match the selection state (sel_prefix, sel_mask, sel_remaining) already in
-// `s`: on return the state holds the full 32-bit threshold key and how many keys equal to it
-// are taken. Starts and ends with a block barrier; must be called by every thread.
-template <int NT, typename KeyAt>
-SIKV_DEV void block_radix_passes(RadixSmem& s, int n, int first_pass, KeyAt key_at) {
-    const int shifts[3] = {21, 10, 0};
-    const int bins[3] = {2048, 2048, 1024};
+// Radix passes first_pass..2 (11/11/10 bits from the top) over this thread's keys, which
+// visit_keys(add) hands to add(key, live) one by one (live: the element exists). The keys that
+// match the selection state (sel_prefix, sel_mask, sel_remaining) already in `s` are counted;
+// on return the state holds the full 32-bit threshold key and how many keys equal to it are
+// taken. Starts and ends with a block barrier; must be called by every thread.
+template <int NT, typename VisitKeys>
+SIKV_DEV void block_radix_passes(RadixSmem& s, int first_pass, VisitKeys visit_keys) {
     __syncthreads();
     for (int pass = first_pass; pass < 3; ++pass) {
-        for (int i = threadIdx.x; i < bins[pass]; i += NT) s.hist[i] = 0;
+        // (Conditionals, not arrays indexed by the pass: those went to local memory.)
+        const int bins = pass < 2 ? 2048 : 1024;
+        const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+        for (int i = threadIdx.x; i < bins; i += NT) s.hist[i] = 0;
         __syncthreads();
-        u32 prefix = s.sel_prefix, mask = s.sel_mask;
-        int shift = shifts[pass];
-        u32 bmask = (u32)bins[pass] - 1;
-        // U keys per thread per round, all loads issued before the histogram updates (the
-        // keys come from global memory / L2: latency, not bandwidth, bounds one CTA).
-        constexpr int U = 4;
-        for (int base = 0; base < n; base += NT * U) {
-            u32 key[U];
-            #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int i = base + u * NT + (int)threadIdx.x;
-                key[u] = i < n ? key_at(i) : 0u;
-            }
-            #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int i = base + u * NT + (int)threadIdx.x;
-                hist_add(s.hist, (key[u] >> shift) & bmask, i < n && (key[u] & mask) == prefix);
-            }
-        }
+        const u32 prefix = s.sel_prefix, mask = s.sel_mask;
+        const u32 bmask = (u32)bins - 1;
+        visit_keys([&](u32 key, bool live) { hist_add(s.hist, (key >> shift) & bmask, live && (key & mask) == prefix); });
         __syncthreads();
         if (pass < 2) block_pick_bin<NT, 2048>(s, shift);
         else block_pick_bin<NT, 1024>(s, shift);
+    }
+}
+
+// The keys key_at(i), i in [0, n), of a block_radix_passes visitor read from global memory:
+// U per thread and round, all loads issued before the histogram updates (from L2, latency and
+// not bandwidth bounds one CTA).
+template <int NT, int U, typename KeyAt, typename Add>
+SIKV_DEV void visit_keys_at(int n, KeyAt key_at, Add&& add) {
+    for (int base = 0; base < n; base += NT * U) {
+        u32 key[U];
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = base + u * NT + (int)threadIdx.x;
+            key[u] = i < n ? key_at(i) : 0u;
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) add(key[u], base + u * NT + (int)threadIdx.x < n);
+    }
+}
+
+// One tile of the ordered collection of a block select: thread x holds elements base + ITEMS x
+// + j (j < ITEMS) of the n, keys[j]; emit(rank, j) is called for each of them that is selected,
+// rank counted in ascending element order. The block scan carries (selected, equal to the
+// threshold) counts packed in one word (each < 2^16 per tile). Every thread must call.
+template <int NT, int ITEMS, typename Emit>
+SIKV_DEV void collect_tile(RadixSmem& s, const u32 (&keys)[ITEMS], int base, int n, u32& carry_sel, u32& carry_eq,
+                           Emit emit) {
+    const u32 prefix = s.sel_prefix, mask = s.sel_mask, remaining = s.sel_remaining;
+    u32 n_gt = 0, n_eq = 0;
+    #pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+        const bool valid = base + (int)threadIdx.x * ITEMS + j < n;
+        const u32 km = keys[j] & mask;
+        n_gt += (valid && km > prefix) ? 1u : 0u;
+        n_eq += (valid && km == prefix) ? 1u : 0u;
+    }
+    u32 total;
+    const u32 excl = block_excl_scan<NT>((n_eq << 16) | n_gt, s.scan, &total);
+    // Selected before this thread = carried + all greater before + equal ones taken before.
+    u32 eq_before = carry_eq + (excl >> 16);
+    u32 gt_before = carry_sel + (excl & 0xffffu);
+    #pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+        if (base + (int)threadIdx.x * ITEMS + j >= n) break;
+        const u32 km = keys[j] & mask;
+        if (km > prefix) {
+            const u32 taken_eq = eq_before < remaining ? eq_before : remaining;
+            emit((int)(gt_before + taken_eq), j);
+            gt_before += 1;
+        } else if (km == prefix) {
+            if (eq_before < remaining) emit((int)(gt_before + eq_before), j);
+            eq_before += 1;
+        }
+    }
+    carry_sel += total & 0xffffu;
+    carry_eq += total >> 16;
+}
+
+// Sets up the selection state for the k best of n and runs the radix passes unless every
+// element is taken. Every thread must call.
+template <int NT, typename VisitKeys>
+SIKV_DEV void block_select_threshold(RadixSmem& s, int n, int k, VisitKeys visit_keys) {
+    // Nobody may still read the selection state of an earlier use of `s`.
+    __syncthreads();
+    if (threadIdx.x == 0) { s.sel_prefix = 0; s.sel_mask = 0; s.sel_remaining = (u32)k; }
+    if (k < n) {
+        block_radix_passes<NT>(s, 0, visit_keys);
+    } else {
+        // Every element is taken: an all-zero mask makes every key "equal to the threshold".
+        if (threadIdx.x == 0) s.sel_remaining = (u32)n;
+        __syncthreads();
     }
 }
 
@@ -472,60 +535,60 @@ SIKV_DEV void block_radix_passes(RadixSmem& s, int n, int first_pass, KeyAt key_
 template <int NT, typename KeyAt, typename Emit>
 SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
     if (k <= 0 || n <= 0) return;
-    // Nobody may still read the selection state of an earlier use of `s`.
-    __syncthreads();
-    if (threadIdx.x == 0) { s.sel_prefix = 0; s.sel_mask = 0; s.sel_remaining = (u32)k; }
-    if (k < n) {
-        block_radix_passes<NT>(s, n, 0, key_at);
-    } else {
-        // Every element is taken: an all-zero mask makes every key "equal to the threshold".
-        if (threadIdx.x == 0) s.sel_remaining = (u32)n;
-        __syncthreads();
-    }
-    u32 prefix = s.sel_prefix, mask = s.sel_mask, remaining = s.sel_remaining;
-    // Ordered collection: ITEMS consecutive elements per thread, one block scan per tile of
-    // NT * ITEMS elements; the scan carries (selected, equal-to-threshold) counts packed in
-    // one word (each < 2^16 per tile).
+    block_select_threshold<NT>(s, n, k, [&](auto&& add) { visit_keys_at<NT, 4>(n, key_at, add); });
     constexpr int ITEMS = 4;
-    constexpr int TILE = NT * ITEMS;
     u32 carry_sel = 0, carry_eq = 0;
-    for (int base = 0; base < n; base += TILE) {
+    for (int base = 0; base < n; base += NT * ITEMS) {
         u32 keys[ITEMS];
-        u32 n_gt = 0, n_eq = 0;
         #pragma unroll
         for (int j = 0; j < ITEMS; ++j) {
-            int i = base + threadIdx.x * ITEMS + j;
+            const int i = base + (int)threadIdx.x * ITEMS + j;
             keys[j] = i < n ? key_at(i) : 0u;
-            u32 km = keys[j] & mask;
-            bool valid = i < n;
-            n_gt += (valid && km > prefix) ? 1u : 0u;
-            n_eq += (valid && km == prefix) ? 1u : 0u;
         }
-        u32 total;
-        u32 excl = block_excl_scan<NT>((n_eq << 16) | n_gt, s.scan, &total);
-        // Selected before this thread = carried + all greater before + equal ones taken before.
-        u32 eq_before = carry_eq + (excl >> 16);
-        u32 gt_before = carry_sel + (excl & 0xffffu);
-        #pragma unroll
-        for (int j = 0; j < ITEMS; ++j) {
-            int i = base + threadIdx.x * ITEMS + j;
-            if (i >= n) break;
-            u32 km = keys[j] & mask;
-            if (km > prefix) {
-                u32 taken_eq = eq_before < remaining ? eq_before : remaining;
-                emit((int)(gt_before + taken_eq), i);
-                gt_before += 1;
-            } else if (km == prefix) {
-                if (eq_before < remaining) {
-                    emit((int)(gt_before + eq_before), i);
-                }
-                eq_before += 1;
-            }
-        }
-        carry_sel += total & 0xffffu;
-        carry_eq += total >> 16;
+        collect_tile<NT>(s, keys, base, n, carry_sel, carry_eq, [&](int rank, int j) {
+            emit(rank, base + (int)threadIdx.x * ITEMS + j);
+        });
     }
     __syncthreads();
+}
+
+// block_topk over R <= TOPK_REG_ITEMS keys per thread already in registers: element 4 NT t +
+// 4 x + j of the n is thread x's key[4 t + j] (the layout of 16-byte loads and of the ordered
+// collection alike), so every pass reads registers and no key is loaded twice. Emit(rank, r)
+// gets the register slot r (a constant once unrolled: the caller indexes its own arrays with it).
+template <int NT, int R, typename Emit>
+SIKV_DEV void block_topk_regs(RadixSmem& s, int n, int k, const u32 (&key)[R], Emit emit) {
+    static_assert(R % 4 == 0, "four consecutive elements per thread and tile");
+    if (k <= 0 || n <= 0) return;
+    block_select_threshold<NT>(s, n, k, [&](auto&& add) {
+        #pragma unroll
+        for (int r = 0; r < R; ++r) add(key[r], (r / 4) * NT * 4 + (int)threadIdx.x * 4 + (r % 4) < n);
+    });
+    u32 carry_sel = 0, carry_eq = 0;
+    #pragma unroll
+    for (int t = 0; t < R / 4; ++t) {
+        const u32 tile[4] = {key[4 * t], key[4 * t + 1], key[4 * t + 2], key[4 * t + 3]};
+        collect_tile<NT>(s, tile, t * NT * 4, n, carry_sel, carry_eq, [&](int rank, int j) { emit(rank, 4 * t + j); });
+    }
+    __syncthreads();
+}
+
+// Elements [0, n) of a row of 32-bit words into registers in block_topk_regs' layout, 16
+// bytes at a time where the row allows (aligned16: the row starts on 16 bytes); `fill` at
+// and past n. n <= 4 NT (R / 4).
+template <int NT, int R>
+SIKV_DEV void load_row_regs(const u32* row, int n, bool aligned16, u32 fill, u32 (&v)[R]) {
+    #pragma unroll
+    for (int t = 0; t < R / 4; ++t) {
+        const int i = t * NT * 4 + (int)threadIdx.x * 4;
+        if (aligned16 && i + 4 <= n) {
+            const uint4 w = *reinterpret_cast<const uint4*>(row + i);
+            v[4 * t] = w.x; v[4 * t + 1] = w.y; v[4 * t + 2] = w.z; v[4 * t + 3] = w.w;
+        } else {
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) v[4 * t + j] = i + j < n ? row[i + j] : fill;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -663,4 +726,17 @@ SIKV_DEV bool route_skips(const SikvParams& p) {
         sikv_grid_dependency();                                                \
         if (route_skips(p)) return;                                            \
         NAME##_impl(p);                                                        \
+    }
+
+// A select kernel that reads, before its grid dependency, inputs its predecessor does not write
+// (the page table, the state records, or the outputs of the launch two back): the body calls
+// sikv_grid_dependency() itself before it reads what the launch just ahead writes. The
+// launch two back is complete when this one starts, because every kernel lets its dependents
+// launch only after its own wait. The route word comes from the prologue, two or more launches
+// back. Every block still waits before it ends (see SIKV_ENTRY_DT_EARLY). One block per SM is
+// asked for: left free, ptxas aimed the 1024-thread top-k kernels at two and spilled.
+#define SIKV_ENTRY_LATE_WAIT(NAME, NT)                                             \
+    extern "C" __global__ void __launch_bounds__(NT, 1) NAME(const SikvParams p) { \
+        if (!route_skips(p)) NAME##_impl(p);                                   \
+        sikv_grid_dependency();                                                \
     }

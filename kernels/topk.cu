@@ -180,8 +180,11 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     const int lo = t0 > p.n_sink ? t0 : p.n_sink;
     const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
     if (lo >= hi) return;  // uniform per block: nothing of this tile is a candidate
-    // This tile's keys go out before the threshold is known (it needs the heavy count and the
-    // histogram scan: two more round trips), so the two latencies overlap.
+    // The selection sizes need the page table and the heavy list only: counted while the score
+    // kernel still runs. Its keys and histogram are read after the grid dependency.
+    const RowK rk = row_k(p, b, h, &heavy_in_range);
+    sikv_grid_dependency();
+    // This tile's keys go out before the histogram scan, so the two latencies overlap.
     const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride;
     u32 kv[COMPACT_ITEMS];
     #pragma unroll
@@ -195,7 +198,6 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
             for (int e = 0; e < 4; ++e) kv[4 * g + e] = (q + e >= lo && q + e < hi) ? keys[q + e] : 0u;
         }
     }
-    const RowK rk = row_k(p, b, h, &heavy_in_range);
     if (rk.ksel <= 0) return;
     u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
     hist_threshold<COMPACT_THREADS>(hist, (u32)rk.ksel, scan, thr);
@@ -247,7 +249,7 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
         }
     }
 }
-SIKV_ENTRY(sikv_topk_compact, COMPACT_THREADS)
+SIKV_ENTRY_LATE_WAIT(sikv_topk_compact, COMPACT_THREADS)
 
 // The end of the multi-CTA stage 1: exact select over the candidates, ascending output (same
 // outputs as sikv_topk_stage1), or the one-CTA select over the whole row for a fallback row.
@@ -270,8 +272,11 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
                    : reinterpret_cast<int*>(p.indices) + rowid * p.budget_max;
     u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
     u32* counter = hist + TOPK_HIST_BINS;
+    // The selection sizes and the histogram's threshold bin need the page table, the heavy list
+    // and the score kernel's histogram (two launches back): found while the compaction runs.
+    if (ksel > 0) hist_threshold<TOPK_THREADS>(hist, (u32)ksel, s.scan, thr);
+    sikv_grid_dependency();
     if (ksel > 0) {
-        hist_threshold<TOPK_THREADS>(hist, (u32)ksel, s.scan, thr);
         const u32 nc = *counter;
         const bool fast = thr[3] && thr[2] <= (u32)p.cand_cap && nc == thr[2];
         if (!fast) {
@@ -295,7 +300,12 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
                 s.sel_mask = (u32)(TOPK_HIST_BINS - 1) << TOPK_HIST_SHIFT;
                 s.sel_remaining = (u32)ksel - thr[1];
             }
-            block_radix_passes<TOPK_THREADS>(s, (int)nc, 1, [&](int i) { return (u32)(cand[i] >> 32); });
+            // The passes read the keys (high words) alone, eight per thread in flight: a row's
+            // bin t rarely holds more than TOPK_THREADS * 8 keys, so each pass is one round trip.
+            const u32* cand_hi = reinterpret_cast<const u32*>(cand) + 1;
+            block_radix_passes<TOPK_THREADS>(s, 1, [&](auto&& add) {
+                visit_keys_at<TOPK_THREADS, 8>((int)nc, [&](int i) { return cand_hi[2 * i]; }, add);
+            });
             const u32 T = s.sel_prefix;  // the full threshold key (mask is all ones now)
             const u32 remaining = s.sel_remaining;
             // Position bitmaps, one window of TOPK_BM_WORDS words (131072 positions) at a time:
@@ -384,20 +394,34 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
     __syncthreads();
     if (threadIdx.x == 0 && p.mode != 1) *counter = 0u;
 }
-SIKV_ENTRY(sikv_topk_final, TOPK_THREADS)
+SIKV_ENTRY_LATE_WAIT(sikv_topk_final, TOPK_THREADS)
 
 SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
     const int b = blockIdx.y, h = blockIdx.x;
     const long long rowid = (long long)b * p.num_kv_heads + h;
+    // The stage-1 list and sizes are sikv_topk_final's (two launches back): read while
+    // rerank_score runs; its keys only after the grid dependency.
     const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
     const int k = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid + 1];
     const int* list = reinterpret_cast<const int*>(p.ws_list) + rowid * p.stage1_max;
     const u32* keys = reinterpret_cast<const u32*>(p.ws_keys2) + rowid * p.stage1_max;
     int* out = reinterpret_cast<int*>(p.indices) + rowid * p.budget_max;
     // The list is ascending, so ties by list index are ties by position.
-    block_topk<TOPK_THREADS>(s, n1, k, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = list[i]; });
+    if (n1 <= TOPK_THREADS * TOPK_REG_ITEMS) {
+        // Every survivor's position and key in registers, each loaded once, 16 bytes at a time
+        // (rows are 16-byte aligned when stage1_max is a multiple of 4).
+        const bool aligned = (p.stage1_max & 3) == 0;
+        u32 pos[TOPK_REG_ITEMS], key[TOPK_REG_ITEMS];
+        load_row_regs<TOPK_THREADS>(reinterpret_cast<const u32*>(list), n1, aligned, 0u, pos);
+        sikv_grid_dependency();
+        load_row_regs<TOPK_THREADS>(keys, n1, aligned, 0u, key);
+        block_topk_regs<TOPK_THREADS>(s, n1, k, key, [&](int r, int slot) { out[r] = (int)pos[slot]; });
+    } else {
+        sikv_grid_dependency();
+        block_topk<TOPK_THREADS>(s, n1, k, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = list[i]; });
+    }
     for (int r = k + threadIdx.x; r < p.budget_max; r += blockDim.x) out[r] = -1;
     if (threadIdx.x == 0) reinterpret_cast<int*>(p.counts)[rowid] = k;
 }
-SIKV_ENTRY(sikv_topk_stage2, TOPK_THREADS)
+SIKV_ENTRY_LATE_WAIT(sikv_topk_stage2, TOPK_THREADS)

@@ -7,7 +7,8 @@
 #   3. compute-sanitizer memcheck and racecheck on a reduced run (SIKV_GPU_TEST_QUICK=1)
 #   4. .gpu/gpu_bench (our kernels) and scripts/sdpa_baseline.py (PyTorch SDPA cuDNN / flash)
 #   (step `samples`: the C++ engine sample and TensorRT plugin harness with --device cuda;
-#   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel)
+#   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel;
+#   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT)
 #   5. a summary table (last lines of the output)
 # Logs and CSVs go to $OUT (default ./gpu_out). Env: STEPS (default "tests,memcheck,racecheck,
 # bench": run a subset, e.g. to stay under a per-command time limit), BENCH_QUICK=1,
@@ -280,6 +281,34 @@ if want profile; then
   fi
 fi
 
+if want profile_sass; then
+  # Nsight Compute's full set with per-instruction warp-stall sampling for the kernels matching
+  # PROFILE_KERNELS (a regex) at PROFILE_SIZES: the source page as CSV (sass_N_B.csv) and the
+  # hottest instructions of each kernel (sass_top.txt, scripts/ncu_sass_top.py).
+  NCU=""
+  for c in ncu /usr/local/cuda/bin/ncu; do
+    if command -v "$c" >/dev/null 2>&1; then NCU="$c"; break; fi
+  done
+  if [ -n "$NCU" ]; then
+    echo "== ncu per-instruction profile"
+    t0=$SECONDS
+    RC[profile_sass]=0
+    rx="${PROFILE_KERNELS:-^sikv_(score_d|topk_compact|topk_final|rerank_score_d|topk_stage2|attend_d[0-9]|combine_d).*}"
+    for nb in ${PROFILE_SIZES:-131072:1}; do
+      n=${nb%%:*} b=${nb##*:}
+      "$NCU" --set full --import-source no --kernel-name "regex:$rx" --launch-count "${PROFILE_COUNT:-7}" \
+        -f -o "$OUT/sass_${n}_${b}" .gpu/gpu_bench --quick --iters 5 --n "$n" --batch "$b" \
+        > "$OUT/sass_${n}_${b}.log" 2>&1 || RC[profile_sass]=$?
+      "$NCU" -i "$OUT/sass_${n}_${b}.ncu-rep" --page source --csv --print-source sass \
+        > "$OUT/sass_${n}_${b}.csv" 2>>"$OUT/sass_${n}_${b}.log" || RC[profile_sass]=$?
+      "$NCU" -i "$OUT/sass_${n}_${b}.ncu-rep" --page details --csv > "$OUT/sass_details_${n}_${b}.csv" 2>&1
+      echo "## $n x $b" >> "$OUT/sass_top.txt"
+      python3 scripts/ncu_sass_top.py "$OUT/sass_${n}_${b}.csv" >> "$OUT/sass_top.txt" 2>&1
+    done
+    echo "   ($((SECONDS - t0)) s; $OUT/sass_top.txt)"
+  fi
+fi
+
 if want model; then
   # The whole-model decode step and append/calibrate against PyTorch (scripts/bench), through
   # the C ABI of .gpu/libselfindexkv.so.
@@ -295,7 +324,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_span managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench fit_bench managed_bench sdpa profile model; do
+for k in tests tests_span managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench fit_bench managed_bench sdpa profile profile_sass model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

@@ -36,6 +36,9 @@ pub const SCORE_TILE: u32 = SCORE_THREADS * SCORE_TOKENS_PER_THREAD;
 pub const RERANK_THREADS: u32 = 128;
 /// top-k: one block per row (one-CTA stage 1, multi-CTA final, stage 2).
 pub const TOPK_THREADS: u32 = 1024;
+/// top-k stage 2: survivors per thread held in registers (rows of up to TOPK_THREADS times this
+/// many are loaded once; longer rows are read from global memory in every pass).
+pub const TOPK_REG_ITEMS: u32 = 8;
 /// Multi-CTA top-k compaction: threads per block and keys per thread.
 pub const COMPACT_THREADS: u32 = 256;
 pub const COMPACT_ITEMS: u32 = 16;
