@@ -37,11 +37,22 @@ SIKV_DEV float lut_sum(const float* lut, const u8* row) {
             w[4 * i] = x.x; w[4 * i + 1] = x.y; w[4 * i + 2] = x.z; w[4 * i + 3] = x.w;
         }
     }
+    // Nibble s (channels 4s..4s+3) is the code; its LUT entry lies at byte s * 4 CENTROIDS +
+    // 4 code. One shift and one mask per word put 4 code (the byte offset) of its even nibbles
+    // into the bytes of `ev` and of its odd nibbles into `od`; a byte permute then moves one
+    // offset into place per lookup (the constant part is the load's immediate), where a shift
+    // and a mask per lookup were needed.
+    const char* base = reinterpret_cast<const char*>(lut);
     float acc = 0.0f;
     #pragma unroll
-    for (int s = 0; s < D / 4; ++s) {
-        u32 code = (w[s >> 3] >> (4 * (s & 7))) & 0xFu;  // nibble s: channels 4s..4s+3
-        acc = add_rn(acc, lut[s * CENTROIDS + code]);
+    for (int i = 0; i < D / 32; ++i) {
+        const u32 ev = (w[i] << 2) & 0x3C3C3C3Cu, od = (w[i] >> 2) & 0x3C3C3C3Cu;
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int s = 8 * i + e;
+            const u32 off = __byte_perm(e & 1 ? od : ev, 0u, 0x4440u | (u32)(e >> 1));
+            acc = add_rn(acc, *reinterpret_cast<const float*>(base + s * CENTROIDS * 4 + off));
+        }
     }
     return acc;
 }

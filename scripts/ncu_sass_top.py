@@ -48,6 +48,20 @@ def summarise(name, lines, top):
 
     samples = sum(num(r.get(total_col, 0)) for r in rows) if total_col else 0.0
     print(f"# {name}  ({len(rows)} instructions, {samples:.0f} stall samples, column '{total_col}')")
+    # Dynamic instruction mix (warp-level instructions executed, by opcode).
+    exec_col = next((c for c in cols if c.strip() == "Instructions Executed"), None)
+    if exec_col:
+        mix = {}
+        for r in rows:
+            words = str(r.get(src_col, "")).split()
+            if words and words[0].startswith("@"):
+                words = words[1:]
+            op = words[0].split(".")[0] if words else "?"
+            mix[op] = mix.get(op, 0.0) + num(r.get(exec_col, 0))
+        tot = sum(mix.values())
+        if tot > 0:
+            parts = ", ".join(f"{op} {100 * v / tot:.0f}%" for op, v in sorted(mix.items(), key=lambda x: -x[1])[:10])
+            print(f"  executed: {tot:.3g} warp instructions; {parts}")
     if not total_col or samples <= 0:
         return
     for r in sorted(rows, key=lambda r: -num(r.get(total_col, 0)))[:top]:
@@ -60,7 +74,12 @@ def summarise(name, lines, top):
 def main():
     top = 25
     for path in sys.argv[1:]:
+        seen = set()
         for name, lines in blocks(open(path, errors="replace").read()):
+            key = (name, len(lines), lines[1] if len(lines) > 1 else "")
+            if key in seen:  # the export repeats a kernel's table
+                continue
+            seen.add(key)
             summarise(name, lines, top)
 
 

@@ -161,7 +161,9 @@ fn case_decode_matrix(rng: &mut Rng) -> R {
             for &group in &[1u32, 2, 3, 4, 7, 8] {
                 // Spread the other dimensions over the combinations instead of a full product.
                 runs += 1;
-                let page = [16u32, 64, 256][runs % 3];
+                // Every page size meets every bit pair (blocks of four runs); 48 is not a power
+                // of two (the kernels' page lookup has a division path for it).
+                let page = [16u32, 48, 64, 256][(runs / 4) % 4];
                 let (kb, vb) = [(2u32, 2u32), (4, 4), (16, 16), (2, 4)][runs % 4];
                 if quick() && runs % 3 != 0 {
                     continue;
