@@ -50,7 +50,7 @@
 #define SIKV_FLAG_ROWS_MEAN_QUERY (1 << 2)
 
 // `dense_crossover` value that lets the library choose (the default): the dense decode when
-// the call's tokens are at most 114688 summed over its sequences (the measured break-even).
+// the call's tokens are at most 86016 summed over its sequences (the measured break-even).
 #define SIKV_DENSE_CROSSOVER_AUTO 4294967295
 
 // Profile names accepted by `sikv_config_init`.
@@ -188,7 +188,7 @@ typedef struct SikvConfig {
   // instead of selecting. The stateless decode applies it to the live lengths (read on the
   // device for a device page table, so a captured graph follows them) for calls of up to 4
   // sequences, and to batch times max_seq_len above that. 0 = never;
-  // SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even, 114688
+  // SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even, 86016
   // tokens.
   uint32_t dense_crossover;
 } SikvConfig;

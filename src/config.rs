@@ -50,18 +50,17 @@ pub enum RowSelection {
 }
 
 /// `dense_crossover` value that lets the library choose (the default): the dense decode when
-/// the call's tokens are at most 114688 summed over its sequences (the measured break-even).
+/// the call's tokens are at most 86016 summed over its sequences (the measured break-even).
 pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
 /// AUTO runs the dense decode when a call's tokens (summed over its sequences) are at most
 /// DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (sequences - 1). The dense decode's time
-/// follows the tokens it reads; the sparse step costs a fixed ~57-85 us per call plus a part
+/// follows the tokens it reads; the sparse step costs a fixed ~50-72 us per call plus a part
 /// per sequence. On the H200 (d = 128, 32/8 heads, 2+1, default budget; docs/RESULTS.md, the
-/// sixth-session entry, run 4: 8K-128K tokens per sequence at batches 1, 2, 4, 8) the
-/// break-even in summed tokens is 94K-130K at every batch (interpolated: 116K, 130K, 111K and
-/// 94K at batches 1, 2, 4, 8), so the bound no longer grows with the batch:
-/// 112K tokens picks the faster path at 23 of the 24 measured points (8K-128K per sequence);
-/// the 24th (64K x 2) runs sparse where dense was 0.8 % faster.
-pub const DENSE_AUTO_TOKENS: u64 = 114688;
+/// seventh-session entry: 8K-128K tokens per sequence at batches 1, 2, 4, 8) the break-even in
+/// summed tokens is 80K-104K at every batch (interpolated: 85K, 104K, 82K and 80K at batches
+/// 1, 2, 4, 8), so one bound serves every batch: 84K tokens picks the faster path at all 24
+/// measured points (8K-128K per sequence).
+pub const DENSE_AUTO_TOKENS: u64 = 86016;
 pub const DENSE_AUTO_TOKENS_PER_SEQ: u64 = 0;
 /// The stateless decode applies the crossover to the live lengths of calls of up to this many
 /// sequences, and to `batch * max_seq_len` above it. On a GPU the live lengths are read on the
@@ -178,7 +177,7 @@ pub struct SikvConfig {
     /// instead of selecting. The stateless decode applies it to the live lengths (read on the
     /// device for a device page table, so a captured graph follows them) for calls of up to 4
     /// sequences, and to batch times max_seq_len above that. 0 = never;
-    /// SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even, 114688
+    /// SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even, 86016
     /// tokens.
     pub dense_crossover: u32,
 }

@@ -80,14 +80,14 @@ fn below_the_crossover_attend_is_the_dense_decode() {
 }
 
 /// The default crossover (SIKV_DENSE_CROSSOVER_AUTO) is the measured break-even, the same on
-/// every device: 114688 tokens summed over the call's sequences, whatever their number.
+/// every device: 86016 tokens summed over the call's sequences, whatever their number.
 #[test]
 fn the_default_crossover_is_the_measured_break_even() {
     let c = SikvConfig::for_profile(0).unwrap();
     assert_eq!(c.dense_crossover, SIKV_DENSE_CROSSOVER_AUTO);
     let auto = CacheConfig::from_c(&c).unwrap().dense_crossover;
     assert_eq!(auto, Crossover::Auto);
-    assert_eq!((DENSE_AUTO_TOKENS, DENSE_AUTO_TOKENS_PER_SEQ), (114688, 0));
+    assert_eq!((DENSE_AUTO_TOKENS, DENSE_AUTO_TOKENS_PER_SEQ), (86016, 0));
     for seqs in [1u32, 2, 4, 8, 64] {
         let limit = DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1);
         assert!(auto.dense(seqs, limit), "{seqs} sequences, {limit} tokens: dense");
