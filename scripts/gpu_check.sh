@@ -252,14 +252,19 @@ if want bench; then
   echo "   ($((SECONDS - t0)) s)"
 fi
 
+# Nsight Compute's command line, or nothing when it is not installed.
+find_ncu() {
+  local c
+  for c in ncu /usr/local/cuda/bin/ncu; do
+    if command -v "$c" >/dev/null 2>&1; then echo "$c"; return; fi
+  done
+}
+
 if want profile; then
   # Nsight Compute over the kernels of one decode step (the first select and the first sparse
   # attend of gpu_bench) at PROFILE_SIZES (N:B list): duration, launch shape, occupancy and
   # warp stall reasons per kernel, as CSV.
-  NCU=""
-  for c in ncu /usr/local/cuda/bin/ncu; do
-    if command -v "$c" >/dev/null 2>&1; then NCU="$c"; break; fi
-  done
+  NCU=$(find_ncu)
   if [ -z "$NCU" ]; then
     echo "== ncu not found: profile skipped"
   else
@@ -285,11 +290,10 @@ if want profile_sass; then
   # Nsight Compute's full set with per-instruction warp-stall sampling for the kernels matching
   # PROFILE_KERNELS (a regex) at PROFILE_SIZES: the source page as CSV (sass_N_B.csv) and the
   # hottest instructions of each kernel (sass_top.txt, scripts/ncu_sass_top.py).
-  NCU=""
-  for c in ncu /usr/local/cuda/bin/ncu; do
-    if command -v "$c" >/dev/null 2>&1; then NCU="$c"; break; fi
-  done
-  if [ -n "$NCU" ]; then
+  NCU=$(find_ncu)
+  if [ -z "$NCU" ]; then
+    echo "== ncu not found: profile_sass skipped"
+  else
     echo "== ncu per-instruction profile"
     t0=$SECONDS
     RC[profile_sass]=0
