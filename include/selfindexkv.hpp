@@ -205,6 +205,14 @@ class Cache {
   void attend_dense(uint32_t layer, Span<const int64_t> ids, const void* q, void* out, Stream stream = nullptr) {
     check(sikv_attend_dense(h_, layer, n(ids), ids.data(), q, out, stream), "sikv_attend_dense");
   }
+  // rows[i] new tokens of ids[i] (appended before this call; 1..16), each attending causally:
+  // speculative-decoding verification, a prompt chunk. q, out: [sum(rows)][H_q][d], sequence
+  // by sequence in position order. (The CPU device so far; CUDA answers SIKV_ERR_UNSUPPORTED.)
+  void attend_rows(uint32_t layer, Span<const int64_t> ids, Span<const uint32_t> rows, const void* q, void* out,
+                   Stream stream = nullptr) {
+    same_size(ids.size(), rows.size(), "rows");
+    check(sikv_attend_rows(h_, layer, n(ids), ids.data(), rows.data(), q, out, stream), "sikv_attend_rows");
+  }
   // attend over the caller's selection in select's layout (host arrays: indices
   // [ids.size()][H_kv][budget_max], counts [ids.size()][H_kv]) instead of the library's own.
   void attend_selected(uint32_t layer, Span<const int64_t> ids, const void* q, Span<const int32_t> indices,

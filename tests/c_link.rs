@@ -603,6 +603,10 @@ fn engine_sample_builds_and_runs() {
     let exe = compile(Lang::Cpp17, &[dir.join("main.cpp")], &[], "engine_sample", "-O2");
     let out = run(&exe, &["--steps", "8"]);
     assert!(out.contains("bytes/token"), "engine_sample printed no bytes/token line");
+    assert!(
+        out.contains("speculative verification") && out.contains("== one-token decode: yes"),
+        "engine_sample did not verify drafts with attend_rows"
+    );
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //   prefill:  per layer, the prompt's post-RoPE K/V and its last queries -> calibrate
 //   decode:   per step and layer, the new token's K/V -> append; its Q -> attend (sparse)
 //             and attend_dense (the dequantised dense baseline, for comparison)
+//   verify:   speculative decoding's check of a few draft tokens per sequence, on forks of the
+//             sequences: append them, then one attend_rows per layer (CPU device)
 // and prints the cache's bytes per token and how far the sparse output is from the dense one.
 // The engine's own prefill attention (flash attention over the prompt) is not the library's
 // job and is skipped here.
@@ -147,7 +149,7 @@ sikv::Config sample_config(uint32_t device, uint32_t dtype) {
   cfg.num_q_heads = kHeads;
   cfg.num_kv_heads = kKvHeads;
   cfg.head_dim = kHeadDim;
-  cfg.max_seqs = 4;
+  cfg.max_seqs = 8;  // the three sequences and, during speculative verification, a fork of each
   cfg.max_batch = 4;
   cfg.max_seq_len = 4096;
   cfg.max_append_tokens = 4096;
@@ -385,6 +387,57 @@ int main(int argc, char** argv) {
       }
       if (step % 16 == 0 || step == steps - 1)
         std::printf("step %3d: sparse vs attend_dense max |diff| %.3e, rel L2 %.3e\n", step, this_step.max_abs, this_step.rel());
+    }
+
+    // Speculative verification (sikv_attend_rows): a draft proposes kDraft tokens per sequence
+    // (here random ones, so few are accepted: the call pattern is the point), the model checks
+    // them with one multi-row attend per layer. It runs on a fork of each sequence, which
+    // shares the stored pages, so the drafts are dropped with the fork; an engine would then
+    // append the accepted tokens to the sequence itself. Row r of a sequence attends causally
+    // up to its own position; the last row is exactly a one-token decode of its query.
+    constexpr uint32_t kDraft = 4;
+    std::vector<int64_t> forks(B);
+    const std::vector<uint32_t> rows(B, kDraft);
+    std::vector<std::vector<uint32_t>> draft(B, std::vector<uint32_t>(kDraft));
+    for (size_t b = 0; b < B; ++b) {
+      forks[b] = 1000 + ids[b];
+      cache.fork(ids[b], forks[b]);
+      draft[b][0] = next[b];  // already chosen; the drafts follow it
+      for (uint32_t r = 1; r < kDraft; ++r) draft[b][r] = rng.below(kVocab);
+    }
+    std::vector<float> qr(B * kDraft * row_q), kr(B * kDraft * row_kv), vr(B * kDraft * row_kv);
+    std::vector<float> outr(B * kDraft * row_q), last_q(B * row_q), last_one(B * row_q);
+    bool last_rows_match = true;
+    for (uint32_t l = 0; l < kLayers; ++l) {
+      for (size_t b = 0; b < B; ++b) {
+        const uint32_t pos0 = cache.seq_len(forks[b], l);
+        for (uint32_t r = 0; r < kDraft; ++r) {
+          const size_t i = b * kDraft + r;
+          model.qkv(l, draft[b][r], pos0 + r, &qr[i * row_q], &kr[i * row_kv], &vr[i * row_kv]);
+        }
+        std::copy_n(&qr[(b * kDraft + kDraft - 1) * row_q], row_q, &last_q[b * row_q]);
+      }
+      cache.append(l, forks, rows, kr.data(), vr.data());
+      cache.attend_rows(l, forks, rows, qr.data(), outr.data());
+      cache.attend(l, forks, last_q.data(), last_one.data());
+      for (size_t b = 0; b < B; ++b)
+        last_rows_match = last_rows_match && std::equal(last_one.begin() + b * row_q, last_one.begin() + (b + 1) * row_q,
+                                                        outr.begin() + (b * kDraft + kDraft - 1) * row_q);
+    }
+    // Row r's output predicts the token after draft r: draft r + 1 is accepted while they agree.
+    uint32_t accepted = 0;
+    for (size_t b = 0; b < B; ++b) {
+      uint32_t r = 0;
+      while (r + 1 < kDraft && model.next_token(&outr[(b * kDraft + r) * row_q]) == draft[b][r + 1]) ++r;
+      accepted += r;
+      cache.remove(forks[b]);
+    }
+    std::printf("speculative verification: %u random draft tokens after each of %zu sequences, checked by one "
+                "attend_rows call per layer on forks; %u accepted; last rows == one-token decode: %s\n",
+                kDraft - 1, B, accepted, last_rows_match ? "yes" : "NO");
+    if (!last_rows_match) {
+      std::fprintf(stderr, "engine_sample: a last row of attend_rows differs from a one-token decode\n");
+      return 1;
     }
 
     // Telemetry: the attention mass the selection captures relative to the best set of the
