@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use selfindexkv::config::{CacheConfig, Dtype, SikvConfig, SIKV_DTYPE_F16};
-use selfindexkv::cpu::{self, LayerMut, LayerRef, PageTable};
+use selfindexkv::cpu::{self, PageTable};
 use selfindexkv::gpu::{DevLayer, DevPageTable, DeviceBuffer, GpuContext};
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES, SIKV_PLANE_SIGN};
 use selfindexkv::numeric;
@@ -16,6 +16,7 @@ use selfindexkv::reference::rerank::rerank_score;
 use selfindexkv::reference::score::{build_lut, group_mean_query, lut_score, sign_sign_score};
 use selfindexkv::status::SikvStatus;
 
+pub use crate::common::HostPools;
 use crate::common::{self, Rng};
 
 // ---------------------------------------------------------------------------------------------
@@ -183,34 +184,6 @@ pub fn tol(cfg: &CacheConfig) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // Host and device pools of one layer, kept side by side.
 
-pub struct HostLayer {
-    pub planes: Vec<Vec<u8>>,
-    pub state: Vec<u8>,
-}
-
-impl HostLayer {
-    pub fn new(layout: &Layout) -> HostLayer {
-        HostLayer {
-            planes: (0..SIKV_NUM_PLANES).map(|p| vec![0u8; layout.plane_bytes[p]]).collect(),
-            state: vec![0u8; layout.layer_state_bytes],
-        }
-    }
-    pub fn as_mut(&mut self) -> LayerMut<'_> {
-        let mut it = self.planes.iter_mut();
-        let planes: [&mut [u8]; SIKV_NUM_PLANES] = std::array::from_fn(|_| it.next().unwrap().as_mut_slice());
-        LayerMut {
-            planes,
-            state: &mut self.state,
-        }
-    }
-    pub fn as_ref(&self) -> LayerRef<'_> {
-        LayerRef {
-            planes: std::array::from_fn(|p| self.planes[p].as_slice()),
-            state: &self.state,
-        }
-    }
-}
-
 pub struct DevPools {
     pub planes: Vec<Option<DeviceBuffer>>,
     pub state: DeviceBuffer,
@@ -237,7 +210,7 @@ impl DevPools {
             state: self.state.ptr(),
         }
     }
-    pub fn upload(&self, ctx: &GpuContext, h: &HostLayer) -> R {
+    pub fn upload(&self, ctx: &GpuContext, h: &HostPools) -> R {
         for p in 0..SIKV_NUM_PLANES {
             if let Some(b) = &self.planes[p] {
                 ctx.copy_htod_async(b.ptr(), &h.planes[p], null()).map_err(e2s)?;
@@ -246,9 +219,9 @@ impl DevPools {
         ctx.copy_htod_async(self.state.ptr(), &h.state, null()).map_err(e2s)?;
         ctx.synchronize(null()).map_err(e2s)
     }
-    pub fn download(&self, ctx: &GpuContext, layout: &Layout) -> R<HostLayer> {
+    pub fn download(&self, ctx: &GpuContext, layout: &Layout) -> R<HostPools> {
         ctx.synchronize(null()).map_err(e2s)?;
-        let mut h = HostLayer::new(layout);
+        let mut h = HostPools::new(layout);
         for p in 0..SIKV_NUM_PLANES {
             if let Some(b) = &self.planes[p] {
                 ctx.copy_dtoh(&mut h.planes[p], b.ptr()).map_err(e2s)?;
@@ -322,7 +295,7 @@ pub struct Fx {
     pub cfg: CacheConfig,
     pub layout: Layout,
     pub ctx: GpuContext,
-    pub host: HostLayer,
+    pub host: HostPools,
     pub dev: DevPools,
     pub free: Vec<i32>,
     pub seqs: Vec<Seq>,
@@ -333,7 +306,7 @@ impl Fx {
     pub fn new(cfg: CacheConfig, rng: &mut Rng) -> R<Fx> {
         let layout = Layout::new(&cfg);
         let ctx = GpuContext::new(&cfg, &layout).map_err(e2s)?;
-        let host = HostLayer::new(&layout);
+        let host = HostPools::new(&layout);
         let dev = DevPools::new(&ctx, &layout)?;
         let mut free: Vec<i32> = (0..layout.num_pages as i32).collect();
         rng.shuffle(&mut free);
@@ -394,7 +367,17 @@ impl Fx {
         let (_, q) = self.q(rng, nq);
         let sm: Vec<i64> = (0..n).map(|t| self.slot_of(s, t)).collect();
         let slot = self.seqs[s].slot as usize;
-        cpu::calibrate(&self.layout, &self.cfg, &mut self.host.as_mut(), slot, &k, &v, &q, &sm).map_err(e2s)?;
+        cpu::calibrate(
+            &self.layout,
+            &self.cfg,
+            &mut self.host.layer_mut(),
+            slot,
+            &k,
+            &v,
+            &q,
+            &sm,
+        )
+        .map_err(e2s)?;
         self.seqs[s].len = n;
         Ok(())
     }
@@ -406,7 +389,7 @@ impl Fx {
         cpu::append(
             &self.layout,
             &self.cfg,
-            &mut self.host.as_mut(),
+            &mut self.host.layer_mut(),
             &k,
             &v,
             &sm,
@@ -491,7 +474,7 @@ pub fn cmp_bytes(what: &str, a: &[u8], b: &[u8]) -> R {
 }
 
 /// Planes and state bit for bit, with a decoded hint of where the first difference is.
-pub fn cmp_layers(fx: &Fx, gpu: &HostLayer, cpu: &HostLayer) -> R {
+pub fn cmp_layers(fx: &Fx, gpu: &HostPools, cpu: &HostPools) -> R {
     for p in 0..SIKV_NUM_PLANES {
         if let Err(e) = cmp_bytes(selfindexkv::layout::PLANE_NAMES[p], &gpu.planes[p], &cpu.planes[p]) {
             let row = fx.layout.format.row_bytes[p];
@@ -583,7 +566,7 @@ pub fn cmp_out(fx: &Fx, what: &str, gpu: &[f32], cpu: &[f32]) -> R {
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_score(
     fx: &Fx,
-    host: &HostLayer,
+    host: &HostPools,
     table: &PageTable,
     b: usize,
     h: usize,
@@ -627,7 +610,7 @@ pub fn cpu_score(
 #[allow(clippy::too_many_arguments)]
 pub fn cmp_select(
     fx: &Fx,
-    host: &HostLayer,
+    host: &HostPools,
     table: &PageTable,
     slots: &[i32],
     q: &[f32],

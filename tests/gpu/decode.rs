@@ -48,7 +48,7 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
     cpu::select(
         &fx.layout,
         &fx.cfg,
-        &fx.host.as_ref(),
+        &fx.host.layer_ref(),
         &table,
         &slots,
         &q,
@@ -95,7 +95,7 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
     cpu::attend(
         &fx.layout,
         &fx.cfg,
-        &fx.host.as_ref(),
+        &fx.host.layer_ref(),
         &table,
         &slots,
         &q,
@@ -128,7 +128,7 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
     cmp_out(&fx, "attend", &out_f32(&fx, &ob), &cout)?;
 
     // attend_dense.
-    cpu::attend_dense(&fx.layout, &fx.cfg, &fx.host.as_ref(), &table, &slots, &q, &mut cout).map_err(e2s)?;
+    cpu::attend_dense(&fx.layout, &fx.cfg, &fx.host.layer_ref(), &table, &slots, &q, &mut cout).map_err(e2s)?;
     fx.ctx
         .memset_async(dout.ptr(), 0xFF, dout.bytes(), null())
         .map_err(e2s)?;

@@ -35,7 +35,7 @@ fn run_encode(rng: &mut Rng, shape: Shape, tweak: impl FnOnce(&mut SikvConfig)) 
             sm[1] = -1; // a padding row: no page write, dense update still happens
         }
         let ((kb, k), (vb, v)) = fx.kv(rng, sm.len());
-        cpu::append(&fx.layout, &fx.cfg, &mut fx.host.as_mut(), &k, &v, &sm, &slots, &pos).map_err(e2s)?;
+        cpu::append(&fx.layout, &fx.cfg, &mut fx.host.layer_mut(), &k, &v, &sm, &slots, &pos).map_err(e2s)?;
         let (dk, dv) = (upload_bytes(&fx.ctx, &kb)?, upload_bytes(&fx.ctx, &vb)?);
         let dsm = upload_bytes(&fx.ctx, &i64_bytes(&sm))?;
         let dsl = upload_bytes(&fx.ctx, &i32_bytes(&slots))?;
@@ -103,7 +103,7 @@ fn run_calibrate(rng: &mut Rng, shape: Shape, n: usize, nq: usize, tweak: impl F
     if n > 3 {
         sm[2] = -1; // skipped page write
     }
-    cpu::calibrate(&fx.layout, &fx.cfg, &mut fx.host.as_mut(), 1, &k, &v, &q, &sm).map_err(e2s)?;
+    cpu::calibrate(&fx.layout, &fx.cfg, &mut fx.host.layer_mut(), 1, &k, &v, &q, &sm).map_err(e2s)?;
     let ws = fx.ws(1)?;
     let (dk, dv, dq, dsm) = (
         upload_bytes(&fx.ctx, &kb)?,

@@ -114,7 +114,7 @@ fn case_validation(_rng: &mut Rng) -> R {
         SikvStatus::SIKV_ERR_NULL_POINTER,
     )?;
     // reset_sequence matches cpu::reset_sequence.
-    let mut host = HostLayer::new(&layout);
+    let mut host = HostPools::new(&layout);
     for (i, x) in host.state.iter_mut().enumerate() {
         *x = (i * 131 % 251) as u8;
     }
