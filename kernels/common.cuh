@@ -564,7 +564,7 @@ SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
     __syncthreads();
 }
 
-// block_topk over R <= TOPK_REG_ITEMS keys per thread already in registers: element 4 NT t +
+// block_topk over R keys per thread already in registers: element 4 NT t +
 // 4 x + j of the n is thread x's key[4 t + j] (the layout of 16-byte loads and of the ordered
 // collection alike), so every pass reads registers and no key is loaded twice. Emit(rank, r)
 // gets the register slot r (a constant once unrolled: the caller indexes its own arrays with it).
@@ -586,10 +586,10 @@ SIKV_DEV void block_topk_regs(RadixSmem& s, int n, int k, const u32 (&key)[R], E
 }
 
 // Elements [0, n) of a row of 32-bit words into registers in block_topk_regs' layout, 16
-// bytes at a time where the row allows (aligned16: the row starts on 16 bytes); `fill` at
-// and past n. n <= 4 NT (R / 4).
+// bytes at a time where the row allows (aligned16: the row starts on 16 bytes); 0 at and past
+// n (block_topk_regs never counts those slots). n <= 4 NT (R / 4).
 template <int NT, int R>
-SIKV_DEV void load_row_regs(const u32* row, int n, bool aligned16, u32 fill, u32 (&v)[R]) {
+SIKV_DEV void load_row_regs(const u32* row, int n, bool aligned16, u32 (&v)[R]) {
     #pragma unroll
     for (int t = 0; t < R / 4; ++t) {
         const int i = t * NT * 4 + (int)threadIdx.x * 4;
@@ -598,7 +598,7 @@ SIKV_DEV void load_row_regs(const u32* row, int n, bool aligned16, u32 fill, u32
             v[4 * t] = w.x; v[4 * t + 1] = w.y; v[4 * t + 2] = w.z; v[4 * t + 3] = w.w;
         } else {
             #pragma unroll
-            for (int j = 0; j < 4; ++j) v[4 * t + j] = i + j < n ? row[i + j] : fill;
+            for (int j = 0; j < 4; ++j) v[4 * t + j] = i + j < n ? row[i + j] : 0u;
         }
     }
 }
@@ -647,11 +647,14 @@ SIKV_DEV void load_row_regs(const u32* row, int n, bool aligned16, u32 fill, u32
 #endif
 
 // Programmatic dependent launch (sm_90+; the launcher sets the attribute, src/gpu/driver.rs):
-// wait until the grid ahead in the stream has finished and its writes are visible, before any
-// memory access of this kernel, then let the next grid be launched. A grid launched without
-// the attribute returns from the wait at once. Every kernel calls this first, so each one's
-// wait covers all earlier work of the stream (each earlier grid waited for its own
-// predecessor before it could finish).
+// sikv_grid_wait waits until the grid ahead in the stream has finished and its writes are
+// visible; sikv_launch_dependents lets the next grid be launched. A grid launched without the
+// attribute returns from the wait at once. Most kernels call both first
+// (sikv_grid_dependency). The rules every kernel keeps: each block waits before it ends, so no
+// grid finishes ahead of the one it overlaps and each wait covers all earlier work of the
+// stream; and each kernel lets its dependents launch only after its own wait (the sparse attend
+// with attend_early alone excepted: what follows it reads nothing before its own wait), so a
+// kernel that starts may read what the launch two back wrote (SIKV_ENTRY_LATE_WAIT).
 SIKV_DEV void sikv_grid_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -743,9 +746,9 @@ SIKV_DEV bool route_skips(const SikvParams& p) {
 // A select kernel that reads, before its grid dependency, inputs its predecessor does not write
 // (the page table, the state records, or the outputs of the launch two back): the body calls
 // sikv_grid_dependency() itself before it reads what the launch just ahead writes. The
-// launch two back is complete when this one starts, because every kernel lets its dependents
-// launch only after its own wait. The route word comes from the prologue, two or more launches
-// back. Every block still waits before it ends (see SIKV_ENTRY_DT_EARLY). One block per SM is
+// launch two back is complete when this one starts, because the launch just ahead (score,
+// compaction, final, re-rank score: none of them an early attend) let this one launch only
+// after its own wait. The route word comes from the prologue, two or more launches back. Every block still waits before it ends (see SIKV_ENTRY_DT_EARLY). One block per SM is
 // asked for: left free, ptxas aimed the 1024-thread top-k kernels at two and spilled.
 #define SIKV_ENTRY_LATE_WAIT(NAME, NT)                                             \
     extern "C" __global__ void __launch_bounds__(NT, 1) NAME(const SikvParams p) { \

@@ -413,9 +413,9 @@ SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
         // (rows are 16-byte aligned when stage1_max is a multiple of 4).
         const bool aligned = (p.stage1_max & 3) == 0;
         u32 pos[TOPK_REG_ITEMS], key[TOPK_REG_ITEMS];
-        load_row_regs<TOPK_THREADS>(reinterpret_cast<const u32*>(list), n1, aligned, 0u, pos);
+        load_row_regs<TOPK_THREADS>(reinterpret_cast<const u32*>(list), n1, aligned, pos);
         sikv_grid_dependency();
-        load_row_regs<TOPK_THREADS>(keys, n1, aligned, 0u, key);
+        load_row_regs<TOPK_THREADS>(keys, n1, aligned, key);
         block_topk_regs<TOPK_THREADS>(s, n1, k, key, [&](int r, int slot) { out[r] = (int)pos[slot]; });
     } else {
         sikv_grid_dependency();

@@ -111,9 +111,7 @@ impl Workspace {
     pub fn attend_splits(&self, span: u32) -> usize {
         self.dense_splits + (self.sparse_splits - self.dense_splits).div_ceil(span.max(1) as usize)
     }
-}
 
-impl Workspace {
     /// Partial slots per (sequence, query head) that attend / attend_dense write and combine
     /// reads; at most COMBINE_MAX_SPLITS for every configuration `CacheConfig` accepts.
     pub fn max_splits(&self) -> usize {
