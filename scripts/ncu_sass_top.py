@@ -11,10 +11,10 @@ import sys
 
 
 def blocks(text):
-    """Splits the export into one CSV table per kernel (each starts at a header row)."""
+    """Splits the export into one CSV table per kernel (each starts at a "Kernel Name" row)."""
     out, cur, name = [], [], None
     for line in text.splitlines():
-        if line.startswith('"Kernel Name"') or (line and not line.startswith('"') and "sikv_" in line):
+        if line.startswith('"Kernel Name"'):
             if cur:
                 out.append((name, cur))
             name, cur = line.strip(), []
@@ -38,7 +38,8 @@ def summarise(name, lines, top):
         total_col = next((c for c in cols if "Sampling" in c), None)
     src_col = next((c for c in cols if c.strip('"') in ("Source", "# Source")), cols[min(1, len(cols) - 1)])
     addr_col = next((c for c in cols if "Address" in c), cols[0])
-    stall_cols = [c for c in cols if c.startswith("stall_") or "Stall" in c and c != total_col]
+    # Per-reason samples (stall_*); their "(Not Issued)" halves repeat them.
+    stall_cols = [c for c in cols if c.startswith("stall_") and "Not Issued" not in c]
 
     def num(v):
         try:
