@@ -461,15 +461,15 @@ impl DeviceStore {
                 let pk = Packing::new([4 * rows * cfg.budget.max as usize, 4 * rows]);
                 let base = self.meta.ptr() + self.regions.selection as u64;
                 let (si, sc) = (base + pk.at[0] as u64, base + pk.at[1] as u64);
-                let view = LayerView::Device(self.layer(exec.layout(), layer));
-                let sel = Selected::Given {
-                    indices: Mem::Device(si),
-                    counts: Mem::Device(sc),
-                };
-                self.ctx.one_call(|| {
-                    exec.select(view, &batch, MemMut::Device(si), MemMut::Device(sc), ws, stream)?;
-                    exec.attend(pools, &batch, sel, MemMut::Device(od), ws, stream)
-                })?;
+                exec.select_attend(
+                    pools,
+                    &batch,
+                    MemMut::Device(si),
+                    MemMut::Device(sc),
+                    MemMut::Device(od),
+                    ws,
+                    stream,
+                )?;
             }
             super::Selection::Given { indices, counts } => {
                 let pk = Packing::new([4 * indices.len(), 4 * counts.len()]);

@@ -126,6 +126,48 @@ pub(super) fn attend(
     }
 }
 
+/// Select into `sel`, then attend over it, as one call: the attend's splits of kept dense
+/// entries start while the selection's last kernel runs (`Predecessor::Select`).
+#[allow(clippy::too_many_arguments)] // one descriptor per kind of memory the stages touch
+fn select_attend_dev(
+    ex: &Executor,
+    g: &GpuContext,
+    layer: &DevLayer,
+    batch: &DevBatch,
+    sel: DevSelection,
+    out: u64,
+    ws: DevWorkspace,
+    stream: Stream,
+) -> Result<()> {
+    let (cfg, lay) = (&ex.cfg, &ex.layout);
+    g.one_call(|| {
+        g.select(cfg, lay, layer, batch, sel, ws, stream)?;
+        g.attend_after(cfg, lay, layer, batch, sel, out, ws, stream, Predecessor::Select)
+    })
+}
+
+#[allow(clippy::too_many_arguments)] // one descriptor per kind of memory the stages touch
+pub(super) fn select_attend(
+    ex: &Executor,
+    g: &GpuContext,
+    pools: LayerView,
+    b: &Batch,
+    indices: MemMut<i32>,
+    counts: MemMut<i32>,
+    out: MemMut<u8>,
+    ws: Workspace,
+    stream: Stream,
+) -> Result<()> {
+    let layer = device_view(pools)?;
+    let batch = device_batch(b)?;
+    let sel = DevSelection {
+        indices: indices.device("indices")?,
+        counts: counts.device("counts")?,
+    };
+    let out = out.device("out")?;
+    select_attend_dev(ex, g, &layer, &batch, sel, out, device_ws(ws), stream)
+}
+
 #[allow(clippy::too_many_arguments)] // one descriptor per kind of memory the stage touches
 pub(super) fn decode(
     ex: &Executor,
@@ -159,22 +201,7 @@ pub(super) fn decode(
         indices: ws.ptr + need.indices as u64,
         counts: ws.ptr + need.counts as u64,
     };
-    let sparse = || {
-        g.one_call(|| {
-            g.select(cfg, lay, &layer, &batch, sel, stage_ws, stream)?;
-            g.attend_after(
-                cfg,
-                lay,
-                &layer,
-                &batch,
-                sel,
-                out,
-                stage_ws,
-                stream,
-                Predecessor::Select,
-            )
-        })
-    };
+    let sparse = || select_attend_dev(ex, g, &layer, &batch, sel, out, stage_ws, stream);
     let dense = || g.attend_dense(cfg, lay, &layer, &batch, out, stage_ws, stream);
     match route {
         Route::Sparse => sparse(),

@@ -68,6 +68,7 @@ pub enum LayerPools<'a> {
 }
 
 /// One layer's pools, for the stages that only read them (select, attend).
+#[derive(Clone, Copy)]
 pub enum LayerView<'a> {
     Host(LayerRef<'a>),
     Device(DevLayer),

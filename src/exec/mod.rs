@@ -228,6 +228,35 @@ impl Executor {
         }
     }
 
+    /// [`select`](Self::select) into `indices`/`counts`, then [`attend`](Self::attend) over that
+    /// selection, as one call (on a device the attend overlaps the selection's end; the
+    /// selection stays readable afterwards).
+    #[allow(clippy::too_many_arguments)] // select's and attend's descriptors
+    pub fn select_attend(
+        &self,
+        pools: LayerView,
+        b: &Batch,
+        indices: MemMut<i32>,
+        counts: MemMut<i32>,
+        out: MemMut<u8>,
+        ws: Workspace,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_batch(b)?;
+        match &self.imp {
+            Imp::Cpu => {
+                let (si, sc) = (indices.host("indices")?, counts.host("counts")?);
+                cpu::select(self, pools, b, MemMut::Host(&mut *si), MemMut::Host(&mut *sc))?;
+                let sel = Selected::Given {
+                    indices: Mem::Host(si),
+                    counts: Mem::Host(sc),
+                };
+                cpu::attend(self, pools, b, sel, out)
+            }
+            Imp::Cuda(g) => cuda::select_attend(self, g, pools, b, indices, counts, out, ws, stream),
+        }
+    }
+
     /// Stage `attend` + `combine` over the dense set and a selection (or every stored token).
     pub fn attend(
         &self,
