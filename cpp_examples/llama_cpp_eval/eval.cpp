@@ -12,6 +12,7 @@
 #include "ggml-backend.h"
 
 #include "methods.h"
+#include "passkey.h"
 #ifdef SIKV_EVAL_WITH_LIBRARY
 #include "selfindexkv.h"
 #endif
@@ -103,6 +104,14 @@ struct Options {
     std::vector<std::string> methods = {"llama", "dense", "oracle_topk", "quest", "sink_window"};
     std::vector<std::string> budgets = {"1/32", "1/16", "1/8"};
     std::vector<std::pair<std::string, std::string>> configs;  // --configs method@budget pairs
+    // passkey mode (--passkey-depths): retrieval instead of perplexity
+    std::vector<double> passkey_depths;
+    int passkey_keys = 2;
+    uint64_t passkey_seed = 1;
+    int passkey_digits = 5;
+    int passkey_new = 0;  // 0: digits + 3
+    int passkey_part = 1, passkey_parts = 1;
+    std::string passkey_csv;
 };
 
 void usage() {
@@ -142,7 +151,19 @@ void usage() {
         "  --dump-names       print every graph node (name, op, type, shape) of the first decode step\n"
         "  --csv FILE         append result rows (header written if the file is new or empty)\n"
         "  --layer-csv FILE   append per-layer recall rows (method,profile,budget,context,decode_tokens,layer,recall)\n"
-        "  --nll-file FILE    append every scored token's NLL (method,budget,context,window_start,step,nll)\n");
+        "  --nll-file FILE    append every scored token's NLL (method,budget,context,window_start,step,nll)\n"
+        "passkey mode (long-context retrieval; --text not needed):\n"
+        "  --passkey-depths LIST  needle depths, fractions of the filler (e.g. 0.1,0.3,0.5,0.7,0.9): enables the mode;\n"
+        "                     prompts of at most --context tokens, the model's chat template and BOS rule; all but the\n"
+        "                     last prompt token prefilled densely (once per prompt, shared by every method), the last\n"
+        "                     prompt token and the answer decoded greedily through each method\n"
+        "  --passkey-keys N   keys per depth (2)\n"
+        "  --passkey-seed S   seed of the keys (1)\n"
+        "  --passkey-digits N digits of a key (5)\n"
+        "  --passkey-new N    answer tokens at most (digits + 3); generation stops at end of turn or after the first\n"
+        "                     digit run\n"
+        "  --passkey-part I/N only the prompts whose index is I-1 modulo N (to split a run into parallel jobs)\n"
+        "  --passkey-csv FILE append one row per prompt and method (the --csv rows are then per method: accuracy)\n");
 }
 
 std::vector<std::string> split(const std::string & s, char sep) {
@@ -190,6 +211,21 @@ Options parse(int argc, char ** argv) {
                 const auto at = item.find('@');
                 o.configs.emplace_back(item.substr(0, at), at == std::string::npos ? "" : item.substr(at + 1));
             }
+        else if (a == "--passkey-depths") {
+            o.passkey_depths.clear();
+            for (const auto & d : split(next(), ',')) o.passkey_depths.push_back(std::stod(d));
+        }
+        else if (a == "--passkey-keys") o.passkey_keys = std::stoi(next());
+        else if (a == "--passkey-seed") o.passkey_seed = std::stoull(next());
+        else if (a == "--passkey-digits") o.passkey_digits = std::stoi(next());
+        else if (a == "--passkey-new") o.passkey_new = std::stoi(next());
+        else if (a == "--passkey-part") {
+            const std::string v = next();
+            if (std::sscanf(v.c_str(), "%d/%d", &o.passkey_part, &o.passkey_parts) != 2 || o.passkey_parts < 1 ||
+                o.passkey_part < 1 || o.passkey_part > o.passkey_parts)
+                throw std::runtime_error("--passkey-part is I/N with 1 <= I <= N");
+        }
+        else if (a == "--passkey-csv") o.passkey_csv = next();
         else if (a == "--kv-f16") o.kv_f16 = true;
         else if (a == "--flash-attn") o.flash_attn = true;
         else if (a == "--no-recall") o.recall = false;
@@ -197,7 +233,16 @@ Options parse(int argc, char ** argv) {
         else if (a == "-h" || a == "--help") { usage(); std::exit(0); }
         else { usage(); throw std::runtime_error("unknown option " + a); }
     }
-    if (o.model.empty() || o.text.empty()) { usage(); throw std::runtime_error("--model and --text are required"); }
+    const bool passkey = !o.passkey_depths.empty();
+    if (o.model.empty() || (o.text.empty() && !passkey)) {
+        usage();
+        throw std::runtime_error("--model and --text are required (--text not in passkey mode)");
+    }
+    if (passkey) {
+        if (o.passkey_new <= 0) o.passkey_new = o.passkey_digits + 3;
+        o.decode = o.passkey_new + 1;  // the last prompt token and the answer: sizes the caches
+        o.windows = 1;
+    }
     if (o.context < 1 || o.decode < 1 || o.windows < 1) throw std::runtime_error("context, decode, windows must be >= 1");
     if (o.sikv_budget != "charged" && o.sikv_budget != "ratio") throw std::runtime_error("--sikv-budget is charged or ratio");
     if (o.sikv_centre != "median" && o.sikv_centre != "mean") throw std::runtime_error("--sikv-centre is median or mean");
@@ -426,6 +471,9 @@ struct Config {
     double rel_err_sum = 0.0, rel_err_max = 0.0;
     int64_t rel_err_n = 0;
     SelectionStats st;
+    // passkey mode, summed over prompts
+    int pk_prompts = 0, pk_correct = 0;
+    double pk_digits = 0.0;
 };
 
 std::unique_ptr<DecodeMethod> make_method(const std::string & m, const BaselineParams & p) {
@@ -507,6 +555,234 @@ void quiet_log(ggml_log_level level, const char * text, void *) {
     if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) std::fputs(text, stderr);
 }
 
+// A CSV field: quoted, quotes doubled, control characters escaped.
+std::string csv_field(const std::string & s) {
+    std::string q = "\"";
+    for (unsigned char c : s) {
+        if (c == '"') q += "\"\"";
+        else if (c == '\n') q += "\\n";
+        else if (c < 0x20) q += ' ';
+        else q += (char) c;
+    }
+    return q + "\"";
+}
+
+// Passkey mode: for each prompt, one dense prefill of all but its last token, then for each method the
+// last prompt token and a greedy answer decoded through the method (llama.cpp's KV cache trimmed back to
+// the prefill between methods, as the perplexity mode does). Scores: exact match of the answer's first
+// digit run with the key, and per-digit accuracy.
+int run_passkey(const Options & o, const llama_model * model, llama_context * ctx, Hook & hook,
+                std::vector<Config> & configs) {
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+    llama_memory_t mem = llama_get_memory(ctx);
+    const ModelShape & s = hook.shape;
+    const int L = s.n_layer;
+    const int P = o.context;
+
+    const Tokenize tokenize = [&](const std::string & text) {
+        std::vector<llama_token> t(text.size() + 16);
+        int n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), t.data(), (int32_t) t.size(), true, true);
+        if (n < 0) {
+            t.resize(-n);
+            n = llama_tokenize(vocab, text.data(), (int32_t) text.size(), t.data(), (int32_t) t.size(), true, true);
+        }
+        if (n < 0) throw std::runtime_error("tokenization failed");
+        t.resize(n);
+        return std::vector<int32_t>(t.begin(), t.end());
+    };
+    const char * tmpl = llama_model_chat_template(model, nullptr);
+    const WrapUser wrap = [&](const std::string & user) -> std::string {
+        if (!tmpl) return user + "\n";  // a base model: the answer starts on the next line
+        llama_chat_message msg{"user", user.c_str()};
+        std::vector<char> buf(user.size() * 2 + 1024);
+        int n = llama_chat_apply_template(tmpl, &msg, 1, true, buf.data(), (int32_t) buf.size());
+        if (n > (int) buf.size()) {
+            buf.resize(n + 1);
+            n = llama_chat_apply_template(tmpl, &msg, 1, true, buf.data(), (int32_t) buf.size());
+        }
+        if (n < 0) throw std::runtime_error("the model's chat template is not one llama.cpp applies");
+        return std::string(buf.data(), n);
+    };
+    auto piece = [&](llama_token t) {
+        char buf[256];
+        const int n = llama_token_to_piece(vocab, t, buf, sizeof buf, 0, false);
+        return n > 0 ? std::string(buf, n) : std::string();
+    };
+
+    // the prompts: depth-major, keys numbered across the run
+    struct Item { int index; PasskeyPrompt p; };
+    std::vector<Item> items;
+    for (size_t di = 0; di < o.passkey_depths.size(); ++di)
+        for (int k = 0; k < o.passkey_keys; ++k) {
+            const int index = (int) di * o.passkey_keys + k;
+            if (index % o.passkey_parts != o.passkey_part - 1) continue;
+            items.push_back({index, make_passkey_prompt(tokenize, wrap, P, o.passkey_depths[di],
+                                                        passkey_key(o.passkey_seed, index, o.passkey_digits))});
+        }
+    if (items.empty()) throw std::runtime_error("no passkey prompt in this part");
+    {
+        // the needle as the model's tokenizer cuts it: the key must come out of its tokens
+        const PasskeyPrompt & p = items[0].p;
+        std::string pieces, joined;
+        for (size_t t = p.needle_token; t < p.tokens.size() && joined.size() < 40; ++t) {
+            pieces += (pieces.empty() ? "" : "|") + piece(p.tokens[t]);
+            joined += piece(p.tokens[t]);
+        }
+        if (joined.find(p.key) == std::string::npos)
+            throw std::runtime_error("the key " + p.key + " is not in the needle's tokens: " + pieces);
+        std::printf("passkey: chat template %s; %zu prompt(s) of at most %d tokens; first prompt %zu tokens, %d filler "
+                    "sentences, needle at token %d (depth %.3f, requested %.2f); needle tokens: %s\n",
+                    tmpl ? "applied" : "absent (plain text)", items.size(), P, p.tokens.size(), p.filler_sentences,
+                    p.needle_token, p.depth, p.depth_requested, pieces.c_str());
+    }
+
+    FILE * rows = nullptr;
+    if (!o.passkey_csv.empty()) {
+        std::ifstream probe(o.passkey_csv);
+        const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
+        probe.close();
+        rows = std::fopen(o.passkey_csv.c_str(), "a");
+        if (!rows) throw std::runtime_error("cannot write " + o.passkey_csv);
+        if (fresh)
+            std::fputs("method,profile,budget,context,prompt,depth_requested,depth,prompt_tokens,needle_token,key,answer,"
+                       "correct,digit_accuracy,steps,attn_rel_err,decode_ms_per_token,prefill_s\n", rows);
+    }
+
+    llama_batch batch = llama_batch_init(P, 0, 1);
+    double prefill_total = 0.0;
+    for (const Item & it : items) {
+        const PasskeyPrompt & p = it.p;
+        const int n = (int) p.tokens.size();
+        const int Pf = n - 1;  // prefilled densely; the last prompt token goes through the method
+
+        llama_memory_clear(mem, true);
+        batch.n_tokens = Pf;
+        for (int i = 0; i < Pf; ++i) {
+            batch.token[i] = p.tokens[i];
+            batch.pos[i] = i;
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = 0;
+            batch.logits[i] = i == Pf - 1;
+        }
+        hook.phase = Hook::Phase::Prefill;
+        hook.n_tokens = Pf;
+        std::fill(hook.pk_n.begin(), hook.pk_n.end(), 0);
+        std::fill(hook.pv_n.begin(), hook.pv_n.end(), 0);
+        std::fill(hook.pq_n.begin(), hook.pq_n.end(), 0);
+        const double t0 = now_s();
+        if (llama_decode(ctx, batch) != 0) throw std::runtime_error("prefill failed");
+        llama_synchronize(ctx);
+        const double prefill_s = now_s() - t0;
+        prefill_total += prefill_s;
+        hook.phase = Hook::Phase::Off;
+        if (!hook.error.empty()) throw std::runtime_error(hook.error);
+        for (int l = 0; l < L; ++l)
+            if (hook.pk_n[l] != Pf || hook.pv_n[l] != Pf || hook.pq_n[l] != std::min(o.q_tail, Pf))
+                throw std::runtime_error("prefill capture incomplete at layer " + std::to_string(l));
+        std::printf("prompt %d (depth %.2f, key %s): %d tokens, needle at %d (%.3f), prefill %.1f s\n", it.index,
+                    p.depth_requested, p.key.c_str(), n, p.needle_token, p.depth, prefill_s);
+
+        for (auto & c : configs) {
+            if (!llama_memory_seq_rm(mem, 0, Pf, -1)) throw std::runtime_error("cannot trim the KV cache");
+            c.impl->begin_sequence(s);
+            for (int l = 0; l < L; ++l)
+                c.impl->calibrate(l, hook.pk[l].data(), hook.pv[l].data(), Pf, hook.pq[l].data(), hook.pq_n[l]);
+            hook.method = c.impl.get();
+            hook.rel_err_sum = hook.rel_err_max = 0.0;
+            hook.rel_err_n = 0;
+
+            std::string answer;
+            llama_token next = p.tokens[Pf];
+            int steps = 0;
+            const double t1 = now_s();
+            for (int i = 0; i < o.passkey_new; ++i) {
+                batch.n_tokens = 1;
+                batch.token[0] = next;
+                batch.pos[0] = Pf + i;
+                hook.pos = Pf + i;
+                batch.n_seq_id[0] = 1;
+                batch.seq_id[0][0] = 0;
+                batch.logits[0] = true;
+                hook.phase = Hook::Phase::Decode;
+                hook.n_tokens = 1;
+                hook.outs_this_step = 0;
+                if (llama_decode(ctx, batch) != 0) throw std::runtime_error("decode failed");
+                hook.phase = Hook::Phase::Off;
+                if (!hook.error.empty()) throw std::runtime_error(hook.error);
+                if (hook.outs_this_step != L)
+                    throw std::runtime_error("saw " + std::to_string(hook.outs_this_step) + " kqv_out tensors, expected " +
+                                             std::to_string(L));
+                steps += 1;
+                const float * logits = llama_get_logits_ith(ctx, -1);
+                llama_token g = 0;
+                for (int v = 1; v < n_vocab; ++v)
+                    if (logits[v] > logits[g]) g = v;
+                if (llama_vocab_is_eog(vocab, g)) break;
+                answer += piece(g);
+                if (digit_run_complete(answer)) break;
+                next = g;
+            }
+            const double dt = now_s() - t1;
+            const bool correct = first_digit_run(answer) == p.key;
+            const double dacc = digit_accuracy(answer, p.key);
+            c.pk_prompts += 1;
+            c.pk_correct += correct;
+            c.pk_digits += dacc;
+            c.decode_s += dt;
+            c.n_scored += steps;
+            c.rel_err_sum += hook.rel_err_sum;
+            c.rel_err_max = std::max(c.rel_err_max, hook.rel_err_max);
+            c.rel_err_n += hook.rel_err_n;
+            const double rel = hook.rel_err_n ? hook.rel_err_sum / (double) hook.rel_err_n : NAN;
+            std::printf("  %-14s %-6s %-24s %s\n", c.method.c_str(), c.budget_label.c_str(), csv_field(answer).c_str(),
+                        correct ? "ok" : "MISS");
+            if (rows) {
+                std::fprintf(rows, "%s,%s,%s,%d,%d,%.2f,%.4f,%d,%d,%s,%s,%d,%.3f,%d,%.3e,%.2f,%.2f\n", c.method.c_str(),
+                             c.impl->profile().c_str(), c.budget_label.c_str(), P, it.index, p.depth_requested, p.depth, n,
+                             p.needle_token, p.key.c_str(), csv_field(answer).c_str(), correct ? 1 : 0, dacc, steps, rel,
+                             1000.0 * dt / std::max(1, steps), prefill_s);
+                std::fflush(rows);
+            }
+        }
+    }
+    llama_batch_free(batch);
+    if (rows) std::fclose(rows);
+
+    FILE * csv = nullptr;
+    if (!o.csv.empty()) {
+        std::ifstream probe(o.csv);
+        const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
+        probe.close();
+        csv = std::fopen(o.csv.c_str(), "a");
+        if (!csv) throw std::runtime_error("cannot write " + o.csv);
+        if (fresh)
+            std::fputs("method,profile,budget,context,prompts,correct,accuracy,digit_accuracy,budget_tokens,attn_rel_err,"
+                       "decode_ms_per_token,prefill_s\n", csv);
+    }
+    std::printf("\npasskey: %zu prompt(s), context %d, prefill %.1f s per prompt\n", items.size(), P,
+                prefill_total / items.size());
+    std::printf("%-14s %-6s %8s %9s %12s %10s\n", "method", "budget", "correct", "digits", "attn_relerr", "ms/token");
+    for (const auto & c : configs) {
+        const double rel = c.rel_err_n ? c.rel_err_sum / (double) c.rel_err_n : NAN;
+        const double ms = 1000.0 * c.decode_s / std::max<int64_t>(1, c.n_scored);
+        std::printf("%-14s %-6s %3d/%-4d %9.3f %12.3e %10.1f\n", c.method.c_str(), c.budget_label.c_str(), c.pk_correct,
+                    c.pk_prompts, c.pk_digits / c.pk_prompts, rel, ms);
+        if (csv)
+            std::fprintf(csv, "%s,%s,%s,%d,%d,%d,%.4f,%.4f,%d,%.3e,%.2f,%.2f\n", c.method.c_str(),
+                         c.impl->profile().c_str(), c.budget_label.c_str(), P, c.pk_prompts, c.pk_correct,
+                         (double) c.pk_correct / c.pk_prompts, c.pk_digits / c.pk_prompts, c.budget, rel, ms,
+                         prefill_total / items.size());
+    }
+    if (csv) std::fclose(csv);
+    std::string wl;
+    for (int l = 0; l < L; ++l)
+        if (hook.windowed[l]) wl += (wl.empty() ? "" : ",") + std::to_string(l);
+    std::printf("layers with a sliding window (llama.cpp's own attention kept under every method): %s\n",
+                wl.empty() ? "none" : wl.c_str());
+    return 0;
+}
+
 int run(const Options & o) {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines appear as they happen
     llama_log_set(quiet_log, nullptr);
@@ -519,21 +795,26 @@ int run(const Options & o) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int n_vocab = llama_vocab_n_tokens(vocab);
 
+    const bool passkey = !o.passkey_depths.empty();
     // text -> tokens
-    std::ifstream in(o.text, std::ios::binary);
-    if (!in) throw std::runtime_error("cannot read " + o.text);
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::vector<llama_token> tok(text.size() + 16);
-    int n_tok = llama_tokenize(vocab, text.data(), (int32_t) text.size(), tok.data(), (int32_t) tok.size(), false, false);
-    if (n_tok < 0) throw std::runtime_error("tokenization failed");
-    tok.resize(n_tok);
+    std::vector<llama_token> tok;
+    int n_tok = 0;
+    if (!passkey) {
+        std::ifstream in(o.text, std::ios::binary);
+        if (!in) throw std::runtime_error("cannot read " + o.text);
+        const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        tok.resize(text.size() + 16);
+        n_tok = llama_tokenize(vocab, text.data(), (int32_t) text.size(), tok.data(), (int32_t) tok.size(), false, false);
+        if (n_tok < 0) throw std::runtime_error("tokenization failed");
+        tok.resize(n_tok);
+    }
 
     // A model that expects a BOS token gets one at the start of every window (each window is a
     // sequence of its own); the window then takes one token less of the text.
     const bool add_bos = llama_vocab_get_add_bos(vocab);
     const llama_token bos = llama_vocab_bos(vocab);
     const int P = o.context, D = o.decode, span = P + D + 1;
-    const int windows = std::min(o.windows, (n_tok - o.offset) / span);
+    const int windows = passkey ? 1 : std::min(o.windows, (n_tok - o.offset) / span);
     if (windows < 1) throw std::runtime_error("text too short: " + std::to_string(n_tok) + " tokens");
 
     Hook hook;
@@ -575,6 +856,7 @@ int run(const Options & o) {
     std::printf("model: %d layers, %d q heads, %d kv heads, head_dim %d, vocab %d\n", L, s.n_q_heads, s.n_kv_heads,
                 s.head_dim, n_vocab);
     std::printf("BOS: %s\n", add_bos ? "the model expects one; added at the start of every window" : "not added (the model does not ask for it)");
+    if (!passkey)
     std::printf("text: %d tokens; %d window(s) of %d prefill + %d decode tokens from offset %d; kv cache %s, flash attn %s, %d threads\n",
                 n_tok, windows, P, D, o.offset, o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off", o.threads);
 
@@ -615,6 +897,14 @@ int run(const Options & o) {
             c.impl = make_method(m, bp);
         }
         configs.push_back(std::move(c));
+    }
+
+    if (passkey) {
+        const int rc = run_passkey(o, model, ctx, hook, configs);
+        llama_free(ctx);
+        llama_model_free(model);
+        llama_backend_free();
+        return rc;
     }
 
     double prefill_s = 0.0;

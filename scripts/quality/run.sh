@@ -10,10 +10,11 @@
 # usage: scripts/quality/run.sh [--context P] [--decode D] [--windows W] [--budgets 1/32,1/16,1/8]
 #                               [--methods llama,dense,oracle_topk,quest,sink_window,sikv_2+1,...] [--model f32|q4_1]
 #                               [--csv FILE] [--jobs N] [--sikv-include DIR --sikv-lib FILE | --no-library]
-#                               [--study DIR] [-- EVAL_ARGS...]
+#                               [--study DIR] [--build-only] [-- EVAL_ARGS...]
 # --study DIR runs the whole study instead of one evaluation: study.py (every context, method and budget as
 # parallel jobs; EVAL_ARGS go to study.py, e.g. --jobs 8 --threads 1 --contexts 2048) into DIR, then
-# report.py DIR (tables, DIR/results.csv, DIR/layers.csv, DIR/quality.png).
+# report.py DIR (tables, DIR/results.csv, DIR/layers.csv, DIR/quality.png). --build-only stops after the builds,
+# the unit tests and the model conversion (passkey.sh uses it).
 # Library methods: sikv_2+1 sikv_4+1 sikv_16+1 (two-stage), sikv_1stage_2+1 sikv_1stage_16+1 (one-stage),
 # sikv_parity (the reference's k = 100).
 # Downloads and builds go to $EVAL_DIR (default: .eval in the repository root, which git ignores).
@@ -40,6 +41,7 @@ JOBS=2
 SIKV_INCLUDE=""
 SIKV_LIB=""
 STUDY=""
+BUILD_ONLY=0
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -55,8 +57,9 @@ while [[ $# -gt 0 ]]; do
     --sikv-lib) SIKV_LIB="$2"; shift 2 ;;
     --no-library) WITH_LIBRARY=0; shift ;;
     --study) STUDY="$2"; shift 2 ;;
+    --build-only) BUILD_ONLY=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -164,6 +167,7 @@ cmake -S "$ROOT/cpp_examples/llama_cpp_eval" -B "$EVAL_BUILD" -DCMAKE_BUILD_TYPE
   -DLLAMA_SRC="$LLAMA_SRC" -DLLAMA_BUILD="$LLAMA_BUILD" "${SIKV_ARGS[@]}" >&2
 cmake --build "$EVAL_BUILD" -j"$JOBS" >&2
 "$EVAL_BUILD/methods_test" >&2
+"$EVAL_BUILD/passkey_test" >&2
 
 if [[ ! -f "$F32_MODEL" ]]; then
   log "converting the model to all-f32"
@@ -174,6 +178,7 @@ case "$MODEL_KIND" in
   q4_1) MODEL="$Q4_MODEL" ;;
   *) echo "--model must be f32 or q4_1" >&2; exit 2 ;;
 esac
+[[ $BUILD_ONLY -eq 1 ]] && { log "built: $EVAL_BUILD/llama_cpp_eval, model $F32_MODEL"; exit 0; }
 
 # --- run ---------------------------------------------------------------------------------------------------
 if [[ -n "$STUDY" ]]; then
