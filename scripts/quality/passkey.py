@@ -2,14 +2,14 @@
 """Long-context retrieval (passkey): runs the harness's passkey mode over models and contexts, then tables.
 
 usage: scripts/quality/passkey.py --bin llama_cpp_eval --models-dir DIR --out OUT
-                                  [--runs smollm2:4096,smollm2:8192,gemma3:4096,...] [--depths 0.1,0.3,0.5,0.7,0.9]
+                                  [--runs smollm2:4096,gemma3:16384:1:2,...] [--depths 0.1,0.3,0.5,0.7,0.9]
                                   [--keys 2] [--seed 1] [--configs LIST] [--jobs N] [--threads T] [--parts N]
                                   [--csv FILE] [--markdown FILE] [--report-only] [-- EVAL_ARGS...]
 
-Each run (model:context) is split into --parts jobs by prompt (prompt i goes to part i mod N); a job is
+Each run (model:context, or model:context:keys[:seed] to override --keys and --seed) is split into --parts jobs by prompt (prompt i goes to part i mod N); a job is
 one evaluator process: for each of its prompts one dense prefill, then every method decodes the last
 prompt token and the answer (llama_cpp_eval --passkey-depths). Jobs write OUT/<model>_<context>_<i>of<N>
-.rows.csv (one row per prompt and method), .csv (per method) and .log; a job whose .csv exists is skipped,
+.rows.csv (one row per prompt and method; <model>_<context>_s<seed>_... for a seed other than 1), .csv (per method) and .log; a job whose .csv exists is skipped,
 so an interrupted run resumes. The tables come from the .rows.csv files of OUT: accuracy (exact match of
 the answer's first digit run with the key) per method, budget, model and context.
 """
@@ -33,28 +33,31 @@ DEFAULT_CONFIGS = ("llama,dense," + ",".join(
     f"{m}@{b}" for m in ["sikv_2+1", "sikv_4+1", "sikv_16+1", "oracle_topk", "quest", "sink_window"]
     for b in ["1/32", "1/16"]))
 METHOD_ORDER = ["llama", "dense", "sikv_2+1", "sikv_4+1", "sikv_16+1", "oracle_topk", "quest", "sink_window"]
-JOB_RE = re.compile(r"^(?P<model>[a-z0-9]+)_(?P<ctx>\d+)_(?P<i>\d+)of(?P<n>\d+)\.rows\.csv$")
+JOB_RE = re.compile(r"^(?P<model>[a-z0-9]+)_(?P<ctx>\d+)_(?:s\d+_)?(?P<i>\d+)of(?P<n>\d+)\.rows\.csv$")
 
 
 def jobs_of(args):
     jobs = []
     for run in args.runs.split(","):
-        model, ctx = run.split(":")
+        model, ctx, *more = run.split(":")
+        keys = int(more[0]) if more else args.keys
+        seed = int(more[1]) if len(more) > 1 else args.seed
         for i in range(1, args.parts + 1):
-            jobs.append((model, int(ctx), i, args.parts))
+            jobs.append((model, int(ctx), keys, seed, i, args.parts))
     return jobs  # in the order of --runs: the first runs finish first
 
 
 def run_job(args, extra, job):
-    model, ctx, i, n = job
-    base = os.path.join(args.out, f"{model}_{ctx}_{i}of{n}")
+    model, ctx, keys, seed, i, n = job
+    tag = "" if seed == 1 else f"s{seed}_"  # another seed: other keys, other files
+    base = os.path.join(args.out, f"{model}_{ctx}_{tag}{i}of{n}")
     if os.path.exists(base + ".csv") and os.path.getsize(base + ".csv") > 0:
         return base, 0, 0.0
     for suffix in (".csv", ".rows.csv"):
         if os.path.exists(base + suffix):
             os.remove(base + suffix)
     cmd = [args.bin, "--model", os.path.join(args.models_dir, MODELS[model]), "--context", str(ctx),
-           "--passkey-depths", args.depths, "--passkey-keys", str(args.keys), "--passkey-seed", str(args.seed),
+           "--passkey-depths", args.depths, "--passkey-keys", str(keys), "--passkey-seed", str(seed),
            "--passkey-part", f"{i}/{n}", "--configs", args.configs, "--threads", str(args.threads), "--no-recall",
            "--passkey-csv", base + ".rows.csv", "--csv", base + ".csv"] + MODEL_ARGS.get(model, []) + extra
     t0 = time.time()

