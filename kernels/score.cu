@@ -150,8 +150,9 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
 }
 SIKV_ENTRIES_D_T(sikv_score, SCORE_THREADS)
 
-// Stage-2 scores (reference/rerank.rs): qbar . k'^ for each stage-1 survivor, k'^ decoded as
-// decode_key does ((code * delta + zero), signed, times a_c; or the stored 16-bit k'),
+// Stage-2 scores (reference/rerank.rs, RerankQuery): qbar . k'^ for each stage-1 survivor, k'^
+// the key as decode_key reconstructs it ((code * delta + zero), signed, times a_c; or the
+// stored 16-bit k'): for 2-bit keys regrouped into subset-sum lookups (rerank_dot2), else
 // summed in channel order. One thread per survivor; grid (ceil(stage1_max/128), H_kv, B).
 //
 // The survivor's page lookup and plane rows are fetched before the block's query prologue, so
@@ -218,6 +219,73 @@ struct RerankKey {
     }
 };
 
+// 2-bit keys (reference/rerank.rs, RerankQuery): per group of 32 channels
+// delta * sum(+-code qa) + zero * sum(+-qa), qa_c = qbar_c a_c, each signed sum over a nibble
+// of channels 2 P[m & signs] - P[m] from the nibble's 16 subset sums P (`sub`, 64 bytes per
+// nibble). Five lookups per nibble replace four channel decodes. A lookup is a byte permute
+// (offset into place), a load and an add, as in lut_sum; the bank rule is lut_sum's. A
+// group's sum of P[15] is read here (broadcast loads) rather than made by a few threads
+// before a second barrier, which would lengthen the block's prologue.
+template <int D>
+SIKV_DEV float rerank_dot2(const u32* sign, const u32* mag, const u32* par, const float* sub) {
+    const char* base = reinterpret_cast<const char*>(sub);
+    float acc = 0.0f;
+    #pragma unroll
+    for (int g = 0; g < D / 32; ++g) {
+        float full = 0.0f;
+        #pragma unroll
+        for (int s = 8 * g; s < 8 * g + 8; ++s) full = add_rn(full, sub[s * CENTROIDS + CENTROIDS - 1]);
+        float e = 0.0f, a0 = 0.0f, p0 = 0.0f, a1 = 0.0f, p1 = 0.0f;
+        #pragma unroll
+        for (int hw = 0; hw < 2; ++hw) {
+            // Byte j of these words: 4 x the nibble (4 channels) 8g + 4hw + j's low code bits
+            // (lo), high code bits (hi) and signs (sg).
+            const u32 x = mag[2 * g + hw];
+            u32 lo = x & 0x55555555u, hi = (x >> 1) & 0x55555555u;
+            lo = (lo | (lo >> 1)) & 0x33333333u;
+            hi = (hi | (hi >> 1)) & 0x33333333u;
+            lo = ((lo | (lo >> 2)) & 0x0F0F0F0Fu) << 2;
+            hi = ((hi | (hi >> 2)) & 0x0F0F0F0Fu) << 2;
+            u32 sg = (sign[g] >> (16 * hw)) & 0xFFFFu;
+            sg = (sg | (sg << 8)) & 0x00FF00FFu;
+            sg = ((sg | (sg << 4)) & 0x0F0F0F0Fu) << 2;
+            const u32 los = lo & sg, his = hi & sg;
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const char* t = base + (8 * g + 4 * hw + j) * CENTROIDS * 4;
+                const u32 sel = 0x4440u | (u32)j;
+                auto at = [&](u32 w) { return *reinterpret_cast<const float*>(t + __byte_perm(w, 0u, sel)); };
+                e = add_rn(e, at(sg));
+                a0 = add_rn(a0, at(los));
+                p0 = add_rn(p0, at(lo));
+                a1 = add_rn(a1, at(his));
+                p1 = add_rn(p1, at(hi));
+            }
+        }
+        const float signed_sum = add_rn(add_rn(e, e), -full);
+        const float s0 = add_rn(add_rn(a0, a0), -p0), s1 = add_rn(add_rn(a1, a1), -p1);
+        const float coded = add_rn(s0, add_rn(s1, s1));
+        const float delta = half_bits_to_f32((u16)(par[g] & 0xffffu));
+        const float zero = half_bits_to_f32((u16)(par[g] >> 16));
+        acc = add_rn(acc, add_rn(mul_rn(delta, coded), mul_rn(zero, signed_sum)));
+    }
+    return acc;
+}
+
+// rerank_dot2's table from qbar and scale (shared memory; a barrier follows): D/4 x 16 subset
+// sums, each in channel order from 0.
+template <int D>
+SIKV_DEV void rerank_tables(const float* qbar, const float* scale, float* sub) {
+    for (int e = threadIdx.x; e < (D / 4) * CENTROIDS; e += blockDim.x) {
+        const int s = e / CENTROIDS, m = e % CENTROIDS;
+        float t = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if ((m >> i) & 1) t = add_rn(t, mul_rn(qbar[4 * s + i], scale[4 * s + i]));
+        sub[e] = t;
+    }
+}
+
 template <int D, typename T, int BITS>
 SIKV_DEV void rerank_score_bits(const SikvParams& p, int b, int h, int n1, int slot, float* qbar, float* scale) {
     typedef typename Storage<T>::type S;
@@ -235,6 +303,11 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int b, int h, int n1, int s
     load_qbar<D, T>(p, b, h, qbar);
     for (int c = threadIdx.x; c < D; c += blockDim.x) scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
     __syncthreads();
+    __shared__ __align__(16) float sub[BITS == 2 ? (D / 4) * CENTROIDS : 1];
+    if constexpr (BITS == 2) {
+        rerank_tables<D>(qbar, scale, sub);
+        __syncthreads();
+    }
     if (!live) return;
     u32 out = 0u;
     if (forced) {
@@ -249,6 +322,8 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int b, int h, int n1, int s
                 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc = add_rn(acc, mul_rn(qbar[c0 + j], kv[j]));
             }
+        } else if constexpr (BITS == 2) {
+            acc = rerank_dot2<D>(key.sign, key.mag, key.par, sub);
         } else {
             acc = key.dot(qbar, scale);
         }

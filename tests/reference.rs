@@ -15,7 +15,7 @@ use selfindexkv::reference::calibrate::{calibrate_head, lower_median, CalibrateP
 use selfindexkv::reference::encode::{
     decode_key, decode_value, encode_token, group_params, mag_code, sign_bit, sub_code,
 };
-use selfindexkv::reference::rerank::rerank;
+use selfindexkv::reference::rerank::{rerank, RerankQuery};
 use selfindexkv::reference::score::{build_lut, group_mean_query, lut_score, sign_sign_score};
 use selfindexkv::reference::topk::topk;
 
@@ -794,6 +794,42 @@ fn lut_score_equals_qbar_dot_reconstruction() {
                 (got - want).abs() <= 1e-5 * l1.max(want.abs()),
                 "d={d}: {got} vs {want}"
             );
+        }
+    }
+}
+
+/// The stage-2 score of a stored key (RerankQuery: subset-sum lookups for 2-bit keys, a
+/// channel-order sum otherwise) equals qbar . decode_key up to f32 rounding, for every width,
+/// head_dim and sign of the query.
+#[test]
+fn rerank_query_equals_qbar_dot_decoded_key() {
+    let mut rng = Rng::new("rerank_query_equals_qbar_dot_decoded_key");
+    for d in [64usize, 128, 256] {
+        for kb in [2u32, 4, 16] {
+            let f = TokenFormat::new(d, kb, 2);
+            let m: Vec<f32> = rng.normals(d).iter().map(|x| 0.1 * x).collect();
+            let r: Vec<f32> = (0..d).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
+            let scale: Vec<f32> = r.iter().map(|x| 1.0 / x).collect();
+            let qbar = rng.normals(d);
+            let rq = RerankQuery::new(&f, &qbar, &scale);
+            let mut rows = Rows::new(&f);
+            let mut key = vec![0f32; d];
+            for t in 0..200 {
+                let mut k = rng.normals(d);
+                if t % 5 == 0 {
+                    k[t % d] *= 40.0; // an outlier channel widens its group's range
+                }
+                let v = rng.normals(d);
+                rows.encode(&f, HalfKind::F16, SignPredicate::NotSignbit, &k, &v, &m, &r);
+                let dec = decode_key(&f, HalfKind::F16, &rows.refs(), &scale);
+                let want: f64 = (0..d).map(|c| qbar[c] as f64 * dec[c] as f64).sum();
+                let l1: f64 = (0..d).map(|c| (qbar[c] as f64 * dec[c] as f64).abs()).sum();
+                let got = rq.score(&f, HalfKind::F16, &rows.refs(), &scale, &mut key) as f64;
+                assert!(
+                    (got - want).abs() <= 2e-6 * l1.max(1e-6),
+                    "d={d} bits={kb} token {t}: {got} vs {want} (l1 {l1})"
+                );
+            }
         }
     }
 }

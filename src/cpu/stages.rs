@@ -17,10 +17,8 @@ use crate::layout::{Layout, DENSE_EMPTY, META_CALIBRATED, META_N_HEAVY, META_PRO
 use crate::numeric::{write_f32s, write_i32};
 use crate::reference::attend::attend_group;
 use crate::reference::calibrate::{calibrate_head, CalibrateParams};
-use crate::reference::encode::{
-    centred, decode_key, decode_key_into, decode_value, encode_token, finite_max, half_max, saturate,
-};
-use crate::reference::rerank::rerank_score;
+use crate::reference::encode::{centred, decode_key, decode_value, encode_token, finite_max, half_max, saturate};
+use crate::reference::rerank::RerankQuery;
 use crate::reference::score::{build_lut, group_mean_query, lut_score, sign_sign_score};
 use crate::reference::topk::topk;
 use crate::status::Result;
@@ -451,6 +449,7 @@ pub(super) fn select_head(
     let k1 = cands.len().min(cfg.rerank_factor as usize * k);
     let stage1 = topk(&scores, &cands, k1);
     let scale = f32s(rec, st.scale, d);
+    let rq = RerankQuery::new(&layout.format, qbar, &scale);
     let mut key = vec![0f32; d];
     let s2: Vec<f32> = stage1
         .iter()
@@ -460,8 +459,7 @@ pub(super) fn select_head(
             } else {
                 let (page, s) = table.locate(b, p as usize, p_sz);
                 let rows = rows_ref(layout, &layer.planes, page, h, s);
-                decode_key_into(&layout.format, storage, &rows, &scale, &mut key);
-                rerank_score(qbar, &key)
+                rq.score(&layout.format, storage, &rows, &scale, &mut key)
             }
         })
         .collect();

@@ -11,8 +11,7 @@ use selfindexkv::cpu::{self, PageTable};
 use selfindexkv::gpu::{DevLayer, DevPageTable, DeviceBuffer, GpuContext};
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES, SIKV_PLANE_SIGN};
 use selfindexkv::numeric;
-use selfindexkv::reference::encode::decode_key;
-use selfindexkv::reference::rerank::rerank_score;
+use selfindexkv::reference::rerank::RerankQuery;
 use selfindexkv::reference::score::{build_lut, group_mean_query, lut_score, sign_sign_score};
 use selfindexkv::status::SikvStatus;
 
@@ -596,10 +595,9 @@ pub fn cpu_score(
         }
     });
     if cfg.two_stage() {
-        return rerank_score(
-            &qbar,
-            &decode_key(&fx.layout.format, cfg.dtype.storage(), &rows, &rec.scale),
-        );
+        let fmt = &fx.layout.format;
+        let mut key = vec![0f32; d];
+        return RerankQuery::new(fmt, &qbar, &rec.scale).score(fmt, cfg.dtype.storage(), &rows, &rec.scale, &mut key);
     }
     match cfg.selector {
         selfindexkv::config::Selector::Lut => lut_score(&build_lut(&rec.codebook, &qbar), rows[SIKV_PLANE_SIGN]),
