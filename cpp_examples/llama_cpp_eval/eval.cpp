@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -464,6 +465,7 @@ struct Config {
     std::string budget_label;
     int budget = 0;
     std::unique_ptr<DecodeMethod> impl;
+    std::function<std::unique_ptr<DecodeMethod>()> make;  // a fresh impl (passkey mode: frees the last prompt's state)
     // results, summed over windows
     double nll = 0.0;
     int64_t n_scored = 0;
@@ -744,6 +746,9 @@ int run_passkey(const Options & o, const llama_model * model, llama_context * ct
                              1000.0 * dt / std::max(1, steps), prefill_s);
                 std::fflush(rows);
             }
+            // Every method keeps its own copy of the prompt's keys and values: a fresh instance frees it, so
+            // that one method's state is held at a time (Gemma at 32K: about 1.5 GB per method).
+            c.impl = c.make();
         }
     }
     llama_batch_free(batch);
@@ -868,23 +873,24 @@ int run(const Options & o) {
             else for (const auto & b : o.budgets) pairs.emplace_back(m, b);
         }
     std::vector<Config> configs;
-    for (const auto & [m, b] : pairs) {
+    for (const auto & pair : pairs) {
+        const std::string m = pair.first, b = pair.second;  // copies: the factories below keep them
         Config c;
         c.method = m;
         if (m == "llama" || m == "dense") {
             c.budget_label = "full";
             c.budget = P;
-            c.impl = make_method(m, {});
+            c.make = [m] { return make_method(m, {}); };
         } else if (m == "sikv_parity") {  // the reference's fixed k = 100, no budget ratio
             c.budget_label = "k=100";
             c.budget = 100;
-            c.impl = make_library_method(m, o, "");
+            c.make = [m, &o] { return make_library_method(m, o, ""); };
         } else if (b.empty()) {
             throw std::runtime_error("method " + m + " needs a budget");
         } else if (is_library(m)) {
             c.budget_label = b;
             c.budget = budget_tokens(b, P);
-            c.impl = make_library_method(m, o, b);
+            c.make = [m, &o, b] { return make_library_method(m, o, b); };
         } else {
             BaselineParams bp;
             bp.n_sink = o.n_sink;
@@ -894,8 +900,9 @@ int run(const Options & o) {
             bp.recall = o.recall;
             c.budget_label = b;
             c.budget = bp.budget;
-            c.impl = make_method(m, bp);
+            c.make = [m, bp] { return make_method(m, bp); };
         }
+        c.impl = c.make();
         configs.push_back(std::move(c));
     }
 
