@@ -88,6 +88,7 @@ struct Options {
     int offset = 0;
     int threads = 2;
     int q_tail = 1;
+    int prefill_chunk = 0;  // passkey mode: prefill in ubatches of this many tokens (0: one ubatch)
     int n_sink = 4;
     int n_window = 64;
     int page = 16;
@@ -164,7 +165,9 @@ void usage() {
         "  --passkey-new N    answer tokens at most (digits + 3); generation stops at end of turn or after the first\n"
         "                     digit run\n"
         "  --passkey-part I/N only the prompts whose index is I-1 modulo N (to split a run into parallel jobs)\n"
-        "  --passkey-csv FILE append one row per prompt and method (the --csv rows are then per method: accuracy)\n");
+        "  --passkey-csv FILE append one row per prompt and method (the --csv rows are then per method: accuracy)\n"
+        "  --prefill-chunk N  prefill in ubatches of N tokens (0: the whole prompt in one); llama.cpp reserves\n"
+        "                     logits for every token of a ubatch, which at 32K x a 262K vocabulary does not fit\n");
 }
 
 std::vector<std::string> split(const std::string & s, char sep) {
@@ -227,6 +230,7 @@ Options parse(int argc, char ** argv) {
                 throw std::runtime_error("--passkey-part is I/N with 1 <= I <= N");
         }
         else if (a == "--passkey-csv") o.passkey_csv = next();
+        else if (a == "--prefill-chunk") o.prefill_chunk = std::stoi(next());
         else if (a == "--kv-f16") o.kv_f16 = true;
         else if (a == "--flash-attn") o.flash_attn = true;
         else if (a == "--no-recall") o.recall = false;
@@ -389,16 +393,21 @@ bool eval_cb(ggml_tensor * t, bool ask, void * user_data) {
     if (prefill) {
         const int n = h.n_tokens;
         switch (kind) {
-            case Kind::K:
-                h.pk[layer].resize((size_t) n * s.n_kv_heads * d);
-                copy_rows(t, 0, n, h.pk[layer].data());
-                h.pk_n[layer] = n;
+            // appended after the rows of earlier chunks (passkey mode's --prefill-chunk; else one ubatch)
+            case Kind::K: {
+                const size_t off = (size_t) h.pk_n[layer] * s.n_kv_heads * d;
+                h.pk[layer].resize(off + (size_t) n * s.n_kv_heads * d);
+                copy_rows(t, 0, n, h.pk[layer].data() + off);
+                h.pk_n[layer] += n;
                 break;
-            case Kind::V:
-                h.pv[layer].resize((size_t) n * s.n_kv_heads * d);
-                copy_rows(t, 0, n, h.pv[layer].data());
-                h.pv_n[layer] = n;
+            }
+            case Kind::V: {
+                const size_t off = (size_t) h.pv_n[layer] * s.n_kv_heads * d;
+                h.pv[layer].resize(off + (size_t) n * s.n_kv_heads * d);
+                copy_rows(t, 0, n, h.pv[layer].data() + off);
+                h.pv_n[layer] += n;
                 break;
+            }
             case Kind::Q: {
                 const int nq = std::min(h.q_tail, n);
                 h.pq[layer].resize((size_t) nq * s.n_q_heads * d);
@@ -659,22 +668,26 @@ int run_passkey(const Options & o, const llama_model * model, llama_context * ct
         const int Pf = n - 1;  // prefilled densely; the last prompt token goes through the method
 
         llama_memory_clear(mem, true);
-        batch.n_tokens = Pf;
-        for (int i = 0; i < Pf; ++i) {
-            batch.token[i] = p.tokens[i];
-            batch.pos[i] = i;
-            batch.n_seq_id[i] = 1;
-            batch.seq_id[i][0] = 0;
-            batch.logits[i] = i == Pf - 1;
-        }
-        hook.phase = Hook::Phase::Prefill;
-        hook.n_tokens = Pf;
         std::fill(hook.pk_n.begin(), hook.pk_n.end(), 0);
         std::fill(hook.pv_n.begin(), hook.pv_n.end(), 0);
         std::fill(hook.pq_n.begin(), hook.pq_n.end(), 0);
         const double t0 = now_s();
-        if (llama_decode(ctx, batch) != 0) throw std::runtime_error("prefill failed");
-        llama_synchronize(ctx);
+        const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : P;
+        for (int start = 0; start < Pf; start += chunk) {
+            const int cnt = std::min(chunk, Pf - start);
+            batch.n_tokens = cnt;
+            for (int i = 0; i < cnt; ++i) {
+                batch.token[i] = p.tokens[start + i];
+                batch.pos[i] = start + i;
+                batch.n_seq_id[i] = 1;
+                batch.seq_id[i][0] = 0;
+                batch.logits[i] = start + i == Pf - 1;
+            }
+            hook.phase = Hook::Phase::Prefill;
+            hook.n_tokens = cnt;
+            if (llama_decode(ctx, batch) != 0) throw std::runtime_error("prefill failed");
+            llama_synchronize(ctx);
+        }
         const double prefill_s = now_s() - t0;
         prefill_total += prefill_s;
         hook.phase = Hook::Phase::Off;
@@ -844,8 +857,9 @@ int run(const Options & o) {
 
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t) ((P + D + 1 + 255) / 256 * 256);
-    cp.n_batch = (uint32_t) P;
-    cp.n_ubatch = (uint32_t) P;  // one ubatch: the prefill is one dense graph
+    const int chunk = passkey && o.prefill_chunk > 0 ? std::min(o.prefill_chunk, P) : P;
+    cp.n_batch = (uint32_t) chunk;
+    cp.n_ubatch = (uint32_t) chunk;  // one ubatch: the prefill is one dense graph (unless --prefill-chunk)
     cp.n_seq_max = 1;
     cp.n_threads = o.threads;
     cp.n_threads_batch = o.threads;

@@ -29,6 +29,9 @@ MODEL_LABEL = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}
 # Gemma runs with llama.cpp's flash attention: without it the prefill computes the whole score matrix of
 # every sliding-window layer (15 of 18) and masks it afterwards; flash attention skips the masked blocks.
 MODEL_ARGS = {"gemma3": ["--flash-attn"]}
+# Above 16K the prefill goes in ubatches of 8192 tokens: llama.cpp reserves logits for every token of a
+# ubatch (32K x Gemma's 262K vocabulary: 34 GB).
+CHUNK_ABOVE, CHUNK = 16384, 8192
 DEFAULT_CONFIGS = ("llama,dense," + ",".join(
     f"{m}@{b}" for m in ["sikv_2+1", "sikv_4+1", "sikv_16+1", "oracle_topk", "quest", "sink_window"]
     for b in ["1/32", "1/16"]))
@@ -59,7 +62,8 @@ def run_job(args, extra, job):
     cmd = [args.bin, "--model", os.path.join(args.models_dir, MODELS[model]), "--context", str(ctx),
            "--passkey-depths", args.depths, "--passkey-keys", str(keys), "--passkey-seed", str(seed),
            "--passkey-part", f"{i}/{n}", "--configs", args.configs, "--threads", str(args.threads), "--no-recall",
-           "--passkey-csv", base + ".rows.csv", "--csv", base + ".csv"] + MODEL_ARGS.get(model, []) + extra
+           "--passkey-csv", base + ".rows.csv", "--csv", base + ".csv"] + MODEL_ARGS.get(model, []) + \
+        (["--prefill-chunk", str(CHUNK)] if ctx > CHUNK_ABOVE else []) + extra
     t0 = time.time()
     with open(base + ".log", "w") as log:
         log.write(" ".join(cmd) + "\n")
