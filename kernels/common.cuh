@@ -240,11 +240,20 @@ SIKV_DEV int row_seq(const SikvParams& p, int b, int* slot) {
     return *slot < 0 ? 0 : seq_len(p, b);
 }
 
+// Row index of slot 0 of page `pi` of sequence b for head h, (page * H + h) * P, or -1 when
+// the page index is outside 0..num_pages (no fault raised: the caller raises it when a
+// position on that page is read).
+SIKV_DEV long long page_base_row(const SikvParams& p, int b, int h, int pi) {
+    const int* indptr = reinterpret_cast<const int*>(p.indptr);
+    const int* pages = reinterpret_cast<const int*>(p.page_indices);
+    const int page = pages[indptr[b] + pi];
+    if (page < 0 || page >= p.num_pages) return -1;
+    return ((long long)page * p.num_kv_heads + h) * p.page_size;
+}
+
 // Row index (page * H + head) * P + slot of position `pos` (< seq_len) of sequence b, or -1
 // (fault raised) when its page index is outside 0..num_pages.
 SIKV_DEV long long row_index(const SikvParams& p, int b, int h, int pos) {
-    const int* indptr = reinterpret_cast<const int*>(p.indptr);
-    const int* pages = reinterpret_cast<const int*>(p.page_indices);
     // pos >= 0 (every caller checks). A power-of-two page size (the usual case) takes a shift
     // and a mask: the integer division by a run-time divisor was ~20 instructions per token
     // in the score kernel's loop.
@@ -257,12 +266,12 @@ SIKV_DEV long long row_index(const SikvParams& p, int b, int h, int pos) {
         pi = pos / ps;
         off = pos - pi * ps;
     }
-    const int page = pages[indptr[b] + pi];
-    if (page < 0 || page >= p.num_pages) {
+    const long long base = page_base_row(p, b, h, pi);
+    if (base < 0) {
         raise_fault(p, FAULT_PAGE_INDEX);
         return -1;
     }
-    return ((long long)page * p.num_kv_heads + h) * ps + off;
+    return base + off;
 }
 
 SIKV_DEV const u8* plane_row(const SikvParams& p, int plane, long long row) {

@@ -32,6 +32,9 @@ pub const SCORE_THREADS: u32 = 256;
 pub const SCORE_TOKENS_PER_THREAD: u32 = 8;
 /// score: positions per block.
 pub const SCORE_TILE: u32 = SCORE_THREADS * SCORE_TOKENS_PER_THREAD;
+/// score: the smallest power-of-two page size whose pages a block looks up once each (in its
+/// prologue, into shared memory) rather than once per position.
+pub const SCORE_PAGE_TABLE_MIN: u32 = 16;
 /// rerank: one thread per stage-1 survivor.
 pub const RERANK_THREADS: u32 = 128;
 /// top-k: one block per row (one-CTA stage 1, multi-CTA final, stage 2).

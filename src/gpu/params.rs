@@ -286,6 +286,7 @@ mod tests {
             ("ENCODE_THREADS", u(ENCODE_THREADS)),
             ("CALIB_MEDIAN_THREADS", u(CALIB_MEDIAN_THREADS)),
             ("SCORE_TILE", u(SCORE_TILE)),
+            ("SCORE_PAGE_TABLE_MIN", u(SCORE_PAGE_TABLE_MIN)),
             ("COMPACT_TILE", u(COMPACT_TILE)),
             ("TOPK_THREADS", u(TOPK_THREADS)),
             ("ATTEND_THREADS", u(ATTEND_THREADS)),
