@@ -36,6 +36,14 @@ fn device_batch(b: &Batch) -> Result<DevBatch> {
     })
 }
 
+/// The device addresses a selection is written to.
+fn selection_out(indices: MemMut<i32>, counts: MemMut<i32>) -> Result<DevSelection> {
+    Ok(DevSelection {
+        indices: indices.device("indices")?,
+        counts: counts.device("counts")?,
+    })
+}
+
 /// The executor's workspace descriptor as the launchers take it (the same two fields; the
 /// executor's own type also describes the CPU's unused workspace).
 fn device_ws(ws: Workspace) -> DevWorkspace {
@@ -92,10 +100,7 @@ pub(super) fn select(
 ) -> Result<()> {
     let layer = device_view(pools)?;
     let batch = device_batch(b)?;
-    let sel = DevSelection {
-        indices: indices.device("indices")?,
-        counts: counts.device("counts")?,
-    };
+    let sel = selection_out(indices, counts)?;
     g.select(&ex.cfg, &ex.layout, &layer, &batch, sel, device_ws(ws), stream)
 }
 
@@ -160,10 +165,7 @@ pub(super) fn select_attend(
 ) -> Result<()> {
     let layer = device_view(pools)?;
     let batch = device_batch(b)?;
-    let sel = DevSelection {
-        indices: indices.device("indices")?,
-        counts: counts.device("counts")?,
-    };
+    let sel = selection_out(indices, counts)?;
     let out = out.device("out")?;
     select_attend_dev(ex, g, &layer, &batch, sel, out, device_ws(ws), stream)
 }
