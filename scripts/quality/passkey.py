@@ -2,16 +2,18 @@
 """Long-context retrieval (passkey): runs the harness's passkey mode over models and contexts, then tables.
 
 usage: scripts/quality/passkey.py --bin llama_cpp_eval --models-dir DIR --out OUT
-                                  [--runs smollm2:4096,gemma3:16384:1:2,...] [--depths 0.1,0.3,0.5,0.7,0.9]
+                                  [--runs smollm2:4096,gemma3:32768:1,...] [--depths 0.1,0.3,0.5,0.7,0.9]
                                   [--keys 2] [--seed 1] [--configs LIST] [--jobs N] [--threads T] [--parts N]
-                                  [--csv FILE] [--markdown FILE] [--report-only] [-- EVAL_ARGS...]
+                                  [--csv FILE] [--markdown FILE] [--rows FILE] [--report-only] [-- EVAL_ARGS...]
 
-Each run (model:context, or model:context:keys[:seed] to override --keys and --seed) is split into --parts jobs by prompt (prompt i goes to part i mod N); a job is
-one evaluator process: for each of its prompts one dense prefill, then every method decodes the last
-prompt token and the answer (llama_cpp_eval --passkey-depths). Jobs write OUT/<model>_<context>_<i>of<N>
-.rows.csv (one row per prompt and method; <model>_<context>_s<seed>_... for a seed other than 1), .csv (per method) and .log; a job whose .csv exists is skipped,
-so an interrupted run resumes. The tables come from the .rows.csv files of OUT: accuracy (exact match of
-the answer's first digit run with the key) per method, budget, model and context.
+Each run (model:context, or model:context:keys[:seed] to override --keys and --seed) is split into
+--parts jobs by prompt (prompt i goes to part i mod N); a job is one evaluator process: for each of its
+prompts one dense prefill, then every method decodes the last prompt token and the answer
+(llama_cpp_eval --passkey-depths). Jobs write OUT/<model>_<context>_<i>of<N>.rows.csv (one row per prompt
+and method; <model>_<context>_s<seed>_... for a seed other than 1), .csv (per method) and .log; a job whose
+.csv exists is skipped, so an interrupted run resumes. The tables come from the .rows.csv files of OUT:
+accuracy (exact match of the answer's first digit run with the key) per method, budget, model and context,
+counting only prompts that every method of the job finished.
 """
 import argparse
 import csv
@@ -157,6 +159,19 @@ def write_csv(rows, path):
             w.writerow(out)
 
 
+def write_rows(cells, path):
+    import gzip
+    out = [(k[0], r) for k, c in cells.items() for r in c["rows"]]
+    out.sort(key=lambda x: (x[0], int(x[1]["context"]), int(x[1]["prompt"]), method_key(x[1]["method"], x[1]["budget"])))
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        fields = list(out[0][1].keys())
+        w.writerow(["model"] + fields)
+        for model, r in out:
+            w.writerow([MODEL_LABEL.get(model, model)] + [r[k] for k in fields])
+
+
 def main():
     argv = sys.argv[1:]
     extra = []
@@ -167,16 +182,19 @@ def main():
     ap.add_argument("--bin")
     ap.add_argument("--models-dir")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--runs", default="smollm2:4096,smollm2:8192,gemma3:4096,gemma3:8192,gemma3:16384")
+    # the committed table's runs: 10 prompts (2 keys x 5 depths), 5 for SmolLM2 at 8K and Gemma at 32K
+    ap.add_argument("--runs", default="smollm2:4096,gemma3:4096,smollm2:8192:1,gemma3:8192,gemma3:16384,gemma3:32768:1")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--keys", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", type=int, default=2, help="jobs per run (prompts split by index)")
+    ap.add_argument("--parts", type=int, default=5, help="jobs per run (prompts split by index)")
     ap.add_argument("--csv", help="write the per-method table here (e.g. docs/quality/passkey.csv)")
     ap.add_argument("--markdown", help="write the markdown table here")
+    ap.add_argument("--rows", help="write every prompt's row of every job (complete prompts), a model column first; "
+                                   ".gz: gzipped (e.g. docs/quality/passkey_rows.csv.gz)")
     ap.add_argument("--report-only", action="store_true", help="only tabulate what OUT holds")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -203,6 +221,8 @@ def main():
         write_csv(rows, args.csv)
     if args.markdown:
         open(args.markdown, "w").write(table)
+    if args.rows:
+        write_rows(collect(args.out), args.rows)
     return 1 if failed else 0
 
 

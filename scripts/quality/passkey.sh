@@ -2,7 +2,8 @@
 # Long-context retrieval (passkey) table in one command: builds what run.sh builds (downloads on first use),
 # fetches Gemma 3 270M, runs passkey.py over both models and writes the per-method table.
 # usage: scripts/quality/passkey.sh [OUT] [-- PASSKEY_PY_ARGS...]
-#   OUT defaults to $EVAL_DIR/passkey; the table goes to OUT/passkey.csv and OUT/passkey.md
+#   OUT defaults to $EVAL_DIR/passkey; the table goes to OUT/passkey.csv and OUT/passkey.md, every answer
+#   to OUT/passkey_rows.csv.gz
 #   (docs/quality/passkey.csv is this CSV). PASSKEY_PY_ARGS override passkey.py's defaults, e.g.
 #   --runs smollm2:4096 --keys 1 --jobs 2 --threads 1; anything after a second -- goes to the evaluator.
 # SIKV_INCLUDE/SIKV_LIB: a prebuilt libselfindexkv (header directory, static library); else run.sh builds it.
@@ -18,4 +19,5 @@ EVAL_DIR="$EVAL_DIR" bash "$ROOT/scripts/quality/run.sh" --build-only "${LIB_ARG
 EVAL_DIR="$EVAL_DIR" bash "$ROOT/scripts/quality/fetch_gemma.sh"
 mkdir -p "$OUT"
 python3 "$ROOT/scripts/quality/passkey.py" --bin "$EVAL_DIR/eval-build/llama_cpp_eval" \
-  --models-dir "$EVAL_DIR/model" --out "$OUT" --csv "$OUT/passkey.csv" --markdown "$OUT/passkey.md" "$@"
+  --models-dir "$EVAL_DIR/model" --out "$OUT" --csv "$OUT/passkey.csv" --markdown "$OUT/passkey.md" \
+  --rows "$OUT/passkey_rows.csv.gz" "$@"
