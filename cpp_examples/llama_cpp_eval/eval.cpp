@@ -36,6 +36,19 @@ using namespace sikv_eval;
 
 namespace {
 
+// `path` opened for appending result rows, `header` written first when the file is new or empty
+// (so an interrupted run keeps what it completed and a rerun adds to it); nullptr for no path.
+FILE * append_file(const std::string & path, const char * header) {
+    if (path.empty()) return nullptr;
+    std::ifstream probe(path);
+    const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
+    probe.close();
+    FILE * f = std::fopen(path.c_str(), "a");
+    if (!f) throw std::runtime_error("cannot write " + path);
+    if (fresh) std::fputs(header, f);
+    return f;
+}
+
 // An integer of the model's GGUF metadata, or `fallback` when the key is absent.
 int meta_int(const llama_model * model, const std::string & key, int fallback) {
     char buf[64];
@@ -648,17 +661,9 @@ int run_passkey(const Options & o, const llama_model * model, llama_context * ct
                     p.needle_token, p.depth, p.depth_requested, pieces.c_str());
     }
 
-    FILE * rows = nullptr;
-    if (!o.passkey_csv.empty()) {
-        std::ifstream probe(o.passkey_csv);
-        const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
-        probe.close();
-        rows = std::fopen(o.passkey_csv.c_str(), "a");
-        if (!rows) throw std::runtime_error("cannot write " + o.passkey_csv);
-        if (fresh)
-            std::fputs("method,profile,budget,context,prompt,depth_requested,depth,prompt_tokens,needle_token,key,answer,"
-                       "correct,digit_accuracy,steps,attn_rel_err,decode_ms_per_token,prefill_s\n", rows);
-    }
+    FILE * rows = append_file(o.passkey_csv, "method,profile,budget,context,prompt,depth_requested,depth,prompt_tokens,"
+                                             "needle_token,key,answer,correct,digit_accuracy,steps,attn_rel_err,"
+                                             "decode_ms_per_token,prefill_s\n");
 
     llama_batch batch = llama_batch_init(P, 0, 1);
     double prefill_total = 0.0;
@@ -767,17 +772,8 @@ int run_passkey(const Options & o, const llama_model * model, llama_context * ct
     llama_batch_free(batch);
     if (rows) std::fclose(rows);
 
-    FILE * csv = nullptr;
-    if (!o.csv.empty()) {
-        std::ifstream probe(o.csv);
-        const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
-        probe.close();
-        csv = std::fopen(o.csv.c_str(), "a");
-        if (!csv) throw std::runtime_error("cannot write " + o.csv);
-        if (fresh)
-            std::fputs("method,profile,budget,context,prompts,correct,accuracy,digit_accuracy,budget_tokens,attn_rel_err,"
-                       "decode_ms_per_token,prefill_s\n", csv);
-    }
+    FILE * csv = append_file(o.csv, "method,profile,budget,context,prompts,correct,accuracy,digit_accuracy,budget_tokens,"
+                                    "attn_rel_err,decode_ms_per_token,prefill_s\n");
     std::printf("\npasskey: %zu prompt(s), context %d, prefill %.1f s per prompt\n", items.size(), P,
                 prefill_total / items.size());
     std::printf("%-14s %-6s %8s %9s %12s %10s\n", "method", "budget", "correct", "digits", "attn_relerr", "ms/token");
@@ -931,16 +927,6 @@ int run(const Options & o) {
     double prefill_s = 0.0;
     // Result rows are written as each configuration finishes its last window, so an interrupted run keeps
     // what it completed.
-    auto append_file = [](const std::string & path, const char * header) -> FILE * {
-        if (path.empty()) return nullptr;
-        std::ifstream probe(path);
-        const bool fresh = !probe.good() || probe.peek() == std::ifstream::traits_type::eof();
-        probe.close();
-        FILE * f = std::fopen(path.c_str(), "a");
-        if (!f) throw std::runtime_error("cannot write " + path);
-        if (fresh) std::fputs(header, f);
-        return f;
-    };
     FILE * csv = append_file(o.csv, "method,profile,budget,context,decode_tokens,perplexity,dense_perplexity,recall,"
                                     "budget_tokens,n_sink,n_window,windows,attended_tokens,attn_rel_err,attn_max_rel_err,"
                                     "prefill_s,decode_ms_per_token,kv_cache,flash_attn\n");
