@@ -824,7 +824,7 @@ fn rerank_query_equals_qbar_dot_decoded_key() {
                 let dec = decode_key(&f, HalfKind::F16, &rows.refs(), &scale);
                 let want: f64 = (0..d).map(|c| qbar[c] as f64 * dec[c] as f64).sum();
                 let l1: f64 = (0..d).map(|c| (qbar[c] as f64 * dec[c] as f64).abs()).sum();
-                let got = rq.score(&f, HalfKind::F16, &rows.refs(), &scale, &mut key) as f64;
+                let got = rq.score(HalfKind::F16, &rows.refs(), &mut key) as f64;
                 assert!(
                     (got - want).abs() <= 2e-6 * l1.max(1e-6),
                     "d={d} bits={kb} token {t}: {got} vs {want} (l1 {l1})"

@@ -459,7 +459,7 @@ pub(super) fn select_head(
             } else {
                 let (page, s) = table.locate(b, p as usize, p_sz);
                 let rows = rows_ref(layout, &layer.planes, page, h, s);
-                rq.score(&layout.format, storage, &rows, &scale, &mut key)
+                rq.score(storage, &rows, &mut key)
             }
         })
         .collect();

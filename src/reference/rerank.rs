@@ -39,17 +39,19 @@ pub fn rerank(qbar: &[f32], positions: &[u32], keys: &[Vec<f32>], k: usize) -> V
 /// `P[m] = sum_{c in m} qa_c` (16 subset sums per nibble). Equal to the channel-order sum up
 /// to f32 rounding; the kernel (score.cu, `rerank_dot2`) performs these operations in this
 /// order, so the two agree bit for bit. Other widths are decoded and summed in channel order.
-pub struct RerankQuery {
-    qbar: Vec<f32>,
+pub struct RerankQuery<'a> {
+    format: &'a TokenFormat,
+    qbar: &'a [f32],
+    scale: &'a [f32],
     /// 2-bit keys: `P[s][m]` per nibble `s` (channels 4s..4s+3), and `P[s][15]` summed over a
     /// group's nibbles.
     subsets: Vec<[f32; CENTROIDS]>,
     group_full: Vec<f32>,
 }
 
-impl RerankQuery {
+impl<'a> RerankQuery<'a> {
     /// `qbar`: the group-mean query; `scale`: the head's per-channel key scale `a_c`.
-    pub fn new(format: &TokenFormat, qbar: &[f32], scale: &[f32]) -> RerankQuery {
+    pub fn new(format: &'a TokenFormat, qbar: &'a [f32], scale: &'a [f32]) -> RerankQuery<'a> {
         let d = format.head_dim;
         let (mut subsets, mut group_full) = (Vec::new(), Vec::new());
         if format.key_bits == 2 {
@@ -79,7 +81,9 @@ impl RerankQuery {
                 .collect();
         }
         RerankQuery {
-            qbar: qbar[..d].to_vec(),
+            format,
+            qbar: &qbar[..d],
+            scale,
             subsets,
             group_full,
         }
@@ -87,17 +91,11 @@ impl RerankQuery {
 
     /// The stage-2 score of the key stored in `rows` (`key`: scratch of head_dim floats for
     /// the widths that are decoded).
-    pub fn score(
-        &self,
-        format: &TokenFormat,
-        storage: HalfKind,
-        rows: &[&[u8]; SIKV_NUM_PLANES],
-        scale: &[f32],
-        key: &mut [f32],
-    ) -> f32 {
+    pub fn score(&self, storage: HalfKind, rows: &[&[u8]; SIKV_NUM_PLANES], key: &mut [f32]) -> f32 {
+        let format = self.format;
         if format.key_bits != 2 {
-            decode_key_into(format, storage, rows, scale, key);
-            return rerank_score(&self.qbar, &key[..format.head_dim]);
+            decode_key_into(format, storage, rows, self.scale, key);
+            return rerank_score(self.qbar, &key[..format.head_dim]);
         }
         let (sign, kmag, kpar) = (rows[SIKV_PLANE_SIGN], rows[SIKV_PLANE_KMAG], rows[SIKV_PLANE_KPAR]);
         let per_group = QUANT_GROUP / SUBVEC;

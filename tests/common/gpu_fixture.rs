@@ -597,7 +597,7 @@ pub fn cpu_score(
     if cfg.two_stage() {
         let fmt = &fx.layout.format;
         let mut key = vec![0f32; d];
-        return RerankQuery::new(fmt, &qbar, &rec.scale).score(fmt, cfg.dtype.storage(), &rows, &rec.scale, &mut key);
+        return RerankQuery::new(fmt, &qbar, &rec.scale).score(cfg.dtype.storage(), &rows, &mut key);
     }
     match cfg.selector {
         selfindexkv::config::Selector::Lut => lut_score(&build_lut(&rec.codebook, &qbar), rows[SIKV_PLANE_SIGN]),
