@@ -135,13 +135,13 @@ SIKV_DEV float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 
 // Order-preserving map of an f32 score to u32 for radix selection (bigger = better):
 // -0 is canonicalised to +0 (they tie, as in topk.rs); NaN maps to 1, below every number;
-// 0 is left for "not a candidate".
+// 0 is left for "not a candidate". Branch-free, as it runs once per position of the score loop:
+// s + 0 is +0 for -0 and s for every other number (these builds keep denormals), and no number
+// maps below 2 (checked over all 2^32 patterns against the branchy form).
 SIKV_DEV u32 score_key(float s) {
-    if (s != s) return 1u;
-    if (s == 0.0f) s = 0.0f;
-    u32 b = __float_as_uint(s);
-    u32 k = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-    return k < 2u ? 2u : k;  // only -NaN patterns could land here; NaN was handled above
+    const u32 b = __float_as_uint(add_rn(s, 0.0f));
+    const u32 k = b ^ ((u32)((int)b >> 31) | 0x80000000u);
+    return s != s ? 1u : k;
 }
 
 // Total order (f32::total_cmp) map of f32 bits to u32, for lower medians.

@@ -57,13 +57,54 @@ SIKV_DEV float lut_sum(const float* lut, const u8* row) {
     return acc;
 }
 
+// Per-thread view of its positions tile0 + j * SCORE_THREADS + threadIdx.x, j < TOKENS: bit j
+// of byte 0 (below the candidate end), byte 1 (heavy, in the dense set: key 0) and byte 2
+// (generated, with force_generated: +inf). Made once per thread, so a position's checks are
+// bit tests of constants; one word, as the token loop runs at the 32-register bound.
+static_assert(SCORE_TOKENS_PER_THREAD <= 8, "ScoreLanes packs a byte per property");
+constexpr u32 LANE_VALID = 0, LANE_HEAVY = 8, LANE_FORCED = 16;
+
+// The token loop of one score block. PAGED: a position's sign row is its page's entry of the
+// block's `page_off` table (byte offset of the page's slot 0 in the sign plane, -1 for a page
+// outside the pool) plus its slot; rel0 = this thread's first position minus the table's first
+// page's first position. Else every position takes row_index.
+template <int D, bool PAGED>
+SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lanes, const float* lut,
+                           const long long* page_off, int rel0, u32* my_keys, bool multi, u32* hist) {
+    const int shift = __ffs(p.page_size) - 1;
+    const int slot_mask = p.page_size - 1;
+    const u8* sign = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_SIGN]);
+    #pragma unroll
+    for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
+        if (!((lanes >> (LANE_VALID + j)) & 1u)) continue;
+        const int pos = tile0 + j * SCORE_THREADS + (int)threadIdx.x;
+        u32 key = 0u;
+        if ((lanes >> (LANE_HEAVY + j)) & 1u) {
+            key = 0u;
+        } else if ((lanes >> (LANE_FORCED + j)) & 1u) {
+            key = score_key(SIKV_INF);
+        } else if constexpr (PAGED) {
+            const int rel = rel0 + j * SCORE_THREADS;
+            const long long pg = page_off[rel >> shift];
+            // A position on a page outside the pool is no candidate (fault raised).
+            if (pg < 0) raise_fault(p, FAULT_PAGE_INDEX);
+            else key = score_key(lut_sum<D>(lut, sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8)));
+        } else {
+            const long long r = row_index(p, b, h, pos);
+            if (r >= 0) key = score_key(lut_sum<D>(lut, plane_row(p, SIKV_PLANE_SIGN, r)));
+        }
+        my_keys[j * SCORE_THREADS] = key;
+        if (multi && key != 0u) atomicAdd(&hist[key >> TOPK_HIST_SHIFT], 1u);
+    }
+}
+
 template <int D, typename T>
 SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     __shared__ float qbar[D];
     __shared__ float lut[(D / 4) * CENTROIDS];
-    __shared__ u32 heavy_mask[SCORE_TILE / 32];
+    __shared__ u32 heavy_bits[SCORE_THREADS];
     __shared__ u32 hist[TOPK_HIST_BINS];
-    __shared__ long long page_rows[SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1];
+    __shared__ long long page_off[SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1];
     const int b = blockIdx.z, h = blockIdx.y;
     int slot;
     const int len = row_seq(p, b, &slot);
@@ -76,28 +117,34 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     const int prompt_len = meta[META_PROMPT_LEN];
 
     // The tile's pages: with a power-of-two page size of at least SCORE_PAGE_TABLE_MIN, the
-    // base row of each page the tile's candidates lie on is looked up once per block here
-    // (page_rows, -1 for a page outside the pool), and a position's row is that plus its slot.
-    // A lookup per position (row_index: two dependent loads, bounds checks, 64-bit row
-    // arithmetic) was about a sixth of the token loop's instructions.
+    // sign-plane byte offset of slot 0 of each page the tile's candidates lie on is looked up
+    // once per block here (page_off, -1 for a page outside the pool), and a position's row is
+    // that plus its slot. A lookup per position (row_index: two dependent loads, bounds checks,
+    // 64-bit row arithmetic) was about a sixth of the token loop's instructions.
     const int ps = p.page_size;
     const bool paged = (ps & (ps - 1)) == 0 && ps >= (int)SCORE_PAGE_TABLE_MIN;
-    const int shift = __ffs(ps) - 1;
-    const int tile_end = tile0 + (int)SCORE_TILE < end ? tile0 + (int)SCORE_TILE : end;
-    const int page0 = tile0 >> shift;
+    int page0 = 0;
     if (paged) {
+        const int shift = __ffs(ps) - 1;
+        const int tile_end = tile0 + (int)SCORE_TILE < end ? tile0 + (int)SCORE_TILE : end;
+        page0 = tile0 >> shift;
         const int np = ((tile_end - 1) >> shift) - page0 + 1;
-        for (int i = threadIdx.x; i < np; i += blockDim.x) page_rows[i] = page_base_row(p, b, h, page0 + i);
+        for (int i = threadIdx.x; i < np; i += blockDim.x) {
+            const long long r = page_base_row(p, b, h, page0 + i);
+            page_off[i] = r < 0 ? -1ll : r * (D / 8);  // sign rows: D / 8 bytes (layout.rs)
+        }
     }
     load_qbar<D, T>(p, b, h, qbar);
-    for (int i = threadIdx.x; i < SCORE_TILE / 32; i += blockDim.x) heavy_mask[i] = 0;
+    heavy_bits[threadIdx.x] = 0;  // blockDim.x == SCORE_THREADS
     if (p.topk_multi)
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    // Heavy positions inside this tile -> bitmap (any order of the heavy list works).
+    // Heavy positions inside this tile -> bit j of the word of the thread that scores them
+    // (any order of the heavy list works).
     for (int i = threadIdx.x; i < p.n_heavy; i += blockDim.x) {
-        int hp = dpos[p.n_sink + i] - tile0;
-        if (hp >= 0 && hp < SCORE_TILE) atomicOr(&heavy_mask[hp >> 5], 1u << (hp & 31));
+        const int hp = dpos[p.n_sink + i] - tile0;
+        if (hp >= 0 && hp < (int)SCORE_TILE)
+            atomicOr(&heavy_bits[hp % (int)SCORE_THREADS], 1u << (hp / (int)SCORE_THREADS));
     }
     // LUT: T[s][u] = sum_i C[s][u][i] * qbar[4s+i] (LUT selector), or
     //      T[s][u] = sum_i (bit_i(u) ? 1 : -1) * sgn(qbar - qmed) (sign x sign selector).
@@ -128,6 +175,13 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     }
     __syncthreads();
 
+    u32 lanes = heavy_bits[threadIdx.x] << LANE_HEAVY;
+    #pragma unroll
+    for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
+        const int pos = tile0 + j * SCORE_THREADS + (int)threadIdx.x;
+        lanes |= (pos < end ? 1u : 0u) << (LANE_VALID + j);
+        lanes |= (p.force_generated && pos >= prompt_len ? 1u : 0u) << (LANE_FORCED + j);
+    }
     const long long rowid = (long long)b * p.num_kv_heads + h;
     u32* keys = reinterpret_cast<u32*>(p.ws_keys) + rowid * p.key_stride;
     // Multi-CTA top-k: histogram of the top 11 bits of this tile's candidate keys (key 0 =
@@ -135,33 +189,15 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     // into the row's global histogram (zeroed on the stream before this kernel) at the end.
     // Counted as each key is made: holding the tile's keys for a second loop cost 8 registers
     // a thread and with them resident blocks.
-    #pragma unroll
-    for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
-        const int off = j * SCORE_THREADS + threadIdx.x;
-        const int pos = tile0 + off;
-        u32 key = 0u;
-        if (pos < end) {
-            if ((heavy_mask[off >> 5] >> (off & 31)) & 1u) {
-                key = 0u;
-            } else if (p.force_generated && pos >= prompt_len) {
-                key = score_key(SIKV_INF);
-            } else {
-                long long r;
-                if (paged) {
-                    r = page_rows[(pos >> shift) - page0];
-                    if (r < 0) raise_fault(p, FAULT_PAGE_INDEX);
-                    else r += pos & (ps - 1);
-                } else {
-                    r = row_index(p, b, h, pos);
-                }
-                // A position on a page outside the pool is no candidate (fault raised).
-                key = r < 0 ? 0u : score_key(lut_sum<D>(lut, plane_row(p, SIKV_PLANE_SIGN, r)));
-            }
-            keys[pos] = key;
-            if (p.topk_multi && key != 0u) atomicAdd(&hist[key >> TOPK_HIST_SHIFT], 1u);
-        }
+    u32* my_keys = keys + tile0 + threadIdx.x;
+    const bool multi = p.topk_multi != 0;
+    if (paged) {
+        const int rel0 = tile0 + (int)threadIdx.x - (page0 << (__ffs(ps) - 1));
+        score_tokens<D, true>(p, b, h, tile0, lanes, lut, page_off, rel0, my_keys, multi, hist);
+    } else {
+        score_tokens<D, false>(p, b, h, tile0, lanes, lut, page_off, 0, my_keys, multi, hist);
     }
-    if (p.topk_multi) {
+    if (multi) {
         __syncthreads();
         u32* ghist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) {
