@@ -61,7 +61,7 @@ SIKV_DEV float lut_sum(const float* lut, const u8* row) {
 // of byte 0 (below the candidate end), byte 1 (heavy, in the dense set: key 0) and byte 2
 // (generated, with force_generated: +inf). Made once per thread, so a position's checks are
 // bit tests of constants; one word, as the token loop runs at the 32-register bound.
-static_assert(SCORE_TOKENS_PER_THREAD <= 8, "ScoreLanes packs a byte per property");
+static_assert(SCORE_TOKENS_PER_THREAD <= 8, "the lane word packs a byte per property");
 constexpr u32 LANE_VALID = 0, LANE_HEAVY = 8, LANE_FORCED = 16;
 
 // The token loop of one score block. PAGED: a position's sign row is its page's entry of the
