@@ -300,12 +300,27 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
                 s.sel_mask = (u32)(TOPK_HIST_BINS - 1) << TOPK_HIST_SHIFT;
                 s.sel_remaining = (u32)ksel - thr[1];
             }
-            // The passes read the keys (high words) alone, eight per thread in flight: a row's
-            // bin t rarely holds more than TOPK_THREADS * 8 keys, so each pass is one round trip.
+            // The passes read the keys (high words) alone. A row's bin t rarely holds more than
+            // TOPK_THREADS * 8 keys: then they are loaded once, into registers, for both passes
+            // (element u * TOPK_THREADS + x in thread x, as visit_keys_at lays them out); else
+            // each pass loads them again, eight per thread in flight.
             const u32* cand_hi = reinterpret_cast<const u32*>(cand) + 1;
-            block_radix_passes<TOPK_THREADS>(s, 1, [&](auto&& add) {
-                visit_keys_at<TOPK_THREADS, 8>((int)nc, [&](int i) { return cand_hi[2 * i]; }, add);
-            });
+            if (nc <= (u32)TOPK_THREADS * 8u) {
+                u32 kr[8];
+                #pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    const int i = u * TOPK_THREADS + (int)threadIdx.x;
+                    kr[u] = i < (int)nc ? cand_hi[2 * i] : 0u;
+                }
+                block_radix_passes<TOPK_THREADS>(s, 1, [&](auto&& add) {
+                    #pragma unroll
+                    for (int u = 0; u < 8; ++u) add(kr[u], u * TOPK_THREADS + (int)threadIdx.x < (int)nc);
+                });
+            } else {
+                block_radix_passes<TOPK_THREADS>(s, 1, [&](auto&& add) {
+                    visit_keys_at<TOPK_THREADS, 8>((int)nc, [&](int i) { return cand_hi[2 * i]; }, add);
+                });
+            }
             const u32 T = s.sel_prefix;  // the full threshold key (mask is all ones now)
             const u32 remaining = s.sel_remaining;
             // Position bitmaps, one window of TOPK_BM_WORDS words (131072 positions) at a time:
