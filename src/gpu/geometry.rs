@@ -28,8 +28,10 @@ pub const CALIB_HEAVY_SELECT_THREADS: u32 = 1024;
 pub const CALIB_CODEBOOK_THREADS: u32 = 64;
 /// score: one block per tile of SCORE_TILE positions of a row.
 pub const SCORE_THREADS: u32 = 256;
-/// score: positions per thread (their loads are issued together).
+/// score: positions per thread, SCORE_THREADS apart (a warp's loads coalesce). At most 8: the
+/// kernel keeps a byte of flags per property for a thread's positions in one word.
 pub const SCORE_TOKENS_PER_THREAD: u32 = 8;
+const _: () = assert!(SCORE_TOKENS_PER_THREAD <= 8);
 /// score: positions per block.
 pub const SCORE_TILE: u32 = SCORE_THREADS * SCORE_TOKENS_PER_THREAD;
 /// score: the smallest power-of-two page size whose pages a block looks up once each (in its
