@@ -3,14 +3,15 @@
 
 usage: scripts/quality/defaults_sweep.py --bin llama_cpp_eval --model M.gguf --text T.txt --out DIR
                                          [--context 4096] [--decode 512] [--method sikv_4+1] [--jobs 2]
-                                         [--threads 1] [--summary-only]
+                                         [--threads 1] [--variants reference,window_128,...] [--summary-only]
 
 Every variant attends the same number of tokens per KV head and step, sinks + window + b with
 b = P/16 at the reference point (4 sinks, 64-token window, heavy = b/4 charged to b, median centre),
 so a variant only moves tokens between the sinks, the window, the heavy set and the selection, or
 changes the centre. Each variant is one evaluator process (its own prefill); the reference run also
 decodes `llama`. The summary is the paired perplexity change of each variant against the reference
-on the same tokens, with the block-bootstrap interval of report.py.
+on the same tokens, with the block-bootstrap interval of report.py. --variants runs (and summarises) only the
+named variants, in the order given; the summary needs the reference's files in DIR (run with it or before it).
 """
 import argparse
 import math
@@ -30,7 +31,11 @@ def variants(b):
         "heavy_0": (["--sikv-heavy-frac", "0"], b),
         "heavy_128": (["--sikv-heavy", "128", "--sikv-heavy-frac", "0.5"], b),
         "window_32": (["--window", "32"], b + 32),
+        "window_96": (["--window", "96"], b - 32),
         "window_128": (["--window", "128"], b - 64),
+        "window_192": (["--window", "192"], b - 128),
+        "window_256": (["--window", "256"], b - 192),
+        "window_128_heavy_0": (["--window", "128", "--sikv-heavy-frac", "0"], b - 64),
         "sinks_0": (["--sinks", "0"], b + 4),
         "sinks_16": (["--sinks", "16"], b - 12),
         "centre_mean": (["--sikv-centre", "mean"], b),
@@ -48,11 +53,22 @@ def main():
     ap.add_argument("--method", default="sikv_4+1")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", help="comma list of variant names (default: all)")
     ap.add_argument("--summary-only", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     b = args.context // 16
     vs = variants(b)
+    if args.variants:
+        names = [v for v in args.variants.split(",") if v]
+        unknown = [v for v in names if v not in vs]
+        if unknown:
+            ap.error(f"unknown variants {unknown}; known: {', '.join(vs)}")
+        vs = {v: vs[v] for v in names}
+    short = [v for v, (_, budget) in vs.items() if budget < 1]
+    if short:  # the long windows need b > 192, i.e. a context above 3072
+        print(f"skipped at context {args.context} (no budget left): {', '.join(short)}", file=sys.stderr)
+        vs = {v: o for v, o in vs.items() if v not in short}
 
     def run(item):
         name, (opts, budget) = item
@@ -76,7 +92,7 @@ def main():
                 print(f"{name}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
 
     nll = {}
-    for name in vs:
+    for name in dict.fromkeys(["reference", *vs]):
         path = os.path.join(args.out, name + ".nll.csv")
         if os.path.exists(path):
             for (ctx, method, budget), toks in report.read_nll([path]).items():
