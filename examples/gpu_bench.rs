@@ -197,6 +197,7 @@ fn setup(n: u32, msl: u32, batch: u32, kv: &(DeviceBuffer, DeviceBuffer), rng: &
             table,
             seq_slot: ds_ptr,
             q: dq_ptr,
+            rows: None,
         },
         _bufs: bufs,
         indices,

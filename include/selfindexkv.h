@@ -341,8 +341,9 @@ enum SikvStatus sikv_attend(struct SikvCache *cache, uint32_t layer, uint32_t n_
 // attends to the positions up to its own (causal among the new tokens), over the dense set and
 // a selection made per row, or once per sequence from the mean of its rows' queries with
 // SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
-// crossover does not apply here). The CPU device only so far: a CUDA cache answers
-// SIKV_ERR_UNSUPPORTED.
+// crossover does not apply here). On a CUDA cache: at most max_batch rows in all (its
+// workspace holds that many), and SIKV_FLAG_ROWS_MEAN_QUERY answers SIKV_ERR_UNSUPPORTED (the
+// GPU kernels select per row).
 enum SikvStatus sikv_attend_rows(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const uint32_t *rows, const void *q, void *out, SikvStream stream);
 
 // Sparse decode attention with a selection the caller supplies instead of the library's own:
@@ -387,6 +388,10 @@ void sikv_kernels_destroy(struct SikvKernels *kernels);
 // `batch = 1`, calibrate. 0 on the CPU.
 enum SikvStatus sikv_workspace_size(const struct SikvKernels *kernels, uint32_t batch, size_t *out);
 
+// Workspace bytes enough for `sikv_kernel_decode_rows` with up to `n_rows` query rows in all
+// (1..=16 * max_batch; the rows, not the sequences, size its workspace). 0 on the CPU.
+enum SikvStatus sikv_workspace_size_rows(const struct SikvKernels *kernels, uint32_t n_rows, size_t *out);
+
 // Stage `calibrate` for one sequence slot at one layer: fits centre, scale, codebook, heavy
 // set and dense set from the prompt, and encodes the prompt into the pages named by
 // `slot_mapping` (`page * page_size + slot` per token; negative = skip).
@@ -419,6 +424,19 @@ enum SikvStatus sikv_kernel_reset_slot(const struct SikvKernels *kernels, const 
 // page table (both paths are queued and the unchosen one returns at once), so a captured
 // graph follows the lengths as they grow.
 enum SikvStatus sikv_kernel_decode(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
+
+// Several query tokens per sequence in one call (speculative-decoding verification, a chunk
+// of a prompt): sequence i's query rows are `[row_offsets[i], row_offsets[i + 1])` of `q` and
+// `out` (`[n_rows][num_q_heads][head_dim]`), 1..=16 per sequence, its last tokens, appended
+// before the call: row r of sequence i stands at position len_i - rows_i + r and attends
+// causally (to the positions up to its own) over the dense set and its own selection.
+// `row_offsets` is int32 `[batch + 1]` from 0 to `n_rows`, in the memory of the page table
+// (device memory on a GPU, where the kernels check it and a bad entry is reported by the next
+// call as a device fault; on the CPU it is checked here). Always selects (the dense crossover
+// does not apply); per-row selection on a GPU (SIKV_FLAG_ROWS_MEAN_QUERY: CPU only). The
+// selection is kept in the workspace: `sikv_workspace_size_rows(kernels, n_rows)` bytes. One row
+// per sequence is sikv_kernel_decode's sparse path. Capturable in a CUDA graph.
+enum SikvStatus sikv_kernel_decode_rows(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const int32_t *row_offsets, uint32_t n_rows, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
 
 // The library version and how its kernels were built, e.g.
 // "0.1.0 (kernels: fatbin:nvcc 13.5:sm_80,...)" or "0.1.0 (kernels: nvrtc)". Static storage;

@@ -220,14 +220,14 @@ struct AttendSmem {
     int n_dense;
 };
 
-// Kept dense entries with list rank in [lo, lo + ATTEND_SPLIT) -> s.dense_list; returns the
-// total number of kept entries. Every thread must call.
+// Kept dense entries of query row q with list rank in [lo, lo + ATTEND_SPLIT) ->
+// s.dense_list; returns the total number of kept entries. Every thread must call.
 template <int D>
-SIKV_DEV int collect_dense(const SikvParams& p, const int* dpos, int len, int lo, AttendSmem<D>& s) {
+SIKV_DEV int collect_dense(const SikvParams& p, const int* dpos, const QueryRow& q, int lo, AttendSmem<D>& s) {
     int base = 0;
     for (int e0 = 0; e0 < p.dense_cap; e0 += ATTEND_THREADS) {
         int e = e0 + threadIdx.x;
-        bool keep = e < p.dense_cap && dense_keep(p, e, dpos[e], len);
+        bool keep = e < p.dense_cap && row_dense_keep(p, e, dpos[e], q);
         u32 total;
         u32 r = block_excl_scan<ATTEND_THREADS>(keep ? 1u : 0u, s.scan, &total);
         int rank = base + (int)r;
@@ -283,17 +283,19 @@ template <int D, typename T, bool DENSE>
 SIKV_DEV void attend_body(const SikvParams& p) {
     typedef AttendShape<D> Sh;
     __shared__ AttendSmem<D> s;
-    const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
+    const int r = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
     const int G = p.group;
     const int tid = threadIdx.x;
-    int slot;
-    const int len = row_seq(p, b, &slot);
-    const long long rowid = (long long)b * p.num_kv_heads + h;
+    // The dense decode takes one query row per sequence (its launchers refuse several); the
+    // row lookup of several made its d = 256 instance spill more.
+    const QueryRow qr = DENSE ? single_row(p, r) : query_row(p, r);
+    const int b = qr.seq, slot = qr.slot;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
     const bool dense_mode = DENSE;
     float* part_acc = reinterpret_cast<float*>(p.ws_part_acc);
     float* part_ml = reinterpret_cast<float*>(p.ws_part_ml);
     const int hq0 = h * G;
-    const long long hq_base = (long long)b * p.num_kv_heads * G + hq0;
+    const long long hq_base = (long long)r * p.num_kv_heads * G + hq0;
     // A split with nothing to attend writes the empty partial (m = -inf, l = 0, acc = 0); a
     // row with a bad slot is all empty splits (its output becomes zeros).
     auto write_empty = [&]() { write_empty_partial<D>(p, hq_base, split); };
@@ -320,7 +322,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             return;
         }
         lo = split * ATTEND_SPLIT;
-        nd = collect_dense<D>(p, dpos, len, lo, s);
+        nd = collect_dense<D>(p, dpos, qr, lo, s);
         int total = nd;
         // The selection (count, indices) is read after the grid dependency, by every split
         // that holds selected items (each reports a bad count). A split of kept dense entries
@@ -338,7 +340,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         }
         hi = lo + ATTEND_SPLIT < total ? lo + ATTEND_SPLIT : total;
     } else {
-        const int end = cand_end(p, len);
+        const int end = row_cand_end(p, qr);
         const int chunk_len = dense_chunk_of(p, end);
         plo = p.n_sink + (split - p.dense_splits) * chunk_len;
         phi = plo + chunk_len < end ? plo + chunk_len : end;
@@ -378,7 +380,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
                 dense = s.dense_list[it];
             } else {
                 int pos = sel[item - nd];
-                if (pos >= 0 && pos < len) {
+                if (pos >= 0 && pos < qr.bound) {
                     row = row_index(p, b, h, pos);
                     kind = row < 0 ? 0 : 2;
                 } else {
@@ -554,8 +556,9 @@ SIKV_DEV void attend_body(const SikvParams& p) {
     }
 }
 // A sparse split whose 64 list items are all selected tokens, on tensor cores (attend_tc.cuh):
-// one tile of 16 per warp. Returns false, having written nothing, for what attend_body does
-// (a split holding kept dense entries, a bad slot or count); it has waited for the grid
+// one tile of 16 per warp, one query row per sequence. Returns false, having written nothing,
+// for what attend_body does (a split holding kept dense entries, a bad slot or count, a call
+// with several query rows per sequence); it has waited for the grid
 // dependency by then. Its prologue (the kept dense entries' count, the query) reads nothing
 // of the selection and runs before the wait (with p.attend_early, while the select's last
 // kernel runs; otherwise the entry has waited already).
@@ -563,6 +566,12 @@ template <int D, typename T>
 SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     typedef TcShape<D> Sh;
     __shared__ TcSmem<D> s;
+    // Several query rows per sequence take attend_body (the launcher gives them splits of one
+    // ATTEND_SPLIT): with the row's sequence and bound beside its row, this kernel spilled.
+    if (p.row_offsets) {
+        sikv_grid_wait();
+        return false;
+    }
     const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
     int slot;
     const int len = row_seq(p, b, &slot);
@@ -690,10 +699,10 @@ SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
     __shared__ float l_part[COMBINE_MAX_SPLITS];
     __shared__ __align__(16) float red[SG][D];
     __shared__ float wred[COMBINE_THREADS / 32];
-    const int b = blockIdx.y, hq = blockIdx.x, tid = threadIdx.x;
+    const int r = blockIdx.y, hq = blockIdx.x, tid = threadIdx.x;
     // A routed decode's combine serves whichever path ran (their partial counts differ).
     const int NS = p.ws_route != 0 && route_is_dense(p) ? p.route_dense_splits : p.num_splits;
-    const long long base = (long long)b * p.num_kv_heads * p.group + hq;
+    const long long base = (long long)r * p.num_kv_heads * p.group + hq;
     const float2* ml = reinterpret_cast<const float2*>(p.ws_part_ml) + base * NS;
     const float* pacc = reinterpret_cast<const float*>(p.ws_part_acc) + base * NS * D;
     float mx = SIKV_NEG_INF;

@@ -240,6 +240,64 @@ SIKV_DEV int row_seq(const SikvParams& p, int b, int* slot) {
     return *slot < 0 ? 0 : seq_len(p, b);
 }
 
+// Kernel row r of a select / attend is one query token (cpu/rows.rs). With p.row_offsets,
+// sequence b's n rows are kernel rows [off[b], off[b + 1]) and its row i (0-based) stands at
+// position len - n + i: it attends causally, to the positions below its bound len - n + i + 1.
+// Without, kernel row r is sequence r's one query (bound = len). The window and the dense set
+// are the whole sequence's (its length); the bound cuts candidates, dense entries and
+// selected positions.
+struct QueryRow {
+    int seq;    // the sequence: page table and seq_slot index
+    int slot;   // its state slot; -1: nothing to attend (a fault has been raised)
+    int len;    // its live length
+    int bound;  // the row sees positions below this
+};
+
+// Kernel row r of a call with one query row per sequence (no row_offsets).
+SIKV_DEV QueryRow single_row(const SikvParams& p, int r) {
+    QueryRow q;
+    q.seq = r;
+    q.len = row_seq(p, r, &q.slot);
+    q.bound = q.len;
+    return q;
+}
+
+SIKV_DEV QueryRow query_row(const SikvParams& p, int r) {
+    QueryRow q;
+    int n = 1, i = 0;
+    q.seq = r;
+    if (p.row_offsets) {
+        const int* off = reinterpret_cast<const int*>(p.row_offsets);
+        // The last sequence whose first row is at or before r (offsets ascend when consistent;
+        // whatever they hold, the row is checked against the segment found).
+        int lo = 0, hi = p.batch;
+        while (hi - lo > 1) {
+            const int mid = (lo + hi) >> 1;
+            if (off[mid] <= r) lo = mid;
+            else hi = mid;
+        }
+        const int o0 = off[lo];
+        n = off[lo + 1] - o0;
+        i = r - o0;
+        if (off[0] != 0 || off[p.batch] != p.rows || i < 0 || i >= n || n > (int)QUERY_ROWS_MAX) {
+            raise_fault(p, FAULT_QUERY_ROWS);
+            q.slot = -1;
+            q.len = 0;
+            q.bound = 0;
+            return q;
+        }
+        q.seq = lo;
+    }
+    q.len = row_seq(p, q.seq, &q.slot);
+    if (q.slot >= 0 && n > q.len) {  // the rows' tokens are appended before the call
+        raise_fault(p, FAULT_QUERY_ROWS);
+        q.slot = -1;
+        q.len = 0;
+    }
+    q.bound = q.slot < 0 ? 0 : q.len - n + i + 1;
+    return q;
+}
+
 // Row index of slot 0 of page `pi` of sequence b for head h, (page * H + h) * P, or -1 when
 // the page index is outside 0..num_pages (no fault raised: the caller raises it when a
 // position on that page is read).
@@ -310,6 +368,18 @@ SIKV_DEV bool dense_keep(const SikvParams& p, int e, int pos, int len) {
 SIKV_DEV int cand_end(const SikvParams& p, int len) {
     int e = len - p.n_window;
     return e < p.n_sink ? p.n_sink : e;
+}
+
+// A query row's candidates: [S, this), the sequence's candidate range cut at the row's bound.
+SIKV_DEV int row_cand_end(const SikvParams& p, const QueryRow& q) {
+    const int e = cand_end(p, q.len);
+    const int c = e < q.bound ? e : q.bound;
+    return c > p.n_sink ? c : p.n_sink;
+}
+
+// dense_keep for a query row: the sequence's dense set, below the row's bound.
+SIKV_DEV bool row_dense_keep(const SikvParams& p, int e, int pos, const QueryRow& q) {
+    return pos < q.bound && dense_keep(p, e, pos, q.len);
 }
 
 // ---------------------------------------------------------------------------------------------

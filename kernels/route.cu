@@ -14,20 +14,20 @@
 #include "common.cuh"
 
 SIKV_DEV void sikv_prologue_impl(const SikvParams& p) {
-    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x;
     if (p.topk_multi) {
         uint4* row = reinterpret_cast<uint4*>(
-            reinterpret_cast<u32*>(p.ws_hist) + ((long long)b * p.num_kv_heads + h) * TOPK_HIST_STRIDE);
+            reinterpret_cast<u32*>(p.ws_hist) + ((long long)r * p.num_kv_heads + h) * TOPK_HIST_STRIDE);
         for (int i = tid; i < TOPK_HIST_STRIDE / 4; i += PROLOGUE_THREADS) row[i] = make_uint4(0u, 0u, 0u, 0u);
     }
-    if (p.ws_route == 0 || h != 0 || b != 0) return;
+    if (p.ws_route == 0 || h != 0 || r != 0) return;
     // Rows with a bad slot or page table count as empty (row_seq raises their fault, as the
     // stages that read them would).
     __shared__ unsigned long long part[PROLOGUE_THREADS / 32];
     unsigned long long total = 0;
-    for (int r = tid; r < p.batch; r += PROLOGUE_THREADS) {
+    for (int b = tid; b < p.batch; b += PROLOGUE_THREADS) {
         int slot;
-        total += (unsigned long long)row_seq(p, r, &slot);
+        total += (unsigned long long)row_seq(p, b, &slot);
     }
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);

@@ -11,14 +11,14 @@
 
 // SCORE_THREADS, SCORE_TOKENS_PER_THREAD, SCORE_TILE, RERANK_THREADS: src/gpu/geometry.rs.
 
-// Group-mean query (reference/score.rs order) of sequence b, KV head h into smem (d floats).
+// Group-mean query (reference/score.rs order) of query row r, KV head h into smem (d floats).
 template <int D, typename T>
-SIKV_DEV void load_qbar(const SikvParams& p, int b, int h, float* qbar) {
+SIKV_DEV void load_qbar(const SikvParams& p, int r, int h, float* qbar) {
     const T* q = reinterpret_cast<const T*>(p.q);
     const int G = p.group, hq = p.num_kv_heads * G;
     for (int c = threadIdx.x; c < D; c += blockDim.x) {
         float s = 0.0f;
-        for (int g = 0; g < G; ++g) s = add_rn(s, to_f32(q[((long long)b * hq + (long long)h * G + g) * D + c]));
+        for (int g = 0; g < G; ++g) s = add_rn(s, to_f32(q[((long long)r * hq + (long long)h * G + g) * D + c]));
         qbar[c] = div_rn(s, (float)G);
     }
 }
@@ -98,17 +98,21 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
     }
 }
 
-template <int D, typename T>
-SIKV_DEV void sikv_score_impl(const SikvParams& p) {
+// ROWS: the call has several query rows per sequence (p.row_offsets; entry sikv_score_rows).
+// Two entries rather than a branch on p.row_offsets: the row lookup in the same kernel took it
+// from 32 to 40 registers, and with it one resident block per SM (and inlined into the one
+// entry at 32 registers it made the one-row path 7 % slower at 128K B=8).
+template <int D, typename T, bool ROWS>
+SIKV_DEV void score_body(const SikvParams& p) {
     __shared__ float qbar[D];
     __shared__ float lut[(D / 4) * CENTROIDS];
     __shared__ u32 heavy_bits[SCORE_THREADS];
     __shared__ u32 hist[TOPK_HIST_BINS];
     __shared__ long long page_off[SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1];
-    const int b = blockIdx.z, h = blockIdx.y;
-    int slot;
-    const int len = row_seq(p, b, &slot);
-    const int end = cand_end(p, len);
+    const int r = blockIdx.z, h = blockIdx.y;
+    const QueryRow qr = ROWS ? query_row(p, r) : single_row(p, r);
+    const int b = qr.seq, slot = qr.slot;
+    const int end = row_cand_end(p, qr);
     const int tile0 = p.n_sink + blockIdx.x * SCORE_TILE;
     if (tile0 >= end) return;  // uniform per block: nothing of this tile is a candidate
     u8* rec = state_record(p, slot, h);
@@ -134,7 +138,7 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
             page_off[i] = r < 0 ? -1ll : r * (D / 8);  // sign rows: D / 8 bytes (layout.rs)
         }
     }
-    load_qbar<D, T>(p, b, h, qbar);
+    load_qbar<D, T>(p, r, h, qbar);
     heavy_bits[threadIdx.x] = 0;  // blockDim.x == SCORE_THREADS
     if (p.topk_multi)
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) hist[i] = 0;
@@ -182,7 +186,7 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
         lanes |= (pos < end ? 1u : 0u) << (LANE_VALID + j);
         lanes |= (p.force_generated && pos >= prompt_len ? 1u : 0u) << (LANE_FORCED + j);
     }
-    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
     u32* keys = reinterpret_cast<u32*>(p.ws_keys) + rowid * p.key_stride;
     // Multi-CTA top-k: histogram of the top 11 bits of this tile's candidate keys (key 0 =
     // heavy / not a candidate is left out, so a row's bins sum to its candidate count), added
@@ -206,7 +210,16 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
         }
     }
 }
+template <int D, typename T>
+SIKV_DEV void sikv_score_impl(const SikvParams& p) {
+    score_body<D, T, false>(p);
+}
 SIKV_ENTRIES_D_T(sikv_score, SCORE_THREADS)
+template <int D, typename T>
+SIKV_DEV void sikv_score_rows_impl(const SikvParams& p) {
+    score_body<D, T, true>(p);
+}
+SIKV_ENTRIES_D_T(sikv_score_rows, SCORE_THREADS)
 
 // Stage-2 scores (reference/rerank.rs, RerankQuery): qbar . k'^ for each stage-1 survivor, k'^
 // the key as decode_key reconstructs it ((code * delta + zero), signed, times a_c; or the
@@ -344,10 +357,11 @@ SIKV_DEV void rerank_tables(const float* qbar, const float* scale, float* sub) {
     }
 }
 
+// r: the query row (its survivors, keys and query), b: its sequence (page table).
 template <int D, typename T, int BITS>
-SIKV_DEV void rerank_score_bits(const SikvParams& p, int b, int h, int n1, int slot, float* qbar, float* scale) {
+SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1, int slot, float* qbar, float* scale) {
     typedef typename Storage<T>::type S;
-    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
     u8* rec = state_record(p, slot, h);
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     const bool live = i < n1;
@@ -358,7 +372,7 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int b, int h, int n1, int s
     RerankKey<D, BITS == 16 ? 2 : BITS> key;
     if constexpr (BITS != 16)
         if (row >= 0) key.load(p, row);
-    load_qbar<D, T>(p, b, h, qbar);
+    load_qbar<D, T>(p, r, h, qbar);
     for (int c = threadIdx.x; c < D; c += blockDim.x) scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
     __syncthreads();
     __shared__ __align__(16) float sub[BITS == 2 ? (D / 4) * CENTROIDS : 1];
@@ -392,19 +406,29 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int b, int h, int n1, int s
 
 template <int D, typename T>
 SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
-    const int b = blockIdx.z, h = blockIdx.y;
-    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const int r = blockIdx.z, h = blockIdx.y;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
     const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
     if ((int)(blockIdx.x * blockDim.x) >= n1) return;
-    // Stage 1 saw the same slot and page table: a bad slot left n1 = 0, a bad page key 0.
-    const int slot = batch_slot(p, b);
+    // Stage 1 saw the same rows, slot and page table: a bad row or slot left n1 = 0, a bad
+    // page key 0.
+    // (One query row per sequence reads the slot alone, as before rows existed: the length
+    // would be one more dependent load in this prologue.)
+    int b = r, slot;
+    if (p.row_offsets) {
+        const QueryRow qr = query_row(p, r);
+        b = qr.seq;
+        slot = qr.slot;
+    } else {
+        slot = batch_slot(p, r);
+    }
     if (slot < 0) return;
     __shared__ __align__(16) float qbar[D];
     __shared__ __align__(16) float scale[D];
     switch (p.key_bits) {
-        case 2: rerank_score_bits<D, T, 2>(p, b, h, n1, slot, qbar, scale); break;
-        case 4: rerank_score_bits<D, T, 4>(p, b, h, n1, slot, qbar, scale); break;
-        default: rerank_score_bits<D, T, 16>(p, b, h, n1, slot, qbar, scale); break;
+        case 2: rerank_score_bits<D, T, 2>(p, r, b, h, n1, slot, qbar, scale); break;
+        case 4: rerank_score_bits<D, T, 4>(p, r, b, h, n1, slot, qbar, scale); break;
+        default: rerank_score_bits<D, T, 16>(p, r, b, h, n1, slot, qbar, scale); break;
     }
 }
 SIKV_ENTRIES_D_T(sikv_rerank_score, RERANK_THREADS)

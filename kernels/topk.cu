@@ -66,16 +66,16 @@ SIKV_DEV int count_candidates(const SikvParams& p, const int* dpos, int end, int
     return range - *smem_count;
 }
 
-// The selection sizes of row (b, h): n = end - S keys, n_cand candidates among them, the budget
-// k and the stage-1 size ksel (= k with one stage). Every thread must call (block barriers).
+// The selection sizes of query row q, KV head h: n = end - S keys, n_cand candidates among
+// them, the budget k and the stage-1 size ksel (= k with one stage). Every thread must call
+// (block barriers).
 struct RowK {
     int end, n, n_cand, k, ksel;
 };
-SIKV_DEV RowK row_k(const SikvParams& p, int b, int h, int* smem_count) {
+SIKV_DEV RowK row_k(const SikvParams& p, const QueryRow& q, int h, int* smem_count) {
     RowK r;
-    int slot;
-    const int len = row_seq(p, b, &slot);
-    r.end = cand_end(p, len);
+    const int slot = q.slot;
+    r.end = row_cand_end(p, q);
     const int* dpos = slot < 0 ? nullptr : state_dense_pos(p, state_record(p, slot, h));
     r.n_cand = count_candidates(p, dpos, r.end, smem_count);
     r.k = budget_k(p, r.n_cand);
@@ -125,11 +125,11 @@ SIKV_DEV void hist_threshold(const u32* hist, u32 ksel, u32* scan, u32* out) {
 SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
     __shared__ int heavy_in_range;
-    const int b = blockIdx.y, h = blockIdx.x;
-    const long long rowid = (long long)b * p.num_kv_heads + h;
-    int slot;
-    const int len = row_seq(p, b, &slot);
-    const int end = cand_end(p, len);
+    const int r = blockIdx.y, h = blockIdx.x;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
+    const QueryRow qr = query_row(p, r);
+    const int slot = qr.slot;
+    const int end = row_cand_end(p, qr);
     const int* dpos = slot < 0 ? nullptr : state_dense_pos(p, state_record(p, slot, h));
     const int n_cand = count_candidates(p, dpos, end, &heavy_in_range);
     const int k = budget_k(p, n_cand);
@@ -172,17 +172,17 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     __shared__ u32 thr[4];
     __shared__ int heavy_in_range;
     __shared__ u32 base_sh;
-    const int b = blockIdx.z, h = blockIdx.y;
-    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const int r = blockIdx.z, h = blockIdx.y;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
     const int t0 = blockIdx.x * COMPACT_TILE;
-    int slot;
-    const int end = cand_end(p, row_seq(p, b, &slot));
+    const QueryRow qr = query_row(p, r);
+    const int end = row_cand_end(p, qr);
     const int lo = t0 > p.n_sink ? t0 : p.n_sink;
     const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
     if (lo >= hi) return;  // uniform per block: nothing of this tile is a candidate
     // The selection sizes need the page table and the heavy list only: counted while the score
     // kernel still runs. Its keys and histogram are read after the grid dependency.
-    const RowK rk = row_k(p, b, h, &heavy_in_range);
+    const RowK rk = row_k(p, qr, h, &heavy_in_range);
     sikv_grid_dependency();
     // This tile's keys go out before the histogram scan, so the two latencies overlap.
     const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride;
@@ -262,9 +262,9 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
     __shared__ u32 bm_eq[TOPK_BM_WORDS];
     __shared__ u32 thr[4];
     __shared__ int heavy_in_range;
-    const int b = blockIdx.y, h = blockIdx.x;
-    const long long rowid = (long long)b * p.num_kv_heads + h;
-    const RowK rk = row_k(p, b, h, &heavy_in_range);
+    const int r = blockIdx.y, h = blockIdx.x;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
+    const RowK rk = row_k(p, query_row(p, r), h, &heavy_in_range);
     const int S = p.n_sink;
     const int ksel = rk.ksel;
     const bool two = p.rerank_factor >= 2;
@@ -413,8 +413,8 @@ SIKV_ENTRY_LATE_WAIT(sikv_topk_final, TOPK_THREADS)
 
 SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
-    const int b = blockIdx.y, h = blockIdx.x;
-    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const int r = blockIdx.y, h = blockIdx.x;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
     // The stage-1 list and sizes are sikv_topk_final's (two launches back): read while
     // rerank_score runs; its keys only after the grid dependency.
     const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];

@@ -190,6 +190,12 @@ args!(KernelDecode => sikv_kernel_decode {
     seq_slot: *const i32, q: *const c_void, out: *mut c_void, workspace: *mut c_void,
     workspace_bytes: usize, stream: SikvStream,
 });
+args!(WorkspaceSizeRows => sikv_workspace_size_rows { kernels: *const SikvKernels, n_rows: u32, out: *mut usize });
+args!(KernelDecodeRows => sikv_kernel_decode_rows {
+    kernels: *const SikvKernels, pools: *const SikvLayerPools, page_table: *const SikvPageTable,
+    seq_slot: *const i32, row_offsets: *const i32, n_rows: u32, q: *const c_void, out: *mut c_void,
+    workspace: *mut c_void, workspace_bytes: usize, stream: SikvStream,
+});
 
 // `*_destroy` return nothing; their one bad input, NULL, is defined as a no-op.
 args!(CacheDestroy => cache_destroy { cache: *mut SikvCache });
@@ -940,6 +946,19 @@ impl Fx {
             })
             .null("out", |a| a.out = null_mut())
             .mis("out", |a| a.out = out.mis);
+        let good = WorkspaceSizeRows {
+            kernels,
+            n_rows: 16 * max_batch,
+            out: out.ok,
+        };
+        t.export("sikv_workspace_size_rows", WorkspaceSizeRows::call, good)
+            .null("kernels", |a| a.kernels = null())
+            .bad("n_rows 0", SIKV_ERR_OUT_OF_BOUNDS, "n_rows", |a| a.n_rows = 0)
+            .bad("n_rows = 16 max_batch + 1", SIKV_ERR_OUT_OF_BOUNDS, "n_rows", |a| {
+                a.n_rows = 16 * max_batch + 1
+            })
+            .null("out", |a| a.out = null_mut())
+            .mis("out", |a| a.out = out.mis);
 
         assert_ne!(fx.info.plane_bytes[SIKV_PLANE_SIGN], 0);
         let planes = fx.put(&vec![0u8; fx.info.layer_plane_bytes]).ok;
@@ -1305,6 +1324,43 @@ impl Fx {
             stream: null_mut(),
         };
         decode_rows!(t.export("sikv_kernel_decode", KernelDecode::call, good)).null("out", |a| a.out = null_mut());
+
+        // Two query rows for the first sequence, one for the second (q holds three rows).
+        let row_off = fx.put(&[0i32, 2, 3]);
+        let row_off_late = fx.put(&[1i32, 2, 3]);
+        let row_off_empty = fx.put(&[0i32, 3, 3]);
+        let good = KernelDecodeRows {
+            kernels,
+            pools: lp_at.c(),
+            page_table: pt_at.c(),
+            seq_slot: slots.c(),
+            row_offsets: row_off.c(),
+            n_rows: 3,
+            q: qc,
+            out: out.void(),
+            workspace: ws,
+            workspace_bytes: ws_bytes,
+            stream: null_mut(),
+        };
+        decode_rows!(t.export("sikv_kernel_decode_rows", KernelDecodeRows::call, good))
+            .null("out", |a| a.out = null_mut())
+            .null("row_offsets", |a| a.row_offsets = null())
+            .mis("row_offsets", |a| a.row_offsets = row_off.cmis())
+            .bad("n_rows below the batch", SIKV_ERR_OUT_OF_BOUNDS, "n_rows", |a| {
+                a.n_rows = 1
+            })
+            .bad("n_rows past 16 per sequence", SIKV_ERR_OUT_OF_BOUNDS, "n_rows", |a| {
+                a.n_rows = 33
+            })
+            .bad(
+                "row_offsets not from 0",
+                SIKV_ERR_INVALID_ARGUMENT,
+                "row_offsets",
+                |a| a.row_offsets = row_off_late.c(),
+            )
+            .bad("a sequence without rows", SIKV_ERR_OUT_OF_BOUNDS, "row_offsets", |a| {
+                a.row_offsets = row_off_empty.c()
+            });
 
         (fx, t)
     }

@@ -217,6 +217,82 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
     );
 }
 
+/// `attend_rows` on a CUDA cache against the CPU backend: several new tokens per sequence
+/// appended, then attended as query rows (causal among them, selected per row), over decode
+/// steps at every layer; more rows in all than max_batch are refused before anything runs.
+#[test]
+fn attend_rows_on_gpu_matches_cpu_backend() {
+    let lens: Vec<u32> = if quick() {
+        vec![300, 1000, 4097]
+    } else {
+        vec![1000, 3333, 20_003]
+    };
+    let steps = if quick() { 3 } else { 12 };
+    let max_len = lens.iter().max().unwrap() + 4 * steps + 8;
+    let Some((mut gpu, mut cpu, gpu_cfg, mut rng)) =
+        gpu_and_cpu_caches(max_len, "attend_rows_on_gpu_matches_cpu_backend")
+    else {
+        return;
+    };
+    let cfg = &gpu_cfg;
+    let (hq, hk, d, dt) = (
+        cfg.num_q_heads as usize,
+        cfg.num_kv_heads as usize,
+        cfg.head_dim as usize,
+        cfg.dtype,
+    );
+    let ids: Vec<i64> = (0..lens.len() as i64).map(|i| 100 + i).collect();
+    let null = std::ptr::null_mut();
+    prefill_both(&mut gpu, &mut cpu, cfg, &ids, &lens, &mut rng);
+    let mut worst = 0f32;
+    for step in 0..steps {
+        // Rows per sequence this step, at most max_batch (3) in all on the GPU.
+        let (sids, rows): (Vec<i64>, Vec<u32>) = match step % 3 {
+            0 => (vec![ids[0], ids[2]], vec![1, 2]),
+            1 => (vec![ids[1]], vec![3]),
+            _ => (ids.clone(), vec![1, 1, 1]),
+        };
+        let total: usize = rows.iter().map(|&n| n as usize).sum();
+        for layer in 0..cfg.num_layers {
+            let k = to_bytes(dt, &vals(&mut rng, total * hk * d, d));
+            let v = to_bytes(dt, &vals(&mut rng, total * hk * d, d));
+            let q = to_bytes(dt, &vals(&mut rng, total * hq * d, d));
+            let mut outs = [vec![0xFFu8; total * hq * d * 2], vec![0u8; total * hq * d * 2]];
+            for (c, out) in [&mut gpu, &mut cpu].into_iter().zip(outs.iter_mut()) {
+                c.append(layer, &sids, &rows, Activations::Host(&k), Activations::Host(&v), null)
+                    .unwrap();
+                c.attend_rows(layer, &sids, &rows, Activations::Host(&q), Output::Host(out), null)
+                    .unwrap_or_else(|e| panic!("step {step} layer {layer}: attend_rows: {e}"));
+            }
+            let (mut og, mut oc) = (vec![0f32; total * hq * d], vec![0f32; total * hq * d]);
+            numeric::to_f32(dt, &outs[0], &mut og);
+            numeric::to_f32(dt, &outs[1], &mut oc);
+            worst = worst.max(row_rel_err(&og, &oc, d));
+        }
+    }
+    println!("managed attend_rows GPU vs CPU: worst output error {worst:.2e} over {steps} steps");
+    assert!(
+        worst < F16_ROW_TOL,
+        "GPU attend_rows differs from the CPU backend by {worst}"
+    );
+    // Four rows in all on a cache of max_batch 3: refused, the output untouched.
+    let q = to_bytes(dt, &vals(&mut rng, 4 * hq * d, d));
+    let mut out = vec![0x5Au8; 4 * hq * d * 2];
+    let e = gpu
+        .attend_rows(
+            0,
+            &ids[..2],
+            &[2, 2],
+            Activations::Host(&q),
+            Output::Host(&mut out),
+            null,
+        )
+        .expect_err("4 query rows on a max_batch 3 GPU cache");
+    assert_eq!(e.status, SikvStatus::SIKV_ERR_OUT_OF_BOUNDS, "{e}");
+    assert!(e.message.contains("max_batch"), "{e}");
+    assert!(out.iter().all(|&x| x == 0x5A), "a refused call wrote its output");
+}
+
 /// `attend_selected` on a CUDA cache: the library's own selection handed back is `attend` bit
 /// for bit, and the same selection on the CPU backend gives the same output within fp16
 /// tolerance; a bad selection is refused on the host before anything runs.
@@ -429,7 +505,7 @@ fn stateless_abi_on_gpu_matches_cpu() {
         ctx.synchronize(null).unwrap();
     }
     let mut len = lens;
-    let mut worst = 0f32;
+    let (mut worst, mut worst_rows) = (0f32, 0f32);
     for step in 0..6 {
         // One new token per sequence.
         let k = to_bytes(dt, &vals(&mut rng, 2 * hk * d, d));
@@ -515,6 +591,61 @@ fn stateless_abi_on_gpu_matches_cpu() {
         numeric::to_f32(dt, &hout, &mut oc);
         worst = worst.max(row_rel_err(&og, &oc, d));
         assert!(worst < F16_ROW_TOL, "step {step}: decode output differs by {worst}");
+
+        // The last tokens as several query rows: 3 of the first sequence, 2 of the second.
+        let rows_off = [0i32, 3, 5];
+        let qr = to_bytes(dt, &vals(&mut rng, 5 * hq * d, d));
+        let (dqr, doff) = (put(53248, &qr), put(45056, &b4(&rows_off)));
+        let mut ws_rows = 0usize;
+        assert_eq!(sikv_workspace_size_rows(gk, 5, &mut ws_rows), SikvStatus::SIKV_OK);
+        let dws_rows = ctx.alloc(ws_rows).unwrap();
+        let drout = (arena.ptr() + 65536) as *mut c_void;
+        let mut hrout = vec![0u8; 5 * hq * d * 2];
+        assert_eq!(
+            sikv_kernel_decode_rows(
+                gk,
+                &dpools,
+                &dtable,
+                dss as _,
+                doff as _,
+                5,
+                dqr,
+                drout,
+                dws_rows.ptr() as _,
+                ws_rows,
+                null
+            ),
+            SikvStatus::SIKV_OK
+        );
+        assert_eq!(
+            sikv_kernel_decode_rows(
+                ck,
+                &hpools,
+                &htable,
+                ss.as_ptr(),
+                rows_off.as_ptr(),
+                5,
+                qr.as_ptr() as _,
+                hrout.as_mut_ptr() as _,
+                null,
+                0,
+                null
+            ),
+            SikvStatus::SIKV_OK,
+            "{}",
+            last_error_message()
+        );
+        ctx.synchronize(null).unwrap();
+        let mut grout = vec![0u8; hrout.len()];
+        ctx.copy_dtoh(&mut grout, arena.ptr() + 65536).unwrap();
+        let (mut og, mut oc) = (vec![0f32; 5 * hq * d], vec![0f32; 5 * hq * d]);
+        numeric::to_f32(dt, &grout, &mut og);
+        numeric::to_f32(dt, &hrout, &mut oc);
+        worst_rows = worst_rows.max(row_rel_err(&og, &oc, d));
+        assert!(
+            worst_rows < F16_ROW_TOL,
+            "step {step}: decode_rows output differs by {worst_rows}"
+        );
     }
     // Pools are byte-identical: encode and calibrate are exact on both devices.
     let mut gp = vec![0u8; hplanes.len()];
@@ -523,7 +654,9 @@ fn stateless_abi_on_gpu_matches_cpu() {
     ctx.copy_dtoh(&mut gs, dstate.ptr()).unwrap();
     assert!(gp == hplanes, "plane pools differ between the GPU and the CPU");
     assert!(gs == hstate, "state pools differ between the GPU and the CPU");
-    println!("stateless ABI GPU vs CPU: pools identical, worst decode output difference {worst:.2e}");
+    println!(
+        "stateless ABI GPU vs CPU: pools identical, worst decode output difference {worst:.2e}, decode_rows {worst_rows:.2e}"
+    );
     sikv_kernels_destroy(gk);
     sikv_kernels_destroy(ck);
 }

@@ -93,7 +93,8 @@ impl Regions {
         let b = cfg.max_batch as usize;
         let toks = cfg.max_append_tokens.max(cfg.max_seq_len) as usize;
         let rows = b * cfg.num_kv_heads as usize;
-        let table_bytes = part(4 * (b + 1)) + part(4 * b * cfg.pages_per_seq_max() as usize) + 2 * part(4 * b);
+        // indptr, page indices, last_page_len, seq_slot, the query rows' offsets.
+        let table_bytes = 2 * part(4 * (b + 1)) + part(4 * b * cfg.pages_per_seq_max() as usize) + 2 * part(4 * b);
         let tokens = part(8 * toks) + 2 * part(4 * toks);
         let selection = part(4 * rows * cfg.budget.max as usize) + part(4 * rows);
         let r = |x: usize| x.div_ceil(256) * 256;
@@ -268,8 +269,21 @@ impl DeviceStore {
 
     /// Uploads a batch's page table and seq slots (skipped when the device holds them already).
     fn upload_table(&mut self, t: &OwnedPageTable, seq_slot: &[i32], stream: Stream) -> Result<(DevPageTable, u64)> {
+        let (table, ss, _) = self.upload_table_rows(t, seq_slot, &[], stream)?;
+        Ok((table, ss))
+    }
+
+    /// upload_table with the query rows' offsets (`row_offsets`, empty for none) after the seq
+    /// slots; returns their address too.
+    fn upload_table_rows(
+        &mut self,
+        t: &OwnedPageTable,
+        seq_slot: &[i32],
+        row_offsets: &[i32],
+        stream: Stream,
+    ) -> Result<(DevPageTable, u64, u64)> {
         let b = seq_slot.len();
-        let pk = Packing::new([4 * (b + 1), 4 * t.indices.len(), 4 * b, 4 * b]);
+        let pk = Packing::new([4 * (b + 1), 4 * t.indices.len(), 4 * b, 4 * b, 4 * row_offsets.len()]);
         let base = self.meta.ptr() + self.regions.table as u64;
         let last = &mut self.last_table;
         self.ring.upload(base, pk.total, stream, |bytes| {
@@ -278,6 +292,7 @@ impl DeviceStore {
             put_i32s(bytes, pk.at[1], &t.indices);
             put_i32s(bytes, pk.at[2], &t.last_page_len);
             put_i32s(bytes, pk.at[3], seq_slot);
+            put_i32s(bytes, pk.at[4], row_offsets);
             if last.as_slice() == &bytes[..] {
                 return false;
             }
@@ -292,7 +307,7 @@ impl DeviceStore {
             last_page_len: at(2),
             batch: b as u32,
         };
-        Ok((table, at(3)))
+        Ok((table, at(3), at(4)))
     }
 
     #[allow(clippy::too_many_arguments)] // the stage's prompt, unpacked by the cache
@@ -486,6 +501,79 @@ impl DeviceStore {
                 exec.attend(pools, &batch, sel, MemMut::Device(od), ws, stream)?;
             }
         }
+        if let MemMut::Host(h) = out {
+            self.ctx.synchronize(stream)?;
+            self.ctx.copy_dtoh(&mut h[..out_bytes], od)?;
+        }
+        Ok(())
+    }
+
+    /// Attention for several query rows per sequence (`rows[i]` for sequence i), selecting per
+    /// row; the selection goes to the selection region, so at most max_batch rows in all.
+    #[allow(clippy::too_many_arguments)] // the batch and its rows, unpacked by the cache
+    pub fn attend_rows(
+        &mut self,
+        exec: &Executor,
+        layer: u32,
+        table: &OwnedPageTable,
+        seq_slot: &[i32],
+        q: Activations,
+        rows: &[u32],
+        out: Output,
+        stream: Stream,
+    ) -> Result<()> {
+        let cfg = exec.cfg();
+        let total = crate::cpu::rows_total(rows, seq_slot.len())?;
+        crate::ensure!(
+            total <= cfg.max_batch as usize,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "{total} query rows in all exceed max_batch ({}): a CUDA cache's workspace and selection hold max_batch query rows",
+            cfg.max_batch
+        );
+        let out_bytes = total * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
+        if let MemMut::Host(h) = &out {
+            crate::ensure!(
+                h.len() >= out_bytes,
+                SIKV_ERR_BUFFER_TOO_SMALL,
+                "`out` holds {} bytes, {out_bytes} needed",
+                h.len()
+            );
+        }
+        let zeros;
+        let (qd, od) = match out {
+            MemMut::Device(p) => (self.device_inputs([q], stream)?[0], p),
+            MemMut::Host(_) => {
+                zeros = vec![0u8; out_bytes];
+                let [qd, od] = self.device_inputs([q, Mem::Host(&zeros)], stream)?;
+                (qd, od)
+            }
+        };
+        let mut offsets = Vec::with_capacity(rows.len() + 1);
+        offsets.push(0i32);
+        for &n in rows {
+            offsets.push(offsets[offsets.len() - 1] + n as i32);
+        }
+        let (t, ss, off) = self.upload_table_rows(table, seq_slot, &offsets, stream)?;
+        let batch = Batch {
+            table: Table::Device(t),
+            seq_slot: Mem::Device(ss),
+            q: Mem::Device(qd),
+        };
+        let pools = LayerView::Device(self.layer(exec.layout(), layer));
+        let sel_rows = total * cfg.num_kv_heads as usize;
+        let pk = Packing::new([4 * sel_rows * cfg.budget.max as usize, 4 * sel_rows]);
+        let base = self.meta.ptr() + self.regions.selection as u64;
+        exec.select_attend_rows(
+            pools,
+            &batch,
+            Mem::Device(off),
+            total as u32,
+            MemMut::Device(base + pk.at[0] as u64),
+            MemMut::Device(base + pk.at[1] as u64),
+            MemMut::Device(od),
+            self.workspace(),
+            stream,
+        )?;
         if let MemMut::Host(h) = out {
             self.ctx.synchronize(stream)?;
             self.ctx.copy_dtoh(&mut h[..out_bytes], od)?;

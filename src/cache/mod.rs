@@ -371,10 +371,20 @@ impl Cache {
 
     /// Select + attend for several new tokens per sequence (`rows[i]` for `ids[i]`, 1..=16,
     /// appended before the call), causal among them: `q`, `out` `[sum rows][H_q][d]`. Always
-    /// selects (the dense crossover does not apply). Host pools only so far (no stream).
-    pub fn attend_rows(&mut self, layer: u32, ids: &[i64], rows: &[u32], q: Activations, out: Output) -> Result<()> {
+    /// selects (the dense crossover does not apply). On a CUDA device: per-row selection, at
+    /// most max_batch rows in all.
+    pub fn attend_rows(
+        &mut self,
+        layer: u32,
+        ids: &[i64],
+        rows: &[u32],
+        q: Activations,
+        out: Output,
+        stream: Stream,
+    ) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        self.store.attend_rows(&self.exec, layer, &table, &slots, q, rows, out)
+        self.store
+            .attend_rows(&self.exec, layer, &table, &slots, q, rows, out, stream)
     }
 
     /// Sparse decode attention over a selection the caller made instead of the library's:

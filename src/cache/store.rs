@@ -6,7 +6,7 @@ use super::{Fnv, OwnedPageTable};
 use crate::cpu::{LayerMut, LayerRef, PageTable};
 use crate::exec::{
     Batch, DecodePath, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Stream, Table,
-    Workspace, ROWS_ON_GPU,
+    Workspace,
 };
 use crate::ffi::boundary::ForeignBytes;
 use crate::layout::{Layout, SIKV_NUM_PLANES};
@@ -236,7 +236,7 @@ impl Store {
         }
     }
 
-    /// Several query rows per sequence (`Executor::attend_rows`); host pools only so far.
+    /// Several query rows per sequence (`Executor::attend_rows`).
     #[allow(clippy::too_many_arguments)] // the batch, unpacked by the cache
     pub fn attend_rows(
         &mut self,
@@ -247,9 +247,10 @@ impl Store {
         q: Activations,
         rows: &[u32],
         out: Output,
+        stream: Stream,
     ) -> Result<()> {
         match self {
-            Store::Device(_) => Err(Error::unsupported(ROWS_ON_GPU)),
+            Store::Device(d) => d.attend_rows(exec, layer, table, seq_slot, q, rows, out, stream),
             Store::Host(h) => {
                 let batch = host_batch(table, seq_slot, q);
                 let pools = LayerView::Host(h.layer_ref(exec.layout(), layer as usize));

@@ -167,6 +167,23 @@ pub(super) fn decode(ex: &Executor, pools: LayerView, b: &Batch, route: Route, o
 }
 
 pub(super) fn attend_rows(ex: &Executor, pools: LayerView, b: &Batch, rows: &[u32], out: MemMut<u8>) -> Result<()> {
+    let sel_rows = cpu::rows_total(rows, b.table.batch() as usize)? * ex.cfg.num_kv_heads as usize;
+    let mut idx = vec![-1i32; sel_rows * ex.cfg.budget.max as usize];
+    let mut cnt = vec![0i32; sel_rows];
+    select_attend_rows(ex, pools, b, rows, &mut idx, &mut cnt, out)
+}
+
+/// Select + attend for query rows, the selection written to `indices` / `counts`
+/// (`[sum rows][H_kv][budget_max]`, `[sum rows][H_kv]`).
+pub(super) fn select_attend_rows(
+    ex: &Executor,
+    pools: LayerView,
+    b: &Batch,
+    rows: &[u32],
+    indices: &mut [i32],
+    counts: &mut [i32],
+    out: MemMut<u8>,
+) -> Result<()> {
     let c = &ex.cfg;
     let t = host_table(&b.table)?;
     let ss = host_array(b.seq_slot, t.batch(), "seq_slot")?;
@@ -175,9 +192,6 @@ pub(super) fn attend_rows(ex: &Executor, pools: LayerView, b: &Batch, rows: &[u3
     let q = acts_f32(ex, b.q, total * (c.num_q_heads * c.head_dim) as usize, "q")?;
     let out = host_array_mut(out, q.len() * c.dtype.size(), "out")?;
     let layer = pools_ref(pools)?;
-    let sel_rows = total * c.num_kv_heads as usize;
-    let mut idx = vec![-1i32; sel_rows * c.budget.max as usize];
-    let mut cnt = vec![0i32; sel_rows];
     cpu::select_rows(
         &ex.layout,
         c,
@@ -187,13 +201,41 @@ pub(super) fn attend_rows(ex: &Executor, pools: LayerView, b: &Batch, rows: &[u3
         rows,
         &q,
         c.row_selection,
-        &mut idx,
-        &mut cnt,
+        indices,
+        counts,
     )?;
     let mut o = vec![0f32; q.len()];
-    cpu::attend_rows(&ex.layout, c, &layer, &t, ss, rows, &q, &idx, &cnt, &mut o)?;
+    cpu::attend_rows(&ex.layout, c, &layer, &t, ss, rows, &q, indices, counts, &mut o)?;
     numeric::from_f32(c.dtype, &o, out);
     Ok(())
+}
+
+/// Host query-row offsets (`Executor::decode_rows`) as rows per sequence, checked: `batch + 1`
+/// ascending entries from 0 to `n_rows`, each sequence 1..=`cpu::MAX_QUERY_ROWS` rows.
+pub(super) fn rows_from_offsets(offsets: Mem<i32>, batch: usize, n_rows: u32) -> Result<Vec<u32>> {
+    let off = host_array(offsets, batch + 1, "row_offsets")?;
+    ensure!(
+        off[0] == 0 && off[batch] as i64 == n_rows as i64,
+        SIKV_ERR_INVALID_ARGUMENT,
+        "row_offsets must run from 0 to n_rows ({n_rows}); they run from {} to {}",
+        off[0],
+        off[batch]
+    );
+    let mut rows = Vec::with_capacity(batch);
+    for (i, w) in off.windows(2).enumerate() {
+        let n = w[1] as i64 - w[0] as i64;
+        ensure!(
+            (1..=cpu::MAX_QUERY_ROWS as i64).contains(&n),
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "sequence {i} has {n} query rows (row_offsets[{i}] = {}, row_offsets[{}] = {}), not 1..={}",
+            w[0],
+            i + 1,
+            w[1],
+            cpu::MAX_QUERY_ROWS
+        );
+        rows.push(n as u32);
+    }
+    Ok(rows)
 }
 
 pub(super) fn reset_sequence(ex: &Executor, state: MemMut<u8>, seq_slot: u32) -> Result<()> {

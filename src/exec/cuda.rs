@@ -2,10 +2,13 @@
 //! [`crate::gpu::GpuContext`], which check pointers, alignment and workspace size.
 
 use super::{
-    Batch, Executor, LayerPools, LayerView, MemMut, NewTokens, Prompt, Route, Selected, Stream, Table, Workspace,
+    Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Route, Selected, Stream, Table, Workspace,
 };
+use crate::config::RowSelection;
 use crate::ensure;
-use crate::gpu::{DevBatch, DevLayer, DevPrompt, DevSelection, DevTokens, DevWorkspace, GpuContext, Predecessor};
+use crate::gpu::{
+    DevBatch, DevLayer, DevPrompt, DevRows, DevSelection, DevTokens, DevWorkspace, GpuContext, Predecessor,
+};
 use crate::layout::SIKV_NUM_PLANES;
 use crate::status::{Error, Result};
 
@@ -33,6 +36,7 @@ fn device_batch(b: &Batch) -> Result<DevBatch> {
         table,
         seq_slot: b.seq_slot.device("seq_slot")?,
         q: b.q.device("q")?,
+        rows: None,
     })
 }
 
@@ -170,6 +174,90 @@ pub(super) fn select_attend(
     select_attend_dev(ex, g, &layer, &batch, sel, out, device_ws(ws), stream)
 }
 
+/// The decode workspace of `rows` query rows, checked: the stage workspace (its prefix) and
+/// the selection the decode keeps after it.
+fn decode_ws(ex: &Executor, ws: Workspace, rows: u32) -> Result<(DevWorkspace, DevSelection)> {
+    let need = ex.decode_workspace(rows);
+    ensure!(
+        ws.bytes >= need.total,
+        SIKV_ERR_BUFFER_TOO_SMALL,
+        "workspace_bytes = {} is smaller than the {} bytes decode needs",
+        ws.bytes,
+        need.total
+    );
+    ensure!(ws.ptr != 0, SIKV_ERR_NULL_POINTER, "`workspace` is NULL");
+    let stage = DevWorkspace {
+        ptr: ws.ptr,
+        bytes: need.indices,
+    };
+    let sel = DevSelection {
+        indices: ws.ptr + need.indices as u64,
+        counts: ws.ptr + need.counts as u64,
+    };
+    Ok((stage, sel))
+}
+
+/// The device batch of a multi-row call: `b` with the rows' offsets (checked by the kernels),
+/// per-row selection only.
+fn rows_batch(ex: &Executor, b: &Batch, offsets: Mem<i32>, n_rows: u32) -> Result<DevBatch> {
+    ensure!(
+        ex.cfg.row_selection == RowSelection::PerRow,
+        SIKV_ERR_UNSUPPORTED,
+        "{}",
+        super::MEAN_QUERY_ON_GPU
+    );
+    let mut batch = device_batch(b)?;
+    batch.rows = Some(DevRows {
+        offsets: offsets.device("row_offsets")?,
+        n: n_rows,
+    });
+    Ok(batch)
+}
+
+/// Select + attend for several query rows per sequence, the selection in the workspace
+/// (Executor::decode_rows).
+#[allow(clippy::too_many_arguments)] // decode's descriptors plus the rows
+pub(super) fn decode_rows(
+    ex: &Executor,
+    g: &GpuContext,
+    pools: LayerView,
+    b: &Batch,
+    offsets: Mem<i32>,
+    n_rows: u32,
+    out: MemMut<u8>,
+    ws: Workspace,
+    stream: Stream,
+) -> Result<()> {
+    let (stage_ws, sel) = decode_ws(ex, ws, n_rows)?;
+    let batch = rows_batch(ex, b, offsets, n_rows)?;
+    let layer = device_view(pools)?;
+    let out = out.device("out")?;
+    select_attend_dev(ex, g, &layer, &batch, sel, out, stage_ws, stream)
+}
+
+/// Select + attend for several query rows per sequence into a given selection
+/// (Executor::select_attend_rows).
+#[allow(clippy::too_many_arguments)] // decode_rows' descriptors plus the selection
+pub(super) fn select_attend_rows(
+    ex: &Executor,
+    g: &GpuContext,
+    pools: LayerView,
+    b: &Batch,
+    offsets: Mem<i32>,
+    n_rows: u32,
+    indices: MemMut<i32>,
+    counts: MemMut<i32>,
+    out: MemMut<u8>,
+    ws: Workspace,
+    stream: Stream,
+) -> Result<()> {
+    let batch = rows_batch(ex, b, offsets, n_rows)?;
+    let layer = device_view(pools)?;
+    let sel = selection_out(indices, counts)?;
+    let out = out.device("out")?;
+    select_attend_dev(ex, g, &layer, &batch, sel, out, device_ws(ws), stream)
+}
+
 #[allow(clippy::too_many_arguments)] // one descriptor per kind of memory the stage touches
 pub(super) fn decode(
     ex: &Executor,
@@ -181,28 +269,12 @@ pub(super) fn decode(
     ws: Workspace,
     stream: Stream,
 ) -> Result<()> {
-    let need = ex.decode_workspace(b.table.batch());
-    ensure!(
-        ws.bytes >= need.total,
-        SIKV_ERR_BUFFER_TOO_SMALL,
-        "workspace_bytes = {} is smaller than the {} bytes decode needs",
-        ws.bytes,
-        need.total
-    );
-    ensure!(ws.ptr != 0, SIKV_ERR_NULL_POINTER, "`workspace` is NULL");
     // The stage workspace is the prefix before the selection.
-    let stage_ws = DevWorkspace {
-        ptr: ws.ptr,
-        bytes: need.indices,
-    };
+    let (stage_ws, sel) = decode_ws(ex, ws, b.table.batch())?;
     let layer = device_view(pools)?;
     let batch = device_batch(b)?;
     let out = out.device("out")?;
     let (cfg, lay) = (&ex.cfg, &ex.layout);
-    let sel = DevSelection {
-        indices: ws.ptr + need.indices as u64,
-        counts: ws.ptr + need.counts as u64,
-    };
     let sparse = || select_attend_dev(ex, g, &layer, &batch, sel, out, stage_ws, stream);
     let dense = || g.attend_dense(cfg, lay, &layer, &batch, out, stage_ws, stream);
     match route {

@@ -306,13 +306,70 @@ impl Executor {
     /// Select + attend for `rows[i]` query rows of each sequence i (1..=`cpu::MAX_QUERY_ROWS`, at
     /// most its length), causal among them (`cpu::rows`): `b.q` and `out` hold
     /// `[sum rows][H_q][d]`, sequence i's rows after those of i - 1. Selection per
-    /// `cfg.row_selection`. The CPU device only so far: the GPU kernels take one row per
-    /// sequence.
+    /// `cfg.row_selection`. Host memory (the CPU); a device runs [`decode_rows`](Self::decode_rows).
     pub fn attend_rows(&self, pools: LayerView, b: &Batch, rows: &[u32], out: MemMut<u8>) -> Result<()> {
         self.check_batch(b)?;
         match &self.imp {
             Imp::Cpu => cpu::attend_rows(self, pools, b, rows, out),
-            Imp::Cuda(_) => Err(Error::unsupported(ROWS_ON_GPU)),
+            Imp::Cuda(_) => Err(Error::invalid(
+                "attend_rows takes host memory; on a CUDA device the rows' offsets go to decode_rows",
+            )),
+        }
+    }
+
+    /// [`attend_rows`](Self::attend_rows) with the rows as offsets: int32 `offsets[batch + 1]`,
+    /// sequence i's query rows `[offsets[i], offsets[i + 1])`, `n_rows` = `offsets[batch]`, in
+    /// the memory the page table is in (on a device the kernels check them: fault
+    /// `FAULT_QUERY_ROWS`). `b.q` and `out` hold `[n_rows][H_q][d]`; on a device the selection
+    /// lives in the workspace (`decode_workspace(n_rows)`). Per-row selection only on a device
+    /// (`RowSelection::PerRow`).
+    #[allow(clippy::too_many_arguments)] // decode's arguments plus the rows
+    pub fn decode_rows(
+        &self,
+        pools: LayerView,
+        b: &Batch,
+        offsets: Mem<i32>,
+        n_rows: u32,
+        out: MemMut<u8>,
+        ws: Workspace,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_batch(b)?;
+        match &self.imp {
+            Imp::Cpu => {
+                let rows = cpu::rows_from_offsets(offsets, b.table.batch() as usize, n_rows)?;
+                cpu::attend_rows(self, pools, b, &rows, out)
+            }
+            Imp::Cuda(g) => cuda::decode_rows(self, g, pools, b, offsets, n_rows, out, ws, stream),
+        }
+    }
+
+    /// [`decode_rows`](Self::decode_rows) with the selection written to `indices` / `counts`
+    /// (`[n_rows][H_kv][budget_max]`, `[n_rows][H_kv]`) instead of the workspace, which then
+    /// needs only the stage workspace of `n_rows` (`stage_workspace_bytes`).
+    #[allow(clippy::too_many_arguments)] // decode_rows' arguments plus the selection
+    pub fn select_attend_rows(
+        &self,
+        pools: LayerView,
+        b: &Batch,
+        offsets: Mem<i32>,
+        n_rows: u32,
+        indices: MemMut<i32>,
+        counts: MemMut<i32>,
+        out: MemMut<u8>,
+        ws: Workspace,
+        stream: Stream,
+    ) -> Result<()> {
+        self.check_batch(b)?;
+        match &self.imp {
+            Imp::Cpu => {
+                let rows = cpu::rows_from_offsets(offsets, b.table.batch() as usize, n_rows)?;
+                let (si, sc) = (indices.host("indices")?, counts.host("counts")?);
+                cpu::select_attend_rows(self, pools, b, &rows, si, sc, out)
+            }
+            Imp::Cuda(g) => {
+                cuda::select_attend_rows(self, g, pools, b, offsets, n_rows, indices, counts, out, ws, stream)
+            }
         }
     }
 
@@ -347,9 +404,8 @@ impl Executor {
     }
 }
 
-/// Why a multi-row call on a GPU is refused.
-pub const ROWS_ON_GPU: &str =
-    "several query rows per sequence run on the CPU device only so far: the GPU kernels take one query row per sequence";
+/// Why a multi-row call on a GPU is refused under `RowSelection::MeanQuery`.
+pub const MEAN_QUERY_ON_GPU: &str = "selection from the rows' mean query (SIKV_FLAG_ROWS_MEAN_QUERY) runs on the CPU device only so far: the GPU kernels select per query row";
 
 /// The decode workspace on a GPU: the stage workspace, then the selection (indices
 /// `[batch][H_kv][budget_max]`, counts `[batch][H_kv]`), each 256-byte aligned.

@@ -371,8 +371,9 @@ pub extern "C" fn sikv_attend(
 /// attends to the positions up to its own (causal among the new tokens), over the dense set and
 /// a selection made per row, or once per sequence from the mean of its rows' queries with
 /// SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
-/// crossover does not apply here). The CPU device only so far: a CUDA cache answers
-/// SIKV_ERR_UNSUPPORTED.
+/// crossover does not apply here). On a CUDA cache: at most max_batch rows in all (its
+/// workspace holds that many), and SIKV_FLAG_ROWS_MEAN_QUERY answers SIKV_ERR_UNSUPPORTED (the
+/// GPU kernels select per row).
 #[no_mangle]
 #[allow(clippy::too_many_arguments)] // sikv_attend's parameters plus the rows
 pub extern "C" fn sikv_attend_rows(
@@ -393,9 +394,7 @@ pub extern "C" fn sikv_attend_rows(
             let n = total * (c.cfg.num_q_heads * c.cfg.head_dim) as usize;
             let q = unsafe { activations(c, q, n, "q") }?;
             let out = unsafe { output(c, out, n, "out") }?;
-            // CPU caches only so far: nothing is queued on `stream`.
-            let _ = stream;
-            c.attend_rows(layer, ids, rows, q, out)
+            c.attend_rows(layer, ids, rows, q, out, stream)
         })
     })
 }

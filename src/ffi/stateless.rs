@@ -96,6 +96,25 @@ pub extern "C" fn sikv_workspace_size(kernels: *const SikvKernels, batch: u32, o
     })
 }
 
+/// Workspace bytes enough for `sikv_kernel_decode_rows` with up to `n_rows` query rows in all
+/// (1..=16 * max_batch; the rows, not the sequences, size its workspace). 0 on the CPU.
+#[no_mangle]
+pub extern "C" fn sikv_workspace_size_rows(kernels: *const SikvKernels, n_rows: u32, out: *mut usize) -> SikvStatus {
+    boundary(poison_of(kernels), || {
+        let k = kernels_ref(kernels)?;
+        check_out(out, "out")?;
+        let cfg = k.exec.cfg();
+        let most = cfg.max_batch as u64 * crate::cpu::MAX_QUERY_ROWS as u64;
+        ensure!(
+            n_rows >= 1 && n_rows as u64 <= most,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "n_rows = {n_rows} must be in 1..=16 * max_batch ({most})"
+        );
+        // SAFETY: checked above.
+        unsafe { write_out(out, k.exec.decode_workspace(n_rows).total, "out") }
+    })
+}
+
 /// An input array of `n` elements at a caller pointer: host elements on the CPU, the device
 /// address on CUDA (NULL is an error either way unless `n == 0` on the host).
 ///
@@ -243,13 +262,26 @@ unsafe fn table<'a>(k: &SikvKernels, t: &SikvPageTable) -> Result<Table<'a>> {
 /// # Safety
 /// As [`table`] and [`input`].
 unsafe fn batch<'a>(k: &SikvKernels, t: &SikvPageTable, seq_slot: *const i32, q: *const c_void) -> Result<Batch<'a>> {
+    batch_rows(k, t, seq_slot, q, t.batch)
+}
+
+/// A batch whose queries are `rows` query rows (one per sequence: `rows = t.batch`).
+///
+/// # Safety
+/// As [`table`] and [`input`].
+unsafe fn batch_rows<'a>(
+    k: &SikvKernels,
+    t: &SikvPageTable,
+    seq_slot: *const i32,
+    q: *const c_void,
+    rows: u32,
+) -> Result<Batch<'a>> {
     let cfg = k.exec.cfg();
     let table = table(k, t)?;
-    let b = t.batch as usize;
     Ok(Batch {
         table,
-        seq_slot: input(k, seq_slot, b, "seq_slot")?,
-        q: acts(k, q, b * (cfg.num_q_heads * cfg.head_dim) as usize, "q")?,
+        seq_slot: input(k, seq_slot, t.batch as usize, "seq_slot")?,
+        q: acts(k, q, rows as usize * (cfg.num_q_heads * cfg.head_dim) as usize, "q")?,
     })
 }
 
@@ -518,6 +550,73 @@ pub extern "C" fn sikv_kernel_decode(
                 pools,
                 &b,
                 DecodePath::Crossover,
+                out,
+                ws_desc(workspace, workspace_bytes),
+                stream,
+            )
+        }
+    })
+}
+
+/// Several query tokens per sequence in one call (speculative-decoding verification, a chunk
+/// of a prompt): sequence i's query rows are `[row_offsets[i], row_offsets[i + 1])` of `q` and
+/// `out` (`[n_rows][num_q_heads][head_dim]`), 1..=16 per sequence, its last tokens, appended
+/// before the call: row r of sequence i stands at position len_i - rows_i + r and attends
+/// causally (to the positions up to its own) over the dense set and its own selection.
+/// `row_offsets` is int32 `[batch + 1]` from 0 to `n_rows`, in the memory of the page table
+/// (device memory on a GPU, where the kernels check it and a bad entry is reported by the next
+/// call as a device fault; on the CPU it is checked here). Always selects (the dense crossover
+/// does not apply); per-row selection on a GPU (SIKV_FLAG_ROWS_MEAN_QUERY: CPU only). The
+/// selection is kept in the workspace: `sikv_workspace_size_rows(kernels, n_rows)` bytes. One row
+/// per sequence is sikv_kernel_decode's sparse path. Capturable in a CUDA graph.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)] // sikv_kernel_decode's parameters plus the rows
+pub extern "C" fn sikv_kernel_decode_rows(
+    kernels: *const SikvKernels,
+    pools: *const SikvLayerPools,
+    page_table: *const SikvPageTable,
+    seq_slot: *const i32,
+    row_offsets: *const i32,
+    n_rows: u32,
+    q: *const c_void,
+    out: *mut c_void,
+    workspace: *mut c_void,
+    workspace_bytes: usize,
+    stream: SikvStream,
+) -> SikvStatus {
+    boundary(poison_of(kernels), || {
+        let kn = kernels_ref(kernels)?;
+        let cfg = kn.exec.cfg();
+        // SAFETY: as in sikv_kernel_calibrate.
+        unsafe {
+            let pools = layer_view(kn, host_ref(pools, "pools")?)?;
+            let t = host_ref(page_table, "page_table")?;
+            // n_rows sizes q and out: bounded (after the batch it is bounded by) before they
+            // are taken.
+            ensure!(
+                t.batch >= 1 && t.batch <= cfg.max_batch,
+                SIKV_ERR_OUT_OF_BOUNDS,
+                "page_table.batch = {} must be in 1..=max_batch ({})",
+                t.batch,
+                cfg.max_batch
+            );
+            let most = t.batch as u64 * crate::cpu::MAX_QUERY_ROWS as u64;
+            ensure!(
+                n_rows >= t.batch && n_rows as u64 <= most,
+                SIKV_ERR_OUT_OF_BOUNDS,
+                "n_rows = {n_rows} must be in batch..=batch * {} ({}..={most})",
+                crate::cpu::MAX_QUERY_ROWS,
+                t.batch
+            );
+            let b = batch_rows(kn, t, seq_slot, q, n_rows)?;
+            let offsets = input(kn, row_offsets, t.batch as usize + 1, "row_offsets")?;
+            let n_out = n_rows as usize * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
+            let out = output(kn, out as *mut u8, n_out, "out")?;
+            kn.exec.decode_rows(
+                pools,
+                &b,
+                offsets,
+                n_rows,
                 out,
                 ws_desc(workspace, workspace_bytes),
                 stream,

@@ -25,13 +25,26 @@ pub struct DevPageTable {
 }
 
 /// A decode batch on the device (select, attend, attend_dense): the page table, int32
-/// `seq_slot[batch]` (each sequence's state slot) and the queries `q`, `[batch][H_q][d]` in the
-/// model dtype, 16-byte aligned; borrowed. `table.batch` is the batch size.
+/// `seq_slot[batch]` (each sequence's state slot) and the queries `q`, `[rows][H_q][d]` in the
+/// model dtype, 16-byte aligned; borrowed. `table.batch` is the batch size; the query rows are
+/// one per sequence, or `rows`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DevBatch {
     pub table: DevPageTable,
     pub seq_slot: u64,
     pub q: u64,
+    pub rows: Option<DevRows>,
+}
+
+/// Several query rows per sequence (`cpu::rows`: its last tokens, appended before the call,
+/// each attending causally): `n` rows in all, sequence b's rows `[offsets[b], offsets[b + 1])`
+/// of int32 `offsets[batch + 1]` in device memory, borrowed. The kernels check the offsets
+/// (device fault `FAULT_QUERY_ROWS`); q, out, the selection and the workspace then hold `n`
+/// rows where a batch holds one per sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevRows {
+    pub offsets: u64,
+    pub n: u32,
 }
 
 /// A selection on the device, written by select and read by attend: int32

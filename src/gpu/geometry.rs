@@ -127,11 +127,20 @@ pub const FAULT_PAGE_TABLE: u32 = 1 << 4;
 pub const FAULT_SEQ_LEN: u32 = 1 << 5;
 /// A selected count outside 0..=budget_max.
 pub const FAULT_COUNT: u32 = 1 << 6;
-/// A selected position outside 0..len of its sequence.
+/// A selected position outside 0..len of its sequence (0..the causal bound of its query row).
 pub const FAULT_SELECTED_POS: u32 = 1 << 7;
+/// Query-row offsets that do not give the kernel row a sequence: offsets not starting at 0 or
+/// not ending at the call's row count, a sequence with no rows or more than
+/// QUERY_ROWS_MAX, or more rows than the sequence has tokens.
+pub const FAULT_QUERY_ROWS: u32 = 1 << 8;
+
+/// Most query rows of one sequence in one call, for the kernels' check (the kernels' header
+/// takes literals; the assert below ties it to cpu::MAX_QUERY_ROWS).
+pub const QUERY_ROWS_MAX: u32 = 16;
+const _: () = assert!(QUERY_ROWS_MAX == crate::cpu::MAX_QUERY_ROWS);
 
 /// What each fault bit means, for error messages.
-pub const FAULT_NAMES: [(u32, &str); 8] = [
+pub const FAULT_NAMES: [(u32, &str); 9] = [
     (FAULT_SEQ_SLOT, "sequence slot outside 0..max_seqs"),
     (FAULT_POSITION, "append position outside 0..max_seq_len"),
     (
@@ -145,5 +154,12 @@ pub const FAULT_NAMES: [(u32, &str); 8] = [
     ),
     (FAULT_SEQ_LEN, "page table sequence longer than max_seq_len"),
     (FAULT_COUNT, "selected count outside 0..=budget_max"),
-    (FAULT_SELECTED_POS, "selected position outside 0..len of its sequence"),
+    (
+        FAULT_SELECTED_POS,
+        "selected position outside 0..len of its sequence (its query row's causal bound)",
+    ),
+    (
+        FAULT_QUERY_ROWS,
+        "query-row offsets inconsistent (not from 0 to the row count, 0 or more than 16 rows for a sequence, or more rows than its tokens)",
+    ),
 ];

@@ -25,6 +25,8 @@ pub struct Kernels {
     pub calib_codebook: Kernel,
     pub prologue: Kernel,
     pub score: Kernel,
+    /// score for calls with several query rows per sequence (p.row_offsets set).
+    pub score_rows: Kernel,
     pub topk_stage1: Kernel,
     pub topk_compact: Kernel,
     pub topk_final: Kernel,
@@ -66,6 +68,7 @@ impl Kernels {
             calib_codebook: get(t("calib_codebook"))?,
             prologue: get(plain("prologue"))?,
             score: get(dt("score"))?,
+            score_rows: get(dt("score_rows"))?,
             topk_stage1: get(plain("topk_stage1"))?,
             topk_compact: get(plain("topk_compact"))?,
             topk_final: get(plain("topk_final"))?,

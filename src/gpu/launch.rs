@@ -339,7 +339,8 @@ impl GpuContext {
         }
         dev_ptr(batch.seq_slot, 4, "seq_slot")?;
         dev_ptr(batch.q, 16, "q")?;
-        let w = Workspace::new(cfg, layout, table.batch);
+        let rows = Self::rows_params(&mut p, batch)?;
+        let w = Workspace::new(cfg, layout, rows);
         Self::check_ws(ws, &w)?;
         crate::ensure!(
             w.max_splits() <= COMBINE_MAX_SPLITS,
@@ -351,6 +352,41 @@ impl GpuContext {
         p.seq_slot = batch.seq_slot;
         p.q = batch.q;
         Ok(Some((p, w)))
+    }
+
+    /// The call's query rows (one per sequence, or `batch.rows`) into the kernels' parameters;
+    /// returns their number, which sizes the grids and the workspace.
+    fn rows_params(p: &mut SikvParams, batch: &DevBatch) -> Result<u32> {
+        let b = batch.table.batch;
+        let n = match batch.rows {
+            None => b,
+            Some(r) => {
+                dev_ptr(r.offsets, 4, "row_offsets")?;
+                let most = b as u64 * crate::cpu::MAX_QUERY_ROWS as u64;
+                crate::ensure!(
+                    r.n >= b && r.n as u64 <= most,
+                    SIKV_ERR_OUT_OF_BOUNDS,
+                    "n_rows = {} must be in batch..=batch * {} ({b}..={most}): 1..={} query rows per sequence",
+                    r.n,
+                    crate::cpu::MAX_QUERY_ROWS,
+                    crate::cpu::MAX_QUERY_ROWS
+                );
+                p.row_offsets = r.offsets;
+                r.n
+            }
+        };
+        p.rows = n as i32;
+        Ok(n)
+    }
+
+    /// Refuses several query rows per sequence for `what` (its kernels take one).
+    fn one_row_per_sequence(batch: &DevBatch, what: &str) -> Result<()> {
+        crate::ensure!(
+            batch.rows.is_none(),
+            SIKV_ERR_UNSUPPORTED,
+            "{what} takes one query row per sequence; several select and attend (decode_rows)"
+        );
+        Ok(())
     }
 
     /// Checks a selection's addresses and points the kernels' parameters at it.
@@ -407,7 +443,7 @@ impl GpuContext {
         Self::selection_params(&mut p, sel)?;
         self.topk_params(&mut p);
         self.current()?;
-        let b = batch.table.batch;
+        let b = p.rows as u32;
         if stages & SELECT_SCORE != 0 && p.topk_multi != 0 {
             // The score kernel adds into the per-row histograms (and the final top-k kernel
             // expects zero candidate counters): zero both on the stream. A memset rather than
@@ -448,7 +484,8 @@ impl GpuContext {
         let multi = p.topk_multi != 0;
         if stages & SELECT_SCORE != 0 {
             let tiles = cfg.max_seq_len.div_ceil(SCORE_TILE);
-            self.launch(&kn.score, (tiles, h, b), SCORE_THREADS, stream, p)?;
+            let score = if p.row_offsets != 0 { &kn.score_rows } else { &kn.score };
+            self.launch(score, (tiles, h, b), SCORE_THREADS, stream, p)?;
         }
         // SELECT_TOPK_FINAL: the final kernel keeps the candidate counter (p.mode = 1).
         let mut pf = *p;
@@ -510,7 +547,7 @@ impl GpuContext {
             return Ok(());
         };
         self.current()?;
-        let b = batch.table.batch;
+        let b = p.rows as u32;
         self.launch_attend(cfg, &w, &mut p, b, before, stream)?;
         self.launch_combine(cfg, &p, b, stream)
     }
@@ -536,6 +573,9 @@ impl GpuContext {
         let dev = &self.inner.dev;
         let tc = super::workspace::tc_tiles(cfg, dev.major);
         let span = match self.inner.attend_span {
+            // Several query rows per sequence: the kernel's CUDA-core splits (sparse_tc_split
+            // declines them), which take one ATTEND_SPLIT each.
+            _ if p.row_offsets != 0 => 1,
             Some(n) if tc => n.clamp(1, ATTEND_MAX_SPAN),
             _ => super::workspace::attend_span(w, cfg, dev.sms.max(1) as u32, b, tc),
         };
@@ -586,13 +626,14 @@ impl GpuContext {
         stream: CUstream,
     ) -> Result<()> {
         self.take_fault()?;
+        Self::one_row_per_sequence(batch, "the dense decode")?;
         let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
             return Ok(());
         };
         dev_ptr(out, 16, "out")?;
         p.out = out;
         self.current()?;
-        let b = batch.table.batch;
+        let b = p.rows as u32;
         self.launch_dense(cfg, &w, &mut p, b, stream)?;
         self.launch_combine(cfg, &p, b, stream)
     }
@@ -616,6 +657,7 @@ impl GpuContext {
         dense_max_tokens: u64,
         stream: CUstream,
     ) -> Result<()> {
+        Self::one_row_per_sequence(batch, "the routed decode")?;
         let Some((mut p, w)) = self.attend_params(cfg, layout, layer, batch, sel, out, ws)? else {
             return Ok(());
         };
@@ -623,7 +665,7 @@ impl GpuContext {
         p.ws_route = ws.ptr + w.route as u64;
         p.route_max_tokens = dense_max_tokens;
         self.current()?;
-        let b = batch.table.batch;
+        let b = p.rows as u32;
         self.launch_prologue(cfg, &p, b, stream)?;
         let mut ps = p;
         ps.route_as = ROUTE_SPARSE as i32;

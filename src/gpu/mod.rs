@@ -64,7 +64,7 @@ use crate::layout::Layout;
 use crate::status::{Error, Result};
 
 use cudarc::driver::sys;
-pub use desc::{DevBatch, DevLayer, DevPageTable, DevPrompt, DevSelection, DevTokens, DevWorkspace};
+pub use desc::{DevBatch, DevLayer, DevPageTable, DevPrompt, DevRows, DevSelection, DevTokens, DevWorkspace};
 pub use gate::StreamGate;
 use geometry::*;
 use kernels::{Kernel, Kernels};

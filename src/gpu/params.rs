@@ -43,6 +43,11 @@ pub struct SikvParams {
     pub indices: u64,
     /// int32[B][H_kv].
     pub counts: u64,
+    /// int32[batch + 1]: query rows of sequence b are kernel rows [row_offsets[b],
+    /// row_offsets[b + 1]) (several query tokens per sequence, cpu::rows); 0 = one query row per
+    /// sequence (kernel row b is sequence b). q, out, the selection and the workspace rows are
+    /// per kernel row.
+    pub row_offsets: u64,
     // Workspace regions (src/gpu/workspace.rs).
     /// u32 [B][H_kv][key_stride]: stage-1 keys / calibrate heavy keys.
     pub ws_keys: u64,
@@ -107,6 +112,8 @@ pub struct SikvParams {
     pub max_seq_len: i32,
     /// Sequences in this call (select/attend).
     pub batch: i32,
+    /// Kernel rows of this call (select/attend): the query rows, = batch without row_offsets.
+    pub rows: i32,
     /// Tokens in this call (append/calibrate).
     pub n_tokens: i32,
     /// calibrate: query rows in q.

@@ -561,13 +561,15 @@ pub fn cmp_out(fx: &Fx, what: &str, gpu: &[f32], cpu: &[f32]) -> R {
     Ok(())
 }
 
-/// Final-stage CPU score of position `pos` (for the tie rule of select comparisons).
+/// Final-stage CPU score of position `pos` of sequence `b` for query row `r` of `q` (for the
+/// tie rule of select comparisons).
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_score(
     fx: &Fx,
     host: &HostPools,
     table: &PageTable,
     b: usize,
+    r: usize,
     h: usize,
     slot: usize,
     q: &[f32],
@@ -583,7 +585,7 @@ pub fn cpu_score(
     if cfg.force_generated && pos as i32 >= rec.meta[0] {
         return f32::INFINITY;
     }
-    let qbar = group_mean_query(&q[(b * hq + h * g) * d..(b * hq + (h + 1) * g) * d], d);
+    let qbar = group_mean_query(&q[(r * hq + h * g) * d..(r * hq + (h + 1) * g) * d], d);
     let (page, s) = table.locate(b, pos as usize, fx.layout.page_size);
     let rows: [&[u8]; SIKV_NUM_PLANES] = std::array::from_fn(|p| {
         let len = fx.layout.format.row_bytes[p];
@@ -605,12 +607,14 @@ pub fn cpu_score(
     }
 }
 
+/// `seqs[r]`: the sequence of query row r (selection rows are `r * H_kv + h`).
 #[allow(clippy::too_many_arguments)]
 pub fn cmp_select(
     fx: &Fx,
     host: &HostPools,
     table: &PageTable,
     slots: &[i32],
+    seqs: &[usize],
     q: &[f32],
     gi: &[i32],
     gc: &[i32],
@@ -620,7 +624,8 @@ pub fn cmp_select(
     let kmax = fx.cfg.budget.max as usize;
     let hkv = fx.cfg.num_kv_heads as usize;
     for row in 0..cc.len() {
-        let (b, h) = (row / hkv, row % hkv);
+        let (r, h) = (row / hkv, row % hkv);
+        let b = seqs[r];
         if gc[row] != cc[row] {
             return Err(format!("select: counts[{row}] gpu {} cpu {}", gc[row], cc[row]));
         }
@@ -643,7 +648,7 @@ pub fn cmp_select(
         let gs: std::collections::BTreeSet<i32> = g[..n].iter().copied().collect();
         let cs: std::collections::BTreeSet<i32> = c[..n].iter().copied().collect();
         let slot = slots[b] as usize;
-        let score = |p: i32| cpu_score(fx, host, table, b, h, slot, q, p as u32);
+        let score = |p: i32| cpu_score(fx, host, table, b, r, h, slot, q, p as u32);
         let thr = cs.iter().map(|&p| score(p)).fold(f32::INFINITY, f32::min);
         let tolv = 1e-4f32 * thr.abs().max(1.0);
         println!(
@@ -654,7 +659,7 @@ pub fn cmp_select(
             let s = score(p);
             if !within((s - thr).abs(), tolv) {
                 return Err(format!(
-                    "select: row {row} (seq {b}, head {h}): position {p} (score {s}) is in only one of gpu/cpu and is not tied with the threshold {thr}"
+                    "select: row {row} (query row {r}, seq {b}, head {h}): position {p} (score {s}) is in only one of gpu/cpu and is not tied with the threshold {thr}"
                 ));
             }
         }

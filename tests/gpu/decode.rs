@@ -15,24 +15,8 @@ gpu_test!(long_sequence, case_long);
 /// appends), copied to the device; GPU select vs CPU select; GPU attend vs CPU attend on the
 /// CPU's indices; GPU attend_dense vs CPU attend_dense.
 pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&mut SikvConfig)) -> R {
-    let cfg = make_cfg(shape, tweak);
-    let mut fx = Fx::new(cfg, rng)?;
+    let fx = ragged_fixture(rng, shape, lens, tweak)?;
     let which: Vec<usize> = (0..lens.len()).collect();
-    for (i, &len) in lens.iter().enumerate() {
-        let s = fx.add_seq(i as i32, len + 8)?;
-        let prompt = (len * 3 / 4).max(1);
-        fx.calibrate_cpu(rng, s, prompt, 4.min(prompt))?;
-    }
-    // Grow every sequence to its length with a few appends.
-    loop {
-        let grow: Vec<usize> = which.iter().copied().filter(|&s| fx.seqs[s].len < lens[s]).collect();
-        if grow.is_empty() {
-            break;
-        }
-        let per = grow.iter().map(|&s| lens[s] - fx.seqs[s].len).min().unwrap().min(97);
-        fx.append_cpu(rng, &grow, per)?;
-    }
-    fx.dev.upload(&fx.ctx, &fx.host)?;
     let b = which.len();
     let slots: Vec<i32> = which.iter().map(|&s| fx.seqs[s].slot).collect();
     let t = fx.table(&which);
@@ -70,6 +54,7 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
         table: dt,
         seq_slot: dslots.ptr(),
         q: dq.ptr(),
+        rows: None,
     };
     let sel = DevSelection {
         indices: di.ptr(),
@@ -84,7 +69,8 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
     fx.ctx.copy_dtoh(&mut gib, di.ptr()).map_err(e2s)?;
     fx.ctx.copy_dtoh(&mut gcb, dc.ptr()).map_err(e2s)?;
     let (gi, gc) = (bytes_i32(&gib), bytes_i32(&gcb));
-    cmp_select(&fx, &fx.host, &table, &slots, &q, &gi, &gc, &ci, &cc)?;
+    let seqs: Vec<usize> = (0..b).collect();
+    cmp_select(&fx, &fx.host, &table, &slots, &seqs, &q, &gi, &gc, &ci, &cc)?;
 
     // attend on the CPU's indices.
     let ci_dev = upload_bytes(&fx.ctx, &i32_bytes(&ci))?;
@@ -147,6 +133,30 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
     fx.ctx.copy_dtoh(&mut ob, dout.ptr()).map_err(e2s)?;
     cmp_out(&fx, "attend_dense", &out_f32(&fx, &ob), &cout)?;
     Ok(())
+}
+
+/// Sequences of `lens` tokens (calibrated on three quarters, the rest appended), built on the
+/// CPU and copied to the device.
+pub fn ragged_fixture(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&mut SikvConfig)) -> R<Fx> {
+    let cfg = make_cfg(shape, tweak);
+    let mut fx = Fx::new(cfg, rng)?;
+    let which: Vec<usize> = (0..lens.len()).collect();
+    for (i, &len) in lens.iter().enumerate() {
+        let s = fx.add_seq(i as i32, len + 8)?;
+        let prompt = (len * 3 / 4).max(1);
+        fx.calibrate_cpu(rng, s, prompt, 4.min(prompt))?;
+    }
+    // Grow every sequence to its length with a few appends.
+    loop {
+        let grow: Vec<usize> = which.iter().copied().filter(|&s| fx.seqs[s].len < lens[s]).collect();
+        if grow.is_empty() {
+            break;
+        }
+        let per = grow.iter().map(|&s| lens[s] - fx.seqs[s].len).min().unwrap().min(97);
+        fx.append_cpu(rng, &grow, per)?;
+    }
+    fx.dev.upload(&fx.ctx, &fx.host)?;
+    Ok(fx)
 }
 
 fn case_decode_matrix(rng: &mut Rng) -> R {

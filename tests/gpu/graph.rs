@@ -78,6 +78,7 @@ fn case_graph(rng: &mut Rng) -> R {
         table: dt,
         seq_slot: islot.ptr(),
         q: iq.ptr(),
+        rows: None,
     };
     let tokens = DevTokens {
         n: b as u32,

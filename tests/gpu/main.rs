@@ -6,7 +6,9 @@
 //! - `encode`: encode (append) and calibrate, bit-exact;
 //! - `decode`: select, attend and attend_dense on ragged batches (the shape matrix, the
 //!   reference profile, a sequence longer than 128K tokens);
-//! - `graph`: a whole decode step captured in a CUDA graph and replayed.
+//! - `graph`: a whole decode step captured in a CUDA graph and replayed;
+//! - `rows`: select and attend over several query rows per sequence, and the kernels' check of
+//!   the rows' offsets.
 //!
 //! Every case is its own test, named `<stage>::<case>` (libtest filters select them). Without
 //! a CUDA device each prints one line `skipped: no CUDA device (<stage>::<case>)` and returns;
@@ -37,4 +39,5 @@ mod fixture;
 mod decode;
 mod encode;
 mod graph;
+mod rows;
 mod setup;

@@ -54,6 +54,7 @@ fn case_validation(_rng: &mut Rng) -> R {
         table,
         seq_slot: b,
         q: b,
+        rows: None,
     };
     let sel = DevSelection { indices: b, counts: b };
     let ws = ws.as_workspace();
