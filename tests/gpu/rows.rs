@@ -37,7 +37,7 @@ fn run_rows(rng: &mut Rng, shape: Shape, lens: &[usize], rows: &[u32], tweak: im
     let seqs: Vec<usize> = rows
         .iter()
         .enumerate()
-        .flat_map(|(b, &n)| std::iter::repeat_n(b, n as usize))
+        .flat_map(|(b, &n)| std::iter::repeat(b).take(n as usize))
         .collect();
     let (qb, q) = fx.q(rng, n_rows);
     let (hkv, kmax) = (fx.cfg.num_kv_heads as usize, fx.cfg.budget.max as usize);
