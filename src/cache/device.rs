@@ -426,6 +426,36 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// The device addresses of an attend's query and output (`out_bytes` of it, checked for a
+    /// host output): device pointers pass through; host ones are staged, a host output being
+    /// written by the kernels into the staging buffer and read back by [`read_back`](Self::read_back).
+    fn attend_io(&mut self, q: Activations, out: &Output, out_bytes: usize, stream: Stream) -> Result<(u64, u64)> {
+        match out {
+            MemMut::Device(p) => Ok((self.device_inputs([q], stream)?[0], *p)),
+            MemMut::Host(h) => {
+                crate::ensure!(
+                    h.len() >= out_bytes,
+                    SIKV_ERR_BUFFER_TOO_SMALL,
+                    "`out` holds {} bytes, {out_bytes} needed",
+                    h.len()
+                );
+                let zeros = vec![0u8; out_bytes];
+                let [qd, od] = self.device_inputs([q, Mem::Host(&zeros)], stream)?;
+                Ok((qd, od))
+            }
+        }
+    }
+
+    /// Copies a host output back from its staging address `od` (after a synchronize); nothing
+    /// for a device output.
+    fn read_back(&self, out: Output, od: u64, out_bytes: usize, stream: Stream) -> Result<()> {
+        if let MemMut::Host(h) = out {
+            self.ctx.synchronize(stream)?;
+            self.ctx.copy_dtoh(&mut h[..out_bytes], od)?;
+        }
+        Ok(())
+    }
+
     /// Decode attention: the library's selection (`sel = None`), a caller's host selection,
     /// or the dense decode.
     #[allow(clippy::too_many_arguments)] // the batch, unpacked by the cache
@@ -443,24 +473,7 @@ impl DeviceStore {
         let cfg = exec.cfg();
         let b = seq_slot.len();
         let out_bytes = b * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
-        if let MemMut::Host(h) = &out {
-            crate::ensure!(
-                h.len() >= out_bytes,
-                SIKV_ERR_BUFFER_TOO_SMALL,
-                "`out` holds {} bytes, {out_bytes} needed",
-                h.len()
-            );
-        }
-        // A host output is written by the kernels into the staging buffer, then read back.
-        let zeros;
-        let (qd, od) = match out {
-            MemMut::Device(p) => (self.device_inputs([q], stream)?[0], p),
-            MemMut::Host(_) => {
-                zeros = vec![0u8; out_bytes];
-                let [qd, od] = self.device_inputs([q, Mem::Host(&zeros)], stream)?;
-                (qd, od)
-            }
-        };
+        let (qd, od) = self.attend_io(q, &out, out_bytes, stream)?;
         let (t, ss) = self.upload_table(table, seq_slot, stream)?;
         let batch = Batch {
             table: Table::Device(t),
@@ -501,11 +514,7 @@ impl DeviceStore {
                 exec.attend(pools, &batch, sel, MemMut::Device(od), ws, stream)?;
             }
         }
-        if let MemMut::Host(h) = out {
-            self.ctx.synchronize(stream)?;
-            self.ctx.copy_dtoh(&mut h[..out_bytes], od)?;
-        }
-        Ok(())
+        self.read_back(out, od, out_bytes, stream)
     }
 
     /// Attention for several query rows per sequence (`rows[i]` for sequence i), selecting per
@@ -531,23 +540,7 @@ impl DeviceStore {
             cfg.max_batch
         );
         let out_bytes = total * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
-        if let MemMut::Host(h) = &out {
-            crate::ensure!(
-                h.len() >= out_bytes,
-                SIKV_ERR_BUFFER_TOO_SMALL,
-                "`out` holds {} bytes, {out_bytes} needed",
-                h.len()
-            );
-        }
-        let zeros;
-        let (qd, od) = match out {
-            MemMut::Device(p) => (self.device_inputs([q], stream)?[0], p),
-            MemMut::Host(_) => {
-                zeros = vec![0u8; out_bytes];
-                let [qd, od] = self.device_inputs([q, Mem::Host(&zeros)], stream)?;
-                (qd, od)
-            }
-        };
+        let (qd, od) = self.attend_io(q, &out, out_bytes, stream)?;
         let mut offsets = Vec::with_capacity(rows.len() + 1);
         offsets.push(0i32);
         for &n in rows {
@@ -574,11 +567,7 @@ impl DeviceStore {
             self.workspace(),
             stream,
         )?;
-        if let MemMut::Host(h) = out {
-            self.ctx.synchronize(stream)?;
-            self.ctx.copy_dtoh(&mut h[..out_bytes], od)?;
-        }
-        Ok(())
+        self.read_back(out, od, out_bytes, stream)
     }
 
     pub fn reset_slot(&mut self, exec: &Executor, slot: u32) -> Result<()> {
