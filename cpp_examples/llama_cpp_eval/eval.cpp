@@ -88,6 +88,9 @@ int model_head_dim(const llama_model * model, int n_q_heads) {
 }
 
 
+// The most rows sikv_attend_rows takes per sequence, and so the largest decode block.
+constexpr int kMaxBlock = 16;
+
 struct Options {
     std::string model;
     std::string text;
@@ -97,6 +100,7 @@ struct Options {
     std::string sikv_budget = "charged";
     int context = 2048;
     int decode = 128;
+    int decode_block = 1;  // teacher-forced tokens per llama_decode (1..kMaxBlock)
     int windows = 1;
     int offset = 0;
     int threads = 2;
@@ -134,6 +138,9 @@ void usage() {
         "usage: llama_cpp_eval --model M.gguf --text T.txt [options]\n"
         "  --context P        prefill tokens per window (2048)\n"
         "  --decode D         teacher-forced decode tokens per window (128)\n"
+        "  --decode-block N   teacher-forced tokens per llama_decode, 1..16 (1): the method appends the block's N\n"
+        "                     keys and values, then attends its N query rows at once (library: one sikv_attend_rows;\n"
+        "                     baselines: row by row, causal); every token of the block is scored\n"
         "  --windows W        windows, consecutive and disjoint, each P+D+1 tokens (1)\n"
         "  --offset O         first token of the first window (0)\n"
         "  --methods LIST     comma list of llama,dense,oracle_topk,quest,sink_window\n"
@@ -157,7 +164,9 @@ void usage() {
         "  rerank 4), sikv_1stage_2+1, sikv_1stage_4+1, sikv_1stage_16+1 (rerank 0), sikv_signsign (16+1, the\n"
         "  reference's sign x sign score, one stage), sikv_oracle_2+1, sikv_oracle_4+1, sikv_oracle_16+1 (exact\n"
         "  top-b by q.k, no heavy tokens, attended from the library's stored bits), sikv_kXvY (X key-magnitude and\n"
-        "  Y value bits, 2/4/16, e.g. sikv_k2v4; also sikv_oracle_kXvY), sikv_parity (k = 100, no budget)\n"
+        "  Y value bits, 2/4/16, e.g. sikv_k2v4; also sikv_oracle_kXvY), sikv_parity (k = 100, no budget); the suffix\n"
+        "  _meanq (e.g. sikv_2+1_meanq) selects once per decode block from the rows' mean query\n"
+        "  (SIKV_FLAG_ROWS_MEAN_QUERY) instead of per row\n"
         "  --q-tail N         last prompt queries handed to calibrate (1)\n"
         "  --threads N        CPU threads (2)\n"
         "  --kv-f16           llama.cpp KV cache in f16 (default f32)\n"
@@ -209,6 +218,7 @@ Options parse(int argc, char ** argv) {
         else if (a == "--sikv-centre") o.sikv_centre = next();
         else if (a == "--context") o.context = std::stoi(next());
         else if (a == "--decode") o.decode = std::stoi(next());
+        else if (a == "--decode-block") o.decode_block = std::stoi(next());
         else if (a == "--windows") o.windows = std::stoi(next());
         else if (a == "--offset") o.offset = std::stoi(next());
         else if (a == "--threads") o.threads = std::stoi(next());
@@ -262,6 +272,9 @@ Options parse(int argc, char ** argv) {
         o.windows = 1;
     }
     if (o.context < 1 || o.decode < 1 || o.windows < 1) throw std::runtime_error("context, decode, windows must be >= 1");
+    if (o.decode_block < 1 || o.decode_block > kMaxBlock)
+        throw std::runtime_error("--decode-block is 1.." + std::to_string(kMaxBlock));
+    if (passkey && o.decode_block != 1) throw std::runtime_error("passkey mode decodes one token at a time");
     if (o.sikv_budget != "charged" && o.sikv_budget != "ratio") throw std::runtime_error("--sikv-budget is charged or ratio");
     if (o.sikv_centre != "median" && o.sikv_centre != "mean") throw std::runtime_error("--sikv-centre is median or mean");
     if (!(o.sikv_heavy_frac >= 0.0 && o.sikv_heavy_frac < 1.0)) throw std::runtime_error("--sikv-heavy-frac is in [0, 1)");
@@ -303,14 +316,14 @@ struct Hook {
     std::vector<std::vector<float>> pk, pv, pq;
     std::vector<int> pk_n, pv_n, pq_n;
 
-    // decode, per layer: this token's q [n_q][d], k and v [n_kv][d]
+    // decode, per layer: this block's q [n_tokens][n_q][d], k and v [n_tokens][n_kv][d]
     std::vector<std::vector<float>> dq, dk, dv;
     std::vector<unsigned> seen;  // bit 0 q, 1 k, 2 v
     std::vector<float> out;
     int outs_this_step = 0;
     DecodeMethod * method = nullptr;
     int dense_layers = 0;  // layers below this keep llama.cpp's own output (the method still appends)
-    int pos = 0;           // position of the decode token
+    int pos = 0;           // position of the decode block's first token
     // Layers whose mask hides some of the past at this step (a sliding window): llama.cpp's own
     // output is kept there, the library gets the global-attention layers only.
     std::vector<char> windowed;
@@ -379,6 +392,52 @@ int64_t visible_cells(const ggml_tensor * mask) {
     return n;
 }
 
+// kqv_out is [n_q_heads * head_dim][n_tokens] (ggml_cont_2d of the permuted heads): token i's row starts
+// at i * nb[1]. Anything else is refused rather than written at the wrong place.
+bool output_layout_ok(const ggml_tensor * t, const ModelShape & s, int n_tokens) {
+    return t->ne[0] == (int64_t) s.n_q_heads * s.head_dim && t->ne[1] == n_tokens && t->ne[2] == 1 &&
+           t->nb[0] == sizeof(float) && t->nb[1] >= (size_t) t->ne[0] * sizeof(float);
+}
+
+// Layer `layer`'s attention output for the block: the method's rows over llama.cpp's kqv_out (after
+// measuring their agreement), unless the layer stays on llama.cpp's attention.
+void substitute_output(Hook & h, ggml_tensor * t, int layer) {
+    const ModelShape & s = h.shape;
+    const int n = h.n_tokens;
+    if (h.seen[layer] != 7u) { h.error = "kqv_out before Qcur/Kcur/Vcur of layer " + std::to_string(layer); return; }
+    if (!output_layout_ok(t, s, n)) { h.error = "unexpected kqv_out layout"; return; }
+    h.seen[layer] = 0;
+    h.method->append_block(layer, h.dk[layer].data(), h.dv[layer].data(), n);
+    if (const ggml_tensor * mask = attention_mask(t)) {
+        if (!mask->data || (mask->buffer && !ggml_backend_buffer_is_host(mask->buffer))) {
+            h.error = "attention mask of layer " + std::to_string(layer) + " is not in host memory";
+            return;
+        }
+        // the mask's first row is the block's first token: it sees pos + 1 cells unless windowed
+        const int64_t seen = visible_cells(mask);
+        if (seen >= 0 && seen < (int64_t) h.pos + 1) h.windowed[layer] = 1;
+    }
+    h.outs_this_step += 1;
+    if (layer < h.dense_layers || h.windowed[layer]) return;
+    h.method->attend_block(layer, h.dq[layer].data(), h.out.data(), n);
+    const size_t row = (size_t) s.n_q_heads * s.head_dim;
+    for (int i = 0; i < n; ++i) {
+        float * ref = (float *) ((char *) t->data + (size_t) i * t->nb[1]);
+        const float * mine = h.out.data() + i * row;
+        double num = 0.0, den = 0.0;
+        for (size_t c = 0; c < row; ++c) {
+            const double e = (double) mine[c] - (double) ref[c];
+            num += e * e;
+            den += (double) ref[c] * ref[c];
+        }
+        const double rel = std::sqrt(num / std::max(den, 1e-30));
+        h.rel_err_sum += rel;
+        h.rel_err_max = std::max(h.rel_err_max, rel);
+        h.rel_err_n += 1;
+        if (h.method->writes_output()) std::memcpy(ref, mine, row * sizeof(float));
+    }
+}
+
 bool eval_cb(ggml_tensor * t, bool ask, void * user_data) {
     Hook & h = *static_cast<Hook *>(user_data);
     if (h.phase == Hook::Phase::Off) return ask ? false : true;
@@ -433,48 +492,14 @@ bool eval_cb(ggml_tensor * t, bool ask, void * user_data) {
         return true;
     }
 
-    // decode: one token
-    if (h.n_tokens != 1) { h.error = "decode ubatch has more than one token"; return true; }
+    // decode: a block of n_tokens (1 unless --decode-block)
+    const int n = h.n_tokens;
+    if (kind != Kind::Out && t->ne[2] != n) { h.error = std::string("unexpected shape of ") + ggml_get_name(t); return true; }
     switch (kind) {
-        case Kind::Q: copy_rows(t, 0, 1, h.dq[layer].data()); h.seen[layer] |= 1u; break;
-        case Kind::K: copy_rows(t, 0, 1, h.dk[layer].data()); h.seen[layer] |= 2u; break;
-        case Kind::V: copy_rows(t, 0, 1, h.dv[layer].data()); h.seen[layer] |= 4u; break;
-        case Kind::Out: {
-            if (h.seen[layer] != 7u) { h.error = "kqv_out before Qcur/Kcur/Vcur of layer " + std::to_string(layer); return true; }
-            if (t->ne[0] != (int64_t) s.n_q_heads * d || t->ne[1] != 1 || t->nb[0] != sizeof(float)) {
-                h.error = "unexpected kqv_out layout";
-                return true;
-            }
-            h.seen[layer] = 0;
-            h.method->append(layer, h.dk[layer].data(), h.dv[layer].data());
-            if (const ggml_tensor * mask = attention_mask(t)) {
-                if (!mask->data || (mask->buffer && !ggml_backend_buffer_is_host(mask->buffer))) {
-                    h.error = "attention mask of layer " + std::to_string(layer) + " is not in host memory";
-                    return true;
-                }
-                const int64_t seen = visible_cells(mask);
-                if (seen >= 0 && seen < (int64_t) h.pos + 1) h.windowed[layer] = 1;
-            }
-            if (layer < h.dense_layers || h.windowed[layer]) {
-                h.outs_this_step += 1;
-                break;
-            }
-            h.method->attend(layer, h.dq[layer].data(), h.out.data());
-            float * ref = (float *) t->data;
-            double num = 0.0, den = 0.0;
-            for (int i = 0; i < s.n_q_heads * d; ++i) {
-                const double e = (double) h.out[i] - (double) ref[i];
-                num += e * e;
-                den += (double) ref[i] * ref[i];
-            }
-            const double rel = std::sqrt(num / std::max(den, 1e-30));
-            h.rel_err_sum += rel;
-            h.rel_err_max = std::max(h.rel_err_max, rel);
-            h.rel_err_n += 1;
-            if (h.method->writes_output()) std::memcpy(ref, h.out.data(), h.out.size() * sizeof(float));
-            h.outs_this_step += 1;
-            break;
-        }
+        case Kind::Q: copy_rows(t, 0, n, h.dq[layer].data()); h.seen[layer] |= 1u; break;
+        case Kind::K: copy_rows(t, 0, n, h.dk[layer].data()); h.seen[layer] |= 2u; break;
+        case Kind::V: copy_rows(t, 0, n, h.dv[layer].data()); h.seen[layer] |= 4u; break;
+        case Kind::Out: substitute_output(h, t, layer); break;
         default: break;
     }
     return true;
@@ -522,6 +547,11 @@ std::unique_ptr<DecodeMethod> make_library_method(const std::string & m, const O
     LibraryParams lp;
     lp.name = m;
     std::string prof = m.substr(5);
+    const std::string meanq = "_meanq";  // selection once per decode block, from the rows' mean query
+    if (prof.size() > meanq.size() && prof.compare(prof.size() - meanq.size(), meanq.size(), meanq) == 0) {
+        lp.rows_mean = true;
+        prof.resize(prof.size() - meanq.size());
+    }
     if (prof.rfind("1stage_", 0) == 0) { lp.rerank_factor = 0; prof = prof.substr(7); }
     else if (prof.rfind("oracle_", 0) == 0) { lp.oracle = true; prof = prof.substr(7); }
     else if (prof == "signsign") { lp.rerank_factor = 0; lp.selector = SIKV_SELECTOR_SIGN_SIGN; prof = "16+1"; }
@@ -797,6 +827,30 @@ int run_passkey(const Options & o, const llama_model * model, llama_context * ct
     return 0;
 }
 
+// One teacher-forced decode block: tokens[0..n) at positions pos.., logits for every one of them, the
+// method substituted at every layer (one ubatch: n <= kMaxBlock is far below n_ubatch).
+void decode_block(llama_context * ctx, llama_batch & batch, Hook & hook, const llama_token * tokens, int pos, int n) {
+    batch.n_tokens = n;
+    for (int j = 0; j < n; ++j) {
+        batch.token[j] = tokens[j];
+        batch.pos[j] = pos + j;
+        batch.n_seq_id[j] = 1;
+        batch.seq_id[j][0] = 0;
+        batch.logits[j] = true;
+    }
+    hook.pos = pos;
+    hook.phase = Hook::Phase::Decode;
+    hook.n_tokens = n;
+    hook.outs_this_step = 0;
+    if (llama_decode(ctx, batch) != 0) throw std::runtime_error("decode failed");
+    hook.phase = Hook::Phase::Off;
+    if (!hook.error.empty()) throw std::runtime_error(hook.error);
+    const int L = hook.shape.n_layer;
+    if (hook.outs_this_step != L)
+        throw std::runtime_error("saw " + std::to_string(hook.outs_this_step) + " kqv_out tensors, expected " +
+                                 std::to_string(L));
+}
+
 int run(const Options & o) {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress lines appear as they happen
     llama_log_set(quiet_log, nullptr);
@@ -844,12 +898,12 @@ int run(const Options & o) {
     const int L = s.n_layer;
     hook.pk.assign(L, {}); hook.pv.assign(L, {}); hook.pq.assign(L, {});
     hook.pk_n.assign(L, 0); hook.pv_n.assign(L, 0); hook.pq_n.assign(L, 0);
-    hook.dq.assign(L, std::vector<float>((size_t) s.n_q_heads * s.head_dim));
-    hook.dk.assign(L, std::vector<float>((size_t) s.n_kv_heads * s.head_dim));
-    hook.dv.assign(L, std::vector<float>((size_t) s.n_kv_heads * s.head_dim));
+    hook.dq.assign(L, std::vector<float>((size_t) kMaxBlock * s.n_q_heads * s.head_dim));
+    hook.dk.assign(L, std::vector<float>((size_t) kMaxBlock * s.n_kv_heads * s.head_dim));
+    hook.dv.assign(L, std::vector<float>((size_t) kMaxBlock * s.n_kv_heads * s.head_dim));
     hook.seen.assign(L, 0);
     hook.windowed.assign(L, 0);
-    hook.out.resize((size_t) s.n_q_heads * s.head_dim);
+    hook.out.resize((size_t) kMaxBlock * s.n_q_heads * s.head_dim);
 
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t) ((P + D + 1 + 255) / 256 * 256);
@@ -872,8 +926,8 @@ int run(const Options & o) {
                 s.head_dim, n_vocab);
     std::printf("BOS: %s\n", add_bos ? "the model expects one; added at the start of every window" : "not added (the model does not ask for it)");
     if (!passkey)
-    std::printf("text: %d tokens; %d window(s) of %d prefill + %d decode tokens from offset %d; kv cache %s, flash attn %s, %d threads\n",
-                n_tok, windows, P, D, o.offset, o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off", o.threads);
+    std::printf("text: %d tokens; %d window(s) of %d prefill + %d decode tokens from offset %d, %d per llama_decode; kv cache %s, flash attn %s, %d threads\n",
+                n_tok, windows, P, D, o.offset, o.decode_block, o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off", o.threads);
 
     // method configurations: --configs pairs, else every method at every budget
     std::vector<std::pair<std::string, std::string>> pairs = o.configs;
@@ -1017,33 +1071,22 @@ int run(const Options & o) {
             hook.rel_err_n = 0;
 
             double t1 = now_s();
-            for (int i = 0; i < D; ++i) {
-                batch.n_tokens = 1;
-                batch.token[0] = wt[P + i];
-                batch.pos[0] = P + i;
-                hook.pos = P + i;
-                batch.n_seq_id[0] = 1;
-                batch.seq_id[0][0] = 0;
-                batch.logits[0] = true;
-                hook.phase = Hook::Phase::Decode;
-                hook.n_tokens = 1;
-                hook.outs_this_step = 0;
+            for (int i = 0; i < D; i += o.decode_block) {
+                const int n = std::min(o.decode_block, D - i);
                 hook.dump = o.dump_names && !dumped;
                 if (hook.dump) std::printf("graph nodes of one decode step (%s):\n", c.method.c_str());
-                if (llama_decode(ctx, batch) != 0) throw std::runtime_error("decode failed");
-                hook.phase = Hook::Phase::Off;
+                decode_block(ctx, batch, hook, wt + P + i, P + i, n);
                 if (hook.dump) dumped = true;
                 hook.dump = false;
-                if (!hook.error.empty()) throw std::runtime_error(hook.error);
-                if (hook.outs_this_step != L)
-                    throw std::runtime_error("saw " + std::to_string(hook.outs_this_step) + " kqv_out tensors, expected " +
-                                             std::to_string(L));
-                const double nll = nll_of(llama_get_logits_ith(ctx, -1), n_vocab, wt[P + i + 1]);
-                c.nll += nll;
-                c.n_scored += 1;
-                if (nll_out)
-                    std::fprintf(nll_out, "%s,%s,%d,%d,%d,%.9f\n", c.method.c_str(), c.budget_label.c_str(), P, start, i,
-                                 nll);
+                // logits of row j predict token P + i + j + 1: the same tokens as one-by-one decode
+                for (int j = 0; j < n; ++j) {
+                    const double nll = nll_of(llama_get_logits_ith(ctx, j), n_vocab, wt[P + i + j + 1]);
+                    c.nll += nll;
+                    c.n_scored += 1;
+                    if (nll_out)
+                        std::fprintf(nll_out, "%s,%s,%d,%d,%d,%.9f\n", c.method.c_str(), c.budget_label.c_str(), P,
+                                     start, i + j, nll);
+                }
             }
             c.decode_s += now_s() - t1;
             c.rel_err_sum += hook.rel_err_sum;

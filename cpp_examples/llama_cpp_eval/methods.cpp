@@ -98,6 +98,23 @@ public:
         on_row(layer, n_[layer]++);
     }
 
+    void append_block(int layer, const float * k, const float * v, int n) override {
+        const size_t row = (size_t) s_.n_kv_heads * s_.head_dim;
+        for (int r = 0; r < n; ++r) append(layer, k + r * row, v + r * row);
+    }
+
+    // Row r attends as the one-token decode at its position would: the context is cut to the first
+    // len - n + r + 1 tokens for its attend, so the block's later tokens stay invisible (causal).
+    void attend_block(int layer, const float * q, float * out, int n) override {
+        const size_t row = (size_t) s_.n_q_heads * s_.head_dim;
+        const int len = n_[layer];
+        for (int r = 0; r < n; ++r) {
+            n_[layer] = len - n + r + 1;
+            attend(layer, q + r * row, out + r * row);
+        }
+        n_[layer] = len;
+    }
+
     void attend(int layer, const float * q, float * out) override {
         const int n = n_[layer];
         const int d = s_.head_dim;

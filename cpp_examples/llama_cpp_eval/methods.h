@@ -8,9 +8,13 @@
 //                                             k, v: [n][n_kv_heads][head_dim], q_tail: [nq][n_q_heads][head_dim]
 //   append(layer, k, v)                       one decode token: k, v: [1][n_kv_heads][head_dim]
 //   attend(layer, q, out)                     q: [n_q_heads][head_dim] (post-RoPE) -> out: [n_q_heads][head_dim]
+//   append_block(layer, k, v, n)              a decode block of n new tokens (--decode-block): [n][n_kv_heads][head_dim]
+//   attend_block(layer, q, out, n)            q, out: [n][n_q_heads][head_dim]; row r stands at position len - n + r
+//                                             and attends causally (up to its own position)
 //
 // All arrays are f32, row-major, tokens outermost. append() for a layer always precedes attend() for the same
-// layer and token, and the token being decoded is part of the context it attends to.
+// layer and token, and the token being decoded is part of the context it attends to; append_block() of a block
+// precedes its attend_block().
 #pragma once
 
 #include <cstdint>
@@ -82,6 +86,11 @@ public:
     virtual void append(int layer, const float * k, const float * v) = 0;
     virtual void attend(int layer, const float * q, float * out) = 0;
 
+    // A decode block of n tokens. n = 1 must take the one-token path above (so block 1 is the one-by-one
+    // decode, bit for bit); for n > 1 each method says how its rows attend causally.
+    virtual void append_block(int layer, const float * k, const float * v, int n) = 0;
+    virtual void attend_block(int layer, const float * q, float * out, int n) = 0;
+
     // Selection statistics since begin_sequence(); methods that cannot report leave them empty.
     virtual SelectionStats stats() const { return {}; }
 };
@@ -125,6 +134,8 @@ struct LibraryParams {
     int key_bits = 0;          // 2, 4 or 16 key-magnitude bits; 0: the profile's
     int value_bits = 0;        // 2, 4 or 16 value bits; 0: the profile's
     bool oracle = false;       // exact top-fixed_k by q̄·k over the candidates, attended through sikv_attend_selected
+    bool rows_mean = false;    // decode blocks: select once per block from the rows' mean query
+                               // (SIKV_FLAG_ROWS_MEAN_QUERY) instead of per row
     int recall_every = 4;      // sikv_selection_recall every this many decode steps (0: never)
 };
 std::unique_ptr<DecodeMethod> make_library(const LibraryParams & p);

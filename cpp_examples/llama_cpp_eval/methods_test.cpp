@@ -90,6 +90,35 @@ static double run_and_compare(DecodeMethod & m, const Data & x, F expected) {
     return err;
 }
 
+// Outputs of every decode step, [n_decode][layer][n_q][d], decoding `block` tokens per call (the last
+// block may be shorter): append_block then attend_block, as the harness's --decode-block does.
+static std::vector<float> decode_in_blocks(DecodeMethod & m, const Data & x, int block) {
+    const int d = x.s.head_dim, row = x.s.n_kv_heads * d, qrow = x.s.n_q_heads * d, L = x.s.n_layer;
+    m.begin_sequence(x.s);
+    for (int l = 0; l < L; ++l) m.calibrate(l, x.k.data(), x.v.data(), x.n_prompt, x.q.data(), 1);
+    std::vector<float> all((size_t) x.n_decode * L * qrow), out((size_t) block * qrow);
+    for (int i = 0; i < x.n_decode; i += block) {
+        const int n = std::min(block, x.n_decode - i);
+        const size_t first = (size_t) x.n_prompt + i;
+        for (int l = 0; l < L; ++l) {
+            m.append_block(l, x.k.data() + first * row, x.v.data() + first * row, n);
+            m.attend_block(l, x.q.data() + (size_t) i * qrow, out.data(), n);
+            for (int r = 0; r < n; ++r)
+                std::copy(out.begin() + (size_t) r * qrow, out.begin() + (size_t) (r + 1) * qrow,
+                          all.begin() + ((size_t) (i + r) * L + l) * qrow);
+        }
+    }
+    return all;
+}
+
+// Blocks of 4 must give the one-by-one outputs: each row attends causally, as its own decode step would.
+static void check_blocks_causal(DecodeMethod & m, const Data & x) {
+    const std::vector<float> one = decode_in_blocks(m, x, 1), four = decode_in_blocks(m, x, 4);
+    double err = 0.0;
+    for (size_t i = 0; i < one.size(); ++i) err = std::max(err, (double) std::fabs(one[i] - four[i]));
+    check(err == 0.0, (m.name() + ": blocks of 4 equal one-by-one decode").c_str(), err);
+}
+
 static std::vector<int> all_tokens(int n) {
     std::vector<int> v(n);
     std::iota(v.begin(), v.end(), 0);
@@ -192,6 +221,16 @@ int main() {
         });
         check(e < tol, "sink_window matches sinks + window of n_window + budget", e);
         check(m->stats().recall_count == 0, "sink_window reports no recall");
+    }
+
+    {   // decode blocks (--decode-block): every baseline's rows attend causally. The window (32) is at
+        // least a page plus a block, as in the harness (64 >= 16 + 16), so Quest's page bounds never
+        // see a later token of the block.
+        p.n_window = 32;
+        p.budget = 40;
+        auto dense = make_dense();
+        check_blocks_causal(*dense, x);
+        for (auto & m : {make_oracle_topk(p), make_quest(p), make_sink_window(p)}) check_blocks_causal(*m, x);
     }
 
     std::printf("%d passed, %d failed\n", g_pass, g_fail);

@@ -82,6 +82,7 @@ public:
                 if (p_.key_bits) c.key_bits = (uint32_t) p_.key_bits;
                 if (p_.value_bits) c.value_bits = (uint32_t) p_.value_bits;
             }
+            if (p_.rows_mean) c.flags |= SIKV_FLAG_ROWS_MEAN_QUERY;
             cfg_ = c;
             check(sikv_cache_create(&c, &cache_), "sikv_cache_create");
         } else {
@@ -128,6 +129,27 @@ public:
             for (int32_t c : cnt) { st_.attended_sum += dense + c; st_.attended_count += 1; }
         }
         if (layer == shape_.n_layer - 1) steps_ += 1;
+    }
+
+    void append_block(int layer, const float * k, const float * v, int n) override {
+        if (n == 1) return append(layer, k, v);
+        const int64_t seq = 0;
+        const uint32_t count = (uint32_t) n;
+        check(sikv_append(cache_, (uint32_t) layer, 1, &seq, &count, k, v, nullptr), "sikv_append");
+        const size_t row = (size_t) shape_.n_kv_heads * shape_.head_dim;
+        exact_k_[layer].insert(exact_k_[layer].end(), k, k + (size_t) n * row);
+    }
+
+    // One sikv_attend_rows call for the block's n rows (causal by the library's bound), selecting per
+    // row or once from the rows' mean query (rows_mean). No recall statistics here: the library's recall
+    // call scores one query against the whole cache, which would include the block's later tokens.
+    void attend_block(int layer, const float * q, float * out, int n) override {
+        if (n == 1) return attend(layer, q, out);
+        if (p_.oracle) throw std::runtime_error(p_.name + ": decode blocks are not supported for the oracle variant");
+        const int64_t seq = 0;
+        const uint32_t rows = (uint32_t) n;
+        check(sikv_attend_rows(cache_, (uint32_t) layer, 1, &seq, &rows, q, out, nullptr), "sikv_attend_rows");
+        if (layer == shape_.n_layer - 1) steps_ += n;
     }
 
     SelectionStats stats() const override { return st_; }
