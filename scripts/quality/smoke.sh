@@ -5,6 +5,7 @@
 #     token and reproduces llama.cpp's attention to fp16 rounding and its perplexity within 0.5 %,
 #   - the exact top-k baseline at that budget reproduces llama.cpp's attention to float rounding,
 #   - at a 1/16 budget the library attends about 1/16 of the context and its perplexity stays finite,
+#   - decoding 4 tokens per llama_decode (--decode-block 4) gives llama.cpp's and the library's block-1 figures,
 #   - in passkey mode the needle lands at the requested depth and llama.cpp (and `dense`) find the key,
 # then checks Gemma 3 270M's BOS, sliding-window layers and `dense` (below).
 # usage: scripts/quality/smoke.sh   (EVAL_DIR as for run.sh)
@@ -44,6 +45,39 @@ check(att <= 4 + 64 + P / 16 + 0.5, f"library 2+1 at 1/16: attends {att} tokens 
 check(float(sparse["perplexity"]) < 2 * dense, f"library 2+1 at 1/16: perplexity {sparse['perplexity']} (dense {dense})")
 sys.exit(1 if fails else 0)
 EOF
+
+# Decode blocks (--decode-block, issue #15): the same 64 tokens decoded 4 per llama_decode. llama.cpp's own
+# attention must give block 1's perplexity (its KV cache and causal mask handle a 4-token ubatch), `dense`
+# written back row by row must equal llama.cpp's kqv_out (the [n_tokens][heads * head_dim] layout), and the
+# library at a budget covering the whole context (one sikv_attend_rows per layer and block, per row and
+# mean query) must stay within float noise of its one-by-one perplexity.
+BLK_CSV="$EVAL_DIR/results/smoke_block.csv"
+rm -f "$BLK_CSV" "$EVAL_DIR/results/smoke_block.log"
+for BLK in 1 4; do
+  "$EVAL_DIR/eval-build/llama_cpp_eval" --model "$EVAL_DIR/model/SmolLM2-135M-Instruct.f32.gguf" \
+    --text "$EVAL_DIR/text/alice29.txt" --context $P --decode 64 --decode-block $BLK --no-recall --threads "$(nproc)" \
+    --configs "llama,dense,sikv_16+1@$P,sikv_16+1_meanq@$P" --csv "$BLK_CSV" >> "$EVAL_DIR/results/smoke_block.log" 2>&1
+done
+python3 - "$BLK_CSV" <<'PYEOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+one, four = ({r["method"]: r for r in rows[i:i + 4]} for i in (0, 4))  # block 1's four rows, then block 4's
+ppl = lambda r: float(r["perplexity"])
+fails = []
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        fails.append(what)
+check(abs(ppl(four["llama"]) / ppl(one["llama"]) - 1) < 1e-5,
+      f"block 4: llama.cpp perplexity {four['llama']['perplexity']} equals block 1's {one['llama']['perplexity']}")
+check(float(four["dense"]["attn_rel_err"]) < 1e-5 and abs(ppl(four["dense"]) / ppl(four["llama"]) - 1) < 1e-5,
+      f"block 4: dense rows written back equal llama.cpp's (attention rel. error {four['dense']['attn_rel_err']})")
+for m in ("sikv_16+1", "sikv_16+1_meanq"):
+    check(abs(ppl(four[m]) / ppl(one[m]) - 1) < 1e-3,
+          f"block 4: library {m}, whole context: perplexity {four[m]['perplexity']} within 0.1% of block 1's "
+          f"{one[m]['perplexity']}")
+sys.exit(1 if fails else 0)
+PYEOF
 
 # Passkey mode (long-context retrieval; passkey.sh runs the study): one 1K prompt, the key at half depth.
 # The needle must land at the requested depth with the key's digits in its tokens, llama.cpp must find

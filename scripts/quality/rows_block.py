@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Several query rows per call (issue #15): teacher-forced decode blocks against one-by-one decode.
+
+usage: scripts/quality/rows_block.py --bin llama_cpp_eval --model M.gguf --text T.txt --out DIR
+                                     [--context 4096] [--decode 512] [--budget 1/16] [--profiles 2+1,4+1]
+                                     [--blocks 1,4,8] [--llama-blocks LIST] [--jobs 1] [--threads 1] [--summary-only]
+                                     [--csv OUT.csv] [--nll OUT_NLL.csv]
+
+One evaluator process per block size N (`--decode-block N`): it prefills once and decodes the same 512
+tokens N per llama_decode with `llama` (llama.cpp's own attention, the dense reference) and, per profile,
+the library selecting per row (`sikv_<profile>`, one sikv_attend_rows call per layer and block) and once
+per block from the rows' mean query (`sikv_<profile>_meanq`, SIKV_FLAG_ROWS_MEAN_QUERY); --llama-blocks
+limits `llama` to the listed blocks (it is the same at every block size; block 1's then serves). Block 1 is the
+one-by-one decode (sikv_attend; the two selections are the same there, so it runs per row only). The
+summary pairs every configuration against block 1 of the same profile on the same tokens, with the
+block-bootstrap interval of report.py; --csv / --nll write the rows and every token's NLL with a leading
+`block` column.
+"""
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
+
+
+def configs(block, profiles, budget, with_llama=True):
+    """The evaluator's --configs for one block size: llama first, then per profile per row (and mean query)."""
+    out = ["llama"] if with_llama else []
+    for p in profiles:
+        out.append(f"sikv_{p}@{budget}")
+        if block > 1:
+            out.append(f"sikv_{p}_meanq@{budget}")
+    return out
+
+
+def run_block(args, block):
+    base = os.path.join(args.out, f"block{block}")
+    cmd = [args.bin, "--model", args.model, "--text", args.text, "--context", str(args.context), "--decode",
+           str(args.decode), "--threads", str(args.threads), "--recall-every", "8", "--decode-block", str(block),
+           "--configs", ",".join(configs(block, args.profiles, args.budget, block in args.llama_blocks)), "--csv", base + ".csv",
+           "--nll-file", base + ".nll.csv"]
+    for suffix in (".csv", ".nll.csv"):
+        if os.path.exists(base + suffix):
+            os.remove(base + suffix)
+    with open(base + ".log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_WAIT_POLICY="passive"))
+    return block, rc
+
+
+def load(args):
+    """{(block, method): {(window_start, step): nll}} and {(block, method): csv row} of the blocks run so far."""
+    nll, rows = {}, {}
+    for block in args.blocks:
+        base = os.path.join(args.out, f"block{block}")
+        if os.path.exists(base + ".nll.csv"):
+            for (ctx, method, budget), toks in report.read_nll([base + ".nll.csv"]).items():
+                nll[block, method] = toks
+        if os.path.exists(base + ".csv"):
+            for r in csv.DictReader(open(base + ".csv")):
+                rows[block, r["method"]] = r
+    return nll, rows
+
+
+def summarise(args, nll, rows):
+    """Markdown table on stdout; the CSV of the summary rows (leading `block`)."""
+    out = []
+    print(f"\ncontext {args.context}, budget {args.budget}, {args.decode} decode tokens\n")
+    print("| profile | block | selection | perplexity | vs dense (same block) | vs block 1 [95% CI] | vs block 1, per row [95% CI] |")
+    print("|---|---|---|---|---|---|---|")
+    for block in args.blocks:
+        if (block, "llama") in nll:
+            d = nll[block, "llama"]
+            ppl = math.exp(sum(d.values()) / len(d))
+            ref = nll.get((1, "llama"))
+            vs1 = paired(d, ref)
+            print(f"| dense (`llama`) | {block} | — | {ppl:.6f} | — | {fmt(vs1)} | — |")
+            out.append(row(args, block, "llama", "", ppl, None, vs1, None, rows, len(d)))
+    for p in args.profiles:
+        base = nll.get((1, f"sikv_{p}"))
+        for block in args.blocks:
+            for sel, m in (("per row", f"sikv_{p}"), ("mean query", f"sikv_{p}_meanq")):
+                if block == 1 and sel == "mean query":
+                    continue
+                toks = nll.get((block, m))
+                if toks is None:
+                    print(f"| {p} | {block} | {sel} | (not run) | | | |")
+                    continue
+                ppl = math.exp(sum(toks.values()) / len(toks))
+                # llama.cpp's own attention gives the same figure at every block size (float noise:
+                # the table's llama rows), so block 1's stands in where a block ran without it
+                dense = paired(toks, nll.get((block, "llama"), nll.get((1, "llama"))))
+                vs1 = paired(toks, base) if block > 1 else None
+                vsrow = paired(toks, nll.get((block, f"sikv_{p}"))) if sel == "mean query" else None
+                print(f"| {p} | {block} | {sel} | {ppl:.6f} | {fmt(dense, ci=False)} | {fmt(vs1)} | {fmt(vsrow)} |")
+                out.append(row(args, block, m, p, ppl, dense, vs1, vsrow, rows, len(toks)))
+    return out
+
+
+def paired(toks, ref):
+    """(delta, lo, hi) of exp(mean NLL difference) - 1 on the same tokens, or None."""
+    if ref is None or set(toks) != set(ref):
+        return None
+    diffs = {t: toks[t] - ref[t] for t in toks}
+    delta = math.expm1(sum(diffs.values()) / len(diffs))
+    lo, hi = report.block_bootstrap(diffs)
+    return delta, lo, hi
+
+
+def fmt(v, ci=True):
+    if v is None:
+        return "—"
+    d, lo, hi = v
+    return f"{100 * d:+.2f} %" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if ci else "")
+
+
+COLS = ["block", "method", "profile", "budget", "context", "decode_tokens", "perplexity", "vs_dense_pct",
+        "vs_block1_pct", "ci_low_pct", "ci_high_pct", "vs_per_row_pct", "per_row_ci_low_pct", "per_row_ci_high_pct",
+        "attn_rel_err", "decode_ms_per_token", "scored_tokens"]
+
+
+def row(args, block, method, profile, ppl, dense, vs1, vsrow, rows, n):
+    r = rows.get((block, method), {})
+    pct = lambda v, i: "" if v is None else f"{100 * v[i]:+.4f}"
+    return [block, method, profile or "fp32", args.budget if profile else "full", args.context, args.decode,
+            f"{ppl:.6f}", pct(dense, 0), pct(vs1, 0), pct(vs1, 1), pct(vs1, 2), pct(vsrow, 0), pct(vsrow, 1),
+            pct(vsrow, 2), r.get("attn_rel_err", ""), r.get("decode_ms_per_token", ""), n]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--decode", type=int, default=512)
+    ap.add_argument("--budget", default="1/16")
+    ap.add_argument("--profiles", default="2+1,4+1")
+    ap.add_argument("--blocks", default="1,4,8")
+    ap.add_argument("--llama-blocks", help="blocks that also decode `llama` (default: every block)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--csv", help="write the summary rows here")
+    ap.add_argument("--nll", help="write every token's NLL here (block,method,budget,context,window_start,step,nll)")
+    args = ap.parse_args()
+    args.profiles = [p for p in args.profiles.split(",") if p]
+    args.blocks = [int(b) for b in args.blocks.split(",") if b]
+    args.llama_blocks = [int(b) for b in args.llama_blocks.split(",") if b] if args.llama_blocks else args.blocks
+    os.makedirs(args.out, exist_ok=True)
+    if not args.summary_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for block, rc in pool.map(lambda b: run_block(args, b), args.blocks):
+                print(f"block {block}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
+    nll, rows = load(args)
+    out = summarise(args, nll, rows)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLS)
+            w.writerows(out)
+    if args.nll:
+        with open(args.nll, "w", newline="") as f:
+            w = csv.writer(f)
+            for (block, method), toks in sorted(nll.items()):
+                for (start, step), v in sorted(toks.items()):
+                    w.writerow([block, method, args.budget if method != "llama" else "full", args.context, start,
+                                step, f"{v:.9f}"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
