@@ -72,7 +72,7 @@ def summarise(args, nll, rows):
     """Markdown table on stdout; the CSV of the summary rows (leading `block`)."""
     out = []
     print(f"\ncontext {args.context}, budget {args.budget}, {args.decode} decode tokens\n")
-    print("| profile | block | selection | perplexity | vs dense (same block) | vs block 1 [95% CI] | vs per row, same block [95% CI] |")
+    print("| profile | block | selection | perplexity | vs dense | vs block 1 [95% CI] | vs per row, same block [95% CI] |")
     print("|---|---|---|---|---|---|---|")
     for block in args.blocks:
         if (block, "llama") in nll:
