@@ -1,10 +1,10 @@
 // Real-model quality evaluation: decode-mode perplexity of llama.cpp with a substituted decode attention.
 //
 // For each window of the text: prefill `context` tokens densely (one llama_decode, one ubatch), then decode
-// `decode` tokens one at a time, teacher-forced, and accumulate the NLL of the true next token. During decode,
-// llama.cpp's public eval callback (cb_eval) observes every layer's post-RoPE Qcur/Kcur and Vcur; when the
-// layer's attention output `kqv_out-N` has been computed, the callback asks the method under test for the
-// attention of this token and writes it over kqv_out-N, which the output projection then reads.
+// `decode` tokens one at a time (or --decode-block N per llama_decode), teacher-forced, and accumulate the NLL of
+// the true next token. During decode, llama.cpp's public eval callback (cb_eval) observes every layer's post-RoPE
+// Qcur/Kcur and Vcur; when the layer's attention output `kqv_out-N` has been computed, the callback asks the method
+// under test for the attention of these tokens and writes it over kqv_out-N, which the output projection then reads.
 // The prefill is shared by every method of a window: after each method, the decoded positions are removed
 // from llama.cpp's KV cache and the next method starts from the same prefill.
 #include "llama.h"
