@@ -342,8 +342,7 @@ enum SikvStatus sikv_attend(struct SikvCache *cache, uint32_t layer, uint32_t n_
 // a selection made per row, or once per sequence from the mean of its rows' queries with
 // SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
 // crossover does not apply here). On a CUDA cache: at most max_batch rows in all (its
-// workspace holds that many), and SIKV_FLAG_ROWS_MEAN_QUERY answers SIKV_ERR_UNSUPPORTED (the
-// GPU kernels select per row).
+// workspace holds that many).
 enum SikvStatus sikv_attend_rows(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const uint32_t *rows, const void *q, void *out, SikvStream stream);
 
 // Sparse decode attention with a selection the caller supplies instead of the library's own:
@@ -429,12 +428,12 @@ enum SikvStatus sikv_kernel_decode(const struct SikvKernels *kernels, const stru
 // of a prompt): sequence i's query rows are `[row_offsets[i], row_offsets[i + 1])` of `q` and
 // `out` (`[n_rows][num_q_heads][head_dim]`), 1..=16 per sequence, its last tokens, appended
 // before the call: row r of sequence i stands at position len_i - rows_i + r and attends
-// causally (to the positions up to its own) over the dense set and its own selection.
+// causally (to the positions up to its own) over the dense set and a selection made per row,
+// or once per sequence from the mean of its rows' queries with SIKV_FLAG_ROWS_MEAN_QUERY.
 // `row_offsets` is int32 `[batch + 1]` from 0 to `n_rows`, in the memory of the page table
 // (device memory on a GPU, where the kernels check it and a bad entry is reported by the next
 // call as a device fault; on the CPU it is checked here). Always selects (the dense crossover
-// does not apply); per-row selection on a GPU (SIKV_FLAG_ROWS_MEAN_QUERY: CPU only). The
-// selection is kept in the workspace: `sikv_workspace_size_rows(kernels, n_rows)` bytes. One row
+// does not apply). The selection is kept in the workspace: `sikv_workspace_size_rows(kernels, n_rows)` bytes. One row
 // per sequence is sikv_kernel_decode's sparse path. Capturable in a CUDA graph.
 enum SikvStatus sikv_kernel_decode_rows(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const int32_t *row_offsets, uint32_t n_rows, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
 

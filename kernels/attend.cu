@@ -279,7 +279,11 @@ SIKV_DEV void sparse_items(const SikvParams& p, int split, int total, int* lo, i
     *hi = l + n < total ? l + n : total;
 }
 
-template <int D, typename T, bool DENSE>
+// MEAN: the selection is per sequence (p.rows_mean; entry sikv_attend_mean), each row keeping
+// the positions below its bound. A separate entry: the run-time form changed the scheduling of
+// the whole one-row attend (a larger step at batch 8 with every stage's own time unchanged;
+// H200, eleventh session, runs 1 and 2).
+template <int D, typename T, bool DENSE, bool MEAN = false>
 SIKV_DEV void attend_body(const SikvParams& p) {
     typedef AttendShape<D> Sh;
     __shared__ AttendSmem<D> s;
@@ -330,13 +334,15 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         // reads none of it.
         if (!dense_mode && lo + ATTEND_SPLIT > nd) {  // uniform over the block
             sikv_grid_wait();
-            int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
+            // MEAN: the selection is the row's sequence's (select_row).
+            const long long selid = MEAN ? (long long)b * p.num_kv_heads + h : rowid;
+            int cnt = reinterpret_cast<const int*>(p.counts)[selid];
             if (cnt < 0 || cnt > p.budget_max) {
                 if (tid == 0) raise_fault(p, FAULT_COUNT);
                 cnt = cnt < 0 ? 0 : p.budget_max;
             }
             total += cnt;
-            sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
+            sel = reinterpret_cast<const int*>(p.indices) + selid * p.budget_max;
         }
         hi = lo + ATTEND_SPLIT < total ? lo + ATTEND_SPLIT : total;
     } else {
@@ -383,9 +389,9 @@ SIKV_DEV void attend_body(const SikvParams& p) {
                 if (pos >= 0 && pos < qr.bound) {
                     row = row_index(p, b, h, pos);
                     kind = row < 0 ? 0 : 2;
-                } else {
+                } else if (!MEAN || pos < 0 || pos >= qr.len) {
                     raise_fault(p, FAULT_SELECTED_POS);
-                }
+                }  // else: the sequence's selection (MEAN) holds a later row's token: skipped
             }
             s.ref_kind[it] = kind;
             s.ref_dense[it] = dense;
@@ -681,6 +687,15 @@ SIKV_DEV void sikv_attend_impl(const SikvParams& p) {
     attend_body<D, T, false>(p);
 }
 SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend, ATTEND_THREADS, 4)
+
+// The attend of a mean-query selection (p.rows_mean): several rows per sequence, so no
+// tensor-core splits (sparse_tc_split declines rows).
+template <int D, typename T>
+SIKV_DEV void sikv_attend_mean_impl(const SikvParams& p) {
+    if ((int)blockIdx.x >= p.dense_splits) sikv_grid_wait();
+    attend_body<D, T, false, true>(p);
+}
+SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend_mean, ATTEND_THREADS, 4)
 
 // Combine: log-sum-exp merge of the num_splits partials of one (sequence, query head)
 // (reference/attend.rs merge_splits): M = max m_j, w_j = exp(m_j - M), out = sum w_j acc_j /

@@ -11,15 +11,34 @@
 
 // SCORE_THREADS, SCORE_TOKENS_PER_THREAD, SCORE_TILE, RERANK_THREADS: src/gpu/geometry.rs.
 
-// Group-mean query (reference/score.rs order) of query row r, KV head h into smem (d floats).
-template <int D, typename T>
+// Group-mean query (reference/score.rs order) of selection row r, KV head h into smem (d
+// floats): the G heads of query row r, or with p.rows_mean the G heads of each of sequence r's
+// rows in row order (cpu/rows.rs: the rows' groups concatenated, one mean over all).
+// ROWS = false: a call with one query row per sequence (the one-row score entry). TIGHT: the
+// loops not unrolled, for the score's rows entry, where unrolled they spilled under its 32
+// registers; the re-rank keeps them unrolled (not unrolled it was up to 10 % slower at batch 8:
+// each of its many blocks starts with this load; H200, eleventh session, run 1).
+template <int D, typename T, bool ROWS = true, bool TIGHT = false>
 SIKV_DEV void load_qbar(const SikvParams& p, int r, int h, float* qbar) {
     const T* q = reinterpret_cast<const T*>(p.q);
     const int G = p.group, hq = p.num_kv_heads * G;
+    int r0 = r, n = 1;
+    if (ROWS) select_query_rows(p, r, &r0, &n);
+    auto at = [&](int j, int g, int c) { return to_f32(q[((long long)(r0 + j) * hq + (long long)h * G + g) * D + c]); };
     for (int c = threadIdx.x; c < D; c += blockDim.x) {
         float s = 0.0f;
-        for (int g = 0; g < G; ++g) s = add_rn(s, to_f32(q[((long long)r * hq + (long long)h * G + g) * D + c]));
-        qbar[c] = div_rn(s, (float)G);
+        if constexpr (!ROWS) {
+            for (int g = 0; g < G; ++g) s = add_rn(s, at(0, g, c));
+        } else if constexpr (TIGHT) {
+            #pragma unroll 1
+            for (int j = 0; j < n; ++j)
+                #pragma unroll 1
+                for (int g = 0; g < G; ++g) s = add_rn(s, at(j, g, c));
+        } else {
+            for (int j = 0; j < n; ++j)
+                for (int g = 0; g < G; ++g) s = add_rn(s, at(j, g, c));
+        }
+        qbar[c] = div_rn(s, (float)(n * G));
     }
 }
 
@@ -110,7 +129,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
     __shared__ u32 hist[TOPK_HIST_BINS];
     __shared__ long long page_off[SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1];
     const int r = blockIdx.z, h = blockIdx.y;
-    const QueryRow qr = ROWS ? query_row(p, r) : single_row(p, r);
+    const QueryRow qr = ROWS ? select_row(p, r) : single_row(p, r);
     const int b = qr.seq, slot = qr.slot;
     const int end = row_cand_end(p, qr);
     const int tile0 = p.n_sink + blockIdx.x * SCORE_TILE;
@@ -138,7 +157,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
             page_off[i] = r < 0 ? -1ll : r * (D / 8);  // sign rows: D / 8 bytes (layout.rs)
         }
     }
-    load_qbar<D, T>(p, r, h, qbar);
+    load_qbar<D, T, ROWS, true>(p, r, h, qbar);
     heavy_bits[threadIdx.x] = 0;  // blockDim.x == SCORE_THREADS
     if (p.topk_multi)
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) hist[i] = 0;
@@ -219,7 +238,9 @@ template <int D, typename T>
 SIKV_DEV void sikv_score_rows_impl(const SikvParams& p) {
     score_body<D, T, true>(p);
 }
-SIKV_ENTRIES_D_T(sikv_score_rows, SCORE_THREADS)
+// Eight blocks per SM asked of ptxas: the rows' mean-query prologue (load_qbar) took this
+// entry to 40 registers (6 blocks per SM); bounded, it keeps 32 with no spill.
+SIKV_ENTRIES_D_T_MINB(sikv_score_rows, SCORE_THREADS, 8)
 
 // Stage-2 scores (reference/rerank.rs, RerankQuery): qbar . k'^ for each stage-1 survivor, k'^
 // the key as decode_key reconstructs it ((code * delta + zero), signed, times a_c; or the
@@ -372,7 +393,9 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1
     RerankKey<D, BITS == 16 ? 2 : BITS> key;
     if constexpr (BITS != 16)
         if (row >= 0) key.load(p, row);
-    load_qbar<D, T>(p, r, h, qbar);
+    // The one-row form unless the mean query is asked for (its loop stays as it was).
+    if (p.rows_mean) load_qbar<D, T, true>(p, r, h, qbar);
+    else load_qbar<D, T, false>(p, r, h, qbar);
     for (int c = threadIdx.x; c < D; c += blockDim.x) scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
     __syncthreads();
     __shared__ __align__(16) float sub[BITS == 2 ? (D / 4) * CENTROIDS : 1];
@@ -416,7 +439,7 @@ SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
     // would be one more dependent load in this prologue.)
     int b = r, slot;
     if (p.row_offsets) {
-        const QueryRow qr = query_row(p, r);
+        const QueryRow qr = select_row(p, r);
         b = qr.seq;
         slot = qr.slot;
     } else {

@@ -6,8 +6,8 @@
 //! - earlier rows do not depend on later rows' queries (per-row selection);
 //! - with SIKV_FLAG_ROWS_MEAN_QUERY and one row per sequence, the per-row result.
 //!
-//! The table of every export's bad arguments (abi_bad_input.rs) has the call's rows too. That a
-//! CUDA cache refuses the call (SIKV_ERR_UNSUPPORTED: no GPU kernels yet) needs a GPU.
+//! The table of every export's bad arguments (abi_bad_input.rs) has the call's rows too. On a
+//! CUDA cache the call is checked against this backend in tests/gpu_managed.rs (both selections).
 
 mod common;
 

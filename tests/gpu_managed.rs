@@ -48,7 +48,13 @@ fn quick() -> bool {
 }
 
 fn config(device: u32, dtype: u32, max_seq_len: u32) -> CacheConfig {
+    config_flags(device, dtype, max_seq_len, 0)
+}
+
+/// `config` with the SIKV_FLAG_* bits `flags`.
+fn config_flags(device: u32, dtype: u32, max_seq_len: u32, flags: u32) -> CacheConfig {
     let mut c = SikvConfig::for_profile(SIKV_PROFILE_2_1).unwrap();
+    c.flags |= flags;
     c.device = device;
     c.dtype = dtype;
     c.num_layers = 2;
@@ -75,7 +81,12 @@ fn to_bytes(dt: Dtype, x: &[f32]) -> Vec<u8> {
 /// The same configuration on the GPU and on the CPU backend, and test `test`'s generator (its
 /// seed line printed); `None` (after the counted skip line) without a CUDA device.
 fn gpu_and_cpu_caches(max_len: u32, test: &str) -> Option<(Cache, Cache, CacheConfig, Rng)> {
-    let gpu_cfg = config(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, max_len);
+    gpu_and_cpu_caches_flags(max_len, test, 0)
+}
+
+/// `gpu_and_cpu_caches` with the SIKV_FLAG_* bits `flags` on both.
+fn gpu_and_cpu_caches_flags(max_len: u32, test: &str, flags: u32) -> Option<(Cache, Cache, CacheConfig, Rng)> {
+    let gpu_cfg = config_flags(SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, max_len, flags);
     let gpu = match Cache::new(gpu_cfg.clone()) {
         Ok(c) => c,
         Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
@@ -85,7 +96,7 @@ fn gpu_and_cpu_caches(max_len: u32, test: &str) -> Option<(Cache, Cache, CacheCo
         Err(e) => panic!("GPU cache: {e}"),
     };
     assert!(gpu.stats().on_gpu);
-    let cpu = Cache::new(config(SIKV_DEVICE_CPU, SIKV_DTYPE_F16, max_len)).unwrap();
+    let cpu = Cache::new(config_flags(SIKV_DEVICE_CPU, SIKV_DTYPE_F16, max_len, flags)).unwrap();
     Some((gpu, cpu, gpu_cfg, Rng::new(test)))
 }
 
@@ -222,6 +233,20 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
 /// steps at every layer; more rows in all than max_batch are refused before anything runs.
 #[test]
 fn attend_rows_on_gpu_matches_cpu_backend() {
+    attend_rows_on_gpu(0, "attend_rows_on_gpu_matches_cpu_backend");
+}
+
+/// As `attend_rows_on_gpu_matches_cpu_backend`, selecting once per sequence from the mean of
+/// its rows' queries (SIKV_FLAG_ROWS_MEAN_QUERY) on both devices.
+#[test]
+fn attend_rows_mean_query_on_gpu_matches_cpu_backend() {
+    attend_rows_on_gpu(
+        SIKV_FLAG_ROWS_MEAN_QUERY,
+        "attend_rows_mean_query_on_gpu_matches_cpu_backend",
+    );
+}
+
+fn attend_rows_on_gpu(flags: u32, test: &str) {
     let lens: Vec<u32> = if quick() {
         vec![300, 1000, 4097]
     } else {
@@ -229,9 +254,7 @@ fn attend_rows_on_gpu_matches_cpu_backend() {
     };
     let steps = if quick() { 3 } else { 12 };
     let max_len = lens.iter().max().unwrap() + 4 * steps + 8;
-    let Some((mut gpu, mut cpu, gpu_cfg, mut rng)) =
-        gpu_and_cpu_caches(max_len, "attend_rows_on_gpu_matches_cpu_backend")
-    else {
+    let Some((mut gpu, mut cpu, gpu_cfg, mut rng)) = gpu_and_cpu_caches_flags(max_len, test, flags) else {
         return;
     };
     let cfg = &gpu_cfg;
@@ -270,7 +293,7 @@ fn attend_rows_on_gpu_matches_cpu_backend() {
             worst = worst.max(row_rel_err(&og, &oc, d));
         }
     }
-    println!("managed attend_rows GPU vs CPU: worst output error {worst:.2e} over {steps} steps");
+    println!("managed attend_rows GPU vs CPU (flags {flags}): worst output error {worst:.2e} over {steps} steps");
     assert!(
         worst < F16_ROW_TOL,
         "GPU attend_rows differs from the CPU backend by {worst}"

@@ -197,19 +197,14 @@ fn decode_ws(ex: &Executor, ws: Workspace, rows: u32) -> Result<(DevWorkspace, D
     Ok((stage, sel))
 }
 
-/// The device batch of a multi-row call: `b` with the rows' offsets (checked by the kernels),
-/// per-row selection only.
+/// The device batch of a multi-row call: `b` with the rows' offsets (checked by the kernels)
+/// and the configured row selection.
 fn rows_batch(ex: &Executor, b: &Batch, offsets: Mem<i32>, n_rows: u32) -> Result<DevBatch> {
-    ensure!(
-        ex.cfg.row_selection == RowSelection::PerRow,
-        SIKV_ERR_UNSUPPORTED,
-        "{}",
-        super::MEAN_QUERY_ON_GPU
-    );
     let mut batch = device_batch(b)?;
     batch.rows = Some(DevRows {
         offsets: offsets.device("row_offsets")?,
         n: n_rows,
+        mean: ex.cfg.row_selection == RowSelection::MeanQuery,
     });
     Ok(batch)
 }

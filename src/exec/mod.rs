@@ -321,8 +321,7 @@ impl Executor {
     /// sequence i's query rows `[offsets[i], offsets[i + 1])`, `n_rows` = `offsets[batch]`, in
     /// the memory the page table is in (on a device the kernels check them: fault
     /// `FAULT_QUERY_ROWS`). `b.q` and `out` hold `[n_rows][H_q][d]`; on a device the selection
-    /// lives in the workspace (`decode_workspace(n_rows)`). Per-row selection only on a device
-    /// (`RowSelection::PerRow`).
+    /// lives in the workspace (`decode_workspace(n_rows)`). Selection per `cfg.row_selection`.
     #[allow(clippy::too_many_arguments)] // decode's arguments plus the rows
     pub fn decode_rows(
         &self,
@@ -346,7 +345,9 @@ impl Executor {
 
     /// [`decode_rows`](Self::decode_rows) with the selection written to `indices` / `counts`
     /// (`[n_rows][H_kv][budget_max]`, `[n_rows][H_kv]`) instead of the workspace, which then
-    /// needs only the stage workspace of `n_rows` (`stage_workspace_bytes`).
+    /// needs only the stage workspace of `n_rows` (`stage_workspace_bytes`). Under
+    /// `RowSelection::MeanQuery` a device writes one selection per sequence (its first `batch`
+    /// rows; each query row attends the positions of it below its bound), the CPU one per row.
     #[allow(clippy::too_many_arguments)] // decode_rows' arguments plus the selection
     pub fn select_attend_rows(
         &self,
@@ -403,9 +404,6 @@ impl Executor {
         Ok(())
     }
 }
-
-/// Why a multi-row call on a GPU is refused under `RowSelection::MeanQuery`.
-pub const MEAN_QUERY_ON_GPU: &str = "selection from the rows' mean query (SIKV_FLAG_ROWS_MEAN_QUERY) runs on the CPU device only so far: the GPU kernels select per query row";
 
 /// The decode workspace on a GPU: the stage workspace, then the selection (indices
 /// `[batch][H_kv][budget_max]`, counts `[batch][H_kv]`), each 256-byte aligned.

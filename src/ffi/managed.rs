@@ -372,8 +372,7 @@ pub extern "C" fn sikv_attend(
 /// a selection made per row, or once per sequence from the mean of its rows' queries with
 /// SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
 /// crossover does not apply here). On a CUDA cache: at most max_batch rows in all (its
-/// workspace holds that many), and SIKV_FLAG_ROWS_MEAN_QUERY answers SIKV_ERR_UNSUPPORTED (the
-/// GPU kernels select per row).
+/// workspace holds that many).
 #[no_mangle]
 #[allow(clippy::too_many_arguments)] // sikv_attend's parameters plus the rows
 pub extern "C" fn sikv_attend_rows(

@@ -562,12 +562,12 @@ pub extern "C" fn sikv_kernel_decode(
 /// of a prompt): sequence i's query rows are `[row_offsets[i], row_offsets[i + 1])` of `q` and
 /// `out` (`[n_rows][num_q_heads][head_dim]`), 1..=16 per sequence, its last tokens, appended
 /// before the call: row r of sequence i stands at position len_i - rows_i + r and attends
-/// causally (to the positions up to its own) over the dense set and its own selection.
+/// causally (to the positions up to its own) over the dense set and a selection made per row,
+/// or once per sequence from the mean of its rows' queries with SIKV_FLAG_ROWS_MEAN_QUERY.
 /// `row_offsets` is int32 `[batch + 1]` from 0 to `n_rows`, in the memory of the page table
 /// (device memory on a GPU, where the kernels check it and a bad entry is reported by the next
 /// call as a device fault; on the CPU it is checked here). Always selects (the dense crossover
-/// does not apply); per-row selection on a GPU (SIKV_FLAG_ROWS_MEAN_QUERY: CPU only). The
-/// selection is kept in the workspace: `sikv_workspace_size_rows(kernels, n_rows)` bytes. One row
+/// does not apply). The selection is kept in the workspace: `sikv_workspace_size_rows(kernels, n_rows)` bytes. One row
 /// per sequence is sikv_kernel_decode's sparse path. Capturable in a CUDA graph.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)] // sikv_kernel_decode's parameters plus the rows

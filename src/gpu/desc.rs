@@ -45,6 +45,10 @@ pub struct DevBatch {
 pub struct DevRows {
     pub offsets: u64,
     pub n: u32,
+    /// Select once per sequence from the mean of its rows' queries (`cpu::RowSelection::MeanQuery`):
+    /// the selection then holds one row per sequence, `[batch][H_kv][budget_max]`, and each
+    /// query row attends the positions of it below its causal bound.
+    pub mean: bool,
 }
 
 /// A selection on the device, written by select and read by attend: int32

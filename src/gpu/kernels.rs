@@ -33,6 +33,8 @@ pub struct Kernels {
     pub rerank_score: Kernel,
     pub topk_stage2: Kernel,
     pub attend: Kernel,
+    /// attend of a selection made per sequence from its rows' mean query (p.rows_mean).
+    pub attend_mean: Kernel,
     pub attend_dense: Kernel,
     pub combine: Kernel,
     pub params_layout: Kernel,
@@ -75,6 +77,7 @@ impl Kernels {
             rerank_score: get(dt("rerank_score"))?,
             topk_stage2: get(plain("topk_stage2"))?,
             attend: get(dt("attend"))?,
+            attend_mean: get(dt("attend_mean"))?,
             attend_dense: get(dt("attend_dense"))?,
             combine: get(dt("combine"))?,
             params_layout: get(plain("params_layout"))?,

@@ -372,6 +372,7 @@ impl GpuContext {
                     crate::cpu::MAX_QUERY_ROWS
                 );
                 p.row_offsets = r.offsets;
+                p.rows_mean = r.mean as i32;
                 r.n
             }
         };
@@ -443,7 +444,8 @@ impl GpuContext {
         Self::selection_params(&mut p, sel)?;
         self.topk_params(&mut p);
         self.current()?;
-        let b = p.rows as u32;
+        // Selection rows: one per query row, or one per sequence from its rows' mean query.
+        let b = if p.rows_mean != 0 { p.batch } else { p.rows } as u32;
         if stages & SELECT_SCORE != 0 && p.topk_multi != 0 {
             // The score kernel adds into the per-row histograms (and the final top-k kernel
             // expects zero candidate counters): zero both on the stream. A memset rather than
@@ -585,7 +587,9 @@ impl GpuContext {
         p.dense_splits = w.dense_splits as i32;
         p.num_splits = splits as i32;
         let grid = (splits as u32, cfg.num_kv_heads, b);
-        self.launch(&self.inner.kernels.attend, grid, ATTEND_THREADS, stream, p)
+        let kn = &self.inner.kernels;
+        let attend = if p.rows_mean != 0 { &kn.attend_mean } else { &kn.attend };
+        self.launch(attend, grid, ATTEND_THREADS, stream, p)
     }
 
     /// attend_dense's candidate chunks per sequence on this device (workspace::dense_chunks).

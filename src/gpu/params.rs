@@ -114,6 +114,10 @@ pub struct SikvParams {
     pub batch: i32,
     /// Kernel rows of this call (select/attend): the query rows, = batch without row_offsets.
     pub rows: i32,
+    /// 1: the selection is made once per sequence from the mean of its rows' queries
+    /// (RowSelection::MeanQuery): the select kernels' row r is sequence r, and the attend
+    /// reads the selection of its row's sequence, cut at the row's bound.
+    pub rows_mean: i32,
     /// Tokens in this call (append/calibrate).
     pub n_tokens: i32,
     /// calibrate: query rows in q.

@@ -21,9 +21,19 @@ fn offsets(rows: &[u32]) -> Vec<i32> {
     o
 }
 
-/// GPU select over `rows` query rows per sequence against cpu::select_rows (per row), then GPU
-/// attend on the CPU's selection against cpu::attend_rows.
-fn run_rows(rng: &mut Rng, shape: Shape, lens: &[usize], rows: &[u32], tweak: impl FnOnce(&mut SikvConfig)) -> R {
+/// GPU select over `rows` query rows per sequence against cpu::select_rows, then GPU attend on
+/// the CPU's selection against cpu::attend_rows. Under `RowSelection::MeanQuery` the GPU selects
+/// once per sequence: its selection rows are the sequences', compared with the CPU's last row
+/// of each (whose bound is the whole sequence), and the attend gets those, each row keeping
+/// the positions below its bound as the CPU's rows do.
+fn run_rows(
+    rng: &mut Rng,
+    shape: Shape,
+    lens: &[usize],
+    rows: &[u32],
+    mode: RowSelection,
+    tweak: impl FnOnce(&mut SikvConfig),
+) -> R {
     let fx = ragged_fixture(rng, shape, lens, tweak)?;
     let which: Vec<usize> = (0..lens.len()).collect();
     let slots: Vec<i32> = which.iter().map(|&s| fx.seqs[s].slot).collect();
@@ -45,18 +55,16 @@ fn run_rows(rng: &mut Rng, shape: Shape, lens: &[usize], rows: &[u32], tweak: im
     let mut cc = vec![0i32; n_rows * hkv];
     let host = fx.host.layer_ref();
     cpu::select_rows(
-        &fx.layout,
-        &fx.cfg,
-        &host,
-        &table,
-        &slots,
-        rows,
-        &q,
-        RowSelection::PerRow,
-        &mut ci,
-        &mut cc,
+        &fx.layout, &fx.cfg, &host, &table, &slots, rows, &q, mode, &mut ci, &mut cc,
     )
     .map_err(e2s)?;
+    let mean = mode == RowSelection::MeanQuery;
+    // What the GPU's selection rows hold: the query rows' selections, or the sequences'.
+    let (si, sc, sseqs, sq) = if mean {
+        per_sequence(&fx, rows, &q, &ci, &cc)
+    } else {
+        (ci.clone(), cc.clone(), seqs.clone(), q.clone())
+    };
 
     let (dt, _keep) = fx.dev_table(&t)?;
     let ws = fx.ws(n_rows as u32)?;
@@ -75,6 +83,7 @@ fn run_rows(rng: &mut Rng, shape: Shape, lens: &[usize], rows: &[u32], tweak: im
         rows: Some(DevRows {
             offsets: doff.ptr(),
             n: n_rows as u32,
+            mean,
         }),
     };
     let sel = DevSelection {
@@ -90,22 +99,15 @@ fn run_rows(rng: &mut Rng, shape: Shape, lens: &[usize], rows: &[u32], tweak: im
     let mut gcb = vec![0u8; dc.bytes()];
     fx.ctx.copy_dtoh(&mut gib, di.ptr()).map_err(e2s)?;
     fx.ctx.copy_dtoh(&mut gcb, dc.ptr()).map_err(e2s)?;
-    cmp_select(
-        &fx,
-        &fx.host,
-        &table,
-        &slots,
-        &seqs,
-        &q,
-        &bytes_i32(&gib),
-        &bytes_i32(&gcb),
-        &ci,
-        &cc,
-    )?;
+    let (gi, gc) = (bytes_i32(&gib), bytes_i32(&gcb));
+    if mean && gc[sc.len()..].iter().any(|&c| c != -1) {
+        return Err("select (mean query) wrote counts past its sequences' rows".into());
+    }
+    cmp_select(&fx, &fx.host, &table, &slots, &sseqs, &sq, &gi, &gc, &si, &sc)?;
 
     // attend on the CPU's selection.
-    let ci_dev = upload_bytes(&fx.ctx, &i32_bytes(&ci))?;
-    let cc_dev = upload_bytes(&fx.ctx, &i32_bytes(&cc))?;
+    let ci_dev = upload_bytes(&fx.ctx, &i32_bytes(&si))?;
+    let cc_dev = upload_bytes(&fx.ctx, &i32_bytes(&sc))?;
     let out_n = n_rows * (fx.cfg.num_q_heads * fx.cfg.head_dim) as usize;
     let dout = fx.ctx.alloc(out_n * fx.dtype().size()).map_err(e2s)?;
     let mut cout = vec![0f32; out_n];
@@ -158,6 +160,38 @@ fn run_rows(rng: &mut Rng, shape: Shape, lens: &[usize], rows: &[u32], tweak: im
     Ok(())
 }
 
+/// The CPU's mean-query selection as the GPU lays it out, one row per sequence: each
+/// sequence's last query row (bound = its length, so the whole shared selection), its rows'
+/// sequences (0..batch) and, for the tie rule's scores, a query whose group mean is the mean
+/// of the sequence's rows (up to f32 rounding).
+fn per_sequence(
+    fx: &Fx,
+    rows: &[u32],
+    q: &[f32],
+    ci: &[i32],
+    cc: &[i32],
+) -> (Vec<i32>, Vec<i32>, Vec<usize>, Vec<f32>) {
+    let (hkv, kmax) = (fx.cfg.num_kv_heads as usize, fx.cfg.budget.max as usize);
+    let row_q = (fx.cfg.num_q_heads * fx.cfg.head_dim) as usize;
+    let (mut si, mut sc, mut sq) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first = 0usize;
+    for &n in rows {
+        let n = n as usize;
+        let last = first + n - 1;
+        si.extend_from_slice(&ci[last * hkv * kmax..(last + 1) * hkv * kmax]);
+        sc.extend_from_slice(&cc[last * hkv..(last + 1) * hkv]);
+        let mut m = vec![0f32; row_q];
+        for r in first..first + n {
+            for (a, x) in m.iter_mut().zip(&q[r * row_q..(r + 1) * row_q]) {
+                *a += x / n as f32;
+            }
+        }
+        sq.extend(m);
+        first += n;
+    }
+    (si, sc, (0..rows.len()).collect(), sq)
+}
+
 fn case_rows(rng: &mut Rng) -> R {
     // A 5-token sequence with 5 rows (its first row sees one position), one row, a full 16,
     // rows that cross a page boundary; the window (64) shorter and longer than the rows' reach.
@@ -179,31 +213,43 @@ fn case_rows(rng: &mut Rng) -> R {
                 s.max_seq_len = 4096;
                 s.max_batch = lens.len() as u32;
                 let sign_sign = runs % 5 == 0;
-                run_rows(rng, s, &lens, &rows, |c| {
+                // Mean-query selection on every third configuration.
+                let mode = if runs % 3 == 0 {
+                    RowSelection::MeanQuery
+                } else {
+                    RowSelection::PerRow
+                };
+                run_rows(rng, s, &lens, &rows, mode, |c| {
                     c.rerank_factor = if two { 4 } else { 0 };
                     if sign_sign {
                         c.selector = selfindexkv::config::SIKV_SELECTOR_SIGN_SIGN;
                     }
                 })
                 .map_err(|e| {
-                    format!("dtype {dtype} d {d} G {group} page {page} two-stage {two} signsign {sign_sign}: {e}")
+                    format!(
+                        "dtype {dtype} d {d} G {group} page {page} two-stage {two} signsign {sign_sign} {mode:?}: {e}"
+                    )
                 })?;
             }
         }
     }
-    // The reference profile: forced generated tokens, no window, fixed k.
-    let mut s = base_shape(SIKV_DTYPE_F16, 128, 2, 4);
-    s.max_batch = 2;
-    run_rows(rng, s, &[900, 333], &[4, 2], |c| {
-        c.n_sink = 0;
-        c.n_heavy = 64;
-        c.n_window = 0;
-        c.budget_ratio = 0.0;
-        c.budget_min = 100;
-        c.budget_max = 100;
-        c.flags = selfindexkv::config::SIKV_FLAG_PARITY_SIGN | selfindexkv::config::SIKV_FLAG_FORCE_GENERATED;
-    })
-    .map_err(|e| format!("reference profile: {e}"))
+    // The reference profile: forced generated tokens, no window, fixed k. Under the mean query
+    // the sequences' selections hold their later rows' tokens, which earlier rows drop.
+    for mode in [RowSelection::PerRow, RowSelection::MeanQuery] {
+        let mut s = base_shape(SIKV_DTYPE_F16, 128, 2, 4);
+        s.max_batch = 2;
+        run_rows(rng, s, &[900, 333], &[4, 2], mode, |c| {
+            c.n_sink = 0;
+            c.n_heavy = 64;
+            c.n_window = 0;
+            c.budget_ratio = 0.0;
+            c.budget_min = 100;
+            c.budget_max = 100;
+            c.flags = selfindexkv::config::SIKV_FLAG_PARITY_SIGN | selfindexkv::config::SIKV_FLAG_FORCE_GENERATED;
+        })
+        .map_err(|e| format!("reference profile, {mode:?}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Offsets the kernels cannot follow raise FAULT_QUERY_ROWS, reported by the next call; rows
@@ -228,10 +274,13 @@ fn case_bad_offsets(rng: &mut Rng) -> R {
         (vec![0, 17, 18, 19], 19, "17 rows for one sequence"),
         (vec![0, 1, 2, 12], 12, "10 rows for a 9-token sequence"),
     ];
-    for (off, n, what) in cases {
+    for (off, n, what, mean) in [false, true]
+        .into_iter()
+        .flat_map(|mean| cases.iter().map(move |(o, n, w)| (o, *n, *w, mean)))
+    {
         fx.ctx.take_fault().map_err(e2s)?;
         let ws = fx.ws(n)?;
-        let doff = upload_bytes(&fx.ctx, &i32_bytes(&off))?;
+        let doff = upload_bytes(&fx.ctx, &i32_bytes(off))?;
         let (qb, _) = fx.q(rng, n as usize);
         let dq = upload_bytes(&fx.ctx, &qb)?;
         let out_bytes = n as usize * (fx.cfg.num_q_heads * fx.cfg.head_dim) as usize * fx.dtype().size();
@@ -245,8 +294,13 @@ fn case_bad_offsets(rng: &mut Rng) -> R {
             table: dt,
             seq_slot: dslots.ptr(),
             q: dq.ptr(),
-            rows: Some(DevRows { offsets: doff.ptr(), n }),
+            rows: Some(DevRows {
+                offsets: doff.ptr(),
+                n,
+                mean,
+            }),
         };
+        let what = format!("{what}{}", if mean { " (mean query)" } else { "" });
         let sel = DevSelection {
             indices: di.ptr(),
             counts: dc.ptr(),
@@ -294,7 +348,11 @@ fn case_bad_offsets(rng: &mut Rng) -> R {
             table: dt,
             seq_slot: dslots.ptr(),
             q: dslots.ptr(),
-            rows: Some(DevRows { offsets: doff.ptr(), n }),
+            rows: Some(DevRows {
+                offsets: doff.ptr(),
+                n,
+                mean: false,
+            }),
         };
         let sel = DevSelection {
             indices: ws.ptr(),
