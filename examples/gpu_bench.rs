@@ -5,7 +5,11 @@
 //! traffic model), so it reads as a fraction of HBM peak.
 //!
 //! Usage: gpu_bench [--csv PATH] [--quick] [--iters N] [--n N1,N2,..] [--batch B1,B2,..]
-//! (--n / --batch replace the default sizes; SIKV_TOPK=single times the one-CTA top-k)
+//! [--rows R1,R2,..]
+//! (--n / --batch replace the default sizes; SIKV_TOPK=single times the one-CTA top-k;
+//! --rows adds the select + attend step with R query rows per sequence, selected per row
+//! (`step_rows<R>`) and from the rows' mean query (`step_mean<R>`), to set against R one-row
+//! steps)
 //! Prints a table and writes CSV rows:
 //! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us
 //!
@@ -20,8 +24,8 @@ use std::io::Write;
 
 use selfindexkv::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
 use selfindexkv::gpu::{
-    DevBatch, DevLayer, DevPageTable, DevPrompt, DevSelection, DeviceBuffer, GpuContext, Predecessor, TopkPath,
-    SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK, SELECT_TOPK_FINAL,
+    DevBatch, DevLayer, DevPageTable, DevPrompt, DevRows, DevSelection, DeviceBuffer, GpuContext, Predecessor,
+    TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK, SELECT_TOPK_FINAL,
 };
 use selfindexkv::layout::{Layout, SIKV_NUM_PLANES};
 use selfindexkv::status::SikvStatus;
@@ -283,7 +287,8 @@ fn main() {
         Some(v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
     };
     let msl = list("--max-seq-len").and_then(|v| v.first().copied()).unwrap_or(0);
-    if let Err(e) = run(quick, iters, csv_path, list("--n"), list("--batch"), msl) {
+    let rows = list("--rows").unwrap_or_default();
+    if let Err(e) = run(quick, iters, csv_path, list("--n"), list("--batch"), msl, &rows) {
         eprintln!("gpu bench failed: {e}");
         std::process::exit(1);
     }
@@ -296,6 +301,7 @@ fn run(
     ns: Option<Vec<u32>>,
     batches: Option<Vec<u32>>,
     msl: u32,
+    query_rows: &[u32],
 ) -> R {
     let ns: Vec<u32> = ns.unwrap_or(if quick { vec![8192] } else { vec![8192, 32768, 131072] });
     let batches: Vec<u32> = batches.unwrap_or(if quick { vec![1, 2] } else { vec![1, 2, 4, 8] });
@@ -440,6 +446,9 @@ fn run(
                     cfg.group_size()
                 ));
             }
+            for &nr in query_rows {
+                csv.push_str(&time_rows(&s, n, b, nr, k, iters, &mut rng)?);
+            }
             let _ = std::io::stdout().flush();
         }
     }
@@ -448,4 +457,75 @@ fn run(
         println!("wrote {p}");
     }
     Ok(())
+}
+
+/// The select + attend step with `nr` query rows for each of the `b` sequences (their last `nr`
+/// tokens), selected per row and from the rows' mean query; CSV rows `step_rows<nr>` and
+/// `step_mean<nr>` (bytes not modelled: 0).
+fn time_rows(s: &Setup, n: u32, b: u32, nr: u32, k: u64, iters: usize, rng: &mut Rng) -> R<String> {
+    let cfg = &s.cfg;
+    let total = b * nr;
+    let hq_d = (cfg.num_q_heads * cfg.head_dim) as usize;
+    let hkv = cfg.num_kv_heads as usize;
+    let offsets: Vec<i32> = (0..=b).map(|i| (i * nr) as i32).collect();
+    let doff = upload(&s.ctx, &i32b(&offsets))?;
+    let qb: Vec<u8> = (0..total as usize * hq_d).flat_map(|_| rng.half(0.0)).collect();
+    let dq = upload(&s.ctx, &qb)?;
+    let indices = s
+        .ctx
+        .alloc(4 * total as usize * hkv * cfg.budget.max as usize)
+        .map_err(e2s)?;
+    let counts = s.ctx.alloc(4 * total as usize * hkv).map_err(e2s)?;
+    let out = s.ctx.alloc(2 * total as usize * hq_d).map_err(e2s)?;
+    let ws = s
+        .ctx
+        .alloc(GpuContext::workspace_bytes(cfg, &s.layout, total))
+        .map_err(e2s)?;
+    let sel = DevSelection {
+        indices: indices.ptr(),
+        counts: counts.ptr(),
+    };
+    s.ctx.synchronize(null()).map_err(e2s)?;
+    let mut csv = String::new();
+    for mean in [false, true] {
+        let batch = DevBatch {
+            q: dq.ptr(),
+            rows: Some(DevRows {
+                offsets: doff.ptr(),
+                n: total,
+                mean,
+            }),
+            ..s.batch
+        };
+        let step = |st: selfindexkv::gpu::CUstream| {
+            let w = ws.as_workspace();
+            s.ctx
+                .select_stages(SELECT_ALL, cfg, &s.layout, &s.layer, &batch, sel, w, st)?;
+            s.ctx.attend_after(
+                cfg,
+                &s.layout,
+                &s.layer,
+                &batch,
+                sel,
+                out.ptr(),
+                w,
+                st,
+                Predecessor::Select,
+            )
+        };
+        let (med, p10, p90) = time(s, 10, iters.max(50), &step)?;
+        let gus = time_graph(s, 20, &step)?;
+        s.ctx.take_fault().map_err(e2s)?;
+        let name = format!("step_{}{nr}", if mean { "mean" } else { "rows" });
+        println!(
+            "{:<10} {:>7} {:>3} {:>10.1} {:>10} {:>9} {:>6} {:>9.1}",
+            name, n, b, med, "-", "-", k, gus
+        );
+        csv.push_str(&format!(
+            "{name},{n},{b},{},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k},{gus:.2}\n",
+            cfg.head_dim,
+            cfg.group_size()
+        ));
+    }
+    Ok(csv)
 }

@@ -241,6 +241,17 @@ if want bench; then
     RC[fit_bench]=$?
     echo "   ($((SECONDS - t0)) s)"
   fi
+  # ROWS: several query rows per sequence (gpu_bench --rows), this build only, at ROWS_N x
+  # ROWS_B: the step with R rows per sequence (per-row and mean-query selection) beside the
+  # one-row step of the same run (rows_gpu_bench.csv).
+  if [ -n "${ROWS:-}" ]; then
+    echo "== gpu bench, query rows per sequence: $ROWS"
+    t0=$SECONDS
+    .gpu/gpu_bench --n "${ROWS_N:-8192,32768,131072}" --batch "${ROWS_B:-1,8}" --rows "$ROWS" \
+      --csv "$OUT/rows_gpu_bench.csv" > "$OUT/rows_gpu_bench.log" 2>&1
+    RC[rows_bench]=$?
+    echo "   ($((SECONDS - t0)) s)"
+  fi
   echo "== managed sikv_attend vs stateless sikv_kernel_decode"
   .gpu/managed_bench $Q --csv "$OUT/managed_bench.csv" > "$OUT/managed_bench.log" 2>&1
   RC[managed_bench]=$?
@@ -328,7 +339,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_span managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench fit_bench managed_bench sdpa profile profile_sass model; do
+for k in tests tests_span managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
@@ -386,6 +397,16 @@ if base:
             a, c = g0.get((k, n, b)), g1.get((k, n, b))
             cells.append(f"{a:>6.1f} -> {c:>5.1f}" if a is not None and c is not None else f"{'-':>15}")
         print(f"  {n:>7} {b:>2} " + " ".join(cells))
+# ROWS: R query rows per sequence in one step against R one-row steps (graph us).
+rows = load("rows_gpu_bench.csv")
+if rows:
+    m = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in rows}
+    rs = sorted({int(k[len("step_rows"):]) for (k, _, _) in m if k.startswith("step_rows")})
+    print("  query rows per sequence, graph us: R one-row steps, one step of R rows (per row, mean query)")
+    for n, b in sorted({(n, b) for (_, n, b) in m}):
+        one = m.get(("step", n, b), float("nan"))
+        cells = [f"R={r}: {r * one:>7.1f} {m.get((f'step_rows{r}', n, b), float('nan')):>7.1f} {m.get((f'step_mean{r}', n, b), float('nan')):>7.1f}" for r in rs]
+        print(f"  {n:>7} {b:>2} one {one:>6.1f}  " + "  ".join(cells))
 # FIT_N: the crossover's break-even points (graph us).
 fit = load("fit_gpu_bench.csv")
 if fit:
