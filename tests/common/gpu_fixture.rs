@@ -151,6 +151,19 @@ pub fn make_cfg(s: Shape, tweak: impl FnOnce(&mut SikvConfig)) -> CacheConfig {
     CacheConfig::from_c(&c).unwrap()
 }
 
+/// The reference's choices on a test shape (as the parity profile makes them): no sinks or
+/// window, 64 heavy tokens, fixed k = 100, its sign predicate, generated tokens force-selected
+/// (+inf ties).
+pub fn reference_choices(c: &mut SikvConfig) {
+    c.n_sink = 0;
+    c.n_heavy = 64;
+    c.n_window = 0;
+    c.budget_ratio = 0.0;
+    c.budget_min = 100;
+    c.budget_max = 100;
+    c.flags = selfindexkv::config::SIKV_FLAG_PARITY_SIGN | selfindexkv::config::SIKV_FLAG_FORCE_GENERATED;
+}
+
 pub fn base_shape(dtype: u32, d: u32, hkv: u32, group: u32) -> Shape {
     Shape {
         dtype,

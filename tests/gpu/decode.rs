@@ -203,15 +203,7 @@ fn case_decode_parity(rng: &mut Rng) -> R {
     // The reference profile: forced generated tokens (+inf ties), fixed k = 100, no window.
     let mut s = base_shape(SIKV_DTYPE_F16, 128, 2, 4);
     s.max_batch = 2;
-    run_decode(rng, s, &[900, 333], |c| {
-        c.n_sink = 0;
-        c.n_heavy = 64;
-        c.n_window = 0;
-        c.budget_ratio = 0.0;
-        c.budget_min = 100;
-        c.budget_max = 100;
-        c.flags = selfindexkv::config::SIKV_FLAG_PARITY_SIGN | selfindexkv::config::SIKV_FLAG_FORCE_GENERATED;
-    })
+    run_decode(rng, s, &[900, 333], reference_choices)
 }
 
 fn case_long(rng: &mut Rng) -> R {

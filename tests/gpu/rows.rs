@@ -238,16 +238,8 @@ fn case_rows(rng: &mut Rng) -> R {
     for mode in [RowSelection::PerRow, RowSelection::MeanQuery] {
         let mut s = base_shape(SIKV_DTYPE_F16, 128, 2, 4);
         s.max_batch = 2;
-        run_rows(rng, s, &[900, 333], &[4, 2], mode, |c| {
-            c.n_sink = 0;
-            c.n_heavy = 64;
-            c.n_window = 0;
-            c.budget_ratio = 0.0;
-            c.budget_min = 100;
-            c.budget_max = 100;
-            c.flags = selfindexkv::config::SIKV_FLAG_PARITY_SIGN | selfindexkv::config::SIKV_FLAG_FORCE_GENERATED;
-        })
-        .map_err(|e| format!("reference profile, {mode:?}: {e}"))?;
+        run_rows(rng, s, &[900, 333], &[4, 2], mode, reference_choices)
+            .map_err(|e| format!("reference profile, {mode:?}: {e}"))?;
     }
     Ok(())
 }
