@@ -334,7 +334,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         // reads none of it.
         if (!dense_mode && lo + ATTEND_SPLIT > nd) {  // uniform over the block
             sikv_grid_wait();
-            // MEAN: the selection is the row's sequence's (select_row).
+            // MEAN: the selection is the row's sequence's (the select ran one row per sequence).
             const long long selid = MEAN ? (long long)b * p.num_kv_heads + h : rowid;
             int cnt = reinterpret_cast<const int*>(p.counts)[selid];
             if (cnt < 0 || cnt > p.budget_max) {

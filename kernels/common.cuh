@@ -298,46 +298,17 @@ SIKV_DEV QueryRow query_row(const SikvParams& p, int r) {
     return q;
 }
 
-// Query rows [r0, r0 + n) of sequence b under p.row_offsets, after the checks query_row makes;
-// false (fault raised) when the offsets cannot be followed.
-SIKV_DEV bool seq_rows(const SikvParams& p, int b, int* r0, int* n) {
-    const int* off = reinterpret_cast<const int*>(p.row_offsets);
+// The query rows [r0, r0 + n) whose queries' mean selects for sequence b of a mean-query
+// select (p.mean_offsets; cpu/rows.rs RowSelection::MeanQuery); n = 0 (fault raised) for offsets
+// that cannot be followed. Rows the sequence is too short for are the attend's fault (query_row).
+SIKV_DEV void mean_query_rows(const SikvParams& p, int b, int* r0, int* n) {
+    const int* off = reinterpret_cast<const int*>(p.mean_offsets);
     *r0 = off[b];
     *n = off[b + 1] - *r0;
-    if (off[0] != 0 || off[p.batch] != p.rows || *n < 1 || *n > (int)QUERY_ROWS_MAX) {
+    if (off[0] != 0 || off[p.batch] != p.rows_mean || *n < 1 || *n > (int)QUERY_ROWS_MAX) {
         raise_fault(p, FAULT_QUERY_ROWS);
-        return false;
+        *n = 0;
     }
-    return true;
-}
-
-// Selection row r of a select (score, top-k, re-rank). Per query row, as query_row; with
-// p.rows_mean (cpu/rows.rs RowSelection::MeanQuery) it is sequence r, selected once over its
-// whole length from the mean of its rows' queries (load_qbar), its rows then attending the
-// selected positions below their bounds.
-SIKV_DEV QueryRow select_row(const SikvParams& p, int r) {
-    if (!p.rows_mean) return query_row(p, r);
-    QueryRow q;
-    int r0, n;
-    q.seq = r;
-    q.len = 0;
-    q.slot = -1;
-    if (seq_rows(p, r, &r0, &n)) q.len = row_seq(p, r, &q.slot);
-    if (q.slot >= 0 && n > q.len) {
-        raise_fault(p, FAULT_QUERY_ROWS);
-        q.slot = -1;
-        q.len = 0;
-    }
-    q.bound = q.len;
-    return q;
-}
-
-// The query rows whose group mean selection row r takes: r alone, or with p.rows_mean its
-// sequence's rows (checked by select_row first; bad offsets give none).
-SIKV_DEV void select_query_rows(const SikvParams& p, int r, int* r0, int* n) {
-    *r0 = r;
-    *n = 1;
-    if (p.rows_mean && !seq_rows(p, r, r0, n)) *n = 0;
 }
 
 // Row index of slot 0 of page `pi` of sequence b for head h, (page * H + h) * P, or -1 when

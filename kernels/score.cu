@@ -12,24 +12,30 @@
 // SCORE_THREADS, SCORE_TOKENS_PER_THREAD, SCORE_TILE, RERANK_THREADS: src/gpu/geometry.rs.
 
 // Group-mean query (reference/score.rs order) of selection row r, KV head h into smem (d
-// floats): the G heads of query row r, or with p.rows_mean the G heads of each of sequence r's
-// rows in row order (cpu/rows.rs: the rows' groups concatenated, one mean over all).
-// ROWS = false: a call with one query row per sequence (the one-row score entry). TIGHT: the
-// loops not unrolled, for the score's rows entry, where unrolled they spilled under its 32
-// registers; the re-rank keeps them unrolled (not unrolled it was up to 10 % slower at batch 8:
-// each of its many blocks starts with this load; H200, eleventh session, run 1).
-template <int D, typename T, bool ROWS = true, bool TIGHT = false>
+// floats): the G heads of query row r; with MEAN and p.mean_offsets (a mean-query select) the
+// G heads of each of sequence r's rows in row order (cpu/rows.rs: the rows' groups concatenated,
+// one mean over all; zeros for offsets that cannot be followed). TIGHT: the mean's loops not
+// unrolled, for the score's rows entry, where unrolled they spilled under its 32 registers.
+// Only the mean-query entries and branches take MEAN: a one-row path with the mean's code
+// beside it made the one-row step up to 3.6 us slower (H200, eleventh session, runs 3 and 4).
+template <int D, typename T, bool MEAN = false, bool TIGHT = false>
 SIKV_DEV void load_qbar(const SikvParams& p, int r, int h, float* qbar) {
     const T* q = reinterpret_cast<const T*>(p.q);
     const int G = p.group, hq = p.num_kv_heads * G;
+    if constexpr (!MEAN) {
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float s = 0.0f;
+            for (int g = 0; g < G; ++g) s = add_rn(s, to_f32(q[((long long)r * hq + (long long)h * G + g) * D + c]));
+            qbar[c] = div_rn(s, (float)G);
+        }
+        return;
+    }
     int r0 = r, n = 1;
-    if (ROWS) select_query_rows(p, r, &r0, &n);
+    if (p.mean_offsets) mean_query_rows(p, r, &r0, &n);
     auto at = [&](int j, int g, int c) { return to_f32(q[((long long)(r0 + j) * hq + (long long)h * G + g) * D + c]); };
     for (int c = threadIdx.x; c < D; c += blockDim.x) {
         float s = 0.0f;
-        if constexpr (!ROWS) {
-            for (int g = 0; g < G; ++g) s = add_rn(s, at(0, g, c));
-        } else if constexpr (TIGHT) {
+        if constexpr (TIGHT) {
             #pragma unroll 1
             for (int j = 0; j < n; ++j)
                 #pragma unroll 1
@@ -38,7 +44,7 @@ SIKV_DEV void load_qbar(const SikvParams& p, int r, int h, float* qbar) {
             for (int j = 0; j < n; ++j)
                 for (int g = 0; g < G; ++g) s = add_rn(s, at(j, g, c));
         }
-        qbar[c] = div_rn(s, (float)(n * G));
+        qbar[c] = n > 0 ? div_rn(s, (float)(n * G)) : 0.0f;
     }
 }
 
@@ -129,7 +135,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
     __shared__ u32 hist[TOPK_HIST_BINS];
     __shared__ long long page_off[SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1];
     const int r = blockIdx.z, h = blockIdx.y;
-    const QueryRow qr = ROWS ? select_row(p, r) : single_row(p, r);
+    const QueryRow qr = ROWS ? query_row(p, r) : single_row(p, r);
     const int b = qr.seq, slot = qr.slot;
     const int end = row_cand_end(p, qr);
     const int tile0 = p.n_sink + blockIdx.x * SCORE_TILE;
@@ -157,6 +163,8 @@ SIKV_DEV void score_body(const SikvParams& p) {
             page_off[i] = r < 0 ? -1ll : r * (D / 8);  // sign rows: D / 8 bytes (layout.rs)
         }
     }
+    // The rows entry serves per-row rows (query row r) and the mean query's one row per
+    // sequence (its rows' mean): one loop for both.
     load_qbar<D, T, ROWS, true>(p, r, h, qbar);
     heavy_bits[threadIdx.x] = 0;  // blockDim.x == SCORE_THREADS
     if (p.topk_multi)
@@ -379,7 +387,7 @@ SIKV_DEV void rerank_tables(const float* qbar, const float* scale, float* sub) {
 }
 
 // r: the query row (its survivors, keys and query), b: its sequence (page table).
-template <int D, typename T, int BITS>
+template <int D, typename T, int BITS, bool MEAN>
 SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1, int slot, float* qbar, float* scale) {
     typedef typename Storage<T>::type S;
     const long long rowid = (long long)r * p.num_kv_heads + h;
@@ -393,9 +401,7 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1
     RerankKey<D, BITS == 16 ? 2 : BITS> key;
     if constexpr (BITS != 16)
         if (row >= 0) key.load(p, row);
-    // The one-row form unless the mean query is asked for (its loop stays as it was).
-    if (p.rows_mean) load_qbar<D, T, true>(p, r, h, qbar);
-    else load_qbar<D, T, false>(p, r, h, qbar);
+    load_qbar<D, T, MEAN>(p, r, h, qbar);
     for (int c = threadIdx.x; c < D; c += blockDim.x) scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
     __syncthreads();
     __shared__ __align__(16) float sub[BITS == 2 ? (D / 4) * CENTROIDS : 1];
@@ -427,8 +433,9 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1
     reinterpret_cast<u32*>(p.ws_keys2)[rowid * p.stage1_max + i] = out;
 }
 
-template <int D, typename T>
-SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
+// MEAN: a mean-query select (entry sikv_rerank_score_mean; row r is sequence r).
+template <int D, typename T, bool MEAN>
+SIKV_DEV void rerank_score_body(const SikvParams& p) {
     const int r = blockIdx.z, h = blockIdx.y;
     const long long rowid = (long long)r * p.num_kv_heads + h;
     const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
@@ -439,7 +446,7 @@ SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
     // would be one more dependent load in this prologue.)
     int b = r, slot;
     if (p.row_offsets) {
-        const QueryRow qr = select_row(p, r);
+        const QueryRow qr = query_row(p, r);
         b = qr.seq;
         slot = qr.slot;
     } else {
@@ -449,9 +456,18 @@ SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
     __shared__ __align__(16) float qbar[D];
     __shared__ __align__(16) float scale[D];
     switch (p.key_bits) {
-        case 2: rerank_score_bits<D, T, 2>(p, r, b, h, n1, slot, qbar, scale); break;
-        case 4: rerank_score_bits<D, T, 4>(p, r, b, h, n1, slot, qbar, scale); break;
-        default: rerank_score_bits<D, T, 16>(p, r, b, h, n1, slot, qbar, scale); break;
+        case 2: rerank_score_bits<D, T, 2, MEAN>(p, r, b, h, n1, slot, qbar, scale); break;
+        case 4: rerank_score_bits<D, T, 4, MEAN>(p, r, b, h, n1, slot, qbar, scale); break;
+        default: rerank_score_bits<D, T, 16, MEAN>(p, r, b, h, n1, slot, qbar, scale); break;
     }
 }
+template <int D, typename T>
+SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
+    rerank_score_body<D, T, false>(p);
+}
 SIKV_ENTRIES_D_T(sikv_rerank_score, RERANK_THREADS)
+template <int D, typename T>
+SIKV_DEV void sikv_rerank_score_mean_impl(const SikvParams& p) {
+    rerank_score_body<D, T, true>(p);
+}
+SIKV_ENTRIES_D_T(sikv_rerank_score_mean, RERANK_THREADS)

@@ -127,7 +127,7 @@ SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
     __shared__ int heavy_in_range;
     const int r = blockIdx.y, h = blockIdx.x;
     const long long rowid = (long long)r * p.num_kv_heads + h;
-    const QueryRow qr = select_row(p, r);
+    const QueryRow qr = query_row(p, r);
     const int slot = qr.slot;
     const int end = row_cand_end(p, qr);
     const int* dpos = slot < 0 ? nullptr : state_dense_pos(p, state_record(p, slot, h));
@@ -175,7 +175,7 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     const int r = blockIdx.z, h = blockIdx.y;
     const long long rowid = (long long)r * p.num_kv_heads + h;
     const int t0 = blockIdx.x * COMPACT_TILE;
-    const QueryRow qr = select_row(p, r);
+    const QueryRow qr = query_row(p, r);
     const int end = row_cand_end(p, qr);
     const int lo = t0 > p.n_sink ? t0 : p.n_sink;
     const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
@@ -264,7 +264,7 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
     __shared__ int heavy_in_range;
     const int r = blockIdx.y, h = blockIdx.x;
     const long long rowid = (long long)r * p.num_kv_heads + h;
-    const RowK rk = row_k(p, select_row(p, r), h, &heavy_in_range);
+    const RowK rk = row_k(p, query_row(p, r), h, &heavy_in_range);
     const int S = p.n_sink;
     const int ksel = rk.ksel;
     const bool two = p.rerank_factor >= 2;

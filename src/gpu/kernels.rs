@@ -31,6 +31,8 @@ pub struct Kernels {
     pub topk_compact: Kernel,
     pub topk_final: Kernel,
     pub rerank_score: Kernel,
+    /// rerank_score from the mean of each sequence's rows' queries (p.mean_offsets).
+    pub rerank_score_mean: Kernel,
     pub topk_stage2: Kernel,
     pub attend: Kernel,
     /// attend of a selection made per sequence from its rows' mean query (p.rows_mean).
@@ -75,6 +77,7 @@ impl Kernels {
             topk_compact: get(plain("topk_compact"))?,
             topk_final: get(plain("topk_final"))?,
             rerank_score: get(dt("rerank_score"))?,
+            rerank_score_mean: get(dt("rerank_score_mean"))?,
             topk_stage2: get(plain("topk_stage2"))?,
             attend: get(dt("attend"))?,
             attend_mean: get(dt("attend_mean"))?,

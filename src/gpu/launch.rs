@@ -372,7 +372,7 @@ impl GpuContext {
                     crate::cpu::MAX_QUERY_ROWS
                 );
                 p.row_offsets = r.offsets;
-                p.rows_mean = r.mean as i32;
+                p.rows_mean = if r.mean { r.n as i32 } else { 0 };
                 r.n
             }
         };
@@ -444,8 +444,14 @@ impl GpuContext {
         Self::selection_params(&mut p, sel)?;
         self.topk_params(&mut p);
         self.current()?;
-        // Selection rows: one per query row, or one per sequence from its rows' mean query.
-        let b = if p.rows_mean != 0 { p.batch } else { p.rows } as u32;
+        // A mean-query selection: one row per sequence, as a one-row call's select sees it,
+        // with the rows' offsets for the query's mean (mean_offsets).
+        if p.rows_mean != 0 {
+            p.mean_offsets = p.row_offsets;
+            p.row_offsets = 0;
+            p.rows = p.batch;
+        }
+        let b = p.rows as u32;
         if stages & SELECT_SCORE != 0 && p.topk_multi != 0 {
             // The score kernel adds into the per-row histograms (and the final top-k kernel
             // expects zero candidate counters): zero both on the stream. A memset rather than
@@ -486,7 +492,8 @@ impl GpuContext {
         let multi = p.topk_multi != 0;
         if stages & SELECT_SCORE != 0 {
             let tiles = cfg.max_seq_len.div_ceil(SCORE_TILE);
-            let score = if p.row_offsets != 0 { &kn.score_rows } else { &kn.score };
+            let rows = p.row_offsets != 0 || p.mean_offsets != 0;
+            let score = if rows { &kn.score_rows } else { &kn.score };
             self.launch(score, (tiles, h, b), SCORE_THREADS, stream, p)?;
         }
         // SELECT_TOPK_FINAL: the final kernel keeps the candidate counter (p.mode = 1).
@@ -505,7 +512,12 @@ impl GpuContext {
         }
         if cfg.two_stage() && stages & SELECT_RERANK != 0 {
             let grid = (cfg.stage1_max().div_ceil(RERANK_THREADS), h, b);
-            self.launch(&kn.rerank_score, grid, RERANK_THREADS, stream, p)?;
+            let rerank = if p.mean_offsets != 0 {
+                &kn.rerank_score_mean
+            } else {
+                &kn.rerank_score
+            };
+            self.launch(rerank, grid, RERANK_THREADS, stream, p)?;
             self.launch(&kn.topk_stage2, (h, b, 1), TOPK_THREADS, stream, p)?;
         }
         Ok(())

@@ -48,6 +48,10 @@ pub struct SikvParams {
     /// sequence (kernel row b is sequence b). q, out, the selection and the workspace rows are
     /// per kernel row.
     pub row_offsets: u64,
+    /// The select kernels of a mean-query call (RowSelection::MeanQuery): int32[batch + 1], the
+    /// rows of each sequence, whose queries' mean selects for it; the select kernels then run
+    /// one row per sequence (row_offsets 0, rows = batch). 0 otherwise.
+    pub mean_offsets: u64,
     // Workspace regions (src/gpu/workspace.rs).
     /// u32 [B][H_kv][key_stride]: stage-1 keys / calibrate heavy keys.
     pub ws_keys: u64,
@@ -114,9 +118,10 @@ pub struct SikvParams {
     pub batch: i32,
     /// Kernel rows of this call (select/attend): the query rows, = batch without row_offsets.
     pub rows: i32,
-    /// 1: the selection is made once per sequence from the mean of its rows' queries
-    /// (RowSelection::MeanQuery): the select kernels' row r is sequence r, and the attend
-    /// reads the selection of its row's sequence, cut at the row's bound.
+    /// The selection is made once per sequence from the mean of its rows' queries
+    /// (RowSelection::MeanQuery): the call's query rows (> 0), 0 otherwise. The select kernels
+    /// (mean_offsets) then have one row per sequence, and the attend reads the selection of its
+    /// row's sequence, cut at the row's bound.
     pub rows_mean: i32,
     /// Tokens in this call (append/calibrate).
     pub n_tokens: i32,
