@@ -70,8 +70,8 @@ SIKV_DEV u32 movmatrix_trans(u32 x) {
 // Two 2-bit codes (bits [2i, 2i+1] and [2i+16, 2i+17] of w) -> f16x2 (code * delta + zero):
 // the codes go into the mantissa of 1024.0 and 1024 is taken away, exactly.
 #define H2_MAGIC 0x64006400u
-SIKV_DEV u32 code_pair(u32 w, int i, u32 delta2, u32 zero2) {
-    const u32 u = ((w >> (2 * i)) & 0x00030003u) | H2_MAGIC;
+SIKV_DEV u32 code_pair(u32 w, int i, u32 delta2, u32 zero2, u32 mask) {
+    const u32 u = ((w >> (2 * i)) & mask) | H2_MAGIC;
     return h2_fma(h2_sub(u, H2_MAGIC), delta2, zero2);
 }
 
@@ -94,6 +94,7 @@ struct TcSmem {
     __align__(16) float acc[Sh::WARPS][Sh::GMAX][Sh::DS];
     float qmax[Sh::WARPS];
     int count[Sh::WARPS];
+    u32 cmask;
 };
 
 // Whether the planes and the grouping fit the tensor-core tiles (uniform over a grid).
@@ -117,6 +118,7 @@ struct TcWarp {
     int lane, warp, g, j;  // g, j: mma groupID and thread-in-group
     u32 qa[Sh::KB][2];     // B fragments of Q'^T (column g: head g; zero for g >= G)
     float s_up;            // undoes Q''s power-of-two scale on S
+    u32 cmask;
     float oacc[Sh::MB][4];
     // Heads 2j, 2j+1: running max (log2 units) and this thread's part of the sum.
     float m_run[2], l_run[2];
@@ -139,6 +141,7 @@ struct TcWarp {
         }
         qm = warp_max(qm);
         if (lane == 0) s.qmax[warp] = qm;
+        if (tid == 0) s.cmask = 0x00030003u;
         __syncthreads();
         between();
         qm = s.qmax[0];
@@ -149,6 +152,7 @@ struct TcWarp {
         if (qm > 0.0f && qm <= 3.0e38f) e2 = ilogbf(qm) - 13;
         const float q_down = ldexpf(1.0f, -e2);
         s_up = ldexpf(1.0f, e2);
+        cmask = s.cmask;
         #pragma unroll
         for (int kb = 0; kb < Sh::KB; ++kb) {
             #pragma unroll
@@ -246,7 +250,7 @@ struct TcWarp {
                 const u32 s2 = (ns & 0xffu) | ((ns & 0xff00u) << 8);  // signs of channels i, i + 8 at bits i, 16 + i
                 #pragma unroll
                 for (int i = 0; i < 8; ++i)
-                    kf[nb][i] = code_pair(cur.kcode[nb][w], i, d2, z2) ^ ((s2 << (15 - i)) & 0x80008000u);
+                    kf[nb][i] = code_pair(cur.kcode[nb][w], i, d2, z2, cmask) ^ ((s2 << (15 - i)) & 0x80008000u);
             }
             #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
@@ -309,10 +313,10 @@ struct TcWarp {
         #pragma unroll
         for (int mb = 0; mb < Sh::MB; ++mb) {
             const int c_lo = mb, c_hi = Sh::MB + mb;  // local value channels of rows g, g + 8
-            const u32 a0 = code_pair(vw[0][c_lo / 8], c_lo % 8, vd[0], vz[0]);
-            const u32 a1 = code_pair(vw[0][c_hi / 8], c_hi % 8, vd[0], vz[0]);
-            const u32 a2 = code_pair(vw[1][c_lo / 8], c_lo % 8, vd[1], vz[1]);
-            const u32 a3 = code_pair(vw[1][c_hi / 8], c_hi % 8, vd[1], vz[1]);
+            const u32 a0 = code_pair(vw[0][c_lo / 8], c_lo % 8, vd[0], vz[0], cmask);
+            const u32 a1 = code_pair(vw[0][c_hi / 8], c_hi % 8, vd[0], vz[0], cmask);
+            const u32 a2 = code_pair(vw[1][c_lo / 8], c_lo % 8, vd[1], vz[1], cmask);
+            const u32 a3 = code_pair(vw[1][c_hi / 8], c_hi % 8, vd[1], vz[1], cmask);
             mma_16816(oacc[mb], a0, a1, a2, a3, pb0, pb1);
         }
     }

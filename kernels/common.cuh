@@ -322,21 +322,25 @@ SIKV_DEV long long page_base_row(const SikvParams& p, int b, int h, int pi) {
     return ((long long)page * p.num_kv_heads + h) * p.page_size;
 }
 
+// Page index and slot of position pos >= 0. A power-of-two page size (the usual case) takes a
+// shift and a mask: the integer division by a run-time divisor was ~20 instructions per token
+// in the score kernel's loop, and per tile in the dense decode's.
+SIKV_DEV void page_split(const SikvParams& p, int pos, int* pi, int* off) {
+    const int ps = p.page_size;
+    if ((ps & (ps - 1)) == 0) {
+        *pi = pos >> (__ffs(ps) - 1);
+        *off = pos & (ps - 1);
+    } else {
+        *pi = pos / ps;
+        *off = pos - *pi * ps;
+    }
+}
+
 // Row index (page * H + head) * P + slot of position `pos` (< seq_len) of sequence b, or -1
 // (fault raised) when its page index is outside 0..num_pages.
 SIKV_DEV long long row_index(const SikvParams& p, int b, int h, int pos) {
-    // pos >= 0 (every caller checks). A power-of-two page size (the usual case) takes a shift
-    // and a mask: the integer division by a run-time divisor was ~20 instructions per token
-    // in the score kernel's loop.
-    const int ps = p.page_size;
     int pi, off;
-    if ((ps & (ps - 1)) == 0) {
-        pi = pos >> (__ffs(ps) - 1);
-        off = pos & (ps - 1);
-    } else {
-        pi = pos / ps;
-        off = pos - pi * ps;
-    }
+    page_split(p, pos, &pi, &off);
     const long long base = page_base_row(p, b, h, pi);
     if (base < 0) {
         raise_fault(p, FAULT_PAGE_INDEX);

@@ -58,12 +58,14 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
     const int* pages = reinterpret_cast<const int*>(p.page_indices) + reinterpret_cast<const int*>(p.indptr)[b];
     auto tile_row = [&](int base) -> long long {
         if (base >= whi) return -1;
-        const int page = pages[base / p.page_size];
+        int pi, off;
+        page_split(p, base, &pi, &off);
+        const int page = pages[pi];
         if (page < 0 || page >= p.num_pages) {
             raise_fault(p, FAULT_PAGE_INDEX);
             return -1;
         }
-        return ((long long)page * p.num_kv_heads + h) * p.page_size + (base % p.page_size);
+        return ((long long)page * p.num_kv_heads + h) * p.page_size + off;
     };
     // The 16 positions' validity (bit t: position base + t): a candidate of this warp's range,
     // not heavy, on a good page.
