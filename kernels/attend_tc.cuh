@@ -118,6 +118,9 @@ struct TcWarp {
     int lane, warp, g, j;  // g, j: mma groupID and thread-in-group
     u32 qa[Sh::KB][2];     // B fragments of Q'^T (column g: head g; zero for g >= G)
     float s_up;            // undoes Q''s power-of-two scale on S
+    // The code mask 0x00030003 of code_pair. Read from shared memory in init: as a literal,
+    // ptxas (at the 128-register bound) re-created it with a move before every use, 43 moves
+    // per tile at d = 128.
     u32 cmask;
     float oacc[Sh::MB][4];
     // Heads 2j, 2j+1: running max (log2 units) and this thread's part of the sum.

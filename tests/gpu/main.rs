@@ -25,9 +25,9 @@
 //!   score within 1e-4 (relative, floor 1e-4 absolute) of the smallest selected CPU score;
 //!   each such row is printed, so a run shows whether any tie was needed.
 //! - attend / attend_dense: on the SAME indices, max |gpu - cpu| <= tol * max |cpu| per
-//!   (sequence, query head) row, no floor, tol = 5e-3 (f16) or 3e-2 (bf16), about 10x the worst
-//!   recorded; each comparison
-//!   prints its worst relative error.
+//!   (sequence, query head) row, no floor, tol = 1e-2 (f16; 2e-2 above 64K tokens) or 3e-2
+//!   (bf16): about twice the worst recorded on the f16 tensor-core paths, whose error grows
+//!   with the largest logits (`fixture::tol`); each comparison prints its worst relative error.
 //! - CUDA graph: graph replays bit-identical to eager launches of the same steps.
 
 #[path = "../common/mod.rs"]
