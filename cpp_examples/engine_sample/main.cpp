@@ -18,6 +18,7 @@
 // CPU cache of the same configuration fed the same fp16 values from host memory, and checks
 // every attend output of the GPU against the CPU's (per row of head_dim, relative to the row's
 // largest value). The next tokens follow the CPU's outputs, so both caches see the same inputs.
+// It ends with the speculative verification on both caches (attend_rows, row by row compared).
 
 #include "selfindexkv.hpp"
 
@@ -42,6 +43,8 @@ constexpr uint32_t kLayers = 4;
 constexpr uint32_t kHeads = 8, kKvHeads = 2, kHeadDim = 64;
 constexpr uint32_t kEmbed = 32, kVocab = 256;
 constexpr uint32_t kQueryTail = 16;
+// Draft tokens per sequence that speculative verification checks in one attend_rows call.
+constexpr uint32_t kDraft = 4;
 
 struct Rng {
   uint64_t s;
@@ -215,6 +218,29 @@ struct DeviceHalves {
   }
 };
 
+// Whether every (row, head) of the GPU output is within 8e-3 of the CPU's, relative to the row's
+// largest value; reports the first that is not, and keeps the worst difference in *worst.
+bool within(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want, int step, uint32_t layer,
+            const char* what, double* worst) {
+  for (size_t r = 0; r < want.size() / kHeadDim; ++r) {
+    double top = 0, diff = 0;
+    for (size_t c = 0; c < kHeadDim; ++c) {
+      const double w = from_half(want[r * kHeadDim + c]), g = from_half(got[r * kHeadDim + c]);
+      if (!std::isfinite(g)) diff = INFINITY;
+      top = std::max(top, std::fabs(w));
+      diff = std::max(diff, std::fabs(g - w));
+    }
+    const double rel = top > 0 ? diff / top : diff;
+    *worst = std::max(*worst, rel);
+    if (!(rel <= 8e-3)) {
+      std::fprintf(stderr, "engine_sample: step %d layer %u %s row %zu: GPU differs from the CPU by %.3e (relative)\n",
+                   step, layer, what, r, rel);
+      return false;
+    }
+  }
+  return true;
+}
+
 // The GPU run: a CUDA cache on device memory and its own stream, checked step by step against a
 // CPU cache of the same configuration fed the same fp16 values. Returns the process status.
 int run_cuda(const ToyModel& model, Rng& rng, int steps) {
@@ -273,22 +299,7 @@ int run_cuda(const ToyModel& model, Rng& rng, int steps) {
       cpu.append_decode(l, ids, hk.data(), hv.data());
       cpu.attend(l, ids, hq.data(), want.data());
       cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-      for (size_t r = 0; r < B * kHeads; ++r) {
-        double top = 0, diff = 0;
-        for (size_t c = 0; c < kHeadDim; ++c) {
-          const double w = from_half(want[r * kHeadDim + c]), g = from_half(got[r * kHeadDim + c]);
-          if (!std::isfinite(g)) diff = INFINITY;
-          top = std::max(top, std::fabs(w));
-          diff = std::max(diff, std::fabs(g - w));
-        }
-        const double rel = top > 0 ? diff / top : diff;
-        worst = std::max(worst, rel);
-        if (!(rel <= 8e-3)) {
-          std::fprintf(stderr, "engine_sample: step %d layer %u row %zu: GPU differs from the CPU by %.3e (relative)\n",
-                       step, l, r, rel);
-          return 1;
-        }
-      }
+      if (!within(got, want, step, l, "attend", &worst)) return 1;
       for (size_t i = 0; i < last.size(); ++i) last[i] = from_half(want[i]);
     }
     for (size_t b = 0; b < B; ++b) {
@@ -296,10 +307,54 @@ int run_cuda(const ToyModel& model, Rng& rng, int steps) {
       tokens[b].push_back(next[b]);
     }
   }
-  cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
   std::printf("cuda: %d steps x %u layers x %zu sequences on device memory and a stream of its own; every attend "
               "output within %.3e (worst row-relative difference) of the CPU cache fed the same fp16 values\n",
               steps, kLayers, B, worst);
+
+  // Speculative verification on the GPU, as the CPU run does it: kDraft tokens per sequence on
+  // a fork of each, appended and checked with attend_rows, against the CPU cache's attend_rows
+  // on the same fp16 values. A CUDA cache takes at most max_batch query rows per call (its
+  // workspace), so each sequence's kDraft rows go in a call of their own.
+  std::vector<int64_t> forks(B);
+  std::vector<std::vector<uint32_t>> draft(B, std::vector<uint32_t>(kDraft));
+  for (size_t b = 0; b < B; ++b) {
+    forks[b] = 1000 + ids[b];
+    gpu.fork(ids[b], forks[b]);
+    cpu.fork(ids[b], forks[b]);
+    draft[b][0] = next[b];
+    for (uint32_t r = 1; r < kDraft; ++r) draft[b][r] = rng.below(kVocab);
+  }
+  const std::vector<uint32_t> rows = {kDraft};
+  DeviceHalves rk(kDraft * row_kv), rv(kDraft * row_kv), rq(kDraft * row_q), rout(kDraft * row_q);
+  std::vector<float> qr(kDraft * row_q), kr(kDraft * row_kv), vr(kDraft * row_kv);
+  std::vector<uint16_t> gotr(kDraft * row_q), wantr(kDraft * row_q);
+  double worst_rows = 0;
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    for (size_t b = 0; b < B; ++b) {
+      const std::vector<int64_t> one = {forks[b]};
+      const uint32_t pos0 = cpu.seq_len(forks[b], l);
+      for (uint32_t r = 0; r < kDraft; ++r) model.qkv(l, draft[b][r], pos0 + r, &qr[r * row_q], &kr[r * row_kv], &vr[r * row_kv]);
+      const auto hk = halves(kr.data(), kr.size()), hv = halves(vr.data(), vr.size()), hq = halves(qr.data(), qr.size());
+      rk.put(hk, stream);
+      rv.put(hv, stream);
+      rq.put(hq, stream);
+      gpu.append(l, one, rows, rk.p, rv.p, stream);
+      gpu.attend_rows(l, one, rows, rq.p, rout.p, stream);
+      cuda_check(cudaMemcpyAsync(gotr.data(), rout.p, gotr.size() * 2, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+      cpu.append(l, one, rows, hk.data(), hv.data());
+      cpu.attend_rows(l, one, rows, hq.data(), wantr.data());
+      cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      if (!within(gotr, wantr, steps, l, "attend_rows", &worst_rows)) return 1;
+    }
+  }
+  for (size_t b = 0; b < B; ++b) {
+    gpu.remove(forks[b]);
+    cpu.remove(forks[b]);
+  }
+  cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+  std::printf("cuda speculative verification: %u draft tokens after each of %zu sequences, one attend_rows call per "
+              "sequence and layer on forks; every row within %.3e of the CPU cache's attend_rows\n",
+              kDraft, B, worst_rows);
   return 0;
 }
 #endif
@@ -395,7 +450,6 @@ int main(int argc, char** argv) {
     // shares the stored pages, so the drafts are dropped with the fork; an engine would then
     // append the accepted tokens to the sequence itself. Row r of a sequence attends causally
     // up to its own position; the last row is exactly a one-token decode of its query.
-    constexpr uint32_t kDraft = 4;
     std::vector<int64_t> forks(B);
     const std::vector<uint32_t> rows(B, kDraft);
     std::vector<std::vector<uint32_t>> draft(B, std::vector<uint32_t>(kDraft));
