@@ -341,8 +341,9 @@ enum SikvStatus sikv_attend(struct SikvCache *cache, uint32_t layer, uint32_t n_
 // attends to the positions up to its own (causal among the new tokens), over the dense set and
 // a selection made per row, or once per sequence from the mean of its rows' queries with
 // SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
-// crossover does not apply here). On a CUDA cache: at most max_batch rows in all (its
-// workspace holds that many).
+// crossover does not apply here). On a CUDA cache, whose workspace holds max_batch query
+// rows, a call with more runs as consecutive groups of whole sequences on the stream (the same
+// outputs); one sequence may bring at most max_batch rows.
 enum SikvStatus sikv_attend_rows(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const uint32_t *rows, const void *q, void *out, SikvStream stream);
 
 // Sparse decode attention with a selection the caller supplies instead of the library's own:

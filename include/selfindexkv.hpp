@@ -207,7 +207,7 @@ class Cache {
   }
   // rows[i] new tokens of ids[i] (appended before this call; 1..16), each attending causally:
   // speculative-decoding verification, a prompt chunk. q, out: [sum(rows)][H_q][d], sequence
-  // by sequence in position order. On a CUDA cache at most config max_batch rows in all.
+  // by sequence in position order. On a CUDA cache at most config max_batch rows per sequence.
   void attend_rows(uint32_t layer, Span<const int64_t> ids, Span<const uint32_t> rows, const void* q, void* out,
                    Stream stream = nullptr) {
     same_size(ids.size(), rows.size(), "rows");

@@ -252,7 +252,7 @@ fn attend_rows_on_gpu(flags: u32, test: &str) {
     } else {
         vec![1000, 3333, 20_003]
     };
-    let steps = if quick() { 3 } else { 12 };
+    let steps = if quick() { 4 } else { 12 };
     let max_len = lens.iter().max().unwrap() + 4 * steps + 8;
     let Some((mut gpu, mut cpu, gpu_cfg, mut rng)) = gpu_and_cpu_caches_flags(max_len, test, flags) else {
         return;
@@ -269,11 +269,13 @@ fn attend_rows_on_gpu(flags: u32, test: &str) {
     prefill_both(&mut gpu, &mut cpu, cfg, &ids, &lens, &mut rng);
     let mut worst = 0f32;
     for step in 0..steps {
-        // Rows per sequence this step, at most max_batch (3) in all on the GPU.
-        let (sids, rows): (Vec<i64>, Vec<u32>) = match step % 3 {
+        // Rows per sequence this step; the GPU cache's max_batch is 3, so the fourth pattern
+        // (7 rows) runs there as groups of whole sequences ([2], [3], [2]).
+        let (sids, rows): (Vec<i64>, Vec<u32>) = match step % 4 {
             0 => (vec![ids[0], ids[2]], vec![1, 2]),
             1 => (vec![ids[1]], vec![3]),
-            _ => (ids.clone(), vec![1, 1, 1]),
+            2 => (ids.clone(), vec![1, 1, 1]),
+            _ => (ids.clone(), vec![2, 3, 2]),
         };
         let total: usize = rows.iter().map(|&n| n as usize).sum();
         for layer in 0..cfg.num_layers {
@@ -298,19 +300,20 @@ fn attend_rows_on_gpu(flags: u32, test: &str) {
         worst < F16_ROW_TOL,
         "GPU attend_rows differs from the CPU backend by {worst}"
     );
-    // Four rows in all on a cache of max_batch 3: refused, the output untouched.
-    let q = to_bytes(dt, &vals(&mut rng, 4 * hq * d, d));
-    let mut out = vec![0x5Au8; 4 * hq * d * 2];
+    // Four rows for one sequence on a cache of max_batch 3: refused before any group runs,
+    // the output untouched.
+    let q = to_bytes(dt, &vals(&mut rng, 5 * hq * d, d));
+    let mut out = vec![0x5Au8; 5 * hq * d * 2];
     let e = gpu
         .attend_rows(
             0,
             &ids[..2],
-            &[2, 2],
+            &[1, 4],
             Activations::Host(&q),
             Output::Host(&mut out),
             null,
         )
-        .expect_err("4 query rows on a max_batch 3 GPU cache");
+        .expect_err("4 query rows for one sequence on a max_batch 3 GPU cache");
     assert_eq!(e.status, SikvStatus::SIKV_ERR_OUT_OF_BOUNDS, "{e}");
     assert!(e.message.contains("max_batch"), "{e}");
     assert!(out.iter().all(|&x| x == 0x5A), "a refused call wrote its output");

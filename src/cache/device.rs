@@ -518,7 +518,8 @@ impl DeviceStore {
     }
 
     /// Attention for several query rows per sequence (`rows[i]` for sequence i), selecting per
-    /// row; the selection goes to the selection region, so at most max_batch rows in all.
+    /// row; the selection goes to the selection region, so at most max_batch rows in all
+    /// (`Cache::attend_rows` splits larger calls into groups of whole sequences).
     #[allow(clippy::too_many_arguments)] // the batch and its rows, unpacked by the cache
     pub fn attend_rows(
         &mut self,

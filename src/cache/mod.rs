@@ -18,7 +18,7 @@ pub use store::{Activations, HostBytes, Output, Pools, Selection, Store};
 
 use crate::config::CacheConfig;
 use crate::ensure;
-use crate::exec::Executor;
+use crate::exec::{Executor, Mem, MemMut};
 use crate::layout::Layout;
 use crate::status::{Error, Result, SikvStatus};
 
@@ -371,20 +371,64 @@ impl Cache {
 
     /// Select + attend for several new tokens per sequence (`rows[i]` for `ids[i]`, 1..=16,
     /// appended before the call), causal among them: `q`, `out` `[sum rows][H_q][d]`. Always
-    /// selects (the dense crossover does not apply). On a CUDA device: per-row selection, at
-    /// most max_batch rows in all.
+    /// selects (the dense crossover does not apply). A CUDA cache's workspace holds max_batch
+    /// query rows: a larger call runs as consecutive groups of whole sequences on the stream
+    /// (the same outputs, since every selection is made per row or per sequence), and a
+    /// sequence alone may bring at most max_batch rows.
     pub fn attend_rows(
         &mut self,
         layer: u32,
         ids: &[i64],
         rows: &[u32],
         q: Activations,
-        out: Output,
+        mut out: Output,
         stream: Stream,
     ) -> Result<()> {
         let (table, slots) = self.page_table(layer, ids)?;
-        self.store
-            .attend_rows(&self.exec, layer, &table, &slots, q, rows, out, stream)
+        let total = crate::cpu::rows_total(rows, ids.len())?;
+        let cap = self.cfg.max_batch as usize;
+        if !self.is_gpu() || total <= cap {
+            return self
+                .store
+                .attend_rows(&self.exec, layer, &table, &slots, q, rows, out, stream);
+        }
+        let groups = row_groups(rows, cap)?;
+        let row_bytes = (self.cfg.num_q_heads * self.cfg.head_dim) as usize * self.cfg.dtype.size();
+        let bytes = total * row_bytes;
+        let q_len = match q {
+            Mem::Host(h) => Some(h.len()),
+            Mem::Device(_) => None,
+        };
+        let out_len = match &out {
+            MemMut::Host(h) => Some(h.len()),
+            MemMut::Device(_) => None,
+        };
+        for (what, len) in [("q", q_len), ("out", out_len)] {
+            ensure!(
+                !matches!(len, Some(n) if n < bytes),
+                SIKV_ERR_BUFFER_TOO_SMALL,
+                "`{what}` holds {} bytes, {bytes} needed",
+                len.unwrap_or(0)
+            );
+        }
+        let mut at = 0usize;
+        for g in groups {
+            let n: usize = rows[g.clone()].iter().map(|&r| r as usize).sum();
+            let span = at * row_bytes..(at + n) * row_bytes;
+            let qg = match q {
+                Mem::Host(h) => Mem::Host(&h[span.clone()]),
+                Mem::Device(p) => Mem::Device(p + span.start as u64),
+            };
+            let og = match &mut out {
+                MemMut::Host(h) => MemMut::Host(&mut h[span.clone()]),
+                MemMut::Device(p) => MemMut::Device(*p + span.start as u64),
+            };
+            let (table, slots) = self.page_table(layer, &ids[g.clone()])?;
+            self.store
+                .attend_rows(&self.exec, layer, &table, &slots, qg, &rows[g], og, stream)?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Sparse decode attention over a selection the caller made instead of the library's:
@@ -665,6 +709,28 @@ impl Cache {
     }
 }
 
+/// Consecutive groups of whole sequences whose query rows fit `cap` each (greedy, in call
+/// order); an error when one sequence alone brings more.
+fn row_groups(rows: &[u32], cap: usize) -> Result<Vec<std::ops::Range<usize>>> {
+    let mut groups = Vec::new();
+    let (mut start, mut n) = (0usize, 0usize);
+    for (i, &r) in rows.iter().enumerate() {
+        let r = r as usize;
+        ensure!(
+            r <= cap,
+            SIKV_ERR_OUT_OF_BOUNDS,
+            "rows[{i}] = {r} exceeds max_batch ({cap}): a CUDA cache's workspace and selection hold max_batch query rows"
+        );
+        if n + r > cap {
+            groups.push(start..i);
+            (start, n) = (i, 0);
+        }
+        n += r;
+    }
+    groups.push(start..rows.len());
+    Ok(groups)
+}
+
 /// A page table built on the host for one call.
 #[derive(Clone, Debug, Default)]
 pub struct OwnedPageTable {
@@ -726,4 +792,19 @@ pub fn telemetry_recall(cache: &mut Cache, layer: u32, id: i64, q: &[f32], k_exa
         out.push((acc / g as f64) as f32);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_groups;
+
+    #[test]
+    fn row_groups_fill_the_workspace_in_call_order() {
+        assert_eq!(row_groups(&[2, 3, 2], 3).unwrap(), vec![0..1, 1..2, 2..3]);
+        assert_eq!(row_groups(&[1, 1, 1, 1], 3).unwrap(), vec![0..3, 3..4]);
+        assert_eq!(row_groups(&[4, 4, 4], 4).unwrap(), vec![0..1, 1..2, 2..3]);
+        assert_eq!(row_groups(&[1, 2, 1], 4).unwrap(), vec![0..3]);
+        let e = row_groups(&[1, 5], 4).unwrap_err();
+        assert!(e.message.contains("rows[1] = 5 exceeds max_batch (4)"), "{e}");
+    }
 }

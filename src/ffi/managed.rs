@@ -371,8 +371,9 @@ pub extern "C" fn sikv_attend(
 /// attends to the positions up to its own (causal among the new tokens), over the dense set and
 /// a selection made per row, or once per sequence from the mean of its rows' queries with
 /// SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
-/// crossover does not apply here). On a CUDA cache: at most max_batch rows in all (its
-/// workspace holds that many).
+/// crossover does not apply here). On a CUDA cache, whose workspace holds max_batch query
+/// rows, a call with more runs as consecutive groups of whole sequences on the stream (the same
+/// outputs); one sequence may bring at most max_batch rows.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)] // sikv_attend's parameters plus the rows
 pub extern "C" fn sikv_attend_rows(
