@@ -230,7 +230,8 @@ fn managed_cache_on_gpu_matches_cpu_backend() {
 
 /// `attend_rows` on a CUDA cache against the CPU backend: several new tokens per sequence
 /// appended, then attended as query rows (causal among them, selected per row), over decode
-/// steps at every layer; more rows in all than max_batch are refused before anything runs.
+/// steps at every layer, one step's call larger than max_batch (run as groups of whole
+/// sequences); one sequence with more rows than max_batch is refused before anything runs.
 #[test]
 fn attend_rows_on_gpu_matches_cpu_backend() {
     attend_rows_on_gpu(0, "attend_rows_on_gpu_matches_cpu_backend");
