@@ -68,15 +68,16 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
         return ((long long)page * p.num_kv_heads + h) * p.page_size + off;
     };
     // The 16 positions' validity (bit t: position base + t): a candidate of this warp's range,
-    // not heavy, on a good page.
+    // not heavy, on a good page. Uniform over the warp: the range as a bit interval, the heavy
+    // positions from the chunk's bitmap (a tile is an aligned half word of it).
+    const int vlo = lo > wlo0 ? lo : wlo0;
     auto tile_valid = [&](int base, long long row0) -> u32 {
-        bool v = false;
-        if (lane < 16 && row0 >= 0) {
-            const int pos = base + lane;
-            const int off = pos - clo;
-            v = pos >= lo && pos < whi && pos >= wlo0 && !((heavy[off >> 5] >> (off & 31)) & 1u);
-        }
-        return __ballot_sync(0xffffffffu, v) & 0xffffu;
+        const int a = vlo - base > 0 ? vlo - base : 0;
+        const int e = whi - base < 16 ? whi - base : 16;
+        if (row0 < 0 || a >= e) return 0u;
+        const u32 range = ((0xffffu >> (16 - e)) >> a) << a;  // bits [a, e)
+        const int off = base - clo;                            // a multiple of 16 in [0, chunk)
+        return range & ~(heavy[off >> 5] >> (off & 31));
     };
     // The thread's tokens of a tile at plane row row0 (consecutive rows: one page).
     auto load = [&](long long row0, u32 valid, TcRaw<D>& r) { w.load_tile(row0, valid, r); };
