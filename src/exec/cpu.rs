@@ -4,7 +4,7 @@ use super::{Batch, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prom
 use crate::cpu::{self, PageTable};
 use crate::ensure;
 use crate::numeric;
-use crate::status::Result;
+use crate::status::{Error, Result};
 
 /// Host activations of the model dtype as f32, checking that `n` elements are there.
 fn acts_f32(ex: &Executor, a: Mem<u8>, n: usize, what: &str) -> Result<Vec<f32>> {
@@ -211,7 +211,8 @@ pub(super) fn select_attend_rows(
 }
 
 /// Host query-row offsets (`Executor::decode_rows`) as rows per sequence, checked: `batch + 1`
-/// ascending entries from 0 to `n_rows`, each sequence 1..=`cpu::MAX_QUERY_ROWS` rows.
+/// entries from 0 to `n_rows`, each sequence 1..=`cpu::MAX_QUERY_ROWS` rows (`cpu::rows_total`'s
+/// check, on the differences).
 pub(super) fn rows_from_offsets(offsets: Mem<i32>, batch: usize, n_rows: u32) -> Result<Vec<u32>> {
     let off = host_array(offsets, batch + 1, "row_offsets")?;
     ensure!(
@@ -221,20 +222,20 @@ pub(super) fn rows_from_offsets(offsets: Mem<i32>, batch: usize, n_rows: u32) ->
         off[0],
         off[batch]
     );
-    let mut rows = Vec::with_capacity(batch);
-    for (i, w) in off.windows(2).enumerate() {
-        let n = w[1] as i64 - w[0] as i64;
-        ensure!(
-            (1..=cpu::MAX_QUERY_ROWS as i64).contains(&n),
-            SIKV_ERR_OUT_OF_BOUNDS,
-            "sequence {i} has {n} query rows (row_offsets[{i}] = {}, row_offsets[{}] = {}), not 1..={}",
-            w[0],
-            i + 1,
-            w[1],
-            cpu::MAX_QUERY_ROWS
-        );
-        rows.push(n as u32);
-    }
+    // A descending pair gives 0 rows, which the check below refuses.
+    let rows: Vec<u32> = off
+        .windows(2)
+        .map(|w| (w[1] as i64 - w[0] as i64).max(0) as u32)
+        .collect();
+    cpu::rows_total(&rows, batch).map_err(|e| {
+        Error::new(
+            e.status,
+            format!(
+                "row_offsets (rows[i] = row_offsets[i + 1] - row_offsets[i]): {}",
+                e.message
+            ),
+        )
+    })?;
     Ok(rows)
 }
 
