@@ -16,11 +16,10 @@ named variants, in the order given; the summary needs the reference's files in D
 import argparse
 import math
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import evaluator  # noqa: E402
 import report  # noqa: E402
 
 
@@ -44,17 +43,9 @@ def variants(b):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--decode", type=int, default=512)
+    evaluator.add_common_args(ap, jobs=2)
     ap.add_argument("--method", default="sikv_4+1")
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", help="comma list of variant names (default: all)")
-    ap.add_argument("--summary-only", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     b = args.context // 16
@@ -72,24 +63,11 @@ def main():
 
     def run(item):
         name, (opts, budget) = item
-        base = os.path.join(args.out, name)
         configs = f"{args.method}@{budget}" + (",llama" if name == "reference" else "")
-        cmd = [args.bin, "--model", args.model, "--text", args.text, "--context", str(args.context), "--decode",
-               str(args.decode), "--threads", str(args.threads), "--recall-every", "8", "--configs", configs,
-               "--csv", base + ".csv", "--nll-file", base + ".nll.csv"] + opts
-        for suffix in (".csv", ".nll.csv"):
-            if os.path.exists(base + suffix):
-                os.remove(base + suffix)
-        with open(base + ".log", "w") as log:
-            log.write(" ".join(cmd) + "\n")
-            log.flush()
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_WAIT_POLICY="passive"))
-        return name, rc
+        return name, evaluator.run_evaluator(args, os.path.join(args.out, name), configs, opts)
 
     if not args.summary_only:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for name, rc in pool.map(run, vs.items()):
-                print(f"{name}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
+        evaluator.run_jobs(args.jobs, run, vs.items())
 
     nll = {}
     for name in dict.fromkeys(["reference", *vs]):
@@ -111,9 +89,7 @@ def main():
             continue
         ppl = math.exp(sum(toks.values()) / len(toks))
         vs_dense = math.exp(sum(toks[t] - dense[t] for t in toks) / len(toks)) - 1
-        diffs = {t: toks[t] - ref[t] for t in toks}
-        delta = math.exp(sum(diffs.values()) / len(diffs)) - 1
-        lo, hi = report.block_bootstrap(diffs)
+        delta, lo, hi = evaluator.paired(toks, ref)
         print(f"| {name} | {ppl:.4f} | {100 * vs_dense:+.2f}% | {100 * delta:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}] |")
     return 0
 

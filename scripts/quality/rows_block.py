@@ -20,11 +20,10 @@ import argparse
 import csv
 import math
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import evaluator  # noqa: E402
 import report  # noqa: E402
 
 
@@ -39,19 +38,9 @@ def configs(block, profiles, budget, with_llama=True):
 
 
 def run_block(args, block):
+    configs_ = ",".join(configs(block, args.profiles, args.budget, block in args.llama_blocks))
     base = os.path.join(args.out, f"block{block}")
-    cmd = [args.bin, "--model", args.model, "--text", args.text, "--context", str(args.context), "--decode",
-           str(args.decode), "--threads", str(args.threads), "--recall-every", "8", "--decode-block", str(block),
-           "--configs", ",".join(configs(block, args.profiles, args.budget, block in args.llama_blocks)), "--csv", base + ".csv",
-           "--nll-file", base + ".nll.csv"]
-    for suffix in (".csv", ".nll.csv"):
-        if os.path.exists(base + suffix):
-            os.remove(base + suffix)
-    with open(base + ".log", "w") as log:
-        log.write(" ".join(cmd) + "\n")
-        log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_WAIT_POLICY="passive"))
-    return block, rc
+    return f"block {block}", evaluator.run_evaluator(args, base, configs_, ["--decode-block", str(block)])
 
 
 def load(args):
@@ -80,7 +69,7 @@ def summarise(args, nll, rows):
             ppl = math.exp(sum(d.values()) / len(d))
             # llama.cpp's own attention at N rows per call against one: float noise only, so the
             # difference is shown to its size rather than as a rounded percentage
-            vs1 = paired(d, nll.get((1, "llama"))) if block > 1 else None
+            vs1 = evaluator.paired(d, nll.get((1, "llama"))) if block > 1 else None
             shown = "—" if vs1 is None else f"{vs1[0]:+.1e} (max token NLL diff {max_diff(d, nll[1, 'llama']):.1e})"
             print(f"| dense (`llama`) | {block} | — | {ppl:.6f} | — | {shown} | — |")
             out.append(row(args, block, "llama", "", ppl, None, vs1, None, rows, len(d)))
@@ -97,22 +86,12 @@ def summarise(args, nll, rows):
                 ppl = math.exp(sum(toks.values()) / len(toks))
                 # llama.cpp's own attention gives the same figure at every block size (float noise:
                 # the table's llama rows), so block 1's stands in where a block ran without it
-                dense = paired(toks, nll.get((block, "llama"), nll.get((1, "llama"))))
-                vs1 = paired(toks, base) if block > 1 else None
-                vsrow = paired(toks, nll.get((block, f"sikv_{p}"))) if sel == "mean query" else None
+                dense = evaluator.paired(toks, nll.get((block, "llama"), nll.get((1, "llama"))))
+                vs1 = evaluator.paired(toks, base) if block > 1 else None
+                vsrow = evaluator.paired(toks, nll.get((block, f"sikv_{p}"))) if sel == "mean query" else None
                 print(f"| {p} | {block} | {sel} | {ppl:.6f} | {fmt(dense, ci=False)} | {fmt(vs1)} | {fmt(vsrow)} |")
                 out.append(row(args, block, m, p, ppl, dense, vs1, vsrow, rows, len(toks)))
     return out
-
-
-def paired(toks, ref):
-    """(delta, lo, hi) of exp(mean NLL difference) - 1 on the same tokens, or None."""
-    if ref is None or set(toks) != set(ref):
-        return None
-    diffs = {t: toks[t] - ref[t] for t in toks}
-    delta = math.expm1(sum(diffs.values()) / len(diffs))
-    lo, hi = report.block_bootstrap(diffs)
-    return delta, lo, hi
 
 
 def max_diff(toks, ref):
@@ -143,19 +122,11 @@ def row(args, block, method, profile, ppl, dense, vs1, vsrow, rows, n):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--decode", type=int, default=512)
+    evaluator.add_common_args(ap, jobs=1)
     ap.add_argument("--budget", default="1/16")
     ap.add_argument("--profiles", default="2+1,4+1")
     ap.add_argument("--blocks", default="1,4,8")
     ap.add_argument("--llama-blocks", help="blocks that also decode `llama` (default: every block)")
-    ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--csv", help="write the summary rows here")
     ap.add_argument("--nll", help="write every token's NLL here (block,method,budget,context,window_start,step,nll)")
     args = ap.parse_args()
@@ -164,9 +135,7 @@ def main():
     args.llama_blocks = [int(b) for b in args.llama_blocks.split(",") if b] if args.llama_blocks else args.blocks
     os.makedirs(args.out, exist_ok=True)
     if not args.summary_only:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for block, rc in pool.map(lambda b: run_block(args, b), args.blocks):
-                print(f"block {block}: {'ok' if rc == 0 else f'exit {rc}'}", flush=True)
+        evaluator.run_jobs(args.jobs, lambda b: run_block(args, b), args.blocks)
     nll, rows = load(args)
     out = summarise(args, nll, rows)
     if args.csv:
