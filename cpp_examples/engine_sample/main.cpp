@@ -160,6 +160,36 @@ sikv::Config sample_config(uint32_t device, uint32_t dtype) {
   return cfg;
 }
 
+// Speculative verification's inputs: a fork id per sequence (1000 + its id) and kDraft draft
+// tokens each, the already chosen next token first, then random ones (so few are accepted: the
+// call pattern is the point).
+struct Drafts {
+  std::vector<int64_t> forks;
+  std::vector<std::vector<uint32_t>> tokens;
+};
+Drafts make_drafts(Rng& rng, const std::vector<int64_t>& ids, const std::vector<uint32_t>& next) {
+  Drafts d;
+  for (size_t b = 0; b < ids.size(); ++b) {
+    d.forks.push_back(1000 + ids[b]);
+    std::vector<uint32_t> t(kDraft);
+    t[0] = next[b];
+    for (uint32_t r = 1; r < kDraft; ++r) t[r] = rng.below(kVocab);
+    d.tokens.push_back(t);
+  }
+  return d;
+}
+
+// The query, key and value rows of sequence b's drafts at layer l (the first at position pos0)
+// into rows b * kDraft .. b * kDraft + kDraft - 1 of q, k, v.
+void draft_qkv(const ToyModel& model, uint32_t l, const Drafts& d, size_t b, uint32_t pos0, float* q, float* k,
+               float* v) {
+  const size_t row_q = kHeads * kHeadDim, row_kv = kKvHeads * kHeadDim;
+  for (uint32_t r = 0; r < kDraft; ++r) {
+    const size_t i = b * kDraft + r;
+    model.qkv(l, d.tokens[b][r], pos0 + r, &q[i * row_q], &k[i * row_kv], &v[i * row_kv]);
+  }
+}
+
 // A prompt with repeated spans (so that attention has something to find).
 std::vector<uint32_t> make_prompt(Rng& rng, uint32_t n) {
   std::vector<uint32_t> t(n);
@@ -315,15 +345,12 @@ int run_cuda(const ToyModel& model, Rng& rng, int steps) {
   // a fork of each, appended and checked by one attend_rows call per layer, against the CPU
   // cache's attend_rows on the same fp16 values. (The 12 rows exceed max_batch: the CUDA cache
   // runs them as groups of whole sequences that its workspace holds.)
-  std::vector<int64_t> forks(B);
+  const Drafts drafts = make_drafts(rng, ids, next);
+  const std::vector<int64_t>& forks = drafts.forks;
   const std::vector<uint32_t> rows(B, kDraft);
-  std::vector<std::vector<uint32_t>> draft(B, std::vector<uint32_t>(kDraft));
   for (size_t b = 0; b < B; ++b) {
-    forks[b] = 1000 + ids[b];
     gpu.fork(ids[b], forks[b]);
     cpu.fork(ids[b], forks[b]);
-    draft[b][0] = next[b];
-    for (uint32_t r = 1; r < kDraft; ++r) draft[b][r] = rng.below(kVocab);
   }
   const size_t R = B * kDraft;
   DeviceHalves rk(R * row_kv), rv(R * row_kv), rq(R * row_q), rout(R * row_q);
@@ -331,13 +358,8 @@ int run_cuda(const ToyModel& model, Rng& rng, int steps) {
   std::vector<uint16_t> gotr(R * row_q), wantr(R * row_q);
   double worst_rows = 0;
   for (uint32_t l = 0; l < kLayers; ++l) {
-    for (size_t b = 0; b < B; ++b) {
-      const uint32_t pos0 = cpu.seq_len(forks[b], l);
-      for (uint32_t r = 0; r < kDraft; ++r) {
-        const size_t i = b * kDraft + r;
-        model.qkv(l, draft[b][r], pos0 + r, &qr[i * row_q], &kr[i * row_kv], &vr[i * row_kv]);
-      }
-    }
+    for (size_t b = 0; b < B; ++b)
+      draft_qkv(model, l, drafts, b, cpu.seq_len(forks[b], l), qr.data(), kr.data(), vr.data());
     const auto hk = halves(kr.data(), kr.size()), hv = halves(vr.data(), vr.size()), hq = halves(qr.data(), qr.size());
     rk.put(hk, stream);
     rv.put(hv, stream);
@@ -453,25 +475,17 @@ int main(int argc, char** argv) {
     // shares the stored pages, so the drafts are dropped with the fork; an engine would then
     // append the accepted tokens to the sequence itself. Row r of a sequence attends causally
     // up to its own position; the last row is exactly a one-token decode of its query.
-    std::vector<int64_t> forks(B);
+    const Drafts drafts = make_drafts(rng, ids, next);
+    const std::vector<int64_t>& forks = drafts.forks;
+    const std::vector<std::vector<uint32_t>>& draft = drafts.tokens;
     const std::vector<uint32_t> rows(B, kDraft);
-    std::vector<std::vector<uint32_t>> draft(B, std::vector<uint32_t>(kDraft));
-    for (size_t b = 0; b < B; ++b) {
-      forks[b] = 1000 + ids[b];
-      cache.fork(ids[b], forks[b]);
-      draft[b][0] = next[b];  // already chosen; the drafts follow it
-      for (uint32_t r = 1; r < kDraft; ++r) draft[b][r] = rng.below(kVocab);
-    }
+    for (size_t b = 0; b < B; ++b) cache.fork(ids[b], forks[b]);
     std::vector<float> qr(B * kDraft * row_q), kr(B * kDraft * row_kv), vr(B * kDraft * row_kv);
     std::vector<float> outr(B * kDraft * row_q), last_q(B * row_q), last_one(B * row_q);
     bool last_rows_match = true;
     for (uint32_t l = 0; l < kLayers; ++l) {
       for (size_t b = 0; b < B; ++b) {
-        const uint32_t pos0 = cache.seq_len(forks[b], l);
-        for (uint32_t r = 0; r < kDraft; ++r) {
-          const size_t i = b * kDraft + r;
-          model.qkv(l, draft[b][r], pos0 + r, &qr[i * row_q], &kr[i * row_kv], &vr[i * row_kv]);
-        }
+        draft_qkv(model, l, drafts, b, cache.seq_len(forks[b], l), qr.data(), kr.data(), vr.data());
         std::copy_n(&qr[(b * kDraft + kDraft - 1) * row_q], row_q, &last_q[b * row_q]);
       }
       cache.append(l, forks, rows, kr.data(), vr.data());
