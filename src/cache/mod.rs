@@ -423,9 +423,9 @@ impl Cache {
                 MemMut::Host(h) => MemMut::Host(&mut h[span.clone()]),
                 MemMut::Device(p) => MemMut::Device(*p + span.start as u64),
             };
-            let (table, slots) = self.page_table(layer, &ids[g.clone()])?;
+            let part = table.sequences(g.clone());
             self.store
-                .attend_rows(&self.exec, layer, &table, &slots, qg, &rows[g], og, stream)?;
+                .attend_rows(&self.exec, layer, &part, &slots[g.clone()], qg, &rows[g], og, stream)?;
             at += n;
         }
         Ok(())
@@ -732,11 +732,23 @@ fn row_groups(rows: &[u32], cap: usize) -> Result<Vec<std::ops::Range<usize>>> {
 }
 
 /// A page table built on the host for one call.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OwnedPageTable {
     pub indptr: Vec<i32>,
     pub indices: Vec<i32>,
     pub last_page_len: Vec<i32>,
+}
+
+impl OwnedPageTable {
+    /// The table of sequences `seqs` alone (their pages, indptr from 0).
+    pub fn sequences(&self, seqs: std::ops::Range<usize>) -> OwnedPageTable {
+        let (a, b) = (self.indptr[seqs.start], self.indptr[seqs.end]);
+        OwnedPageTable {
+            indptr: self.indptr[seqs.start..=seqs.end].iter().map(|&x| x - a).collect(),
+            indices: self.indices[a as usize..b as usize].to_vec(),
+            last_page_len: self.last_page_len[seqs].to_vec(),
+        }
+    }
 }
 
 /// 64-bit FNV-1a.
@@ -796,7 +808,30 @@ pub fn telemetry_recall(cache: &mut Cache, layer: u32, id: i64, q: &[f32], k_exa
 
 #[cfg(test)]
 mod tests {
-    use super::row_groups;
+    use super::{row_groups, OwnedPageTable};
+
+    #[test]
+    fn a_table_of_some_sequences_is_theirs_alone() {
+        // Three sequences of 2, 1 and 3 pages (page_table concatenates them in call order).
+        let t = OwnedPageTable {
+            indptr: vec![0, 2, 3, 6],
+            indices: vec![7, 4, 9, 1, 2, 3],
+            last_page_len: vec![5, 16, 1],
+        };
+        let mid = OwnedPageTable {
+            indptr: vec![0, 1, 4],
+            indices: vec![9, 1, 2, 3],
+            last_page_len: vec![16, 1],
+        };
+        assert_eq!(t.sequences(1..3), mid);
+        let first = OwnedPageTable {
+            indptr: vec![0, 2],
+            indices: vec![7, 4],
+            last_page_len: vec![5],
+        };
+        assert_eq!(t.sequences(0..1), first);
+        assert_eq!(t.sequences(0..3), t);
+    }
 
     #[test]
     fn row_groups_fill_the_workspace_in_call_order() {
