@@ -5,8 +5,8 @@
 //! traffic model), so it reads as a fraction of HBM peak.
 //!
 //! Usage: gpu_bench [--csv PATH] [--quick] [--iters N] [--n N1,N2,..] [--batch B1,B2,..]
-//! [--rows R1,R2,..]
-//! (--n / --batch replace the default sizes; SIKV_TOPK=single times the one-CTA top-k;
+//! [--rows R1,R2,..] [--profile 2+1|4+1]
+//! (--n / --batch replace the default sizes; --profile picks the storage profile, 2+1 by default; SIKV_TOPK=single times the one-CTA top-k;
 //! --rows adds the select + attend step with R query rows per sequence, selected per row
 //! (`step_rows<R>`) and from the rows' mean query (`step_mean<R>`), to set against R one-row
 //! steps)
@@ -22,7 +22,9 @@
 
 use std::io::Write;
 
-use selfindexkv::config::{CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
+use selfindexkv::config::{
+    CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, SIKV_PROFILE_2_1, SIKV_PROFILE_4_1,
+};
 use selfindexkv::gpu::{
     DevBatch, DevLayer, DevPageTable, DevPrompt, DevRows, DevSelection, DeviceBuffer, GpuContext, Predecessor,
     TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE, SELECT_TOPK, SELECT_TOPK_FINAL,
@@ -77,10 +79,13 @@ struct Setup {
     ws: DeviceBuffer,
 }
 
+/// The storage profile of every configuration (`--profile`), set once in main.
+static PROFILE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 /// `msl`: the configured max_seq_len when above `n` (an engine that declares a long maximum and
 /// decodes shorter sequences).
 fn make_cfg(n: u32, msl: u32, batch: u32) -> CacheConfig {
-    let mut c = SikvConfig::for_profile(0).unwrap();
+    let mut c = SikvConfig::for_profile(*PROFILE.get_or_init(|| SIKV_PROFILE_2_1)).unwrap();
     c.device = SIKV_DEVICE_CUDA;
     c.dtype = SIKV_DTYPE_F16;
     c.num_q_heads = 32;
@@ -265,6 +270,16 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let profile = match args.iter().position(|a| a == "--profile").and_then(|i| args.get(i + 1)) {
+        None => SIKV_PROFILE_2_1,
+        Some(p) if p == "2+1" => SIKV_PROFILE_2_1,
+        Some(p) if p == "4+1" => SIKV_PROFILE_4_1,
+        Some(p) => {
+            eprintln!("gpu bench: --profile takes 2+1 or 4+1, not {p}");
+            std::process::exit(2);
+        }
+    };
+    PROFILE.set(profile).expect("profile set once");
     let probe = make_cfg(1024, 0, 1);
     match GpuContext::new(&probe, &Layout::new(&probe)) {
         Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
@@ -276,10 +291,11 @@ fn main() {
             std::process::exit(1);
         }
         Ok(ctx) => println!(
-            "gpu bench on {:?}, kernels from {}, top-k {:?}",
+            "gpu bench on {:?}, kernels from {}, top-k {:?}, profile {}",
             ctx.device_info(),
             ctx.build_path(),
-            ctx.topk_path()
+            ctx.topk_path(),
+            if profile == SIKV_PROFILE_4_1 { "4+1" } else { "2+1" }
         ),
     }
     let list = |flag: &str| -> Option<Vec<u32>> {

@@ -18,7 +18,8 @@
 # SIKV_TEST_SEED to replay a seed (every case prints its own). Bench options (step `bench`):
 # BASELINE (older gpu_bench builds timed in the same run; the summary compares the first),
 # ROUTE_MSL / ROUTE_N / ROUTE_B (the routed decode under a longer max_seq_len), FIT_N / FIT_B
-# (more sizes for the crossover's break-even), PDL_AB=1, BENCH_ARGS. The `tests` step also runs
+# (more sizes for the crossover's break-even), PDL_AB=1, BENCH_ARGS, PROFILES (e.g. 4+1: this build
+# and the baselines again with that storage profile). The `tests` step also runs
 # the decode and graph tests with SIKV_ATTEND_SPAN=3 (the sparse attend's multi-group splits).
 # A run whose filters select no test fails, and so does a GPU test that skipped for want of a
 # CUDA device: on the GPU machine that is a broken setup, not a pass.
@@ -208,6 +209,7 @@ if want bench; then
   # (before/after): base_gpu_bench.csv, base2_gpu_bench.csv, ...
   i=1
   BASELINE="${BASELINE:-}"
+  PROFILES="${PROFILES:-}"
   for base in ${BASELINE//,/ }; do
     [ -x "$base" ] || continue
     tag=base; [ $i -gt 1 ] && tag=base$i
@@ -216,6 +218,25 @@ if want bench; then
     "$base" $Q ${BENCH_ARGS:-} --csv "$OUT/${tag}_gpu_bench.csv" > "$OUT/${tag}_gpu_bench.log" 2>&1
     RC[base_bench]=$(( ${RC[base_bench]:-0} | $? ))
     i=$((i + 1))
+  done
+  # PROFILES=4+1[,..]: this build and the baselines again with another storage profile
+  # (gpu_bench --profile): p4_1_gpu_bench.csv, p4_1_base_gpu_bench.csv, ...
+  for prof in ${PROFILES//,/ }; do
+    ptag="p${prof//+/_}"
+    echo "== gpu bench, profile $prof"
+    # shellcheck disable=SC2086
+    .gpu/gpu_bench $Q ${BENCH_ARGS:-} --profile "$prof" --csv "$OUT/${ptag}_gpu_bench.csv" > "$OUT/${ptag}_gpu_bench.log" 2>&1
+    RC[profile_bench]=$(( ${RC[profile_bench]:-0} | $? ))
+    i=1
+    for base in ${BASELINE//,/ }; do
+      [ -x "$base" ] || continue
+      tag=base; [ $i -gt 1 ] && tag=base$i
+      echo "== gpu bench, profile $prof, baseline build $i ($base)"
+      # shellcheck disable=SC2086
+      "$base" $Q ${BENCH_ARGS:-} --profile "$prof" --csv "$OUT/${ptag}_${tag}_gpu_bench.csv" > "$OUT/${ptag}_${tag}_gpu_bench.log" 2>&1
+      RC[profile_bench]=$(( ${RC[profile_bench]:-0} | $? ))
+      i=$((i + 1))
+    done
   done
   # PDL_AB=1: the same build again without programmatic dependent launch (SIKV_PDL=0).
   if [ "${PDL_AB:-0}" = "1" ]; then
@@ -339,7 +360,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_span managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
+for k in tests tests_span managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
@@ -396,6 +417,20 @@ if base:
         for k in stages:
             a, c = g0.get((k, n, b)), g1.get((k, n, b))
             cells.append(f"{a:>6.1f} -> {c:>5.1f}" if a is not None and c is not None else f"{'-':>15}")
+        print(f"  {n:>7} {b:>2} " + " ".join(cells))
+# PROFILES: each further storage profile, baseline build 1 -> this build (graph us).
+for name in sorted(f for f in os.listdir(out) if f.startswith("p") and f.endswith("_gpu_bench.csv") and "_base" not in f):
+    tag = name[: -len("_gpu_bench.csv")]
+    g1 = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in load(name)}
+    g0 = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in load(tag + "_base_gpu_bench.csv")}
+    stages = ["score", "topk", "rerank", "attend", "step", "dense_ours"]
+    print(f"  profile {tag[1:].replace('_', '+')}, graph us, baseline build 1 -> this build")
+    print(f"  {'N':>7} {'B':>2} " + " ".join(f"{k:>15}" for k in stages))
+    for n, b in sorted({(n, b) for (_, n, b) in g1}):
+        cells = []
+        for k in stages:
+            a, c = g0.get((k, n, b)), g1.get((k, n, b))
+            cells.append(f"{a:>6.1f} -> {c:>5.1f}" if a is not None and c is not None else (f"{c:>15.1f}" if c is not None else f"{'-':>15}"))
         print(f"  {n:>7} {b:>2} " + " ".join(cells))
 # ROWS: R query rows per sequence in one step against R one-row steps (graph us).
 rows = load("rows_gpu_bench.csv")
