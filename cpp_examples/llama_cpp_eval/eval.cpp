@@ -6,7 +6,9 @@
 // Qcur/Kcur and Vcur; when the layer's attention output `kqv_out-N` has been computed, the callback asks the method
 // under test for the attention of these tokens and writes it over kqv_out-N, which the output projection then reads.
 // The prefill is shared by every method of a window: after each method, the decoded positions are removed
-// from llama.cpp's KV cache and the next method starts from the same prefill.
+// from llama.cpp's KV cache and the next method starts from the same prefill. With --chunked-prefill N only the
+// first N tokens are that shared prefill: each method calibrates on them and the rest of the prompt goes through
+// it N tokens per llama_decode, substituted like a decode block, before its decode.
 #include "llama.h"
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -106,6 +108,8 @@ struct Options {
     int threads = 2;
     int q_tail = 1;
     int prefill_chunk = 0;  // passkey mode: prefill in ubatches of this many tokens (0: one ubatch)
+    int chunked_prefill = 0;  // perplexity mode: methods calibrate on this many tokens and prefill the rest
+    std::string prefill_nll_file;
     int n_sink = 4;
     int n_window = 64;
     int page = 16;
@@ -176,6 +180,17 @@ void usage() {
         "  --csv FILE         append result rows (header written if the file is new or empty)\n"
         "  --layer-csv FILE   append per-layer recall rows (method,profile,budget,context,decode_tokens,layer,recall)\n"
         "  --nll-file FILE    append every scored token's NLL (method,budget,context,window_start,step,nll)\n"
+        "chunked prefill (issue #15):\n"
+        "  --chunked-prefill N  llama.cpp prefills the first N prompt tokens densely and every method calibrates from\n"
+        "                     them; the rest of the prompt follows N tokens per llama_decode (one ubatch) with every\n"
+        "                     global-attention layer's output rows replaced by the method's: it appends the chunk 16\n"
+        "                     tokens at a time and attends those 16 rows causally (library methods: one\n"
+        "                     sikv_attend_rows, the library's own per-row selection at the method's budget, at every\n"
+        "                     length); then the decode as usual (0: none, the whole prompt dense and calibrated on)\n"
+        "  --prefill-nll-file FILE  append the prompt's own next-token NLLs (method,budget,context,window_start,pos,nll:\n"
+        "                     the logits at position pos against token pos + 1): with --chunked-prefill each method's\n"
+        "                     over the chunked positions (pos >= N), else llama.cpp's dense prefill's over the whole\n"
+        "                     prompt as method `llama` (logits for every prompt token)\n"
         "passkey mode (long-context retrieval; --text not needed):\n"
         "  --passkey-depths LIST  needle depths, fractions of the filler (e.g. 0.1,0.3,0.5,0.7,0.9): enables the mode;\n"
         "                     prompts of at most --context tokens, the model's chat template and BOS rule; all but the\n"
@@ -254,6 +269,8 @@ Options parse(int argc, char ** argv) {
         }
         else if (a == "--passkey-csv") o.passkey_csv = next();
         else if (a == "--prefill-chunk") o.prefill_chunk = std::stoi(next());
+        else if (a == "--chunked-prefill") o.chunked_prefill = std::stoi(next());
+        else if (a == "--prefill-nll-file") o.prefill_nll_file = next();
         else if (a == "--kv-f16") o.kv_f16 = true;
         else if (a == "--flash-attn") o.flash_attn = true;
         else if (a == "--no-recall") o.recall = false;
@@ -275,6 +292,10 @@ Options parse(int argc, char ** argv) {
     if (o.decode_block < 1 || o.decode_block > kMaxBlock)
         throw std::runtime_error("--decode-block is 1.." + std::to_string(kMaxBlock));
     if (passkey && o.decode_block != 1) throw std::runtime_error("passkey mode decodes one token at a time");
+    if (o.chunked_prefill < 0 || o.chunked_prefill >= o.context)
+        throw std::runtime_error("--chunked-prefill is 0 or 1..context-1");
+    if (passkey && (o.chunked_prefill > 0 || !o.prefill_nll_file.empty()))
+        throw std::runtime_error("--chunked-prefill and --prefill-nll-file are perplexity-mode options");
     if (o.sikv_budget != "charged" && o.sikv_budget != "ratio") throw std::runtime_error("--sikv-budget is charged or ratio");
     if (o.sikv_centre != "median" && o.sikv_centre != "mean") throw std::runtime_error("--sikv-centre is median or mean");
     if (!(o.sikv_heavy_frac >= 0.0 && o.sikv_heavy_frac < 1.0)) throw std::runtime_error("--sikv-heavy-frac is in [0, 1)");
@@ -407,7 +428,6 @@ void substitute_output(Hook & h, ggml_tensor * t, int layer) {
     if (h.seen[layer] != 7u) { h.error = "kqv_out before Qcur/Kcur/Vcur of layer " + std::to_string(layer); return; }
     if (!output_layout_ok(t, s, n)) { h.error = "unexpected kqv_out layout"; return; }
     h.seen[layer] = 0;
-    h.method->append_block(layer, h.dk[layer].data(), h.dv[layer].data(), n);
     if (const ggml_tensor * mask = attention_mask(t)) {
         if (!mask->data || (mask->buffer && !ggml_backend_buffer_is_host(mask->buffer))) {
             h.error = "attention mask of layer " + std::to_string(layer) + " is not in host memory";
@@ -418,9 +438,18 @@ void substitute_output(Hook & h, ggml_tensor * t, int layer) {
         if (seen >= 0 && seen < (int64_t) h.pos + 1) h.windowed[layer] = 1;
     }
     h.outs_this_step += 1;
-    if (layer < h.dense_layers || h.windowed[layer]) return;
-    h.method->attend_block(layer, h.dq[layer].data(), h.out.data(), n);
+    // A call takes at most kMaxBlock rows, the sequence's last tokens: a prompt chunk (--chunked-prefill) is
+    // appended and attended kMaxBlock tokens at a time, each group's rows seeing the groups before it in the
+    // cache and their own group causally. A decode block is one group, as before.
+    const bool keep = layer < h.dense_layers || h.windowed[layer];
     const size_t row = (size_t) s.n_q_heads * s.head_dim;
+    const size_t kv_row = (size_t) s.n_kv_heads * s.head_dim;
+    for (int g0 = 0; g0 < n; g0 += kMaxBlock) {
+        const int g = std::min(kMaxBlock, n - g0);
+        h.method->append_block(layer, h.dk[layer].data() + g0 * kv_row, h.dv[layer].data() + g0 * kv_row, g);
+        if (!keep) h.method->attend_block(layer, h.dq[layer].data() + g0 * row, h.out.data() + g0 * row, g);
+    }
+    if (keep) return;
     for (int i = 0; i < n; ++i) {
         float * ref = (float *) ((char *) t->data + (size_t) i * t->nb[1]);
         const float * mine = h.out.data() + i * row;
@@ -520,6 +549,12 @@ struct Config {
     double rel_err_sum = 0.0, rel_err_max = 0.0;
     int64_t rel_err_n = 0;
     SelectionStats st;
+    // --chunked-prefill: the chunked positions' next-token NLL, time and attention agreement
+    double prefill_nll = 0.0;
+    int64_t prefill_scored = 0;
+    double chunk_s = 0.0;
+    double chunk_rel_sum = 0.0, chunk_rel_max = 0.0;
+    int64_t chunk_rel_n = 0;
     // passkey mode, summed over prompts
     int pk_prompts = 0, pk_correct = 0;
     double pk_digits = 0.0;
@@ -827,8 +862,8 @@ int run_passkey(const Options & o, const llama_model * model, llama_context * ct
     return 0;
 }
 
-// One teacher-forced decode block: tokens[0..n) at positions pos.., logits for every one of them, the
-// method substituted at every layer (one ubatch: n <= kMaxBlock is far below n_ubatch).
+// One teacher-forced decode block or prompt chunk: tokens[0..n) at positions pos.., logits for every one of
+// them, the method substituted at every layer (one ubatch: n is at most n_ubatch).
 void decode_block(llama_context * ctx, llama_batch & batch, Hook & hook, const llama_token * tokens, int pos, int n) {
     batch.n_tokens = n;
     for (int j = 0; j < n; ++j) {
@@ -898,18 +933,21 @@ int run(const Options & o) {
     const int L = s.n_layer;
     hook.pk.assign(L, {}); hook.pv.assign(L, {}); hook.pq.assign(L, {});
     hook.pk_n.assign(L, 0); hook.pv_n.assign(L, 0); hook.pq_n.assign(L, 0);
-    hook.dq.assign(L, std::vector<float>((size_t) kMaxBlock * s.n_q_heads * s.head_dim));
-    hook.dk.assign(L, std::vector<float>((size_t) kMaxBlock * s.n_kv_heads * s.head_dim));
-    hook.dv.assign(L, std::vector<float>((size_t) kMaxBlock * s.n_kv_heads * s.head_dim));
+    const int max_rows = std::max(kMaxBlock, o.chunked_prefill);  // a decode block or a prompt chunk
+    hook.dq.assign(L, std::vector<float>((size_t) max_rows * s.n_q_heads * s.head_dim));
+    hook.dk.assign(L, std::vector<float>((size_t) max_rows * s.n_kv_heads * s.head_dim));
+    hook.dv.assign(L, std::vector<float>((size_t) max_rows * s.n_kv_heads * s.head_dim));
     hook.seen.assign(L, 0);
     hook.windowed.assign(L, 0);
-    hook.out.resize((size_t) kMaxBlock * s.n_q_heads * s.head_dim);
+    hook.out.resize((size_t) max_rows * s.n_q_heads * s.head_dim);
 
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t) ((P + D + 1 + 255) / 256 * 256);
-    const int chunk = passkey && o.prefill_chunk > 0 ? std::min(o.prefill_chunk, P) : P;
+    // Dense prefill tokens: the whole prompt, or the first chunk, which every method calibrates from.
+    const int P0 = o.chunked_prefill > 0 ? o.chunked_prefill : P;
+    const int chunk = passkey && o.prefill_chunk > 0 ? std::min(o.prefill_chunk, P) : P0;
     cp.n_batch = (uint32_t) chunk;
-    cp.n_ubatch = (uint32_t) chunk;  // one ubatch: the prefill is one dense graph (unless --prefill-chunk)
+    cp.n_ubatch = (uint32_t) chunk;  // one ubatch: the prefill (and each later chunk) is one graph
     cp.n_seq_max = 1;
     cp.n_threads = o.threads;
     cp.n_threads_batch = o.threads;
@@ -928,6 +966,9 @@ int run(const Options & o) {
     if (!passkey)
     std::printf("text: %d tokens; %d window(s) of %d prefill + %d decode tokens from offset %d, %d per llama_decode; kv cache %s, flash attn %s, %d threads\n",
                 n_tok, windows, P, D, o.offset, o.decode_block, o.kv_f16 ? "f16" : "f32", o.flash_attn ? "on" : "off", o.threads);
+    if (P0 < P)
+        std::printf("chunked prefill: %d tokens dense (calibration), then %d tokens through each method, %d per llama_decode\n",
+                    P0, P - P0, P0);
 
     // method configurations: --configs pairs, else every method at every budget
     std::vector<std::pair<std::string, std::string>> pairs = o.configs;
@@ -1025,6 +1066,13 @@ int run(const Options & o) {
         if (!nll_out) throw std::runtime_error("cannot write " + o.nll_file);
     }
     bool dumped = false;
+    FILE * prefill_nll_out = nullptr;
+    if (!o.prefill_nll_file.empty()) {
+        prefill_nll_out = std::fopen(o.prefill_nll_file.c_str(), "a");
+        if (!prefill_nll_out) throw std::runtime_error("cannot write " + o.prefill_nll_file);
+    }
+    // the dense prefill's own NLLs: logits for every prompt token (P x vocab floats)
+    const bool dense_prefill_nll = prefill_nll_out && P0 == P;
 
     for (int w = 0; w < windows; ++w) {
         const int start = o.offset + w * span;
@@ -1035,18 +1083,19 @@ int run(const Options & o) {
         }
         const llama_token * wt = win.data();
 
-        // dense prefill, capturing every layer's post-RoPE K, V and the last queries
+        // dense prefill (of the first chunk with --chunked-prefill), capturing every layer's post-RoPE K, V
+        // and the last queries
         llama_memory_clear(mem, true);
-        batch.n_tokens = P;
-        for (int i = 0; i < P; ++i) {
+        batch.n_tokens = P0;
+        for (int i = 0; i < P0; ++i) {
             batch.token[i] = wt[i];
             batch.pos[i] = i;
             batch.n_seq_id[i] = 1;
             batch.seq_id[i][0] = 0;
-            batch.logits[i] = i == P - 1;
+            batch.logits[i] = i == P0 - 1 || dense_prefill_nll;
         }
         hook.phase = Hook::Phase::Prefill;
-        hook.n_tokens = P;
+        hook.n_tokens = P0;
         std::fill(hook.pk_n.begin(), hook.pk_n.end(), 0);
         std::fill(hook.pv_n.begin(), hook.pv_n.end(), 0);
         std::fill(hook.pq_n.begin(), hook.pq_n.end(), 0);
@@ -1058,17 +1107,55 @@ int run(const Options & o) {
         if (!hook.error.empty()) throw std::runtime_error(hook.error);
         std::printf("window %d/%d: prefill %.3f s\n", w + 1, windows, now_s() - t0);
         for (int l = 0; l < L; ++l)
-            if (hook.pk_n[l] != P || hook.pv_n[l] != P || hook.pq_n[l] != std::min(o.q_tail, P))
+            if (hook.pk_n[l] != P0 || hook.pv_n[l] != P0 || hook.pq_n[l] != std::min(o.q_tail, P0))
                 throw std::runtime_error("prefill capture incomplete at layer " + std::to_string(l));
+        if (dense_prefill_nll) {
+            for (int i = 0; i < P; ++i)
+                std::fprintf(prefill_nll_out, "llama,full,%d,%d,%d,%.9f\n", P, start, i,
+                             nll_of(llama_get_logits_ith(ctx, i), n_vocab, wt[i + 1]));
+            std::fflush(prefill_nll_out);
+        }
 
         for (auto & c : configs) {
-            if (!llama_memory_seq_rm(mem, 0, P, -1)) throw std::runtime_error("cannot trim the KV cache");
+            if (!llama_memory_seq_rm(mem, 0, P0, -1)) throw std::runtime_error("cannot trim the KV cache");
             c.impl->begin_sequence(s);
             for (int l = 0; l < L; ++l)
-                c.impl->calibrate(l, hook.pk[l].data(), hook.pv[l].data(), P, hook.pq[l].data(), hook.pq_n[l]);
+                c.impl->calibrate(l, hook.pk[l].data(), hook.pv[l].data(), P0, hook.pq[l].data(), hook.pq_n[l]);
             hook.method = c.impl.get();
             hook.rel_err_sum = hook.rel_err_max = 0.0;
             hook.rel_err_n = 0;
+
+            if (P0 < P) {
+                // the rest of the prompt, P0 tokens per llama_decode, through the method; the logits of
+                // position pos are scored against token pos + 1 (the last against the first decode token)
+                const double tc = now_s();
+                double nll_w = 0.0;
+                for (int c0 = P0; c0 < P; c0 += P0) {
+                    const int n = std::min(P0, P - c0);
+                    decode_block(ctx, batch, hook, wt + c0, c0, n);
+                    for (int j = 0; j < n; ++j) {
+                        const double nll = nll_of(llama_get_logits_ith(ctx, j), n_vocab, wt[c0 + j + 1]);
+                        nll_w += nll;
+                        if (prefill_nll_out)
+                            std::fprintf(prefill_nll_out, "%s,%s,%d,%d,%d,%.9f\n", c.method.c_str(),
+                                         c.budget_label.c_str(), P, start, c0 + j, nll);
+                    }
+                }
+                const double dt = now_s() - tc;
+                c.chunk_s += dt;
+                c.prefill_nll += nll_w;
+                c.prefill_scored += P - P0;
+                c.chunk_rel_sum += hook.rel_err_sum;
+                c.chunk_rel_max = std::max(c.chunk_rel_max, hook.rel_err_max);
+                c.chunk_rel_n += hook.rel_err_n;
+                std::printf("  window %d %-12s %-6s chunked prefill of %d tokens: %.1f s, prefill ppl %.5f, attn rel err "
+                            "%.3e (%lld rows)\n", w + 1, c.method.c_str(), c.budget_label.c_str(), P - P0, dt,
+                            std::exp(nll_w / (double) (P - P0)), hook.rel_err_n ? hook.rel_err_sum / hook.rel_err_n : NAN,
+                            (long long) hook.rel_err_n);
+                if (prefill_nll_out) std::fflush(prefill_nll_out);
+                hook.rel_err_sum = hook.rel_err_max = 0.0;
+                hook.rel_err_n = 0;
+            }
 
             double t1 = now_s();
             for (int i = 0; i < D; i += o.decode_block) {
@@ -1103,6 +1190,7 @@ int run(const Options & o) {
     }
     llama_batch_free(batch);
     if (nll_out) std::fclose(nll_out);
+    if (prefill_nll_out) std::fclose(prefill_nll_out);
     if (csv) std::fclose(csv);
     if (layer_csv) std::fclose(layer_csv);
 
@@ -1122,6 +1210,17 @@ int run(const Options & o) {
         std::printf("%-12s %-6s %6d %11.5f %+8.4f%% %8.4f %9.1f %12.3e %12.3e %10.2f\n", c.method.c_str(),
                     c.budget_label.c_str(), c.budget, ppl, 100.0 * (ppl / dense_ppl - 1.0), recall, attended, rel,
                     c.rel_err_max, 1000.0 * c.decode_s / (double) c.n_scored);
+    }
+
+    if (P0 < P) {
+        std::printf("\nchunked prefill: positions %d..%d, %d per llama_decode\n", P0, P - 1, P0);
+        std::printf("%-12s %-6s %14s %12s %12s %10s\n", "method", "budget", "prefill ppl", "attn_relerr", "attn_maxerr",
+                    "s/window");
+        for (const auto & c : configs)
+            std::printf("%-12s %-6s %14.5f %12.3e %12.3e %10.1f\n", c.method.c_str(), c.budget_label.c_str(),
+                        std::exp(c.prefill_nll / (double) c.prefill_scored),
+                        c.chunk_rel_n ? c.chunk_rel_sum / (double) c.chunk_rel_n : NAN, c.chunk_rel_max,
+                        c.chunk_s / windows);
     }
 
     std::string wl;

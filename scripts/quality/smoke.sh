@@ -6,6 +6,8 @@
 #   - the exact top-k baseline at that budget reproduces llama.cpp's attention to float rounding,
 #   - at a 1/16 budget the library attends about 1/16 of the context and its perplexity stays finite,
 #   - decoding 4 tokens per llama_decode (--decode-block 4) gives llama.cpp's and the library's block-1 figures,
+#   - a prefill in two chunks, the second through the method (--chunked-prefill), gives llama.cpp's figures
+#     and, at a whole-context budget, the library's whole-prompt-calibrated ones,
 #   - in passkey mode the needle lands at the requested depth and llama.cpp (and `dense`) find the key,
 # then checks Gemma 3 270M's BOS, sliding-window layers and `dense` (below).
 # usage: scripts/quality/smoke.sh   (EVAL_DIR as for run.sh)
@@ -76,6 +78,54 @@ for m in ("sikv_16+1", "sikv_16+1_meanq"):
     check(abs(ppl(four[m]) / ppl(one[m]) - 1) < 1e-3,
           f"block 4: library {m}, whole context: perplexity {four[m]['perplexity']} within 0.1% of block 1's "
           f"{one[m]['perplexity']}")
+sys.exit(1 if fails else 0)
+PYEOF
+
+# Chunked prefill (--chunked-prefill, issue #15): a 512-token window (kept short: the CPU backend at a
+# whole-context budget is slow) with its first 256 tokens prefilled densely and calibrated on, the other 256
+# prefilled through the method in one ubatch (rows attended 16 per call), then the same 32 decode tokens. llama.cpp's own attention must give the whole-prompt prefill's NLLs and decode (its
+# chunked prefill is the same computation); `dense` written back into the chunk's rows must too (the rows'
+# layout); the library at a budget covering the whole context (16+1) must stay within 0.5 % of its
+# whole-prompt-calibrated perplexity, decode and prefill; and the library at 1/16 must move the prefill's loss,
+# so the chunk's rows are really its own (were they llama.cpp's, the checks above would pass unexercised).
+CH_DIR="$EVAL_DIR/results/smoke_chunked"
+rm -rf "$CH_DIR"; mkdir -p "$CH_DIR"
+CP=512
+for CH in 0 256; do
+  "$EVAL_DIR/eval-build/llama_cpp_eval" --model "$EVAL_DIR/model/SmolLM2-135M-Instruct.f32.gguf" \
+    --text "$EVAL_DIR/text/alice29.txt" --context $CP --decode 32 --chunked-prefill $CH --no-recall --threads "$(nproc)" \
+    --configs "llama,dense,sikv_16+1@$CP,sikv_2+1@1/16" --nll-file "$CH_DIR/c$CH.nll.csv" \
+    --prefill-nll-file "$CH_DIR/c$CH.prefill.csv" >> "$CH_DIR/log" 2>&1
+done
+python3 - "$ROOT/scripts/quality" "$CH_DIR" $CP <<'PYEOF'
+import math, sys
+sys.path.insert(0, sys.argv[1])
+import report
+d, P, C = sys.argv[2], int(sys.argv[3]), 256
+load = lambda f: {m: t for (_, m, _), t in report.read_nll([f"{d}/{f}"]).items()}
+dec0, dec1, pre0, pre1 = load("c0.nll.csv"), load(f"c{C}.nll.csv"), load("c0.prefill.csv"), load(f"c{C}.prefill.csv")
+ppl = lambda t: math.exp(sum(t.values()) / len(t))
+ref = {t: v for t, v in pre0["llama"].items() if t[1] >= C}  # whole-prompt dense prefill, chunked positions
+fails = []
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what)
+    if not cond:
+        fails.append(what)
+check(set(pre1["llama"]) == set(ref) and len(ref) == P - C, f"chunked prefill: {len(ref)} positions scored, {P - C} expected")
+for m in ("llama", "dense"):
+    diff = max(abs(pre1[m][t] - ref[t]) for t in ref)
+    check(diff < 1e-3, f"chunked prefill: {m} prefill NLLs equal the whole prompt's dense ones (largest diff {diff:.1e})")
+    check(abs(ppl(dec1[m]) / ppl(dec0["llama"]) - 1) < 1e-5,
+          f"chunked prefill: {m} decode perplexity {ppl(dec1[m]):.6f} equals the whole prompt's {ppl(dec0['llama']):.6f}")
+lib = "sikv_16+1"
+check(abs(ppl(dec1[lib]) / ppl(dec0[lib]) - 1) < 5e-3,
+      f"chunked prefill: library 16+1, whole context: decode perplexity {ppl(dec1[lib]):.6f} within 0.5% of "
+      f"whole-prompt calibration's {ppl(dec0[lib]):.6f}")
+check(abs(ppl(pre1[lib]) / ppl(ref) - 1) < 5e-3,
+      f"chunked prefill: library 16+1, whole context: prefill perplexity {ppl(pre1[lib]):.6f} within 0.5% of dense {ppl(ref):.6f}")
+sparse = ppl(pre1["sikv_2+1"])
+check(abs(sparse / ppl(ref) - 1) > 1e-3,
+      f"chunked prefill: library 2+1 at 1/16 changes the prefill perplexity ({sparse:.6f} against dense {ppl(ref):.6f})")
 sys.exit(1 if fails else 0)
 PYEOF
 
