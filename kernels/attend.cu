@@ -568,9 +568,9 @@ SIKV_DEV void attend_body(const SikvParams& p) {
 // dependency by then. Its prologue (the kept dense entries' count, the query) reads nothing
 // of the selection and runs before the wait (with p.attend_early, while the select's last
 // kernel runs; otherwise the entry has waited already).
-template <int D, typename T>
+template <int D, typename T, int BITS>
 SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
-    typedef TcShape<D> Sh;
+    typedef TcShape<D, BITS> Sh;
     __shared__ TcSmem<D> s;
     // Several query rows per sequence take attend_body (the launcher gives them splits of one
     // ATTEND_SPLIT): with the row's sequence and bound beside its row, this kernel spilled.
@@ -624,7 +624,7 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
             return true;
         }
     }
-    TcWarp<D, T> w;
+    TcWarp<D, T, BITS> w;
     w.init(p, s, hq_base, ascale, []() {});
     const int e = selection_ends_before();
     if (e < 0) return false;
@@ -640,7 +640,7 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     const int* sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
     const int first = lo + 16 * w.warp;
     const int nt = hi > first ? (hi - first + ATTEND_SPLIT - 1) / ATTEND_SPLIT : 0;
-    auto gather = [&](int t, TcRaw<D>& r) -> u32 {
+    auto gather = [&](int t, TcRaw<D, BITS>& r) -> u32 {
         const int item = first + ATTEND_SPLIT * t + w.lane;
         long long row = -1;
         if (w.lane < 16 && item < hi) {
@@ -657,7 +657,7 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
         w.load(rk, rv, r);
         return valid;
     };
-    TcRaw<D> ra, rb;
+    TcRaw<D, BITS> ra, rb;
     u32 va = nt > 0 ? gather(0, ra) : 0u, vb = 0u;
     for (int t = 0; t < nt; t += 2) {
         if (t + 1 < nt) vb = gather(t + 1, rb);
@@ -672,21 +672,31 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
 
 // Splits below dense_splits take attend_body, which waits for the selection only when the
 // split holds selected items (splits of kept dense entries alone read nothing of it); the
-// others take the tensor-core tiles where the shape allows (waiting after their prologue) and
-// otherwise wait first.
-template <int D, typename T>
-SIKV_DEV void sikv_attend_impl(const SikvParams& p) {
+// others take the tensor-core tiles of width BITS where the shape allows (waiting after their
+// prologue) and otherwise wait first.
+template <int D, typename T, int BITS>
+SIKV_DEV void attend_splits(const SikvParams& p) {
     if ((int)blockIdx.x < p.dense_splits) {
         attend_body<D, T, false>(p);
         return;
     }
     if constexpr (TcShape<D>::OK) {
-        if (tc_shape_ok<D>(p) && sparse_tc_split<D, T>(p)) return;
+        if (tc_shape_ok<D, BITS>(p) && sparse_tc_split<D, T, BITS>(p)) return;
     }
     sikv_grid_wait();
     attend_body<D, T, false>(p);
 }
+template <int D, typename T>
+SIKV_DEV void sikv_attend_impl(const SikvParams& p) {
+    attend_splits<D, T, 2>(p);
+}
 SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend, ATTEND_THREADS, 4)
+// Planes of 4-bit key magnitudes and values (4+1): the launcher takes this kernel instead.
+template <int D, typename T>
+SIKV_DEV void sikv_attend_b4_impl(const SikvParams& p) {
+    attend_splits<D, T, 4>(p);
+}
+SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend_b4, ATTEND_THREADS, 4)
 
 // The attend of a mean-query selection (p.rows_mean): several rows per sequence, so no
 // tensor-core splits (sparse_tc_split declines rows).

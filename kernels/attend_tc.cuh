@@ -1,8 +1,10 @@
 // Attention over tiles of 16 tokens on tensor cores (mma.sync m16n8k16, f16 operands, f32
 // accumulation), for the dense decode's candidate chunks (dense.cu) and the sparse attend's
-// splits of selected tokens (attend.cu), when the planes hold 2-bit key magnitudes and 2-bit
-// values, d is 64 or 128, a KV head has at most 8 query heads and pages hold a multiple of 16
-// tokens (tc_shape_ok). Per tile of 16 tokens, in one warp:
+// splits of selected tokens (attend.cu), when the planes hold key magnitudes and values of the
+// same width, 2 or 4 bits (profiles 2+1 and 4+1; each width has kernels of its own, so the
+// wider tiles' registers do not cost the 2-bit code), d is 64 or 128, a KV head has at most 8
+// query heads and pages hold a multiple of 16 tokens (tc_shape_ok). Per tile of 16 tokens, in
+// one warp:
 //   S^T = K Q'^T (M = the 16 tokens, N = the G heads, K = 16 channels), Q' = q * a *
 //        softmax_scale * log2(e), scaled by a power of two into f16 range; K = the signed
 //        magnitudes s * (code * delta + zero) made in f16x2 straight from the code words;
@@ -10,25 +12,33 @@
 //        S^T, its two 8x8 blocks transposed across the warp (movmatrix), V = code * delta + zero.
 // Channels are permuted freely inside a dot product, so each thread's operands come from a
 // few contiguous code words: tid-in-group j holds key channels [j d/4, (j+1) d/4), group g
-// value channels [g d/8, (g+1) d/8). f16 operands with f32 accumulation keep the output
-// within ~1e-3 of the f32 reference.
+// value channels [g d/8, (g+1) d/8). A 32-bit word of codes pairs its channels i and
+// i + (channels per word) / 2, one in each f16 half, so a pair takes one shift and one mask at
+// either width. f16 operands with f32 accumulation keep the output within ~1e-3 of the f32
+// reference.
 #pragma once
 #include "common.cuh"
 
-template <int D>
+// BITS: the code width of key magnitudes and of values (2 or 4).
+template <int D, int BITS = 2>
 struct TcShape {
     static constexpr bool OK = D == 64 || D == 128;
-    static constexpr int KCH = D / 4;   // key channels of one thread (tid-in-group j)
-    static constexpr int KW = KCH / 16; // 32-bit key code words per token and thread
-    static constexpr int KB = D / 16;   // k-blocks of S^T = K Q'^T
-    static constexpr int MB = D / 16;   // m-blocks (16 channels) of O^T
-    static constexpr int VCH = D / 8;   // value channels of one thread (group g)
+    static constexpr int KCH = D / 4;             // key channels of one thread (tid-in-group j)
+    static constexpr int CPW = 32 / BITS;         // channels per 32-bit code word
+    static constexpr int PPW = CPW / 2;           // f16 pairs per code word: channels i, i + PPW
+    static constexpr int KW = KCH / CPW;          // key code words per token and thread
+    static constexpr int KB = D / 16;             // k-blocks of S^T = K Q'^T
+    static constexpr int MB = D / 16;             // m-blocks (16 channels) of O^T
+    static constexpr int VCH = D / 8;             // value channels of one thread (group g)
+    static constexpr int VH = VCH * BITS / 16;    // 16-bit halves of a value token's codes
+    static constexpr int VW = VH > 1 ? VH / 2 : 1; // 32-bit words holding them
     static constexpr int WARPS = ATTEND_THREADS / 32;
     static constexpr int GMAX = 8;      // heads in the N = 8 columns of S^T and O^T
-    // Row bytes of the planes at 2+2 bits (layout.rs).
-    static constexpr int RB_SIGN = D / 8, RB_KMAG = D / 4, RB_VCODE = D / 4;
+    // Row bytes of the planes (layout.rs).
+    static constexpr int RB_SIGN = D / 8, RB_KMAG = D * BITS / 8, RB_VCODE = D * BITS / 8;
     static constexpr int RB_KPAR = D / QUANT_GROUP * PAR_BYTES_PER_GROUP, RB_VPAR = RB_KPAR;
     static constexpr int DS = OK ? D : 1;  // smem extent (nothing for the shapes it does not take)
+    static constexpr u32 CODE_MASK = BITS == 2 ? 0x00030003u : 0x000F000Fu;
 };
 
 SIKV_DEV u32 h2_sub(u32 a, u32 b) {
@@ -67,21 +77,22 @@ SIKV_DEV u32 movmatrix_trans(u32 x) {
     return d;
 }
 
-// Two 2-bit codes (bits [2i, 2i+1] and [2i+16, 2i+17] of w) -> f16x2 (code * delta + zero):
-// the codes go into the mantissa of 1024.0 and 1024 is taken away, exactly.
+// Two codes of BITS bits (at bit BITS i of each 16-bit half of w) -> f16x2 (code * delta +
+// zero): the codes go into the mantissa of 1024.0 and 1024 is taken away, exactly.
 #define H2_MAGIC 0x64006400u
+template <int BITS>
 SIKV_DEV u32 code_pair(u32 w, int i, u32 delta2, u32 zero2, u32 mask) {
-    const u32 u = ((w >> (2 * i)) & mask) | H2_MAGIC;
+    const u32 u = ((w >> (BITS * i)) & mask) | H2_MAGIC;
     return h2_fma(h2_sub(u, H2_MAGIC), delta2, zero2);
 }
 
 // The code words of one 16-token tile a thread needs.
-template <int D>
+template <int D, int BITS>
 struct TcRaw {
-    u32 ksign[2];                   // key signs of its tokens g and g + 8
-    u32 kcode[2][TcShape<D>::KW];   // their key codes
-    u32 kpar[2];                    // their (delta, zero) f16 pair
-    u32 vcode[4];                   // value codes of tokens 2j, 2j+1, 2j+8, 2j+9
+    u32 ksign[2];                         // key signs of its tokens g and g + 8
+    u32 kcode[2][TcShape<D, BITS>::KW];   // their key codes
+    u32 kpar[2];                          // their (delta, zero) f16 pair
+    u32 vcode[4][TcShape<D, BITS>::VW];   // value codes of tokens 2j, 2j+1, 2j+8, 2j+9
     u32 vpar[4];
 };
 
@@ -97,12 +108,13 @@ struct TcSmem {
     u32 cmask;
 };
 
-// Whether the planes and the grouping fit the tensor-core tiles (uniform over a grid).
-template <int D>
+// Whether the planes and the grouping fit the tensor-core tiles of width BITS (uniform over a
+// grid).
+template <int D, int BITS>
 SIKV_DEV bool tc_shape_ok(const SikvParams& p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    typedef TcShape<D> Sh;
-    return Sh::OK && p.key_bits == 2 && p.value_bits == 2 && p.group <= Sh::GMAX &&
+    typedef TcShape<D, BITS> Sh;
+    return Sh::OK && p.key_bits == BITS && p.value_bits == BITS && p.group <= Sh::GMAX &&
            p.row_bytes[SIKV_PLANE_SIGN] == Sh::RB_SIGN && p.row_bytes[SIKV_PLANE_KMAG] == Sh::RB_KMAG &&
            p.row_bytes[SIKV_PLANE_VCODE] == Sh::RB_VCODE && p.row_bytes[SIKV_PLANE_KPAR] == Sh::RB_KPAR &&
            p.row_bytes[SIKV_PLANE_VPAR] == Sh::RB_VPAR && p.page_size % 16 == 0;
@@ -111,16 +123,18 @@ SIKV_DEV bool tc_shape_ok(const SikvParams& p) {
 #endif
 }
 
+
 // One warp's attention over its tiles, and the block's merge of its warps into one partial.
-template <int D, typename T>
+template <int D, typename T, int BITS>
 struct TcWarp {
-    typedef TcShape<D> Sh;
+    typedef TcShape<D, BITS> Sh;
+    typedef TcRaw<D, BITS> Raw;
     int lane, warp, g, j;  // g, j: mma groupID and thread-in-group
     u32 qa[Sh::KB][2];     // B fragments of Q'^T (column g: head g; zero for g >= G)
     float s_up;            // undoes Q''s power-of-two scale on S
-    // The code mask 0x00030003 of code_pair. Read from shared memory in init: as a literal,
-    // ptxas (at the 128-register bound) re-created it with a move before every use, 43 moves
-    // per tile at d = 128.
+    // The code mask of code_pair (Sh::CODE_MASK). Read from shared memory in init: as a
+    // literal, ptxas (at the 128-register bound) re-created it with a move before every use,
+    // 43 moves per tile at d = 128.
     u32 cmask;
     float oacc[Sh::MB][4];
     // Heads 2j, 2j+1: running max (log2 units) and this thread's part of the sum.
@@ -144,7 +158,7 @@ struct TcWarp {
         }
         qm = warp_max(qm);
         if (lane == 0) s.qmax[warp] = qm;
-        if (tid == 0) s.cmask = 0x00030003u;
+        if (tid == 0) s.cmask = Sh::CODE_MASK;
         __syncthreads();
         between();
         qm = s.qmax[0];
@@ -160,9 +174,10 @@ struct TcWarp {
         for (int kb = 0; kb < Sh::KB; ++kb) {
             #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                const int pp = 2 * kb + half;                       // key pair index of the thread
-                const int c = Sh::KCH * j + 16 * (pp / 8) + pp % 8;  // its low channel; high = c + 8
-                qa[kb][half] = g < G ? h2_pack(s.acc[0][g][c] * q_down, s.acc[0][g][c + 8] * q_down) : 0u;
+                const int pp = 2 * kb + half;  // key pair index of the thread
+                // its low channel (word pp / PPW, pair pp % PPW); high = c + PPW
+                const int c = Sh::KCH * j + Sh::CPW * (pp / Sh::PPW) + pp % Sh::PPW;
+                qa[kb][half] = g < G ? h2_pack(s.acc[0][g][c] * q_down, s.acc[0][g][c + Sh::PPW] * q_down) : 0u;
             }
         }
         #pragma unroll
@@ -172,16 +187,39 @@ struct TcWarp {
         m_run[0] = m_run[1] = SIKV_NEG_INF;
         l_run[0] = l_run[1] = 0.0f;
         pl_sign = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_SIGN]) + Sh::KCH * j / 8;
-        pl_kmag = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_KMAG]) + Sh::KCH * j / 4;
+        pl_kmag = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_KMAG]) + Sh::KCH * j * BITS / 8;
         pl_kpar = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_KPAR]) + 4 * (Sh::KCH * j / QUANT_GROUP);
-        pl_vcode = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_VCODE]) + Sh::VCH * g / 4;
+        pl_vcode = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_VCODE]) + Sh::VCH * g * BITS / 8;
         pl_vpar = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_VPAR]) + 4 * (Sh::VCH * g / QUANT_GROUP);
         __syncthreads();  // Q' read (s.acc is reused by finish)
     }
 
+    // The thread's key code words at km (KW words) and value code words at vc (VH halves);
+    // zeros where !ok. At 4 bits and d = 128 one 16-byte (8-byte) load each: the offsets are
+    // multiples of 16 (8) bytes.
+    SIKV_DEV void load_kcode(const u8* km, bool ok, u32* out) const {
+        if constexpr (Sh::KW == 4) {
+            const uint4 x = ok ? *reinterpret_cast<const uint4*>(km) : make_uint4(0u, 0u, 0u, 0u);
+            out[0] = x.x; out[1] = x.y; out[2] = x.z; out[3] = x.w;
+        } else {
+            #pragma unroll
+            for (int w = 0; w < Sh::KW; ++w) out[w] = ok ? reinterpret_cast<const u32*>(km)[w] : 0u;
+        }
+    }
+    SIKV_DEV void load_vcode(const u8* vc, bool ok, u32* out) const {
+        if constexpr (Sh::VH == 1) {
+            out[0] = ok ? (u32)*reinterpret_cast<const u16*>(vc) : 0u;
+        } else if constexpr (Sh::VW == 1) {
+            out[0] = ok ? *reinterpret_cast<const u32*>(vc) : 0u;
+        } else {
+            const uint2 x = ok ? *reinterpret_cast<const uint2*>(vc) : make_uint2(0u, 0u);
+            out[0] = x.x; out[1] = x.y;
+        }
+    }
+
     // The thread's code words of one tile: plane rows of its key tokens g, g + 8 (rk) and value
     // tokens 2j, 2j+1, 2j+8, 2j+9 (rv); -1 = not a token (zero words: value 0 * 0 + 0).
-    SIKV_DEV void load(const long long* rk, const long long* rv, TcRaw<D>& r) const {
+    SIKV_DEV void load(const long long* rk, const long long* rv, Raw& r) const {
         #pragma unroll
         for (int nb = 0; nb < 2; ++nb) {
             const bool ok = rk[nb] >= 0;
@@ -190,22 +228,19 @@ struct TcWarp {
             const u8* kp = pl_kpar + rk[nb] * Sh::RB_KPAR;
             if (D == 128) r.ksign[nb] = ok ? *reinterpret_cast<const u32*>(sg) : 0u;
             else r.ksign[nb] = ok ? (u32)*reinterpret_cast<const u16*>(sg) : 0u;
-            #pragma unroll
-            for (int w = 0; w < Sh::KW; ++w) r.kcode[nb][w] = ok ? reinterpret_cast<const u32*>(km)[w] : 0u;
+            load_kcode(km, ok, r.kcode[nb]);
             r.kpar[nb] = ok ? *reinterpret_cast<const u32*>(kp) : 0u;
         }
         #pragma unroll
         for (int u = 0; u < 4; ++u) {
             const bool ok = rv[u] >= 0;
-            const u8* vc = pl_vcode + rv[u] * Sh::RB_VCODE;
-            if (D == 128) r.vcode[u] = ok ? *reinterpret_cast<const u32*>(vc) : 0u;
-            else r.vcode[u] = ok ? (u32)*reinterpret_cast<const u16*>(vc) : 0u;
+            load_vcode(pl_vcode + rv[u] * Sh::RB_VCODE, ok, r.vcode[u]);
             r.vpar[u] = ok ? *reinterpret_cast<const u32*>(pl_vpar + rv[u] * Sh::RB_VPAR) : 0u;
         }
     }
     // The same words for 16 consecutive plane rows from row0 (a dense tile inside one page):
     // one row product per plane and tile, the token offsets are constants of the thread.
-    SIKV_DEV void load_tile(long long row0, u32 valid, TcRaw<D>& r) const {
+    SIKV_DEV void load_tile(long long row0, u32 valid, Raw& r) const {
         const u8* sg = pl_sign + (row0 + g) * Sh::RB_SIGN;
         const u8* km = pl_kmag + (row0 + g) * Sh::RB_KMAG;
         const u8* kp = pl_kpar + (row0 + g) * Sh::RB_KPAR;
@@ -215,9 +250,7 @@ struct TcWarp {
             const int t = 8 * nb;  // key_token(nb) - g
             if (D == 128) r.ksign[nb] = ok ? *reinterpret_cast<const u32*>(sg + t * Sh::RB_SIGN) : 0u;
             else r.ksign[nb] = ok ? (u32)*reinterpret_cast<const u16*>(sg + t * Sh::RB_SIGN) : 0u;
-            #pragma unroll
-            for (int w = 0; w < Sh::KW; ++w)
-                r.kcode[nb][w] = ok ? reinterpret_cast<const u32*>(km + t * Sh::RB_KMAG)[w] : 0u;
+            load_kcode(km + t * Sh::RB_KMAG, ok, r.kcode[nb]);
             r.kpar[nb] = ok ? *reinterpret_cast<const u32*>(kp + t * Sh::RB_KPAR) : 0u;
         }
         const u8* vc = pl_vcode + (row0 + 2 * j) * Sh::RB_VCODE;
@@ -226,8 +259,7 @@ struct TcWarp {
         for (int u = 0; u < 4; ++u) {
             const bool ok = (valid >> value_token(u)) & 1u;
             const int t = (u & 1) + 8 * (u >> 1);  // value_token(u) - 2 j
-            if (D == 128) r.vcode[u] = ok ? *reinterpret_cast<const u32*>(vc + t * Sh::RB_VCODE) : 0u;
-            else r.vcode[u] = ok ? (u32)*reinterpret_cast<const u16*>(vc + t * Sh::RB_VCODE) : 0u;
+            load_vcode(vc + t * Sh::RB_VCODE, ok, r.vcode[u]);
             r.vpar[u] = ok ? *reinterpret_cast<const u32*>(vp + t * Sh::RB_VPAR) : 0u;
         }
     }
@@ -237,28 +269,30 @@ struct TcWarp {
     SIKV_DEV int value_token(int u) const { return 2 * j + (u & 1) + 8 * (u >> 1); }
 
     // One tile: S^T, the online softmax, O^T. valid: bit t = token t attends.
-    SIKV_DEV void tile(const TcRaw<D>& cur, u32 valid) {
+    SIKV_DEV void tile(const Raw& cur, u32 valid) {
         // S^T = K Q'^T (M = the 16 tokens, N = the heads): rows g and g + 8 are this thread's
         // tokens; even and odd k-blocks in separate accumulators (two mma chains side by side).
         float sacc[2][4];
         #pragma unroll
         for (int i = 0; i < 4; ++i) { sacc[0][i] = 0.0f; sacc[1][i] = 0.0f; }
+        constexpr u32 LOW = (1u << Sh::PPW) - 1u;  // the sign bits of a word's low channels
         #pragma unroll
         for (int w = 0; w < Sh::KW; ++w) {
-            u32 kf[2][8];
+            u32 kf[2][Sh::PPW];
             #pragma unroll
             for (int nb = 0; nb < 2; ++nb) {
                 const u32 d2 = __byte_perm(cur.kpar[nb], 0u, 0x1010), z2 = __byte_perm(cur.kpar[nb], 0u, 0x3232);
-                const u32 ns = ~(cur.ksign[nb] >> (16 * w));
-                const u32 s2 = (ns & 0xffu) | ((ns & 0xff00u) << 8);  // signs of channels i, i + 8 at bits i, 16 + i
+                const u32 ns = ~(cur.ksign[nb] >> (Sh::CPW * w));
+                // signs of channels i, i + PPW at bits i, 16 + i
+                const u32 s2 = (ns & LOW) | ((ns & (LOW << Sh::PPW)) << (16 - Sh::PPW));
                 #pragma unroll
-                for (int i = 0; i < 8; ++i)
-                    kf[nb][i] = code_pair(cur.kcode[nb][w], i, d2, z2, cmask) ^ ((s2 << (15 - i)) & 0x80008000u);
+                for (int i = 0; i < Sh::PPW; ++i)
+                    kf[nb][i] = code_pair<BITS>(cur.kcode[nb][w], i, d2, z2, cmask) ^ ((s2 << (15 - i)) & 0x80008000u);
             }
             #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                const int kb = 4 * w + kk;
-                mma_16816(sacc[kk & 1], kf[0][2 * kk], kf[1][2 * kk], kf[0][2 * kk + 1], kf[1][2 * kk + 1], qa[kb][0],
+            for (int kk = 0; kk < Sh::PPW / 2; ++kk) {
+                const int kb = Sh::PPW / 2 * w + kk;
+                mma_16816(sacc[kb & 1], kf[0][2 * kk], kf[1][2 * kk], kf[0][2 * kk + 1], kf[1][2 * kk + 1], qa[kb][0],
                           qa[kb][1]);
             }
         }
@@ -303,23 +337,27 @@ struct TcWarp {
                 oacc[mb][0] *= al[0]; oacc[mb][1] *= al[1]; oacc[mb][2] *= al[0]; oacc[mb][3] *= al[1];
             }
         }
-        // O^T += V^T P^T.
-        u32 vw[2][2], vd[2], vz[2];
+        // O^T += V^T P^T. vw[pr][h]: the h-th 16-bit half of the codes of the pair's two
+        // tokens (CH channels each), the first token in the low half.
+        constexpr int CH = 16 / BITS;
+        u32 vw[2][Sh::VH], vd[2], vz[2];
         #pragma unroll
         for (int pr = 0; pr < 2; ++pr) {
-            const u32 w0 = cur.vcode[2 * pr], w1 = cur.vcode[2 * pr + 1];
-            vw[pr][0] = (w0 & 0xffffu) | (w1 << 16);          // channels 0..7 of both tokens
-            vw[pr][1] = (w0 >> 16) | (w1 & 0xffff0000u);       // channels 8..15 (d = 128)
+            #pragma unroll
+            for (int h = 0; h < Sh::VH; ++h) {
+                const u32 w0 = cur.vcode[2 * pr][h / 2], w1 = cur.vcode[2 * pr + 1][h / 2];
+                vw[pr][h] = h & 1 ? (w0 >> 16) | (w1 & 0xffff0000u) : (w0 & 0xffffu) | (w1 << 16);
+            }
             vd[pr] = __byte_perm(cur.vpar[2 * pr], cur.vpar[2 * pr + 1], 0x5410);
             vz[pr] = __byte_perm(cur.vpar[2 * pr], cur.vpar[2 * pr + 1], 0x7632);
         }
         #pragma unroll
         for (int mb = 0; mb < Sh::MB; ++mb) {
             const int c_lo = mb, c_hi = Sh::MB + mb;  // local value channels of rows g, g + 8
-            const u32 a0 = code_pair(vw[0][c_lo / 8], c_lo % 8, vd[0], vz[0], cmask);
-            const u32 a1 = code_pair(vw[0][c_hi / 8], c_hi % 8, vd[0], vz[0], cmask);
-            const u32 a2 = code_pair(vw[1][c_lo / 8], c_lo % 8, vd[1], vz[1], cmask);
-            const u32 a3 = code_pair(vw[1][c_hi / 8], c_hi % 8, vd[1], vz[1], cmask);
+            const u32 a0 = code_pair<BITS>(vw[0][c_lo / CH], c_lo % CH, vd[0], vz[0], cmask);
+            const u32 a1 = code_pair<BITS>(vw[0][c_hi / CH], c_hi % CH, vd[0], vz[0], cmask);
+            const u32 a2 = code_pair<BITS>(vw[1][c_lo / CH], c_lo % CH, vd[1], vz[1], cmask);
+            const u32 a3 = code_pair<BITS>(vw[1][c_hi / CH], c_hi % CH, vd[1], vz[1], cmask);
             mma_16816(oacc[mb], a0, a1, a2, a3, pb0, pb1);
         }
     }

@@ -14,9 +14,9 @@
 // Candidate chunk split - dense_splits: absolute positions [c * chunk, (c + 1) * chunk) of
 // [S, cand_end), heavy positions left out. Writes the split's partial.
 // chunk: dense_chunk_of the row (at most DENSE_TC_MAX_CHUNK); len, slot: row_seq's.
-template <int D, typename T>
+template <int D, typename T, int BITS>
 SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) {
-    typedef TcShape<D> Sh;
+    typedef TcShape<D, BITS> Sh;
     __shared__ TcSmem<D> s;
     __shared__ u32 heavy[DENSE_TC_MAX_CHUNK / 32];
     const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
@@ -38,7 +38,7 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
     // Heavy positions of the chunk -> bitmap (zeroed before init's first barrier, set between
     // its two).
     for (int i = tid; i < chunk / 32; i += ATTEND_THREADS) heavy[i] = 0u;
-    TcWarp<D, T> w;
+    TcWarp<D, T, BITS> w;
     w.init(p, s, hq_base, ascale, [&]() {
         for (int i = tid; i < p.n_heavy; i += ATTEND_THREADS) {
             const int off = dpos[p.n_sink + i] - clo;
@@ -80,10 +80,10 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
         return range & ~(heavy[off >> 5] >> (off & 31));
     };
     // The thread's tokens of a tile at plane row row0 (consecutive rows: one page).
-    auto load = [&](long long row0, u32 valid, TcRaw<D>& r) { w.load_tile(row0, valid, r); };
+    auto load = [&](long long row0, u32 valid, TcRaw<D, BITS>& r) { w.load_tile(row0, valid, r); };
     // The loop alternates two register sets, so the next tile's words load into one while the
     // other is used (no copy between them).
-    TcRaw<D> ra, rb;
+    TcRaw<D, BITS> ra, rb;
     const long long r0 = tile_row(wlo);
     u32 va = tile_valid(wlo, r0), vb = 0u;
     load(r0, va, ra);
@@ -101,21 +101,31 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
     w.finish(p, s, hq_base, split);
 }
 
-template <int D, typename T>
-SIKV_DEV void sikv_attend_dense_impl(const SikvParams& p) {
+template <int D, typename T, int BITS>
+SIKV_DEV void dense_splits_or_chunks(const SikvParams& p) {
     if constexpr (TcShape<D>::OK) {
-        if ((int)blockIdx.x >= p.dense_splits && tc_shape_ok<D>(p)) {
+        if ((int)blockIdx.x >= p.dense_splits && tc_shape_ok<D, BITS>(p)) {
             int slot;
             const int len = row_seq(p, blockIdx.z, &slot);
             const int chunk = dense_chunk_of(p, slot < 0 ? 0 : cand_end(p, len));
             if (chunk % (16 * TcShape<D>::WARPS) == 0 && chunk <= DENSE_TC_MAX_CHUNK) {
-                dense_tc_chunk<D, T>(p, chunk, len, slot);
+                dense_tc_chunk<D, T, BITS>(p, chunk, len, slot);
                 return;
             }
         }
     }
     attend_body<D, T, true>(p);
 }
+template <int D, typename T>
+SIKV_DEV void sikv_attend_dense_impl(const SikvParams& p) {
+    dense_splits_or_chunks<D, T, 2>(p);
+}
 // Four blocks per SM (128 registers): shared memory allows four, and the candidate chunks
 // need every resident warp to hide their load latency.
 SIKV_ENTRIES_D_T_MINB(sikv_attend_dense, ATTEND_THREADS, 4)
+// Planes of 4-bit key magnitudes and values (4+1): the launcher takes this kernel instead.
+template <int D, typename T>
+SIKV_DEV void sikv_attend_dense_b4_impl(const SikvParams& p) {
+    dense_splits_or_chunks<D, T, 4>(p);
+}
+SIKV_ENTRIES_D_T_MINB(sikv_attend_dense_b4, ATTEND_THREADS, 4)

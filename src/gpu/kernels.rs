@@ -38,6 +38,11 @@ pub struct Kernels {
     /// attend of a selection made per sequence from its rows' mean query (p.rows_mean).
     pub attend_mean: Kernel,
     pub attend_dense: Kernel,
+    /// attend and attend_dense for planes of 4-bit key magnitudes and values (4+1): their
+    /// tensor-core tiles hold twice the code words, so they are kernels of their own and the
+    /// 2-bit kernels keep their registers.
+    pub attend_b4: Kernel,
+    pub attend_dense_b4: Kernel,
     pub combine: Kernel,
     pub params_layout: Kernel,
 }
@@ -82,6 +87,8 @@ impl Kernels {
             attend: get(dt("attend"))?,
             attend_mean: get(dt("attend_mean"))?,
             attend_dense: get(dt("attend_dense"))?,
+            attend_b4: get(dt("attend_b4"))?,
+            attend_dense_b4: get(dt("attend_dense_b4"))?,
             combine: get(dt("combine"))?,
             params_layout: get(plain("params_layout"))?,
         })

@@ -600,7 +600,13 @@ impl GpuContext {
         p.num_splits = splits as i32;
         let grid = (splits as u32, cfg.num_kv_heads, b);
         let kn = &self.inner.kernels;
-        let attend = if p.rows_mean != 0 { &kn.attend_mean } else { &kn.attend };
+        let attend = if p.rows_mean != 0 {
+            &kn.attend_mean
+        } else if super::workspace::code_width4(cfg) {
+            &kn.attend_b4
+        } else {
+            &kn.attend
+        };
         self.launch(attend, grid, ATTEND_THREADS, stream, p)
     }
 
@@ -624,7 +630,13 @@ impl GpuContext {
         p.dense_chunks = chunks as i32;
         p.mode = 1;
         let grid = (p.num_splits as u32, cfg.num_kv_heads, b);
-        self.launch(&self.inner.kernels.attend_dense, grid, ATTEND_THREADS, stream, p)
+        let kn = &self.inner.kernels;
+        let dense = if super::workspace::code_width4(cfg) {
+            &kn.attend_dense_b4
+        } else {
+            &kn.attend_dense
+        };
+        self.launch(dense, grid, ATTEND_THREADS, stream, p)
     }
 
     /// Dense decode (cpu::attend_dense): every candidate dequantised plus the dense set, no

@@ -76,16 +76,20 @@ pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
 }
 
 /// Whether the sparse attend's splits of selected tokens run on tensor cores (attend_tc.cuh's
-/// tc_shape_ok, which the kernel checks again): compute capability 8.0 or above, 2-bit key
-/// magnitudes and values, d = 64 or 128, at most 8 query heads per KV head, pages of a multiple
-/// of 16 tokens.
+/// tc_bits, which the kernel checks again): compute capability 8.0 or above, key magnitudes and
+/// values of one width, 2 or 4 bits (profiles 2+1 and 4+1), d = 64 or 128, at most 8 query heads
+/// per KV head, pages of a multiple of 16 tokens.
 pub fn tc_tiles(cfg: &CacheConfig, cc_major: i32) -> bool {
     cc_major >= 8
-        && cfg.key_bits == 2
-        && cfg.value_bits == 2
+        && matches!((cfg.key_bits, cfg.value_bits), (2, 2) | (4, 4))
         && matches!(cfg.head_dim, 64 | 128)
         && cfg.group_size() <= 8
         && cfg.page_size % 16 == 0
+}
+
+/// Whether the planes take the attend kernels of 4-bit tiles (attend_b4, attend_dense_b4).
+pub fn code_width4(cfg: &CacheConfig) -> bool {
+    cfg.key_bits == 4 && cfg.value_bits == 4
 }
 
 /// attend: ATTEND_SPLITs of selected tokens per tensor-core split at this batch on a device of
@@ -245,6 +249,24 @@ mod tests {
         assert_eq!(dense_chunks(&c, 132, 1), 66);
         // A short sequence limit keeps 512-position chunks.
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 16);
+    }
+
+    /// The tiles take 2+1 and 4+1 (one code width for keys and values), not 16-bit planes or
+    /// mixed widths.
+    #[test]
+    fn tc_tiles_take_both_code_widths() {
+        let mut c = cfg(131072, 1);
+        for (kb, vb, tc) in [
+            (2, 2, true),
+            (4, 4, true),
+            (16, 16, false),
+            (2, 4, false),
+            (4, 2, false),
+        ] {
+            c.key_bits = kb;
+            c.value_bits = vb;
+            assert_eq!(tc_tiles(&c, 9), tc, "bits {kb}/{vb}");
+        }
     }
 
     /// The sparse attend's span: 1 at small batch, growing so the grid stays near
