@@ -4,7 +4,7 @@
 //! against fp16, the recall of the oracle top-k attention mass, the largest attention-output
 //! error against exact dense attention, and the time per decode step.
 //!
-//! Usage: sikv_demo [--context N] [--steps T] [--batch B] [--profile 2+1|4+1|16+1|parity] [--cpu]
+//! Usage: sikv_demo [--context N] [--steps T] [--batch B] [--profile 4+1 (default)|2+1|16+1|parity] [--cpu]
 //!                  [--budget-ratio R] [--budget-max K]
 
 use std::time::Instant;
@@ -28,7 +28,8 @@ fn parse_args() -> Args {
         context: 8192,
         steps: 16,
         batch: 2,
-        profile: SIKV_PROFILE_2_1,
+        // The default profile: 4+1 decodes at the exact top-k's perplexity (docs/QUALITY.md).
+        profile: SIKV_PROFILE_4_1,
         cpu: false,
         ratio: None,
         kmax: None,
