@@ -271,10 +271,15 @@ struct TcWarp {
     // One tile: S^T, the online softmax, O^T. valid: bit t = token t attends.
     SIKV_DEV void tile(const Raw& cur, u32 valid) {
         // S^T = K Q'^T (M = the 16 tokens, N = the heads): rows g and g + 8 are this thread's
-        // tokens; even and odd k-blocks in separate accumulators (two mma chains side by side).
-        float sacc[2][4];
+        // tokens; at 2 bits even and odd k-blocks in separate accumulators (two mma chains side
+        // by side). At 4 bits one chain: the second's four registers made the kernel spill at
+        // the 128-register bound (the tile's code words take 16 more).
+        constexpr int CHAINS = BITS == 2 ? 2 : 1;
+        float sacc[CHAINS][4];
         #pragma unroll
-        for (int i = 0; i < 4; ++i) { sacc[0][i] = 0.0f; sacc[1][i] = 0.0f; }
+        for (int c = 0; c < CHAINS; ++c)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) sacc[c][i] = 0.0f;
         constexpr u32 LOW = (1u << Sh::PPW) - 1u;  // the sign bits of a word's low channels
         #pragma unroll
         for (int w = 0; w < Sh::KW; ++w) {
@@ -292,7 +297,7 @@ struct TcWarp {
             #pragma unroll
             for (int kk = 0; kk < Sh::PPW / 2; ++kk) {
                 const int kb = Sh::PPW / 2 * w + kk;
-                mma_16816(sacc[kb & 1], kf[0][2 * kk], kf[1][2 * kk], kf[0][2 * kk + 1], kf[1][2 * kk + 1], qa[kb][0],
+                mma_16816(sacc[kb % CHAINS], kf[0][2 * kk], kf[1][2 * kk], kf[0][2 * kk + 1], kf[1][2 * kk + 1], qa[kb][0],
                           qa[kb][1]);
             }
         }
@@ -301,7 +306,10 @@ struct TcWarp {
         const bool v0 = (valid >> g) & 1u, v1 = (valid >> (g + 8)) & 1u;
         float sv[4];
         #pragma unroll
-        for (int i = 0; i < 4; ++i) sv[i] = ((i < 2) ? v0 : v1) ? (sacc[0][i] + sacc[1][i]) * s_up : SIKV_NEG_INF;
+        for (int i = 0; i < 4; ++i) {
+            const float sc = CHAINS == 2 ? sacc[0][i] + sacc[CHAINS - 1][i] : sacc[0][i];
+            sv[i] = ((i < 2) ? v0 : v1) ? sc * s_up : SIKV_NEG_INF;
+        }
         float al[2];
         u32 ph[2];  // f16 weights: (token g: heads 2j, 2j+1), (token g + 8: same heads)
         float pw[4];

@@ -262,6 +262,12 @@ SIKV_DEV QueryRow single_row(const SikvParams& p, int r) {
     return q;
 }
 
+// Whether a rows call's offsets [0, batch] hold together for a segment of n rows: they start at
+// 0, end at the call's `total` rows, and the segment has 1..QUERY_ROWS_MAX rows (cpu::rows_total).
+SIKV_DEV bool rows_offsets_ok(const int* off, int batch, int total, int n) {
+    return off[0] == 0 && off[batch] == total && n >= 1 && n <= (int)QUERY_ROWS_MAX;
+}
+
 SIKV_DEV QueryRow query_row(const SikvParams& p, int r) {
     QueryRow q;
     int n = 1, i = 0;
@@ -279,7 +285,7 @@ SIKV_DEV QueryRow query_row(const SikvParams& p, int r) {
         const int o0 = off[lo];
         n = off[lo + 1] - o0;
         i = r - o0;
-        if (off[0] != 0 || off[p.batch] != p.rows || i < 0 || i >= n || n > (int)QUERY_ROWS_MAX) {
+        if (!rows_offsets_ok(off, p.batch, p.rows, n) || i < 0 || i >= n) {
             raise_fault(p, FAULT_QUERY_ROWS);
             q.slot = -1;
             q.len = 0;
@@ -305,7 +311,7 @@ SIKV_DEV void mean_query_rows(const SikvParams& p, int b, int* r0, int* n) {
     const int* off = reinterpret_cast<const int*>(p.mean_offsets);
     *r0 = off[b];
     *n = off[b + 1] - *r0;
-    if (off[0] != 0 || off[p.batch] != p.rows_mean || *n < 1 || *n > (int)QUERY_ROWS_MAX) {
+    if (!rows_offsets_ok(off, p.batch, p.rows_mean, *n)) {
         raise_fault(p, FAULT_QUERY_ROWS);
         *n = 0;
     }
