@@ -562,34 +562,48 @@ SIKV_DEV void attend_body(const SikvParams& p) {
     }
 }
 // A sparse split whose 64 list items are all selected tokens, on tensor cores (attend_tc.cuh):
-// one tile of 16 per warp, one query row per sequence. Returns false, having written nothing,
-// for what attend_body does (a split holding kept dense entries, a bad slot or count, a call
-// with several query rows per sequence); it has waited for the grid
+// one tile of 16 per warp. Returns false, having written nothing, for what attend_body does (a
+// split holding kept dense entries, a bad slot or count); it has waited for the grid
 // dependency by then. Its prologue (the kept dense entries' count, the query) reads nothing
 // of the selection and runs before the wait (with p.attend_early, while the select's last
 // kernel runs; otherwise the entry has waited already).
-template <int D, typename T, int BITS>
+// ROWS: several query rows per sequence (p.row_offsets, a selection per row): grid row
+// blockIdx.z is a query row, attending its sequence's positions below the row's causal bound.
+// The one-row kernels decline such calls: the row lookup beside the tiles made them spill, so
+// rows have kernels of their own (sikv_attend_rows*).
+template <int D, typename T, int BITS, bool ROWS = false>
 SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     typedef TcShape<D, BITS> Sh;
     __shared__ TcSmem<D> s;
-    // Several query rows per sequence take attend_body (the launcher gives them splits of one
-    // ATTEND_SPLIT): with the row's sequence and bound beside its row, this kernel spilled.
-    if (p.row_offsets) {
+    if (!ROWS && p.row_offsets) {
         sikv_grid_wait();
         return false;
     }
-    const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
-    int slot;
-    const int len = row_seq(p, b, &slot);
+    const int r = blockIdx.z, h = blockIdx.y, split = blockIdx.x, tid = threadIdx.x;
+    int b, slot, len, bound;
+    if constexpr (ROWS) {
+        const QueryRow qr = query_row(p, r);
+        b = qr.seq;
+        slot = qr.slot;
+        len = qr.len;
+        bound = qr.bound;
+    } else {
+        b = r;
+        len = row_seq(p, b, &slot);
+        bound = len;
+    }
     if (slot < 0) {
         sikv_grid_wait();
         return false;
     }
-    const long long rowid = (long long)b * p.num_kv_heads + h;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
     const u8* rec = state_record(p, slot, h);
     const int* dpos = reinterpret_cast<const int*>(rec + p.off_dense_pos);
     int kept = 0;
-    for (int e = tid; e < p.dense_cap; e += ATTEND_THREADS) kept += dense_keep(p, e, dpos[e], len) ? 1 : 0;
+    for (int e = tid; e < p.dense_cap; e += ATTEND_THREADS) {
+        const int pos = dpos[e];
+        kept += (ROWS ? pos < bound && dense_keep(p, e, pos, len) : dense_keep(p, e, pos, len)) ? 1 : 0;
+    }
     kept = warp_sum_int(kept);
     if ((tid & 31) == 0) s.count[tid >> 5] = kept;
     __syncthreads();
@@ -602,7 +616,7 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
         sikv_grid_wait();
         return false;
     }
-    const long long hq_base = (long long)b * p.num_kv_heads * p.group + (long long)h * p.group;
+    const long long hq_base = (long long)r * p.num_kv_heads * p.group + (long long)h * p.group;
     const float* ascale = reinterpret_cast<const float*>(rec + p.off_scale);
     // A selection of this call's select holds at most the budget of the whole candidate range
     // (budget_k is monotone): splits past it will be empty and skip the query prologue. A
@@ -640,12 +654,12 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     const int* sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
     const int first = lo + 16 * w.warp;
     const int nt = hi > first ? (hi - first + ATTEND_SPLIT - 1) / ATTEND_SPLIT : 0;
-    auto gather = [&](int t, TcRaw<D, BITS>& r) -> u32 {
+    auto gather = [&](int t, TcRaw<D, BITS>& raw) -> u32 {
         const int item = first + ATTEND_SPLIT * t + w.lane;
         long long row = -1;
         if (w.lane < 16 && item < hi) {
             const int pos = sel[item - nd];
-            if (pos >= 0 && pos < len) row = row_index(p, b, h, pos);
+            if (pos >= 0 && pos < bound) row = row_index(p, b, h, pos);
             else raise_fault(p, FAULT_SELECTED_POS);
         }
         const u32 valid = __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;
@@ -654,7 +668,7 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
         for (int nb = 0; nb < 2; ++nb) rk[nb] = __shfl_sync(0xffffffffu, row, w.key_token(nb));
         #pragma unroll
         for (int u = 0; u < 4; ++u) rv[u] = __shfl_sync(0xffffffffu, row, w.value_token(u));
-        w.load(rk, rv, r);
+        w.load(rk, rv, raw);
         return valid;
     };
     TcRaw<D, BITS> ra, rb;
@@ -674,14 +688,14 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
 // split holds selected items (splits of kept dense entries alone read nothing of it); the
 // others take the tensor-core tiles of width BITS where the shape allows (waiting after their
 // prologue) and otherwise wait first.
-template <int D, typename T, int BITS>
+template <int D, typename T, int BITS, bool ROWS = false>
 SIKV_DEV void attend_splits(const SikvParams& p) {
     if ((int)blockIdx.x < p.dense_splits) {
         attend_body<D, T, false>(p);
         return;
     }
     if constexpr (TcShape<D>::OK) {
-        if (tc_shape_ok<D, BITS>(p) && sparse_tc_split<D, T, BITS>(p)) return;
+        if (tc_shape_ok<D, BITS>(p) && sparse_tc_split<D, T, BITS, ROWS>(p)) return;
     }
     sikv_grid_wait();
     attend_body<D, T, false>(p);
@@ -697,6 +711,17 @@ SIKV_DEV void sikv_attend_b4_impl(const SikvParams& p) {
     attend_splits<D, T, 4>(p);
 }
 SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend_b4, ATTEND_THREADS, 4)
+// Several query rows per sequence, selected per row (p.row_offsets): the launcher takes these.
+template <int D, typename T>
+SIKV_DEV void sikv_attend_rows_impl(const SikvParams& p) {
+    attend_splits<D, T, 2, true>(p);
+}
+SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend_rows, ATTEND_THREADS, 4)
+template <int D, typename T>
+SIKV_DEV void sikv_attend_rows_b4_impl(const SikvParams& p) {
+    attend_splits<D, T, 4, true>(p);
+}
+SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend_rows_b4, ATTEND_THREADS, 4)
 
 // The attend of a mean-query selection (p.rows_mean): several rows per sequence, so no
 // tensor-core splits (sparse_tc_split declines rows).

@@ -43,6 +43,11 @@ pub struct Kernels {
     /// 2-bit kernels keep their registers.
     pub attend_b4: Kernel,
     pub attend_dense_b4: Kernel,
+    /// attend of several query rows per sequence selected per row (p.row_offsets), 2-bit and
+    /// 4-bit planes: the one-row kernels decline rows, whose lookup beside the tiles made them
+    /// spill.
+    pub attend_rows: Kernel,
+    pub attend_rows_b4: Kernel,
     pub combine: Kernel,
     pub params_layout: Kernel,
 }
@@ -89,6 +94,8 @@ impl Kernels {
             attend_dense: get(dt("attend_dense"))?,
             attend_b4: get(dt("attend_b4"))?,
             attend_dense_b4: get(dt("attend_dense_b4"))?,
+            attend_rows: get(dt("attend_rows"))?,
+            attend_rows_b4: get(dt("attend_rows_b4"))?,
             combine: get(dt("combine"))?,
             params_layout: get(plain("params_layout"))?,
         })

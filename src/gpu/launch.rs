@@ -587,9 +587,8 @@ impl GpuContext {
         let dev = &self.inner.dev;
         let tc = super::workspace::tc_tiles(cfg, dev.major);
         let span = match self.inner.attend_span {
-            // Several query rows per sequence: the kernel's CUDA-core splits (sparse_tc_split
-            // declines them), which take one ATTEND_SPLIT each.
-            _ if p.row_offsets != 0 => 1,
+            // A mean-query selection: attend_mean's CUDA-core splits, one ATTEND_SPLIT each.
+            _ if p.rows_mean != 0 => 1,
             Some(n) if tc => n.clamp(1, ATTEND_MAX_SPAN),
             _ => super::workspace::attend_span(w, cfg, dev.sms.max(1) as u32, b, tc),
         };
@@ -600,12 +599,13 @@ impl GpuContext {
         p.num_splits = splits as i32;
         let grid = (splits as u32, cfg.num_kv_heads, b);
         let kn = &self.inner.kernels;
-        let attend = if p.rows_mean != 0 {
-            &kn.attend_mean
-        } else if super::workspace::code_width4(cfg) {
-            &kn.attend_b4
-        } else {
-            &kn.attend
+        let b4 = super::workspace::code_width4(cfg);
+        let attend = match (p.rows_mean != 0, p.row_offsets != 0, b4) {
+            (true, _, _) => &kn.attend_mean,
+            (false, true, false) => &kn.attend_rows,
+            (false, true, true) => &kn.attend_rows_b4,
+            (false, false, false) => &kn.attend,
+            (false, false, true) => &kn.attend_b4,
         };
         self.launch(attend, grid, ATTEND_THREADS, stream, p)
     }
