@@ -723,8 +723,9 @@ SIKV_DEV void sikv_attend_rows_b4_impl(const SikvParams& p) {
 }
 SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend_rows_b4, ATTEND_THREADS, 4)
 
-// The attend of a mean-query selection (p.rows_mean): several rows per sequence, so no
-// tensor-core splits (sparse_tc_split declines rows).
+// The attend of a mean-query selection (p.rows_mean): several rows per sequence reading their
+// sequence's selection, which holds later rows' tokens to skip; the tensor-core splits take a
+// row's own selection only, so these splits are attend_body's.
 template <int D, typename T>
 SIKV_DEV void sikv_attend_mean_impl(const SikvParams& p) {
     if ((int)blockIdx.x >= p.dense_splits) sikv_grid_wait();
