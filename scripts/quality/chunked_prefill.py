@@ -128,7 +128,7 @@ def summarise(args, nll):
                 lo = chunk if lo_of == "own" else common
                 if lo_of == "common" and (chunk == common or len(args.chunks) < 2):
                     continue
-                if toks is None:
+                if not toks:
                     print(f"| {p} | {chunk} | {lo}.. | (not run) | | |")
                     continue
                 toks = positions(toks, lo)
@@ -137,6 +137,22 @@ def summarise(args, nll):
                 print(f"| {p} | {chunk} | {lo}..{args.context - 1} | {ppl(toks):.6f} | "
                       f"{ppl(d) if d else float('nan'):.6f} | {fmt(vs)} |")
                 out.append(row(args, "prefill", m, chunk, lo, toks, d, vs, None))
+
+    # Where along the prompt the loss goes: the same positions in spans of --span, from the smallest chunk on.
+    if ref and args.chunks:
+        lo = min(args.chunks)
+        spans = [(a, min(a + args.span, args.context)) for a in range(lo, args.context, args.span)]
+        runs = [(p, c) for p in args.profiles for c in args.chunks if ("prefill", c, f"sikv_{p}") in nll]
+        print(f"\nThe prefill's perplexity by position (spans of {args.span}; —: prefilled densely or not run):\n")
+        print("| positions | dense | " + " | ".join(f"{p}, chunks of {c}" for p, c in runs) + " |")
+        print("|---|---|" + "---|" * len(runs))
+        for a, b in spans:
+            span = lambda t: {k: v for k, v in t.items() if a <= k[1] < b}
+            cells = []
+            for p, c in runs:
+                toks = span(nll["prefill", c, f"sikv_{p}"])
+                cells.append(f"{ppl(toks):.3f}" if toks else "—")  # before the chunk (dense), or not run
+            print(f"| {a}..{b - 1} | {ppl(span(ref)):.3f} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -147,6 +163,7 @@ def main():
     ap.add_argument("--budget", default="1/16")
     ap.add_argument("--profiles", default="2+1")
     ap.add_argument("--chunks", default="1024,2048")
+    ap.add_argument("--span", type=int, default=1024, help="positions per span of the by-position table")
     ap.add_argument("--no-whole", action="store_true", help="skip the whole-prompt job (read its files as they are)")
     ap.add_argument("--csv", help="write the summary rows here")
     ap.add_argument("--nll", help="write every token's NLL here (part,chunk,method,budget,context,window_start,step,nll)")
