@@ -68,13 +68,6 @@ def positions(toks, lo):
     return {t: v for t, v in toks.items() if t[1] >= lo}
 
 
-def fmt(v, ci=True):
-    if v is None:
-        return "—"
-    d, lo, hi = v
-    return f"{100 * d:+.2f} %" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if ci else "")
-
-
 COLS = ["part", "method", "profile", "budget", "context", "decode_tokens", "chunk", "first_position", "perplexity",
         "dense_perplexity", "vs_dense_pct", "dense_ci_low_pct", "dense_ci_high_pct", "vs_whole_pct",
         "whole_ci_low_pct", "whole_ci_high_pct", "scored_tokens"]
@@ -110,7 +103,7 @@ def summarise(args, nll):
                 continue
             vs_dense = evaluator.paired(toks, dense)
             vs_whole = evaluator.paired(toks, whole) if chunk else None
-            print(f"| {p} | {label} | {ppl(toks):.6f} | {fmt(vs_dense)} | {fmt(vs_whole)} |")
+            print(f"| {p} | {label} | {ppl(toks):.6f} | {evaluator.fmt(vs_dense)} | {evaluator.fmt(vs_whole)} |")
             out.append(row(args, "decode", m, chunk, args.context, toks, dense, vs_dense, vs_whole))
 
     # The prefill's own loss: the chunked positions of each chunk size, then the positions every chunk size
@@ -135,7 +128,7 @@ def summarise(args, nll):
                 d = positions(ref, lo) if ref else None
                 vs = evaluator.paired(toks, d)
                 print(f"| {p} | {chunk} | {lo}..{args.context - 1} | {ppl(toks):.6f} | "
-                      f"{ppl(d) if d else float('nan'):.6f} | {fmt(vs)} |")
+                      f"{ppl(d) if d else float('nan'):.6f} | {evaluator.fmt(vs)} |")
                 out.append(row(args, "prefill", m, chunk, lo, toks, d, vs, None))
 
     # Where along the prompt the loss goes: the same positions in spans of --span, from the smallest chunk on.

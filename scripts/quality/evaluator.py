@@ -55,3 +55,11 @@ def paired(toks, ref):
     delta = math.expm1(sum(diffs.values()) / len(diffs))
     lo, hi = report.block_bootstrap(diffs)
     return delta, lo, hi
+
+
+def fmt(v, ci=True):
+    """A paired change (d, lo, hi) as a percentage with its interval; a dash for none."""
+    if v is None:
+        return "—"
+    d, lo, hi = v
+    return f"{100 * d:+.2f} %" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if ci else "")

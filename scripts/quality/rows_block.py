@@ -89,20 +89,13 @@ def summarise(args, nll, rows):
                 dense = evaluator.paired(toks, nll.get((block, "llama"), nll.get((1, "llama"))))
                 vs1 = evaluator.paired(toks, base) if block > 1 else None
                 vsrow = evaluator.paired(toks, nll.get((block, f"sikv_{p}"))) if sel == "mean query" else None
-                print(f"| {p} | {block} | {sel} | {ppl:.6f} | {fmt(dense, ci=False)} | {fmt(vs1)} | {fmt(vsrow)} |")
+                print(f"| {p} | {block} | {sel} | {ppl:.6f} | {evaluator.fmt(dense, ci=False)} | {evaluator.fmt(vs1)} | {evaluator.fmt(vsrow)} |")
                 out.append(row(args, block, m, p, ppl, dense, vs1, vsrow, rows, len(toks)))
     return out
 
 
 def max_diff(toks, ref):
     return max(abs(toks[t] - ref[t]) for t in toks)
-
-
-def fmt(v, ci=True):
-    if v is None:
-        return "—"
-    d, lo, hi = v
-    return f"{100 * d:+.2f} %" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if ci else "")
 
 
 # The leading columns of results.csv, then the block and the selection.
