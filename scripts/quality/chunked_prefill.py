@@ -20,7 +20,6 @@ token's NLL (lines part,chunk,method,budget,context,window_start,step,nll; part 
 step the decode step or the prompt position whose logits are scored, chunk 0 the whole-prompt run).
 """
 import argparse
-import csv
 import math
 import os
 import sys
@@ -167,19 +166,7 @@ def main():
     if not args.summary_only:
         evaluator.run_jobs(args.jobs, lambda j: run_job(args, j), jobs(args))
     nll = load(args)
-    out = summarise(args, nll)
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(COLS)
-            w.writerows(out)
-    if args.nll:
-        with open(args.nll, "w", newline="") as f:
-            w = csv.writer(f)
-            for (part, chunk, method), toks in sorted(nll.items()):
-                for (start, step), v in sorted(toks.items()):
-                    w.writerow([part, chunk, method, args.budget if method != "llama" else "full", args.context,
-                                start, step, f"{v:.9f}"])
+    evaluator.write_outputs(args, COLS, summarise(args, nll), nll)
     return 0
 
 

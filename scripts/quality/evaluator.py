@@ -1,6 +1,7 @@
 """What the quality sweeps share: the evaluator's common options, one evaluator process per job
 (its command logged beside its outputs), the jobs run side by side, and the paired comparison of
 two methods on the same tokens."""
+import csv
 import math
 import os
 import subprocess
@@ -63,3 +64,20 @@ def fmt(v, ci=True):
         return "—"
     d, lo, hi = v
     return f"{100 * d:+.2f} %" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if ci else "")
+
+
+def write_outputs(args, cols, rows, nll):
+    """--csv: the summary rows under `cols`; --nll: every token's NLL, one line per token with the
+    run's key (its last field the method), budget ("full" for llama), context, window start, step."""
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            w.writerows(rows)
+    if args.nll:
+        with open(args.nll, "w", newline="") as f:
+            w = csv.writer(f)
+            for key, toks in sorted(nll.items()):
+                budget = args.budget if key[-1] != "llama" else "full"
+                for (start, step), v in sorted(toks.items()):
+                    w.writerow([*key, budget, args.context, start, step, f"{v:.9f}"])

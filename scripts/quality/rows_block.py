@@ -130,19 +130,7 @@ def main():
     if not args.summary_only:
         evaluator.run_jobs(args.jobs, lambda b: run_block(args, b), args.blocks)
     nll, rows = load(args)
-    out = summarise(args, nll, rows)
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(COLS)
-            w.writerows(out)
-    if args.nll:
-        with open(args.nll, "w", newline="") as f:
-            w = csv.writer(f)
-            for (block, method), toks in sorted(nll.items()):
-                for (start, step), v in sorted(toks.items()):
-                    w.writerow([block, method, args.budget if method != "llama" else "full", args.context, start,
-                                step, f"{v:.9f}"])
+    evaluator.write_outputs(args, COLS, summarise(args, nll, rows), nll)
     return 0
 
 
