@@ -207,18 +207,23 @@ if want bench; then
   echo "   ($((SECONDS - t0)) s)"
   # BASELINE=path/to/an/older/gpu_bench[,another] times earlier builds in the same run
   # (before/after): base_gpu_bench.csv, base2_gpu_bench.csv, ...
-  i=1
   BASELINE="${BASELINE:-}"
   PROFILES="${PROFILES:-}"
-  for base in ${BASELINE//,/ }; do
-    [ -x "$base" ] || continue
-    tag=base; [ $i -gt 1 ] && tag=base$i
-    echo "== gpu bench, baseline build $i ($base)"
-    # shellcheck disable=SC2086
-    "$base" $Q ${BENCH_ARGS:-} --csv "$OUT/${tag}_gpu_bench.csv" > "$OUT/${tag}_gpu_bench.log" 2>&1
-    RC[base_bench]=$(( ${RC[base_bench]:-0} | $? ))
-    i=$((i + 1))
-  done
+  # The baselines with extra gpu_bench arguments: bench_baselines RC_KEY FILE_PREFIX LABEL ARGS...
+  bench_baselines() {
+    local key=$1 prefix=$2 label=$3 i=1 base tag
+    shift 3
+    for base in ${BASELINE//,/ }; do
+      [ -x "$base" ] || continue
+      tag=base; [ $i -gt 1 ] && tag=base$i
+      echo "== gpu bench, ${label}baseline build $i ($base)"
+      # shellcheck disable=SC2086
+      "$base" $Q ${BENCH_ARGS:-} "$@" --csv "$OUT/${prefix}${tag}_gpu_bench.csv" > "$OUT/${prefix}${tag}_gpu_bench.log" 2>&1
+      RC[$key]=$(( ${RC[$key]:-0} | $? ))
+      i=$((i + 1))
+    done
+  }
+  bench_baselines base_bench "" ""
   # PROFILES=4+1[,..]: this build and the baselines again with another storage profile
   # (gpu_bench --profile): p4_1_gpu_bench.csv, p4_1_base_gpu_bench.csv, ...
   for prof in ${PROFILES//,/ }; do
@@ -227,16 +232,7 @@ if want bench; then
     # shellcheck disable=SC2086
     .gpu/gpu_bench $Q ${BENCH_ARGS:-} --profile "$prof" --csv "$OUT/${ptag}_gpu_bench.csv" > "$OUT/${ptag}_gpu_bench.log" 2>&1
     RC[profile_bench]=$(( ${RC[profile_bench]:-0} | $? ))
-    i=1
-    for base in ${BASELINE//,/ }; do
-      [ -x "$base" ] || continue
-      tag=base; [ $i -gt 1 ] && tag=base$i
-      echo "== gpu bench, profile $prof, baseline build $i ($base)"
-      # shellcheck disable=SC2086
-      "$base" $Q ${BENCH_ARGS:-} --profile "$prof" --csv "$OUT/${ptag}_${tag}_gpu_bench.csv" > "$OUT/${ptag}_${tag}_gpu_bench.log" 2>&1
-      RC[profile_bench]=$(( ${RC[profile_bench]:-0} | $? ))
-      i=$((i + 1))
-    done
+    bench_baselines profile_bench "${ptag}_" "profile $prof, " --profile "$prof"
   done
   # PDL_AB=1: the same build again without programmatic dependent launch (SIKV_PDL=0).
   if [ "${PDL_AB:-0}" = "1" ]; then

@@ -76,7 +76,7 @@ pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
 }
 
 /// Whether the sparse attend's splits of selected tokens run on tensor cores (attend_tc.cuh's
-/// tc_bits, which the kernel checks again): compute capability 8.0 or above, key magnitudes and
+/// tc_shape_ok, which the kernel checks again): compute capability 8.0 or above, key magnitudes and
 /// values of one width, 2 or 4 bits (profiles 2+1 and 4+1), d = 64 or 128, at most 8 query heads
 /// per KV head, pages of a multiple of 16 tokens.
 pub fn tc_tiles(cfg: &CacheConfig, cc_major: i32) -> bool {
