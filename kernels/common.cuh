@@ -767,6 +767,70 @@ SIKV_DEV void sikv_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// Thread block clusters (sm_90; the fused select of score.cu / topk.cu): this CTA's rank in
+// its cluster, a barrier of the whole cluster (release / acquire: the writes of every CTA before
+// it, to shared and global memory, are seen by every CTA after it, split into arrive and wait
+// so independent work can sit between them), and atomics / loads on another CTA's shared
+// memory (distributed shared memory) by the shared::cluster address of a variable there.
+SIKV_DEV u32 cluster_rank() {
+    u32 r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+    return r;
+}
+SIKV_DEV u32 cluster_size() {
+    u32 n = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+#endif
+    return n;
+}
+SIKV_DEV void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+SIKV_DEV void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+SIKV_DEV void cluster_sync() {
+    cluster_arrive();
+    cluster_wait();
+}
+// The shared::cluster address of `local` (a __shared__ variable) in the CTA of rank `rank`.
+SIKV_DEV u32 cluster_addr(const void* local, u32 rank) {
+    u32 a = (u32)__cvta_generic_to_shared(local), d = a;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+#endif
+    return d;
+}
+SIKV_DEV void cluster_red_add(u32 addr, u32 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.relaxed.cluster.shared::cluster.add.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+#endif
+}
+SIKV_DEV u32 cluster_atomic_add(u32 addr, u32 v) {
+    u32 old = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("atom.relaxed.cluster.shared::cluster.add.u32 %0, [%1], %2;" : "=r"(old) : "r"(addr), "r"(v) : "memory");
+#endif
+    return old;
+}
+SIKV_DEV uint4 cluster_load4(u32 addr) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(addr)
+                 : "memory");
+#endif
+    return v;
+}
+
 SIKV_DEV void sikv_grid_dependency() {
     sikv_grid_wait();
     sikv_launch_dependents();

@@ -93,7 +93,8 @@ constexpr u32 LANE_VALID = 0, LANE_HEAVY = 8, LANE_FORCED = 16;
 // block's `page_off` table (byte offset of the page's slot 0 in the sign plane, -1 for a page
 // outside the pool) plus its slot; rel0 = this thread's first position minus the table's first
 // page's first position. Else every position takes row_index.
-template <int D, bool PAGED>
+// NT: the threads that share the tile (positions NT apart); the fused select's CTAs are wider.
+template <int D, bool PAGED, int NT = SCORE_THREADS>
 SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lanes, const float* lut,
                            const long long* page_off, int rel0, u32* my_keys, bool multi, u32* hist) {
     const int shift = __ffs(p.page_size) - 1;
@@ -102,14 +103,14 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
     #pragma unroll
     for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
         if (!((lanes >> (LANE_VALID + j)) & 1u)) continue;
-        const int pos = tile0 + j * SCORE_THREADS + (int)threadIdx.x;
+        const int pos = tile0 + j * NT + (int)threadIdx.x;
         u32 key = 0u;
         if ((lanes >> (LANE_HEAVY + j)) & 1u) {
             key = 0u;
         } else if ((lanes >> (LANE_FORCED + j)) & 1u) {
             key = score_key(SIKV_INF);
         } else if constexpr (PAGED) {
-            const int rel = rel0 + j * SCORE_THREADS;
+            const int rel = rel0 + j * NT;
             const long long pg = page_off[rel >> shift];
             // A position on a page outside the pool is no candidate (fault raised).
             if (pg < 0) raise_fault(p, FAULT_PAGE_INDEX);
@@ -118,65 +119,46 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
             const long long r = row_index(p, b, h, pos);
             if (r >= 0) key = score_key(lut_sum<D>(lut, plane_row(p, SIKV_PLANE_SIGN, r)));
         }
-        my_keys[j * SCORE_THREADS] = key;
+        my_keys[j * NT] = key;
         if (multi && key != 0u) atomicAdd(&hist[key >> TOPK_HIST_SHIFT], 1u);
     }
 }
 
-// ROWS: the call has several query rows per sequence (p.row_offsets; entry sikv_score_rows).
-// Two entries rather than a branch on p.row_offsets: the branch compiled to 40 registers (6
-// resident blocks of 256 threads per SM instead of 8), and the row lookup inlined into the one
-// entry at 32 registers made the one-row path 7 % slower at 128K B=8 (H200 run 2).
-template <int D, typename T, bool ROWS>
-SIKV_DEV void score_body(const SikvParams& p) {
-    __shared__ float qbar[D];
-    __shared__ float lut[(D / 4) * CENTROIDS];
-    __shared__ u32 heavy_bits[SCORE_THREADS];
-    __shared__ u32 hist[TOPK_HIST_BINS];
-    __shared__ long long page_off[SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1];
-    const int r = blockIdx.z, h = blockIdx.y;
-    const QueryRow qr = ROWS ? query_row(p, r) : single_row(p, r);
-    const int b = qr.seq, slot = qr.slot;
-    const int end = row_cand_end(p, qr);
-    const int tile0 = p.n_sink + blockIdx.x * SCORE_TILE;
-    if (tile0 >= end) return;  // uniform per block: nothing of this tile is a candidate
-    u8* rec = state_record(p, slot, h);
-    const int* meta = state_meta(p, rec);
-    const int* dpos = state_dense_pos(p, rec);
-    const int prompt_len = meta[META_PROMPT_LEN];
-
-    // The tile's pages: with a power-of-two page size of at least SCORE_PAGE_TABLE_MIN, the
-    // sign-plane byte offset of slot 0 of each page the tile's candidates lie on is looked up
-    // once per block here (page_off, -1 for a page outside the pool), and a position's row is
-    // that plus its slot. A lookup per position (row_index: two dependent loads, bounds checks,
-    // 64-bit row arithmetic) was about a sixth of the token loop's instructions.
+// The sign-plane byte offset of slot 0 of each page that positions [lo, hi) lie on, into
+// page_off (-1 for a page outside the pool); returns the first page. With a power-of-two page
+// size of at least SCORE_PAGE_TABLE_MIN (score_paged), looked up once per block, a position's
+// row is that plus its slot: a lookup per position (row_index: two dependent loads, bounds
+// checks, 64-bit row arithmetic) was about a sixth of the token loop's instructions.
+SIKV_DEV bool score_paged(const SikvParams& p) {
     const int ps = p.page_size;
-    const bool paged = (ps & (ps - 1)) == 0 && ps >= (int)SCORE_PAGE_TABLE_MIN;
-    int page0 = 0;
-    if (paged) {
-        const int shift = __ffs(ps) - 1;
-        const int tile_end = tile0 + (int)SCORE_TILE < end ? tile0 + (int)SCORE_TILE : end;
-        page0 = tile0 >> shift;
-        const int np = ((tile_end - 1) >> shift) - page0 + 1;
-        for (int i = threadIdx.x; i < np; i += blockDim.x) {
-            const long long r = page_base_row(p, b, h, page0 + i);
-            page_off[i] = r < 0 ? -1ll : r * (D / 8);  // sign rows: D / 8 bytes (layout.rs)
-        }
+    return (ps & (ps - 1)) == 0 && ps >= (int)SCORE_PAGE_TABLE_MIN;
+}
+template <int D>
+SIKV_DEV int tile_pages(const SikvParams& p, int b, int h, int lo, int hi, long long* page_off) {
+    const int shift = __ffs(p.page_size) - 1;
+    const int page0 = lo >> shift;
+    const int np = ((hi - 1) >> shift) - page0 + 1;
+    for (int i = threadIdx.x; i < np; i += blockDim.x) {
+        const long long r = page_base_row(p, b, h, page0 + i);
+        page_off[i] = r < 0 ? -1ll : r * (D / 8);  // sign rows: D / 8 bytes (layout.rs)
     }
-    // The rows entry serves per-row rows (query row r) and the mean query's one row per
-    // sequence (its rows' mean): one loop for both.
-    load_qbar<D, T, ROWS, true>(p, r, h, qbar);
-    heavy_bits[threadIdx.x] = 0;  // blockDim.x == SCORE_THREADS
-    if (p.topk_multi)
-        for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    // Heavy positions inside this tile -> bit j of the word of the thread that scores them
-    // (any order of the heavy list works).
+    return page0;
+}
+
+// Heavy positions inside the tile of NT * SCORE_TOKENS_PER_THREAD positions from tile0 -> bit j
+// of the word of the thread that scores them (any order of the heavy list works). The words
+// start at zero (a barrier after that).
+template <int NT>
+SIKV_DEV void tile_heavy(const SikvParams& p, const int* dpos, int tile0, u32* heavy_bits) {
     for (int i = threadIdx.x; i < p.n_heavy; i += blockDim.x) {
         const int hp = dpos[p.n_sink + i] - tile0;
-        if (hp >= 0 && hp < (int)SCORE_TILE)
-            atomicOr(&heavy_bits[hp % (int)SCORE_THREADS], 1u << (hp / (int)SCORE_THREADS));
+        if (hp >= 0 && hp < NT * (int)SCORE_TOKENS_PER_THREAD) atomicOr(&heavy_bits[hp % NT], 1u << (hp / NT));
     }
+}
+
+// The score LUT of the row's group-mean query (a barrier before it reads qbar, and after).
+template <int D>
+SIKV_DEV void build_lut(const SikvParams& p, const u8* rec, const float* qbar, float* lut) {
     // LUT: T[s][u] = sum_i C[s][u][i] * qbar[4s+i] (LUT selector), or
     //      T[s][u] = sum_i (bit_i(u) ? 1 : -1) * sgn(qbar - qmed) (sign x sign selector).
     if (p.selector == 0) {
@@ -204,6 +186,43 @@ SIKV_DEV void score_body(const SikvParams& p) {
             lut[e] = (float)t;
         }
     }
+}
+
+// ROWS: the call has several query rows per sequence (p.row_offsets; entry sikv_score_rows).
+// Two entries rather than a branch on p.row_offsets: the branch compiled to 40 registers (6
+// resident blocks of 256 threads per SM instead of 8), and the row lookup inlined into the one
+// entry at 32 registers made the one-row path 7 % slower at 128K B=8 (H200 run 2).
+template <int D, typename T, bool ROWS>
+SIKV_DEV void score_body(const SikvParams& p) {
+    __shared__ float qbar[D];
+    __shared__ float lut[(D / 4) * CENTROIDS];
+    __shared__ u32 heavy_bits[SCORE_THREADS];
+    __shared__ u32 hist[TOPK_HIST_BINS];
+    __shared__ long long page_off[SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1];
+    const int r = blockIdx.z, h = blockIdx.y;
+    const QueryRow qr = ROWS ? query_row(p, r) : single_row(p, r);
+    const int b = qr.seq, slot = qr.slot;
+    const int end = row_cand_end(p, qr);
+    const int tile0 = p.n_sink + blockIdx.x * SCORE_TILE;
+    if (tile0 >= end) return;  // uniform per block: nothing of this tile is a candidate
+    u8* rec = state_record(p, slot, h);
+    const int* meta = state_meta(p, rec);
+    const int* dpos = state_dense_pos(p, rec);
+    const int prompt_len = meta[META_PROMPT_LEN];
+
+    // The tile's pages (tile_pages).
+    const bool paged = score_paged(p);
+    const int tile_end = tile0 + (int)SCORE_TILE < end ? tile0 + (int)SCORE_TILE : end;
+    const int page0 = paged ? tile_pages<D>(p, b, h, tile0, tile_end, page_off) : 0;
+    // The rows entry serves per-row rows (query row r) and the mean query's one row per
+    // sequence (its rows' mean): one loop for both.
+    load_qbar<D, T, ROWS, true>(p, r, h, qbar);
+    heavy_bits[threadIdx.x] = 0;  // blockDim.x == SCORE_THREADS
+    if (p.topk_multi)
+        for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    tile_heavy<SCORE_THREADS>(p, dpos, tile0, heavy_bits);
+    build_lut<D>(p, rec, qbar, lut);
     __syncthreads();
 
     u32 lanes = heavy_bits[threadIdx.x] << LANE_HEAVY;
@@ -223,7 +242,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
     u32* my_keys = keys + tile0 + threadIdx.x;
     const bool multi = p.topk_multi != 0;
     if (paged) {
-        const int rel0 = tile0 + (int)threadIdx.x - (page0 << (__ffs(ps) - 1));
+        const int rel0 = tile0 + (int)threadIdx.x - (page0 << (__ffs(p.page_size) - 1));
         score_tokens<D, true>(p, b, h, tile0, lanes, lut, page_off, rel0, my_keys, multi, hist);
     } else {
         score_tokens<D, false>(p, b, h, tile0, lanes, lut, page_off, 0, my_keys, multi, hist);

@@ -72,20 +72,26 @@ SIKV_DEV int count_candidates(const SikvParams& p, const int* dpos, int end, int
 struct RowK {
     int end, n, n_cand, k, ksel;
 };
+// The selection sizes of a row whose candidates end at `end` and number n_cand.
+SIKV_DEV RowK row_sizes(const SikvParams& p, int end, int n_cand) {
+    RowK r;
+    r.end = end;
+    r.n_cand = n_cand;
+    r.k = budget_k(p, n_cand);
+    r.ksel = r.k;
+    if (p.rerank_factor >= 2) {
+        long long k1 = (long long)p.rerank_factor * r.k;
+        r.ksel = (int)(k1 < n_cand ? k1 : n_cand);
+    }
+    r.n = end - p.n_sink;
+    return r;
+}
 SIKV_DEV RowK row_k(const SikvParams& p, const QueryRow& q, int h, int* smem_count) {
     RowK r;
     const int slot = q.slot;
     r.end = row_cand_end(p, q);
     const int* dpos = slot < 0 ? nullptr : state_dense_pos(p, state_record(p, slot, h));
-    r.n_cand = count_candidates(p, dpos, r.end, smem_count);
-    r.k = budget_k(p, r.n_cand);
-    r.ksel = r.k;
-    if (p.rerank_factor >= 2) {
-        long long k1 = (long long)p.rerank_factor * r.k;
-        r.ksel = (int)(k1 < r.n_cand ? k1 : r.n_cand);
-    }
-    r.n = r.end - p.n_sink;
-    return r;
+    return row_sizes(p, r.end, count_candidates(p, dpos, r.end, smem_count));
 }
 
 // From the row's histogram of the top 11 key bits: the bin t holding the ksel-th best key.
@@ -256,28 +262,18 @@ SIKV_ENTRY_LATE_WAIT(sikv_topk_compact, COMPACT_THREADS)
 // Resets the row's candidate counter (not with p.mode == 1). grid (H_kv, B), block TOPK_THREADS.
 #define TOPK_BM_WORDS (TOPK_THREADS * 4)
 
-SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
-    __shared__ RadixSmem s;
-    __shared__ u32 bm_gt[TOPK_BM_WORDS];
-    __shared__ u32 bm_eq[TOPK_BM_WORDS];
-    __shared__ u32 thr[4];
-    __shared__ int heavy_in_range;
-    const int r = blockIdx.y, h = blockIdx.x;
-    const long long rowid = (long long)r * p.num_kv_heads + h;
-    const RowK rk = row_k(p, query_row(p, r), h, &heavy_in_range);
+// The stage-1 selection of row rowid once its sizes (rk), its histogram's threshold bin (thr,
+// hist_threshold's) and the count nc of candidates the compaction appended are known: exact
+// select over the candidates with ascending output, or the one-CTA select over the whole row
+// for a fallback row; then the row's sizes. Every thread of the TOPK_THREADS block must call.
+SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* bm_eq, const RowK& rk,
+                           long long rowid, const u32* thr, u32 nc) {
     const int S = p.n_sink;
     const int ksel = rk.ksel;
     const bool two = p.rerank_factor >= 2;
     int* out = two ? reinterpret_cast<int*>(p.ws_list) + rowid * p.stage1_max
                    : reinterpret_cast<int*>(p.indices) + rowid * p.budget_max;
-    u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
-    u32* counter = hist + TOPK_HIST_BINS;
-    // The selection sizes and the histogram's threshold bin need the page table, the heavy list
-    // and the score kernel's histogram (two launches back): found while the compaction runs.
-    if (ksel > 0) hist_threshold<TOPK_THREADS>(hist, (u32)ksel, s.scan, thr);
-    sikv_grid_dependency();
     if (ksel > 0) {
-        const u32 nc = *counter;
         const bool fast = thr[3] && thr[2] <= (u32)p.cand_cap && nc == thr[2];
         if (!fast) {
             const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride + S;
@@ -404,6 +400,24 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
         for (int r = (ksel > 0 ? ksel : 0) + threadIdx.x; r < p.budget_max; r += blockDim.x) out[r] = -1;
         if (threadIdx.x == 0) reinterpret_cast<int*>(p.counts)[rowid] = ksel > 0 ? ksel : 0;
     }
+}
+
+SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
+    __shared__ RadixSmem s;
+    __shared__ u32 bm_gt[TOPK_BM_WORDS];
+    __shared__ u32 bm_eq[TOPK_BM_WORDS];
+    __shared__ u32 thr[4];
+    __shared__ int heavy_in_range;
+    const int r = blockIdx.y, h = blockIdx.x;
+    const long long rowid = (long long)r * p.num_kv_heads + h;
+    const RowK rk = row_k(p, query_row(p, r), h, &heavy_in_range);
+    u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
+    u32* counter = hist + TOPK_HIST_BINS;
+    // The selection sizes and the histogram's threshold bin need the page table, the heavy list
+    // and the score kernel's histogram (two launches back): found while the compaction runs.
+    if (rk.ksel > 0) hist_threshold<TOPK_THREADS>(hist, (u32)rk.ksel, s.scan, thr);
+    sikv_grid_dependency();
+    final_select(p, s, bm_gt, bm_eq, rk, rowid, thr, rk.ksel > 0 ? *counter : 0u);
     // Every thread has read the counter (above); leave it zero for the next call (mode 1:
     // benchmark replay of this kernel alone, keep it).
     __syncthreads();
@@ -440,3 +454,210 @@ SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
     if (threadIdx.x == 0) reinterpret_cast<int*>(p.counts)[rowid] = k;
 }
 SIKV_ENTRY_LATE_WAIT(sikv_topk_stage2, TOPK_THREADS)
+
+// ---------------------------------------------------------------------------------------------
+// Fused select (sm_90, small batches): stage `score` and the multi-CTA stage-1 `topk` in one
+// launch, for calls too small to fill the GPU, whose step was a chain of launches each waiting
+// on the one before (a memset, score, compaction, final). A cluster of C CTAs of TOPK_THREADS
+// threads serves one row; grid (C, H_kv, B), cluster (C, 1, 1).
+//  1. Each CTA scores the row's aligned tiles of p.fused_tile positions (the launcher sizes them
+//     so that the row's C CTAs share it, up to FUSED_TILE) rank, rank + C, ... with
+//     the score kernel's per-position code (score_tokens: the same keys, bit for bit), writes
+//     the keys to ws_keys and counts them in a histogram in its shared memory, then adds that
+//     into CTA 0's (distributed shared memory). No global histogram: no memset.
+//  2. Cluster barrier. Each CTA copies CTA 0's histogram, finds the threshold bin
+//     (hist_threshold) and compacts its own tiles as sikv_topk_compact does: the gt bitmap's
+//     words, the threshold bin's keys appended to ws_cand at a count kept in CTA 0.
+//  3. Cluster barrier. CTA 0 runs the final select (final_select); the others are done.
+// One row per sequence only (the rows calls keep the chain). The launcher picks it (select).
+template <int D, typename T>
+SIKV_DEV void sikv_score_topk_impl(const SikvParams& p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr int NT = TOPK_THREADS;
+    static_assert(FUSED_TILE == NT * (int)SCORE_TOKENS_PER_THREAD, "a thread scores up to SCORE_TOKENS_PER_THREAD positions of a tile");
+    static_assert(NT % 32 == 0, "whole bitmap words per tile");
+    // Positions per tile: a multiple of NT up to FUSED_TILE (a thread's j-th position is
+    // NT apart; the lanes past the tile are not valid).
+    const int tile = p.fused_tile;
+    __shared__ RadixSmem s;  // s.hist: this CTA's histogram; CTA 0's holds the row's
+    // The score's tables, then (CTA 0, after the last barrier) the final select's bitmaps.
+    __shared__ union {
+        struct {
+            float qbar[D];
+            float lut[(D / 4) * CENTROIDS];
+            u32 heavy_bits[NT];
+            long long page_off[FUSED_TILE / SCORE_PAGE_TABLE_MIN + 1];
+        } sc;
+        struct {
+            u32 bm_gt[TOPK_BM_WORDS];
+            u32 bm_eq[TOPK_BM_WORDS];
+        } fin;
+    } u;
+    __shared__ u32 thr[4];
+    __shared__ u32 counter;  // CTA 0: the row's appended candidates
+    __shared__ u32 base_sh;
+    __shared__ int heavy_in_range;
+    const int h = blockIdx.y, r = blockIdx.z;
+    const u32 rank = cluster_rank(), C = cluster_size();
+    const long long rowid = (long long)r * p.num_kv_heads + h;
+    const QueryRow qr = single_row(p, r);
+    const int b = qr.seq, S = p.n_sink;
+    const int end = row_cand_end(p, qr);
+    for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += NT) s.hist[i] = 0u;
+    if (threadIdx.x == 0) counter = 0u;
+    // CTA 0's histogram and counter are zero before any CTA adds into them (wait below).
+    cluster_arrive();
+    // Tiles are aligned (tile x holds positions [x tile, (x + 1) tile)), as the compaction's are,
+    // so one CTA writes whole bitmap words.
+    const int x0 = S / tile, x1 = end > S ? (end + tile - 1) / tile : x0;
+    const int xf = x0 + (int)rank;  // this CTA's first tile
+    const bool has_tile = xf < x1;
+    const bool paged = score_paged(p);
+    const int* dpos = nullptr;
+    u8* rec = nullptr;
+    int prompt_len = 0, page0 = 0;
+    // The prologue's loads overlap as the score kernel's do: the first tile's pages with the
+    // query, then its heavy bits (and the row's candidate count) with the LUT.
+    if (end > S) {  // a row with a bad slot has end == S
+        rec = state_record(p, qr.slot, h);
+        dpos = state_dense_pos(p, rec);
+        prompt_len = state_meta(p, rec)[META_PROMPT_LEN];
+        if (has_tile && paged) {
+            const int t0 = xf * tile;
+            page0 = tile_pages<D>(p, b, h, t0 > S ? t0 : S, t0 + tile < end ? t0 + tile : end, u.sc.page_off);
+        }
+        load_qbar<D, T>(p, r, h, u.sc.qbar);
+    }
+    u.sc.heavy_bits[threadIdx.x] = 0u;
+    if (threadIdx.x == 0) heavy_in_range = 0;
+    __syncthreads();
+    if (end > S) {
+        // Heavy positions: the first tile's bits (tile_heavy's) and the row's count below end
+        // (count_candidates').
+        int mine = 0;
+        const int t0 = xf * tile;
+        for (int i = threadIdx.x; i < p.n_heavy; i += NT) {
+            const int hp = dpos[S + i];
+            mine += (hp >= S && hp < end) ? 1 : 0;
+            const int rel = hp - t0;
+            if (has_tile && rel >= 0 && rel < tile) atomicOr(&u.sc.heavy_bits[rel % NT], 1u << (rel / NT));
+        }
+        mine = warp_sum_int(mine);
+        if ((threadIdx.x & 31) == 0 && mine) atomicAdd(&heavy_in_range, mine);
+        build_lut<D>(p, rec, u.sc.qbar, u.sc.lut);
+    }
+    __syncthreads();
+    const RowK rk = row_sizes(p, end, end - S - heavy_in_range);
+    u32* keys = reinterpret_cast<u32*>(p.ws_keys) + rowid * p.key_stride;
+    for (int x = xf; x < x1; x += (int)C) {
+        const int t0 = x * tile;
+        const int lo = t0 > S ? t0 : S, hi = t0 + tile < end ? t0 + tile : end;
+        if (x != xf) {
+            __syncthreads();  // the last tile's heavy bits and pages are read
+            u.sc.heavy_bits[threadIdx.x] = 0u;
+            page0 = paged ? tile_pages<D>(p, b, h, lo, hi, u.sc.page_off) : 0;
+            __syncthreads();
+            tile_heavy<NT>(p, dpos, t0, u.sc.heavy_bits);
+            __syncthreads();
+        }
+        u32 lanes = u.sc.heavy_bits[threadIdx.x] << LANE_HEAVY;
+        #pragma unroll
+        for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
+            const int pos = t0 + j * NT + (int)threadIdx.x;
+            lanes |= (pos >= lo && pos < hi ? 1u : 0u) << (LANE_VALID + j);
+            lanes |= (p.force_generated && pos >= prompt_len ? 1u : 0u) << (LANE_FORCED + j);
+        }
+        u32* my_keys = keys + t0 + threadIdx.x;
+        if (paged) {
+            const int rel0 = t0 + (int)threadIdx.x - (page0 << (__ffs(p.page_size) - 1));
+            score_tokens<D, true, NT>(p, b, h, t0, lanes, u.sc.lut, u.sc.page_off, rel0, my_keys, true, s.hist);
+        } else {
+            score_tokens<D, false, NT>(p, b, h, t0, lanes, u.sc.lut, u.sc.page_off, 0, my_keys, true, s.hist);
+        }
+    }
+    __syncthreads();  // this CTA's histogram is complete
+    cluster_wait();
+    const u32 hist0 = cluster_addr(s.hist, 0);
+    if (rank != 0)
+        for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += NT) {
+            const u32 c = s.hist[i];
+            if (c) cluster_red_add(hist0 + 4u * (u32)i, c);
+        }
+    // The row's histogram is complete in CTA 0, and every CTA's keys are written.
+    cluster_sync();
+    if (rank != 0) {
+        for (int i = threadIdx.x; i < TOPK_HIST_BINS / 4; i += NT)
+            reinterpret_cast<uint4*>(s.hist)[i] = cluster_load4(hist0 + 16u * (u32)i);
+        __syncthreads();
+    }
+    if (rk.ksel > 0) hist_threshold<NT>(s.hist, (u32)rk.ksel, s.scan, thr);
+    // Compaction of this CTA's tiles (sikv_topk_compact's, NT threads and 8 keys a thread); a
+    // fallback row (threshold bin larger than the buffer) is left to final_select alone.
+    if (rk.ksel > 0 && thr[3] && thr[2] <= (u32)p.cand_cap) {
+        const u32 tb = thr[0];
+        const int lane = threadIdx.x & 31;
+        const int wend = (end + 31) >> 5;
+        u32* gtmap = reinterpret_cast<u32*>(p.ws_gtmap) + rowid * p.gtmap_stride;
+        u64* cand = reinterpret_cast<u64*>(p.ws_cand) + rowid * p.cand_cap;
+        const u32 count0 = cluster_addr(&counter, 0);
+        for (int x = x0 + (int)rank; x < x1; x += (int)C) {
+            const int t0 = x * tile;
+            const int lo = t0 > S ? t0 : S, hi = t0 + tile < end ? t0 + tile : end;
+            u32 kv[8];
+            #pragma unroll
+            for (int g = 0; g < 2; ++g) {
+                const int q = t0 + (g * NT + (int)threadIdx.x) * 4;
+                if (q >= lo && q + 4 <= hi) {
+                    const uint4 w = *reinterpret_cast<const uint4*>(keys + q);  // key_stride % 4 == 0
+                    kv[4 * g + 0] = w.x; kv[4 * g + 1] = w.y; kv[4 * g + 2] = w.z; kv[4 * g + 3] = w.w;
+                } else {
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) kv[4 * g + e] = (q + e >= lo && q + e < hi) ? keys[q + e] : 0u;
+                }
+            }
+            u32 cnt = 0;
+            #pragma unroll
+            for (int g = 0; g < 2; ++g) {
+                u32 nib = 0;
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const u32 key = kv[4 * g + e];
+                    const u32 bin = key >> TOPK_HIST_SHIFT;
+                    nib |= (bin > tb ? 1u : 0u) << e;
+                    cnt += (key != 0u && bin == tb) ? 1u : 0u;
+                }
+                u32 word = nib << (4 * (lane & 7));
+                word |= __shfl_xor_sync(0xffffffffu, word, 1);
+                word |= __shfl_xor_sync(0xffffffffu, word, 2);
+                word |= __shfl_xor_sync(0xffffffffu, word, 4);
+                const int w = t0 / 32 + (g * NT + (int)threadIdx.x) / 8;
+                if ((lane & 7) == 0 && w < wend && w < (t0 + tile) / 32) gtmap[w] = word;
+            }
+            u32 total;
+            const u32 excl = block_excl_scan<NT>(cnt, s.scan, &total);
+            if (threadIdx.x == 0 && total) base_sh = cluster_atomic_add(count0, total);
+            __syncthreads();
+            if (cnt) {
+                u32 at = base_sh + excl;
+                #pragma unroll
+                for (int g = 0; g < 2; ++g) {
+                    const int q = t0 + (g * NT + (int)threadIdx.x) * 4;
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const u32 key = kv[4 * g + e];
+                        if (key != 0u && (key >> TOPK_HIST_SHIFT) == tb) {
+                            if (at < (u32)p.cand_cap) cand[at] = ((u64)key << 32) | (u32)(q + e);
+                            ++at;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The candidates, the gt words and the count are complete; CTA 0's histogram is copied.
+    cluster_sync();
+    if (rank != 0) return;
+    final_select(p, s, u.fin.bm_gt, u.fin.bm_eq, rk, rowid, thr, rk.ksel > 0 ? counter : 0u);
+#endif
+}
+SIKV_ENTRIES_D_T_MINB(sikv_score_topk, TOPK_THREADS, 1)

@@ -77,14 +77,20 @@ run_tests() { # key title binary pattern
 if want tests; then
   # One line per case ("test <name> ... <first output line>"), its time, and any failure.
   run_tests tests "gpu tests" gpu_tests "^test |: [0-9]+\.[0-9] s$|gpu tests on"
-  # The sparse attend's multi-tile splits (taken at large batch only) at the tests' sizes.
-  echo "== gpu tests, decode with SIKV_ATTEND_SPAN=3"
-  log="$OUT/gpu_tests_span.log"; t0=$SECONDS
-  SIKV_ATTEND_SPAN=3 .gpu/gpu_tests --nocapture --test-threads=1 decode:: graph:: > "$log" 2>&1
-  RC[tests_span]=$?
-  grep -E "panicked|test result" "$log"
-  check_log "$log" gpu_tests_span || RC[tests_span]=$?
-  echo "   ($((SECONDS - t0)) s)"
+  # The decode and graph cases again under settings the test sizes would not take: the sparse
+  # attend's multi-tile splits (large batch only), the select's chain of launches and the fused
+  # select (each taken by some shapes only).
+  for env in SIKV_ATTEND_SPAN=3 SIKV_FUSED=off SIKV_FUSED=on; do
+    tag=${env#SIKV_}; tag=$(tr 'A-Z=' 'a-z_' <<<"$tag")
+    echo "== gpu tests, decode with $env"
+    log="$OUT/gpu_tests_$tag.log"; t0=$SECONDS
+    env "$env" .gpu/gpu_tests --nocapture --test-threads=1 decode:: graph:: > "$log" 2>&1
+    rc=$?
+    grep -E "panicked|test result" "$log"
+    check_log "$log" "gpu_tests $env" || rc=$?
+    RC[tests_$tag]=$rc
+    echo "   ($((SECONDS - t0)) s)"
+  done
   run_tests managed "managed cache on the GPU vs the CPU backend" gpu_managed_tests "managed GPU|stateless ABI|seed ="
   run_tests abi "both ABI layers on device memory, graph capture, faults and poisoning" gpu_abi_tests "^test |worst|seed ="
   run_tests adversarial "adversarial inputs, GPU vs CPU" adversarial_tests "GPU = CPU"
@@ -240,6 +246,16 @@ if want bench; then
     SIKV_PDL=0 .gpu/gpu_bench $Q --csv "$OUT/nopdl_gpu_bench.csv" > "$OUT/nopdl_gpu_bench.log" 2>&1
     RC[nopdl_bench]=$?
   fi
+  # FUSED_AB=1: the same build with the select's chain of launches at every size
+  # (SIKV_FUSED=off) and with the fused select wherever it fits (SIKV_FUSED=on).
+  if [ "${FUSED_AB:-0}" = "1" ]; then
+    for mode in off on; do
+      echo "== gpu bench, SIKV_FUSED=$mode"
+      # shellcheck disable=SC2086
+      SIKV_FUSED=$mode .gpu/gpu_bench $Q ${BENCH_ARGS:-} --csv "$OUT/fused_${mode}_gpu_bench.csv" > "$OUT/fused_${mode}_gpu_bench.log" 2>&1
+      RC[fused_bench]=$(( ${RC[fused_bench]:-0} | $? ))
+    done
+  fi
   # ROUTE_MSL: the stateless decode's device-side crossover where max_seq_len exceeds the live
   # length (an engine that declares a long maximum): gpu_bench at that max_seq_len, shorter N.
   if [ -n "${ROUTE_MSL:-}" ]; then
@@ -356,7 +372,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_span managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
+for k in tests tests_attend_span_3 tests_fused_off tests_fused_on managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
@@ -428,6 +444,18 @@ for name in sorted(f for f in os.listdir(out) if f.startswith("p") and f.endswit
             a, c = g0.get((k, n, b)), g1.get((k, n, b))
             cells.append(f"{a:>6.1f} -> {c:>5.1f}" if a is not None and c is not None else (f"{c:>15.1f}" if c is not None else f"{'-':>15}"))
         print(f"  {n:>7} {b:>2} " + " ".join(cells))
+# FUSED_AB: the select and the step, graph us: chain of launches / fused select / this build.
+f0 = load("fused_off_gpu_bench.csv")
+f1 = load("fused_on_gpu_bench.csv")
+if f0 and f1:
+    m0 = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in f0}
+    m1 = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in f1}
+    m2 = {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"]) for r in ours}
+    print("  graph us: chain (SIKV_FUSED=off) / fused (=on) / this build's default")
+    print(f"  {'N':>7} {'B':>2} {'select':>26} {'step':>26}")
+    for n, b in sorted({(n, b) for (_, n, b) in m0}):
+        cell = lambda k: f"{m0.get((k, n, b), float('nan')):>7.1f} {m1.get((k, n, b), float('nan')):>7.1f} {m2.get((k, n, b), float('nan')):>7.1f}"
+        print(f"  {n:>7} {b:>2}    {cell('select')}    {cell('step')}")
 # ROWS: R query rows per sequence in one step against R one-row steps (graph us).
 rows = load("rows_gpu_bench.csv")
 if rows:

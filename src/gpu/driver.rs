@@ -247,19 +247,52 @@ pub fn launch<P>(
     params: &P,
     pdl: bool,
 ) -> Result<()> {
-    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-        return Ok(());
-    }
-    let mut args: [*mut c_void; 1] = [params as *const P as *mut c_void];
-    // Programmatic dependent launch: the kernel may be launched before the kernel ahead of it
-    // in the stream has finished; it waits for it on the device (griddepcontrol.wait in every
-    // kernel entry, kernels/common.cuh).
-    let mut attr = sys::CUlaunchAttribute {
+    launch_cluster(f, name, grid, block, 1, stream, params, pdl)
+}
+
+/// The launch attributes of a launch: programmatic dependent launch (the kernel may be launched
+/// before the kernel ahead of it in the stream has finished; it waits for it on the device,
+/// griddepcontrol.wait in every kernel entry, kernels/common.cuh) and, for `cluster` > 1, thread
+/// block clusters of `cluster` CTAs along x. Returns the attributes and how many are used.
+fn launch_attrs(pdl: bool, cluster: u32) -> ([sys::CUlaunchAttribute; 2], u32) {
+    let blank = || sys::CUlaunchAttribute {
         id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
         pad: [0; 4],
         value: sys::CUlaunchAttributeValue { pad: [0; 64] },
     };
-    attr.value.programmaticStreamSerializationAllowed = 1;
+    let mut attrs = [blank(), blank()];
+    let mut n = 0;
+    if pdl {
+        attrs[n].value.programmaticStreamSerializationAllowed = 1;
+        n += 1;
+    }
+    if cluster > 1 {
+        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attrs[n].value.clusterDim.x = cluster;
+        attrs[n].value.clusterDim.y = 1;
+        attrs[n].value.clusterDim.z = 1;
+        n += 1;
+    }
+    (attrs, n as u32)
+}
+
+/// [`launch`] in clusters of `cluster` CTAs along x (grid.0 a multiple of it; 1: no clusters).
+#[allow(clippy::too_many_arguments)] // launch's arguments plus the cluster size
+pub fn launch_cluster<P>(
+    f: CUfunction,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    cluster: u32,
+    stream: sys::CUstream,
+    params: &P,
+    pdl: bool,
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
+    let mut args: [*mut c_void; 1] = [params as *const P as *mut c_void];
+    let (mut attrs, n_attrs) = launch_attrs(pdl, cluster);
     let config = sys::CUlaunchConfig {
         gridDimX: grid.0,
         gridDimY: grid.1,
@@ -269,8 +302,8 @@ pub fn launch<P>(
         blockDimZ: 1,
         sharedMemBytes: 0,
         hStream: stream,
-        attrs: &mut attr,
-        numAttrs: pdl as u32,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: n_attrs,
     };
     if let Some(r) = take_injected() {
         return ck(r, &format!("cuLaunchKernelEx({name})"));
@@ -282,6 +315,42 @@ pub fn launch<P>(
             sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()),
             &format!("cuLaunchKernelEx({name})"),
         )
+    }
+}
+
+/// How many clusters of `cluster` CTAs of `block` threads of `f` the device can hold at once
+/// (0 when it cannot run such a cluster). Sizes above the portable 8 are allowed first (a
+/// kernel attribute). Create time only: a driver query, not for the hot path.
+pub fn max_active_clusters(f: CUfunction, block: u32, cluster: u32) -> u32 {
+    // SAFETY: attribute and occupancy queries on a loaded function; the configuration and its
+    // attributes outlive the calls.
+    unsafe {
+        if cluster > 8 {
+            let a = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED;
+            if sys::cuFuncSetAttribute(f, a, 1) != sys::CUresult::CUDA_SUCCESS {
+                return 0;
+            }
+        }
+        // The cluster attribute even for clusters of one CTA (the query needs it).
+        let (mut attrs, n_attrs) = launch_attrs(false, cluster.max(2));
+        attrs[0].value.clusterDim.x = cluster;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cluster,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: std::ptr::null_mut(),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n_attrs,
+        };
+        let mut n = 0i32;
+        if sys::cuOccupancyMaxActiveClusters(&mut n, f, &config) != sys::CUresult::CUDA_SUCCESS {
+            return 0;
+        }
+        n.max(0) as u32
     }
 }
 

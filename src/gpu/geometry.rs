@@ -49,6 +49,15 @@ pub const COMPACT_THREADS: u32 = 256;
 pub const COMPACT_ITEMS: u32 = 16;
 /// Multi-CTA top-k compaction: positions per block.
 pub const COMPACT_TILE: u32 = COMPACT_THREADS * COMPACT_ITEMS;
+/// Fused select (score + stage-1 top-k, sm_90 clusters): positions per CTA tile, one
+/// SCORE_TOKENS_PER_THREAD run per thread of a TOPK_THREADS block.
+pub const FUSED_TILE: u32 = TOPK_THREADS * SCORE_TOKENS_PER_THREAD;
+/// Fused select: the most CTAs in one row's cluster (16 is above the portable 8: the kernel
+/// asks for non-portable cluster sizes).
+pub const FUSED_MAX_CLUSTER: u32 = 16;
+/// Fused select: positions per CTA up to which it is taken whatever an SM's share in the chain
+/// would be (launch.rs fused_cluster; measured, docs/PERF_NOTES.md v12).
+pub const FUSED_SMALL_TILE: u32 = 3 * TOPK_THREADS;
 /// attend / attend_dense: one block per (split, KV head, sequence).
 pub const ATTEND_THREADS: u32 = 128;
 /// attend: blocks per SM the sparse grid aims at (the resident limit at 128 registers); above

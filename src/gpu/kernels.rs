@@ -30,6 +30,8 @@ pub struct Kernels {
     pub topk_stage1: Kernel,
     pub topk_compact: Kernel,
     pub topk_final: Kernel,
+    /// score + stage-1 top-k in one launch of thread block clusters (sm_90; small batches).
+    pub score_topk: Kernel,
     pub rerank_score: Kernel,
     /// rerank_score from the mean of each sequence's rows' queries (p.mean_offsets).
     pub rerank_score_mean: Kernel,
@@ -86,6 +88,7 @@ impl Kernels {
             topk_stage1: get(plain("topk_stage1"))?,
             topk_compact: get(plain("topk_compact"))?,
             topk_final: get(plain("topk_final"))?,
+            score_topk: get(dt("score_topk"))?,
             rerank_score: get(dt("rerank_score"))?,
             rerank_score_mean: get(dt("rerank_score_mean"))?,
             topk_stage2: get(plain("topk_stage2"))?,

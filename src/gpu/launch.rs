@@ -452,15 +452,53 @@ impl GpuContext {
             p.rows = p.batch;
         }
         let b = p.rows as u32;
-        if stages & SELECT_SCORE != 0 && p.topk_multi != 0 {
+        let fused = self.fused_cluster(stages, cfg, &p, b);
+        if stages & SELECT_SCORE != 0 && p.topk_multi != 0 && fused.is_none() {
             // The score kernel adds into the per-row histograms (and the final top-k kernel
             // expects zero candidate counters): zero both on the stream. A memset rather than
             // the prologue kernel: on the H200 the prologue in its place made the select chain
-            // 3.6 µs slower at 128K, batch 1 (RESULTS.md, fifth session).
+            // 3.6 µs slower at 128K, batch 1 (RESULTS.md, fifth session). The fused select
+            // keeps both in shared memory.
             let words = b as usize * cfg.num_kv_heads as usize * TOPK_HIST_STRIDE;
             driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
         }
-        self.launch_select(stages, cfg, &p, b, stream)
+        self.launch_select(stages, cfg, &p, b, fused, stream)
+    }
+
+    /// The fused select (score + stage-1 top-k in one launch, kernels/topk.cu sikv_score_topk)
+    /// for this call as (cluster size, positions per CTA tile), or None for the chain of
+    /// launches. It needs a call that scores and selects (not one stage alone), one row per
+    /// sequence, the multi-CTA top-k, and every row's cluster resident at once; the rows' CTAs
+    /// then spread over the SMs, one per SM, each scoring its tiles in series. It is taken
+    /// where it measured faster than the chain (H200, docs/PERF_NOTES.md v12): no CTA scores
+    /// more than two tiles, and a CTA's positions are at most FUSED_SMALL_TILE or within 10 %
+    /// of an SM's share in the chain. A CTA that scores more loses what the fused launch saves:
+    /// the chain's score blocks overlap their prologues' loads across blocks, the CTA's tiles
+    /// run one after the other. SIKV_FUSED=on takes it wherever it fits.
+    fn fused_cluster(&self, stages: u32, cfg: &CacheConfig, p: &SikvParams, b: u32) -> Option<(u32, u32)> {
+        let both = SELECT_SCORE | SELECT_TOPK;
+        let rows = b * cfg.num_kv_heads;
+        if stages & both != both || p.topk_multi == 0 || p.row_offsets != 0 || p.mean_offsets != 0 || rows == 0 {
+            return None;
+        }
+        let sms = self.inner.dev.sms.max(1) as u32;
+        let msl = cfg.max_seq_len.max(1);
+        let most = (sms / rows).clamp(1, FUSED_MAX_CLUSTER).min(msl.div_ceil(TOPK_THREADS));
+        let c = (1..=most)
+            .rev()
+            .find(|&c| self.inner.fused_clusters[c as usize] >= rows)?;
+        let tile = msl.div_ceil(c).next_multiple_of(TOPK_THREADS).min(FUSED_TILE);
+        let tiles = msl.div_ceil(tile);
+        let c = c.min(tiles);
+        if !self.inner.fused_always {
+            let per_cta = tiles.div_ceil(c) as u64 * tile as u64;
+            let per_sm = rows as u64 * msl as u64 / sms as u64;
+            let small = per_cta <= FUSED_SMALL_TILE as u64 || per_cta * 10 <= per_sm * 11;
+            if tiles.div_ceil(c) > 2 || !small {
+                return None;
+            }
+        }
+        Some((c, tile))
     }
 
     /// The top-k path of this context: multi-CTA (with its candidate cap) or one CTA.
@@ -485,8 +523,42 @@ impl GpuContext {
         self.launch(&self.inner.kernels.prologue, grid, PROLOGUE_THREADS, stream, &pp)
     }
 
-    /// The score, top-k and re-rank launches of `select_stages` after the prologue.
-    fn launch_select(&self, stages: u32, cfg: &CacheConfig, p: &SikvParams, b: u32, stream: CUstream) -> Result<()> {
+    /// The score, top-k and re-rank launches of `select_stages` after the prologue; `fused`:
+    /// score and stage-1 top-k as one launch (fused_cluster's cluster size and tile).
+    fn launch_select(
+        &self,
+        stages: u32,
+        cfg: &CacheConfig,
+        p: &SikvParams,
+        b: u32,
+        fused: Option<(u32, u32)>,
+        stream: CUstream,
+    ) -> Result<()> {
+        let kn = &self.inner.kernels;
+        let h = cfg.num_kv_heads;
+        if let Some((c, tile)) = fused {
+            // Score and stage 1 (fused_cluster decided the call wants both).
+            let mut pf = *p;
+            pf.fused_tile = tile as i32;
+            self.launch_clusters(&kn.score_topk, (c, h, b), TOPK_THREADS, c, stream, &pf)?;
+        } else {
+            self.launch_stage1(stages, cfg, p, b, stream)?;
+        }
+        if cfg.two_stage() && stages & SELECT_RERANK != 0 {
+            let grid = (cfg.stage1_max().div_ceil(RERANK_THREADS), h, b);
+            let rerank = if p.mean_offsets != 0 {
+                &kn.rerank_score_mean
+            } else {
+                &kn.rerank_score
+            };
+            self.launch(rerank, grid, RERANK_THREADS, stream, p)?;
+            self.launch(&kn.topk_stage2, (h, b, 1), TOPK_THREADS, stream, p)?;
+        }
+        Ok(())
+    }
+
+    /// The chain's score and stage-1 top-k launches of `select_stages` (launch_select).
+    fn launch_stage1(&self, stages: u32, cfg: &CacheConfig, p: &SikvParams, b: u32, stream: CUstream) -> Result<()> {
         let kn = &self.inner.kernels;
         let h = cfg.num_kv_heads;
         let multi = p.topk_multi != 0;
@@ -509,16 +581,6 @@ impl GpuContext {
             }
         } else if multi && stages & SELECT_TOPK_FINAL != 0 {
             self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
-        }
-        if cfg.two_stage() && stages & SELECT_RERANK != 0 {
-            let grid = (cfg.stage1_max().div_ceil(RERANK_THREADS), h, b);
-            let rerank = if p.mean_offsets != 0 {
-                &kn.rerank_score_mean
-            } else {
-                &kn.rerank_score
-            };
-            self.launch(rerank, grid, RERANK_THREADS, stream, p)?;
-            self.launch(&kn.topk_stage2, (h, b, 1), TOPK_THREADS, stream, p)?;
         }
         Ok(())
     }
@@ -697,7 +759,8 @@ impl GpuContext {
         self.launch_prologue(cfg, &p, b, stream)?;
         let mut ps = p;
         ps.route_as = ROUTE_SPARSE as i32;
-        self.launch_select(SELECT_ALL, cfg, &ps, b, stream)?;
+        let fused = self.fused_cluster(SELECT_ALL, cfg, &ps, b);
+        self.launch_select(SELECT_ALL, cfg, &ps, b, fused, stream)?;
         self.launch_attend(cfg, &w, &mut ps, b, Predecessor::Select, stream)?;
         let mut pd = p;
         pd.route_as = ROUTE_DENSE as i32;

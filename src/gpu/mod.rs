@@ -62,6 +62,7 @@ use std::sync::Arc;
 use crate::config::{CacheConfig, Dtype};
 use crate::layout::Layout;
 use crate::status::{Error, Result};
+use geometry::{FUSED_MAX_CLUSTER, TOPK_THREADS};
 
 use cudarc::driver::sys;
 pub use desc::{DevBatch, DevLayer, DevPageTable, DevPrompt, DevRows, DevSelection, DevTokens, DevWorkspace};
@@ -100,6 +101,25 @@ struct Inner {
     attend_span: Option<u32>,
     /// Launch with programmatic dependent launch (sm_90+, unless SIKV_PDL=0 at create time).
     pdl: bool,
+    /// The fused select (score + stage-1 top-k in clusters, `select`): entry c, for c in
+    /// 1..=FUSED_MAX_CLUSTER, is how many clusters of c CTAs the device holds at once; all zero
+    /// below sm_90, with the single-CTA top-k, or with SIKV_FUSED=off.
+    fused_clusters: [u32; FUSED_MAX_CLUSTER as usize + 1],
+    /// SIKV_FUSED=on at create time: the fused select wherever its clusters fit, not only where
+    /// it was measured faster (a testing and benchmarking aid).
+    fused_always: bool,
+}
+
+/// The fused select's occupancy table ([`Inner::fused_clusters`]) and SIKV_FUSED=on.
+fn fused_from_env(major: i32, topk: TopkPath, f: driver::CUfunction) -> ([u32; FUSED_MAX_CLUSTER as usize + 1], bool) {
+    let mode = std::env::var("SIKV_FUSED").unwrap_or_default();
+    let mut table = [0u32; FUSED_MAX_CLUSTER as usize + 1];
+    if major >= 9 && mode.trim() != "off" && topk != TopkPath::Single {
+        for (c, n) in table.iter_mut().enumerate().skip(1) {
+            *n = driver::max_active_clusters(f, TOPK_THREADS, c as u32);
+        }
+    }
+    (table, mode.trim() == "on")
 }
 
 /// Whether the stage kernels are launched with programmatic dependent launch: on sm_90 and
@@ -251,6 +271,8 @@ impl GpuContext {
         // SAFETY: a fresh 4-byte (at least) page-locked allocation, aligned for u32.
         unsafe { std::ptr::write_volatile(fault_host as *mut u32, 0) };
         let pdl = pdl_from_env(dev.major);
+        let topk = TopkPath::from_env();
+        let (fused_clusters, fused_always) = fused_from_env(dev.major, topk, kernels.score_topk.f);
         Ok(GpuContext {
             inner: Arc::new(Inner {
                 dev,
@@ -261,11 +283,13 @@ impl GpuContext {
                 build_path,
                 head_dim: cfg.head_dim,
                 dtype: cfg.dtype,
-                topk: TopkPath::from_env(),
+                topk,
                 attend_span: std::env::var("SIKV_ATTEND_SPAN")
                     .ok()
                     .and_then(|v| v.trim().parse().ok()),
                 pdl,
+                fused_clusters,
+                fused_always,
             }),
         })
     }
@@ -315,6 +339,12 @@ impl GpuContext {
         &self.inner.build_path
     }
 
+    /// Whether SIKV_FUSED=on forces the fused select and, for cluster sizes
+    /// 1..=FUSED_MAX_CLUSTER, how many of its clusters the device holds at once (entry 0 unused).
+    pub fn fused_select(&self) -> (bool, &[u32]) {
+        (self.inner.fused_always, &self.inner.fused_clusters)
+    }
+
     /// The stage-1 top-k implementation `select` uses (SIKV_TOPK at create time).
     pub fn topk_path(&self) -> TopkPath {
         self.inner.topk
@@ -341,9 +371,31 @@ impl GpuContext {
 
     /// Every kernel launch goes through here, so every one carries the fault word's address.
     fn launch(&self, k: &Kernel, grid: (u32, u32, u32), block: u32, stream: CUstream, p: &SikvParams) -> Result<()> {
+        self.launch_clusters(k, grid, block, 1, stream, p)
+    }
+
+    /// [`launch`](Self::launch) in thread block clusters of `cluster` CTAs along x.
+    fn launch_clusters(
+        &self,
+        k: &Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        cluster: u32,
+        stream: CUstream,
+        p: &SikvParams,
+    ) -> Result<()> {
         let mut p = *p;
         p.fault = self.inner.fault_dev;
-        driver::launch(k.f, k.name, grid, block, cuda_stream(stream), &p, self.inner.pdl)
+        driver::launch_cluster(
+            k.f,
+            k.name,
+            grid,
+            block,
+            cluster,
+            cuda_stream(stream),
+            &p,
+            self.inner.pdl,
+        )
     }
 
     /// Reports (and clears) the device faults raised since the last call: `Ok` when none,

@@ -10,6 +10,7 @@ use crate::fixture::*;
 gpu_test!(select_attend_matrix, case_decode_matrix);
 gpu_test!(select_attend_parity, case_decode_parity);
 gpu_test!(long_sequence, case_long);
+gpu_test!(fused_select_clusters, case_fused_clusters);
 
 /// select + attend + attend_dense on a ragged batch: state built on the CPU (calibrate +
 /// appends), copied to the device; GPU select vs CPU select; GPU attend vs CPU attend on the
@@ -220,5 +221,28 @@ fn case_long(rng: &mut Rng) -> R {
         c.n_heavy = 64;
         c.n_window = 64;
         c.max_append_tokens = 140_000;
+    })
+}
+
+/// The fused select (kernels/topk.cu sikv_score_topk) with a cluster size that is not a power
+/// of two: 4 rows at max_seq_len 40000 on a 132-SM GPU take clusters of 14 CTAs and tiles of
+/// 3072 positions; ragged lengths, one sequence's candidates ending inside a CTA's tile, and
+/// CTAs with no tile of the shorter one. (The decode matrix takes clusters of 4 CTAs of 1024
+/// positions; the long case takes the chain, and under SIKV_FUSED=on 16 CTAs with two tiles for
+/// some.) scripts/gpu_check.sh runs the decode cases again with SIKV_FUSED=off and =on.
+fn case_fused_clusters(rng: &mut Rng) -> R {
+    let mut s = base_shape(SIKV_DTYPE_F16, 128, 2, 4);
+    s.max_seq_len = 40_000;
+    s.max_batch = 2;
+    s.page = 64;
+    let lens = if quick() { [20_000, 3_000] } else { [39_990, 5_000] };
+    run_decode(rng, s, &lens, |c| {
+        c.budget_max = 512;
+        c.budget_min = 64;
+        c.budget_ratio = 0.05;
+        c.rerank_factor = 4;
+        c.n_heavy = 32;
+        c.n_window = 16;
+        c.max_append_tokens = 40_000;
     })
 }
