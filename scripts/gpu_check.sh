@@ -79,9 +79,10 @@ if want tests; then
   run_tests tests "gpu tests" gpu_tests "^test |: [0-9]+\.[0-9] s$|gpu tests on"
   # The decode and graph cases again under settings the test sizes would not take: the sparse
   # attend's multi-tile splits (large batch only), the select's chain of launches and the fused
-  # select (each taken by some shapes only).
-  for env in SIKV_ATTEND_SPAN=3 SIKV_FUSED=off SIKV_FUSED=on; do
-    tag=${env#SIKV_}; tag=$(tr 'A-Z=' 'a-z_' <<<"$tag")
+  # select (each taken by some shapes only), and 64 candidate slots per row (rows whose
+  # threshold bin overflows them take the final select's one-CTA fallback, in either plan).
+  for env in SIKV_ATTEND_SPAN=3 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64; do
+    tag=${env#SIKV_}; tag=$(tr 'A-Z=:' 'a-z__' <<<"$tag")
     echo "== gpu tests, decode with $env"
     log="$OUT/gpu_tests_$tag.log"; t0=$SECONDS
     env "$env" .gpu/gpu_tests --nocapture --test-threads=1 decode:: graph:: > "$log" 2>&1
@@ -372,7 +373,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_attend_span_3 tests_fused_off tests_fused_on managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
+for k in tests tests_attend_span_3 tests_fused_off tests_fused_on tests_topk_multi_64 managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
