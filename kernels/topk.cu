@@ -167,6 +167,71 @@ SIKV_ENTRY(sikv_topk_stage1, TOPK_THREADS)
 // ---------------------------------------------------------------------------------------------
 // Multi-CTA stage 1.
 
+// A compaction tile's keys from t0, ITEMS a thread: thread x holds positions 4x .. 4x + 3 of
+// each group of 4 NT (0 outside [lo, hi): not a candidate), 16 bytes at a time.
+template <int NT, int ITEMS>
+SIKV_DEV void tile_keys(const u32* keys, int t0, int lo, int hi, u32 (&kv)[ITEMS]) {
+    #pragma unroll
+    for (int g = 0; g < ITEMS / 4; ++g) {
+        const int q = t0 + (g * NT + (int)threadIdx.x) * 4;  // multiple of 4
+        if (q >= lo && q + 4 <= hi) {
+            const uint4 w = *reinterpret_cast<const uint4*>(keys + q);  // key_stride % 4 == 0
+            kv[4 * g + 0] = w.x; kv[4 * g + 1] = w.y; kv[4 * g + 2] = w.z; kv[4 * g + 3] = w.w;
+        } else {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) kv[4 * g + e] = (q + e >= lo && q + e < hi) ? keys[q + e] : 0u;
+        }
+    }
+}
+
+// Compaction of a tile's keys (tile_keys' layout) against the threshold bin tb: the words of the
+// gt bitmap (put_word(i, word), word i from t0 / 32: eight neighbouring lanes make one word, OR-ed
+// across them, written by the first), and the keys of bin tb appended to row rowid's candidates
+// (key << 32 | position) from the offset reserve(the block's count) returns to thread 0; at most
+// p.cand_cap are written. Every thread of the NT-thread block must call.
+template <int NT, int ITEMS, typename PutWord, typename Reserve>
+SIKV_DEV void compact_tile(const SikvParams& p, const u32 (&kv)[ITEMS], int t0, u32 tb, long long rowid, u32* scan,
+                           u32& base_sh, PutWord put_word, Reserve reserve) {
+    const int lane = threadIdx.x & 31;
+    u32 cnt = 0;
+    #pragma unroll
+    for (int g = 0; g < ITEMS / 4; ++g) {
+        u32 nib = 0;
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const u32 key = kv[4 * g + e];
+            const u32 bin = key >> TOPK_HIST_SHIFT;
+            nib |= (bin > tb ? 1u : 0u) << e;  // bin > tb >= 0: key != 0, a candidate
+            cnt += (key != 0u && bin == tb) ? 1u : 0u;
+        }
+        u32 word = nib << (4 * (lane & 7));
+        word |= __shfl_xor_sync(0xffffffffu, word, 1);
+        word |= __shfl_xor_sync(0xffffffffu, word, 2);
+        word |= __shfl_xor_sync(0xffffffffu, word, 4);
+        if ((lane & 7) == 0) put_word((g * NT + (int)threadIdx.x) / 8, word);
+    }
+    u32 total;
+    const u32 excl = block_excl_scan<NT>(cnt, scan, &total);
+    if (threadIdx.x == 0 && total) base_sh = reserve(total);
+    __syncthreads();
+    if (cnt) {
+        u64* cand = reinterpret_cast<u64*>(p.ws_cand) + rowid * p.cand_cap;
+        u32 at = base_sh + excl;
+        #pragma unroll
+        for (int g = 0; g < ITEMS / 4; ++g) {
+            const int q = t0 + (g * NT + (int)threadIdx.x) * 4;
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 key = kv[4 * g + e];
+                if (key != 0u && (key >> TOPK_HIST_SHIFT) == tb) {
+                    if (at < (u32)p.cand_cap) cand[at] = ((u64)key << 32) | (u32)(q + e);
+                    ++at;
+                }
+            }
+        }
+    }
+}
+
 // For this CTA's tile (absolute positions [x * COMPACT_TILE, (x + 1) * COMPACT_TILE) within
 // [S, end)): writes the tile's words of the row's gt bitmap (bit set: a candidate key in a bin
 // above the threshold bin; all of those are selected), and appends (key << 32 | position) of
@@ -193,17 +258,7 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     // This tile's keys go out before the histogram scan, so the two latencies overlap.
     const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride;
     u32 kv[COMPACT_ITEMS];
-    #pragma unroll
-    for (int g = 0; g < COMPACT_ITEMS / 4; ++g) {
-        const int q = t0 + (g * COMPACT_THREADS + (int)threadIdx.x) * 4;  // multiple of 4
-        if (q >= lo && q + 4 <= hi) {
-            const uint4 w = *reinterpret_cast<const uint4*>(keys + q);  // key_stride % 4 == 0
-            kv[4 * g + 0] = w.x; kv[4 * g + 1] = w.y; kv[4 * g + 2] = w.z; kv[4 * g + 3] = w.w;
-        } else {
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) kv[4 * g + e] = (q + e >= lo && q + e < hi) ? keys[q + e] : 0u;
-        }
-    }
+    tile_keys<COMPACT_THREADS>(keys, t0, lo, hi, kv);
     if (rk.ksel <= 0) return;
     u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
     hist_threshold<COMPACT_THREADS>(hist, (u32)rk.ksel, scan, thr);
@@ -212,48 +267,11 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     // sikv_topk_final alone.
     if (!thr[3] || thr[2] > (u32)p.cand_cap) return;
 
-    // Thread x holds positions 4x .. 4x + 3 of each group of 4 * COMPACT_THREADS: eight
-    // neighbouring lanes make one bitmap word, OR-ed across them, written by the first.
     u32* gtmap = reinterpret_cast<u32*>(p.ws_gtmap) + rowid * p.gtmap_stride + t0 / 32;
-    const int lane = threadIdx.x & 31;
-    u32 cnt = 0;
-    #pragma unroll
-    for (int g = 0; g < COMPACT_ITEMS / 4; ++g) {
-        u32 nib = 0;
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const u32 key = kv[4 * g + e];
-            const u32 bin = key >> TOPK_HIST_SHIFT;
-            nib |= (bin > tb ? 1u : 0u) << e;  // bin > tb >= 0: key != 0, a candidate
-            cnt += (key != 0u && bin == tb) ? 1u : 0u;
-        }
-        u32 word = nib << (4 * (lane & 7));
-        word |= __shfl_xor_sync(0xffffffffu, word, 1);
-        word |= __shfl_xor_sync(0xffffffffu, word, 2);
-        word |= __shfl_xor_sync(0xffffffffu, word, 4);
-        if ((lane & 7) == 0) gtmap[(g * COMPACT_THREADS + (int)threadIdx.x) / 8] = word;
-    }
-    u32 total;
-    const u32 excl = block_excl_scan<COMPACT_THREADS>(cnt, scan, &total);
     u32* counter = hist + TOPK_HIST_BINS;
-    if (threadIdx.x == 0 && total) base_sh = atomicAdd(counter, total);
-    __syncthreads();
-    if (cnt) {
-        u64* cand = reinterpret_cast<u64*>(p.ws_cand) + rowid * p.cand_cap;
-        u32 at = base_sh + excl;
-        #pragma unroll
-        for (int g = 0; g < COMPACT_ITEMS / 4; ++g) {
-            const int q = t0 + (g * COMPACT_THREADS + (int)threadIdx.x) * 4;
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const u32 key = kv[4 * g + e];
-                if (key != 0u && (key >> TOPK_HIST_SHIFT) == tb) {
-                    if (at < (u32)p.cand_cap) cand[at] = ((u64)key << 32) | (u32)(q + e);
-                    ++at;
-                }
-            }
-        }
-    }
+    compact_tile<COMPACT_THREADS>(
+        p, kv, t0, tb, rowid, scan, base_sh, [&](int i, u32 word) { gtmap[i] = word; },
+        [&](u32 total) { return atomicAdd(counter, total); });
 }
 SIKV_ENTRY_LATE_WAIT(sikv_topk_compact, COMPACT_THREADS)
 
@@ -595,63 +613,21 @@ SIKV_DEV void sikv_score_topk_impl(const SikvParams& p) {
     // fallback row (threshold bin larger than the buffer) is left to final_select alone.
     if (rk.ksel > 0 && thr[3] && thr[2] <= (u32)p.cand_cap) {
         const u32 tb = thr[0];
-        const int lane = threadIdx.x & 31;
         const int wend = (end + 31) >> 5;
         u32* gtmap = reinterpret_cast<u32*>(p.ws_gtmap) + rowid * p.gtmap_stride;
-        u64* cand = reinterpret_cast<u64*>(p.ws_cand) + rowid * p.cand_cap;
         const u32 count0 = cluster_addr(&counter, 0);
         for (int x = x0 + (int)rank; x < x1; x += (int)C) {
             const int t0 = x * tile;
             const int lo = t0 > S ? t0 : S, hi = t0 + tile < end ? t0 + tile : end;
             u32 kv[8];
-            #pragma unroll
-            for (int g = 0; g < 2; ++g) {
-                const int q = t0 + (g * NT + (int)threadIdx.x) * 4;
-                if (q >= lo && q + 4 <= hi) {
-                    const uint4 w = *reinterpret_cast<const uint4*>(keys + q);  // key_stride % 4 == 0
-                    kv[4 * g + 0] = w.x; kv[4 * g + 1] = w.y; kv[4 * g + 2] = w.z; kv[4 * g + 3] = w.w;
-                } else {
-                    #pragma unroll
-                    for (int e = 0; e < 4; ++e) kv[4 * g + e] = (q + e >= lo && q + e < hi) ? keys[q + e] : 0u;
-                }
-            }
-            u32 cnt = 0;
-            #pragma unroll
-            for (int g = 0; g < 2; ++g) {
-                u32 nib = 0;
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const u32 key = kv[4 * g + e];
-                    const u32 bin = key >> TOPK_HIST_SHIFT;
-                    nib |= (bin > tb ? 1u : 0u) << e;
-                    cnt += (key != 0u && bin == tb) ? 1u : 0u;
-                }
-                u32 word = nib << (4 * (lane & 7));
-                word |= __shfl_xor_sync(0xffffffffu, word, 1);
-                word |= __shfl_xor_sync(0xffffffffu, word, 2);
-                word |= __shfl_xor_sync(0xffffffffu, word, 4);
-                const int w = t0 / 32 + (g * NT + (int)threadIdx.x) / 8;
-                if ((lane & 7) == 0 && w < wend && w < (t0 + tile) / 32) gtmap[w] = word;
-            }
-            u32 total;
-            const u32 excl = block_excl_scan<NT>(cnt, s.scan, &total);
-            if (threadIdx.x == 0 && total) base_sh = cluster_atomic_add(count0, total);
-            __syncthreads();
-            if (cnt) {
-                u32 at = base_sh + excl;
-                #pragma unroll
-                for (int g = 0; g < 2; ++g) {
-                    const int q = t0 + (g * NT + (int)threadIdx.x) * 4;
-                    #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const u32 key = kv[4 * g + e];
-                        if (key != 0u && (key >> TOPK_HIST_SHIFT) == tb) {
-                            if (at < (u32)p.cand_cap) cand[at] = ((u64)key << 32) | (u32)(q + e);
-                            ++at;
-                        }
-                    }
-                }
-            }
+            tile_keys<NT>(keys, t0, lo, hi, kv);
+            const int w0 = t0 / 32, w1 = min(wend, (t0 + tile) / 32);  // this tile's words
+            compact_tile<NT>(
+                p, kv, t0, tb, rowid, s.scan, base_sh,
+                [&](int i, u32 word) {
+                    if (w0 + i < w1) gtmap[w0 + i] = word;
+                },
+                [&](u32 total) { return cluster_atomic_add(count0, total); });
         }
     }
     // The candidates, the gt words and the count are complete; CTA 0's histogram is copied.
