@@ -291,14 +291,13 @@ fn main() {
             std::process::exit(1);
         }
         Ok(ctx) => println!(
-            "gpu bench on {:?}, kernels from {}, top-k {:?}, profile {}, fused select forced {}, {} threads per CTA, resident clusters by size {:?}",
+            "gpu bench on {:?}, kernels from {}, top-k {:?}, profile {}, fused select forced {}, resident clusters by size {:?}",
             ctx.device_info(),
             ctx.build_path(),
             ctx.topk_path(),
             if profile == SIKV_PROFILE_4_1 { "4+1" } else { "2+1" },
             ctx.fused_select().0,
-            ctx.fused_select().1,
-            &ctx.fused_select().2[1..],
+            &ctx.fused_select().1[1..],
         ),
     }
     let list = |flag: &str| -> Option<Vec<u32>> {

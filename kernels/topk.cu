@@ -283,12 +283,9 @@ SIKV_ENTRY_LATE_WAIT(sikv_topk_compact, COMPACT_THREADS)
 // The stage-1 selection of row rowid once its sizes (rk), its histogram's threshold bin (thr,
 // hist_threshold's) and the count nc of candidates the compaction appended are known: exact
 // select over the candidates with ascending output, or the one-CTA select over the whole row
-// for a fallback row; then the row's sizes. Every thread of the NT-thread block must call; the
-// bitmaps hold NT * 4 words (one window of NT * 128 positions).
-template <int NT>
+// for a fallback row; then the row's sizes. Every thread of the TOPK_THREADS block must call.
 SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* bm_eq, const RowK& rk,
                            long long rowid, const u32* thr, u32 nc) {
-    constexpr int BM = NT * 4;  // bitmap words per window
     const int S = p.n_sink;
     const int ksel = rk.ksel;
     const bool two = p.rerank_factor >= 2;
@@ -298,7 +295,7 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
         const bool fast = thr[3] && thr[2] <= (u32)p.cand_cap && nc == thr[2];
         if (!fast) {
             const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride + S;
-            block_topk<NT>(s, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
+            block_topk<TOPK_THREADS>(s, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
         } else {
             const u64* cand = reinterpret_cast<const u64*>(p.ws_cand) + rowid * p.cand_cap;
             const u32* gtmap = reinterpret_cast<const u32*>(p.ws_gtmap) + rowid * p.gtmap_stride;
@@ -308,7 +305,7 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
             #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int w = w0 + (int)threadIdx.x * 4 + j;
-                gnext[j] = w < w1 && w < w0 + BM ? gtmap[w] : 0u;
+                gnext[j] = w < w1 && w < w0 + TOPK_BM_WORDS ? gtmap[w] : 0u;
             }
             // Pass 1 is the histogram's: prefix = bin t, remaining = ksel - above; the buffer
             // holds exactly the keys of bin t.
@@ -318,42 +315,42 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                 s.sel_remaining = (u32)ksel - thr[1];
             }
             // The passes read the keys (high words) alone. A row's bin t rarely holds more than
-            // NT * 8 keys: then they are loaded once, into registers, for both passes
-            // (element u * NT + x in thread x, as visit_keys_at lays them out); else
+            // TOPK_THREADS * 8 keys: then they are loaded once, into registers, for both passes
+            // (element u * TOPK_THREADS + x in thread x, as visit_keys_at lays them out); else
             // each pass loads them again, eight per thread in flight.
             const u32* cand_hi = reinterpret_cast<const u32*>(cand) + 1;
-            if (nc <= (u32)NT * 8u) {
+            if (nc <= (u32)TOPK_THREADS * 8u) {
                 u32 kr[8];
                 #pragma unroll
                 for (int u = 0; u < 8; ++u) {
-                    const int i = u * NT + (int)threadIdx.x;
+                    const int i = u * TOPK_THREADS + (int)threadIdx.x;
                     kr[u] = i < (int)nc ? cand_hi[2 * i] : 0u;
                 }
-                block_radix_passes<NT>(s, 1, [&](auto&& add) {
+                block_radix_passes<TOPK_THREADS>(s, 1, [&](auto&& add) {
                     #pragma unroll
-                    for (int u = 0; u < 8; ++u) add(kr[u], u * NT + (int)threadIdx.x < (int)nc);
+                    for (int u = 0; u < 8; ++u) add(kr[u], u * TOPK_THREADS + (int)threadIdx.x < (int)nc);
                 });
             } else {
-                block_radix_passes<NT>(s, 1, [&](auto&& add) {
-                    visit_keys_at<NT, 8>((int)nc, [&](int i) { return cand_hi[2 * i]; }, add);
+                block_radix_passes<TOPK_THREADS>(s, 1, [&](auto&& add) {
+                    visit_keys_at<TOPK_THREADS, 8>((int)nc, [&](int i) { return cand_hi[2 * i]; }, add);
                 });
             }
             const u32 T = s.sel_prefix;  // the full threshold key (mask is all ones now)
             const u32 remaining = s.sel_remaining;
-            // Position bitmaps, one window of BM words (131072 positions) at a time:
+            // Position bitmaps, one window of TOPK_BM_WORDS words (131072 positions) at a time:
             // gt = the compaction's bitmap (bins above t) or a bin-t key > T (all taken), eq =
             // key == T (the first `remaining` in position order taken); an ordered scan of each
             // window emits.
             u32 carry_gt = 0, carry_eq = 0;
-            for (int wb = w0; wb < w1; wb += BM) {
-                const int we = wb + BM < w1 ? wb + BM : w1;
-                for (int w = threadIdx.x; w < BM; w += NT) { bm_gt[w] = 0u; bm_eq[w] = 0u; }
+            for (int wb = w0; wb < w1; wb += TOPK_BM_WORDS) {
+                const int we = wb + TOPK_BM_WORDS < w1 ? wb + TOPK_BM_WORDS : w1;
+                for (int w = threadIdx.x; w < TOPK_BM_WORDS; w += TOPK_THREADS) { bm_gt[w] = 0u; bm_eq[w] = 0u; }
                 __syncthreads();
-                for (int base = 0; base < (int)nc; base += NT * 4) {
+                for (int base = 0; base < (int)nc; base += TOPK_THREADS * 4) {
                     u64 c[4];
                     #pragma unroll
                     for (int u = 0; u < 4; ++u) {
-                        const int i = base + u * NT + (int)threadIdx.x;
+                        const int i = base + u * TOPK_THREADS + (int)threadIdx.x;
                         c[u] = i < (int)nc ? cand[i] : 0ull;  // key 0 < T: never marked
                     }
                     #pragma unroll
@@ -367,7 +364,7 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                     }
                 }
                 __syncthreads();
-                // 4 consecutive words per thread: NT * 4 == BM.
+                // 4 consecutive words per thread: TOPK_THREADS * 4 == TOPK_BM_WORDS.
                 u32 g[4], e[4];
                 u32 ngt = 0, neq = 0;
                 #pragma unroll
@@ -381,12 +378,12 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                 // The next window's gt words.
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int w = wb + BM + (int)threadIdx.x * 4 + j;
+                    const int w = wb + TOPK_BM_WORDS + (int)threadIdx.x * 4 + j;
                     gnext[j] = w < w1 ? gtmap[w] : 0u;
                 }
                 u32 tg, te;
-                const u32 xg = block_excl_scan<NT>(ngt, s.scan, &tg);
-                const u32 xe = block_excl_scan<NT>(neq, s.scan, &te);
+                const u32 xg = block_excl_scan<TOPK_THREADS>(ngt, s.scan, &tg);
+                const u32 xe = block_excl_scan<TOPK_THREADS>(neq, s.scan, &te);
                 u32 gt_before = carry_gt + xg, eq_before = carry_eq + xe;
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
@@ -438,7 +435,7 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
     // and the score kernel's histogram (two launches back): found while the compaction runs.
     if (rk.ksel > 0) hist_threshold<TOPK_THREADS>(hist, (u32)rk.ksel, s.scan, thr);
     sikv_grid_dependency();
-    final_select<TOPK_THREADS>(p, s, bm_gt, bm_eq, rk, rowid, thr, rk.ksel > 0 ? *counter : 0u);
+    final_select(p, s, bm_gt, bm_eq, rk, rowid, thr, rk.ksel > 0 ? *counter : 0u);
     // Every thread has read the counter (above); leave it zero for the next call (mode 1:
     // benchmark replay of this kernel alone, keep it).
     __syncthreads();
@@ -479,26 +476,26 @@ SIKV_ENTRY_LATE_WAIT(sikv_topk_stage2, TOPK_THREADS)
 // ---------------------------------------------------------------------------------------------
 // Fused select (sm_90, small batches): stage `score` and the multi-CTA stage-1 `topk` in one
 // launch, for calls too small to fill the GPU, whose step was a chain of launches each waiting
-// on the one before (a memset, score, compaction, final). A cluster of C CTAs of NT threads
-// (TOPK_THREADS, or FUSED_HALF_THREADS in sikv_score_topk_half) serves one row; grid (C, H_kv,
-// B), cluster (C, 1, 1).
-//  1. Each CTA scores the row's aligned tiles rank, rank + C, ... of p.fused_tile positions
-//     (sized by the launcher so that the row's C CTAs share it, at most SCORE_TOKENS_PER_THREAD
-//     per thread) with the score kernel's per-position code (score_tokens: the same keys, bit
-//     for bit), writes the keys to ws_keys and counts them in a histogram in its shared memory,
-//     then adds that into CTA 0's (distributed shared memory). No global histogram: no memset.
+// on the one before (a memset, score, compaction, final). A cluster of C CTAs of TOPK_THREADS
+// threads serves one row; grid (C, H_kv, B), cluster (C, 1, 1).
+//  1. Each CTA scores the row's aligned tiles of p.fused_tile positions (the launcher sizes them
+//     so that the row's C CTAs share it, up to FUSED_TILE) rank, rank + C, ... with
+//     the score kernel's per-position code (score_tokens: the same keys, bit for bit), writes
+//     the keys to ws_keys and counts them in a histogram in its shared memory, then adds that
+//     into CTA 0's (distributed shared memory). No global histogram: no memset.
 //  2. Cluster barrier. Each CTA copies CTA 0's histogram, finds the threshold bin
 //     (hist_threshold) and compacts its own tiles as sikv_topk_compact does: the gt bitmap's
 //     words, the threshold bin's keys appended to ws_cand at a count kept in CTA 0.
 //  3. Cluster barrier. CTA 0 runs the final select (final_select); the others are done.
 // One row per sequence only (the rows calls keep the chain). The launcher picks it (select).
-template <int D, typename T, int NT>
-SIKV_DEV void score_topk_body(const SikvParams& p) {
+template <int D, typename T>
+SIKV_DEV void sikv_score_topk_impl(const SikvParams& p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr int TILE_MAX = NT * (int)SCORE_TOKENS_PER_THREAD;
+    constexpr int NT = TOPK_THREADS;
+    static_assert(FUSED_TILE == NT * (int)SCORE_TOKENS_PER_THREAD, "a thread scores up to SCORE_TOKENS_PER_THREAD positions of a tile");
     static_assert(NT % 32 == 0, "whole bitmap words per tile");
-    // Positions per tile: a multiple of NT up to TILE_MAX (a thread's j-th position is NT
-    // apart; the lanes past the tile are not valid).
+    // Positions per tile: a multiple of NT up to FUSED_TILE (a thread's j-th position is
+    // NT apart; the lanes past the tile are not valid).
     const int tile = p.fused_tile;
     __shared__ RadixSmem s;  // s.hist: this CTA's histogram; CTA 0's holds the row's
     // The score's tables, then (CTA 0, after the last barrier) the final select's bitmaps.
@@ -507,11 +504,11 @@ SIKV_DEV void score_topk_body(const SikvParams& p) {
             float qbar[D];
             float lut[(D / 4) * CENTROIDS];
             u32 heavy_bits[NT];
-            long long page_off[TILE_MAX / SCORE_PAGE_TABLE_MIN + 1];
+            long long page_off[FUSED_TILE / SCORE_PAGE_TABLE_MIN + 1];
         } sc;
         struct {
-            u32 bm_gt[NT * 4];
-            u32 bm_eq[NT * 4];
+            u32 bm_gt[TOPK_BM_WORDS];
+            u32 bm_eq[TOPK_BM_WORDS];
         } fin;
     } u;
     __shared__ u32 thr[4];
@@ -636,18 +633,7 @@ SIKV_DEV void score_topk_body(const SikvParams& p) {
     // The candidates, the gt words and the count are complete; CTA 0's histogram is copied.
     cluster_sync();
     if (rank != 0) return;
-    final_select<NT>(p, s, u.fin.bm_gt, u.fin.bm_eq, rk, rowid, thr, rk.ksel > 0 ? counter : 0u);
+    final_select(p, s, u.fin.bm_gt, u.fin.bm_eq, rk, rowid, thr, rk.ksel > 0 ? counter : 0u);
 #endif
 }
-template <int D, typename T>
-SIKV_DEV void sikv_score_topk_impl(const SikvParams& p) {
-    score_topk_body<D, T, TOPK_THREADS>(p);
-}
 SIKV_ENTRIES_D_T_MINB(sikv_score_topk, TOPK_THREADS, 1)
-// Half-width CTAs, two to an SM: clusters of the same size take half the SMs of a GPC, so more
-// of them are resident (an experiment: SIKV_FUSED_THREADS=512).
-template <int D, typename T>
-SIKV_DEV void sikv_score_topk_half_impl(const SikvParams& p) {
-    score_topk_body<D, T, FUSED_HALF_THREADS>(p);
-}
-SIKV_ENTRIES_D_T_MINB(sikv_score_topk_half, FUSED_HALF_THREADS, 2)

@@ -49,8 +49,9 @@ pub const COMPACT_THREADS: u32 = 256;
 pub const COMPACT_ITEMS: u32 = 16;
 /// Multi-CTA top-k compaction: positions per block.
 pub const COMPACT_TILE: u32 = COMPACT_THREADS * COMPACT_ITEMS;
-/// Fused select, half-width variant (`sikv_score_topk_half`): threads per CTA.
-pub const FUSED_HALF_THREADS: u32 = TOPK_THREADS / 2;
+/// Fused select (score + stage-1 top-k, sm_90 clusters): positions per CTA tile, one
+/// SCORE_TOKENS_PER_THREAD run per thread of a TOPK_THREADS block.
+pub const FUSED_TILE: u32 = TOPK_THREADS * SCORE_TOKENS_PER_THREAD;
 /// Fused select: the most CTAs in one row's cluster (16 is above the portable 8: the kernel
 /// asks for non-portable cluster sizes).
 pub const FUSED_MAX_CLUSTER: u32 = 16;

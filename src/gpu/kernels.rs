@@ -32,8 +32,6 @@ pub struct Kernels {
     pub topk_final: Kernel,
     /// score + stage-1 top-k in one launch of thread block clusters (sm_90; small batches).
     pub score_topk: Kernel,
-    /// score_topk with CTAs of FUSED_HALF_THREADS, two to an SM (SIKV_FUSED_THREADS).
-    pub score_topk_half: Kernel,
     pub rerank_score: Kernel,
     /// rerank_score from the mean of each sequence's rows' queries (p.mean_offsets).
     pub rerank_score_mean: Kernel,
@@ -91,7 +89,6 @@ impl Kernels {
             topk_compact: get(plain("topk_compact"))?,
             topk_final: get(plain("topk_final"))?,
             score_topk: get(dt("score_topk"))?,
-            score_topk_half: get(dt("score_topk_half"))?,
             rerank_score: get(dt("rerank_score"))?,
             rerank_score_mean: get(dt("rerank_score_mean"))?,
             topk_stage2: get(plain("topk_stage2"))?,

@@ -483,12 +483,11 @@ impl GpuContext {
         }
         let sms = self.inner.dev.sms.max(1) as u32;
         let msl = cfg.max_seq_len.max(1);
-        let nt = self.inner.fused_threads;
-        let most = (sms / rows).clamp(1, FUSED_MAX_CLUSTER).min(msl.div_ceil(nt));
+        let most = (sms / rows).clamp(1, FUSED_MAX_CLUSTER).min(msl.div_ceil(TOPK_THREADS));
         let c = (1..=most)
             .rev()
             .find(|&c| self.inner.fused_clusters[c as usize] >= rows)?;
-        let tile = msl.div_ceil(c).next_multiple_of(nt).min(nt * SCORE_TOKENS_PER_THREAD);
+        let tile = msl.div_ceil(c).next_multiple_of(TOPK_THREADS).min(FUSED_TILE);
         let tiles = msl.div_ceil(tile);
         let c = c.min(tiles);
         if !self.inner.fused_always {
@@ -541,13 +540,7 @@ impl GpuContext {
             // Score and stage 1 (fused_cluster decided the call wants both).
             let mut pf = *p;
             pf.fused_tile = tile as i32;
-            let nt = self.inner.fused_threads;
-            let k = if nt == TOPK_THREADS {
-                &kn.score_topk
-            } else {
-                &kn.score_topk_half
-            };
-            self.launch_clusters(k, (c, h, b), nt, c, stream, &pf)?;
+            self.launch_clusters(&kn.score_topk, (c, h, b), TOPK_THREADS, c, stream, &pf)?;
         } else {
             self.launch_stage1(stages, cfg, p, b, stream)?;
         }

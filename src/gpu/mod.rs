@@ -62,7 +62,7 @@ use std::sync::Arc;
 use crate::config::{CacheConfig, Dtype};
 use crate::layout::Layout;
 use crate::status::{Error, Result};
-use geometry::{FUSED_HALF_THREADS, FUSED_MAX_CLUSTER, TOPK_THREADS};
+use geometry::{FUSED_MAX_CLUSTER, TOPK_THREADS};
 
 use cudarc::driver::sys;
 pub use desc::{DevBatch, DevLayer, DevPageTable, DevPrompt, DevRows, DevSelection, DevTokens, DevWorkspace};
@@ -108,41 +108,18 @@ struct Inner {
     /// SIKV_FUSED=on at create time: the fused select wherever its clusters fit, not only where
     /// it was measured faster (a testing and benchmarking aid).
     fused_always: bool,
-    /// Threads per CTA of the fused select: TOPK_THREADS, or FUSED_HALF_THREADS with
-    /// SIKV_FUSED_THREADS=512 at create time (an experiment: two CTAs to an SM).
-    fused_threads: u32,
 }
 
-/// The fused select's settings from the environment: its occupancy table
-/// ([`Inner::fused_clusters`]) for the CTA width SIKV_FUSED_THREADS picks, SIKV_FUSED=on, and
-/// that width.
-struct FusedSetup {
-    clusters: [u32; FUSED_MAX_CLUSTER as usize + 1],
-    always: bool,
-    threads: u32,
-}
-
-fn fused_from_env(major: i32, topk: TopkPath, kernels: &Kernels) -> FusedSetup {
+/// The fused select's occupancy table ([`Inner::fused_clusters`]) and SIKV_FUSED=on.
+fn fused_from_env(major: i32, topk: TopkPath, f: driver::CUfunction) -> ([u32; FUSED_MAX_CLUSTER as usize + 1], bool) {
     let mode = std::env::var("SIKV_FUSED").unwrap_or_default();
-    let half = std::env::var("SIKV_FUSED_THREADS")
-        .map(|v| v.trim() == "512")
-        .unwrap_or(false);
-    let (f, threads) = if half {
-        (kernels.score_topk_half.f, FUSED_HALF_THREADS)
-    } else {
-        (kernels.score_topk.f, TOPK_THREADS)
-    };
-    let mut clusters = [0u32; FUSED_MAX_CLUSTER as usize + 1];
+    let mut table = [0u32; FUSED_MAX_CLUSTER as usize + 1];
     if major >= 9 && mode.trim() != "off" && topk != TopkPath::Single {
-        for (c, n) in clusters.iter_mut().enumerate().skip(1) {
-            *n = driver::max_active_clusters(f, threads, c as u32);
+        for (c, n) in table.iter_mut().enumerate().skip(1) {
+            *n = driver::max_active_clusters(f, TOPK_THREADS, c as u32);
         }
     }
-    FusedSetup {
-        clusters,
-        always: mode.trim() == "on",
-        threads,
-    }
+    (table, mode.trim() == "on")
 }
 
 /// Whether the stage kernels are launched with programmatic dependent launch: on sm_90 and
@@ -295,7 +272,7 @@ impl GpuContext {
         unsafe { std::ptr::write_volatile(fault_host as *mut u32, 0) };
         let pdl = pdl_from_env(dev.major);
         let topk = TopkPath::from_env();
-        let fused = fused_from_env(dev.major, topk, &kernels);
+        let (fused_clusters, fused_always) = fused_from_env(dev.major, topk, kernels.score_topk.f);
         Ok(GpuContext {
             inner: Arc::new(Inner {
                 dev,
@@ -311,9 +288,8 @@ impl GpuContext {
                     .ok()
                     .and_then(|v| v.trim().parse().ok()),
                 pdl,
-                fused_clusters: fused.clusters,
-                fused_always: fused.always,
-                fused_threads: fused.threads,
+                fused_clusters,
+                fused_always,
             }),
         })
     }
@@ -363,15 +339,10 @@ impl GpuContext {
         &self.inner.build_path
     }
 
-    /// Whether SIKV_FUSED=on forces the fused select, its threads per CTA and, for cluster
-    /// sizes 1..=FUSED_MAX_CLUSTER, how many of its clusters the device holds at once (entry 0
-    /// unused).
-    pub fn fused_select(&self) -> (bool, u32, &[u32]) {
-        (
-            self.inner.fused_always,
-            self.inner.fused_threads,
-            &self.inner.fused_clusters,
-        )
+    /// Whether SIKV_FUSED=on forces the fused select and, for cluster sizes
+    /// 1..=FUSED_MAX_CLUSTER, how many of its clusters the device holds at once (entry 0 unused).
+    pub fn fused_select(&self) -> (bool, &[u32]) {
+        (self.inner.fused_always, &self.inner.fused_clusters)
     }
 
     /// The stage-1 top-k implementation `select` uses (SIKV_TOPK at create time).

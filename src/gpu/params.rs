@@ -173,9 +173,8 @@ pub struct SikvParams {
     /// Routed decode, combine: the dense decode's partial slots per (sequence, query head)
     /// (num_splits holds the sparse path's).
     pub route_dense_splits: i32,
-    /// Fused select: positions per CTA tile (a multiple of the CTA's threads, at most
-    /// SCORE_TOKENS_PER_THREAD times them), sized so that the row's CTAs split the row between
-    /// them (launch.rs fused_cluster).
+    /// Fused select: positions per CTA tile (a multiple of TOPK_THREADS, at most FUSED_TILE),
+    /// sized so that the row's CTAs split the row between them (launch.rs fused_cluster).
     pub fused_tile: i32,
 }
 
