@@ -171,6 +171,10 @@ void usage() {
         "  Y value bits, 2/4/16, e.g. sikv_k2v4; also sikv_oracle_kXvY), sikv_parity (k = 100, no budget); the suffix\n"
         "  _meanq (e.g. sikv_2+1_meanq) selects once per decode block from the rows' mean query\n"
         "  (SIKV_FLAG_ROWS_MEAN_QUERY) instead of per row\n"
+        "storage emulation (no library needed): emul2_uniform (the library's 2+1 storage, quantised in the harness,\n"
+        "  attended with the exact top-b by q.k over exact keys, as sikv_oracle_2+1), and variants of one change\n"
+        "  joined by '_': lloyd (fitted 2-bit levels), vchan (values per channel in groups of 32 tokens), outlierN /\n"
+        "  voutlierN (N % of tokens by key / value norm kept in fp16), e.g. emul2_lloyd, emul2_outlier1\n"
         "  --q-tail N         last prompt queries handed to calibrate (1)\n"
         "  --threads N        CPU threads (2)\n"
         "  --kv-f16           llama.cpp KV cache in f16 (default f32)\n"
@@ -566,6 +570,7 @@ std::unique_ptr<DecodeMethod> make_method(const std::string & m, const BaselineP
     if (m == "oracle_topk") return make_oracle_topk(p);
     if (m == "quest") return make_quest(p);
     if (m == "sink_window") return make_sink_window(p);
+    if (m.rfind("emul2_", 0) == 0) return make_emul2(m, p);
     throw std::runtime_error("unknown method " + m);
 }
 
@@ -1183,6 +1188,7 @@ int run(const Options & o) {
                         c.budget_label.c_str(), std::exp(c.nll / (double) c.n_scored),
                         1000.0 * c.decode_s / (double) c.n_scored);
             c.st.merge(c.impl->stats());
+            if (!c.impl->note().empty()) std::printf("  window %d %-12s %s\n", w + 1, c.method.c_str(), c.impl->note().c_str());
             if (nll_out) std::fflush(nll_out);
             if (w == windows - 1) write_rows(c, windows);
         }

@@ -93,6 +93,8 @@ public:
 
     // Selection statistics since begin_sequence(); methods that cannot report leave them empty.
     virtual SelectionStats stats() const { return {}; }
+    // A line about the run for the log (e.g. how many tokens a storage variant kept apart); empty: none.
+    virtual std::string note() const { return ""; }
 };
 
 // Parameters shared by the fp32 baselines.
@@ -114,6 +116,55 @@ std::unique_ptr<DecodeMethod> make_oracle_topk(const BaselineParams & p);
 std::unique_ptr<DecodeMethod> make_quest(const BaselineParams & p);
 // Sinks + a window of n_window + budget tokens (the budget is spent on the window).
 std::unique_ptr<DecodeMethod> make_sink_window(const BaselineParams & p);
+
+// Emulation of the library's 2+1 storage with the exact selection (`emul2_*`; the harness's counterpart of
+// sikv_oracle_2+1, so that storage variants can be measured without changing the library). Sinks and window are
+// attended from fp16 k' = k - m and fp16 v (the library's dense set); the exact top-`budget` of the other tokens by
+// q̄·k over the exact keys is attended from keys and values quantised as method.md §10.3-10.4 and the library's
+// CPU encode specify: centre m = per-channel lower median of the prompt's keys, scale a = per-channel max |k'| over
+// the prompt minus sinks, x = k' / a stored as sign + 2-bit magnitude per 32-channel group of one token (fp16
+// delta = (max - min) / 3 and zero = min of |x|), values 2-bit per 32-channel group of one token.
+// One change at a time against that (`uniform`):
+//   lloyd     the 4 levels of each group, in units of its [min, max] range, fitted per layer and KV head (keys'
+//             magnitudes and values separately) by weighted 1-D k-means over the prompt at calibration, instead
+//             of 0, 1/3, 2/3, 1; never refitted. Same bytes per token (a 4-level table per head).
+//   vchan     values quantised per channel in groups of `vgroup` consecutive tokens (aligned at position 0;
+//             a group is quantised once complete, which it always is before its tokens leave the window)
+//             instead of per token in groups of 32 channels. Same bits and the same metadata per value.
+//   outlier   the `outlier_frac` share of prompt tokens (outside the sinks) with the largest norm ||k - m||
+//             (`outlier_by_value`: ||v||) per layer and KV head kept in fp16; a decode token whose norm
+//             reaches the smallest norm of that set is kept too.
+struct EmulParams {
+    BaselineParams base;
+    bool lloyd = false;
+    bool vchan = false;
+    int vgroup = 32;
+    double outlier_frac = 0.0;
+    bool outlier_by_value = false;
+};
+// `name` is the method name: emul2_ followed by `uniform` or by one or more of lloyd, vchan, outlierN (N % of the
+// tokens by key norm), voutlierN (by value norm), joined by '_' (e.g. emul2_lloyd_vchan). Throws on anything else.
+EmulParams parse_emul2(const std::string & name, const BaselineParams & base);
+std::unique_ptr<DecodeMethod> make_emul2(const std::string & name, const BaselineParams & base);
+
+// The pieces of the emulation, for the unit test.
+// x rounded to the nearest fp16 value (ties to even; finite inputs below the fp16 maximum).
+float round_f16(float x);
+// One quantisation group of n values y[i * stride] (the library's: zero = fp16(min), delta = fp16((max - min) / 3),
+// code = clamp(floor((y - zero) / delta + 0.5), 0, 3), decoded code * delta + zero), dequantised into
+// out[i * stride]. levels (4 increasing, in units of the group's range 3 delta; nullptr: uniform): the code is the
+// nearest level (ties to the lower) and the value zero + level * 3 delta.
+void quant_group(const float * y, int n, int stride, const float * levels, float * out);
+// The group's samples for fitting levels: u = (y - zero) / (3 delta) with weight (3 delta)^2 (so the fit minimises
+// the squared error in y's units), appended to uw; groups with delta = 0 give none.
+void group_samples(const float * y, int n, int stride, std::vector<std::pair<float, float>> & uw);
+// 4 levels by weighted 1-D k-means (Lloyd-Max on the samples) from the uniform 0, 1/3, 2/3, 1; sorts uw.
+void fit_levels(std::vector<std::pair<float, float>> & uw, float * levels);
+// The stored (dequantised) centred key k^' and value of token t, KV head g of an emul2_* method into k, v
+// (head_dim each); false for any other method or a value not yet quantised (vchan).
+bool emul2_stored(const DecodeMethod & m, int layer, int t, int g, float * k, float * v);
+// Indices of the exact top ceil(frac * n) of norms[0..n) (ties to the smaller index), ascending.
+std::vector<int32_t> top_fraction(const float * norms, int n, double frac);
 
 // libselfindexkv through its C ABI (managed cache, CPU, f32); built with -DSIKV_INCLUDE/-DSIKV_LIB only
 // (sikv_method.cpp, SIKV_EVAL_WITH_LIBRARY).

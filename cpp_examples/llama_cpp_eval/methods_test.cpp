@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <numeric>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 using namespace sikv_eval;
@@ -231,6 +233,249 @@ int main() {
         auto dense = make_dense();
         check_blocks_causal(*dense, x);
         for (auto & m : {make_oracle_topk(p), make_quest(p), make_sink_window(p)}) check_blocks_causal(*m, x);
+    }
+
+    // ---- the 2+1 storage emulation (emul2_*) ----
+    {   // fp16 rounding: exact values stay, halfway cases go to even, the step is 2^-10 of the binade
+        check(round_f16(1.0f) == 1.0f && round_f16(-65504.0f) == -65504.0f, "round_f16 keeps fp16 values");
+        check(round_f16(2049.0f) == 2048.0f && round_f16(2051.0f) == 2052.0f, "round_f16 ties to even");
+        check(round_f16(1.0f / 3.0f) == 0.333251953125f, "round_f16(1/3)", round_f16(1.0f / 3.0f));
+        check(round_f16(1e-7f) == 1.1920928955078125e-07f, "round_f16 subnormal", round_f16(1e-7f));
+    }
+
+    {   // one uniform group dequantises to within half a step (plus the fp16 rounding of zero) of its input,
+        // its extremes to within the rounding; levels 0, 1/3, 2/3, 1 give the same values
+        std::mt19937 rng(7);
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        double worst = 0.0;
+        bool same = true;
+        const float uni[4] = {0.0f, 1.0f / 3.0f, 2.0f / 3.0f, 1.0f};
+        for (int rep = 0; rep < 200; ++rep) {
+            std::vector<float> y(32), out(32), out2(32);
+            for (auto & f : y) f = 3.0f * nd(rng);
+            quant_group(y.data(), 32, 1, nullptr, out.data());
+            quant_group(y.data(), 32, 1, uni, out2.data());
+            const float lo = *std::min_element(y.begin(), y.end()), hi = *std::max_element(y.begin(), y.end());
+            const float step = (hi - lo) / 3.0f;
+            for (int i = 0; i < 32; ++i) {
+                worst = std::max(worst, std::fabs(out[i] - y[i]) / (0.5 * step + 3e-3 * std::fabs(hi - lo) + 1e-3 * std::fabs(lo)));
+                same = same && std::fabs(out[i] - out2[i]) <= 1e-5f * (std::fabs(lo) + std::fabs(hi));
+            }
+        }
+        check(worst <= 1.0, "uniform group within half a step", worst);
+        check(same, "uniform levels as a table give the uniform grid");
+    }
+
+    {   // Lloyd levels fitted on one sample lower the squared error against uniform on another sample of the
+        // same distribution (values: normal; key magnitudes: |normal|)
+        for (int kind = 0; kind < 2; ++kind) {
+            std::mt19937 rng(11 + kind);
+            std::normal_distribution<float> nd(0.0f, 1.0f);
+            auto sample = [&](int groups) {
+                std::vector<float> y((size_t) groups * 32);
+                for (auto & f : y) f = kind ? std::fabs(nd(rng)) : nd(rng);
+                return y;
+            };
+            const std::vector<float> fit = sample(2000), test = sample(2000);
+            std::vector<std::pair<float, float>> uw;
+            for (size_t g0 = 0; g0 < fit.size(); g0 += 32) group_samples(fit.data() + g0, 32, 1, uw);
+            float lev[4];
+            fit_levels(uw, lev);
+            double e_uni = 0.0, e_fit = 0.0;
+            std::vector<float> o(32);
+            for (size_t g0 = 0; g0 < test.size(); g0 += 32) {
+                quant_group(test.data() + g0, 32, 1, nullptr, o.data());
+                for (int i = 0; i < 32; ++i) e_uni += std::pow(o[i] - test[g0 + i], 2);
+                quant_group(test.data() + g0, 32, 1, lev, o.data());
+                for (int i = 0; i < 32; ++i) e_fit += std::pow(o[i] - test[g0 + i], 2);
+            }
+            check(lev[0] < lev[1] && lev[1] < lev[2] && lev[2] < lev[3], "fitted levels increase");
+            double fixed = 0.0;  // converged: each level is the weighted mean of the samples nearest to it
+            for (int j = 0; j < 4; ++j) {
+                double w = 0.0, wu = 0.0;
+                for (const auto & p : uw) {
+                    int code = 0;
+                    for (int i = 0; i < 3; ++i) code += p.first > 0.5f * (lev[i] + lev[i + 1]);
+                    if (code == j) { w += p.second; wu += (double) p.second * p.first; }
+                }
+                fixed = std::max(fixed, std::fabs(wu / w - lev[j]));
+            }
+            check(fixed < 1e-5, "fitted levels are a fixed point of the Lloyd step", fixed);
+            check(e_fit < 0.97 * e_uni, kind ? "lloyd lowers the MSE of |normal| magnitudes" : "lloyd lowers the MSE of normal values",
+                  e_fit / e_uni);
+        }
+    }
+
+    {   // top_fraction is the exact top ceil(frac * n), ties to the smaller index
+        std::mt19937 rng(3);
+        std::uniform_int_distribution<int> ud(0, 30);  // many ties at the cut
+        std::vector<float> norms(1003);
+        for (auto & f : norms) f = (float) ud(rng);
+        for (double frac : {0.01, 0.03}) {
+            const std::vector<int32_t> top = top_fraction(norms.data(), (int) norms.size(), frac);
+            std::vector<int> order(norms.size());
+            std::iota(order.begin(), order.end(), 0);
+            std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return norms[a] > norms[b]; });
+            order.resize((size_t) std::ceil(frac * norms.size()));
+            std::sort(order.begin(), order.end());
+            check(top.size() == order.size() && std::equal(top.begin(), top.end(), order.begin()),
+                  frac < 0.02 ? "outlier set is the exact top 1 %" : "outlier set is the exact top 3 %", (double) top.size());
+        }
+    }
+
+    {   // the emulated store: centre = lower median, scale = max |k'| outside the sinks; every stored key within
+        // half a magnitude step (times the channel scale) of k', every value within half a step of v; sinks +
+        // window from fp16 and the exact top-b from the store, as the attention output shows
+        Data y = make_data(300, 9, 99);  // even: the lower median differs from the upper
+        y.s.head_dim = 64;  // two 32-channel groups
+        y.k.resize((size_t) (y.n_prompt + y.n_decode) * y.s.n_kv_heads * 64);
+        y.v.resize(y.k.size());
+        std::mt19937 rng(5);
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        for (size_t i = 0; i < y.k.size(); ++i) y.k[i] = 2.0f * nd(rng) + 0.5f * (float) (i % 64 % 7);
+        for (auto & f : y.v) f = nd(rng);
+        y.q.resize((size_t) y.n_decode * y.s.n_q_heads * 64);
+        for (auto & f : y.q) f = nd(rng);
+        const int D = 64, R = y.s.n_kv_heads * D, N = y.n_prompt + y.n_decode;
+        BaselineParams ep;
+        ep.n_sink = 4;
+        ep.n_window = 32;
+        ep.budget = 24;
+        for (const char * name : {"emul2_uniform", "emul2_vchan", "emul2_outlier3", "emul2_lloyd"}) {
+            auto m = make_emul2(name, ep);
+            m->begin_sequence(y.s);
+            for (int l = 0; l < y.s.n_layer; ++l) m->calibrate(l, y.k.data(), y.v.data(), y.n_prompt, y.q.data(), 1);
+            std::vector<float> out((size_t) y.s.n_q_heads * D), kq(D), vq(D);
+            double kerr = 0.0, verr = 0.0, oerr = 0.0;
+            int kept = 0, counted = 0;
+            for (int i = 0; i < y.n_decode; ++i) {
+                const int n = y.n_prompt + i + 1;
+                const float * q = y.q.data() + (size_t) i * y.s.n_q_heads * D;
+                m->append(0, y.k.data() + (size_t) (n - 1) * R, y.v.data() + (size_t) (n - 1) * R);
+                m->attend(0, q, out.data());
+                for (int g = 0; g < y.s.n_kv_heads; ++g) {
+                    std::vector<float> med(D), a(D, 0.0f);
+                    for (int c = 0; c < D; ++c) {
+                        std::vector<float> col;
+                        for (int t = 0; t < y.n_prompt; ++t) col.push_back(y.k[(size_t) t * R + g * D + c]);
+                        std::sort(col.begin(), col.end());
+                        med[c] = col[(col.size() - 1) / 2];
+                        for (int t = ep.n_sink; t < y.n_prompt; ++t) a[c] = std::max(a[c], std::fabs(y.k[(size_t) t * R + g * D + c] - med[c]));
+                    }
+                    // stored keys and values against their inputs (last step only: every token is stored by then)
+                    if (i == y.n_decode - 1)
+                        for (int t = 0; t < n; ++t) {
+                            if (!emul2_stored(*m, 0, t, g, kq.data(), vq.data())) continue;  // vchan: group not complete
+                            bool exact = true;
+                            for (int c = 0; c < D; ++c) exact = exact && kq[c] == round_f16(y.k[(size_t) t * R + g * D + c] - med[c]);
+                            if (t >= ep.n_sink && t < y.n_prompt) { kept += exact; ++counted; }
+                            for (int c0 = 0; c0 < D; c0 += 32) {
+                                float lo = 1e30f, hi = 0.0f, vlo = 1e30f, vhi = -1e30f;
+                                for (int c = c0; c < c0 + 32; ++c) {
+                                    const float x = std::fabs((y.k[(size_t) t * R + g * D + c] - med[c]) / a[c]);
+                                    lo = std::min(lo, x);
+                                    hi = std::max(hi, x);
+                                    vlo = std::min(vlo, y.v[(size_t) t * R + g * D + c]);
+                                    vhi = std::max(vhi, y.v[(size_t) t * R + g * D + c]);
+                                }
+                                for (int c = c0; c < c0 + 32; ++c) {
+                                    const float kp = y.k[(size_t) t * R + g * D + c] - med[c];
+                                    kerr = std::max(kerr, std::fabs(kq[c] - kp) / (a[c] * ((hi - lo) / 6.0 + 2e-3 * hi + 1e-6)));
+                                    if (std::string(name) != "emul2_vchan")
+                                        verr = std::max(verr, std::fabs(vq[c] - y.v[(size_t) t * R + g * D + c]) /
+                                                                  ((vhi - vlo) / 6.0 + 2e-3 * (std::fabs(vlo) + std::fabs(vhi)) + 1e-6));
+                                }
+                            }
+                        }
+                    // the output: sinks + window from fp16 k', v; the exact top-b of the rest from the store
+                    std::vector<float> qbar(D, 0.0f);
+                    for (int h = g * y.s.group(); h < (g + 1) * y.s.group(); ++h)
+                        for (int c = 0; c < D; ++c) qbar[c] += q[h * D + c] / (float) y.s.group();
+                    std::vector<std::pair<float, int>> sc;
+                    for (int t = ep.n_sink; t < n - ep.n_window; ++t) {
+                        float dot = 0.0f;
+                        for (int c = 0; c < D; ++c) dot += qbar[c] * y.k[(size_t) t * R + g * D + c];
+                        sc.push_back({-dot, t});
+                    }
+                    std::sort(sc.begin(), sc.end());
+                    std::vector<std::vector<float>> ks, vs;
+                    for (int t = 0; t < n; ++t) {
+                        const bool dense = t < ep.n_sink || t >= n - ep.n_window;
+                        bool sel = false;
+                        for (int j = 0; j < ep.budget; ++j) sel = sel || sc[j].second == t;
+                        if (!dense && !sel) continue;
+                        std::vector<float> kk(D), vv(D);
+                        if (dense)
+                            for (int c = 0; c < D; ++c) {
+                                kk[c] = round_f16(y.k[(size_t) t * R + g * D + c] - med[c]);
+                                vv[c] = round_f16(y.v[(size_t) t * R + g * D + c]);
+                            }
+                        else if (!emul2_stored(*m, 0, t, g, kk.data(), vv.data())) { oerr = 1e9; continue; }
+                        ks.push_back(kk);
+                        vs.push_back(vv);
+                    }
+                    for (int h = g * y.s.group(); h < (g + 1) * y.s.group(); ++h) {
+                        std::vector<double> l(ks.size());
+                        double mx = -1e300, sum = 0.0;
+                        for (size_t j = 0; j < ks.size(); ++j) {
+                            double dot = 0.0;
+                            for (int c = 0; c < D; ++c) dot += (double) q[h * D + c] * ks[j][c];
+                            l[j] = dot * y.s.scale;
+                            mx = std::max(mx, l[j]);
+                        }
+                        std::vector<double> o(D, 0.0);
+                        for (size_t j = 0; j < ks.size(); ++j) {
+                            const double w = std::exp(l[j] - mx);
+                            sum += w;
+                            for (int c = 0; c < D; ++c) o[c] += w * vs[j][c];
+                        }
+                        for (int c = 0; c < D; ++c) oerr = std::max(oerr, std::fabs(o[c] / sum - out[h * D + c]));
+                    }
+                }
+            }
+            const std::string nm = name;
+            if (nm != "emul2_lloyd") check(kerr <= 1.0, (nm + ": keys within half a magnitude step").c_str(), kerr);
+            if (nm == "emul2_uniform" || nm == "emul2_outlier3") check(verr <= 1.0, (nm + ": values within half a step").c_str(), verr);
+            check(oerr < 2e-5, (nm + ": fp16 sinks + window and the exact top-b from the store").c_str(), oerr);
+            const SelectionStats st = m->stats();
+            check(std::fabs(st.attended_sum / st.attended_count - (ep.n_sink + ep.budget + ep.n_window)) < 1e-9,
+                  (nm + " attends sinks + budget + window").c_str());
+            const int top3 = (int) std::ceil(0.03 * (y.n_prompt - ep.n_sink));
+            if (nm == "emul2_outlier3") check(kept == top3 * y.s.n_kv_heads, "outlier3 keeps the top 3 % of the prompt in fp16 (per KV head)", kept);
+            else check(kept <= 2, (nm + ": no prompt token stored exactly").c_str(), kept);
+            (void) counted;
+            check_blocks_causal(*m, y);
+        }
+        // values by channel: within half a step of each (channel, 32-token group)
+        auto m = make_emul2("emul2_vchan", ep);
+        m->begin_sequence(y.s);
+        m->calibrate(0, y.k.data(), y.v.data(), y.n_prompt, y.q.data(), 1);
+        std::vector<float> kq(D), vq(D);
+        double verr = 0.0;
+        bool none_partial = true;
+        for (int g = 0; g < y.s.n_kv_heads; ++g)
+            for (int t0 = 0; t0 < y.n_prompt; t0 += 32)
+                for (int c = 0; c < D; ++c) {
+                    float lo = 1e30f, hi = -1e30f;
+                    const int t1 = std::min(y.n_prompt, t0 + 32);
+                    for (int t = t0; t < t1; ++t) {
+                        lo = std::min(lo, y.v[(size_t) t * R + g * D + c]);
+                        hi = std::max(hi, y.v[(size_t) t * R + g * D + c]);
+                    }
+                    for (int t = t0; t < t1; ++t) {
+                        const bool have = emul2_stored(*m, 0, t, g, kq.data(), vq.data());
+                        if (t1 - t0 < 32) { none_partial = none_partial && !have; continue; }
+                        if (!have) { verr = 1e9; continue; }
+                        verr = std::max(verr, std::fabs(vq[c] - y.v[(size_t) t * R + g * D + c]) /
+                                                  ((hi - lo) / 6.0 + 2e-3 * (std::fabs(lo) + std::fabs(hi)) + 1e-6));
+                    }
+                }
+        check(verr <= 1.0, "emul2_vchan: values within half a step of their channel's token group", verr);
+        check(none_partial, "emul2_vchan: an incomplete token group is not stored yet");
+        (void) N;
+        bool threw = false;
+        try { make_emul2("emul2_bogus", ep); } catch (const std::exception &) { threw = true; }
+        check(threw, "unknown emulation variant is refused");
     }
 
     std::printf("%d passed, %d failed\n", g_pass, g_fail);
