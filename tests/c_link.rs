@@ -626,8 +626,20 @@ fn trt_plugin_sample_builds_and_runs() {
         out.contains("plugin == managed cache") && out.contains("bit-identical"),
         "trt_plugin_harness did not compare against the managed cache"
     );
+    // Generation requests of several tokens (speculative verification) went through
+    // sikv_kernel_decode_rows and their rows were compared: the count must be there and not 0.
+    let multi_rows = out
+        .lines()
+        .find_map(|l| l.strip_prefix("multi-row: "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|f| f.strip_suffix(" rows compared"))
+        .and_then(|n| n.parse::<u64>().ok());
     assert!(
-        out.contains("reported to the recorder"),
-        "trt_plugin_harness skipped the error check"
+        matches!(multi_rows, Some(n) if n > 0),
+        "trt_plugin_harness compared no multi-row generation rows: {multi_rows:?}"
+    );
+    assert!(
+        out.contains("3 bad request lists fail enqueue, reported to the recorder"),
+        "trt_plugin_harness skipped the error checks"
     );
 }

@@ -6,10 +6,15 @@
 //   plan:     getFieldsToSerialize, copied out as a plan file would hold it; the build plugin freed
 //   runtime:  createPlugin(copied fields, kRUNTIME) -> attachToContext (with an error recorder)
 //             -> per step onShapeChange + enqueue, the batch changing between steps (context
-//             requests, then generation requests, a finished sequence's slot reused)
-// Each output row is compared with the managed cache (sikv::Cache) fed the same data; on the
-// CPU device the plugin's stateless path must be bit-identical. A bad request list must fail
-// through the error recorder, not by an exception.
+//             requests, then generation requests of 1 token or of 2..8 (speculative
+//             verification), ragged across the batch and mixed with contexts; a finished
+//             sequence's slot reused)
+// Each output row is compared with the managed cache (sikv::Cache) fed the same data, its rows
+// from one attend_rows call per step; on the CPU device the plugin's stateless path must be
+// bit-identical. A context request's prompt rows other than its last must come back zero. Bad
+// request lists (a generation request of 0 tokens, one of 17, tokens that do not add up to
+// q's rows) must fail through the error recorder, not by an exception, and leave the pools
+// unchanged: the run then continues and still matches the managed cache.
 //
 // usage: trt_plugin_harness [--device cpu|cuda] [--steps N]
 // --device cuda needs the CUDA runtime header at build time (SIKV_WITH_CUDA_RUNTIME) and a GPU.
@@ -48,7 +53,7 @@ namespace {
 // |reference|, the tolerance the library holds its fp16 outputs to everywhere (engine_sample,
 // tests/gpu_abi.rs, tests/gpu_managed.rs: about 10x the worst recorded between the CUDA and CPU
 // backends on an H200). Not bit-identity as on the CPU: the two sides reach the kernels through
-// different calls (one batched sikv_kernel_decode here; per-sequence and per-batch sikv_attend
+// different calls (one batched sikv_kernel_decode or sikv_kernel_decode_rows here; sikv_attend_rows
 // there, on pages of their own), which nothing promises to round alike, and a single fp16
 // output rounded the other way is already off by up to 2^-10 of its value. A plumbing error (a
 // wrong row, slot, page or query) moves a row by far more than 8e-3.
@@ -262,8 +267,10 @@ int main(int argc, char** argv) {
     cfg.num_kv_heads = 4;
     cfg.head_dim = 128;
     cfg.page_size = 32;
-    cfg.max_seqs = 4;
-    cfg.max_batch = 4;
+    // max_batch 8: the managed CUDA cache's attend_rows takes at most max_batch rows per
+    // sequence, and generation requests here bring up to 8 tokens.
+    cfg.max_seqs = 8;
+    cfg.max_batch = 8;
     cfg.max_seq_len = 1024;
     cfg.max_append_tokens = 1024;
     cfg.budget_min = 64;
@@ -307,7 +314,8 @@ int main(int argc, char** argv) {
     // Types.
     std::vector<DataType> in_types = {act, act, act, DataType::kINT32, DataType::kINT64, DataType::kINT32,
                                       DataType::kINT32, DataType::kINT32, DataType::kINT32, DataType::kINT32,
-                                      DataType::kUINT8, DataType::kUINT8};
+                                      DataType::kUINT8, DataType::kUINT8, DataType::kINT32, DataType::kINT32};
+    require(in_types.size() == size_t(NI), "the harness's input list is out of date");
     DataType out_type{};
     require(bld->getOutputDataTypes(&out_type, 1, in_types.data(), NI) == 0 && out_type == act, "getOutputDataTypes");
 
@@ -318,7 +326,8 @@ int main(int argc, char** argv) {
     std::vector<Dims> max_dims = {dims({max_t, HQ, D}), dims({max_t, cfg.num_kv_heads, D}),
                                   dims({max_t, cfg.num_kv_heads, D}), dims({max_b, 3}), dims({max_t}), dims({max_t}),
                                   dims({max_b}), dims({max_b + 1}), dims({max_pages}), dims({max_b}),
-                                  dims({int64_t(info.layer_plane_bytes)}), dims({int64_t(info.layer_state_bytes)})};
+                                  dims({int64_t(info.layer_plane_bytes)}), dims({int64_t(info.layer_state_bytes)}),
+                                  dims({max_t}), dims({max_b + 1})};
     for (int32_t i = 0; i < NI; ++i) {
       DimsExprs e{};
       for (int32_t j = 0; j < max_dims[size_t(i)].nbDims; ++j) e.d[e.nbDims++] = eb.constant(max_dims[size_t(i)].d[j]);
@@ -326,9 +335,9 @@ int main(int argc, char** argv) {
     }
     DimsExprs out_expr{};
     require(bld->getOutputShapes(in_exprs.data(), NI, nullptr, 0, &out_expr, 1, eb) == 0, "getOutputShapes");
-    require(out_expr.nbDims == 3 && out_expr.d[0]->getConstantValue() == max_b &&
+    require(out_expr.nbDims == 3 && out_expr.d[0]->getConstantValue() == max_t &&
                 out_expr.d[1]->getConstantValue() == HQ && out_expr.d[2]->getConstantValue() == D,
-            "output shape is not [batch][num_q_heads][head_dim]");
+            "output shape is not [tokens][num_q_heads][head_dim]");
 
     // Formats: every position, as TensorRT asks, then a refused format and a refused type.
     std::vector<DynamicPluginTensorDesc> io(static_cast<size_t>(NI) + 1);
@@ -343,14 +352,19 @@ int main(int argc, char** argv) {
     };
     for (int32_t i = 0; i < NI; ++i) {
       Dims mn = max_dims[size_t(i)], op = max_dims[size_t(i)];
-      if (i <= SikvAttentionPlugin::kPageIndices && i != SikvAttentionPlugin::kHostRequest) mn.d[0] = 1, op.d[0] = 64;
-      if (i == SikvAttentionPlugin::kHostRequest || i == SikvAttentionPlugin::kSeqSlot ||
-          i == SikvAttentionPlugin::kLastPageLen)
-        mn.d[0] = 1, op.d[0] = 2;
-      if (i == SikvAttentionPlugin::kIndptr) mn.d[0] = 2, op.d[0] = 3;
+      switch (i) {
+        case SikvAttentionPlugin::kPlanes:
+        case SikvAttentionPlugin::kState: break;  // fixed sizes
+        case SikvAttentionPlugin::kHostRequest:
+        case SikvAttentionPlugin::kSeqSlot:
+        case SikvAttentionPlugin::kLastPageLen: mn.d[0] = 1, op.d[0] = 2; break;  // [batch]
+        case SikvAttentionPlugin::kIndptr:
+        case SikvAttentionPlugin::kRowOffsets: mn.d[0] = 2, op.d[0] = 3; break;  // [batch + 1]
+        default: mn.d[0] = 1, op.d[0] = 64;  // [tokens], [pages]
+      }
       set(io[size_t(i)], in_types[size_t(i)], mn, op, max_dims[size_t(i)]);
     }
-    set(io[size_t(NI)], act, dims({1, HQ, D}), dims({2, HQ, D}), dims({max_b, HQ, D}));
+    set(io[size_t(NI)], act, dims({1, HQ, D}), dims({64, HQ, D}), dims({max_t, HQ, D}));
     for (int32_t pos = 0; pos <= NI; ++pos)
       require(bld->supportsFormatCombination(pos, io.data(), NI, 1), "format combination rejected at " + std::to_string(pos));
     io[0].desc.format = TensorFormat::kHWC8;
@@ -362,7 +376,7 @@ int main(int argc, char** argv) {
     io[0].desc.type = act;
     require(bld->configurePlugin(io.data(), NI, io.data() + NI, 1) == 0, "configurePlugin");
     const size_t ws_bytes = bld->getWorkspaceSize(io.data(), NI, io.data() + NI, 1);
-    std::printf("build: %s::%s v%s, %d inputs, formats/types checked, output [batch][%u][%u], workspace %zu B\n",
+    std::printf("build: %s::%s v%s, %d inputs, formats/types checked, output [tokens][%u][%u], workspace %zu B\n",
                 core->getPluginNamespace(), core->getPluginName(), core->getPluginVersion(), NI, HQ, D, ws_bytes);
 
     // ---- serialise: the fields, copied out as a plan holds them; the build plugin is gone ----
@@ -410,14 +424,28 @@ int main(int argc, char** argv) {
     sikv::Cache managed(cfg);
     Rng rng;
 
-    // The schedule: (new prompts of these lengths, then every live sequence generates).
+    // The schedule: new prompts of these lengths at a step, and the tokens each live sequence's
+    // generation request brings (in live order; beyond the table a pattern of 1-token requests
+    // and requests of 2..8 tokens).
     std::vector<Seq> live;
-    std::vector<int32_t> free_slots = {3, 2, 1, 0};
+    std::vector<int32_t> free_slots = {7, 6, 5, 4, 3, 2, 1, 0};
     int64_t next_id = 100;
     const std::vector<std::vector<uint32_t>> prompts_at = {{70, 333}, {500}, {}, {}, {97}, {}};
-    size_t compared = 0, context_rows = 0, gen_rows = 0;
+    const std::vector<std::vector<uint32_t>> gen_at = {{}, {1, 1}, {3, 1, 8}, {2, 5}, {1, 6}, {1, 1, 1}};
+    auto gen_tokens = [&](int step, size_t i) -> uint32_t {
+      if (size_t(step) < gen_at.size() && i < gen_at[size_t(step)].size()) return gen_at[size_t(step)][i];
+      return (size_t(step) + i) % 3 == 0 ? 1 : 2 + uint32_t((size_t(step) * 5 + i * 3) % 7);
+    };
+    // The bad request lists go in before this step's own enqueue (a context, a 1-token and a
+    // 6-token generation request), then the step runs as planned.
+    const int bad_step = 4;
+    // Rows of slack after each step's token tensors: a bad list claiming 17 tokens points at
+    // memory that exists, so a plugin that failed to refuse it would corrupt the run, not crash.
+    const size_t kSlack = 17;
+    size_t compared = 0, context_rows = 0, gen_rows = 0, multi_requests = 0, multi_rows = 0, zero_rows = 0;
+    int rows_steps = 0, bad_lists = 0;
     double worst = 0;  // fp16 only: the worst row-relative difference
-    std::string batches;
+    std::string batches, bad_messages;
     const int total_steps = std::max(steps, int(prompts_at.size()));
     for (int step = 0; step < total_steps; ++step) {
       // A sequence finishes at step 3, freeing its slot and pages for the prompt of step 4.
@@ -438,9 +466,10 @@ int main(int argc, char** argv) {
           free_slots.pop_back();
         }
       // Requests: contexts first, then generations.
-      std::vector<int32_t> host_req, seq_slot, position, indptr{0}, page_indices, last_page_len;
+      std::vector<int32_t> host_req, seq_slot, position, token_slot, indptr{0}, page_indices, last_page_len,
+          row_offsets{0};
       std::vector<int64_t> slot_mapping;
-      std::vector<uint32_t> new_tokens;
+      std::vector<uint32_t> new_tokens, rows;
       auto add_request = [&](Seq& s, int32_t type, uint32_t from, uint32_t to) {
         while (s.pages.size() * P < to) {
           require(!free_pages.empty(), "engine page pool exhausted");
@@ -452,48 +481,126 @@ int main(int argc, char** argv) {
         for (uint32_t t = from; t < to; ++t) {
           slot_mapping.push_back(int64_t(s.pages[t / P]) * P + t % P);
           position.push_back(int32_t(t));
+          token_slot.push_back(s.slot);
         }
         const uint32_t np = (to + P - 1) / P;
         page_indices.insert(page_indices.end(), s.pages.begin(), s.pages.begin() + np);
         indptr.push_back(int32_t(page_indices.size()));
         last_page_len.push_back(int32_t(to - (np - 1) * P));
         new_tokens.push_back(to - from);
+        // Query rows: a context request attends with its last token, a generation request
+        // with each of its tokens.
+        rows.push_back(type == SikvAttentionPlugin::kContext ? 1 : to - from);
+        row_offsets.push_back(row_offsets.back() + int32_t(rows.back()));
       };
       for (Seq& s : contexts) add_request(s, SikvAttentionPlugin::kContext, 0, s.len);
-      for (Seq& s : live) add_request(s, SikvAttentionPlugin::kGeneration, s.len, s.len + 1);
+      std::vector<uint32_t> gen_n;
+      for (size_t i = 0; i < live.size(); ++i) {
+        gen_n.push_back(gen_tokens(step, i));
+        add_request(live[i], SikvAttentionPlugin::kGeneration, live[i].len, live[i].len + gen_n.back());
+      }
       const uint32_t B = uint32_t(seq_slot.size());
       const size_t T = slot_mapping.size();
+      const size_t n_rows = size_t(row_offsets.back());
       if (B == 0) continue;
       auto q = rng.vec(T * row_q), k = rng.vec(T * row_kv), v = rng.vec(T * row_kv);
 
-      std::vector<PluginTensorDesc> in(static_cast<size_t>(NI));
-      for (int32_t i = 0; i < NI; ++i) in[size_t(i)] = io[size_t(i)].desc;
-      in[SikvAttentionPlugin::kQ].dims = dims({int64_t(T), HQ, D});
-      in[SikvAttentionPlugin::kK].dims = in[SikvAttentionPlugin::kV].dims = dims({int64_t(T), cfg.num_kv_heads, D});
-      in[SikvAttentionPlugin::kHostRequest].dims = dims({B, 3});
-      in[SikvAttentionPlugin::kSlotMapping].dims = in[SikvAttentionPlugin::kPosition].dims = dims({int64_t(T)});
-      in[SikvAttentionPlugin::kSeqSlot].dims = in[SikvAttentionPlugin::kLastPageLen].dims = dims({B});
-      in[SikvAttentionPlugin::kIndptr].dims = dims({B + 1});
-      in[SikvAttentionPlugin::kPageIndices].dims = dims({int64_t(page_indices.size())});
-      PluginTensorDesc out_desc = io[size_t(NI)].desc;
-      out_desc.dims = dims({B, HQ, D});
-      require(rt->onShapeChange(in.data(), NI, &out_desc, 1) == 0, "onShapeChange");
-
-      void* out_dev = dev.alloc(dev.act_bytes(B * row_q));
+      // The device tensors, each with kSlack rows of slack (zeros; slot_mapping -1 = skip).
+      auto padded = [&](std::vector<float> x, size_t row) {
+        x.resize(x.size() + kSlack * row, 0.0f);
+        return x;
+      };
+      auto padded_int = [&](auto x, auto fill) {
+        x.resize(x.size() + kSlack, fill);
+        return x;
+      };
+      void* q_dev = dev.upload_act(padded(q, row_q).data(), (T + kSlack) * row_q);
+      void* k_dev = dev.upload_act(padded(k, row_kv).data(), (T + kSlack) * row_kv);
+      void* v_dev = dev.upload_act(padded(v, row_kv).data(), (T + kSlack) * row_kv);
+      // The output starts as a non-zero pattern, so that the zero-filled prompt rows are the
+      // plugin's doing.
+      void* out_dev = dev.upload(std::vector<unsigned char>(dev.act_bytes((T + kSlack) * row_q), 0x5A));
       const void* bindings[SikvAttentionPlugin::kNbInputs] = {
-          dev.upload_act(q.data(), q.size()), dev.upload_act(k.data(), k.size()), dev.upload_act(v.data(), v.size()),
-          host_req.data() /* a host tensor */, dev.upload(slot_mapping),
-          dev.upload(position), dev.upload(seq_slot), dev.upload(indptr), dev.upload(page_indices),
-          dev.upload(last_page_len), planes, state};
+          q_dev, k_dev, v_dev, host_req.data() /* a host tensor */, dev.upload(padded_int(slot_mapping, int64_t(-1))),
+          dev.upload(padded_int(position, 0)), dev.upload(seq_slot), dev.upload(indptr), dev.upload(page_indices),
+          dev.upload(last_page_len), planes, state, dev.upload(padded_int(token_slot, seq_slot.back())),
+          dev.upload(row_offsets)};
       void* outputs[1] = {out_dev};
+
+      // The shapes of a request list of `t` tokens over this step's batch.
+      auto shapes = [&](int64_t t, std::vector<PluginTensorDesc>& in, PluginTensorDesc& out_desc) {
+        in.resize(static_cast<size_t>(NI));
+        for (int32_t i = 0; i < NI; ++i) in[size_t(i)] = io[size_t(i)].desc;
+        in[SikvAttentionPlugin::kQ].dims = dims({t, HQ, D});
+        in[SikvAttentionPlugin::kK].dims = in[SikvAttentionPlugin::kV].dims = dims({t, cfg.num_kv_heads, D});
+        in[SikvAttentionPlugin::kHostRequest].dims = dims({B, 3});
+        in[SikvAttentionPlugin::kSlotMapping].dims = in[SikvAttentionPlugin::kPosition].dims =
+            in[SikvAttentionPlugin::kTokenSlot].dims = dims({t});
+        in[SikvAttentionPlugin::kSeqSlot].dims = in[SikvAttentionPlugin::kLastPageLen].dims = dims({B});
+        in[SikvAttentionPlugin::kIndptr].dims = in[SikvAttentionPlugin::kRowOffsets].dims = dims({B + 1});
+        in[SikvAttentionPlugin::kPageIndices].dims = dims({int64_t(page_indices.size())});
+        out_desc = io[size_t(NI)].desc;
+        out_desc.dims = dims({t, HQ, D});
+      };
+      std::vector<PluginTensorDesc> in;
+      PluginTensorDesc out_desc{};
+
+      if (step == bad_step) {
+        // Bad request lists, each with shapes that agree with it (onShapeChange accepts them):
+        // only the request list is wrong. Each must fail through the recorder before the
+        // library runs, leaving the pools as they were.
+        require(!live.empty() && B > contexts.size(), "the bad-list step has no generation request");
+        const std::vector<unsigned char> planes_before = [&] {
+          std::vector<unsigned char> h(info.layer_plane_bytes + info.layer_state_bytes);
+          dev.get(h.data(), planes, info.layer_plane_bytes);
+          dev.get(h.data() + info.layer_plane_bytes, state, info.layer_state_bytes);
+          return h;
+        }();
+        const size_t last = size_t(B) - 1;  // the last generation request
+        const int64_t n_last = host_req[last * 3 + 2];
+        struct Bad {
+          int32_t n_last;  // the last generation request's claimed tokens
+          int64_t tokens;  // q's rows
+          const char* want;  // in the recorded message
+        };
+        const Bad bad[] = {{0, int64_t(T) - n_last, "1..16"},
+                           {17, int64_t(T) - n_last + 17, "1..16"},
+                           {int32_t(n_last), int64_t(T) + 1, "add up"}};
+        for (const Bad& b : bad) {
+          std::vector<int32_t> bad_req = host_req;
+          bad_req[last * 3 + 2] = b.n_last;
+          shapes(b.tokens, in, out_desc);
+          require(rt->onShapeChange(in.data(), NI, &out_desc, 1) == 0, "onShapeChange (bad list)");
+          const void* bad_bindings[SikvAttentionPlugin::kNbInputs];
+          std::copy(std::begin(bindings), std::end(bindings), std::begin(bad_bindings));
+          bad_bindings[SikvAttentionPlugin::kHostRequest] = bad_req.data();
+          recorder.clear();
+          require(rt->enqueue(in.data(), &out_desc, bad_bindings, outputs, workspace, dev.stream) != 0 &&
+                      recorder.getNbErrors() == 1 && recorder.getErrorCode(0) == ErrorCode::kINVALID_ARGUMENT &&
+                      std::strstr(recorder.getErrorDesc(0), b.want) != nullptr,
+                  "a bad request list (last generation request claiming " + std::to_string(b.n_last) + " tokens, q of " +
+                      std::to_string(b.tokens) + " rows) was not reported through the error recorder");
+          bad_messages += std::string(bad_messages.empty() ? "" : "; ") + recorder.getErrorDesc(0);
+          ++bad_lists;
+        }
+        recorder.clear();
+        std::vector<unsigned char> after(planes_before.size());
+        dev.get(after.data(), planes, info.layer_plane_bytes);
+        dev.get(after.data() + info.layer_plane_bytes, state, info.layer_state_bytes);
+        require(after == planes_before, "a refused request list changed the plane block or the state pool");
+      }
+
+      shapes(int64_t(T), in, out_desc);
+      require(rt->onShapeChange(in.data(), NI, &out_desc, 1) == 0, "onShapeChange");
       const int32_t rc = rt->enqueue(in.data(), &out_desc, bindings, outputs, workspace, dev.stream);
       require(rc == 0, "enqueue failed: " + std::string(recorder.getNbErrors() ? recorder.getErrorDesc(0) : ""));
-      const std::vector<float> result = dev.get_act(out_dev, B * row_q);
+      const std::vector<float> result = dev.get_act(out_dev, T * row_q);
 
-      // The reference: the managed cache, the same K/V and queries.
-      std::vector<float> expect(B * row_q);
+      // The reference: the managed cache fed the same K/V, then one attend_rows over every
+      // request with the same query rows (a context's last token, a generation's every token).
+      std::vector<int64_t> ids;
+      std::vector<float> q_rows;
       size_t tok = 0;
-      uint32_t b = 0;
       for (Seq& s : contexts) {
         const uint32_t n = s.len, nq = std::min<uint32_t>(n, uint32_t(pc.calib_queries));
         managed.add(s.id);
@@ -501,34 +608,53 @@ int main(int argc, char** argv) {
         auto* vd = dev.upload_act(v.data() + tok * row_kv, n * row_kv);
         auto* qt = dev.upload_act(q.data() + (tok + n - nq) * row_q, nq * row_q);
         managed.calibrate(0, s.id, n, kd, vd, nq, qt, dev.stream);
-        std::vector<int64_t> one = {s.id};
-        auto* ql = dev.upload_act(q.data() + (tok + n - 1) * row_q, row_q);
-        void* od = dev.alloc(dev.act_bytes(row_q));
-        managed.attend(0, one, ql, od, dev.stream);
-        const std::vector<float> row = dev.get_act(od, row_q);
-        std::copy(row.begin(), row.end(), expect.begin() + long(b * row_q));
+        ids.push_back(s.id);
+        q_rows.insert(q_rows.end(), q.begin() + long((tok + n - 1) * row_q), q.begin() + long((tok + n) * row_q));
         tok += n;
-        ++b;
       }
-      context_rows += contexts.size();
+      const size_t gen_start = tok;
       if (!live.empty()) {
-        std::vector<int64_t> ids;
-        for (Seq& s : live) ids.push_back(s.id);
-        const size_t g = live.size();
+        std::vector<int64_t> gen_ids;
+        for (Seq& s : live) gen_ids.push_back(s.id);
         auto* kd = dev.upload_act(k.data() + tok * row_kv, k.size() - tok * row_kv);
         auto* vd = dev.upload_act(v.data() + tok * row_kv, v.size() - tok * row_kv);
-        auto* qg = dev.upload_act(q.data() + tok * row_q, q.size() - tok * row_q);
-        managed.append_decode(0, ids, kd, vd, dev.stream);
-        void* od = dev.alloc(dev.act_bytes(g * row_q));
-        managed.attend(0, ids, qg, od, dev.stream);
-        const std::vector<float> rows = dev.get_act(od, g * row_q);
-        std::copy(rows.begin(), rows.end(), expect.begin() + long(b * row_q));
-        gen_rows += g;
+        managed.append(0, gen_ids, gen_n, kd, vd, dev.stream);
+        ids.insert(ids.end(), gen_ids.begin(), gen_ids.end());
+        q_rows.insert(q_rows.end(), q.begin() + long(tok * row_q), q.end());
+      }
+      require(q_rows.size() == n_rows * row_q, "the reference's query rows");
+      void* od = dev.alloc(dev.act_bytes(n_rows * row_q));
+      managed.attend_rows(0, ids, rows, dev.upload_act(q_rows.data(), q_rows.size()), od, dev.stream);
+      const std::vector<float> ref_rows = dev.get_act(od, n_rows * row_q);
+      // Into q's row order: a context's row at its last token, zeros at its other prompt rows,
+      // the generation rows after the prompts.
+      std::vector<float> expect(T * row_q, 0.0f);
+      std::vector<bool> is_zero_row(T, false);
+      tok = 0;
+      for (size_t b = 0; b < contexts.size(); ++b) {
+        const size_t n = contexts[b].len;
+        std::copy(ref_rows.begin() + long(b * row_q), ref_rows.begin() + long((b + 1) * row_q),
+                  expect.begin() + long((tok + n - 1) * row_q));
+        for (size_t t = tok; t + 1 < tok + n; ++t) is_zero_row[t] = true;
+        tok += n;
+      }
+      std::copy(ref_rows.begin() + long(contexts.size() * row_q), ref_rows.end(), expect.begin() + long(gen_start * row_q));
+
+      // The prompt rows but the last: exactly zero (+0.0, as zero-filled), on every device.
+      for (size_t t = 0; t < T; ++t) {
+        if (!is_zero_row[t]) continue;
+        for (size_t i = t * row_q; i < (t + 1) * row_q; ++i)
+          if (result[i] != 0.0f || std::signbit(result[i])) {
+            std::fprintf(stderr, "step %d: prompt row %zu is not zero-filled (out[%zu] = %.9g)\n", step, t, i,
+                         double(result[i]));
+            return 1;
+          }
+        ++zero_rows;
       }
       if (!dev.f16) {
         for (size_t i = 0; i < result.size(); ++i)
           if (std::memcmp(&result[i], &expect[i], sizeof(float)) != 0) {
-            std::fprintf(stderr, "step %d: plugin out[%zu] (request %zu) = %.9g, managed cache %.9g\n", step, i,
+            std::fprintf(stderr, "step %d: plugin out[%zu] (token row %zu) = %.9g, managed cache %.9g\n", step, i,
                          i / row_q, double(result[i]), double(expect[i]));
             return 1;
           }
@@ -536,6 +662,7 @@ int main(int argc, char** argv) {
         // Per row of head_dim: the largest difference over the row's largest |reference|, no
         // floor (a row of small outputs is held to the same relative accuracy).
         for (size_t r = 0; r < result.size() / D; ++r) {
+          if (is_zero_row[r / HQ]) continue;  // checked above
           double top = 0, diff = 0;
           for (size_t c = 0; c < D; ++c) {
             const double w = expect[r * D + c], g = result[r * D + c];
@@ -546,49 +673,46 @@ int main(int argc, char** argv) {
           const double rel = top > 0 ? diff / top : diff;
           worst = std::max(worst, rel);
           if (!(rel <= kF16RowTol)) {
-            std::fprintf(stderr, "step %d: plugin row %zu (request %zu, head %zu) differs from the managed cache by %.3e "
-                         "(relative to the row's max |out|)\n", step, r, r / HQ, r % HQ, rel);
+            std::fprintf(stderr, "step %d: plugin row %zu (token row %zu, head %zu) differs from the managed cache by "
+                         "%.3e (relative to the row's max |out|)\n", step, r, r / HQ, r % HQ, rel);
             return 1;
           }
         }
       }
       compared += result.size();
+      context_rows += contexts.size();
+      bool multi = false;
+      std::string gen_list;
+      for (uint32_t n : gen_n) {
+        if (n > 1) {
+          multi = true;
+          ++multi_requests;
+          multi_rows += n;
+        } else {
+          ++gen_rows;
+        }
+        gen_list += (gen_list.empty() ? "" : "+") + std::to_string(n);
+      }
+      rows_steps += multi ? 1 : 0;
       batches += (batches.empty() ? "" : ",") + std::to_string(contexts.size()) + "c+" + std::to_string(live.size()) + "g";
-      for (Seq& s : live) s.len += 1;
+      if (multi) batches += "(" + gen_list + ")";
+      for (size_t i = 0; i < live.size(); ++i) live[i].len += gen_n[i];
       for (Seq& s : contexts) live.push_back(s);
     }
-    std::printf("runtime: %d steps, batches %s (%zu context rows, %zu generation rows)\n", total_steps, batches.c_str(),
-                context_rows, gen_rows);
+    std::printf("runtime: %d steps, batches %s (%zu context rows, %zu one-token generation rows)\n", total_steps,
+                batches.c_str(), context_rows, gen_rows);
+    std::printf("multi-row: %zu generation requests of 2..8 tokens, %zu rows compared, through sikv_kernel_decode_rows "
+                "in %d steps; %zu prompt rows zero-filled\n",
+                multi_requests, multi_rows, rows_steps, zero_rows);
     if (dev.f16)
       std::printf("plugin == managed cache: %zu fp16 outputs within %.0e of each row's max |out| (worst %.3e)\n",
                   compared, kF16RowTol, worst);
     else
       std::printf("plugin == managed cache: %zu outputs bit-identical\n", compared);
-
-    // A bad request list (a generation request claiming two tokens) must come back as a
-    // failed enqueue with the error in the recorder, and no exception.
-    {
-      std::vector<int32_t> bad_req = {SikvAttentionPlugin::kGeneration, 0, 2};
-      std::vector<PluginTensorDesc> in(static_cast<size_t>(NI));
-      for (int32_t i = 0; i < NI; ++i) in[size_t(i)] = io[size_t(i)].desc;
-      in[SikvAttentionPlugin::kQ].dims = dims({2, HQ, D});
-      in[SikvAttentionPlugin::kK].dims = in[SikvAttentionPlugin::kV].dims = dims({2, cfg.num_kv_heads, D});
-      in[SikvAttentionPlugin::kHostRequest].dims = dims({1, 3});
-      in[SikvAttentionPlugin::kSlotMapping].dims = in[SikvAttentionPlugin::kPosition].dims = dims({2});
-      in[SikvAttentionPlugin::kSeqSlot].dims = in[SikvAttentionPlugin::kLastPageLen].dims = dims({1});
-      in[SikvAttentionPlugin::kIndptr].dims = dims({2});
-      in[SikvAttentionPlugin::kPageIndices].dims = dims({1});
-      PluginTensorDesc out_desc = io[size_t(NI)].desc;
-      out_desc.dims = dims({1, HQ, D});
-      const void* bindings[SikvAttentionPlugin::kNbInputs] = {};
-      bindings[SikvAttentionPlugin::kHostRequest] = bad_req.data();
-      void* outputs[1] = {nullptr};
-      recorder.clear();
-      require(rt->enqueue(in.data(), &out_desc, bindings, outputs, workspace, dev.stream) != 0 &&
-                  recorder.getNbErrors() == 1 && recorder.getErrorCode(0) == ErrorCode::kINVALID_ARGUMENT,
-              "a bad request list was not reported through the error recorder");
-      std::printf("errors: a bad request list fails enqueue, reported to the recorder (\"%s\")\n", recorder.getErrorDesc(0));
-    }
+    require(bad_lists == 3, "the bad request lists were not tried");
+    std::printf("errors: %d bad request lists fail enqueue, reported to the recorder (\"%s\"), the pools unchanged and "
+                "the run matching after them\n",
+                bad_lists, bad_messages.c_str());
 #if defined(SIKV_WITH_CUDA_RUNTIME)
     if (cuda) cudaStreamDestroy(dev.stream);
 #endif

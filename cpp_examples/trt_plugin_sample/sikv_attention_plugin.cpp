@@ -50,16 +50,33 @@ size_t dtype_bytes(uint32_t dtype) { return dtype == SIKV_DTYPE_F32 ? 4 : 2; }
 constexpr size_t kAlign = 256;
 size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
-// Copies a query row into the workspace, on the stream (graph-capturable on a GPU). Real
-// TensorRT headers bring the CUDA runtime; the CPU-only build copies host memory.
+// Copies rows (query rows into the workspace, output rows out of it) on the stream, device to
+// device (graph-capturable on a GPU). Real TensorRT headers bring the CUDA runtime; the
+// CPU-only build copies host memory.
 void copy_rows(void* dst, void const* src, size_t bytes, uint32_t device, cudaStream_t stream) {
+  if (bytes == 0) return;
   if (device == SIKV_DEVICE_CPU) {
     std::memcpy(dst, src, bytes);
     return;
   }
 #if defined(SIKV_HAVE_TENSORRT) || defined(SIKV_WITH_CUDA_RUNTIME)
   if (cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream) != cudaSuccess)
-    throw std::runtime_error("cudaMemcpyAsync of the query rows failed");
+    throw std::runtime_error("cudaMemcpyAsync of the query or output rows failed");
+#else
+  (void)stream;
+  throw std::runtime_error("built without the CUDA runtime: only the CPU device is available");
+#endif
+}
+
+// Zero-fills output rows on the stream (a context request's prompt rows but its last).
+void zero_rows(void* dst, size_t bytes, uint32_t device, cudaStream_t stream) {
+  if (bytes == 0) return;
+  if (device == SIKV_DEVICE_CPU) {
+    std::memset(dst, 0, bytes);
+    return;
+  }
+#if defined(SIKV_HAVE_TENSORRT) || defined(SIKV_WITH_CUDA_RUNTIME)
+  if (cudaMemsetAsync(dst, 0, bytes, stream) != cudaSuccess) throw std::runtime_error("cudaMemsetAsync of the output rows failed");
 #else
   (void)stream;
   throw std::runtime_error("built without the CUDA runtime: only the CPU device is available");
@@ -68,6 +85,18 @@ void copy_rows(void* dst, void const* src, size_t bytes, uint32_t device, cudaSt
 
 void call(SikvStatus s, char const* what) {
   if (s != SIKV_OK) throw sikv::Error(s, std::string(what) + ": " + sikv_last_error_message());
+}
+
+// The library's part of the workspace: enough for calibrate and sikv_kernel_decode at `batch`
+// and, when `n_rows` is not 0, for sikv_kernel_decode_rows at `n_rows` query rows.
+size_t library_workspace(sikv::Kernels const& k, uint32_t batch, uint32_t n_rows) {
+  size_t bytes = k.workspace_size(batch);
+  if (n_rows != 0) {
+    size_t rows_bytes = 0;
+    call(sikv_workspace_size_rows(k.get(), n_rows, &rows_bytes), "sikv_workspace_size_rows");
+    bytes = std::max(bytes, rows_bytes);
+  }
+  return bytes;
 }
 
 }  // namespace
@@ -166,11 +195,11 @@ int32_t SikvAttentionPlugin::getOutputShapes(nvinfer1::DimsExprs const* inputs, 
                                              nvinfer1::DimsExprs const*, int32_t, nvinfer1::DimsExprs* outputs,
                                              int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) noexcept {
   if (nbOutputs != kNbOutputs || nbInputs != kNbInputs) return report(ErrorCode::kINVALID_ARGUMENT, "wrong number of tensors");
-  if (inputs[kHostRequest].nbDims != 2) return report(ErrorCode::kINVALID_ARGUMENT, "host_request must be [batch][3]");
-  // One row per request: [batch][num_q_heads][head_dim], the batch being host_request's rows.
+  if (inputs[kQ].nbDims != 3) return report(ErrorCode::kINVALID_ARGUMENT, "q must be [tokens][num_q_heads][head_dim]");
+  // One row per token, as q: [tokens][num_q_heads][head_dim].
   nvinfer1::DimsExprs& o = outputs[kOut];
   o.nbDims = 3;
-  o.d[0] = inputs[kHostRequest].d[0];
+  o.d[0] = inputs[kQ].d[0];
   o.d[1] = exprBuilder.constant(cfg_.sikv.num_q_heads);
   o.d[2] = exprBuilder.constant(cfg_.sikv.head_dim);
   if (o.d[1] == nullptr || o.d[2] == nullptr) return report(ErrorCode::kINTERNAL_ERROR, "expression builder failed");
@@ -190,6 +219,8 @@ bool SikvAttentionPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTe
     case kSlotMapping: return t == DataType::kINT64;
     case kHostRequest:
     case kPosition:
+    case kTokenSlot:
+    case kRowOffsets:
     case kSeqSlot:
     case kIndptr:
     case kPageIndices:
@@ -223,12 +254,17 @@ size_t SikvAttentionPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inpu
                                              DynamicPluginTensorDesc const*, int32_t) const noexcept {
   try {
     if (nbInputs != kNbInputs) return 0;
-    // Enough for the profile's largest batch (covers calibrate, which needs batch 1); a
-    // deserialised plugin never sees this call, and enqueue needs no more at a smaller batch.
+    // Enough for the profile's largest batch and token count (covers calibrate, which needs
+    // batch 1); a deserialised plugin never sees this call, and enqueue needs no more at a
+    // smaller batch or fewer tokens (every part grows with them).
     int64_t const b = std::min<int64_t>(std::max<int64_t>(inputs[kHostRequest].max.d[0], 1), cfg_.sikv.max_batch);
-    // The gathered last-token queries, then the library's own workspace.
+    // Query rows: one per context request, up to 16 per generation request, never more than
+    // the tokens.
+    int64_t const t = std::max<int64_t>(inputs[kQ].max.d[0], 1);
+    int64_t const rows = std::min<int64_t>(t, b * kMaxGenerationTokens);
+    // The gathered query rows and the attend's output rows, then the library's own workspace.
     size_t const row_q = size_t(cfg_.sikv.num_q_heads) * cfg_.sikv.head_dim * dtype_bytes(cfg_.sikv.dtype);
-    return align_up(size_t(b) * row_q) + kernels_.workspace_size(uint32_t(b));
+    return 2 * align_up(size_t(rows) * row_q) + library_workspace(kernels_, uint32_t(b), uint32_t(rows));
   } catch (std::exception const& e) {
     report(ErrorCode::kINTERNAL_ERROR, e.what());
   } catch (...) {
@@ -254,15 +290,15 @@ std::string SikvAttentionPlugin::check_shapes(PluginTensorDesc const* in, Plugin
       !dims_are(in[kV].dims, {t, c.num_kv_heads, c.head_dim}))
     return "q, k and v must have the same token count and the config's heads";
   if (t < b) return "fewer tokens than requests";
-  if (!dims_are(in[kSlotMapping].dims, {t}) || !dims_are(in[kPosition].dims, {t}))
-    return "slot_mapping and position must be [tokens]";
+  if (!dims_are(in[kSlotMapping].dims, {t}) || !dims_are(in[kPosition].dims, {t}) || !dims_are(in[kTokenSlot].dims, {t}))
+    return "slot_mapping, position and token_slot must be [tokens]";
   if (!dims_are(in[kSeqSlot].dims, {b}) || !dims_are(in[kIndptr].dims, {b + 1}) || !dims_are(in[kLastPageLen].dims, {b}) ||
-      in[kPageIndices].dims.nbDims != 1)
-    return "seq_slot, indptr, last_page_len must be [batch], [batch + 1], [batch]";
+      !dims_are(in[kRowOffsets].dims, {b + 1}) || in[kPageIndices].dims.nbDims != 1)
+    return "seq_slot, indptr, last_page_len, row_offsets must be [batch], [batch + 1], [batch], [batch + 1]";
   if (in[kPlanes].dims.nbDims != 1 || in[kPlanes].dims.d[0] < int64_t(layout_.layer_plane_bytes) ||
       in[kState].dims.nbDims != 1 || in[kState].dims.d[0] < int64_t(layout_.layer_state_bytes))
     return "the plane block or state pool is smaller than sikv_query_layout says";
-  if (!dims_are(out[kOut].dims, {b, c.num_q_heads, c.head_dim})) return "the output must be [batch][num_q_heads][head_dim]";
+  if (!dims_are(out[kOut].dims, {t, c.num_q_heads, c.head_dim})) return "the output must be [tokens][num_q_heads][head_dim]";
   for (int32_t i = 0; i < kNbInputs; ++i)
     if (in[i].format != TensorFormat::kLINEAR) return "every tensor must be linear";
   return {};
@@ -291,11 +327,12 @@ int32_t SikvAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
     int64_t const tokens = inputDesc[kQ].dims.d[0];
     auto const* req = static_cast<int32_t const*>(inputs[kHostRequest]);
 
-    // The host-side request list: contexts first, then single-token generations, covering
-    // exactly the tokens of q/k/v. Checked whole before any kernel runs, so a bad list changes
-    // nothing.
-    uint32_t n_context = 0;
-    int64_t sum = 0;
+    // The host-side request list: contexts first, then generations of 1..16 tokens, covering
+    // exactly the tokens of q/k/v. Checked whole before any library call, so a bad list
+    // changes nothing.
+    uint32_t n_context = 0, n_rows = 0;
+    int64_t sum = 0, gen_tokens = 0;
+    bool multi = false;  // a generation request brings several tokens: the rows path
     for (uint32_t b = 0; b < batch; ++b) {
       int32_t const type = req[b * kRequestFields], slot = req[b * kRequestFields + 1], n = req[b * kRequestFields + 2];
       if (slot < 0 || uint32_t(slot) >= c.max_seqs) return report(ErrorCode::kINVALID_ARGUMENT, "a seq_slot is out of range");
@@ -304,27 +341,44 @@ int32_t SikvAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         if (n < 1 || uint32_t(n) > c.max_append_tokens)
           return report(ErrorCode::kINVALID_ARGUMENT, "a prompt is empty or longer than max_append_tokens");
         ++n_context;
-      } else if (type != kGeneration || n != 1) {
-        return report(ErrorCode::kINVALID_ARGUMENT, "a generation request must bring one token");
+        n_rows += 1;  // its last token
+      } else if (type == kGeneration) {
+        if (n < 1 || n > kMaxGenerationTokens)
+          return report(ErrorCode::kINVALID_ARGUMENT, "a generation request must bring 1..16 tokens");
+        n_rows += uint32_t(n);
+        gen_tokens += n;
+        multi = multi || n > 1;
+      } else {
+        return report(ErrorCode::kINVALID_ARGUMENT, "a request type is neither context (0) nor generation (1)");
       }
       sum += n;
     }
     if (sum != tokens) return report(ErrorCode::kINVALID_ARGUMENT, "the requests' tokens do not add up to q's rows");
+    if (gen_tokens > int64_t(c.max_append_tokens))
+      return report(ErrorCode::kINVALID_ARGUMENT, "the generation requests bring more than max_append_tokens tokens");
 
     SikvLayerPools const pools =
         sikv::layer_pools(layout_, const_cast<void*>(inputs[kPlanes]), const_cast<void*>(inputs[kState]), 0);
     size_t const elem = dtype_bytes(c.dtype);
     size_t const row_q = size_t(c.num_q_heads) * c.head_dim * elem, row_kv = size_t(c.num_kv_heads) * c.head_dim * elem;
-    // Workspace: each request's last query, gathered (the decode takes one row per request),
-    // then the library's workspace; at most getWorkspaceSize since batch <= the profile's max.
-    auto* q_last = static_cast<unsigned char*>(workspace);
-    size_t const ws_bytes = kernels_.workspace_size(batch);
-    void* ws = ws_bytes != 0 ? q_last + align_up(batch * row_q) : nullptr;
     auto const* q = static_cast<unsigned char const*>(inputs[kQ]);
     auto const* k = static_cast<unsigned char const*>(inputs[kK]);
     auto const* v = static_cast<unsigned char const*>(inputs[kV]);
+    auto* out = static_cast<unsigned char*>(outputs[kOut]);
     auto const* slot_mapping = static_cast<int64_t const*>(inputs[kSlotMapping]);
     void* const s = static_cast<void*>(stream);
+    // Without a context request q's rows are the query rows and the output's rows the attend's,
+    // and the attend reads and writes them in place. With one, its last query is gathered
+    // next to the others in the workspace (the attend takes the rows of a request together,
+    // request after request), the attend writes its rows to the workspace, and they are
+    // scattered back to their tokens' rows. Workspace: those two blocks, then the library's;
+    // at most getWorkspaceSize since the batch and the rows are at most the profile's.
+    bool const in_place = n_context == 0;
+    size_t const staged = in_place ? 0 : align_up(size_t(n_rows) * row_q);
+    auto* q_rows = static_cast<unsigned char*>(workspace);
+    auto* out_rows = q_rows + staged;
+    size_t const ws_bytes = library_workspace(kernels_, batch, multi ? n_rows : 0);
+    void* ws = ws_bytes != 0 ? out_rows + staged : nullptr;
 
     // Context requests: calibrate from the prompt (its last queries pick the heavy set), which
     // also writes the prompt into its pages. Pointer offsets are host arithmetic on device
@@ -336,25 +390,48 @@ int32_t SikvAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
       call(sikv_kernel_calibrate(kernels_.get(), &pools, slot, n, k + tok * row_kv, v + tok * row_kv, nq,
                                  q + (tok + n - nq) * row_q, slot_mapping + tok, ws, ws_bytes, s),
            "sikv_kernel_calibrate");
-      copy_rows(q_last + b * row_q, q + (tok + n - 1) * row_q, row_q, c.device, stream);
+      copy_rows(q_rows + b * row_q, q + (tok + n - 1) * row_q, row_q, c.device, stream);
       tok += n;
     }
-    // Generation requests: append the new tokens' K/V (one per request, contiguous at the end).
-    uint32_t const n_gen = batch - n_context;
-    if (n_gen != 0) {
-      call(sikv_kernel_append(kernels_.get(), &pools, n_gen, k + tok * row_kv, v + tok * row_kv, slot_mapping + tok,
-                              static_cast<int32_t const*>(inputs[kSeqSlot]) + n_context,
+    // Generation requests: append every new token's K/V (contiguous at the end, each token
+    // naming its own slot and position), and gather their queries after the contexts' ones.
+    size_t const gen_start = tok;
+    if (gen_tokens != 0) {
+      call(sikv_kernel_append(kernels_.get(), &pools, uint32_t(gen_tokens), k + tok * row_kv, v + tok * row_kv,
+                              slot_mapping + tok, static_cast<int32_t const*>(inputs[kTokenSlot]) + tok,
                               static_cast<int32_t const*>(inputs[kPosition]) + tok, s),
            "sikv_kernel_append");
-      copy_rows(q_last + size_t(n_context) * row_q, q + tok * row_q, n_gen * row_q, c.device, stream);
+      if (!in_place) copy_rows(q_rows + size_t(n_context) * row_q, q + tok * row_q, size_t(gen_tokens) * row_q, c.device, stream);
     }
-    // Then every request attends with its last query, in one decode over the whole page table.
+    // Then every request attends with its rows over the whole page table: one row each in one
+    // sikv_kernel_decode (the one-token path, with its dense crossover), or, when a generation
+    // request brings several tokens, all rows in one sikv_kernel_decode_rows (causal among a
+    // request's new tokens; always the selecting path).
     SikvPageTable const table{static_cast<int32_t const*>(inputs[kIndptr]),
                               static_cast<int32_t const*>(inputs[kPageIndices]),
                               static_cast<int32_t const*>(inputs[kLastPageLen]), batch};
-    call(sikv_kernel_decode(kernels_.get(), &pools, &table, static_cast<int32_t const*>(inputs[kSeqSlot]), q_last,
-                            outputs[kOut], ws, ws_bytes, s),
-         "sikv_kernel_decode");
+    void const* q_attend = in_place ? static_cast<void const*>(q) : q_rows;
+    void* out_attend = in_place ? static_cast<void*>(out) : out_rows;
+    auto const* seq_slot = static_cast<int32_t const*>(inputs[kSeqSlot]);
+    if (multi)
+      call(sikv_kernel_decode_rows(kernels_.get(), &pools, &table, seq_slot, static_cast<int32_t const*>(inputs[kRowOffsets]),
+                                   n_rows, q_attend, out_attend, ws, ws_bytes, s),
+           "sikv_kernel_decode_rows");
+    else
+      call(sikv_kernel_decode(kernels_.get(), &pools, &table, seq_slot, q_attend, out_attend, ws, ws_bytes, s),
+           "sikv_kernel_decode");
+    if (!in_place) {
+      // Scatter: a context request's row to its last token's row, its other prompt rows zero;
+      // the generation rows, contiguous on both sides, in one copy.
+      tok = 0;
+      for (uint32_t b = 0; b < n_context; ++b) {
+        size_t const n = size_t(req[b * kRequestFields + 2]);
+        zero_rows(out + tok * row_q, (n - 1) * row_q, c.device, stream);
+        copy_rows(out + (tok + n - 1) * row_q, out_rows + b * row_q, row_q, c.device, stream);
+        tok += n;
+      }
+      copy_rows(out + gen_start * row_q, out_rows + size_t(n_context) * row_q, size_t(gen_tokens) * row_q, c.device, stream);
+    }
     return 0;
   } catch (sikv::Error const& e) {
     return report(ErrorCode::kFAILED_EXECUTION, e.what());

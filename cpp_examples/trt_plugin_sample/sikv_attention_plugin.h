@@ -11,17 +11,24 @@
 // One enqueue serves a batch of requests, context requests first, then generation requests:
 //   - a context request (its prompt, n tokens) calibrates its sequence slot from the prompt
 //     (sikv_kernel_calibrate), writing the prompt into the pages its slot_mapping names;
-//   - the generation requests (one token each) append their new K/V (sikv_kernel_append);
-//   - then every request attends with its last token's query, gathered into the workspace, in
-//     one sikv_kernel_decode over the whole page table.
-// The output is one row per request: the sparse decode attention of its last token. Attention
-// among a prompt's own tokens (prefill attention) is the engine's dense attention kernel's job.
+//   - a generation request brings 1..16 new tokens (one for plain decoding, several when a
+//     speculative draft is verified); all of them append their K/V (sikv_kernel_append);
+//   - then every request attends: a context request with its prompt's last token (one query
+//     row), a generation request with each of its n tokens (n rows, row r seeing the positions
+//     up to its own: causal among the new tokens). When every generation request brings one
+//     token this is one sikv_kernel_decode (one row per request); when one brings more, one
+//     sikv_kernel_decode_rows over the same page table with row_offsets.
+// The output has q's rows: a generation request's rows get their attention rows, a context
+// request's last prompt row gets its attention row and its other prompt rows are zero-filled.
+// Attention among a prompt's own tokens (prefill attention) is the engine's dense attention
+// kernel's job; the engine takes those rows from it.
 //
 // Inputs (all linear):                                          location
 //   0 q            [tokens][num_q_heads][head_dim]   dtype       device
 //   1 k            [tokens][num_kv_heads][head_dim]  dtype       device
 //   2 v            [tokens][num_kv_heads][head_dim]  dtype       device
 //   3 host_request int32 [batch][3]: type (0 context, 1 generation), seq_slot, new tokens
+//                                    (a prompt's length; 1..16 for a generation request)
 //                                                                host (read in enqueue, like
 //                                                                TensorRT-LLM's host_* inputs)
 //   4 slot_mapping int64 [tokens]: page * page_size + offset     device
@@ -32,7 +39,17 @@
 //   9 last_page_len int32 [batch]                                device
 //  10 planes       uint8 [layer_plane_bytes]                     device
 //  11 state        uint8 [layer_state_bytes]                     device
-// Output 0: [batch][num_q_heads][head_dim], dtype.
+//  12 token_slot   int32 [tokens]: each new token's seq_slot     device
+//  13 row_offsets  int32 [batch + 1]: request b's query rows are  device
+//                  [row_offsets[b], row_offsets[b + 1]): 1 for a context request, n for a
+//                  generation request of n tokens, from 0 (what sikv_kernel_decode_rows takes;
+//                  it must agree with host_request, which the plugin cannot read back)
+// Output 0: [tokens][num_q_heads][head_dim], dtype (q's shape).
+//
+// Workspace: the gathered query rows and the output rows of the attend (used when the batch
+// holds a context request, whose last token is not next to the others), then the library's
+// workspace: sikv_workspace_size at the batch, or sikv_workspace_size_rows at the query rows.
+// getWorkspaceSize sizes it for the profile's largest batch and token count.
 //
 // The whole SikvConfig (plus calib_queries) is the plugin's serialised state; the largest
 // batch is the config's max_batch, so a deserialised plugin needs no configurePlugin call.
@@ -55,7 +72,7 @@
 namespace sikv_trt {
 
 constexpr char const* kPluginName = "SikvAttention";
-constexpr char const* kPluginVersion = "1";
+constexpr char const* kPluginVersion = "2";
 constexpr char const* kPluginNamespace = "sikv";
 
 // Plugin configuration: the library's config and how many prompt queries calibrate.
@@ -71,11 +88,13 @@ class SikvAttentionPlugin final : public nvinfer1::IPluginV3,
  public:
   enum Input : int32_t {
     kQ = 0, kK, kV, kHostRequest, kSlotMapping, kPosition, kSeqSlot, kIndptr, kPageIndices, kLastPageLen,
-    kPlanes, kState, kNbInputs
+    kPlanes, kState, kTokenSlot, kRowOffsets, kNbInputs
   };
   enum Output : int32_t { kOut = 0, kNbOutputs = 1 };
   enum RequestType : int32_t { kContext = 0, kGeneration = 1 };
   static constexpr int32_t kRequestFields = 3;
+  // The most tokens a generation request may bring: the library's query rows per sequence.
+  static constexpr int32_t kMaxGenerationTokens = 16;
 
   // Throws sikv::Error on a configuration the library rejects (the creator catches it).
   explicit SikvAttentionPlugin(PluginConfig const& config);
