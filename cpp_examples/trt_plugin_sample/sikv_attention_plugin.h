@@ -48,7 +48,8 @@
 //
 // Workspace: the gathered query rows and the output rows of the attend (used when the batch
 // holds a context request, whose last token is not next to the others), then the library's
-// workspace: sikv_workspace_size at the batch, or sikv_workspace_size_rows at the query rows.
+// workspace: sikv_workspace_size at the batch, and when rows are attended at least
+// sikv_workspace_size_rows at the query rows.
 // getWorkspaceSize sizes it for the profile's largest batch and token count.
 //
 // The whole SikvConfig (plus calib_queries) is the plugin's serialised state; the largest
