@@ -256,12 +256,12 @@ SIKV_DEV void write_empty_partial(const SikvParams& p, long long hq_base, int sp
 
 // attend_dense: positions per candidate chunk of a sequence whose candidates end at `end`.
 // The grid has dense_chunks chunks per sequence, sized on the host from max_seq_len and the
-// batch; a sequence spreads its live candidates over them (at least DENSE_MIN_CHUNK positions
+// batch; a sequence spreads its live candidates over them (at least dense_min_chunk positions
 // each, a multiple of DENSE_CHUNK_ALIGN), so a short sequence under a long max_seq_len keeps
 // short chunks and its surplus blocks return at once. dense_chunks * chunk >= end.
 SIKV_DEV int dense_chunk_of(const SikvParams& p, int end) {
     int c = (end + p.dense_chunks - 1) / p.dense_chunks;
-    c = c < DENSE_MIN_CHUNK ? DENSE_MIN_CHUNK : c;
+    c = c < p.dense_min_chunk ? p.dense_min_chunk : c;
     return (c + DENSE_CHUNK_ALIGN - 1) / DENSE_CHUNK_ALIGN * DENSE_CHUNK_ALIGN;
 }
 

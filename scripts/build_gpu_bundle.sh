@@ -29,7 +29,7 @@ cargo build --release --bin sikv_demo --message-format=json >> "$json"
 cargo build --release --example gpu_bench --example managed_bench --message-format=json >> "$json"
 # The shared library, for the Python benchmarks (ctypes) in scripts/bench.
 cargo build --release --lib
-cp target/release/libselfindexkv.so .gpu/libselfindexkv.so
+cp "${CARGO_TARGET_DIR:-target}"/release/libselfindexkv.so .gpu/libselfindexkv.so
 
 python3 - "$json" <<'EOF'
 import json, shutil, sys
@@ -70,7 +70,7 @@ if [ -n "$cuda_rt" ] && [ -f "$cuda_rt/include/cuda_runtime_api.h" ] && ls "$cud
   cargo build --release --lib
   rt=$(basename "$(ls "$cuda_rt"/lib/libcudart.so.* | head -1)")
   flags=(-std=c++17 -O2 -Wall -Wextra -Werror -DSIKV_WITH_CUDA_RUNTIME -Iinclude -isystem "$cuda_rt/include")
-  libs=(target/release/libselfindexkv.a -L"$cuda_rt/lib" -l:"$rt" -lpthread -ldl -lm)
+  libs=("${CARGO_TARGET_DIR:-target}"/release/libselfindexkv.a -L"$cuda_rt/lib" -l:"$rt" -lpthread -ldl -lm)
   c++ "${flags[@]}" cpp_examples/engine_sample/main.cpp "${libs[@]}" -o .gpu/engine_sample_cuda
   c++ "${flags[@]}" -Icpp_examples/trt_plugin_sample cpp_examples/trt_plugin_sample/harness.cpp \
     cpp_examples/trt_plugin_sample/sikv_attention_plugin.cpp "${libs[@]}" -o .gpu/trt_plugin_harness_cuda
@@ -81,7 +81,7 @@ fi
 
 {
   echo "revision: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
-  grep -h 'BUILD_PATH' target/release/build/selfindexkv-*/out/kernels_embed.rs 2>/dev/null | sort -u | tail -1
+  grep -h 'BUILD_PATH' "${CARGO_TARGET_DIR:-target}"/release/build/selfindexkv-*/out/kernels_embed.rs 2>/dev/null | sort -u | tail -1
   echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } > .gpu/BUILD_INFO
 cat .gpu/BUILD_INFO

@@ -80,8 +80,9 @@ if want tests; then
   # The decode and graph cases again under settings the test sizes would not take: the sparse
   # attend's multi-tile splits (large batch only), the select's chain of launches and the fused
   # select (each taken by some shapes only), and 64 candidate slots per row (rows whose
-  # threshold bin overflows them take the final select's one-CTA fallback, in either plan).
-  for env in SIKV_ATTEND_SPAN=3 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64; do
+  # threshold bin overflows them take the final select's one-CTA fallback, in either plan), and
+  # the dense decode's candidate chunks at their fewest positions (more chunks per sequence).
+  for env in SIKV_ATTEND_SPAN=3 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64; do
     tag=${env#SIKV_}; tag=$(tr 'A-Z=:' 'a-z__' <<<"$tag")
     echo "== gpu tests, decode with $env"
     log="$OUT/gpu_tests_$tag.log"; t0=$SECONDS
@@ -257,6 +258,22 @@ if want bench; then
       RC[fused_bench]=$(( ${RC[fused_bench]:-0} | $? ))
     done
   fi
+  # DENSE_MIN_AB="128 256": the same build with attend_dense's floor on a chunk's positions set
+  # to each value at every batch (SIKV_DENSE_MIN_CHUNK), at DENSE_MIN_N x DENSE_MIN_B, and once
+  # more with max_seq_len DENSE_MIN_MSL (short sequences under a long declared maximum, where the
+  # floor decides how many of the grid's chunks a sequence takes).
+  if [ -n "${DENSE_MIN_AB:-}" ]; then
+    for m in default $DENSE_MIN_AB; do
+      echo "== gpu bench, SIKV_DENSE_MIN_CHUNK=$m"
+      env_m=(); [ "$m" = default ] || env_m=(SIKV_DENSE_MIN_CHUNK="$m")
+      env "${env_m[@]}" .gpu/gpu_bench --n "${DENSE_MIN_N:-8192,16384,32768,65536}" --batch "${DENSE_MIN_B:-1,2,4,8}" \
+        --csv "$OUT/dmc_${m}_gpu_bench.csv" > "$OUT/dmc_${m}_gpu_bench.log" 2>&1
+      RC[dmc_bench]=$(( ${RC[dmc_bench]:-0} | $? ))
+      env "${env_m[@]}" .gpu/gpu_bench --max-seq-len "${DENSE_MIN_MSL:-131072}" --n 8192,32768 --batch 1,8 \
+        --csv "$OUT/dmc_${m}_msl_gpu_bench.csv" > "$OUT/dmc_${m}_msl_gpu_bench.log" 2>&1
+      RC[dmc_bench]=$(( ${RC[dmc_bench]:-0} | $? ))
+    done
+  fi
   # ROUTE_MSL: the stateless decode's device-side crossover where max_seq_len exceeds the live
   # length (an engine that declares a long maximum): gpu_bench at that max_seq_len, shorter N.
   if [ -n "${ROUTE_MSL:-}" ]; then
@@ -373,7 +390,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_attend_span_3 tests_fused_off tests_fused_on tests_topk_multi_64 managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
+for k in tests tests_attend_span_3 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
@@ -457,6 +474,18 @@ if f0 and f1:
     for n, b in sorted({(n, b) for (_, n, b) in m0}):
         cell = lambda k: f"{m0.get((k, n, b), float('nan')):>7.1f} {m1.get((k, n, b), float('nan')):>7.1f} {m2.get((k, n, b), float('nan')):>7.1f}"
         print(f"  {n:>7} {b:>2}    {cell('select')}    {cell('step')}")
+# DENSE_MIN_AB: the dense decode (and the routed decode under a long max_seq_len), graph us, by
+# the fewest positions per candidate chunk.
+dmc = sorted(f[len("dmc_"):-len("_gpu_bench.csv")] for f in os.listdir(out)
+             if f.startswith("dmc_") and f.endswith("_gpu_bench.csv") and "_msl_" not in f)
+if dmc:
+    for suffix, kernels in (("", ("dense_ours",)), ("_msl", ("dense_ours", "routed"))):
+        tabs = {m: {(r["kernel"], int(r["N"]), int(r["batch"])): float(r["graph_us"])
+                    for r in load(f"dmc_{m}{suffix}_gpu_bench.csv")} for m in dmc}
+        for k in kernels:
+            print(f"  {k}{' (long max_seq_len)' if suffix else ''}, graph us, SIKV_DENSE_MIN_CHUNK = " + " / ".join(dmc))
+            for n, b in sorted({(n, b) for t in tabs.values() for (kk, n, b) in t if kk == k}):
+                print(f"  {n:>7} {b:>2} " + " ".join(f"{tabs[m].get((k, n, b), float('nan')):>8.1f}" for m in dmc))
 # ROWS: R query rows per sequence in one step against R one-row steps (graph us).
 rows = load("rows_gpu_bench.csv")
 if rows:

@@ -690,6 +690,7 @@ impl GpuContext {
         p.num_splits = (w.dense_splits + chunks) as i32;
         p.dense_splits = w.dense_splits as i32;
         p.dense_chunks = chunks as i32;
+        p.dense_min_chunk = super::workspace::dense_min_chunk(self.inner.dense_min_chunk, b) as i32;
         p.mode = 1;
         let grid = (p.num_splits as u32, cfg.num_kv_heads, b);
         let kn = &self.inner.kernels;

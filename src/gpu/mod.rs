@@ -99,6 +99,9 @@ struct Inner {
     /// SIKV_ATTEND_SPAN at create time: the sparse attend's span on every call (a testing aid
     /// that covers the multi-tile splits at small sizes); None = workspace::attend_span.
     attend_span: Option<u32>,
+    /// SIKV_DENSE_MIN_CHUNK at create time: attend_dense's floor on a chunk's positions at
+    /// every batch (an experiment); None = workspace::dense_min_chunk's rule.
+    dense_min_chunk: Option<usize>,
     /// Launch with programmatic dependent launch (sm_90+, unless SIKV_PDL=0 at create time).
     pdl: bool,
     /// The fused select (score + stage-1 top-k in clusters, `select`): entry c, for c in
@@ -285,6 +288,9 @@ impl GpuContext {
                 dtype: cfg.dtype,
                 topk,
                 attend_span: std::env::var("SIKV_ATTEND_SPAN")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok()),
+                dense_min_chunk: std::env::var("SIKV_DENSE_MIN_CHUNK")
                     .ok()
                     .and_then(|v| v.trim().parse().ok()),
                 pdl,

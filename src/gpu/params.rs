@@ -176,6 +176,9 @@ pub struct SikvParams {
     /// Fused select: positions per CTA tile (a multiple of TOPK_THREADS, at most FUSED_TILE),
     /// sized so that the row's CTAs split the row between them (launch.rs fused_cluster).
     pub fused_tile: i32,
+    /// attend_dense: the fewest positions of a candidate chunk (a multiple of
+    /// DENSE_CHUNK_ALIGN; workspace::dense_min_chunk).
+    pub dense_min_chunk: i32,
 }
 
 // Offsets and size that build.rs computed from the field list above and wrote into the

@@ -18,8 +18,8 @@
 //! | route | u32 | routed decode: the path the prologue chose (1 dense, 0 sparse) |
 
 use super::geometry::{
-    ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_BLOCKS_PER_SM, DENSE_MIN_CHUNK,
-    DENSE_TC_MAX_CHUNK, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN,
+    DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -57,6 +57,20 @@ pub struct Workspace {
     /// for the most candidate chunks any device gets (the workspace's size).
     pub dense_splits: usize,
     pub dense_total_splits: usize,
+}
+
+/// attend_dense: the fewest positions of a candidate chunk, the kernel's floor when it sizes a
+/// sequence's chunks from its live length (dense_chunk_of). The grid's chunk count does not
+/// depend on it (dense_chunks), so neither does the workspace: a lower floor only puts more of
+/// the grid's chunks to work on a sequence much shorter than max_seq_len. DENSE_MIN_CHUNK_ONE for
+/// one sequence, DENSE_MIN_CHUNK for more. `requested` (SIKV_DENSE_MIN_CHUNK, an experiment)
+/// replaces both, rounded up to DENSE_CHUNK_ALIGN and kept to chunks the tensor-core path takes.
+pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
+    match requested {
+        Some(c) => (c.div_ceil(DENSE_CHUNK_ALIGN) * DENSE_CHUNK_ALIGN).clamp(DENSE_CHUNK_ALIGN, DENSE_TC_MAX_CHUNK),
+        None if batch <= 1 => DENSE_MIN_CHUNK_ONE,
+        None => DENSE_MIN_CHUNK,
+    }
 }
 
 /// attend_dense: candidate chunks per (KV head, sequence) on a device of `sms` multiprocessors
@@ -249,6 +263,28 @@ mod tests {
         assert_eq!(dense_chunks(&c, 132, 1), 66);
         // A short sequence limit keeps 512-position chunks.
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 16);
+    }
+
+    /// The kernel's floor: a shorter one for one sequence, a request rounded up to whole tiles
+    /// and kept to chunks the heavy bitmap covers; and every floor covers a live length of up to
+    /// max_seq_len with the grid's chunks (dense_chunk_of rounds up, never below the floor).
+    #[test]
+    fn dense_min_chunk_by_batch_and_request() {
+        assert_eq!(dense_min_chunk(None, 1), DENSE_MIN_CHUNK_ONE);
+        assert_eq!(dense_min_chunk(None, 2), DENSE_MIN_CHUNK);
+        assert_eq!(dense_min_chunk(Some(100), 8), 128);
+        assert_eq!(dense_min_chunk(Some(0), 1), DENSE_CHUNK_ALIGN);
+        assert_eq!(dense_min_chunk(Some(1 << 20), 1), DENSE_TC_MAX_CHUNK);
+        for msl in [1000u32, 8192, 131072] {
+            let c = cfg(msl, 1);
+            let n = dense_chunks(&c, 132, 1);
+            for live in [1usize, 700, 8192, msl as usize] {
+                let live = live.min(msl as usize);
+                let floor = dense_min_chunk(None, 1);
+                let chunk = live.div_ceil(n).max(floor).div_ceil(DENSE_CHUNK_ALIGN) * DENSE_CHUNK_ALIGN;
+                assert!(n * chunk >= live, "msl {msl} live {live}: {n} x {chunk}");
+            }
+        }
     }
 
     /// The tiles take 2+1 and 4+1 (one code width for keys and values), not 16-bit planes or
