@@ -173,7 +173,7 @@ void usage() {
         "  (SIKV_FLAG_ROWS_MEAN_QUERY) instead of per row\n"
         "storage emulation (no library needed): emul2_uniform (the library's 2+1 storage, quantised in the harness,\n"
         "  attended with the exact top-b by q.k over exact keys, as sikv_oracle_2+1), and variants of one change\n"
-        "  joined by '_': lloyd (fitted 2-bit levels), vchan (values per channel in groups of 32 tokens), outlierN /\n"
+        "  joined by '_': lloyd (fitted 2-bit levels; lloydk, lloydv: keys or values only), vchan (values per channel in groups of 32 tokens), outlierN /\n"
         "  voutlierN (N % of tokens by key / value norm kept in fp16), e.g. emul2_lloyd, emul2_outlier1\n"
         "  --q-tail N         last prompt queries handed to calibrate (1)\n"
         "  --threads N        CPU threads (2)\n"

@@ -438,7 +438,7 @@ public:
             float * kl = klev_[layer].data() + (size_t) g * 4;
             float * vl = vlev_[layer].data() + (size_t) g * 4;
             for (int j = 0; j < 4; ++j) kl[j] = vl[j] = (float) j / 3.0f;
-            if (e_.lloyd) {
+            if (e_.lloyd_keys) {
                 std::vector<std::pair<float, float>> uw;
                 std::vector<float> ax(d);
                 for (int t = lo; t < n; ++t) {
@@ -446,7 +446,9 @@ public:
                     for (int c0 = 0; c0 < d; c0 += 32) group_samples(ax.data() + c0, std::min(32, d - c0), 1, uw);
                 }
                 fit_levels(uw, kl);
-                uw.clear();
+            }
+            if (e_.lloyd_values) {
+                std::vector<std::pair<float, float>> uw;
                 if (e_.vchan) {
                     const int G = e_.vgroup;
                     for (int t0 = (lo + G - 1) / G * G; t0 + G <= n; t0 += G)
@@ -548,11 +550,29 @@ public:
     SelectionStats stats() const override { return st_; }
 
     std::string note() const override {
-        if (e_.outlier_frac <= 0.0) return "";
-        char buf[200];
-        std::snprintf(buf, sizeof buf, "layer 0 kept in fp16: %lld prompt token-heads, %lld of %lld decode token-heads",
-                      (long long) kept_prompt_, (long long) kept_decode_, (long long) decode_rows_);
-        return buf;
+        std::string out;
+        char buf[300];
+        if (e_.outlier_frac > 0.0) {
+            std::snprintf(buf, sizeof buf, "layer 0 kept in fp16: %lld prompt token-heads, %lld of %lld decode token-heads",
+                          (long long) kept_prompt_, (long long) kept_decode_, (long long) decode_rows_);
+            out += buf;
+        }
+        if (e_.lloyd_keys || e_.lloyd_values) {  // the fitted levels, mean over layers and KV heads
+            double kl[4] = {0, 0, 0, 0}, vl[4] = {0, 0, 0, 0};
+            int cnt = 0;
+            for (size_t l = 0; l < klev_.size(); ++l)
+                for (int g = 0; g < s_.n_kv_heads; ++g, ++cnt)
+                    for (int j = 0; j < 4; ++j) {
+                        kl[j] += klev_[l][(size_t) g * 4 + j];
+                        vl[j] += vlev_[l][(size_t) g * 4 + j];
+                    }
+            cnt = std::max(cnt, 1);
+            std::snprintf(buf, sizeof buf, "%smean levels: keys %.3f %.3f %.3f %.3f, values %.3f %.3f %.3f %.3f",
+                          out.empty() ? "" : "; ", kl[0] / cnt, kl[1] / cnt, kl[2] / cnt, kl[3] / cnt, vl[0] / cnt,
+                          vl[1] / cnt, vl[2] / cnt, vl[3] / cnt);
+            out += buf;
+        }
+        return out;
     }
 
     bool stored(int layer, int t, int g, float * k, float * v) const {
@@ -611,12 +631,12 @@ private:
                 continue;
             }
             key_abs(layer, g, kt, ax.data(), pos.data());
-            const float * kl = e_.lloyd ? klev_[layer].data() + (size_t) g * 4 : nullptr;
+            const float * kl = e_.lloyd_keys ? klev_[layer].data() + (size_t) g * 4 : nullptr;
             for (int c0 = 0; c0 < d; c0 += 32) quant_group(ax.data() + c0, std::min(32, d - c0), 1, kl, mag.data() + c0);
             const float * a = scale_[layer].data() + (size_t) g * d;
             for (int c = 0; c < d; ++c) kq[c] = (pos[c] ? mag[c] : -mag[c]) * a[c];
             if (!e_.vchan) {
-                const float * vl = e_.lloyd ? vlev_[layer].data() + (size_t) g * 4 : nullptr;
+                const float * vl = e_.lloyd_values ? vlev_[layer].data() + (size_t) g * 4 : nullptr;
                 for (int c0 = 0; c0 < d; c0 += 32) quant_group(vt + c0, std::min(32, d - c0), 1, vl, vq + c0);
             }
         }
@@ -634,7 +654,7 @@ private:
         while (vdone_[layer] + G <= n_[layer]) {
             const int t0 = vdone_[layer];
             for (int g = 0; g < H; ++g) {
-                const float * vl = e_.lloyd ? vlev_[layer].data() + (size_t) g * 4 : nullptr;
+                const float * vl = e_.lloyd_values ? vlev_[layer].data() + (size_t) g * 4 : nullptr;
                 for (int c = 0; c < d; ++c)
                     quant_group(V_[layer].data() + t0 * row + (size_t) g * d + c, G, (int) row, vl,
                                 Vq_[layer].data() + t0 * row + (size_t) g * d + c);
@@ -673,7 +693,9 @@ EmulParams parse_emul2(const std::string & name, const BaselineParams & base) {
         const std::string tok = rest.substr(at, end - at);
         int pct = 0;
         char tail = 0;
-        if (tok == "lloyd") e.lloyd = true;
+        if (tok == "lloyd") e.lloyd_keys = e.lloyd_values = true;
+        else if (tok == "lloydk") e.lloyd_keys = true;
+        else if (tok == "lloydv") e.lloyd_values = true;
         else if (tok == "vchan") e.vchan = true;
         else if (std::sscanf(tok.c_str(), "outlier%d%c", &pct, &tail) == 1 && pct > 0 && pct < 100) e.outlier_frac = pct / 100.0;
         else if (std::sscanf(tok.c_str(), "voutlier%d%c", &pct, &tail) == 1 && pct > 0 && pct < 100) {

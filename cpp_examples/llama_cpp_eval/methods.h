@@ -127,7 +127,8 @@ std::unique_ptr<DecodeMethod> make_sink_window(const BaselineParams & p);
 // One change at a time against that (`uniform`):
 //   lloyd     the 4 levels of each group, in units of its [min, max] range, fitted per layer and KV head (keys'
 //             magnitudes and values separately) by weighted 1-D k-means over the prompt at calibration, instead
-//             of 0, 1/3, 2/3, 1; never refitted. Same bytes per token (a 4-level table per head).
+//             of 0, 1/3, 2/3, 1; never refitted. Same bytes per token (a 4-level table per head). lloydk /
+//             lloydv: the keys' or the values' levels only.
 //   vchan     values quantised per channel in groups of `vgroup` consecutive tokens (aligned at position 0;
 //             a group is quantised once complete, which it always is before its tokens leave the window)
 //             instead of per token in groups of 32 channels. Same bits and the same metadata per value.
@@ -136,13 +137,14 @@ std::unique_ptr<DecodeMethod> make_sink_window(const BaselineParams & p);
 //             reaches the smallest norm of that set is kept too.
 struct EmulParams {
     BaselineParams base;
-    bool lloyd = false;
+    bool lloyd_keys = false;
+    bool lloyd_values = false;
     bool vchan = false;
     int vgroup = 32;
     double outlier_frac = 0.0;
     bool outlier_by_value = false;
 };
-// `name` is the method name: emul2_ followed by `uniform` or by one or more of lloyd, vchan, outlierN (N % of the
+// `name` is the method name: emul2_ followed by `uniform` or by one or more of lloyd, lloydk, lloydv, vchan, outlierN (N % of the
 // tokens by key norm), voutlierN (by value norm), joined by '_' (e.g. emul2_lloyd_vchan). Throws on anything else.
 EmulParams parse_emul2(const std::string & name, const BaselineParams & base);
 std::unique_ptr<DecodeMethod> make_emul2(const std::string & name, const BaselineParams & base);
