@@ -168,6 +168,8 @@ cmake -S "$ROOT/cpp_examples/llama_cpp_eval" -B "$EVAL_BUILD" -DCMAKE_BUILD_TYPE
 cmake --build "$EVAL_BUILD" -j"$JOBS" >&2
 "$EVAL_BUILD/methods_test" >&2
 "$EVAL_BUILD/passkey_test" >&2
+# the 2+1 storage emulation (emul2_*) against the library's stored bits, when the library is linked
+if [[ $WITH_LIBRARY -eq 1 ]]; then "$EVAL_BUILD/emul_library_test" >&2; fi
 
 if [[ ! -f "$F32_MODEL" ]]; then
   log "converting the model to all-f32"
