@@ -1,31 +1,44 @@
 //! A decode step captured in a CUDA graph: replays are bit-identical to eager launches.
 
 use selfindexkv::config::SIKV_DTYPE_BF16;
-use selfindexkv::gpu::{DevBatch, DevPageTable, DevSelection, DevTokens, DeviceBuffer, GpuContext};
+use selfindexkv::gpu::{DevBatch, DevPageTable, DevRows, DevSelection, DevTokens, DeviceBuffer, GpuContext};
 
 use crate::common::Rng;
 use crate::fixture::*;
 
 gpu_test!(cuda_graph_replay, case_graph);
+gpu_test!(cuda_graph_replay_rows, case_graph_rows);
 
 /// A whole decode step (append + select + attend for several layers) captured once into a
 /// CUDA graph and replayed with new device-side inputs each step, against eager launches of
 /// the same steps on a copy of the same state: outputs, indices and final pools bit-identical.
 fn case_graph(rng: &mut Rng) -> R {
+    run_graph(rng, 1)
+}
+
+/// The same with three new tokens per sequence and step, attended as three query rows each
+/// (speculative verification: per-row selection, causal among the new tokens).
+fn case_graph_rows(rng: &mut Rng) -> R {
+    run_graph(rng, 3)
+}
+
+/// `per` new tokens per sequence and step; more than one goes through the rows calls.
+fn run_graph(rng: &mut Rng, per: usize) -> R {
     let layers = 3;
     let steps = if quick() { 10 } else { 100 };
+    let lens = [200usize, 37, 513];
+    let b = lens.len();
+    let n_rows = b * per;
     let mut s = base_shape(SIKV_DTYPE_BF16, 128, 2, 4);
-    s.max_batch = 3;
+    s.max_batch = n_rows as u32;
     s.page = 16;
     s.max_seq_len = 2048;
     let cfg = make_cfg(s, |c| c.rerank_factor = 2);
     let mut fx = Fx::new(cfg, rng)?;
-    let lens = [200usize, 37, 513];
     for (i, &len) in lens.iter().enumerate() {
-        let sidx = fx.add_seq(i as i32, len + steps + 1)?;
+        let sidx = fx.add_seq(i as i32, len + steps * per + 1)?;
         fx.calibrate_cpu(rng, sidx, len, 2)?;
     }
-    let b = lens.len();
     let which: Vec<usize> = (0..b).collect();
     // Per-layer pools: eager (A) and graph (B) copies of the same calibrated state.
     let mut a_pools = Vec::new();
@@ -51,11 +64,19 @@ fn case_graph(rng: &mut Rng) -> R {
     // Fixed-address step inputs (capacity for the largest page table).
     let max_pages: usize = fx.seqs.iter().map(|s| s.pages.len()).sum();
     let mk = |bytes: usize| ctx.alloc(bytes.max(16)).map_err(e2s);
-    let (ik, iv, iq) = (mk(b * hkv * d * es)?, mk(b * hkv * d * es)?, mk(b * hq * d * es)?);
-    let (ism, islot, ipos) = (mk(8 * b)?, mk(4 * b)?, mk(4 * b)?);
+    let (ik, iv, iq) = (
+        mk(n_rows * hkv * d * es)?,
+        mk(n_rows * hkv * d * es)?,
+        mk(n_rows * hq * d * es)?,
+    );
+    let (ism, itslot, ipos) = (mk(8 * n_rows)?, mk(4 * n_rows)?, mk(4 * n_rows)?);
+    let islot = mk(4 * b)?;
     let (iptr, iidx, ilast) = (mk(4 * (b + 1))?, mk(4 * max_pages)?, mk(4 * b)?);
-    let ws = mk(GpuContext::workspace_bytes(&cfg, &layout, b as u32))?;
-    let out_bytes = b * hq * d * es;
+    // Row offsets [b + 1]: `per` rows per sequence, the same every step.
+    let ioff = mk(4 * (b + 1))?;
+    let offsets: Vec<i32> = (0..=b).map(|i| (i * per) as i32).collect();
+    let ws = mk(GpuContext::workspace_bytes(&cfg, &layout, n_rows as u32))?;
+    let out_bytes = n_rows * hq * d * es;
     let mut outs_a = Vec::new();
     let mut outs_b = Vec::new();
     let mut idx_a = Vec::new();
@@ -63,8 +84,8 @@ fn case_graph(rng: &mut Rng) -> R {
     for _ in 0..layers {
         outs_a.push(mk(out_bytes)?);
         outs_b.push(mk(out_bytes)?);
-        idx_a.push((mk(4 * b * hkv * kmax)?, mk(4 * b * hkv)?));
-        idx_b.push((mk(4 * b * hkv * kmax)?, mk(4 * b * hkv)?));
+        idx_a.push((mk(4 * n_rows * hkv * kmax)?, mk(4 * n_rows * hkv)?));
+        idx_b.push((mk(4 * n_rows * hkv * kmax)?, mk(4 * n_rows * hkv)?));
     }
     let stream = ctx.create_stream().map_err(e2s)?;
     let st = stream.raw;
@@ -78,16 +99,21 @@ fn case_graph(rng: &mut Rng) -> R {
         table: dt,
         seq_slot: islot.ptr(),
         q: iq.ptr(),
-        rows: None,
+        rows: (per > 1).then_some(DevRows {
+            offsets: ioff.ptr(),
+            n: n_rows as u32,
+            mean: false,
+        }),
     };
     let tokens = DevTokens {
-        n: b as u32,
+        n: n_rows as u32,
         k: ik.ptr(),
         v: iv.ptr(),
         slot_mapping: ism.ptr(),
-        seq_slot: islot.ptr(),
+        seq_slot: itslot.ptr(),
         position: ipos.ptr(),
     };
+    let seq_slots: Vec<i32> = (0..b).map(|s| fx.seqs[s].slot).collect();
     let step =
         |pools: &[DevPools], outs: &[DeviceBuffer], idx: &[(DeviceBuffer, DeviceBuffer)]| -> selfindexkv::Result<()> {
             for l in 0..layers {
@@ -104,21 +130,24 @@ fn case_graph(rng: &mut Rng) -> R {
         };
     let graph = ctx.capture(st, || step(&b_pools, &outs_b, &idx_b)).map_err(e2s)?;
     for _ in 0..steps {
-        // New token per sequence: slot mapping, positions, page table, k/v/q.
-        let (sm, slots, pos) = fx.append_rows(&which, 1);
+        // `per` new tokens per sequence: slot mapping, positions, page table, k/v, and a query
+        // row per new token (rows grouped by sequence).
+        let (sm, slots, pos) = fx.append_rows(&which, per);
         for &sq in &which {
-            fx.seqs[sq].len += 1;
+            fx.seqs[sq].len += per;
         }
         let t = fx.table(&which);
-        let ((kb, _), (vb, _)) = fx.kv(rng, b);
-        let (qb, _) = fx.q(rng, b);
+        let ((kb, _), (vb, _)) = fx.kv(rng, n_rows);
+        let (qb, _) = fx.q(rng, n_rows);
         let upload = |dst: &DeviceBuffer, bytes: &[u8]| ctx.copy_htod_async(dst.ptr(), bytes, st).map_err(e2s);
         let upload_all = || -> R {
             upload(&ik, &kb)?;
             upload(&iv, &vb)?;
             upload(&iq, &qb)?;
             upload(&ism, &i64_bytes(&sm))?;
-            upload(&islot, &i32_bytes(&slots))?;
+            upload(&itslot, &i32_bytes(&slots))?;
+            upload(&islot, &i32_bytes(&seq_slots))?;
+            upload(&ioff, &i32_bytes(&offsets))?;
             upload(&ipos, &i32_bytes(&pos))?;
             upload(&iptr, &i32_bytes(&t.0))?;
             upload(&iidx, &i32_bytes(&t.1))?;
@@ -136,8 +165,8 @@ fn case_graph(rng: &mut Rng) -> R {
             ctx.copy_dtoh(&mut oa, outs_a[l].ptr()).map_err(e2s)?;
             ctx.copy_dtoh(&mut ob, outs_b[l].ptr()).map_err(e2s)?;
             cmp_bytes(&format!("layer {l} output"), &ob, &oa)?;
-            let mut ia = vec![0u8; 4 * b * hkv * kmax];
-            let mut ib = vec![0u8; 4 * b * hkv * kmax];
+            let mut ia = vec![0u8; 4 * n_rows * hkv * kmax];
+            let mut ib = vec![0u8; 4 * n_rows * hkv * kmax];
             ctx.copy_dtoh(&mut ia, idx_a[l].0.ptr()).map_err(e2s)?;
             ctx.copy_dtoh(&mut ib, idx_b[l].0.ptr()).map_err(e2s)?;
             cmp_bytes(&format!("layer {l} indices"), &ib, &ia)?;
