@@ -8,7 +8,8 @@
 #   4. .gpu/gpu_bench (our kernels) and scripts/sdpa_baseline.py (PyTorch SDPA cuDNN / flash)
 #   (step `samples`: the C++ engine sample and TensorRT plugin harness with --device cuda;
 #   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel;
-#   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT)
+#   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT;
+#   `dense_groups`: the ignored diagnosis decode::dense_decode_groups, three seeds)
 #   5. a summary table (last lines of the output)
 # Logs and CSVs go to $OUT (default ./gpu_out). Env: STEPS (default "tests,memcheck,racecheck,
 # bench": run a subset, e.g. to stay under a per-command time limit), BENCH_QUICK=1,
@@ -18,8 +19,9 @@
 # SIKV_TEST_SEED to replay a seed (every case prints its own). Bench options (step `bench`):
 # BASELINE (older gpu_bench builds timed in the same run; the summary compares the first),
 # ROUTE_MSL / ROUTE_N / ROUTE_B (the routed decode under a longer max_seq_len), FIT_N / FIT_B
-# (more sizes for the crossover's break-even), PDL_AB=1, BENCH_ARGS, PROFILES (e.g. 4+1: this build
-# and the baselines again with that storage profile). The `tests` step also runs
+# (more sizes for the crossover's break-even), PDL_AB=1, FUSED_AB=1, DENSE_MIN_AB, BENCH_ARGS,
+# PROFILES (e.g. 4+1: this build and the baselines again with that storage profile). The `tests`
+# step also runs
 # the decode and graph tests with SIKV_ATTEND_SPAN=3 (the sparse attend's multi-group splits).
 # A run whose filters select no test fails, and so does a GPU test that skipped for want of a
 # CUDA device: on the GPU machine that is a broken setup, not a pass.
@@ -97,6 +99,21 @@ if want tests; then
   run_tests abi "both ABI layers on device memory, graph capture, faults and poisoning" gpu_abi_tests "^test |worst|seed ="
   run_tests adversarial "adversarial inputs, GPU vs CPU" adversarial_tests "GPU = CPU"
   run_tests sharding "tensor-parallel shards vs the unsharded cache" sharding_tests "shards of"
+fi
+
+# dense_groups (not in the default STEPS): the ignored diagnosis decode::dense_decode_groups
+# (docs/RELIABILITY.md §13), three times with new random seeds; every configuration that missed
+# is listed in its log.
+if want dense_groups; then
+  RC[dense_groups]=0
+  for i in 1 2 3; do
+    echo "== gpu tests, dense decode by group size ($i)"
+    log="$OUT/gpu_tests_dense_groups_$i.log"
+    .gpu/gpu_tests --ignored --nocapture --test-threads=1 decode::dense_decode_groups > "$log" 2>&1
+    rc=$?
+    grep -E "seed =|configurations missed|^  d [0-9]+ G|test result" "$log" | cut -c1-200
+    RC[dense_groups]=$(( ${RC[dense_groups]} | rc ))
+  done
 fi
 
 if want samples; then
@@ -390,7 +407,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_attend_span_3 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 managed abi adversarial sharding samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
+for k in tests tests_attend_span_3 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
