@@ -121,6 +121,25 @@ static void check_blocks_causal(DecodeMethod & m, const Data & x) {
     check(err == 0.0, (m.name() + ": blocks of 4 equal one-by-one decode").c_str(), err);
 }
 
+// The exact top-`budget` positions of [n_sink, n - n_window) by the group-mean query's dot
+// product with x's keys (KV head g; q holds every q head), best first: the oracle's ranking.
+static std::vector<int> exact_topk(const Data & x, const float * q, int g, int n, int n_sink, int n_window, int budget) {
+    const int d = x.s.head_dim, row = x.s.n_kv_heads * d;
+    std::vector<float> qbar(d, 0.0f);
+    for (int h = g * x.s.group(); h < (g + 1) * x.s.group(); ++h)
+        for (int c = 0; c < d; ++c) qbar[c] += q[h * d + c] / (float) x.s.group();
+    std::vector<std::pair<float, int>> sc;
+    for (int t = n_sink; t < n - n_window; ++t) {
+        float dot = 0.0f;
+        for (int c = 0; c < d; ++c) dot += qbar[c] * x.k[(size_t) t * row + g * d + c];
+        sc.push_back({-dot, t});
+    }
+    std::sort(sc.begin(), sc.end());
+    std::vector<int> top;
+    for (int j = 0; j < budget && j < (int) sc.size(); ++j) top.push_back(sc[j].second);
+    return top;
+}
+
 static std::vector<int> all_tokens(int n) {
     std::vector<int> v(n);
     std::iota(v.begin(), v.end(), 0);
@@ -149,19 +168,9 @@ int main() {
         p.budget = 20;
         auto m = make_oracle_topk(p);
         const double e = run_and_compare(*m, x, [&](int n, const float * q, int g) {
-            std::vector<float> qbar(d, 0.0f);
-            for (int h = g * x.s.group(); h < (g + 1) * x.s.group(); ++h)
-                for (int c = 0; c < d; ++c) qbar[c] += q[h * d + c] / (float) x.s.group();
-            std::vector<std::pair<float, int>> sc;
-            for (int t = p.n_sink; t < n - p.n_window; ++t) {
-                float dot = 0.0f;
-                for (int c = 0; c < d; ++c) dot += qbar[c] * x.k[(size_t) t * row + g * d + c];
-                sc.push_back({-dot, t});
-            }
-            std::sort(sc.begin(), sc.end());
             std::vector<int> idx;
             for (int t = 0; t < p.n_sink; ++t) idx.push_back(t);
-            for (int j = 0; j < p.budget; ++j) idx.push_back(sc[j].second);
+            for (int t : exact_topk(x, q, g, n, p.n_sink, p.n_window, p.budget)) idx.push_back(t);
             for (int t = n - p.n_window; t < n; ++t) idx.push_back(t);
             return idx;
         });
@@ -388,21 +397,11 @@ int main() {
                             }
                         }
                     // the output: sinks + window from fp16 k', v; the exact top-b of the rest from the store
-                    std::vector<float> qbar(D, 0.0f);
-                    for (int h = g * y.s.group(); h < (g + 1) * y.s.group(); ++h)
-                        for (int c = 0; c < D; ++c) qbar[c] += q[h * D + c] / (float) y.s.group();
-                    std::vector<std::pair<float, int>> sc;
-                    for (int t = ep.n_sink; t < n - ep.n_window; ++t) {
-                        float dot = 0.0f;
-                        for (int c = 0; c < D; ++c) dot += qbar[c] * y.k[(size_t) t * R + g * D + c];
-                        sc.push_back({-dot, t});
-                    }
-                    std::sort(sc.begin(), sc.end());
+                    const std::vector<int> top = exact_topk(y, q, g, n, ep.n_sink, ep.n_window, ep.budget);
                     std::vector<std::vector<float>> ks, vs;
                     for (int t = 0; t < n; ++t) {
                         const bool dense = t < ep.n_sink || t >= n - ep.n_window;
-                        bool sel = false;
-                        for (int j = 0; j < ep.budget; ++j) sel = sel || sc[j].second == t;
+                        const bool sel = std::find(top.begin(), top.end(), t) != top.end();
                         if (!dense && !sel) continue;
                         std::vector<float> kk(D), vv(D);
                         if (dense)
