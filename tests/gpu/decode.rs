@@ -165,6 +165,18 @@ pub fn ragged_fixture(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl F
     Ok(fx)
 }
 
+/// A decode-matrix configuration: 2 KV heads, max_seq_len 4096, one batch slot per sequence.
+fn matrix_shape(dtype: u32, d: u32, group: u32, (kbits, vbits): (u32, u32), page: u32, seqs: usize) -> Shape {
+    Shape {
+        kbits,
+        vbits,
+        page,
+        max_seq_len: 4096,
+        max_batch: seqs as u32,
+        ..base_shape(dtype, d, 2, group)
+    }
+}
+
 fn case_decode_matrix(rng: &mut Rng) -> R {
     let lens: Vec<usize> = if quick() {
         vec![70, 5, 301]
@@ -184,12 +196,7 @@ fn case_decode_matrix(rng: &mut Rng) -> R {
                 if quick() && runs % 3 != 0 {
                     continue;
                 }
-                let mut s = base_shape(dtype, d, 2, group);
-                s.kbits = kb;
-                s.vbits = vb;
-                s.page = page;
-                s.max_seq_len = 4096;
-                s.max_batch = lens.len() as u32;
+                let s = matrix_shape(dtype, d, group, (kb, vb), page, lens.len());
                 let two = runs % 2 == 0;
                 let sign_sign = runs % 5 == 0;
                 run_decode(rng, s, &lens, |c| {
@@ -219,12 +226,7 @@ fn case_dense_groups(rng: &mut Rng) -> R {
         for &(kb, vb) in &[(2u32, 2u32), (4, 4)] {
             for &page in &[16u32, 48] {
                 for group in 4u32..=8 {
-                    let mut s = base_shape(SIKV_DTYPE_F16, d, 2, group);
-                    s.kbits = kb;
-                    s.vbits = vb;
-                    s.page = page;
-                    s.max_seq_len = 4096;
-                    s.max_batch = lens.len() as u32;
+                    let s = matrix_shape(SIKV_DTYPE_F16, d, group, (kb, vb), page, lens.len());
                     runs += 1;
                     if let Err(e) = run_decode(rng, s, &lens, |c| c.rerank_factor = 0) {
                         missed.push(format!("d {d} G {group} page {page} bits {kb}/{vb}: {e}"));
