@@ -18,7 +18,8 @@
 # "encode::encode_bit_exact,encode::calibrate_bit_exact,decode::select_attend_matrix"),
 # SIKV_TEST_SEED to replay a seed (every case prints its own). Bench options (step `bench`):
 # BASELINE (older gpu_bench builds timed in the same run; the summary compares the first),
-# ROUTE_MSL / ROUTE_N / ROUTE_B (the routed decode under a longer max_seq_len), FIT_N / FIT_B
+# ROUTE_MSL / ROUTE_N / ROUTE_B (the routed decode under a longer max_seq_len; ROUTE_FORK_AB=1
+# times it again with SIKV_ROUTE_FORK=off), FIT_N / FIT_B
 # (more sizes for the crossover's break-even), PDL_AB=1, FUSED_AB=1, DENSE_MIN_AB, BENCH_ARGS,
 # PROFILES (e.g. 4+1: this build and the baselines again with that storage profile). The `tests`
 # step also runs
@@ -299,6 +300,15 @@ if want bench; then
       --csv "$OUT/msl_gpu_bench.csv" > "$OUT/msl_gpu_bench.log" 2>&1
     RC[msl_bench]=$?
     grep -E "^(step|dense_ours|routed) " "$OUT/msl_gpu_bench.log"
+    # ROUTE_FORK_AB=1: the same with the routed decode's paths in stream order under the graph
+    # capture (SIKV_ROUTE_FORK=off) instead of parallel branches.
+    if [ "${ROUTE_FORK_AB:-0}" = "1" ]; then
+      echo "== gpu bench, max_seq_len $ROUTE_MSL, SIKV_ROUTE_FORK=off"
+      SIKV_ROUTE_FORK=off .gpu/gpu_bench --max-seq-len "$ROUTE_MSL" --n "${ROUTE_N:-8192,32768}" --batch "${ROUTE_B:-1,8}" \
+        --csv "$OUT/msl_nofork_gpu_bench.csv" > "$OUT/msl_nofork_gpu_bench.log" 2>&1
+      RC[msl_bench]=$(( ${RC[msl_bench]} | $? ))
+      grep -E "^routed " "$OUT/msl_nofork_gpu_bench.log"
+    fi
   fi
   # FIT_N: more context lengths (this build only, FIT_B batches) for the crossover's
   # break-even fit: the sparse step and the dense decode side by side (fit_gpu_bench.csv).

@@ -454,16 +454,85 @@ pub fn begin_capture(s: sys::CUstream) -> Result<()> {
     }
 }
 
-pub fn end_capture(s: sys::CUstream) -> Result<sys::CUgraphExec> {
+/// Ends the capture begun on `s` and instantiates it. Also returns the captured graph's node
+/// and edge counts (None where the driver would not give them): a chain of n launches has n - 1
+/// edges, and each fork into parallel branches that join again adds one.
+pub fn end_capture(s: sys::CUstream) -> Result<(sys::CUgraphExec, Option<(usize, usize)>)> {
     let mut g: sys::CUgraph = std::ptr::null_mut();
-    // SAFETY: ends the capture begun on s; the graph is destroyed once instantiated.
+    // SAFETY: ends the capture begun on s; the counting calls only write the two counts (null
+    // arrays); the graph is destroyed once instantiated.
     unsafe {
         ck(sys::cuStreamEndCapture(s, &mut g), "cuStreamEndCapture")?;
+        let (mut nodes, mut edges) = (0usize, 0usize);
+        let counted = sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut nodes) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuGraphGetEdges(g, std::ptr::null_mut(), std::ptr::null_mut(), &mut edges)
+                == sys::CUresult::CUDA_SUCCESS;
         let mut e: sys::CUgraphExec = std::ptr::null_mut();
         let r = sys::cuGraphInstantiateWithFlags(&mut e, g, 0);
         let _ = sys::cuGraphDestroy(g);
         ck(r, "cuGraphInstantiateWithFlags")?;
-        Ok(e)
+        Ok((e, counted.then_some((nodes, edges))))
+    }
+}
+
+/// The most graph nodes a capturing stream's dependency set may hold for [`capture_deps`] to
+/// copy it (a decode's launches leave one; an engine's own fork can leave a few).
+pub const CAPTURE_DEPS: usize = 8;
+
+/// A copy of the nodes that a capturing stream's next captured work will depend on.
+#[derive(Clone, Copy)]
+pub struct CaptureDeps {
+    nodes: [sys::CUgraphNode; CAPTURE_DEPS],
+    n: usize,
+}
+
+/// The dependency set of `s` while it is being captured into a CUDA graph: None when `s` is not
+/// capturing, or when the set is larger than [`CAPTURE_DEPS`] (the caller then launches as
+/// outside a capture). No allocation.
+pub fn capture_deps(s: sys::CUstream) -> Result<Option<CaptureDeps>> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    let mut id: sys::cuuint64_t = 0;
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    let mut deps: *const sys::CUgraphNode = std::ptr::null();
+    let mut n: usize = 0;
+    // SAFETY: every out-pointer is a live local; `deps` points into the stream's own array,
+    // valid until the next call on `s`, and is copied out before that.
+    unsafe {
+        ck(
+            sys::cuStreamGetCaptureInfo_v2(s, &mut status, &mut id, &mut graph, &mut deps, &mut n),
+            "cuStreamGetCaptureInfo",
+        )?;
+        if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE || n > CAPTURE_DEPS {
+            return Ok(None);
+        }
+        let mut out = CaptureDeps {
+            nodes: [std::ptr::null_mut(); CAPTURE_DEPS],
+            n,
+        };
+        if n > 0 {
+            out.nodes[..n].copy_from_slice(std::slice::from_raw_parts(deps, n));
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Sets (`add` false) or extends (`add` true) the dependency set of the capturing stream `s`
+/// with `d`, so that the next captured work depends on those nodes: one stream's capture can
+/// then hold branches that run side by side in the graph.
+pub fn update_capture_deps(s: sys::CUstream, d: &CaptureDeps, add: bool) -> Result<()> {
+    let flags = if add {
+        sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_ADD_CAPTURE_DEPENDENCIES
+    } else {
+        sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES
+    };
+    let mut nodes = d.nodes;
+    // SAFETY: `nodes` holds d.n nodes of the graph that `s` is capturing (from capture_deps on
+    // the same capture); the driver copies them.
+    unsafe {
+        ck(
+            sys::cuStreamUpdateCaptureDependencies(s, nodes.as_mut_ptr(), d.n, flags as u32),
+            "cuStreamUpdateCaptureDependencies",
+        )
     }
 }
 

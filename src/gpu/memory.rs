@@ -58,6 +58,7 @@ impl Drop for OwnedStream {
 /// An instantiated CUDA graph (tests and benches).
 pub struct Graph {
     exec: sys::CUgraphExec,
+    shape: Option<(usize, usize)>,
     inner: Arc<Inner>,
 }
 
@@ -65,6 +66,12 @@ impl Graph {
     pub fn launch(&self, stream: CUstream) -> Result<()> {
         driver::set_current(self.inner.dev.ctx)?;
         driver::graph_launch(self.exec, stream as sys::CUstream)
+    }
+
+    /// The captured graph's (nodes, edges), where the driver gave them: tests read from it
+    /// whether a capture holds parallel branches (more edges than a chain's nodes - 1).
+    pub fn shape(&self) -> Option<(usize, usize)> {
+        self.shape
     }
 }
 
@@ -131,8 +138,10 @@ impl GpuContext {
         let r = body();
         let g = driver::end_capture(cuda_stream(stream));
         r?;
+        let (exec, shape) = g?;
         Ok(Graph {
-            exec: g?,
+            exec,
+            shape,
             inner: self.inner.clone(),
         })
     }

@@ -111,6 +111,9 @@ struct Inner {
     /// SIKV_FUSED=on at create time: the fused select wherever its clusters fit, not only where
     /// it was measured faster (a testing and benchmarking aid).
     fused_always: bool,
+    /// The routed decode's two paths as parallel branches of a captured graph (launch.rs
+    /// decode_routed); off with SIKV_ROUTE_FORK=off at create time (a benchmarking aid).
+    route_fork: bool,
 }
 
 /// The fused select's occupancy table ([`Inner::fused_clusters`]) and SIKV_FUSED=on.
@@ -296,6 +299,9 @@ impl GpuContext {
                 pdl,
                 fused_clusters,
                 fused_always,
+                route_fork: std::env::var("SIKV_ROUTE_FORK")
+                    .map(|v| v.trim() != "off")
+                    .unwrap_or(true),
             }),
         })
     }

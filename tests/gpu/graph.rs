@@ -8,6 +8,7 @@ use crate::fixture::*;
 
 gpu_test!(cuda_graph_replay, case_graph);
 gpu_test!(cuda_graph_replay_rows, case_graph_rows);
+gpu_test!(cuda_graph_replay_routed, case_graph_routed);
 
 /// A whole decode step (append + select + attend for several layers) captured once into a
 /// CUDA graph and replayed with new device-side inputs each step, against eager launches of
@@ -22,8 +23,21 @@ fn case_graph_rows(rng: &mut Rng) -> R {
     run_graph(rng, 3)
 }
 
+/// The step through the routed decode (the crossover decided on the device), under a long
+/// max_seq_len, with the dense bound at the live tokens of the middle step: the first half of
+/// the replays takes the dense decode, the second the sparse path. Under the capture the two
+/// paths are parallel branches (launch.rs decode_routed), so the graph must hold one fork per
+/// layer; eager launches keep stream order.
+fn case_graph_routed(rng: &mut Rng) -> R {
+    run_graph_as(rng, 1, true)
+}
+
 /// `per` new tokens per sequence and step; more than one goes through the rows calls.
 fn run_graph(rng: &mut Rng, per: usize) -> R {
+    run_graph_as(rng, per, false)
+}
+
+fn run_graph_as(rng: &mut Rng, per: usize, routed: bool) -> R {
     let layers = 3;
     let steps = if quick() { 10 } else { 100 };
     let lens = [200usize, 37, 513];
@@ -32,7 +46,10 @@ fn run_graph(rng: &mut Rng, per: usize) -> R {
     let mut s = base_shape(SIKV_DTYPE_BF16, 128, 2, 4);
     s.max_batch = n_rows as u32;
     s.page = 16;
-    s.max_seq_len = 2048;
+    // Routed: a maximum long enough that the select takes its chain of launches (the routed
+    // decode forks only then).
+    s.max_seq_len = if routed { 131_072 } else { 2048 };
+    let dense_max = (lens.iter().sum::<usize>() + b * per * steps / 2) as u64;
     let cfg = make_cfg(s, |c| c.rerank_factor = 2);
     let mut fx = Fx::new(cfg, rng)?;
     for (i, &len) in lens.iter().enumerate() {
@@ -123,12 +140,50 @@ fn run_graph(rng: &mut Rng, per: usize) -> R {
                     counts: idx[l].1.ptr(),
                 };
                 ctx.append(&cfg, &layout, &layer, &tokens, st)?;
-                ctx.select(&cfg, &layout, &layer, &batch, sel, ws.as_workspace(), st)?;
-                ctx.attend(&cfg, &layout, &layer, &batch, sel, outs[l].ptr(), ws.as_workspace(), st)?;
+                if routed {
+                    let out = outs[l].ptr();
+                    ctx.decode_routed(
+                        &cfg,
+                        &layout,
+                        &layer,
+                        &batch,
+                        sel,
+                        out,
+                        ws.as_workspace(),
+                        dense_max,
+                        st,
+                    )?;
+                } else {
+                    ctx.select(&cfg, &layout, &layer, &batch, sel, ws.as_workspace(), st)?;
+                    ctx.attend(&cfg, &layout, &layer, &batch, sel, outs[l].ptr(), ws.as_workspace(), st)?;
+                }
             }
             Ok(())
         };
+    // The dense steps leave the selections as they were: both copies start from zeros.
+    for (a, g) in idx_a.iter().zip(&idx_b) {
+        let zeros = vec![0u8; 4 * n_rows * hkv * kmax];
+        for buf in [&a.0, &g.0] {
+            ctx.copy_htod_async(buf.ptr(), &zeros, st).map_err(e2s)?;
+        }
+    }
     let graph = ctx.capture(st, || step(&b_pools, &outs_b, &idx_b)).map_err(e2s)?;
+    if routed {
+        // SIKV_FUSED=on forces the fused select, with which the routed decode keeps stream
+        // order (a chain: one edge fewer than nodes).
+        let fused = std::env::var("SIKV_FUSED").is_ok_and(|v| v.trim() == "on");
+        let forks = if fused { 0 } else { layers };
+        let (nodes, edges) = graph.shape().ok_or("the driver gave no node and edge counts")?;
+        if edges + 1 != nodes + forks {
+            return Err(format!(
+                "routed capture: {nodes} nodes, {edges} edges; {forks} forks (one per layer unless the \
+                 select is fused) need {}",
+                nodes - 1 + forks
+            ));
+        }
+        println!("  routed capture: {nodes} nodes, {edges} edges ({forks} forks)");
+    }
+    let mut routes = [0usize; 2];
     for _ in 0..steps {
         // `per` new tokens per sequence: slot mapping, positions, page table, k/v, and a query
         // row per new token (rows grouped by sequence).
@@ -154,6 +209,7 @@ fn run_graph(rng: &mut Rng, per: usize) -> R {
             upload(&ilast, &i32_bytes(&t.2))
         };
         upload_all()?;
+        routes[(fx.seqs.iter().take(b).map(|q| q.len as u64).sum::<u64>() <= dense_max) as usize] += 1;
         step(&a_pools, &outs_a, &idx_a).map_err(e2s)?;
         ctx.synchronize(st).map_err(e2s)?;
         upload_all()?;
@@ -173,6 +229,12 @@ fn run_graph(rng: &mut Rng, per: usize) -> R {
             if out_f32(&fx, &oa).iter().any(|x| !x.is_finite()) {
                 return Err(format!("layer {l}: non-finite output"));
             }
+        }
+    }
+    if routed {
+        println!("  routed steps: {} dense, {} sparse", routes[1], routes[0]);
+        if routes.contains(&0) {
+            return Err(format!("routed steps took one path only: {routes:?} (sparse, dense)"));
         }
     }
     for l in 0..layers {
