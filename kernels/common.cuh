@@ -843,9 +843,27 @@ SIKV_DEV void sikv_grid_dependency() {
 SIKV_DEV bool route_is_dense(const SikvParams& p) {
     return *reinterpret_cast<const volatile u32*>(p.ws_route) != 0u;
 }
+// The sparse path's launches skip on the word. The dense decode's launch decides for itself
+// (route_dense_sum, in its body): under a graph capture it runs beside the prologue, not after it
+// (launch.rs decode_routed), so the word may not be written when it starts.
 SIKV_DEV bool route_skips(const SikvParams& p) {
-    if (p.ws_route == 0 || p.route_as == ROUTE_EITHER) return false;
-    return (int)route_is_dense(p) != p.route_as;
+    if (p.ws_route == 0 || p.route_as != ROUTE_SPARSE) return false;
+    return route_is_dense(p);
+}
+// The route itself (config.rs Crossover's rule): dense when the call's live tokens, summed over
+// its sequences, are at most route_max_tokens. Rows with a bad slot or page table count as empty
+// (row_seq raises their fault, as the stages that read them would). Each warp sums every
+// sequence (lanes over the batch), so all warps of a block agree without a barrier; the prologue
+// writes the word from the same sum.
+SIKV_DEV bool route_dense_sum(const SikvParams& p) {
+    unsigned long long total = 0;
+    for (int b = threadIdx.x & 31; b < p.batch; b += 32) {
+        int slot;
+        total += (unsigned long long)row_seq(p, b, &slot);
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    return total <= p.route_max_tokens;
 }
 
 // BOUNDS: the parenthesised arguments of __launch_bounds__, (threads) or (threads, min blocks

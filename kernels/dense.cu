@@ -103,6 +103,9 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
 
 template <int D, typename T, int BITS>
 SIKV_DEV void dense_splits_or_chunks(const SikvParams& p) {
+    // A routed decode's dense launch: the route from the lengths, not from the prologue's word
+    // (common.cuh route_skips).
+    if (p.ws_route != 0 && p.route_as == ROUTE_DENSE && !route_dense_sum(p)) return;
     if constexpr (TcShape<D>::OK) {
         if ((int)blockIdx.x >= p.dense_splits && tc_shape_ok<D, BITS>(p)) {
             int slot;

@@ -759,29 +759,31 @@ impl GpuContext {
         p.route_max_tokens = dense_max_tokens;
         self.current()?;
         let b = p.rows as u32;
-        self.launch_prologue(cfg, &p, b, stream)?;
         let mut ps = p;
         ps.route_as = ROUTE_SPARSE as i32;
         let fused = self.fused_cluster(SELECT_ALL, cfg, &ps, b);
-        // Under a CUDA graph capture the two paths become side-by-side branches after the
-        // prologue, joined at combine: the path that runs then waits only for the prologue,
-        // not for the other path's launches to start and return one after the other. Not with
-        // the fused select: its clusters of whole-SM CTAs, started beside the dense decode's
-        // blocks only to return, delayed it (8K, batch 1: 27.3 -> 31.4 µs). Outside a capture
-        // (or with SIKV_ROUTE_FORK=off) the paths stay in stream order.
+        // Under a CUDA graph capture the two paths become side-by-side branches, joined at
+        // combine: the sparse one after the prologue, the dense one beside it (it sums the live
+        // lengths itself). The path that runs then waits for neither the other's launches to
+        // start and return one after the other nor, if dense, the prologue. Not with the fused
+        // select: its clusters of whole-SM CTAs, started beside the dense decode's blocks only
+        // to return, delayed it (8K, batch 1: 27.3 -> 31.4 µs). Outside a capture (or with
+        // SIKV_ROUTE_FORK=off) everything stays in stream order.
         let fork = if self.inner.route_fork && fused.is_none() {
             driver::capture_deps(cuda_stream(stream))?
         } else {
             None
         };
+        self.launch_prologue(cfg, &p, b, stream)?;
         self.launch_select(SELECT_ALL, cfg, &ps, b, fused, stream)?;
         self.launch_attend(cfg, &w, &mut ps, b, Predecessor::Select, stream)?;
-        // The dense branch hangs off the prologue; combine then waits for both branches. A
-        // sparse branch whose end the driver reports as too many nodes keeps stream order.
+        // The dense branch hangs off what came before the call; combine then waits for both
+        // branches. A sparse branch whose end the driver reports as too many nodes keeps stream
+        // order.
         let sparse_tail = match fork {
-            Some(after_prologue) => match driver::capture_deps(cuda_stream(stream))? {
+            Some(before) => match driver::capture_deps(cuda_stream(stream))? {
                 Some(tail) => {
-                    driver::update_capture_deps(cuda_stream(stream), &after_prologue, false)?;
+                    driver::update_capture_deps(cuda_stream(stream), &before, false)?;
                     Some(tail)
                 }
                 None => None,
