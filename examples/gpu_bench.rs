@@ -364,6 +364,13 @@ fn run(
                 s.ctx
                     .attend_dense(cfg, &s.layout, &s.layer, &s.batch, s.out.ptr(), ws, st)
             };
+            // A managed cache's dense decode: the grid sized from the live length (eager calls
+            // only; under the graph capture it is dense_ours' grid).
+            let dense_live = |st: selfindexkv::gpu::CUstream| {
+                let out = s.out.ptr();
+                s.ctx
+                    .attend_dense_sized(cfg, &s.layout, &s.layer, &s.batch, out, ws, Some(n), st)
+            };
             // The stateless decode's crossover, decided on the device from the live lengths.
             let max_tokens = cfg.dense_crossover.max_tokens(b).unwrap_or(0);
             let routed = |st: selfindexkv::gpu::CUstream| {
@@ -416,6 +423,7 @@ fn run(
                     }),
                 ),
                 ("dense_ours", bytes_dense, Box::new(dense)),
+                ("dense_live", bytes_dense, Box::new(dense_live)),
                 (
                     "routed",
                     if cfg.dense_crossover.dense(b, nn * b as u64) {

@@ -401,6 +401,7 @@ impl DeviceStore {
             table: Table::Device(t),
             seq_slot: Mem::Device(ss),
             q: Mem::Device(q),
+            live_max: None,
         };
         let pools = LayerView::Device(self.layer(exec.layout(), layer));
         exec.select(
@@ -479,6 +480,7 @@ impl DeviceStore {
             table: Table::Device(t),
             seq_slot: Mem::Device(ss),
             q: Mem::Device(qd),
+            live_max: Some(table.longest(cfg.page_size)),
         };
         let pools = LayerView::Device(self.layer(exec.layout(), layer));
         let ws = self.workspace();
@@ -552,6 +554,7 @@ impl DeviceStore {
             table: Table::Device(t),
             seq_slot: Mem::Device(ss),
             q: Mem::Device(qd),
+            live_max: None,
         };
         let pools = LayerView::Device(self.layer(exec.layout(), layer));
         let sel_rows = total * cfg.num_kv_heads as usize;

@@ -740,6 +740,21 @@ pub struct OwnedPageTable {
 }
 
 impl OwnedPageTable {
+    /// The longest sequence's length in tokens (0 for an empty table).
+    pub fn longest(&self, page_size: u32) -> u32 {
+        (0..self.last_page_len.len())
+            .map(|i| {
+                let pages = (self.indptr[i + 1] - self.indptr[i]).max(0) as u32;
+                if pages == 0 {
+                    0
+                } else {
+                    (pages - 1) * page_size + self.last_page_len[i].max(0) as u32
+                }
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The table of sequences `seqs` alone (their pages, indptr from 0).
     pub fn sequences(&self, seqs: std::ops::Range<usize>) -> OwnedPageTable {
         let (a, b) = (self.indptr[seqs.start], self.indptr[seqs.end]);
@@ -809,6 +824,20 @@ pub fn telemetry_recall(cache: &mut Cache, layer: u32, id: i64, q: &[f32], k_exa
 #[cfg(test)]
 mod tests {
     use super::{row_groups, OwnedPageTable};
+
+    #[test]
+    fn longest_sequence_of_a_table() {
+        // Pages of 16: 2 pages with 5 in the last (21), 1 full page (16), 3 pages with 1 (33),
+        // and an empty sequence.
+        let t = OwnedPageTable {
+            indptr: vec![0, 2, 3, 6, 6],
+            indices: vec![7, 4, 9, 1, 2, 3],
+            last_page_len: vec![5, 16, 1, 0],
+        };
+        assert_eq!(t.longest(16), 33);
+        assert_eq!(t.sequences(0..2).longest(16), 21);
+        assert_eq!(t.sequences(3..4).longest(16), 0);
+    }
 
     #[test]
     fn a_table_of_some_sequences_is_theirs_alone() {

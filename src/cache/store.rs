@@ -366,6 +366,7 @@ fn host_batch<'a>(table: &'a OwnedPageTable, seq_slot: &'a [i32], q: Activations
         }),
         seq_slot: Mem::Host(seq_slot),
         q,
+        live_max: None,
     }
 }
 

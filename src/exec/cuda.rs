@@ -124,7 +124,7 @@ pub(super) fn attend(
     let out = out.device("out")?;
     let ws = device_ws(ws);
     match sel {
-        Selected::All => g.attend_dense(&ex.cfg, &ex.layout, &layer, &batch, out, ws, stream),
+        Selected::All => g.attend_dense_sized(&ex.cfg, &ex.layout, &layer, &batch, out, ws, b.live_max, stream),
         Selected::Given { indices, counts } => {
             let sel = DevSelection {
                 indices: indices.device("indices")?,

@@ -127,6 +127,10 @@ pub struct Batch<'a> {
     pub seq_slot: Mem<'a, i32>,
     /// Queries, model dtype, `[batch][H_q][d]`.
     pub q: Mem<'a, u8>,
+    /// The longest sequence's length, where the caller knows it on the host (a managed cache):
+    /// an eager dense decode then sizes its grid from it instead of max_seq_len, so a short
+    /// sequence under a long declared maximum does not pay for the surplus blocks.
+    pub live_max: Option<u32>,
 }
 
 /// What attend attends beyond the dense set.

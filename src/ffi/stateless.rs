@@ -282,6 +282,7 @@ unsafe fn batch_rows<'a>(
         table,
         seq_slot: input(k, seq_slot, t.batch as usize, "seq_slot")?,
         q: acts(k, q, rows as usize * (cfg.num_q_heads * cfg.head_dim) as usize, "q")?,
+        live_max: None,
     })
 }
 

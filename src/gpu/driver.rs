@@ -475,6 +475,14 @@ pub fn end_capture(s: sys::CUstream) -> Result<(sys::CUgraphExec, Option<(usize,
     }
 }
 
+/// Whether `s` is being captured into a CUDA graph.
+pub fn is_capturing(s: sys::CUstream) -> Result<bool> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: status is a live local.
+    unsafe { ck(sys::cuStreamIsCapturing(s, &mut status), "cuStreamIsCapturing")? };
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
 /// The most graph nodes a capturing stream's dependency set may hold for [`capture_deps`] to
 /// copy it (a decode's launches leave one; an engine's own fork can leave a few).
 pub const CAPTURE_DEPS: usize = 8;

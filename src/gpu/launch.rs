@@ -673,20 +673,28 @@ impl GpuContext {
     }
 
     /// attend_dense's candidate chunks per sequence on this device (workspace::dense_chunks).
-    fn dense_chunks(&self, cfg: &CacheConfig, batch: u32) -> usize {
-        super::workspace::dense_chunks(cfg, self.inner.dev.sms.max(1) as u32, batch)
+    fn dense_chunks(&self, cfg: &CacheConfig, batch: u32, live_max: Option<u32>) -> usize {
+        let len = live_max.map_or(cfg.max_seq_len, |m| m.clamp(1, cfg.max_seq_len));
+        super::workspace::dense_chunks_for(len as usize, cfg, self.inner.dev.sms.max(1) as u32, batch)
     }
 
-    /// The dense decode's launch (its partials; combine follows).
+    /// The dense decode's launch (its partials; combine follows). `live_max`: the longest live
+    /// sequence where the host knows it; the grid's chunks are then sized from it. Not under a
+    /// graph capture, whose replays must keep serving sequences as they grow.
     fn launch_dense(
         &self,
         cfg: &CacheConfig,
         w: &Workspace,
         p: &mut SikvParams,
         b: u32,
+        live_max: Option<u32>,
         stream: CUstream,
     ) -> Result<()> {
-        let chunks = self.dense_chunks(cfg, b);
+        let live_max = match live_max {
+            Some(m) if !driver::is_capturing(cuda_stream(stream))? => Some(m),
+            _ => None,
+        };
+        let chunks = self.dense_chunks(cfg, b, live_max);
         p.num_splits = (w.dense_splits + chunks) as i32;
         p.dense_splits = w.dense_splits as i32;
         p.dense_chunks = chunks as i32;
@@ -716,6 +724,25 @@ impl GpuContext {
         ws: DevWorkspace,
         stream: CUstream,
     ) -> Result<()> {
+        self.attend_dense_sized(cfg, layout, layer, batch, out, ws, None, stream)
+    }
+
+    /// [`attend_dense`](Self::attend_dense) for a caller that knows the batch's longest live
+    /// sequence (`live_max`, at most max_seq_len; a managed cache): outside a graph capture the
+    /// grid's chunks are sized from it, so a short sequence under a long max_seq_len launches
+    /// the blocks it needs. Every row must be at most `live_max` long. Hot path.
+    #[allow(clippy::too_many_arguments)] // attend_dense's arguments plus the length
+    pub fn attend_dense_sized(
+        &self,
+        cfg: &CacheConfig,
+        layout: &Layout,
+        layer: &DevLayer,
+        batch: &DevBatch,
+        out: u64,
+        ws: DevWorkspace,
+        live_max: Option<u32>,
+        stream: CUstream,
+    ) -> Result<()> {
         self.take_fault()?;
         Self::one_row_per_sequence(batch, "the dense decode")?;
         let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
@@ -725,7 +752,7 @@ impl GpuContext {
         p.out = out;
         self.current()?;
         let b = p.rows as u32;
-        self.launch_dense(cfg, &w, &mut p, b, stream)?;
+        self.launch_dense(cfg, &w, &mut p, b, live_max, stream)?;
         self.launch_combine(cfg, &p, b, stream)
     }
 
@@ -792,7 +819,7 @@ impl GpuContext {
         };
         let mut pd = p;
         pd.route_as = ROUTE_DENSE as i32;
-        self.launch_dense(cfg, &w, &mut pd, b, stream)?;
+        self.launch_dense(cfg, &w, &mut pd, b, None, stream)?;
         if let Some(tail) = sparse_tail {
             driver::update_capture_deps(cuda_stream(stream), &tail, true)?;
         }

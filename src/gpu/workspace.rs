@@ -80,7 +80,12 @@ pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
 /// cover max_seq_len (blocks past a sequence's candidates cost a launch each), and at most
 /// MAX_DENSE_CHUNKS.
 pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
-    let msl = cfg.max_seq_len as usize;
+    dense_chunks_for(cfg.max_seq_len as usize, cfg, sms, batch)
+}
+
+/// [`dense_chunks`] for sequences of at most `msl` tokens (at most max_seq_len, so at most
+/// the workspace's chunks).
+pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
     let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
     let fill = (DENSE_BLOCKS_PER_SM * sms as usize).div_ceil(rows);
     let most = msl.div_ceil(DENSE_MIN_CHUNK);
@@ -263,6 +268,32 @@ mod tests {
         assert_eq!(dense_chunks(&c, 132, 1), 66);
         // A short sequence limit keeps 512-position chunks.
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 16);
+    }
+
+    /// A grid sized from the longest live sequence (a managed cache's eager dense decode) has no
+    /// more chunks than max_seq_len's (so the workspace holds its partials), the same at
+    /// live = max_seq_len, and the 8K grid for an 8K sequence under a 128K maximum.
+    #[test]
+    fn dense_chunks_for_a_shorter_live_length() {
+        for msl in [1000usize, 8192, 131072, 1 << 20] {
+            for batch in [1u32, 4, 8] {
+                let c = cfg(msl as u32, batch);
+                let full = dense_chunks(&c, 132, batch);
+                assert_eq!(dense_chunks_for(msl, &c, 132, batch), full);
+                for live in [1usize, 700, 8192, 65536] {
+                    let n = dense_chunks_for(live.min(msl), &c, 132, batch);
+                    assert!(
+                        (1..=full).contains(&n),
+                        "msl {msl} batch {batch} live {live}: {n} of {full}"
+                    );
+                }
+            }
+        }
+        let long = cfg(131072, 1);
+        assert_eq!(
+            dense_chunks_for(8192, &long, 132, 1),
+            dense_chunks(&cfg(8192, 1), 132, 1)
+        );
     }
 
     /// The kernel's floor: a shorter one for one sequence, a request rounded up to whole tiles
