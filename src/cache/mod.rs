@@ -43,6 +43,9 @@ pub struct Cache {
     pages: PageAllocator,
     seqs: HashMap<i64, Seq>,
     free_slots: Vec<u32>,
+    /// The last call's page table and seq slots, refilled by the next one ([`Cache::with_table`]):
+    /// once grown, a decode call allocates nothing for them.
+    table_scratch: (OwnedPageTable, Vec<i32>),
 }
 
 /// What a `sikv_cache_info` call reports.
@@ -80,6 +83,7 @@ impl Cache {
             cfg,
             exec,
             store,
+            table_scratch: Default::default(),
         })
     }
 
@@ -359,14 +363,14 @@ impl Cache {
     /// Sparse decode attention at `layer` for one query token per sequence:
     /// `q` `[n_seqs][H_q][d]` → `out` `[n_seqs][H_q][d]`.
     pub fn attend(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
-        let (table, slots) = self.page_table(layer, ids)?;
-        let sel = if self.below_crossover(layer, ids) {
-            Selection::All
-        } else {
-            Selection::Select
-        };
-        self.store
-            .attend(&self.exec, layer, &table, &slots, q, out, sel, stream)
+        self.with_table(layer, ids, |c, table, slots| {
+            let sel = if c.below_crossover(layer, ids) {
+                Selection::All
+            } else {
+                Selection::Select
+            };
+            c.store.attend(&c.exec, layer, table, slots, q, out, sel, stream)
+        })
     }
 
     /// Select + attend for several new tokens per sequence (`rows[i]` for `ids[i]`, 1..=16,
@@ -381,16 +385,32 @@ impl Cache {
         ids: &[i64],
         rows: &[u32],
         q: Activations,
+        out: Output,
+        stream: Stream,
+    ) -> Result<()> {
+        self.with_table(layer, ids, |c, table, slots| {
+            c.attend_rows_in(layer, table, slots, rows, q, out, stream)
+        })
+    }
+
+    /// attend_rows over the page table and seq slots of its sequences.
+    #[allow(clippy::too_many_arguments)] // attend_rows' arguments, the sequences resolved
+    fn attend_rows_in(
+        &mut self,
+        layer: u32,
+        table: &OwnedPageTable,
+        slots: &[i32],
+        rows: &[u32],
+        q: Activations,
         mut out: Output,
         stream: Stream,
     ) -> Result<()> {
-        let (table, slots) = self.page_table(layer, ids)?;
-        let total = crate::cpu::rows_total(rows, ids.len())?;
+        let total = crate::cpu::rows_total(rows, slots.len())?;
         let cap = self.cfg.max_batch as usize;
         if !self.is_gpu() || total <= cap {
             return self
                 .store
-                .attend_rows(&self.exec, layer, &table, &slots, q, rows, out, stream);
+                .attend_rows(&self.exec, layer, table, slots, q, rows, out, stream);
         }
         let groups = row_groups(rows, cap)?;
         let row_bytes = (self.cfg.num_q_heads * self.cfg.head_dim) as usize * self.cfg.dtype.size();
@@ -446,7 +466,25 @@ impl Cache {
         out: Output,
         stream: Stream,
     ) -> Result<()> {
-        let (table, slots) = self.page_table(layer, ids)?;
+        self.with_table(layer, ids, |c, table, slots| {
+            c.attend_selected_in(layer, ids, table, slots, q, indices, counts, out, stream)
+        })
+    }
+
+    /// attend_selected over the page table and seq slots of its sequences.
+    #[allow(clippy::too_many_arguments)] // attend_selected's arguments, the sequences resolved
+    fn attend_selected_in(
+        &mut self,
+        layer: u32,
+        ids: &[i64],
+        table: &OwnedPageTable,
+        slots: &[i32],
+        q: Activations,
+        indices: &[i32],
+        counts: &[i32],
+        out: Output,
+        stream: Stream,
+    ) -> Result<()> {
         let rows = ids.len() * self.cfg.num_kv_heads as usize;
         let kmax = self.cfg.budget.max as usize;
         ensure!(
@@ -465,8 +503,7 @@ impl Cache {
         let (indices, counts) = (&indices[..rows * kmax], &counts[..rows]);
         self.check_selection(layer, ids, indices, counts, stream)?;
         let sel = Selection::Given { indices, counts };
-        self.store
-            .attend(&self.exec, layer, &table, &slots, q, out, sel, stream)
+        self.store.attend(&self.exec, layer, table, slots, q, out, sel, stream)
     }
 
     /// Every row of a caller's selection holds `0..=budget_max` strictly ascending candidate
@@ -570,9 +607,10 @@ impl Cache {
 
     /// Dense decode attention over every stored token (dequantised), no selection.
     pub fn attend_dense(&mut self, layer: u32, ids: &[i64], q: Activations, out: Output, stream: Stream) -> Result<()> {
-        let (table, slots) = self.page_table(layer, ids)?;
-        self.store
-            .attend(&self.exec, layer, &table, &slots, q, out, Selection::All, stream)
+        self.with_table(layer, ids, |c, table, slots| {
+            c.store
+                .attend(&c.exec, layer, table, slots, q, out, Selection::All, stream)
+        })
     }
 
     /// The selection the sparse path would make: `indices` `[n_seqs][H_kv][budget_max]`
@@ -586,9 +624,9 @@ impl Cache {
         counts: &mut [i32],
         stream: Stream,
     ) -> Result<()> {
-        let (table, slots) = self.page_table(layer, ids)?;
-        self.store
-            .select(&self.exec, layer, &table, &slots, q, indices, counts, stream)
+        self.with_table(layer, ids, |c, table, slots| {
+            c.store.select(&c.exec, layer, table, slots, q, indices, counts, stream)
+        })
     }
 
     /// Positions each (sequence, KV head) attends for query `q`: the valid dense entries
@@ -639,7 +677,25 @@ impl Cache {
         Ok(all)
     }
 
-    fn page_table(&self, layer: u32, ids: &[i64]) -> Result<(OwnedPageTable, Vec<i32>)> {
+    /// Runs `f` with the page table and seq slots of `ids` at `layer`, built in the buffers the
+    /// cache keeps between calls (`table_scratch`), which it gets back whatever `f` returns.
+    fn with_table<R>(
+        &mut self,
+        layer: u32,
+        ids: &[i64],
+        f: impl FnOnce(&mut Self, &OwnedPageTable, &[i32]) -> Result<R>,
+    ) -> Result<R> {
+        let (mut t, mut slots) = std::mem::take(&mut self.table_scratch);
+        let r = self
+            .fill_table(layer, ids, &mut t, &mut slots)
+            .and_then(|()| f(self, &t, &slots));
+        self.table_scratch = (t, slots);
+        r
+    }
+
+    /// The page table and seq slots of `ids` at `layer` into `t` and `slots` (cleared first),
+    /// after checking the call's sequences.
+    fn fill_table(&self, layer: u32, ids: &[i64], t: &mut OwnedPageTable, slots: &mut Vec<i32>) -> Result<()> {
         self.check_layer(layer)?;
         let l = layer as usize;
         ensure!(!ids.is_empty(), SIKV_ERR_INVALID_ARGUMENT, "n_seqs must be >= 1");
@@ -651,12 +707,11 @@ impl Cache {
             self.cfg.max_batch
         );
         let p = self.cfg.page_size;
-        let mut t = OwnedPageTable {
-            indptr: vec![0],
-            indices: Vec::new(),
-            last_page_len: Vec::new(),
-        };
-        let mut slots = Vec::with_capacity(ids.len());
+        t.indptr.clear();
+        t.indices.clear();
+        t.last_page_len.clear();
+        slots.clear();
+        t.indptr.push(0);
         for (i, &id) in ids.iter().enumerate() {
             ensure!(
                 !ids[..i].contains(&id),
@@ -680,7 +735,7 @@ impl Cache {
             });
             slots.push(s.slot as i32);
         }
-        Ok((t, slots))
+        Ok(())
     }
 
     /// A 64-bit FNV-1a digest of every pool byte and of the bookkeeping: equal digests before
@@ -823,7 +878,63 @@ pub fn telemetry_recall(cache: &mut Cache, layer: u32, id: i64, q: &[f32], k_exa
 
 #[cfg(test)]
 mod tests {
-    use super::{row_groups, OwnedPageTable};
+    use super::{row_groups, Activations, Cache, Output, OwnedPageTable};
+    use crate::config::*;
+
+    /// Decode calls refill the page table the cache keeps (no new buffers once grown), also
+    /// after a call that failed on its sequences, and give the same outputs as before.
+    #[test]
+    fn decode_calls_reuse_the_page_table_buffers() {
+        let mut c = SikvConfig::for_profile(SIKV_PROFILE_2_1).unwrap();
+        c.device = SIKV_DEVICE_CPU;
+        c.dtype = SIKV_DTYPE_F32;
+        (c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim) = (1, 4, 2, 64);
+        (c.page_size, c.max_seqs, c.max_batch, c.max_seq_len, c.max_append_tokens) = (16, 2, 2, 1024, 1024);
+        (c.n_sink, c.n_heavy, c.n_window, c.budget_min, c.budget_max) = (2, 4, 8, 8, 16);
+        let mut cache = Cache::new(CacheConfig::from_c(&c).unwrap()).unwrap();
+        let bytes = |n: usize, salt: u32| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| {
+                    ((((i as u32).wrapping_mul(2654435761) ^ salt) % 2000) as f32 / 1000.0 - 1.0).to_le_bytes()
+                })
+                .collect()
+        };
+        let null = std::ptr::null_mut();
+        for (id, n) in [(1i64, 70usize), (2, 45)] {
+            cache.add_seq(id).unwrap();
+            let (k, v, q) = (bytes(n * 2 * 64, 1), bytes(n * 2 * 64, 2), bytes(4 * 64, 3));
+            let (k, v, q) = (Activations::Host(&k), Activations::Host(&v), Activations::Host(&q));
+            cache.calibrate(0, id, n as u32, k, v, 1, q, null).unwrap();
+        }
+        let q = bytes(2 * 4 * 64, 4);
+        let run = |cache: &mut Cache| {
+            let mut out = vec![0u8; 2 * 4 * 64 * 4];
+            cache
+                .attend(0, &[1, 2], Activations::Host(&q), Output::Host(&mut out), null)
+                .unwrap();
+            out
+        };
+        let first = run(&mut cache);
+        let buf = |c: &Cache| (c.table_scratch.0.indices.as_ptr(), c.table_scratch.1.as_ptr());
+        let kept = buf(&cache);
+        assert_eq!(cache.table_scratch.0.indptr, [0, 5, 8]);
+        assert_eq!(cache.table_scratch.1.len(), 2);
+        // Blocks of the buffers' sizes held meanwhile: a call that dropped its buffers and made
+        // new ones would not get the same addresses back.
+        let hold = (
+            Vec::<i32>::with_capacity(cache.table_scratch.0.indices.capacity()),
+            Vec::<i32>::with_capacity(cache.table_scratch.1.capacity()),
+        );
+        assert_eq!(run(&mut cache), first);
+        assert_eq!(buf(&cache), kept, "the second call made new buffers");
+        let mut out = vec![0u8; 2 * 4 * 64 * 4];
+        assert!(cache
+            .attend(0, &[1, 7], Activations::Host(&q), Output::Host(&mut out), null)
+            .is_err());
+        assert_eq!(buf(&cache), kept, "a failed call lost the buffers");
+        assert_eq!(run(&mut cache), first);
+        drop(hold);
+    }
 
     #[test]
     fn longest_sequence_of_a_table() {
