@@ -123,6 +123,8 @@ pub struct DeviceStore {
     ring: UploadRing,
     /// The bytes of the last page-table upload (capacity reserved at create time).
     last_table: Vec<u8>,
+    /// attend_rows' row offsets, refilled by each call (capacity reserved at create time).
+    row_offsets: Vec<i32>,
     staging: Option<DeviceBuffer>,
 }
 
@@ -214,6 +216,7 @@ impl DeviceStore {
             regions,
             ring,
             last_table,
+            row_offsets: Vec::with_capacity(cfg.max_batch as usize + 1),
             staging: None,
         })
     }
@@ -544,12 +547,15 @@ impl DeviceStore {
         );
         let out_bytes = total * (cfg.num_q_heads * cfg.head_dim) as usize * cfg.dtype.size();
         let (qd, od) = self.attend_io(q, &out, out_bytes, stream)?;
-        let mut offsets = Vec::with_capacity(rows.len() + 1);
+        let mut offsets = std::mem::take(&mut self.row_offsets);
+        offsets.clear();
         offsets.push(0i32);
         for &n in rows {
             offsets.push(offsets[offsets.len() - 1] + n as i32);
         }
-        let (t, ss, off) = self.upload_table_rows(table, seq_slot, &offsets, stream)?;
+        let uploaded = self.upload_table_rows(table, seq_slot, &offsets, stream);
+        self.row_offsets = offsets;
+        let (t, ss, off) = uploaded?;
         let batch = Batch {
             table: Table::Device(t),
             seq_slot: Mem::Device(ss),
