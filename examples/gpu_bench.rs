@@ -18,6 +18,9 @@
 //! `graph_us`: GRAPH_REPS back-to-back copies of the call captured into one CUDA graph,
 //! replayed, divided by GRAPH_REPS (median of replays): the device time of the call under graph
 //! capture, which is how decode steps run in engines that capture them.
+//! `dense_live` is the dense decode as a managed cache launches it, its grid sized from the live
+//! length N instead of max_seq_len (--max-seq-len): that sizing is for eager calls only, so its
+//! `graph_us` is `dense_ours`' grid and only its `median_us` differs.
 //! Without a CUDA device it prints one line and exits 0.
 
 use std::io::Write;
