@@ -389,66 +389,50 @@ impl Cache {
         stream: Stream,
     ) -> Result<()> {
         self.with_table(layer, ids, |c, table, slots| {
-            c.attend_rows_in(layer, table, slots, rows, q, out, stream)
+            let mut out = out;
+            let total = crate::cpu::rows_total(rows, slots.len())?;
+            let cap = c.cfg.max_batch as usize;
+            if !c.is_gpu() || total <= cap {
+                return c.store.attend_rows(&c.exec, layer, table, slots, q, rows, out, stream);
+            }
+            let groups = row_groups(rows, cap)?;
+            let row_bytes = (c.cfg.num_q_heads * c.cfg.head_dim) as usize * c.cfg.dtype.size();
+            let bytes = total * row_bytes;
+            let q_len = match q {
+                Mem::Host(h) => Some(h.len()),
+                Mem::Device(_) => None,
+            };
+            let out_len = match &out {
+                MemMut::Host(h) => Some(h.len()),
+                MemMut::Device(_) => None,
+            };
+            for (what, len) in [("q", q_len), ("out", out_len)] {
+                ensure!(
+                    !matches!(len, Some(n) if n < bytes),
+                    SIKV_ERR_BUFFER_TOO_SMALL,
+                    "`{what}` holds {} bytes, {bytes} needed",
+                    len.unwrap_or(0)
+                );
+            }
+            let mut at = 0usize;
+            for g in groups {
+                let n: usize = rows[g.clone()].iter().map(|&r| r as usize).sum();
+                let span = at * row_bytes..(at + n) * row_bytes;
+                let qg = match q {
+                    Mem::Host(h) => Mem::Host(&h[span.clone()]),
+                    Mem::Device(p) => Mem::Device(p + span.start as u64),
+                };
+                let og = match &mut out {
+                    MemMut::Host(h) => MemMut::Host(&mut h[span.clone()]),
+                    MemMut::Device(p) => MemMut::Device(*p + span.start as u64),
+                };
+                let part = table.sequences(g.clone());
+                c.store
+                    .attend_rows(&c.exec, layer, &part, &slots[g.clone()], qg, &rows[g], og, stream)?;
+                at += n;
+            }
+            Ok(())
         })
-    }
-
-    /// attend_rows over the page table and seq slots of its sequences.
-    #[allow(clippy::too_many_arguments)] // attend_rows' arguments, the sequences resolved
-    fn attend_rows_in(
-        &mut self,
-        layer: u32,
-        table: &OwnedPageTable,
-        slots: &[i32],
-        rows: &[u32],
-        q: Activations,
-        mut out: Output,
-        stream: Stream,
-    ) -> Result<()> {
-        let total = crate::cpu::rows_total(rows, slots.len())?;
-        let cap = self.cfg.max_batch as usize;
-        if !self.is_gpu() || total <= cap {
-            return self
-                .store
-                .attend_rows(&self.exec, layer, table, slots, q, rows, out, stream);
-        }
-        let groups = row_groups(rows, cap)?;
-        let row_bytes = (self.cfg.num_q_heads * self.cfg.head_dim) as usize * self.cfg.dtype.size();
-        let bytes = total * row_bytes;
-        let q_len = match q {
-            Mem::Host(h) => Some(h.len()),
-            Mem::Device(_) => None,
-        };
-        let out_len = match &out {
-            MemMut::Host(h) => Some(h.len()),
-            MemMut::Device(_) => None,
-        };
-        for (what, len) in [("q", q_len), ("out", out_len)] {
-            ensure!(
-                !matches!(len, Some(n) if n < bytes),
-                SIKV_ERR_BUFFER_TOO_SMALL,
-                "`{what}` holds {} bytes, {bytes} needed",
-                len.unwrap_or(0)
-            );
-        }
-        let mut at = 0usize;
-        for g in groups {
-            let n: usize = rows[g.clone()].iter().map(|&r| r as usize).sum();
-            let span = at * row_bytes..(at + n) * row_bytes;
-            let qg = match q {
-                Mem::Host(h) => Mem::Host(&h[span.clone()]),
-                Mem::Device(p) => Mem::Device(p + span.start as u64),
-            };
-            let og = match &mut out {
-                MemMut::Host(h) => MemMut::Host(&mut h[span.clone()]),
-                MemMut::Device(p) => MemMut::Device(*p + span.start as u64),
-            };
-            let part = table.sequences(g.clone());
-            self.store
-                .attend_rows(&self.exec, layer, &part, &slots[g.clone()], qg, &rows[g], og, stream)?;
-            at += n;
-        }
-        Ok(())
     }
 
     /// Sparse decode attention over a selection the caller made instead of the library's:
@@ -467,43 +451,26 @@ impl Cache {
         stream: Stream,
     ) -> Result<()> {
         self.with_table(layer, ids, |c, table, slots| {
-            c.attend_selected_in(layer, ids, table, slots, q, indices, counts, out, stream)
+            let rows = ids.len() * c.cfg.num_kv_heads as usize;
+            let kmax = c.cfg.budget.max as usize;
+            ensure!(
+                indices.len() >= rows * kmax,
+                SIKV_ERR_BUFFER_TOO_SMALL,
+                "indices has {} entries, n_seqs x num_kv_heads x budget_max = {} needed",
+                indices.len(),
+                rows * kmax
+            );
+            ensure!(
+                counts.len() >= rows,
+                SIKV_ERR_BUFFER_TOO_SMALL,
+                "counts has {} entries, n_seqs x num_kv_heads = {rows} needed",
+                counts.len()
+            );
+            let (indices, counts) = (&indices[..rows * kmax], &counts[..rows]);
+            c.check_selection(layer, ids, indices, counts, stream)?;
+            let sel = Selection::Given { indices, counts };
+            c.store.attend(&c.exec, layer, table, slots, q, out, sel, stream)
         })
-    }
-
-    /// attend_selected over the page table and seq slots of its sequences.
-    #[allow(clippy::too_many_arguments)] // attend_selected's arguments, the sequences resolved
-    fn attend_selected_in(
-        &mut self,
-        layer: u32,
-        ids: &[i64],
-        table: &OwnedPageTable,
-        slots: &[i32],
-        q: Activations,
-        indices: &[i32],
-        counts: &[i32],
-        out: Output,
-        stream: Stream,
-    ) -> Result<()> {
-        let rows = ids.len() * self.cfg.num_kv_heads as usize;
-        let kmax = self.cfg.budget.max as usize;
-        ensure!(
-            indices.len() >= rows * kmax,
-            SIKV_ERR_BUFFER_TOO_SMALL,
-            "indices has {} entries, n_seqs x num_kv_heads x budget_max = {} needed",
-            indices.len(),
-            rows * kmax
-        );
-        ensure!(
-            counts.len() >= rows,
-            SIKV_ERR_BUFFER_TOO_SMALL,
-            "counts has {} entries, n_seqs x num_kv_heads = {rows} needed",
-            counts.len()
-        );
-        let (indices, counts) = (&indices[..rows * kmax], &counts[..rows]);
-        self.check_selection(layer, ids, indices, counts, stream)?;
-        let sel = Selection::Given { indices, counts };
-        self.store.attend(&self.exec, layer, table, slots, q, out, sel, stream)
     }
 
     /// Every row of a caller's selection holds `0..=budget_max` strictly ascending candidate
