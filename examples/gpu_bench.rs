@@ -365,14 +365,14 @@ fn run(
             };
             let dense = |st: selfindexkv::gpu::CUstream| {
                 s.ctx
-                    .attend_dense(cfg, &s.layout, &s.layer, &s.batch, s.out.ptr(), ws, st)
+                    .attend_dense(cfg, &s.layout, &s.layer, &s.batch, s.out.ptr(), ws, None, st)
             };
             // A managed cache's dense decode: the grid sized from the live length (eager calls
             // only; under the graph capture it is dense_ours' grid).
             let dense_live = |st: selfindexkv::gpu::CUstream| {
                 let out = s.out.ptr();
                 s.ctx
-                    .attend_dense_sized(cfg, &s.layout, &s.layer, &s.batch, out, ws, Some(n), st)
+                    .attend_dense(cfg, &s.layout, &s.layer, &s.batch, out, ws, Some(n), st)
             };
             // The stateless decode's crossover, decided on the device from the live lengths.
             let max_tokens = cfg.dense_crossover.max_tokens(b).unwrap_or(0);

@@ -124,7 +124,7 @@ pub(super) fn attend(
     let out = out.device("out")?;
     let ws = device_ws(ws);
     match sel {
-        Selected::All => g.attend_dense_sized(&ex.cfg, &ex.layout, &layer, &batch, out, ws, b.live_max, stream),
+        Selected::All => g.attend_dense(&ex.cfg, &ex.layout, &layer, &batch, out, ws, b.live_max, stream),
         Selected::Given { indices, counts } => {
             let sel = DevSelection {
                 indices: indices.device("indices")?,
@@ -271,7 +271,7 @@ pub(super) fn decode(
     let out = out.device("out")?;
     let (cfg, lay) = (&ex.cfg, &ex.layout);
     let sparse = || select_attend_dev(ex, g, &layer, &batch, sel, out, stage_ws, stream);
-    let dense = || g.attend_dense(cfg, lay, &layer, &batch, out, stage_ws, stream);
+    let dense = || g.attend_dense(cfg, lay, &layer, &batch, out, stage_ws, None, stream);
     match route {
         Route::Sparse => sparse(),
         Route::Dense => dense(),

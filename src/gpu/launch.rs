@@ -712,27 +712,12 @@ impl GpuContext {
 
     /// Dense decode (cpu::attend_dense): every candidate dequantised plus the dense set, no
     /// selection; `out` as for [`attend`](Self::attend). Hot path (the crossover path and our
-    /// own baseline).
+    /// own baseline). `live_max`: the batch's longest live sequence where the caller knows it
+    /// (at most max_seq_len; a managed cache), else None: outside a graph capture the grid's
+    /// chunks are then sized from it, so a short sequence under a long max_seq_len launches the
+    /// blocks it needs. Every row must be at most `live_max` long.
     #[allow(clippy::too_many_arguments)] // one typed descriptor per kind of memory the stage touches
     pub fn attend_dense(
-        &self,
-        cfg: &CacheConfig,
-        layout: &Layout,
-        layer: &DevLayer,
-        batch: &DevBatch,
-        out: u64,
-        ws: DevWorkspace,
-        stream: CUstream,
-    ) -> Result<()> {
-        self.attend_dense_sized(cfg, layout, layer, batch, out, ws, None, stream)
-    }
-
-    /// [`attend_dense`](Self::attend_dense) for a caller that knows the batch's longest live
-    /// sequence (`live_max`, at most max_seq_len; a managed cache): outside a graph capture the
-    /// grid's chunks are sized from it, so a short sequence under a long max_seq_len launches
-    /// the blocks it needs. Every row must be at most `live_max` long. Hot path.
-    #[allow(clippy::too_many_arguments)] // attend_dense's arguments plus the length
-    pub fn attend_dense_sized(
         &self,
         cfg: &CacheConfig,
         layout: &Layout,

@@ -132,6 +132,7 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
             &batch,
             dout.ptr(),
             ws.as_workspace(),
+            None,
             null(),
         )
         .map_err(e2s)?;

@@ -150,6 +150,7 @@ fn run_rows(
             &batch,
             dout.ptr(),
             ws.as_workspace(),
+            None,
             null(),
         )
         .err()
