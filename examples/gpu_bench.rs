@@ -5,11 +5,12 @@
 //! traffic model), so it reads as a fraction of HBM peak.
 //!
 //! Usage: gpu_bench [--csv PATH] [--quick] [--iters N] [--n N1,N2,..] [--batch B1,B2,..]
-//! [--rows R1,R2,..] [--profile 2+1|4+1]
+//! [--rows R1,R2,..] [--profile 2+1|4+1] [--kept S,H,W]
 //! (--n / --batch replace the default sizes; --profile picks the storage profile, 2+1 by default; SIKV_TOPK=single times the one-CTA top-k;
 //! --rows adds the select + attend step with R query rows per sequence, selected per row
 //! (`step_rows<R>`) and from the rows' mean query (`step_mean<R>`), to set against R one-row
-//! steps)
+//! steps; --kept sets n_sink, n_heavy and n_window, the kept dense entries, to see what their splits
+//! cost)
 //! Prints a table and writes CSV rows:
 //! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us
 //!
@@ -84,6 +85,8 @@ struct Setup {
 
 /// The storage profile of every configuration (`--profile`), set once in main.
 static PROFILE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+/// n_sink, n_heavy, n_window (`--kept`) in place of the profile's, set once in main.
+static KEPT: std::sync::OnceLock<Option<[u32; 3]>> = std::sync::OnceLock::new();
 
 /// `msl`: the configured max_seq_len when above `n` (an engine that declares a long maximum and
 /// decodes shorter sequences).
@@ -99,6 +102,9 @@ fn make_cfg(n: u32, msl: u32, batch: u32) -> CacheConfig {
     c.max_batch = batch;
     c.max_seqs = batch;
     c.max_append_tokens = n;
+    if let Some([sink, heavy, window]) = KEPT.get().copied().flatten() {
+        (c.n_sink, c.n_heavy, c.n_window) = (sink, heavy, window);
+    }
     CacheConfig::from_c(&c).unwrap()
 }
 
@@ -283,6 +289,21 @@ fn main() {
         }
     };
     PROFILE.set(profile).expect("profile set once");
+    let kept = match args.iter().position(|a| a == "--kept").and_then(|i| args.get(i + 1)) {
+        None => None,
+        Some(v) => match v
+            .split(',')
+            .map(|x| x.trim().parse::<u32>())
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(k) if k.len() == 3 => Some([k[0], k[1], k[2]]),
+            _ => {
+                eprintln!("gpu bench: --kept takes three counts S,H,W, not {v}");
+                std::process::exit(2);
+            }
+        },
+    };
+    KEPT.set(kept).expect("kept set once");
     let probe = make_cfg(1024, 0, 1);
     match GpuContext::new(&probe, &Layout::new(&probe)) {
         Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
