@@ -75,10 +75,16 @@ pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
 
 /// attend_dense: candidate chunks per (KV head, sequence) on a device of `sms` multiprocessors
 /// (the grid's blocks after the dense splits; the kernel sizes each sequence's chunks from its
-/// live length). Enough that no chunk exceeds DENSE_TC_MAX_CHUNK at max_seq_len, enough blocks
-/// to give every SM DENSE_BLOCKS_PER_SM at this batch, no more than chunks of DENSE_MIN_CHUNK
-/// cover max_seq_len (blocks past a sequence's candidates cost a launch each), and at most
-/// MAX_DENSE_CHUNKS.
+/// live length). Enough that no chunk exceeds DENSE_TC_MAX_CHUNK at max_seq_len; as many as
+/// fit one wave of DENSE_BLOCKS_PER_SM blocks per SM beside the kept-entry splits where those
+/// chunks are large enough, else enough to give every SM DENSE_BLOCKS_PER_SM; no more than
+/// chunks of DENSE_MIN_CHUNK cover max_seq_len (blocks past a sequence's candidates cost a
+/// launch each), and at most MAX_DENSE_CHUNKS.
+///
+/// Why one wave: the kept-entry splits come first in the grid, so the blocks that do not fit
+/// waited for a slot that one of them held, and the step paid a kept split and a chunk in
+/// series (H200, 8K tokens, batch 4: 43.0 us against 32.6 with sinks only as kept entries,
+/// docs/PERF_NOTES.md v15).
 pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
     dense_chunks_for(cfg.max_seq_len as usize, cfg, sms, batch)
 }
@@ -87,11 +93,22 @@ pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
 /// the workspace's chunks).
 pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
     let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
-    let fill = (DENSE_BLOCKS_PER_SM * sms as usize).div_ceil(rows);
+    let slots = DENSE_BLOCKS_PER_SM * sms as usize;
+    let need = msl.div_ceil(DENSE_TC_MAX_CHUNK);
+    let one_wave = (slots / rows).saturating_sub(kept_splits(cfg));
+    let fill = if one_wave >= need.max(1) {
+        one_wave
+    } else {
+        slots.div_ceil(rows)
+    };
     let most = msl.div_ceil(DENSE_MIN_CHUNK);
-    fill.max(msl.div_ceil(DENSE_TC_MAX_CHUNK))
-        .min(most)
-        .clamp(1, MAX_DENSE_CHUNKS)
+    fill.max(need).min(most).clamp(1, MAX_DENSE_CHUNKS)
+}
+
+/// Splits of the kept dense entries (sinks, heavy, window) that attend and attend_dense run
+/// ahead of the others in each (KV head, sequence): ATTEND_SPLIT entries each.
+pub fn kept_splits(cfg: &CacheConfig) -> usize {
+    (cfg.dense_capacity() as usize).div_ceil(ATTEND_SPLIT)
 }
 
 /// Whether the sparse attend's splits of selected tokens run on tensor cores (attend_tc.cuh's
@@ -112,19 +129,19 @@ pub fn code_width4(cfg: &CacheConfig) -> bool {
 }
 
 /// attend: ATTEND_SPLITs of selected tokens per tensor-core split at this batch on a device of
-/// `sms` multiprocessors. One while the splits of one ATTEND_SPLIT fit ATTEND_BLOCKS_PER_SM on
-/// every SM; beyond that as many as bring the grid back to that (each warp then walks several
-/// tiles, its next gather in flight), so a large batch pays the block prologue and the partial
-/// fewer times. 1 where the splits do not run on tensor cores.
+/// `sms` multiprocessors. The smallest span whose grid, kept-entry splits included, fits one
+/// wave of ATTEND_BLOCKS_PER_SM blocks per SM (each warp then walks several tiles, its next
+/// gather in flight), so that no split waits for a slot a kept split holds (dense_chunks_for
+/// says why); ATTEND_MAX_SPAN where none does. 1 where the splits do not run on tensor cores.
 pub fn attend_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, tc: bool) -> u32 {
     if !tc {
         return 1;
     }
     let sel = (w.sparse_splits - w.dense_splits) as u32;
-    let rows = cfg.num_kv_heads * batch.max(1);
-    (sel * rows)
-        .div_ceil(ATTEND_BLOCKS_PER_SM * sms.max(1))
-        .clamp(1, ATTEND_MAX_SPAN)
+    let per_row = ATTEND_BLOCKS_PER_SM * sms.max(1) / (cfg.num_kv_heads * batch.max(1));
+    (1..=ATTEND_MAX_SPAN)
+        .find(|&span| w.dense_splits as u32 + sel.div_ceil(span) <= per_row)
+        .unwrap_or(ATTEND_MAX_SPAN)
 }
 
 impl Workspace {
@@ -153,7 +170,7 @@ impl Workspace {
         let s1 = cfg.stage1_max() as usize;
         let cap = cfg.dense_capacity() as usize;
         let sparse_splits = (cap + cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
-        let dense_splits = cap.div_ceil(ATTEND_SPLIT);
+        let dense_splits = kept_splits(cfg);
         // dense_chunks never exceeds this, whatever the device.
         let chunks_max = msl.div_ceil(DENSE_MIN_CHUNK).clamp(1, MAX_DENSE_CHUNKS);
         let dense_total_splits = dense_splits + chunks_max;
@@ -270,6 +287,32 @@ mod tests {
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 16);
     }
 
+    /// Where chunks of at most DENSE_TC_MAX_CHUNK allow it, the kept-entry splits and the
+    /// chunks of every row fit one wave of DENSE_BLOCKS_PER_SM blocks per SM; where they do not,
+    /// the grid still gives every SM that many.
+    #[test]
+    fn dense_grid_fits_one_wave_where_it_can() {
+        let sms = 132usize;
+        let slots = DENSE_BLOCKS_PER_SM * sms;
+        for msl in [8192u32, 32768, 65536, 131072] {
+            for batch in [1u32, 2, 4, 8] {
+                let c = cfg(msl, batch);
+                let rows = 8 * batch as usize;
+                let n = dense_chunks(&c, sms as u32, batch);
+                let blocks = rows * (kept_splits(&c) + n);
+                let one_wave_fits = slots / rows >= kept_splits(&c) + (msl as usize).div_ceil(DENSE_TC_MAX_CHUNK);
+                if one_wave_fits {
+                    assert!(blocks <= slots, "msl {msl} batch {batch}: {blocks} blocks");
+                } else {
+                    assert!(rows * n >= slots.min(rows * (msl as usize).div_ceil(DENSE_MIN_CHUNK)));
+                }
+            }
+        }
+        // 8K at batch 4: 13 chunks beside the 3 kept splits, 16 blocks per row (was 16 chunks).
+        assert_eq!(kept_splits(&cfg(8192, 4)), 3);
+        assert_eq!(dense_chunks(&cfg(8192, 4), 132, 4), 13);
+    }
+
     /// A grid sized from the longest live sequence (a managed cache's eager dense decode) has no
     /// more chunks than max_seq_len's (so the workspace holds its partials), the same at
     /// live = max_seq_len, and the 8K grid for an 8K sequence under a 128K maximum.
@@ -351,7 +394,15 @@ mod tests {
             .iter()
             .map(|&b| attend_span(&w, &c, 132, b, true))
             .collect();
-        assert_eq!(spans, [1, 1, 2, 4]);
+        // One wave of 4 x 132 blocks with the 3 kept-entry splits per row: 35, 19, 14, 8 per row.
+        assert_eq!(spans, [1, 2, 3, 7]);
+        for b in [1u32, 2, 4, 8] {
+            let span = attend_span(&w, &c, 132, b, true);
+            assert!(
+                w.attend_splits(span) as u32 * 8 * b <= ATTEND_BLOCKS_PER_SM * 132,
+                "batch {b}"
+            );
+        }
         assert_eq!(attend_span(&w, &c, 132, 8, false), 1);
         assert_eq!(attend_span(&w, &c, 1, 64, true), ATTEND_MAX_SPAN);
         for batch in [1u32, 2, 8, 64] {
