@@ -265,15 +265,31 @@ SIKV_DEV int dense_chunk_of(const SikvParams& p, int end) {
     return (c + DENSE_CHUNK_ALIGN - 1) / DENSE_CHUNK_ALIGN * DENSE_CHUNK_ALIGN;
 }
 
+// List items per tensor-core split (the splits from dense_splits on): attend_span
+// ATTEND_SPLITs. A selection of this call's select (p.attend_early) holds at most the budget of
+// the row's candidate range, so `bound` (kept entries + that budget) is known before the wait:
+// such a row's items spread over all the grid's tensor-core splits in whole ATTEND_SPLITs,
+// instead of filling the first splits span by span while the others return (a short sequence
+// under a grid sized for budget_max: at 8K, batch 8, span 7, two splits of 448 and 4 items).
+SIKV_DEV int tc_split_items(const SikvParams& p, int bound) {
+    const int most = p.attend_span * ATTEND_SPLIT;
+    if (!p.attend_early || p.attend_span <= 1) return most;
+    const int nsel = p.num_splits - p.dense_splits;
+    const int rest = bound - p.dense_splits * ATTEND_SPLIT;
+    const int per = rest > 0 ? (rest + nsel - 1) / nsel : 1;
+    const int n = (per + ATTEND_SPLIT - 1) / ATTEND_SPLIT * ATTEND_SPLIT;
+    return n < most ? n : most;
+}
+
 // The sparse attend's list items [lo, hi) of `split` (the kept dense entries first, then the
-// selection; total of them): ATTEND_SPLIT per split, except that with attend_span > 1 each
-// split from dense_splits on takes attend_span times as many (tensor-core splits, which walk
-// several tiles per warp; the host sets the span only for shapes that take them).
-SIKV_DEV void sparse_items(const SikvParams& p, int split, int total, int* lo, int* hi) {
+// selection; total of them): ATTEND_SPLIT per split, except that each split from dense_splits
+// on takes tc_items (tc_split_items; tensor-core splits, which walk several tiles per warp; the
+// host sets a span above 1 only for shapes that take them).
+SIKV_DEV void sparse_items(const SikvParams& p, int split, int total, int tc_items, int* lo, int* hi) {
     int l = split * ATTEND_SPLIT, n = ATTEND_SPLIT;
     if (p.attend_span > 1 && split >= p.dense_splits) {
-        l = p.dense_splits * ATTEND_SPLIT + (split - p.dense_splits) * p.attend_span * ATTEND_SPLIT;
-        n = p.attend_span * ATTEND_SPLIT;
+        l = p.dense_splits * ATTEND_SPLIT + (split - p.dense_splits) * tc_items;
+        n = tc_items;
     }
     *lo = l;
     *hi = l + n < total ? l + n : total;
@@ -610,8 +626,13 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     int nd = 0;
     #pragma unroll
     for (int w = 0; w < Sh::WARPS; ++w) nd += s.count[w];
+    // What this call's select can have chosen at most (budget_k is monotone); lo does not
+    // depend on the count. tc_items lives across the prologue: the 4-bit and rows kernels
+    // spill 4 more bytes for it, stored and loaded once per block.
+    const int sel_bound = nd + budget_k(p, cand_end(p, len) - p.n_sink);
+    const int tc_items = tc_split_items(p, sel_bound);
     int lo, hi;
-    sparse_items(p, split, 0x7fffffff, &lo, &hi);  // lo does not depend on the count
+    sparse_items(p, split, 0x7fffffff, tc_items, &lo, &hi);
     if (lo < nd) {  // uniform over the block
         sikv_grid_wait();
         return false;
@@ -627,10 +648,10 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
         sikv_grid_wait();
         const int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
         if (cnt < 0 || cnt > p.budget_max) return -1;
-        sparse_items(p, split, nd + cnt, &lo, &hi);
+        sparse_items(p, split, nd + cnt, tc_items, &lo, &hi);
         return lo >= hi ? 1 : 0;
     };
-    if (lo >= nd + budget_k(p, cand_end(p, len) - p.n_sink)) {
+    if (lo >= sel_bound) {
         const int e = selection_ends_before();
         if (e < 0) return false;
         if (e > 0) {
