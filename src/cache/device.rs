@@ -242,7 +242,16 @@ impl DeviceStore {
         }
     }
 
-    /// Device addresses for `acts`: device pointers pass through, host bytes are staged.
+    /// Grows the staging buffer to at least `bytes` (nothing for 0, or when it is that large).
+    fn reserve_staging(&mut self, bytes: usize) -> Result<()> {
+        if bytes > 0 && self.staging.as_ref().map(|s| s.bytes() < bytes).unwrap_or(true) {
+            self.staging = Some(self.ctx.alloc(bytes)?);
+        }
+        Ok(())
+    }
+
+    /// Device addresses for `acts`: device pointers pass through, host bytes are staged from
+    /// the start of the staging buffer, each rounded up to 256 bytes.
     fn device_inputs<const N: usize>(&mut self, acts: [Activations; N], stream: Stream) -> Result<[u64; N]> {
         let host: usize = acts
             .iter()
@@ -251,9 +260,7 @@ impl DeviceStore {
                 Mem::Device(_) => 0,
             })
             .sum();
-        if host > 0 && self.staging.as_ref().map(|s| s.bytes() < host).unwrap_or(true) {
-            self.staging = Some(self.ctx.alloc(host)?);
-        }
+        self.reserve_staging(host)?;
         let mut off = 0u64;
         let mut out = [0u64; N];
         for (o, a) in out.iter_mut().zip(acts) {
@@ -443,8 +450,15 @@ impl DeviceStore {
                     "`out` holds {} bytes, {out_bytes} needed",
                     h.len()
                 );
-                let zeros = vec![0u8; out_bytes];
-                let [qd, od] = self.device_inputs([q, Mem::Host(&zeros)], stream)?;
+                // The output's staging follows q's, zeroed on the device: no host buffer per call.
+                let q_staged = match q {
+                    Mem::Host(b) => b.len().div_ceil(256) * 256,
+                    Mem::Device(_) => 0,
+                };
+                self.reserve_staging(q_staged + out_bytes.div_ceil(256) * 256)?;
+                let [qd] = self.device_inputs([q], stream)?;
+                let od = self.staging.as_ref().expect("staging reserved above").ptr() + q_staged as u64;
+                self.ctx.memset_async(od, 0, out_bytes, stream)?;
                 Ok((qd, od))
             }
         }
