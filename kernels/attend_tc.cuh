@@ -141,12 +141,27 @@ struct TcWarp {
     float m_run[2], l_run[2];
     const u8* pl_sign; const u8* pl_kmag; const u8* pl_kpar; const u8* pl_vcode; const u8* pl_vpar;
 
+    // The thread's place in the warp (init's first step) and its plane pointers (init's last):
+    // a walk that issues its first tile's loads before init calls both first. The sparse
+    // splits do not: their pointers would live through init beside its registers.
+    SIKV_DEV void bind_lanes() {
+        const int tid = threadIdx.x;
+        lane = tid & 31; warp = tid >> 5; g = lane >> 2; j = lane & 3;
+    }
+    SIKV_DEV void bind_planes(const SikvParams& p) {
+        pl_sign = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_SIGN]) + Sh::KCH * j / 8;
+        pl_kmag = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_KMAG]) + Sh::KCH * j * BITS / 8;
+        pl_kpar = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_KPAR]) + 4 * (Sh::KCH * j / QUANT_GROUP);
+        pl_vcode = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_VCODE]) + Sh::VCH * g * BITS / 8;
+        pl_vpar = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_VPAR]) + 4 * (Sh::VCH * g / QUANT_GROUP);
+    }
+
     // Q' of the G heads -> fragments. Every thread of the block calls (two barriers);
     // `between` runs between them (shared-memory work that the walk reads afterwards).
     template <typename Between>
     SIKV_DEV void init(const SikvParams& p, TcSmem<D>& s, long long hq_base, const float* ascale, Between between) {
         const int tid = threadIdx.x, G = p.group;
-        lane = tid & 31; warp = tid >> 5; g = lane >> 2; j = lane & 3;
+        bind_lanes();
         float qm = 0.0f;
         const T* q = reinterpret_cast<const T*>(p.q);
         const float f = p.softmax_scale * 1.4426950408889634f;  // log2(e): exp2 in the softmax
@@ -186,11 +201,7 @@ struct TcWarp {
             for (int i = 0; i < 4; ++i) oacc[mb][i] = 0.0f;
         m_run[0] = m_run[1] = SIKV_NEG_INF;
         l_run[0] = l_run[1] = 0.0f;
-        pl_sign = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_SIGN]) + Sh::KCH * j / 8;
-        pl_kmag = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_KMAG]) + Sh::KCH * j * BITS / 8;
-        pl_kpar = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_KPAR]) + 4 * (Sh::KCH * j / QUANT_GROUP);
-        pl_vcode = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_VCODE]) + Sh::VCH * g * BITS / 8;
-        pl_vpar = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_VPAR]) + 4 * (Sh::VCH * g / QUANT_GROUP);
+        bind_planes(p);
         __syncthreads();  // Q' read (s.acc is reused by finish)
     }
 
@@ -261,6 +272,25 @@ struct TcWarp {
             const int t = (u & 1) + 8 * (u >> 1);  // value_token(u) - 2 j
             load_vcode(vc + t * Sh::RB_VCODE, ok, r.vcode[u]);
             r.vpar[u] = ok ? *reinterpret_cast<const u32*>(vp + t * Sh::RB_VPAR) : 0u;
+        }
+    }
+    // Zeros the words of the tokens whose bit in `valid` is clear, as load_tile leaves them:
+    // for a tile loaded before its validity was known.
+    SIKV_DEV void keep_valid(u32 valid, Raw& r) const {
+        #pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+            const bool ok = (valid >> key_token(nb)) & 1u;
+            r.ksign[nb] = ok ? r.ksign[nb] : 0u;
+            #pragma unroll
+            for (int w = 0; w < Sh::KW; ++w) r.kcode[nb][w] = ok ? r.kcode[nb][w] : 0u;
+            r.kpar[nb] = ok ? r.kpar[nb] : 0u;
+        }
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const bool ok = (valid >> value_token(u)) & 1u;
+            #pragma unroll
+            for (int w = 0; w < Sh::VW; ++w) r.vcode[u][w] = ok ? r.vcode[u][w] : 0u;
+            r.vpar[u] = ok ? r.vpar[u] : 0u;
         }
     }
     // The tile's token t (0..15) of this thread: key tokens g, g + 8; value tokens 2j, 2j+1,

@@ -23,6 +23,8 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
     const int G = p.group;
     const int tid = threadIdx.x;
     const long long hq_base = (long long)b * p.num_kv_heads * G + (long long)h * G;
+    // The page table's row start does not depend on the length: in flight from the start.
+    const int* pages = reinterpret_cast<const int*>(p.page_indices) + reinterpret_cast<const int*>(p.indptr)[b];
     const int end = slot < 0 ? 0 : cand_end(p, len);
     const int clo = (split - p.dense_splits) * chunk;
     const int lo = clo > p.n_sink ? clo : p.n_sink;
@@ -34,18 +36,9 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
     const u8* rec = state_record(p, slot, h);
     const int* dpos = reinterpret_cast<const int*>(rec + p.off_dense_pos);
     const float* ascale = reinterpret_cast<const float*>(rec + p.off_scale);
-
-    // Heavy positions of the chunk -> bitmap (zeroed before init's first barrier, set between
-    // its two).
-    for (int i = tid; i < chunk / 32; i += ATTEND_THREADS) heavy[i] = 0u;
     TcWarp<D, T, BITS> w;
-    w.init(p, s, hq_base, ascale, [&]() {
-        for (int i = tid; i < p.n_heavy; i += ATTEND_THREADS) {
-            const int off = dpos[p.n_sink + i] - clo;
-            if (off >= 0 && off < chunk) atomicOr(&heavy[off >> 5], 1u << (off & 31));
-        }
-    });
-    const int lane = w.lane;
+    w.bind_lanes();
+    w.bind_planes(p);
 
     // This warp's quarter of the chunk, in tiles of 16 positions aligned to 16.
     const int quarter = chunk / Sh::WARPS;
@@ -55,7 +48,6 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
 
     // Page of a tile (16 positions inside one page): its first plane row, or -1 past the
     // warp's range or on a page index outside the pool (fault raised, the tile skipped).
-    const int* pages = reinterpret_cast<const int*>(p.page_indices) + reinterpret_cast<const int*>(p.indptr)[b];
     auto tile_row = [&](int base) -> long long {
         if (base >= whi) return -1;
         int pi, off;
@@ -67,26 +59,44 @@ SIKV_DEV void dense_tc_chunk(const SikvParams& p, int chunk, int len, int slot) 
         }
         return ((long long)page * p.num_kv_heads + h) * p.page_size + off;
     };
-    // The 16 positions' validity (bit t: position base + t): a candidate of this warp's range,
-    // not heavy, on a good page. Uniform over the warp: the range as a bit interval, the heavy
-    // positions from the chunk's bitmap (a tile is an aligned half word of it).
+    // The 16 positions' validity (bit t: position base + t): a candidate of this warp's range
+    // on a good page (tile_range), and not heavy (tile_valid, once init has built the bitmap).
+    // Uniform over the warp: the range as a bit interval, the heavy positions from the chunk's
+    // bitmap (a tile is an aligned half word of it).
     const int vlo = lo > wlo0 ? lo : wlo0;
-    auto tile_valid = [&](int base, long long row0) -> u32 {
+    auto tile_range = [&](int base, long long row0) -> u32 {
         const int a = vlo - base > 0 ? vlo - base : 0;
         const int e = whi - base < 16 ? whi - base : 16;
         if (row0 < 0 || a >= e) return 0u;
-        const u32 range = ((0xffffu >> (16 - e)) >> a) << a;  // bits [a, e)
-        const int off = base - clo;                            // a multiple of 16 in [0, chunk)
-        return range & ~(heavy[off >> 5] >> (off & 31));
+        return ((0xffffu >> (16 - e)) >> a) << a;  // bits [a, e)
     };
-    // The thread's tokens of a tile at plane row row0 (consecutive rows: one page).
+    auto tile_valid = [&](int base, long long row0) -> u32 {
+        const int off = base - clo;  // a multiple of 16 in [0, chunk)
+        return tile_range(base, row0) & ~(heavy[off >> 5] >> (off & 31));
+    };
+
+    // The first tile's words and the heavy list are loaded before init, beside its query
+    // loads, instead of one round trip after another (the page table's, the heavy list's, the
+    // tile's); the heavy tokens' words are zeroed once the bitmap is known.
     auto load = [&](long long row0, u32 valid, TcRaw<D, BITS>& r) { w.load_tile(row0, valid, r); };
-    // The loop alternates two register sets, so the next tile's words load into one while the
-    // other is used (no copy between them).
     TcRaw<D, BITS> ra, rb;
     const long long r0 = tile_row(wlo);
+    load(r0, tile_range(wlo, r0), ra);
+    const int hp0 = tid < p.n_heavy ? dpos[p.n_sink + tid] : -1;
+
+    // Heavy positions of the chunk -> bitmap (zeroed before init's first barrier, set between
+    // its two).
+    for (int i = tid; i < chunk / 32; i += ATTEND_THREADS) heavy[i] = 0u;
+    w.init(p, s, hq_base, ascale, [&]() {
+        for (int i = tid; i < p.n_heavy; i += ATTEND_THREADS) {
+            const int off = (i == tid ? hp0 : dpos[p.n_sink + i]) - clo;
+            if (off >= 0 && off < chunk) atomicOr(&heavy[off >> 5], 1u << (off & 31));
+        }
+    });
     u32 va = tile_valid(wlo, r0), vb = 0u;
-    load(r0, va, ra);
+    w.keep_valid(va, ra);
+    // The loop alternates two register sets, so the next tile's words load into one while the
+    // other is used (no copy between them).
     for (int base = wlo; base < whi; base += 32) {
         const long long r1 = tile_row(base + 16);
         vb = base + 16 < whi ? tile_valid(base + 16, r1) : 0u;
