@@ -132,16 +132,18 @@ pub fn code_width4(cfg: &CacheConfig) -> bool {
 /// `sms` multiprocessors. The smallest span whose grid, kept-entry splits included, fits one
 /// wave of ATTEND_BLOCKS_PER_SM blocks per SM (each warp then walks several tiles, its next
 /// gather in flight), so that no split waits for a slot a kept split holds (dense_chunks_for
-/// says why); ATTEND_MAX_SPAN where none does. 1 where the splits do not run on tensor cores.
+/// says why). Where none does (large batches, or many kept entries), the span that brings the
+/// selected tokens' splits alone to that many blocks, at most ATTEND_MAX_SPAN. 1 where the
+/// splits do not run on tensor cores.
 pub fn attend_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, tc: bool) -> u32 {
     if !tc {
         return 1;
     }
     let sel = (w.sparse_splits - w.dense_splits) as u32;
-    let per_row = ATTEND_BLOCKS_PER_SM * sms.max(1) / (cfg.num_kv_heads * batch.max(1));
-    (1..=ATTEND_MAX_SPAN)
-        .find(|&span| w.dense_splits as u32 + sel.div_ceil(span) <= per_row)
-        .unwrap_or(ATTEND_MAX_SPAN)
+    let rows = cfg.num_kv_heads * batch.max(1);
+    let slots = ATTEND_BLOCKS_PER_SM * sms.max(1);
+    let one_wave = (1..=ATTEND_MAX_SPAN).find(|&span| (w.dense_splits as u32 + sel.div_ceil(span)) * rows <= slots);
+    one_wave.unwrap_or_else(|| (sel * rows).div_ceil(slots).clamp(1, ATTEND_MAX_SPAN))
 }
 
 impl Workspace {
@@ -405,6 +407,19 @@ mod tests {
         }
         assert_eq!(attend_span(&w, &c, 132, 8, false), 1);
         assert_eq!(attend_span(&w, &c, 1, 64, true), ATTEND_MAX_SPAN);
+        // Many kept entries (18 splits of them): no span fits one wave at batch 4, and the span
+        // fills the device with the selected tokens' splits as before (32 x 32 / 528 -> 2).
+        let mut many = SikvConfig::for_profile(0).unwrap();
+        many.device = SIKV_DEVICE_CUDA;
+        many.dtype = SIKV_DTYPE_F16;
+        (many.num_q_heads, many.num_kv_heads, many.head_dim, many.page_size) = (32, 8, 128, 64);
+        (many.max_seq_len, many.max_batch, many.max_seqs, many.max_append_tokens) = (131072, 4, 4, 64);
+        many.n_window = 1024;
+        let many = CacheConfig::from_c(&many).unwrap();
+        let wm = Workspace::new(&many, &Layout::new(&many), 4);
+        assert_eq!(kept_splits(&many), 18);
+        assert_eq!(attend_span(&wm, &many, 132, 4, true), 2);
+        assert_eq!(attend_span(&wm, &many, 132, 2, true), 3);
         for batch in [1u32, 2, 8, 64] {
             for sms in [1u32, 16, 132, 1000] {
                 let span = attend_span(&w, &c, sms, batch, true);
