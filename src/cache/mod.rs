@@ -762,19 +762,22 @@ pub struct OwnedPageTable {
 }
 
 impl OwnedPageTable {
+    /// The table as the stages read it.
+    pub fn view(&self) -> crate::cpu::PageTable<'_> {
+        crate::cpu::PageTable {
+            indptr: &self.indptr,
+            indices: &self.indices,
+            last_page_len: &self.last_page_len,
+        }
+    }
+
     /// The longest sequence's length in tokens (0 for an empty table).
     pub fn longest(&self, page_size: u32) -> u32 {
-        (0..self.last_page_len.len())
-            .map(|i| {
-                let pages = (self.indptr[i + 1] - self.indptr[i]).max(0) as u32;
-                if pages == 0 {
-                    0
-                } else {
-                    (pages - 1) * page_size + self.last_page_len[i].max(0) as u32
-                }
-            })
+        let t = self.view();
+        (0..t.batch())
+            .map(|b| t.seq_len(b, page_size as usize))
             .max()
-            .unwrap_or(0)
+            .unwrap_or(0) as u32
     }
 
     /// The table of sequences `seqs` alone (their pages, indptr from 0).

@@ -3,7 +3,7 @@
 
 use super::device::DeviceStore;
 use super::{Fnv, OwnedPageTable};
-use crate::cpu::{LayerMut, LayerRef, PageTable};
+use crate::cpu::{LayerMut, LayerRef};
 use crate::exec::{
     Batch, DecodePath, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Stream, Table,
     Workspace,
@@ -359,11 +359,7 @@ impl ForkCopies {
 
 fn host_batch<'a>(table: &'a OwnedPageTable, seq_slot: &'a [i32], q: Activations<'a>) -> Batch<'a> {
     Batch {
-        table: Table::Host(PageTable {
-            indptr: &table.indptr,
-            indices: &table.indices,
-            last_page_len: &table.last_page_len,
-        }),
+        table: Table::Host(table.view()),
         seq_slot: Mem::Host(seq_slot),
         q,
         live_max: None,
