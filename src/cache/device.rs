@@ -128,6 +128,18 @@ pub struct DeviceStore {
     staging: Option<DeviceBuffer>,
 }
 
+/// Staged inputs start at multiples of this many bytes in the staging buffer.
+const STAGING_ALIGN: usize = 256;
+
+/// The staging bytes an input takes: its length rounded up to STAGING_ALIGN on the host, none
+/// on the device.
+fn staged_bytes(a: &Activations) -> usize {
+    match a {
+        Mem::Host(b) => b.len().div_ceil(STAGING_ALIGN) * STAGING_ALIGN,
+        Mem::Device(_) => 0,
+    }
+}
+
 impl DeviceStore {
     pub fn create(exec: &Executor, pools: Option<Pools>) -> Result<DeviceStore> {
         let (cfg, layout) = (exec.cfg(), exec.layout());
@@ -251,15 +263,9 @@ impl DeviceStore {
     }
 
     /// Device addresses for `acts`: device pointers pass through, host bytes are staged from
-    /// the start of the staging buffer, each rounded up to 256 bytes.
+    /// the start of the staging buffer, each taking staged_bytes.
     fn device_inputs<const N: usize>(&mut self, acts: [Activations; N], stream: Stream) -> Result<[u64; N]> {
-        let host: usize = acts
-            .iter()
-            .map(|a| match a {
-                Mem::Host(b) => b.len().div_ceil(256) * 256,
-                Mem::Device(_) => 0,
-            })
-            .sum();
+        let host: usize = acts.iter().map(staged_bytes).sum();
         self.reserve_staging(host)?;
         let mut off = 0u64;
         let mut out = [0u64; N];
@@ -269,7 +275,7 @@ impl DeviceStore {
                 Mem::Host(b) => {
                     let dst = self.staging.as_ref().expect("staging allocated above").ptr() + off;
                     self.ctx.copy_htod_async(dst, b, stream)?;
-                    off += (b.len().div_ceil(256) * 256) as u64;
+                    off += staged_bytes(&a) as u64;
                     dst
                 }
             };
@@ -451,11 +457,8 @@ impl DeviceStore {
                     h.len()
                 );
                 // The output's staging follows q's, zeroed on the device: no host buffer per call.
-                let q_staged = match q {
-                    Mem::Host(b) => b.len().div_ceil(256) * 256,
-                    Mem::Device(_) => 0,
-                };
-                self.reserve_staging(q_staged + out_bytes.div_ceil(256) * 256)?;
+                let q_staged = staged_bytes(&q);
+                self.reserve_staging(q_staged + out_bytes.div_ceil(STAGING_ALIGN) * STAGING_ALIGN)?;
                 let [qd] = self.device_inputs([q], stream)?;
                 let od = self.staging.as_ref().expect("staging reserved above").ptr() + q_staged as u64;
                 self.ctx.memset_async(od, 0, out_bytes, stream)?;
