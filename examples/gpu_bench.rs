@@ -289,20 +289,16 @@ fn main() {
         }
     };
     PROFILE.set(profile).expect("profile set once");
-    let kept = match args.iter().position(|a| a == "--kept").and_then(|i| args.get(i + 1)) {
-        None => None,
-        Some(v) => match v
-            .split(',')
-            .map(|x| x.trim().parse::<u32>())
-            .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(k) if k.len() == 3 => Some([k[0], k[1], k[2]]),
-            _ => {
-                eprintln!("gpu bench: --kept takes three counts S,H,W, not {v}");
-                std::process::exit(2);
-            }
-        },
+    let list = |flag: &str| -> Option<Vec<u32>> {
+        let v = args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1))?;
+        Some(v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
     };
+    let kept = list("--kept").map(|k| {
+        <[u32; 3]>::try_from(k).unwrap_or_else(|_| {
+            eprintln!("gpu bench: --kept takes three counts S,H,W");
+            std::process::exit(2);
+        })
+    });
     KEPT.set(kept).expect("kept set once");
     let probe = make_cfg(1024, 0, 1);
     match GpuContext::new(&probe, &Layout::new(&probe)) {
@@ -324,10 +320,6 @@ fn main() {
             &ctx.fused_select().1[1..],
         ),
     }
-    let list = |flag: &str| -> Option<Vec<u32>> {
-        let v = args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1))?;
-        Some(v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-    };
     let msl = list("--max-seq-len").and_then(|v| v.first().copied()).unwrap_or(0);
     let rows = list("--rows").unwrap_or_default();
     if let Err(e) = run(quick, iters, csv_path, list("--n"), list("--batch"), msl, &rows) {

@@ -236,6 +236,11 @@ mod tests {
     use crate::config::{SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
 
     fn cfg(max_seq_len: u32, max_batch: u32) -> CacheConfig {
+        CacheConfig::from_c(&c_cfg(max_seq_len, max_batch)).unwrap()
+    }
+
+    /// [`cfg`]'s configuration before validation, for a test that changes more of it.
+    fn c_cfg(max_seq_len: u32, max_batch: u32) -> SikvConfig {
         let mut c = SikvConfig::for_profile(0).unwrap();
         c.device = SIKV_DEVICE_CUDA;
         c.dtype = SIKV_DTYPE_F16;
@@ -247,7 +252,7 @@ mod tests {
         c.max_batch = max_batch;
         c.max_seqs = max_batch;
         c.max_append_tokens = 64;
-        CacheConfig::from_c(&c).unwrap()
+        c
     }
 
     /// Every grid covers max_seq_len with chunks the tensor-core path takes (up to MAX_DENSE_CHUNKS),
@@ -409,11 +414,7 @@ mod tests {
         assert_eq!(attend_span(&w, &c, 1, 64, true), ATTEND_MAX_SPAN);
         // Many kept entries (18 splits of them): no span fits one wave at batch 4, and the span
         // fills the device with the selected tokens' splits as before (32 x 32 / 528 -> 2).
-        let mut many = SikvConfig::for_profile(0).unwrap();
-        many.device = SIKV_DEVICE_CUDA;
-        many.dtype = SIKV_DTYPE_F16;
-        (many.num_q_heads, many.num_kv_heads, many.head_dim, many.page_size) = (32, 8, 128, 64);
-        (many.max_seq_len, many.max_batch, many.max_seqs, many.max_append_tokens) = (131072, 4, 4, 64);
+        let mut many = c_cfg(131072, 4);
         many.n_window = 1024;
         let many = CacheConfig::from_c(&many).unwrap();
         let wm = Workspace::new(&many, &Layout::new(&many), 4);
