@@ -294,9 +294,6 @@ mod tests {
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 16);
     }
 
-    /// Where chunks of at most DENSE_TC_MAX_CHUNK allow it, the kept-entry splits and the
-    /// chunks of every row fit one wave of DENSE_BLOCKS_PER_SM blocks per SM; where they do not,
-    /// the grid still gives every SM that many.
     /// Where some chunk count covers max_seq_len with chunks the tensor-core path takes and fits
     /// one wave beside the kept splits, the grid has the most such chunks (searched here, not
     /// computed as the rule computes it), up to 512-position chunks; elsewhere it gives every SM
