@@ -131,11 +131,15 @@ pub struct DeviceStore {
 /// Staged inputs start at multiples of this many bytes in the staging buffer.
 const STAGING_ALIGN: usize = 256;
 
-/// The staging bytes an input takes: its length rounded up to STAGING_ALIGN on the host, none
-/// on the device.
+/// The staging bytes `len` bytes take: rounded up to STAGING_ALIGN.
+fn staged_len(len: usize) -> usize {
+    len.div_ceil(STAGING_ALIGN) * STAGING_ALIGN
+}
+
+/// The staging bytes an input takes: staged_len of its length on the host, none on the device.
 fn staged_bytes(a: &Activations) -> usize {
     match a {
-        Mem::Host(b) => b.len().div_ceil(STAGING_ALIGN) * STAGING_ALIGN,
+        Mem::Host(b) => staged_len(b.len()),
         Mem::Device(_) => 0,
     }
 }
@@ -458,7 +462,7 @@ impl DeviceStore {
                 );
                 // The output's staging follows q's, zeroed on the device: no host buffer per call.
                 let q_staged = staged_bytes(&q);
-                self.reserve_staging(q_staged + out_bytes.div_ceil(STAGING_ALIGN) * STAGING_ALIGN)?;
+                self.reserve_staging(q_staged + staged_len(out_bytes))?;
                 let [qd] = self.device_inputs([q], stream)?;
                 let od = self.staging.as_ref().expect("staging reserved above").ptr() + q_staged as u64;
                 self.ctx.memset_async(od, 0, out_bytes, stream)?;
