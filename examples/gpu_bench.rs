@@ -269,17 +269,22 @@ fn time_graph(s: &Setup, iters: usize, f: &Call) -> R<f64> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let csv_path = args
-        .iter()
-        .position(|a| a == "--csv")
-        .and_then(|i| args.get(i + 1).cloned());
-    let iters: usize = args
-        .iter()
-        .position(|a| a == "--iters")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    let profile = match args.iter().position(|a| a == "--profile").and_then(|i| args.get(i + 1)) {
+    // A flag's value, or None when the flag is absent; a flag without a value is refused.
+    let value = |flag: &str| -> Option<&String> {
+        let i = args.iter().position(|a| a == flag)?;
+        Some(args.get(i + 1).unwrap_or_else(|| {
+            eprintln!("gpu bench: {flag} takes a value");
+            std::process::exit(2);
+        }))
+    };
+    let csv_path = value("--csv").cloned();
+    let iters: usize = value("--iters").map_or(60, |s| {
+        s.trim().parse().unwrap_or_else(|_| {
+            eprintln!("gpu bench: --iters takes a count, not {s}");
+            std::process::exit(2);
+        })
+    });
+    let profile = match value("--profile") {
         None => SIKV_PROFILE_2_1,
         Some(p) if p == "2+1" => SIKV_PROFILE_2_1,
         Some(p) if p == "4+1" => SIKV_PROFILE_4_1,
@@ -289,9 +294,19 @@ fn main() {
         }
     };
     PROFILE.set(profile).expect("profile set once");
+    // A comma-separated list of counts; an entry that is not one is refused, not dropped.
     let list = |flag: &str| -> Option<Vec<u32>> {
-        let v = args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1))?;
-        Some(v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        let v = value(flag)?;
+        Some(
+            v.split(',')
+                .map(|x| {
+                    x.trim().parse().unwrap_or_else(|_| {
+                        eprintln!("gpu bench: {flag} takes counts separated by commas, not {v}");
+                        std::process::exit(2);
+                    })
+                })
+                .collect(),
+        )
     };
     let kept = list("--kept").map(|k| {
         <[u32; 3]>::try_from(k).unwrap_or_else(|_| {
