@@ -9,7 +9,8 @@
 #   (step `samples`: the C++ engine sample and TensorRT plugin harness with --device cuda;
 #   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel;
 #   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT;
-#   `dense_groups`: the ignored diagnosis decode::dense_decode_groups, three seeds)
+#   `dense_groups`: the ignored diagnosis decode::dense_decode_groups, three seeds; `probe`:
+#   scripts/diag/latency_probe.cu, the fixed costs of launches, barriers and loads)
 #   5. a summary table (last lines of the output)
 # Logs and CSVs go to $OUT (default ./gpu_out). Env: STEPS (default "tests,memcheck,racecheck,
 # bench": run a subset, e.g. to stay under a per-command time limit), BENCH_QUICK=1,
@@ -115,6 +116,21 @@ if want dense_groups; then
     grep -E "seed =|configurations missed|^  d [0-9]+ G|test result" "$log" | cut -c1-200
     RC[dense_groups]=$(( ${RC[dense_groups]} | rc ))
   done
+fi
+
+# probe (not in the default STEPS): scripts/diag/latency_probe.cu, compiled here with this
+# machine's nvcc: the fixed costs of launches, barriers, dependent loads and merges.
+if want probe; then
+  echo "== latency probe"
+  NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  if "$NVCC" -O3 -std=c++17 -arch=sm_90 scripts/diag/latency_probe.cu -o "$OUT/latency_probe" > "$OUT/latency_probe_build.log" 2>&1; then
+    "$OUT/latency_probe" "$OUT/latency_probe.csv" 2>&1 | tee "$OUT/latency_probe.log"
+    RC[probe]=${PIPESTATUS[0]}
+  else
+    cat "$OUT/latency_probe_build.log"
+    RC[probe]=2
+  fi
+  rm -f "$OUT/latency_probe"
 fi
 
 if want samples; then
