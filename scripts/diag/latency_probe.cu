@@ -171,6 +171,10 @@ struct Timer {
         CK(cudaEventCreate(&a));
         CK(cudaEventCreate(&b));
     }
+    ~Timer() {
+        cudaEventDestroy(a);
+        cudaEventDestroy(b);
+    }
 };
 static float median(std::vector<float> v) {
     std::sort(v.begin(), v.end());
@@ -190,11 +194,10 @@ static void launch(void (*f)(Params...), int grid, int block, cudaStream_t s, bo
     cfg.numAttrs = pdl ? 1 : 0;
     CK(cudaLaunchKernelEx(&cfg, f, args...));
 }
-// Microseconds per repetition of `body` (which enqueues `per` units of work on s), captured
-// `copies` times into one graph and replayed: the median over `reps` replays, divided by
-// copies * per.
+// Microseconds per repetition of `body` (what it enqueues on s), captured `copies` times into
+// one graph and replayed: the median over `reps` replays, divided by copies.
 template <typename F>
-static float graph_us(cudaStream_t s, int copies, int per, int reps, F body) {
+static float graph_us(cudaStream_t s, int copies, int reps, F body) {
     cudaGraph_t g;
     cudaGraphExec_t ge;
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
@@ -214,7 +217,7 @@ static float graph_us(cudaStream_t s, int copies, int per, int reps, F body) {
     }
     CK(cudaGraphExecDestroy(ge));
     CK(cudaGraphDestroy(g));
-    return median(ms) * 1000.0f / (copies * per);
+    return median(ms) * 1000.0f / copies;
 }
 // Microseconds of one launch of `body` (eager, events around it): the median over reps.
 template <typename F>
@@ -267,8 +270,8 @@ int main(int argc, char** argv) {
     //    block per SM and four per SM, plain and with programmatic dependent launch.
     for (int pdl = 0; pdl <= 1; ++pdl) {
         for (int g : {1, sms, 4 * sms}) {
-            const float e = graph_us(s, copies, 1, reps, [&] { launch(k_empty, g, 128, s, pdl != 0, sink, pdl); });
-            const float l = graph_us(s, copies, 1, reps, [&] { launch(k_one_load, g, 128, s, pdl != 0, buf, pdl); });
+            const float e = graph_us(s, copies, reps, [&] { launch(k_empty, g, 128, s, pdl != 0, sink, pdl); });
+            const float l = graph_us(s, copies, reps, [&] { launch(k_one_load, g, 128, s, pdl != 0, buf, pdl); });
             const std::string tag = std::string(pdl ? "pdl" : "plain") + " grid " + std::to_string(g);
             rows.push_back({"launch, empty, " + tag, e, "us per launch"});
             rows.push_back({"launch, one dependent load, " + tag, l, "us per launch"});
@@ -359,11 +362,11 @@ int main(int argc, char** argv) {
         CK(cudaMalloc(&out, W * 4));
         for (int pdl = 0; pdl <= 1; ++pdl) {
             for (int P : {35, 66, 528}) {
-                const float two = graph_us(s, copies, 1, reps, [&] {
+                const float two = graph_us(s, copies, reps, [&] {
                     launch(k_partials, P, 128, s, pdl != 0, part, pdl);
                     launch(k_merge, 1, 512, s, pdl != 0, (const float*)part, P, out, pdl);
                 });
-                const float one = graph_us(s, copies, 1, reps, [&] {
+                const float one = graph_us(s, copies, reps, [&] {
                     launch(k_partials_last_merges, P, 128, s, pdl != 0, part, ticket, out, pdl);
                 });
                 const std::string tag = std::string(pdl ? "pdl" : "plain") + ", " + std::to_string(P) + " partials";
