@@ -1,15 +1,17 @@
 // The fixed costs a small-batch decode step is made of, measured on the device itself: a kernel
 // launch in a graph chain (with and without programmatic dependent launch), a grid-wide barrier
-// inside one co-resident launch, a cluster barrier, a block barrier, one dependent load from L2
-// and from device memory, and the two ways of merging split partials (a kernel of its own, or the
-// last block of the grid after a ticket). The decode step at batch 1 is a chain of eight launches
-// whose work is a few round trips each (docs/PERF_NOTES.md); these figures say what a persistent
-// launch with grid barriers, or a fused merge, would save before either is built.
+// inside one co-resident launch, eight rounds of one dependent round trip as a chain of launches
+// against one cooperative launch with grid barriers, a cluster barrier, a block barrier, one
+// dependent load from L2 and from device memory, and the two ways of merging split partials (a
+// kernel of its own, or the last block of the grid after a ticket). The decode step at batch 1 is
+// a chain of eight launches whose work is a few round trips each (docs/PERF_NOTES.md); these
+// figures say what a persistent launch with grid barriers, or a fused merge, would save before
+// either is built.
 //
-// Build and run (scripts/diag/latency_probe.sh does both): nvcc -O3 -std=c++17 -arch=sm_90
-// latency_probe.cu -o latency_probe && ./latency_probe [csv]. Times: CUDA events around graph
-// replays or single launches, after warm-up, the median of many; figures in microseconds unless
-// the row says otherwise.
+// Build and run (step `probe` of scripts/gpu_check.sh does both): nvcc -O3 -std=c++17
+// -arch=sm_90 latency_probe.cu -o latency_probe && ./latency_probe [csv]. Times: CUDA events
+// around graph replays or single launches, after warm-up, the median of many; figures in
+// microseconds unless the row says otherwise.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -87,6 +89,18 @@ __device__ void grid_barrier(unsigned* count, unsigned* gen, unsigned nblocks) {
 }
 __global__ void k_grid_barriers(unsigned* count, unsigned* gen, int n) {
     for (int i = 0; i < n; ++i) grid_barrier(count, gen, gridDim.x);
+}
+// The step's shape in one launch: `stages` rounds of one dependent round trip per block (read a
+// word another block wrote in the round before, write its own into the other half), a grid
+// barrier between rounds; against the same rounds as a chain of launches of k_one_load.
+__global__ void k_persistent_rounds(unsigned* buf, unsigned* count, unsigned* gen, int stages) {
+    const unsigned G = gridDim.x;
+    for (int i = 0; i < stages; ++i) {
+        const unsigned* src = buf + (i & 1) * G;
+        unsigned* dst = buf + ((i + 1) & 1) * G;
+        if (threadIdx.x == 0) dst[blockIdx.x] = ld_cg(src + (blockIdx.x + i) % G) + 1u;
+        grid_barrier(count, gen, G);
+    }
 }
 __global__ void k_cluster_barriers(int n, unsigned* sink) {
     for (int i = 0; i < n; ++i) {
@@ -255,7 +269,7 @@ int main(int argc, char** argv) {
     std::vector<Row> rows;
     unsigned *sink, *buf, *count, *gen, *ticket;
     CK(cudaMalloc(&sink, 4096));
-    CK(cudaMalloc(&buf, 1 << 20));
+    CK(cudaMalloc(&buf, 1 << 20));  // (k_persistent_rounds uses 2 x its grid words)
     CK(cudaMalloc(&count, 4));
     CK(cudaMalloc(&gen, 4));
     CK(cudaMalloc(&ticket, 4));
@@ -291,6 +305,41 @@ int main(int argc, char** argv) {
         };
         const float t0 = run(n0), t1 = run(n1);
         rows.push_back({"grid barrier, " + std::to_string(g) + " blocks", (t1 - t0) / n1, "us per barrier"});
+    }
+
+    // 2b. Eight rounds of one dependent round trip, as a chain of eight launches (PDL, in a
+    //     graph) and as one cooperative launch with grid barriers between rounds (in a graph
+    //     when the driver captures cooperative launches, else eager).
+    for (int g : {64, sms, 4 * sms}) {
+        const int stages = 8;
+        const float chain = graph_us(s, 4, reps, [&] {
+            for (int i = 0; i < stages; ++i) launch(k_one_load, g, 128, s, true, buf, 1);
+        });
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(g);
+        cfg.blockDim = dim3(128);
+        cfg.stream = s;
+        cudaLaunchAttribute at[1];
+        at[0].id = cudaLaunchAttributeCooperative;
+        at[0].val.cooperative = 1;
+        cfg.attrs = at;
+        cfg.numAttrs = 1;
+        int n = stages;
+        float pers = -1.0f;
+        cudaGraph_t gr;
+        bool captured = cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) == cudaSuccess &&
+                        cudaLaunchKernelEx(&cfg, k_persistent_rounds, buf, count, gen, n) == cudaSuccess;
+        if (cudaStreamEndCapture(s, &gr) == cudaSuccess) cudaGraphDestroy(gr);
+        cudaGetLastError();
+        if (captured) {
+            pers = graph_us(s, 4, reps, [&] { CK(cudaLaunchKernelEx(&cfg, k_persistent_rounds, buf, count, gen, n)); });
+        } else {
+            pers = eager_us(s, 50, [&] { CK(cudaLaunchKernelEx(&cfg, k_persistent_rounds, buf, count, gen, n)); });
+        }
+        rows.push_back({"8 rounds, chain of 8 launches (pdl, graph), grid " + std::to_string(g), chain, "us per step"});
+        rows.push_back({std::string("8 rounds, one cooperative launch (") + (captured ? "graph" : "eager") + "), grid " +
+                            std::to_string(g),
+                        pers, "us per step"});
     }
 
     // 3. A cluster barrier: eight clusters of c CTAs of 128 threads.
