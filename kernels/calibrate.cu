@@ -199,6 +199,7 @@ SIKV_ENTRIES_D_T(sikv_calib_heavy_score, CALIB_HEAVY_SCORE_THREADS)
 // CALIB_HEAVY_SELECT_THREADS.
 SIKV_DEV void sikv_calib_heavy_select_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
+    __shared__ u32 hist2[2048];
     const int h = blockIdx.x;
     const int lo = p.n_sink, hi = p.n_tokens - p.n_window;
     const int n = hi > lo ? hi - lo : 0;
@@ -209,7 +210,7 @@ SIKV_DEV void sikv_calib_heavy_select_impl(const SikvParams& p) {
     const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + (long long)h * p.key_stride;
     int* dpos = state_dense_pos(p, rec);
     int* rank = reinterpret_cast<int*>(p.ws_rank) + (long long)h * p.n_tokens;
-    block_topk<CALIB_HEAVY_SELECT_THREADS>(s, n, k, [&](int i) { return keys[i]; }, [&](int r, int i) {
+    block_topk<CALIB_HEAVY_SELECT_THREADS>(s, hist2, n, k, [&](int i) { return keys[i]; }, [&](int r, int i) {
         dpos[p.n_sink + r] = lo + i;
         rank[lo + i] = r;
     });

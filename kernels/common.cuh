@@ -463,8 +463,11 @@ SIKV_DEV u32 warp_incl_scan(u32 x) {
 }
 
 // Exclusive block scan of one u32 per thread; *total gets the block sum. `smem` holds 33 u32.
-// Must be called by every thread of the block.
-template <int NT>
+// Must be called by every thread of the block. SYNC_AFTER = false leaves out the closing
+// barrier, which only protects `smem` from the next scan's writes: for callers that reach a
+// barrier of their own before `smem` is written again (or alternate two buffers), each scan of
+// a one-CTA select being one barrier shorter.
+template <int NT, bool SYNC_AFTER = true>
 SIKV_DEV u32 block_excl_scan(u32 x, u32* smem, u32* total) {
     constexpr int NW = NT / 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -480,7 +483,7 @@ SIKV_DEV u32 block_excl_scan(u32 x, u32* smem, u32* total) {
     __syncthreads();
     u32 r = smem[warp] + incl - x;
     *total = smem[32];
-    __syncthreads();
+    if constexpr (SYNC_AFTER) __syncthreads();
     return r;
 }
 
@@ -503,37 +506,47 @@ SIKV_DEV void hist_add(u32* hist, u32 bin, bool active) {
 
 // ---------------------------------------------------------------------------------------------
 // Block radix select: the k best of n u32 keys (bigger first, ties to the smaller index), and
-// the collection of their indices in ascending order. One CTA of NT threads per row; three
-// passes of 11/11/10 bits over the keys, then one ordered collection pass. Keys of 0 mark
+// the collection of their indices in ascending order. One CTA of NT threads per row; up to
+// three passes of 11/11/10 bits over the keys, then one ordered collection pass. Keys of 0 mark
 // non-candidates and are never taken while k <= the number of non-zero keys.
+//
+// A one-CTA select is a chain of block barriers (at small batch the step waits on two of them
+// in series: the stage-1 final and stage 2), so the passes keep the barriers few: two
+// histograms (the caller's `hist2` beside s.hist) so that the next pass's is zeroed while this
+// one is counted; scans without their closing barrier where a barrier or a second scan buffer
+// follows; and the passes stop once every key of the picked bin is taken (sel_remaining ==
+// sel_count), which selects the same set: with all of the bin taken, the lower digits decide
+// nothing. The selection state then holds a partial mask, which every reader applies.
 
 struct RadixSmem {
     u32 hist[2048];
     u32 scan[33];
+    u32 scan2[33];  // the second buffer of back-to-back scans (collect tiles)
     u32 sel_prefix, sel_mask, sel_remaining;
-    u32 carry_sel, carry_eq;
+    u32 sel_count;  // keys in the last picked bin
 };
 
-// Finds the digit (bin) holding the remaining-th best element, scanning from the top bin, and
-// updates the shared selection state. Thread j owns BINS / NT consecutive bins from the top
-// (thread 0 the highest); one block scan finds the owner. (An earlier warp-0-only version read
-// 64 bins per lane at a stride of 64 words: 32-way bank conflicts, microseconds per pass, and
-// an intra-warp hazard on sel_remaining.) Every thread must call; ends with a barrier.
+// Finds the digit (bin) of `hist` holding the remaining-th best element, scanning from the top
+// bin, and updates the shared selection state. Thread j owns BINS / NT consecutive bins from the
+// top (thread 0 the highest); one block scan finds the owner. (An earlier warp-0-only version
+// read 64 bins per lane at a stride of 64 words: 32-way bank conflicts, microseconds per pass,
+// and an intra-warp hazard on sel_remaining.) Every thread must call; ends with a barrier.
 template <int NT, int BINS>
-SIKV_DEV void block_pick_bin(RadixSmem& s, int shift) {
+SIKV_DEV void block_pick_bin(RadixSmem& s, const u32* hist, int shift) {
     constexpr int PER = BINS / NT > 0 ? BINS / NT : 1;
     const int hi = BINS - (int)threadIdx.x * PER;
     u32 c[PER];
     u32 sum = 0;
     #pragma unroll
     for (int i = 0; i < PER; ++i) {
-        c[i] = hi - 1 - i >= 0 ? s.hist[hi - 1 - i] : 0u;
+        c[i] = hi - 1 - i >= 0 ? hist[hi - 1 - i] : 0u;
         sum += c[i];
     }
     const u32 rem = s.sel_remaining;
     u32 total;
-    // The scan's barriers order every read of sel_remaining before the one write below.
-    u32 above = block_excl_scan<NT>(sum, s.scan, &total);
+    // The scan's barriers order every read of sel_remaining before the one write below; the
+    // barrier at the end orders the scan buffer's reads before its next use.
+    u32 above = block_excl_scan<NT, false>(sum, s.scan, &total);
     if (above < rem && rem <= above + sum) {
         #pragma unroll
         for (int i = 0; i < PER; ++i) {
@@ -542,6 +555,7 @@ SIKV_DEV void block_pick_bin(RadixSmem& s, int shift) {
                 s.sel_prefix |= bin << shift;
                 s.sel_mask |= (u32)(BINS - 1) << shift;
                 s.sel_remaining = rem - above;
+                s.sel_count = c[i];
                 break;
             }
             above += c[i];
@@ -550,26 +564,39 @@ SIKV_DEV void block_pick_bin(RadixSmem& s, int shift) {
     __syncthreads();
 }
 
+// Zeroes a 2048-bin histogram (no barrier).
+template <int NT>
+SIKV_DEV void hist_zero(u32* hist) {
+    for (int i = threadIdx.x; i < 2048; i += NT) hist[i] = 0u;
+}
+
 // Radix passes first_pass..2 (11/11/10 bits from the top) over this thread's keys, which
 // visit_keys(add) hands to add(key, live) one by one (live: the element exists). The keys that
 // match the selection state (sel_prefix, sel_mask, sel_remaining) already in `s` are counted;
-// on return the state holds the full 32-bit threshold key and how many keys equal to it are
-// taken. Starts and ends with a block barrier; must be called by every thread.
+// on return the state holds the threshold under sel_mask (all ones unless the passes stopped
+// early) and how many keys equal to it under the mask are taken. hist2: a second histogram of
+// 2048 words, free for the call. Starts and ends with a block barrier; must be called by every
+// thread.
 template <int NT, typename VisitKeys>
-SIKV_DEV void block_radix_passes(RadixSmem& s, int first_pass, VisitKeys visit_keys) {
+SIKV_DEV void block_radix_passes(RadixSmem& s, u32* hist2, int first_pass, VisitKeys visit_keys) {
+    __syncthreads();
+    hist_zero<NT>(s.hist);
     __syncthreads();
     for (int pass = first_pass; pass < 3; ++pass) {
         // (Conditionals, not arrays indexed by the pass: those went to local memory.)
-        const int bins = pass < 2 ? 2048 : 1024;
         const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-        for (int i = threadIdx.x; i < bins; i += NT) s.hist[i] = 0;
-        __syncthreads();
+        const bool odd = ((pass - first_pass) & 1) != 0;
+        u32* h = odd ? hist2 : s.hist;
         const u32 prefix = s.sel_prefix, mask = s.sel_mask;
-        const u32 bmask = (u32)bins - 1;
-        visit_keys([&](u32 key, bool live) { hist_add(s.hist, (key >> shift) & bmask, live && (key & mask) == prefix); });
+        const u32 bmask = pass < 2 ? 2047u : 1023u;
+        visit_keys([&](u32 key, bool live) { hist_add(h, (key >> shift) & bmask, live && (key & mask) == prefix); });
+        // The next pass's histogram: its last reader (two passes back) finished before the
+        // previous pick's closing barrier.
+        if (pass < 2) hist_zero<NT>(odd ? s.hist : hist2);
         __syncthreads();
-        if (pass < 2) block_pick_bin<NT, 2048>(s, shift);
-        else block_pick_bin<NT, 1024>(s, shift);
+        if (pass < 2) block_pick_bin<NT, 2048>(s, h, shift);
+        else block_pick_bin<NT, 1024>(s, h, shift);
+        if (s.sel_remaining == s.sel_count) break;  // uniform: read after the pick's barrier
     }
 }
 
@@ -593,10 +620,12 @@ SIKV_DEV void visit_keys_at(int n, KeyAt key_at, Add&& add) {
 // One tile of the ordered collection of a block select: thread x holds elements base + ITEMS x
 // + j (j < ITEMS) of the n, keys[j]; emit(rank, j) is called for each of them that is selected,
 // rank counted in ascending element order. The block scan carries (selected, equal to the
-// threshold) counts packed in one word (each < 2^16 per tile). Every thread must call.
+// threshold) counts packed in one word (each < 2^16 per tile), in `scan` (33 words): callers
+// alternate s.scan and s.scan2 from tile to tile, so the scans need no closing barrier (a
+// buffer is written again only after the next tile's barriers). Every thread must call.
 template <int NT, int ITEMS, typename Emit>
-SIKV_DEV void collect_tile(RadixSmem& s, const u32 (&keys)[ITEMS], int base, int n, u32& carry_sel, u32& carry_eq,
-                           Emit emit) {
+SIKV_DEV void collect_tile(const RadixSmem& s, u32* scan, const u32 (&keys)[ITEMS], int base, int n, u32& carry_sel,
+                           u32& carry_eq, Emit emit) {
     const u32 prefix = s.sel_prefix, mask = s.sel_mask, remaining = s.sel_remaining;
     u32 n_gt = 0, n_eq = 0;
     #pragma unroll
@@ -607,7 +636,7 @@ SIKV_DEV void collect_tile(RadixSmem& s, const u32 (&keys)[ITEMS], int base, int
         n_eq += (valid && km == prefix) ? 1u : 0u;
     }
     u32 total;
-    const u32 excl = block_excl_scan<NT>((n_eq << 16) | n_gt, s.scan, &total);
+    const u32 excl = block_excl_scan<NT, false>((n_eq << 16) | n_gt, scan, &total);
     // Selected before this thread = carried + all greater before + equal ones taken before.
     u32 eq_before = carry_eq + (excl >> 16);
     u32 gt_before = carry_sel + (excl & 0xffffu);
@@ -629,14 +658,14 @@ SIKV_DEV void collect_tile(RadixSmem& s, const u32 (&keys)[ITEMS], int base, int
 }
 
 // Sets up the selection state for the k best of n and runs the radix passes unless every
-// element is taken. Every thread must call.
+// element is taken. hist2: block_radix_passes'. Every thread must call.
 template <int NT, typename VisitKeys>
-SIKV_DEV void block_select_threshold(RadixSmem& s, int n, int k, VisitKeys visit_keys) {
+SIKV_DEV void block_select_threshold(RadixSmem& s, u32* hist2, int n, int k, VisitKeys visit_keys) {
     // Nobody may still read the selection state of an earlier use of `s`.
     __syncthreads();
-    if (threadIdx.x == 0) { s.sel_prefix = 0; s.sel_mask = 0; s.sel_remaining = (u32)k; }
+    if (threadIdx.x == 0) { s.sel_prefix = 0; s.sel_mask = 0; s.sel_remaining = (u32)k; s.sel_count = ~0u; }
     if (k < n) {
-        block_radix_passes<NT>(s, 0, visit_keys);
+        block_radix_passes<NT>(s, hist2, 0, visit_keys);
     } else {
         // Every element is taken: an all-zero mask makes every key "equal to the threshold".
         if (threadIdx.x == 0) s.sel_remaining = (u32)n;
@@ -645,13 +674,15 @@ SIKV_DEV void block_select_threshold(RadixSmem& s, int n, int k, VisitKeys visit
 }
 
 // KeyAt(i) -> u32 for i in [0, n). Emit(rank, i) is called for every selected element with
-// its rank in ascending index order (0..k-1). Must be called by every thread of the block.
+// its rank in ascending index order (0..k-1). hist2: block_radix_passes'. Must be called by
+// every thread of the block.
 template <int NT, typename KeyAt, typename Emit>
-SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
+SIKV_DEV void block_topk(RadixSmem& s, u32* hist2, int n, int k, KeyAt key_at, Emit emit) {
     if (k <= 0 || n <= 0) return;
-    block_select_threshold<NT>(s, n, k, [&](auto&& add) { visit_keys_at<NT, 4>(n, key_at, add); });
+    block_select_threshold<NT>(s, hist2, n, k, [&](auto&& add) { visit_keys_at<NT, 4>(n, key_at, add); });
     constexpr int ITEMS = 4;
     u32 carry_sel = 0, carry_eq = 0;
+    bool second = false;
     for (int base = 0; base < n; base += NT * ITEMS) {
         u32 keys[ITEMS];
         #pragma unroll
@@ -659,9 +690,10 @@ SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
             const int i = base + (int)threadIdx.x * ITEMS + j;
             keys[j] = i < n ? key_at(i) : 0u;
         }
-        collect_tile<NT>(s, keys, base, n, carry_sel, carry_eq, [&](int rank, int j) {
+        collect_tile<NT>(s, second ? s.scan2 : s.scan, keys, base, n, carry_sel, carry_eq, [&](int rank, int j) {
             emit(rank, base + (int)threadIdx.x * ITEMS + j);
         });
+        second = !second;
     }
     __syncthreads();
 }
@@ -671,10 +703,10 @@ SIKV_DEV void block_topk(RadixSmem& s, int n, int k, KeyAt key_at, Emit emit) {
 // collection alike), so every pass reads registers and no key is loaded twice. Emit(rank, r)
 // gets the register slot r (a constant once unrolled: the caller indexes its own arrays with it).
 template <int NT, int R, typename Emit>
-SIKV_DEV void block_topk_regs(RadixSmem& s, int n, int k, const u32 (&key)[R], Emit emit) {
+SIKV_DEV void block_topk_regs(RadixSmem& s, u32* hist2, int n, int k, const u32 (&key)[R], Emit emit) {
     static_assert(R % 4 == 0, "four consecutive elements per thread and tile");
     if (k <= 0 || n <= 0) return;
-    block_select_threshold<NT>(s, n, k, [&](auto&& add) {
+    block_select_threshold<NT>(s, hist2, n, k, [&](auto&& add) {
         #pragma unroll
         for (int r = 0; r < R; ++r) add(key[r], (r / 4) * NT * 4 + (int)threadIdx.x * 4 + (r % 4) < n);
     });
@@ -682,7 +714,8 @@ SIKV_DEV void block_topk_regs(RadixSmem& s, int n, int k, const u32 (&key)[R], E
     #pragma unroll
     for (int t = 0; t < R / 4; ++t) {
         const u32 tile[4] = {key[4 * t], key[4 * t + 1], key[4 * t + 2], key[4 * t + 3]};
-        collect_tile<NT>(s, tile, t * NT * 4, n, carry_sel, carry_eq, [&](int rank, int j) { emit(rank, 4 * t + j); });
+        collect_tile<NT>(s, (t & 1) ? s.scan2 : s.scan, tile, t * NT * 4, n, carry_sel, carry_eq,
+                         [&](int rank, int j) { emit(rank, 4 * t + j); });
     }
     __syncthreads();
 }

@@ -111,7 +111,8 @@ SIKV_DEV void hist_threshold(const u32* hist, u32 ksel, u32* scan, u32* out) {
         sum += c[i];
     }
     u32 total;
-    u32 above = block_excl_scan<NT>(sum, scan, &total);
+    // (its closing barrier is the one below)
+    u32 above = block_excl_scan<NT, false>(sum, scan, &total);
     if (above < ksel && ksel <= above + sum) {
         #pragma unroll
         for (int i = 0; i < PER; ++i) {
@@ -130,6 +131,7 @@ SIKV_DEV void hist_threshold(const u32* hist, u32 ksel, u32* scan, u32* out) {
 
 SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
+    __shared__ u32 hist2[2048];
     __shared__ int heavy_in_range;
     const int r = blockIdx.y, h = blockIdx.x;
     const long long rowid = (long long)r * p.num_kv_heads + h;
@@ -150,14 +152,14 @@ SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
     const int S = p.n_sink;
     if (two) {
         int* list = reinterpret_cast<int*>(p.ws_list) + rowid * p.stage1_max;
-        block_topk<TOPK_THREADS>(s, n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { list[r] = S + i; });
+        block_topk<TOPK_THREADS>(s, hist2, n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { list[r] = S + i; });
         if (threadIdx.x == 0) {
             reinterpret_cast<int*>(p.ws_list_n)[2 * rowid] = ksel;
             reinterpret_cast<int*>(p.ws_list_n)[2 * rowid + 1] = k;
         }
     } else {
         int* out = reinterpret_cast<int*>(p.indices) + rowid * p.budget_max;
-        block_topk<TOPK_THREADS>(s, n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
+        block_topk<TOPK_THREADS>(s, hist2, n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
         for (int r = ksel + threadIdx.x; r < p.budget_max; r += blockDim.x) out[r] = -1;
         if (threadIdx.x == 0) reinterpret_cast<int*>(p.counts)[rowid] = ksel;
     }
@@ -211,7 +213,8 @@ SIKV_DEV void compact_tile(const SikvParams& p, const u32 (&kv)[ITEMS], int t0, 
         if ((lane & 7) == 0) put_word((g * NT + (int)threadIdx.x) / 8, word);
     }
     u32 total;
-    const u32 excl = block_excl_scan<NT>(cnt, scan, &total);
+    // (its closing barrier is the one below)
+    const u32 excl = block_excl_scan<NT, false>(cnt, scan, &total);
     if (threadIdx.x == 0 && total) base_sh = reserve(total);
     __syncthreads();
     if (cnt) {
@@ -295,7 +298,7 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
         const bool fast = thr[3] && thr[2] <= (u32)p.cand_cap && nc == thr[2];
         if (!fast) {
             const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride + S;
-            block_topk<TOPK_THREADS>(s, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
+            block_topk<TOPK_THREADS>(s, bm_gt, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
         } else {
             const u64* cand = reinterpret_cast<const u64*>(p.ws_cand) + rowid * p.cand_cap;
             const u32* gtmap = reinterpret_cast<const u32*>(p.ws_gtmap) + rowid * p.gtmap_stride;
@@ -313,6 +316,7 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                 s.sel_prefix = thr[0] << TOPK_HIST_SHIFT;
                 s.sel_mask = (u32)(TOPK_HIST_BINS - 1) << TOPK_HIST_SHIFT;
                 s.sel_remaining = (u32)ksel - thr[1];
+                s.sel_count = ~0u;
             }
             // The passes read the keys (high words) alone. A row's bin t rarely holds more than
             // TOPK_THREADS * 8 keys: then they are loaded once, into registers, for both passes
@@ -326,16 +330,18 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                     const int i = u * TOPK_THREADS + (int)threadIdx.x;
                     kr[u] = i < (int)nc ? cand_hi[2 * i] : 0u;
                 }
-                block_radix_passes<TOPK_THREADS>(s, 1, [&](auto&& add) {
+                block_radix_passes<TOPK_THREADS>(s, bm_gt, 1, [&](auto&& add) {
                     #pragma unroll
                     for (int u = 0; u < 8; ++u) add(kr[u], u * TOPK_THREADS + (int)threadIdx.x < (int)nc);
                 });
             } else {
-                block_radix_passes<TOPK_THREADS>(s, 1, [&](auto&& add) {
+                block_radix_passes<TOPK_THREADS>(s, bm_gt, 1, [&](auto&& add) {
                     visit_keys_at<TOPK_THREADS, 8>((int)nc, [&](int i) { return cand_hi[2 * i]; }, add);
                 });
             }
-            const u32 T = s.sel_prefix;  // the full threshold key (mask is all ones now)
+            // The threshold under its mask (all ones unless the passes stopped early, with
+            // every key equal to it under the mask taken).
+            const u32 T = s.sel_prefix, M = s.sel_mask;
             const u32 remaining = s.sel_remaining;
             // Position bitmaps, one window of TOPK_BM_WORDS words (131072 positions) at a time:
             // gt = the compaction's bitmap (bins above t) or a bin-t key > T (all taken), eq =
@@ -351,14 +357,15 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                     #pragma unroll
                     for (int u = 0; u < 4; ++u) {
                         const int i = base + u * TOPK_THREADS + (int)threadIdx.x;
-                        c[u] = i < (int)nc ? cand[i] : 0ull;  // key 0 < T: never marked
+                        c[u] = i < (int)nc ? cand[i] : 0ull;
                     }
                     #pragma unroll
                     for (int u = 0; u < 4; ++u) {
-                        const u32 key = (u32)(c[u] >> 32);
+                        const u32 key = (u32)(c[u] >> 32) & M;
                         const u32 pos = (u32)c[u];
                         const int w = (int)(pos >> 5);
-                        if (w < wb || w >= we) continue;
+                        // (past nc: no candidate; under a partial mask T may be 0)
+                        if (base + u * TOPK_THREADS + (int)threadIdx.x >= (int)nc || w < wb || w >= we) continue;
                         if (key > T) atomicOr(&bm_gt[w - wb], 1u << (pos & 31));
                         else if (key == T) atomicOr(&bm_eq[w - wb], 1u << (pos & 31));
                     }
@@ -382,8 +389,10 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                     gnext[j] = w < w1 ? gtmap[w] : 0u;
                 }
                 u32 tg, te;
-                const u32 xg = block_excl_scan<TOPK_THREADS>(ngt, s.scan, &tg);
-                const u32 xe = block_excl_scan<TOPK_THREADS>(neq, s.scan, &te);
+                // Two buffers, no closing barriers: the next window's first scan comes after
+                // its zeroing barrier.
+                const u32 xg = block_excl_scan<TOPK_THREADS, false>(ngt, s.scan, &tg);
+                const u32 xe = block_excl_scan<TOPK_THREADS, false>(neq, s.scan2, &te);
                 u32 gt_before = carry_gt + xg, eq_before = carry_eq + xe;
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
@@ -445,6 +454,7 @@ SIKV_ENTRY_LATE_WAIT(sikv_topk_final, TOPK_THREADS)
 
 SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
+    __shared__ u32 hist2[2048];
     const int r = blockIdx.y, h = blockIdx.x;
     const long long rowid = (long long)r * p.num_kv_heads + h;
     // The stage-1 list and sizes are sikv_topk_final's (two launches back): read while
@@ -463,10 +473,10 @@ SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
         load_row_regs<TOPK_THREADS>(reinterpret_cast<const u32*>(list), n1, aligned, pos);
         sikv_grid_dependency();
         load_row_regs<TOPK_THREADS>(keys, n1, aligned, key);
-        block_topk_regs<TOPK_THREADS>(s, n1, k, key, [&](int r, int slot) { out[r] = (int)pos[slot]; });
+        block_topk_regs<TOPK_THREADS>(s, hist2, n1, k, key, [&](int r, int slot) { out[r] = (int)pos[slot]; });
     } else {
         sikv_grid_dependency();
-        block_topk<TOPK_THREADS>(s, n1, k, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = list[i]; });
+        block_topk<TOPK_THREADS>(s, hist2, n1, k, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = list[i]; });
     }
     for (int r = k + threadIdx.x; r < p.budget_max; r += blockDim.x) out[r] = -1;
     if (threadIdx.x == 0) reinterpret_cast<int*>(p.counts)[rowid] = k;
