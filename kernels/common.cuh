@@ -967,8 +967,9 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
 // compaction, final, re-rank score: none of them an early attend) let this one launch only
 // after its own wait. The route word comes from the prologue, two or more launches back. Every block still waits before it ends (see SIKV_ENTRY_DT_EARLY). One block per SM is
 // asked for: left free, ptxas aimed the 1024-thread top-k kernels at two and spilled.
-#define SIKV_ENTRY_LATE_WAIT(NAME, NT)                                             \
-    extern "C" __global__ void __launch_bounds__(NT, 1) NAME(const SikvParams p) { \
-        if (!route_skips(p)) NAME##_impl(p);                                   \
-        sikv_grid_dependency();                                                \
+#define SIKV_ENTRY_LATE_WAIT_MINB(NAME, NT, MINB)                                     \
+    extern "C" __global__ void __launch_bounds__(NT, MINB) NAME(const SikvParams p) { \
+        if (!route_skips(p)) NAME##_impl(p);                                      \
+        sikv_grid_dependency();                                                   \
     }
+#define SIKV_ENTRY_LATE_WAIT(NAME, NT) SIKV_ENTRY_LATE_WAIT_MINB(NAME, NT, 1)

@@ -235,12 +235,16 @@ SIKV_DEV void compact_tile(const SikvParams& p, const u32 (&kv)[ITEMS], int t0, 
     }
 }
 
-// For this CTA's tile (absolute positions [x * COMPACT_TILE, (x + 1) * COMPACT_TILE) within
-// [S, end)): writes the tile's words of the row's gt bitmap (bit set: a candidate key in a bin
-// above the threshold bin; all of those are selected), and appends (key << 32 | position) of
-// every candidate key in the threshold bin itself to the row's candidate buffer, the only keys
-// sikv_topk_final still has to rank. grid (ceil(max_seq_len / COMPACT_TILE), H_kv, B), block
-// COMPACT_THREADS.
+// For each of this CTA's tiles (tile x: absolute positions [x * COMPACT_TILE, (x + 1) *
+// COMPACT_TILE) within [S, end); tiles blockIdx.x, blockIdx.x + gridDim.x, ...): writes the
+// tile's words of the row's gt bitmap (bit set: a candidate key in a bin above the threshold
+// bin; all of those are selected), and appends (key << 32 | position) of every candidate key
+// in the threshold bin itself to the row's candidate buffer, the only keys sikv_topk_final
+// still has to rank. grid (compact_blocks, H_kv, B), block COMPACT_THREADS.
+//
+// Several tiles per CTA where one a CTA would not fit one wave (launch.rs compact_blocks,
+// batch 4 and up at long lengths): the threshold bin (2048 bins read from L2 and a block scan)
+// is then found once per CTA instead of once per tile, and no CTA waits for a slot.
 SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     __shared__ u32 scan[33];
     __shared__ u32 thr[4];
@@ -248,35 +252,44 @@ SIKV_DEV void sikv_topk_compact_impl(const SikvParams& p) {
     __shared__ u32 base_sh;
     const int r = blockIdx.z, h = blockIdx.y;
     const long long rowid = (long long)r * p.num_kv_heads + h;
-    const int t0 = blockIdx.x * COMPACT_TILE;
     const QueryRow qr = query_row(p, r);
     const int end = row_cand_end(p, qr);
-    const int lo = t0 > p.n_sink ? t0 : p.n_sink;
-    const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
-    if (lo >= hi) return;  // uniform per block: nothing of this tile is a candidate
+    const int x0 = (int)blockIdx.x, step = (int)gridDim.x;
+    // A CTA none of whose tiles holds a candidate (uniform per block) returns at once.
+    bool any = false;
+    for (int x = x0; x * COMPACT_TILE < end && !any; x += step) any = (x + 1) * COMPACT_TILE > p.n_sink;
+    if (!any) return;
     // The selection sizes need the page table and the heavy list only: counted while the score
     // kernel still runs. Its keys and histogram are read after the grid dependency.
     const RowK rk = row_k(p, qr, h, &heavy_in_range);
     sikv_grid_dependency();
-    // This tile's keys go out before the histogram scan, so the two latencies overlap.
-    const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride;
-    u32 kv[COMPACT_ITEMS];
-    tile_keys<COMPACT_THREADS>(keys, t0, lo, hi, kv);
     if (rk.ksel <= 0) return;
+    const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride;
     u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
-    hist_threshold<COMPACT_THREADS>(hist, (u32)rk.ksel, scan, thr);
-    const u32 tb = thr[0];
-    // Fallback rows (more keys in the threshold bin than the buffer holds) are selected by
-    // sikv_topk_final alone.
-    if (!thr[3] || thr[2] > (u32)p.cand_cap) return;
-
-    u32* gtmap = reinterpret_cast<u32*>(p.ws_gtmap) + rowid * p.gtmap_stride + t0 / 32;
+    u32* gtmap = reinterpret_cast<u32*>(p.ws_gtmap) + rowid * p.gtmap_stride;
     u32* counter = hist + TOPK_HIST_BINS;
-    compact_tile<COMPACT_THREADS>(
-        p, kv, t0, tb, rowid, scan, base_sh, [&](int i, u32 word) { gtmap[i] = word; },
-        [&](u32 total) { return atomicAdd(counter, total); });
+    bool first = true;
+    for (int x = x0; x * COMPACT_TILE < end; x += step) {
+        const int t0 = x * COMPACT_TILE;
+        const int lo = t0 > p.n_sink ? t0 : p.n_sink;
+        const int hi = t0 + COMPACT_TILE < end ? t0 + COMPACT_TILE : end;
+        if (lo >= hi) continue;  // uniform: a tile before S
+        // The tile's keys go out before the histogram scan, so the two latencies overlap.
+        u32 kv[COMPACT_ITEMS];
+        tile_keys<COMPACT_THREADS>(keys, t0, lo, hi, kv);
+        if (first) {
+            hist_threshold<COMPACT_THREADS>(hist, (u32)rk.ksel, scan, thr);
+            first = false;
+        }
+        // Fallback rows (more keys in the threshold bin than the buffer holds) are selected by
+        // sikv_topk_final alone.
+        if (!thr[3] || thr[2] > (u32)p.cand_cap) return;
+        compact_tile<COMPACT_THREADS>(
+            p, kv, t0, thr[0], rowid, scan, base_sh, [&](int i, u32 word) { gtmap[t0 / 32 + i] = word; },
+            [&](u32 total) { return atomicAdd(counter, total); });
+    }
 }
-SIKV_ENTRY_LATE_WAIT(sikv_topk_compact, COMPACT_THREADS)
+SIKV_ENTRY_LATE_WAIT_MINB(sikv_topk_compact, COMPACT_THREADS, COMPACT_BLOCKS_PER_SM)
 
 // The end of the multi-CTA stage 1: exact select over the candidates, ascending output (same
 // outputs as sikv_topk_stage1), or the one-CTA select over the whole row for a fallback row.

@@ -47,8 +47,11 @@ pub const TOPK_REG_ITEMS: u32 = 8;
 /// Multi-CTA top-k compaction: threads per block and keys per thread.
 pub const COMPACT_THREADS: u32 = 256;
 pub const COMPACT_ITEMS: u32 = 16;
-/// Multi-CTA top-k compaction: positions per block.
+/// Multi-CTA top-k compaction: positions per tile (a block takes one or more tiles).
 pub const COMPACT_TILE: u32 = COMPACT_THREADS * COMPACT_ITEMS;
+/// Multi-CTA top-k compaction: resident blocks per SM, the kernel's launch bound (its registers
+/// allow four blocks of COMPACT_THREADS), and the wave that compact_blocks fills.
+pub const COMPACT_BLOCKS_PER_SM: u32 = 4;
 /// Fused select (score + stage-1 top-k, sm_90 clusters): positions per CTA tile, one
 /// SCORE_TOKENS_PER_THREAD run per thread of a TOPK_THREADS block.
 pub const FUSED_TILE: u32 = TOPK_THREADS * SCORE_TOKENS_PER_THREAD;

@@ -573,8 +573,8 @@ impl GpuContext {
         pf.mode = (stages & SELECT_TOPK_FINAL != 0) as i32;
         if stages & SELECT_TOPK != 0 {
             if multi {
-                let ctiles = cfg.max_seq_len.div_ceil(COMPACT_TILE);
-                self.launch(&kn.topk_compact, (ctiles, h, b), COMPACT_THREADS, stream, p)?;
+                let blocks = super::workspace::compact_blocks(cfg, self.inner.dev.sms.max(1) as u32, b);
+                self.launch(&kn.topk_compact, (blocks, h, b), COMPACT_THREADS, stream, p)?;
                 self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
             } else {
                 self.launch(&kn.topk_stage1, (h, b, 1), TOPK_THREADS, stream, p)?;

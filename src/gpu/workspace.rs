@@ -18,8 +18,9 @@
 //! | route | u32 | routed decode: the path the prologue chose (1 dense, 0 sparse) |
 
 use super::geometry::{
-    ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_TILE, DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN,
-    DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
+    DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK, MAX_DENSE_CHUNKS,
+    TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -103,6 +104,18 @@ pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32) -> 
     };
     let most = msl.div_ceil(DENSE_MIN_CHUNK);
     fill.max(need).min(most).clamp(1, MAX_DENSE_CHUNKS)
+}
+
+/// The multi-CTA top-k compaction's blocks per (KV head, sequence) on a device of `sms`
+/// multiprocessors: one per tile of COMPACT_TILE positions at max_seq_len where those fit one
+/// wave of COMPACT_BLOCKS_PER_SM blocks per SM, else as many as do (at least one), each taking
+/// every so many tiles (kernels/topk.cu sikv_topk_compact). Each block finds the threshold bin
+/// once, so fewer blocks read the row's histogram fewer times.
+pub fn compact_blocks(cfg: &CacheConfig, sms: u32, batch: u32) -> u32 {
+    let tiles = cfg.max_seq_len.div_ceil(COMPACT_TILE).max(1);
+    let rows = cfg.num_kv_heads * batch.max(1);
+    let per_row = (COMPACT_BLOCKS_PER_SM * sms.max(1)) / rows;
+    tiles.min(per_row.max(1))
 }
 
 /// Splits of the kept dense entries (sinks, heavy, window) that attend and attend_dense run
@@ -322,6 +335,38 @@ mod tests {
         // 8K at batch 4: 13 chunks beside the 3 kept splits, 16 blocks per row (was 16 chunks).
         assert_eq!(kept_splits(&cfg(8192, 4)), 3);
         assert_eq!(dense_chunks(&cfg(8192, 4), 132, 4), 13);
+    }
+
+    /// The compaction takes one block per tile where the tiles fit one wave, else as many blocks
+    /// as fit it (at least one per row), never more than the tiles.
+    #[test]
+    fn compact_grid_fits_one_wave() {
+        let sms = 132u32;
+        let slots = COMPACT_BLOCKS_PER_SM * sms;
+        for msl in [1000u32, 8192, 32768, 131072, 1 << 20] {
+            for batch in [1u32, 2, 4, 8, 64, 128] {
+                let c = cfg(msl, batch);
+                let rows = 8 * batch;
+                let tiles = msl.div_ceil(COMPACT_TILE);
+                let n = compact_blocks(&c, sms, batch);
+                assert!(n >= 1 && n <= tiles, "msl {msl} batch {batch}: {n}");
+                if rows * tiles <= slots {
+                    assert_eq!(n, tiles, "msl {msl} batch {batch}");
+                } else if rows <= slots {
+                    assert!(
+                        rows * n <= slots && rows * (n + 1) > slots,
+                        "msl {msl} batch {batch}: {n}"
+                    );
+                } else {
+                    assert_eq!(n, 1);
+                }
+            }
+        }
+        // 128K: 32 tiles a row; batch 1 and 2 keep a block per tile, batch 8 takes 4 tiles a block.
+        assert_eq!(compact_blocks(&cfg(131072, 1), sms, 1), 32);
+        assert_eq!(compact_blocks(&cfg(131072, 2), sms, 2), 32);
+        assert_eq!(compact_blocks(&cfg(131072, 4), sms, 4), 16);
+        assert_eq!(compact_blocks(&cfg(131072, 8), sms, 8), 8);
     }
 
     /// A grid sized from the longest live sequence (a managed cache's eager dense decode) has no
