@@ -85,12 +85,16 @@ if want tests; then
   # attend's multi-tile splits (large batch only), the select's chain of launches and the fused
   # select (each taken by some shapes only), and 64 candidate slots per row (rows whose
   # threshold bin overflows them take the final select's one-CTA fallback, in either plan), and
-  # the dense decode's candidate chunks at their fewest positions (more chunks per sequence).
-  for env in SIKV_ATTEND_SPAN=3 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64; do
-    tag=${env#SIKV_}; tag=$(tr 'A-Z=:' 'a-z__' <<<"$tag")
-    echo "== gpu tests, decode with $env"
+  # the dense decode's candidate chunks at their fewest positions (more chunks per sequence),
+  # and one compaction block per row in the chain (each block takes every tile of its row, as
+  # long rows at large batch do). '+' joins the settings of one run.
+  for env in SIKV_ATTEND_SPAN=3 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64 \
+    SIKV_COMPACT_BLOCKS=1+SIKV_FUSED=off; do
+    tag=${env#SIKV_}; tag=${tag%%+*}; tag=$(tr 'A-Z=:' 'a-z__' <<<"$tag")
+    echo "== gpu tests, decode with ${env//+/ }"
     log="$OUT/gpu_tests_$tag.log"; t0=$SECONDS
-    env "$env" .gpu/gpu_tests --nocapture --test-threads=1 decode:: graph:: > "$log" 2>&1
+    # shellcheck disable=SC2086 # one word per setting
+    env ${env//+/ } .gpu/gpu_tests --nocapture --test-threads=1 decode:: graph:: > "$log" 2>&1
     rc=$?
     grep -E "panicked|test result" "$log"
     check_log "$log" "gpu_tests $env" || rc=$?

@@ -573,7 +573,10 @@ impl GpuContext {
         pf.mode = (stages & SELECT_TOPK_FINAL != 0) as i32;
         if stages & SELECT_TOPK != 0 {
             if multi {
-                let blocks = super::workspace::compact_blocks(cfg, self.inner.dev.sms.max(1) as u32, b);
+                let blocks = match self.inner.compact_blocks {
+                    Some(n) => n.clamp(1, cfg.max_seq_len.div_ceil(COMPACT_TILE).max(1)),
+                    None => super::workspace::compact_blocks(cfg, self.inner.dev.sms.max(1) as u32, b),
+                };
                 self.launch(&kn.topk_compact, (blocks, h, b), COMPACT_THREADS, stream, p)?;
                 self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
             } else {

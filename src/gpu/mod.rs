@@ -99,6 +99,10 @@ struct Inner {
     /// SIKV_ATTEND_SPAN at create time: the sparse attend's span on every call (a testing aid
     /// that covers the multi-tile splits at small sizes); None = workspace::attend_span.
     attend_span: Option<u32>,
+    /// SIKV_COMPACT_BLOCKS at create time: the top-k compaction's blocks per row on every call
+    /// (a testing aid: 1 makes each block take every tile of its row); None =
+    /// workspace::compact_blocks.
+    compact_blocks: Option<u32>,
     /// SIKV_DENSE_MIN_CHUNK at create time: attend_dense's floor on a chunk's positions at
     /// every batch (an experiment); None = workspace::dense_min_chunk's rule.
     dense_min_chunk: Option<usize>,
@@ -291,6 +295,9 @@ impl GpuContext {
                 dtype: cfg.dtype,
                 topk,
                 attend_span: std::env::var("SIKV_ATTEND_SPAN")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok()),
+                compact_blocks: std::env::var("SIKV_COMPACT_BLOCKS")
                     .ok()
                     .and_then(|v| v.trim().parse().ok()),
                 dense_min_chunk: std::env::var("SIKV_DENSE_MIN_CHUNK")
