@@ -777,6 +777,18 @@ SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
     const long long base = (long long)r * p.num_kv_heads * p.group + hq;
     const float2* ml = reinterpret_cast<const float2*>(p.ws_part_ml) + base * NS;
     const float* pacc = reinterpret_cast<const float*>(p.ws_part_acc) + base * NS * D;
+    // Thread (quad q, group sg) sums the accumulators of splits sg, sg + SG, ... Its first PRE
+    // go out here, beside the partials' m and l: they do not wait for the weights, so the two
+    // loads are one round trip instead of two in series.
+    const int q = tid % QD, sg = tid / QD;
+    const float4* acc4 = reinterpret_cast<const float4*>(pacc) + q;
+    constexpr int PRE = 4;
+    float4 xp[PRE];
+    #pragma unroll
+    for (int u = 0; u < PRE; ++u) {
+        const int jj = sg + u * SG;
+        xp[u] = jj < NS ? acc4[(long long)jj * QD] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     float mx = SIKV_NEG_INF;
     for (int j = tid; j < NS; j += COMBINE_THREADS) {
         const float2 e = ml[j];
@@ -796,12 +808,18 @@ SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
     const float lsum = warp_sum(st.l);
     __syncthreads();  // every thread has read wred (the max) before it is reused for the sum
     if ((tid & 31) == 0) wred[tid >> 5] = lsum;
-    // Accumulators: thread (quad q, group sg) sums splits sg, sg + SG, ...
-    const int q = tid % QD, sg = tid / QD;
     float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     __syncthreads();  // w complete
-    const float4* acc4 = reinterpret_cast<const float4*>(pacc) + q;
-    int j = sg;
+    // (the splits in the order of the loops below: the same sums as without the early loads)
+    #pragma unroll
+    for (int u = 0; u < PRE; ++u) {
+        const int jj = sg + u * SG;
+        const float wj = jj < NS ? w[jj] : 0.0f;
+        if (wj != 0.0f) {  // an empty split (w = 0) adds nothing, whatever it holds
+            a.x += wj * xp[u].x; a.y += wj * xp[u].y; a.z += wj * xp[u].z; a.w += wj * xp[u].w;
+        }
+    }
+    int j = sg + PRE * SG;
     for (; j + 3 * SG < NS; j += 4 * SG) {
         float4 x[4];
         float wj[4];
