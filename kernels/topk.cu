@@ -308,21 +308,36 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
     int* out = two ? reinterpret_cast<int*>(p.ws_list) + rowid * p.stage1_max
                    : reinterpret_cast<int*>(p.indices) + rowid * p.budget_max;
     if (ksel > 0) {
-        const bool fast = thr[3] && thr[2] <= (u32)p.cand_cap && nc == thr[2];
+        const u64* cand = reinterpret_cast<const u64*>(p.ws_cand) + rowid * p.cand_cap;
+        const u32* gtmap = reinterpret_cast<const u32*>(p.ws_gtmap) + rowid * p.gtmap_stride;
+        const int w0 = S >> 5, w1 = (rk.end + 31) >> 5;
+        // The fast path's inputs go out before nc is known (its load is still in flight): there
+        // nc equals thr[2], which the histogram gave before the grid dependency, so the
+        // candidates' keys, the first window's gt words and the count come in one round trip.
+        // The passes read the keys (high words) alone. A row's bin t rarely holds more than
+        // TOPK_THREADS * 8 keys: then they are loaded once, into registers, for both passes
+        // (element u * TOPK_THREADS + x in thread x, as visit_keys_at lays them out); else
+        // each pass loads them again, eight per thread in flight.
+        const bool may_fast = thr[3] && thr[2] <= (u32)p.cand_cap;
+        const bool in_regs = may_fast && thr[2] <= (u32)TOPK_THREADS * 8u;
+        const u32* cand_hi = reinterpret_cast<const u32*>(cand) + 1;
+        u32 kr[8];
+        #pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = u * TOPK_THREADS + (int)threadIdx.x;
+            kr[u] = in_regs && i < (int)thr[2] ? cand_hi[2 * i] : 0u;
+        }
+        u32 gnext[4];
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int w = w0 + (int)threadIdx.x * 4 + j;
+            gnext[j] = may_fast && w < w1 && w < w0 + TOPK_BM_WORDS ? gtmap[w] : 0u;
+        }
+        const bool fast = may_fast && nc == thr[2];
         if (!fast) {
             const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride + S;
             block_topk<TOPK_THREADS>(s, bm_gt, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
         } else {
-            const u64* cand = reinterpret_cast<const u64*>(p.ws_cand) + rowid * p.cand_cap;
-            const u32* gtmap = reinterpret_cast<const u32*>(p.ws_gtmap) + rowid * p.gtmap_stride;
-            const int w0 = S >> 5, w1 = (rk.end + 31) >> 5;
-            // The first window's gt words do not depend on the ranking below: in flight now.
-            u32 gnext[4];
-            #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int w = w0 + (int)threadIdx.x * 4 + j;
-                gnext[j] = w < w1 && w < w0 + TOPK_BM_WORDS ? gtmap[w] : 0u;
-            }
             // Pass 1 is the histogram's: prefix = bin t, remaining = ksel - above; the buffer
             // holds exactly the keys of bin t.
             if (threadIdx.x == 0) {
@@ -331,18 +346,7 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                 s.sel_remaining = (u32)ksel - thr[1];
                 s.sel_count = ~0u;
             }
-            // The passes read the keys (high words) alone. A row's bin t rarely holds more than
-            // TOPK_THREADS * 8 keys: then they are loaded once, into registers, for both passes
-            // (element u * TOPK_THREADS + x in thread x, as visit_keys_at lays them out); else
-            // each pass loads them again, eight per thread in flight.
-            const u32* cand_hi = reinterpret_cast<const u32*>(cand) + 1;
-            if (nc <= (u32)TOPK_THREADS * 8u) {
-                u32 kr[8];
-                #pragma unroll
-                for (int u = 0; u < 8; ++u) {
-                    const int i = u * TOPK_THREADS + (int)threadIdx.x;
-                    kr[u] = i < (int)nc ? cand_hi[2 * i] : 0u;
-                }
+            if (in_regs) {
                 block_radix_passes<TOPK_THREADS>(s, bm_gt, 1, [&](auto&& add) {
                     #pragma unroll
                     for (int u = 0; u < 8; ++u) add(kr[u], u * TOPK_THREADS + (int)threadIdx.x < (int)nc);
@@ -352,8 +356,6 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                     visit_keys_at<TOPK_THREADS, 8>((int)nc, [&](int i) { return cand_hi[2 * i]; }, add);
                 });
             }
-            // The threshold under its mask (all ones unless the passes stopped early, with
-            // every key equal to it under the mask taken).
             const u32 T = s.sel_prefix, M = s.sel_mask;
             const u32 remaining = s.sel_remaining;
             // Position bitmaps, one window of TOPK_BM_WORDS words (131072 positions) at a time:
