@@ -406,14 +406,16 @@ SIKV_DEV void rerank_tables(const float* qbar, const float* scale, float* sub) {
 }
 
 // r: the query row (its survivors, keys and query), b: its sequence (page table).
+// listed: the thread's entry of the stage-1 list (read whether or not it is live).
 template <int D, typename T, int BITS, bool MEAN>
-SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1, int slot, float* qbar, float* scale) {
+SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1, int slot, int listed, float* qbar,
+                                float* scale) {
     typedef typename Storage<T>::type S;
     const long long rowid = (long long)r * p.num_kv_heads + h;
     u8* rec = state_record(p, slot, h);
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     const bool live = i < n1;
-    const int pos = live ? reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i] : 0;
+    const int pos = live ? listed : 0;
     const bool forced = live && p.force_generated && pos >= state_meta(p, rec)[META_PROMPT_LEN];
     // Page outside the pool: row -1 (fault raised), no candidate, like stage 1's key 0.
     const long long row = live && !forced ? row_index(p, b, h, pos) : -1;
@@ -457,8 +459,11 @@ template <int D, typename T, bool MEAN>
 SIKV_DEV void rerank_score_body(const SikvParams& p) {
     const int r = blockIdx.z, h = blockIdx.y;
     const long long rowid = (long long)r * p.num_kv_heads + h;
+    // The survivor count, this thread's list entry and the row's slot go out together (the
+    // entry before the count says whether it is live: one round trip instead of two).
     const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
-    if ((int)(blockIdx.x * blockDim.x) >= n1) return;
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const int listed = i < p.stage1_max ? reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i] : 0;
     // Stage 1 saw the same rows, slot and page table: a bad row or slot left n1 = 0, a bad
     // page key 0.
     // (One query row per sequence reads the slot alone, as before rows existed: the length
@@ -471,13 +476,14 @@ SIKV_DEV void rerank_score_body(const SikvParams& p) {
     } else {
         slot = batch_slot(p, r);
     }
+    if ((int)(blockIdx.x * blockDim.x) >= n1) return;
     if (slot < 0) return;
     __shared__ __align__(16) float qbar[D];
     __shared__ __align__(16) float scale[D];
     switch (p.key_bits) {
-        case 2: rerank_score_bits<D, T, 2, MEAN>(p, r, b, h, n1, slot, qbar, scale); break;
-        case 4: rerank_score_bits<D, T, 4, MEAN>(p, r, b, h, n1, slot, qbar, scale); break;
-        default: rerank_score_bits<D, T, 16, MEAN>(p, r, b, h, n1, slot, qbar, scale); break;
+        case 2: rerank_score_bits<D, T, 2, MEAN>(p, r, b, h, n1, slot, listed, qbar, scale); break;
+        case 4: rerank_score_bits<D, T, 4, MEAN>(p, r, b, h, n1, slot, listed, qbar, scale); break;
+        default: rerank_score_bits<D, T, 16, MEAN>(p, r, b, h, n1, slot, listed, qbar, scale); break;
     }
 }
 template <int D, typename T>

@@ -153,6 +153,7 @@ SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
     if (two) {
         int* list = reinterpret_cast<int*>(p.ws_list) + rowid * p.stage1_max;
         block_topk<TOPK_THREADS>(s, hist2, n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { list[r] = S + i; });
+        for (int r = (ksel > 0 ? ksel : 0) + threadIdx.x; r < p.stage1_max; r += blockDim.x) list[r] = -1;  // (re-rank reads ahead: final_select)
         if (threadIdx.x == 0) {
             reinterpret_cast<int*>(p.ws_list_n)[2 * rowid] = ksel;
             reinterpret_cast<int*>(p.ws_list_n)[2 * rowid + 1] = k;
@@ -434,6 +435,9 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
         }
     }
     if (two) {
+        // The rest of the list -1: re-rank reads its thread's entry before the count says
+        // whether it is live, and every entry it reads is then one this call wrote.
+        for (int r = (ksel > 0 ? ksel : 0) + threadIdx.x; r < p.stage1_max; r += blockDim.x) out[r] = -1;
         if (threadIdx.x == 0) {
             reinterpret_cast<int*>(p.ws_list_n)[2 * rowid] = ksel > 0 ? ksel : 0;
             reinterpret_cast<int*>(p.ws_list_n)[2 * rowid + 1] = rk.k;
