@@ -931,6 +931,26 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
     SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 128, bf16_t, bf16)  \
     SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 256, bf16_t, bf16)
 
+// The score kernel's entry: with the multi-CTA top-k (p.topk_multi) the launch just ahead is
+// hist_zero (or a memset), and the body waits only before it adds into the rows' histograms,
+// the one thing that launch writes, so its prologue and token loop overlap it. The route word
+// comes from the prologue, two or more launches back. With the one-CTA top-k it waits first, as
+// the other entries do. Every block still waits before it ends.
+#define SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, D, T, TNAME)                                           \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
+                               NAME##_d##D##_##TNAME(const SikvParams p) {                      \
+                                   if (!p.topk_multi) sikv_grid_dependency();                   \
+                                   if (!route_skips(p)) NAME##_impl<D, T>(p);                   \
+                                   sikv_grid_wait();                                            \
+                               })
+#define SIKV_ENTRIES_D_T_SCORE(NAME, BOUNDS)           \
+    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 64, f16_t, f16)   \
+    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 128, f16_t, f16)  \
+    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 256, f16_t, f16)  \
+    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 64, bf16_t, bf16) \
+    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 128, bf16_t, bf16) \
+    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 256, bf16_t, bf16)
+
 #define SIKV_ENTRIES_D_T_BOUNDS(NAME, BOUNDS)          \
     SIKV_ENTRY_DT(NAME, BOUNDS, 64, f16_t, f16)        \
     SIKV_ENTRY_DT(NAME, BOUNDS, 128, f16_t, f16)       \

@@ -236,7 +236,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
     u32* keys = reinterpret_cast<u32*>(p.ws_keys) + rowid * p.key_stride;
     // Multi-CTA top-k: histogram of the top 11 bits of this tile's candidate keys (key 0 =
     // heavy / not a candidate is left out, so a row's bins sum to its candidate count), added
-    // into the row's global histogram (zeroed on the stream before this kernel) at the end.
+    // into the row's global histogram (zeroed by hist_zero just ahead) at the end.
     // Counted as each key is made: holding the tile's keys for a second loop cost 8 registers
     // a thread and with them resident blocks.
     u32* my_keys = keys + tile0 + threadIdx.x;
@@ -249,6 +249,9 @@ SIKV_DEV void score_body(const SikvParams& p) {
     }
     if (multi) {
         __syncthreads();
+        // The rows' histograms are zero once the launch just ahead (hist_zero) is complete
+        // (SIKV_ENTRY_DT_SCORE): the wait comes here, after the keys.
+        sikv_grid_dependency();
         u32* ghist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) {
             const u32 c = hist[i];
@@ -260,14 +263,14 @@ template <int D, typename T>
 SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     score_body<D, T, false>(p);
 }
-SIKV_ENTRIES_D_T(sikv_score, SCORE_THREADS)
+SIKV_ENTRIES_D_T_SCORE(sikv_score, (SCORE_THREADS))
 template <int D, typename T>
 SIKV_DEV void sikv_score_rows_impl(const SikvParams& p) {
     score_body<D, T, true>(p);
 }
 // Eight blocks per SM asked of ptxas: the rows' mean-query prologue (load_qbar) took this
 // entry to 40 registers (6 blocks per SM); bounded, it keeps 32 with no spill.
-SIKV_ENTRIES_D_T_MINB(sikv_score_rows, SCORE_THREADS, 8)
+SIKV_ENTRIES_D_T_SCORE(sikv_score_rows, (SCORE_THREADS, 8))
 
 // Stage-2 scores (reference/rerank.rs, RerankQuery): qbar . k'^ for each stage-1 survivor, k'^
 // the key as decode_key reconstructs it ((code * delta + zero), signed, times a_c; or the

@@ -170,6 +170,20 @@ SIKV_ENTRY(sikv_topk_stage1, TOPK_THREADS)
 // ---------------------------------------------------------------------------------------------
 // Multi-CTA stage 1.
 
+// The rows' histograms and candidate counters (ws_hist, p.rows x H_kv rows of
+// TOPK_HIST_STRIDE words) zeroed ahead of the score kernel, which adds into them. A kernel
+// rather than a memset on the stream: the score kernel, launched programmatically behind it,
+// runs its prologue and its token loop meanwhile and waits only before it adds its
+// histogram (score_body). grid (blocks, 1, 1) for any count, block HIST_ZERO_THREADS.
+SIKV_DEV void sikv_hist_zero_impl(const SikvParams& p) {
+    static_assert(TOPK_HIST_STRIDE % 4 == 0, "rows of whole 16-byte words");
+    uint4* hist = reinterpret_cast<uint4*>(p.ws_hist);
+    const long long n = (long long)p.rows * p.num_kv_heads * (TOPK_HIST_STRIDE / 4);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        hist[i] = make_uint4(0u, 0u, 0u, 0u);
+}
+SIKV_ENTRY(sikv_hist_zero, HIST_ZERO_THREADS)
+
 // A compaction tile's keys from t0, ITEMS a thread: thread x holds positions 4x .. 4x + 3 of
 // each group of 4 NT (0 outside [lo, hi): not a candidate), 16 bytes at a time.
 template <int NT, int ITEMS>

@@ -44,6 +44,9 @@ pub const TOPK_THREADS: u32 = 1024;
 /// top-k stage 2: survivors per thread held in registers (rows of up to TOPK_THREADS times this
 /// many are loaded once; longer rows are read from global memory in every pass).
 pub const TOPK_REG_ITEMS: u32 = 8;
+/// hist_zero (the rows' histograms zeroed ahead of the score kernel): threads per block; each
+/// thread zeroes 16 bytes a step.
+pub const HIST_ZERO_THREADS: u32 = 256;
 /// Multi-CTA top-k compaction: threads per block and keys per thread.
 pub const COMPACT_THREADS: u32 = 256;
 pub const COMPACT_ITEMS: u32 = 16;

@@ -24,6 +24,8 @@ pub struct Kernels {
     pub calib_scale: Kernel,
     pub calib_codebook: Kernel,
     pub prologue: Kernel,
+    /// Zeroes the rows' histograms and candidate counters ahead of the score kernel.
+    pub hist_zero: Kernel,
     pub score: Kernel,
     /// score for calls with several query rows per sequence (p.row_offsets set).
     pub score_rows: Kernel,
@@ -83,6 +85,7 @@ impl Kernels {
             calib_scale: get(t("calib_scale"))?,
             calib_codebook: get(t("calib_codebook"))?,
             prologue: get(plain("prologue"))?,
+            hist_zero: get(plain("hist_zero"))?,
             score: get(dt("score"))?,
             score_rows: get(dt("score_rows"))?,
             topk_stage1: get(plain("topk_stage1"))?,

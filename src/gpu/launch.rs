@@ -455,12 +455,27 @@ impl GpuContext {
         let fused = self.fused_cluster(stages, cfg, &p, b);
         if stages & SELECT_SCORE != 0 && p.topk_multi != 0 && fused.is_none() {
             // The score kernel adds into the per-row histograms (and the final top-k kernel
-            // expects zero candidate counters): zero both on the stream. A memset rather than
-            // the prologue kernel: on the H200 the prologue in its place made the select chain
-            // 3.6 µs slower at 128K, batch 1 (RESULTS.md, fifth session). The fused select
-            // keeps both in shared memory.
+            // expects zero candidate counters): zero both on the stream, with hist_zero, so
+            // that the score kernel (launched programmatically behind it) runs its prologue
+            // and token loop meanwhile and waits only before it adds its histogram. A memset
+            // ends the chain of programmatic launches there; the zeroing in the prologue
+            // kernel, with the score kernel waiting first, made the select chain 3.6 µs slower
+            // at 128K, batch 1 (RESULTS.md, fifth session). SIKV_HIST_ZERO=memset keeps the
+            // memset (for A/B). The fused select keeps both in shared memory.
             let words = b as usize * cfg.num_kv_heads as usize * TOPK_HIST_STRIDE;
-            driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
+            if self.inner.hist_zero_memset {
+                driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
+            } else {
+                let most = self.inner.dev.sms.max(1) as u32 * 8;
+                let blocks = (words / 4).div_ceil(HIST_ZERO_THREADS as usize).min(most as usize) as u32;
+                self.launch(
+                    &self.inner.kernels.hist_zero,
+                    (blocks.max(1), 1, 1),
+                    HIST_ZERO_THREADS,
+                    stream,
+                    &p,
+                )?;
+            }
         }
         self.launch_select(stages, cfg, &p, b, fused, stream)
     }

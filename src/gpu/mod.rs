@@ -103,6 +103,9 @@ struct Inner {
     /// (a testing aid: 1 makes each block take every tile of its row); None =
     /// workspace::compact_blocks.
     compact_blocks: Option<u32>,
+    /// SIKV_HIST_ZERO=memset at create time: the rows' histograms zeroed by a memset on the
+    /// stream instead of the hist_zero kernel (an A/B switch).
+    hist_zero_memset: bool,
     /// SIKV_DENSE_MIN_CHUNK at create time: attend_dense's floor on a chunk's positions at
     /// every batch (an experiment); None = workspace::dense_min_chunk's rule.
     dense_min_chunk: Option<usize>,
@@ -300,6 +303,7 @@ impl GpuContext {
                 compact_blocks: std::env::var("SIKV_COMPACT_BLOCKS")
                     .ok()
                     .and_then(|v| v.trim().parse().ok()),
+                hist_zero_memset: std::env::var("SIKV_HIST_ZERO").is_ok_and(|v| v.trim() == "memset"),
                 dense_min_chunk: std::env::var("SIKV_DENSE_MIN_CHUNK")
                     .ok()
                     .and_then(|v| v.trim().parse().ok()),
