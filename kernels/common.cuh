@@ -788,8 +788,9 @@ SIKV_DEV void load_row_regs(const u32* row, int n, bool aligned16, u32 (&v)[R]) 
 // (sikv_grid_dependency). The rules every kernel keeps: each block waits before it ends, so no
 // grid finishes ahead of the one it overlaps and each wait covers all earlier work of the
 // stream; and each kernel lets its dependents launch only after its own wait (the sparse attend
-// with attend_early alone excepted: what follows it reads nothing before its own wait), so a
-// kernel that starts may read what the launch two back wrote (SIKV_ENTRY_LATE_WAIT).
+// with attend_early excepted: what follows it reads nothing before its own wait; and the score
+// kernel behind hist_zero: what follows it reads nothing hist_zero writes before its own wait),
+// so a kernel that starts may read what the launch two back wrote (SIKV_ENTRY_LATE_WAIT).
 SIKV_DEV void sikv_grid_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -933,13 +934,16 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
 
 // The score kernel's entry: with the multi-CTA top-k (p.topk_multi) the launch just ahead is
 // hist_zero (or a memset), and the body waits only before it adds into the rows' histograms,
-// the one thing that launch writes, so its prologue and token loop overlap it. The route word
-// comes from the prologue, two or more launches back. With the one-CTA top-k it waits first, as
-// the other entries do. Every block still waits before it ends.
+// the one thing that launch writes, so its prologue and token loop overlap it. It lets the
+// compaction launch at once, as before: what the compaction reads before its own wait (the
+// page table, the heavy list, the route word) is older than hist_zero, and complete once this
+// kernel started. The route word comes from the prologue, two or more launches back. With the
+// one-CTA top-k it waits first, as the other entries do. Every block still waits before it ends.
 #define SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, D, T, TNAME)                                           \
     SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
                                NAME##_d##D##_##TNAME(const SikvParams p) {                      \
-                                   if (!p.topk_multi) sikv_grid_dependency();                   \
+                                   if (p.topk_multi) sikv_launch_dependents();                  \
+                                   else sikv_grid_dependency();                                 \
                                    if (!route_skips(p)) NAME##_impl<D, T>(p);                   \
                                    sikv_grid_wait();                                            \
                                })

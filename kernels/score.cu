@@ -251,7 +251,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
         __syncthreads();
         // The rows' histograms are zero once the launch just ahead (hist_zero) is complete
         // (SIKV_ENTRY_DT_SCORE): the wait comes here, after the keys.
-        sikv_grid_dependency();
+        sikv_grid_wait();
         u32* ghist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) {
             const u32 c = hist[i];
