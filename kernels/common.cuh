@@ -932,17 +932,18 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
     SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 128, bf16_t, bf16)  \
     SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 256, bf16_t, bf16)
 
-// The score kernel's entry: with the multi-CTA top-k (p.topk_multi) the launch just ahead is
-// hist_zero (or a memset), and the body waits only before it adds into the rows' histograms,
-// the one thing that launch writes, so its prologue and token loop overlap it. It lets the
-// compaction launch at once, as before: what the compaction reads before its own wait (the
-// page table, the heavy list, the route word) is older than hist_zero, and complete once this
-// kernel started. The route word comes from the prologue, two or more launches back. With the
-// one-CTA top-k it waits first, as the other entries do. Every block still waits before it ends.
+// The score kernel's entry: with the multi-CTA top-k (p.topk_multi) outside a routed decode
+// the launch just ahead is hist_zero (or a memset), and the body waits only before it adds into
+// the rows' histograms, the one thing that launch writes, so its prologue and token loop overlap
+// it. It lets the compaction launch at once, as before: what the compaction reads before its own
+// wait (the page table, the heavy list) is older than hist_zero, and complete once this kernel
+// started. A routed decode (p.ws_route) has no hist_zero: the prologue just ahead zeroes the
+// histograms and writes the route word, so there the kernel waits first, as do the one-CTA
+// top-k's calls and the other entries. Every block still waits before it ends.
 #define SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, D, T, TNAME)                                           \
     SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
                                NAME##_d##D##_##TNAME(const SikvParams p) {                      \
-                                   if (p.topk_multi) sikv_launch_dependents();                  \
+                                   if (p.topk_multi && p.ws_route == 0) sikv_launch_dependents(); \
                                    else sikv_grid_dependency();                                 \
                                    if (!route_skips(p)) NAME##_impl<D, T>(p);                   \
                                    sikv_grid_wait();                                            \
@@ -987,9 +988,12 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
 // A select kernel that reads, before its grid dependency, inputs its predecessor does not write
 // (the page table, the state records, or the outputs of the launch two back): the body calls
 // sikv_grid_dependency() itself before it reads what the launch just ahead writes. The
-// launch two back is complete when this one starts, because the launch just ahead (score,
-// compaction, final, re-rank score: none of them an early attend) let this one launch only
-// after its own wait. The route word comes from the prologue, two or more launches back. Every block still waits before it ends (see SIKV_ENTRY_DT_EARLY). One block per SM is
+// launch two back is complete when this one starts, because the launch just ahead (compaction,
+// final, re-rank score, and score in a routed decode: none of them an early attend) let this
+// one launch only after its own wait; behind the score kernel outside a routed decode
+// (SIKV_ENTRY_DT_SCORE) the compaction reads nothing before its wait that hist_zero, two back,
+// writes. The route word comes from the prologue, two or more launches back. Every block still
+// waits before it ends (see SIKV_ENTRY_DT_EARLY). One block per SM is
 // asked for: left free, ptxas aimed the 1024-thread top-k kernels at two and spilled.
 #define SIKV_ENTRY_LATE_WAIT_MINB(NAME, NT, MINB)                                     \
     extern "C" __global__ void __launch_bounds__(NT, MINB) NAME(const SikvParams p) { \

@@ -10,9 +10,10 @@
 //  * single: sikv_topk_stage1, one CTA of 1024 threads per row, three radix-histogram passes
 //    and one ordered collection pass over the whole row (4 reads of 4N bytes by one SM).
 //  * multi (default): sikv_score also adds a 2048-bin histogram of the top 11 key bits into
-//    ws_hist (zeroed on the stream first). sikv_topk_compact (grid over the row, 4096 keys per
-//    CTA) finds the threshold bin t from the histogram (keys in bins > t: fewer than k'; with
-//    bin t: at least k'), writes its tile's words of a position bitmap of the keys in bins > t
+//    ws_hist (zeroed on the stream first: sikv_hist_zero, or the routed decode's prologue).
+//    sikv_topk_compact (grid over the row in tiles of 4096 keys, one or more tiles per CTA)
+//    finds the threshold bin t from the histogram (keys in bins > t: fewer than k'; with
+//    bin t: at least k'), writes its tiles' words of a position bitmap of the keys in bins > t
 //    (all of them selected; ws_gtmap) and appends (key, position) of the keys in bin t alone to
 //    the row's candidate buffer (one atomicAdd per CTA). sikv_topk_final (one CTA per row)
 //    finishes the radix select over bin t only (passes 2-3), marks bin t's taken / tied
