@@ -216,12 +216,15 @@ struct AttendSmem {
     int ref_kind[ATTEND_SPLIT];
     int ref_dense[ATTEND_SPLIT];
     u32 heavy_mask[ATTEND_HEAVY_WINDOW / 32];  // candidate chunk bitmap (dense mode)
-    u32 scan[33];
+    u32 scan[33], scan2[33];  // collect_dense's scans, alternating
     int n_dense;
 };
 
 // Kept dense entries of query row q with list rank in [lo, lo + ATTEND_SPLIT) ->
-// s.dense_list; returns the total number of kept entries. Every thread must call.
+// s.dense_list; returns the total number of kept entries. Every thread must call; a barrier
+// must come before s.dense_list is read. The scans alternate two buffers and leave out their
+// closing barriers (a buffer is written again only after the next scan's barriers): the
+// kept-entry splits are the slow blocks of the attend grids, and this is their prologue.
 template <int D>
 SIKV_DEV int collect_dense(const SikvParams& p, const int* dpos, const QueryRow& q, int lo, AttendSmem<D>& s) {
     int base = 0;
@@ -229,7 +232,8 @@ SIKV_DEV int collect_dense(const SikvParams& p, const int* dpos, const QueryRow&
         int e = e0 + threadIdx.x;
         bool keep = e < p.dense_cap && row_dense_keep(p, e, dpos[e], q);
         u32 total;
-        u32 r = block_excl_scan<ATTEND_THREADS>(keep ? 1u : 0u, s.scan, &total);
+        u32* scan = ((e0 / ATTEND_THREADS) & 1) ? s.scan2 : s.scan;
+        u32 r = block_excl_scan<ATTEND_THREADS, false>(keep ? 1u : 0u, scan, &total);
         int rank = base + (int)r;
         if (keep && rank >= lo && rank < lo + ATTEND_SPLIT) s.dense_list[rank - lo] = e;
         base += (int)total;
