@@ -236,7 +236,8 @@ SIKV_DEV void score_body(const SikvParams& p) {
     u32* keys = reinterpret_cast<u32*>(p.ws_keys) + rowid * p.key_stride;
     // Multi-CTA top-k: histogram of the top 11 bits of this tile's candidate keys (key 0 =
     // heavy / not a candidate is left out, so a row's bins sum to its candidate count), added
-    // into the row's global histogram (zeroed by hist_zero just ahead) at the end.
+    // into the row's global histogram (zeroed just ahead: by hist_zero, or by the routed
+    // decode's prologue) at the end.
     // Counted as each key is made: holding the tile's keys for a second loop cost 8 registers
     // a thread and with them resident blocks.
     u32* my_keys = keys + tile0 + threadIdx.x;
@@ -249,8 +250,9 @@ SIKV_DEV void score_body(const SikvParams& p) {
     }
     if (multi) {
         __syncthreads();
-        // The rows' histograms are zero once the launch just ahead (hist_zero) is complete
-        // (SIKV_ENTRY_DT_SCORE): the wait comes here, after the keys.
+        // The rows' histograms are zero once the launch just ahead is complete: behind
+        // hist_zero the wait comes here, after the keys; a routed decode's call waited at
+        // entry (SIKV_ENTRY_DT_SCORE).
         sikv_grid_wait();
         u32* ghist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
         for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) {

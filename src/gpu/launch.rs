@@ -438,6 +438,14 @@ impl GpuContext {
         stream: CUstream,
     ) -> Result<()> {
         self.take_fault()?;
+        // The final top-k kernel reads the histograms before its grid dependency, trusting the
+        // launch two back (the score kernel, with the compaction between) to be complete; the
+        // score kernel lets what follows it launch at once.
+        crate::ensure!(
+            stages & (SELECT_SCORE | SELECT_TOPK | SELECT_TOPK_FINAL) != SELECT_SCORE | SELECT_TOPK_FINAL,
+            SIKV_ERR_INVALID_ARGUMENT,
+            "select_stages: SELECT_TOPK_FINAL after SELECT_SCORE needs SELECT_TOPK between them"
+        );
         let Some((mut p, _)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
             return Ok(());
         };

@@ -79,7 +79,8 @@ pub const SELECT_RERANK: u32 = 4;
 pub const SELECT_ALL: u32 = 7;
 /// Benchmarking aid (multi-CTA top-k only): the final top-k kernel leaves the candidate counter
 /// as it found it; alone, it launches only that kernel. `SELECT_TOPK | SELECT_TOPK_FINAL` once,
-/// then `SELECT_TOPK_FINAL` repeatedly times the final kernel over the same candidates.
+/// then `SELECT_TOPK_FINAL` repeatedly times the final kernel over the same candidates. Not with
+/// `SELECT_SCORE` unless `SELECT_TOPK` is set too (select_stages refuses it).
 pub const SELECT_TOPK_FINAL: u32 = 16;
 
 /// A caller's stream: `cudaStream_t` / `CUstream` (null = legacy default stream). Borrowed.
