@@ -902,6 +902,14 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
 
 // BOUNDS: the parenthesised arguments of __launch_bounds__, (threads) or (threads, min blocks
 // per SM).
+// Every (head_dim, dtype) variant of NAME through ENTRY (SIKV_ENTRY_DT or one of its kin below).
+#define SIKV_FOR_EACH_D_T(ENTRY, NAME, BOUNDS) \
+    ENTRY(NAME, BOUNDS, 64, f16_t, f16)         \
+    ENTRY(NAME, BOUNDS, 128, f16_t, f16)        \
+    ENTRY(NAME, BOUNDS, 256, f16_t, f16)        \
+    ENTRY(NAME, BOUNDS, 64, bf16_t, bf16)       \
+    ENTRY(NAME, BOUNDS, 128, bf16_t, bf16)      \
+    ENTRY(NAME, BOUNDS, 256, bf16_t, bf16)
 #define SIKV_ENTRY_DT(NAME, BOUNDS, D, T, TNAME)                                                 \
     SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
                                NAME##_d##D##_##TNAME(const SikvParams p) {                      \
@@ -924,13 +932,7 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
                                    if (!route_skips(p)) NAME##_impl<D, T>(p);                   \
                                    sikv_grid_wait();                                            \
                                })
-#define SIKV_ENTRIES_D_T_EARLY_MINB(NAME, NT, MINB)           \
-    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 64, f16_t, f16)     \
-    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 128, f16_t, f16)    \
-    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 256, f16_t, f16)    \
-    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 64, bf16_t, bf16)   \
-    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 128, bf16_t, bf16)  \
-    SIKV_ENTRY_DT_EARLY(NAME, (NT, MINB), 256, bf16_t, bf16)
+#define SIKV_ENTRIES_D_T_EARLY_MINB(NAME, NT, MINB) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT_EARLY, NAME, (NT, MINB))
 
 // The score kernel's entry: with the multi-CTA top-k (p.topk_multi) outside a routed decode
 // the launch just ahead is hist_zero (or a memset), and the body waits only before it adds into
@@ -948,21 +950,9 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
                                    if (!route_skips(p)) NAME##_impl<D, T>(p);                   \
                                    sikv_grid_wait();                                            \
                                })
-#define SIKV_ENTRIES_D_T_SCORE(NAME, BOUNDS)           \
-    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 64, f16_t, f16)   \
-    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 128, f16_t, f16)  \
-    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 256, f16_t, f16)  \
-    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 64, bf16_t, bf16) \
-    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 128, bf16_t, bf16) \
-    SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, 256, bf16_t, bf16)
+#define SIKV_ENTRIES_D_T_SCORE(NAME, BOUNDS) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT_SCORE, NAME, BOUNDS)
 
-#define SIKV_ENTRIES_D_T_BOUNDS(NAME, BOUNDS)          \
-    SIKV_ENTRY_DT(NAME, BOUNDS, 64, f16_t, f16)        \
-    SIKV_ENTRY_DT(NAME, BOUNDS, 128, f16_t, f16)       \
-    SIKV_ENTRY_DT(NAME, BOUNDS, 256, f16_t, f16)       \
-    SIKV_ENTRY_DT(NAME, BOUNDS, 64, bf16_t, bf16)      \
-    SIKV_ENTRY_DT(NAME, BOUNDS, 128, bf16_t, bf16)     \
-    SIKV_ENTRY_DT(NAME, BOUNDS, 256, bf16_t, bf16)
+#define SIKV_ENTRIES_D_T_BOUNDS(NAME, BOUNDS) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT, NAME, BOUNDS)
 #define SIKV_ENTRIES_D_T(NAME, NT) SIKV_ENTRIES_D_T_BOUNDS(NAME, (NT))
 // Same, with a minimum of MINB resident blocks per SM asked of the register allocator.
 #define SIKV_ENTRIES_D_T_MINB(NAME, NT, MINB) SIKV_ENTRIES_D_T_BOUNDS(NAME, (NT, MINB))
