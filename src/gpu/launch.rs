@@ -597,7 +597,7 @@ impl GpuContext {
         if stages & SELECT_TOPK != 0 {
             if multi {
                 let blocks = match self.inner.compact_blocks {
-                    Some(n) => n.clamp(1, cfg.max_seq_len.div_ceil(COMPACT_TILE).max(1)),
+                    Some(n) => n.clamp(1, super::workspace::compact_tiles(cfg)),
                     None => super::workspace::compact_blocks(cfg, self.inner.dev.sms.max(1) as u32, b),
                 };
                 self.launch(&kn.topk_compact, (blocks, h, b), COMPACT_THREADS, stream, p)?;

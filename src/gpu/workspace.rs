@@ -112,10 +112,14 @@ pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32) -> 
 /// every so many tiles (kernels/topk.cu sikv_topk_compact). Each block finds the threshold bin
 /// once, so fewer blocks read the row's histogram fewer times.
 pub fn compact_blocks(cfg: &CacheConfig, sms: u32, batch: u32) -> u32 {
-    let tiles = cfg.max_seq_len.div_ceil(COMPACT_TILE).max(1);
     let rows = cfg.num_kv_heads * batch.max(1);
     let per_row = (COMPACT_BLOCKS_PER_SM * sms.max(1)) / rows;
-    tiles.min(per_row.max(1))
+    compact_tiles(cfg).min(per_row.max(1))
+}
+
+/// The compaction's tiles per row at max_seq_len: the most blocks per row it takes.
+pub fn compact_tiles(cfg: &CacheConfig) -> u32 {
+    cfg.max_seq_len.div_ceil(COMPACT_TILE).max(1)
 }
 
 /// Splits of the kept dense entries (sinks, heavy, window) that attend and attend_dense run
@@ -348,6 +352,7 @@ mod tests {
                 let c = cfg(msl, batch);
                 let rows = 8 * batch;
                 let tiles = msl.div_ceil(COMPACT_TILE);
+                assert_eq!(compact_tiles(&c), tiles);
                 let n = compact_blocks(&c, sms, batch);
                 assert!(n >= 1 && n <= tiles, "msl {msl} batch {batch}: {n}");
                 if rows * tiles <= slots {
