@@ -474,11 +474,11 @@ impl GpuContext {
             if self.inner.hist_zero_memset {
                 driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
             } else {
-                let most = self.inner.dev.sms.max(1) as u32 * 8;
-                let blocks = (words / 4).div_ceil(HIST_ZERO_THREADS as usize).min(most as usize) as u32;
+                // One 16-byte word a thread (TOPK_HIST_STRIDE is a multiple of four words).
+                let blocks = (words / 4).div_ceil(HIST_ZERO_THREADS as usize) as u32;
                 self.launch(
                     &self.inner.kernels.hist_zero,
-                    (blocks.max(1), 1, 1),
+                    (blocks, 1, 1),
                     HIST_ZERO_THREADS,
                     stream,
                     &p,
