@@ -62,6 +62,74 @@ fn leak(s: String) -> &'static str {
 }
 
 impl Kernels {
+    /// Every entry of the table (destructured, so a new entry must be listed here).
+    pub fn all(&self) -> [&Kernel; 30] {
+        let Kernels {
+            encode,
+            calib_init,
+            calib_median,
+            calib_mean,
+            calib_qbar,
+            calib_qmed,
+            calib_heavy_score,
+            calib_heavy_select,
+            calib_scale,
+            calib_codebook,
+            prologue,
+            hist_zero,
+            score,
+            score_rows,
+            topk_stage1,
+            topk_compact,
+            topk_final,
+            score_topk,
+            rerank_score,
+            rerank_score_mean,
+            topk_stage2,
+            attend,
+            attend_mean,
+            attend_dense,
+            attend_b4,
+            attend_dense_b4,
+            attend_rows,
+            attend_rows_b4,
+            combine,
+            params_layout,
+        } = self;
+        [
+            encode,
+            calib_init,
+            calib_median,
+            calib_mean,
+            calib_qbar,
+            calib_qmed,
+            calib_heavy_score,
+            calib_heavy_select,
+            calib_scale,
+            calib_codebook,
+            prologue,
+            hist_zero,
+            score,
+            score_rows,
+            topk_stage1,
+            topk_compact,
+            topk_final,
+            score_topk,
+            rerank_score,
+            rerank_score_mean,
+            topk_stage2,
+            attend,
+            attend_mean,
+            attend_dense,
+            attend_b4,
+            attend_dense_b4,
+            attend_rows,
+            attend_rows_b4,
+            combine,
+            params_layout,
+        ]
+    }
+
     /// `dtype` is "f16" or "bf16"; `d` is 64, 128 or 256.
     pub fn load(m: CUmodule, d: u32, dtype: &str) -> Result<Kernels> {
         let dt = |stage: &str| leak(format!("sikv_{stage}_d{d}_{dtype}"));
