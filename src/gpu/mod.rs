@@ -80,7 +80,9 @@ pub const SELECT_ALL: u32 = 7;
 /// Benchmarking aid (multi-CTA top-k only): the final top-k kernel leaves the candidate counter
 /// as it found it; alone, it launches only that kernel. `SELECT_TOPK | SELECT_TOPK_FINAL` once,
 /// then `SELECT_TOPK_FINAL` repeatedly times the final kernel over the same candidates. Not with
-/// `SELECT_SCORE` unless `SELECT_TOPK` is set too (select_stages refuses it).
+/// `SELECT_SCORE` unless `SELECT_TOPK` is set too (select_stages refuses it); alone, not right
+/// after a call that ended with the score kernel: the final kernel reads the histograms before
+/// its grid dependency, so the launch just ahead of it must not be the one that adds into them.
 pub const SELECT_TOPK_FINAL: u32 = 16;
 
 /// A caller's stream: `cudaStream_t` / `CUstream` (null = legacy default stream). Borrowed.
