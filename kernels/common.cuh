@@ -781,6 +781,42 @@ SIKV_DEV void load_row_regs(const u32* row, int n, bool aligned16, u32 (&v)[R]) 
 #define SIKV_IF_bf16(...)
 #endif
 
+// Loads of a stream read once per call and not written while the kernel runs (the score's sign
+// rows), marked first to go from L2 (a fractional evict_first policy, which ptxas folds into the
+// load's descriptor): at large batches the sign plane is several times L2, and what the score
+// writes beside it (the radix keys, read back by the compaction) should be what L2 keeps.
+SIKV_DEV unsigned long long l2_evict_first() {
+    unsigned long long pol = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+#endif
+    return pol;
+}
+SIKV_DEV uint4 load_stream16(const void* a) {
+    uint4 v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned long long pol = l2_evict_first();
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(a), "l"(pol));
+#else
+    v = *reinterpret_cast<const uint4*>(a);
+#endif
+    return v;
+}
+SIKV_DEV uint2 load_stream8(const void* a) {
+    uint2 v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned long long pol = l2_evict_first();
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;"
+        : "=r"(v.x), "=r"(v.y)
+        : "l"(a), "l"(pol));
+#else
+    v = *reinterpret_cast<const uint2*>(a);
+#endif
+    return v;
+}
+
 // Programmatic dependent launch (sm_90+; the launcher sets the attribute, src/gpu/driver.rs):
 // sikv_grid_wait waits until the grid ahead in the stream has finished and its writes are
 // visible; sikv_launch_dependents lets the next grid be launched. A grid launched without the

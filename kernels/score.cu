@@ -53,12 +53,13 @@ template <int D>
 SIKV_DEV float lut_sum(const float* lut, const u8* row) {
     u32 w[D / 32];
     if constexpr (D == 64) {
-        uint2 x = *reinterpret_cast<const uint2*>(row);
+        uint2 x = load_stream8(row);
         w[0] = x.x; w[1] = x.y;
     } else {
+        // (D = 256 keeps plain loads: the hinted pair took the kernel from 32 to 40 registers.)
         #pragma unroll
         for (int i = 0; i < D / 128; ++i) {
-            uint4 x = reinterpret_cast<const uint4*>(row)[i];
+            uint4 x = D == 128 ? load_stream16(row) : reinterpret_cast<const uint4*>(row)[i];
             w[4 * i] = x.x; w[4 * i + 1] = x.y; w[4 * i + 2] = x.z; w[4 * i + 3] = x.w;
         }
     }
