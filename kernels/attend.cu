@@ -648,9 +648,21 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     // caller's own selection may hold more; such a split runs the prologue after the wait.
     // (The checks run twice for such splits rather than w.init at two call sites: that made
     // ptxas spill.)
+    //
+    // The first tile's positions go out beside the count, one round trip instead of two in
+    // series, when the selection is this call's own (p.attend_early): its select writes every
+    // entry up to budget_max (-1 past the count), so each entry read here was written by this
+    // call. A caller's selection is read once the count bounds it, and so is a rows call's (the
+    // rows kernels spilled 12 bytes more with the early load). Warp w takes list items
+    // lo + ATTEND_SPLIT t + 16 w + [0, 16), t = 0, 1, ...; lo does not depend on the count
+    // (sparse_items).
+    const int* sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
+    const int i0 = lo + 16 * (tid >> 5) + (tid & 31) - nd;
+    int pos0 = -1;
     auto selection_ends_before = [&]() -> int {  // 1: empty split, 0: work, -1: bad count
         sikv_grid_wait();
         const int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
+        if (!ROWS && p.attend_early && (tid & 31) < 16 && i0 < p.budget_max) pos0 = sel[i0];
         if (cnt < 0 || cnt > p.budget_max) return -1;
         sparse_items(p, split, nd + cnt, tc_items, &lo, &hi);
         return lo >= hi ? 1 : 0;
@@ -672,18 +684,16 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
         return true;
     }
 
-    // Warp w takes list items lo + ATTEND_SPLIT t + 16 w + [0, 16), t = 0, 1, ...: a tile's
-    // plane rows (-1: past the split, or a bad position or page, fault raised) resolved by its
-    // first 16 lanes and passed to the lanes that load them; the next tile's gather is in
-    // flight while the current one is computed.
-    const int* sel = reinterpret_cast<const int*>(p.indices) + rowid * p.budget_max;
+    // A tile's plane rows (-1: past the split, or a bad position or page, fault raised) are
+    // resolved by its first 16 lanes and passed to the lanes that load them; the next tile's
+    // gather is in flight while the current one is computed.
     const int first = lo + 16 * w.warp;
     const int nt = hi > first ? (hi - first + ATTEND_SPLIT - 1) / ATTEND_SPLIT : 0;
-    auto gather = [&](int t, TcRaw<D, BITS>& raw) -> u32 {
+    auto gather = [&](int t, TcRaw<D, BITS>& raw, bool first_tile) -> u32 {
         const int item = first + ATTEND_SPLIT * t + w.lane;
         long long row = -1;
         if (w.lane < 16 && item < hi) {
-            const int pos = sel[item - nd];
+            const int pos = !ROWS && first_tile && p.attend_early ? pos0 : sel[item - nd];
             if (pos >= 0 && pos < bound) row = row_index(p, b, h, pos);
             else raise_fault(p, FAULT_SELECTED_POS);
         }
@@ -697,12 +707,12 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
         return valid;
     };
     TcRaw<D, BITS> ra, rb;
-    u32 va = nt > 0 ? gather(0, ra) : 0u, vb = 0u;
+    u32 va = nt > 0 ? gather(0, ra, true) : 0u, vb = 0u;
     for (int t = 0; t < nt; t += 2) {
-        if (t + 1 < nt) vb = gather(t + 1, rb);
+        if (t + 1 < nt) vb = gather(t + 1, rb, false);
         w.tile(ra, va);
         if (t + 1 >= nt) break;
-        if (t + 2 < nt) va = gather(t + 2, ra);
+        if (t + 2 < nt) va = gather(t + 2, ra, false);
         w.tile(rb, vb);
     }
     w.finish(p, s, hq_base, split);
