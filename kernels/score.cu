@@ -48,21 +48,29 @@ SIKV_DEV void load_qbar(const SikvParams& p, int r, int h, float* qbar) {
     }
 }
 
-// Sign row of D/8 bytes -> its D/4 nibble codes' LUT sum, in sub-vector order.
+// A sign row of D/8 bytes as D/32 words.
 template <int D>
-SIKV_DEV float lut_sum(const float* lut, const u8* row) {
+struct SignRow {
     u32 w[D / 32];
+};
+template <int D>
+SIKV_DEV void load_sign_row(const u8* row, SignRow<D>& r) {
     if constexpr (D == 64) {
-        uint2 x = load_stream8(row);
-        w[0] = x.x; w[1] = x.y;
+        const uint2 x = load_stream8(row);
+        r.w[0] = x.x; r.w[1] = x.y;
     } else {
         // (D = 256 keeps plain loads: the hinted pair took the kernel from 32 to 40 registers.)
         #pragma unroll
         for (int i = 0; i < D / 128; ++i) {
-            uint4 x = D == 128 ? load_stream16(row) : reinterpret_cast<const uint4*>(row)[i];
-            w[4 * i] = x.x; w[4 * i + 1] = x.y; w[4 * i + 2] = x.z; w[4 * i + 3] = x.w;
+            const uint4 x = D == 128 ? load_stream16(row) : reinterpret_cast<const uint4*>(row)[i];
+            r.w[4 * i] = x.x; r.w[4 * i + 1] = x.y; r.w[4 * i + 2] = x.z; r.w[4 * i + 3] = x.w;
         }
     }
+}
+
+// A sign row's D/4 nibble codes' LUT sum, in sub-vector order.
+template <int D>
+SIKV_DEV float lut_sum_words(const float* lut, const SignRow<D>& r) {
     // Nibble s (channels 4s..4s+3) is the code; its LUT entry lies at byte s * 4 CENTROIDS +
     // 4 code. One shift and one mask per word put 4 code (the byte offset) of its even nibbles
     // into the bytes of `ev` and of its odd nibbles into `od`; a byte permute then moves one
@@ -72,7 +80,7 @@ SIKV_DEV float lut_sum(const float* lut, const u8* row) {
     float acc = 0.0f;
     #pragma unroll
     for (int i = 0; i < D / 32; ++i) {
-        const u32 ev = (w[i] << 2) & 0x3C3C3C3Cu, od = (w[i] >> 2) & 0x3C3C3C3Cu;
+        const u32 ev = (r.w[i] << 2) & 0x3C3C3C3Cu, od = (r.w[i] >> 2) & 0x3C3C3C3Cu;
         #pragma unroll
         for (int e = 0; e < 8; ++e) {
             const int s = 8 * i + e;
@@ -81,6 +89,12 @@ SIKV_DEV float lut_sum(const float* lut, const u8* row) {
         }
     }
     return acc;
+}
+template <int D>
+SIKV_DEV float lut_sum(const float* lut, const u8* row) {
+    SignRow<D> r;
+    load_sign_row<D>(row, r);
+    return lut_sum_words<D>(lut, r);
 }
 
 // Per-thread view of its positions tile0 + j * SCORE_THREADS + threadIdx.x, j < TOKENS: bit j
@@ -95,12 +109,51 @@ constexpr u32 LANE_VALID = 0, LANE_HEAVY = 8, LANE_FORCED = 16;
 // outside the pool) plus its slot; rel0 = this thread's first position minus the table's first
 // page's first position. Else every position takes row_index.
 // NT: the threads that share the tile (positions NT apart); the fused select's CTAs are wider.
-template <int D, bool PAGED, int NT = SCORE_THREADS>
+// AHEAD (paged only): the next position's sign row is loaded before this one's lookups, so a
+// thread always has a load in flight; without it each row's load waited for the last row's
+// lookups, and at large batches too few loads were in flight to keep memory busy (the kernel
+// moved 168 MB at 2.4 TB/s at 128K, batch 8). It costs a second row of registers.
+template <int D, bool PAGED, int NT = SCORE_THREADS, bool AHEAD = false>
 SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lanes, const float* lut,
                            const long long* page_off, int rel0, u32* my_keys, bool multi, u32* hist) {
     const int shift = __ffs(p.page_size) - 1;
     const int slot_mask = p.page_size - 1;
     const u8* sign = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_SIGN]);
+    if constexpr (PAGED && AHEAD) {
+        // Position j's row is loaded when it is scored (valid, neither heavy nor forced) and its
+        // page is in the pool; bit j of `loaded` says so.
+        u32 loaded = 0u;
+        SignRow<D> next = {};
+        auto fetch = [&](int j) {
+            const u32 scored = (lanes >> (LANE_VALID + j)) & ~(lanes >> (LANE_HEAVY + j)) & ~(lanes >> (LANE_FORCED + j)) & 1u;
+            if (!scored) return;
+            const int rel = rel0 + j * NT;
+            const long long pg = page_off[rel >> shift];
+            if (pg < 0) return;
+            load_sign_row<D>(sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8), next);
+            loaded |= 1u << j;
+        };
+        fetch(0);
+        #pragma unroll
+        for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
+            const SignRow<D> cur = next;
+            if (j + 1 < SCORE_TOKENS_PER_THREAD) fetch(j + 1);
+            if (!((lanes >> (LANE_VALID + j)) & 1u)) continue;
+            u32 key = 0u;
+            if ((lanes >> (LANE_HEAVY + j)) & 1u) {
+                key = 0u;
+            } else if ((lanes >> (LANE_FORCED + j)) & 1u) {
+                key = score_key(SIKV_INF);
+            } else if ((loaded >> j) & 1u) {
+                key = score_key(lut_sum_words<D>(lut, cur));
+            } else {
+                raise_fault(p, FAULT_PAGE_INDEX);  // a page outside the pool: no candidate
+            }
+            my_keys[j * NT] = key;
+            if (multi && key != 0u) atomicAdd(&hist[key >> TOPK_HIST_SHIFT], 1u);
+        }
+        return;
+    }
     #pragma unroll
     for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
         if (!((lanes >> (LANE_VALID + j)) & 1u)) continue;
@@ -245,7 +298,8 @@ SIKV_DEV void score_body(const SikvParams& p) {
     const bool multi = p.topk_multi != 0;
     if (paged) {
         const int rel0 = tile0 + (int)threadIdx.x - (page0 << (__ffs(p.page_size) - 1));
-        score_tokens<D, true>(p, b, h, tile0, lanes, lut, page_off, rel0, my_keys, multi, hist);
+        // (The rows entry, bounded to 32 registers, keeps one row in flight.)
+        score_tokens<D, true, SCORE_THREADS, !ROWS && D <= 128>(p, b, h, tile0, lanes, lut, page_off, rel0, my_keys, multi, hist);
     } else {
         score_tokens<D, false>(p, b, h, tile0, lanes, lut, page_off, 0, my_keys, multi, hist);
     }
@@ -266,7 +320,9 @@ template <int D, typename T>
 SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     score_body<D, T, false>(p);
 }
-SIKV_ENTRIES_D_T_SCORE(sikv_score, (SCORE_THREADS))
+// Six blocks per SM asked of ptxas: the row loaded ahead (score_tokens' AHEAD) takes the
+// kernel to 40 registers with no spill (48 when left free, five blocks; at seven it spilled).
+SIKV_ENTRIES_D_T_SCORE(sikv_score, (SCORE_THREADS, 6))
 template <int D, typename T>
 SIKV_DEV void sikv_score_rows_impl(const SikvParams& p) {
     score_body<D, T, true>(p);
