@@ -978,8 +978,10 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
 // started. A routed decode (p.ws_route) has no hist_zero: the prologue just ahead zeroes the
 // histograms and writes the route word, so there the kernel waits first, as do the one-CTA
 // top-k's calls and the other entries. Every block still waits before it ends.
+// BOUNDS: a function-like macro of the head dim giving the launch bounds (the one-row entry's
+// depend on it).
 #define SIKV_ENTRY_DT_SCORE(NAME, BOUNDS, D, T, TNAME)                                           \
-    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS(D)               \
                                NAME##_d##D##_##TNAME(const SikvParams p) {                      \
                                    if (p.topk_multi && p.ws_route == 0) sikv_launch_dependents(); \
                                    else sikv_grid_dependency();                                 \

@@ -59,7 +59,7 @@ SIKV_DEV void load_sign_row(const u8* row, SignRow<D>& r) {
         const uint2 x = load_stream8(row);
         r.w[0] = x.x; r.w[1] = x.y;
     } else {
-        // (D = 256 keeps plain loads: the hinted pair took the kernel from 32 to 40 registers.)
+        // (D = 256 keeps plain loads: with the hinted pair it needed 40 registers; it keeps 32.)
         #pragma unroll
         for (int i = 0; i < D / 128; ++i) {
             const uint4 x = D == 128 ? load_stream16(row) : reinterpret_cast<const uint4*>(row)[i];
@@ -100,7 +100,8 @@ SIKV_DEV float lut_sum(const float* lut, const u8* row) {
 // Per-thread view of its positions tile0 + j * SCORE_THREADS + threadIdx.x, j < TOKENS: bit j
 // of byte 0 (below the candidate end), byte 1 (heavy, in the dense set: key 0) and byte 2
 // (generated, with force_generated: +inf). Made once per thread, so a position's checks are
-// bit tests of constants; one word, as the token loop runs at the 32-register bound.
+// bit tests of constants; one word, as the token loop runs at its register bound (32 registers,
+// 40 with the row loaded ahead).
 static_assert(SCORE_TOKENS_PER_THREAD <= 8, "the lane word packs a byte per property");
 constexpr u32 LANE_VALID = 0, LANE_HEAVY = 8, LANE_FORCED = 16;
 
@@ -320,16 +321,23 @@ template <int D, typename T>
 SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     score_body<D, T, false>(p);
 }
-// Six blocks per SM asked of ptxas: the row loaded ahead (score_tokens' AHEAD) takes the
-// kernel to 40 registers with no spill (48 when left free, five blocks; at seven it spilled).
-SIKV_ENTRIES_D_T_SCORE(sikv_score, (SCORE_THREADS, 6))
+// Six blocks per SM asked of ptxas where the row is loaded ahead (score_tokens' AHEAD, d <= 128):
+// that takes the kernel to 40 registers with no spill (48 when left free, five blocks; at seven
+// it spilled). d = 256 keeps no bound (32 registers; bounded to eight blocks it spilled 16 bytes,
+// to one it took 56).
+#define SCORE_BOUNDS(D) SCORE_BOUNDS_##D
+#define SCORE_BOUNDS_64 (SCORE_THREADS, 6)
+#define SCORE_BOUNDS_128 (SCORE_THREADS, 6)
+#define SCORE_BOUNDS_256 (SCORE_THREADS)
+SIKV_ENTRIES_D_T_SCORE(sikv_score, SCORE_BOUNDS)
 template <int D, typename T>
 SIKV_DEV void sikv_score_rows_impl(const SikvParams& p) {
     score_body<D, T, true>(p);
 }
 // Eight blocks per SM asked of ptxas: the rows' mean-query prologue (load_qbar) took this
 // entry to 40 registers (6 blocks per SM); bounded, it keeps 32 with no spill.
-SIKV_ENTRIES_D_T_SCORE(sikv_score_rows, (SCORE_THREADS, 8))
+#define SCORE_ROWS_BOUNDS(D) (SCORE_THREADS, 8)
+SIKV_ENTRIES_D_T_SCORE(sikv_score_rows, SCORE_ROWS_BOUNDS)
 
 // Stage-2 scores (reference/rerank.rs, RerankQuery): qbar . k'^ for each stage-1 survivor, k'^
 // the key as decode_key reconstructs it ((code * delta + zero), signed, times a_c; or the
