@@ -237,22 +237,6 @@ pub fn get_function(m: CUmodule, name: &str) -> Result<CUfunction> {
     Ok(f)
 }
 
-/// Sets `f`'s preferred split of the SM's unified L1 / shared memory, in percent of the most
-/// shared memory the SM offers (the driver takes it as a hint).
-pub fn set_carveout(f: CUfunction, name: &str, percent: i32) -> Result<()> {
-    // SAFETY: a function handle of a loaded module.
-    unsafe {
-        ck(
-            sys::cuFuncSetAttribute(
-                f,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                percent,
-            ),
-            &format!("cuFuncSetAttribute({name}, carveout)"),
-        )
-    }
-}
-
 /// Launches `f` with one by-value argument (the parameter block).
 pub fn launch<P>(
     f: CUfunction,

@@ -138,37 +138,6 @@ fn fused_from_env(major: i32, topk: TopkPath, f: driver::CUfunction) -> ([u32; F
     (table, mode.trim() == "on")
 }
 
-/// SIKV_CARVEOUT at create time (an A/B switch, unmeasured until then): `max` asks the driver
-/// for the most shared memory (least L1) on every kernel, `l1` for the least, a number for that
-/// percent; unset, the driver picks per kernel. Consecutive kernels whose splits differ cannot
-/// share an SM until it drains and is reconfigured, which may cost the overlap that
-/// programmatic dependent launch is there for; one split for all is what `max` tries.
-fn carveout_from_env(kernels: &Kernels) -> Result<()> {
-    let Ok(v) = std::env::var("SIKV_CARVEOUT") else {
-        return Ok(());
-    };
-    let percent = carveout_percent(&v)?;
-    for k in kernels.all() {
-        driver::set_carveout(k.f, k.name, percent)?;
-    }
-    Ok(())
-}
-
-/// SIKV_CARVEOUT's value as a percent of the most shared memory.
-fn carveout_percent(v: &str) -> Result<i32> {
-    match v.trim() {
-        "max" => Ok(100),
-        "l1" => Ok(0),
-        t => match t.parse::<i32>() {
-            Ok(n) if (0..=100).contains(&n) => Ok(n),
-            _ => Err(Error::new(
-                crate::status::SikvStatus::SIKV_ERR_INVALID_ARGUMENT,
-                format!("SIKV_CARVEOUT={v}: expected max, l1 or a percent 0..=100"),
-            )),
-        },
-    }
-}
-
 /// Whether the stage kernels are launched with programmatic dependent launch: on sm_90 and
 /// newer unless `SIKV_PDL=0` (read once at [`GpuContext::new`]; a benchmarking aid, so one run
 /// can time both). Each kernel waits for the grid before it (`griddepcontrol.wait`) before it
@@ -301,10 +270,6 @@ impl GpuContext {
             Ok(x) => x,
             Err(e) => return Err(release(e, &dev)),
         };
-        if let Err(e) = carveout_from_env(&kernels) {
-            driver::unload_module(module);
-            return Err(release(e, &dev));
-        }
         let fault = driver::host_alloc_pinned(4).and_then(|h| match driver::host_device_ptr(h) {
             Ok(d) => Ok((h, d)),
             Err(e) => {
@@ -498,20 +463,4 @@ impl GpuContext {
 thread_local! {
     /// Inside GpuContext::one_call on this thread: the launchers skip their fault check.
     static IN_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::carveout_percent;
-
-    #[test]
-    fn carveout_values() {
-        assert_eq!(carveout_percent("max").unwrap(), 100);
-        assert_eq!(carveout_percent(" l1 ").unwrap(), 0);
-        assert_eq!(carveout_percent("50").unwrap(), 50);
-        for bad in ["101", "-1", "shared", ""] {
-            let e = carveout_percent(bad).unwrap_err();
-            assert!(e.message.contains("SIKV_CARVEOUT"), "{bad}: {}", e.message);
-        }
-    }
 }
