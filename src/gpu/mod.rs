@@ -85,6 +85,12 @@ pub const SELECT_ALL: u32 = 7;
 /// its grid dependency, so the launch just ahead of it must not be the one that adds into them.
 pub const SELECT_TOPK_FINAL: u32 = 16;
 
+/// A numeric testing switch read at create time: None when unset or not a number (the launcher
+/// then uses its own rule).
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
 /// A caller's stream: `cudaStream_t` / `CUstream` (null = legacy default stream). Borrowed.
 pub type CUstream = *mut c_void;
 
@@ -300,16 +306,10 @@ impl GpuContext {
                 head_dim: cfg.head_dim,
                 dtype: cfg.dtype,
                 topk,
-                attend_span: std::env::var("SIKV_ATTEND_SPAN")
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok()),
-                compact_blocks: std::env::var("SIKV_COMPACT_BLOCKS")
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok()),
+                attend_span: env_number("SIKV_ATTEND_SPAN"),
+                compact_blocks: env_number("SIKV_COMPACT_BLOCKS"),
                 hist_zero_memset: std::env::var("SIKV_HIST_ZERO").is_ok_and(|v| v.trim() == "memset"),
-                dense_min_chunk: std::env::var("SIKV_DENSE_MIN_CHUNK")
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok()),
+                dense_min_chunk: env_number("SIKV_DENSE_MIN_CHUNK"),
                 pdl,
                 fused_clusters,
                 fused_always,
