@@ -6,6 +6,7 @@
 use super::desc::{DevBatch, DevLayer, DevPageTable, DevPrompt, DevSelection, DevTokens, DevWorkspace};
 use super::geometry::*;
 use super::params::SikvParams;
+use super::switches::FusedMode;
 use super::workspace::Workspace;
 use super::{
     cuda_stream, driver, CUstream, GpuContext, Predecessor, TopkPath, SELECT_ALL, SELECT_RERANK, SELECT_SCORE,
@@ -471,7 +472,7 @@ impl GpuContext {
             // at 128K, batch 1 (RESULTS.md, fifth session). SIKV_HIST_ZERO=memset keeps the
             // memset (for A/B). The fused select keeps both in shared memory.
             let words = b as usize * cfg.num_kv_heads as usize * TOPK_HIST_STRIDE;
-            if self.inner.hist_zero_memset {
+            if self.inner.switches.hist_zero_memset {
                 driver::memset32_async(p.ws_hist, 0, words, cuda_stream(stream))?;
             } else {
                 // One 16-byte word a thread (TOPK_HIST_STRIDE is a multiple of four words).
@@ -513,7 +514,7 @@ impl GpuContext {
         let tile = msl.div_ceil(c).next_multiple_of(TOPK_THREADS).min(FUSED_TILE);
         let tiles = msl.div_ceil(tile);
         let c = c.min(tiles);
-        if !self.inner.fused_always {
+        if self.inner.switches.fused != FusedMode::Always {
             let per_cta = tiles.div_ceil(c) as u64 * tile as u64;
             let per_sm = rows as u64 * msl as u64 / sms as u64;
             let small = per_cta <= FUSED_SMALL_TILE as u64 || per_cta * 10 <= per_sm * 11;
@@ -526,7 +527,7 @@ impl GpuContext {
 
     /// The top-k path of this context: multi-CTA (with its candidate cap) or one CTA.
     fn topk_params(&self, p: &mut SikvParams) {
-        p.topk_multi = match self.inner.topk {
+        p.topk_multi = match self.inner.switches.topk {
             TopkPath::Single => 0,
             TopkPath::Multi { cand_cap } => {
                 if let Some(c) = cand_cap {
@@ -596,7 +597,7 @@ impl GpuContext {
         pf.mode = (stages & SELECT_TOPK_FINAL != 0) as i32;
         if stages & SELECT_TOPK != 0 {
             if multi {
-                let blocks = match self.inner.compact_blocks {
+                let blocks = match self.inner.switches.compact_blocks {
                     Some(n) => n.clamp(1, super::workspace::compact_tiles(cfg)),
                     None => super::workspace::compact_blocks(cfg, self.inner.dev.sms.max(1) as u32, b),
                 };
@@ -674,7 +675,7 @@ impl GpuContext {
     ) -> Result<()> {
         let dev = &self.inner.dev;
         let tc = super::workspace::tc_tiles(cfg, dev.major);
-        let span = match self.inner.attend_span {
+        let span = match self.inner.switches.attend_span {
             // A mean-query selection: attend_mean's CUDA-core splits, one ATTEND_SPLIT each.
             _ if p.rows_mean != 0 => 1,
             Some(n) if tc => n.clamp(1, ATTEND_MAX_SPAN),
@@ -724,7 +725,7 @@ impl GpuContext {
         p.num_splits = (w.dense_splits + chunks) as i32;
         p.dense_splits = w.dense_splits as i32;
         p.dense_chunks = chunks as i32;
-        p.dense_min_chunk = super::workspace::dense_min_chunk(self.inner.dense_min_chunk, b) as i32;
+        p.dense_min_chunk = super::workspace::dense_min_chunk(self.inner.switches.dense_min_chunk, b) as i32;
         p.mode = 1;
         let grid = (p.num_splits as u32, cfg.num_kv_heads, b);
         let kn = &self.inner.kernels;
@@ -807,7 +808,7 @@ impl GpuContext {
         // select: its clusters of whole-SM CTAs, started beside the dense decode's blocks only
         // to return, delayed it (8K, batch 1: 27.3 -> 31.4 µs). Outside a capture (or with
         // SIKV_ROUTE_FORK=off) everything stays in stream order.
-        let fork = if self.inner.route_fork && fused.is_none() {
+        let fork = if self.inner.switches.route_fork && fused.is_none() {
             driver::capture_deps(cuda_stream(stream))?
         } else {
             None

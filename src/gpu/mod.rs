@@ -46,6 +46,7 @@ mod launch;
 mod memory;
 mod nvrtc;
 pub mod params;
+pub mod switches;
 pub mod upload;
 pub mod workspace;
 
@@ -63,6 +64,8 @@ use crate::config::{CacheConfig, Dtype};
 use crate::layout::Layout;
 use crate::status::{Error, Result};
 use geometry::{FUSED_MAX_CLUSTER, TOPK_THREADS};
+pub use switches::TopkPath;
+use switches::{FusedMode, Switches};
 
 use cudarc::driver::sys;
 pub use desc::{DevBatch, DevLayer, DevPageTable, DevPrompt, DevRows, DevSelection, DevTokens, DevWorkspace};
@@ -85,12 +88,6 @@ pub const SELECT_ALL: u32 = 7;
 /// its grid dependency, so the launch just ahead of it must not be the one that adds into them.
 pub const SELECT_TOPK_FINAL: u32 = 16;
 
-/// A numeric testing switch read at create time: None when unset or not a number (the launcher
-/// then uses its own rule).
-fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
-}
-
 /// A caller's stream: `cudaStream_t` / `CUstream` (null = legacy default stream). Borrowed.
 pub type CUstream = *mut c_void;
 
@@ -104,53 +101,28 @@ struct Inner {
     build_path: String,
     head_dim: u32,
     dtype: Dtype,
-    topk: TopkPath,
-    /// SIKV_ATTEND_SPAN at create time: the sparse attend's span on every call (a testing aid
-    /// that covers the multi-tile splits at small sizes); None = workspace::attend_span.
-    attend_span: Option<u32>,
-    /// SIKV_COMPACT_BLOCKS at create time: the top-k compaction's blocks per row on every call
-    /// (a testing aid: 1 makes each block take every tile of its row); None =
-    /// workspace::compact_blocks.
-    compact_blocks: Option<u32>,
-    /// SIKV_HIST_ZERO=memset at create time: the rows' histograms zeroed by a memset on the
-    /// stream instead of the hist_zero kernel (an A/B switch).
-    hist_zero_memset: bool,
-    /// SIKV_DENSE_MIN_CHUNK at create time: attend_dense's floor on a chunk's positions at
-    /// every batch (an experiment); None = workspace::dense_min_chunk's rule.
-    dense_min_chunk: Option<usize>,
-    /// Launch with programmatic dependent launch (sm_90+, unless SIKV_PDL=0 at create time).
+    /// The testing switches, as read at create time ([`switches`]).
+    switches: Switches,
+    /// Launch with programmatic dependent launch: sm_90 and newer, unless SIKV_PDL=0. Each
+    /// kernel waits for the grid before it (`griddepcontrol.wait`) before it touches memory, so
+    /// the next kernel's blocks can be launched while this one finishes, and the order of every
+    /// memory access is what plain stream order gives.
     pdl: bool,
     /// The fused select (score + stage-1 top-k in clusters, `select`): entry c, for c in
     /// 1..=FUSED_MAX_CLUSTER, is how many clusters of c CTAs the device holds at once; all zero
     /// below sm_90, with the single-CTA top-k, or with SIKV_FUSED=off.
     fused_clusters: [u32; FUSED_MAX_CLUSTER as usize + 1],
-    /// SIKV_FUSED=on at create time: the fused select wherever its clusters fit, not only where
-    /// it was measured faster (a testing and benchmarking aid).
-    fused_always: bool,
-    /// The routed decode's two paths as parallel branches of a captured graph (launch.rs
-    /// decode_routed); off with SIKV_ROUTE_FORK=off at create time (a benchmarking aid).
-    route_fork: bool,
 }
 
-/// The fused select's occupancy table ([`Inner::fused_clusters`]) and SIKV_FUSED=on.
-fn fused_from_env(major: i32, topk: TopkPath, f: driver::CUfunction) -> ([u32; FUSED_MAX_CLUSTER as usize + 1], bool) {
-    let mode = std::env::var("SIKV_FUSED").unwrap_or_default();
+/// The fused select's occupancy table ([`Inner::fused_clusters`]).
+fn fused_clusters(major: i32, sw: &Switches, f: driver::CUfunction) -> [u32; FUSED_MAX_CLUSTER as usize + 1] {
     let mut table = [0u32; FUSED_MAX_CLUSTER as usize + 1];
-    if major >= 9 && mode.trim() != "off" && topk != TopkPath::Single {
+    if major >= 9 && sw.fused != FusedMode::Off && sw.topk != TopkPath::Single {
         for (c, n) in table.iter_mut().enumerate().skip(1) {
             *n = driver::max_active_clusters(f, TOPK_THREADS, c as u32);
         }
     }
-    (table, mode.trim() == "on")
-}
-
-/// Whether the stage kernels are launched with programmatic dependent launch: on sm_90 and
-/// newer unless `SIKV_PDL=0` (read once at [`GpuContext::new`]; a benchmarking aid, so one run
-/// can time both). Each kernel waits for the grid before it (`griddepcontrol.wait`) before it
-/// touches memory, so the next kernel's blocks can be launched while this one finishes, and the
-/// order of every memory access is what plain stream order gives.
-fn pdl_from_env(major: i32) -> bool {
-    major >= 9 && std::env::var("SIKV_PDL").map(|v| v.trim() != "0").unwrap_or(true)
+    table
 }
 
 /// What the stream runs just before an attend ([`GpuContext::attend_after`]).
@@ -160,29 +132,6 @@ pub enum Predecessor {
     Select,
     /// Anything else (an append, the engine's kernels, another call).
     Other,
-}
-
-/// Which stage-1 top-k `select` runs (env SIKV_TOPK, read once at [`GpuContext::new`]):
-/// `single` = one CTA per row (the original kernel), anything else or unset = multi-CTA
-/// (histogram in the score kernel, multi-CTA compaction, one-CTA finish). `multi:N` also caps
-/// the candidate slots per row at N (a testing aid: small N sends rows down the on-device
-/// fallback to the one-CTA select).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TopkPath {
-    Single,
-    Multi { cand_cap: Option<u32> },
-}
-
-impl TopkPath {
-    fn from_env() -> TopkPath {
-        match std::env::var("SIKV_TOPK") {
-            Ok(v) if v.trim() == "single" => TopkPath::Single,
-            Ok(v) => TopkPath::Multi {
-                cand_cap: v.trim().strip_prefix("multi:").and_then(|n| n.parse().ok()),
-            },
-            Err(_) => TopkPath::Multi { cand_cap: None },
-        }
-    }
 }
 
 // SAFETY: the raw handles are process-wide driver objects; CUDA allows using a context, module
@@ -269,10 +218,14 @@ impl GpuContext {
             Ok(d) => d,
             Err(e) => return Err(release(e, &dev)),
         };
+        let switches = match Switches::from_env() {
+            Ok(s) => s,
+            Err(e) => return Err(release(e, &dev)),
+        };
         if let Err(e) = driver::set_current(dev.ctx) {
             return Err(release(e, &dev));
         }
-        let (module, kernels, build_path) = match Self::load(&dev, cfg.head_dim, dt) {
+        let (module, kernels, build_path) = match Self::load(&dev, cfg.head_dim, dt, switches.force_nvrtc) {
             Ok(x) => x,
             Err(e) => return Err(release(e, &dev)),
         };
@@ -292,11 +245,10 @@ impl GpuContext {
         };
         // SAFETY: a fresh 4-byte (at least) page-locked allocation, aligned for u32.
         unsafe { std::ptr::write_volatile(fault_host as *mut u32, 0) };
-        let pdl = pdl_from_env(dev.major);
-        let topk = TopkPath::from_env();
-        let (fused_clusters, fused_always) = fused_from_env(dev.major, topk, kernels.score_topk.f);
+        let fused_clusters = fused_clusters(dev.major, &switches, kernels.score_topk.f);
         Ok(GpuContext {
             inner: Arc::new(Inner {
+                pdl: dev.major >= 9 && switches.pdl,
                 dev,
                 module,
                 fault_host,
@@ -305,25 +257,14 @@ impl GpuContext {
                 build_path,
                 head_dim: cfg.head_dim,
                 dtype: cfg.dtype,
-                topk,
-                attend_span: env_number("SIKV_ATTEND_SPAN"),
-                compact_blocks: env_number("SIKV_COMPACT_BLOCKS"),
-                hist_zero_memset: std::env::var("SIKV_HIST_ZERO").is_ok_and(|v| v.trim() == "memset"),
-                dense_min_chunk: env_number("SIKV_DENSE_MIN_CHUNK"),
-                pdl,
+                switches,
                 fused_clusters,
-                fused_always,
-                route_fork: std::env::var("SIKV_ROUTE_FORK")
-                    .map(|v| v.trim() != "off")
-                    .unwrap_or(true),
             }),
         })
     }
 
-    fn load(dev: &driver::Device, d: u32, dt: &str) -> Result<(driver::CUmodule, Kernels, String)> {
+    fn load(dev: &driver::Device, d: u32, dt: &str, force_nvrtc: bool) -> Result<(driver::CUmodule, Kernels, String)> {
         let mut why = String::new();
-        // SIKV_FORCE_NVRTC=1 skips the embedded fatbin (to exercise the fallback).
-        let force_nvrtc = std::env::var("SIKV_FORCE_NVRTC").map(|v| v == "1").unwrap_or(false);
         let fatbin = if force_nvrtc { None } else { embed::FATBIN };
         if let Some(fb) = fatbin {
             match driver::load_module(fb) {
@@ -368,12 +309,15 @@ impl GpuContext {
     /// Whether SIKV_FUSED=on forces the fused select and, for cluster sizes
     /// 1..=FUSED_MAX_CLUSTER, how many of its clusters the device holds at once (entry 0 unused).
     pub fn fused_select(&self) -> (bool, &[u32]) {
-        (self.inner.fused_always, &self.inner.fused_clusters)
+        (
+            self.inner.switches.fused == FusedMode::Always,
+            &self.inner.fused_clusters,
+        )
     }
 
     /// The stage-1 top-k implementation `select` uses (SIKV_TOPK at create time).
     pub fn topk_path(&self) -> TopkPath {
-        self.inner.topk
+        self.inner.switches.topk
     }
 
     /// Compute capability and name of the device.

@@ -1,0 +1,235 @@
+//! The testing and benchmarking switches: environment variables read once when a GPU context
+//! is created. Each picks between launcher rules, so that one build can be timed or tested both
+//! ways; none is needed in production, and unset they all mean the measured default.
+//!
+//! A variable that is set (and not blank) but not understood fails the create with
+//! INVALID_ARGUMENT naming it and what it takes: a misspelt value must not quietly give the
+//! default, or an A/B run would time the same rule twice.
+
+use crate::status::{Error, Result};
+
+/// Which stage-1 top-k `select` runs (SIKV_TOPK): `single` = one CTA per row (the original
+/// kernel); `multi` or unset = the multi-CTA path (histogram in the score kernel, multi-CTA
+/// compaction, one-CTA finish). `multi:N` also caps the candidate slots per row at N (a testing
+/// aid: small N sends rows down the on-device fallback to the one-CTA select).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopkPath {
+    Single,
+    Multi { cand_cap: Option<u32> },
+}
+
+/// Where the fused select (score + stage-1 top-k in clusters) runs (SIKV_FUSED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedMode {
+    /// Unset or `auto`: where its clusters fit and it was measured faster.
+    Measured,
+    /// `off`: never (the kernel chain everywhere).
+    Off,
+    /// `on`: wherever its clusters fit.
+    Always,
+}
+
+/// Every switch, as read at create time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Switches {
+    /// SIKV_PDL (`0`/`off` to disable): programmatic dependent launch where the device has it.
+    pub pdl: bool,
+    pub topk: TopkPath,
+    pub fused: FusedMode,
+    /// SIKV_ATTEND_SPAN: the sparse attend's span on every call (covers the multi-tile splits at
+    /// small sizes); None = workspace::attend_span.
+    pub attend_span: Option<u32>,
+    /// SIKV_COMPACT_BLOCKS: the top-k compaction's blocks per row on every call (1 makes each
+    /// block take every tile of its row); None = workspace::compact_blocks.
+    pub compact_blocks: Option<u32>,
+    /// SIKV_HIST_ZERO=memset: the rows' histograms zeroed by a memset on the stream instead of
+    /// the hist_zero kernel (`kernel`, the default).
+    pub hist_zero_memset: bool,
+    /// SIKV_DENSE_MIN_CHUNK: attend_dense's floor on a chunk's positions at every batch; None =
+    /// workspace::dense_min_chunk's rule.
+    pub dense_min_chunk: Option<usize>,
+    /// SIKV_ROUTE_FORK (`off` to disable): the routed decode's two paths as parallel branches of
+    /// a captured graph.
+    pub route_fork: bool,
+    /// SIKV_FORCE_NVRTC=1: skip the embedded fatbin and compile the sources (the fallback path).
+    pub force_nvrtc: bool,
+}
+
+impl Default for Switches {
+    fn default() -> Self {
+        Switches {
+            pdl: true,
+            topk: TopkPath::Multi { cand_cap: None },
+            fused: FusedMode::Measured,
+            attend_span: None,
+            compact_blocks: None,
+            hist_zero_memset: false,
+            dense_min_chunk: None,
+            route_fork: true,
+            force_nvrtc: false,
+        }
+    }
+}
+
+impl Switches {
+    /// The switches of this process's environment.
+    pub fn from_env() -> Result<Switches> {
+        Switches::parse(|name| std::env::var(name).ok())
+    }
+
+    /// The switches that `get` (a variable's value, None when unset) describes.
+    pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Switches> {
+        let read = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let mut s = Switches::default();
+        if let Some(v) = read("SIKV_PDL") {
+            s.pdl = on_off("SIKV_PDL", &v)?;
+        }
+        if let Some(v) = read("SIKV_TOPK") {
+            s.topk = match v.as_str() {
+                "single" => TopkPath::Single,
+                "multi" => TopkPath::Multi { cand_cap: None },
+                _ => match v.strip_prefix("multi:").map(str::parse::<u32>) {
+                    Some(Ok(n)) if n > 0 => TopkPath::Multi { cand_cap: Some(n) },
+                    _ => return Err(not_understood("SIKV_TOPK", &v, "single, multi or multi:N with N > 0")),
+                },
+            };
+        }
+        if let Some(v) = read("SIKV_FUSED") {
+            s.fused = match v.as_str() {
+                "auto" => FusedMode::Measured,
+                "off" => FusedMode::Off,
+                "on" => FusedMode::Always,
+                _ => return Err(not_understood("SIKV_FUSED", &v, "on, off or auto")),
+            };
+        }
+        s.attend_span = positive(&read, "SIKV_ATTEND_SPAN")?;
+        s.compact_blocks = positive(&read, "SIKV_COMPACT_BLOCKS")?;
+        if let Some(v) = read("SIKV_HIST_ZERO") {
+            s.hist_zero_memset = match v.as_str() {
+                "memset" => true,
+                "kernel" => false,
+                _ => return Err(not_understood("SIKV_HIST_ZERO", &v, "memset or kernel")),
+            };
+        }
+        s.dense_min_chunk = positive::<usize>(&read, "SIKV_DENSE_MIN_CHUNK")?;
+        if let Some(v) = read("SIKV_ROUTE_FORK") {
+            s.route_fork = on_off("SIKV_ROUTE_FORK", &v)?;
+        }
+        if let Some(v) = read("SIKV_FORCE_NVRTC") {
+            s.force_nvrtc = on_off("SIKV_FORCE_NVRTC", &v)?;
+        }
+        Ok(s)
+    }
+}
+
+fn not_understood(name: &str, value: &str, takes: &str) -> Error {
+    Error::invalid(format!(
+        "environment variable {name}={value:?} is not understood: it takes {takes} (unset it for the default)"
+    ))
+}
+
+fn on_off(name: &str, v: &str) -> Result<bool> {
+    match v {
+        "1" | "on" => Ok(true),
+        "0" | "off" => Ok(false),
+        _ => Err(not_understood(name, v, "1/on or 0/off")),
+    }
+}
+
+/// A positive integer switch: None when unset.
+fn positive<T>(read: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<T>>
+where
+    T: std::str::FromStr + Default + PartialOrd,
+{
+    match read(name) {
+        None => Ok(None),
+        Some(v) => match v.parse::<T>() {
+            Ok(n) if n > T::default() => Ok(Some(n)),
+            _ => Err(not_understood(name, &v, "a positive integer")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::SikvStatus;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Switches> {
+        Switches::parse(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn unset_and_blank_give_the_defaults() {
+        assert_eq!(parse(&[]).unwrap(), Switches::default());
+        let blank = [
+            "SIKV_PDL",
+            "SIKV_TOPK",
+            "SIKV_FUSED",
+            "SIKV_ATTEND_SPAN",
+            "SIKV_HIST_ZERO",
+        ];
+        let vars: Vec<(&str, &str)> = blank.iter().map(|n| (*n, "  ")).collect();
+        assert_eq!(parse(&vars).unwrap(), Switches::default());
+        let d = Switches::default();
+        assert!(d.pdl && d.route_fork && !d.force_nvrtc && !d.hist_zero_memset);
+        assert_eq!(d.topk, TopkPath::Multi { cand_cap: None });
+        assert_eq!(d.fused, FusedMode::Measured);
+    }
+
+    #[test]
+    fn every_documented_value_is_read() {
+        let s = parse(&[
+            ("SIKV_PDL", "0"),
+            ("SIKV_TOPK", " multi:64 "),
+            ("SIKV_FUSED", "on"),
+            ("SIKV_ATTEND_SPAN", "3"),
+            ("SIKV_COMPACT_BLOCKS", "1"),
+            ("SIKV_HIST_ZERO", "memset"),
+            ("SIKV_DENSE_MIN_CHUNK", "1024"),
+            ("SIKV_ROUTE_FORK", "off"),
+            ("SIKV_FORCE_NVRTC", "1"),
+        ])
+        .unwrap();
+        let want = Switches {
+            pdl: false,
+            topk: TopkPath::Multi { cand_cap: Some(64) },
+            fused: FusedMode::Always,
+            attend_span: Some(3),
+            compact_blocks: Some(1),
+            hist_zero_memset: true,
+            dense_min_chunk: Some(1024),
+            route_fork: false,
+            force_nvrtc: true,
+        };
+        assert_eq!(s, want);
+        assert_eq!(parse(&[("SIKV_TOPK", "single")]).unwrap().topk, TopkPath::Single);
+        assert_eq!(parse(&[("SIKV_FUSED", "off")]).unwrap().fused, FusedMode::Off);
+        assert_eq!(parse(&[("SIKV_FUSED", "auto")]).unwrap().fused, FusedMode::Measured);
+        assert!(parse(&[("SIKV_PDL", "on")]).unwrap().pdl);
+        assert!(!parse(&[("SIKV_HIST_ZERO", "kernel")]).unwrap().hist_zero_memset);
+    }
+
+    #[test]
+    fn a_value_not_understood_fails_naming_the_variable() {
+        let bad = [
+            ("SIKV_PDL", "no"),
+            ("SIKV_TOPK", "multi:0"),
+            ("SIKV_TOPK", "multi:x"),
+            ("SIKV_TOPK", "singel"),
+            ("SIKV_FUSED", "of"),
+            ("SIKV_ATTEND_SPAN", "0"),
+            ("SIKV_ATTEND_SPAN", "-2"),
+            ("SIKV_COMPACT_BLOCKS", "four"),
+            ("SIKV_HIST_ZERO", "mem"),
+            ("SIKV_DENSE_MIN_CHUNK", "1.5"),
+            ("SIKV_ROUTE_FORK", "false"),
+            ("SIKV_FORCE_NVRTC", "yes"),
+        ];
+        for (name, value) in bad {
+            let e = parse(&[(name, value)]).expect_err(name);
+            assert_eq!(e.status, SikvStatus::SIKV_ERR_INVALID_ARGUMENT, "{name}={value}");
+            assert!(e.message.contains(name) && e.message.contains(value), "{}", e.message);
+        }
+    }
+}
