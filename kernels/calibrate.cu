@@ -199,7 +199,7 @@ SIKV_ENTRIES_D_T(sikv_calib_heavy_score, CALIB_HEAVY_SCORE_THREADS)
 // CALIB_HEAVY_SELECT_THREADS.
 SIKV_DEV void sikv_calib_heavy_select_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
-    __shared__ u32 hist2[2048];
+    __shared__ u32 hist2[RADIX_BINS];
     const int h = blockIdx.x;
     const int lo = p.n_sink, hi = p.n_tokens - p.n_window;
     const int n = hi > lo ? hi - lo : 0;

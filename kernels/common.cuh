@@ -518,8 +518,13 @@ SIKV_DEV void hist_add(u32* hist, u32 bin, bool active) {
 // sel_count), which selects the same set: with all of the bin taken, the lower digits decide
 // nothing. The selection state then holds a partial mask, which every reader applies.
 
+// One digit's bins: the 11-bit digits of passes 0 and 1 (pass 2 uses the lower 1024). The score
+// kernel's row histogram is pass 0's digit, which is how the final select starts at pass 1.
+constexpr int RADIX_BINS = 2048;
+static_assert(RADIX_BINS == TOPK_HIST_BINS, "the score histogram is the radix select's first digit");
+
 struct RadixSmem {
-    u32 hist[2048];
+    u32 hist[RADIX_BINS];
     u32 scan[33];
     u32 scan2[33];  // the second buffer of back-to-back scans (collect tiles)
     u32 sel_prefix, sel_mask, sel_remaining;
@@ -564,10 +569,10 @@ SIKV_DEV void block_pick_bin(RadixSmem& s, const u32* hist, int shift) {
     __syncthreads();
 }
 
-// Zeroes a 2048-bin histogram (no barrier).
+// Zeroes one digit's bins in shared memory (no barrier).
 template <int NT>
-SIKV_DEV void hist_zero(u32* hist) {
-    for (int i = threadIdx.x; i < 2048; i += NT) hist[i] = 0u;
+SIKV_DEV void radix_bins_zero(u32* hist) {
+    for (int i = threadIdx.x; i < RADIX_BINS; i += NT) hist[i] = 0u;
 }
 
 // Radix passes first_pass..2 (11/11/10 bits from the top) over this thread's keys, which
@@ -575,12 +580,12 @@ SIKV_DEV void hist_zero(u32* hist) {
 // match the selection state (sel_prefix, sel_mask, sel_remaining) already in `s` are counted;
 // on return the state holds the threshold under sel_mask (all ones unless the passes stopped
 // early) and how many keys equal to it under the mask are taken. hist2: a second histogram of
-// 2048 words, free for the call. Starts and ends with a block barrier; must be called by every
+// RADIX_BINS words, free for the call. Starts and ends with a block barrier; must be called by every
 // thread.
 template <int NT, typename VisitKeys>
 SIKV_DEV void block_radix_passes(RadixSmem& s, u32* hist2, int first_pass, VisitKeys visit_keys) {
     __syncthreads();
-    hist_zero<NT>(s.hist);
+    radix_bins_zero<NT>(s.hist);
     __syncthreads();
     for (int pass = first_pass; pass < 3; ++pass) {
         // (Conditionals, not arrays indexed by the pass: those went to local memory.)
@@ -588,14 +593,14 @@ SIKV_DEV void block_radix_passes(RadixSmem& s, u32* hist2, int first_pass, Visit
         const bool odd = ((pass - first_pass) & 1) != 0;
         u32* h = odd ? hist2 : s.hist;
         const u32 prefix = s.sel_prefix, mask = s.sel_mask;
-        const u32 bmask = pass < 2 ? 2047u : 1023u;
+        const u32 bmask = pass < 2 ? RADIX_BINS - 1u : RADIX_BINS / 2 - 1u;
         visit_keys([&](u32 key, bool live) { hist_add(h, (key >> shift) & bmask, live && (key & mask) == prefix); });
         // The next pass's histogram: its last reader (two passes back) finished before the
         // previous pick's closing barrier.
-        if (pass < 2) hist_zero<NT>(odd ? s.hist : hist2);
+        if (pass < 2) radix_bins_zero<NT>(odd ? s.hist : hist2);
         __syncthreads();
-        if (pass < 2) block_pick_bin<NT, 2048>(s, h, shift);
-        else block_pick_bin<NT, 1024>(s, h, shift);
+        if (pass < 2) block_pick_bin<NT, RADIX_BINS>(s, h, shift);
+        else block_pick_bin<NT, RADIX_BINS / 2>(s, h, shift);
         if (s.sel_remaining == s.sel_count) break;  // uniform: read after the pick's barrier
     }
 }

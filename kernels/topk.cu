@@ -132,7 +132,7 @@ SIKV_DEV void hist_threshold(const u32* hist, u32 ksel, u32* scan, u32* out) {
 
 SIKV_DEV void sikv_topk_stage1_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
-    __shared__ u32 hist2[2048];
+    __shared__ u32 hist2[RADIX_BINS];
     __shared__ int heavy_in_range;
     const int r = blockIdx.y, h = blockIdx.x;
     const long long rowid = (long long)r * p.num_kv_heads + h;
@@ -488,7 +488,7 @@ SIKV_ENTRY_LATE_WAIT(sikv_topk_final, TOPK_THREADS)
 
 SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
-    __shared__ u32 hist2[2048];
+    __shared__ u32 hist2[RADIX_BINS];
     const int r = blockIdx.y, h = blockIdx.x;
     const long long rowid = (long long)r * p.num_kv_heads + h;
     // The stage-1 list and sizes are sikv_topk_final's (two launches back): read while
@@ -565,7 +565,7 @@ SIKV_DEV void sikv_score_topk_impl(const SikvParams& p) {
     const QueryRow qr = single_row(p, r);
     const int b = qr.seq, S = p.n_sink;
     const int end = row_cand_end(p, qr);
-    for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += NT) s.hist[i] = 0u;
+    radix_bins_zero<NT>(s.hist);
     if (threadIdx.x == 0) counter = 0u;
     // CTA 0's histogram and counter are zero before any CTA adds into them (wait below).
     cluster_arrive();
