@@ -29,7 +29,8 @@ fn nvrtc_err(msg: impl Into<String>) -> Error {
 
 fn candidates() -> Vec<String> {
     let mut v = Vec::new();
-    if let Ok(p) = std::env::var("SIKV_NVRTC") {
+    // A blank value would open the program itself (dlopen of ""), not a library.
+    if let Some(p) = std::env::var("SIKV_NVRTC").ok().filter(|p| !p.trim().is_empty()) {
         v.push(p);
     }
     for name in ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"] {
