@@ -4,7 +4,7 @@ use std::fmt;
 
 /// Result of every exported call. The numbers are part of the ABI and never change.
 #[repr(C)]
-#[allow(non_camel_case_types)]
+#[allow(non_camel_case_types)] // the variants are the C header's SIKV_* names
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SikvStatus {
     /// Success.

@@ -218,7 +218,7 @@ impl Cache {
 
     /// Calibrates `id` at `layer` from its prompt (`n` tokens of post-RoPE `k` and `v`,
     /// `[n][H_kv][d]`, and the last `nq` prompt queries `[nq][H_q][d]`) and stores the prompt.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the prompt's arrays and sizes, as the C export passes them
     pub fn calibrate(
         &mut self,
         layer: u32,
@@ -439,7 +439,7 @@ impl Cache {
     /// `indices` `[n_seqs][H_kv][budget_max]` (the first `counts[..]` of each row, ascending
     /// candidate positions), `counts` `[n_seqs][H_kv]`, host memory. The dense set is attended
     /// as always, and the crossover does not apply: the caller asked for this selection.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the caller's selection and the call's arrays, as the C export passes them
     pub fn attend_selected(
         &mut self,
         layer: u32,

@@ -103,7 +103,7 @@ fn bound(len: usize, n: usize, r: usize) -> usize {
 }
 
 /// Selection for every query row; see the module documentation.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // select's inputs plus the rows
 pub fn select_rows(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -167,7 +167,7 @@ pub fn select_rows(
 
 /// Attention of every query row over the dense set and its selected positions, both cut at
 /// the row's causal bound; see the module documentation.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // attend's inputs plus the rows
 pub fn attend_rows(
     layout: &Layout,
     cfg: &CacheConfig,

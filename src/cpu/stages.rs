@@ -162,7 +162,7 @@ fn check_kv_len(k: &[f32], v: &[f32], expected: usize) -> Result<()> {
 /// `nq x H_q x d` (the last nq prompt queries, nq >= 1). Sets meta prompt_len = n and
 /// calibrated = 1. Validates everything before writing anything. `k`, `v` and `q_tail` are
 /// read sanitised (NaN -> 0, ±inf -> ± the dtype's largest finite value).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the stage's inputs one for one, as the kernels take them
 pub fn calibrate(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -293,7 +293,7 @@ pub fn calibrate(
 /// `seq_slot[t]` and `position[t]` say whose token it is; `slot_mapping[t] < 0` skips it.
 /// The sequence must be calibrated. Validates everything before writing anything. `k` and `v`
 /// are read sanitised, as in [`calibrate`].
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the stage's inputs one for one, as the kernels take them
 pub fn append(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -387,7 +387,7 @@ pub fn append(
 /// Stage-1 score (+ re-rank) of one (sequence, KV head) for the group-mean query `qbar`: the
 /// selected positions among the candidates of a sequence of length `len` that lie below
 /// `limit` (a query row's causal bound; `len` for a decode row).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one row's inputs; a struct would only repack select's
 pub(super) fn select_head(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -469,7 +469,7 @@ pub(super) fn select_head(
 /// Selection for a batch: `score` (+ `topk`, + `rerank` when two-stage) per (sequence, KV
 /// head). `q`: `B x H_q x d`. Writes `indices[(b*H_kv + h)*budget_max ..]` (positions,
 /// ascending; the rest of the row set to -1) and `counts[b*H_kv + h]`.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the stage's inputs one for one, as the kernels take them
 pub fn select(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -507,7 +507,7 @@ pub fn select(
 /// Attends one (sequence, KV head) for its G query heads `qs` (G x d): the dense entries of a
 /// sequence of length `len` below `limit` (a query row's causal bound; `len` for a decode row),
 /// then `selected` decoded from the planes. Returns G x d.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one row's inputs; a struct would only repack attend's
 pub(super) fn attend_head(
     layout: &Layout,
     cfg: &CacheConfig,
@@ -595,7 +595,7 @@ fn check_out(cfg: &CacheConfig, b_n: usize, out: &[f32]) -> Result<()> {
 
 /// Stage `attend` (+ `combine`): attention over the dense set and the selected tokens for a
 /// batch; `out`: `B x H_q x d`.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the stage's inputs one for one, as the kernels take them
 pub fn attend(
     layout: &Layout,
     cfg: &CacheConfig,

@@ -136,7 +136,7 @@ fn quantise(vals: &[f32], bits: u32, codes: &mut [u8], par: &mut [u8]) {
 /// Encodes one token of one KV head. `k` is the raw (post-RoPE, uncentred) key, `v` the value,
 /// both `head_dim` long. `rows[p]` is the token's row in plane p (`format.row_bytes[p]` bytes;
 /// empty for absent planes); every byte of every present row is written.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one token's inputs and outputs, kept apart as the stage defines them
 pub fn encode_token(
     format: &TokenFormat,
     storage: HalfKind,

@@ -246,7 +246,7 @@ impl DevPools {
         ctx.copy_dtoh(&mut h.state, self.state.ptr()).map_err(e2s)?;
         Ok(h)
     }
-    #[allow(dead_code)]
+    #[allow(dead_code)] // only some test binaries that include the fixture poison pools
     pub fn poison(&self, ctx: &GpuContext) -> R {
         for b in self.planes.iter().flatten() {
             ctx.memset_async(b.ptr(), 0xFF, b.bytes(), null()).map_err(e2s)?;
@@ -580,7 +580,7 @@ pub fn cmp_out(fx: &Fx, what: &str, gpu: &[f32], cpu: &[f32]) -> R {
 
 /// Final-stage CPU score of position `pos` of sequence `b` for query row `r` of `q` (for the
 /// tie rule of select comparisons).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the comparison's inputs, as the select under test takes them
 pub fn cpu_score(
     fx: &Fx,
     host: &HostPools,
@@ -625,7 +625,7 @@ pub fn cpu_score(
 }
 
 /// `seqs[r]`: the sequence of query row r (selection rows are `r * H_kv + h`).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the comparison's inputs, as the select under test takes them
 pub fn cmp_select(
     fx: &Fx,
     host: &HostPools,

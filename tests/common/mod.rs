@@ -1,6 +1,7 @@
 //! Shared by the integration tests: the one seeded generator (splitmix64) and the one seed
 //! variable. Every random test prints `<test>: seed = 0x… (replay with SIKV_TEST_SEED=0x…)`;
 //! setting `SIKV_TEST_SEED` to that value replays it (and seeds every other test with it).
+// Each test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
