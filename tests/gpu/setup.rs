@@ -14,6 +14,7 @@ use crate::fixture::*;
 gpu_test!(params_layout, case_params_layout);
 gpu_test!(validation, case_validation);
 gpu_test!(nvrtc_fallback, case_nvrtc_fallback);
+gpu_test!(switch_not_understood, case_switch_not_understood);
 
 fn case_params_layout(_rng: &mut Rng) -> R {
     let cfg = make_cfg(base_shape(SIKV_DTYPE_F16, 128, 2, 4), |_| {});
@@ -131,6 +132,41 @@ fn case_validation(_rng: &mut Rng) -> R {
         Ok(_) => return Err("f32 context: expected UNSUPPORTED, got a context".into()),
     }
     ctx.synchronize(null()).map_err(e2s)
+}
+
+/// A testing switch set to a value the library does not read fails the create with
+/// INVALID_ARGUMENT naming it (src/gpu/switches.rs), and releases what it took: the next create,
+/// with the switch unset, gets a working context.
+fn case_switch_not_understood(_rng: &mut Rng) -> R {
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            std::env::remove_var("SIKV_FUSED");
+        }
+    }
+    let cfg = make_cfg(base_shape(SIKV_DTYPE_F16, 128, 2, 4), |_| {});
+    let layout = Layout::new(&cfg);
+    {
+        std::env::set_var("SIKV_FUSED", "sometimes");
+        let _unset = Unset;
+        match GpuContext::new(&cfg, &layout) {
+            Err(e) if e.status == SikvStatus::SIKV_ERR_INVALID_ARGUMENT && e.message.contains("SIKV_FUSED") => {
+                println!("    refused: {}", e.message)
+            }
+            Err(e) => {
+                return Err(format!(
+                    "SIKV_FUSED=sometimes: expected INVALID_ARGUMENT naming it, got {e}"
+                ))
+            }
+            Ok(_) => return Err("SIKV_FUSED=sometimes: expected INVALID_ARGUMENT, got a context".into()),
+        }
+    }
+    // A kernel launch on the next context: the layout probe.
+    let ctx = GpuContext::new(&cfg, &layout).map_err(e2s)?;
+    match ctx.params_layout().map_err(e2s)? == params::layout_probe() {
+        true => Ok(()),
+        false => Err("SikvParams layout differs after the refused create".into()),
+    }
 }
 
 /// The NVRTC fallback end to end: a context whose kernels NVRTC compiled at create time
