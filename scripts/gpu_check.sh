@@ -53,10 +53,17 @@ check_log() {
 # MEMCHECK_CASES / RACECHECK_CASES: comma list -> libtest filter arguments.
 filters() { tr ',' ' ' <<<"$1"; }
 
-if [ ! -x .gpu/gpu_tests ]; then
-  echo "gpu_check: .gpu/gpu_tests missing (run scripts/build_gpu_bundle.sh on the build machine)" >&2
-  exit 2
-fi
+# Each step needs its binaries from the bundle: a bench- or profile-only run carries gpu_bench
+# alone (the bundle is larger than one transfer can take).
+need=()
+for s in tests dense_groups memcheck racecheck sanitize; do want $s && need+=(gpu_tests); done
+for s in bench profile profile_sass; do want $s && need+=(gpu_bench); done
+for b in "${need[@]}"; do
+  if [ ! -x ".gpu/$b" ]; then
+    echo "gpu_check: .gpu/$b missing for STEPS=$STEPS (run scripts/build_gpu_bundle.sh on the build machine)" >&2
+    exit 2
+  fi
+done
 [ -f .gpu/BUILD_INFO ] && cat .gpu/BUILD_INFO
 
 echo "== nvidia-smi"
