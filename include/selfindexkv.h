@@ -284,6 +284,11 @@ enum SikvStatus sikv_query_layout(const struct SikvConfig *config, struct SikvLa
 
 // Creates a managed cache whose pools the library allocates (here, and only here).
 //
+// On CUDA the create reads the library's testing switches (`SIKV_*` environment variables,
+// listed in docs/DESIGN.md); one set to a value the library does not understand gives
+// `SIKV_ERR_INVALID_ARGUMENT` naming it. So do `sikv_cache_create_with_pools` and
+// `sikv_kernels_create`.
+//
 // Threads: a cache handle may be used from any thread. Calls on one handle from several
 // threads at once are serialised by the handle (one lock each, held for the call's host
 // work); work a call enqueues runs in the order of the streams the callers pass, so threads
