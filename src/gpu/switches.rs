@@ -79,74 +79,78 @@ impl Switches {
 
     /// The switches that `get` (a variable's value, None when unset) describes.
     pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Switches> {
-        let read = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-        let mut s = Switches::default();
-        if let Some(v) = read("SIKV_PDL") {
-            s.pdl = on_off("SIKV_PDL", &v)?;
-        }
-        if let Some(v) = read("SIKV_TOPK") {
-            s.topk = match v.as_str() {
-                "single" => TopkPath::Single,
-                "multi" => TopkPath::Multi { cand_cap: None },
-                _ => match v.strip_prefix("multi:").map(str::parse::<u32>) {
-                    Some(Ok(n)) if n > 0 => TopkPath::Multi { cand_cap: Some(n) },
-                    _ => return Err(not_understood("SIKV_TOPK", &v, "single, multi or multi:N with N > 0")),
-                },
-            };
-        }
-        if let Some(v) = read("SIKV_FUSED") {
-            s.fused = match v.as_str() {
-                "auto" => FusedMode::Measured,
-                "off" => FusedMode::Off,
-                "on" => FusedMode::Always,
-                _ => return Err(not_understood("SIKV_FUSED", &v, "on, off or auto")),
-            };
-        }
-        s.attend_span = positive(&read, "SIKV_ATTEND_SPAN")?;
-        s.compact_blocks = positive(&read, "SIKV_COMPACT_BLOCKS")?;
-        if let Some(v) = read("SIKV_HIST_ZERO") {
-            s.hist_zero_memset = match v.as_str() {
-                "memset" => true,
-                "kernel" => false,
-                _ => return Err(not_understood("SIKV_HIST_ZERO", &v, "memset or kernel")),
-            };
-        }
-        s.dense_min_chunk = positive::<usize>(&read, "SIKV_DENSE_MIN_CHUNK")?;
-        if let Some(v) = read("SIKV_ROUTE_FORK") {
-            s.route_fork = on_off("SIKV_ROUTE_FORK", &v)?;
-        }
-        if let Some(v) = read("SIKV_FORCE_NVRTC") {
-            s.force_nvrtc = on_off("SIKV_FORCE_NVRTC", &v)?;
-        }
-        Ok(s)
+        let var = |name: &'static str| Var {
+            name,
+            value: get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()),
+        };
+        let d = Switches::default();
+        let topk = var("SIKV_TOPK");
+        let cap = topk.value.as_deref().and_then(|v| v.strip_prefix("multi:"));
+        let topk = match cap.map(str::parse::<u32>) {
+            Some(Ok(n)) if n > 0 => TopkPath::Multi { cand_cap: Some(n) },
+            Some(_) => return Err(topk.not_understood("single, multi or multi:N with N > 0")),
+            None => topk
+                .word(&[("multi", d.topk), ("single", TopkPath::Single)])?
+                .unwrap_or(d.topk),
+        };
+        let fused = [
+            ("auto", FusedMode::Measured),
+            ("on", FusedMode::Always),
+            ("off", FusedMode::Off),
+        ];
+        let hist_zero = [("kernel", false), ("memset", true)];
+        Ok(Switches {
+            pdl: var("SIKV_PDL").word(&ON_OFF)?.unwrap_or(d.pdl),
+            topk,
+            fused: var("SIKV_FUSED").word(&fused)?.unwrap_or(d.fused),
+            attend_span: var("SIKV_ATTEND_SPAN").positive()?,
+            compact_blocks: var("SIKV_COMPACT_BLOCKS").positive()?,
+            hist_zero_memset: var("SIKV_HIST_ZERO").word(&hist_zero)?.unwrap_or(d.hist_zero_memset),
+            dense_min_chunk: var("SIKV_DENSE_MIN_CHUNK").positive()?,
+            route_fork: var("SIKV_ROUTE_FORK").word(&ON_OFF)?.unwrap_or(d.route_fork),
+            force_nvrtc: var("SIKV_FORCE_NVRTC").word(&ON_OFF)?.unwrap_or(d.force_nvrtc),
+        })
     }
 }
 
-fn not_understood(name: &str, value: &str, takes: &str) -> Error {
-    Error::invalid(format!(
-        "environment variable {name}={value:?} is not understood: it takes {takes} (unset it for the default)"
-    ))
+/// The values of an on/off switch.
+const ON_OFF: [(&str, bool); 4] = [("1", true), ("on", true), ("0", false), ("off", false)];
+
+/// One switch as set: its value trimmed, None when unset or blank.
+struct Var {
+    name: &'static str,
+    value: Option<String>,
 }
 
-fn on_off(name: &str, v: &str) -> Result<bool> {
-    match v {
-        "1" | "on" => Ok(true),
-        "0" | "off" => Ok(false),
-        _ => Err(not_understood(name, v, "1/on or 0/off")),
+impl Var {
+    fn not_understood(&self, takes: &str) -> Error {
+        let value = self.value.as_deref().unwrap_or_default();
+        Error::invalid(format!(
+            "environment variable {}={value:?} is not understood: it takes {takes} (unset it for the default)",
+            self.name
+        ))
     }
-}
 
-/// A positive integer switch: None when unset.
-fn positive<T>(read: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Option<T>>
-where
-    T: std::str::FromStr + Default + PartialOrd,
-{
-    match read(name) {
-        None => Ok(None),
-        Some(v) => match v.parse::<T>() {
+    /// A switch that takes one of `words`.
+    fn word<T: Copy>(&self, words: &[(&str, T)]) -> Result<Option<T>> {
+        let Some(v) = self.value.as_deref() else {
+            return Ok(None);
+        };
+        match words.iter().find(|(w, _)| *w == v) {
+            Some((_, t)) => Ok(Some(*t)),
+            None => Err(self.not_understood(&words.iter().map(|(w, _)| *w).collect::<Vec<_>>().join(", "))),
+        }
+    }
+
+    /// A switch that takes a positive integer.
+    fn positive<T: std::str::FromStr + Default + PartialOrd>(&self) -> Result<Option<T>> {
+        let Some(v) = self.value.as_deref() else {
+            return Ok(None);
+        };
+        match v.parse::<T>() {
             Ok(n) if n > T::default() => Ok(Some(n)),
-            _ => Err(not_understood(name, &v, "a positive integer")),
-        },
+            _ => Err(self.not_understood("a positive integer")),
+        }
     }
 }
 
