@@ -103,11 +103,6 @@ struct Inner {
     dtype: Dtype,
     /// The testing switches, as read at create time ([`switches`]).
     switches: Switches,
-    /// Launch with programmatic dependent launch: sm_90 and newer, unless SIKV_PDL=0. Each
-    /// kernel waits for the grid before it (`griddepcontrol.wait`) before it touches memory, so
-    /// the next kernel's blocks can be launched while this one finishes, and the order of every
-    /// memory access is what plain stream order gives.
-    pdl: bool,
     /// The fused select (score + stage-1 top-k in clusters, `select`): entry c, for c in
     /// 1..=FUSED_MAX_CLUSTER, is how many clusters of c CTAs the device holds at once; all zero
     /// below sm_90, with the single-CTA top-k, or with SIKV_FUSED=off.
@@ -248,7 +243,6 @@ impl GpuContext {
         let fused_clusters = fused_clusters(dev.major, &switches, kernels.score_topk.f);
         Ok(GpuContext {
             inner: Arc::new(Inner {
-                pdl: dev.major >= 9 && switches.pdl,
                 dev,
                 module,
                 fault_host,
@@ -356,16 +350,15 @@ impl GpuContext {
     ) -> Result<()> {
         let mut p = *p;
         p.fault = self.inner.fault_dev;
-        driver::launch_cluster(
-            k.f,
-            k.name,
-            grid,
-            block,
-            cluster,
-            cuda_stream(stream),
-            &p,
-            self.inner.pdl,
-        )
+        driver::launch_cluster(k.f, k.name, grid, block, cluster, cuda_stream(stream), &p, self.pdl())
+    }
+
+    /// Whether the stages launch with programmatic dependent launch: sm_90 and newer, unless
+    /// SIKV_PDL=0. Each kernel waits for the grid before it (`griddepcontrol.wait`) before it
+    /// touches memory, so the next kernel's blocks can be launched while this one finishes, and
+    /// the order of every memory access is what plain stream order gives.
+    fn pdl(&self) -> bool {
+        self.inner.dev.major >= 9 && self.inner.switches.pdl
     }
 
     /// Reports (and clears) the device faults raised since the last call: `Ok` when none,
