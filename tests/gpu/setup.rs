@@ -138,17 +138,10 @@ fn case_validation(_rng: &mut Rng) -> R {
 /// INVALID_ARGUMENT naming it (src/gpu/switches.rs), and releases what it took: the next create,
 /// with the switch unset, gets a working context.
 fn case_switch_not_understood(_rng: &mut Rng) -> R {
-    struct Unset;
-    impl Drop for Unset {
-        fn drop(&mut self) {
-            std::env::remove_var("SIKV_FUSED");
-        }
-    }
     let cfg = make_cfg(base_shape(SIKV_DTYPE_F16, 128, 2, 4), |_| {});
     let layout = Layout::new(&cfg);
     {
-        std::env::set_var("SIKV_FUSED", "sometimes");
-        let _unset = Unset;
+        let _unset = EnvSet::new("SIKV_FUSED", "sometimes");
         match GpuContext::new(&cfg, &layout) {
             Err(e) if e.status == SikvStatus::SIKV_ERR_INVALID_ARGUMENT && e.message.contains("SIKV_FUSED") => {
                 println!("    refused: {}", e.message)
@@ -163,25 +156,31 @@ fn case_switch_not_understood(_rng: &mut Rng) -> R {
     }
     // A kernel launch on the next context: the layout probe.
     let ctx = GpuContext::new(&cfg, &layout).map_err(e2s)?;
-    match ctx.params_layout().map_err(e2s)? == params::layout_probe() {
-        true => Ok(()),
-        false => Err("SikvParams layout differs after the refused create".into()),
+    if ctx.params_layout().map_err(e2s)? != params::layout_probe() {
+        return Err("SikvParams layout differs after the refused create".into());
+    }
+    Ok(())
+}
+
+/// A process-wide variable that every context creation reads, set for one case and unset again
+/// however the case ends (a panic included): the tests after it in this process must not see it.
+struct EnvSet(&'static str);
+impl EnvSet {
+    fn new(name: &'static str, value: &str) -> EnvSet {
+        std::env::set_var(name, value);
+        EnvSet(name)
+    }
+}
+impl Drop for EnvSet {
+    fn drop(&mut self) {
+        std::env::remove_var(self.0);
     }
 }
 
 /// The NVRTC fallback end to end: a context whose kernels NVRTC compiled at create time
 /// (SIKV_FORCE_NVRTC=1), checked like the fatbin ones on a small ragged batch.
 fn case_nvrtc_fallback(rng: &mut Rng) -> R {
-    // Unset again however the case ends (a panic included): the tests after it in this process
-    // must get fatbin contexts.
-    struct ForceNvrtc;
-    impl Drop for ForceNvrtc {
-        fn drop(&mut self) {
-            std::env::remove_var("SIKV_FORCE_NVRTC");
-        }
-    }
-    std::env::set_var("SIKV_FORCE_NVRTC", "1");
-    let _unset = ForceNvrtc;
+    let _unset = EnvSet::new("SIKV_FORCE_NVRTC", "1");
     let mut s = base_shape(SIKV_DTYPE_BF16, 64, 2, 3);
     s.max_batch = 2;
     s.kbits = 4;
