@@ -56,8 +56,8 @@ filters() { tr ',' ' ' <<<"$1"; }
 # Each step needs its binaries from the bundle: a bench- or profile-only run carries gpu_bench
 # alone (the bundle is larger than one transfer can take).
 need=()
-for s in tests dense_groups memcheck racecheck sanitize; do want $s && need+=(gpu_tests); done
-for s in bench profile profile_sass; do want $s && need+=(gpu_bench); done
+if want tests || want dense_groups || want memcheck || want racecheck || want sanitize; then need+=(gpu_tests); fi
+if want bench || want profile || want profile_sass; then need+=(gpu_bench); fi
 for b in "${need[@]}"; do
   if [ ! -x ".gpu/$b" ]; then
     echo "gpu_check: .gpu/$b missing for STEPS=$STEPS (run scripts/build_gpu_bundle.sh on the build machine)" >&2
