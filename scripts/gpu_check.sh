@@ -28,7 +28,7 @@
 # A run whose filters select no test fails, and so does a GPU test that skipped for want of a
 # CUDA device: on the GPU machine that is a broken setup, not a pass.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 declare -A RC
@@ -230,9 +230,11 @@ if [ -n "$SAN" ] && want sanitize; then
         continue
       fi
       t1=$SECONDS
+      skips=()
+      for t in $(tr , " " <<<"${SANITIZE_SKIP:-}"); do skips+=(--skip "$t"); done
       SIKV_GPU_TEST_QUICK=1 timeout "${SANITIZE_RUN_TIMEOUT_S:-150}" "$SAN" --tool "$tool" --error-exitcode 3 ".gpu/$bin" \
         --skip nvrtc_compiles_embedded_sources --skip sticky_cuda_error_poisons_the_handle \
-        --skip create_beyond_device_memory_is_refused_cleanly $(for t in $(tr , " " <<<"${SANITIZE_SKIP:-}"); do printf -- "--skip %s " "$t"; done) \
+        --skip create_beyond_device_memory_is_refused_cleanly "${skips[@]}" \
         --nocapture --test-threads=1 > "$log" 2>&1
       rc=$?
       summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
@@ -562,7 +564,7 @@ if fit:
 EOF
 # Everything in one archive plus the two CSVs, so that all of it comes back from the GPU machine.
 # (The CSVs of a second and later BASELINE go into the archive too: $OUT returns few files.)
-(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./*.log $(ls base[2-9]_gpu_bench.csv 2>/dev/null) 2>/dev/null \
+(cd "$OUT" && shopt -s nullglob && tar czf logs.tgz --exclude=logs.tgz ./*.log base[2-9]_gpu_bench.csv 2>/dev/null \
   && rm -f ./*.log base[2-9]_gpu_bench.csv)
 fail=0
 for k in "${!RC[@]}"; do [ "${RC[$k]}" != "0" ] && fail=1; done
