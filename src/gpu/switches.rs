@@ -90,7 +90,10 @@ impl Switches {
             Some(Ok(n)) if n > 0 => TopkPath::Multi { cand_cap: Some(n) },
             Some(_) => return Err(topk.not_understood("single, multi or multi:N with N > 0")),
             None => topk
-                .word(&[("multi", d.topk), ("single", TopkPath::Single)])?
+                .word(&[
+                    ("multi", TopkPath::Multi { cand_cap: None }),
+                    ("single", TopkPath::Single),
+                ])?
                 .unwrap_or(d.topk),
         };
         let fused = [
@@ -171,7 +174,11 @@ mod tests {
             "SIKV_TOPK",
             "SIKV_FUSED",
             "SIKV_ATTEND_SPAN",
+            "SIKV_COMPACT_BLOCKS",
             "SIKV_HIST_ZERO",
+            "SIKV_DENSE_MIN_CHUNK",
+            "SIKV_ROUTE_FORK",
+            "SIKV_FORCE_NVRTC",
         ];
         let vars: Vec<(&str, &str)> = blank.iter().map(|n| (*n, "  ")).collect();
         assert_eq!(parse(&vars).unwrap(), Switches::default());
