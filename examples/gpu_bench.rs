@@ -12,13 +12,18 @@
 //! steps; --kept sets n_sink, n_heavy and n_window, the kept dense entries, to see what their splits
 //! cost)
 //! Prints a table and writes CSV rows:
-//! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us
+//! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us,cold_us
 //!
-//! Two timings per row. `median_us`: events around one eager call, so it includes the host's
+//! Three timings per row. `median_us`: events around one eager call, so it includes the host's
 //! launch submissions (what an engine without graphs sees, and how the SDPA baseline is timed).
 //! `graph_us`: GRAPH_REPS back-to-back copies of the call captured into one CUDA graph,
 //! replayed, divided by GRAPH_REPS (median of replays): the device time of the call under graph
 //! capture, which is how decode steps run in engines that capture them.
+//! `cold_us`: as `graph_us`, but each copy of the call follows a write of FLUSH_BYTES (more than
+//! twice the L2 of an H100 or H200), so it finds none of its data in L2, as a layer's call does in
+//! a model whose other layers run between its steps; `graph_us` replays the same call's data,
+//! which at batch 1 largely fits L2. It is the graph of flushes and calls less the graph of the
+//! flushes alone (the median of each). Empty for the rows that do not time it.
 //! `dense_live` is the dense decode as a managed cache launches it, its grid sized from the live
 //! length N instead of max_seq_len (--max-seq-len): that sizing is for eager calls only, so its
 //! `graph_us` is `dense_ours`' grid and only its `median_us` differs.
@@ -241,6 +246,8 @@ fn time(s: &Setup, warm: usize, iters: usize, f: &Call) -> R<(f64, f64, f64)> {
 
 /// Copies of the call per captured graph (see the module comment).
 const GRAPH_REPS: usize = 20;
+/// Bytes written ahead of each copy of the call for `cold_us`.
+const FLUSH_BYTES: usize = 128 << 20;
 
 /// Median device time of one call when GRAPH_REPS copies run from one CUDA graph (us).
 fn time_graph(s: &Setup, iters: usize, f: &Call) -> R<f64> {
@@ -264,6 +271,39 @@ fn time_graph(s: &Setup, iters: usize, f: &Call) -> R<f64> {
     }
     s.ctx.synchronize(st.raw).map_err(e2s)?;
     Ok(median_us(v).0)
+}
+
+/// Median device time of one call (us) that finds its data out of L2: GRAPH_REPS copies of
+/// (flush, call) captured into one graph, less GRAPH_REPS flushes alone, the two timed in turn.
+fn time_cold(s: &Setup, flush: &DeviceBuffer, iters: usize, f: &Call) -> R<f64> {
+    let st = s.ctx.create_stream().map_err(e2s)?;
+    let wipe = |i: usize| s.ctx.memset_async(flush.ptr(), i as u8, FLUSH_BYTES, st.raw);
+    let both = s
+        .ctx
+        .capture(st.raw, || {
+            for i in 0..GRAPH_REPS {
+                wipe(i)?;
+                f(st.raw)?;
+            }
+            Ok(())
+        })
+        .map_err(e2s)?;
+    let alone = s
+        .ctx
+        .capture(st.raw, || (0..GRAPH_REPS).try_for_each(wipe))
+        .map_err(e2s)?;
+    for _ in 0..3 {
+        both.launch(st.raw).map_err(e2s)?;
+        alone.launch(st.raw).map_err(e2s)?;
+    }
+    s.ctx.synchronize(st.raw).map_err(e2s)?;
+    let (mut vb, mut va) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    for _ in 0..iters {
+        vb.push(s.ctx.time_ms(st.raw, || both.launch(st.raw)).map_err(e2s)? / GRAPH_REPS as f32);
+        va.push(s.ctx.time_ms(st.raw, || alone.launch(st.raw)).map_err(e2s)? / GRAPH_REPS as f32);
+    }
+    s.ctx.synchronize(st.raw).map_err(e2s)?;
+    Ok(median_us(vb).0 - median_us(va).0)
 }
 
 fn main() {
@@ -354,11 +394,11 @@ fn run(
 ) -> R {
     let ns: Vec<u32> = ns.unwrap_or(if quick { vec![8192] } else { vec![8192, 32768, 131072] });
     let batches: Vec<u32> = batches.unwrap_or(if quick { vec![1, 2] } else { vec![1, 2, 4, 8] });
-    let mut csv = String::from("kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us\n");
+    let mut csv = String::from("kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us,cold_us\n");
     let mut rng = Rng(0x9e3779b97f4a7c15);
     println!(
-        "{:<10} {:>7} {:>3} {:>10} {:>10} {:>9} {:>6} {:>9}",
-        "kernel", "N", "B", "median_us", "MB", "GB/s", "k", "graph_us"
+        "{:<10} {:>7} {:>3} {:>10} {:>10} {:>9} {:>6} {:>9} {:>9}",
+        "kernel", "N", "B", "median_us", "MB", "GB/s", "k", "graph_us", "cold_us"
     );
     for &n in &ns {
         // One prompt's k / v (n x 8 x 128 fp16), shared by every sequence of the batch.
@@ -372,6 +412,7 @@ fn run(
         drop((kb, vb));
         for &b in &batches {
             let s = setup(n, msl, b, &kv, &mut rng)?;
+            let flush = s.ctx.alloc(FLUSH_BYTES).map_err(e2s)?;
             let cfg = &s.cfg;
             let (hkv, d) = (cfg.num_kv_heads as u64, cfg.head_dim as u64);
             let heads = hkv * b as u64;
@@ -477,7 +518,7 @@ fn run(
                         "topk_final", n, b, med, "-", "-", k, gus
                     );
                     csv.push_str(&format!(
-                        "topk_final,{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k},{gus:.2}\n",
+                        "topk_final,{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k},{gus:.2},\n",
                         cfg.group_size()
                     ));
                     // Counter now far above the candidate count: this final falls back, then
@@ -486,9 +527,10 @@ fn run(
                 }
                 let (med, p10, p90) = time(&s, 10, iters.max(50), f.as_ref())?;
                 let gus = time_graph(&s, 20, f.as_ref())?;
+                let cold = time_cold(&s, &flush, 20, f.as_ref())?;
                 let gbps = *bytes as f64 / (med * 1e-6) / 1e9;
                 println!(
-                    "{:<10} {:>7} {:>3} {:>10.1} {:>10.2} {:>9.1} {:>6} {:>9.1}",
+                    "{:<10} {:>7} {:>3} {:>10.1} {:>10.2} {:>9.1} {:>6} {:>9.1} {:>9.1}",
                     name,
                     n,
                     b,
@@ -496,10 +538,11 @@ fn run(
                     *bytes as f64 / 1e6,
                     gbps,
                     k,
-                    gus
+                    gus,
+                    cold
                 );
                 csv.push_str(&format!(
-                    "{name},{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},{bytes},{gbps:.1},{k},{gus:.2}\n",
+                    "{name},{n},{b},{d},{},{hkv},{med:.2},{p10:.2},{p90:.2},{bytes},{gbps:.1},{k},{gus:.2},{cold:.2}\n",
                     cfg.group_size()
                 ));
             }
@@ -579,7 +622,7 @@ fn time_rows(s: &Setup, n: u32, b: u32, nr: u32, k: u64, iters: usize, rng: &mut
             name, n, b, med, "-", "-", k, gus
         );
         csv.push_str(&format!(
-            "{name},{n},{b},{},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k},{gus:.2}\n",
+            "{name},{n},{b},{},{},{hkv},{med:.2},{p10:.2},{p90:.2},0,0,{k},{gus:.2},\n",
             cfg.head_dim,
             cfg.group_size()
         ));

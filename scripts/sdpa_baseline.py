@@ -5,11 +5,66 @@ one query token, batch 1..8, N = 8K / 32K / 128K). CUDA events, warm-up, median 
 runs. GQA uses enable_gqa=True (no K/V expansion); a backend that rejects it is retried with K/V
 expanded to all query heads and marked `expanded` (its bytes are then 4x larger).
 
+`graph_us` and `cold_us` are timed as examples/gpu_bench.rs times its own (GRAPH_REPS copies of
+the call in one CUDA graph; for `cold_us` each copy after a write of FLUSH_BYTES, less the graph of
+the writes alone), so the two scripts' columns compare like for like. Empty where the backend
+cannot be captured.
+
 Usage: sdpa_baseline.py [--csv PATH] [--quick] [--iters N]
-CSV: backend,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,note
+CSV: backend,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,note,graph_us,cold_us
 """
 import argparse
 import sys
+
+GRAPH_REPS = 20
+FLUSH_BYTES = 128 << 20
+
+
+def graph_times(torch, run, flush, iters):
+    """(graph_us, cold_us) of `run` as gpu_bench times its calls; None where capture fails."""
+    def capture(body):
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            body()  # warm-up outside the graph, on the capture stream
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                body()
+        torch.cuda.current_stream().wait_stream(s)
+        return g
+
+    def reps(wipe, call):
+        def body():
+            for i in range(GRAPH_REPS):
+                if wipe:
+                    flush.fill_(i)
+                if call:
+                    run()
+        return body
+
+    def median_us(g):
+        times = []
+        for _ in range(iters):
+            s0 = torch.cuda.Event(enable_timing=True)
+            s1 = torch.cuda.Event(enable_timing=True)
+            s0.record()
+            g.replay()
+            s1.record()
+            s1.synchronize()
+            times.append(s0.elapsed_time(s1) * 1000.0 / GRAPH_REPS)
+        times.sort()
+        return times[len(times) // 2]
+
+    try:
+        warm, both, alone = capture(reps(False, True)), capture(reps(True, True)), capture(reps(True, False))
+    except Exception as e:  # noqa: BLE001
+        print(f"   graph capture failed: {str(e).splitlines()[0][:80]}")
+        return None, None
+    for g in (warm, both, alone):
+        g.replay()
+    torch.cuda.synchronize()
+    return median_us(warm), median_us(both) - median_us(alone)
 
 
 def main():
@@ -35,8 +90,9 @@ def main():
     hq, hkv, d = 32, 8, 128
     g = hq // hkv
     backends = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
-    rows = ["backend,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,note"]
-    print(f"{'backend':<8} {'N':>7} {'B':>3} {'median_us':>10} {'GB/s':>8} note")
+    rows = ["backend,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,note,graph_us,cold_us"]
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=dev)
+    print(f"{'backend':<8} {'N':>7} {'B':>3} {'median_us':>10} {'GB/s':>8} {'graph_us':>9} {'cold_us':>9} note")
     for n in ns:
         for b in batches:
             q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.float16)
@@ -67,7 +123,7 @@ def main():
                                 return F.scaled_dot_product_attention(q, ke, ve)
                     except Exception as e:  # noqa: BLE001
                         print(f"{name:<8} {n:>7} {b:>3} unsupported: {str(e).splitlines()[0][:80]}")
-                        rows.append(f"{name},{n},{b},{d},{g},{hkv},,,,,,unsupported")
+                        rows.append(f"{name},{n},{b},{d},{g},{hkv},,,,,,unsupported,,")
                         continue
                 for _ in range(10):
                     run()
@@ -88,8 +144,10 @@ def main():
                 heads = b * (hq if note == "expanded" else hkv)
                 nbytes = heads * n * d * 2 * 2
                 gbps = nbytes / (med * 1e-6) / 1e9
-                print(f"{name:<8} {n:>7} {b:>3} {med:>10.1f} {gbps:>8.1f} {note}")
-                rows.append(f"{name},{n},{b},{d},{g},{hkv},{med:.2f},{p10:.2f},{p90:.2f},{nbytes},{gbps:.1f},{note}")
+                gus, cold = graph_times(torch, run, flush, 20)
+                fmt = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+                print(f"{name:<8} {n:>7} {b:>3} {med:>10.1f} {gbps:>8.1f} {fmt(gus):>9} {fmt(cold):>9} {note}")
+                rows.append(f"{name},{n},{b},{d},{g},{hkv},{med:.2f},{p10:.2f},{p90:.2f},{nbytes},{gbps:.1f},{note},{fmt(gus)},{fmt(cold)}")
             del q, k, v
             torch.cuda.empty_cache()
     if a.csv:
