@@ -468,12 +468,15 @@ t = {}
 for r in ours:
     t[(r["kernel"], int(r["N"]), int(r["batch"]))] = r
 s = {}
+sc = {}  # SDPA cold_us (scripts/sdpa_baseline.py)
 for r in sdpa:
     if r.get("median_us"):
         s[(r["backend"], int(r["N"]), int(r["batch"]))] = float(r["median_us"])
+    if r.get("cold_us"):
+        sc[(r["backend"], int(r["N"]), int(r["batch"]))] = float(r["cold_us"])
 keys = sorted({(n, b) for (_, n, b) in t})
-hdr = f"  {'N':>7} {'B':>2} {'k':>5} {'score':>7} {'topk':>7} {'rerank':>7} {'attend':>7} {'step':>8} {'dense':>8} {'cudnn':>8} {'flash':>8} {'x dense':>7} {'x cudnn':>7} {'x flash':>7}  score GB/s  attend GB/s"
-print("  times in us (median); x = speedup of the sparse step")
+hdr = f"  {'N':>7} {'B':>2} {'k':>5} {'score':>7} {'topk':>7} {'rerank':>7} {'attend':>7} {'step':>8} {'dense':>8} {'cudnn':>8} {'flash':>8} {'x dense':>7} {'x cudnn':>7} {'x flash':>7}  score GB/s  attend GB/s {'step cold':>9} {'cudnn cold':>10}"
+print("  times in us (median); x = speedup of the sparse step; cold = graph copies after an L2 flush (cold_us)")
 print(hdr)
 for n, b in keys:
     g = lambda k: float(t[(k, n, b)]["median_us"]) if (k, n, b) in t else float("nan")
@@ -482,7 +485,9 @@ for n, b in keys:
     cu = s.get(("cudnn", n, b), float("nan"))
     fl = s.get(("flash", n, b), float("nan"))
     k = t[("step", n, b)]["k"] if ("step", n, b) in t else "?"
-    print(f"  {n:>7} {b:>2} {k:>5} {g('score'):>7.1f} {g('topk'):>7.1f} {g('rerank'):>7.1f} {g('attend'):>7.1f} {step:>8.1f} {dense:>8.1f} {cu:>8.1f} {fl:>8.1f} {dense/step:>7.2f} {cu/step:>7.2f} {fl/step:>7.2f}  {bw('score'):>10.0f}  {bw('attend'):>11.0f}")
+    cold = float(t[("step", n, b)].get("cold_us") or "nan") if ("step", n, b) in t else float("nan")
+    cuc = sc.get(("cudnn", n, b), float("nan"))
+    print(f"  {n:>7} {b:>2} {k:>5} {g('score'):>7.1f} {g('topk'):>7.1f} {g('rerank'):>7.1f} {g('attend'):>7.1f} {step:>8.1f} {dense:>8.1f} {cu:>8.1f} {fl:>8.1f} {dense/step:>7.2f} {cu/step:>7.2f} {fl/step:>7.2f}  {bw('score'):>10.0f}  {bw('attend'):>11.0f} {cold:>9.1f} {cuc:>10.1f}")
 # ROUTE_MSL: the stateless decode's choice on the device under a longer max_seq_len.
 msl = load("msl_gpu_bench.csv")
 if msl:
