@@ -249,61 +249,48 @@ const GRAPH_REPS: usize = 20;
 /// Bytes written ahead of each copy of the call for `cold_us`.
 const FLUSH_BYTES: usize = 128 << 20;
 
+/// One copy of a timed graph's body: copy `i` of GRAPH_REPS, enqueued on the capture stream.
+type Rep<'a> = dyn Fn(usize, selfindexkv::gpu::CUstream) -> selfindexkv::Result<()> + 'a;
+
+/// Median device time per copy (us) of each graph of GRAPH_REPS copies of a body, the graphs
+/// warmed up and then timed in turn (so drift reaches each alike).
+fn time_reps(s: &Setup, iters: usize, bodies: &[&Rep]) -> R<Vec<f64>> {
+    let st = s.ctx.create_stream().map_err(e2s)?;
+    let graphs = bodies
+        .iter()
+        .map(|body| {
+            s.ctx
+                .capture(st.raw, || (0..GRAPH_REPS).try_for_each(|i| body(i, st.raw)))
+                .map_err(e2s)
+        })
+        .collect::<R<Vec<_>>>()?;
+    for _ in 0..3 {
+        for g in &graphs {
+            g.launch(st.raw).map_err(e2s)?;
+        }
+    }
+    s.ctx.synchronize(st.raw).map_err(e2s)?;
+    let mut v = vec![Vec::with_capacity(iters); graphs.len()];
+    for _ in 0..iters {
+        for (g, v) in graphs.iter().zip(&mut v) {
+            v.push(s.ctx.time_ms(st.raw, || g.launch(st.raw)).map_err(e2s)? / GRAPH_REPS as f32);
+        }
+    }
+    s.ctx.synchronize(st.raw).map_err(e2s)?;
+    Ok(v.into_iter().map(|v| median_us(v).0).collect())
+}
+
 /// Median device time of one call when GRAPH_REPS copies run from one CUDA graph (us).
 fn time_graph(s: &Setup, iters: usize, f: &Call) -> R<f64> {
-    let st = s.ctx.create_stream().map_err(e2s)?;
-    let g = s
-        .ctx
-        .capture(st.raw, || {
-            for _ in 0..GRAPH_REPS {
-                f(st.raw)?;
-            }
-            Ok(())
-        })
-        .map_err(e2s)?;
-    for _ in 0..3 {
-        g.launch(st.raw).map_err(e2s)?;
-    }
-    s.ctx.synchronize(st.raw).map_err(e2s)?;
-    let mut v = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        v.push(s.ctx.time_ms(st.raw, || g.launch(st.raw)).map_err(e2s)? / GRAPH_REPS as f32);
-    }
-    s.ctx.synchronize(st.raw).map_err(e2s)?;
-    Ok(median_us(v).0)
+    Ok(time_reps(s, iters, &[&|_, st| f(st)])?[0])
 }
 
 /// Median device time of one call (us) that finds its data out of L2: GRAPH_REPS copies of
-/// (flush, call) captured into one graph, less GRAPH_REPS flushes alone, the two timed in turn.
+/// (flush, call) in one graph, less GRAPH_REPS flushes alone.
 fn time_cold(s: &Setup, flush: &DeviceBuffer, iters: usize, f: &Call) -> R<f64> {
-    let st = s.ctx.create_stream().map_err(e2s)?;
-    let wipe = |i: usize| s.ctx.memset_async(flush.ptr(), i as u8, FLUSH_BYTES, st.raw);
-    let both = s
-        .ctx
-        .capture(st.raw, || {
-            for i in 0..GRAPH_REPS {
-                wipe(i)?;
-                f(st.raw)?;
-            }
-            Ok(())
-        })
-        .map_err(e2s)?;
-    let alone = s
-        .ctx
-        .capture(st.raw, || (0..GRAPH_REPS).try_for_each(wipe))
-        .map_err(e2s)?;
-    for _ in 0..3 {
-        both.launch(st.raw).map_err(e2s)?;
-        alone.launch(st.raw).map_err(e2s)?;
-    }
-    s.ctx.synchronize(st.raw).map_err(e2s)?;
-    let (mut vb, mut va) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
-    for _ in 0..iters {
-        vb.push(s.ctx.time_ms(st.raw, || both.launch(st.raw)).map_err(e2s)? / GRAPH_REPS as f32);
-        va.push(s.ctx.time_ms(st.raw, || alone.launch(st.raw)).map_err(e2s)? / GRAPH_REPS as f32);
-    }
-    s.ctx.synchronize(st.raw).map_err(e2s)?;
-    Ok(median_us(vb).0 - median_us(va).0)
+    let wipe = |i: usize, st| s.ctx.memset_async(flush.ptr(), i as u8, FLUSH_BYTES, st);
+    let t = time_reps(s, iters, &[&|i, st| wipe(i, st).and_then(|_| f(st)), &wipe])?;
+    Ok(t[0] - t[1])
 }
 
 fn main() {
