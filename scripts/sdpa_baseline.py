@@ -20,6 +20,25 @@ GRAPH_REPS = 20
 FLUSH_BYTES = 128 << 20
 
 
+def timed_us(torch, fn, iters, per=1):
+    """Sorted CUDA-event times (us) of `iters` calls of `fn`, each divided by `per`."""
+    times = []
+    for _ in range(iters):
+        s0 = torch.cuda.Event(enable_timing=True)
+        s1 = torch.cuda.Event(enable_timing=True)
+        s0.record()
+        fn()
+        s1.record()
+        s1.synchronize()
+        times.append(s0.elapsed_time(s1) * 1000.0 / per)
+    return sorted(times)
+
+
+def cell(x):
+    """A CSV cell: empty for a figure that was not taken."""
+    return "" if x is None else f"{x:.2f}"
+
+
 def graph_times(torch, run, flush, iters):
     """(graph_us, cold_us) of `run` as gpu_bench times its calls; None where capture fails."""
     def capture(body):
@@ -44,16 +63,7 @@ def graph_times(torch, run, flush, iters):
         return body
 
     def median_us(g):
-        times = []
-        for _ in range(iters):
-            s0 = torch.cuda.Event(enable_timing=True)
-            s1 = torch.cuda.Event(enable_timing=True)
-            s0.record()
-            g.replay()
-            s1.record()
-            s1.synchronize()
-            times.append(s0.elapsed_time(s1) * 1000.0 / GRAPH_REPS)
-        times.sort()
+        times = timed_us(torch, g.replay, iters, GRAPH_REPS)
         return times[len(times) // 2]
 
     try:
@@ -128,16 +138,7 @@ def main():
                 for _ in range(10):
                     run()
                 torch.cuda.synchronize()
-                times = []
-                for _ in range(max(a.iters, 50)):
-                    s0 = torch.cuda.Event(enable_timing=True)
-                    s1 = torch.cuda.Event(enable_timing=True)
-                    s0.record()
-                    run()
-                    s1.record()
-                    s1.synchronize()
-                    times.append(s0.elapsed_time(s1) * 1000.0)
-                times.sort()
+                times = timed_us(torch, run, max(a.iters, 50))
                 med = times[len(times) // 2]
                 p10 = times[int(0.1 * (len(times) - 1))]
                 p90 = times[int(0.9 * (len(times) - 1))]
@@ -145,9 +146,8 @@ def main():
                 nbytes = heads * n * d * 2 * 2
                 gbps = nbytes / (med * 1e-6) / 1e9
                 gus, cold = graph_times(torch, run, flush, 20)
-                fmt = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
-                print(f"{name:<8} {n:>7} {b:>3} {med:>10.1f} {gbps:>8.1f} {fmt(gus):>9} {fmt(cold):>9} {note}")
-                rows.append(f"{name},{n},{b},{d},{g},{hkv},{med:.2f},{p10:.2f},{p90:.2f},{nbytes},{gbps:.1f},{note},{fmt(gus)},{fmt(cold)}")
+                print(f"{name:<8} {n:>7} {b:>3} {med:>10.1f} {gbps:>8.1f} {cell(gus):>9} {cell(cold):>9} {note}")
+                rows.append(f"{name},{n},{b},{d},{g},{hkv},{med:.2f},{p10:.2f},{p90:.2f},{nbytes},{gbps:.1f},{note},{cell(gus)},{cell(cold)}")
             del q, k, v
             torch.cuda.empty_cache()
     if a.csv:
