@@ -3,7 +3,9 @@
 //
 // Split-K flash decoding over a token list, all G query heads of a KV group in one block:
 //   sparse (attend): list = kept dense entries (dense-index order) ++ the selected positions;
-//                    block j handles list items [64 j, 64 j + 64) (ATTEND_SPLIT);
+//                    block j < dense_splits handles kept entries [64 j, 64 j + 64)
+//                    (ATTEND_SPLIT), the blocks from dense_splits on the selected positions
+//                    in turn (sparse_items);
 //   dense  (dense.cu): blocks j < dense_splits handle the kept dense entries as above; block
 //                    dense_splits + c handles candidate positions [S + c*chunk, ...) of the
 //                    sequence (heavy positions skipped), i.e. every candidate, dequantised.
@@ -271,32 +273,39 @@ SIKV_DEV int dense_chunk_of(const SikvParams& p, int end) {
 
 // List items per tensor-core split (the splits from dense_splits on): attend_span
 // ATTEND_SPLITs. A selection of this call's select (p.attend_early) holds at most the budget of
-// the row's candidate range, so `bound` (kept entries + that budget) is known before the wait:
-// such a row's items spread over all the grid's tensor-core splits in whole ATTEND_SPLITs,
-// instead of filling the first splits span by span while the others return (a short sequence
-// under a grid sized for budget_max: at 8K, batch 8, span 7, two splits of 448 and 4 items).
-SIKV_DEV int tc_split_items(const SikvParams& p, int bound) {
+// the row's candidate range, so `sel_max` (that budget) is known before the wait: such a row's
+// selected tokens spread over all the grid's tensor-core splits in whole ATTEND_SPLITs, instead
+// of filling the first splits span by span while the others return (a short sequence under a
+// grid sized for budget_max: at 8K, batch 8, span 7, two splits of 448 and 4 items).
+SIKV_DEV int tc_split_items(const SikvParams& p, int sel_max) {
     const int most = p.attend_span * ATTEND_SPLIT;
     if (!p.attend_early || p.attend_span <= 1) return most;
     const int nsel = p.num_splits - p.dense_splits;
-    const int rest = bound - p.dense_splits * ATTEND_SPLIT;
-    const int per = rest > 0 ? (rest + nsel - 1) / nsel : 1;
+    const int per = sel_max > 0 ? (sel_max + nsel - 1) / nsel : 1;
     const int n = (per + ATTEND_SPLIT - 1) / ATTEND_SPLIT * ATTEND_SPLIT;
     return n < most ? n : most;
 }
 
-// The sparse attend's list items [lo, hi) of `split` (the kept dense entries first, then the
-// selection; total of them): ATTEND_SPLIT per split, except that each split from dense_splits
-// on takes tc_items (tc_split_items; tensor-core splits, which walk several tiles per warp; the
-// host sets a span above 1 only for shapes that take them).
-SIKV_DEV void sparse_items(const SikvParams& p, int split, int total, int tc_items, int* lo, int* hi) {
-    int l = split * ATTEND_SPLIT, n = ATTEND_SPLIT;
-    if (p.attend_span > 1 && split >= p.dense_splits) {
-        l = p.dense_splits * ATTEND_SPLIT + (split - p.dense_splits) * tc_items;
-        n = tc_items;
+// The sparse attend's list items [lo, hi) of `split` (the list: the nd kept dense entries, then
+// the selection; total of them). The splits below dense_splits hold kept entries alone,
+// ATTEND_SPLIT each; the others hold selected tokens alone, from list item nd on, tc_items each
+// (tc_split_items: tensor-core splits, which walk several tiles per warp; the host sets a span
+// above 1 only for shapes that take them; ATTEND_SPLIT otherwise). No split holds both: a split
+// of kept entries never waits for the selection, so it runs while the select's last kernel does,
+// and a split of selected tokens never runs the CUDA-core tiles for kept entries after the wait
+// (a mixed split had been the last block of the batch-1 attend).
+SIKV_DEV void sparse_items(const SikvParams& p, int split, int nd, int total, int tc_items, int* lo, int* hi) {
+    int l, e;
+    if (split < p.dense_splits) {
+        l = split * ATTEND_SPLIT;
+        e = l + ATTEND_SPLIT < nd ? l + ATTEND_SPLIT : nd;
+    } else {
+        const int n = p.attend_span > 1 ? tc_items : ATTEND_SPLIT;
+        l = nd + (split - p.dense_splits) * n;
+        e = l + n < total ? l + n : total;
     }
     *lo = l;
-    *hi = l + n < total ? l + n : total;
+    *hi = e;
 }
 
 // MEAN: the selection is per sequence (p.rows_mean; entry sikv_attend_mean), each row keeping
@@ -345,14 +354,16 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             write_empty();
             return;
         }
-        lo = split * ATTEND_SPLIT;
-        nd = collect_dense<D>(p, dpos, qr, lo, s);
+        // (The dense decode's list splits are all below dense_splits.)
+        const bool kept = split < p.dense_splits;
+        // A split of selected tokens collects no kept entry (no rank reaches dense_cap), only
+        // their count.
+        nd = collect_dense<D>(p, dpos, qr, kept ? split * ATTEND_SPLIT : p.dense_cap, s);
         int total = nd;
-        // The selection (count, indices) is read after the grid dependency, by every split
-        // that holds selected items (each reports a bad count). A split of kept dense entries
-        // alone (lo + ATTEND_SPLIT <= nd: its items and bounds do not depend on the count)
-        // reads none of it.
-        if (!dense_mode && lo + ATTEND_SPLIT > nd) {  // uniform over the block
+        // The selection (count, indices) is read after the grid dependency, by every split of
+        // selected tokens (each reports a bad count). A split of kept dense entries (its items
+        // and bounds do not depend on the count) reads none of it.
+        if (!kept) {  // uniform over the block
             sikv_grid_wait();
             // MEAN: the selection is the row's sequence's (the select ran one row per sequence).
             const long long selid = MEAN ? (long long)b * p.num_kv_heads + h : rowid;
@@ -364,7 +375,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
             total += cnt;
             sel = reinterpret_cast<const int*>(p.indices) + selid * p.budget_max;
         }
-        hi = lo + ATTEND_SPLIT < total ? lo + ATTEND_SPLIT : total;
+        sparse_items(p, split, nd, total, ATTEND_SPLIT, &lo, &hi);
     } else {
         const int end = row_cand_end(p, qr);
         const int chunk_len = dense_chunk_of(p, end);
@@ -633,10 +644,11 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     // What this call's select can have chosen at most (budget_k is monotone); lo does not
     // depend on the count. tc_items lives across the prologue: the 4-bit and rows kernels
     // spill 4 more bytes for it, stored and loaded once per block.
-    const int sel_bound = nd + budget_k(p, cand_end(p, len) - p.n_sink);
-    const int tc_items = tc_split_items(p, sel_bound);
+    const int sel_max = budget_k(p, cand_end(p, len) - p.n_sink);
+    const int sel_bound = nd + sel_max;
+    const int tc_items = tc_split_items(p, sel_max);
     int lo, hi;
-    sparse_items(p, split, 0x7fffffff, tc_items, &lo, &hi);
+    sparse_items(p, split, nd, 0x7fffffff, tc_items, &lo, &hi);
     if (lo < nd) {  // uniform over the block
         sikv_grid_wait();
         return false;
@@ -664,7 +676,7 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
         const int cnt = reinterpret_cast<const int*>(p.counts)[rowid];
         if (!ROWS && p.attend_early && (tid & 31) < 16 && i0 < p.budget_max) pos0 = sel[i0];
         if (cnt < 0 || cnt > p.budget_max) return -1;
-        sparse_items(p, split, nd + cnt, tc_items, &lo, &hi);
+        sparse_items(p, split, nd, nd + cnt, tc_items, &lo, &hi);
         return lo >= hi ? 1 : 0;
     };
     if (lo >= sel_bound) {

@@ -52,7 +52,9 @@ pub struct Workspace {
     /// without bounds checks.
     pub gtmap_stride: usize,
     pub key_stride: usize,
-    /// Partial slots per (sequence, query head) of the sparse attend: ceil((dense + k_max) / 64).
+    /// Partial slots per (sequence, query head) of the sparse attend: the kept entries' splits,
+    /// then ceil(k_max / 64) of selected tokens (no split holds both; kernels/attend.cu
+    /// sparse_items).
     pub sparse_splits: usize,
     /// attend_dense: splits over the dense entries; partial slots per (sequence, query head)
     /// for the most candidate chunks any device gets (the workspace's size).
@@ -187,9 +189,8 @@ impl Workspace {
         let msl = cfg.max_seq_len as usize;
         let key_stride = msl.div_ceil(4) * 4;
         let s1 = cfg.stage1_max() as usize;
-        let cap = cfg.dense_capacity() as usize;
-        let sparse_splits = (cap + cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
         let dense_splits = kept_splits(cfg);
+        let sparse_splits = dense_splits + (cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
         // dense_chunks never exceeds this, whatever the device.
         let chunks_max = msl.div_ceil(DENSE_MIN_CHUNK).clamp(1, MAX_DENSE_CHUNKS);
         let dense_total_splits = dense_splits + chunks_max;
@@ -480,10 +481,11 @@ mod tests {
                 let span = attend_span(&w, &c, sms, batch, true);
                 let splits = w.attend_splits(span);
                 assert!(splits <= w.sparse_splits && splits <= w.max_splits());
-                // The grid's items (sparse_items' ranges) cover every list item the grid of
-                // one ATTEND_SPLIT per split covers.
-                let items = w.dense_splits * ATTEND_SPLIT + (splits - w.dense_splits) * span as usize * ATTEND_SPLIT;
-                assert!(items >= w.sparse_splits * ATTEND_SPLIT, "span {span}: {splits} splits");
+                // The grid's splits (sparse_items' ranges) cover every kept entry and every
+                // selected token of the largest budget.
+                assert!(w.dense_splits * ATTEND_SPLIT >= c.dense_capacity() as usize);
+                let selected = (splits - w.dense_splits) * span as usize * ATTEND_SPLIT;
+                assert!(selected >= c.budget.max as usize, "span {span}: {splits} splits");
             }
         }
     }
