@@ -286,19 +286,26 @@ SIKV_DEV int tc_split_items(const SikvParams& p, int sel_max) {
     return n < most ? n : most;
 }
 
+// Entries per kept split (SikvParams::kept_split, workspace::kept_split_len; at most
+// ATTEND_SPLIT, the kept list's window in shared memory).
+SIKV_DEV int kept_split_len(const SikvParams& p) {
+    return p.kept_split > 0 && p.kept_split <= ATTEND_SPLIT ? p.kept_split : ATTEND_SPLIT;
+}
+
 // The sparse attend's list items [lo, hi) of `split` (the list: the nd kept dense entries, then
 // the selection; total of them). The splits below dense_splits hold kept entries alone,
-// ATTEND_SPLIT each; the others hold selected tokens alone, from list item nd on, tc_items each
-// (tc_split_items: tensor-core splits, which walk several tiles per warp; the host sets a span
-// above 1 only for shapes that take them; ATTEND_SPLIT otherwise). No split holds both: a split
-// of kept entries never waits for the selection, so it runs while the select's last kernel does,
-// and a split of selected tokens never runs the CUDA-core tiles for kept entries after the wait
-// (a mixed split had been the last block of the batch-1 attend).
+// kept_split_len each; the others hold selected tokens alone, from list item nd on, tc_items
+// each (tc_split_items: tensor-core splits, which walk several tiles per warp; the host sets a
+// span above 1 only for shapes that take them; ATTEND_SPLIT otherwise). No split holds both: a
+// split of kept entries never waits for the selection, so it runs while the select's last
+// kernel does, and a split of selected tokens never runs the CUDA-core tiles of kept entries
+// after the wait.
 SIKV_DEV void sparse_items(const SikvParams& p, int split, int nd, int total, int tc_items, int* lo, int* hi) {
     int l, e;
     if (split < p.dense_splits) {
-        l = split * ATTEND_SPLIT;
-        e = l + ATTEND_SPLIT < nd ? l + ATTEND_SPLIT : nd;
+        const int ks = kept_split_len(p);
+        l = split * ks;
+        e = l + ks < nd ? l + ks : nd;
     } else {
         const int n = p.attend_span > 1 ? tc_items : ATTEND_SPLIT;
         l = nd + (split - p.dense_splits) * n;
@@ -358,7 +365,7 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         const bool kept = split < p.dense_splits;
         // A split of selected tokens collects no kept entry (no rank reaches dense_cap), only
         // their count.
-        nd = collect_dense<D>(p, dpos, qr, kept ? split * ATTEND_SPLIT : p.dense_cap, s);
+        nd = collect_dense<D>(p, dpos, qr, kept ? split * kept_split_len(p) : p.dense_cap, s);
         int total = nd;
         // The selection (count, indices) is read after the grid dependency, by every split of
         // selected tokens (each reports a bad count). A split of kept dense entries (its items
@@ -689,6 +696,9 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     }
     TcWarp<D, T, BITS> w;
     w.init(p, s, hq_base, ascale, []() {});
+    // The sequence's page list (an input of the call) before the wait: the positions' pages are
+    // then one load after the selection instead of two.
+    const int* pages = seq_pages(p, b);
     const int e = selection_ends_before();
     if (e < 0) return false;
     if (e > 0) {
@@ -706,7 +716,7 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
         long long row = -1;
         if (w.lane < 16 && item < hi) {
             const int pos = !ROWS && first_tile && p.attend_early ? pos0 : sel[item - nd];
-            if (pos >= 0 && pos < bound) row = row_index(p, b, h, pos);
+            if (pos >= 0 && pos < bound) row = row_index_in(p, pages, h, pos);
             else raise_fault(p, FAULT_SELECTED_POS);
         }
         const u32 valid = __ballot_sync(0xffffffffu, row >= 0) & 0xffffu;

@@ -320,12 +320,18 @@ SIKV_DEV void mean_query_rows(const SikvParams& p, int b, int* r0, int* n) {
 // Row index of slot 0 of page `pi` of sequence b for head h, (page * H + h) * P, or -1 when
 // the page index is outside 0..num_pages (no fault raised: the caller raises it when a
 // position on that page is read).
-SIKV_DEV long long page_base_row(const SikvParams& p, int b, int h, int pi) {
-    const int* indptr = reinterpret_cast<const int*>(p.indptr);
-    const int* pages = reinterpret_cast<const int*>(p.page_indices);
-    const int page = pages[indptr[b] + pi];
+// Sequence b's page list: its entries of page_indices (from indptr[b]).
+SIKV_DEV const int* seq_pages(const SikvParams& p, int b) {
+    return reinterpret_cast<const int*>(p.page_indices) + reinterpret_cast<const int*>(p.indptr)[b];
+}
+// The first row of page entry pi of a sequence's page list `pages`, -1 outside the pool.
+SIKV_DEV long long page_base_row_in(const SikvParams& p, const int* pages, int h, int pi) {
+    const int page = pages[pi];
     if (page < 0 || page >= p.num_pages) return -1;
     return ((long long)page * p.num_kv_heads + h) * p.page_size;
+}
+SIKV_DEV long long page_base_row(const SikvParams& p, int b, int h, int pi) {
+    return page_base_row_in(p, seq_pages(p, b), h, pi);
 }
 
 // Page index and slot of position pos >= 0. A power-of-two page size (the usual case) takes a
@@ -344,15 +350,20 @@ SIKV_DEV void page_split(const SikvParams& p, int pos, int* pi, int* off) {
 
 // Row index (page * H + head) * P + slot of position `pos` (< seq_len) of sequence b, or -1
 // (fault raised) when its page index is outside 0..num_pages.
-SIKV_DEV long long row_index(const SikvParams& p, int b, int h, int pos) {
+// row_index with sequence b's page list already found (seq_pages): one dependent load per
+// position instead of two, where a kernel can look the list up before it has the positions.
+SIKV_DEV long long row_index_in(const SikvParams& p, const int* pages, int h, int pos) {
     int pi, off;
     page_split(p, pos, &pi, &off);
-    const long long base = page_base_row(p, b, h, pi);
+    const long long base = page_base_row_in(p, pages, h, pi);
     if (base < 0) {
         raise_fault(p, FAULT_PAGE_INDEX);
         return -1;
     }
     return base + off;
+}
+SIKV_DEV long long row_index(const SikvParams& p, int b, int h, int pos) {
+    return row_index_in(p, seq_pages(p, b), h, pos);
 }
 
 SIKV_DEV const u8* plane_row(const SikvParams& p, int plane, long long row) {

@@ -89,14 +89,15 @@ if want tests; then
   # One line per case ("test <name> ... <first output line>"), its time, and any failure.
   run_tests tests "gpu tests" gpu_tests "^test |: [0-9]+\.[0-9] s$|gpu tests on"
   # The decode and graph cases again under settings the test sizes would not take: the sparse
-  # attend's multi-tile splits (large batch only), the select's chain of launches and the fused
+  # attend's multi-tile splits (large batch only), the kept entries' short splits at every
+  # batch (batch 1 only by default), the select's chain of launches and the fused
   # select (each taken by some shapes only), and 64 candidate slots per row (rows whose
   # threshold bin overflows them take the final select's one-CTA fallback, in either plan), and
   # the dense decode's candidate chunks at their fewest positions (more chunks per sequence),
   # and one compaction block per row in the chain (each block takes every tile of its row, as
   # long rows at large batch do), and the histograms zeroed by a memset instead of hist_zero.
   # '+' joins the settings of one run.
-  for env in SIKV_ATTEND_SPAN=3 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64 \
+  for env in SIKV_ATTEND_SPAN=3 SIKV_KEPT_SPLIT=16 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64 \
     SIKV_COMPACT_BLOCKS=1+SIKV_FUSED=off SIKV_HIST_ZERO=memset+SIKV_FUSED=off; do
     tag=${env#SIKV_}; tag=${tag%%+*}; tag=$(tr 'A-Z=:' 'a-z__' <<<"$tag")
     echo "== gpu tests, decode with ${env//+/ }"

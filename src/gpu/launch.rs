@@ -675,16 +675,19 @@ impl GpuContext {
     ) -> Result<()> {
         let dev = &self.inner.dev;
         let tc = super::workspace::tc_tiles(cfg, dev.major);
+        let kept_len = self.kept_split_len(cfg, w, b);
+        let kept = super::workspace::kept_splits_of(cfg, kept_len);
         let span = match self.inner.switches.attend_span {
             // A mean-query selection: attend_mean's CUDA-core splits, one ATTEND_SPLIT each.
             _ if p.rows_mean != 0 => 1,
             Some(n) if tc => n.clamp(1, ATTEND_MAX_SPAN),
-            _ => super::workspace::attend_span(w, cfg, dev.sms.max(1) as u32, b, tc),
+            _ => super::workspace::attend_span(w, cfg, dev.sms.max(1) as u32, b, tc, kept),
         };
-        let splits = w.attend_splits(span);
+        let splits = w.attend_splits(span, kept);
         p.attend_span = span as i32;
         p.attend_early = (before == Predecessor::Select) as i32;
-        p.dense_splits = w.dense_splits as i32;
+        p.dense_splits = kept as i32;
+        p.kept_split = kept_len as i32;
         p.num_splits = splits as i32;
         let grid = (splits as u32, cfg.num_kv_heads, b);
         let kn = &self.inner.kernels;
@@ -699,10 +702,18 @@ impl GpuContext {
         self.launch(attend, grid, ATTEND_THREADS, stream, p)
     }
 
-    /// attend_dense's candidate chunks per sequence on this device (workspace::dense_chunks).
-    fn dense_chunks(&self, cfg: &CacheConfig, batch: u32, live_max: Option<u32>) -> usize {
+    /// Kept dense entries per kept split of a call of `batch` sequences on this device
+    /// (workspace::kept_split_len, or the SIKV_KEPT_SPLIT switch).
+    fn kept_split_len(&self, cfg: &CacheConfig, w: &Workspace, batch: u32) -> usize {
+        let sms = self.inner.dev.sms.max(1) as u32;
+        super::workspace::kept_split_len(w, cfg, sms, batch, self.inner.switches.kept_split)
+    }
+
+    /// attend_dense's candidate chunks per sequence on this device beside `kept` kept-entry
+    /// splits (workspace::dense_chunks).
+    fn dense_chunks(&self, cfg: &CacheConfig, batch: u32, live_max: Option<u32>, kept: usize) -> usize {
         let len = live_max.map_or(cfg.max_seq_len, |m| m.clamp(1, cfg.max_seq_len));
-        super::workspace::dense_chunks_for(len as usize, cfg, self.inner.dev.sms.max(1) as u32, batch)
+        super::workspace::dense_chunks_for(len as usize, cfg, self.inner.dev.sms.max(1) as u32, batch, kept)
     }
 
     /// The dense decode's launch (its partials; combine follows). `live_max`: the longest live
@@ -721,9 +732,12 @@ impl GpuContext {
             Some(m) if !driver::is_capturing(cuda_stream(stream))? => Some(m),
             _ => None,
         };
-        let chunks = self.dense_chunks(cfg, b, live_max);
-        p.num_splits = (w.dense_splits + chunks) as i32;
-        p.dense_splits = w.dense_splits as i32;
+        let kept_len = self.kept_split_len(cfg, w, b);
+        let kept = super::workspace::kept_splits_of(cfg, kept_len);
+        let chunks = self.dense_chunks(cfg, b, live_max, kept);
+        p.num_splits = (kept + chunks) as i32;
+        p.dense_splits = kept as i32;
+        p.kept_split = kept_len as i32;
         p.dense_chunks = chunks as i32;
         p.dense_min_chunk = super::workspace::dense_min_chunk(self.inner.switches.dense_min_chunk, b) as i32;
         p.mode = 1;

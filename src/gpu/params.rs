@@ -179,6 +179,9 @@ pub struct SikvParams {
     /// attend_dense: the fewest positions of a candidate chunk (a multiple of
     /// DENSE_CHUNK_ALIGN; workspace::dense_min_chunk).
     pub dense_min_chunk: i32,
+    /// attend / attend_dense: kept dense entries per split below dense_splits (at most
+    /// ATTEND_SPLIT; workspace::kept_split_len).
+    pub kept_split: i32,
 }
 
 // Offsets and size that build.rs computed from the field list above and wrote into the

@@ -39,6 +39,9 @@ pub struct Switches {
     /// SIKV_ATTEND_SPAN: the sparse attend's span on every call (covers the multi-tile splits at
     /// small sizes); None = workspace::attend_span.
     pub attend_span: Option<u32>,
+    /// SIKV_KEPT_SPLIT: kept dense entries per kept split of the attend and the dense decode on
+    /// every call (KEPT_SPLIT_SMALL..=ATTEND_SPLIT); None = workspace::kept_split_len.
+    pub kept_split: Option<u32>,
     /// SIKV_COMPACT_BLOCKS: the top-k compaction's blocks per row on every call (1 makes each
     /// block take every tile of its row); None = workspace::compact_blocks.
     pub compact_blocks: Option<u32>,
@@ -62,6 +65,7 @@ impl Default for Switches {
             topk: TopkPath::Multi { cand_cap: None },
             fused: FusedMode::Measured,
             attend_span: None,
+            kept_split: None,
             compact_blocks: None,
             hist_zero_memset: false,
             dense_min_chunk: None,
@@ -107,6 +111,7 @@ impl Switches {
             topk,
             fused: var("SIKV_FUSED").word(&fused)?.unwrap_or(d.fused),
             attend_span: var("SIKV_ATTEND_SPAN").positive()?,
+            kept_split: var("SIKV_KEPT_SPLIT").positive()?,
             compact_blocks: var("SIKV_COMPACT_BLOCKS").positive()?,
             hist_zero_memset: var("SIKV_HIST_ZERO").word(&hist_zero)?.unwrap_or(d.hist_zero_memset),
             dense_min_chunk: var("SIKV_DENSE_MIN_CHUNK").positive()?,
@@ -174,6 +179,7 @@ mod tests {
             "SIKV_TOPK",
             "SIKV_FUSED",
             "SIKV_ATTEND_SPAN",
+            "SIKV_KEPT_SPLIT",
             "SIKV_COMPACT_BLOCKS",
             "SIKV_HIST_ZERO",
             "SIKV_DENSE_MIN_CHUNK",
@@ -195,6 +201,7 @@ mod tests {
             ("SIKV_TOPK", " multi:64 "),
             ("SIKV_FUSED", "on"),
             ("SIKV_ATTEND_SPAN", "3"),
+            ("SIKV_KEPT_SPLIT", "16"),
             ("SIKV_COMPACT_BLOCKS", "1"),
             ("SIKV_HIST_ZERO", "memset"),
             ("SIKV_DENSE_MIN_CHUNK", "1024"),
@@ -207,6 +214,7 @@ mod tests {
             topk: TopkPath::Multi { cand_cap: Some(64) },
             fused: FusedMode::Always,
             attend_span: Some(3),
+            kept_split: Some(16),
             compact_blocks: Some(1),
             hist_zero_memset: true,
             dense_min_chunk: Some(1024),

@@ -19,8 +19,8 @@
 
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
-    DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK, MAX_DENSE_CHUNKS,
-    TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK, KEPT_SPLIT_SMALL,
+    MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -52,10 +52,12 @@ pub struct Workspace {
     /// without bounds checks.
     pub gtmap_stride: usize,
     pub key_stride: usize,
-    /// Partial slots per (sequence, query head) of the sparse attend: the kept entries' splits,
-    /// then ceil(k_max / 64) of selected tokens (no split holds both; kernels/attend.cu
-    /// sparse_items).
+    /// Partial slots per (sequence, query head) of the sparse attend: the kept entries' splits
+    /// at their shortest (KEPT_SPLIT_SMALL), then sel_splits (no split holds both;
+    /// kernels/attend.cu sparse_items).
     pub sparse_splits: usize,
+    /// The sparse attend's splits of selected tokens at one ATTEND_SPLIT each: ceil(k_max / 64).
+    pub sel_splits: usize,
     /// attend_dense: splits over the dense entries; partial slots per (sequence, query head)
     /// for the most candidate chunks any device gets (the workspace's size).
     pub dense_splits: usize,
@@ -89,16 +91,16 @@ pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
 /// series (H200, 8K tokens, batch 4: 43.0 us against 32.6 with sinks only as kept entries,
 /// docs/PERF_NOTES.md v15).
 pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
-    dense_chunks_for(cfg.max_seq_len as usize, cfg, sms, batch)
+    dense_chunks_for(cfg.max_seq_len as usize, cfg, sms, batch, kept_splits(cfg))
 }
 
 /// [`dense_chunks`] for sequences of at most `msl` tokens (at most max_seq_len, so at most
-/// the workspace's chunks).
-pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
+/// the workspace's chunks), beside `kept` kept-entry splits per row.
+pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize) -> usize {
     let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
     let slots = DENSE_BLOCKS_PER_SM * sms as usize;
     let need = msl.div_ceil(DENSE_TC_MAX_CHUNK);
-    let one_wave = (slots / rows).saturating_sub(kept_splits(cfg));
+    let one_wave = (slots / rows).saturating_sub(kept);
     let fill = if one_wave >= need.max(1) {
         one_wave
     } else {
@@ -127,7 +129,31 @@ pub fn compact_tiles(cfg: &CacheConfig) -> u32 {
 /// Splits of the kept dense entries (sinks, heavy, window) that attend and attend_dense run
 /// ahead of the others in each (KV head, sequence): ATTEND_SPLIT entries each.
 pub fn kept_splits(cfg: &CacheConfig) -> usize {
-    (cfg.dense_capacity() as usize).div_ceil(ATTEND_SPLIT)
+    kept_splits_of(cfg, ATTEND_SPLIT)
+}
+
+/// Kept-entry splits per row at `len` entries each.
+pub fn kept_splits_of(cfg: &CacheConfig, len: usize) -> usize {
+    (cfg.dense_capacity() as usize).div_ceil(len.max(1))
+}
+
+/// Kept dense entries per kept split for a call of `batch` sequences (SikvParams::kept_split):
+/// KEPT_SPLIT_SMALL where the sparse grid with those splits and one ATTEND_SPLIT of selected
+/// tokens per split still fits one wave of ATTEND_BLOCKS_PER_SM blocks per SM (batch 1 at 8
+/// KV heads), so the kept splits, the slow blocks of both attends, each run one tile; else
+/// ATTEND_SPLIT, whose fewer splits leave the slots to the selected tokens. `forced` (a
+/// switch) is clamped to KEPT_SPLIT_SMALL..=ATTEND_SPLIT (the partial slots hold that many).
+pub fn kept_split_len(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, forced: Option<u32>) -> usize {
+    if let Some(n) = forced {
+        return (n as usize).clamp(KEPT_SPLIT_SMALL, ATTEND_SPLIT);
+    }
+    let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
+    let slots = ATTEND_BLOCKS_PER_SM as usize * sms.max(1) as usize;
+    if (kept_splits_of(cfg, KEPT_SPLIT_SMALL) + w.sel_splits) * rows <= slots {
+        KEPT_SPLIT_SMALL
+    } else {
+        ATTEND_SPLIT
+    }
 }
 
 /// Whether the sparse attend's splits of selected tokens run on tensor cores (attend_tc.cuh's
@@ -154,23 +180,24 @@ pub fn code_width4(cfg: &CacheConfig) -> bool {
 /// says why). Where none does (large batches, or many kept entries), the span that brings the
 /// selected tokens' splits alone to that many blocks, at most ATTEND_MAX_SPAN. 1 where the
 /// splits do not run on tensor cores.
-pub fn attend_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, tc: bool) -> u32 {
+/// `kept`: the call's kept-entry splits per row.
+pub fn attend_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, tc: bool, kept: usize) -> u32 {
     if !tc {
         return 1;
     }
-    let sel = (w.sparse_splits - w.dense_splits) as u32;
+    let sel = w.sel_splits as u32;
     let rows = cfg.num_kv_heads * batch.max(1);
     let slots = ATTEND_BLOCKS_PER_SM * sms.max(1);
-    let one_wave = (1..=ATTEND_MAX_SPAN).find(|&span| (w.dense_splits as u32 + sel.div_ceil(span)) * rows <= slots);
+    let one_wave = (1..=ATTEND_MAX_SPAN).find(|&span| (kept as u32 + sel.div_ceil(span)) * rows <= slots);
     one_wave.unwrap_or_else(|| (sel * rows).div_ceil(slots).clamp(1, ATTEND_MAX_SPAN))
 }
 
 impl Workspace {
     /// The sparse attend's grid (and partial slots) per (KV head, sequence) at `span`: the
-    /// dense-entry splits, then the selected tokens' splits of `span` ATTEND_SPLITs each
+    /// `kept` kept-entry splits, then the selected tokens' splits of `span` ATTEND_SPLITs each
     /// (kernels/attend.cu sparse_items).
-    pub fn attend_splits(&self, span: u32) -> usize {
-        self.dense_splits + (self.sparse_splits - self.dense_splits).div_ceil(span.max(1) as usize)
+    pub fn attend_splits(&self, span: u32, kept: usize) -> usize {
+        kept + self.sel_splits.div_ceil(span.max(1) as usize)
     }
 
     /// Partial slots per (sequence, query head) that attend / attend_dense write and combine
@@ -190,10 +217,12 @@ impl Workspace {
         let key_stride = msl.div_ceil(4) * 4;
         let s1 = cfg.stage1_max() as usize;
         let dense_splits = kept_splits(cfg);
-        let sparse_splits = dense_splits + (cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
+        let kept_most = kept_splits_of(cfg, KEPT_SPLIT_SMALL);
+        let sel_splits = (cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
+        let sparse_splits = kept_most + sel_splits;
         // dense_chunks never exceeds this, whatever the device.
         let chunks_max = msl.div_ceil(DENSE_MIN_CHUNK).clamp(1, MAX_DENSE_CHUNKS);
-        let dense_total_splits = dense_splits + chunks_max;
+        let dense_total_splits = kept_most + chunks_max;
         let ns = sparse_splits.max(dense_total_splits);
         debug_assert!(
             ns <= COMBINE_MAX_SPLITS,
@@ -242,6 +271,7 @@ impl Workspace {
             gtmap_stride,
             key_stride,
             sparse_splits,
+            sel_splits,
             dense_splits,
             dense_total_splits,
         }
@@ -301,6 +331,12 @@ mod tests {
                     assert!(
                         w.dense_splits + n <= w.dense_total_splits,
                         "msl {msl}: workspace too small"
+                    );
+                    let small = kept_splits_of(&c, KEPT_SPLIT_SMALL);
+                    let n_small = dense_chunks_for(msl as usize, &c, sms, batch, small);
+                    assert!(
+                        n_small <= n && small + n_small <= w.dense_total_splits,
+                        "msl {msl}: workspace too small for short kept splits"
                     );
                 }
             }
@@ -384,9 +420,10 @@ mod tests {
             for batch in [1u32, 4, 8] {
                 let c = cfg(msl as u32, batch);
                 let full = dense_chunks(&c, 132, batch);
-                assert_eq!(dense_chunks_for(msl, &c, 132, batch), full);
+                let kept = kept_splits(&c);
+                assert_eq!(dense_chunks_for(msl, &c, 132, batch, kept), full);
                 for live in [1usize, 700, 8192, 65536] {
-                    let n = dense_chunks_for(live.min(msl), &c, 132, batch);
+                    let n = dense_chunks_for(live.min(msl), &c, 132, batch, kept);
                     assert!(
                         (1..=full).contains(&n),
                         "msl {msl} batch {batch} live {live}: {n} of {full}"
@@ -396,7 +433,7 @@ mod tests {
         }
         let long = cfg(131072, 1);
         assert_eq!(
-            dense_chunks_for(8192, &long, 132, 1),
+            dense_chunks_for(8192, &long, 132, 1, kept_splits(&long)),
             dense_chunks(&cfg(8192, 1), 132, 1)
         );
     }
@@ -441,6 +478,26 @@ mod tests {
         }
     }
 
+    /// Short kept splits where the grid keeps one wave with them (batch 1 at 8 KV heads on 132
+    /// SMs: 9 kept splits of 16 entries and 32 of selected tokens, 328 blocks), full ones
+    /// elsewhere; the span is then still 1 at batch 1.
+    #[test]
+    fn kept_splits_are_short_where_the_wave_has_room() {
+        let c = cfg(131072, 8);
+        let w = Workspace::new(&c, &Layout::new(&c), 8);
+        assert_eq!(kept_split_len(&w, &c, 132, 1, None), KEPT_SPLIT_SMALL);
+        assert_eq!(kept_splits_of(&c, KEPT_SPLIT_SMALL), 9);
+        assert_eq!(attend_span(&w, &c, 132, 1, true, 9), 1);
+        for b in [2u32, 4, 8] {
+            assert_eq!(kept_split_len(&w, &c, 132, b, None), ATTEND_SPLIT, "batch {b}");
+        }
+        assert_eq!(kept_split_len(&w, &c, 16, 1, None), ATTEND_SPLIT);
+        assert_eq!(kept_split_len(&w, &c, 132, 8, Some(16)), KEPT_SPLIT_SMALL);
+        assert_eq!(kept_split_len(&w, &c, 132, 1, Some(5000)), ATTEND_SPLIT);
+        assert_eq!(w.sparse_splits, 9 + 32);
+        assert_eq!(w.sel_splits, 32);
+    }
+
     /// The sparse attend's span: 1 at small batch, growing so the grid stays near
     /// ATTEND_BLOCKS_PER_SM per SM, never above ATTEND_MAX_SPAN, and 1 without tensor cores;
     /// the splits it gives cover the workspace's partial slots and never exceed them.
@@ -454,19 +511,19 @@ mod tests {
         assert_eq!(w.sparse_splits - w.dense_splits, 32);
         let spans: Vec<u32> = [1u32, 2, 4, 8]
             .iter()
-            .map(|&b| attend_span(&w, &c, 132, b, true))
+            .map(|&b| attend_span(&w, &c, 132, b, true, w.dense_splits))
             .collect();
         // One wave of 4 x 132 blocks with the 3 kept-entry splits per row: 35, 19, 14, 8 per row.
         assert_eq!(spans, [1, 2, 3, 7]);
         for b in [1u32, 2, 4, 8] {
-            let span = attend_span(&w, &c, 132, b, true);
+            let span = attend_span(&w, &c, 132, b, true, w.dense_splits);
             assert!(
-                w.attend_splits(span) as u32 * 8 * b <= ATTEND_BLOCKS_PER_SM * 132,
+                w.attend_splits(span, w.dense_splits) as u32 * 8 * b <= ATTEND_BLOCKS_PER_SM * 132,
                 "batch {b}"
             );
         }
-        assert_eq!(attend_span(&w, &c, 132, 8, false), 1);
-        assert_eq!(attend_span(&w, &c, 1, 64, true), ATTEND_MAX_SPAN);
+        assert_eq!(attend_span(&w, &c, 132, 8, false, w.dense_splits), 1);
+        assert_eq!(attend_span(&w, &c, 1, 64, true, w.dense_splits), ATTEND_MAX_SPAN);
         // Many kept entries (18 splits of them): no span fits one wave at batch 4, and the span
         // fills the device with the selected tokens' splits as before (32 x 32 / 528 -> 2).
         let mut many = c_cfg(131072, 4);
@@ -474,18 +531,23 @@ mod tests {
         let many = CacheConfig::from_c(&many).unwrap();
         let wm = Workspace::new(&many, &Layout::new(&many), 4);
         assert_eq!(kept_splits(&many), 18);
-        assert_eq!(attend_span(&wm, &many, 132, 4, true), 2);
-        assert_eq!(attend_span(&wm, &many, 132, 2, true), 3);
+        assert_eq!(attend_span(&wm, &many, 132, 4, true, wm.dense_splits), 2);
+        assert_eq!(attend_span(&wm, &many, 132, 2, true, wm.dense_splits), 3);
         for batch in [1u32, 2, 8, 64] {
             for sms in [1u32, 16, 132, 1000] {
-                let span = attend_span(&w, &c, sms, batch, true);
-                let splits = w.attend_splits(span);
-                assert!(splits <= w.sparse_splits && splits <= w.max_splits());
-                // The grid's splits (sparse_items' ranges) cover every kept entry and every
-                // selected token of the largest budget.
-                assert!(w.dense_splits * ATTEND_SPLIT >= c.dense_capacity() as usize);
-                let selected = (splits - w.dense_splits) * span as usize * ATTEND_SPLIT;
-                assert!(selected >= c.budget.max as usize, "span {span}: {splits} splits");
+                for forced in [None, Some(1), Some(16), Some(64), Some(1000)] {
+                    let len = kept_split_len(&w, &c, sms, batch, forced);
+                    let kept = kept_splits_of(&c, len);
+                    let span = attend_span(&w, &c, sms, batch, true, kept);
+                    let splits = w.attend_splits(span, kept);
+                    assert!(splits <= w.sparse_splits && splits <= w.max_splits());
+                    // The grid's splits (sparse_items' ranges) cover every kept entry and every
+                    // selected token of the largest budget.
+                    assert!((KEPT_SPLIT_SMALL..=ATTEND_SPLIT).contains(&len));
+                    assert!(kept * len >= c.dense_capacity() as usize);
+                    let selected = (splits - kept) * span as usize * ATTEND_SPLIT;
+                    assert!(selected >= c.budget.max as usize, "span {span}: {splits} splits");
+                }
             }
         }
     }
