@@ -137,15 +137,21 @@ pub fn kept_splits_of(cfg: &CacheConfig, len: usize) -> usize {
     (cfg.dense_capacity() as usize).div_ceil(len.max(1))
 }
 
-/// Kept dense entries per kept split for a call of `batch` sequences (SikvParams::kept_split):
+/// A kept split length asked for (a switch), held to KEPT_SPLIT_SMALL..=ATTEND_SPLIT.
+pub fn kept_split_forced(n: u32) -> usize {
+    (n as usize).clamp(KEPT_SPLIT_SMALL, ATTEND_SPLIT)
+}
+
+/// Kept dense entries per kept split of the sparse attend for a call of `batch` sequences
+/// (SikvParams::kept_split; the dense decode keeps ATTEND_SPLIT):
 /// KEPT_SPLIT_SMALL where the sparse grid with those splits and one ATTEND_SPLIT of selected
 /// tokens per split still fits one wave of ATTEND_BLOCKS_PER_SM blocks per SM (batch 1 at 8
-/// KV heads), so the kept splits, the slow blocks of both attends, each run one tile; else
+/// KV heads), so each kept split, the attend's slowest block at batch 1, runs one tile; else
 /// ATTEND_SPLIT, whose fewer splits leave the slots to the selected tokens. `forced` (a
-/// switch) is clamped to KEPT_SPLIT_SMALL..=ATTEND_SPLIT (the partial slots hold that many).
+/// switch): kept_split_forced.
 pub fn kept_split_len(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, forced: Option<u32>) -> usize {
     if let Some(n) = forced {
-        return (n as usize).clamp(KEPT_SPLIT_SMALL, ATTEND_SPLIT);
+        return kept_split_forced(n);
     }
     let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
     let slots = ATTEND_BLOCKS_PER_SM as usize * sms.max(1) as usize;
