@@ -722,7 +722,6 @@ impl GpuContext {
     fn launch_dense(
         &self,
         cfg: &CacheConfig,
-        w: &Workspace,
         p: &mut SikvParams,
         b: u32,
         live_max: Option<u32>,
@@ -777,14 +776,14 @@ impl GpuContext {
     ) -> Result<()> {
         self.take_fault()?;
         Self::one_row_per_sequence(batch, "the dense decode")?;
-        let Some((mut p, w)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
+        let Some((mut p, _)) = self.batch_params(cfg, layout, layer, batch, ws)? else {
             return Ok(());
         };
         dev_ptr(out, 16, "out")?;
         p.out = out;
         self.current()?;
         let b = p.rows as u32;
-        self.launch_dense(cfg, &w, &mut p, b, live_max, stream)?;
+        self.launch_dense(cfg, &mut p, b, live_max, stream)?;
         self.launch_combine(cfg, &p, b, stream)
     }
 
@@ -851,7 +850,7 @@ impl GpuContext {
         };
         let mut pd = p;
         pd.route_as = ROUTE_DENSE as i32;
-        self.launch_dense(cfg, &w, &mut pd, b, None, stream)?;
+        self.launch_dense(cfg, &mut pd, b, None, stream)?;
         if let Some(tail) = sparse_tail {
             driver::update_capture_deps(cuda_stream(stream), &tail, true)?;
         }
