@@ -10,7 +10,8 @@
 #   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel;
 #   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT;
 #   `dense_groups`: the ignored diagnosis decode::dense_decode_groups, three seeds; `probe`:
-#   scripts/diag/latency_probe.cu, the fixed costs of launches, barriers and loads)
+#   scripts/diag/latency_probe.cu, the fixed costs of launches, barriers and loads; `timeline`:
+#   each kernel of a decode step on the device's clock, scripts/bench/step_timeline.py)
 #   5. a summary table (last lines of the output)
 # Logs and CSVs go to $OUT (default ./gpu_out). Env: STEPS (default "tests,memcheck,racecheck,
 # bench": run a subset, e.g. to stay under a per-command time limit), BENCH_QUICK=1,
@@ -431,6 +432,19 @@ if want profile_sass; then
     done
     echo "   ($((SECONDS - t0)) s; $OUT/sass_top.txt)"
   fi
+fi
+
+# timeline (not in the default STEPS): scripts/bench/step_timeline.py through the C ABI of
+# .gpu/libselfindexkv.so: each kernel of a decode step on the device's clock (what it adds to the
+# critical path of back-to-back calls in a CUDA graph) at TIMELINE_N / TIMELINE_B (comma lists).
+if want timeline; then
+  echo "== step timeline"
+  t0=$SECONDS
+  python3 scripts/bench/step_timeline.py --lib .gpu/libselfindexkv.so --n "${TIMELINE_N:-131072}" \
+    --batch "${TIMELINE_B:-1,8}" --csv "$OUT/step_timeline.csv" > "$OUT/step_timeline.log" 2>&1
+  RC[timeline]=$?
+  grep -vE "UserWarning|_warn_once" "$OUT/step_timeline.log" | tail -40
+  echo "   ($((SECONDS - t0)) s)"
 fi
 
 if want model; then
