@@ -69,10 +69,11 @@ pub const ATTEND_THREADS: u32 = 128;
 /// attend: blocks per SM the sparse grid aims at (the resident limit at 128 registers); above
 /// it the tensor-core splits take several ATTEND_SPLITs each (workspace::attend_span).
 pub const ATTEND_BLOCKS_PER_SM: u32 = 4;
-/// attend / attend_dense: kept dense entries per kept split where the grid has room for the
-/// extra splits (workspace::kept_split_len; ATTEND_SPLIT elsewhere). A kept split runs on CUDA
-/// cores, one tile of 16 entries (d = 128) after another with four barriers each: with 64 entries
-/// it was the last block of the batch-1 attend, though it starts while the select still runs.
+/// attend: kept dense entries per kept split where the grid has room for the extra splits
+/// (workspace::kept_split_len; ATTEND_SPLIT elsewhere, and in the dense decode unless a switch
+/// forces it). A kept split runs on CUDA cores, one tile of 16 entries (d = 128) after another
+/// with four barriers each: with 64 entries the kept splits were on the batch-1 attend's
+/// critical path, though they start while the select still runs.
 pub const KEPT_SPLIT_SMALL: usize = 16;
 /// attend: at most this many ATTEND_SPLITs per tensor-core split.
 pub const ATTEND_MAX_SPAN: u32 = 8;

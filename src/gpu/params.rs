@@ -151,7 +151,8 @@ pub struct SikvParams {
     pub softmax_scale: f32,
     /// Partial slots per (sequence, query head).
     pub num_splits: i32,
-    /// attend_dense: splits over the dense entries.
+    /// attend / attend_dense: the kept dense entries' splits per (KV head, sequence), first in
+    /// the grid.
     pub dense_splits: i32,
     /// attend: 1 when the launcher queued this call's select on the stream just before: splits
     /// of kept dense entries alone start without waiting for it (SIKV_ENTRY_DT_EARLY).
@@ -180,7 +181,7 @@ pub struct SikvParams {
     /// DENSE_CHUNK_ALIGN; workspace::dense_min_chunk).
     pub dense_min_chunk: i32,
     /// attend / attend_dense: kept dense entries per split below dense_splits (at most
-    /// ATTEND_SPLIT; workspace::kept_split_len).
+    /// ATTEND_SPLIT; workspace::kept_split_len, launch.rs launch_dense).
     pub kept_split: i32,
 }
 

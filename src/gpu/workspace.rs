@@ -58,9 +58,8 @@ pub struct Workspace {
     pub sparse_splits: usize,
     /// The sparse attend's splits of selected tokens at one ATTEND_SPLIT each: ceil(k_max / 64).
     pub sel_splits: usize,
-    /// attend_dense: splits over the dense entries; partial slots per (sequence, query head)
-    /// for the most candidate chunks any device gets (the workspace's size).
-    pub dense_splits: usize,
+    /// attend_dense: partial slots per (sequence, query head) for its kept splits at their
+    /// shortest and the most candidate chunks any device gets (the workspace's size).
     pub dense_total_splits: usize,
 }
 
@@ -222,7 +221,6 @@ impl Workspace {
         let msl = cfg.max_seq_len as usize;
         let key_stride = msl.div_ceil(4) * 4;
         let s1 = cfg.stage1_max() as usize;
-        let dense_splits = kept_splits(cfg);
         let kept_most = kept_splits_of(cfg, KEPT_SPLIT_SMALL);
         let sel_splits = (cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
         let sparse_splits = kept_most + sel_splits;
@@ -278,7 +276,6 @@ impl Workspace {
             key_stride,
             sparse_splits,
             sel_splits,
-            dense_splits,
             dense_total_splits,
         }
     }
@@ -335,7 +332,7 @@ mod tests {
                         );
                     }
                     assert!(
-                        w.dense_splits + n <= w.dense_total_splits,
+                        kept_splits(&c) + n <= w.dense_total_splits,
                         "msl {msl}: workspace too small"
                     );
                     // Short kept splits (forced for the dense decode) fit the workspace too.
@@ -518,19 +515,19 @@ mod tests {
         assert_eq!(w.sel_splits, 32);
         let spans: Vec<u32> = [1u32, 2, 4, 8]
             .iter()
-            .map(|&b| attend_span(&w, &c, 132, b, true, w.dense_splits))
+            .map(|&b| attend_span(&w, &c, 132, b, true, kept_splits(&c)))
             .collect();
         // One wave of 4 x 132 blocks with the 3 kept-entry splits per row: 35, 19, 14, 8 per row.
         assert_eq!(spans, [1, 2, 3, 7]);
         for b in [1u32, 2, 4, 8] {
-            let span = attend_span(&w, &c, 132, b, true, w.dense_splits);
+            let span = attend_span(&w, &c, 132, b, true, kept_splits(&c));
             assert!(
-                w.attend_splits(span, w.dense_splits) as u32 * 8 * b <= ATTEND_BLOCKS_PER_SM * 132,
+                w.attend_splits(span, kept_splits(&c)) as u32 * 8 * b <= ATTEND_BLOCKS_PER_SM * 132,
                 "batch {b}"
             );
         }
-        assert_eq!(attend_span(&w, &c, 132, 8, false, w.dense_splits), 1);
-        assert_eq!(attend_span(&w, &c, 1, 64, true, w.dense_splits), ATTEND_MAX_SPAN);
+        assert_eq!(attend_span(&w, &c, 132, 8, false, kept_splits(&c)), 1);
+        assert_eq!(attend_span(&w, &c, 1, 64, true, kept_splits(&c)), ATTEND_MAX_SPAN);
         // Many kept entries (18 splits of them): no span fits one wave at batch 4, and the span
         // fills the device with the selected tokens' splits as before (32 x 32 / 528 -> 2).
         let mut many = c_cfg(131072, 4);
@@ -538,8 +535,8 @@ mod tests {
         let many = CacheConfig::from_c(&many).unwrap();
         let wm = Workspace::new(&many, &Layout::new(&many), 4);
         assert_eq!(kept_splits(&many), 18);
-        assert_eq!(attend_span(&wm, &many, 132, 4, true, wm.dense_splits), 2);
-        assert_eq!(attend_span(&wm, &many, 132, 2, true, wm.dense_splits), 3);
+        assert_eq!(attend_span(&wm, &many, 132, 4, true, kept_splits(&many)), 2);
+        assert_eq!(attend_span(&wm, &many, 132, 2, true, kept_splits(&many)), 3);
         for batch in [1u32, 2, 8, 64] {
             for sms in [1u32, 16, 132, 1000] {
                 for forced in [None, Some(1), Some(16), Some(64), Some(1000)] {
