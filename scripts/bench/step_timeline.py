@@ -12,7 +12,7 @@ the copies of:
   end     its last block's end, from the same origin
   dur     end - start (with programmatic dependent launch a kernel starts while the one ahead
           still runs, so this includes its wait)
-  adds    end - the previous kernel's end (the previous call's last, for the first kernel):
+  adds    end - the previous kernel's end (the previous call's last end, for the first kernel):
           what the kernel adds to the critical path of back-to-back calls (kernels of parallel
           graph branches, listed one after the other, can show 0 or less)
 
@@ -84,24 +84,21 @@ def per_call(events, calls, origin_kernel):
     n = len(ref)
     if len(groups) < max(3, calls // 2):
         return None, f"calls differ ({len(groups)} of {len(starts)} alike)"
+    # Each call's last end; the first kernel's `adds` is from the previous call's (the copies
+    # run back to back; the first call of a trace has none), and so is the call's period.
+    ends = [max(e[2] for e in g) for g in groups]
+    first_adds = [g[0][2] - ends[i - 1] for i, g in enumerate(groups) if i and ends[i - 1] <= g[0][2]]
+    gaps = [b - a for a, b in zip(ends, ends[1:]) if b > a]
+    period = statistics.median(gaps) if gaps else ends[0] - groups[0][0][1]
     rows = []
-    # The first kernel's `adds` is from the previous call's last end (the copies run back to
-    # back), so the column sums to the period of one call; the first call of a trace has none.
-    prev = {id(g): (groups[i - 1][-1][2] if i and groups[i - 1][-1][2] <= g[0][2] else None)
-            for i, g in enumerate(groups)}
     for j in range(n):
         st = [g[j][1] - g[0][1] for g in groups]
         en = [g[j][2] - g[0][1] for g in groups]
         du = [g[j][2] - g[j][1] for g in groups]
-        ad = [g[j][2] - g[j - 1][2] for g in groups] if j else \
-            [g[0][2] - prev[id(g)] for g in groups if prev[id(g)] is not None] or [g[0][2] - g[0][1] for g in groups]
+        ad = [g[j][2] - g[j - 1][2] for g in groups] if j else (first_adds or du)
         rows.append(dict(index=j, kernel=groups[0][j][0], start_us=statistics.median(st),
                          end_us=statistics.median(en), dur_us=statistics.median(du),
                          adds_us=statistics.median(ad), calls=len(groups)))
-    # One call's period: from the previous call's last end to this call's last end.
-    ends = [max(e[2] for e in g) for g in groups]
-    gaps = [b - a for a, b in zip(ends, ends[1:]) if b > a]
-    period = statistics.median(gaps) if gaps else ends[0] - groups[0][0][1]
     return rows, period
 
 
@@ -153,8 +150,6 @@ def main():
                 cache.close()
                 continue
             origin = first[0][0]
-            s = torch.cuda.Stream(dev)
-            s.wait_stream(torch.cuda.current_stream(dev))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 for _ in range(a.copies):
