@@ -312,6 +312,31 @@ SIKV_ENTRY_LATE_WAIT_MINB(sikv_topk_compact, COMPACT_THREADS, COMPACT_BLOCKS_PER
 // Resets the row's candidate counter (not with p.mode == 1). grid (H_kv, B), block TOPK_THREADS.
 #define TOPK_BM_WORDS (TOPK_THREADS * 4)
 
+// Outputs a thread of the final select emits at once (their window searches interleaved).
+#define EMIT_ITEMS 4
+static_assert((TOPK_BM_WORDS & (TOPK_BM_WORDS - 1)) == 0, "the emit search halves a power of two");
+
+// The position of the n-th (from 0) set bit of x, n < popc(x).
+SIKV_DEV int nth_set_bit(u32 x, u32 n) {
+    int pos = 0;
+    #pragma unroll
+    for (int half = 16; half > 0; half >>= 1) {
+        const u32 c = (u32)__popc(x & ((1u << half) - 1u));
+        if (n >= c) {
+            n -= c;
+            x >>= half;
+            pos += half;
+        }
+    }
+    return pos;
+}
+
+// The n lowest set bits of x.
+SIKV_DEV u32 low_set_bits(u32 x, u32 n) {
+    if (n >= (u32)__popc(x)) return x;
+    return n == 0 ? 0u : x & ((1u << nth_set_bit(x, n)) - 1u);
+}
+
 // The stage-1 selection of row rowid once its sizes (rk), its histogram's threshold bin (thr,
 // hist_threshold's) and the count nc of candidates the compaction appended are known: exact
 // select over the candidates with ascending output, or the one-CTA select over the whole row
@@ -376,8 +401,8 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
             const u32 remaining = s.sel_remaining;
             // Position bitmaps, one window of TOPK_BM_WORDS words (131072 positions) at a time:
             // gt = the compaction's bitmap (bins above t) or a bin-t key > T (all taken), eq =
-            // key == T (the first `remaining` in position order taken); an ordered scan of each
-            // window emits.
+            // key == T (the first `remaining` in position order taken); block scans of their counts
+            // give each word's first output index, and a search over those emits.
             u32 carry_gt = 0, carry_eq = 0;
             for (int wb = w0; wb < w1; wb += TOPK_BM_WORDS) {
                 const int we = wb + TOPK_BM_WORDS < w1 ? wb + TOPK_BM_WORDS : w1;
@@ -424,28 +449,56 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                 // its zeroing barrier.
                 const u32 xg = block_excl_scan<TOPK_THREADS, false>(ngt, s.scan, &tg);
                 const u32 xe = block_excl_scan<TOPK_THREADS, false>(neq, s.scan2, &te);
+                // Each word's taken positions (all of gt, the first `remaining` of eq in position
+                // order) go back into bm_gt, and the output index of its first one into bm_eq:
+                // this thread's own words, read only by it so far.
                 u32 gt_before = carry_gt + xg, eq_before = carry_eq + xe;
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int w = wb + (int)threadIdx.x * 4 + j;
-                    u32 any = g[j] | e[j];
-                    while (any) {
-                        const int bit = __ffs(any) - 1;
-                        any &= any - 1;
-                        const int pos = (w << 5) + bit;
-                        if ((g[j] >> bit) & 1u) {
-                            const u32 taken_eq = eq_before < remaining ? eq_before : remaining;
-                            out[gt_before + taken_eq] = pos;
-                            gt_before += 1;
-                        } else {
-                            if (eq_before < remaining) out[gt_before + eq_before] = pos;
-                            eq_before += 1;
+                    const int w = (int)threadIdx.x * 4 + j;
+                    const u32 ne = (u32)__popc(e[j]);
+                    const u32 take = eq_before < remaining ? min(remaining - eq_before, ne) : 0u;
+                    const u32 at = gt_before + min(eq_before, remaining);
+                    gt_before += (u32)__popc(g[j]);
+                    eq_before += ne;
+                    if (wb + w < we) {
+                        bm_gt[w] = g[j] | low_set_bits(e[j], take);
+                        bm_eq[w] = at;
+                    }
+                }
+                __syncthreads();
+                // Output r (consecutive r in consecutive threads: whole-line stores) is bit r -
+                // at of the last word whose first index `at` is <= r. One thread emitting its own
+                // words' bits one by one made 32 scattered stores per warp instruction, serialised
+                // through the SM (8 us of the kernel at 32K tokens).
+                const int nw = we - wb;
+                const u32 o0 = carry_gt + min(carry_eq, remaining);
+                const u32 o1 = carry_gt + tg + min(carry_eq + te, remaining);
+                for (u32 r0 = o0; r0 < o1; r0 += TOPK_THREADS * EMIT_ITEMS) {
+                    int wi[EMIT_ITEMS];
+                    #pragma unroll
+                    for (int u = 0; u < EMIT_ITEMS; ++u) wi[u] = 0;
+                    // (bm_eq[0] = o0 <= r: the search keeps bm_eq[wi] <= r; indices past o1 search
+                    // harmlessly and emit nothing)
+                    #pragma unroll
+                    for (int step = TOPK_BM_WORDS / 2; step > 0; step >>= 1) {
+                        #pragma unroll
+                        for (int u = 0; u < EMIT_ITEMS; ++u) {
+                            const u32 r = r0 + (u32)(u * TOPK_THREADS) + threadIdx.x;
+                            const int c = wi[u] + step;
+                            if (c < nw && bm_eq[c] <= r) wi[u] = c;
                         }
+                    }
+                    #pragma unroll
+                    for (int u = 0; u < EMIT_ITEMS; ++u) {
+                        const u32 r = r0 + (u32)(u * TOPK_THREADS) + threadIdx.x;
+                        if (r < o1) out[r] = ((wb + wi[u]) << 5) + nth_set_bit(bm_gt[wi[u]], r - bm_eq[wi[u]]);
                     }
                 }
                 carry_gt += tg;
                 carry_eq += te;
-                // (the scans' barriers order every read of the bitmaps before the next zeroing)
+                // The next window zeroes the bitmaps the search above reads.
+                if (wb + TOPK_BM_WORDS < w1) __syncthreads();
             }
         }
     }
