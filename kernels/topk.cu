@@ -312,9 +312,8 @@ SIKV_ENTRY_LATE_WAIT_MINB(sikv_topk_compact, COMPACT_THREADS, COMPACT_BLOCKS_PER
 // Resets the row's candidate counter (not with p.mode == 1). grid (H_kv, B), block TOPK_THREADS.
 #define TOPK_BM_WORDS (TOPK_THREADS * 4)
 
-// Outputs a thread of the final select emits at once (their window searches interleaved).
-#define EMIT_ITEMS 4
-static_assert((TOPK_BM_WORDS & (TOPK_BM_WORDS - 1)) == 0, "the emit search halves a power of two");
+// Outputs the final select stages in shared memory per round: its two window bitmaps.
+#define EMIT_STAGE (2 * TOPK_BM_WORDS)
 
 // The position of the n-th (from 0) set bit of x, n < popc(x).
 SIKV_DEV int nth_set_bit(u32 x, u32 n) {
@@ -402,7 +401,7 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
             // Position bitmaps, one window of TOPK_BM_WORDS words (131072 positions) at a time:
             // gt = the compaction's bitmap (bins above t) or a bin-t key > T (all taken), eq =
             // key == T (the first `remaining` in position order taken); block scans of their counts
-            // give each word's first output index, and a search over those emits.
+            // give each word's first output index.
             u32 carry_gt = 0, carry_eq = 0;
             for (int wb = w0; wb < w1; wb += TOPK_BM_WORDS) {
                 const int we = wb + TOPK_BM_WORDS < w1 ? wb + TOPK_BM_WORDS : w1;
@@ -449,56 +448,50 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                 // its zeroing barrier.
                 const u32 xg = block_excl_scan<TOPK_THREADS, false>(ngt, s.scan, &tg);
                 const u32 xe = block_excl_scan<TOPK_THREADS, false>(neq, s.scan2, &te);
-                // Each word's taken positions (all of gt, the first `remaining` of eq in position
-                // order) go back into bm_gt, and the output index of its first one into bm_eq:
-                // this thread's own words, read only by it so far.
+                // This thread's words' taken positions (all of gt, the first `remaining` of eq in
+                // position order) and the output index of each word's first one.
+                u32 sel[4], at[4];
                 u32 gt_before = carry_gt + xg, eq_before = carry_eq + xe;
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int w = (int)threadIdx.x * 4 + j;
                     const u32 ne = (u32)__popc(e[j]);
                     const u32 take = eq_before < remaining ? min(remaining - eq_before, ne) : 0u;
-                    const u32 at = gt_before + min(eq_before, remaining);
+                    at[j] = gt_before + min(eq_before, remaining);
+                    sel[j] = g[j] | low_set_bits(e[j], take);
                     gt_before += (u32)__popc(g[j]);
                     eq_before += ne;
-                    if (wb + w < we) {
-                        bm_gt[w] = g[j] | low_set_bits(e[j], take);
-                        bm_eq[w] = at;
-                    }
                 }
-                __syncthreads();
-                // Output r (consecutive r in consecutive threads: whole-line stores) is bit r -
-                // at of the last word whose first index `at` is <= r. One thread emitting its own
-                // words' bits one by one made 32 scattered stores per warp instruction, serialised
-                // through the SM (8 us of the kernel at 32K tokens).
-                const int nw = we - wb;
+                // Emitted through shared memory: each thread puts its positions at their output
+                // index into the two bitmaps (free now: the scans' barriers ordered every read of
+                // them), then the block stores the window's outputs in order, whole lines at a
+                // time. Stored straight from each thread's bit loop, a warp's 32 stores went to 32
+                // lines, serialised through the one SM (8 us of the kernel at 32K tokens). A
+                // window with more outputs than the stage holds takes several rounds.
+                auto stage = [&](u32 i) -> u32& { return i < TOPK_BM_WORDS ? bm_gt[i] : bm_eq[i - TOPK_BM_WORDS]; };
                 const u32 o0 = carry_gt + min(carry_eq, remaining);
                 const u32 o1 = carry_gt + tg + min(carry_eq + te, remaining);
-                for (u32 r0 = o0; r0 < o1; r0 += TOPK_THREADS * EMIT_ITEMS) {
-                    int wi[EMIT_ITEMS];
+                for (u32 ob = o0; ob < o1; ob += EMIT_STAGE) {
                     #pragma unroll
-                    for (int u = 0; u < EMIT_ITEMS; ++u) wi[u] = 0;
-                    // (bm_eq[0] = o0 <= r: the search keeps bm_eq[wi] <= r; indices past o1 search
-                    // harmlessly and emit nothing)
-                    #pragma unroll
-                    for (int step = TOPK_BM_WORDS / 2; step > 0; step >>= 1) {
-                        #pragma unroll
-                        for (int u = 0; u < EMIT_ITEMS; ++u) {
-                            const u32 r = r0 + (u32)(u * TOPK_THREADS) + threadIdx.x;
-                            const int c = wi[u] + step;
-                            if (c < nw && bm_eq[c] <= r) wi[u] = c;
+                    for (int j = 0; j < 4; ++j) {
+                        const int pos0 = (wb + (int)threadIdx.x * 4 + j) << 5;
+                        u32 x = sel[j];
+                        // (modulo 2^32: below ob wraps past EMIT_STAGE and is skipped)
+                        u32 i = at[j] - ob;
+                        while (x) {
+                            const int bit = __ffs(x) - 1;
+                            x &= x - 1;
+                            if (i < EMIT_STAGE) stage(i) = (u32)(pos0 + bit);
+                            ++i;
                         }
                     }
-                    #pragma unroll
-                    for (int u = 0; u < EMIT_ITEMS; ++u) {
-                        const u32 r = r0 + (u32)(u * TOPK_THREADS) + threadIdx.x;
-                        if (r < o1) out[r] = ((wb + wi[u]) << 5) + nth_set_bit(bm_gt[wi[u]], r - bm_eq[wi[u]]);
-                    }
+                    __syncthreads();
+                    const u32 n_out = min(o1 - ob, (u32)EMIT_STAGE);
+                    for (u32 i = threadIdx.x; i < n_out; i += TOPK_THREADS) out[ob + i] = (int)stage(i);
+                    // The next round writes the stage again; the next window zeroes it.
+                    if (ob + EMIT_STAGE < o1 || wb + TOPK_BM_WORDS < w1) __syncthreads();
                 }
                 carry_gt += tg;
                 carry_eq += te;
-                // The next window zeroes the bitmaps the search above reads.
-                if (wb + TOPK_BM_WORDS < w1) __syncthreads();
             }
         }
     }
