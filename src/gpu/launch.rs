@@ -13,7 +13,7 @@ use super::{
     SELECT_TOPK, SELECT_TOPK_FINAL,
 };
 use crate::config::CacheConfig;
-use crate::layout::{Layout, ATTEND_SPLIT};
+use crate::layout::Layout;
 use crate::status::{Error, Result, SikvStatus};
 
 /// encode: one warp per (token, KV head).
@@ -731,13 +731,7 @@ impl GpuContext {
             Some(m) if !driver::is_capturing(cuda_stream(stream))? => Some(m),
             _ => None,
         };
-        // Full kept splits unless forced: the short ones made no dense decode faster and cost
-        // chunks beside them (H100, 32K at batch 1 under a 128K max_seq_len: 32.2 -> 33.9 us).
-        let kept_len = self
-            .inner
-            .switches
-            .kept_split
-            .map_or(ATTEND_SPLIT, super::workspace::kept_split_forced);
+        let kept_len = super::workspace::dense_kept_split_len(self.inner.switches.kept_split);
         let kept = super::workspace::kept_splits_of(cfg, kept_len);
         let chunks = self.dense_chunks(cfg, b, live_max, kept);
         p.num_splits = (kept + chunks) as i32;
