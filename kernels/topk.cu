@@ -340,8 +340,29 @@ SIKV_DEV u32 low_set_bits(u32 x, u32 n) {
 // hist_threshold's) and the count nc of candidates the compaction appended are known: exact
 // select over the candidates with ascending output, or the one-CTA select over the whole row
 // for a fallback row; then the row's sizes. Every thread of the TOPK_THREADS block must call.
+//
+// `parts` CTAs of a cluster (1, 2 or 4; the final kernel's launch; this one of rank `part`)
+// may share the row: each runs the radix passes over the candidates itself (the same inputs
+// give each the same threshold) and takes the part-th of `parts` equal parts of every bitmap
+// window (its marks, scans and outputs), so that the window's serial work, which one SM ran
+// while the others idled in a batch-1 step, is split. The parts' counts go to every CTA over
+// distributed shared memory (a cluster barrier per window), and each CTA's outputs follow the
+// parts before it. The fallback select and the row's sizes are CTA 0's. One part is the one-CTA
+// select, with no cluster barrier (the fused select calls it so, from its CTA 0). PARTS is a
+// template parameter so that a thread's words index its registers by constants: as a run-time
+// value it took the kernel from 56 to 64 registers, all of an SM's for 1024 threads, so that
+// its CTAs could start only on SMs the compaction had left entirely.
+template <int PARTS>
 SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* bm_eq, const RowK& rk,
-                           long long rowid, const u32* thr, u32 nc) {
+                           long long rowid, const u32* thr, u32 nc, u32 part = 0) {
+    constexpr u32 parts = PARTS;
+    // Each window's counts per CTA (gt, eq), by the window's parity: a CTA writes a window's
+    // slot again two windows later, after every CTA has passed the barrier between, which
+    // each passes only after it read the slot.
+    static_assert(4 % PARTS == 0 && PARTS <= FINAL_MAX_CLUSTER, "a CTA's part of a window: whole words per thread");
+    __shared__ __align__(16) u32 part_counts[8];
+    constexpr int CW = TOPK_BM_WORDS / PARTS;  // words of a window per CTA
+    constexpr int WPT = CW / TOPK_THREADS;     // of them per thread: 4, 2 or 1
     const int S = p.n_sink;
     const int ksel = rk.ksel;
     const bool two = p.rerank_factor >= 2;
@@ -367,16 +388,19 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
             const int i = u * TOPK_THREADS + (int)threadIdx.x;
             kr[u] = in_regs && i < (int)thr[2] ? cand_hi[2 * i] : 0u;
         }
+        // This thread's words of this CTA's part of a window: part_word(j) from the window's start.
+        auto part_word = [&](int j) { return (int)part * CW + (int)threadIdx.x * WPT + j; };
         u32 gnext[4];
         #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int w = w0 + (int)threadIdx.x * 4 + j;
-            gnext[j] = may_fast && w < w1 && w < w0 + TOPK_BM_WORDS ? gtmap[w] : 0u;
+            const int w = w0 + part_word(j);
+            gnext[j] = may_fast && j < WPT && w < w1 && w < w0 + TOPK_BM_WORDS ? gtmap[w] : 0u;
         }
         const bool fast = may_fast && nc == thr[2];
         if (!fast) {
             const u32* keys = reinterpret_cast<const u32*>(p.ws_keys) + rowid * p.key_stride + S;
-            block_topk<TOPK_THREADS>(s, bm_gt, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
+            if (part == 0)
+                block_topk<TOPK_THREADS>(s, bm_gt, rk.n, ksel, [&](int i) { return keys[i]; }, [&](int r, int i) { out[r] = S + i; });
         } else {
             // Pass 1 is the histogram's: prefix = bin t, remaining = ksel - above; the buffer
             // holds exactly the keys of bin t.
@@ -403,9 +427,13 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
             // key == T (the first `remaining` in position order taken); block scans of their counts
             // give each word's first output index.
             u32 carry_gt = 0, carry_eq = 0;
+            int parity = 0;
             for (int wb = w0; wb < w1; wb += TOPK_BM_WORDS) {
                 const int we = wb + TOPK_BM_WORDS < w1 ? wb + TOPK_BM_WORDS : w1;
-                for (int w = threadIdx.x; w < TOPK_BM_WORDS; w += TOPK_THREADS) { bm_gt[w] = 0u; bm_eq[w] = 0u; }
+                // This CTA's part of the window: words [pb, pe) (none when pb >= pe).
+                const int pb = wb + (int)part * CW;
+                const int pe = pb + CW < we ? pb + CW : we;
+                for (int w = threadIdx.x; w < CW; w += TOPK_THREADS) { bm_gt[w] = 0u; bm_eq[w] = 0u; }
                 __syncthreads();
                 for (int base = 0; base < (int)nc; base += TOPK_THREADS * 4) {
                     u64 c[4];
@@ -420,38 +448,62 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                         const u32 pos = (u32)c[u];
                         const int w = (int)(pos >> 5);
                         // (past nc: no candidate; under a partial mask T may be 0)
-                        if (base + u * TOPK_THREADS + (int)threadIdx.x >= (int)nc || w < wb || w >= we) continue;
-                        if (key > T) atomicOr(&bm_gt[w - wb], 1u << (pos & 31));
-                        else if (key == T) atomicOr(&bm_eq[w - wb], 1u << (pos & 31));
+                        if (base + u * TOPK_THREADS + (int)threadIdx.x >= (int)nc || w < pb || w >= pe) continue;
+                        if (key > T) atomicOr(&bm_gt[w - pb], 1u << (pos & 31));
+                        else if (key == T) atomicOr(&bm_eq[w - pb], 1u << (pos & 31));
                     }
                 }
                 __syncthreads();
-                // 4 consecutive words per thread: TOPK_THREADS * 4 == TOPK_BM_WORDS.
+                // WPT consecutive words per thread: TOPK_THREADS * WPT == CW.
                 u32 g[4], e[4];
                 u32 ngt = 0, neq = 0;
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int w = (int)threadIdx.x * 4 + j;
-                    g[j] = wb + w < we ? bm_gt[w] | gnext[j] : 0u;
-                    e[j] = wb + w < we ? bm_eq[w] : 0u;
+                    const int w = (int)threadIdx.x * WPT + j;
+                    const bool in = j < WPT && pb + w < pe;
+                    g[j] = in ? bm_gt[w] | gnext[j] : 0u;
+                    e[j] = in ? bm_eq[w] : 0u;
                     ngt += (u32)__popc(g[j]);
                     neq += (u32)__popc(e[j]);
                 }
                 // The next window's gt words.
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int w = wb + TOPK_BM_WORDS + (int)threadIdx.x * 4 + j;
-                    gnext[j] = w < w1 ? gtmap[w] : 0u;
+                    const int w = wb + TOPK_BM_WORDS + part_word(j);
+                    gnext[j] = j < WPT && w < w1 ? gtmap[w] : 0u;
                 }
                 u32 tg, te;
                 // Two buffers, no closing barriers: the next window's first scan comes after
                 // its zeroing barrier.
                 const u32 xg = block_excl_scan<TOPK_THREADS, false>(ngt, s.scan, &tg);
                 const u32 xe = block_excl_scan<TOPK_THREADS, false>(neq, s.scan2, &te);
+                // The cluster's parts: the counts of the parts before this one (bg, be) and of
+                // the whole window (ag, ae).
+                u32 bg = 0, be = 0, ag = tg, ae = te;
+                if (parts > 1) {
+                    if (threadIdx.x == 0) {
+                        part_counts[4 * parity] = tg;
+                        part_counts[4 * parity + 1] = te;
+                    }
+                    cluster_sync();
+                    ag = 0;
+                    ae = 0;
+                    for (u32 q = 0; q < parts; ++q) {
+                        const uint4 v = cluster_load4(cluster_addr(&part_counts[4 * parity], q));
+                        if (q < part) {
+                            bg += v.x;
+                            be += v.y;
+                        }
+                        ag += v.x;
+                        ae += v.y;
+                    }
+                    parity ^= 1;
+                }
+                const u32 part_gt = carry_gt + bg, part_eq = carry_eq + be;
                 // This thread's words' taken positions (all of gt, the first `remaining` of eq in
                 // position order) and the output index of each word's first one.
                 u32 sel[4], at[4];
-                u32 gt_before = carry_gt + xg, eq_before = carry_eq + xe;
+                u32 gt_before = part_gt + xg, eq_before = part_eq + xe;
                 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const u32 ne = (u32)__popc(e[j]);
@@ -468,12 +520,12 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                 // lines, serialised through the one SM (8 us of the kernel at 32K tokens). A
                 // window with more outputs than the stage holds takes several rounds.
                 auto stage = [&](u32 i) -> u32& { return i < TOPK_BM_WORDS ? bm_gt[i] : bm_eq[i - TOPK_BM_WORDS]; };
-                const u32 o0 = carry_gt + min(carry_eq, remaining);
-                const u32 o1 = carry_gt + tg + min(carry_eq + te, remaining);
+                const u32 o0 = part_gt + min(part_eq, remaining);
+                const u32 o1 = part_gt + tg + min(part_eq + te, remaining);
                 for (u32 ob = o0; ob < o1; ob += EMIT_STAGE) {
                     #pragma unroll
                     for (int j = 0; j < 4; ++j) {
-                        const int pos0 = (wb + (int)threadIdx.x * 4 + j) << 5;
+                        const int pos0 = (pb + (int)threadIdx.x * WPT + j) << 5;
                         u32 x = sel[j];
                         // (modulo 2^32: below ob wraps past EMIT_STAGE and is skipped)
                         u32 i = at[j] - ob;
@@ -490,11 +542,14 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
                     // The next round writes the stage again; the next window zeroes it.
                     if (ob + EMIT_STAGE < o1 || wb + TOPK_BM_WORDS < w1) __syncthreads();
                 }
-                carry_gt += tg;
-                carry_eq += te;
+                carry_gt += ag;
+                carry_eq += ae;
             }
         }
     }
+    // No CTA leaves while another may still read its counts; the row's sizes are CTA 0's.
+    if (parts > 1) cluster_sync();
+    if (part != 0) return;
     if (two) {
         // The rest of the list -1: re-rank reads its thread's entry before the count says
         // whether it is live, and every entry it reads is then one this call wrote.
@@ -509,13 +564,18 @@ SIKV_DEV void final_select(const SikvParams& p, RadixSmem& s, u32* bm_gt, u32* b
     }
 }
 
-SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
+// grid (PARTS H_kv, B) in clusters of PARTS CTAs along x (launch.rs final_cluster; 1: no
+// clusters), cluster h serving KV head h (final_select's parts). One entry per cluster size,
+// each with its own registers: a switch over the three in one entry took 64.
+template <int PARTS>
+SIKV_DEV void topk_final_body(const SikvParams& p) {
     __shared__ RadixSmem s;
     __shared__ u32 bm_gt[TOPK_BM_WORDS];
     __shared__ u32 bm_eq[TOPK_BM_WORDS];
     __shared__ u32 thr[4];
     __shared__ int heavy_in_range;
-    const int r = blockIdx.y, h = blockIdx.x;
+    const u32 part = PARTS > 1 ? cluster_rank() : 0u;
+    const int r = blockIdx.y, h = (int)blockIdx.x / PARTS;
     const long long rowid = (long long)r * p.num_kv_heads + h;
     const RowK rk = row_k(p, query_row(p, r), h, &heavy_in_range);
     u32* hist = reinterpret_cast<u32*>(p.ws_hist) + rowid * TOPK_HIST_STRIDE;
@@ -524,13 +584,25 @@ SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
     // and the score kernel's histogram (two launches back): found while the compaction runs.
     if (rk.ksel > 0) hist_threshold<TOPK_THREADS>(hist, (u32)rk.ksel, s.scan, thr);
     sikv_grid_dependency();
-    final_select(p, s, bm_gt, bm_eq, rk, rowid, thr, rk.ksel > 0 ? *counter : 0u);
-    // Every thread has read the counter (above); leave it zero for the next call (mode 1:
+    final_select<PARTS>(p, s, bm_gt, bm_eq, rk, rowid, thr, rk.ksel > 0 ? *counter : 0u, part);
+    // Every thread of every CTA of the row has read the counter (above; final_select ends with
+    // a cluster barrier where the row has several); leave it zero for the next call (mode 1:
     // benchmark replay of this kernel alone, keep it).
     __syncthreads();
-    if (threadIdx.x == 0 && p.mode != 1) *counter = 0u;
+    if (part == 0 && threadIdx.x == 0 && p.mode != 1) *counter = 0u;
+}
+SIKV_DEV void sikv_topk_final_impl(const SikvParams& p) {
+    topk_final_body<1>(p);
 }
 SIKV_ENTRY_LATE_WAIT(sikv_topk_final, TOPK_THREADS)
+SIKV_DEV void sikv_topk_final_c2_impl(const SikvParams& p) {
+    topk_final_body<2>(p);
+}
+SIKV_ENTRY_LATE_WAIT(sikv_topk_final_c2, TOPK_THREADS)
+SIKV_DEV void sikv_topk_final_c4_impl(const SikvParams& p) {
+    topk_final_body<4>(p);
+}
+SIKV_ENTRY_LATE_WAIT(sikv_topk_final_c4, TOPK_THREADS)
 
 SIKV_DEV void sikv_topk_stage2_impl(const SikvParams& p) {
     __shared__ RadixSmem s;
@@ -723,7 +795,7 @@ SIKV_DEV void sikv_score_topk_impl(const SikvParams& p) {
     // The candidates, the gt words and the count are complete; CTA 0's histogram is copied.
     cluster_sync();
     if (rank != 0) return;
-    final_select(p, s, u.fin.bm_gt, u.fin.bm_eq, rk, rowid, thr, rk.ksel > 0 ? counter : 0u);
+    final_select<1>(p, s, u.fin.bm_gt, u.fin.bm_eq, rk, rowid, thr, rk.ksel > 0 ? counter : 0u);
 #endif
 }
 SIKV_ENTRIES_D_T_MINB(sikv_score_topk, TOPK_THREADS, 1)

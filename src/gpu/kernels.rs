@@ -32,6 +32,9 @@ pub struct Kernels {
     pub topk_stage1: Kernel,
     pub topk_compact: Kernel,
     pub topk_final: Kernel,
+    /// topk_final for a row shared by a cluster of 2 or 4 CTAs (launch.rs final_cluster).
+    pub topk_final_c2: Kernel,
+    pub topk_final_c4: Kernel,
     /// score + stage-1 top-k in one launch of thread block clusters (sm_90; small batches).
     pub score_topk: Kernel,
     pub rerank_score: Kernel,
@@ -62,6 +65,16 @@ fn leak(s: String) -> &'static str {
 }
 
 impl Kernels {
+    /// The stage-1 final select for rows shared by clusters of `c` CTAs (1, 2 or 4).
+    pub fn topk_final_for(&self, c: u32) -> Option<&Kernel> {
+        match c {
+            1 => Some(&self.topk_final),
+            2 => Some(&self.topk_final_c2),
+            4 => Some(&self.topk_final_c4),
+            _ => None,
+        }
+    }
+
     /// `dtype` is "f16" or "bf16"; `d` is 64, 128 or 256.
     pub fn load(m: CUmodule, d: u32, dtype: &str) -> Result<Kernels> {
         let dt = |stage: &str| leak(format!("sikv_{stage}_d{d}_{dtype}"));
@@ -91,6 +104,8 @@ impl Kernels {
             topk_stage1: get(plain("topk_stage1"))?,
             topk_compact: get(plain("topk_compact"))?,
             topk_final: get(plain("topk_final"))?,
+            topk_final_c2: get(plain("topk_final_c2"))?,
+            topk_final_c4: get(plain("topk_final_c4"))?,
             score_topk: get(dt("score_topk"))?,
             rerank_score: get(dt("rerank_score"))?,
             rerank_score_mean: get(dt("rerank_score_mean"))?,

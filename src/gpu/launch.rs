@@ -602,14 +602,40 @@ impl GpuContext {
                     None => super::workspace::compact_blocks(cfg, self.inner.dev.sms.max(1) as u32, b),
                 };
                 self.launch(&kn.topk_compact, (blocks, h, b), COMPACT_THREADS, stream, p)?;
-                self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
+                self.launch_final(h, b, stream, &pf)?;
             } else {
                 self.launch(&kn.topk_stage1, (h, b, 1), TOPK_THREADS, stream, p)?;
             }
         } else if multi && stages & SELECT_TOPK_FINAL != 0 {
-            self.launch(&kn.topk_final, (h, b, 1), TOPK_THREADS, stream, &pf)?;
+            self.launch_final(h, b, stream, &pf)?;
         }
         Ok(())
+    }
+
+    /// The stage-1 final select of `b` sequences' rows of `h` KV heads, in clusters of
+    /// final_cluster's size (kernels/topk.cu final_select).
+    fn launch_final(&self, h: u32, b: u32, stream: CUstream, p: &SikvParams) -> Result<()> {
+        let c = self.final_cluster(h * b);
+        let (c, k) = match self.inner.kernels.topk_final_for(c) {
+            Some(k) => (c, k),
+            None => (1, &self.inner.kernels.topk_final),
+        };
+        self.launch_clusters(k, (c * h, b, 1), TOPK_THREADS, c, stream, p)
+    }
+
+    /// How many CTAs share a row of the final select (1, 2 or 4): the most that leave every
+    /// row's cluster resident at once on at most one CTA per SM, so the split never adds a wave.
+    /// A one-CTA select ran the row's bitmap windows (marks, scans, outputs) on one SM of a
+    /// batch-1 step while the others idled. SIKV_FINAL_CLUSTER forces a size where the device
+    /// runs clusters (sm_90).
+    fn final_cluster(&self, rows: u32) -> u32 {
+        let table = &self.inner.final_clusters;
+        let fits = |c: u32| table[c as usize] >= rows.max(1);
+        if let Some(c) = self.inner.switches.final_cluster {
+            return if c == 1 || fits(c) { c } else { 1 };
+        }
+        let sms = self.inner.dev.sms.max(1) as u32;
+        super::workspace::final_cluster_size(rows, sms, fits)
     }
 
     /// Stage `attend` + `combine` (cpu::attend): attention over the dense set and the selected

@@ -63,7 +63,7 @@ use std::sync::Arc;
 use crate::config::{CacheConfig, Dtype};
 use crate::layout::Layout;
 use crate::status::{Error, Result};
-use geometry::{FUSED_MAX_CLUSTER, TOPK_THREADS};
+use geometry::{FINAL_MAX_CLUSTER, FUSED_MAX_CLUSTER, TOPK_THREADS};
 pub use switches::TopkPath;
 use switches::{FusedMode, Switches};
 
@@ -107,6 +107,10 @@ struct Inner {
     /// 1..=FUSED_MAX_CLUSTER, is how many clusters of c CTAs the device holds at once; all zero
     /// below sm_90, with the single-CTA top-k, or with SIKV_FUSED=off.
     fused_clusters: [u32; FUSED_MAX_CLUSTER as usize + 1],
+    /// The stage-1 final select's clusters (`final_cluster`): entry c, for c in 1..=
+    /// FINAL_MAX_CLUSTER, is how many clusters of c CTAs of it the device holds at once; all
+    /// zero below sm_90 or with the single-CTA top-k.
+    final_clusters: [u32; FINAL_MAX_CLUSTER as usize + 1],
 }
 
 /// The fused select's occupancy table ([`Inner::fused_clusters`]).
@@ -115,6 +119,19 @@ fn fused_clusters(major: i32, sw: &Switches, f: driver::CUfunction) -> [u32; FUS
     if major >= 9 && sw.fused != FusedMode::Off && sw.topk != TopkPath::Single {
         for (c, n) in table.iter_mut().enumerate().skip(1) {
             *n = driver::max_active_clusters(f, TOPK_THREADS, c as u32);
+        }
+    }
+    table
+}
+
+/// The final select's occupancy table ([`Inner::final_clusters`]): each size's own kernel.
+fn final_clusters(major: i32, sw: &Switches, k: &Kernels) -> [u32; FINAL_MAX_CLUSTER as usize + 1] {
+    let mut table = [0u32; FINAL_MAX_CLUSTER as usize + 1];
+    if major >= 9 && sw.topk != TopkPath::Single {
+        for (c, n) in table.iter_mut().enumerate().skip(1) {
+            if let Some(kernel) = k.topk_final_for(c as u32) {
+                *n = driver::max_active_clusters(kernel.f, TOPK_THREADS, c as u32);
+            }
         }
     }
     table
@@ -241,6 +258,7 @@ impl GpuContext {
         // SAFETY: a fresh 4-byte (at least) page-locked allocation, aligned for u32.
         unsafe { std::ptr::write_volatile(fault_host as *mut u32, 0) };
         let fused_clusters = fused_clusters(dev.major, &switches, kernels.score_topk.f);
+        let final_clusters = final_clusters(dev.major, &switches, &kernels);
         Ok(GpuContext {
             inner: Arc::new(Inner {
                 dev,
@@ -253,6 +271,7 @@ impl GpuContext {
                 dtype: cfg.dtype,
                 switches,
                 fused_clusters,
+                final_clusters,
             }),
         })
     }

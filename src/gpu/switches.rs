@@ -45,6 +45,9 @@ pub struct Switches {
     /// SIKV_COMPACT_BLOCKS: the top-k compaction's blocks per row on every call (1 makes each
     /// block take every tile of its row); None = workspace::compact_blocks.
     pub compact_blocks: Option<u32>,
+    /// SIKV_FINAL_CLUSTER: the CTAs (1, 2 or 4) that share a row of the stage-1 final select on
+    /// every call where the device runs clusters; None = launch.rs final_cluster's rule.
+    pub final_cluster: Option<u32>,
     /// SIKV_HIST_ZERO=memset: the rows' histograms zeroed by a memset on the stream instead of
     /// the hist_zero kernel (`kernel`, the default).
     pub hist_zero_memset: bool,
@@ -67,6 +70,7 @@ impl Default for Switches {
             attend_span: None,
             kept_split: None,
             compact_blocks: None,
+            final_cluster: None,
             hist_zero_memset: false,
             dense_min_chunk: None,
             route_fork: true,
@@ -106,6 +110,7 @@ impl Switches {
             ("off", FusedMode::Off),
         ];
         let hist_zero = [("kernel", false), ("memset", true)];
+        let final_cluster = [("1", 1u32), ("2", 2), ("4", 4)];
         Ok(Switches {
             pdl: var("SIKV_PDL").word(&ON_OFF)?.unwrap_or(d.pdl),
             topk,
@@ -113,6 +118,7 @@ impl Switches {
             attend_span: var("SIKV_ATTEND_SPAN").positive()?,
             kept_split: var("SIKV_KEPT_SPLIT").positive()?,
             compact_blocks: var("SIKV_COMPACT_BLOCKS").positive()?,
+            final_cluster: var("SIKV_FINAL_CLUSTER").word(&final_cluster)?,
             hist_zero_memset: var("SIKV_HIST_ZERO").word(&hist_zero)?.unwrap_or(d.hist_zero_memset),
             dense_min_chunk: var("SIKV_DENSE_MIN_CHUNK").positive()?,
             route_fork: var("SIKV_ROUTE_FORK").word(&ON_OFF)?.unwrap_or(d.route_fork),
@@ -181,6 +187,7 @@ mod tests {
             "SIKV_ATTEND_SPAN",
             "SIKV_KEPT_SPLIT",
             "SIKV_COMPACT_BLOCKS",
+            "SIKV_FINAL_CLUSTER",
             "SIKV_HIST_ZERO",
             "SIKV_DENSE_MIN_CHUNK",
             "SIKV_ROUTE_FORK",
@@ -203,6 +210,7 @@ mod tests {
             ("SIKV_ATTEND_SPAN", "3"),
             ("SIKV_KEPT_SPLIT", "16"),
             ("SIKV_COMPACT_BLOCKS", "1"),
+            ("SIKV_FINAL_CLUSTER", "4"),
             ("SIKV_HIST_ZERO", "memset"),
             ("SIKV_DENSE_MIN_CHUNK", "1024"),
             ("SIKV_ROUTE_FORK", "off"),
@@ -216,6 +224,7 @@ mod tests {
             attend_span: Some(3),
             kept_split: Some(16),
             compact_blocks: Some(1),
+            final_cluster: Some(4),
             hist_zero_memset: true,
             dense_min_chunk: Some(1024),
             route_fork: false,
@@ -240,6 +249,7 @@ mod tests {
             ("SIKV_ATTEND_SPAN", "0"),
             ("SIKV_ATTEND_SPAN", "-2"),
             ("SIKV_COMPACT_BLOCKS", "four"),
+            ("SIKV_FINAL_CLUSTER", "3"),
             ("SIKV_HIST_ZERO", "mem"),
             ("SIKV_DENSE_MIN_CHUNK", "1.5"),
             ("SIKV_ROUTE_FORK", "false"),

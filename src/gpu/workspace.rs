@@ -19,8 +19,8 @@
 
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
-    DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK, KEPT_SPLIT_SMALL,
-    MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
+    FINAL_MAX_CLUSTER, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -123,6 +123,22 @@ pub fn compact_blocks(cfg: &CacheConfig, sms: u32, batch: u32) -> u32 {
 /// The compaction's tiles per row at max_seq_len: the most blocks per row it takes.
 pub fn compact_tiles(cfg: &CacheConfig) -> u32 {
     cfg.max_seq_len.div_ceil(COMPACT_TILE).max(1)
+}
+
+/// The stage-1 final select's CTAs per row for `rows` rows on `sms` multiprocessors: the
+/// largest power of two up to FINAL_MAX_CLUSTER whose clusters, one CTA per SM (a CTA of the
+/// final select fills one), all fit one wave and that the device holds at once (`fits(c)`:
+/// clusters of c for every row); else 1. Sharing a row never adds a wave.
+pub fn final_cluster_size(rows: u32, sms: u32, fits: impl Fn(u32) -> bool) -> u32 {
+    let rows = rows.max(1);
+    let mut c = FINAL_MAX_CLUSTER;
+    while c > 1 {
+        if rows * c <= sms && fits(c) {
+            return c;
+        }
+        c /= 2;
+    }
+    1
 }
 
 /// Splits of the kept dense entries (sinks, heavy, window) that attend and attend_dense run
@@ -420,6 +436,31 @@ mod tests {
         assert_eq!(compact_blocks(&cfg(131072, 2), sms, 2), 32);
         assert_eq!(compact_blocks(&cfg(131072, 4), sms, 4), 16);
         assert_eq!(compact_blocks(&cfg(131072, 8), sms, 8), 8);
+    }
+
+    /// The final select's clusters fill at most one wave: 8 KV heads on 132 SMs take four CTAs a
+    /// row up to batch 4, two at batch 8, one beyond; a device that cannot hold the clusters
+    /// (or has none: below sm_90 every size fails) keeps one CTA a row.
+    #[test]
+    fn final_cluster_size_keeps_one_wave() {
+        let all = |_: u32| true;
+        let sizes: Vec<u32> = [1u32, 2, 4, 8, 16]
+            .iter()
+            .map(|&b| final_cluster_size(8 * b, 132, all))
+            .collect();
+        assert_eq!(sizes, [4, 4, 4, 2, 1]);
+        for rows in 0..300 {
+            let c = final_cluster_size(rows, 132, all);
+            assert!([1, 2, 4].contains(&c), "{rows}: {c}");
+            assert!(c == 1 || rows.max(1) * c <= 132, "{rows}: {c}");
+            assert!(
+                c == FINAL_MAX_CLUSTER || rows.max(1) * c * 2 > 132,
+                "{rows}: {c} is not the largest"
+            );
+        }
+        assert_eq!(final_cluster_size(8, 132, |_| false), 1);
+        assert_eq!(final_cluster_size(8, 132, |c| c <= 2), 2);
+        assert_eq!(final_cluster_size(8, 16, all), 2);
     }
 
     /// A grid sized from the longest live sequence (a managed cache's eager dense decode) has no
