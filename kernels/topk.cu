@@ -347,7 +347,8 @@ SIKV_DEV u32 low_set_bits(u32 x, u32 n) {
 // window (its marks, scans and outputs), so that the window's serial work, which one SM ran
 // while the others idled in a batch-1 step, is split. The parts' counts go to every CTA over
 // distributed shared memory (a cluster barrier per window), and each CTA's outputs follow the
-// parts before it. The fallback select and the row's sizes are CTA 0's. One part is the one-CTA
+// parts before it (scripts/diag/final_select_parts_model.py checks that arithmetic against the
+// one-CTA output). The fallback select and the row's sizes are CTA 0's. One part is the one-CTA
 // select, with no cluster barrier (the fused select calls it so, from its CTA 0). PARTS is a
 // template parameter so that a thread's words index its registers by constants: as a run-time
 // value it took the kernel from 56 to 64 registers, all of an SM's for 1024 threads, so that
