@@ -353,13 +353,14 @@ fn main() {
             std::process::exit(1);
         }
         Ok(ctx) => println!(
-            "gpu bench on {:?}, kernels from {}, top-k {:?}, profile {}, fused select forced {}, resident clusters by size {:?}",
+            "gpu bench on {:?}, kernels from {}, top-k {:?}, profile {}, fused select forced {}, resident clusters by size {:?}, final select's {:?}",
             ctx.device_info(),
             ctx.build_path(),
             ctx.topk_path(),
             if profile == SIKV_PROFILE_4_1 { "4+1" } else { "2+1" },
             ctx.fused_select().0,
             &ctx.fused_select().1[1..],
+            &ctx.final_select_clusters()[1..],
         ),
     }
     let msl = list("--max-seq-len").and_then(|v| v.first().copied()).unwrap_or(0);

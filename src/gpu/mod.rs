@@ -328,6 +328,13 @@ impl GpuContext {
         )
     }
 
+    /// For cluster sizes 1..=FINAL_MAX_CLUSTER, how many clusters of the stage-1 final select
+    /// the device holds at once (entry 0 unused; all zero where the final select runs one CTA a
+    /// row): what launch.rs final_cluster chooses from.
+    pub fn final_select_clusters(&self) -> &[u32] {
+        &self.inner.final_clusters
+    }
+
     /// The stage-1 top-k implementation `select` uses (SIKV_TOPK at create time).
     pub fn topk_path(&self) -> TopkPath {
         self.inner.switches.topk
