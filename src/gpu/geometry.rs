@@ -65,6 +65,9 @@ pub const FUSED_MAX_CLUSTER: u32 = 16;
 /// final_cluster). Each takes an equal part of every bitmap window, a whole number of words per
 /// thread, so a size divides 4 (TOPK_THREADS * 4 words a window).
 pub const FINAL_MAX_CLUSTER: u32 = 4;
+/// The final select's cluster sizes, one kernel entry each (kernels/topk.cu sikv_topk_final*):
+/// the powers of two up to FINAL_MAX_CLUSTER.
+pub const FINAL_CLUSTER_SIZES: [u32; 3] = [1, 2, FINAL_MAX_CLUSTER];
 /// Fused select: positions per CTA up to which it is taken whatever an SM's share in the chain
 /// would be (launch.rs fused_cluster; measured, docs/PERF_NOTES.md v12).
 pub const FUSED_SMALL_TILE: u32 = 3 * TOPK_THREADS;

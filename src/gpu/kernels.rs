@@ -4,6 +4,7 @@
 //! of common.cuh.
 
 use super::driver::{self, CUfunction, CUmodule};
+use super::geometry::FINAL_CLUSTER_SIZES;
 use crate::status::Result;
 
 #[derive(Clone, Copy)]
@@ -65,13 +66,14 @@ fn leak(s: String) -> &'static str {
 }
 
 impl Kernels {
-    /// The stage-1 final select for rows shared by clusters of `c` CTAs (1, 2 or 4).
-    pub fn topk_final_for(&self, c: u32) -> Option<&Kernel> {
+    /// The stage-1 final select for rows shared by clusters of `c` CTAs: 1, 2 or 4, the sizes
+    /// launch.rs final_cluster chooses from (FINAL_CLUSTER_SIZES).
+    pub fn topk_final_for(&self, c: u32) -> &Kernel {
+        debug_assert!(FINAL_CLUSTER_SIZES.contains(&c), "no final select for clusters of {c}");
         match c {
-            1 => Some(&self.topk_final),
-            2 => Some(&self.topk_final_c2),
-            4 => Some(&self.topk_final_c4),
-            _ => None,
+            4 => &self.topk_final_c4,
+            2 => &self.topk_final_c2,
+            _ => &self.topk_final,
         }
     }
 

@@ -616,10 +616,7 @@ impl GpuContext {
     /// final_cluster's size (kernels/topk.cu final_select).
     fn launch_final(&self, h: u32, b: u32, stream: CUstream, p: &SikvParams) -> Result<()> {
         let c = self.final_cluster(h * b);
-        let (c, k) = match self.inner.kernels.topk_final_for(c) {
-            Some(k) => (c, k),
-            None => (1, &self.inner.kernels.topk_final),
-        };
+        let k = self.inner.kernels.topk_final_for(c);
         self.launch_clusters(k, (c * h, b, 1), TOPK_THREADS, c, stream, p)
     }
 

@@ -63,7 +63,7 @@ use std::sync::Arc;
 use crate::config::{CacheConfig, Dtype};
 use crate::layout::Layout;
 use crate::status::{Error, Result};
-use geometry::{FINAL_MAX_CLUSTER, FUSED_MAX_CLUSTER, TOPK_THREADS};
+use geometry::{FINAL_CLUSTER_SIZES, FINAL_MAX_CLUSTER, FUSED_MAX_CLUSTER, TOPK_THREADS};
 pub use switches::TopkPath;
 use switches::{FusedMode, Switches};
 
@@ -107,9 +107,9 @@ struct Inner {
     /// 1..=FUSED_MAX_CLUSTER, is how many clusters of c CTAs the device holds at once; all zero
     /// below sm_90, with the single-CTA top-k, or with SIKV_FUSED=off.
     fused_clusters: [u32; FUSED_MAX_CLUSTER as usize + 1],
-    /// The stage-1 final select's clusters (`final_cluster`): entry c, for c in 1..=
-    /// FINAL_MAX_CLUSTER, is how many clusters of c CTAs of it the device holds at once; all
-    /// zero below sm_90 or with the single-CTA top-k.
+    /// The stage-1 final select's clusters (`final_cluster`): entry c, for c in
+    /// FINAL_CLUSTER_SIZES, is how many clusters of c CTAs of it the device holds at once (the
+    /// others zero); all zero below sm_90 or with the single-CTA top-k.
     final_clusters: [u32; FINAL_MAX_CLUSTER as usize + 1],
 }
 
@@ -128,10 +128,8 @@ fn fused_clusters(major: i32, sw: &Switches, f: driver::CUfunction) -> [u32; FUS
 fn final_clusters(major: i32, sw: &Switches, k: &Kernels) -> [u32; FINAL_MAX_CLUSTER as usize + 1] {
     let mut table = [0u32; FINAL_MAX_CLUSTER as usize + 1];
     if major >= 9 && sw.topk != TopkPath::Single {
-        for (c, n) in table.iter_mut().enumerate().skip(1) {
-            if let Some(kernel) = k.topk_final_for(c as u32) {
-                *n = driver::max_active_clusters(kernel.f, TOPK_THREADS, c as u32);
-            }
+        for c in FINAL_CLUSTER_SIZES {
+            table[c as usize] = driver::max_active_clusters(k.topk_final_for(c).f, TOPK_THREADS, c);
         }
     }
     table
@@ -328,9 +326,9 @@ impl GpuContext {
         )
     }
 
-    /// For cluster sizes 1..=FINAL_MAX_CLUSTER, how many clusters of the stage-1 final select
-    /// the device holds at once (entry 0 unused; all zero where the final select runs one CTA a
-    /// row): what launch.rs final_cluster chooses from.
+    /// For each cluster size c of FINAL_CLUSTER_SIZES, entry c: how many clusters of the stage-1
+    /// final select the device holds at once (other entries zero; all zero where the final select
+    /// runs one CTA a row): what launch.rs final_cluster chooses from.
     pub fn final_select_clusters(&self) -> &[u32] {
         &self.inner.final_clusters
     }

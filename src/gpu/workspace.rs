@@ -308,6 +308,7 @@ impl Workspace {
 mod tests {
     use super::*;
     use crate::config::{SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16};
+    use crate::gpu::geometry::FINAL_CLUSTER_SIZES;
 
     fn cfg(max_seq_len: u32, max_batch: u32) -> CacheConfig {
         CacheConfig::from_c(&c_cfg(max_seq_len, max_batch)).unwrap()
@@ -451,7 +452,7 @@ mod tests {
         assert_eq!(sizes, [4, 4, 4, 2, 1]);
         for rows in 0..300 {
             let c = final_cluster_size(rows, 132, all);
-            assert!([1, 2, 4].contains(&c), "{rows}: {c}");
+            assert!(FINAL_CLUSTER_SIZES.contains(&c), "{rows}: {c}");
             assert!(c == 1 || rows.max(1) * c <= 132, "{rows}: {c}");
             assert!(
                 c == FINAL_MAX_CLUSTER || rows.max(1) * c * 2 > 132,
