@@ -65,6 +65,10 @@ pub const FUSED_MAX_CLUSTER: u32 = 16;
 /// final_cluster). Each takes an equal part of every bitmap window, a whole number of words per
 /// thread, so a size divides 4 (TOPK_THREADS * 4 words a window).
 pub const FINAL_MAX_CLUSTER: u32 = 4;
+/// Stage-1 final select: its split clusters take at most 1 / FINAL_CLUSTER_SM_SHARE of the SMs.
+/// Measured on an H100 (docs/PERF_NOTES.md v23), at 128K: 64 CTAs on 132 SMs (batch 2, clusters
+/// of 4) took the kernel from 10.8 to 9.0 µs; 128 (batch 8, clusters of 2) from 10.9 to 11.5.
+pub const FINAL_CLUSTER_SM_SHARE: u32 = 2;
 /// The final select's cluster sizes, one kernel entry each (kernels/topk.cu sikv_topk_final*):
 /// the powers of two up to FINAL_MAX_CLUSTER.
 pub const FINAL_CLUSTER_SIZES: [u32; 3] = [1, 2, FINAL_MAX_CLUSTER];

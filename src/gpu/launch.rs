@@ -615,21 +615,27 @@ impl GpuContext {
     /// The stage-1 final select of `b` sequences' rows of `h` KV heads, in clusters of
     /// final_cluster's size (kernels/topk.cu final_select).
     fn launch_final(&self, h: u32, b: u32, stream: CUstream, p: &SikvParams) -> Result<()> {
-        let c = self.final_cluster(h * b);
+        let c = self.final_cluster(h * b, p.ws_route != 0);
         let k = self.inner.kernels.topk_final_for(c);
         self.launch_clusters(k, (c * h, b, 1), TOPK_THREADS, c, stream, p)
     }
 
-    /// How many CTAs share a row of the final select (1, 2 or 4): the most that leave every
-    /// row's cluster resident at once on at most one CTA per SM, so the split never adds a wave.
+    /// How many CTAs share a row of the final select (1, 2 or 4; workspace::final_cluster_size).
     /// A one-CTA select ran the row's bitmap windows (marks, scans, outputs) on one SM of a
-    /// batch-1 step while the others idled. SIKV_FINAL_CLUSTER forces a size where the device
-    /// runs clusters (sm_90).
-    fn final_cluster(&self, rows: u32) -> u32 {
+    /// batch-1 step while the others idled. A routed decode's (`routed`) keeps one CTA a row:
+    /// its sparse path may be the one that returns at once, and clusters of whole-SM CTAs
+    /// started only to return delay the dense decode beside them (as the fused select's did,
+    /// decode_routed; in a build with clusters there the dense-routed 8K batch-1 call lost 5
+    /// µs, the cause not measured apart). SIKV_FINAL_CLUSTER forces a size where the device runs
+    /// clusters (sm_90).
+    fn final_cluster(&self, rows: u32, routed: bool) -> u32 {
         let table = &self.inner.final_clusters;
         let fits = |c: u32| table[c as usize] >= rows.max(1);
         if let Some(c) = self.inner.switches.final_cluster {
             return if c == 1 || fits(c) { c } else { 1 };
+        }
+        if routed {
+            return 1;
         }
         let sms = self.inner.dev.sms.max(1) as u32;
         super::workspace::final_cluster_size(rows, sms, fits)

@@ -20,7 +20,7 @@
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
     DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
-    FINAL_MAX_CLUSTER, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    FINAL_CLUSTER_SM_SHARE, FINAL_MAX_CLUSTER, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -125,20 +125,20 @@ pub fn compact_tiles(cfg: &CacheConfig) -> u32 {
     cfg.max_seq_len.div_ceil(COMPACT_TILE).max(1)
 }
 
-/// The stage-1 final select's CTAs per row for `rows` rows on `sms` multiprocessors: the
-/// largest power of two up to FINAL_MAX_CLUSTER whose clusters, one CTA per SM (a CTA of the
-/// final select fills one), all fit one wave and that the device holds at once (`fits(c)`:
-/// clusters of c for every row); else 1. Sharing a row never adds a wave.
+/// The stage-1 final select's CTAs per row for `rows` rows on `sms` multiprocessors:
+/// FINAL_MAX_CLUSTER where those clusters, one CTA per SM (a CTA of the final select fills one),
+/// take at most 1 / FINAL_CLUSTER_SM_SHARE of the SMs and the device holds them at once
+/// (`fits(c)`: clusters of c for every row); else 1. Only what was measured to gain: across a
+/// full device the split's repeated radix passes and exchanges cost more than the window work
+/// they share (FINAL_CLUSTER_SM_SHARE), and clusters of 2 where they would fill half the SMs
+/// (batch 4 of 8 KV heads) are not measured yet (SIKV_FINAL_CLUSTER=2 forces them).
 pub fn final_cluster_size(rows: u32, sms: u32, fits: impl Fn(u32) -> bool) -> u32 {
-    let rows = rows.max(1);
-    let mut c = FINAL_MAX_CLUSTER;
-    while c > 1 {
-        if rows * c <= sms && fits(c) {
-            return c;
-        }
-        c /= 2;
+    let c = FINAL_MAX_CLUSTER;
+    if rows.max(1) * c * FINAL_CLUSTER_SM_SHARE <= sms && fits(c) {
+        c
+    } else {
+        1
     }
-    1
 }
 
 /// Splits of the kept dense entries (sinks, heavy, window) that attend and attend_dense run
@@ -439,29 +439,27 @@ mod tests {
         assert_eq!(compact_blocks(&cfg(131072, 8), sms, 8), 8);
     }
 
-    /// The final select's clusters fill at most one wave: 8 KV heads on 132 SMs take four CTAs a
-    /// row up to batch 4, two at batch 8, one beyond; a device that cannot hold the clusters
-    /// (or has none: below sm_90 every size fails) keeps one CTA a row.
+    /// The final select's clusters fill at most half the SMs, and only in the size measured to
+    /// gain: 8 KV heads on 132 SMs take four CTAs a row up to batch 2, one beyond; a device that
+    /// cannot hold the clusters (or has none: below sm_90 every size fails) keeps one CTA a row.
     #[test]
-    fn final_cluster_size_keeps_one_wave() {
+    fn final_cluster_size_takes_half_the_sms() {
         let all = |_: u32| true;
-        let sizes: Vec<u32> = [1u32, 2, 4, 8, 16]
+        let sizes: Vec<u32> = [1u32, 2, 3, 4, 8, 16]
             .iter()
             .map(|&b| final_cluster_size(8 * b, 132, all))
             .collect();
-        assert_eq!(sizes, [4, 4, 4, 2, 1]);
+        assert_eq!(sizes, [4, 4, 1, 1, 1, 1]);
         for rows in 0..300 {
             let c = final_cluster_size(rows, 132, all);
             assert!(FINAL_CLUSTER_SIZES.contains(&c), "{rows}: {c}");
-            assert!(c == 1 || rows.max(1) * c <= 132, "{rows}: {c}");
-            assert!(
-                c == FINAL_MAX_CLUSTER || rows.max(1) * c * 2 > 132,
-                "{rows}: {c} is not the largest"
-            );
+            let split = rows.max(1) * FINAL_MAX_CLUSTER * 2 <= 132;
+            assert_eq!(c, if split { FINAL_MAX_CLUSTER } else { 1 }, "{rows}");
         }
         assert_eq!(final_cluster_size(8, 132, |_| false), 1);
-        assert_eq!(final_cluster_size(8, 132, |c| c <= 2), 2);
-        assert_eq!(final_cluster_size(8, 16, all), 2);
+        assert_eq!(final_cluster_size(8, 132, |c| c <= 2), 1);
+        assert_eq!(final_cluster_size(8, 64, all), 4);
+        assert_eq!(final_cluster_size(8, 63, all), 1);
     }
 
     /// A grid sized from the longest live sequence (a managed cache's eager dense decode) has no
