@@ -620,25 +620,18 @@ impl GpuContext {
         self.launch_clusters(k, (c * h, b, 1), TOPK_THREADS, c, stream, p)
     }
 
-    /// How many CTAs share a row of the final select (1, 2 or 4; workspace::final_cluster_size).
-    /// A one-CTA select ran the row's bitmap windows (marks, scans, outputs) on one SM of a
-    /// batch-1 step while the others idled. A routed decode's (`routed`) keeps one CTA a row:
-    /// its sparse path may be the one that returns at once, and clusters of whole-SM CTAs
-    /// started only to return delay the dense decode beside them (as the fused select's did,
-    /// decode_routed; in a build with clusters there the dense-routed 8K batch-1 call lost 5
-    /// µs, the cause not measured apart). SIKV_FINAL_CLUSTER forces a size where the device runs
-    /// clusters (sm_90).
+    /// How many CTAs share a row of the final select (1, 2 or 4; the rule is
+    /// workspace::final_cluster_size). A one-CTA select ran the row's bitmap windows (marks,
+    /// scans, outputs) on one SM of a batch-1 step while the others idled. `routed`: a routed
+    /// decode's sparse path (in a build with clusters there the dense-routed 8K batch-1 call lost
+    /// 5 µs, the cause not measured apart). SIKV_FINAL_CLUSTER forces a size where the device
+    /// runs clusters (sm_90).
     fn final_cluster(&self, rows: u32, routed: bool) -> u32 {
         let table = &self.inner.final_clusters;
         let fits = |c: u32| table[c as usize] >= rows.max(1);
-        if let Some(c) = self.inner.switches.final_cluster {
-            return if c == 1 || fits(c) { c } else { 1 };
-        }
-        if routed {
-            return 1;
-        }
         let sms = self.inner.dev.sms.max(1) as u32;
-        super::workspace::final_cluster_size(rows, sms, fits)
+        let forced = self.inner.switches.final_cluster;
+        super::workspace::final_cluster_size(rows, sms, forced, routed, fits)
     }
 
     /// Stage `attend` + `combine` (cpu::attend): attention over the dense set and the selected

@@ -131,10 +131,16 @@ pub fn compact_tiles(cfg: &CacheConfig) -> u32 {
 /// (`fits(c)`: clusters of c for every row); else 1. Only what was measured to gain: across a
 /// full device the split's repeated radix passes and exchanges cost more than the window work
 /// they share (FINAL_CLUSTER_SM_SHARE), and clusters of 2 where they would fill half the SMs
-/// (batch 4 of 8 KV heads) are not measured yet (SIKV_FINAL_CLUSTER=2 forces them).
-pub fn final_cluster_size(rows: u32, sms: u32, fits: impl Fn(u32) -> bool) -> u32 {
+/// (batch 4 of 8 KV heads) are not measured yet. A routed decode's (`routed`) keeps one CTA a
+/// row: its sparse path may be the one that returns at once, and clusters of whole-SM CTAs
+/// started only to return delay the dense decode beside them (as the fused select's did,
+/// launch.rs decode_routed). `forced` (SIKV_FINAL_CLUSTER) is taken wherever it fits.
+pub fn final_cluster_size(rows: u32, sms: u32, forced: Option<u32>, routed: bool, fits: impl Fn(u32) -> bool) -> u32 {
+    if let Some(c) = forced {
+        return if c == 1 || fits(c) { c } else { 1 };
+    }
     let c = FINAL_MAX_CLUSTER;
-    if rows.max(1) * c * FINAL_CLUSTER_SM_SHARE <= sms && fits(c) {
+    if !routed && rows.max(1) * c * FINAL_CLUSTER_SM_SHARE <= sms && fits(c) {
         c
     } else {
         1
@@ -441,25 +447,32 @@ mod tests {
 
     /// The final select's clusters fill at most half the SMs, and only in the size measured to
     /// gain: 8 KV heads on 132 SMs take four CTAs a row up to batch 2, one beyond; a device that
-    /// cannot hold the clusters (or has none: below sm_90 every size fails) keeps one CTA a row.
+    /// cannot hold the clusters (or has none: below sm_90 every size fails) keeps one CTA a row,
+    /// and so does a routed decode unless a size is forced.
     #[test]
     fn final_cluster_size_takes_half_the_sms() {
         let all = |_: u32| true;
-        let sizes: Vec<u32> = [1u32, 2, 3, 4, 8, 16]
-            .iter()
-            .map(|&b| final_cluster_size(8 * b, 132, all))
-            .collect();
+        let rule = |rows: u32, sms: u32, fits: &dyn Fn(u32) -> bool| final_cluster_size(rows, sms, None, false, fits);
+        let sizes: Vec<u32> = [1u32, 2, 3, 4, 8, 16].iter().map(|&b| rule(8 * b, 132, &all)).collect();
         assert_eq!(sizes, [4, 4, 1, 1, 1, 1]);
         for rows in 0..300 {
-            let c = final_cluster_size(rows, 132, all);
+            let c = rule(rows, 132, &all);
             assert!(FINAL_CLUSTER_SIZES.contains(&c), "{rows}: {c}");
             let split = rows.max(1) * FINAL_MAX_CLUSTER * 2 <= 132;
             assert_eq!(c, if split { FINAL_MAX_CLUSTER } else { 1 }, "{rows}");
+            assert_eq!(final_cluster_size(rows, 132, None, true, all), 1, "{rows} routed");
         }
-        assert_eq!(final_cluster_size(8, 132, |_| false), 1);
-        assert_eq!(final_cluster_size(8, 132, |c| c <= 2), 1);
-        assert_eq!(final_cluster_size(8, 64, all), 4);
-        assert_eq!(final_cluster_size(8, 63, all), 1);
+        assert_eq!(rule(8, 132, &|_| false), 1);
+        assert_eq!(rule(8, 132, &|c| c <= 2), 1);
+        assert_eq!(rule(8, 64, &all), 4);
+        assert_eq!(rule(8, 63, &all), 1);
+        // A forced size where it fits, routed or not (the tests' way to run every entry).
+        for routed in [false, true] {
+            for c in FINAL_CLUSTER_SIZES {
+                assert_eq!(final_cluster_size(64, 132, Some(c), routed, all), c);
+                assert_eq!(final_cluster_size(64, 132, Some(c), routed, |_| false), 1);
+            }
+        }
     }
 
     /// A grid sized from the longest live sequence (a managed cache's eager dense decode) has no
