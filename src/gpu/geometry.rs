@@ -61,8 +61,8 @@ pub const FUSED_TILE: u32 = TOPK_THREADS * SCORE_TOKENS_PER_THREAD;
 /// Fused select: the most CTAs in one row's cluster (16 is above the portable 8: the kernel
 /// asks for non-portable cluster sizes).
 pub const FUSED_MAX_CLUSTER: u32 = 16;
-/// Stage-1 final select: the most CTAs (one cluster, sm_90) sharing a row (launch.rs
-/// final_cluster). Each takes an equal part of every bitmap window, a whole number of words per
+/// Stage-1 final select: the most CTAs (one cluster, sm_90) sharing a row
+/// (workspace::final_cluster_size). Each takes an equal part of every bitmap window, a whole number of words per
 /// thread, so a size divides 4 (TOPK_THREADS * 4 words a window).
 pub const FINAL_MAX_CLUSTER: u32 = 4;
 /// Stage-1 final select: its split clusters take at most 1 / FINAL_CLUSTER_SM_SHARE of the SMs.

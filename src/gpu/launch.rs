@@ -620,12 +620,10 @@ impl GpuContext {
         self.launch_clusters(k, (c * h, b, 1), TOPK_THREADS, c, stream, p)
     }
 
-    /// How many CTAs share a row of the final select (1, 2 or 4; the rule is
-    /// workspace::final_cluster_size). A one-CTA select ran the row's bitmap windows (marks,
-    /// scans, outputs) on one SM of a batch-1 step while the others idled. `routed`: a routed
-    /// decode's sparse path (in a build with clusters there the dense-routed 8K batch-1 call lost
-    /// 5 µs, the cause not measured apart). SIKV_FINAL_CLUSTER forces a size where the device
-    /// runs clusters (sm_90).
+    /// How many CTAs share a row of the final select (1, 2 or 4): workspace::final_cluster_size
+    /// over this device's SMs and occupancy table and SIKV_FINAL_CLUSTER. A one-CTA select ran
+    /// the row's bitmap windows (marks, scans, outputs) on one SM of a batch-1 step while the
+    /// others idled. `routed`: a routed decode's sparse path.
     fn final_cluster(&self, rows: u32, routed: bool) -> u32 {
         let table = &self.inner.final_clusters;
         let fits = |c: u32| table[c as usize] >= rows.max(1);

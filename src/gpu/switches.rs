@@ -6,6 +6,7 @@
 //! INVALID_ARGUMENT naming it and what it takes: a misspelt value must not quietly give the
 //! default, or an A/B run would time the same rule twice.
 
+use super::geometry::FINAL_CLUSTER_SIZES;
 use crate::status::{Error, Result};
 
 /// Which stage-1 top-k `select` runs (SIKV_TOPK): `single` = one CTA per row (the original
@@ -46,7 +47,7 @@ pub struct Switches {
     /// block take every tile of its row); None = workspace::compact_blocks.
     pub compact_blocks: Option<u32>,
     /// SIKV_FINAL_CLUSTER: the CTAs (1, 2 or 4) that share a row of the stage-1 final select on
-    /// every call where the device runs clusters; None = launch.rs final_cluster's rule.
+    /// every call where the device runs clusters; None = workspace::final_cluster_size's rule.
     pub final_cluster: Option<u32>,
     /// SIKV_HIST_ZERO=memset: the rows' histograms zeroed by a memset on the stream instead of
     /// the hist_zero kernel (`kernel`, the default).
@@ -110,7 +111,6 @@ impl Switches {
             ("off", FusedMode::Off),
         ];
         let hist_zero = [("kernel", false), ("memset", true)];
-        let final_cluster = [("1", 1u32), ("2", 2), ("4", 4)];
         Ok(Switches {
             pdl: var("SIKV_PDL").word(&ON_OFF)?.unwrap_or(d.pdl),
             topk,
@@ -118,7 +118,7 @@ impl Switches {
             attend_span: var("SIKV_ATTEND_SPAN").positive()?,
             kept_split: var("SIKV_KEPT_SPLIT").positive()?,
             compact_blocks: var("SIKV_COMPACT_BLOCKS").positive()?,
-            final_cluster: var("SIKV_FINAL_CLUSTER").word(&final_cluster)?,
+            final_cluster: var("SIKV_FINAL_CLUSTER").one_of(&FINAL_CLUSTER_SIZES)?,
             hist_zero_memset: var("SIKV_HIST_ZERO").word(&hist_zero)?.unwrap_or(d.hist_zero_memset),
             dense_min_chunk: var("SIKV_DENSE_MIN_CHUNK").positive()?,
             route_fork: var("SIKV_ROUTE_FORK").word(&ON_OFF)?.unwrap_or(d.route_fork),
@@ -153,6 +153,17 @@ impl Var {
         match words.iter().find(|(w, _)| *w == v) {
             Some((_, t)) => Ok(Some(*t)),
             None => Err(self.not_understood(&words.iter().map(|(w, _)| *w).collect::<Vec<_>>().join(", "))),
+        }
+    }
+
+    /// A switch that takes one of `values`.
+    fn one_of(&self, values: &[u32]) -> Result<Option<u32>> {
+        let Some(v) = self.value.as_deref() else {
+            return Ok(None);
+        };
+        match v.parse::<u32>() {
+            Ok(n) if values.contains(&n) => Ok(Some(n)),
+            _ => Err(self.not_understood(&values.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))),
         }
     }
 
@@ -236,6 +247,19 @@ mod tests {
         assert_eq!(parse(&[("SIKV_FUSED", "auto")]).unwrap().fused, FusedMode::Measured);
         assert!(parse(&[("SIKV_PDL", "on")]).unwrap().pdl);
         assert!(!parse(&[("SIKV_HIST_ZERO", "kernel")]).unwrap().hist_zero_memset);
+    }
+
+    /// SIKV_FINAL_CLUSTER takes every size the final select has an entry for, and no other.
+    #[test]
+    fn the_final_cluster_switch_takes_the_entries_sizes() {
+        for c in FINAL_CLUSTER_SIZES {
+            let s = parse(&[("SIKV_FINAL_CLUSTER", &c.to_string())]).unwrap();
+            assert_eq!(s.final_cluster, Some(c));
+        }
+        for bad in ["0", "3", "8", "x"] {
+            let e = parse(&[("SIKV_FINAL_CLUSTER", bad)]).expect_err(bad);
+            assert!(e.message.contains("1, 2, 4"), "{}", e.message);
+        }
     }
 
     #[test]
