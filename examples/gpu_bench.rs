@@ -32,7 +32,7 @@
 use std::io::Write;
 
 use selfindexkv::config::{
-    CacheConfig, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, SIKV_PROFILE_2_1, SIKV_PROFILE_4_1,
+    CacheConfig, Route, SikvConfig, SIKV_DEVICE_CUDA, SIKV_DTYPE_F16, SIKV_PROFILE_2_1, SIKV_PROFILE_4_1,
 };
 use selfindexkv::gpu::{
     DevBatch, DevLayer, DevPageTable, DevPrompt, DevRows, DevSelection, DeviceBuffer, GpuContext, Predecessor,
@@ -431,8 +431,14 @@ fn run(
                 s.ctx
                     .attend_dense(cfg, &s.layout, &s.layer, &s.batch, out, ws, Some(n), st)
             };
-            // The stateless decode's crossover, decided on the device from the live lengths.
-            let max_tokens = cfg.dense_crossover.max_tokens(b).unwrap_or(0);
+            // The stateless decode's crossover, decided on the device from the live lengths:
+            // timed only where the library's decode takes it (Crossover::route; elsewhere the
+            // call runs the sparse or the dense decode directly).
+            let live_route = match cfg.dense_crossover.route(b, cfg.max_seq_len) {
+                Route::Live(m) => Some(m),
+                Route::Sparse | Route::Dense => None,
+            };
+            let max_tokens = live_route.unwrap_or(0);
             let routed = |st: selfindexkv::gpu::CUstream| {
                 s.ctx.decode_routed(
                     cfg,
@@ -464,7 +470,7 @@ fn run(
             let bytes_attend = heads * (fp16_tok * dense_set + row * k);
             let bytes_step = bytes_score + bytes_topk + bytes_rerank + bytes_attend;
             let bytes_dense = heads * (row * nn + fp16_tok * dense_set);
-            let rows: Vec<(&str, u64, Box<Call>)> = vec![
+            let mut rows: Vec<(&str, u64, Box<Call>)> = vec![
                 ("score", bytes_score, Box::new(move |st| sel(SELECT_SCORE, st))),
                 ("topk", bytes_topk, Box::new(move |st| sel(SELECT_TOPK, st))),
                 ("rerank", bytes_rerank, Box::new(move |st| sel(SELECT_RERANK, st))),
@@ -484,16 +490,15 @@ fn run(
                 ),
                 ("dense_ours", bytes_dense, Box::new(dense)),
                 ("dense_live", bytes_dense, Box::new(dense_live)),
-                (
-                    "routed",
-                    if cfg.dense_crossover.dense(b, nn * b as u64) {
-                        bytes_dense
-                    } else {
-                        bytes_step
-                    },
-                    Box::new(routed),
-                ),
             ];
+            if live_route.is_some() {
+                let bytes = if cfg.dense_crossover.dense(b, nn * b as u64) {
+                    bytes_dense
+                } else {
+                    bytes_step
+                };
+                rows.push(("routed", bytes, Box::new(routed)));
+            }
             for (name, bytes, f) in rows.iter() {
                 if *name == "rerank" && s.ctx.topk_path() != TopkPath::Single {
                     // The multi-CTA top-k's last kernel alone (after one full top-k: candidates

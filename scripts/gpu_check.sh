@@ -330,7 +330,7 @@ if want bench; then
   # length (an engine that declares a long maximum): gpu_bench at that max_seq_len, shorter N.
   if [ -n "${ROUTE_MSL:-}" ]; then
     echo "== gpu bench, max_seq_len $ROUTE_MSL (routed decode)"
-    .gpu/gpu_bench --max-seq-len "$ROUTE_MSL" --n "${ROUTE_N:-8192,32768}" --batch "${ROUTE_B:-1,8}" \
+    .gpu/gpu_bench --max-seq-len "$ROUTE_MSL" --n "${ROUTE_N:-8192,32768}" --batch "${ROUTE_B:-1,4}" \
       --csv "$OUT/msl_gpu_bench.csv" > "$OUT/msl_gpu_bench.log" 2>&1
     RC[msl_bench]=$?
     grep -E "^(step|dense_ours|routed) " "$OUT/msl_gpu_bench.log"
@@ -338,7 +338,7 @@ if want bench; then
     # capture (SIKV_ROUTE_FORK=off) instead of parallel branches.
     if [ "${ROUTE_FORK_AB:-0}" = "1" ]; then
       echo "== gpu bench, max_seq_len $ROUTE_MSL, SIKV_ROUTE_FORK=off"
-      SIKV_ROUTE_FORK=off .gpu/gpu_bench --max-seq-len "$ROUTE_MSL" --n "${ROUTE_N:-8192,32768}" --batch "${ROUTE_B:-1,8}" \
+      SIKV_ROUTE_FORK=off .gpu/gpu_bench --max-seq-len "$ROUTE_MSL" --n "${ROUTE_N:-8192,32768}" --batch "${ROUTE_B:-1,4}" \
         --csv "$OUT/msl_nofork_gpu_bench.csv" > "$OUT/msl_nofork_gpu_bench.log" 2>&1
       RC[msl_bench]=$(( ${RC[msl_bench]} | $? ))
       grep -E "^routed " "$OUT/msl_nofork_gpu_bench.log"

@@ -104,6 +104,27 @@ impl Crossover {
     pub fn dense(self, seqs: u32, tokens: u64) -> bool {
         self.max_tokens(seqs).is_some_and(|m| tokens <= m)
     }
+    /// The path of a crossover decode over `seqs` sequences of at most `max_seq_len` tokens
+    /// each, from what is known before any live length is read: dense where even full
+    /// sequences stay within max_tokens, sparse where the crossover is off or the batch is
+    /// above LIVE_CROSSOVER_MAX_BATCH, else the live lengths decide (on a GPU, on the device).
+    pub fn route(self, seqs: u32, max_seq_len: u32) -> Route {
+        match self.max_tokens(seqs) {
+            None => Route::Sparse,
+            Some(m) if seqs as u64 * max_seq_len as u64 <= m => Route::Dense,
+            Some(_) if seqs > LIVE_CROSSOVER_MAX_BATCH => Route::Sparse,
+            Some(m) => Route::Live(m),
+        }
+    }
+}
+
+/// A decode's path once the crossover's bounds have been applied ([`Crossover::route`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Sparse,
+    Dense,
+    /// Dense when the call's live tokens, summed over its sequences, are at most this.
+    Live(u64),
 }
 
 /// Profile names accepted by `sikv_config_init`.
@@ -594,5 +615,35 @@ impl CacheConfig {
     }
     pub fn pages_per_seq_max(&self) -> u32 {
         self.max_seq_len.div_ceil(self.page_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each arm of the route: full sequences within the bound run dense, an off crossover or a
+    /// batch above LIVE_CROSSOVER_MAX_BATCH runs sparse, anything else reads the live lengths.
+    #[test]
+    fn crossover_route_arms() {
+        let auto = Crossover::Auto;
+        assert_eq!(auto.route(1, 8192), Route::Dense);
+        assert_eq!(auto.route(2, 32768), Route::Dense);
+        assert_eq!(auto.route(1, DENSE_AUTO_TOKENS as u32), Route::Dense);
+        assert_eq!(
+            auto.route(1, DENSE_AUTO_TOKENS as u32 + 1),
+            Route::Live(DENSE_AUTO_TOKENS)
+        );
+        assert_eq!(
+            auto.route(LIVE_CROSSOVER_MAX_BATCH, 131072),
+            Route::Live(DENSE_AUTO_TOKENS)
+        );
+        assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH + 1, 131072), Route::Sparse);
+        // Still dense above the live batch bound where full sequences fit.
+        assert_eq!(auto.route(8, 8192), Route::Dense);
+        assert_eq!(Crossover::Tokens(0).route(1, 16), Route::Sparse);
+        assert_eq!(auto.route(0, 16), Route::Sparse);
+        assert_eq!(Crossover::Tokens(1000).route(3, 500), Route::Live(1000));
+        assert_eq!(Crossover::Tokens(1000).route(2, 500), Route::Dense);
     }
 }

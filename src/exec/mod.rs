@@ -22,7 +22,7 @@ mod cuda;
 
 pub use desc::{Batch, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table, Workspace};
 
-use crate::config::{CacheConfig, Device, LIVE_CROSSOVER_MAX_BATCH};
+use crate::config::{CacheConfig, Device, Route};
 use crate::ensure;
 use crate::gpu::GpuContext;
 use crate::layout::Layout;
@@ -57,15 +57,6 @@ pub enum DecodePath {
     /// both paths are queued, the unchosen ones return at once), so a captured graph follows
     /// the lengths.
     Crossover,
-}
-
-/// A decode's path once the declared bounds have been applied ([`Executor::decode`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Route {
-    Sparse,
-    Dense,
-    /// Dense when the call's live tokens, summed over its sequences, are at most this.
-    Live(u64),
 }
 
 /// Runs the stages of one configuration on the CPU or on a CUDA device.
@@ -290,12 +281,7 @@ impl Executor {
         let route = match path {
             DecodePath::Sparse => Route::Sparse,
             DecodePath::Dense => Route::Dense,
-            DecodePath::Crossover => match self.cfg.dense_crossover.max_tokens(n) {
-                None => Route::Sparse,
-                Some(m) if n as u64 * self.cfg.max_seq_len as u64 <= m => Route::Dense,
-                Some(_) if n > LIVE_CROSSOVER_MAX_BATCH => Route::Sparse,
-                Some(m) => Route::Live(m),
-            },
+            DecodePath::Crossover => self.cfg.dense_crossover.route(n, self.cfg.max_seq_len),
         };
         match &self.imp {
             Imp::Cpu => cpu::decode(self, pools, b, route, out),
