@@ -20,7 +20,7 @@
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
     DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
-    FINAL_CLUSTER_SM_SHARE, FINAL_MAX_CLUSTER, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -125,26 +125,24 @@ pub fn compact_tiles(cfg: &CacheConfig) -> u32 {
     cfg.max_seq_len.div_ceil(COMPACT_TILE).max(1)
 }
 
-/// The stage-1 final select's CTAs per row for `rows` rows on `sms` multiprocessors:
-/// FINAL_MAX_CLUSTER where those clusters, one CTA per SM (a CTA of the final select fills one),
-/// take at most 1 / FINAL_CLUSTER_SM_SHARE of the SMs and the device holds them at once
-/// (`fits(c)`: clusters of c for every row); else 1. Only what was measured to gain: across a
-/// full device the split's repeated radix passes and exchanges cost more than the window work
-/// they share (FINAL_CLUSTER_SM_SHARE), and clusters of 2 where they would fill half the SMs
-/// (batch 4 of 8 KV heads) are not measured yet. A routed decode's (`routed`) keeps one CTA a
-/// row: its sparse path may be the one that returns at once, and clusters of whole-SM CTAs
-/// started only to return delay the dense decode beside them (as the fused select's did,
-/// launch.rs decode_routed). `forced` (SIKV_FINAL_CLUSTER) is taken wherever it fits.
-pub fn final_cluster_size(rows: u32, sms: u32, forced: Option<u32>, routed: bool, fits: impl Fn(u32) -> bool) -> u32 {
+/// The stage-1 final select's CTAs per row for `rows` rows on `sms` multiprocessors: the
+/// largest size of FINAL_CLUSTER_SIZES whose clusters, one CTA per SM (a CTA of the final
+/// select fills one), take at most 1 / FINAL_CLUSTER_SM_SHARE of the SMs and which the device
+/// holds at once (`fits(c)`: clusters of c for every row); else 1. Across a full device the
+/// split's repeated radix passes and exchanges cost more than the window work they share
+/// (FINAL_CLUSTER_SM_SHARE). A routed decode takes the same rule: its sparse path runs
+/// wherever the library routes (Crossover::route sends calls that can only be dense to the
+/// dense decode). `forced` (SIKV_FINAL_CLUSTER) is taken wherever it fits.
+pub fn final_cluster_size(rows: u32, sms: u32, forced: Option<u32>, fits: impl Fn(u32) -> bool) -> u32 {
     if let Some(c) = forced {
         return if c == 1 || fits(c) { c } else { 1 };
     }
-    let c = FINAL_MAX_CLUSTER;
-    if !routed && rows.max(1) * c * FINAL_CLUSTER_SM_SHARE <= sms && fits(c) {
-        c
-    } else {
-        1
-    }
+    let share = |c: u32| rows.max(1) * c * FINAL_CLUSTER_SM_SHARE <= sms;
+    FINAL_CLUSTER_SIZES
+        .into_iter()
+        .rev()
+        .find(|&c| c == 1 || (share(c) && fits(c)))
+        .unwrap_or(1)
 }
 
 /// Splits of the kept dense entries (sinks, heavy, window) that attend and attend_dense run
@@ -445,33 +443,40 @@ mod tests {
         assert_eq!(compact_blocks(&cfg(131072, 8), sms, 8), 8);
     }
 
-    /// The final select's clusters fill at most half the SMs, and only in the size measured to
-    /// gain: 8 KV heads on 132 SMs take four CTAs a row up to batch 2, one beyond; a device that
-    /// cannot hold the clusters (or has none: below sm_90 every size fails) keeps one CTA a row,
-    /// and so does a routed decode unless a size is forced.
+    /// The final select's clusters fill at most half the SMs, in the largest size that does: 8
+    /// KV heads on 132 SMs take four CTAs a row up to batch 2, two at batch 4, one beyond; a
+    /// device that cannot hold the clusters (or has none: below sm_90 every size fails) keeps
+    /// one CTA a row.
     #[test]
     fn final_cluster_size_takes_half_the_sms() {
         let all = |_: u32| true;
-        let rule = |rows: u32, sms: u32, fits: &dyn Fn(u32) -> bool| final_cluster_size(rows, sms, None, false, fits);
-        let sizes: Vec<u32> = [1u32, 2, 3, 4, 8, 16].iter().map(|&b| rule(8 * b, 132, &all)).collect();
-        assert_eq!(sizes, [4, 4, 1, 1, 1, 1]);
+        let rule = |rows: u32, sms: u32, fits: &dyn Fn(u32) -> bool| final_cluster_size(rows, sms, None, fits);
+        let sizes: Vec<u32> = [1u32, 2, 3, 4, 5, 8, 16]
+            .iter()
+            .map(|&b| rule(8 * b, 132, &all))
+            .collect();
+        assert_eq!(sizes, [4, 4, 2, 2, 1, 1, 1]);
         for rows in 0..300 {
             let c = rule(rows, 132, &all);
             assert!(FINAL_CLUSTER_SIZES.contains(&c), "{rows}: {c}");
-            let split = rows.max(1) * FINAL_MAX_CLUSTER * 2 <= 132;
-            assert_eq!(c, if split { FINAL_MAX_CLUSTER } else { 1 }, "{rows}");
-            assert_eq!(final_cluster_size(rows, 132, None, true, all), 1, "{rows} routed");
+            // The largest size whose clusters take at most half the SMs.
+            let half = |c: u32| rows.max(1) * c * 2 <= 132;
+            let want = FINAL_CLUSTER_SIZES
+                .into_iter()
+                .filter(|&c| c == 1 || half(c))
+                .max()
+                .unwrap();
+            assert_eq!(c, want, "{rows}");
         }
         assert_eq!(rule(8, 132, &|_| false), 1);
-        assert_eq!(rule(8, 132, &|c| c <= 2), 1);
+        assert_eq!(rule(8, 132, &|c| c <= 2), 2);
         assert_eq!(rule(8, 64, &all), 4);
-        assert_eq!(rule(8, 63, &all), 1);
-        // A forced size where it fits, routed or not (the tests' way to run every entry).
-        for routed in [false, true] {
-            for c in FINAL_CLUSTER_SIZES {
-                assert_eq!(final_cluster_size(64, 132, Some(c), routed, all), c);
-                assert_eq!(final_cluster_size(64, 132, Some(c), routed, |_| false), 1);
-            }
+        assert_eq!(rule(8, 63, &all), 2);
+        assert_eq!(rule(8, 31, &all), 1);
+        // A forced size where it fits (the tests' way to run every entry).
+        for c in FINAL_CLUSTER_SIZES {
+            assert_eq!(final_cluster_size(64, 132, Some(c), all), c);
+            assert_eq!(final_cluster_size(64, 132, Some(c), |_| false), 1);
         }
     }
 
