@@ -808,30 +808,34 @@ SIKV_DEV unsigned long long l2_evict_first() {
 #endif
     return pol;
 }
-SIKV_DEV uint4 load_stream16(const void* a) {
+// With the policy made once by the caller (l2_evict_first): made per load, ptxas rebuilt the
+// load's descriptor with six uniform instructions at every load of the score's token loop.
+SIKV_DEV uint4 load_stream16(const void* a, unsigned long long pol) {
     uint4 v;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned long long pol = l2_evict_first();
     asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "l"(a), "l"(pol));
 #else
+    (void)pol;
     v = *reinterpret_cast<const uint4*>(a);
 #endif
     return v;
 }
-SIKV_DEV uint2 load_stream8(const void* a) {
+SIKV_DEV uint4 load_stream16(const void* a) { return load_stream16(a, l2_evict_first()); }
+SIKV_DEV uint2 load_stream8(const void* a, unsigned long long pol) {
     uint2 v;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned long long pol = l2_evict_first();
     asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;"
         : "=r"(v.x), "=r"(v.y)
         : "l"(a), "l"(pol));
 #else
+    (void)pol;
     v = *reinterpret_cast<const uint2*>(a);
 #endif
     return v;
 }
+SIKV_DEV uint2 load_stream8(const void* a) { return load_stream8(a, l2_evict_first()); }
 
 // Programmatic dependent launch (sm_90+; the launcher sets the attribute, src/gpu/driver.rs):
 // sikv_grid_wait waits until the grid ahead in the stream has finished and its writes are

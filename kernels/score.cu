@@ -53,16 +53,17 @@ template <int D>
 struct SignRow {
     u32 w[D / 32];
 };
+// pol: the L2 policy of the streamed rows (l2_evict_first), made once by the caller's loop.
 template <int D>
-SIKV_DEV void load_sign_row(const u8* row, SignRow<D>& r) {
+SIKV_DEV void load_sign_row(const u8* row, SignRow<D>& r, unsigned long long pol) {
     if constexpr (D == 64) {
-        const uint2 x = load_stream8(row);
+        const uint2 x = load_stream8(row, pol);
         r.w[0] = x.x; r.w[1] = x.y;
     } else {
         // (D = 256 keeps plain loads: with the hinted pair it needed 40 registers; it keeps 32.)
         #pragma unroll
         for (int i = 0; i < D / 128; ++i) {
-            const uint4 x = D == 128 ? load_stream16(row) : reinterpret_cast<const uint4*>(row)[i];
+            const uint4 x = D == 128 ? load_stream16(row, pol) : reinterpret_cast<const uint4*>(row)[i];
             r.w[4 * i] = x.x; r.w[4 * i + 1] = x.y; r.w[4 * i + 2] = x.z; r.w[4 * i + 3] = x.w;
         }
     }
@@ -91,9 +92,9 @@ SIKV_DEV float lut_sum_words(const float* lut, const SignRow<D>& r) {
     return acc;
 }
 template <int D>
-SIKV_DEV float lut_sum(const float* lut, const u8* row) {
+SIKV_DEV float lut_sum(const float* lut, const u8* row, unsigned long long pol) {
     SignRow<D> r;
-    load_sign_row<D>(row, r);
+    load_sign_row<D>(row, r, pol);
     return lut_sum_words<D>(lut, r);
 }
 
@@ -123,6 +124,7 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
     if constexpr (PAGED && AHEAD) {
         // Position j's row is loaded when it is scored (valid, neither heavy nor forced) and its
         // page is in the pool; bit j of `loaded` says so.
+        const unsigned long long pol = l2_evict_first();
         u32 loaded = 0u;
         SignRow<D> next = {};
         auto fetch = [&](int j) {
@@ -131,7 +133,7 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
             const int rel = rel0 + j * NT;
             const long long pg = page_off[rel >> shift];
             if (pg < 0) return;
-            load_sign_row<D>(sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8), next);
+            load_sign_row<D>(sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8), next, pol);
             loaded |= 1u << j;
         };
         fetch(0);
@@ -155,6 +157,7 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
         }
         return;
     }
+    const unsigned long long pol = l2_evict_first();
     #pragma unroll
     for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
         if (!((lanes >> (LANE_VALID + j)) & 1u)) continue;
@@ -169,10 +172,10 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
             const long long pg = page_off[rel >> shift];
             // A position on a page outside the pool is no candidate (fault raised).
             if (pg < 0) raise_fault(p, FAULT_PAGE_INDEX);
-            else key = score_key(lut_sum<D>(lut, sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8)));
+            else key = score_key(lut_sum<D>(lut, sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8), pol));
         } else {
             const long long r = row_index(p, b, h, pos);
-            if (r >= 0) key = score_key(lut_sum<D>(lut, plane_row(p, SIKV_PLANE_SIGN, r)));
+            if (r >= 0) key = score_key(lut_sum<D>(lut, plane_row(p, SIKV_PLANE_SIGN, r), pol));
         }
         my_keys[j * NT] = key;
         if (multi && key != 0u) atomicAdd(&hist[key >> TOPK_HIST_SHIFT], 1u);
