@@ -615,7 +615,7 @@ impl GpuContext {
     /// The stage-1 final select of `b` sequences' rows of `h` KV heads, in clusters of
     /// final_cluster's size (kernels/topk.cu final_select).
     fn launch_final(&self, h: u32, b: u32, stream: CUstream, p: &SikvParams) -> Result<()> {
-        let c = self.final_cluster(h * b);
+        let c = self.final_cluster(h * b, p.ws_route != 0);
         let k = self.inner.kernels.topk_final_for(c);
         self.launch_clusters(k, (c * h, b, 1), TOPK_THREADS, c, stream, p)
     }
@@ -623,12 +623,13 @@ impl GpuContext {
     /// How many CTAs share a row of the final select (1, 2 or 4): workspace::final_cluster_size
     /// over this device's SMs and occupancy table and SIKV_FINAL_CLUSTER. A one-CTA select ran
     /// the row's bitmap windows (marks, scans, outputs) on one SM of a batch-1 step while the
-    /// others idled.
-    fn final_cluster(&self, rows: u32) -> u32 {
+    /// others idled. `routed`: a routed decode's sparse path.
+    fn final_cluster(&self, rows: u32, routed: bool) -> u32 {
         let table = &self.inner.final_clusters;
         let fits = |c: u32| table[c as usize] >= rows.max(1);
         let sms = self.inner.dev.sms.max(1) as u32;
-        super::workspace::final_cluster_size(rows, sms, self.inner.switches.final_cluster, fits)
+        let forced = self.inner.switches.final_cluster;
+        super::workspace::final_cluster_size(rows, sms, forced, routed, fits)
     }
 
     /// Stage `attend` + `combine` (cpu::attend): attention over the dense set and the selected

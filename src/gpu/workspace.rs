@@ -130,12 +130,17 @@ pub fn compact_tiles(cfg: &CacheConfig) -> u32 {
 /// select fills one), take at most 1 / FINAL_CLUSTER_SM_SHARE of the SMs and which the device
 /// holds at once (`fits(c)`: clusters of c for every row); else 1. Across a full device the
 /// split's repeated radix passes and exchanges cost more than the window work they share
-/// (FINAL_CLUSTER_SM_SHARE). A routed decode takes the same rule: its sparse path runs
-/// wherever the library routes (Crossover::route sends calls that can only be dense to the
-/// dense decode). `forced` (SIKV_FINAL_CLUSTER) is taken wherever it fits.
-pub fn final_cluster_size(rows: u32, sms: u32, forced: Option<u32>, fits: impl Fn(u32) -> bool) -> u32 {
+/// (FINAL_CLUSTER_SM_SHARE). A routed decode (`routed`) keeps one CTA a row: measured on the
+/// H200 (docs/PERF_NOTES.md v24), its clusters gained at 128K batch 1 (69.1 -> 67.6 µs cold)
+/// and lost more where the dense path runs beside them (8K batch 1 under a 128K maximum: 30.3
+/// -> 32.4 cold) and at 128K batch 2 (97.1 -> 98.2). `forced` (SIKV_FINAL_CLUSTER) is taken
+/// wherever it fits.
+pub fn final_cluster_size(rows: u32, sms: u32, forced: Option<u32>, routed: bool, fits: impl Fn(u32) -> bool) -> u32 {
     if let Some(c) = forced {
         return if c == 1 || fits(c) { c } else { 1 };
+    }
+    if routed {
+        return 1;
     }
     let share = |c: u32| rows.max(1) * c * FINAL_CLUSTER_SM_SHARE <= sms;
     FINAL_CLUSTER_SIZES
@@ -446,11 +451,11 @@ mod tests {
     /// The final select's clusters fill at most half the SMs, in the largest size that does: 8
     /// KV heads on 132 SMs take four CTAs a row up to batch 2, two at batch 4, one beyond; a
     /// device that cannot hold the clusters (or has none: below sm_90 every size fails) keeps
-    /// one CTA a row.
+    /// one CTA a row, and so does a routed decode unless a size is forced.
     #[test]
     fn final_cluster_size_takes_half_the_sms() {
         let all = |_: u32| true;
-        let rule = |rows: u32, sms: u32, fits: &dyn Fn(u32) -> bool| final_cluster_size(rows, sms, None, fits);
+        let rule = |rows: u32, sms: u32, fits: &dyn Fn(u32) -> bool| final_cluster_size(rows, sms, None, false, fits);
         let sizes: Vec<u32> = [1u32, 2, 3, 4, 5, 8, 16]
             .iter()
             .map(|&b| rule(8 * b, 132, &all))
@@ -467,16 +472,19 @@ mod tests {
                 .max()
                 .unwrap();
             assert_eq!(c, want, "{rows}");
+            assert_eq!(final_cluster_size(rows, 132, None, true, all), 1, "{rows} routed");
         }
         assert_eq!(rule(8, 132, &|_| false), 1);
         assert_eq!(rule(8, 132, &|c| c <= 2), 2);
         assert_eq!(rule(8, 64, &all), 4);
         assert_eq!(rule(8, 63, &all), 2);
         assert_eq!(rule(8, 31, &all), 1);
-        // A forced size where it fits (the tests' way to run every entry).
-        for c in FINAL_CLUSTER_SIZES {
-            assert_eq!(final_cluster_size(64, 132, Some(c), all), c);
-            assert_eq!(final_cluster_size(64, 132, Some(c), |_| false), 1);
+        // A forced size where it fits, routed or not (the tests' way to run every entry).
+        for routed in [false, true] {
+            for c in FINAL_CLUSTER_SIZES {
+                assert_eq!(final_cluster_size(64, 132, Some(c), routed, all), c);
+                assert_eq!(final_cluster_size(64, 132, Some(c), routed, |_| false), 1);
+            }
         }
     }
 
