@@ -68,6 +68,7 @@ pub const FINAL_MAX_CLUSTER: u32 = 4;
 /// Stage-1 final select: its split clusters take at most 1 / FINAL_CLUSTER_SM_SHARE of the SMs.
 /// Measured on an H100 (docs/PERF_NOTES.md v23), at 128K: 64 CTAs on 132 SMs (batch 2, clusters
 /// of 4) took the kernel from 10.8 to 9.0 µs; 128 (batch 8, clusters of 2) from 10.9 to 11.5.
+/// On the H200 (v24), 64 at batch 4 (clusters of 2) took it from 11.0 to 9.8.
 pub const FINAL_CLUSTER_SM_SHARE: u32 = 2;
 /// The final select's cluster sizes, one kernel entry each (kernels/topk.cu sikv_topk_final*):
 /// the powers of two up to FINAL_MAX_CLUSTER.
