@@ -97,8 +97,9 @@ if want tests; then
   # the dense decode's candidate chunks at their fewest positions (more chunks per sequence),
   # and one compaction block per row in the chain (each block takes every tile of its row, as
   # long rows at large batch do), and the histograms zeroed by a memset instead of hist_zero,
-  # and the chain's final select on one CTA per row and on clusters of two (the rule takes
-  # four at the test sizes' small batches). '+' joins the settings of one run.
+  # and the chain's final select forced to one CTA per row and to clusters of two (the rule's
+  # size follows each case's rows, so the default run alone need not reach every entry). '+'
+  # joins the settings of one run.
   for env in SIKV_ATTEND_SPAN=3 SIKV_KEPT_SPLIT=16 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64 \
     SIKV_COMPACT_BLOCKS=1+SIKV_FUSED=off SIKV_HIST_ZERO=memset+SIKV_FUSED=off \
     SIKV_FINAL_CLUSTER=1+SIKV_FUSED=off SIKV_FINAL_CLUSTER=2+SIKV_FUSED=off; do
