@@ -449,7 +449,7 @@ mod tests {
     }
 
     /// The final select's clusters fill at most half the SMs, in the largest size that does: 8
-    /// KV heads on 132 SMs take four CTAs a row up to batch 2, two at batch 4, one beyond; a
+    /// KV heads on 132 SMs take four CTAs a row up to batch 2, two at batch 3-4, one beyond; a
     /// device that cannot hold the clusters (or has none: below sm_90 every size fails) keeps
     /// one CTA a row, and so does a routed decode unless a size is forced.
     #[test]
