@@ -307,32 +307,38 @@ pub struct Seq {
     pub len: usize,
 }
 
-pub struct Fx {
+/// A fixture. `C` and `P` are the device half (context, device pools); [`HostFx`] is the host
+/// half alone, which draws the same data from the same generator: a seed's data can be
+/// regenerated and checked against the CPU stages without a device.
+pub struct Fx<C = GpuContext, P = DevPools> {
     pub cfg: CacheConfig,
     pub layout: Layout,
-    pub ctx: GpuContext,
+    pub ctx: C,
     pub host: HostPools,
-    pub dev: DevPools,
+    pub dev: P,
     pub free: Vec<i32>,
     pub seqs: Vec<Seq>,
     pub chan_off: Vec<f32>,
 }
 
-impl Fx {
-    pub fn new(cfg: CacheConfig, rng: &mut Rng) -> R<Fx> {
+/// A fixture without a device.
+pub type HostFx = Fx<(), ()>;
+
+impl HostFx {
+    /// Nothing device-dependent draws from `rng` here or in [`HostFx::on_device`], so a fixture
+    /// made with or without a device consumes the generator alike.
+    pub fn host(cfg: CacheConfig, rng: &mut Rng) -> R<HostFx> {
         let layout = Layout::new(&cfg);
-        let ctx = GpuContext::new(&cfg, &layout).map_err(e2s)?;
         let host = HostPools::new(&layout);
-        let dev = DevPools::new(&ctx, &layout)?;
         let mut free: Vec<i32> = (0..layout.num_pages as i32).collect();
         rng.shuffle(&mut free);
         let chan_off = (0..cfg.head_dim).map(|_| rng.normal() * 0.7).collect();
         let mut fx = Fx {
             cfg,
             layout,
-            ctx,
+            ctx: (),
             host,
-            dev,
+            dev: (),
             free,
             seqs: Vec::new(),
             chan_off,
@@ -343,6 +349,51 @@ impl Fx {
         Ok(fx)
     }
 
+    /// The device half: a context and device pools (not uploaded).
+    pub fn on_device(self) -> R<Fx> {
+        let ctx = GpuContext::new(&self.cfg, &self.layout).map_err(e2s)?;
+        let dev = DevPools::new(&ctx, &self.layout)?;
+        Ok(Fx {
+            cfg: self.cfg,
+            layout: self.layout,
+            ctx,
+            host: self.host,
+            dev,
+            free: self.free,
+            seqs: self.seqs,
+            chan_off: self.chan_off,
+        })
+    }
+}
+
+impl Fx {
+    pub fn new(cfg: CacheConfig, rng: &mut Rng) -> R<Fx> {
+        HostFx::host(cfg, rng)?.on_device()
+    }
+
+    pub fn dev_table(&self, t: &(Vec<i32>, Vec<i32>, Vec<i32>)) -> R<(DevPageTable, Vec<DeviceBuffer>)> {
+        let a = upload_bytes(&self.ctx, &i32_bytes(&t.0))?;
+        let b = upload_bytes(&self.ctx, &i32_bytes(&t.1))?;
+        let c = upload_bytes(&self.ctx, &i32_bytes(&t.2))?;
+        let dt = DevPageTable {
+            indptr: a.ptr(),
+            indices: b.ptr(),
+            last_page_len: c.ptr(),
+            batch: t.2.len() as u32,
+        };
+        Ok((dt, vec![a, b, c]))
+    }
+
+    pub fn ws(&self, batch: u32) -> R<DeviceBuffer> {
+        let n = GpuContext::workspace_bytes(&self.cfg, &self.layout, batch);
+        let b = self.ctx.alloc(n).map_err(e2s)?;
+        // Poison the workspace too: kernels must not read what they did not write.
+        self.ctx.memset_async(b.ptr(), 0xFF, n, null()).map_err(e2s)?;
+        Ok(b)
+    }
+}
+
+impl<C, P> Fx<C, P> {
     pub fn dtype(&self) -> Dtype {
         self.cfg.dtype
     }
@@ -446,26 +497,6 @@ impl Fx {
         (indptr, indices, last)
     }
 
-    pub fn dev_table(&self, t: &(Vec<i32>, Vec<i32>, Vec<i32>)) -> R<(DevPageTable, Vec<DeviceBuffer>)> {
-        let a = upload_bytes(&self.ctx, &i32_bytes(&t.0))?;
-        let b = upload_bytes(&self.ctx, &i32_bytes(&t.1))?;
-        let c = upload_bytes(&self.ctx, &i32_bytes(&t.2))?;
-        let dt = DevPageTable {
-            indptr: a.ptr(),
-            indices: b.ptr(),
-            last_page_len: c.ptr(),
-            batch: t.2.len() as u32,
-        };
-        Ok((dt, vec![a, b, c]))
-    }
-
-    pub fn ws(&self, batch: u32) -> R<DeviceBuffer> {
-        let n = GpuContext::workspace_bytes(&self.cfg, &self.layout, batch);
-        let b = self.ctx.alloc(n).map_err(e2s)?;
-        // Poison the workspace too: kernels must not read what they did not write.
-        self.ctx.memset_async(b.ptr(), 0xFF, n, null()).map_err(e2s)?;
-        Ok(b)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ gpu_test!(
 /// appends), copied to the device; GPU select vs CPU select; GPU attend vs CPU attend on the
 /// CPU's indices; GPU attend_dense vs CPU attend_dense.
 pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&mut SikvConfig)) -> R {
-    let fx = ragged_fixture(rng, shape, lens, tweak)?;
+    let (hfx, (qb, q)) = decode_inputs(rng, shape, lens, tweak)?;
+    let fx = upload(hfx)?;
     let which: Vec<usize> = (0..lens.len()).collect();
     let b = which.len();
     let slots: Vec<i32> = which.iter().map(|&s| fx.seqs[s].slot).collect();
@@ -31,7 +32,6 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
         indices: &t.1,
         last_page_len: &t.2,
     };
-    let (qb, q) = fx.q(rng, b);
     let (hkv, kmax) = (fx.cfg.num_kv_heads as usize, fx.cfg.budget.max as usize);
     let mut ci = vec![0i32; b * hkv * kmax];
     let mut cc = vec![0i32; b * hkv];
@@ -142,11 +142,36 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
     Ok(())
 }
 
-/// Sequences of `lens` tokens (calibrated on three quarters, the rest appended), built on the
-/// CPU and copied to the device.
+/// What [`run_decode`] draws from `rng`, in its order: the sequences of [`ragged_host`], then
+/// the batch's query row (one per sequence). Without a device, so a seed's inputs can be
+/// regenerated on the CPU.
+pub fn decode_inputs(
+    rng: &mut Rng,
+    shape: Shape,
+    lens: &[usize],
+    tweak: impl FnOnce(&mut SikvConfig),
+) -> R<(HostFx, Acts)> {
+    let fx = ragged_host(rng, shape, lens, tweak)?;
+    let q = fx.q(rng, lens.len());
+    Ok((fx, q))
+}
+
+/// Sequences of `lens` tokens, built on the CPU and copied to the device.
 pub fn ragged_fixture(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&mut SikvConfig)) -> R<Fx> {
+    upload(ragged_host(rng, shape, lens, tweak)?)
+}
+
+/// A host fixture with its device half, the host pools uploaded.
+pub fn upload(hfx: HostFx) -> R<Fx> {
+    let fx = hfx.on_device()?;
+    fx.dev.upload(&fx.ctx, &fx.host)?;
+    Ok(fx)
+}
+
+/// Sequences of `lens` tokens (calibrated on three quarters, the rest appended), on the CPU.
+pub fn ragged_host(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnce(&mut SikvConfig)) -> R<HostFx> {
     let cfg = make_cfg(shape, tweak);
-    let mut fx = Fx::new(cfg, rng)?;
+    let mut fx = HostFx::host(cfg, rng)?;
     let which: Vec<usize> = (0..lens.len()).collect();
     for (i, &len) in lens.iter().enumerate() {
         let s = fx.add_seq(i as i32, len + 8)?;
@@ -162,7 +187,6 @@ pub fn ragged_fixture(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl F
         let per = grow.iter().map(|&s| lens[s] - fx.seqs[s].len).min().unwrap().min(97);
         fx.append_cpu(rng, &grow, per)?;
     }
-    fx.dev.upload(&fx.ctx, &fx.host)?;
     Ok(fx)
 }
 
@@ -178,12 +202,46 @@ fn matrix_shape(dtype: u32, d: u32, group: u32, (kbits, vbits): (u32, u32), page
     }
 }
 
-fn case_decode_matrix(rng: &mut Rng) -> R {
-    let lens: Vec<usize> = if quick() {
+/// One configuration of the decode matrix.
+#[derive(Clone, Copy)]
+pub struct MatrixCase {
+    pub shape: Shape,
+    pub two_stage: bool,
+    pub sign_sign: bool,
+}
+
+impl MatrixCase {
+    pub fn tweak(&self, c: &mut SikvConfig) {
+        c.rerank_factor = if self.two_stage { 4 } else { 0 };
+        if self.sign_sign {
+            c.selector = selfindexkv::config::SIKV_SELECTOR_SIGN_SIGN;
+        }
+    }
+
+    /// As a failure names it (docs/RELIABILITY.md quotes these).
+    pub fn label(&self) -> String {
+        let s = &self.shape;
+        format!(
+            "dtype {} d {} G {} page {} bits {}/{} two-stage {} signsign {}",
+            s.dtype, s.d, s.group, s.page, s.kbits, s.vbits, self.two_stage, self.sign_sign
+        )
+    }
+}
+
+/// The decode matrix's sequence lengths.
+pub fn matrix_lens(quick: bool) -> Vec<usize> {
+    if quick {
         vec![70, 5, 301]
     } else {
         vec![70, 5, 1301, 777, 2049]
-    };
+    }
+}
+
+/// The decode matrix's configurations, in the order it runs them (each draws its data from the
+/// one generator in turn).
+pub fn matrix_cases(quick: bool) -> Vec<MatrixCase> {
+    let seqs = matrix_lens(quick).len();
+    let mut cases = Vec::new();
     let mut runs = 0;
     for &dtype in &[SIKV_DTYPE_F16, SIKV_DTYPE_BF16] {
         for &d in &[64u32, 128, 256] {
@@ -194,21 +252,24 @@ fn case_decode_matrix(rng: &mut Rng) -> R {
                 // of two (the kernels' page lookup has a division path for it).
                 let page = [16u32, 48, 64, 256][(runs / 4) % 4];
                 let (kb, vb) = [(2u32, 2u32), (4, 4), (16, 16), (2, 4)][runs % 4];
-                if quick() && runs % 3 != 0 {
+                if quick && runs % 3 != 0 {
                     continue;
                 }
-                let s = matrix_shape(dtype, d, group, (kb, vb), page, lens.len());
-                let two = runs % 2 == 0;
-                let sign_sign = runs % 5 == 0;
-                run_decode(rng, s, &lens, |c| {
-                    c.rerank_factor = if two { 4 } else { 0 };
-                    if sign_sign {
-                        c.selector = selfindexkv::config::SIKV_SELECTOR_SIGN_SIGN;
-                    }
-                })
-                .map_err(|e| format!("dtype {dtype} d {d} G {group} page {page} bits {kb}/{vb} two-stage {two} signsign {sign_sign}: {e}"))?;
+                cases.push(MatrixCase {
+                    shape: matrix_shape(dtype, d, group, (kb, vb), page, seqs),
+                    two_stage: runs % 2 == 0,
+                    sign_sign: runs % 5 == 0,
+                });
             }
         }
+    }
+    cases
+}
+
+fn case_decode_matrix(rng: &mut Rng) -> R {
+    let lens = matrix_lens(quick());
+    for c in matrix_cases(quick()) {
+        run_decode(rng, c.shape, &lens, |cfg| c.tweak(cfg)).map_err(|e| format!("{}: {e}", c.label()))?;
     }
     Ok(())
 }
