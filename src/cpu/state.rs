@@ -168,7 +168,7 @@ pub fn expected_candidates(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> 
 
 /// The dense tokens attended for a sequence of length `len`, in dense-index order:
 /// (dense index, position).
-pub(super) fn dense_entries(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<(usize, usize)> {
+pub fn dense_entries(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<(usize, usize)> {
     let (s, h, w) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
     let win_lo = s.max(len.saturating_sub(w));
     let mut out = Vec::new();

@@ -178,15 +178,16 @@ pub fn base_shape(dtype: u32, d: u32, hkv: u32, group: u32) -> Shape {
     }
 }
 
-/// Output tolerance relative to each row's max |cpu|. The f16 paths run on tensor cores with
-/// f16 operands: the dequantised keys and the folded query are rounded to f16 (2^-11), so a
-/// logit's error grows with its magnitude, and on random data the largest logits of a row
-/// dominate it. Worst measured on the H200: 5.1e-3 (attend_dense, 139 000 tokens, seed
-/// 0xad61c996ef6c568d, 2026-12-03), 1.03e-2 (attend, 139 000 tokens, seed 0x80536fb1093610c2,
-/// 2026-12-04) and 5.6e-3 at 4096 (attend, G = 2, seed 0xd7cd15b6be465bd5, 2026-12-04, with
-/// SIKV_ATTEND_SPAN=3); most configurations stay below 1.1e-3. The
-/// tolerances are about twice those worst cases: a wrong token, head or channel errs by
-/// tens of percent. bf16 storage: 3.7e-3 worst recorded, checked at 3e-2.
+/// Output tolerance relative to each row's max |cpu|, for attend over several query rows (the
+/// one-row attend and attend_dense are held to `out_bound::attend_bound` instead). The f16
+/// paths run on tensor cores with f16 operands: the dequantised keys and the folded query are
+/// rounded to f16 (2^-11), so a logit's error grows with its magnitude, and on random data the
+/// largest logits of a row dominate it. Worst measured on the H200: 5.1e-3 (attend_dense,
+/// 139 000 tokens, seed 0xad61c996ef6c568d, 2026-12-03), 1.03e-2 (attend, 139 000 tokens, seed
+/// 0x80536fb1093610c2, 2026-12-04) and 5.6e-3 at 4096 (attend, G = 2, seed 0xd7cd15b6be465bd5,
+/// 2026-12-04, with SIKV_ATTEND_SPAN=3); most configurations stay below 1.1e-3. The tolerances
+/// are about twice those worst cases: a wrong token, head or channel errs by tens of percent.
+/// bf16 storage: 3.7e-3 worst recorded, checked at 3e-2.
 pub fn tol(cfg: &CacheConfig) -> f32 {
     if cfg.dtype == Dtype::Bf16 {
         3e-2
@@ -496,7 +497,6 @@ impl<C, P> Fx<C, P> {
         }
         (indptr, indices, last)
     }
-
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ use selfindexkv::gpu::{DevBatch, DevSelection};
 
 use crate::common::Rng;
 use crate::fixture::*;
+use crate::out_bound::{attend_bound, cmp_out_bound, Tokens};
 
 gpu_test!(select_attend_matrix, case_decode_matrix);
 gpu_test!(select_attend_parity, case_decode_parity);
@@ -117,7 +118,12 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
     fx.ctx.synchronize(null()).map_err(e2s)?;
     let mut ob = vec![0u8; dout.bytes()];
     fx.ctx.copy_dtoh(&mut ob, dout.ptr()).map_err(e2s)?;
-    cmp_out(&fx, "attend", &out_f32(&fx, &ob), &cout)?;
+    let sel = Tokens::Selected {
+        indices: &ci,
+        counts: &cc,
+    };
+    let bound = attend_bound(&fx.layout, &fx.cfg, &fx.host, &table, &slots, &q, sel);
+    cmp_out_budget(&fx, "attend", &out_f32(&fx, &ob), &cout, &bound)?;
 
     // attend_dense.
     cpu::attend_dense(&fx.layout, &fx.cfg, &fx.host.layer_ref(), &table, &slots, &q, &mut cout).map_err(e2s)?;
@@ -138,7 +144,20 @@ pub fn run_decode(rng: &mut Rng, shape: Shape, lens: &[usize], tweak: impl FnOnc
         .map_err(e2s)?;
     fx.ctx.synchronize(null()).map_err(e2s)?;
     fx.ctx.copy_dtoh(&mut ob, dout.ptr()).map_err(e2s)?;
-    cmp_out(&fx, "attend_dense", &out_f32(&fx, &ob), &cout)?;
+    let bound = attend_bound(&fx.layout, &fx.cfg, &fx.host, &table, &slots, &q, Tokens::Candidates);
+    cmp_out_budget(&fx, "attend_dense", &out_f32(&fx, &ob), &cout, &bound)?;
+    Ok(())
+}
+
+/// An attend output against the CPU's within the rounding budget `bound`
+/// ([`cmp_out_bound`]); prints the worst error as a fraction of what was allowed, and the
+/// loosest allowance against the old fixed tolerance (1 % of the row's max |cpu|).
+fn cmp_out_budget(fx: &Fx, what: &str, gpu: &[f32], cpu: &[f32], bound: &[f32]) -> R {
+    let (worst, loosest) = cmp_out_bound(what, fx.cfg.head_dim as usize, gpu, cpu, bound)?;
+    println!(
+        "  {what}: worst err {:.2} of allowed, loosest allowed {:.2} x 1 % of the row ({:?})",
+        worst, loosest, fx.cfg.dtype
+    );
     Ok(())
 }
 
