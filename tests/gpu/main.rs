@@ -8,7 +8,9 @@
 //!   reference profile, a sequence longer than 128K tokens);
 //! - `graph`: a whole decode step captured in a CUDA graph and replayed;
 //! - `rows`: select and attend over several query rows per sequence, and the kernels' check of
-//!   the rows' offsets.
+//!   the rows' offsets;
+//! - `tolerance`: the rounding budget of attend outputs on the decode matrix's recorded misses
+//!   of the old fixed tolerance, regenerated on the host (needs no device).
 //!
 //! Every case is its own test, named `<stage>::<case>` (libtest filters select them). Without
 //! a CUDA device each prints one line `skipped: no CUDA device (<stage>::<case>)` and returns;
@@ -40,9 +42,12 @@ mod common;
 mod fixture;
 #[path = "../common/out_bound.rs"]
 mod out_bound;
+#[path = "../common/tc_model.rs"]
+mod tc_model;
 
 mod decode;
 mod encode;
 mod graph;
 mod rows;
 mod setup;
+mod tolerance;
