@@ -174,8 +174,9 @@ pub fn attend_bound(
 /// (docs/RELIABILITY.md §17), while on most rows it sat ten times above the error.
 ///
 /// Why deviations and not a worst case: the worst case to first order (every rounding at its
-/// limit, all with one sign) allowed a median of 3 times the old 1 % on tensor-core rows (up to
-/// 13 times), loose enough to pass a defect of a few percent. The roundings are many and
+/// limit, all with one sign), even with no safety factor, allowed 2-3 times what this check
+/// allows at each tensor-core configuration's median row (about 1.5 % of the row), loose
+/// enough to pass a defect of a few percent. The roundings are many and
 /// independent (Q''s shared per row, which the variance keeps), so their sum stays near its
 /// deviation: modelled over the matrix's tensor-core elements, none passed 3.1 deviations at
 /// 3 seeds (144 000 elements), nor 0.8 of what this check allows at 11 seeds (528 000; 0.95
