@@ -127,7 +127,7 @@ pub const TOPK_CAND_EXTRA: usize = 8192;
 /// more tiles.
 pub const DENSE_MIN_CHUNK: usize = 512;
 /// attend_dense with one sequence: the kernel's floor on a chunk's positions (the grid's chunk
-/// count still follows DENSE_MIN_CHUNK). Under a long max_seq_len the grid has ~4 blocks per SM
+/// count follows DENSE_MIN_CHUNK, or this in the short grid of workspace::dense_short). Under a long max_seq_len the grid has ~4 blocks per SM
 /// of chunks; a short sequence then spreads over twice as many of them. H200, 8K tokens under a
 /// 128K maximum, batch 1: dense decode 27.6 -> 21.6 us; batch 8 was slower with it (75 -> 87).
 pub const DENSE_MIN_CHUNK_ONE: usize = 256;
@@ -144,6 +144,9 @@ pub const COMBINE_MAX_SPLITS: usize = 2048;
 /// attend_dense: at most this many candidate chunks per sequence (the chunks grow instead), so
 /// that dense splits + chunks stay within COMBINE_MAX_SPLITS.
 pub const MAX_DENSE_CHUNKS: usize = 512;
+/// attend_dense with one sequence: the most DENSE_MIN_CHUNK_ONE chunks of its short grid
+/// (workspace::dense_short), which the workspace's partial slots hold besides the longer chunks'.
+pub const SHORT_DENSE_MAX_CHUNKS: usize = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Device faults. A kernel that meets an engine-provided index it must not follow (it would

@@ -731,9 +731,8 @@ impl GpuContext {
 
     /// attend_dense's candidate chunks per sequence on this device beside `kept` kept-entry
     /// splits (workspace::dense_chunks).
-    fn dense_chunks(&self, cfg: &CacheConfig, batch: u32, live_max: Option<u32>, kept: usize) -> usize {
-        let len = live_max.map_or(cfg.max_seq_len, |m| m.clamp(1, cfg.max_seq_len));
-        super::workspace::dense_chunks_for(len as usize, cfg, self.inner.dev.sms.max(1) as u32, batch, kept)
+    fn dense_chunks(&self, cfg: &CacheConfig, batch: u32, len: usize, kept: usize) -> usize {
+        super::workspace::dense_chunks_for(len, cfg, self.inner.dev.sms.max(1) as u32, batch, kept)
     }
 
     /// The dense decode's launch (its partials; combine follows). `live_max`: the longest live
@@ -751,9 +750,11 @@ impl GpuContext {
             Some(m) if !driver::is_capturing(cuda_stream(stream))? => Some(m),
             _ => None,
         };
-        let kept_len = super::workspace::dense_kept_split_len(self.inner.switches.kept_split);
+        let len = live_max.map_or(cfg.max_seq_len, |m| m.clamp(1, cfg.max_seq_len)) as usize;
+        let sms = self.inner.dev.sms.max(1) as u32;
+        let kept_len = super::workspace::dense_kept_split_len(cfg, len, sms, b, self.inner.switches.kept_split);
         let kept = super::workspace::kept_splits_of(cfg, kept_len);
-        let chunks = self.dense_chunks(cfg, b, live_max, kept);
+        let chunks = self.dense_chunks(cfg, b, len, kept);
         p.num_splits = (kept + chunks) as i32;
         p.dense_splits = kept as i32;
         p.kept_split = kept_len as i32;

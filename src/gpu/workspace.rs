@@ -20,7 +20,8 @@
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
     DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
-    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, SHORT_DENSE_MAX_CHUNKS,
+    TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -105,8 +106,30 @@ pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kep
     } else {
         slots.div_ceil(rows)
     };
-    let most = msl.div_ceil(DENSE_MIN_CHUNK);
+    let floor = if dense_short(cfg, msl, sms, batch) {
+        DENSE_MIN_CHUNK_ONE
+    } else {
+        DENSE_MIN_CHUNK
+    };
+    let most = msl.div_ceil(floor);
     fill.max(need).min(most).clamp(1, MAX_DENSE_CHUNKS)
+}
+
+/// Whether the dense decode of one sequence of at most `msl` tokens takes its short grid: kept
+/// splits of KEPT_SPLIT_SMALL entries and a chunk per DENSE_MIN_CHUNK_ONE positions, where both
+/// fit one wave of DENSE_BLOCKS_PER_SM blocks per SM and the workspace's slots
+/// (SHORT_DENSE_MAX_CHUNKS). With one sequence the grid has few blocks, each warp a chain of
+/// dependent instructions with none beside it to hide them: the kept splits (four CUDA-core
+/// tiles in series at 64 entries) and the chunks (eight tiles a warp at 512 positions) were two
+/// critical paths of about the same length. H100, 8K at batch 1, graph µs: 18.9 -> 17.4, either
+/// change alone 18.9 / 18.7 (docs/PERF_NOTES.md v25). Longer sequences keep the long grid: short
+/// kept splits took chunks from them (32K under a 128K maximum, 32.6 -> 33.4).
+pub fn dense_short(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32) -> bool {
+    let rows = cfg.num_kv_heads.max(1) as usize;
+    let chunks = msl.div_ceil(DENSE_MIN_CHUNK_ONE);
+    batch <= 1
+        && chunks <= SHORT_DENSE_MAX_CHUNKS
+        && kept_splits_of(cfg, KEPT_SPLIT_SMALL) + chunks <= DENSE_BLOCKS_PER_SM * sms as usize / rows
 }
 
 /// The multi-CTA top-k compaction's blocks per (KV head, sequence) on a device of `sms`
@@ -166,15 +189,20 @@ pub fn kept_split_forced(n: u32) -> usize {
     (n as usize).clamp(KEPT_SPLIT_SMALL, ATTEND_SPLIT)
 }
 
-/// Kept dense entries per kept split of the dense decode: ATTEND_SPLIT unless `forced` (a
-/// switch; kept_split_forced). Short ones made no dense decode faster and cost chunks beside them
-/// (H100, 32K at batch 1 under a 128K max_seq_len: 32.2 -> 33.9 us).
-pub fn dense_kept_split_len(forced: Option<u32>) -> usize {
-    forced.map_or(ATTEND_SPLIT, kept_split_forced)
+/// Kept dense entries per kept split of the dense decode of `batch` sequences of at most `msl`
+/// tokens: KEPT_SPLIT_SMALL in its short grid (dense_short), else ATTEND_SPLIT: short ones made
+/// no longer dense decode faster and cost chunks beside them (H100, 32K at batch 1 under a 128K
+/// max_seq_len: 32.2 -> 33.9 us). `forced` (a switch): kept_split_forced.
+pub fn dense_kept_split_len(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32, forced: Option<u32>) -> usize {
+    match forced {
+        Some(n) => kept_split_forced(n),
+        None if dense_short(cfg, msl, sms, batch) => KEPT_SPLIT_SMALL,
+        None => ATTEND_SPLIT,
+    }
 }
 
 /// Kept dense entries per kept split of the sparse attend for a call of `batch` sequences
-/// (SikvParams::kept_split; the dense decode keeps ATTEND_SPLIT):
+/// (SikvParams::kept_split; the dense decode's: dense_kept_split_len):
 /// KEPT_SPLIT_SMALL where the sparse grid with those splits and one ATTEND_SPLIT of selected
 /// tokens per split still fits one wave of ATTEND_BLOCKS_PER_SM blocks per SM (batch 1 at 8
 /// KV heads), so each kept split, the attend's slowest block at batch 1, runs one tile; else
@@ -256,8 +284,10 @@ impl Workspace {
         let kept_most = kept_splits_of(cfg, KEPT_SPLIT_SMALL);
         let sel_splits = (cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
         let sparse_splits = kept_most + sel_splits;
-        // dense_chunks never exceeds this, whatever the device.
-        let chunks_max = msl.div_ceil(DENSE_MIN_CHUNK).clamp(1, MAX_DENSE_CHUNKS);
+        // dense_chunks never exceeds this, whatever the device (dense_short's grid included).
+        let short = msl.div_ceil(DENSE_MIN_CHUNK_ONE);
+        let short = if short <= SHORT_DENSE_MAX_CHUNKS { short } else { 0 };
+        let chunks_max = msl.div_ceil(DENSE_MIN_CHUNK).max(short).clamp(1, MAX_DENSE_CHUNKS);
         let dense_total_splits = kept_most + chunks_max;
         let ns = sparse_splits.max(dense_total_splits);
         debug_assert!(
@@ -354,10 +384,12 @@ mod tests {
                         (1..=MAX_DENSE_CHUNKS).contains(&n),
                         "msl {msl} batch {batch} sms {sms}: {n}"
                     );
-                    assert!(
-                        n <= m.div_ceil(DENSE_MIN_CHUNK),
-                        "msl {msl}: {n} chunks of less than 512"
-                    );
+                    let floor = if dense_short(&c, m, sms, batch) {
+                        DENSE_MIN_CHUNK_ONE
+                    } else {
+                        DENSE_MIN_CHUNK
+                    };
+                    assert!(n <= m.div_ceil(floor), "msl {msl}: {n} chunks of less than {floor}");
                     if m.div_ceil(DENSE_TC_MAX_CHUNK) <= MAX_DENSE_CHUNKS {
                         assert!(
                             n * DENSE_TC_MAX_CHUNK >= m,
@@ -381,8 +413,12 @@ mod tests {
         // At 128K, batch 1, on 132 SMs: about four blocks per SM over 8 KV heads.
         let c = cfg(131072, 1);
         assert_eq!(dense_chunks(&c, 132, 1), 66);
-        // A short sequence limit keeps 512-position chunks.
-        assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 16);
+        // A short sequence limit keeps 512-position chunks, but for one sequence (the short
+        // grid) 256-position ones.
+        assert_eq!(dense_chunks(&cfg(8192, 8), 132, 2), 16);
+        assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 32);
+        assert!(dense_short(&cfg(8192, 8), 8192, 132, 1));
+        assert!(!dense_short(&cfg(32768, 8), 32768, 132, 1));
     }
 
     /// Where some chunk count covers max_seq_len with chunks the tensor-core path takes and fits
@@ -399,7 +435,12 @@ mod tests {
                 let rows = 8 * batch as usize;
                 let kept = kept_splits(&c);
                 let need = (msl as usize).div_ceil(DENSE_TC_MAX_CHUNK);
-                let most = (msl as usize).div_ceil(DENSE_MIN_CHUNK).min(MAX_DENSE_CHUNKS);
+                let floor = if dense_short(&c, msl as usize, sms as u32, batch) {
+                    DENSE_MIN_CHUNK_ONE
+                } else {
+                    DENSE_MIN_CHUNK
+                };
+                let most = (msl as usize).div_ceil(floor).min(MAX_DENSE_CHUNKS);
                 let n = dense_chunks(&c, sms as u32, batch);
                 match (need..=most).filter(|&m| rows * (kept + m) <= slots).max() {
                     Some(best) => assert_eq!(n, best, "msl {msl} batch {batch}"),
@@ -571,10 +612,15 @@ mod tests {
         assert_eq!(kept_split_len(&w, &c, 16, 1, None), ATTEND_SPLIT);
         assert_eq!(kept_split_len(&w, &c, 132, 8, Some(16)), KEPT_SPLIT_SMALL);
         assert_eq!(kept_split_len(&w, &c, 132, 1, Some(5000)), ATTEND_SPLIT);
-        // The dense decode keeps full kept splits at every batch unless a switch forces them.
-        assert_eq!(dense_kept_split_len(None), ATTEND_SPLIT);
-        assert_eq!(dense_kept_split_len(Some(16)), KEPT_SPLIT_SMALL);
-        assert_eq!(dense_kept_split_len(Some(1)), KEPT_SPLIT_SMALL);
+        // The dense decode keeps full kept splits unless its short grid (one short sequence) or a
+        // switch asks for short ones.
+        assert_eq!(dense_kept_split_len(&c, 131072, 132, 1, None), ATTEND_SPLIT);
+        assert_eq!(dense_kept_split_len(&c, 8192, 132, 1, None), KEPT_SPLIT_SMALL);
+        assert_eq!(dense_kept_split_len(&c, 8192, 132, 2, None), ATTEND_SPLIT);
+        assert_eq!(dense_kept_split_len(&c, 8192, 16, 1, None), ATTEND_SPLIT);
+        assert_eq!(dense_kept_split_len(&c, 131072, 132, 8, Some(16)), KEPT_SPLIT_SMALL);
+        assert_eq!(dense_kept_split_len(&c, 8192, 132, 1, Some(64)), ATTEND_SPLIT);
+        assert_eq!(dense_kept_split_len(&c, 8192, 132, 1, Some(1)), KEPT_SPLIT_SMALL);
         assert_eq!(w.sparse_splits, 9 + 32);
         assert_eq!(w.sel_splits, 32);
     }
