@@ -759,7 +759,7 @@ impl GpuContext {
         p.dense_splits = kept as i32;
         p.kept_split = kept_len as i32;
         p.dense_chunks = chunks as i32;
-        p.dense_min_chunk = super::workspace::dense_min_chunk(self.inner.switches.dense_min_chunk, b) as i32;
+        p.dense_min_chunk = super::workspace::dense_floor(cfg, len, sms, b, self.inner.switches.dense_min_chunk) as i32;
         p.mode = 1;
         let grid = (p.num_splits as u32, cfg.num_kv_heads, b);
         let kn = &self.inner.kernels;

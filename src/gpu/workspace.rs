@@ -115,21 +115,38 @@ pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kep
     fill.max(need).min(most).clamp(1, MAX_DENSE_CHUNKS)
 }
 
-/// Whether the dense decode of one sequence of at most `msl` tokens takes its short grid: kept
-/// splits of KEPT_SPLIT_SMALL entries and a chunk per DENSE_MIN_CHUNK_ONE positions, where both
-/// fit one wave of DENSE_BLOCKS_PER_SM blocks per SM and the workspace's slots
-/// (SHORT_DENSE_MAX_CHUNKS). With one sequence the grid has few blocks, each warp a chain of
-/// dependent instructions with none beside it to hide them: the kept splits (four CUDA-core
-/// tiles in series at 64 entries) and the chunks (eight tiles a warp at 512 positions) were two
-/// critical paths of about the same length. H100, 8K at batch 1, graph µs: 18.9 -> 17.4, either
-/// change alone 18.9 / 18.7 (docs/PERF_NOTES.md v25). Longer sequences keep the long grid: short
-/// kept splits took chunks from them (32K under a 128K maximum, 32.6 -> 33.4).
+/// Whether the dense decode of `batch` sequences of at most `msl` tokens takes its short grid: a
+/// chunk per DENSE_MIN_CHUNK_ONE positions (the grid's count and the kernel's floor), and at
+/// batch 1 kept splits of KEPT_SPLIT_SMALL entries, where those fit one wave of
+/// DENSE_BLOCKS_PER_SM blocks per SM and the workspace's slots (SHORT_DENSE_MAX_CHUNKS). With one
+/// or two sequences the grid has few blocks, each warp a chain of dependent instructions with
+/// none beside it to hide them. At batch 1 the kept splits (four CUDA-core tiles in series at 64
+/// entries) and the chunks (eight tiles a warp at 512 positions) were two critical paths of about
+/// the same length: H100, 8K, graph µs 18.9 -> 17.4, either change alone 18.9 / 18.7. At batch 2
+/// the chunks alone: 28.0 -> 23.5 (30 chunks of 320 positions instead of 16 of 512; short kept
+/// splits there 25.2). docs/PERF_NOTES.md v25. Longer sequences keep the long grid: short kept
+/// splits took chunks from them (32K under a 128K maximum, 32.6 -> 33.4), and under a 128K grid
+/// 256-position chunks made 8K at batch 2 slower (30.1 -> 37.1).
 pub fn dense_short(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32) -> bool {
     let rows = cfg.num_kv_heads.max(1) as usize;
     let chunks = msl.div_ceil(DENSE_MIN_CHUNK_ONE);
-    batch <= 1
-        && chunks <= SHORT_DENSE_MAX_CHUNKS
-        && kept_splits_of(cfg, KEPT_SPLIT_SMALL) + chunks <= DENSE_BLOCKS_PER_SM * sms as usize / rows
+    chunks <= SHORT_DENSE_MAX_CHUNKS
+        && match batch {
+            0 | 1 => kept_splits_of(cfg, KEPT_SPLIT_SMALL) + chunks <= DENSE_BLOCKS_PER_SM * sms as usize / rows,
+            2 => true,
+            _ => false,
+        }
+}
+
+/// The dense decode's floor on a chunk's positions for `batch` sequences of at most `msl` tokens
+/// (SikvParams::dense_min_chunk): DENSE_MIN_CHUNK_ONE in the short grid (dense_short), else
+/// dense_min_chunk's; `requested` (a switch) replaces both.
+pub fn dense_floor(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32, requested: Option<usize>) -> usize {
+    if requested.is_none() && dense_short(cfg, msl, sms, batch) {
+        DENSE_MIN_CHUNK_ONE
+    } else {
+        dense_min_chunk(requested, batch)
+    }
 }
 
 /// The multi-CTA top-k compaction's blocks per (KV head, sequence) on a device of `sms`
@@ -190,13 +207,13 @@ pub fn kept_split_forced(n: u32) -> usize {
 }
 
 /// Kept dense entries per kept split of the dense decode of `batch` sequences of at most `msl`
-/// tokens: KEPT_SPLIT_SMALL in its short grid (dense_short), else ATTEND_SPLIT: short ones made
+/// tokens: KEPT_SPLIT_SMALL in its short grid at batch 1 (dense_short), else ATTEND_SPLIT: short ones made
 /// no longer dense decode faster and cost chunks beside them (H100, 32K at batch 1 under a 128K
 /// max_seq_len: 32.2 -> 33.9 us). `forced` (a switch): kept_split_forced.
 pub fn dense_kept_split_len(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32, forced: Option<u32>) -> usize {
     match forced {
         Some(n) => kept_split_forced(n),
-        None if dense_short(cfg, msl, sms, batch) => KEPT_SPLIT_SMALL,
+        None if batch <= 1 && dense_short(cfg, msl, sms, batch) => KEPT_SPLIT_SMALL,
         None => ATTEND_SPLIT,
     }
 }
@@ -413,12 +430,19 @@ mod tests {
         // At 128K, batch 1, on 132 SMs: about four blocks per SM over 8 KV heads.
         let c = cfg(131072, 1);
         assert_eq!(dense_chunks(&c, 132, 1), 66);
-        // A short sequence limit keeps 512-position chunks, but for one sequence (the short
-        // grid) 256-position ones.
-        assert_eq!(dense_chunks(&cfg(8192, 8), 132, 2), 16);
+        // A short sequence limit keeps 512-position chunks, but for one or two sequences (the
+        // short grid) 256-position ones, as many as fit one wave.
+        assert_eq!(dense_chunks(&cfg(8192, 8), 132, 4), 13);
+        assert_eq!(dense_chunks(&cfg(8192, 8), 132, 2), 30);
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 32);
         assert!(dense_short(&cfg(8192, 8), 8192, 132, 1));
         assert!(!dense_short(&cfg(32768, 8), 32768, 132, 1));
+        // At batch 2 the short grid's 256-position floor (its kept splits stay long).
+        assert!(dense_short(&cfg(8192, 8), 8192, 132, 2));
+        assert!(!dense_short(&cfg(8192, 8), 8192, 132, 4));
+        assert_eq!(dense_floor(&cfg(8192, 8), 8192, 132, 2, None), DENSE_MIN_CHUNK_ONE);
+        assert_eq!(dense_floor(&cfg(32768, 8), 32768, 132, 2, None), DENSE_MIN_CHUNK);
+        assert_eq!(dense_floor(&cfg(8192, 8), 8192, 132, 2, Some(1000)), 1024);
     }
 
     /// Where some chunk count covers max_seq_len with chunks the tensor-core path takes and fits
@@ -617,6 +641,7 @@ mod tests {
         assert_eq!(dense_kept_split_len(&c, 131072, 132, 1, None), ATTEND_SPLIT);
         assert_eq!(dense_kept_split_len(&c, 8192, 132, 1, None), KEPT_SPLIT_SMALL);
         assert_eq!(dense_kept_split_len(&c, 8192, 132, 2, None), ATTEND_SPLIT);
+        assert_eq!(dense_kept_split_len(&c, 8192, 132, 4, None), ATTEND_SPLIT);
         assert_eq!(dense_kept_split_len(&c, 8192, 16, 1, None), ATTEND_SPLIT);
         assert_eq!(dense_kept_split_len(&c, 131072, 132, 8, Some(16)), KEPT_SPLIT_SMALL);
         assert_eq!(dense_kept_split_len(&c, 8192, 132, 1, Some(64)), ATTEND_SPLIT);
