@@ -68,8 +68,9 @@ pub struct Workspace {
 /// sequence's chunks from its live length (dense_chunk_of). The grid's chunk count does not
 /// depend on it (dense_chunks), so neither does the workspace: a lower floor only puts more of
 /// the grid's chunks to work on a sequence much shorter than max_seq_len. DENSE_MIN_CHUNK_ONE for
-/// one sequence, DENSE_MIN_CHUNK for more. `requested` (SIKV_DENSE_MIN_CHUNK, an experiment)
-/// replaces both, rounded up to DENSE_CHUNK_ALIGN and kept to chunks the tensor-core path takes.
+/// one sequence, DENSE_MIN_CHUNK for more (dense_floor lowers it in the short grid).
+/// `requested` (SIKV_DENSE_MIN_CHUNK, an experiment) replaces both, rounded up to
+/// DENSE_CHUNK_ALIGN and kept to chunks the tensor-core path takes.
 pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
     match requested {
         Some(c) => (c.div_ceil(DENSE_CHUNK_ALIGN) * DENSE_CHUNK_ALIGN).clamp(DENSE_CHUNK_ALIGN, DENSE_TC_MAX_CHUNK),
