@@ -3,7 +3,7 @@
 //! tests need no GPU.
 
 use selfindexkv::cpu::{self, PageTable};
-use selfindexkv::gpu::workspace::{dense_chunks_for, dense_min_chunk, kept_splits};
+use selfindexkv::gpu::workspace::{dense_chunks_for, dense_floor, dense_kept_split_len, kept_splits_of};
 use selfindexkv::layout::{SIKV_PLANE_VCODE, SIKV_PLANE_VPAR};
 use selfindexkv::reference::encode::decode_key;
 
@@ -103,39 +103,16 @@ fn recorded_dense_misses_replay() {
         // The model, on the grid the GPU run had (132 SMs, batch 5: 8 chunks of at least 512).
         let (g_n, hq) = (fx.cfg.group_size() as usize, fx.cfg.num_q_heads as usize);
         let (b, h, g) = (m.row / hq, (m.row % hq) / g_n, m.row % g_n);
+        // The launcher's grid on the recording GPU (132 SMs).
+        let (msl, batch) = (fx.cfg.max_seq_len as usize, slots.len() as u32);
+        let kept = kept_splits_of(&fx.cfg, dense_kept_split_len(&fx.cfg, msl, 132, batch, None));
         let grid = DenseGrid {
-            chunks: dense_chunks_for(
-                fx.cfg.max_seq_len as usize,
-                &fx.cfg,
-                132,
-                slots.len() as u32,
-                kept_splits(&fx.cfg),
-            ),
-            min_chunk: dense_min_chunk(None, slots.len() as u32),
+            chunks: dense_chunks_for(msl, &fx.cfg, 132, batch, kept),
+            min_chunk: dense_floor(&fx.cfg, msl, 132, batch, None),
         };
         let qs = &q[(b * hq + h * g_n) * d..(b * hq + (h + 1) * g_n) * d];
-        let model = dense_tc_row(
-            &fx.layout,
-            &fx.cfg,
-            &fx.host,
-            &table,
-            b,
-            slots[b] as usize,
-            h,
-            qs,
-            grid,
-            Roundings::ALL,
-        );
-        let model16 = half::f16::from_f64(model[g * d + m.channel]).to_f32();
-        assert_eq!(
-            model16, m.gpu,
-            "seed {:#x}: the model of the kernels' roundings",
-            m.seed
-        );
-        // What carries the error: the logits' roundings (Q' and K) give nearly all of it, the
-        // weights' and values' (P and V) a few hundredths at most.
-        let err = |r: Roundings| {
-            let o = dense_tc_row(
+        let row = |r: Roundings| {
+            dense_tc_row(
                 &fx.layout,
                 &fx.cfg,
                 &fx.host,
@@ -146,9 +123,18 @@ fn recorded_dense_misses_replay() {
                 qs,
                 grid,
                 r,
-            );
-            (o[g * d + m.channel] - m.cpu as f64).abs()
+            )
         };
+        let model = row(Roundings::ALL);
+        let model16 = half::f16::from_f64(model[g * d + m.channel]).to_f32();
+        assert_eq!(
+            model16, m.gpu,
+            "seed {:#x}: the model of the kernels' roundings",
+            m.seed
+        );
+        // What carries the error: the logits' roundings (Q' and K) give nearly all of it, the
+        // weights' and values' (P and V) a few hundredths at most.
+        let err = |r: Roundings| (row(r)[g * d + m.channel] - m.cpu as f64).abs();
         let recorded = (m.gpu - m.cpu).abs() as f64;
         let logits = err(Roundings {
             q: true,
