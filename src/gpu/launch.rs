@@ -729,12 +729,6 @@ impl GpuContext {
         super::workspace::kept_split_len(w, cfg, sms, batch, self.inner.switches.kept_split)
     }
 
-    /// attend_dense's candidate chunks per sequence on this device beside `kept` kept-entry
-    /// splits (workspace::dense_chunks).
-    fn dense_chunks(&self, cfg: &CacheConfig, batch: u32, len: usize, kept: usize) -> usize {
-        super::workspace::dense_chunks_for(len, cfg, self.inner.dev.sms.max(1) as u32, batch, kept)
-    }
-
     /// The dense decode's launch (its partials; combine follows). `live_max`: the longest live
     /// sequence where the host knows it; the grid's chunks are then sized from it. Not under a
     /// graph capture, whose replays must keep serving sequences as they grow.
@@ -751,15 +745,14 @@ impl GpuContext {
             _ => None,
         };
         let len = live_max.map_or(cfg.max_seq_len, |m| m.clamp(1, cfg.max_seq_len)) as usize;
+        let sw = &self.inner.switches;
         let sms = self.inner.dev.sms.max(1) as u32;
-        let kept_len = super::workspace::dense_kept_split_len(cfg, len, sms, b, self.inner.switches.kept_split);
-        let kept = super::workspace::kept_splits_of(cfg, kept_len);
-        let chunks = self.dense_chunks(cfg, b, len, kept);
-        p.num_splits = (kept + chunks) as i32;
-        p.dense_splits = kept as i32;
-        p.kept_split = kept_len as i32;
-        p.dense_chunks = chunks as i32;
-        p.dense_min_chunk = super::workspace::dense_floor(cfg, len, sms, b, self.inner.switches.dense_min_chunk) as i32;
+        let sh = super::workspace::dense_shape(cfg, len, sms, b, sw.kept_split, sw.dense_min_chunk);
+        p.num_splits = (sh.kept + sh.chunks) as i32;
+        p.dense_splits = sh.kept as i32;
+        p.kept_split = sh.kept_len as i32;
+        p.dense_chunks = sh.chunks as i32;
+        p.dense_min_chunk = sh.floor as i32;
         p.mode = 1;
         let grid = (p.num_splits as u32, cfg.num_kv_heads, b);
         let kn = &self.inner.kernels;

@@ -181,7 +181,7 @@ pub struct SikvParams {
     /// DENSE_CHUNK_ALIGN; workspace::dense_min_chunk).
     pub dense_min_chunk: i32,
     /// attend / attend_dense: kept dense entries per split below dense_splits (at most
-    /// ATTEND_SPLIT; workspace::kept_split_len, and dense_kept_split_len for the dense decode).
+    /// ATTEND_SPLIT; workspace::kept_split_len, and dense_shape for the dense decode).
     pub kept_split: i32,
 }
 

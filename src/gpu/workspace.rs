@@ -68,7 +68,7 @@ pub struct Workspace {
 /// sequence's chunks from its live length (dense_chunk_of). The grid's chunk count does not
 /// depend on it (dense_chunks), so neither does the workspace: a lower floor only puts more of
 /// the grid's chunks to work on a sequence much shorter than max_seq_len. DENSE_MIN_CHUNK_ONE for
-/// one sequence, DENSE_MIN_CHUNK for more (dense_floor lowers it in the short grid).
+/// one sequence, DENSE_MIN_CHUNK for more (dense_shape lowers it in the short grid).
 /// `requested` (SIKV_DENSE_MIN_CHUNK, an experiment) replaces both, rounded up to
 /// DENSE_CHUNK_ALIGN and kept to chunks the tensor-core path takes.
 pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
@@ -98,6 +98,28 @@ pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
 /// [`dense_chunks`] for sequences of at most `msl` tokens (at most max_seq_len, so at most
 /// the workspace's chunks), beside `kept` kept-entry splits per row.
 pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize) -> usize {
+    chunks_at(
+        msl,
+        cfg,
+        sms,
+        batch,
+        kept,
+        dense_grid_floor(dense_short(cfg, msl, sms, batch)),
+    )
+}
+
+/// The grid's floor on a chunk's positions, which bounds its chunk count: DENSE_MIN_CHUNK_ONE in
+/// the short grid (dense_short), else DENSE_MIN_CHUNK.
+pub fn dense_grid_floor(short: bool) -> usize {
+    if short {
+        DENSE_MIN_CHUNK_ONE
+    } else {
+        DENSE_MIN_CHUNK
+    }
+}
+
+/// dense_chunks_for's rule with the grid's floor given (dense_grid_floor).
+fn chunks_at(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize, floor: usize) -> usize {
     let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
     let slots = DENSE_BLOCKS_PER_SM * sms as usize;
     let need = msl.div_ceil(DENSE_TC_MAX_CHUNK);
@@ -107,13 +129,14 @@ pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kep
     } else {
         slots.div_ceil(rows)
     };
-    let floor = if dense_short(cfg, msl, sms, batch) {
-        DENSE_MIN_CHUNK_ONE
-    } else {
-        DENSE_MIN_CHUNK
-    };
-    let most = msl.div_ceil(floor);
-    fill.max(need).min(most).clamp(1, MAX_DENSE_CHUNKS)
+    fill.max(need).min(msl.div_ceil(floor)).clamp(1, MAX_DENSE_CHUNKS)
+}
+
+/// The short grid's chunks for sequences of at most `msl` tokens (one per DENSE_MIN_CHUNK_ONE
+/// positions), or None where there would be more than the workspace holds
+/// (SHORT_DENSE_MAX_CHUNKS).
+fn short_grid_chunks(msl: usize) -> Option<usize> {
+    Some(msl.div_ceil(DENSE_MIN_CHUNK_ONE)).filter(|&c| c <= SHORT_DENSE_MAX_CHUNKS)
 }
 
 /// Whether the dense decode of `batch` sequences of at most `msl` tokens takes its short grid: a
@@ -124,29 +147,61 @@ pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kep
 /// none beside it to hide them. At batch 1 the kept splits (four CUDA-core tiles in series at 64
 /// entries) and the chunks (eight tiles a warp at 512 positions) were two critical paths of about
 /// the same length: H100, 8K, graph µs 18.9 -> 17.4, either change alone 18.9 / 18.7. At batch 2
-/// the chunks alone: 28.0 -> 23.5 (30 chunks of 320 positions instead of 16 of 512; short kept
+/// the chunks alone: 28.0 -> 23.5 (30 chunks, 26 of them used at 320 positions, instead of 16 of 512; short kept
 /// splits there 25.2). docs/PERF_NOTES.md v25. Longer sequences keep the long grid: short kept
 /// splits took chunks from them (32K under a 128K maximum, 32.6 -> 33.4), and under a 128K grid
 /// 256-position chunks made 8K at batch 2 slower (30.1 -> 37.1).
 pub fn dense_short(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32) -> bool {
     let rows = cfg.num_kv_heads.max(1) as usize;
-    let chunks = msl.div_ceil(DENSE_MIN_CHUNK_ONE);
-    chunks <= SHORT_DENSE_MAX_CHUNKS
-        && match batch {
-            0 | 1 => kept_splits_of(cfg, KEPT_SPLIT_SMALL) + chunks <= DENSE_BLOCKS_PER_SM * sms as usize / rows,
-            2 => true,
-            _ => false,
-        }
+    short_grid_chunks(msl).is_some_and(|chunks| match batch {
+        0 | 1 => kept_splits_of(cfg, KEPT_SPLIT_SMALL) + chunks <= DENSE_BLOCKS_PER_SM * sms as usize / rows,
+        2 => true,
+        _ => false,
+    })
 }
 
-/// The dense decode's floor on a chunk's positions for `batch` sequences of at most `msl` tokens
-/// (SikvParams::dense_min_chunk): DENSE_MIN_CHUNK_ONE in the short grid (dense_short), else
-/// dense_min_chunk's; `requested` (a switch) replaces both.
-pub fn dense_floor(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32, requested: Option<usize>) -> usize {
-    if requested.is_none() && dense_short(cfg, msl, sms, batch) {
-        DENSE_MIN_CHUNK_ONE
-    } else {
-        dense_min_chunk(requested, batch)
+/// The dense decode's launch shape for one call (launch.rs launch_dense): kept dense entries per
+/// kept split and the kept splits, candidate chunks per row, and the kernel's floor on a chunk's
+/// positions (SikvParams::dense_min_chunk).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenseShape {
+    pub kept_len: usize,
+    pub kept: usize,
+    pub chunks: usize,
+    pub floor: usize,
+}
+
+/// The dense decode's shape for `batch` sequences of at most `msl` tokens on `sms`
+/// multiprocessors: the short grid where dense_short takes it (a chunk per DENSE_MIN_CHUNK_ONE
+/// positions, and at batch 1 kept splits of KEPT_SPLIT_SMALL entries), else kept splits of
+/// ATTEND_SPLIT entries (short ones made no longer dense decode faster and cost chunks beside
+/// them: H100, 32K at batch 1 under a 128K max_seq_len, 32.2 -> 33.9 us), dense_chunks_for's
+/// chunks and dense_min_chunk's floor. `forced_kept` (kept_split_forced) and `forced_floor`
+/// (dense_min_chunk's request), switches, replace their parts.
+pub fn dense_shape(
+    cfg: &CacheConfig,
+    msl: usize,
+    sms: u32,
+    batch: u32,
+    forced_kept: Option<u32>,
+    forced_floor: Option<usize>,
+) -> DenseShape {
+    let short = dense_short(cfg, msl, sms, batch);
+    let kept_len = match forced_kept {
+        Some(n) => kept_split_forced(n),
+        None if short && batch <= 1 => KEPT_SPLIT_SMALL,
+        None => ATTEND_SPLIT,
+    };
+    let kept = kept_splits_of(cfg, kept_len);
+    let floor = match forced_floor {
+        None if short => DENSE_MIN_CHUNK_ONE,
+        _ => dense_min_chunk(forced_floor, batch),
+    };
+    DenseShape {
+        kept_len,
+        kept,
+        chunks: chunks_at(msl, cfg, sms, batch, kept, dense_grid_floor(short)),
+        floor,
     }
 }
 
@@ -207,20 +262,8 @@ pub fn kept_split_forced(n: u32) -> usize {
     (n as usize).clamp(KEPT_SPLIT_SMALL, ATTEND_SPLIT)
 }
 
-/// Kept dense entries per kept split of the dense decode of `batch` sequences of at most `msl`
-/// tokens: KEPT_SPLIT_SMALL in its short grid at batch 1 (dense_short), else ATTEND_SPLIT: short ones made
-/// no longer dense decode faster and cost chunks beside them (H100, 32K at batch 1 under a 128K
-/// max_seq_len: 32.2 -> 33.9 us). `forced` (a switch): kept_split_forced.
-pub fn dense_kept_split_len(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32, forced: Option<u32>) -> usize {
-    match forced {
-        Some(n) => kept_split_forced(n),
-        None if batch <= 1 && dense_short(cfg, msl, sms, batch) => KEPT_SPLIT_SMALL,
-        None => ATTEND_SPLIT,
-    }
-}
-
 /// Kept dense entries per kept split of the sparse attend for a call of `batch` sequences
-/// (SikvParams::kept_split; the dense decode's: dense_kept_split_len):
+/// (SikvParams::kept_split; the dense decode's: dense_shape):
 /// KEPT_SPLIT_SMALL where the sparse grid with those splits and one ATTEND_SPLIT of selected
 /// tokens per split still fits one wave of ATTEND_BLOCKS_PER_SM blocks per SM (batch 1 at 8
 /// KV heads), so each kept split, the attend's slowest block at batch 1, runs one tile; else
@@ -303,8 +346,7 @@ impl Workspace {
         let sel_splits = (cfg.budget.max as usize).div_ceil(ATTEND_SPLIT).max(1);
         let sparse_splits = kept_most + sel_splits;
         // dense_chunks never exceeds this, whatever the device (dense_short's grid included).
-        let short = msl.div_ceil(DENSE_MIN_CHUNK_ONE);
-        let short = if short <= SHORT_DENSE_MAX_CHUNKS { short } else { 0 };
+        let short = short_grid_chunks(msl).unwrap_or(0);
         let chunks_max = msl.div_ceil(DENSE_MIN_CHUNK).max(short).clamp(1, MAX_DENSE_CHUNKS);
         let dense_total_splits = kept_most + chunks_max;
         let ns = sparse_splits.max(dense_total_splits);
@@ -402,11 +444,7 @@ mod tests {
                         (1..=MAX_DENSE_CHUNKS).contains(&n),
                         "msl {msl} batch {batch} sms {sms}: {n}"
                     );
-                    let floor = if dense_short(&c, m, sms, batch) {
-                        DENSE_MIN_CHUNK_ONE
-                    } else {
-                        DENSE_MIN_CHUNK
-                    };
+                    let floor = dense_grid_floor(dense_short(&c, m, sms, batch));
                     assert!(n <= m.div_ceil(floor), "msl {msl}: {n} chunks of less than {floor}");
                     if m.div_ceil(DENSE_TC_MAX_CHUNK) <= MAX_DENSE_CHUNKS {
                         assert!(
@@ -436,14 +474,31 @@ mod tests {
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 4), 13);
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 2), 30);
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 1), 32);
+        // The launch's shape: its chunks are dense_chunks_for's beside its own kept splits.
+        for (msl, batch) in [(8192usize, 1u32), (8192, 2), (8192, 4), (131072, 1)] {
+            let c = cfg(msl as u32, 8);
+            let sh = dense_shape(&c, msl, 132, batch, None, None);
+            assert_eq!(sh.kept, kept_splits_of(&c, sh.kept_len));
+            assert_eq!(
+                sh.chunks,
+                dense_chunks_for(msl, &c, 132, batch, sh.kept),
+                "msl {msl} batch {batch}"
+            );
+        }
         assert!(dense_short(&cfg(8192, 8), 8192, 132, 1));
         assert!(!dense_short(&cfg(32768, 8), 32768, 132, 1));
         // At batch 2 the short grid's 256-position floor (its kept splits stay long).
         assert!(dense_short(&cfg(8192, 8), 8192, 132, 2));
         assert!(!dense_short(&cfg(8192, 8), 8192, 132, 4));
-        assert_eq!(dense_floor(&cfg(8192, 8), 8192, 132, 2, None), DENSE_MIN_CHUNK_ONE);
-        assert_eq!(dense_floor(&cfg(32768, 8), 32768, 132, 2, None), DENSE_MIN_CHUNK);
-        assert_eq!(dense_floor(&cfg(8192, 8), 8192, 132, 2, Some(1000)), 1024);
+        assert_eq!(
+            dense_shape(&cfg(8192, 8), 8192, 132, 2, None, None).floor,
+            DENSE_MIN_CHUNK_ONE
+        );
+        assert_eq!(
+            dense_shape(&cfg(32768, 8), 32768, 132, 2, None, None).floor,
+            DENSE_MIN_CHUNK
+        );
+        assert_eq!(dense_shape(&cfg(8192, 8), 8192, 132, 2, None, Some(1000)).floor, 1024);
     }
 
     /// Where some chunk count covers max_seq_len with chunks the tensor-core path takes and fits
@@ -460,11 +515,7 @@ mod tests {
                 let rows = 8 * batch as usize;
                 let kept = kept_splits(&c);
                 let need = (msl as usize).div_ceil(DENSE_TC_MAX_CHUNK);
-                let floor = if dense_short(&c, msl as usize, sms as u32, batch) {
-                    DENSE_MIN_CHUNK_ONE
-                } else {
-                    DENSE_MIN_CHUNK
-                };
+                let floor = dense_grid_floor(dense_short(&c, msl as usize, sms as u32, batch));
                 let most = (msl as usize).div_ceil(floor).min(MAX_DENSE_CHUNKS);
                 let n = dense_chunks(&c, sms as u32, batch);
                 match (need..=most).filter(|&m| rows * (kept + m) <= slots).max() {
@@ -639,14 +690,17 @@ mod tests {
         assert_eq!(kept_split_len(&w, &c, 132, 1, Some(5000)), ATTEND_SPLIT);
         // The dense decode keeps full kept splits unless its short grid (one short sequence) or a
         // switch asks for short ones.
-        assert_eq!(dense_kept_split_len(&c, 131072, 132, 1, None), ATTEND_SPLIT);
-        assert_eq!(dense_kept_split_len(&c, 8192, 132, 1, None), KEPT_SPLIT_SMALL);
-        assert_eq!(dense_kept_split_len(&c, 8192, 132, 2, None), ATTEND_SPLIT);
-        assert_eq!(dense_kept_split_len(&c, 8192, 132, 4, None), ATTEND_SPLIT);
-        assert_eq!(dense_kept_split_len(&c, 8192, 16, 1, None), ATTEND_SPLIT);
-        assert_eq!(dense_kept_split_len(&c, 131072, 132, 8, Some(16)), KEPT_SPLIT_SMALL);
-        assert_eq!(dense_kept_split_len(&c, 8192, 132, 1, Some(64)), ATTEND_SPLIT);
-        assert_eq!(dense_kept_split_len(&c, 8192, 132, 1, Some(1)), KEPT_SPLIT_SMALL);
+        assert_eq!(dense_shape(&c, 131072, 132, 1, None, None).kept_len, ATTEND_SPLIT);
+        assert_eq!(dense_shape(&c, 8192, 132, 1, None, None).kept_len, KEPT_SPLIT_SMALL);
+        assert_eq!(dense_shape(&c, 8192, 132, 2, None, None).kept_len, ATTEND_SPLIT);
+        assert_eq!(dense_shape(&c, 8192, 132, 4, None, None).kept_len, ATTEND_SPLIT);
+        assert_eq!(dense_shape(&c, 8192, 16, 1, None, None).kept_len, ATTEND_SPLIT);
+        assert_eq!(
+            dense_shape(&c, 131072, 132, 8, Some(16), None).kept_len,
+            KEPT_SPLIT_SMALL
+        );
+        assert_eq!(dense_shape(&c, 8192, 132, 1, Some(64), None).kept_len, ATTEND_SPLIT);
+        assert_eq!(dense_shape(&c, 8192, 132, 1, Some(1), None).kept_len, KEPT_SPLIT_SMALL);
         assert_eq!(w.sparse_splits, 9 + 32);
         assert_eq!(w.sel_splits, 32);
     }

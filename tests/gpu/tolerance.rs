@@ -3,7 +3,7 @@
 //! tests need no GPU.
 
 use selfindexkv::cpu::{self, PageTable};
-use selfindexkv::gpu::workspace::{dense_chunks_for, dense_floor, dense_kept_split_len, kept_splits_of};
+use selfindexkv::gpu::workspace::dense_shape;
 use selfindexkv::layout::{SIKV_PLANE_VCODE, SIKV_PLANE_VPAR};
 use selfindexkv::reference::encode::decode_key;
 
@@ -105,10 +105,10 @@ fn recorded_dense_misses_replay() {
         let (b, h, g) = (m.row / hq, (m.row % hq) / g_n, m.row % g_n);
         // The launcher's grid on the recording GPU (132 SMs).
         let (msl, batch) = (fx.cfg.max_seq_len as usize, slots.len() as u32);
-        let kept = kept_splits_of(&fx.cfg, dense_kept_split_len(&fx.cfg, msl, 132, batch, None));
+        let shape = dense_shape(&fx.cfg, msl, 132, batch, None, None);
         let grid = DenseGrid {
-            chunks: dense_chunks_for(msl, &fx.cfg, 132, batch, kept),
-            min_chunk: dense_floor(&fx.cfg, msl, 132, batch, None),
+            chunks: shape.chunks,
+            min_chunk: shape.floor,
         };
         let qs = &q[(b * hq + h * g_n) * d..(b * hq + (h + 1) * g_n) * d];
         let row = |r: Roundings| {
