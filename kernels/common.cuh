@@ -822,7 +822,6 @@ SIKV_DEV uint4 load_stream16(const void* a, unsigned long long pol) {
 #endif
     return v;
 }
-SIKV_DEV uint4 load_stream16(const void* a) { return load_stream16(a, l2_evict_first()); }
 SIKV_DEV uint2 load_stream8(const void* a, unsigned long long pol) {
     uint2 v;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -835,7 +834,6 @@ SIKV_DEV uint2 load_stream8(const void* a, unsigned long long pol) {
 #endif
     return v;
 }
-SIKV_DEV uint2 load_stream8(const void* a) { return load_stream8(a, l2_evict_first()); }
 
 // Programmatic dependent launch (sm_90+; the launcher sets the attribute, src/gpu/driver.rs):
 // sikv_grid_wait waits until the grid ahead in the stream has finished and its writes are

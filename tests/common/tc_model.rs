@@ -12,13 +12,17 @@
 
 use half::f16;
 use selfindexkv::config::CacheConfig;
-use selfindexkv::cpu::{read_state, PageTable};
+use selfindexkv::cpu::{dense_entries, expected_candidates, read_state, PageTable};
+use selfindexkv::gpu::geometry::{ATTEND_THREADS, DENSE_CHUNK_ALIGN};
 use selfindexkv::layout::{
     Layout, QUANT_GROUP, SIKV_PLANE_KMAG, SIKV_PLANE_KPAR, SIKV_PLANE_SIGN, SIKV_PLANE_VCODE, SIKV_PLANE_VPAR,
 };
 use selfindexkv::reference::encode::{group_params, mag_code};
 
 use crate::common::HostPools;
+
+/// Warps of a dense chunk's block, each walking a quarter of the chunk.
+const WARPS: usize = ATTEND_THREADS as usize / 32;
 
 /// Which of the kernels' f16 roundings the model makes.
 #[derive(Clone, Copy, Debug)]
@@ -84,24 +88,21 @@ pub fn dense_tc_row(
 ) -> Vec<f64> {
     let d = cfg.head_dim as usize;
     let g_n = qs.len() / d;
-    let (n_sink, n_heavy, n_window) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
+    let (n_sink, n_window) = (cfg.n_sink as usize, cfg.n_window as usize);
     let rec = read_state(layout, cfg.dtype.storage(), &host.state, slot, h);
     let len = table.seq_len(b, layout.page_size);
     let mut parts = Vec::new();
 
     // The kept entries: attend_body in f32 (no f16 operand), natural-log units.
     {
-        let win_lo = n_sink.max(len.saturating_sub(n_window));
         let mut p = Partial {
             m: vec![f64::NEG_INFINITY; g_n],
             l: vec![0.0; g_n],
             acc: vec![0.0; g_n * d],
         };
-        let kept: Vec<usize> = (0..rec.dense_pos.len())
-            .filter(|&e| {
-                let pos = rec.dense_pos[e];
-                pos >= 0 && (pos as usize) < len && (e < n_sink + n_heavy || pos as usize >= win_lo)
-            })
+        let kept: Vec<usize> = dense_entries(cfg, &rec.dense_pos, len)
+            .into_iter()
+            .map(|(e, _)| e)
             .collect();
         for g in 0..g_n {
             let q = &qs[g * d..(g + 1) * d];
@@ -134,14 +135,14 @@ pub fn dense_tc_row(
     let s_up = 2f64.powi(e2);
     let qa: Vec<f64> = qv.iter().map(|&v| f16r(v as f64 * q_down, r.q)).collect();
 
-    let mut heavy: Vec<i32> = rec.dense_pos[n_sink..n_sink + n_heavy]
-        .iter()
-        .copied()
-        .filter(|&p| p >= 0)
-        .collect();
-    heavy.sort_unstable();
+    // The candidates (ascending: no heavy position) and their end, as the kernel sizes chunks.
+    let cands = expected_candidates(cfg, &rec.dense_pos, len);
     let end = n_sink.max(len.saturating_sub(n_window));
-    let chunk = end.div_ceil(grid.chunks).max(grid.min_chunk).div_ceil(64) * 64;
+    let chunk = end
+        .div_ceil(grid.chunks)
+        .max(grid.min_chunk)
+        .div_ceil(DENSE_CHUNK_ALIGN)
+        * DENSE_CHUNK_ALIGN;
     let rows = |pos: usize| {
         let (page, s) = table.locate(b, pos, layout.page_size);
         host.rows(layout, page, h, s)
@@ -154,18 +155,18 @@ pub fn dense_tc_row(
             continue;
         }
         // Warps: a quarter of the chunk each, in tiles of 16 aligned positions.
-        let quarter = chunk / 4;
-        let mut wm = vec![vec![f64::NEG_INFINITY; g_n]; 4];
-        let mut wl = vec![vec![0f64; g_n]; 4];
-        let mut wacc = vec![vec![0f64; g_n * d]; 4];
-        for w in 0..4 {
+        let quarter = chunk / WARPS;
+        let mut wm = vec![vec![f64::NEG_INFINITY; g_n]; WARPS];
+        let mut wl = vec![vec![0f64; g_n]; WARPS];
+        let mut wacc = vec![vec![0f64; g_n * d]; WARPS];
+        for w in 0..WARPS {
             let wlo0 = clo + w * quarter;
             let whi = (wlo0 + quarter).min(hi);
             let vlo = lo.max(wlo0);
             let mut base = lo.max(wlo0) & !15;
             while base < whi {
                 let toks: Vec<usize> = (base..base + 16)
-                    .filter(|&p| p >= vlo && p < whi && heavy.binary_search(&(p as i32)).is_err())
+                    .filter(|&p| p >= vlo && p < whi && cands.binary_search(&(p as u32)).is_ok())
                     .collect();
                 base += 16;
                 if toks.is_empty() {
@@ -228,11 +229,11 @@ pub fn dense_tc_row(
             acc: vec![0.0; g_n * d],
         };
         for g in 0..g_n {
-            let mm = (0..4).map(|w| wm[w][g]).fold(f64::NEG_INFINITY, f64::max);
+            let mm = (0..WARPS).map(|w| wm[w][g]).fold(f64::NEG_INFINITY, f64::max);
             if mm == f64::NEG_INFINITY {
                 continue;
             }
-            for w in 0..4 {
+            for w in 0..WARPS {
                 if wm[w][g] == f64::NEG_INFINITY {
                     continue;
                 }
