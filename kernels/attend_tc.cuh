@@ -101,11 +101,23 @@ struct TcSmem {
     typedef TcShape<D> Sh;
     float wm[Sh::WARPS][Sh::GMAX];
     float wl[Sh::WARPS][Sh::GMAX];
-    // init stages Q' here; finish the warps' accumulators.
+    // init stages Q' here; finish the warps' accumulators. Head hh's channel c is at
+    // [hh][col(hh, c)] (below).
     __align__(16) float acc[Sh::WARPS][Sh::GMAX][Sh::DS];
     float qmax[Sh::WARPS];
     int count[Sh::WARPS];
     u32 cmask;
+
+    // Channel c of head hh rotated inside its 32-channel segment, so that no two lanes of a
+    // warp meet in one bank: init's reads of Q' (lane (g, j) reads head g, channels j d/4 +
+    // ...), finish's writes of the accumulators (lane (g, j) writes heads 2j, 2j+1, channels
+    // g d/8 + ...) and the row-order accesses of both. Unrotated, those reads were 16-32-way
+    // and the writes 8-16-way bank conflicts, in series before the first tile and after the
+    // last. (Checked for d = 64 and 128, both code widths, heads 0..7.)
+    static SIKV_DEV int col(int hh, int c) {
+        const int r = (c >> 5) + (Sh::DS / 32) * (hh >> 1) + (Sh::DS / 8) * (hh & 1);
+        return (c & ~31) | ((c + r) & 31);
+    }
 };
 
 // Whether the planes and the grouping fit the tensor-core tiles of width BITS (uniform over a
@@ -168,7 +180,7 @@ struct TcWarp {
         for (int i = tid; i < G * D; i += ATTEND_THREADS) {
             const int hh = i / D, c = i % D;
             const float v = to_f32(q[(hq_base + hh) * D + c]) * ascale[c] * f;
-            s.acc[0][hh][c] = v;
+            s.acc[0][hh][TcSmem<D>::col(hh, c)] = v;
             qm = fmaxf(qm, fabsf(v));
         }
         qm = warp_max(qm);
@@ -192,7 +204,9 @@ struct TcWarp {
                 const int pp = 2 * kb + half;  // key pair index of the thread
                 // its low channel (word pp / PPW, pair pp % PPW); high = c + PPW
                 const int c = Sh::KCH * j + Sh::CPW * (pp / Sh::PPW) + pp % Sh::PPW;
-                qa[kb][half] = g < G ? h2_pack(s.acc[0][g][c] * q_down, s.acc[0][g][c + Sh::PPW] * q_down) : 0u;
+                qa[kb][half] = g < G ? h2_pack(s.acc[0][g][TcSmem<D>::col(g, c)] * q_down,
+                                                    s.acc[0][g][TcSmem<D>::col(g, c + Sh::PPW)] * q_down)
+                                            : 0u;
             }
         }
         #pragma unroll
@@ -423,8 +437,8 @@ struct TcWarp {
             for (int e = 0; e < 2; ++e) {
                 const int hh = 2 * j + e;
                 if (hh < G) {
-                    s.acc[warp][hh][c_lo] = oacc[mb][e];
-                    s.acc[warp][hh][c_hi] = oacc[mb][2 + e];
+                    s.acc[warp][hh][TcSmem<D>::col(hh, c_lo)] = oacc[mb][e];
+                    s.acc[warp][hh][TcSmem<D>::col(hh, c_hi)] = oacc[mb][2 + e];
                 }
             }
         }
@@ -438,7 +452,7 @@ struct TcWarp {
             if (M != SIKV_NEG_INF) {
                 #pragma unroll
                 for (int w = 0; w < Sh::WARPS; ++w)
-                    if (s.wm[w][hh] != SIKV_NEG_INF) v += exp2f(s.wm[w][hh] - M) * s.acc[w][hh][c];
+                    if (s.wm[w][hh] != SIKV_NEG_INF) v += exp2f(s.wm[w][hh] - M) * s.acc[w][hh][TcSmem<D>::col(hh, c)];
             }
             part_acc[((hq_base + hh) * p.num_splits + split) * D + c] = v;
         }
