@@ -113,7 +113,8 @@ struct TcSmem {
     // ...), finish's writes of the accumulators (lane (g, j) writes heads 2j, 2j+1, channels
     // g d/8 + ...) and the row-order accesses of both. Unrotated, those reads were 16-32-way
     // and the writes 8-16-way bank conflicts, in series before the first tile and after the
-    // last. (Checked for d = 64 and 128, both code widths, heads 0..7.)
+    // last. scripts/diag/tc_smem_banks.py checks it for d = 64 and 128, both code widths,
+    // heads 0..7 (it mirrors this formula: change both together).
     static SIKV_DEV int col(int hh, int c) {
         const int r = (c >> 5) + (Sh::DS / 32) * (hh >> 1) + (Sh::DS / 8) * (hh & 1);
         return (c & ~31) | ((c + r) & 31);
