@@ -412,8 +412,9 @@ fi
 
 if want profile_sass; then
   # Nsight Compute's full set with per-instruction warp-stall sampling for the kernels matching
-  # PROFILE_KERNELS (a regex) at PROFILE_SIZES: the source page as CSV (sass_N_B.csv) and the
-  # hottest instructions of each kernel (sass_top.txt, scripts/ncu_sass_top.py).
+  # PROFILE_KERNELS (a regex) at PROFILE_SIZES: the source page as CSV (sass_N_B.csv), the
+  # hottest instructions of each kernel (sass_top.txt, scripts/ncu_sass_top.py) and its stall
+  # samples per basic block (sass_blocks.txt, scripts/ncu_blocks.py).
   NCU=$(find_ncu)
   if [ -z "$NCU" ]; then
     echo "== ncu not found: profile_sass skipped"
@@ -432,8 +433,10 @@ if want profile_sass; then
       "$NCU" -i "$OUT/sass_${n}_${b}.ncu-rep" --page details --csv > "$OUT/sass_details_${n}_${b}.csv" 2>&1
       echo "## $n x $b" >> "$OUT/sass_top.txt"
       python3 scripts/ncu_sass_top.py "$OUT/sass_${n}_${b}.csv" >> "$OUT/sass_top.txt" 2>&1
+      echo "## $n x $b" >> "$OUT/sass_blocks.txt"
+      python3 scripts/ncu_blocks.py "$OUT/sass_${n}_${b}.csv" 12 >> "$OUT/sass_blocks.txt" 2>&1
     done
-    echo "   ($((SECONDS - t0)) s; $OUT/sass_top.txt)"
+    echo "   ($((SECONDS - t0)) s; $OUT/sass_top.txt, $OUT/sass_blocks.txt)"
   fi
 fi
 

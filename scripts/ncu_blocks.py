@@ -6,7 +6,7 @@ execution count (warps that ran them), share of samples, leading stall reasons a
 opcodes, then the kernel's stall reasons overall. Where ncu_sass_top.py names single
 instructions, this says which stretch of code (init, a tile loop, finish) holds the time.
 
-Usage: ncu_blocks.py SOURCE.csv [TOP]"""
+Usage: ncu_blocks.py SOURCE.csv [TOP] (every kernel of the export in turn)"""
 import collections
 import csv
 import sys
@@ -19,15 +19,32 @@ def num(x):
         return 0.0
 
 
-def main():
-    lines = open(sys.argv[1]).read().splitlines()
-    top = int(sys.argv[2]) if len(sys.argv) > 2 else 20
-    start = next(i for i, l in enumerate(lines) if l.startswith('"Address"'))
+def tables(lines):
+    """(kernel name, rows) of each kernel in the export: a "Kernel Name" line starts each."""
+    out, name, cur = [], "", []
+    for line in lines:
+        if line.startswith('"Kernel Name"'):
+            if cur:
+                out.append((name, cur))
+            name, cur = line.split(",")[1].strip('"'), []
+        else:
+            cur.append(line)
+    if cur:
+        out.append((name, cur))
+    return out
+
+
+def summarise(name, lines, top):
+    start = next((i for i, l in enumerate(lines) if l.startswith('"Address"')), None)
+    if start is None:
+        return
     rows = list(csv.reader(lines[start:]))
     ix = {n: k for k, n in enumerate(rows[0])}
     reasons = [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
     blocks, cur = [], None
     for r in rows[1:]:
+        if len(r) < len(rows[0]):
+            continue
         ex = num(r[ix["Instructions Executed"]])
         if cur is None or ex != cur["ex"]:
             cur = {"ex": ex, "at": r[0], "n": 0, "samples": 0.0, "stalls": collections.Counter(), "ops": collections.Counter()}
@@ -40,7 +57,7 @@ def main():
         for c in reasons:
             cur["stalls"][c] += num(r[ix[c]])
     total = sum(b["samples"] for b in blocks) or 1.0
-    print(f"{total:.0f} samples, {sum(b['ex'] * b['n'] for b in blocks):.0f} warp instructions")
+    print(f"# {name}: {total:.0f} samples, {sum(b['ex'] * b['n'] for b in blocks):.0f} warp instructions")
     for b in sorted(blocks, key=lambda b: -b["samples"])[:top]:
         s = b["samples"] or 1.0
         st = ", ".join(f"{c[6:]} {v / s * 100:.0f}%" for c, v in b["stalls"].most_common(4) if v > 0)
@@ -50,6 +67,12 @@ def main():
     for b in blocks:
         overall.update(b["stalls"])
     print("overall: " + ", ".join(f"{c[6:]} {v / total * 100:.1f}%" for c, v in overall.most_common(8)))
+
+
+def main():
+    top = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+    for name, lines in tables(open(sys.argv[1]).read().splitlines()):
+        summarise(name, lines, top)
 
 
 if __name__ == "__main__":
