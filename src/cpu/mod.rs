@@ -23,5 +23,5 @@ mod table;
 pub use pools::{LayerMut, LayerRef};
 pub use rows::{attend_rows, rows_total, select_rows, RowSelection, MAX_QUERY_ROWS};
 pub use stages::*;
-pub use state::{dense_entries, expected_candidates, read_state, reset_sequence, StateRecord};
+pub use state::{cand_end, dense_entries, expected_candidates, read_state, reset_sequence, StateRecord};
 pub use table::PageTable;

@@ -150,18 +150,23 @@ pub(super) fn check_calibrated(layout: &Layout, state: &[u8], name: &str, slot: 
     Ok(())
 }
 
+/// The end of a sequence of length `len`'s candidates and the start of its window:
+/// `max(S, len - W)` (the kernels' cand_end).
+pub fn cand_end(cfg: &CacheConfig, len: usize) -> usize {
+    (cfg.n_sink as usize).max(len.saturating_sub(cfg.n_window as usize))
+}
+
 /// Candidates of one (sequence, KV head) of length `len`: positions in
-/// `[S, max(S, len - W))` that are not heavy (`dense_pos[S..S+H]`), ascending.
+/// `[S, cand_end)` that are not heavy (`dense_pos[S..S+H]`), ascending.
 pub fn expected_candidates(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<u32> {
-    let (s, h, w) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
+    let (s, h) = (cfg.n_sink as usize, cfg.n_heavy as usize);
     let mut heavy: Vec<u32> = dense_pos[s..s + h]
         .iter()
         .filter(|&&p| p >= 0)
         .map(|&p| p as u32)
         .collect();
     heavy.sort_unstable();
-    let end = s.max(len.saturating_sub(w));
-    (s as u32..end as u32)
+    (s as u32..cand_end(cfg, len) as u32)
         .filter(|p| heavy.binary_search(p).is_err())
         .collect()
 }
@@ -169,8 +174,8 @@ pub fn expected_candidates(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> 
 /// The dense tokens attended for a sequence of length `len`, in dense-index order:
 /// (dense index, position).
 pub fn dense_entries(cfg: &CacheConfig, dense_pos: &[i32], len: usize) -> Vec<(usize, usize)> {
-    let (s, h, w) = (cfg.n_sink as usize, cfg.n_heavy as usize, cfg.n_window as usize);
-    let win_lo = s.max(len.saturating_sub(w));
+    let (s, h) = (cfg.n_sink as usize, cfg.n_heavy as usize);
+    let win_lo = cand_end(cfg, len);
     let mut out = Vec::new();
     for (i, &p) in dense_pos.iter().enumerate() {
         if p < 0 {

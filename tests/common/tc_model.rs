@@ -12,7 +12,7 @@
 
 use half::f16;
 use selfindexkv::config::CacheConfig;
-use selfindexkv::cpu::{dense_entries, expected_candidates, read_state, PageTable};
+use selfindexkv::cpu::{cand_end, dense_entries, expected_candidates, read_state, PageTable};
 use selfindexkv::gpu::geometry::{ATTEND_THREADS, DENSE_CHUNK_ALIGN};
 use selfindexkv::layout::{
     Layout, QUANT_GROUP, SIKV_PLANE_KMAG, SIKV_PLANE_KPAR, SIKV_PLANE_SIGN, SIKV_PLANE_VCODE, SIKV_PLANE_VPAR,
@@ -88,7 +88,7 @@ pub fn dense_tc_row(
 ) -> Vec<f64> {
     let d = cfg.head_dim as usize;
     let g_n = qs.len() / d;
-    let (n_sink, n_window) = (cfg.n_sink as usize, cfg.n_window as usize);
+    let n_sink = cfg.n_sink as usize;
     let rec = read_state(layout, cfg.dtype.storage(), &host.state, slot, h);
     let len = table.seq_len(b, layout.page_size);
     let mut parts = Vec::new();
@@ -137,7 +137,7 @@ pub fn dense_tc_row(
 
     // The candidates (ascending: no heavy position) and their end, as the kernel sizes chunks.
     let cands = expected_candidates(cfg, &rec.dense_pos, len);
-    let end = n_sink.max(len.saturating_sub(n_window));
+    let end = cand_end(cfg, len);
     let chunk = end
         .div_ceil(grid.chunks)
         .max(grid.min_chunk)
