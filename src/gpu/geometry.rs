@@ -126,11 +126,12 @@ pub const TOPK_CAND_EXTRA: usize = 8192;
 /// DENSE_CHUNK_ALIGN): fewer partials for combine to merge, and a block prologue spread over
 /// more tiles.
 pub const DENSE_MIN_CHUNK: usize = 512;
-/// attend_dense with one sequence, or in the short grid (workspace::dense_short: one or two short
-/// sequences): the kernel's floor on a chunk's positions (the grid's chunk count follows
-/// DENSE_MIN_CHUNK, or this in the short grid). Under a long max_seq_len the grid has ~4 blocks per SM
-/// of chunks; a short sequence then spreads over twice as many of them. H200, 8K tokens under a
-/// 128K maximum, batch 1: dense decode 27.6 -> 21.6 us; batch 8 was slower with it (75 -> 87).
+/// attend_dense with one sequence, or in the short grid (workspace::dense_short: one or two
+/// short sequences): the kernel's floor on a chunk's positions (the grid's chunk count follows
+/// DENSE_MIN_CHUNK, or this in the short grid). Under a long max_seq_len the grid has ~4 blocks
+/// per SM of chunks; a short sequence then spreads over twice as many of them. H200, 8K tokens
+/// under a 128K maximum, batch 1: dense decode 27.6 -> 21.6 us; batch 8 was slower with it (75
+/// -> 87).
 pub const DENSE_MIN_CHUNK_ONE: usize = 256;
 /// attend_dense: chunk sizes are multiples of this (the tensor-core path's four warps walk
 /// 16-position tiles).
@@ -145,8 +146,9 @@ pub const COMBINE_MAX_SPLITS: usize = 2048;
 /// attend_dense: at most this many candidate chunks per sequence (the chunks grow instead), so
 /// that dense splits + chunks stay within COMBINE_MAX_SPLITS.
 pub const MAX_DENSE_CHUNKS: usize = 512;
-/// attend_dense with one sequence: the most DENSE_MIN_CHUNK_ONE chunks of its short grid
-/// (workspace::dense_short), which the workspace's partial slots hold besides the longer chunks'.
+/// attend_dense in its short grid (workspace::dense_short: one or two short sequences): the
+/// most DENSE_MIN_CHUNK_ONE chunks it takes, which the workspace's partial slots hold besides
+/// the longer chunks'.
 pub const SHORT_DENSE_MAX_CHUNKS: usize = 64;
 
 // ---------------------------------------------------------------------------------------------

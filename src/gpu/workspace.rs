@@ -80,8 +80,9 @@ pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
 }
 
 /// attend_dense: candidate chunks per (KV head, sequence) on a device of `sms` multiprocessors
-/// (the grid's blocks after the dense splits; the kernel sizes each sequence's chunks from its
-/// live length). Enough that no chunk exceeds DENSE_TC_MAX_CHUNK at max_seq_len; as many as
+/// for sequences of up to max_seq_len, as the launch takes them ([`dense_shape`]; the grid's
+/// blocks after the dense splits; the kernel sizes each sequence's chunks from its live
+/// length). [`dense_chunks_for`]'s rule: enough that no chunk exceeds DENSE_TC_MAX_CHUNK at max_seq_len; as many as
 /// fit one wave of DENSE_BLOCKS_PER_SM blocks per SM beside the kept-entry splits where those
 /// chunks are large enough, else enough to give every SM DENSE_BLOCKS_PER_SM; no more than
 /// chunks of DENSE_MIN_CHUNK cover max_seq_len (blocks past a sequence's candidates cost a
@@ -92,7 +93,7 @@ pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
 /// series (H200, 8K tokens, batch 4: 43.0 us against 32.6 with sinks only as kept entries,
 /// docs/PERF_NOTES.md v15).
 pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
-    dense_chunks_for(cfg.max_seq_len as usize, cfg, sms, batch, kept_splits(cfg))
+    dense_shape(cfg, cfg.max_seq_len as usize, sms, batch, None, None).chunks
 }
 
 /// [`dense_chunks`] for sequences of at most `msl` tokens (at most max_seq_len, so at most
@@ -147,8 +148,8 @@ fn short_grid_chunks(msl: usize) -> Option<usize> {
 /// none beside it to hide them. At batch 1 the kept splits (four CUDA-core tiles in series at 64
 /// entries) and the chunks (eight tiles a warp at 512 positions) were two critical paths of about
 /// the same length: H100, 8K, graph µs 18.9 -> 17.4, either change alone 18.9 / 18.7. At batch 2
-/// the chunks alone: 28.0 -> 23.5 (30 chunks, 26 of them used at 320 positions, instead of 16 of 512; short kept
-/// splits there 25.2). docs/PERF_NOTES.md v25. Longer sequences keep the long grid: short kept
+/// the chunks alone: 28.0 -> 23.5 (30 chunks, 26 of them used at 320 positions, instead of 16
+/// of 512; short kept splits there 25.2). docs/PERF_NOTES.md v25. Longer sequences keep the long grid: short kept
 /// splits took chunks from them (32K under a 128K maximum, 32.6 -> 33.4), and under a 128K grid
 /// 256-position chunks made 8K at batch 2 slower (30.1 -> 37.1).
 pub fn dense_short(cfg: &CacheConfig, msl: usize, sms: u32, batch: u32) -> bool {
@@ -438,8 +439,10 @@ mod tests {
                 let c = cfg(msl, batch);
                 let w = Workspace::new(&c, &Layout::new(&c), batch);
                 for sms in [1u32, 16, 132, 1000] {
-                    let n = dense_chunks(&c, sms, batch);
                     let m = msl as usize;
+                    let sh = dense_shape(&c, m, sms, batch, None, None);
+                    let n = dense_chunks(&c, sms, batch);
+                    assert_eq!(n, sh.chunks);
                     assert!(
                         (1..=MAX_DENSE_CHUNKS).contains(&n),
                         "msl {msl} batch {batch} sms {sms}: {n}"
@@ -452,9 +455,12 @@ mod tests {
                             "msl {msl} batch {batch} sms {sms}: {n} chunks"
                         );
                     }
+                    assert!(sh.kept + n <= w.dense_total_splits, "msl {msl}: workspace too small");
+                    // Long kept splits beside the same maximum fit too.
+                    let long = kept_splits(&c);
                     assert!(
-                        kept_splits(&c) + n <= w.dense_total_splits,
-                        "msl {msl}: workspace too small"
+                        long + dense_chunks_for(m, &c, sms, batch, long) <= w.dense_total_splits,
+                        "msl {msl} batch {batch} sms {sms}: workspace too small for long kept splits"
                     );
                     // Short kept splits (forced for the dense decode) fit the workspace too.
                     let small = kept_splits_of(&c, KEPT_SPLIT_SMALL);
@@ -513,7 +519,7 @@ mod tests {
             for batch in [1u32, 2, 3, 4, 8, 16] {
                 let c = cfg(msl, batch);
                 let rows = 8 * batch as usize;
-                let kept = kept_splits(&c);
+                let kept = dense_shape(&c, msl as usize, sms as u32, batch, None, None).kept;
                 let need = (msl as usize).div_ceil(DENSE_TC_MAX_CHUNK);
                 let floor = dense_grid_floor(dense_short(&c, msl as usize, sms as u32, batch));
                 let most = (msl as usize).div_ceil(floor).min(MAX_DENSE_CHUNKS);
@@ -614,7 +620,7 @@ mod tests {
             for batch in [1u32, 4, 8] {
                 let c = cfg(msl as u32, batch);
                 let full = dense_chunks(&c, 132, batch);
-                let kept = kept_splits(&c);
+                let kept = dense_shape(&c, msl, 132, batch, None, None).kept;
                 assert_eq!(dense_chunks_for(msl, &c, 132, batch, kept), full);
                 for live in [1usize, 700, 8192, 65536] {
                     let n = dense_chunks_for(live.min(msl), &c, 132, batch, kept);
@@ -627,7 +633,7 @@ mod tests {
         }
         let long = cfg(131072, 1);
         assert_eq!(
-            dense_chunks_for(8192, &long, 132, 1, kept_splits(&long)),
+            dense_shape(&long, 8192, 132, 1, None, None).chunks,
             dense_chunks(&cfg(8192, 1), 132, 1)
         );
     }
