@@ -5,12 +5,12 @@
 //! traffic model), so it reads as a fraction of HBM peak.
 //!
 //! Usage: gpu_bench [--csv PATH] [--quick] [--iters N] [--n N1,N2,..] [--batch B1,B2,..]
-//! [--rows R1,R2,..] [--profile 2+1|4+1] [--kept S,H,W]
+//! [--rows R1,R2,..] [--profile 2+1|4+1] [--kept S,H,W] [--only ROW1,ROW2,..]
 //! (--n / --batch replace the default sizes; --profile picks the storage profile, 2+1 by default; SIKV_TOPK=single times the one-CTA top-k;
 //! --rows adds the select + attend step with R query rows per sequence, selected per row
 //! (`step_rows<R>`) and from the rows' mean query (`step_mean<R>`), to set against R one-row
 //! steps; --kept sets n_sink, n_heavy and n_window, the kept dense entries, to see what their splits
-//! cost)
+//! cost; --only times just the rows named, e.g. `dense_ours,step`)
 //! Prints a table and writes CSV rows:
 //! kernel,N,batch,d,G,hkv,median_us,p10_us,p90_us,bytes,GBps,k,graph_us,cold_us
 //!
@@ -92,6 +92,8 @@ struct Setup {
 static PROFILE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 /// n_sink, n_heavy, n_window (`--kept`) in place of the profile's, set once in main.
 static KEPT: std::sync::OnceLock<Option<[u32; 3]>> = std::sync::OnceLock::new();
+/// --only: the rows to time (None: every row).
+static ONLY: std::sync::OnceLock<Option<Vec<String>>> = std::sync::OnceLock::new();
 
 /// `msl`: the configured max_seq_len when above `n` (an engine that declares a long maximum and
 /// decodes shorter sequences).
@@ -342,6 +344,8 @@ fn main() {
         })
     });
     KEPT.set(kept).expect("kept set once");
+    let only = value("--only").map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
+    ONLY.set(only).expect("only set once");
     let probe = make_cfg(1024, 0, 1);
     match GpuContext::new(&probe, &Layout::new(&probe)) {
         Err(e) if e.status == SikvStatus::SIKV_ERR_NO_DEVICE => {
@@ -498,6 +502,9 @@ fn run(
                     bytes_step
                 };
                 rows.push(("routed", bytes, Box::new(routed)));
+            }
+            if let Some(Some(only)) = ONLY.get() {
+                rows.retain(|(name, _, _)| only.iter().any(|o| o == name));
             }
             for (name, bytes, f) in rows.iter() {
                 if *name == "rerank" && s.ctx.topk_path() != TopkPath::Single {
