@@ -141,6 +141,12 @@ pub const DENSE_CHUNK_ALIGN: usize = 64;
 pub const DENSE_TC_MAX_CHUNK: usize = 2048;
 /// attend_dense: candidate chunks per (KV head, sequence) aim at this many blocks per SM in all.
 pub const DENSE_BLOCKS_PER_SM: usize = 4;
+/// attend_dense: a chunk block's fixed time (its start, init, finish, its partial's share of
+/// combine) in positions of its tile walk, what a second wave of blocks costs beyond the
+/// positions it walks (workspace::chunks_at). Bounded by the H100 measurements that chose the
+/// rule (thirty-first session): two waves won at 8K batch 8 (needs it below 375) and lost at 16K
+/// batch 4 (needs it above 130).
+pub const DENSE_BLOCK_COST: usize = 256;
 /// combine: partial slots per (sequence, query head) its shared weight array holds.
 pub const COMBINE_MAX_SPLITS: usize = 2048;
 /// attend_dense: at most this many candidate chunks per sequence (the chunks grow instead), so

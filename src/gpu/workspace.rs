@@ -19,7 +19,7 @@
 
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
-    DENSE_BLOCKS_PER_SM, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
+    DENSE_BLOCKS_PER_SM, DENSE_BLOCK_COST, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
     FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, SHORT_DENSE_MAX_CHUNKS,
     TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
@@ -82,16 +82,7 @@ pub fn dense_min_chunk(requested: Option<usize>, batch: u32) -> usize {
 /// attend_dense: candidate chunks per (KV head, sequence) on a device of `sms` multiprocessors
 /// for sequences of up to max_seq_len, as the launch takes them ([`dense_shape`]; the grid's
 /// blocks after the dense splits; the kernel sizes each sequence's chunks from its live
-/// length). [`dense_chunks_for`]'s rule: enough that no chunk exceeds DENSE_TC_MAX_CHUNK at max_seq_len; as many as
-/// fit one wave of DENSE_BLOCKS_PER_SM blocks per SM beside the kept-entry splits where those
-/// chunks are large enough, else enough to give every SM DENSE_BLOCKS_PER_SM; no more than
-/// chunks of DENSE_MIN_CHUNK cover max_seq_len (blocks past a sequence's candidates cost a
-/// launch each), and at most MAX_DENSE_CHUNKS.
-///
-/// Why one wave: the kept-entry splits come first in the grid, so the blocks that do not fit
-/// waited for a slot that one of them held, and the step paid a kept split and a chunk in
-/// series (H200, 8K tokens, batch 4: 43.0 us against 32.6 with sinks only as kept entries,
-/// docs/PERF_NOTES.md v15).
+/// length). The rule is [`chunks_at`]'s.
 pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
     dense_shape(cfg, cfg.max_seq_len as usize, sms, batch, None, None).chunks
 }
@@ -119,18 +110,59 @@ pub fn dense_grid_floor(short: bool) -> usize {
     }
 }
 
-/// dense_chunks_for's rule with the grid's floor given (dense_grid_floor).
+/// dense_chunks_for's rule with the grid's floor given (dense_grid_floor): the chunk count of
+/// the grid's shape that should finish first, among
+///
+/// * one wave: as many chunks as fit one wave of DENSE_BLOCKS_PER_SM blocks per SM beside the
+///   kept splits, where those hold the chunks a row needs (no chunk over DENSE_TC_MAX_CHUNK)
+///   and the kept splits are at most half of a row's blocks;
+/// * two waves, instead of one, where the chunks are long enough that the slots the kept
+///   splits leave idle for the rest of the wave cost more than a second wave's fixed cost:
+///   `DENSE_BLOCK_COST * c1 * c2 < positions * kept` (the second wave's chunks are
+///   c2 = 2 x slots a row - kept, against c1 = slots a row - kept);
+/// * spill: where one wave cannot hold what a row needs beside its kept splits, the most chunks
+///   (at least that need) whose blocks past the wave fit the slots that the first wave's kept
+///   splits free when they finish (they are short: the late chunks start one kept split late);
+/// * two waves where neither holds, if those are at least the need;
+/// * else a chunk count that gives every SM its blocks, or the need.
+///
+/// Never more than chunks of `floor` cover msl (blocks past a sequence's candidates cost a
+/// launch each) and at most MAX_DENSE_CHUNKS, so the workspace's chunks (msl / DENSE_MIN_CHUNK at
+/// max_seq_len) hold every shape.
+///
+/// H100, graph µs, this rule's choice against the one-wave-or-fill rule before it
+/// (docs/RESULTS.md, thirty-first session): batch 16 at 2K 68.4 -> 49.0 (one chunk of 2048 beside
+/// three kept splits had been a wave); batch 8 at 8K 64.2 -> 58.5 (two waves); batch 4 at 32K
+/// 105.0 -> 88.3 (a spill instead of 112 blocks waiting on chunks); one wave still at 8K and
+/// 16K batch 4 (13 chunks; 15 and 29 slower) and 4K batch 8.
 fn chunks_at(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize, floor: usize) -> usize {
-    let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
-    let slots = DENSE_BLOCKS_PER_SM * sms as usize;
-    let need = msl.div_ceil(DENSE_TC_MAX_CHUNK);
-    let one_wave = (slots / rows).saturating_sub(kept);
-    let fill = if one_wave >= need.max(1) {
-        one_wave
-    } else {
-        slots.div_ceil(rows)
+    let rows = cfg.num_kv_heads.max(1) as usize * batch.max(1) as usize;
+    let slots = DENSE_BLOCKS_PER_SM * sms.max(1) as usize;
+    let per_row = slots / rows;
+    let need = msl.div_ceil(DENSE_TC_MAX_CHUNK).max(1);
+    let most = msl.div_ceil(floor).clamp(1, MAX_DENSE_CHUNKS);
+    let one_wave = per_row.saturating_sub(kept);
+    let two_waves = (2 * per_row).saturating_sub(kept);
+    // Blocks past the first wave no more than the kept splits inside it.
+    let spills_into_kept = |c: usize| {
+        let blocks = (c + kept) * rows;
+        blocks <= slots || blocks - slots <= kept * (slots / (c + kept))
     };
-    fill.max(need).min(msl.div_ceil(floor)).clamp(1, MAX_DENSE_CHUNKS)
+    let chosen = if one_wave >= need && one_wave >= kept {
+        let second_pays = (DENSE_BLOCK_COST * one_wave * two_waves) < msl * kept;
+        if two_waves <= most && second_pays {
+            two_waves
+        } else {
+            one_wave
+        }
+    } else if let Some(c) = (need..=per_row.min(most)).rev().find(|&c| spills_into_kept(c)) {
+        c
+    } else if two_waves >= need.max(kept) && two_waves <= most {
+        two_waves
+    } else {
+        need.max(slots.div_ceil(rows))
+    };
+    chosen.min(most).max(need.min(most)).clamp(1, MAX_DENSE_CHUNKS)
 }
 
 /// The short grid's chunks for sequences of at most `msl` tokens (one per DENSE_MIN_CHUNK_ONE
@@ -472,9 +504,10 @@ mod tests {
                 }
             }
         }
-        // At 128K, batch 1, on 132 SMs: about four blocks per SM over 8 KV heads.
+        // At 128K, batch 1, on 132 SMs: about four blocks per SM over 8 KV heads (the 64
+        // chunks it needs and one more, whose blocks past the wave take the kept splits' slots).
         let c = cfg(131072, 1);
-        assert_eq!(dense_chunks(&c, 132, 1), 66);
+        assert_eq!(dense_chunks(&c, 132, 1), 65);
         // A short sequence limit keeps 512-position chunks, but for one or two sequences (the
         // short grid) 256-position ones, as many as fit one wave.
         assert_eq!(dense_chunks(&cfg(8192, 8), 132, 4), 13);
@@ -507,35 +540,55 @@ mod tests {
         assert_eq!(dense_shape(&cfg(8192, 8), 8192, 132, 2, None, Some(1000)).floor, 1024);
     }
 
-    /// Where some chunk count covers max_seq_len with chunks the tensor-core path takes and fits
-    /// one wave beside the kept splits, the grid has the most such chunks (searched here, not
-    /// computed as the rule computes it), up to 512-position chunks; elsewhere it gives every SM
-    /// its blocks (or has a chunk per 512 positions).
+    /// The grid's shapes: the chunk counts measured fastest (H100, thirty-first session) where
+    /// the rule chose them, and everywhere a count the tensor-core path takes; where the most
+    /// chunks that fit one wave beside the kept splits (searched here, not computed as the rule
+    /// computes them) hold the need and a second wave does not pay, exactly those.
     #[test]
-    fn dense_grid_fits_one_wave_where_it_can() {
+    fn dense_grid_shapes_as_measured() {
         let sms = 132usize;
         let slots = DENSE_BLOCKS_PER_SM * sms;
-        for msl in [4096u32, 8192, 20000, 32768, 65536, 131072, 1 << 20] {
-            for batch in [1u32, 2, 3, 4, 8, 16] {
+        // (max_seq_len, batch, chunks): one wave, two waves, spills, the fill.
+        for (msl, batch, want) in [
+            (8192u32, 4u32, 13usize),
+            (16384, 4, 13),
+            (4096, 8, 5),
+            (32768, 1, 63),
+            (32768, 2, 30),
+            (8192, 8, 13),
+            (16384, 8, 13),
+            (32768, 4, 16),
+            (65536, 2, 32),
+            (2048, 16, 3),
+            (8192, 16, 5),
+            (2048, 32, 3),
+            (4096, 32, 3),
+        ] {
+            assert_eq!(dense_chunks(&cfg(msl, batch), 132, batch), want, "msl {msl} batch {batch}");
+        }
+        for msl in [2048u32, 4096, 8192, 20000, 32768, 65536, 131072, 1 << 20] {
+            for batch in [1u32, 2, 3, 4, 8, 16, 32, 64] {
                 let c = cfg(msl, batch);
+                let m = msl as usize;
                 let rows = 8 * batch as usize;
-                let kept = dense_shape(&c, msl as usize, sms as u32, batch, None, None).kept;
-                let need = (msl as usize).div_ceil(DENSE_TC_MAX_CHUNK);
-                let floor = dense_grid_floor(dense_short(&c, msl as usize, sms as u32, batch));
-                let most = (msl as usize).div_ceil(floor).min(MAX_DENSE_CHUNKS);
+                let kept = dense_shape(&c, m, sms as u32, batch, None, None).kept;
+                let need = m.div_ceil(DENSE_TC_MAX_CHUNK);
+                let floor = dense_grid_floor(dense_short(&c, m, sms as u32, batch));
+                let most = m.div_ceil(floor).min(MAX_DENSE_CHUNKS);
                 let n = dense_chunks(&c, sms as u32, batch);
-                match (need..=most).filter(|&m| rows * (kept + m) <= slots).max() {
-                    Some(best) => assert_eq!(n, best, "msl {msl} batch {batch}"),
-                    None => assert!(
-                        n >= need && rows * n >= slots.min(rows * most),
-                        "msl {msl} batch {batch}: {n} chunks"
-                    ),
+                assert!(
+                    n >= need.min(most) && n <= most,
+                    "msl {msl} batch {batch}: {n} chunks"
+                );
+                let wave = (1..=most).filter(|&k| rows * (kept + k) <= slots).max();
+                let second = 2 * (slots / rows) - kept;
+                if let Some(w) = wave.filter(|&w| w >= need && w >= kept) {
+                    if second > most || DENSE_BLOCK_COST * w * second >= m * kept {
+                        assert_eq!(n, w.min(most), "msl {msl} batch {batch}");
+                    }
                 }
             }
         }
-        // 8K at batch 4: 13 chunks beside the 3 kept splits, 16 blocks per row (was 16 chunks).
-        assert_eq!(kept_splits(&cfg(8192, 4)), 3);
-        assert_eq!(dense_chunks(&cfg(8192, 4), 132, 4), 13);
     }
 
     /// The compaction takes one block per tile where the tiles fit one wave, else as many blocks
