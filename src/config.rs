@@ -50,18 +50,40 @@ pub enum RowSelection {
 }
 
 /// `dense_crossover` value that lets the library choose (the default): the dense decode when
-/// the call's tokens are at most 86016 summed over its sequences (the measured break-even).
+/// the call's tokens summed over its sequences are at most the measured break-even for its
+/// number of sequences: 86016 for one, 122880 for 2-3, 131072 for 4-7, 114688 for 8-15, 98304
+/// for 16-31, 131072 from 32 (docs/DESIGN.md, dense-decode crossover).
 pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
-/// AUTO runs the dense decode when a call's tokens (summed over its sequences) are at most
-/// DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (sequences - 1). The dense decode's time
-/// follows the tokens it reads; the sparse step costs a fixed ~50-72 us per call plus a part
-/// per sequence. On the H200 (d = 128, 32/8 heads, 2+1, default budget; docs/RESULTS.md, the
-/// seventh-session entry: 8K-128K tokens per sequence at batches 1, 2, 4, 8) the break-even in
-/// summed tokens is 80K-104K at every batch (interpolated: 85K, 104K, 82K and 80K at batches
-/// 1, 2, 4, 8), so one bound serves every batch: 84K tokens picks the faster path at all 24
-/// measured points (8K-128K per sequence).
-pub const DENSE_AUTO_TOKENS: u64 = 86016;
-pub const DENSE_AUTO_TOKENS_PER_SEQ: u64 = 0;
+/// AUTO's bound by the call's sequences: (the most sequences of a band, the most tokens summed
+/// over them that run dense). The dense decode's time follows the tokens it reads; the sparse
+/// step costs a fixed ~45-80 µs per call plus a part per sequence that grows faster than the
+/// dense decode's above a few sequences, so the break-even moves with the batch. Measured on an
+/// H100 in the thirty-first session (docs/RESULTS.md; d = 128, 32/8 heads, 2+1, default
+/// budget; graph timings, each bound the largest measured point where dense was faster):
+/// batch 1 dense faster up to ~82K tokens, sparse from ~90K (86016 stays, the H200 fit of the
+/// seventh session); batch 2 dense faster at 122880 by 3.4 µs, slower at 131072 by 3.6; batch
+/// 4 faster at 131072 by 3.0, slower at 147456 by 5.8; batch 8 faster at 98304 by 3.4, even
+/// at 114688 (1.2 slower warm, 7.7 faster with a cold L2); batch 16 faster at 98304 by 2.0,
+/// slower at 131072 by 8.6; batch 32 faster at 131072 by 31 µs (above, not measured: the bound
+/// of batch 32 holds for every larger batch). Batches between measured ones take the lower
+/// one's band. The H200's break-even has not been refitted since the seventh session.
+pub const DENSE_AUTO_TOKENS: [(u32, u64); 6] = [
+    (1, 86016),
+    (3, 122880),
+    (7, 131072),
+    (15, 114688),
+    (31, 98304),
+    (u32::MAX, 131072),
+];
+
+/// AUTO's bound on the tokens (summed over its sequences) of a call over `seqs` sequences
+/// (DENSE_AUTO_TOKENS); `seqs` is at least 1.
+pub fn dense_auto_tokens(seqs: u32) -> u64 {
+    DENSE_AUTO_TOKENS
+        .iter()
+        .find(|&&(most, _)| seqs <= most)
+        .map_or(DENSE_AUTO_TOKENS[DENSE_AUTO_TOKENS.len() - 1].1, |&(_, tokens)| tokens)
+}
 /// The stateless decode applies the crossover to the live lengths of calls of up to this many
 /// sequences, and to `batch * max_seq_len` above it. On a GPU the live lengths are read on the
 /// device, so both paths are queued and the unchosen one's blocks return at once; their cost
@@ -77,9 +99,9 @@ pub const LIVE_CROSSOVER_MAX_BATCH: u32 = 4;
 pub enum Crossover {
     /// Up to this many tokens summed over a call's sequences (0: never).
     Tokens(u32),
-    /// The measured break-even (SIKV_DENSE_CROSSOVER_AUTO): DENSE_AUTO_TOKENS and
-    /// DENSE_AUTO_TOKENS_PER_SEQ. The same on every device, so a CPU and a CUDA cache of one
-    /// configuration take the same path.
+    /// The measured break-even (SIKV_DENSE_CROSSOVER_AUTO): DENSE_AUTO_TOKENS by the call's
+    /// sequences. The same on every device, so a CPU and a CUDA cache of one configuration take
+    /// the same path.
     Auto,
 }
 
@@ -97,7 +119,7 @@ impl Crossover {
             Crossover::Tokens(0) => None,
             Crossover::Tokens(n) => Some(n as u64),
             Crossover::Auto if seqs == 0 => None,
-            Crossover::Auto => Some(DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1)),
+            Crossover::Auto => Some(dense_auto_tokens(seqs)),
         }
     }
     /// Whether a call over `seqs` sequences holding `tokens` tokens together runs dense.
@@ -198,8 +220,8 @@ pub struct SikvConfig {
     /// instead of selecting. The stateless decode applies it to the live lengths (read on the
     /// device for a device page table, so a captured graph follows them) for calls of up to 4
     /// sequences, and to batch times max_seq_len above that. 0 = never;
-    /// SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even, 86016
-    /// tokens.
+    /// SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even for the
+    /// call's number of sequences (86016 tokens for one, 98304-131072 for more).
     pub dense_crossover: u32,
 }
 
@@ -629,16 +651,20 @@ mod tests {
         let auto = Crossover::Auto;
         assert_eq!(auto.route(1, 8192), Route::Dense);
         assert_eq!(auto.route(2, 32768), Route::Dense);
-        assert_eq!(auto.route(1, DENSE_AUTO_TOKENS as u32), Route::Dense);
-        assert_eq!(
-            auto.route(1, DENSE_AUTO_TOKENS as u32 + 1),
-            Route::Live(DENSE_AUTO_TOKENS)
-        );
-        assert_eq!(
-            auto.route(LIVE_CROSSOVER_MAX_BATCH, 131072),
-            Route::Live(DENSE_AUTO_TOKENS)
-        );
+        let one = dense_auto_tokens(1);
+        assert_eq!(auto.route(1, one as u32), Route::Dense);
+        assert_eq!(auto.route(1, one as u32 + 1), Route::Live(one));
+        let four = dense_auto_tokens(LIVE_CROSSOVER_MAX_BATCH);
+        assert_eq!(four, 131072);
+        assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH, 32768), Route::Dense);
+        assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH, 32768 + 256), Route::Live(four));
         assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH + 1, 131072), Route::Sparse);
+        // Above the live batch bound the declared tokens decide, by the batch's band.
+        assert_eq!(auto.route(8, 14336), Route::Dense);
+        assert_eq!(auto.route(8, 16384), Route::Sparse);
+        assert_eq!(auto.route(32, 4096), Route::Dense);
+        assert_eq!(auto.route(64, 2048), Route::Dense);
+        assert_eq!(auto.route(64, 4096), Route::Sparse);
         // Still dense above the live batch bound where full sequences fit.
         assert_eq!(auto.route(8, 8192), Route::Dense);
         assert_eq!(Crossover::Tokens(0).route(1, 16), Route::Sparse);

@@ -80,16 +80,29 @@ fn below_the_crossover_attend_is_the_dense_decode() {
 }
 
 /// The default crossover (SIKV_DENSE_CROSSOVER_AUTO) is the measured break-even, the same on
-/// every device: 86016 tokens summed over the call's sequences, whatever their number.
+/// every device: a bound on the tokens summed over the call's sequences, by their number
+/// (DENSE_AUTO_TOKENS's bands, each bound inclusive).
 #[test]
 fn the_default_crossover_is_the_measured_break_even() {
     let c = SikvConfig::for_profile(0).unwrap();
     assert_eq!(c.dense_crossover, SIKV_DENSE_CROSSOVER_AUTO);
     let auto = CacheConfig::from_c(&c).unwrap().dense_crossover;
     assert_eq!(auto, Crossover::Auto);
-    assert_eq!((DENSE_AUTO_TOKENS, DENSE_AUTO_TOKENS_PER_SEQ), (86016, 0));
-    for seqs in [1u32, 2, 4, 8, 64] {
-        let limit = DENSE_AUTO_TOKENS + DENSE_AUTO_TOKENS_PER_SEQ * (seqs as u64 - 1);
+    for (seqs, limit) in [
+        (1u32, 86016u64),
+        (2, 122880),
+        (3, 122880),
+        (4, 131072),
+        (7, 131072),
+        (8, 114688),
+        (15, 114688),
+        (16, 98304),
+        (31, 98304),
+        (32, 131072),
+        (64, 131072),
+        (u32::MAX, 131072),
+    ] {
+        assert_eq!(dense_auto_tokens(seqs), limit, "{seqs} sequences");
         assert!(auto.dense(seqs, limit), "{seqs} sequences, {limit} tokens: dense");
         assert!(
             !auto.dense(seqs, limit + 1),

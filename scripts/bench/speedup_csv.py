@@ -3,12 +3,13 @@
 
 Reads gpu_check's gpu_bench.csv (our stages; eager medians) and sdpa_baseline.csv (PyTorch SDPA),
 and writes N,batch,auto_path,auto_us,sparse_us,dense_us,cudnn_us,flash_us: auto_path is the path
-the AUTO rule (dense when the call's summed tokens <= TOKENS + PER_SEQ * (batch - 1)) gives,
+the AUTO rule (dense when the call's summed tokens are at most its batch's band's bound) gives,
 auto_us that path's measured time. Plot it with plot.py --step auto_us.
 
 usage: speedup_csv.py --bench gpu_bench.csv --sdpa sdpa_baseline.csv --out speedup.csv
-                      --auto-tokens T --auto-per-seq P
-(T and P: config.rs DENSE_AUTO_TOKENS and DENSE_AUTO_TOKENS_PER_SEQ of the build that ran)
+                      --auto-bands MOST:TOKENS,MOST:TOKENS,...
+(the bands: config.rs DENSE_AUTO_TOKENS of the build that ran, each the most sequences of a band
+and its bound, e.g. 1:86016,3:122880,7:131072,15:114688,31:98304,4294967295:131072)
 """
 import argparse
 import csv
@@ -19,9 +20,13 @@ def main(argv=None):
     ap.add_argument("--bench", required=True)
     ap.add_argument("--sdpa", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--auto-tokens", type=int, required=True)
-    ap.add_argument("--auto-per-seq", type=int, required=True)
+    ap.add_argument("--auto-bands", required=True)
     a = ap.parse_args(argv)
+    bands = sorted(tuple(int(x) for x in band.split(":")) for band in a.auto_bands.split(","))
+
+    def auto_tokens(b):
+        return next((t for most, t in bands if b <= most), bands[-1][1])
+
     ours = {}
     with open(a.bench) as f:
         for r in csv.DictReader(f):
@@ -36,7 +41,7 @@ def main(argv=None):
         sparse, dense = ours[("step", n, b)], ours.get(("dense_ours", n, b))
         if dense is None:
             continue
-        path = "dense" if n * b <= a.auto_tokens + a.auto_per_seq * (b - 1) else "sparse"
+        path = "dense" if n * b <= auto_tokens(b) else "sparse"
         auto = dense if path == "dense" else sparse
         cu, fl = sdpa.get(("cudnn", n, b)), sdpa.get(("flash", n, b))
         rows.append([n, b, path, f"{auto:.2f}", f"{sparse:.2f}", f"{dense:.2f}",

@@ -564,7 +564,11 @@ mod tests {
             (2048, 32, 3),
             (4096, 32, 3),
         ] {
-            assert_eq!(dense_chunks(&cfg(msl, batch), 132, batch), want, "msl {msl} batch {batch}");
+            assert_eq!(
+                dense_chunks(&cfg(msl, batch), 132, batch),
+                want,
+                "msl {msl} batch {batch}"
+            );
         }
         for msl in [2048u32, 4096, 8192, 20000, 32768, 65536, 131072, 1 << 20] {
             for batch in [1u32, 2, 3, 4, 8, 16, 32, 64] {
@@ -576,10 +580,7 @@ mod tests {
                 let floor = dense_grid_floor(dense_short(&c, m, sms as u32, batch));
                 let most = m.div_ceil(floor).min(MAX_DENSE_CHUNKS);
                 let n = dense_chunks(&c, sms as u32, batch);
-                assert!(
-                    n >= need.min(most) && n <= most,
-                    "msl {msl} batch {batch}: {n} chunks"
-                );
+                assert!(n >= need.min(most) && n <= most, "msl {msl} batch {batch}: {n} chunks");
                 let wave = (1..=most).filter(|&k| rows * (kept + k) <= slots).max();
                 let second = 2 * (slots / rows) - kept;
                 if let Some(w) = wave.filter(|&w| w >= need && w >= kept) {
