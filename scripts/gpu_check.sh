@@ -11,7 +11,9 @@
 #   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT;
 #   `dense_groups`: the ignored diagnosis decode::dense_decode_groups, three seeds; `probe`:
 #   scripts/diag/latency_probe.cu, the fixed costs of launches, barriers and loads; `timeline`:
-#   each kernel of a decode step on the device's clock, scripts/bench/step_timeline.py)
+#   each kernel of a decode step on the device's clock, scripts/bench/step_timeline.py;
+#   `crossover`: the dense decode and the sparse step around each of the default crossover's
+#   bounds, scripts/bench/crossover_check.py, batches CROSSOVER_B)
 #   5. a summary table (last lines of the output)
 # Logs and CSVs go to $OUT (default ./gpu_out). Env: STEPS (default "tests,memcheck,racecheck,
 # bench": run a subset, e.g. to stay under a per-command time limit), BENCH_QUICK=1,
@@ -58,7 +60,7 @@ filters() { tr ',' ' ' <<<"$1"; }
 # alone (the bundle is larger than one transfer can take).
 need=()
 if want tests || want dense_groups || want memcheck || want racecheck || want sanitize; then need+=(gpu_tests); fi
-if want bench || want profile || want profile_sass; then need+=(gpu_bench); fi
+if want bench || want profile || want profile_sass || want crossover; then need+=(gpu_bench); fi
 for b in "${need[@]}"; do
   if [ ! -x ".gpu/$b" ]; then
     echo "gpu_check: .gpu/$b missing for STEPS=$STEPS (run scripts/build_gpu_bundle.sh on the build machine)" >&2
@@ -453,6 +455,19 @@ if want timeline; then
   echo "   ($((SECONDS - t0)) s)"
 fi
 
+# crossover (not in the default STEPS): the default crossover's bounds (config.rs
+# DENSE_AUTO_TOKENS) against this device: both paths at 75-125 % of each band's bound, and where
+# the bound picks the slower one (what a refit on another GPU starts from).
+if want crossover; then
+  echo "== crossover check"
+  t0=$SECONDS
+  python3 scripts/bench/crossover_check.py --bench .gpu/gpu_bench --csv "$OUT/crossover_gpu_bench.csv" \
+    --batches "${CROSSOVER_B:-1,2,4,8,16,32}" > "$OUT/crossover.log" 2>&1
+  RC[crossover]=$?
+  tail -45 "$OUT/crossover.log"
+  echo "   ($((SECONDS - t0)) s)"
+fi
+
 if want model; then
   # The whole-model decode step and append/calibrate against PyTorch (scripts/bench), through
   # the C ABI of .gpu/libselfindexkv.so.
@@ -468,7 +483,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_attend_span_3 tests_kept_split_16 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 tests_compact_blocks_1 tests_hist_zero_memset tests_final_cluster_1 tests_final_cluster_2 managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass model; do
+for k in tests tests_attend_span_3 tests_kept_split_16 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 tests_compact_blocks_1 tests_hist_zero_memset tests_final_cluster_1 tests_final_cluster_2 managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass crossover model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Checks the default crossover's bounds (config.rs DENSE_AUTO_TOKENS) against the device: for
+each band's batch, the dense decode and the sparse step at summed token counts around the
+band's bound (75 % to 125 % of it), graph and cold timings from gpu_bench, and for each point
+the faster path against the one the bound picks. What a refit on another GPU starts from.
+
+The bands are read from src/config.rs, so the check follows the build it runs with.
+
+usage: crossover_check.py --bench .gpu/gpu_bench --csv OUT.csv [--batches 1,2,4,8,16,32]
+       crossover_check.py --from-csv A.csv[,B.csv] (report on gpu_bench CSVs already taken)
+Exit status: 0, also when some point disagrees (the report says where); 1 when nothing could
+be timed (no device, or the bench failed).
+"""
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+U32_MAX = 0xFFFF_FFFF
+
+
+def bands(config_rs=os.path.join(ROOT, "src", "config.rs")):
+    """[(most sequences, tokens)] of DENSE_AUTO_TOKENS, in order."""
+    text = open(config_rs).read()
+    m = re.search(r"pub const DENSE_AUTO_TOKENS: \[\(u32, u64\); \d+\] = \[(.*?)\];", text, re.S)
+    if not m:
+        raise SystemExit("crossover_check: DENSE_AUTO_TOKENS not found in src/config.rs")
+    out = []
+    for most, tokens in re.findall(r"\(\s*([\w:]+)\s*,\s*(\d+)\s*\)", m.group(1)):
+        out.append((U32_MAX if most == "u32::MAX" else int(most), int(tokens)))
+    return out
+
+
+def bound(bs, batch):
+    return next((t for most, t in bs if batch <= most), bs[-1][1])
+
+
+def points(bs, batch):
+    """Per-sequence lengths (multiples of 1024) whose summed tokens span the bound."""
+    b = bound(bs, batch)
+    ns = set()
+    for f in (0.75, 0.875, 1.0, 1.125, 1.25):
+        n = int(b * f / batch) // 1024 * 1024
+        if n >= 1024:
+            ns.add(n)
+    return sorted(ns)
+
+
+def run_bench(bench, batches, bs, csv_path):
+    rows = []
+    for b in batches:
+        part = f"{csv_path}.b{b}"
+        ns = ",".join(str(n) for n in points(bs, b))
+        cmd = [bench, "--only", "dense_ours,step", "--n", ns, "--batch", str(b), "--csv", part]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.exists(part):
+            sys.stderr.write(r.stdout[-2000:] + r.stderr[-2000:])
+            continue
+        rows += list(csv.DictReader(open(part)))
+        os.remove(part)
+    if rows:
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+    return rows
+
+
+def report(rows, bs):
+    t = {}
+    for r in rows:
+        if r["kernel"] in ("dense_ours", "step") and r.get("graph_us"):
+            cold = float(r["cold_us"]) if r.get("cold_us") else float("nan")
+            t[(int(r["batch"]), int(r["N"]), r["kernel"])] = (float(r["graph_us"]), cold)
+    bad = 0
+    print("batch      N   tokens  bound   dense g/c       step g/c       faster  picked  loss(g)")
+    for b, n in sorted({(k[0], k[1]) for k in t}):
+        d, s = t.get((b, n, "dense_ours")), t.get((b, n, "step"))
+        if d is None or s is None:
+            continue
+        tok, lim = b * n, bound(bs, b)
+        faster = "dense" if d[0] <= s[0] else "sparse"
+        picked = "dense" if tok <= lim else "sparse"
+        loss = (d[0] if picked == "dense" else s[0]) - min(d[0], s[0])
+        bad += picked != faster
+        flag = "" if picked == faster else "  <-"
+        print(f"{b:5d} {n:7d} {tok:8d} {lim:7d}  {d[0]:6.1f}/{d[1]:6.1f}  {s[0]:6.1f}/{s[1]:6.1f}"
+              f"  {faster:6s}  {picked:6s}  {loss:5.1f}{flag}")
+    print(f"crossover check: {bad} point(s) where the bound picks the slower path (graph)")
+    return len(t) > 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench")
+    ap.add_argument("--csv", default="crossover_gpu_bench.csv")
+    ap.add_argument("--batches", default="1,2,4,8,16,32")
+    ap.add_argument("--from-csv")
+    a = ap.parse_args(argv)
+    bs = bands()
+    print("bands (most sequences: tokens):", ", ".join(f"{m}: {t}" for m, t in bs))
+    if a.from_csv:
+        rows = [r for p in a.from_csv.split(",") for r in csv.DictReader(open(p))]
+    elif a.bench:
+        rows = run_bench(a.bench, [int(b) for b in a.batches.split(",")], bs, a.csv)
+    else:
+        ap.error("--bench or --from-csv")
+    return 0 if report(rows, bs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
