@@ -87,19 +87,6 @@ pub fn dense_chunks(cfg: &CacheConfig, sms: u32, batch: u32) -> usize {
     dense_shape(cfg, cfg.max_seq_len as usize, sms, batch, None, None).chunks
 }
 
-/// [`dense_chunks`] for sequences of at most `msl` tokens (at most max_seq_len, so at most
-/// the workspace's chunks), beside `kept` kept-entry splits per row.
-pub fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize) -> usize {
-    chunks_at(
-        msl,
-        cfg,
-        sms,
-        batch,
-        kept,
-        dense_grid_floor(dense_short(cfg, msl, sms, batch)),
-    )
-}
-
 /// The grid's floor on a chunk's positions, which bounds its chunk count: DENSE_MIN_CHUNK_ONE in
 /// the short grid (dense_short), else DENSE_MIN_CHUNK.
 pub fn dense_grid_floor(short: bool) -> usize {
@@ -110,7 +97,8 @@ pub fn dense_grid_floor(short: bool) -> usize {
     }
 }
 
-/// dense_chunks_for's rule with the grid's floor given (dense_grid_floor): the chunk count of
+/// The dense decode's chunks per row for sequences of at most `msl` tokens beside `kept`
+/// kept-entry splits, with the grid's floor given (dense_grid_floor): the chunk count of
 /// the grid's shape that should finish first, among
 ///
 /// * one wave: as many chunks as fit one wave of DENSE_BLOCKS_PER_SM blocks per SM beside the
@@ -162,7 +150,8 @@ fn chunks_at(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize, f
     } else {
         need.max(slots.div_ceil(rows))
     };
-    chosen.min(most).max(need.min(most)).clamp(1, MAX_DENSE_CHUNKS)
+    // Every choice is at least the need (>= 1); `most` is within 1..=MAX_DENSE_CHUNKS.
+    chosen.min(most)
 }
 
 /// The short grid's chunks for sequences of at most `msl` tokens (one per DENSE_MIN_CHUNK_ONE
@@ -208,8 +197,8 @@ pub struct DenseShape {
 /// multiprocessors: the short grid where dense_short takes it (a chunk per DENSE_MIN_CHUNK_ONE
 /// positions, and at batch 1 kept splits of KEPT_SPLIT_SMALL entries), else kept splits of
 /// ATTEND_SPLIT entries (short ones made no longer dense decode faster and cost chunks beside
-/// them: H100, 32K at batch 1 under a 128K max_seq_len, 32.2 -> 33.9 us), dense_chunks_for's
-/// chunks and dense_min_chunk's floor. `forced_kept` (kept_split_forced) and `forced_floor`
+/// them: H100, 32K at batch 1 under a 128K max_seq_len, 32.2 -> 33.9 us), chunks_at's chunks
+/// and dense_min_chunk's floor. `forced_kept` (kept_split_forced) and `forced_floor`
 /// (dense_min_chunk's request), switches, replace their parts.
 pub fn dense_shape(
     cfg: &CacheConfig,
@@ -335,8 +324,10 @@ pub fn code_width4(cfg: &CacheConfig) -> bool {
 /// attend: ATTEND_SPLITs of selected tokens per tensor-core split at this batch on a device of
 /// `sms` multiprocessors. The smallest span whose grid, kept-entry splits included, fits one
 /// wave of ATTEND_BLOCKS_PER_SM blocks per SM (each warp then walks several tiles, its next
-/// gather in flight), so that no split waits for a slot a kept split holds (dense_chunks_for
-/// says why). Where none does (large batches, or many kept entries), the span that brings the
+/// gather in flight), so that no split waits for a slot a kept split holds (chunks_at says
+/// why; the selected tokens' splits are short, so a second wave of them never paid: forcing
+/// spans 1-7 at batch 4 and 8 found none faster, docs/RESULTS.md thirty-first session run 4).
+/// Where none does (large batches, or many kept entries), the span that brings the
 /// selected tokens' splits alone to that many blocks, at most ATTEND_MAX_SPAN. 1 where the
 /// splits do not run on tensor cores.
 /// `kept`: the call's kept-entry splits per row.
@@ -462,6 +453,19 @@ mod tests {
         c
     }
 
+    /// chunks_at for sequences of at most `msl` tokens beside `kept` kept-entry splits per row,
+    /// with the floor of the grid dense_shape would take.
+    fn dense_chunks_for(msl: usize, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize) -> usize {
+        chunks_at(
+            msl,
+            cfg,
+            sms,
+            batch,
+            kept,
+            dense_grid_floor(dense_short(cfg, msl, sms, batch)),
+        )
+    }
+
     /// Every grid covers max_seq_len with chunks the tensor-core path takes (up to MAX_DENSE_CHUNKS),
     /// never has more chunks than 512-position ones would need, and fits the workspace.
     #[test]
@@ -540,8 +544,9 @@ mod tests {
         assert_eq!(dense_shape(&cfg(8192, 8), 8192, 132, 2, None, Some(1000)).floor, 1024);
     }
 
-    /// The grid's shapes: the chunk counts measured fastest (H100, thirty-first session) where
-    /// the rule chose them, and everywhere a count the tensor-core path takes; where the most
+    /// The grid's shapes: the counts the rule chooses at the points measured in the thirty-first
+    /// session (H100; each the fastest count measured there, but 2K at batch 16: 3 chunks 49.0
+    /// µs against 4 chunks 46.5), and everywhere a count the tensor-core path takes; where the most
     /// chunks that fit one wave beside the kept splits (searched here, not computed as the rule
     /// computes them) hold the need and a second wave does not pay, exactly those.
     #[test]
@@ -582,7 +587,7 @@ mod tests {
                 let n = dense_chunks(&c, sms as u32, batch);
                 assert!(n >= need.min(most) && n <= most, "msl {msl} batch {batch}: {n} chunks");
                 let wave = (1..=most).filter(|&k| rows * (kept + k) <= slots).max();
-                let second = 2 * (slots / rows) - kept;
+                let second = (2 * (slots / rows)).saturating_sub(kept);
                 if let Some(w) = wave.filter(|&w| w >= need && w >= kept) {
                     if second > most || DENSE_BLOCK_COST * w * second >= m * kept {
                         assert_eq!(n, w.min(most), "msl {msl} batch {batch}");
