@@ -144,7 +144,7 @@ pub const DENSE_BLOCKS_PER_SM: usize = 4;
 /// attend_dense: a chunk block's fixed time (its start, init, finish, its partial's share of
 /// combine) in positions of its tile walk, what a second wave of blocks costs beyond the
 /// positions it walks (workspace::chunks_at). Bounded by the H100 measurements that chose the
-/// rule (thirty-first session): two waves won at 8K batch 8 (needs it below 375) and lost at 16K
+/// rule (thirty-first session): two waves won at 8K batch 8 (needs it below 378) and lost at 16K
 /// batch 4 (needs it above 130).
 pub const DENSE_BLOCK_COST: usize = 256;
 /// combine: partial slots per (sequence, query head) its shared weight array holds.
