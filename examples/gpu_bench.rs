@@ -94,6 +94,19 @@ static PROFILE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 static KEPT: std::sync::OnceLock<Option<[u32; 3]>> = std::sync::OnceLock::new();
 /// --only: the rows to time (None: every row).
 static ONLY: std::sync::OnceLock<Option<Vec<String>>> = std::sync::OnceLock::new();
+/// The rows `run` can time (`routed` only where the crossover reads live lengths), which --only
+/// names.
+const ROW_NAMES: [&str; 9] = [
+    "score",
+    "topk",
+    "rerank",
+    "select",
+    "attend",
+    "step",
+    "dense_ours",
+    "dense_live",
+    "routed",
+];
 
 /// `msl`: the configured max_seq_len when above `n` (an engine that declares a long maximum and
 /// decodes shorter sequences).
@@ -344,7 +357,11 @@ fn main() {
         })
     });
     KEPT.set(kept).expect("kept set once");
-    let only = value("--only").map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
+    let only: Option<Vec<String>> = value("--only").map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
+    if let Some(bad) = only.iter().flatten().find(|o| !ROW_NAMES.contains(&o.as_str())) {
+        eprintln!("gpu bench: --only takes rows of {ROW_NAMES:?}, not {bad}");
+        std::process::exit(2);
+    }
     ONLY.set(only).expect("only set once");
     let probe = make_cfg(1024, 0, 1);
     match GpuContext::new(&probe, &Layout::new(&probe)) {
@@ -503,6 +520,10 @@ fn run(
                 };
                 rows.push(("routed", bytes, Box::new(routed)));
             }
+            assert!(
+                rows.iter().all(|(name, _, _)| ROW_NAMES.contains(name)),
+                "a row missing from ROW_NAMES"
+            );
             if let Some(Some(only)) = ONLY.get() {
                 rows.retain(|(name, _, _)| only.iter().any(|o| o == name));
             }

@@ -35,6 +35,7 @@ def bands(config_rs=os.path.join(ROOT, "src", "config.rs")):
 
 
 def bound(bs, batch):
+    """The bound of the band that holds `batch` sequences (the last band's past them all)."""
     return next((t for most, t in bs if batch <= most), bs[-1][1])
 
 

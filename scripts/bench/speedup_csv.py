@@ -7,12 +7,15 @@ the AUTO rule (dense when the call's summed tokens are at most its batch's band'
 auto_us that path's measured time. Plot it with plot.py --step auto_us.
 
 usage: speedup_csv.py --bench gpu_bench.csv --sdpa sdpa_baseline.csv --out speedup.csv
-                      --auto-bands MOST:TOKENS,MOST:TOKENS,...
-(the bands: config.rs DENSE_AUTO_TOKENS of the build that ran, each the most sequences of a band
-and its bound, e.g. 1:86016,3:122880,7:131072,15:114688,31:98304,4294967295:131072)
+                      [--auto-bands MOST:TOKENS,MOST:TOKENS,...]
+(the bands: by default config.rs DENSE_AUTO_TOKENS of this checkout, read as crossover_check.py
+reads them; give them for a run of another build, each the most sequences of a band and its
+bound, e.g. 1:86016,3:122880,7:131072,15:114688,31:98304,4294967295:131072)
 """
 import argparse
 import csv
+
+from crossover_check import bands as config_bands, bound
 
 
 def main(argv=None):
@@ -20,12 +23,12 @@ def main(argv=None):
     ap.add_argument("--bench", required=True)
     ap.add_argument("--sdpa", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--auto-bands", required=True)
+    ap.add_argument("--auto-bands")
     a = ap.parse_args(argv)
-    bands = sorted(tuple(int(x) for x in band.split(":")) for band in a.auto_bands.split(","))
-
-    def auto_tokens(b):
-        return next((t for most, t in bands if b <= most), bands[-1][1])
+    if a.auto_bands:
+        bands = sorted(tuple(int(x) for x in band.split(":")) for band in a.auto_bands.split(","))
+    else:
+        bands = config_bands()
 
     ours = {}
     with open(a.bench) as f:
@@ -41,7 +44,7 @@ def main(argv=None):
         sparse, dense = ours[("step", n, b)], ours.get(("dense_ours", n, b))
         if dense is None:
             continue
-        path = "dense" if n * b <= auto_tokens(b) else "sparse"
+        path = "dense" if n * b <= bound(bands, b) else "sparse"
         auto = dense if path == "dense" else sparse
         cu, fl = sdpa.get(("cudnn", n, b)), sdpa.get(("flash", n, b))
         rows.append([n, b, path, f"{auto:.2f}", f"{sparse:.2f}", f"{dense:.2f}",
