@@ -319,10 +319,11 @@ SIKV_DEV void sparse_items(const SikvParams& p, int split, int nd, int total, in
 // the positions below its bound. A separate entry: the run-time form changed the scheduling of
 // the whole one-row attend (a larger step at batch 8 with every stage's own time unchanged;
 // H200, eleventh session, runs 1 and 2).
+// s: the block's shared memory (attend_body's own; the dense decode's shares its bytes with
+// the candidate chunks').
 template <int D, typename T, bool DENSE, bool MEAN = false>
-SIKV_DEV void attend_body(const SikvParams& p) {
+SIKV_DEV void attend_body_in(const SikvParams& p, AttendSmem<D>& s) {
     typedef AttendShape<D> Sh;
-    __shared__ AttendSmem<D> s;
     const int r = blockIdx.z, h = blockIdx.y, split = blockIdx.x;
     const int G = p.group;
     const int tid = threadIdx.x;
@@ -598,6 +599,12 @@ SIKV_DEV void attend_body(const SikvParams& p) {
         part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 0] = s.state[tid].m;
         part_ml[((hq_base + tid) * p.num_splits + split) * 2 + 1] = s.state[tid].l;
     }
+}
+
+template <int D, typename T, bool DENSE, bool MEAN = false>
+SIKV_DEV void attend_body(const SikvParams& p) {
+    __shared__ AttendSmem<D> s;
+    attend_body_in<D, T, DENSE, MEAN>(p, s);
 }
 // A sparse split whose 64 list items are all selected tokens, on tensor cores (attend_tc.cuh):
 // one tile of 16 per warp. Returns false, having written nothing, for what attend_body does (a
