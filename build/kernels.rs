@@ -14,7 +14,9 @@
 //!
 //! Rules: nvcc found but a kernel fails to compile => the build fails (CI relies on it);
 //! `SIKV_REQUIRE_NVCC=1` and no nvcc => the build fails; `SIKV_CUDA_ARCHS=90,80` restricts
-//! the targets (quick local builds). The fatbin is cached in OUT_DIR under a hash of every
+//! the targets (quick local builds); `SIKV_FATBIN_COMPRESS=size` (or `speed`, `balance`,
+//! `none`, `default`) passes nvcc's `--compress-mode` (the GPU bundle's binaries embed a fatbin
+//! about a tenth the size with `size`; the driver expands it when the module loads). The fatbin is cached in OUT_DIR under a hash of every
 //! input, so the (minutes long) compile reruns only when a kernel, the layout, the flags or
 //! the compiler change.
 
@@ -33,6 +35,7 @@ pub fn build(root: &Path, out: &Path) {
         "CUDA_PATH",
         "SIKV_REQUIRE_NVCC",
         "SIKV_CUDA_ARCHS",
+        "SIKV_FATBIN_COMPRESS",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -69,11 +72,20 @@ pub fn build(root: &Path, out: &Path) {
             let archs = target_archs(&nvcc);
             let fb = out.join("sikv_kernels.fatbin");
             let stamp = out.join("sikv_kernels.fatbin.hash");
-            let hash = input_hash(&files, &layout_header, &main_tu, &nvcc, &version, &archs);
+            let compress = compress_mode();
+            let hash = input_hash(
+                &files,
+                &layout_header,
+                &main_tu,
+                &nvcc,
+                &version,
+                &archs,
+                compress.as_deref(),
+            );
             let cached = fb.exists() && fs::read_to_string(&stamp).map(|s| s.trim() == hash).unwrap_or(false);
             if !cached {
                 let _ = fs::remove_file(&stamp);
-                compile(&nvcc, &main_path, &kdir, out, &archs, &fb);
+                compile(&nvcc, &main_path, &kdir, out, &archs, compress.as_deref(), &fb);
                 fs::write(&stamp, &hash).unwrap();
             }
             let names: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
@@ -123,9 +135,25 @@ pub fn build(root: &Path, out: &Path) {
     fs::write(out.join("kernels_embed.rs"), rs).unwrap();
 }
 
-fn compile(nvcc: &Path, main: &Path, kdir: &Path, out: &Path, archs: &[u32], fb: &Path) {
+/// `SIKV_FATBIN_COMPRESS`: nvcc's `--compress-mode` value, when set (and not empty).
+fn compress_mode() -> Option<String> {
+    let m = env::var("SIKV_FATBIN_COMPRESS").ok()?;
+    let m = m.trim().to_string();
+    if m.is_empty() {
+        return None;
+    }
+    if !["default", "size", "speed", "balance", "none"].contains(&m.as_str()) {
+        panic!("SIKV_FATBIN_COMPRESS={m:?}: expected one of default, size, speed, balance, none");
+    }
+    Some(m)
+}
+
+fn compile(nvcc: &Path, main: &Path, kdir: &Path, out: &Path, archs: &[u32], compress: Option<&str>, fb: &Path) {
     let mut cmd = Command::new(nvcc);
     cmd.args(NVCC_FLAGS);
+    if let Some(m) = compress {
+        cmd.arg(format!("--compress-mode={m}"));
+    }
     for a in archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
@@ -291,7 +319,15 @@ fn target_archs(nvcc: &Path) -> Vec<u32> {
 }
 
 /// FNV-1a 64 over everything that determines the fatbin.
-fn input_hash(files: &[PathBuf], layout: &Path, main_tu: &str, nvcc: &Path, version: &str, archs: &[u32]) -> String {
+fn input_hash(
+    files: &[PathBuf],
+    layout: &Path,
+    main_tu: &str,
+    nvcc: &Path,
+    version: &str,
+    archs: &[u32],
+    compress: Option<&str>,
+) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     let mut eat = |bytes: &[u8]| {
         for b in bytes {
@@ -315,5 +351,6 @@ fn input_hash(files: &[PathBuf], layout: &Path, main_tu: &str, nvcc: &Path, vers
     for f in NVCC_FLAGS {
         eat(f.as_bytes());
     }
+    eat(compress.unwrap_or("").as_bytes());
     format!("{h:016x}")
 }
