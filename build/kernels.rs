@@ -14,11 +14,11 @@
 //!
 //! Rules: nvcc found but a kernel fails to compile => the build fails (CI relies on it);
 //! `SIKV_REQUIRE_NVCC=1` and no nvcc => the build fails; `SIKV_CUDA_ARCHS=90,80` restricts
-//! the targets (quick local builds); `SIKV_FATBIN_COMPRESS=size` (or `speed`, `balance`,
-//! `none`, `default`) passes nvcc's `--compress-mode` (the GPU bundle's binaries embed a fatbin
-//! about a tenth the size with `size`; the driver expands it when the module loads). The fatbin is cached in OUT_DIR under a hash of every
-//! input, so the (minutes long) compile reruns only when a kernel, the layout, the flags or
-//! the compiler change.
+//! the targets (quick local builds); `SIKV_FATBIN_COMPRESS` passes one of COMPRESS_MODES to
+//! nvcc's `--compress-mode` (with `size` the GPU bundle's binaries embed a fatbin of 0.7 MB
+//! instead of 8.9 at sm_90). The fatbin is cached in OUT_DIR under a hash of every input, so
+//! the (minutes long) compile reruns only when a kernel, the layout, the flags or the compiler
+//! change.
 
 use std::env;
 use std::fs;
@@ -27,6 +27,8 @@ use std::process::Command;
 
 const BASE_ARCHS: [u32; 4] = [80, 86, 89, 90];
 const NVCC_FLAGS: [&str; 4] = ["-fatbin", "-O3", "-std=c++17", "--threads=0"];
+/// The values nvcc's `--compress-mode` takes (SIKV_FATBIN_COMPRESS).
+const COMPRESS_MODES: [&str; 5] = ["default", "size", "speed", "balance", "none"];
 
 pub fn build(root: &Path, out: &Path) {
     for var in [
@@ -142,8 +144,11 @@ fn compress_mode() -> Option<String> {
     if m.is_empty() {
         return None;
     }
-    if !["default", "size", "speed", "balance", "none"].contains(&m.as_str()) {
-        panic!("SIKV_FATBIN_COMPRESS={m:?}: expected one of default, size, speed, balance, none");
+    if !COMPRESS_MODES.contains(&m.as_str()) {
+        panic!(
+            "SIKV_FATBIN_COMPRESS={m:?}: expected one of {}",
+            COMPRESS_MODES.join(", ")
+        );
     }
     Some(m)
 }
