@@ -456,13 +456,15 @@ if want timeline; then
 fi
 
 # crossover (not in the default STEPS): the default crossover's bounds (config.rs
-# DENSE_AUTO_TOKENS) against this device: both paths at 75-125 % of each band's bound, and where
-# the bound picks the slower one (what a refit on another GPU starts from).
+# DENSE_AUTO_TOKENS) against this device: both paths at 75-125 % of each band's bound
+# (CROSSOVER_FACTORS: other fractions, e.g. wider for a refit), where the bound picks the slower
+# one, and each batch's interpolated break-even (what a refit on another GPU starts from).
 if want crossover; then
   echo "== crossover check"
   t0=$SECONDS
   python3 scripts/bench/crossover_check.py --bench .gpu/gpu_bench --csv "$OUT/crossover_gpu_bench.csv" \
-    --batches "${CROSSOVER_B:-1,2,4,8,16,32}" > "$OUT/crossover.log" 2>&1
+    --batches "${CROSSOVER_B:-1,2,4,8,16,32}" --factors "${CROSSOVER_FACTORS:-0.75,0.875,1.0,1.125,1.25}" \
+    > "$OUT/crossover.log" 2>&1
   RC[crossover]=$?
   tail -45 "$OUT/crossover.log"
   echo "   ($((SECONDS - t0)) s)"

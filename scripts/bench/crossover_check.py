@@ -39,22 +39,25 @@ def bound(bs, batch):
     return next((t for most, t in bs if batch <= most), bs[-1][1])
 
 
-def points(bs, batch):
+FACTORS = (0.75, 0.875, 1.0, 1.125, 1.25)
+
+
+def points(bs, batch, factors=FACTORS):
     """Per-sequence lengths (multiples of 1024) whose summed tokens span the bound."""
     b = bound(bs, batch)
     ns = set()
-    for f in (0.75, 0.875, 1.0, 1.125, 1.25):
+    for f in factors:
         n = int(b * f / batch) // 1024 * 1024
         if n >= 1024:
             ns.add(n)
     return sorted(ns)
 
 
-def run_bench(bench, batches, bs, csv_path):
+def run_bench(bench, batches, bs, csv_path, factors=FACTORS):
     rows = []
     for b in batches:
         part = f"{csv_path}.b{b}"
-        ns = ",".join(str(n) for n in points(bs, b))
+        ns = ",".join(str(n) for n in points(bs, b, factors))
         cmd = [bench, "--only", "dense_ours,step", "--n", ns, "--batch", str(b), "--csv", part]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0 or not os.path.exists(part):
@@ -91,7 +94,30 @@ def report(rows, bs):
         print(f"{b:5d} {n:7d} {tok:8d} {lim:7d}  {d[0]:6.1f}/{d[1]:6.1f}  {s[0]:6.1f}/{s[1]:6.1f}"
               f"  {faster:6s}  {picked:6s}  {loss:5.1f}{flag}")
     print(f"crossover check: {bad} point(s) where the bound picks the slower path (graph)")
+    break_even(t)
     return len(t) > 0
+
+
+def break_even(t):
+    """Per batch, the summed tokens where dense and sparse (graph) are even, interpolated
+    linearly between the measured points on either side of the first change of sign; what a
+    refit of DENSE_AUTO_TOKENS starts from (rounded down to a multiple of 8192 there)."""
+    for b in sorted({k[0] for k in t}):
+        ns = sorted(n for (bb, n, k) in t if bb == b and k == "dense_ours" and (b, n, "step") in t)
+        diffs = [(b * n, t[(b, n, "dense_ours")][0] - t[(b, n, "step")][0]) for n in ns]
+        if not diffs:
+            continue
+        even = None
+        for (x0, d0), (x1, d1) in zip(diffs, diffs[1:]):
+            if d0 <= 0 < d1:
+                even = x0 + (x1 - x0) * (-d0) / (d1 - d0)
+                break
+        if even is not None:
+            print(f"break-even batch {b}: {even:.0f} tokens")
+        elif diffs[-1][1] <= 0:
+            print(f"break-even batch {b}: above {diffs[-1][0]} tokens (dense faster at every point)")
+        else:
+            print(f"break-even batch {b}: below {diffs[0][0]} tokens (sparse faster at every point)")
 
 
 def main(argv=None):
@@ -100,13 +126,16 @@ def main(argv=None):
     ap.add_argument("--csv", default="crossover_gpu_bench.csv")
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--from-csv")
+    ap.add_argument("--factors", default=",".join(str(f) for f in FACTORS),
+                    help="the points, as fractions of each band's bound (a refit widens them)")
     a = ap.parse_args(argv)
     bs = bands()
     print("bands (most sequences: tokens):", ", ".join(f"{m}: {t}" for m, t in bs))
     if a.from_csv:
         rows = [r for p in a.from_csv.split(",") for r in csv.DictReader(open(p))]
     elif a.bench:
-        rows = run_bench(a.bench, [int(b) for b in a.batches.split(",")], bs, a.csv)
+        factors = [float(f) for f in a.factors.split(",")]
+        rows = run_bench(a.bench, [int(b) for b in a.batches.split(",")], bs, a.csv, factors)
     else:
         ap.error("--bench or --from-csv")
     return 0 if report(rows, bs) else 1
