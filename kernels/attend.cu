@@ -617,9 +617,8 @@ SIKV_DEV void attend_body(const SikvParams& p) {
 // The one-row kernels decline such calls: the row lookup beside the tiles made them spill, so
 // rows have kernels of their own (sikv_attend_rows*).
 template <int D, typename T, int BITS, bool ROWS = false>
-SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
+SIKV_DEV bool sparse_tc_split(const SikvParams& p, TcSmem<D>& s) {
     typedef TcShape<D, BITS> Sh;
-    __shared__ TcSmem<D> s;
     if (!ROWS && p.row_offsets) {
         sikv_grid_wait();
         return false;
@@ -665,6 +664,7 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     sparse_items(p, split, nd, 0x7fffffff, tc_items, &lo, &hi);
     if (lo < nd) {  // uniform over the block
         sikv_grid_wait();
+        __syncthreads();  // s.count read: attend_body's shared memory takes the same bytes
         return false;
     }
     const long long hq_base = (long long)r * p.num_kv_heads * p.group + (long long)h * p.group;
@@ -695,7 +695,10 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     };
     if (lo >= sel_bound) {
         const int e = selection_ends_before();
-        if (e < 0) return false;
+        if (e < 0) {
+            __syncthreads();  // as above
+            return false;
+        }
         if (e > 0) {
             write_empty_partial<D>(p, hq_base, split);
             return true;
@@ -707,7 +710,10 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
     // then one load after the selection instead of two.
     const int* pages = seq_pages(p, b);
     const int e = selection_ends_before();
-    if (e < 0) return false;
+    if (e < 0) {
+        __syncthreads();  // init's shared memory read (attend_body's takes the same bytes)
+        return false;
+    }
     if (e > 0) {
         write_empty_partial<D>(p, hq_base, split);
         return true;
@@ -754,15 +760,21 @@ SIKV_DEV bool sparse_tc_split(const SikvParams& p) {
 // prologue) and otherwise wait first.
 template <int D, typename T, int BITS, bool ROWS = false>
 SIKV_DEV void attend_splits(const SikvParams& p) {
+    // attend_body's and the tensor-core splits' shared memory in one place: a block ends in
+    // one of them (a tensor-core split that declines has left its bytes behind a barrier).
+    constexpr size_t TC = TcShape<D>::OK ? sizeof(TcSmem<D>) : 0;
+    constexpr size_t ARENA = TC > sizeof(AttendSmem<D>) ? TC : sizeof(AttendSmem<D>);
+    __shared__ __align__(16) u8 arena[ARENA];
+    AttendSmem<D>& as = *reinterpret_cast<AttendSmem<D>*>(arena);
     if ((int)blockIdx.x < p.dense_splits) {
-        attend_body<D, T, false>(p);
+        attend_body_in<D, T, false>(p, as);
         return;
     }
     if constexpr (TcShape<D>::OK) {
-        if (tc_shape_ok<D, BITS>(p) && sparse_tc_split<D, T, BITS, ROWS>(p)) return;
+        if (tc_shape_ok<D, BITS>(p) && sparse_tc_split<D, T, BITS, ROWS>(p, *reinterpret_cast<TcSmem<D>*>(arena))) return;
     }
     sikv_grid_wait();
-    attend_body<D, T, false>(p);
+    attend_body_in<D, T, false>(p, as);
 }
 template <int D, typename T>
 SIKV_DEV void sikv_attend_impl(const SikvParams& p) {
