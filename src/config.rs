@@ -51,30 +51,23 @@ pub enum RowSelection {
 
 /// `dense_crossover` value that lets the library choose (the default): the dense decode when
 /// the call's tokens summed over its sequences are at most the measured break-even for its
-/// number of sequences: 86016 for one, 122880 for 2-3, 131072 for 4-7, 114688 for 8-15, 98304
-/// for 16-31, 131072 from 32 (docs/DESIGN.md, dense-decode crossover).
+/// number of sequences: 86016 for one, 135168 for 2-3, 147456 for 4-31, 348160 for 32-63,
+/// 524288 from 64 (docs/DESIGN.md, dense-decode crossover).
 pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
 /// AUTO's bound by the call's sequences: (the most sequences of a band, the most tokens summed
 /// over them that run dense). The dense decode's time follows the tokens it reads; the sparse
 /// step costs a fixed ~45-80 µs per call plus a part per sequence that grows faster than the
 /// dense decode's above a few sequences, so the break-even moves with the batch. Measured on an
-/// H100 in the thirty-first session (docs/RESULTS.md; d = 128, 32/8 heads, 2+1, default
-/// budget; graph timings, each bound the largest measured point where dense was faster):
-/// batch 1 dense faster up to ~82K tokens, sparse from ~90K (86016 stays, the H200 fit of the
-/// seventh session); batch 2 dense faster at 122880 by 3.4 µs, slower at 131072 by 3.6; batch
-/// 4 faster at 131072 by 3.0, slower at 147456 by 5.8; batch 8 faster at 98304 by 3.4, even
-/// at 114688 (1.2 slower warm, 7.7 faster with a cold L2); batch 16 faster at 98304 by 2.0,
-/// slower at 131072 by 8.6; batch 32 faster at 131072 by 31 µs (above, not measured: the bound
-/// of batch 32 holds for every larger batch). Batches between measured ones take the lower
-/// one's band. The H200's break-even has not been refitted since the seventh session.
-pub const DENSE_AUTO_TOKENS: [(u32, u64); 6] = [
-    (1, 86016),
-    (3, 122880),
-    (7, 131072),
-    (15, 114688),
-    (31, 98304),
-    (u32::MAX, 131072),
-];
+/// H100 in the thirty-third session (docs/RESULTS.md; d = 128, 32/8 heads, 2+1, default
+/// budget; graph timings; each bound the break-even interpolated between the measured points
+/// on either side, rounded down to a multiple of 4096): batch 1 even at ~84.5K tokens (86016
+/// stays, the H200 fit of the seventh session: 0.7 µs slower there warm, 13.8 faster with a
+/// cold L2); batch 2 at ~138K-140K (two runs); batch 4 at ~151K; batch 8 at ~151K-160K; batch
+/// 16 at ~154K; batch 32 at ~350K; batch 64 dense faster at every measured point up to 524288
+/// (the bound of batch 64 holds for every larger batch). Batches between measured ones take
+/// the lower one's band. The H200's break-even has not been refitted since the seventh session.
+pub const DENSE_AUTO_TOKENS: [(u32, u64); 5] =
+    [(1, 86016), (3, 135168), (31, 147456), (63, 348160), (u32::MAX, 524288)];
 
 /// AUTO's bound on the tokens (summed over its sequences) of a call over `seqs` sequences
 /// (DENSE_AUTO_TOKENS); `seqs` is at least 1.
@@ -221,7 +214,7 @@ pub struct SikvConfig {
     /// device for a device page table, so a captured graph follows them) for calls of up to 4
     /// sequences, and to batch times max_seq_len above that. 0 = never;
     /// SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even for the
-    /// call's number of sequences (86016 tokens for one, 98304-131072 for more).
+    /// call's number of sequences (86016 tokens for one, 135168-524288 for more).
     pub dense_crossover: u32,
 }
 
@@ -655,16 +648,19 @@ mod tests {
         assert_eq!(auto.route(1, one as u32), Route::Dense);
         assert_eq!(auto.route(1, one as u32 + 1), Route::Live(one));
         let four = dense_auto_tokens(LIVE_CROSSOVER_MAX_BATCH);
-        assert_eq!(four, 131072);
-        assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH, 32768), Route::Dense);
-        assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH, 32768 + 256), Route::Live(four));
+        assert_eq!(four, 147456);
+        assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH, 36864), Route::Dense);
+        assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH, 36864 + 256), Route::Live(four));
         assert_eq!(auto.route(LIVE_CROSSOVER_MAX_BATCH + 1, 131072), Route::Sparse);
         // Above the live batch bound the declared tokens decide, by the batch's band.
-        assert_eq!(auto.route(8, 14336), Route::Dense);
-        assert_eq!(auto.route(8, 16384), Route::Sparse);
-        assert_eq!(auto.route(32, 4096), Route::Dense);
-        assert_eq!(auto.route(64, 2048), Route::Dense);
-        assert_eq!(auto.route(64, 4096), Route::Sparse);
+        assert_eq!(auto.route(8, 18432), Route::Dense);
+        assert_eq!(auto.route(8, 18432 + 1024), Route::Sparse);
+        assert_eq!(auto.route(32, 10880), Route::Dense);
+        assert_eq!(auto.route(32, 10880 + 128), Route::Sparse);
+        assert_eq!(auto.route(64, 8192), Route::Dense);
+        assert_eq!(auto.route(64, 8192 + 64), Route::Sparse);
+        assert_eq!(auto.route(1024, 512), Route::Dense);
+        assert_eq!(auto.route(1024, 1024), Route::Sparse);
         // Still dense above the live batch bound where full sequences fit.
         assert_eq!(auto.route(8, 8192), Route::Dense);
         assert_eq!(Crossover::Tokens(0).route(1, 16), Route::Sparse);

@@ -90,17 +90,16 @@ fn the_default_crossover_is_the_measured_break_even() {
     assert_eq!(auto, Crossover::Auto);
     for (seqs, limit) in [
         (1u32, 86016u64),
-        (2, 122880),
-        (3, 122880),
-        (4, 131072),
-        (7, 131072),
-        (8, 114688),
-        (15, 114688),
-        (16, 98304),
-        (31, 98304),
-        (32, 131072),
-        (64, 131072),
-        (u32::MAX, 131072),
+        (2, 135168),
+        (3, 135168),
+        (4, 147456),
+        (8, 147456),
+        (16, 147456),
+        (31, 147456),
+        (32, 348160),
+        (63, 348160),
+        (64, 524288),
+        (u32::MAX, 524288),
     ] {
         assert_eq!(dense_auto_tokens(seqs), limit, "{seqs} sequences");
         assert!(auto.dense(seqs, limit), "{seqs} sequences, {limit} tokens: dense");

@@ -25,7 +25,7 @@ U32_MAX = 0xFFFF_FFFF
 def bands(config_rs=os.path.join(ROOT, "src", "config.rs")):
     """[(most sequences, tokens)] of DENSE_AUTO_TOKENS, in order."""
     text = open(config_rs).read()
-    m = re.search(r"pub const DENSE_AUTO_TOKENS: \[\(u32, u64\); \d+\] = \[(.*?)\];", text, re.S)
+    m = re.search(r"pub const DENSE_AUTO_TOKENS: \[\(u32, u64\); \d+\]\s*=\s*\[(.*?)\];", text, re.S)
     if not m:
         raise SystemExit("crossover_check: DENSE_AUTO_TOKENS not found in src/config.rs")
     out = []
@@ -101,7 +101,7 @@ def report(rows, bs):
 def break_even(t):
     """Per batch, the summed tokens where dense and sparse (graph) are even, interpolated
     linearly between the measured points on either side of the first change of sign; what a
-    refit of DENSE_AUTO_TOKENS starts from (rounded down to a multiple of 8192 there)."""
+    refit of DENSE_AUTO_TOKENS starts from (rounded down to a multiple of 4096 there)."""
     for b in sorted({k[0] for k in t}):
         ns = sorted(n for (bb, n, k) in t if bb == b and k == "dense_ours" and (b, n, "step") in t)
         diffs = [(b * n, t[(b, n, "dense_ours")][0] - t[(b, n, "step")][0]) for n in ns]
