@@ -462,9 +462,9 @@ fi
 if want crossover; then
   echo "== crossover check"
   t0=$SECONDS
+  factors=(); [ -n "${CROSSOVER_FACTORS:-}" ] && factors=(--factors "$CROSSOVER_FACTORS")
   python3 scripts/bench/crossover_check.py --bench .gpu/gpu_bench --csv "$OUT/crossover_gpu_bench.csv" \
-    --batches "${CROSSOVER_B:-1,2,4,8,16,32}" --factors "${CROSSOVER_FACTORS:-0.75,0.875,1.0,1.125,1.25}" \
-    > "$OUT/crossover.log" 2>&1
+    --batches "${CROSSOVER_B:-1,2,4,8,16,32}" "${factors[@]}" > "$OUT/crossover.log" 2>&1
   RC[crossover]=$?
   tail -45 "$OUT/crossover.log"
   echo "   ($((SECONDS - t0)) s)"
