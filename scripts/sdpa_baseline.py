@@ -82,6 +82,8 @@ def main():
     ap.add_argument("--csv", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--n", default=None, help="context lengths, e.g. 8192,16384 (replaces the defaults)")
+    ap.add_argument("--batch", default=None, help="batches, e.g. 1,8 (replaces the defaults)")
     a = ap.parse_args()
     try:
         import torch
@@ -97,6 +99,10 @@ def main():
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
     ns = [8192] if a.quick else [8192, 32768, 131072]
     batches = [1, 2] if a.quick else [1, 2, 4, 8]
+    if a.n:
+        ns = [int(x) for x in a.n.split(",")]
+    if a.batch:
+        batches = [int(x) for x in a.batch.split(",")]
     hq, hkv, d = 32, 8, 128
     g = hq // hkv
     backends = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
