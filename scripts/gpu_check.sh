@@ -6,6 +6,8 @@
 #      (setup::, encode::, decode::, graph::; tests/gpu/), then .gpu/gpu_managed_tests
 #   3. compute-sanitizer memcheck and racecheck on a reduced run (SIKV_GPU_TEST_QUICK=1)
 #   4. .gpu/gpu_bench (our kernels) and scripts/sdpa_baseline.py (PyTorch SDPA cuDNN / flash)
+#      and the crossover's path against them (speedup.csv, speedup.png: scripts/bench/speedup_csv.py,
+#      plot.py)
 #   (step `samples`: the C++ engine sample and TensorRT plugin harness with --device cuda;
 #   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel;
 #   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT;
@@ -376,6 +378,18 @@ if want bench; then
   python3 scripts/sdpa_baseline.py $Q --csv "$OUT/sdpa_baseline.csv" > "$OUT/sdpa_baseline.log" 2>&1
   RC[sdpa]=$?
   echo "   ($((SECONDS - t0)) s)"
+  # The crossover's path against cuDNN and flash per context and batch (speedup.csv, graph
+  # timings; speedup_cold.csv, cold, goes into the archive) and its plot (speedup.png, where
+  # matplotlib is installed).
+  echo "== speedup of the crossover's path against SDPA"
+  (cd scripts/bench &&
+    python3 speedup_csv.py --bench "$OUT/gpu_bench.csv" --sdpa "$OUT/sdpa_baseline.csv" --out "$OUT/speedup.csv" &&
+    python3 speedup_csv.py --time cold --bench "$OUT/gpu_bench.csv" --sdpa "$OUT/sdpa_baseline.csv" \
+      --out "$OUT/speedup_cold.csv" > /dev/null &&
+    python3 plot.py --csv "$OUT/speedup.csv" --out "$OUT/speedup.png" --step auto_us --baselines cudnn_us,flash_us \
+      --title "decode (the crossover's path) against PyTorch SDPA, graph timings") > "$OUT/speedup.log" 2>&1
+  RC[speedup]=$?
+  cat "$OUT/speedup.log"
 fi
 
 # Nsight Compute's command line, or nothing when it is not installed.
@@ -485,7 +499,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_attend_span_3 tests_kept_split_16 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 tests_compact_blocks_1 tests_hist_zero_memset tests_final_cluster_1 tests_final_cluster_2 managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa profile profile_sass crossover model; do
+for k in tests tests_attend_span_3 tests_kept_split_16 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 tests_compact_blocks_1 tests_hist_zero_memset tests_final_cluster_1 tests_final_cluster_2 managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa speedup profile profile_sass crossover model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
@@ -607,8 +621,8 @@ if fit:
 EOF
 # Everything in one archive plus the two CSVs, so that all of it comes back from the GPU machine.
 # (The CSVs of a second and later BASELINE go into the archive too: $OUT returns few files.)
-(cd "$OUT" && shopt -s nullglob && tar czf logs.tgz --exclude=logs.tgz ./*.log base[2-9]_gpu_bench.csv 2>/dev/null \
-  && rm -f ./*.log base[2-9]_gpu_bench.csv)
+(cd "$OUT" && shopt -s nullglob && tar czf logs.tgz --exclude=logs.tgz ./*.log base[2-9]_gpu_bench.csv speedup_cold*.csv 2>/dev/null \
+  && rm -f ./*.log base[2-9]_gpu_bench.csv speedup_cold*.csv)
 fail=0
 for k in "${!RC[@]}"; do [ "${RC[$k]}" != "0" ] && fail=1; done
 exit $fail
