@@ -382,12 +382,13 @@ if want bench; then
   # timings; speedup_cold.csv, cold, goes into the archive) and its plot (speedup.png, where
   # matplotlib is installed).
   echo "== speedup of the crossover's path against SDPA"
-  (cd scripts/bench &&
-    python3 speedup_csv.py --bench "$OUT/gpu_bench.csv" --sdpa "$OUT/sdpa_baseline.csv" --out "$OUT/speedup.csv" &&
-    python3 speedup_csv.py --time cold --bench "$OUT/gpu_bench.csv" --sdpa "$OUT/sdpa_baseline.csv" \
+  # (From the repository root, as every path here: a relative OUT names a folder there.)
+  S=scripts/bench
+  { python3 $S/speedup_csv.py --bench "$OUT/gpu_bench.csv" --sdpa "$OUT/sdpa_baseline.csv" --out "$OUT/speedup.csv" &&
+    python3 $S/speedup_csv.py --time cold --bench "$OUT/gpu_bench.csv" --sdpa "$OUT/sdpa_baseline.csv" \
       --out "$OUT/speedup_cold.csv" > /dev/null &&
-    python3 plot.py --csv "$OUT/speedup.csv" --out "$OUT/speedup.png" --step auto_us --baselines cudnn_us,flash_us \
-      --title "decode (the crossover's path) against PyTorch SDPA, graph timings") > "$OUT/speedup.log" 2>&1
+    python3 $S/plot.py --csv "$OUT/speedup.csv" --out "$OUT/speedup.png" --step auto_us --baselines cudnn_us,flash_us \
+      --title "decode (the crossover's path) against PyTorch SDPA, graph timings"; } > "$OUT/speedup.log" 2>&1
   RC[speedup]=$?
   cat "$OUT/speedup.log"
 fi
