@@ -1047,3 +1047,12 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
         sikv_grid_dependency();                                                   \
     }
 #define SIKV_ENTRY_LATE_WAIT(NAME, NT) SIKV_ENTRY_LATE_WAIT_MINB(NAME, NT, 1)
+// The same for every (head_dim, dtype) variant (the re-rank score: its query and tables are
+// made before the body's grid dependency).
+#define SIKV_ENTRY_DT_LATE_WAIT(NAME, BOUNDS, D, T, TNAME)                                       \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
+                               NAME##_d##D##_##TNAME(const SikvParams p) {                      \
+                                   if (!route_skips(p)) NAME##_impl<D, T>(p);                   \
+                                   sikv_grid_dependency();                                      \
+                               })
+#define SIKV_ENTRIES_D_T_LATE_WAIT(NAME, NT) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT_LATE_WAIT, NAME, (NT))

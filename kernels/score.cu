@@ -347,10 +347,9 @@ SIKV_ENTRIES_D_T_SCORE(sikv_score_rows, SCORE_ROWS_BOUNDS)
 // stored 16-bit k'): for 2-bit keys regrouped into subset-sum lookups (rerank_dot2), else
 // summed in channel order. One thread per survivor; grid (ceil(stage1_max/128), H_kv, B).
 //
-// The survivor's page lookup and plane rows are fetched before the block's query prologue, so
-// their dependent-load chain overlaps it, and the key bits are a template parameter: the code
-// extraction unrolls to constant shifts of registers (a run-time width had put the code words
-// in local memory).
+// The block's query prologue runs before its grid dependency (rerank_score_bits), and the key
+// bits are a template parameter: the code extraction unrolls to constant shifts of registers
+// (a run-time width had put the code words in local memory).
 
 // N consecutive u32 words of a plane row (row_bytes = 4 N, so a row is 4 N-byte aligned).
 template <int N>
@@ -478,23 +477,18 @@ SIKV_DEV void rerank_tables(const float* qbar, const float* scale, float* sub) {
     }
 }
 
-// r: the query row (its survivors, keys and query), b: its sequence (page table).
-// listed: the thread's entry of the stage-1 list (read whether or not it is live).
+// r: the query row (its survivors, keys and query), b: its sequence (page table). The query,
+// the scales and (2-bit keys) the subset-sum tables are made first, then the grid dependency:
+// none of them is written by the select's kernels, so a block that starts while the final
+// select runs has them ready when the list is (its survivors' chain of loads, list entry then
+// page then plane rows, follows the wait). Made after the plane-row gathers had been issued,
+// the query's loads waited behind them (a quarter of the kernel's stall samples at 128K batch 8).
 template <int D, typename T, int BITS, bool MEAN>
-SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1, int slot, int listed, float* qbar,
-                                float* scale) {
+SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int slot, float* qbar, float* scale) {
     typedef typename Storage<T>::type S;
     const long long rowid = (long long)r * p.num_kv_heads + h;
     u8* rec = state_record(p, slot, h);
-    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    const bool live = i < n1;
-    const int pos = live ? listed : 0;
-    const bool forced = live && p.force_generated && pos >= state_meta(p, rec)[META_PROMPT_LEN];
-    // Page outside the pool: row -1 (fault raised), no candidate, like stage 1's key 0.
-    const long long row = live && !forced ? row_index(p, b, h, pos) : -1;
-    RerankKey<D, BITS == 16 ? 2 : BITS> key;
-    if constexpr (BITS != 16)
-        if (row >= 0) key.load(p, row);
+    const int prompt_len = p.force_generated ? state_meta(p, rec)[META_PROMPT_LEN] : 0;
     load_qbar<D, T, MEAN>(p, r, h, qbar);
     for (int c = threadIdx.x; c < D; c += blockDim.x) scale[c] = reinterpret_cast<const float*>(rec + p.off_scale)[c];
     __syncthreads();
@@ -503,7 +497,15 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1
         rerank_tables<D>(qbar, scale, sub);
         __syncthreads();
     }
-    if (!live) return;
+    // The stage-1 list and its count: the final select's (the launch just ahead).
+    sikv_grid_dependency();
+    const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n1) return;
+    const int pos = reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i];
+    const bool forced = p.force_generated && pos >= prompt_len;
+    // Page outside the pool: row -1 (fault raised), no candidate, like stage 1's key 0.
+    const long long row = !forced ? row_index(p, b, h, pos) : -1;
     u32 out = 0u;
     if (forced) {
         out = score_key(SIKV_INF);
@@ -517,10 +519,11 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1
                 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc = add_rn(acc, mul_rn(qbar[c0 + j], kv[j]));
             }
-        } else if constexpr (BITS == 2) {
-            acc = rerank_dot2<D>(key.sign, key.mag, key.par, sub);
         } else {
-            acc = key.dot(qbar, scale);
+            RerankKey<D, BITS> key;
+            key.load(p, row);
+            if constexpr (BITS == 2) acc = rerank_dot2<D>(key.sign, key.mag, key.par, sub);
+            else acc = key.dot(qbar, scale);
         }
         out = score_key(acc);
     }
@@ -531,14 +534,6 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int n1
 template <int D, typename T, bool MEAN>
 SIKV_DEV void rerank_score_body(const SikvParams& p) {
     const int r = blockIdx.z, h = blockIdx.y;
-    const long long rowid = (long long)r * p.num_kv_heads + h;
-    // The survivor count, this thread's list entry and the row's slot go out together (the
-    // entry before the count says whether it is live: one round trip instead of two).
-    const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
-    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    const int listed = i < p.stage1_max ? reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i] : 0;
-    // Stage 1 saw the same rows, slot and page table: a bad row or slot left n1 = 0, a bad
-    // page key 0.
     // (One query row per sequence reads the slot alone, as before rows existed: the length
     // would be one more dependent load in this prologue.)
     int b = r, slot;
@@ -549,23 +544,24 @@ SIKV_DEV void rerank_score_body(const SikvParams& p) {
     } else {
         slot = batch_slot(p, r);
     }
-    if ((int)(blockIdx.x * blockDim.x) >= n1) return;
+    // Stage 1 saw the same rows, slot and page table: a bad row or slot left n1 = 0 (nothing
+    // to score), a bad page key 0.
     if (slot < 0) return;
     __shared__ __align__(16) float qbar[D];
     __shared__ __align__(16) float scale[D];
     switch (p.key_bits) {
-        case 2: rerank_score_bits<D, T, 2, MEAN>(p, r, b, h, n1, slot, listed, qbar, scale); break;
-        case 4: rerank_score_bits<D, T, 4, MEAN>(p, r, b, h, n1, slot, listed, qbar, scale); break;
-        default: rerank_score_bits<D, T, 16, MEAN>(p, r, b, h, n1, slot, listed, qbar, scale); break;
+        case 2: rerank_score_bits<D, T, 2, MEAN>(p, r, b, h, slot, qbar, scale); break;
+        case 4: rerank_score_bits<D, T, 4, MEAN>(p, r, b, h, slot, qbar, scale); break;
+        default: rerank_score_bits<D, T, 16, MEAN>(p, r, b, h, slot, qbar, scale); break;
     }
 }
 template <int D, typename T>
 SIKV_DEV void sikv_rerank_score_impl(const SikvParams& p) {
     rerank_score_body<D, T, false>(p);
 }
-SIKV_ENTRIES_D_T(sikv_rerank_score, RERANK_THREADS)
+SIKV_ENTRIES_D_T_LATE_WAIT(sikv_rerank_score, RERANK_THREADS)
 template <int D, typename T>
 SIKV_DEV void sikv_rerank_score_mean_impl(const SikvParams& p) {
     rerank_score_body<D, T, true>(p);
 }
-SIKV_ENTRIES_D_T(sikv_rerank_score_mean, RERANK_THREADS)
+SIKV_ENTRIES_D_T_LATE_WAIT(sikv_rerank_score_mean, RERANK_THREADS)
