@@ -15,7 +15,9 @@
 #   scripts/diag/latency_probe.cu, the fixed costs of launches, barriers and loads; `timeline`:
 #   each kernel of a decode step on the device's clock, scripts/bench/step_timeline.py;
 #   `crossover`: the dense decode and the sparse step around each of the default crossover's
-#   bounds, scripts/bench/crossover_check.py, batches CROSSOVER_B)
+#   bounds, scripts/bench/crossover_check.py, batches CROSSOVER_B; `ab`: gpu_bench builds
+#   against each other in alternating rounds, AB_BUILDS / AB_ARGS / AB_ROUNDS,
+#   scripts/bench/ab_rounds.py)
 #   5. a summary table (last lines of the output)
 # Logs and CSVs go to $OUT (default ./gpu_out). Env: STEPS (default "tests,memcheck,racecheck,
 # bench": run a subset, e.g. to stay under a per-command time limit), BENCH_QUICK=1,
@@ -474,6 +476,21 @@ fi
 # DENSE_AUTO_TOKENS) against this device: both paths at 75-125 % of each band's bound
 # (CROSSOVER_FACTORS: other fractions, e.g. wider for a refit), where the bound picks the slower
 # one, and each batch's interpolated break-even (what a refit on another GPU starts from).
+if want ab; then
+  # Builds against each other in alternating rounds (scripts/bench/ab_rounds.py): AB_BUILDS
+  # "name=path/to/gpu_bench,..." (the first is the base), AB_ARGS their gpu_bench arguments,
+  # AB_ROUNDS (default 2). ab_gpu_bench.csv holds every row with its build and round.
+  echo "== A/B rounds"
+  t0=$SECONDS
+  ab=(); for spec in ${AB_BUILDS//,/ }; do ab+=(--build "$spec"); done
+  # shellcheck disable=SC2086 # AB_ARGS is a list of gpu_bench arguments
+  python3 scripts/bench/ab_rounds.py "${ab[@]}" --rounds "${AB_ROUNDS:-2}" --csv "$OUT/ab_gpu_bench.csv" \
+    -- ${AB_ARGS:---only step} > "$OUT/ab.log" 2>&1
+  RC[ab]=$?
+  cat "$OUT/ab.log"
+  echo "   ($((SECONDS - t0)) s)"
+fi
+
 if want crossover; then
   echo "== crossover check"
   t0=$SECONDS
@@ -500,7 +517,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_attend_span_3 tests_kept_split_16 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 tests_compact_blocks_1 tests_hist_zero_memset tests_final_cluster_1 tests_final_cluster_2 managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa speedup profile profile_sass crossover model; do
+for k in tests tests_attend_span_3 tests_kept_split_16 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 tests_compact_blocks_1 tests_hist_zero_memset tests_final_cluster_1 tests_final_cluster_2 managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa speedup profile profile_sass ab crossover model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'
