@@ -472,10 +472,6 @@ if want timeline; then
   echo "   ($((SECONDS - t0)) s)"
 fi
 
-# crossover (not in the default STEPS): the default crossover's bounds (config.rs
-# DENSE_AUTO_TOKENS) against this device: both paths at 75-125 % of each band's bound
-# (CROSSOVER_FACTORS: other fractions, e.g. wider for a refit), where the bound picks the slower
-# one, and each batch's interpolated break-even (what a refit on another GPU starts from).
 if want ab; then
   # Builds against each other in alternating rounds (scripts/bench/ab_rounds.py): AB_BUILDS
   # "name=path/to/gpu_bench,..." (the first is the base), AB_ARGS their gpu_bench arguments,
@@ -491,6 +487,10 @@ if want ab; then
   echo "   ($((SECONDS - t0)) s)"
 fi
 
+# crossover (not in the default STEPS): the default crossover's bounds (config.rs
+# DENSE_AUTO_TOKENS) against this device: both paths at 75-125 % of each band's bound
+# (CROSSOVER_FACTORS: other fractions, e.g. wider for a refit), where the bound picks the slower
+# one, and each batch's interpolated break-even (what a refit on another GPU starts from).
 if want crossover; then
   echo "== crossover check"
   t0=$SECONDS

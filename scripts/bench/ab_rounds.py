@@ -29,6 +29,9 @@ def run_round(builds, args, rnd, timeout):
             try:
                 r = subprocess.run([path, *args, "--csv", out], capture_output=True, text=True, timeout=timeout)
                 ok = r.returncode == 0 and os.path.exists(out)
+                if not ok:
+                    tail = (r.stdout + r.stderr).strip().splitlines()[-5:]
+                    print(f"ab_rounds: {name} ({path}) exited {r.returncode}:", *tail, sep="\n  ", file=sys.stderr)
             except (OSError, subprocess.TimeoutExpired) as e:
                 print(f"ab_rounds: {name} ({path}): {e}", file=sys.stderr)
                 ok = False
