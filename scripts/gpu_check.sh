@@ -11,6 +11,7 @@
 #   (step `samples`: the C++ engine sample and TensorRT plugin harness with --device cuda;
 #   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel;
 #   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT;
+#   both profile PROFILE_BENCH, a gpu_bench build, default .gpu/gpu_bench;
 #   `dense_groups`: the ignored diagnosis decode::dense_decode_groups, three seeds; `probe`:
 #   scripts/diag/latency_probe.cu, the fixed costs of launches, barriers and loads; `timeline`:
 #   each kernel of a decode step on the device's clock, scripts/bench/step_timeline.py;
@@ -421,7 +422,7 @@ if want profile; then
         IFS=: read -r name rx cnt <<<"$part"
         "$NCU" --kernel-name "regex:$rx" --launch-count "$cnt" --section SpeedOfLight --section LaunchStats \
           --section Occupancy --section WarpStateStats --metrics "$STALLS" --csv --page details \
-          .gpu/gpu_bench --quick --iters 5 --n "$n" --batch "$b" > "$OUT/ncu_${name}_${n}_${b}.log" 2>&1 || RC[profile]=$?
+          "${PROFILE_BENCH:-.gpu/gpu_bench}" --quick --iters 5 --n "$n" --batch "$b" > "$OUT/ncu_${name}_${n}_${b}.log" 2>&1 || RC[profile]=$?
       done
     done
     python3 scripts/ncu_summary.py "$OUT"/ncu_*.log | tee "$OUT/ncu_summary.txt"
@@ -445,7 +446,7 @@ if want profile_sass; then
     for nb in ${PROFILE_SIZES:-131072:1}; do
       n=${nb%%:*} b=${nb##*:}
       "$NCU" --set full --import-source no --kernel-name "regex:$rx" --launch-count "${PROFILE_COUNT:-7}" \
-        -f -o "$OUT/sass_${n}_${b}" .gpu/gpu_bench --quick --iters 5 --n "$n" --batch "$b" \
+        -f -o "$OUT/sass_${n}_${b}" "${PROFILE_BENCH:-.gpu/gpu_bench}" --quick --iters 5 --n "$n" --batch "$b" \
         > "$OUT/sass_${n}_${b}.log" 2>&1 || RC[profile_sass]=$?
       "$NCU" -i "$OUT/sass_${n}_${b}.ncu-rep" --page source --csv --print-source sass \
         > "$OUT/sass_${n}_${b}.csv" 2>>"$OUT/sass_${n}_${b}.log" || RC[profile_sass]=$?
