@@ -14,9 +14,10 @@ import argparse
 import csv
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import gpu_bench_rows, write_csv  # noqa: E402
 
 
 def run_round(builds, args, rnd, timeout):
@@ -24,37 +25,18 @@ def run_round(builds, args, rnd, timeout):
     order = builds[rnd % len(builds):] + builds[:rnd % len(builds)]
     rows, failed = [], []
     for name, path in order:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "rows.csv")
-            try:
-                r = subprocess.run([path, *args, "--csv", out], capture_output=True, text=True, timeout=timeout)
-                ok = r.returncode == 0 and os.path.exists(out)
-                if not ok:
-                    tail = (r.stdout + r.stderr).strip().splitlines()[-5:]
-                    print(f"ab_rounds: {name} ({path}) exited {r.returncode}:", *tail, sep="\n  ", file=sys.stderr)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                print(f"ab_rounds: {name} ({path}): {e}", file=sys.stderr)
-                ok = False
-            if not ok:
-                failed.append(name)
-                continue
-            with open(out) as f:
-                got = list(csv.DictReader(f))
-            if not got:
-                failed.append(name)
-            rows += [(name, rnd + 1, row) for row in got]
+        got, why = gpu_bench_rows(path, args, timeout)
+        if why or not got:
+            print(f"ab_rounds: {name} ({path}): {why or 'no rows'}", file=sys.stderr)
+            failed.append(name)
+        rows += [(name, rnd + 1, row) for row in got]
     return rows, failed
 
 
-def write_csv(path, rows):
-    if not rows:
-        return
-    fields = ["build", "round"] + list(rows[0][2].keys())
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for name, rnd, row in rows:
-            w.writerow({"build": name, "round": rnd, **row})
+def write_rounds_csv(path, rows):
+    if rows:
+        fields = ["build", "round"] + list(rows[0][2].keys())
+        write_csv(path, [{"build": name, "round": rnd, **row} for name, rnd, row in rows], fields)
 
 
 def read_csv(path):
@@ -119,7 +101,7 @@ def main():
         rows += got
         failed += bad
     if a.csv:
-        write_csv(a.csv, rows)
+        write_rounds_csv(a.csv, rows)
     if rows:
         table(rows)
     if failed:

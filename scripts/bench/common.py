@@ -8,7 +8,9 @@ import csv
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +72,22 @@ def write_csv(path, rows, fields):
         for r in rows:
             w.writerow(r)
     print(f"wrote {path}")
+
+
+def gpu_bench_rows(bench, args, timeout=None):
+    """Runs the gpu_bench binary `bench` with `args`, its rows written to a temporary CSV:
+    (rows as dicts, None), or ([], why) when it could not run, failed or wrote no CSV."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.csv")
+        try:
+            r = subprocess.run([bench, *args, "--csv", out], capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return [], str(e)
+        if r.returncode != 0 or not os.path.exists(out):
+            tail = (r.stdout + r.stderr).strip().splitlines()[-5:]
+            return [], "\n  ".join([f"exited {r.returncode}:"] + tail)
+        with open(out, newline="") as f:
+            return list(csv.DictReader(f)), None
 
 
 def print_table(rows, cols, title=None):

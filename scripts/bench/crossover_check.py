@@ -15,8 +15,10 @@ import argparse
 import csv
 import os
 import re
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import gpu_bench_rows, write_csv  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 U32_MAX = 0xFFFF_FFFF
@@ -56,20 +58,13 @@ def points(bs, batch, factors=FACTORS):
 def run_bench(bench, batches, bs, csv_path, factors=FACTORS):
     rows = []
     for b in batches:
-        part = f"{csv_path}.b{b}"
         ns = ",".join(str(n) for n in points(bs, b, factors))
-        cmd = [bench, "--only", "dense_ours,step", "--n", ns, "--batch", str(b), "--csv", part]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not os.path.exists(part):
-            sys.stderr.write(r.stdout[-2000:] + r.stderr[-2000:])
-            continue
-        rows += list(csv.DictReader(open(part)))
-        os.remove(part)
+        got, why = gpu_bench_rows(bench, ["--only", "dense_ours,step", "--n", ns, "--batch", str(b)])
+        if why:
+            print(f"crossover_check: batch {b}: {why}", file=sys.stderr)
+        rows += got
     if rows:
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(csv_path, rows, list(rows[0].keys()))
     return rows
 
 
