@@ -9,6 +9,25 @@
 // non-finite inputs give the CPU's bits too (docs/DESIGN.md).
 #include "common.cuh"
 
+// Tokens [0, n) in order, CALIB_AHEAD of them loaded before the first of them is used: the
+// per-channel loops below keep the CPU's token order (f64 sums) on a few blocks, and with one
+// load at a time each token waited a memory latency (calibrate took 7.4 ms at 8K and 168 ms at
+// 128K, about 1.3 us a token; H100, thirty-fifth session). load(t) -> V only loads (what
+// depends on a loaded value is use's, so no load waits for another), use(t, V).
+constexpr int CALIB_AHEAD = 16;
+template <typename V, typename Load, typename Use>
+SIKV_DEV void tokens_in_order(int n, Load load, Use use) {
+    int t0 = 0;
+    for (; t0 + CALIB_AHEAD <= n; t0 += CALIB_AHEAD) {
+        V v[CALIB_AHEAD];
+        #pragma unroll
+        for (int j = 0; j < CALIB_AHEAD; ++j) v[j] = load(t0 + j);
+        #pragma unroll
+        for (int j = 0; j < CALIB_AHEAD; ++j) use(t0 + j, v[j]);
+    }
+    for (; t0 < n; ++t0) use(t0, load(t0));
+}
+
 // Zeroes the records of calib_slot (all KV heads), marks every dense entry empty, writes
 // prompt_len and calibrated, and sets the per-token heavy ranks in the workspace to -1.
 // grid (H_kv), block CALIB_INIT_THREADS.
@@ -116,7 +135,9 @@ SIKV_DEV void sikv_calib_mean_impl(const SikvParams& p) {
     const int h = i / d, c = i % d;
     const T* k = reinterpret_cast<const T*>(p.k);
     double s = 0.0;
-    for (int t = 0; t < p.n_tokens; ++t) s += (double)sanitize<T>(to_f32(k[((long long)t * H + h) * d + c]));
+    tokens_in_order<T>(
+        p.n_tokens, [&](int t) { return k[((long long)t * H + h) * d + c]; },
+        [&](int, T x) { s += (double)sanitize<T>(to_f32(x)); });
     u8* rec = state_record(p, p.calib_slot, h);
     reinterpret_cast<float*>(rec + p.off_centre)[c] = p.n_tokens > 0 ? (float)(s / (double)p.n_tokens) : 0.0f;
 }
@@ -217,10 +238,20 @@ SIKV_DEV void sikv_calib_heavy_select_impl(const SikvParams& p) {
 }
 SIKV_ENTRY(sikv_calib_heavy_select, CALIB_HEAVY_SELECT_THREADS)
 
-// Is token t in the codebook/scale set: not a sink and not heavy, or every token when that
-// set is empty (reference/calibrate.rs codebook_tokens).
-SIKV_DEV bool in_codebook_set(const SikvParams& p, const int* rank, int t, bool all) {
-    return all || (t >= p.n_sink && rank[t] < 0);
+// Is token t (heavy rank `rank`, -1 when not heavy) in the codebook/scale set: not a sink and
+// not heavy, or every token when that set is empty (reference/calibrate.rs codebook_tokens).
+SIKV_DEV bool in_codebook_set(const SikvParams& p, int rank, int t, bool all) {
+    return all || (t >= p.n_sink && rank < 0);
+}
+// A token's key and heavy rank, as tokens_in_order loads them.
+template <typename T, int N>
+struct TokenKey {
+    struct __align__(N * sizeof(T)) Chunk { T e[N]; } k;
+    int rank;
+};
+template <typename T, int N>
+SIKV_DEV TokenKey<T, N> load_token_key(const T* k, const int* rank, int t) {
+    return {*reinterpret_cast<const typename TokenKey<T, N>::Chunk*>(k), rank[t]};
 }
 
 SIKV_DEV bool codebook_set_is_all(const SikvParams& p, u8* rec) {
@@ -242,10 +273,11 @@ SIKV_DEV void sikv_calib_scale_impl(const SikvParams& p) {
     const bool all = codebook_set_is_all(p, rec);
     const T* k = reinterpret_cast<const T*>(p.k);
     float a = 0.0f;
-    for (int t = 0; t < p.n_tokens; ++t) {
-        if (!in_codebook_set(p, rank, t, all)) continue;
-        a = fmaxf(a, fabsf(centred_key(sanitize<T>(to_f32(k[((long long)t * H + h) * d + c])), m)));
-    }
+    tokens_in_order<TokenKey<T, 1>>(
+        p.n_tokens, [&](int t) { return load_token_key<T, 1>(k + ((long long)t * H + h) * d + c, rank, t); },
+        [&](int t, const TokenKey<T, 1>& v) {
+            if (in_codebook_set(p, v.rank, t, all)) a = fmaxf(a, fabsf(centred_key(sanitize<T>(to_f32(v.k.e[0])), m)));
+        });
     a = fmaxf(a, 1e-6f);
     reinterpret_cast<float*>(rec + p.off_scale)[c] = a;
     reinterpret_cast<float*>(rec + p.off_inv_scale)[c] = div_rn(1.0f, a);
@@ -278,16 +310,16 @@ SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
     }
     for (int j = 0; j < SUBVEC; ++j) abs_sum[j] = 0.0;
     long long nset = 0;
-    for (int t = 0; t < p.n_tokens; ++t) {
-        if (!in_codebook_set(p, rank, t, all)) continue;
+    typedef TokenKey<T, SUBVEC> Key;
+    auto load = [&](int t) { return load_token_key<T, SUBVEC>(k + ((long long)t * H + h) * d + SUBVEC * s, rank, t); };
+    tokens_in_order<Key>(p.n_tokens, load, [&](int t, const Key& v) {
+        if (!in_codebook_set(p, v.rank, t, all)) return;
         ++nset;
-        float kv[SUBVEC];
-        load_vec<T, SUBVEC>(k + ((long long)t * H + h) * d + SUBVEC * s, kv);
         float x[SUBVEC];
         int u = 0;
         #pragma unroll
         for (int j = 0; j < SUBVEC; ++j) {
-            x[j] = centred_key(sanitize<T>(kv[j]), m[j]);
+            x[j] = centred_key(sanitize<T>(to_f32(v.k.e[j])), m[j]);
             if (!sign_negative(x[j])) u |= 1 << j;
         }
         cnt[u] += 1;
@@ -296,7 +328,7 @@ SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
             sum[u][j] += (double)x[j];
             abs_sum[j] += (double)fabsf(x[j]);
         }
-    }
+    });
     double ns = nset > 0 ? (double)nset : 1.0;
     float* cb = reinterpret_cast<float*>(rec + p.off_codebook) + (long long)s * CENTROIDS * SUBVEC;
     for (int u = 0; u < CENTROIDS; ++u) {
