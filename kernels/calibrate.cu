@@ -286,13 +286,16 @@ SIKV_ENTRIES_T(sikv_calib_scale, CALIB_CHANNEL_THREADS)
 
 // Codebook: per sub-vector s, conditional means of k'[4s..4s+4] per sign pattern (!signbit),
 // f64 sums in token order; empty cells get (2 bit_i(u) - 1) * mean |k'_{4s+i}|.
-// One thread per (head, sub-vector); grid ceil(H*d/4 / CALIB_CODEBOOK_THREADS).
+// One thread per (head, sub-vector, pattern u), each reading every token of its sub-vector
+// (shared by the 16 lanes of its sub-vector) and summing those of its pattern: one thread per
+// sub-vector kept its 16 patterns' sums in local memory and waited on them a token.
+// grid ceil(H*d/4*16 / CALIB_CODEBOOK_THREADS).
 template <typename T>
 SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
     const int d = p.head_dim, H = p.num_kv_heads, nsub = d / SUBVEC;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= H * nsub) return;
-    const int h = i / nsub, s = i % nsub;
+    if (i >= H * nsub * CENTROIDS) return;
+    const int u = i % CENTROIDS, s = (i / CENTROIDS) % nsub, h = i / (CENTROIDS * nsub);
     u8* rec = state_record(p, p.calib_slot, h);
     const float* centre = reinterpret_cast<const float*>(rec + p.off_centre);
     float m[SUBVEC];
@@ -301,14 +304,10 @@ SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
     const int* rank = reinterpret_cast<const int*>(p.ws_rank) + (long long)h * p.n_tokens;
     const bool all = codebook_set_is_all(p, rec);
     const T* k = reinterpret_cast<const T*>(p.k);
-    double sum[CENTROIDS][SUBVEC];
-    unsigned long long cnt[CENTROIDS];
-    double abs_sum[SUBVEC];
-    for (int u = 0; u < CENTROIDS; ++u) {
-        cnt[u] = 0;
-        for (int j = 0; j < SUBVEC; ++j) sum[u][j] = 0.0;
-    }
-    for (int j = 0; j < SUBVEC; ++j) abs_sum[j] = 0.0;
+    double sum[SUBVEC], abs_sum[SUBVEC];
+    #pragma unroll
+    for (int j = 0; j < SUBVEC; ++j) sum[j] = abs_sum[j] = 0.0;
+    unsigned long long cnt = 0;
     long long nset = 0;
     typedef TokenKey<T, SUBVEC> Key;
     auto load = [&](int t) { return load_token_key<T, SUBVEC>(k + ((long long)t * H + h) * d + SUBVEC * s, rank, t); };
@@ -316,32 +315,32 @@ SIKV_DEV void sikv_calib_codebook_impl(const SikvParams& p) {
         if (!in_codebook_set(p, v.rank, t, all)) return;
         ++nset;
         float x[SUBVEC];
-        int u = 0;
+        int code = 0;
         #pragma unroll
         for (int j = 0; j < SUBVEC; ++j) {
             x[j] = centred_key(sanitize<T>(to_f32(v.k.e[j])), m[j]);
-            if (!sign_negative(x[j])) u |= 1 << j;
+            if (!sign_negative(x[j])) code |= 1 << j;
         }
-        cnt[u] += 1;
+        const bool mine = code == u;
+        cnt += mine ? 1 : 0;
         #pragma unroll
         for (int j = 0; j < SUBVEC; ++j) {
-            sum[u][j] += (double)x[j];
+            if (mine) sum[j] += (double)x[j];
             abs_sum[j] += (double)fabsf(x[j]);
         }
     });
     double ns = nset > 0 ? (double)nset : 1.0;
-    float* cb = reinterpret_cast<float*>(rec + p.off_codebook) + (long long)s * CENTROIDS * SUBVEC;
-    for (int u = 0; u < CENTROIDS; ++u) {
-        for (int j = 0; j < SUBVEC; ++j) {
-            float v;
-            if (cnt[u] > 0) {
-                v = (float)(sum[u][j] / (double)cnt[u]);
-            } else {
-                double mag = abs_sum[j] / ns;
-                v = (float)(((u >> j) & 1) ? mag : -mag);
-            }
-            cb[u * SUBVEC + j] = v;
+    float* cb = reinterpret_cast<float*>(rec + p.off_codebook) + ((long long)s * CENTROIDS + u) * SUBVEC;
+    #pragma unroll
+    for (int j = 0; j < SUBVEC; ++j) {
+        float v;
+        if (cnt > 0) {
+            v = (float)(sum[j] / (double)cnt);
+        } else {
+            double mag = abs_sum[j] / ns;
+            v = (float)(((u >> j) & 1) ? mag : -mag);
         }
+        cb[j] = v;
     }
 }
 SIKV_ENTRIES_T(sikv_calib_codebook, CALIB_CODEBOOK_THREADS)

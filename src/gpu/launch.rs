@@ -256,8 +256,9 @@ impl GpuContext {
             &p,
         )?;
         self.launch(&kn.calib_scale, chan, CALIB_CHANNEL_THREADS, stream, &p)?;
-        let subvectors = hd / crate::layout::SUBVEC as u32;
-        let grid = (subvectors.div_ceil(CALIB_CODEBOOK_THREADS), 1, 1);
+        // One thread per (sub-vector, sign pattern).
+        let cells = hd / crate::layout::SUBVEC as u32 * crate::layout::CENTROIDS as u32;
+        let grid = (cells.div_ceil(CALIB_CODEBOOK_THREADS), 1, 1);
         self.launch(&kn.calib_codebook, grid, CALIB_CODEBOOK_THREADS, stream, &p)?;
         self.launch(&kn.encode, encode_grid(n, h), ENCODE_THREADS, stream, &p)?;
         Ok(())
