@@ -122,39 +122,45 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
     const int slot_mask = p.page_size - 1;
     const u8* sign = reinterpret_cast<const u8*>(p.plane[SIKV_PLANE_SIGN]);
     if constexpr (PAGED && AHEAD) {
-        // Position j's row is loaded when it is scored (valid, neither heavy nor forced) and its
-        // page is in the pool; bit j of `loaded` says so.
+        // Without a branch per position: every position's row sum is made, its key chosen after
+        // (loaded: its score; forced and not heavy: +inf; else 0), the row ahead loaded by a
+        // predicated load into one of two register sets in turn (no copy of the row), and a
+        // page outside the pool faulted once after the loop. The branches and copies were about
+        // a quarter of the loop's instructions; the arithmetic and its order are unchanged.
         const unsigned long long pol = l2_evict_first();
-        u32 loaded = 0u;
-        SignRow<D> next = {};
+        SignRow<D> rows[2] = {};
+        // One word of per-position bits, as the loop runs at its register bound: bit j of byte
+        // 0 valid, of byte 1 scored (valid, neither heavy nor forced), of byte 2 forced and not
+        // heavy (+inf), of byte 3 loaded (scored, and its page in the pool).
+        const u32 not_heavy = ~(lanes >> LANE_HEAVY);
+        u32 bits = ((lanes >> LANE_VALID) & 0xFFu) |
+                   (((lanes >> LANE_VALID) & not_heavy & ~(lanes >> LANE_FORCED) & 0xFFu) << 8) |
+                   (((lanes >> LANE_FORCED) & not_heavy & 0xFFu) << 16);
+        // The keys' address kept in registers: rebuilt from the launch parameters at every
+        // store it cost nine instructions a position.
+        u32* keys_at = my_keys;
+        asm volatile("" : "+l"(keys_at));
         auto fetch = [&](int j) {
-            const u32 scored = (lanes >> (LANE_VALID + j)) & ~(lanes >> (LANE_HEAVY + j)) & ~(lanes >> (LANE_FORCED + j)) & 1u;
-            if (!scored) return;
             const int rel = rel0 + j * NT;
+            // (rel >> shift) stays inside the table for every position of the tile, scored or not.
             const long long pg = page_off[rel >> shift];
-            if (pg < 0) return;
-            load_sign_row<D>(sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8), next, pol);
-            loaded |= 1u << j;
+            const bool load = ((bits >> (8 + j)) & 1u) && pg >= 0;
+            if (load) load_sign_row<D>(sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8), rows[j & 1], pol);
+            bits |= (load ? 1u : 0u) << (24 + j);
         };
         fetch(0);
         #pragma unroll
         for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
-            const SignRow<D> cur = next;
             if (j + 1 < SCORE_TOKENS_PER_THREAD) fetch(j + 1);
-            if (!((lanes >> (LANE_VALID + j)) & 1u)) continue;
-            u32 key = 0u;
-            if ((lanes >> (LANE_HEAVY + j)) & 1u) {
-                key = 0u;
-            } else if ((lanes >> (LANE_FORCED + j)) & 1u) {
-                key = score_key(SIKV_INF);
-            } else if ((loaded >> j) & 1u) {
-                key = score_key(lut_sum_words<D>(lut, cur));
-            } else {
-                raise_fault(p, FAULT_PAGE_INDEX);  // a page outside the pool: no candidate
+            const float s = lut_sum_words<D>(lut, rows[j & 1]);
+            const u32 key = (bits >> (24 + j)) & 1u ? score_key(s) : ((bits >> (16 + j)) & 1u ? score_key(SIKV_INF) : 0u);
+            if ((bits >> j) & 1u) {
+                asm volatile("st.global.u32 [%0], %1;" ::"l"(keys_at + j * NT), "r"(key) : "memory");
+                if (multi && key != 0u) atomicAdd(&hist[key >> TOPK_HIST_SHIFT], 1u);
             }
-            my_keys[j * NT] = key;
-            if (multi && key != 0u) atomicAdd(&hist[key >> TOPK_HIST_SHIFT], 1u);
         }
+        // A scored position whose row was not loaded lay on a page outside the pool: no candidate.
+        if ((bits >> 8) & ~(bits >> 24) & 0xFFu) raise_fault(p, FAULT_PAGE_INDEX);
         return;
     }
     const unsigned long long pol = l2_evict_first();
@@ -324,13 +330,14 @@ template <int D, typename T>
 SIKV_DEV void sikv_score_impl(const SikvParams& p) {
     score_body<D, T, false>(p);
 }
-// Six blocks per SM asked of ptxas where the row is loaded ahead (score_tokens' AHEAD, d <= 128):
-// that takes the kernel to 40 registers with no spill (48 when left free, five blocks; at seven
-// it spilled). d = 256 keeps no bound (32 registers; bounded to eight blocks it spilled 16 bytes,
+// Six blocks per SM asked of ptxas at d = 64, where the row is loaded ahead (score_tokens' AHEAD):
+// 40 registers with no spill (48 when left free, five blocks; at seven it spilled). Eight at
+// d = 128: 32 registers, the paged loop with no spill (the row-index path spills 28 bytes, read
+// once a position). d = 256 keeps no bound (32 registers; bounded to eight blocks it spilled 16 bytes,
 // to one it took 56).
 #define SCORE_BOUNDS(D) SCORE_BOUNDS_##D
 #define SCORE_BOUNDS_64 (SCORE_THREADS, 6)
-#define SCORE_BOUNDS_128 (SCORE_THREADS, 6)
+#define SCORE_BOUNDS_128 (SCORE_THREADS, 8)
 #define SCORE_BOUNDS_256 (SCORE_THREADS)
 SIKV_ENTRIES_D_T_SCORE(sikv_score, SCORE_BOUNDS)
 template <int D, typename T>
