@@ -125,8 +125,9 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
         // Without a branch per position: every position's row sum is made, its key chosen after
         // (loaded: its score; forced and not heavy: +inf; else 0), the row ahead loaded by a
         // predicated load into one of two register sets in turn (no copy of the row), and a
-        // page outside the pool faulted once after the loop. The branches and copies were about
-        // a quarter of the loop's instructions; the arithmetic and its order are unchanged.
+        // page outside the pool faulted once after the loop (the compiler may still branch
+        // around an unloaded position's sum). About 169 instructions a position in the d = 128
+        // SASS, against 199 with a branch per test; the arithmetic and its order are unchanged.
         const unsigned long long pol = l2_evict_first();
         SignRow<D> rows[2] = {};
         // One word of per-position bits, as the loop runs at its register bound: bit j of byte
@@ -332,9 +333,10 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
 }
 // Six blocks per SM asked of ptxas at d = 64, where the row is loaded ahead (score_tokens' AHEAD):
 // 40 registers with no spill (48 when left free, five blocks; at seven it spilled). Eight at
-// d = 128: 32 registers, the paged loop with no spill (the row-index path spills 28 bytes, read
-// once a position). d = 256 keeps no bound (32 registers; bounded to eight blocks it spilled 16 bytes,
-// to one it took 56).
+// d = 128: 32 registers, the paged loop with no spill (the row-index path spills 28 bytes); with
+// the loop's branches removed, more resident warps made the score 4-9 us shorter at 128K batch
+// 8-16 (H100, thirty-eighth session). d = 256 keeps no bound (32 registers; bounded to eight
+// blocks it spilled 16 bytes, to one it took 56).
 #define SCORE_BOUNDS(D) SCORE_BOUNDS_##D
 #define SCORE_BOUNDS_64 (SCORE_THREADS, 6)
 #define SCORE_BOUNDS_128 (SCORE_THREADS, 8)
