@@ -115,7 +115,10 @@ constexpr u32 LANE_VALID = 0, LANE_HEAVY = 8, LANE_FORCED = 16;
 // thread always has a load in flight; without it each row's load waited for the last row's
 // lookups, and at large batches too few loads were in flight to keep memory busy (the kernel
 // moved 168 MB at 2.4 TB/s at 128K, batch 8). It costs a second row of registers.
-template <int D, bool PAGED, int NT = SCORE_THREADS, bool AHEAD = false>
+// WIDE (with AHEAD): every row of the thread is loaded before the first sum, so the thread waits
+// one load latency instead of one every other position; it holds all its rows in registers
+// (sikv_score_wide, for grids that fit a wave at SCORE_WIDE_BLOCKS_PER_SM blocks a SM).
+template <int D, bool PAGED, int NT = SCORE_THREADS, bool AHEAD = false, bool WIDE = false>
 SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lanes, const float* lut,
                            const long long* page_off, int rel0, u32* my_keys, bool multi, u32* hist) {
     const int shift = __ffs(p.page_size) - 1;
@@ -129,7 +132,8 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
         // around an unloaded position's sum). About 169 instructions a position in the d = 128
         // SASS, against 199 with a branch per test; the arithmetic and its order are unchanged.
         const unsigned long long pol = l2_evict_first();
-        SignRow<D> rows[2] = {};
+        constexpr int RING = WIDE ? SCORE_TOKENS_PER_THREAD : 2;
+        SignRow<D> rows[RING] = {};
         // One word of per-position bits, as the loop runs at its register bound: bit j of byte
         // 0 valid, of byte 1 scored (valid, neither heavy nor forced), of byte 2 forced and not
         // heavy (+inf), of byte 3 loaded (scored, and its page in the pool).
@@ -146,14 +150,15 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
             // (rel >> shift) stays inside the table for every position of the tile, scored or not.
             const long long pg = page_off[rel >> shift];
             const bool load = ((bits >> (8 + j)) & 1u) && pg >= 0;
-            if (load) load_sign_row<D>(sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8), rows[j & 1], pol);
+            if (load) load_sign_row<D>(sign + pg + (u32)(rel & slot_mask) * (u32)(D / 8), rows[j % RING], pol);
             bits |= (load ? 1u : 0u) << (24 + j);
         };
-        fetch(0);
+        #pragma unroll
+        for (int j = 0; j < (WIDE ? SCORE_TOKENS_PER_THREAD : 1); ++j) fetch(j);
         #pragma unroll
         for (int j = 0; j < SCORE_TOKENS_PER_THREAD; ++j) {
-            if (j + 1 < SCORE_TOKENS_PER_THREAD) fetch(j + 1);
-            const float s = lut_sum_words<D>(lut, rows[j & 1]);
+            if (!WIDE && j + 1 < SCORE_TOKENS_PER_THREAD) fetch(j + 1);
+            const float s = lut_sum_words<D>(lut, rows[j % RING]);
             const u32 key = (bits >> (24 + j)) & 1u ? score_key(s) : ((bits >> (16 + j)) & 1u ? score_key(SIKV_INF) : 0u);
             if ((bits >> j) & 1u) {
                 asm volatile("st.global.u32 [%0], %1;" ::"l"(keys_at + j * NT), "r"(key) : "memory");
@@ -257,7 +262,7 @@ SIKV_DEV void build_lut(const SikvParams& p, const u8* rec, const float* qbar, f
 // Two entries rather than a branch on p.row_offsets: the branch compiled to 40 registers (6
 // resident blocks of 256 threads per SM instead of 8), and the row lookup inlined into the one
 // entry at 32 registers made the one-row path 7 % slower at 128K B=8 (H200 run 2).
-template <int D, typename T, bool ROWS>
+template <int D, typename T, bool ROWS, bool WIDE = false>
 SIKV_DEV void score_body(const SikvParams& p) {
     __shared__ float qbar[D];
     __shared__ float lut[(D / 4) * CENTROIDS];
@@ -310,7 +315,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
     if (paged) {
         const int rel0 = tile0 + (int)threadIdx.x - (page0 << (__ffs(p.page_size) - 1));
         // (The rows entry, bounded to 32 registers, keeps one row in flight.)
-        score_tokens<D, true, SCORE_THREADS, !ROWS && D <= 128>(p, b, h, tile0, lanes, lut, page_off, rel0, my_keys, multi, hist);
+        score_tokens<D, true, SCORE_THREADS, !ROWS && D <= 128, WIDE>(p, b, h, tile0, lanes, lut, page_off, rel0, my_keys, multi, hist);
     } else {
         score_tokens<D, false>(p, b, h, tile0, lanes, lut, page_off, 0, my_keys, multi, hist);
     }
@@ -342,6 +347,15 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
 #define SCORE_BOUNDS_128 (SCORE_THREADS, 8)
 #define SCORE_BOUNDS_256 (SCORE_THREADS)
 SIKV_ENTRIES_D_T_SCORE(sikv_score, SCORE_BOUNDS)
+// The one-row score with every row of a thread in flight at once (score_tokens' WIDE), for
+// grids of at most SCORE_WIDE_BLOCKS_PER_SM blocks a SM (launch.rs): its registers are bounded
+// by that count, not by the eight blocks the wide grids need.
+template <int D, typename T>
+SIKV_DEV void sikv_score_wide_impl(const SikvParams& p) {
+    score_body<D, T, false, true>(p);
+}
+#define SCORE_WIDE_BOUNDS(D) (SCORE_THREADS, SCORE_WIDE_BLOCKS_PER_SM)
+SIKV_ENTRIES_D_T_SCORE(sikv_score_wide, SCORE_WIDE_BOUNDS)
 template <int D, typename T>
 SIKV_DEV void sikv_score_rows_impl(const SikvParams& p) {
     score_body<D, T, true>(p);

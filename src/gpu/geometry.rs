@@ -34,6 +34,9 @@ pub const SCORE_TOKENS_PER_THREAD: u32 = 8;
 const _: () = assert!(SCORE_TOKENS_PER_THREAD <= 8);
 /// score: positions per block.
 pub const SCORE_TILE: u32 = SCORE_THREADS * SCORE_TOKENS_PER_THREAD;
+/// score_wide: its blocks per SM (the bound its registers are allocated for); a grid that fits
+/// one wave of them takes it (workspace::score_wide).
+pub const SCORE_WIDE_BLOCKS_PER_SM: u32 = 4;
 /// score: the smallest power-of-two page size whose pages a block looks up once each (in its
 /// prologue, into shared memory) rather than once per position.
 pub const SCORE_PAGE_TABLE_MIN: u32 = 16;

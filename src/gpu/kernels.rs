@@ -30,6 +30,9 @@ pub struct Kernels {
     pub score: Kernel,
     /// score for calls with several query rows per sequence (p.row_offsets set).
     pub score_rows: Kernel,
+    /// score with each thread's rows all in flight, for grids of one wave at
+    /// SCORE_WIDE_BLOCKS_PER_SM blocks a SM (workspace::score_wide).
+    pub score_wide: Kernel,
     pub topk_stage1: Kernel,
     pub topk_compact: Kernel,
     pub topk_final: Kernel,
@@ -103,6 +106,7 @@ impl Kernels {
             hist_zero: get(plain("hist_zero"))?,
             score: get(dt("score"))?,
             score_rows: get(dt("score_rows"))?,
+            score_wide: get(dt("score_wide"))?,
             topk_stage1: get(plain("topk_stage1"))?,
             topk_compact: get(plain("topk_compact"))?,
             topk_final: get(plain("topk_final"))?,

@@ -590,7 +590,16 @@ impl GpuContext {
         if stages & SELECT_SCORE != 0 {
             let tiles = cfg.max_seq_len.div_ceil(SCORE_TILE);
             let rows = p.row_offsets != 0 || p.mean_offsets != 0;
-            let score = if rows { &kn.score_rows } else { &kn.score };
+            let sms = self.inner.dev.sms.max(0) as u32;
+            let wide = match self.inner.switches.score_wide {
+                Some(w) => w,
+                None => super::workspace::score_wide(tiles * h * b, sms),
+            };
+            let score = match (rows, wide) {
+                (true, _) => &kn.score_rows,
+                (false, true) => &kn.score_wide,
+                (false, false) => &kn.score,
+            };
             self.launch(score, (tiles, h, b), SCORE_THREADS, stream, p)?;
         }
         // SELECT_TOPK_FINAL: the final kernel keeps the candidate counter (p.mode = 1).

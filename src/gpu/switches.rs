@@ -49,6 +49,9 @@ pub struct Switches {
     /// SIKV_FINAL_CLUSTER: the CTAs (1, 2 or 4) that share a row of the stage-1 final select on
     /// every call where the device runs clusters; None = workspace::final_cluster_size's rule.
     pub final_cluster: Option<u32>,
+    /// SIKV_SCORE_WIDE (`on`/`off`): every one-row score call takes, or none takes, the score
+    /// with each thread's rows in flight at once; None = workspace::score_wide's rule.
+    pub score_wide: Option<bool>,
     /// SIKV_HIST_ZERO=memset: the rows' histograms zeroed by a memset on the stream instead of
     /// the hist_zero kernel (`kernel`, the default).
     pub hist_zero_memset: bool,
@@ -72,6 +75,7 @@ impl Default for Switches {
             kept_split: None,
             compact_blocks: None,
             final_cluster: None,
+            score_wide: None,
             hist_zero_memset: false,
             dense_min_chunk: None,
             route_fork: true,
@@ -119,6 +123,7 @@ impl Switches {
             kept_split: var("SIKV_KEPT_SPLIT").positive()?,
             compact_blocks: var("SIKV_COMPACT_BLOCKS").positive()?,
             final_cluster: var("SIKV_FINAL_CLUSTER").one_of(&FINAL_CLUSTER_SIZES)?,
+            score_wide: var("SIKV_SCORE_WIDE").word(&ON_OFF)?,
             hist_zero_memset: var("SIKV_HIST_ZERO").word(&hist_zero)?.unwrap_or(d.hist_zero_memset),
             dense_min_chunk: var("SIKV_DENSE_MIN_CHUNK").positive()?,
             route_fork: var("SIKV_ROUTE_FORK").word(&ON_OFF)?.unwrap_or(d.route_fork),
@@ -199,6 +204,7 @@ mod tests {
             "SIKV_KEPT_SPLIT",
             "SIKV_COMPACT_BLOCKS",
             "SIKV_FINAL_CLUSTER",
+            "SIKV_SCORE_WIDE",
             "SIKV_HIST_ZERO",
             "SIKV_DENSE_MIN_CHUNK",
             "SIKV_ROUTE_FORK",
@@ -222,6 +228,7 @@ mod tests {
             ("SIKV_KEPT_SPLIT", "16"),
             ("SIKV_COMPACT_BLOCKS", "1"),
             ("SIKV_FINAL_CLUSTER", "4"),
+            ("SIKV_SCORE_WIDE", "off"),
             ("SIKV_HIST_ZERO", "memset"),
             ("SIKV_DENSE_MIN_CHUNK", "1024"),
             ("SIKV_ROUTE_FORK", "off"),
@@ -236,6 +243,7 @@ mod tests {
             kept_split: Some(16),
             compact_blocks: Some(1),
             final_cluster: Some(4),
+            score_wide: Some(false),
             hist_zero_memset: true,
             dense_min_chunk: Some(1024),
             route_fork: false,
@@ -247,6 +255,7 @@ mod tests {
         assert_eq!(parse(&[("SIKV_FUSED", "auto")]).unwrap().fused, FusedMode::Measured);
         assert!(parse(&[("SIKV_PDL", "on")]).unwrap().pdl);
         assert!(!parse(&[("SIKV_HIST_ZERO", "kernel")]).unwrap().hist_zero_memset);
+        assert_eq!(parse(&[("SIKV_SCORE_WIDE", "1")]).unwrap().score_wide, Some(true));
     }
 
     /// SIKV_FINAL_CLUSTER takes every size the final select has an entry for, and no other.
@@ -274,6 +283,7 @@ mod tests {
             ("SIKV_ATTEND_SPAN", "-2"),
             ("SIKV_COMPACT_BLOCKS", "four"),
             ("SIKV_FINAL_CLUSTER", "3"),
+            ("SIKV_SCORE_WIDE", "wide"),
             ("SIKV_HIST_ZERO", "mem"),
             ("SIKV_DENSE_MIN_CHUNK", "1.5"),
             ("SIKV_ROUTE_FORK", "false"),

@@ -20,8 +20,8 @@
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
     DENSE_BLOCKS_PER_SM, DENSE_BLOCK_COST, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
-    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, SHORT_DENSE_MAX_CHUNKS,
-    TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, SCORE_WIDE_BLOCKS_PER_SM,
+    SHORT_DENSE_MAX_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -236,6 +236,15 @@ pub fn compact_blocks(cfg: &CacheConfig, sms: u32, batch: u32) -> u32 {
     let rows = cfg.num_kv_heads * batch.max(1);
     let per_row = (COMPACT_BLOCKS_PER_SM * sms.max(1)) / rows;
     compact_tiles(cfg).min(per_row.max(1))
+}
+
+/// Whether the score takes its wide entry (every row of a thread in flight at once, registers
+/// for SCORE_WIDE_BLOCKS_PER_SM blocks a SM): where its grid of `blocks` fits one wave of those
+/// on `sms` multiprocessors. There a thread waits one load latency for its eight rows instead of
+/// one every other row; larger grids need the eight blocks a SM of the one-row entry, whose
+/// other warps cover those waits.
+pub fn score_wide(blocks: u32, sms: u32) -> bool {
+    blocks <= SCORE_WIDE_BLOCKS_PER_SM * sms
 }
 
 /// The compaction's tiles per row at max_seq_len: the most blocks per row it takes.
@@ -826,5 +835,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The score's wide entry: grids of one wave at SCORE_WIDE_BLOCKS_PER_SM blocks a SM.
+    #[test]
+    fn score_wide_takes_one_wave_grids() {
+        let sms = 132;
+        // 128K, 8 KV heads: 64 tiles a row; batch 1 fits (512 <= 528), batch 2 does not.
+        assert!(score_wide(64 * 8, sms));
+        assert!(!score_wide(64 * 8 * 2, sms));
+        assert!(score_wide(SCORE_WIDE_BLOCKS_PER_SM * sms, sms));
+        assert!(!score_wide(SCORE_WIDE_BLOCKS_PER_SM * sms + 1, sms));
+        assert!(!score_wide(1, 0));
     }
 }
