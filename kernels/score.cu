@@ -129,8 +129,9 @@ SIKV_DEV void score_tokens(const SikvParams& p, int b, int h, int tile0, u32 lan
         // (loaded: its score; forced and not heavy: +inf; else 0), the row ahead loaded by a
         // predicated load into one of two register sets in turn (no copy of the row), and a
         // page outside the pool faulted once after the loop (the compiler may still branch
-        // around an unloaded position's sum). About 169 instructions a position in the d = 128
-        // SASS, against 199 with a branch per test; the arithmetic and its order are unchanged.
+        // around an unloaded position's sum). About 161 instructions a position in the d = 128
+        // SASS (138 in the wide entry), against 199 with a branch per test; the arithmetic and
+        // its order are unchanged.
         const unsigned long long pol = l2_evict_first();
         constexpr int RING = WIDE ? SCORE_TOKENS_PER_THREAD : 2;
         SignRow<D> rows[RING] = {};
@@ -338,7 +339,7 @@ SIKV_DEV void sikv_score_impl(const SikvParams& p) {
 }
 // Six blocks per SM asked of ptxas at d = 64, where the row is loaded ahead (score_tokens' AHEAD):
 // 40 registers with no spill (48 when left free, five blocks; at seven it spilled). Eight at
-// d = 128: 32 registers, the paged loop with no spill (the row-index path spills 28 bytes); with
+// d = 128: 32 registers, the paged loop with no spill (the row-index path spills 4 bytes); with
 // the loop's branches removed, more resident warps made the score 4-9 us shorter at 128K batch
 // 8-16 (H100, thirty-eighth session). d = 256 keeps no bound (32 registers; bounded to eight
 // blocks it spilled 16 bytes, to one it took 56).
