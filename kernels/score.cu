@@ -316,7 +316,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
     if (paged) {
         const int rel0 = tile0 + (int)threadIdx.x - (page0 << (__ffs(p.page_size) - 1));
         // (The rows entry, bounded to 32 registers, keeps one row in flight.)
-        score_tokens<D, true, SCORE_THREADS, !ROWS && D <= 128, WIDE>(p, b, h, tile0, lanes, lut, page_off, rel0, my_keys, multi, hist);
+        score_tokens<D, true, SCORE_THREADS, !ROWS && D <= (int)SCORE_AHEAD_MAX_D, WIDE>(p, b, h, tile0, lanes, lut, page_off, rel0, my_keys, multi, hist);
     } else {
         score_tokens<D, false>(p, b, h, tile0, lanes, lut, page_off, 0, my_keys, multi, hist);
     }

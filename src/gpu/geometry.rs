@@ -34,6 +34,10 @@ pub const SCORE_TOKENS_PER_THREAD: u32 = 8;
 const _: () = assert!(SCORE_TOKENS_PER_THREAD <= 8);
 /// score: positions per block.
 pub const SCORE_TILE: u32 = SCORE_THREADS * SCORE_TOKENS_PER_THREAD;
+/// score: the largest head dim whose one-row token loop loads a row ahead (two rows of
+/// registers; at d = 256 they did not fit its bound). The wide entry's rows in flight build on
+/// that loop, so it is taken only up to this dim too.
+pub const SCORE_AHEAD_MAX_D: u32 = 128;
 /// score_wide: its blocks per SM (the bound its registers are allocated for); a grid that fits
 /// one wave of them takes it (workspace::score_wide).
 pub const SCORE_WIDE_BLOCKS_PER_SM: u32 = 4;

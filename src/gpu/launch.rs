@@ -593,7 +593,7 @@ impl GpuContext {
             let sms = self.inner.dev.sms.max(0) as u32;
             let wide = match self.inner.switches.score_wide {
                 Some(w) => w,
-                None => super::workspace::score_wide(tiles * h * b, sms),
+                None => super::workspace::score_wide(tiles * h * b, sms, cfg.head_dim),
             };
             let score = match (rows, wide) {
                 (true, _) => &kn.score_rows,

@@ -20,8 +20,8 @@
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
     DENSE_BLOCKS_PER_SM, DENSE_BLOCK_COST, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
-    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, SCORE_WIDE_BLOCKS_PER_SM,
-    SHORT_DENSE_MAX_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, SCORE_AHEAD_MAX_D,
+    SCORE_WIDE_BLOCKS_PER_SM, SHORT_DENSE_MAX_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -240,11 +240,12 @@ pub fn compact_blocks(cfg: &CacheConfig, sms: u32, batch: u32) -> u32 {
 
 /// Whether the score takes its wide entry (every row of a thread in flight at once, registers
 /// for SCORE_WIDE_BLOCKS_PER_SM blocks a SM): where its grid of `blocks` fits one wave of those
-/// on `sms` multiprocessors. There a thread waits one load latency for its eight rows instead of
-/// one every other row; larger grids need the eight blocks a SM of the one-row entry, whose
-/// other warps cover those waits.
-pub fn score_wide(blocks: u32, sms: u32) -> bool {
-    blocks <= SCORE_WIDE_BLOCKS_PER_SM * sms
+/// on `sms` multiprocessors, at a head dim whose loop loads rows ahead (SCORE_AHEAD_MAX_D; above
+/// it the wide entry would be the one-row loop under a lower bound). There a thread waits one
+/// load latency for its eight rows instead of one every other row; larger grids need the eight
+/// blocks a SM of the one-row entry, whose other warps cover those waits.
+pub fn score_wide(blocks: u32, sms: u32, head_dim: u32) -> bool {
+    head_dim <= SCORE_AHEAD_MAX_D && blocks <= SCORE_WIDE_BLOCKS_PER_SM * sms
 }
 
 /// The compaction's tiles per row at max_seq_len: the most blocks per row it takes.
@@ -842,10 +843,14 @@ mod tests {
     fn score_wide_takes_one_wave_grids() {
         let sms = 132;
         // 128K, 8 KV heads: 64 tiles a row; batch 1 fits (512 <= 528), batch 2 does not.
-        assert!(score_wide(64 * 8, sms));
-        assert!(!score_wide(64 * 8 * 2, sms));
-        assert!(score_wide(SCORE_WIDE_BLOCKS_PER_SM * sms, sms));
-        assert!(!score_wide(SCORE_WIDE_BLOCKS_PER_SM * sms + 1, sms));
-        assert!(!score_wide(1, 0));
+        assert!(score_wide(64 * 8, sms, 128));
+        assert!(!score_wide(64 * 8 * 2, sms, 128));
+        assert!(score_wide(SCORE_WIDE_BLOCKS_PER_SM * sms, sms, 128));
+        assert!(!score_wide(SCORE_WIDE_BLOCKS_PER_SM * sms + 1, sms, 128));
+        assert!(!score_wide(1, 0, 128));
+        // d = 64 loads ahead as d = 128 does; d = 256 does not, so its small grids keep the
+        // one-row entry.
+        assert!(score_wide(64 * 8, sms, 64));
+        assert!(!score_wide(64 * 8, sms, 256));
     }
 }
