@@ -94,6 +94,10 @@ pub const ATTEND_BLOCKS_PER_SM: u32 = 4;
 /// with four barriers each: with 64 entries the kept splits were on the batch-1 attend's
 /// critical path, though they start while the select still runs.
 pub const KEPT_SPLIT_SMALL: usize = 16;
+/// attend: the longest span at which the short kept splits are still taken (workspace::
+/// kept_split_len): where a wave holds them only with each warp walking up to this many
+/// ATTEND_SPLITs of selected tokens.
+pub const KEPT_SMALL_MAX_SPAN: u32 = 2;
 /// attend: at most this many ATTEND_SPLITs per tensor-core split.
 pub const ATTEND_MAX_SPAN: u32 = 8;
 /// combine: one block per (query head, sequence); 16 groups of splits summed side by side at
