@@ -97,8 +97,8 @@ if want tests; then
   # One line per case ("test <name> ... <first output line>"), its time, and any failure.
   run_tests tests "gpu tests" gpu_tests "^test |: [0-9]+\.[0-9] s$|gpu tests on"
   # The decode and graph cases again under settings the test sizes would not take: the sparse
-  # attend's multi-tile splits (large batch only), the kept entries' short splits at every
-  # batch (batch 1 only by default), the select's chain of launches and the fused
+  # attend's multi-tile splits (large batch only), the kept entries' splits of 16 and of 32 at
+  # every batch (by default 16 at batch 1-2 and 32 at batch 4 of 8 KV heads), the select's chain of launches and the fused
   # select (each taken by some shapes only), and 64 candidate slots per row (rows whose
   # threshold bin overflows them take the final select's one-CTA fallback, in either plan), and
   # the dense decode's candidate chunks at their fewest positions (more chunks per sequence),
@@ -108,7 +108,7 @@ if want tests; then
   # size follows each case's rows, so the default run alone need not reach every entry), and
   # the score's one-row entry where the rule would take its wide one (the tests' grids are small). '+'
   # joins the settings of one run.
-  for env in SIKV_ATTEND_SPAN=3 SIKV_KEPT_SPLIT=16 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64 \
+  for env in SIKV_ATTEND_SPAN=3 SIKV_KEPT_SPLIT=16 SIKV_KEPT_SPLIT=32 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64 \
     SIKV_COMPACT_BLOCKS=1+SIKV_FUSED=off SIKV_HIST_ZERO=memset+SIKV_FUSED=off \
     SIKV_FINAL_CLUSTER=1+SIKV_FUSED=off SIKV_FINAL_CLUSTER=2+SIKV_FUSED=off SIKV_SCORE_WIDE=off+SIKV_FUSED=off; do
     tag=${env#SIKV_}; tag=${tag%%+*}; tag=$(tr 'A-Z=:' 'a-z__' <<<"$tag")
@@ -519,7 +519,7 @@ fi
 
 echo
 echo "== summary"
-for k in tests tests_attend_span_3 tests_kept_split_16 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 tests_compact_blocks_1 tests_hist_zero_memset tests_final_cluster_1 tests_final_cluster_2 managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa speedup profile profile_sass ab crossover model; do
+for k in tests tests_attend_span_3 tests_kept_split_16 tests_kept_split_32 tests_fused_off tests_fused_on tests_topk_multi_64 tests_dense_min_chunk_64 tests_compact_blocks_1 tests_hist_zero_memset tests_final_cluster_1 tests_final_cluster_2 tests_score_wide_off managed abi adversarial sharding dense_groups samples demo memcheck memcheck_managed memcheck_abi racecheck sanitize bench base_bench profile_bench fused_bench dmc_bench nopdl_bench msl_bench fit_bench rows_bench managed_bench sdpa speedup profile profile_sass ab crossover model; do
   [ -n "${RC[$k]+x}" ] && printf "  %-16s rc=%s\n" "$k" "${RC[$k]}"
 done
 python3 - "$OUT" <<'EOF'

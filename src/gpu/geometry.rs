@@ -89,11 +89,17 @@ pub const ATTEND_THREADS: u32 = 128;
 /// it the tensor-core splits take several ATTEND_SPLITs each (workspace::attend_span).
 pub const ATTEND_BLOCKS_PER_SM: u32 = 4;
 /// attend: kept dense entries per kept split where the grid has room for the extra splits
-/// (workspace::kept_split_len; ATTEND_SPLIT elsewhere, and in the dense decode unless a switch
-/// forces it). A kept split runs on CUDA cores, one tile of 16 entries (d = 128) after another
+/// (workspace::kept_split_len, which may take twice this; ATTEND_SPLIT elsewhere, and in the
+/// dense decode unless a switch forces it). A kept split runs on CUDA cores, one tile of 16 entries (d = 128) after another
 /// with four barriers each: with 64 entries the kept splits were on the batch-1 attend's
 /// critical path, though they start while the select still runs.
 pub const KEPT_SPLIT_SMALL: usize = 16;
+/// attend: the longest span at which kept splits shorter than ATTEND_SPLIT are taken
+/// (workspace::kept_split_len): a grid that holds them in one wave only when each warp walks
+/// more ATTEND_SPLITs of selected tokens than this keeps full kept splits (batch 4 at 8 KV
+/// heads took 32 entries at span 3 over 16 at span 5, and batch 8 neither; H100, fortieth
+/// session).
+pub const KEPT_SHORT_MAX_SPAN: u32 = 3;
 /// attend: at most this many ATTEND_SPLITs per tensor-core split.
 pub const ATTEND_MAX_SPAN: u32 = 8;
 /// combine: one block per (query head, sequence); 16 groups of splits summed side by side at

@@ -20,8 +20,8 @@
 use super::geometry::{
     ATTEND_BLOCKS_PER_SM, ATTEND_MAX_SPAN, COMBINE_MAX_SPLITS, COMPACT_BLOCKS_PER_SM, COMPACT_TILE,
     DENSE_BLOCKS_PER_SM, DENSE_BLOCK_COST, DENSE_CHUNK_ALIGN, DENSE_MIN_CHUNK, DENSE_MIN_CHUNK_ONE, DENSE_TC_MAX_CHUNK,
-    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS, SCORE_AHEAD_MAX_D,
-    SCORE_WIDE_BLOCKS_PER_SM, SHORT_DENSE_MAX_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
+    FINAL_CLUSTER_SIZES, FINAL_CLUSTER_SM_SHARE, KEPT_SHORT_MAX_SPAN, KEPT_SPLIT_SMALL, MAX_DENSE_CHUNKS,
+    SCORE_AHEAD_MAX_D, SCORE_WIDE_BLOCKS_PER_SM, SHORT_DENSE_MAX_CHUNKS, TOPK_CAND_EXTRA, TOPK_HIST_STRIDE,
 };
 use crate::config::CacheConfig;
 use crate::layout::{Layout, ATTEND_SPLIT};
@@ -296,9 +296,11 @@ pub fn kept_split_forced(n: u32) -> usize {
 
 /// Kept dense entries per kept split of the sparse attend for a call of `batch` sequences
 /// (SikvParams::kept_split; the dense decode's: dense_shape):
-/// KEPT_SPLIT_SMALL where the sparse grid with those splits and one ATTEND_SPLIT of selected
-/// tokens per split still fits one wave of ATTEND_BLOCKS_PER_SM blocks per SM (batch 1 at 8
-/// KV heads), so each kept split, the attend's slowest block at batch 1, runs one tile; else
+/// the shortest of KEPT_SPLIT_SMALL, twice that, ... below ATTEND_SPLIT with which the sparse
+/// grid still fits one wave of ATTEND_BLOCKS_PER_SM blocks per SM at a span of at most
+/// KEPT_SHORT_MAX_SPAN ATTEND_SPLITs of selected tokens a split (8 KV heads on 132 SMs: 16 at
+/// batch 1 and 2, 32 at batch 4), so that the kept splits, CUDA-core tiles in series and
+/// otherwise the attend's slowest blocks at small batches, run one or two tiles; else
 /// ATTEND_SPLIT, whose fewer splits leave the slots to the selected tokens. `forced` (a
 /// switch): kept_split_forced.
 pub fn kept_split_len(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, forced: Option<u32>) -> usize {
@@ -307,11 +309,14 @@ pub fn kept_split_len(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, fo
     }
     let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
     let slots = ATTEND_BLOCKS_PER_SM as usize * sms.max(1) as usize;
-    if (kept_splits_of(cfg, KEPT_SPLIT_SMALL) + w.sel_splits) * rows <= slots {
-        KEPT_SPLIT_SMALL
-    } else {
-        ATTEND_SPLIT
-    }
+    let one_wave = |len: usize| {
+        let kept = kept_splits_of(cfg, len);
+        (1..=KEPT_SHORT_MAX_SPAN as usize).any(|span| (kept + w.sel_splits.div_ceil(span)) * rows <= slots)
+    };
+    std::iter::successors(Some(KEPT_SPLIT_SMALL), |len| Some(len * 2))
+        .take_while(|&len| len < ATTEND_SPLIT)
+        .find(|&len| one_wave(len))
+        .unwrap_or(ATTEND_SPLIT)
 }
 
 /// Whether the sparse attend's splits of selected tokens run on tensor cores (attend_tc.cuh's
@@ -751,9 +756,10 @@ mod tests {
         }
     }
 
-    /// Short kept splits where the grid keeps one wave with them (batch 1 at 8 KV heads on 132
-    /// SMs: 9 kept splits of 16 entries and 32 of selected tokens, 328 blocks), full ones
-    /// elsewhere; the span is then still 1 at batch 1.
+    /// Short kept splits where the grid keeps one wave with them at a short span (8 KV heads on
+    /// 132 SMs: at batch 1 9 kept splits of 16 entries and 32 of selected tokens, 328 blocks, span
+    /// 1; at batch 2 9 and 16 of two ATTEND_SPLITs, 400 blocks; at batch 4 5 of 32 entries and 11
+    /// of three, 512 blocks), full ones elsewhere.
     #[test]
     fn kept_splits_are_short_where_the_wave_has_room() {
         let c = cfg(131072, 8);
@@ -761,9 +767,14 @@ mod tests {
         assert_eq!(kept_split_len(&w, &c, 132, 1, None), KEPT_SPLIT_SMALL);
         assert_eq!(kept_splits_of(&c, KEPT_SPLIT_SMALL), 9);
         assert_eq!(attend_span(&w, &c, 132, 1, true, 9), 1);
-        for b in [2u32, 4, 8] {
-            assert_eq!(kept_split_len(&w, &c, 132, b, None), ATTEND_SPLIT, "batch {b}");
-        }
+        assert_eq!(kept_split_len(&w, &c, 132, 2, None), KEPT_SPLIT_SMALL);
+        assert_eq!(attend_span(&w, &c, 132, 2, true, 9), 2);
+        assert_eq!(kept_split_len(&w, &c, 132, 4, None), 2 * KEPT_SPLIT_SMALL);
+        assert_eq!(
+            attend_span(&w, &c, 132, 4, true, kept_splits_of(&c, 2 * KEPT_SPLIT_SMALL)),
+            3
+        );
+        assert_eq!(kept_split_len(&w, &c, 132, 8, None), ATTEND_SPLIT);
         assert_eq!(kept_split_len(&w, &c, 16, 1, None), ATTEND_SPLIT);
         assert_eq!(kept_split_len(&w, &c, 132, 8, Some(16)), KEPT_SPLIT_SMALL);
         assert_eq!(kept_split_len(&w, &c, 132, 1, Some(5000)), ATTEND_SPLIT);
