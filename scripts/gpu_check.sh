@@ -98,8 +98,8 @@ if want tests; then
   run_tests tests "gpu tests" gpu_tests "^test |: [0-9]+\.[0-9] s$|gpu tests on"
   # The decode and graph cases again under settings the test sizes would not take: the sparse
   # attend's multi-tile splits (large batch only), the kept entries' splits of 16 and of 32 at
-  # every batch (by default 16 at batch 1-2 and 32 at batch 4 of 8 KV heads), the select's chain of launches and the fused
-  # select (each taken by some shapes only), and 64 candidate slots per row (rows whose
+  # every batch (by default 16 at batch 1-2 and 32 at batch 4 of 8 KV heads), the select's
+  # chain of launches and the fused select (each taken by some shapes only), and 64 candidate slots per row (rows whose
   # threshold bin overflows them take the final select's one-CTA fallback, in either plan), and
   # the dense decode's candidate chunks at their fewest positions (more chunks per sequence),
   # and one compaction block per row in the chain (each block takes every tile of its row, as

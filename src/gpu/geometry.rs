@@ -90,9 +90,9 @@ pub const ATTEND_THREADS: u32 = 128;
 pub const ATTEND_BLOCKS_PER_SM: u32 = 4;
 /// attend: kept dense entries per kept split where the grid has room for the extra splits
 /// (workspace::kept_split_len, which may take twice this; ATTEND_SPLIT elsewhere, and in the
-/// dense decode unless a switch forces it). A kept split runs on CUDA cores, one tile of 16 entries (d = 128) after another
-/// with four barriers each: with 64 entries the kept splits were on the batch-1 attend's
-/// critical path, though they start while the select still runs.
+/// dense decode unless a switch forces it). A kept split runs on CUDA cores, one tile of 16
+/// entries (d = 128) after another with four barriers each: with 64 entries the kept splits
+/// were on the batch-1 attend's critical path, though they start while the select still runs.
 pub const KEPT_SPLIT_SMALL: usize = 16;
 /// attend: the longest span at which kept splits shorter than ATTEND_SPLIT are taken
 /// (workspace::kept_split_len): a grid that holds them in one wave only when each warp walks

@@ -830,9 +830,9 @@ mod tests {
         assert_eq!(kept_splits(&many), 18);
         assert_eq!(attend_span(&wm, &many, 132, 4, true, kept_splits(&many)), 2);
         assert_eq!(attend_span(&wm, &many, 132, 2, true, kept_splits(&many)), 3);
-        for batch in [1u32, 2, 8, 64] {
+        for batch in [1u32, 2, 4, 8, 64] {
             for sms in [1u32, 16, 132, 1000] {
-                for forced in [None, Some(1), Some(16), Some(64), Some(1000)] {
+                for forced in [None, Some(1), Some(16), Some(32), Some(64), Some(1000)] {
                     let len = kept_split_len(&w, &c, sms, batch, forced);
                     let kept = kept_splits_of(&c, len);
                     let span = attend_span(&w, &c, sms, batch, true, kept);
