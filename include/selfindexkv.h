@@ -51,7 +51,7 @@
 
 // `dense_crossover` value that lets the library choose (the default): the dense decode when
 // the call's tokens summed over its sequences are at most the measured break-even for its
-// number of sequences: 86016 for one, 135168 for 2-3, 147456 for 4-31, 348160 for 32-63,
+// number of sequences: 86016 for one, 118784 for 2-3, 147456 for 4-31, 348160 for 32-63,
 // 524288 from 64 (docs/DESIGN.md, dense-decode crossover).
 #define SIKV_DENSE_CROSSOVER_AUTO 4294967295
 
@@ -191,7 +191,7 @@ typedef struct SikvConfig {
   // device for a device page table, so a captured graph follows them) for calls of up to 4
   // sequences, and to batch times max_seq_len above that. 0 = never;
   // SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even for the
-  // call's number of sequences (86016 tokens for one, 135168-524288 for more).
+  // call's number of sequences (86016 tokens for one, 118784-524288 for more).
   uint32_t dense_crossover;
 } SikvConfig;
 

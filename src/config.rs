@@ -51,7 +51,7 @@ pub enum RowSelection {
 
 /// `dense_crossover` value that lets the library choose (the default): the dense decode when
 /// the call's tokens summed over its sequences are at most the measured break-even for its
-/// number of sequences: 86016 for one, 135168 for 2-3, 147456 for 4-31, 348160 for 32-63,
+/// number of sequences: 86016 for one, 118784 for 2-3, 147456 for 4-31, 348160 for 32-63,
 /// 524288 from 64 (docs/DESIGN.md, dense-decode crossover).
 pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
 /// AUTO's bound by the call's sequences: (the most sequences of a band, the most tokens summed
@@ -65,9 +65,13 @@ pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
 /// cold L2); batch 2 at ~138K-140K (two runs); batch 4 at ~151K; batch 8 at ~151K-160K; batch
 /// 16 at ~154K; batch 32 at ~350K; batch 64 dense faster at every measured point up to 524288
 /// (the bound of batch 64 holds for every larger batch). Batches between measured ones take
-/// the lower one's band. The H200's break-even has not been refitted since the seventh session.
+/// the lower one's band. Batch 2 refitted in the fortieth session, after the sparse attend's
+/// short kept splits made its step about 6 µs shorter: even at ~118.2K (graph), the bound that
+/// multiple of 4096 just above it, so that each measured point of the sweep takes the faster
+/// path (with a cold L2 dense stays faster up to ~131K). The H200's break-even has not been
+/// refitted since the seventh session.
 pub const DENSE_AUTO_TOKENS: [(u32, u64); 5] =
-    [(1, 86016), (3, 135168), (31, 147456), (63, 348160), (u32::MAX, 524288)];
+    [(1, 86016), (3, 118784), (31, 147456), (63, 348160), (u32::MAX, 524288)];
 
 /// AUTO's bound on the tokens (summed over its sequences) of a call over `seqs` sequences
 /// (DENSE_AUTO_TOKENS); `seqs` is at least 1.
@@ -214,7 +218,7 @@ pub struct SikvConfig {
     /// device for a device page table, so a captured graph follows them) for calls of up to 4
     /// sequences, and to batch times max_seq_len above that. 0 = never;
     /// SIKV_DENSE_CROSSOVER_AUTO (the default) = the library's measured break-even for the
-    /// call's number of sequences (86016 tokens for one, 135168-524288 for more).
+    /// call's number of sequences (86016 tokens for one, 118784-524288 for more).
     pub dense_crossover: u32,
 }
 

@@ -90,8 +90,8 @@ fn the_default_crossover_is_the_measured_break_even() {
     assert_eq!(auto, Crossover::Auto);
     for (seqs, limit) in [
         (1u32, 86016u64),
-        (2, 135168),
-        (3, 135168),
+        (2, 118784),
+        (3, 118784),
         (4, 147456),
         (8, 147456),
         (16, 147456),

@@ -13,7 +13,7 @@ usage: speedup_csv.py --bench gpu_bench.csv --sdpa sdpa_baseline.csv --out speed
                       [--time graph|cold|median] [--auto-bands MOST:TOKENS,MOST:TOKENS,...]
 (the bands: by default config.rs DENSE_AUTO_TOKENS of this checkout, read as crossover_check.py
 reads them; give them for a run of another build, each the most sequences of a band and its
-bound, e.g. 1:86016,3:135168,31:147456,63:348160,4294967295:524288)
+bound, e.g. 1:86016,3:118784,31:147456,63:348160,4294967295:524288)
 """
 import argparse
 import csv
