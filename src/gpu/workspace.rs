@@ -307,16 +307,19 @@ pub fn kept_split_len(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, fo
     if let Some(n) = forced {
         return kept_split_forced(n);
     }
-    let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
-    let slots = ATTEND_BLOCKS_PER_SM as usize * sms.max(1) as usize;
-    let one_wave = |len: usize| {
-        let kept = kept_splits_of(cfg, len);
-        (1..=KEPT_SHORT_MAX_SPAN as usize).any(|span| (kept + w.sel_splits.div_ceil(span)) * rows <= slots)
-    };
     std::iter::successors(Some(KEPT_SPLIT_SMALL), |len| Some(len * 2))
         .take_while(|&len| len < ATTEND_SPLIT)
-        .find(|&len| one_wave(len))
+        .find(|&len| one_wave_span(w, cfg, sms, batch, kept_splits_of(cfg, len), KEPT_SHORT_MAX_SPAN).is_some())
         .unwrap_or(ATTEND_SPLIT)
+}
+
+/// The smallest span of at most `most` ATTEND_SPLITs per tensor-core split with which the
+/// sparse grid, `kept` kept-entry splits per row included, fits one wave of
+/// ATTEND_BLOCKS_PER_SM blocks per SM (the bound both kept_split_len and attend_span keep).
+fn one_wave_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize, most: u32) -> Option<u32> {
+    let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
+    let slots = ATTEND_BLOCKS_PER_SM as usize * sms.max(1) as usize;
+    (1..=most).find(|&span| (kept + w.sel_splits.div_ceil(span as usize)) * rows <= slots)
 }
 
 /// Whether the sparse attend's splits of selected tokens run on tensor cores (attend_tc.cuh's
@@ -350,11 +353,12 @@ pub fn attend_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, tc: b
     if !tc {
         return 1;
     }
-    let sel = w.sel_splits as u32;
-    let rows = cfg.num_kv_heads * batch.max(1);
-    let slots = ATTEND_BLOCKS_PER_SM * sms.max(1);
-    let one_wave = (1..=ATTEND_MAX_SPAN).find(|&span| (kept as u32 + sel.div_ceil(span)) * rows <= slots);
-    one_wave.unwrap_or_else(|| (sel * rows).div_ceil(slots).clamp(1, ATTEND_MAX_SPAN))
+    one_wave_span(w, cfg, sms, batch, kept, ATTEND_MAX_SPAN).unwrap_or_else(|| {
+        let (sel, rows) = (w.sel_splits as u32, cfg.num_kv_heads * batch.max(1));
+        (sel * rows)
+            .div_ceil(ATTEND_BLOCKS_PER_SM * sms.max(1))
+            .clamp(1, ATTEND_MAX_SPAN)
+    })
 }
 
 impl Workspace {
