@@ -23,28 +23,19 @@
 //    buffer (cand_cap), or whose counter disagrees, is selected by the one-CTA code inside
 //    sikv_topk_final (decided on the device).
 //
-// PERF NOTES (H200, d=128, 8 KV heads, G=4, 2+1 bits, k = 2048, k' = 8192; bench medians, us)
-//  baseline ed6d5ac (one CTA per row):       128K B=1 topk 217.5, B=8 219.9; 8K B=1 topk 25.0
-//  predicted for multi: topk ~15-25 (B=1), ~25-35 (B=8); score +1-2.
-//  measured, multi-CTA (this file) + block-wide radix bin pick (common.cuh):
-//    128K B=1: score 25.4, topk 33.4 (final kernel alone 24.8), rerank 28.1, step 109.7 (299)
-//    128K B=8: score 98.1, topk 52.1 (final 27.8),              rerank 86.0, step 373.2 (548)
-//    8K   B=1: score 20.1, topk 23.9 (final 17.4),              rerank 23.3, step 81.8 (82.6)
-//    SIKV_TOPK=single now: 128K B=1 topk 172.9 (batched key loads + block-wide bin pick).
-//  What the measurements say:
-//  * the final kernel has a ~15-17 us floor even at 8K (k' = 2016): one CTA, ~15 block
-//    barriers per radix pass, count_candidates, the histogram scan, two radix passes, the
-//    bitmap windows. Next step: keep the candidates in registers / shared memory between the
-//    passes, use 8-bit digits for the two candidate passes (256-bin histograms), or split the
-//    final select over a cluster of CTAs (sm_90 DSMEM).
-//  * score pays ~8-9 us for the histogram at every N: most of it is the extra memset on the
-//    stream (eager launches; less under a CUDA graph) plus the per-CTA zero / flush of 2048
-//    shared bins. Below ~16K tokens SIKV_TOPK=single is as fast overall.
-//  * the compaction (topk - final) costs ~7 us at B=1 and ~25 us at B=8 (32 MB of keys).
+// Why the multi-CTA path (figures and their history: docs/RESULTS.md, first H200 run, and
+// docs/PERF_NOTES.md):
+//  * the one-CTA select reads a whole row four times on one SM: about 0.2 ms at 128K tokens.
+//    The compaction spreads the row over a grid and hands the one-row kernel only the keys of
+//    the threshold bin; the score kernel's histogram is the radix select's first digit, so no
+//    kernel reads the keys only to count them.
+//  * the final kernel is still a chain of block barriers on one SM (or a cluster of 2-4 CTAs
+//    that share its bitmap windows, where the batch leaves SMs idle: final_select), and one of
+//    the batch-1 step's largest fixed costs.
 //  * the first 11 key bits are sign, exponent and 2 mantissa bits (a quarter octave): for
 //    bell-shaped scores the threshold bin holds a few % of N; sign x sign scores (small
 //    integers) or many forced tokens can put more in one bin; such rows take the one-CTA
-//    fallback once k' + |bin t| exceeds cand_cap = min(2 k'_max + 8192, row).
+//    fallback once k' + |bin t| exceeds cand_cap = min(2 k'_max + TOPK_CAND_EXTRA, row).
 #include "common.cuh"
 
 // TOPK_THREADS, COMPACT_*, TOPK_HIST_*: src/gpu/geometry.rs.
