@@ -294,6 +294,12 @@ class Kernels {
     check(sikv_workspace_size(h_, batch, &n), "sikv_workspace_size");
     return n;
   }
+  // What decode_rows needs for `n_rows` query rows in all.
+  size_t workspace_size_rows(uint32_t n_rows) const {
+    size_t n = 0;
+    check(sikv_workspace_size_rows(h_, n_rows, &n), "sikv_workspace_size_rows");
+    return n;
+  }
   void calibrate(const SikvLayerPools& pools, uint32_t seq_slot, uint32_t n_tokens, const void* k, const void* v,
                  uint32_t n_query, const void* q_tail, const int64_t* slot_mapping, void* workspace,
                  size_t workspace_bytes, Stream stream = nullptr) const {
@@ -324,6 +330,26 @@ class Kernels {
                     void* out, void* workspace, size_t workspace_bytes, Stream stream = nullptr) const {
     check(sikv_kernel_attend_dense(h_, &pools, &table, seq_slot, q, out, workspace, workspace_bytes, stream),
           "sikv_kernel_attend_dense");
+  }
+  // Select + attend, the selection kept in the workspace, with the dense crossover: a layer's
+  // decode step (sikv_kernel_decode).
+  void decode(const SikvLayerPools& pools, const SikvPageTable& table, const int32_t* seq_slot, const void* q,
+              void* out, void* workspace, size_t workspace_bytes, Stream stream = nullptr) const {
+    check(sikv_kernel_decode(h_, &pools, &table, seq_slot, q, out, workspace, workspace_bytes, stream),
+          "sikv_kernel_decode");
+  }
+  // Several query rows per sequence, causal among them (sikv_kernel_decode_rows); the workspace
+  // is workspace_size_rows(n_rows) bytes.
+  void decode_rows(const SikvLayerPools& pools, const SikvPageTable& table, const int32_t* seq_slot,
+                   const int32_t* row_offsets, uint32_t n_rows, const void* q, void* out, void* workspace,
+                   size_t workspace_bytes, Stream stream = nullptr) const {
+    check(sikv_kernel_decode_rows(h_, &pools, &table, seq_slot, row_offsets, n_rows, q, out, workspace,
+                                  workspace_bytes, stream),
+          "sikv_kernel_decode_rows");
+  }
+  // Clears a sequence slot's state records at one layer, so it can be calibrated again.
+  void reset_slot(const SikvLayerPools& pools, uint32_t seq_slot, Stream stream = nullptr) const {
+    check(sikv_kernel_reset_slot(h_, &pools, seq_slot, stream), "sikv_kernel_reset_slot");
   }
 
  private:

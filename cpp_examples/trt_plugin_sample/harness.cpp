@@ -455,8 +455,7 @@ int main(int argc, char** argv) {
         managed.remove(done.id);
         for (int32_t p : done.pages) free_pages.push_back(p);
         // The engine clears a slot before a new sequence reuses it.
-        sikv::check(sikv_kernel_reset_slot(resetter.get(), &pools, uint32_t(done.slot), dev.stream),
-                    "sikv_kernel_reset_slot");
+        resetter.reset_slot(pools, uint32_t(done.slot), dev.stream);
         free_slots.push_back(done.slot);
       }
       std::vector<Seq> contexts;

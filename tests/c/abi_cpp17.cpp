@@ -5,10 +5,11 @@
 // The scenario of tests/c/abi_c99.c (see there), with fp16 activations held as uint16_t bit
 // patterns and every call made through the RAII wrapper; failures surface as sikv::Error.
 // Then the wrapper itself: move-only ownership, errors carrying status and message, the
-// stateless handle.
+// stateless handle and its calls on pools the program owns.
 
 #include "selfindexkv.hpp"
 
+#include <algorithm>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
@@ -158,6 +159,51 @@ SikvStatus status_of(F&& f) {
   return SIKV_OK;
 }
 
+// The stateless calls through the wrapper on pools the program owns (host memory: the CPU
+// device): one sequence of one layer in state slot 1 on pages in reverse order. decode is
+// select + attend (the crossover is off), decode_rows of one row a sequence is decode, and a
+// reset slot is calibrated again to the same outputs.
+void stateless_checks(const sikv::Kernels& k, Rng& rng) {
+  const SikvConfig& cfg = k.config();
+  const SikvLayoutInfo lay = sikv::query_layout(cfg);
+  std::vector<uint64_t> planes((lay.layer_plane_bytes + 7) / 8), state((lay.layer_state_bytes + 7) / 8);
+  const SikvLayerPools pools = sikv::layer_pools(lay, planes.data(), state.data(), 0);
+  std::vector<uint8_t> ws(std::max(k.workspace_size(1), k.workspace_size_rows(1)) + 1);
+
+  const uint32_t n = 200, ps = cfg.page_size, np = (n + ps - 1) / ps;
+  const int32_t slot[1] = {1};
+  std::vector<int32_t> pages(np);
+  for (uint32_t i = 0; i < np; ++i) pages[i] = int32_t(np + 3 - i);
+  std::vector<int64_t> mapping(n);
+  for (uint32_t t = 0; t < n; ++t) mapping[t] = int64_t(pages[t / ps]) * ps + t % ps;
+  const int32_t indptr[2] = {0, int32_t(np)}, last[1] = {int32_t(n - (np - 1) * ps)};
+  const SikvPageTable table{indptr, pages.data(), last, 1};
+  auto kk = rng.halves(n * kRowKv), vv = rng.halves(n * kRowKv), q = rng.halves(kRowQ);
+  auto calibrate = [&] {
+    k.calibrate(pools, 1, n, kk.data(), vv.data(), 1, q.data(), mapping.data(), ws.data(), ws.size());
+  };
+  calibrate();
+  EXPECT(status_of(calibrate) == SIKV_ERR_ALREADY_CALIBRATED);
+
+  std::vector<uint16_t> decoded(kRowQ), attended(kRowQ), rows(kRowQ), again(kRowQ);
+  k.decode(pools, table, slot, q.data(), decoded.data(), ws.data(), ws.size());
+  std::vector<int32_t> indices(kHkv * cfg.budget_max), counts(kHkv);
+  k.select(pools, table, slot, q.data(), indices.data(), counts.data(), ws.data(), ws.size());
+  k.attend(pools, table, slot, q.data(), indices.data(), counts.data(), attended.data(), ws.data(), ws.size());
+  EXPECT(decoded == attended);
+  const int32_t row_offsets[2] = {0, 1};
+  k.decode_rows(pools, table, slot, row_offsets, 1, q.data(), rows.data(), ws.data(), ws.size());
+  EXPECT(rows == decoded);
+
+  k.reset_slot(pools, 1);
+  EXPECT(status_of([&] { k.decode(pools, table, slot, q.data(), again.data(), ws.data(), ws.size()); }) ==
+         SIKV_ERR_NOT_CALIBRATED);
+  EXPECT(status_of([&] { k.reset_slot(pools, cfg.max_seqs); }) == SIKV_ERR_OUT_OF_BOUNDS);
+  calibrate();
+  k.decode(pools, table, slot, q.data(), again.data(), ws.data(), ws.size());
+  EXPECT(again == decoded);
+}
+
 void wrapper_checks(sikv::Cache& cache, const sikv::Config& good, Rng& rng) {
   auto q = rng.halves(kRowQ);
   std::vector<uint16_t> out(kRowQ);
@@ -207,7 +253,11 @@ void wrapper_checks(sikv::Cache& cache, const sikv::Config& good, Rng& rng) {
   auto k = sikv::Kernels::create(good);
   (void)k.workspace_size(good.max_batch);
   EXPECT(status_of([&] { (void)k.workspace_size(good.max_batch + 1); }) == SIKV_ERR_OUT_OF_BOUNDS);
+  (void)k.workspace_size_rows(16 * good.max_batch);
+  EXPECT(status_of([&] { (void)k.workspace_size_rows(0); }) == SIKV_ERR_OUT_OF_BOUNDS);
+  EXPECT(status_of([&] { (void)k.workspace_size_rows(16 * good.max_batch + 1); }) == SIKV_ERR_OUT_OF_BOUNDS);
   EXPECT(good.layout().bytes_per_token == cache.info().bytes_per_token);
+  stateless_checks(k, rng);
 
   sikv::check_abi();
   EXPECT(!sikv::version().empty());
