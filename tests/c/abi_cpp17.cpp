@@ -168,6 +168,7 @@ void stateless_checks(const sikv::Kernels& k, Rng& rng) {
   const SikvLayoutInfo lay = sikv::query_layout(cfg);
   std::vector<uint64_t> planes((lay.layer_plane_bytes + 7) / 8), state((lay.layer_state_bytes + 7) / 8);
   const SikvLayerPools pools = sikv::layer_pools(lay, planes.data(), state.data(), 0);
+  // (+1: a pointer that is not NULL where the CPU device needs no workspace bytes)
   std::vector<uint8_t> ws(std::max(k.workspace_size(1), k.workspace_size_rows(1)) + 1);
 
   const uint32_t n = 200, ps = cfg.page_size, np = (n + ps - 1) / ps;
@@ -183,7 +184,9 @@ void stateless_checks(const sikv::Kernels& k, Rng& rng) {
     k.calibrate(pools, 1, n, kk.data(), vv.data(), 1, q.data(), mapping.data(), ws.data(), ws.size());
   };
   calibrate();
+  const auto planes_before = planes, state_before = state;
   EXPECT(status_of(calibrate) == SIKV_ERR_ALREADY_CALIBRATED);
+  EXPECT(planes == planes_before && state == state_before);  // a refused call changes nothing
 
   std::vector<uint16_t> decoded(kRowQ), attended(kRowQ), rows(kRowQ), again(kRowQ);
   k.decode(pools, table, slot, q.data(), decoded.data(), ws.data(), ws.size());
