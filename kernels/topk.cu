@@ -35,7 +35,7 @@
 //  * the first 11 key bits are sign, exponent and 2 mantissa bits (a quarter octave): for
 //    bell-shaped scores the threshold bin holds a few % of N; sign x sign scores (small
 //    integers) or many forced tokens can put more in one bin; such rows take the one-CTA
-//    fallback once k' + |bin t| exceeds cand_cap = min(2 k'_max + TOPK_CAND_EXTRA, row).
+//    fallback once |bin t| exceeds cand_cap = min(2 k'_max + TOPK_CAND_EXTRA, row).
 #include "common.cuh"
 
 // TOPK_THREADS, COMPACT_*, TOPK_HIST_*: src/gpu/geometry.rs.
