@@ -521,15 +521,21 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int sl
         rerank_tables<D>(qbar, scale, sub);
         __syncthreads();
     }
-    // The stage-1 list and its count: the final select's (the launch just ahead).
+    // The sequence's page list (an input of the call) before the wait, so that a survivor's
+    // page is one load after its list entry instead of two.
+    const int* pages = seq_pages(p, b);
+    // The stage-1 list and its count: the final select's (the launch just ahead). The entry
+    // is loaded beside the count, not after it: the final select writes every entry of the
+    // list (-1 past the count), so the chain after the wait is list, page, plane rows.
     sikv_grid_dependency();
-    const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const int entry = i < p.stage1_max ? reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i] : -1;
+    const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
     if (i >= n1) return;
-    const int pos = reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i];
+    const int pos = entry;
     const bool forced = p.force_generated && pos >= prompt_len;
     // Page outside the pool: row -1 (fault raised), no candidate, like stage 1's key 0.
-    const long long row = !forced ? row_index(p, b, h, pos) : -1;
+    const long long row = !forced ? row_index_in(p, pages, h, pos) : -1;
     u32 out = 0u;
     if (forced) {
         out = score_key(SIKV_INF);
