@@ -1008,6 +1008,21 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
                                })
 #define SIKV_ENTRIES_D_T_SCORE(NAME, BOUNDS) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT_SCORE, NAME, BOUNDS)
 
+// The combine's entry: in a routed decode it reads the route word (whose partials to merge)
+// before its grid dependency, so that the partials' loads follow the wait at once instead of
+// after a round trip for the word. The word is the prologue's and complete when the combine
+// starts: behind the join of a forked capture by the graph's edges; in stream order because the
+// launch just ahead (the dense decode) lets it launch only after its own wait, which covers the
+// attend and all before it.
+#define SIKV_ENTRY_DT_COMBINE(NAME, BOUNDS, D, T, TNAME)                                         \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
+                               NAME##_d##D##_##TNAME(const SikvParams p) {                      \
+                                   const bool dense = p.ws_route != 0 && route_is_dense(p);     \
+                                   sikv_grid_dependency();                                      \
+                                   NAME##_impl<D, T>(p, dense);                                 \
+                               })
+#define SIKV_ENTRIES_D_T_COMBINE(NAME, NT) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT_COMBINE, NAME, (NT))
+
 #define SIKV_ENTRIES_D_T_BOUNDS(NAME, BOUNDS) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT, NAME, BOUNDS)
 #define SIKV_ENTRIES_D_T(NAME, NT) SIKV_ENTRIES_D_T_BOUNDS(NAME, (NT))
 // Same, with a minimum of MINB resident blocks per SM asked of the register allocator.
