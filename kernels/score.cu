@@ -327,7 +327,8 @@ SIKV_DEV void score_prologue_ahead(const SikvParams& p, int r, int h, int tile0,
         qbar[tid] = div_rn(s, (float)G);
     }
     // (sign rows: D / 8 bytes, layout.rs)
-    if (tid < np) page_off[tid] = pg < 0 || pg >= p.num_pages ? -1ll : ((long long)pg * p.num_kv_heads + h) * p.page_size * (D / 8);
+    if (tid < np)
+        page_off[tid] = pg < 0 || pg >= p.num_pages ? -1ll : ((long long)pg * p.num_kv_heads + h) * p.page_size * (D / 8);
     heavy_bits[tid] = 0;
     if (p.topk_multi)
         for (int i = tid; i < TOPK_HIST_BINS; i += NT) hist[i] = 0;
