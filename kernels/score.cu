@@ -270,7 +270,9 @@ SIKV_DEV void build_lut(const SikvParams& p, const u8* rec, const float* qbar, f
 // Query heads past SCORE_AHEAD_HEADS, and the sign x sign selector's medians, are loaded where
 // they are used, as before.
 constexpr int SCORE_AHEAD_HEADS = 4;
-template <int D, typename T>
+// CB_AHEAD: the codebook is loaded in round 2 into registers (the wide entry); else after the
+// first barrier, where the LUT is built (the eight-block entries, within 32 registers).
+template <int D, typename T, bool CB_AHEAD>
 SIKV_DEV void score_prologue_ahead(const SikvParams& p, int r, int h, int tile0, bool paged, int* end_out,
                                    int* prompt_len, int* page0_out, float* qbar, float* lut, u32* heavy_bits,
                                    u32* hist, long long* page_off) {
@@ -312,11 +314,13 @@ SIKV_DEV void score_prologue_ahead(const SikvParams& p, int r, int h, int tile0,
         static_assert(SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1 <= NT, "a thread per page of a tile");
         if (tid < np) pg = reinterpret_cast<const int*>(p.page_indices)[i0 + page0 + tid];
     }
-    float4 cb[CR];
-    const float4* codebook = reinterpret_cast<const float4*>(rec + p.off_codebook);
-    #pragma unroll
-    for (int k = 0; k < CR; ++k)
-        if (p.selector == 0 && tid + k * NT < CE) cb[k] = codebook[tid + k * NT];
+    float4 cb[CB_AHEAD ? CR : 1];
+    if constexpr (CB_AHEAD) {
+        const float4* codebook = reinterpret_cast<const float4*>(rec + p.off_codebook);
+        #pragma unroll
+        for (int k = 0; k < CR; ++k)
+            if (p.selector == 0 && tid + k * NT < CE) cb[k] = codebook[tid + k * NT];
+    }
     // Use: the group-mean query (load_qbar's sums), the pages (tile_pages'), zeroed bitmaps.
     if (tid < D) {
         float s = 0.0f;
@@ -341,18 +345,22 @@ SIKV_DEV void score_prologue_ahead(const SikvParams& p, int r, int h, int tile0,
         if (hp >= 0 && hp < NT * (int)SCORE_TOKENS_PER_THREAD) atomicOr(&heavy_bits[hp % NT], 1u << (hp / NT));
     }
     // build_lut's table.
-    if (p.selector == 0) {
-        #pragma unroll
-        for (int k = 0; k < CR; ++k) {
-            const int e = tid + k * NT;
-            if (e >= CE) break;
-            const int sv = e / CENTROIDS;
-            float t = 0.0f;
-            t = add_rn(t, mul_rn(cb[k].x, qbar[4 * sv + 0]));
-            t = add_rn(t, mul_rn(cb[k].y, qbar[4 * sv + 1]));
-            t = add_rn(t, mul_rn(cb[k].z, qbar[4 * sv + 2]));
-            t = add_rn(t, mul_rn(cb[k].w, qbar[4 * sv + 3]));
-            lut[e] = t;
+    if constexpr (CB_AHEAD) {
+        if (p.selector == 0) {
+            #pragma unroll
+            for (int k = 0; k < CR; ++k) {
+                const int e = tid + k * NT;
+                if (e >= CE) break;
+                const int sv = e / CENTROIDS;
+                float t = 0.0f;
+                t = add_rn(t, mul_rn(cb[k].x, qbar[4 * sv + 0]));
+                t = add_rn(t, mul_rn(cb[k].y, qbar[4 * sv + 1]));
+                t = add_rn(t, mul_rn(cb[k].z, qbar[4 * sv + 2]));
+                t = add_rn(t, mul_rn(cb[k].w, qbar[4 * sv + 3]));
+                lut[e] = t;
+            }
+        } else {
+            build_lut<D>(p, rec, qbar, lut);
         }
     } else {
         build_lut<D>(p, rec, qbar, lut);
@@ -375,11 +383,10 @@ SIKV_DEV void score_body(const SikvParams& p) {
     const int tile0 = p.n_sink + blockIdx.x * SCORE_TILE;
     const bool paged = score_paged(p);
     int b, end, prompt_len, page0 = 0;
-    // The wide entry (one wave of blocks: each block's prologue is on the step's critical path)
-    // takes the prologue with its loads ahead; the eight-block entries keep the chain, which
-    // other resident blocks' token loops cover, and within their 32 registers the loads ahead
-    // spilled (stored to local memory, each store waiting for its load).
-    if constexpr (ROWS || !WIDE) {
+    // The one-row entries take the prologue with its loads ahead; the eight-block entry loads
+    // the codebook after the first barrier (its loads ahead spilled within 32 registers, each
+    // spill store waiting for its load). The rows entry keeps the chain.
+    if constexpr (ROWS) {
         const QueryRow qr = ROWS ? query_row(p, r) : single_row(p, r);
         b = qr.seq;
         end = row_cand_end(p, qr);
@@ -402,7 +409,7 @@ SIKV_DEV void score_body(const SikvParams& p) {
         __syncthreads();
     } else {
         b = r;
-        score_prologue_ahead<D, T>(p, r, h, tile0, paged, &end, &prompt_len, &page0, qbar, lut, heavy_bits, hist,
+        score_prologue_ahead<D, T, WIDE>(p, r, h, tile0, paged, &end, &prompt_len, &page0, qbar, lut, heavy_bits, hist,
                                    page_off);
         if (tile0 >= end) return;  // uniform per block (the prologue returned before its barriers)
     }
