@@ -101,14 +101,13 @@ if want tests; then
   # every batch (by default 16 at batch 1-2 and 32 at batch 4 of 8 KV heads), the select's
   # chain of launches and the fused select (each taken by some shapes only), and 64 candidate
   # slots per row (rows whose threshold bin overflows them take the final select's one-CTA
-  # fallback, in either plan), and
-  # the dense decode's candidate chunks at their fewest positions (more chunks per sequence),
-  # and one compaction block per row in the chain (each block takes every tile of its row, as
-  # long rows at large batch do), and the histograms zeroed by a memset instead of hist_zero,
-  # and the chain's final select forced to one CTA per row and to clusters of two (the rule's
-  # size follows each case's rows, so the default run alone need not reach every entry), and
-  # the score's one-row entry where the rule would take its wide one (the tests' grids are
-  # small). '+' joins the settings of one run.
+  # fallback, in either plan), and the dense decode's candidate chunks at their fewest
+  # positions (more chunks per sequence), and one compaction block per row in the chain (each
+  # block takes every tile of its row, as long rows at large batch do), and the histograms
+  # zeroed by a memset instead of hist_zero, and the chain's final select forced to one CTA
+  # per row and to clusters of two (the rule's size follows each case's rows, so the default
+  # run alone need not reach every entry), and the score's one-row entry where the rule would
+  # take its wide one (the tests' grids are small). '+' joins the settings of one run.
   for env in SIKV_ATTEND_SPAN=3 SIKV_KEPT_SPLIT=16 SIKV_KEPT_SPLIT=32 SIKV_FUSED=off SIKV_FUSED=on SIKV_TOPK=multi:64 SIKV_DENSE_MIN_CHUNK=64 \
     SIKV_COMPACT_BLOCKS=1+SIKV_FUSED=off SIKV_HIST_ZERO=memset+SIKV_FUSED=off \
     SIKV_FINAL_CLUSTER=1+SIKV_FUSED=off SIKV_FINAL_CLUSTER=2+SIKV_FUSED=off SIKV_SCORE_WIDE=off+SIKV_FUSED=off; do

@@ -68,8 +68,8 @@ pub const SIKV_DENSE_CROSSOVER_AUTO: u32 = 0xFFFF_FFFF;
 /// the lower one's band. Batch 2 refitted in the fortieth session, after the sparse attend's
 /// short kept splits made its step about 6 µs shorter: even at ~118.2K (graph), the bound that
 /// multiple of 4096 just above it, so that each measured point of the sweep takes the faster
-/// path (with a cold L2 dense stays faster up to ~131K, interpolated). The H200's break-even has not been
-/// refitted since the seventh session.
+/// path (with a cold L2 dense stays faster up to ~131K, interpolated). The H200's break-even
+/// has not been refitted since the seventh session.
 pub const DENSE_AUTO_TOKENS: [(u32, u64); 5] =
     [(1, 86016), (3, 118784), (31, 147456), (63, 348160), (u32::MAX, 524288)];
 

@@ -317,9 +317,16 @@ pub fn kept_split_len(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, fo
 /// sparse grid, `kept` kept-entry splits per row included, fits one wave of
 /// ATTEND_BLOCKS_PER_SM blocks per SM (the bound both kept_split_len and attend_span keep).
 fn one_wave_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, kept: usize, most: u32) -> Option<u32> {
-    let rows = cfg.num_kv_heads as usize * batch.max(1) as usize;
-    let slots = ATTEND_BLOCKS_PER_SM as usize * sms.max(1) as usize;
+    let (rows, slots) = attend_wave(cfg, sms, batch);
     (1..=most).find(|&span| (kept + w.sel_splits.div_ceil(span as usize)) * rows <= slots)
+}
+
+/// The sparse attend's rows (KV heads times sequences) and the blocks one wave holds.
+fn attend_wave(cfg: &CacheConfig, sms: u32, batch: u32) -> (usize, usize) {
+    (
+        cfg.num_kv_heads as usize * batch.max(1) as usize,
+        ATTEND_BLOCKS_PER_SM as usize * sms.max(1) as usize,
+    )
 }
 
 /// Whether the sparse attend's splits of selected tokens run on tensor cores (attend_tc.cuh's
@@ -354,10 +361,8 @@ pub fn attend_span(w: &Workspace, cfg: &CacheConfig, sms: u32, batch: u32, tc: b
         return 1;
     }
     one_wave_span(w, cfg, sms, batch, kept, ATTEND_MAX_SPAN).unwrap_or_else(|| {
-        let (sel, rows) = (w.sel_splits as u32, cfg.num_kv_heads * batch.max(1));
-        (sel * rows)
-            .div_ceil(ATTEND_BLOCKS_PER_SM * sms.max(1))
-            .clamp(1, ATTEND_MAX_SPAN)
+        let (rows, slots) = attend_wave(cfg, sms, batch);
+        (w.sel_splits * rows).div_ceil(slots).clamp(1, ATTEND_MAX_SPAN as usize) as u32
     })
 }
 
