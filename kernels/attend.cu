@@ -817,8 +817,9 @@ SIKV_ENTRIES_D_T_EARLY_MINB(sikv_attend_mean, ATTEND_THREADS, 4)
 // the accumulator sum runs as SG independent groups of splits per channel quad (16-byte loads,
 // no load behind a branch), merged through shared memory, instead of one dependent chain of
 // num_splits loads per channel.
+// dense: a routed decode whose dense path ran (its entry reads the route word).
 template <int D, typename T>
-SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
+SIKV_DEV void sikv_combine_impl(const SikvParams& p, bool dense) {
     constexpr int QD = D / 4;                 // threads per channel row (one float4 each)
     constexpr int SG = COMBINE_THREADS / QD;  // split groups summed in parallel
     static_assert(COMBINE_THREADS % QD == 0, "channel quads must tile the block");
@@ -828,7 +829,7 @@ SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
     __shared__ float wred[COMBINE_THREADS / 32];
     const int r = blockIdx.y, hq = blockIdx.x, tid = threadIdx.x;
     // A routed decode's combine serves whichever path ran (their partial counts differ).
-    const int NS = p.ws_route != 0 && route_is_dense(p) ? p.route_dense_splits : p.num_splits;
+    const int NS = dense ? p.route_dense_splits : p.num_splits;
     const long long base = (long long)r * p.num_kv_heads * p.group + hq;
     const float2* ml = reinterpret_cast<const float2*>(p.ws_part_ml) + base * NS;
     const float* pacc = reinterpret_cast<const float*>(p.ws_part_acc) + base * NS * D;
@@ -908,4 +909,4 @@ SIKV_DEV void sikv_combine_impl(const SikvParams& p) {
         out[c] = from_f32<T>(l > 0.0f ? v / l : 0.0f);
     }
 }
-SIKV_ENTRIES_D_T(sikv_combine, COMBINE_THREADS)
+SIKV_ENTRIES_D_T_COMBINE(sikv_combine, COMBINE_THREADS)

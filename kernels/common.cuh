@@ -190,28 +190,26 @@ SIKV_DEV void raise_fault(const SikvParams& p, u32 bits) {
     if (p.fault) atomicOr(reinterpret_cast<u32*>(p.fault), bits);
 }
 
-// The state slot of batch row b, or -1 (fault raised) when outside 0..max_seqs.
-SIKV_DEV int batch_slot(const SikvParams& p, int b) {
-    const int slot = reinterpret_cast<const int*>(p.seq_slot)[b];
+// A batch row's state slot as loaded (seq_slot[b]), or -1 (fault raised) when outside
+// 0..max_seqs.
+SIKV_DEV int checked_slot(const SikvParams& p, int slot) {
     if (slot < 0 || slot >= p.max_seqs) {
         raise_fault(p, FAULT_SEQ_SLOT);
         return -1;
     }
     return slot;
 }
+// The state slot of batch row b, or -1 (fault raised) when outside 0..max_seqs.
+SIKV_DEV int batch_slot(const SikvParams& p, int b) {
+    return checked_slot(p, reinterpret_cast<const int*>(p.seq_slot)[b]);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Sequence geometry (cpu/mod.rs): length from the CSR page table, page lookup.
 
-// Length of sequence b from the page table; 0 (fault raised) for a table the CPU would reject:
-// indptr negative or decreasing, last_page_len outside 1..=page_size (0 without pages), more
-// than max_seq_len tokens. Every position below the returned length has its page entry inside
-// [indptr[b], indptr[b + 1]).
-SIKV_DEV int seq_len(const SikvParams& p, int b) {
-    const int* indptr = reinterpret_cast<const int*>(p.indptr);
-    const int* lpl = reinterpret_cast<const int*>(p.last_page_len);
-    const int i0 = indptr[b], i1 = indptr[b + 1];
-    const int last = lpl[b];
+// seq_len from its three loads (indptr[b], indptr[b + 1], last_page_len[b]), for a kernel that
+// issues them beside its other first loads.
+SIKV_DEV int seq_len_of(const SikvParams& p, int i0, int i1, int last) {
     if (i0 < 0 || i1 < i0) {
         raise_fault(p, FAULT_PAGE_TABLE);
         return 0;
@@ -231,6 +229,14 @@ SIKV_DEV int seq_len(const SikvParams& p, int b) {
         return 0;
     }
     return (int)len;
+}
+// Length of sequence b from the page table; 0 (fault raised) for a table the CPU would reject:
+// indptr negative or decreasing, last_page_len outside 1..=page_size (0 without pages), more
+// than max_seq_len tokens. Every position below the returned length has its page entry inside
+// [indptr[b], indptr[b + 1]).
+SIKV_DEV int seq_len(const SikvParams& p, int b) {
+    const int* indptr = reinterpret_cast<const int*>(p.indptr);
+    return seq_len_of(p, indptr[b], indptr[b + 1], reinterpret_cast<const int*>(p.last_page_len)[b]);
 }
 
 // Live length of batch row b and its state slot: a row whose slot is bad is an empty sequence
@@ -1007,6 +1013,21 @@ SIKV_DEV bool route_dense_sum(const SikvParams& p) {
                                    sikv_grid_wait();                                            \
                                })
 #define SIKV_ENTRIES_D_T_SCORE(NAME, BOUNDS) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT_SCORE, NAME, BOUNDS)
+
+// The combine's entry: in a routed decode it reads the route word (whose partials to merge)
+// before its grid dependency, so that the partials' loads follow the wait at once instead of
+// after a round trip for the word. The word is the prologue's and complete when the combine
+// starts: behind the join of a forked capture by the graph's edges; in stream order because the
+// launch just ahead (the dense decode) lets it launch only after its own wait, which covers the
+// attend and all before it.
+#define SIKV_ENTRY_DT_COMBINE(NAME, BOUNDS, D, T, TNAME)                                         \
+    SIKV_IF_d##D##_##TNAME(extern "C" __global__ void __launch_bounds__ BOUNDS                  \
+                               NAME##_d##D##_##TNAME(const SikvParams p) {                      \
+                                   const bool dense = p.ws_route != 0 && route_is_dense(p);     \
+                                   sikv_grid_dependency();                                      \
+                                   NAME##_impl<D, T>(p, dense);                                 \
+                               })
+#define SIKV_ENTRIES_D_T_COMBINE(NAME, NT) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT_COMBINE, NAME, (NT))
 
 #define SIKV_ENTRIES_D_T_BOUNDS(NAME, BOUNDS) SIKV_FOR_EACH_D_T(SIKV_ENTRY_DT, NAME, BOUNDS)
 #define SIKV_ENTRIES_D_T(NAME, NT) SIKV_ENTRIES_D_T_BOUNDS(NAME, (NT))

@@ -259,6 +259,115 @@ SIKV_DEV void build_lut(const SikvParams& p, const u8* rec, const float* qbar, f
     }
 }
 
+// The one-row score's prologue with its loads in two rounds instead of a chain of six (slot,
+// length, pages, query, heavy list, codebook, each waited for before the next was issued; about
+// a third of the score's samples at 128K batch 1): first what the launch's arguments address
+// (the row's slot and page-table entries, its query heads), then what the slot and the page
+// list address (the prompt length, the first heavy positions, the codebook, the tile's pages),
+// and only then is any of it used. The same values and faults as score_body's rows prologue
+// (single_row, tile_pages, load_qbar, tile_heavy, build_lut), bit for bit. Writes *end; returns
+// before its barriers when the tile holds no candidate (tile0 >= *end, uniform per block).
+// Query heads past SCORE_AHEAD_HEADS, and the sign x sign selector's medians, are loaded where
+// they are used, as before.
+constexpr int SCORE_AHEAD_HEADS = 4;
+// CB_AHEAD: the codebook is loaded in round 2 into registers (the wide entry); else after the
+// first barrier, where the LUT is built (the eight-block entries, within 32 registers).
+template <int D, typename T, bool CB_AHEAD>
+SIKV_DEV void score_prologue_ahead(const SikvParams& p, int r, int h, int tile0, bool paged, int* end_out,
+                                   int* prompt_len, int* page0_out, float* qbar, float* lut, u32* heavy_bits,
+                                   u32* hist, long long* page_off) {
+    constexpr int NT = SCORE_THREADS;
+    static_assert(D <= NT, "one thread per channel of the group-mean query");
+    constexpr int CE = (D / 4) * CENTROIDS, CR = (CE + NT - 1) / NT;  // LUT entries, a thread's
+    const int tid = threadIdx.x, G = p.group;
+    // Round 1: the slot, the page-table entries and thread c's first query heads of channel c.
+    const int slot_loaded = reinterpret_cast<const int*>(p.seq_slot)[r];
+    const int* indptr = reinterpret_cast<const int*>(p.indptr);
+    const int i0 = indptr[r], i1 = indptr[r + 1];
+    const int last = reinterpret_cast<const int*>(p.last_page_len)[r];
+    const T* qh = reinterpret_cast<const T*>(p.q) + ((long long)r * p.num_kv_heads + h) * G * D;
+    T qv[SCORE_AHEAD_HEADS] = {};
+    #pragma unroll
+    for (int g = 0; g < SCORE_AHEAD_HEADS; ++g)
+        if (tid < D && g < G) qv[g] = qh[g * D + tid];
+    // The row's length and candidate end (single_row's checks and faults).
+    const int slot = checked_slot(p, slot_loaded);
+    QueryRow qr;
+    qr.seq = r;
+    qr.slot = slot;
+    qr.len = slot < 0 ? 0 : seq_len_of(p, i0, i1, last);
+    qr.bound = qr.len;
+    const int end = row_cand_end(p, qr);
+    *end_out = end;
+    if (tile0 >= end) return;
+    // Round 2: what the slot and the page list address.
+    u8* rec = state_record(p, slot, h);
+    const int* dpos = state_dense_pos(p, rec);
+    const int plen = state_meta(p, rec)[META_PROMPT_LEN];
+    const int hp0 = tid < p.n_heavy ? dpos[p.n_sink + tid] : -1;
+    int page0 = 0, np = 0, pg = -1;
+    if (paged) {
+        const int shift = __ffs(p.page_size) - 1;
+        const int tile_end = tile0 + (int)SCORE_TILE < end ? tile0 + (int)SCORE_TILE : end;
+        page0 = tile0 >> shift;
+        np = ((tile_end - 1) >> shift) - page0 + 1;
+        static_assert(SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1 <= NT, "a thread per page of a tile");
+        if (tid < np) pg = reinterpret_cast<const int*>(p.page_indices)[i0 + page0 + tid];
+    }
+    float4 cb[CB_AHEAD ? CR : 1];
+    if constexpr (CB_AHEAD) {
+        const float4* codebook = reinterpret_cast<const float4*>(rec + p.off_codebook);
+        #pragma unroll
+        for (int k = 0; k < CR; ++k)
+            if (p.selector == 0 && tid + k * NT < CE) cb[k] = codebook[tid + k * NT];
+    }
+    // Use: the group-mean query (load_qbar's sums), the pages (tile_pages'), zeroed bitmaps.
+    if (tid < D) {
+        float s = 0.0f;
+        #pragma unroll
+        for (int g = 0; g < SCORE_AHEAD_HEADS; ++g)
+            if (g < G) s = add_rn(s, to_f32(qv[g]));
+        for (int g = SCORE_AHEAD_HEADS; g < G; ++g) s = add_rn(s, to_f32(qh[g * D + tid]));
+        qbar[tid] = div_rn(s, (float)G);
+    }
+    // (sign rows: D / 8 bytes, layout.rs)
+    if (tid < np)
+        page_off[tid] = pg < 0 || pg >= p.num_pages ? -1ll : ((long long)pg * p.num_kv_heads + h) * p.page_size * (D / 8);
+    heavy_bits[tid] = 0;
+    if (p.topk_multi)
+        for (int i = tid; i < TOPK_HIST_BINS; i += NT) hist[i] = 0;
+    *prompt_len = plen;
+    *page0_out = page0;
+    __syncthreads();
+    // tile_heavy's bits, its first heavy position per thread already loaded.
+    for (int i = tid; i < p.n_heavy; i += NT) {
+        const int hp = (i == tid ? hp0 : dpos[p.n_sink + i]) - tile0;
+        if (hp >= 0 && hp < NT * (int)SCORE_TOKENS_PER_THREAD) atomicOr(&heavy_bits[hp % NT], 1u << (hp / NT));
+    }
+    // build_lut's table.
+    if constexpr (CB_AHEAD) {
+        if (p.selector == 0) {
+            #pragma unroll
+            for (int k = 0; k < CR; ++k) {
+                const int e = tid + k * NT;
+                if (e >= CE) break;
+                const int sv = e / CENTROIDS;
+                float t = 0.0f;
+                t = add_rn(t, mul_rn(cb[k].x, qbar[4 * sv + 0]));
+                t = add_rn(t, mul_rn(cb[k].y, qbar[4 * sv + 1]));
+                t = add_rn(t, mul_rn(cb[k].z, qbar[4 * sv + 2]));
+                t = add_rn(t, mul_rn(cb[k].w, qbar[4 * sv + 3]));
+                lut[e] = t;
+            }
+        } else {
+            build_lut<D>(p, rec, qbar, lut);
+        }
+    } else {
+        build_lut<D>(p, rec, qbar, lut);
+    }
+    __syncthreads();
+}
+
 // ROWS: the call has several query rows per sequence (p.row_offsets; entry sikv_score_rows).
 // Two entries rather than a branch on p.row_offsets: the branch compiled to 40 registers (6
 // resident blocks of 256 threads per SM instead of 8), and the row lookup inlined into the one
@@ -271,30 +380,39 @@ SIKV_DEV void score_body(const SikvParams& p) {
     __shared__ u32 hist[TOPK_HIST_BINS];
     __shared__ long long page_off[SCORE_TILE / SCORE_PAGE_TABLE_MIN + 1];
     const int r = blockIdx.z, h = blockIdx.y;
-    const QueryRow qr = ROWS ? query_row(p, r) : single_row(p, r);
-    const int b = qr.seq, slot = qr.slot;
-    const int end = row_cand_end(p, qr);
     const int tile0 = p.n_sink + blockIdx.x * SCORE_TILE;
-    if (tile0 >= end) return;  // uniform per block: nothing of this tile is a candidate
-    u8* rec = state_record(p, slot, h);
-    const int* meta = state_meta(p, rec);
-    const int* dpos = state_dense_pos(p, rec);
-    const int prompt_len = meta[META_PROMPT_LEN];
-
-    // The tile's pages (tile_pages).
     const bool paged = score_paged(p);
-    const int tile_end = tile0 + (int)SCORE_TILE < end ? tile0 + (int)SCORE_TILE : end;
-    const int page0 = paged ? tile_pages<D>(p, b, h, tile0, tile_end, page_off) : 0;
-    // The rows entry serves per-row rows (query row r) and the mean query's one row per
-    // sequence (its rows' mean): one loop for both.
-    load_qbar<D, T, ROWS, true>(p, r, h, qbar);
-    heavy_bits[threadIdx.x] = 0;  // blockDim.x == SCORE_THREADS
-    if (p.topk_multi)
-        for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    tile_heavy<SCORE_THREADS>(p, dpos, tile0, heavy_bits);
-    build_lut<D>(p, rec, qbar, lut);
-    __syncthreads();
+    int b, end, prompt_len, page0 = 0;
+    // The one-row entries take the prologue with its loads ahead; the eight-block entry loads
+    // the codebook after the first barrier (its loads ahead spilled within 32 registers, each
+    // spill store waiting for its load). The rows entry keeps the chain.
+    if constexpr (ROWS) {
+        const QueryRow qr = ROWS ? query_row(p, r) : single_row(p, r);
+        b = qr.seq;
+        end = row_cand_end(p, qr);
+        if (tile0 >= end) return;  // uniform per block: nothing of this tile is a candidate
+        u8* rec = state_record(p, qr.slot, h);
+        const int* dpos = state_dense_pos(p, rec);
+        prompt_len = state_meta(p, rec)[META_PROMPT_LEN];
+        // The tile's pages (tile_pages).
+        const int tile_end = tile0 + (int)SCORE_TILE < end ? tile0 + (int)SCORE_TILE : end;
+        if (paged) page0 = tile_pages<D>(p, b, h, tile0, tile_end, page_off);
+        // The rows entry serves per-row rows (query row r) and the mean query's one row per
+        // sequence (its rows' mean): one loop for both.
+        load_qbar<D, T, ROWS, true>(p, r, h, qbar);
+        heavy_bits[threadIdx.x] = 0;  // blockDim.x == SCORE_THREADS
+        if (p.topk_multi)
+            for (int i = threadIdx.x; i < TOPK_HIST_BINS; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        tile_heavy<SCORE_THREADS>(p, dpos, tile0, heavy_bits);
+        build_lut<D>(p, rec, qbar, lut);
+        __syncthreads();
+    } else {
+        b = r;
+        score_prologue_ahead<D, T, WIDE>(p, r, h, tile0, paged, &end, &prompt_len, &page0, qbar, lut, heavy_bits, hist,
+                                   page_off);
+        if (tile0 >= end) return;  // uniform per block (the prologue returned before its barriers)
+    }
 
     u32 lanes = heavy_bits[threadIdx.x] << LANE_HEAVY;
     #pragma unroll
@@ -521,15 +639,21 @@ SIKV_DEV void rerank_score_bits(const SikvParams& p, int r, int b, int h, int sl
         rerank_tables<D>(qbar, scale, sub);
         __syncthreads();
     }
-    // The stage-1 list and its count: the final select's (the launch just ahead).
+    // The sequence's page list (an input of the call) before the wait, so that a survivor's
+    // page is one load after its list entry instead of two.
+    const int* pages = seq_pages(p, b);
+    // The stage-1 list and its count: the final select's (the launch just ahead). The entry
+    // is loaded beside the count, not after it: the final select writes every entry of the
+    // list (-1 past the count), so the chain after the wait is list, page, plane rows.
     sikv_grid_dependency();
-    const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const int entry = i < p.stage1_max ? reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i] : -1;
+    const int n1 = reinterpret_cast<const int*>(p.ws_list_n)[2 * rowid];
     if (i >= n1) return;
-    const int pos = reinterpret_cast<const int*>(p.ws_list)[rowid * p.stage1_max + i];
+    const int pos = entry;
     const bool forced = p.force_generated && pos >= prompt_len;
     // Page outside the pool: row -1 (fault raised), no candidate, like stage 1's key 0.
-    const long long row = !forced ? row_index(p, b, h, pos) : -1;
+    const long long row = !forced ? row_index_in(p, pages, h, pos) : -1;
     u32 out = 0u;
     if (forced) {
         out = score_key(SIKV_INF);
