@@ -10,7 +10,9 @@
 #      plot.py)
 #   (step `samples`: the C++ engine sample and TensorRT plugin harness with --device cuda;
 #   `sanitize`: every compute-sanitizer tool over every test binary; `profile`: ncu per kernel;
-#   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT;
+#   `profile_sass`: ncu per SASS instruction, PROFILE_KERNELS / PROFILE_SIZES / PROFILE_COUNT,
+#   PROFILE_ONLY (gpu_bench's --only rows, so that the first launches the filter matches are
+#   that row's: the combine runs in the sparse rows before the dense decode's);
 #   both profile PROFILE_BENCH, a gpu_bench build, default .gpu/gpu_bench;
 #   `dense_groups`: the ignored diagnosis decode::dense_decode_groups, three seeds; `probe`:
 #   scripts/diag/latency_probe.cu, the fixed costs of launches, barriers and loads; `timeline`:
@@ -448,7 +450,7 @@ if want profile_sass; then
       n=${nb%%:*} b=${nb##*:}
       "$NCU" --set full --import-source no --kernel-name "regex:$rx" --launch-count "${PROFILE_COUNT:-7}" \
         -f -o "$OUT/sass_${n}_${b}" "${PROFILE_BENCH:-.gpu/gpu_bench}" --quick --iters 5 --n "$n" --batch "$b" \
-        > "$OUT/sass_${n}_${b}.log" 2>&1 || RC[profile_sass]=$?
+        ${PROFILE_ONLY:+--only "$PROFILE_ONLY"} > "$OUT/sass_${n}_${b}.log" 2>&1 || RC[profile_sass]=$?
       "$NCU" -i "$OUT/sass_${n}_${b}.ncu-rep" --page source --csv --print-source sass \
         > "$OUT/sass_${n}_${b}.csv" 2>>"$OUT/sass_${n}_${b}.log" || RC[profile_sass]=$?
       "$NCU" -i "$OUT/sass_${n}_${b}.ncu-rep" --page details --csv > "$OUT/sass_details_${n}_${b}.csv" 2>&1
