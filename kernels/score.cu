@@ -227,6 +227,17 @@ SIKV_DEV void tile_heavy(const SikvParams& p, const int* dpos, int tile0, u32* h
     }
 }
 
+// LUT entry of codebook centroid c of sub-vector s: its dot product with the group-mean query's
+// channels 4s..4s+3, summed in channel order (build_lut and the wide prologue alike).
+SIKV_DEV float lut_entry(float4 c, const float* qbar, int s) {
+    float t = 0.0f;
+    t = add_rn(t, mul_rn(c.x, qbar[4 * s + 0]));
+    t = add_rn(t, mul_rn(c.y, qbar[4 * s + 1]));
+    t = add_rn(t, mul_rn(c.z, qbar[4 * s + 2]));
+    t = add_rn(t, mul_rn(c.w, qbar[4 * s + 3]));
+    return t;
+}
+
 // The score LUT of the row's group-mean query (a barrier before it reads qbar, and after).
 template <int D>
 SIKV_DEV void build_lut(const SikvParams& p, const u8* rec, const float* qbar, float* lut) {
@@ -235,14 +246,7 @@ SIKV_DEV void build_lut(const SikvParams& p, const u8* rec, const float* qbar, f
     if (p.selector == 0) {
         const float* cb = reinterpret_cast<const float*>(rec + p.off_codebook);
         for (int e = threadIdx.x; e < (D / 4) * CENTROIDS; e += blockDim.x) {
-            const int s = e / CENTROIDS;
-            float4 c = reinterpret_cast<const float4*>(cb)[e];
-            float t = 0.0f;
-            t = add_rn(t, mul_rn(c.x, qbar[4 * s + 0]));
-            t = add_rn(t, mul_rn(c.y, qbar[4 * s + 1]));
-            t = add_rn(t, mul_rn(c.z, qbar[4 * s + 2]));
-            t = add_rn(t, mul_rn(c.w, qbar[4 * s + 3]));
-            lut[e] = t;
+            lut[e] = lut_entry(reinterpret_cast<const float4*>(cb)[e], qbar, e / CENTROIDS);
         }
     } else {
         const float* qmed = reinterpret_cast<const float*>(rec + p.off_qmed);
@@ -351,13 +355,7 @@ SIKV_DEV void score_prologue_ahead(const SikvParams& p, int r, int h, int tile0,
             for (int k = 0; k < CR; ++k) {
                 const int e = tid + k * NT;
                 if (e >= CE) break;
-                const int sv = e / CENTROIDS;
-                float t = 0.0f;
-                t = add_rn(t, mul_rn(cb[k].x, qbar[4 * sv + 0]));
-                t = add_rn(t, mul_rn(cb[k].y, qbar[4 * sv + 1]));
-                t = add_rn(t, mul_rn(cb[k].z, qbar[4 * sv + 2]));
-                t = add_rn(t, mul_rn(cb[k].w, qbar[4 * sv + 3]));
-                lut[e] = t;
+                lut[e] = lut_entry(cb[k], qbar, e / CENTROIDS);
             }
         } else {
             build_lut<D>(p, rec, qbar, lut);
