@@ -100,8 +100,9 @@ def main():
         got, bad = run_round(builds, args, rnd, a.timeout)
         rows += got
         failed += bad
-    if a.csv:
-        write_rounds_csv(a.csv, rows)
+        # After every round, so that a run cut short keeps the rounds it finished.
+        if a.csv:
+            write_rounds_csv(a.csv, rows)
     if rows:
         table(rows)
     if failed:
