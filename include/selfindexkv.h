@@ -65,6 +65,10 @@
 // 2+1 bits with every reference choice (64 heavy, k = 100, median, no sinks or window).
 #define SIKV_PROFILE_PARITY 3
 
+// Most query rows (new tokens) one sequence may bring to `sikv_attend_rows` or
+// `sikv_kernel_decode_rows`.
+#define SIKV_MAX_QUERY_ROWS 16
+
 #define SIKV_VERSION_MAJOR 0
 
 #define SIKV_VERSION_MINOR 1
@@ -340,12 +344,12 @@ enum SikvStatus sikv_append(struct SikvCache *cache, uint32_t layer, uint32_t n_
 // `q`, `out`: `[n_seqs][num_q_heads][head_dim]`.
 enum SikvStatus sikv_attend(struct SikvCache *cache, uint32_t layer, uint32_t n_seqs, const int64_t *seq_ids, const void *q, void *out, SikvStream stream);
 
-// Attention for several new tokens per sequence in one call (speculative-decoding
-// verification, a chunk of a prompt): sequence `seq_ids[i]` brought `rows[i]` tokens (1..=16,
+// Attention for several new tokens per sequence in one call (speculative-decoding verification, a
+// chunk of a prompt): sequence `seq_ids[i]` brought `rows[i]` tokens (1..=SIKV_MAX_QUERY_ROWS,
 // appended with sikv_append before this call; `rows` is a HOST array of n_seqs). `q`, `out`:
-// `[R][num_q_heads][head_dim]` with R the sum of `rows`, sequence i's rows after those of
-// i - 1, in position order. Row r of sequence i stands at position len_i - rows[i] + r and
-// attends to the positions up to its own (causal among the new tokens), over the dense set and
+// `[R][num_q_heads][head_dim]` with R the sum of `rows`, sequence i's rows after those of i - 1,
+// in position order. Row r of sequence i stands at position len_i - rows[i] + r and attends to the
+// positions up to its own (causal among the new tokens), over the dense set and
 // a selection made per row, or once per sequence from the mean of its rows' queries with
 // SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
 // crossover does not apply here). On a CUDA cache, whose workspace holds max_batch query
@@ -396,7 +400,8 @@ void sikv_kernels_destroy(struct SikvKernels *kernels);
 enum SikvStatus sikv_workspace_size(const struct SikvKernels *kernels, uint32_t batch, size_t *out);
 
 // Workspace bytes enough for `sikv_kernel_decode_rows` with up to `n_rows` query rows in all
-// (1..=16 * max_batch; the rows, not the sequences, size its workspace). 0 on the CPU.
+// (1..=SIKV_MAX_QUERY_ROWS * max_batch; the rows, not the sequences, size its workspace). 0
+// on the CPU.
 enum SikvStatus sikv_workspace_size_rows(const struct SikvKernels *kernels, uint32_t n_rows, size_t *out);
 
 // Stage `calibrate` for one sequence slot at one layer: fits centre, scale, codebook, heavy
@@ -432,10 +437,10 @@ enum SikvStatus sikv_kernel_reset_slot(const struct SikvKernels *kernels, const 
 // graph follows the lengths as they grow.
 enum SikvStatus sikv_kernel_decode(const struct SikvKernels *kernels, const struct SikvLayerPools *pools, const struct SikvPageTable *page_table, const int32_t *seq_slot, const void *q, void *out, void *workspace, size_t workspace_bytes, SikvStream stream);
 
-// Several query tokens per sequence in one call (speculative-decoding verification, a chunk
-// of a prompt): sequence i's query rows are `[row_offsets[i], row_offsets[i + 1])` of `q` and
-// `out` (`[n_rows][num_q_heads][head_dim]`), 1..=16 per sequence, its last tokens, appended
-// before the call: row r of sequence i stands at position len_i - rows_i + r and attends
+// Several query tokens per sequence in one call (speculative-decoding verification, a chunk of a
+// prompt): sequence i's query rows are `[row_offsets[i], row_offsets[i + 1])` of `q` and `out`
+// (`[n_rows][num_q_heads][head_dim]`), 1..=SIKV_MAX_QUERY_ROWS per sequence, its last tokens,
+// appended before the call: row r of sequence i stands at position len_i - rows_i + r and attends
 // causally (to the positions up to its own) over the dense set and a selection made per row,
 // or once per sequence from the mean of its rows' queries with SIKV_FLAG_ROWS_MEAN_QUERY.
 // `row_offsets` is int32 `[batch + 1]` from 0 to `n_rows`, in the memory of the page table

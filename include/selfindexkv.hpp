@@ -207,7 +207,7 @@ class Cache {
   void attend_dense(uint32_t layer, Span<const int64_t> ids, const void* q, void* out, Stream stream = nullptr) {
     check(sikv_attend_dense(h_, layer, n(ids), ids.data(), q, out, stream), "sikv_attend_dense");
   }
-  // rows[i] new tokens of ids[i] (appended before this call; 1..16), each attending causally:
+  // rows[i] new tokens of ids[i] (appended before this call; 1..SIKV_MAX_QUERY_ROWS), each attending causally:
   // speculative-decoding verification, a prompt chunk. q, out: [sum(rows)][H_q][d], sequence
   // by sequence in position order. On a CUDA cache at most config max_batch rows per sequence.
   void attend_rows(uint32_t layer, Span<const int64_t> ids, Span<const uint32_t> rows, const void* q, void* out,

@@ -200,7 +200,7 @@ fn a_row_count_outside_the_bounds_is_refused_and_nothing_is_written() {
     assert_eq!(sikv_cache_checksum(cache.0, &mut before), SikvStatus::SIKV_OK);
     let q = rng.normals(4 * ROW);
     let mut out = vec![7.0f32; q.len()];
-    // A row count outside 1..=MAX_QUERY_ROWS is refused before `q` is sized from the counts.
+    // A row count outside 1..=SIKV_MAX_QUERY_ROWS is refused before `q` is sized from the counts.
     for (rows, needle) in [([17u32, 1], "rows[0] = 17"), ([1, 0], "rows[1] = 0")] {
         let s = sikv_attend_rows(
             cache.0,

@@ -21,7 +21,7 @@ mod state;
 mod table;
 
 pub use pools::{LayerMut, LayerRef};
-pub use rows::{attend_rows, rows_total, select_rows, RowSelection, MAX_QUERY_ROWS};
+pub use rows::{attend_rows, rows_total, select_rows, RowSelection, SIKV_MAX_QUERY_ROWS};
 pub use stages::*;
 pub use state::{cand_end, dense_entries, expected_candidates, read_state, reset_sequence, StateRecord};
 pub use table::PageTable;

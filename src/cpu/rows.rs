@@ -29,11 +29,12 @@ use crate::layout::Layout;
 use crate::reference::score::group_mean_query;
 use crate::status::Result;
 
-/// Most query rows one sequence may bring to a call.
-pub const MAX_QUERY_ROWS: u32 = 16;
+/// Most query rows (new tokens) one sequence may bring to `sikv_attend_rows` or
+/// `sikv_kernel_decode_rows`.
+pub const SIKV_MAX_QUERY_ROWS: u32 = 16;
 
 /// The query rows of a call over `batch` sequences (their sum), after checking that `rows` has
-/// one entry per sequence, each in 1..=MAX_QUERY_ROWS: what sizes `q` and `out`.
+/// one entry per sequence, each in 1..=SIKV_MAX_QUERY_ROWS: what sizes `q` and `out`.
 pub fn rows_total(rows: &[u32], batch: usize) -> Result<usize> {
     ensure!(
         rows.len() == batch,
@@ -44,9 +45,9 @@ pub fn rows_total(rows: &[u32], batch: usize) -> Result<usize> {
     let mut total = 0usize;
     for (b, &n) in rows.iter().enumerate() {
         ensure!(
-            (1..=MAX_QUERY_ROWS).contains(&n),
+            (1..=SIKV_MAX_QUERY_ROWS).contains(&n),
             SIKV_ERR_OUT_OF_BOUNDS,
-            "rows[{b}] = {n} is outside 1..={MAX_QUERY_ROWS}"
+            "rows[{b}] = {n} is outside 1..={SIKV_MAX_QUERY_ROWS}"
         );
         total += n as usize;
     }

@@ -211,7 +211,7 @@ pub(super) fn select_attend_rows(
 }
 
 /// Host query-row offsets (`Executor::decode_rows`) as rows per sequence, checked: `batch + 1`
-/// entries from 0 to `n_rows`, each sequence 1..=`cpu::MAX_QUERY_ROWS` rows (`cpu::rows_total`'s
+/// entries from 0 to `n_rows`, each sequence 1..=`cpu::SIKV_MAX_QUERY_ROWS` rows (`cpu::rows_total`'s
 /// check, on the differences).
 pub(super) fn rows_from_offsets(offsets: Mem<i32>, batch: usize, n_rows: u32) -> Result<Vec<u32>> {
     let off = host_array(offsets, batch + 1, "row_offsets")?;

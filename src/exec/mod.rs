@@ -289,7 +289,7 @@ impl Executor {
         }
     }
 
-    /// Select + attend for `rows[i]` query rows of each sequence i (1..=`cpu::MAX_QUERY_ROWS`, at
+    /// Select + attend for `rows[i]` query rows of each sequence i (1..=`cpu::SIKV_MAX_QUERY_ROWS`, at
     /// most its length), causal among them (`cpu::rows`): `b.q` and `out` hold
     /// `[sum rows][H_q][d]`, sequence i's rows after those of i - 1. Selection per
     /// `cfg.row_selection`. Host memory (the CPU); a device runs [`decode_rows`](Self::decode_rows).

@@ -368,12 +368,12 @@ pub extern "C" fn sikv_attend(
     attend_common(cache, layer, n_seqs, seq_ids, q, out, stream, false)
 }
 
-/// Attention for several new tokens per sequence in one call (speculative-decoding
-/// verification, a chunk of a prompt): sequence `seq_ids[i]` brought `rows[i]` tokens (1..=16,
+/// Attention for several new tokens per sequence in one call (speculative-decoding verification, a
+/// chunk of a prompt): sequence `seq_ids[i]` brought `rows[i]` tokens (1..=SIKV_MAX_QUERY_ROWS,
 /// appended with sikv_append before this call; `rows` is a HOST array of n_seqs). `q`, `out`:
-/// `[R][num_q_heads][head_dim]` with R the sum of `rows`, sequence i's rows after those of
-/// i - 1, in position order. Row r of sequence i stands at position len_i - rows[i] + r and
-/// attends to the positions up to its own (causal among the new tokens), over the dense set and
+/// `[R][num_q_heads][head_dim]` with R the sum of `rows`, sequence i's rows after those of i - 1,
+/// in position order. Row r of sequence i stands at position len_i - rows[i] + r and attends to the
+/// positions up to its own (causal among the new tokens), over the dense set and
 /// a selection made per row, or once per sequence from the mean of its rows' queries with
 /// SIKV_FLAG_ROWS_MEAN_QUERY. One row per sequence is sikv_attend's selecting path (the dense
 /// crossover does not apply here). On a CUDA cache, whose workspace holds max_batch query

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use super::boundary::{boundary, check_out, host_ref, host_slice, host_slice_mut, write_out};
 use super::types::{SikvLayerPools, SikvPageTable, SikvStream};
 use crate::config::{CacheConfig, SikvConfig};
-use crate::cpu::{LayerMut, LayerRef, PageTable};
+use crate::cpu::{LayerMut, LayerRef, PageTable, SIKV_MAX_QUERY_ROWS};
 use crate::ensure;
 use crate::exec::{
     Batch, DecodePath, Executor, LayerPools, LayerView, Mem, MemMut, NewTokens, Prompt, Selected, Table, Workspace,
@@ -97,18 +97,19 @@ pub extern "C" fn sikv_workspace_size(kernels: *const SikvKernels, batch: u32, o
 }
 
 /// Workspace bytes enough for `sikv_kernel_decode_rows` with up to `n_rows` query rows in all
-/// (1..=16 * max_batch; the rows, not the sequences, size its workspace). 0 on the CPU.
+/// (1..=SIKV_MAX_QUERY_ROWS * max_batch; the rows, not the sequences, size its workspace). 0
+/// on the CPU.
 #[no_mangle]
 pub extern "C" fn sikv_workspace_size_rows(kernels: *const SikvKernels, n_rows: u32, out: *mut usize) -> SikvStatus {
     boundary(poison_of(kernels), || {
         let k = kernels_ref(kernels)?;
         check_out(out, "out")?;
         let cfg = k.exec.cfg();
-        let most = cfg.max_batch as u64 * crate::cpu::MAX_QUERY_ROWS as u64;
+        let most = cfg.max_batch as u64 * SIKV_MAX_QUERY_ROWS as u64;
         ensure!(
             n_rows >= 1 && n_rows as u64 <= most,
             SIKV_ERR_OUT_OF_BOUNDS,
-            "n_rows = {n_rows} must be in 1..=16 * max_batch ({most})"
+            "n_rows = {n_rows} must be in 1..={SIKV_MAX_QUERY_ROWS} * max_batch ({most})"
         );
         // SAFETY: checked above.
         unsafe { write_out(out, k.exec.decode_workspace(n_rows).total, "out") }
@@ -559,10 +560,10 @@ pub extern "C" fn sikv_kernel_decode(
     })
 }
 
-/// Several query tokens per sequence in one call (speculative-decoding verification, a chunk
-/// of a prompt): sequence i's query rows are `[row_offsets[i], row_offsets[i + 1])` of `q` and
-/// `out` (`[n_rows][num_q_heads][head_dim]`), 1..=16 per sequence, its last tokens, appended
-/// before the call: row r of sequence i stands at position len_i - rows_i + r and attends
+/// Several query tokens per sequence in one call (speculative-decoding verification, a chunk of a
+/// prompt): sequence i's query rows are `[row_offsets[i], row_offsets[i + 1])` of `q` and `out`
+/// (`[n_rows][num_q_heads][head_dim]`), 1..=SIKV_MAX_QUERY_ROWS per sequence, its last tokens,
+/// appended before the call: row r of sequence i stands at position len_i - rows_i + r and attends
 /// causally (to the positions up to its own) over the dense set and a selection made per row,
 /// or once per sequence from the mean of its rows' queries with SIKV_FLAG_ROWS_MEAN_QUERY.
 /// `row_offsets` is int32 `[batch + 1]` from 0 to `n_rows`, in the memory of the page table
@@ -601,12 +602,12 @@ pub extern "C" fn sikv_kernel_decode_rows(
                 t.batch,
                 cfg.max_batch
             );
-            let most = t.batch as u64 * crate::cpu::MAX_QUERY_ROWS as u64;
+            let most = t.batch as u64 * SIKV_MAX_QUERY_ROWS as u64;
             ensure!(
                 n_rows >= t.batch && n_rows as u64 <= most,
                 SIKV_ERR_OUT_OF_BOUNDS,
                 "n_rows = {n_rows} must be in batch..=batch * {} ({}..={most})",
-                crate::cpu::MAX_QUERY_ROWS,
+                SIKV_MAX_QUERY_ROWS,
                 t.batch
             );
             let b = batch_rows(kn, t, seq_slot, q, n_rows)?;

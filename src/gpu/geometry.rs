@@ -198,9 +198,9 @@ pub const FAULT_SELECTED_POS: u32 = 1 << 7;
 pub const FAULT_QUERY_ROWS: u32 = 1 << 8;
 
 /// Most query rows of one sequence in one call, for the kernels' check (the kernels' header
-/// takes literals; the assert below ties it to cpu::MAX_QUERY_ROWS).
+/// takes literals; the assert below ties it to cpu::SIKV_MAX_QUERY_ROWS).
 pub const QUERY_ROWS_MAX: u32 = 16;
-const _: () = assert!(QUERY_ROWS_MAX == crate::cpu::MAX_QUERY_ROWS);
+const _: () = assert!(QUERY_ROWS_MAX == crate::cpu::SIKV_MAX_QUERY_ROWS);
 
 /// What each fault bit means, for error messages.
 pub const FAULT_NAMES: [(u32, &str); 9] = [

@@ -364,14 +364,14 @@ impl GpuContext {
             None => b,
             Some(r) => {
                 dev_ptr(r.offsets, 4, "row_offsets")?;
-                let most = b as u64 * crate::cpu::MAX_QUERY_ROWS as u64;
+                let most = b as u64 * crate::cpu::SIKV_MAX_QUERY_ROWS as u64;
                 crate::ensure!(
                     r.n >= b && r.n as u64 <= most,
                     SIKV_ERR_OUT_OF_BOUNDS,
                     "n_rows = {} must be in batch..=batch * {} ({b}..={most}): 1..={} query rows per sequence",
                     r.n,
-                    crate::cpu::MAX_QUERY_ROWS,
-                    crate::cpu::MAX_QUERY_ROWS
+                    crate::cpu::SIKV_MAX_QUERY_ROWS,
+                    crate::cpu::SIKV_MAX_QUERY_ROWS
                 );
                 p.row_offsets = r.offsets;
                 p.rows_mean = if r.mean { r.n as i32 } else { 0 };

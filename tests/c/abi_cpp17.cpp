@@ -30,8 +30,6 @@ constexpr uint32_t kPrompt[3] = {37, 100, 250};
 constexpr uint32_t kTail[3] = {4, 7, 9};
 constexpr int64_t kForkSrc = 22, kForkDst = 44, kRemoved = 11;
 constexpr size_t kRowQ = kHq * kD, kRowKv = kHkv * kD;
-// Query rows a sequence may bring to decode_rows (the header's documented 1..=16).
-constexpr uint32_t kMaxQueryRows = 16;
 
 enum : uint32_t {
   kRecHeader = 1,
@@ -258,9 +256,9 @@ void wrapper_checks(sikv::Cache& cache, const sikv::Config& good, Rng& rng) {
   auto k = sikv::Kernels::create(good);
   (void)k.workspace_size(good.max_batch);
   EXPECT(status_of([&] { (void)k.workspace_size(good.max_batch + 1); }) == SIKV_ERR_OUT_OF_BOUNDS);
-  (void)k.workspace_size_rows(kMaxQueryRows * good.max_batch);
+  (void)k.workspace_size_rows(SIKV_MAX_QUERY_ROWS * good.max_batch);
   EXPECT(status_of([&] { (void)k.workspace_size_rows(0); }) == SIKV_ERR_OUT_OF_BOUNDS);
-  EXPECT(status_of([&] { (void)k.workspace_size_rows(kMaxQueryRows * good.max_batch + 1); }) == SIKV_ERR_OUT_OF_BOUNDS);
+  EXPECT(status_of([&] { (void)k.workspace_size_rows(SIKV_MAX_QUERY_ROWS * good.max_batch + 1); }) == SIKV_ERR_OUT_OF_BOUNDS);
   EXPECT(good.layout().bytes_per_token == cache.info().bytes_per_token);
   stateless_checks(k, rng);
 
